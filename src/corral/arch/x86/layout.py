@@ -1,0 +1,73 @@
+"""Guest-physical memory map of a corral x86-64 machine.
+
+Low memory holds the structures the VMM writes for the guest before it starts (GDT, page tables,
+zero page, command line, ACPI tables); RAM above 3 GiB is moved above 4 GiB so the 32-bit MMIO
+hole holds the IOAPIC, LAPIC and room for device BARs.
+"""
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+# --- low memory, written by the VMM --------------------------------------------------------
+BOOT_GDT = 0x500           # GDT used for the boot CPU state (null, code64, data, code32, tss)
+BOOT_IDT = 0x520           # empty IDT (limit 0): any exception before the guest sets one up faults
+PVH_START_INFO = 0x6000    # struct hvm_start_info + memmap
+ZERO_PAGE = 0x7000         # struct boot_params for the Linux 64-bit boot protocol
+MULTIBOOT_INFO = 0x8000    # struct multiboot_info (+ mmap at MULTIBOOT_INFO + 0x100)
+PML4 = 0x9000              # identity page tables for 64-bit entry: PML4, PDPT, 4 PDs (4 GiB)
+PDPT = 0xA000
+PD = 0xB000                # 4 pages: 0xB000..0xEFFF
+BOOT_STACK = 0x8FF0        # initial stack pointer handed to kernels that want one
+CMDLINE = 0x20000
+CMDLINE_MAX = 0x10000      # 64 KiB, including the NUL
+EBDA_START = 0x9FC00       # RAM ends here in the first MiB; the BIOS area above is reserved
+ACPI_START = 0xE0000       # RSDP and tables live in the BIOS read-only area, where Linux scans
+ACPI_END = 0x100000
+HIMEM_START = 0x100000     # kernels load at 1 MiB
+
+# --- the 32-bit hole ------------------------------------------------------------------------
+MMIO_HOLE_START = 0xC000_0000
+MMIO_HOLE_END = 0x1_0000_0000
+IOAPIC_ADDR = 0xFEC0_0000
+LAPIC_ADDR = 0xFEE0_0000
+KVM_IDENTITY_MAP_ADDR = 0xFFFB_C000   # one page, for the real-mode identity map (VMX)
+KVM_TSS_ADDR = 0xFFFB_D000            # three pages, for the real-mode TSS (VMX)
+
+# --- ports ----------------------------------------------------------------------------------
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+I8042_DATA_PORT = 0x60
+I8042_CMD_PORT = 0x64
+RTC_PORT = 0x70
+RTC_IRQ = 8
+POST_PORT = 0x80           # port-80 POST codes / Linux io delay: accepted and ignored
+DEBUG_EXIT_PORT = 0x501    # QEMU isa-debug-exit default iobase
+PM_BASE_PORT = 0x600       # ACPI PM1 event block (4 bytes) then PM1 control (2 bytes)
+PM1_EVT_PORT = PM_BASE_PORT
+PM1_CNT_PORT = PM_BASE_PORT + 4
+PM_TMR_PORT = PM_BASE_PORT + 8   # ACPI PM timer (3.579545 MHz)
+RESET_PORT = 0xCF9         # ACPI reset register (FADT RESET_REG), value 0x06 resets
+SCI_IRQ = 9
+S5_SLP_TYP = 5             # SLP_TYP the DSDT's \_S5 package advertises
+
+# --- limits ---------------------------------------------------------------------------------
+MIN_MEMORY = 16 * MiB
+MAX_MEMORY = 1024 * GiB
+
+
+def ram_ranges(mem_size: int) -> list[tuple[int, int]]:
+    """(guest-physical start, size) of each RAM slot for a guest of `mem_size` bytes."""
+    if mem_size <= MMIO_HOLE_START:
+        return [(0, mem_size)]
+    return [(0, MMIO_HOLE_START), (MMIO_HOLE_END, mem_size - MMIO_HOLE_START)]
+
+
+def e820_map(mem_size: int) -> list[tuple[int, int, int]]:
+    """The e820 map (addr, size, type) the guest sees: 1 = RAM, 2 = reserved."""
+    entries = [(0, EBDA_START, 1), (EBDA_START, HIMEM_START - EBDA_START, 2)]
+    for start, size in ram_ranges(mem_size):
+        lo = max(start, HIMEM_START)
+        if start + size > lo:
+            entries.append((lo, start + size - lo, 1))
+    return entries

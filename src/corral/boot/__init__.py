@@ -1,0 +1,1 @@
+"""Kernel loaders: each turns a kernel image into guest memory contents plus a boot CPU state."""

@@ -1,0 +1,127 @@
+"""Guest RAM: one memfd, mapped shared, split into slots around the 32-bit MMIO hole.
+
+Backing RAM with a memfd (not anonymous memory) lets later snapshots, clones and migration
+share or remap it. Every guest-physical access from the VMM goes through `GuestMemory`, whose
+accessors check bounds: guest-supplied addresses are hostile input.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from dataclasses import dataclass
+
+from corral.arch.x86 import layout
+from corral.errors import ConfigError, GuestMemoryError
+
+
+@dataclass(frozen=True)
+class MemorySlot:
+    """One contiguous range of guest RAM backed by `size` bytes of the memfd at `offset`."""
+
+    slot: int
+    gpa: int
+    size: int
+    offset: int
+    host_addr: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    """Guest-physical RAM with checked access.
+
+    `read`/`write`/`view` accept any (gpa, length) and raise GuestMemoryError unless the whole
+    range lies inside one RAM slot; callers never do pointer arithmetic of their own.
+    """
+
+    def __init__(self, size: int, *, name: str = "corral-ram") -> None:
+        if size < layout.MIN_MEMORY or size > layout.MAX_MEMORY or size % mmap.PAGESIZE:
+            raise ConfigError(
+                f"memory size {size} bytes is not usable: give a page-aligned size between "
+                f"{layout.MIN_MEMORY // layout.MiB} MiB and {layout.MAX_MEMORY // layout.GiB} GiB"
+            )
+        self.size = size
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            os.close(self.fd)
+            raise ConfigError(f"cannot allocate {size} bytes of guest memory: {exc.strerror}") from exc
+        self._view = memoryview(self._map)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self.slots: list[MemorySlot] = []
+        offset = 0
+        for i, (gpa, length) in enumerate(layout.ram_ranges(size)):
+            self.slots.append(MemorySlot(i, gpa, length, offset, base + offset))
+            offset += length
+
+    # -- checked access ---------------------------------------------------------------------
+    def _offset(self, gpa: int, length: int) -> int:
+        if length < 0:
+            raise GuestMemoryError(f"negative length {length} at guest address {gpa:#x}")
+        for s in self.slots:
+            if s.gpa <= gpa and gpa + length <= s.end:
+                return s.offset + (gpa - s.gpa)
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside guest RAM")
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self._offset(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest RAM; valid until the memory is closed."""
+        off = self._offset(gpa, length)
+        return self._view[off : off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def read_u32(self, gpa: int) -> int:
+        return int.from_bytes(self.view(gpa, 4), "little")
+
+    def read_u64(self, gpa: int) -> int:
+        return int.from_bytes(self.view(gpa, 8), "little")
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.view(gpa, 4)[:] = value.to_bytes(4, "little")
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.view(gpa, 8)[:] = value.to_bytes(8, "little")
+
+    def read_cstr(self, gpa: int, max_len: int) -> bytes:
+        """A NUL-terminated string of at most `max_len` bytes (truncated at the RAM edge)."""
+        out = bytearray()
+        while len(out) < max_len and self.contains(gpa + len(out)):
+            chunk = self.read(gpa + len(out), 1)
+            if chunk == b"\0":
+                break
+            out += chunk
+        return bytes(out)
+
+    def close(self) -> None:
+        if self._map.closed:
+            return
+        self._view.release()
+        try:
+            self._map.close()
+        except BufferError:
+            # a view handed out earlier is still alive; the mapping goes when it does
+            pass
+        os.close(self.fd)
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,123 @@
+"""Kernel format detection and the entry points the VMM calls.
+
+bzImage ("HdrS" at 0x202) boots with the Linux 64-bit protocol; an ELF with a PVH note boots
+with PVH; otherwise a Multiboot header boots with Multiboot (v1). An ELF that has both a PVH note
+and a Multiboot header boots with PVH unless `prefer="multiboot"`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from corral.boot._common import BootInfo
+from corral.boot.bzimage import is_bzimage, load_bzimage
+from corral.boot.elf import is_elf, load_pvh, parse_elf
+from corral.boot.multiboot import find_header, load_multiboot
+from corral.errors import ConfigError, KernelFormatError
+from corral.memory import GuestMemory
+
+__all__ = ["BootInfo", "load_kernel", "load_kernel_file", "PROTOCOLS"]
+
+PROTOCOLS = ("linux64", "pvh", "multiboot")
+
+
+def load_kernel(
+    mem: GuestMemory,
+    kernel: bytes,
+    *,
+    cmdline: str = "",
+    initrd: bytes | None = None,
+    rsdp_addr: int = 0,
+    prefer: str | None = None,
+    name: str = "kernel",
+) -> BootInfo:
+    """Load `kernel` (and `initrd`) into guest memory; return the protocol and boot CPU state.
+
+    `name` describes the kernel in error messages (load_kernel_file passes the path).
+    """
+    if prefer is not None and prefer not in PROTOCOLS:
+        raise ConfigError(
+            f"unknown boot protocol {prefer!r}: choose one of {', '.join(PROTOCOLS)}"
+        )
+    kernel = bytes(kernel)
+    if not kernel:
+        raise KernelFormatError(f"{name}: the kernel image is empty")
+    if initrd is not None:
+        initrd = bytes(initrd)
+    args = dict(cmdline=cmdline, initrd=initrd, rsdp_addr=rsdp_addr, name=name)
+
+    if is_elf(kernel):
+        elf = parse_elf(kernel, name)
+        pvh = elf.pvh_entry() is not None
+        header = find_header(kernel) if (prefer == "multiboot" or not pvh) else None
+        if header is not None:
+            return load_multiboot(mem, kernel, header, elf=elf, **args)
+        if pvh:
+            return load_pvh(mem, kernel, elf, **args)
+        raise KernelFormatError(
+            f"{name}: an ELF file with neither a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY) nor a "
+            f"Multiboot header: build Linux with CONFIG_PVH=y, or boot its bzImage"
+        )
+    if is_bzimage(kernel):
+        return load_bzimage(mem, kernel, **args)
+    header = find_header(kernel)
+    if header is not None:
+        return load_multiboot(mem, kernel, header, **args)
+    raise KernelFormatError(
+        f"{name}: not a bzImage, an ELF with a PVH entry note, or a Multiboot kernel"
+    )
+
+
+def load_kernel_file(
+    mem: GuestMemory,
+    path: str | Path,
+    *,
+    cmdline: str = "",
+    initrd: str | Path | None = None,
+    rsdp_addr: int = 0,
+    prefer: str | None = None,
+) -> BootInfo:
+    """Read the kernel (and initrd) files and load them; file problems become ConfigError."""
+    kernel = _read_file(
+        mem, path, "kernel", "--kernel", "a path to a bzImage, vmlinux or Multiboot ELF"
+    )
+    initrd_data = None
+    if initrd is not None:
+        initrd_data = _read_file(mem, initrd, "initrd", "--initrd", "a path to an initramfs")
+    return load_kernel(
+        mem,
+        kernel,
+        cmdline=cmdline,
+        initrd=initrd_data,
+        rsdp_addr=rsdp_addr,
+        prefer=prefer,
+        name=f"kernel file '{path}'",
+    )
+
+
+def _read_file(mem: GuestMemory, path: str | Path, kind: str, option: str, hint: str) -> bytes:
+    label = f"{kind} file '{path}'"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{label} does not exist: give {option} {hint}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {label}: {exc.strerror}") from None
+    if os.path.isdir(path):
+        raise ConfigError(f"{label} is a directory: give {option} {hint}")
+    if st.st_size > mem.size:
+        raise ConfigError(
+            f"{label} is {st.st_size} bytes, more than the guest's {mem.size} bytes of memory: "
+            f"give the guest more memory"
+        )
+    try:
+        with open(path, "rb") as f:
+            data = f.read(mem.size + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {label}: {exc.strerror}") from None
+    if not data:
+        raise ConfigError(f"{label} is empty: give {option} {hint}")
+    if len(data) > mem.size:
+        raise ConfigError(f"{label} is larger than the guest's memory: give the guest more memory")
+    return data

@@ -1,0 +1,107 @@
+"""Port-I/O and MMIO address maps: route a guest access to the device that owns the address.
+
+Port lookups are O(1) through a 64 K table (ports are few and the table is built once);
+MMIO lookups bisect a sorted list of ranges. Accesses nobody owns read as all-ones and are
+otherwise ignored, as on a PC bus.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from corral.devices.base import MmioDevice, PioDevice
+
+
+class BusConflictError(ValueError):
+    """Two devices were placed on overlapping addresses (a VMM bug, not a guest error)."""
+
+
+@dataclass(frozen=True)
+class Mapping:
+    base: int
+    size: int
+    device: Any
+    name: str
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+
+class PioBus:
+    """The 64 KiB x86 I/O port space."""
+
+    def __init__(self) -> None:
+        self._table: list[Mapping | None] = [None] * 0x10000
+        self.mappings: list[Mapping] = []
+
+    def register(self, base: int, size: int, device: PioDevice, name: str = "") -> None:
+        if base < 0 or size <= 0 or base + size > 0x10000:
+            raise BusConflictError(f"port range {base:#x}+{size} is outside the I/O space")
+        m = Mapping(base, size, device, name or type(device).__name__)
+        for port in range(base, base + size):
+            if self._table[port] is not None:
+                raise BusConflictError(f"port {port:#x}: {m.name} overlaps {self._table[port].name}")
+        for port in range(base, base + size):
+            self._table[port] = m
+        self.mappings.append(m)
+
+    def read(self, port: int, size: int) -> int:
+        m = self._table[port]
+        if m is None:
+            return (1 << (size * 8)) - 1
+        return m.device.pio_read(port - m.base, size)
+
+    def write(self, port: int, size: int, value: int) -> None:
+        m = self._table[port]
+        if m is not None:
+            m.device.pio_write(port - m.base, size, value)
+
+
+class MmioBus:
+    """Guest-physical MMIO ranges (everything that is not RAM)."""
+
+    def __init__(self) -> None:
+        # (starts, mappings) replaced as one tuple, so lock-free readers see a consistent pair
+        self._index: tuple[list[int], list[Mapping]] = ([], [])
+        self._lock = threading.Lock()
+
+    def register(self, base: int, size: int, device: MmioDevice, name: str = "") -> None:
+        m = Mapping(base, size, device, name or type(device).__name__)
+        with self._lock:
+            starts, maps = self._index[0][:], self._index[1][:]
+            i = bisect.bisect_right(starts, base)
+            if i > 0 and maps[i - 1].end > base:
+                raise BusConflictError(f"MMIO {base:#x}: {m.name} overlaps {maps[i - 1].name}")
+            if i < len(maps) and maps[i].base < m.end:
+                raise BusConflictError(f"MMIO {base:#x}: {m.name} overlaps {maps[i].name}")
+            starts.insert(i, base)
+            maps.insert(i, m)
+            self._index = (starts, maps)
+
+    @property
+    def mappings(self) -> list[Mapping]:
+        return list(self._index[1])
+
+    def _find(self, addr: int) -> Mapping | None:
+        starts, maps = self._index
+        i = bisect.bisect_right(starts, addr) - 1
+        if i >= 0:
+            m = maps[i]
+            if addr < m.end:
+                return m
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        m = self._find(addr)
+        if m is None or addr + size > m.end:
+            return (1 << (size * 8)) - 1
+        return m.device.mmio_read(addr - m.base, size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        m = self._find(addr)
+        if m is not None and addr + size <= m.end:
+            m.device.mmio_write(addr - m.base, size, value)

@@ -1,0 +1,86 @@
+"""Machine configuration: one validated schema for the CLI, the library and snapshot metadata."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from corral.arch.x86 import layout
+from corral.errors import ConfigError
+
+MAX_CPUS = 254  # xAPIC ids in the MADT; the IOAPIC takes the next id
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text: str | int, *, default_unit: str = "M") -> int:
+    """'512M', '2G', '1.5G', '4096K' or a plain number of `default_unit`s -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"'{text}' is not a size: write it like 512M, 2G or 4096K")
+    number, unit = m.groups()
+    unit = unit.upper() or default_unit.upper()
+    return int(float(number) * _UNITS[unit])
+
+
+def format_size(n: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return f"{n}B"
+
+
+class MachineConfig(BaseModel):
+    """Everything needed to build a machine. Paths are checked when the machine is built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kernel: Path = Field(description="kernel image: bzImage, ELF vmlinux with a PVH note, or Multiboot ELF")
+    initrd: Path | None = Field(default=None, description="initial ramdisk loaded beside the kernel")
+    cmdline: str = Field(default="", description="kernel command line")
+    cpus: int = Field(default=1, description="number of vCPUs")
+    memory: int = Field(default=512 * layout.MiB, description="guest RAM in bytes")
+    no_reboot: bool = Field(default=False, description="stop instead of rebooting when the guest resets")
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus(cls, v: int) -> int:
+        if not 1 <= v <= MAX_CPUS:
+            raise ValueError(f"cpus must be between 1 and {MAX_CPUS}, got {v}")
+        return v
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, v: int | str) -> int:
+        return parse_size(v)
+
+    @field_validator("memory", mode="after")
+    @classmethod
+    def _memory_range(cls, v: int) -> int:
+        if v < layout.MIN_MEMORY:
+            raise ValueError(f"{format_size(v)} is too small: give at least {format_size(layout.MIN_MEMORY)}")
+        if v > layout.MAX_MEMORY:
+            raise ValueError(f"{format_size(v)} is too large: corral supports at most "
+                             f"{format_size(layout.MAX_MEMORY)}")
+        if v % 4096:
+            raise ValueError(f"{v} bytes is not a multiple of 4 KiB")
+        return v
+
+    @classmethod
+    def build(cls, **fields: object) -> MachineConfig:
+        """Validate `fields`, turning pydantic's report into one ConfigError line per problem."""
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                where = ".".join(str(p) for p in err["loc"]) or "config"
+                msg = err["msg"].removeprefix("Value error, ")
+                problems.append(f"{where}: {msg}")
+            raise ConfigError("; ".join(problems)) from None
+        except ConfigError:
+            raise

@@ -1,0 +1,276 @@
+"""Machine: a VM assembled from a validated MachineConfig; start, wait, stop, reboot.
+
+Assembly order: KVM VM -> guest memory -> irqchip/PIT -> devices on the buses -> ACPI tables
+and kernel in memory -> vCPUs configured -> vCPU threads started. Devices are built by
+`_build_devices` and see only interrupt lines, guest memory and `VmControl`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from corral.arch.x86 import layout
+from corral.arch.x86.acpi import build_acpi_tables
+from corral.arch.x86.cpuid import vcpu_cpuid
+from corral.arch.x86.msr import boot_msrs
+from corral.boot.loader import BootInfo, load_kernel_file
+from corral.bus import MmioBus, PioBus
+from corral.config import MachineConfig
+from corral.devices.legacy.acpi_pm import AcpiPm
+from corral.devices.legacy.debug_exit import DebugExit
+from corral.devices.legacy.i8042 import I8042
+from corral.devices.legacy.post import PostSink
+from corral.devices.legacy.reset import ResetRegister
+from corral.devices.legacy.rtc import CmosRtc
+from corral.devices.legacy.uart import Serial16550
+from corral.errors import CorralError, HostError
+from corral.kvm import Kvm, KvmError, VmFd
+from corral.kvm import constants as K
+from corral.kvm.structs import KVM_PIT_SPEAKER_DUMMY
+from corral.memory import GuestMemory
+from corral.vcpu import Vcpu
+
+log = logging.getLogger(__name__)
+
+PROBE_BENCH_PORT = 0x504
+
+
+@dataclass(frozen=True)
+class ExitResult:
+    """How a machine stopped.
+
+    kind: "exit" (exit port), "poweroff", "reset" (with no_reboot), "crash" (triple fault, KVM
+    internal error), "error" (VMM failure) or "stopped" (the host asked).
+    """
+
+    kind: str
+    status: int
+    message: str = ""
+    reboots: int = 0
+
+
+class KvmIrqLine:
+    """An interrupt input of the in-kernel PIC+IOAPIC, driven through KVM_IRQ_LINE."""
+
+    def __init__(self, vm: VmFd, gsi: int) -> None:
+        self._vm = vm
+        self.gsi = gsi
+        self._level = 0
+        self._lock = threading.Lock()
+
+    def set_level(self, high: bool) -> None:
+        level = 1 if high else 0
+        with self._lock:
+            if level != self._level:
+                self._level = level
+                self._vm.irq_line(self.gsi, level)
+
+    def pulse(self) -> None:
+        with self._lock:
+            self._vm.irq_line(self.gsi, 1)
+            self._vm.irq_line(self.gsi, 0)
+            self._level = 0
+
+
+class Machine:
+    """One virtual machine.
+
+    >>> m = Machine(MachineConfig(kernel=Path("probe.elf"), cmdline="hello"))
+    >>> result = m.run()          # boots, waits until the guest stops, tears down
+    """
+
+    def __init__(self, config: MachineConfig, *, console: Callable[[bytes], None] | None = None,
+                 kvm_path: str = "/dev/kvm") -> None:
+        self.config = config
+        self.kvm_path = kvm_path
+        self._console = console or _stdout_console
+        self._stopped = threading.Event()
+        self._result: ExitResult | None = None
+        self._result_lock = threading.Lock()
+        self._serial_input_lock = threading.Lock()
+        self.vm: VmFd | None = None
+        self.kvm: Kvm | None = None
+        self.memory: GuestMemory | None = None
+        self.vcpus: list[Vcpu] = []
+        self.serial: Serial16550 | None = None
+        self.boot: BootInfo | None = None
+        self.reboots = 0
+
+    # -- VmControl (called by devices and vCPUs, from any thread) ------------------------------
+    def request_exit(self, status: int) -> None:
+        self._finish(ExitResult("exit", status, f"guest wrote {status} to the exit port"))
+
+    def request_poweroff(self) -> None:
+        self._finish(ExitResult("poweroff", 0, "guest powered off"))
+
+    def request_reset(self) -> None:
+        self._finish(ExitResult("reset", 0, "guest requested reset"))
+
+    def vcpu_stop(self, kind: str, status: int, message: str) -> None:
+        self._finish(ExitResult(kind, status, message))
+
+    def _finish(self, result: ExitResult) -> None:
+        with self._result_lock:
+            if self._result is not None:
+                return
+            self._result = result
+        for v in self.vcpus:
+            v.kick()
+        self._stopped.set()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def build(self) -> None:
+        """Create the VM and load the guest; vCPUs are configured but not started."""
+        cfg = self.config
+        self.kvm = Kvm(self.kvm_path)
+        try:
+            self._build_vm(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build_vm(self, cfg: MachineConfig) -> None:
+        assert self.kvm is not None
+        kvm = self.kvm
+        for cap, name in ((K.CAP_IRQCHIP, "IRQCHIP"), (K.CAP_PIT2, "PIT2"),
+                          (K.CAP_IMMEDIATE_EXIT, "IMMEDIATE_EXIT"), (K.CAP_USER_MEMORY, "USER_MEMORY")):
+            if not kvm.check_extension(cap):
+                raise HostError(f"{self.kvm_path} lacks KVM_CAP_{name}, which corral needs")
+        max_vcpus = kvm.check_extension(K.CAP_MAX_VCPUS) or kvm.check_extension(K.CAP_NR_VCPUS)
+        if cfg.cpus > max_vcpus:
+            raise HostError(f"--cpus {cfg.cpus} is more than this host's KVM allows ({max_vcpus})")
+        self.vm = vm = kvm.create_vm()
+        vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
+
+        self.memory = mem = GuestMemory(cfg.memory)
+        for s in mem.slots:
+            vm.set_user_memory_region(s.slot, s.gpa, s.size, s.host_addr)
+
+        self.pio, self.mmio = PioBus(), MmioBus()
+        self._build_devices(vm, mem)
+
+        tables = build_acpi_tables(cfg.cpus)
+        tables.write_to(mem)
+        self.boot = load_kernel_file(mem, cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.initrd,
+                                     rsdp_addr=tables.rsdp_addr)
+
+        supported = kvm.supported_cpuid()
+        msrs = boot_msrs(set(kvm.msr_index_list()))
+        for i in range(cfg.cpus):
+            vcpu = Vcpu(vm.create_vcpu(i), i, self.pio, self.mmio, self)
+            self.vcpus.append(vcpu)
+            vcpu.configure(vcpu_cpuid(supported, i, cfg.cpus), msrs)
+        # The boot CPU starts at the kernel entry; APs wait in KVM for the guest's INIT/SIPI.
+        self.vcpus[0].set_boot_state(self.boot.cpu)
+
+    def _build_devices(self, vm: VmFd, mem: GuestMemory) -> None:
+        def irq(gsi: int) -> KvmIrqLine:
+            return KvmIrqLine(vm, gsi)
+
+        self.serial = Serial16550(irq(layout.COM1_IRQ), self._console)
+        self.pio.register(layout.COM1_PORT, 8, self.serial, "com1")
+        i8042 = I8042(self, irq(1))
+        self.pio.register(layout.I8042_DATA_PORT, 1, _Window(i8042, 0), "i8042-data")
+        self.pio.register(layout.I8042_CMD_PORT, 1, _Window(i8042, 4), "i8042-cmd")
+        self.rtc = CmosRtc(irq(layout.RTC_IRQ), mem_size=self.config.memory)
+        self.pio.register(layout.RTC_PORT, 2, self.rtc, "rtc")
+        self.pio.register(layout.POST_PORT, 1, PostSink(), "post")
+        self.pio.register(layout.DEBUG_EXIT_PORT, 2, DebugExit(self), "debug-exit")
+        self.pio.register(PROBE_BENCH_PORT, 1, PostSink(), "bench-sink")
+        self.pio.register(layout.PM_BASE_PORT, 12, AcpiPm(self, irq(layout.SCI_IRQ)), "acpi-pm")
+        self.pio.register(layout.RESET_PORT, 1, ResetRegister(self), "reset")
+        self.devices = {"com1": self.serial, "i8042": i8042, "rtc": self.rtc}
+
+    def start(self) -> None:
+        if self.vm is None:
+            self.build()
+        self._stopped.clear()
+        for v in self.vcpus:
+            v.start()
+
+    def wait(self, timeout: float | None = None) -> ExitResult | None:
+        """Block until the guest stops (or `timeout` seconds pass: returns None)."""
+        if not self._stopped.wait(timeout):
+            return None
+        for v in self.vcpus:
+            v.join(5.0)
+        return self._result
+
+    def stop(self, message: str = "stopped by the host") -> None:
+        self._finish(ExitResult("stopped", 0, message))
+
+    def send_input(self, data: bytes) -> None:
+        """Type `data` into the guest's serial console."""
+        with self._serial_input_lock:
+            if self.serial is not None:
+                self.serial.feed(data)
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.kick()
+        for v in self.vcpus:
+            v.join(5.0)
+            v.fd.close()
+        self.vcpus = []
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        if self.kvm is not None:
+            self.kvm.close()
+            self.kvm = None
+
+    def run(self) -> ExitResult:
+        """Boot, wait for the guest to stop, reboot on reset unless no_reboot, tear down."""
+        while True:
+            self._result = None
+            try:
+                self.start()
+                result = self.wait()
+            finally:
+                self.close()
+            assert result is not None
+            if result.kind == "reset" and not self.config.no_reboot:
+                self.reboots += 1
+                log.info("guest reset: rebooting (%d)", self.reboots)
+                continue
+            return ExitResult(result.kind, result.status, result.message, self.reboots)
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Window:
+    """Presents one port of a multi-port device registered at a single address."""
+
+    __slots__ = ("dev", "offset")
+
+    def __init__(self, dev: object, offset: int) -> None:
+        self.dev, self.offset = dev, offset
+
+    def pio_read(self, offset: int, size: int) -> int:
+        return self.dev.pio_read(self.offset + offset, size)  # type: ignore[attr-defined]
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        self.dev.pio_write(self.offset + offset, size, value)  # type: ignore[attr-defined]
+
+
+def _stdout_console(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+__all__ = ["ExitResult", "Machine", "MachineConfig", "CorralError", "KvmError", "Path"]

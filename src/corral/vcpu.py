@@ -1,0 +1,233 @@
+"""vCPU threads: configure a vCPU, run it, and dispatch its exits to the buses.
+
+The exit path is the hot path of every emulated device access: it reads the kvm_run page
+through precompiled structs and a memoryview, and calls the bus directly.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+import threading
+from typing import TYPE_CHECKING, Protocol
+
+from corral.boot.cpu_state import BootCpuState, Segment
+from corral.kvm import constants as K
+from corral.kvm import structs as S
+from corral.kvm.fds import KvmError, VcpuFd
+from corral.kick import install_kick_handler, kick_thread
+
+if TYPE_CHECKING:
+    from corral.bus import MmioBus, PioBus
+
+log = logging.getLogger(__name__)
+
+_IO = struct.Struct("<BBHIQ")          # direction, size, port, count, data_offset
+_MMIO = struct.Struct("<Q8sIB")        # phys_addr, data, len, is_write
+_U32 = struct.Struct("<I")
+_INTERNAL = struct.Struct("<II")       # suberror, ndata
+_SYSEVENT = struct.Struct("<II")       # type, ndata
+
+LAPIC_LVT0 = 0x350
+LAPIC_LVT1 = 0x360
+APIC_MODE_NMI = 0x4
+APIC_MODE_EXTINT = 0x7
+
+
+class VcpuHost(Protocol):
+    """What a vCPU thread reports to the machine that owns it."""
+
+    def vcpu_stop(self, kind: str, status: int, message: str) -> None: ...
+
+
+class Vcpu:
+    def __init__(self, fd: VcpuFd, index: int, pio: PioBus, mmio: MmioBus, host: VcpuHost) -> None:
+        self.fd = fd
+        self.index = index
+        self.pio = pio
+        self.mmio = mmio
+        self.host = host
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.exits = 0
+
+    # -- configuration ----------------------------------------------------------------------
+    def configure(self, cpuid: list[S.KvmCpuidEntry2], msrs: dict[int, int]) -> None:
+        self.fd.set_cpuid2(cpuid)
+        self.fd.set_msrs(msrs)
+        fpu = S.KvmFpu()
+        fpu.fcw = 0x37F
+        fpu.mxcsr = 0x1F80
+        self.fd.set_fpu(fpu)
+        self._set_lint()
+
+    def _set_lint(self) -> None:
+        """Virtual-wire mode: LINT0 takes ExtINT from the PIC, LINT1 takes NMI (as firmware leaves it)."""
+        lapic = self.fd.get_lapic()
+        raw = bytearray(lapic.regs)
+
+        def set_mode(off: int, mode: int) -> None:
+            v = int.from_bytes(raw[off:off + 4], "little")
+            v = (v & ~0x700) | (mode << 8)
+            raw[off:off + 4] = v.to_bytes(4, "little")
+
+        set_mode(LAPIC_LVT0, APIC_MODE_EXTINT)
+        set_mode(LAPIC_LVT1, APIC_MODE_NMI)
+        lapic.regs = bytes(raw)
+        self.fd.set_lapic(lapic)
+
+    def set_boot_state(self, st: BootCpuState) -> None:
+        sregs = self.fd.get_sregs()
+        for name in ("cs",):
+            _apply_segment(getattr(sregs, name), st.cs)
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            _apply_segment(getattr(sregs, name), st.ds)
+        _apply_segment(sregs.tr, st.tr)
+        sregs.gdt.base, sregs.gdt.limit = st.gdt_base, st.gdt_limit
+        sregs.idt.base, sregs.idt.limit = st.idt_base, st.idt_limit
+        sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = st.cr0, st.cr3, st.cr4, st.efer
+        self.fd.set_sregs(sregs)
+        regs = S.KvmRegs()
+        regs.rip, regs.rsp, regs.rflags = st.rip, st.rsp, st.rflags
+        for name, value in st.gprs.items():
+            setattr(regs, name, value)
+        self.fd.set_regs(regs)
+
+    # -- running ----------------------------------------------------------------------------
+    def start(self) -> None:
+        install_kick_handler()
+        self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
+        self.thread.start()
+
+    def kick(self) -> None:
+        """Make the thread leave KVM_RUN and notice `stopping`."""
+        self.stopping = True
+        self.fd.run_buf[S.RUN_IMMEDIATE_EXIT] = 1
+        t = self.thread
+        if t is not None and t.ident is not None and t.is_alive():
+            kick_thread(t.ident)
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def _thread_main(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # noqa: BLE001 - a VMM bug must stop the VM, with the reason
+            log.exception("vcpu%d crashed", self.index)
+            self.host.vcpu_stop("error", 1, f"vcpu{self.index}: VMM error: {exc!r}")
+
+    def _loop(self) -> None:
+        fd = self.fd
+        run = fd.run_buf
+        run_ioctl = fd.run
+        pio_read, pio_write = self.pio.read, self.pio.write
+        mmio_read, mmio_write = self.mmio.read, self.mmio.write
+        io_unpack = _IO.unpack_from
+        mmio_unpack = _MMIO.unpack_from
+        from_bytes = int.from_bytes
+        EXIT_IO, EXIT_MMIO = K.EXIT_IO, K.EXIT_MMIO
+        exits = 0
+        while not self.stopping:
+            try:
+                run_ioctl()
+            except OSError as exc:
+                if exc.errno in (errno.EINTR, errno.EAGAIN):
+                    run[S.RUN_IMMEDIATE_EXIT] = 0
+                    continue
+                self.host.vcpu_stop("error", 1, f"vcpu{self.index}: KVM_RUN failed: {exc.strerror}")
+                return
+            exits += 1
+            reason = run[8]
+            if reason == EXIT_IO:
+                direction, size, port, count, off = io_unpack(run, 32)
+                if direction:  # out
+                    for _ in range(count):
+                        pio_write(port, size, from_bytes(run[off:off + size], "little"))
+                        off += size
+                else:
+                    for _ in range(count):
+                        run[off:off + size] = pio_read(port, size).to_bytes(size, "little")
+                        off += size
+            elif reason == EXIT_MMIO:
+                addr, data, length, is_write = mmio_unpack(run, 32)
+                if length > 8:
+                    length = 8
+                if is_write:
+                    mmio_write(addr, length, from_bytes(data[:length], "little"))
+                else:
+                    run[40:40 + length] = mmio_read(addr, length).to_bytes(length, "little")
+            else:
+                self.exits += exits
+                exits = 0
+                if not self._slow_exit(_U32.unpack_from(run, 8)[0]):
+                    return
+        self.exits += exits
+
+    def _slow_exit(self, reason: int) -> bool:
+        """Handle a rare exit. Returns False when this vCPU must stop."""
+        run = self.fd.run_buf
+        if reason == K.EXIT_HLT:
+            # Only without an in-kernel LAPIC; treat as a halted machine.
+            self.host.vcpu_stop("halt", 0, f"vcpu{self.index} halted")
+            return False
+        if reason == K.EXIT_SHUTDOWN:
+            self.host.vcpu_stop("crash", 1, f"vcpu{self.index}: guest triple fault (shutdown)\n"
+                                + self.describe_registers())
+            return False
+        if reason == K.EXIT_SYSTEM_EVENT:
+            etype, _ = _SYSEVENT.unpack_from(run, S.RUN_SYSTEM_EVENT_TYPE)
+            if etype == K.SYSTEM_EVENT_RESET:
+                self.host.vcpu_stop("reset", 0, "guest requested reset")
+            elif etype == K.SYSTEM_EVENT_SHUTDOWN:
+                self.host.vcpu_stop("poweroff", 0, "guest powered off")
+            else:
+                self.host.vcpu_stop("crash", 1, f"vcpu{self.index}: guest crash event {etype}\n"
+                                    + self.describe_registers())
+            return False
+        if reason == K.EXIT_INTERNAL_ERROR:
+            sub, ndata = _INTERNAL.unpack_from(run, S.RUN_INTERNAL_SUBERROR)
+            data = struct.unpack_from(f"<{min(ndata, 16)}Q", run, S.RUN_INTERNAL_DATA)
+            kinds = {1: "instruction emulation failed", 2: "exception while delivering an exception",
+                     3: "event delivery failed", 4: "unexpected exit reason"}
+            self.host.vcpu_stop(
+                "crash", 1,
+                f"vcpu{self.index}: KVM internal error: {kinds.get(sub, f'suberror {sub}')} "
+                f"(data {' '.join(hex(d) for d in data)})\n" + self.describe_registers())
+            return False
+        if reason == K.EXIT_FAIL_ENTRY:
+            hw = struct.unpack_from("<Q", run, S.RUN_FAIL_ENTRY_REASON)[0]
+            self.host.vcpu_stop("crash", 1, f"vcpu{self.index}: VM entry failed (hardware reason "
+                                f"{hw:#x})\n" + self.describe_registers())
+            return False
+        if reason in (K.EXIT_INTR, K.EXIT_IRQ_WINDOW_OPEN):
+            return True
+        name = K.EXIT_NAMES.get(reason, str(reason))
+        self.host.vcpu_stop("crash", 1, f"vcpu{self.index}: unhandled KVM exit {name}\n"
+                            + self.describe_registers())
+        return False
+
+    def describe_registers(self) -> str:
+        try:
+            r = self.fd.get_regs()
+            s = self.fd.get_sregs()
+        except KvmError as exc:
+            return f"  (registers unavailable: {exc})"
+        g = [f"{n.upper()}={getattr(r, n):016x}" for n in (
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+            "r12", "r13", "r14", "r15", "rip", "rflags")]
+        lines = ["  " + " ".join(g[i:i + 4]) for i in range(0, len(g), 4)]
+        lines.append(f"  CS={s.cs.selector:04x} base={s.cs.base:x} l={s.cs.l} db={s.cs.db} "
+                     f"dpl={s.cs.dpl}  SS={s.ss.selector:04x}  CR0={s.cr0:x} CR2={s.cr2:x} "
+                     f"CR3={s.cr3:x} CR4={s.cr4:x} EFER={s.efer:x}")
+        lines.append(f"  GDT={s.gdt.base:x}/{s.gdt.limit:x} IDT={s.idt.base:x}/{s.idt.limit:x} "
+                     f"APIC_BASE={s.apic_base:x}")
+        return "\n".join(lines)
+
+
+def _apply_segment(dst: S.KvmSegment, seg: Segment) -> None:
+    dst.base, dst.limit, dst.selector, dst.type = seg.base, seg.limit, seg.selector, seg.type
+    dst.present, dst.dpl, dst.db, dst.s, dst.l, dst.g = seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g
+    dst.avl, dst.unusable = 0, 0

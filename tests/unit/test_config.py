@@ -1,0 +1,50 @@
+import pytest
+from hypothesis import given, strategies as st
+
+from corral.config import MachineConfig, format_size, parse_size
+from corral.errors import ConfigError
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("512M", 512 << 20), ("2G", 2 << 30), ("1.5G", 3 << 29), ("4096K", 4 << 20),
+    ("64", 64 << 20), ("1T", 1 << 40), ("256MiB", 256 << 20), ("16mb", 16 << 20),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-5M", "5Q", "M"])
+def test_parse_size_rejects_garbage(text):
+    with pytest.raises(ConfigError, match="is not a size"):
+        parse_size(text)
+
+
+def test_memory_zero_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="memory: 0B is too small: give at least 16M"):
+        MachineConfig.build(kernel="k", memory=0)
+
+
+def test_memory_10t_is_refused():
+    with pytest.raises(ConfigError, match="too large"):
+        MachineConfig.build(kernel="k", memory="10T")
+
+
+@pytest.mark.parametrize("cpus", [0, -1, 255, 10000])
+def test_cpus_out_of_range(cpus):
+    with pytest.raises(ConfigError, match="cpus must be between 1 and 254"):
+        MachineConfig.build(kernel="k", cpus=cpus)
+
+
+def test_unknown_field_is_refused():
+    with pytest.raises(ConfigError, match="colour"):
+        MachineConfig.build(kernel="k", colour="blue")
+
+
+def test_valid_config():
+    c = MachineConfig.build(kernel="k", memory="1G", cpus=4, cmdline="hello")
+    assert c.memory == 1 << 30 and c.cpus == 4
+
+
+@given(st.integers(min_value=1, max_value=1 << 20))
+def test_format_then_parse_round_trips_whole_kib(n):
+    assert parse_size(format_size(n * 1024)) == n * 1024

@@ -1,0 +1,60 @@
+import pytest
+from hypothesis import given, strategies as st
+
+from corral.arch.x86 import layout
+from corral.errors import ConfigError, GuestMemoryError
+from corral.memory import GuestMemory
+
+M = layout.MiB
+
+
+def test_small_guest_has_one_slot():
+    with GuestMemory(64 * M) as mem:
+        assert [(s.gpa, s.size) for s in mem.slots] == [(0, 64 * M)]
+
+
+def test_large_guest_skips_the_hole():
+    with GuestMemory(4 * layout.GiB) as mem:
+        assert [(s.gpa, s.size) for s in mem.slots] == [
+            (0, layout.MMIO_HOLE_START), (1 << 32, 4 * layout.GiB - layout.MMIO_HOLE_START)]
+        mem.write(1 << 32, b"hi")
+        assert mem.read(1 << 32, 2) == b"hi"
+        with pytest.raises(GuestMemoryError):
+            mem.read(layout.MMIO_HOLE_START, 1)
+        with pytest.raises(GuestMemoryError):
+            mem.read(layout.MMIO_HOLE_START - 1, 2)  # straddles into the hole
+
+
+def test_e820_matches_slots():
+    e = layout.e820_map(4 * layout.GiB)
+    ram = [(a, s) for a, s, t in e if t == 1]
+    assert ram == [(0, layout.EBDA_START), (layout.HIMEM_START, layout.MMIO_HOLE_START - layout.HIMEM_START),
+                   (1 << 32, 4 * layout.GiB - layout.MMIO_HOLE_START)]
+
+
+@pytest.mark.parametrize("size", [0, 1, 15 * M, 2 * layout.MAX_MEMORY, 16 * M + 1])
+def test_bad_sizes(size):
+    with pytest.raises(ConfigError):
+        GuestMemory(size)
+
+
+@given(st.integers(-(1 << 40), 1 << 40), st.integers(-10, 1 << 30))
+def test_checked_access_never_escapes(gpa, length):
+    with GuestMemory(16 * M) as mem:
+        inside = 0 <= gpa and length >= 0 and gpa + length <= 16 * M
+        if inside:
+            assert len(mem.read(gpa, min(length, 4096) if gpa + min(length, 4096) <= 16 * M else 0)) >= 0
+        else:
+            with pytest.raises(GuestMemoryError):
+                mem.view(gpa, length)
+
+
+def test_memory_is_a_shared_memfd():
+    import mmap
+    import os
+    with GuestMemory(16 * M) as mem:
+        mem.write_u64(0x1000, 0xDEADBEEF_CAFEF00D)
+        other = mmap.mmap(mem.fd, 16 * M, mmap.MAP_SHARED, mmap.PROT_READ)
+        assert int.from_bytes(other[0x1000:0x1008], "little") == 0xDEADBEEF_CAFEF00D
+        other.close()
+        assert os.fstat(mem.fd).st_size == 16 * M

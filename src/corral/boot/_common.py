@@ -109,7 +109,9 @@ def check_kernel_range(mem: GuestMemory, start: int, size: int, what: str, part:
 def place_initrd(mem: GuestMemory, initrd: bytes, lowest: int, limit: int) -> tuple[int, int]:
     """Copy the initrd page-aligned as high as possible in [lowest, limit); return its range."""
     if not initrd:
-        raise ConfigError("the initrd is empty: give --initrd a non-empty initramfs or leave it out")
+        raise ConfigError(
+            "the initrd is empty: give --initrd a non-empty initramfs or leave it out"
+        )
     limit = min(limit, low_ram_end(mem))
     lowest = align_up(max(lowest, layout.HIMEM_START), PAGE)
     size = len(initrd)

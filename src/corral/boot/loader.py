@@ -50,7 +50,7 @@ def load_kernel(
     if is_elf(kernel):
         elf = parse_elf(kernel, name)
         pvh = elf.pvh_entry() is not None
-        header = find_header(kernel) if (prefer == "multiboot" or not pvh) else None
+        header = find_header(kernel, name) if (prefer == "multiboot" or not pvh) else None
         if header is not None:
             return load_multiboot(mem, kernel, header, elf=elf, **args)
         if pvh:
@@ -61,7 +61,7 @@ def load_kernel(
         )
     if is_bzimage(kernel):
         return load_bzimage(mem, kernel, **args)
-    header = find_header(kernel)
+    header = find_header(kernel, name)
     if header is not None:
         return load_multiboot(mem, kernel, header, **args)
     raise KernelFormatError(

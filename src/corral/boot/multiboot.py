@@ -25,7 +25,6 @@ from corral.boot._common import (
     check_kernel_range,
     low_ram_end,
     place_initrd,
-    unpack,
     write_cmdline,
     zero_fill,
 )
@@ -73,7 +72,7 @@ class MultibootHeader:
     entry_addr: int = 0
 
 
-def find_header(image: bytes) -> MultibootHeader | None:
+def find_header(image: bytes, what: str = "kernel") -> MultibootHeader | None:
     """The first valid Multiboot header in the file's first 8 KiB, if any."""
     magic = MULTIBOOT_HEADER_MAGIC.to_bytes(4, "little")
     limit = min(len(image), SEARCH_LIMIT)
@@ -85,7 +84,8 @@ def find_header(image: bytes) -> MultibootHeader | None:
                 if flags & FLAG_ADDRESS:
                     if pos + ADDR_HEADER_SIZE > len(image):
                         raise KernelFormatError(
-                            "the Multiboot header's address fields run past the end of the file"
+                            f"{what}: the Multiboot header's address fields run past the end of "
+                            f"the file: it is truncated"
                         )
                     return MultibootHeader(pos, flags, *struct.unpack_from("<5I", image, pos + 12))
                 return MultibootHeader(pos, flags)

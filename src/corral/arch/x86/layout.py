@@ -10,7 +10,7 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 # --- low memory, written by the VMM --------------------------------------------------------
-BOOT_GDT = 0x500           # GDT used for the boot CPU state (null, code64, data, code32, tss)
+BOOT_GDT = 0x500           # boot GDT: 0x00 null, 0x08 TSS, 0x10 code (__BOOT_CS), 0x18 data (__BOOT_DS)
 BOOT_IDT = 0x520           # empty IDT (limit 0): any exception before the guest sets one up faults
 PVH_START_INFO = 0x6000    # struct hvm_start_info + memmap
 ZERO_PAGE = 0x7000         # struct boot_params for the Linux 64-bit boot protocol

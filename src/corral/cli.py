@@ -33,8 +33,10 @@ def main(verbose: bool) -> None:
 @click.option("--cpus", type=int, default=1, show_default=True, help="Number of vCPUs.")
 @click.option("--memory", default="512M", show_default=True, help="Guest RAM, e.g. 512M or 2G.")
 @click.option("--no-reboot", is_flag=True, help="Stop instead of rebooting when the guest resets.")
+@click.option("--kvm", "kvm_path", default="/dev/kvm", envvar="CORRAL_KVM", show_default=True,
+              help="The KVM device to use.")
 def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdline: str | None,
-        cpus: int, memory: str, no_reboot: bool) -> None:
+        cpus: int, memory: str, no_reboot: bool, kvm_path: str) -> None:
     """Boot a guest with its serial console on this terminal (Ctrl-A X quits).
 
     Exits with the guest's exit-port status, or 0 on a clean poweroff.
@@ -48,7 +50,7 @@ def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdlin
         if kernel and image_name:
             raise CorralError("give either --kernel or --image, not both")
         if kernel is None and image_name is None:
-            if probe_host().is_pvm:
+            if probe_host(kvm_path).is_pvm:
                 click.echo(f"corral: {PVM_EXPLANATION}.\ncorral: booting the probe guest instead.",
                            err=True)
                 image_name = "probe"
@@ -56,7 +58,7 @@ def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdlin
                 image_name = "debian"
         if kernel is None:
             img = get_image(image_name)  # type: ignore[arg-type]
-            if img.needs_hardware_virt and probe_host().is_pvm:
+            if img.needs_hardware_virt and probe_host(kvm_path).is_pvm:
                 raise CorralError(f"image '{img.name}' needs hardware virtualization: {PVM_EXPLANATION}")
             kernel, img_initrd = img.resolve()
             initrd = initrd or img_initrd
@@ -64,7 +66,7 @@ def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdlin
                 cmdline = img.default_cmdline
         config = MachineConfig.build(kernel=kernel, initrd=initrd, cmdline=cmdline or "",
                                      cpus=cpus, memory=parse_size(memory), no_reboot=no_reboot)
-        machine = Machine(config)
+        machine = Machine(config, kvm_path=kvm_path)
         machine.build()
     except CorralError as exc:
         _fail(str(exc))
@@ -83,7 +85,7 @@ def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdlin
 
 
 @main.command()
-@click.option("--kvm", "kvm_path", default="/dev/kvm", show_default=True)
+@click.option("--kvm", "kvm_path", default="/dev/kvm", envvar="CORRAL_KVM", show_default=True)
 def doctor(kvm_path: str) -> None:
     """Report what this host offers corral."""
     from rich.console import Console
@@ -112,6 +114,129 @@ def doctor(kvm_path: str) -> None:
         out.print(f"[red]will not work[/red]: KVM_CAP_{name} is missing")
     if not rep.usable:
         sys.exit(1)
+
+
+# --- corral image ----------------------------------------------------------------------------------
+
+def _image_or_fail(name: str):
+    from corral.images.registry import get_image
+
+    try:
+        return get_image(name)
+    except CorralError as exc:
+        _fail(str(exc))
+
+
+@main.group()
+def image() -> None:
+    """List, fetch, build and locate guest images (corral run --image NAME)."""
+
+
+@image.command("list")
+def image_list() -> None:
+    """Show the images, whether they are cached, and their size."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from corral.images import cache
+    from corral.images.registry import CACHED_ENTRY, IMAGES
+
+    table = Table("name", "description", "cached", "size")
+    for name, img in sorted(IMAGES.items()):
+        entry = CACHED_ENTRY.get(name)
+        if entry is None:
+            cached, size = "built on use", ""
+        elif cache.read_manifest(cache.image_dir(entry)) is None:
+            cached, size = "[yellow]no[/yellow]", ""
+        else:
+            cached = "[green]yes[/green]"
+            size = f"{cache.entry_size(cache.image_dir(entry)) / (1 << 20):.1f} MiB"
+        table.add_row(name, img.description, cached, size)
+    Console().print(table)
+
+
+@image.command("fetch")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Download and rebuild even if the image is cached.")
+def image_fetch(name: str, force: bool) -> None:
+    """Download an image's packages and build it into the cache."""
+    from corral.images.registry import CACHED_ENTRY
+
+    img = _image_or_fail(name)
+    try:
+        if CACHED_ENTRY.get(img.name) == "debian":
+            from corral.images import debian_image
+
+            was_cached = debian_image.is_cached()
+            debian_image.fetch(force=force)
+            if was_cached and not force:
+                click.echo(f"corral: image '{img.name}' is already cached (verified); "
+                           "--force fetches it again", err=True)
+        kernel, initrd = img.resolve()
+    except CorralError as exc:
+        _fail(str(exc), 1)
+        return
+    click.echo(kernel)
+    if initrd is not None:
+        click.echo(initrd)
+
+
+@image.command("build")
+@click.argument("name")
+def image_build(name: str) -> None:
+    """Rebuild an image (the debian initramfs) from the cached packages, without the network."""
+    from corral.images.registry import CACHED_ENTRY
+
+    img = _image_or_fail(name)
+    try:
+        if CACHED_ENTRY.get(img.name) == "debian":
+            from corral.images import debian_image
+
+            debian_image.build()
+        kernel, initrd = img.resolve()
+    except CorralError as exc:
+        _fail(str(exc), 1)
+        return
+    click.echo(kernel)
+    if initrd is not None:
+        click.echo(initrd)
+
+
+@image.command("path")
+@click.argument("name")
+@click.option("--initrd", "which", flag_value="initrd", help="Print the initramfs path only.")
+@click.option("--vmlinux", "which", flag_value="vmlinux", help="Print the PVH vmlinux (ELF) path only.")
+def image_path(name: str, which: str | None) -> None:
+    """Print a cached image's kernel path (and initramfs path); fails if it is not fetched."""
+    from corral.images import cache
+    from corral.images.registry import CACHED_ENTRY
+
+    img = _image_or_fail(name)
+    entry = CACHED_ENTRY.get(img.name)
+    try:
+        if entry is None:
+            if which == "vmlinux":
+                raise CorralError(f"image '{img.name}' has no separate vmlinux")
+            kernel, initrd = img.resolve()
+        else:
+            d = cache.image_dir(entry)
+            if cache.read_manifest(d) is None:
+                raise CorralError(f"image '{img.name}' is not fetched: run `corral image fetch {img.name}`")
+            cache.verify(d, img.name)
+            kernel, initrd = img.resolve()
+            if which == "vmlinux":
+                kernel = d / "vmlinux"
+    except CorralError as exc:
+        _fail(str(exc), 1)
+        return
+    if which == "initrd":
+        if initrd is None:
+            _fail(f"image '{img.name}' has no initramfs", 1)
+        click.echo(initrd)
+        return
+    click.echo(kernel)
+    if which is None and initrd is not None:
+        click.echo(initrd)
 
 
 if __name__ == "__main__":

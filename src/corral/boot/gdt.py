@@ -122,36 +122,26 @@ def write_identity_page_tables(mem: GuestMemory) -> int:
 
 def long_mode_state(mem: GuestMemory, rip: int, gprs: dict[str, int]) -> BootCpuState:
     """Write GDT, IDT and page tables; return a 64-bit long-mode CPU state entering at `rip`."""
-    code, data, tss = write_boot_gdt(mem, long_mode=True)
-    cr3 = write_identity_page_tables(mem)
-    return BootCpuState(
-        rip=rip,
-        cr0=CR0_PE | CR0_ET | CR0_PG,
-        cr3=cr3,
-        cr4=CR4_PAE,
-        efer=EFER_LME | EFER_LMA,
-        cs=code,
-        ds=data,
-        tr=tss,
-        gdt_base=layout.BOOT_GDT,
-        gdt_limit=GDT_LIMIT,
-        idt_base=layout.BOOT_IDT,
-        idt_limit=IDT_LIMIT,
-        rsp=layout.BOOT_STACK,
-        rflags=RFLAGS_RESERVED,
-        gprs=dict(gprs),
-    )
+    return _flat_state(mem, rip, gprs, long_mode=True)
 
 
 def protected_mode_state(mem: GuestMemory, rip: int, gprs: dict[str, int]) -> BootCpuState:
     """Write GDT and IDT; return a 32-bit protected-mode, paging-off CPU state entering at `rip`."""
-    code, data, tss = write_boot_gdt(mem, long_mode=False)
+    return _flat_state(mem, rip, gprs, long_mode=False)
+
+
+def _flat_state(mem: GuestMemory, rip: int, gprs: dict[str, int], *, long_mode: bool) -> BootCpuState:
+    code, data, tss = write_boot_gdt(mem, long_mode=long_mode)
+    if long_mode:
+        cr0, cr3, cr4, efer = CR0_PE | CR0_ET | CR0_PG, write_identity_page_tables(mem), CR4_PAE, EFER_LME | EFER_LMA
+    else:
+        cr0, cr3, cr4, efer = CR0_PE | CR0_ET, 0, 0, 0
     return BootCpuState(
         rip=rip,
-        cr0=CR0_PE | CR0_ET,
-        cr3=0,
-        cr4=0,
-        efer=0,
+        cr0=cr0,
+        cr3=cr3,
+        cr4=cr4,
+        efer=efer,
         cs=code,
         ds=data,
         tr=tss,

@@ -1,0 +1,39 @@
+# The two commands a fresh machine needs: `make run` boots the default guest, `make test` runs
+# the tests. Both create the virtual environment and install what is missing first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PKGS := qemu-system-x86 acpica-tools gcc binutils
+
+.PHONY: run test bench host-deps clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+host-deps:
+	@missing=""; \
+	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
+	command -v iasl >/dev/null || missing="$$missing acpica-tools"; \
+	command -v gcc >/dev/null || missing="$$missing gcc"; \
+	command -v ld >/dev/null || missing="$$missing binutils"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+run: $(STAMP)
+	$(BIN)/corral run $(ARGS)
+
+test: host-deps $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: host-deps $(STAMP)
+	$(BIN)/python bench/probe_bench.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build guest/build

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Side-by-side: the probe guest under corral and under QEMU (KVM, same host, same binary).
+
+Measures, per VMM: launch -> first serial byte, launch -> exit (probe `hello`), and exits per
+second for `pio-bench N` and `mmio-bench N` (timed between the probe's `BENCH start` and
+`BENCH end` lines as they reach the host). Prints a table with ratios and writes JSON and a
+Markdown table under bench/results/.
+
+    python bench/probe_bench.py [--runs 5] [--exits 200000] [--qemu-accel kvm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from corral.images.probe import build_probe  # noqa: E402
+
+
+def corral_cmd(kernel: Path, cmdline: str, cpus: int, memory: str) -> list[str]:
+    exe = shutil.which("corral") or str(Path(sys.executable).with_name("corral"))
+    return [exe, "run", "--kernel", str(kernel), "--cmdline", cmdline, "--cpus", str(cpus),
+            "--memory", memory, "--no-reboot"]
+
+
+def qemu_cmd(kernel: Path, cmdline: str, cpus: int, memory: str, accel: str, machine: str) -> list[str]:
+    return ["qemu-system-x86_64", "-M", machine, "-accel", accel, "-m", memory, "-smp", str(cpus),
+            "-display", "none", "-nodefaults", "-no-user-config", "-serial", "stdio", "-no-reboot",
+            "-device", "isa-debug-exit,iobase=0x501,iosize=2", "-kernel", str(kernel),
+            "-append", cmdline]
+
+
+def timed_run(cmd: list[str], timeout: float = 300.0) -> dict:
+    """Run `cmd`, timestamping the first output byte, each output line, and the exit."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, bufsize=0)
+    first = None
+    lines: list[tuple[float, str]] = []
+    buf = b""
+    fd = p.stdout.fileno()
+    deadline = t0 + timeout
+    while True:
+        if time.perf_counter() > deadline:
+            p.kill()
+            raise RuntimeError(f"timed out: {' '.join(cmd)}")
+        chunk = os.read(fd, 65536)
+        now = time.perf_counter()
+        if not chunk:
+            break
+        if first is None:
+            first = now - t0
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            lines.append((now - t0, line.decode(errors="replace").strip()))
+    rc = p.wait()
+    total = time.perf_counter() - t0
+    err = p.stderr.read().decode(errors="replace")
+    return {"first_byte": first, "total": total, "rc": rc, "lines": lines, "stderr": err}
+
+
+def bench_launch(cmd: list[str], runs: int) -> dict:
+    firsts, totals = [], []
+    for _ in range(runs):
+        r = timed_run(cmd)
+        if not any(l.startswith("RESULT hello=1") for _, l in r["lines"]):
+            raise RuntimeError(f"hello failed: {r['lines'][-5:]} {r['stderr'][-500:]}")
+        firsts.append(r["first_byte"])
+        totals.append(r["total"])
+    return {"first_byte_ms": statistics.median(firsts) * 1e3, "exit_ms": statistics.median(totals) * 1e3}
+
+
+def bench_exits(cmd: list[str], n: int, runs: int) -> float:
+    rates = []
+    for _ in range(runs):
+        r = timed_run(cmd)
+        marks = {l: t for t, l in r["lines"] if l in ("BENCH start", "BENCH end")}
+        if len(marks) != 2:
+            raise RuntimeError(f"no BENCH markers: {r['lines'][-5:]} {r['stderr'][-500:]}")
+        rates.append(n / (marks["BENCH end"] - marks["BENCH start"]))
+    return statistics.median(rates)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--exits", type=int, default=200_000)
+    ap.add_argument("--qemu-accel", default="kvm")
+    ap.add_argument("--qemu-machine", default="pc")
+    ap.add_argument("--memory", default="256M")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+
+    kernel = build_probe()
+    vmms = {
+        "corral": lambda c: corral_cmd(kernel, c, 1, args.memory),
+        f"qemu ({args.qemu_machine}, {args.qemu_accel})":
+            lambda c: qemu_cmd(kernel, c, 1, args.memory, args.qemu_accel, args.qemu_machine),
+    }
+    results: dict[str, dict] = {}
+    for name, mk in vmms.items():
+        print(f"[{name}] launch x{args.runs} ...", file=sys.stderr, flush=True)
+        r = bench_launch(mk("hello"), args.runs)
+        print(f"[{name}] pio-bench {args.exits} ...", file=sys.stderr, flush=True)
+        r["pio_exits_per_s"] = bench_exits(mk(f"pio-bench {args.exits}"), args.exits, max(1, args.runs // 2))
+        print(f"[{name}] mmio-bench {args.exits} ...", file=sys.stderr, flush=True)
+        r["mmio_exits_per_s"] = bench_exits(mk(f"mmio-bench {args.exits}"), args.exits, max(1, args.runs // 2))
+        results[name] = r
+
+    corral, qemu = results["corral"], next(v for k, v in results.items() if k != "corral")
+    qname = next(k for k in results if k != "corral")
+    rows = [
+        ("launch -> first serial byte (ms, lower is better)", "first_byte_ms", False),
+        ("launch -> exit, `hello` (ms, lower is better)", "exit_ms", False),
+        ("port-I/O exits per second (higher is better)", "pio_exits_per_s", True),
+        ("MMIO exits per second (higher is better)", "mmio_exits_per_s", True),
+    ]
+    host = f"{platform.node()}: {os.cpu_count()} CPUs, kernel {platform.release()}"
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        host += f", {model}"
+    except (OSError, StopIteration):
+        pass
+    pvm = os.path.isdir("/sys/module/kvm_pvm")
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    md = [f"Measured {date} on {host}; /dev/kvm is {'PVM (no hardware virtualization)' if pvm else 'hardware-backed'}; "
+          f"median of {args.runs} launches, {args.exits} exits per exit benchmark.", "",
+          f"| metric | corral | {qname} | corral advantage |", "|---|---:|---:|---:|"]
+    for label, key, higher in rows:
+        c, q = corral[key], qemu[key]
+        ratio = (c / q) if higher else (q / c)
+        fmt = (lambda v: f"{v:,.0f}") if higher else (lambda v: f"{v:,.1f}")
+        md.append(f"| {label} | {fmt(c)} | {fmt(q)} | {ratio:.2f}x |")
+    table = "\n".join(md)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "probe_bench.json").write_text(json.dumps(
+        {"date": date, "host": host, "pvm": pvm, "runs": args.runs, "exits": args.exits, "results": results},
+        indent=2))
+    (args.out / "probe_bench.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""corral: a hosted hypervisor on Linux KVM.
+
+    from corral import Machine, MachineConfig
+    result = Machine(MachineConfig(kernel="probe.elf", cmdline="hello")).run()
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from corral.config import MachineConfig
+    from corral.errors import ConfigError, CorralError, HostError, KernelFormatError
+    from corral.machine import ExitResult, Machine
+
+_EXPORTS = {
+    "MachineConfig": "corral.config", "Machine": "corral.machine", "ExitResult": "corral.machine",
+    "ConfigError": "corral.errors", "CorralError": "corral.errors", "HostError": "corral.errors",
+    "KernelFormatError": "corral.errors",
+}
+__all__ = sorted(_EXPORTS)
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `corral --help` and the CLI's start-up do not pay for modules they do not use.
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'corral' has no attribute {name!r}")

@@ -37,3 +37,8 @@ bench: host-deps $(STAMP)
 
 clean:
 	rm -rf $(VENV) build guest/build
+
+# The lab: a QEMU TCG VM with emulated AMD SVM in which corral runs on a real /dev/kvm (tests/lab).
+.PHONY: lab
+lab: host-deps $(STAMP)
+	$(BIN)/python -m pytest tests/lab -m lab $(PYTEST_ARGS)

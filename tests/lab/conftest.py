@@ -1,0 +1,91 @@
+"""Fixtures for the lab tests: one QEMU TCG lab host (emulated AMD SVM) per test session.
+
+Lab tests carry @pytest.mark.lab and run only when asked for (`make lab`, i.e. `pytest -m lab`,
+or CORRAL_LAB=1): a plain `pytest` / `make test` skips them, since booting the lab costs about
+10 s and the first run downloads Debian's generic kernel.
+
+On a failing lab test the report gets the lab's serial log (kernel console, QEMU's stderr and
+the command channel) as an extra section.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from labhost import LabHost  # noqa: E402
+
+LAB_KEY = pytest.StashKey[LabHost]()
+
+
+def _lab_requested(config: pytest.Config) -> bool:
+    if os.environ.get("CORRAL_LAB") == "1":
+        return True
+    markexpr = config.getoption("markexpr", "") or ""
+    return "lab" in markexpr and "not lab" not in markexpr
+
+
+def pytest_collection_modifyitems(config, items):
+    requested = _lab_requested(config)
+    no_qemu = shutil.which("qemu-system-x86_64") is None
+    for item in items:
+        if "lab" not in item.keywords:
+            continue
+        if not requested:
+            item.add_marker(pytest.mark.skip(reason="lab tests run with `make lab` (pytest -m lab) "
+                                                    "or CORRAL_LAB=1"))
+        elif no_qemu:
+            item.add_marker(pytest.mark.skip(reason="qemu-system-x86_64 not installed"))
+
+
+@pytest.fixture(scope="session")
+def probe_build():
+    """The probe guest, built on the host *before* the lab boots (the lab sees the host's files
+    through a 9p share with cached metadata). Returns (path, None) or (None, reason)."""
+    try:
+        from corral.images.probe import build_probe
+    except ImportError as exc:
+        return None, f"corral.images.probe is not available yet: {exc}"
+    try:
+        return Path(build_probe()), None
+    except Exception as exc:  # reported by the probe tests, not by every lab test
+        return None, f"build_probe() failed: {type(exc).__name__}: {exc}"
+
+
+@pytest.fixture(scope="session")
+def lab(request, probe_build):
+    """The booted lab host, shared by every lab test of the session."""
+    host = LabHost(extra_append=os.environ.get("CORRAL_LAB_APPEND", ""))
+    t0 = time.monotonic()
+    host.start()  # raises LabError with the serial log when the lab does not come up
+    request.config.stash[LAB_KEY] = host
+    sys.stderr.write(f"\n[lab] up in {time.monotonic() - t0:.1f} s "
+                     f"(boot to command prompt {host.boot_seconds:.1f} s)\n")
+    try:
+        yield host
+    finally:
+        host.close()
+        host.cleanup()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed or "lab" not in item.keywords:
+        return
+    host = item.config.stash.get(LAB_KEY, None)
+    if host is None:
+        return
+    try:
+        log = host.serial_log()
+    except Exception as exc:  # never let the log hide the real failure
+        log = f"(cannot read the lab's serial log: {exc})"
+    report.sections.append(("lab serial log", log))

@@ -60,7 +60,21 @@ def probe_build():
 
 
 @pytest.fixture(scope="session")
-def lab(request, probe_build):
+def debian_build():
+    """The debian image (bzImage, PVH vmlinux, initramfs), fetched on the host before the lab
+    boots. Returns ({"bzimage", "vmlinux", "initrd"} paths, None) or (None, reason)."""
+    try:
+        from corral.images.debian_image import resolve_bzimage, resolve_pvh
+
+        bz, initrd = resolve_bzimage()
+        vmlinux, _ = resolve_pvh()
+    except Exception as exc:  # reported by the Debian tests, not by every lab test
+        return None, f"the debian image is not available: {type(exc).__name__}: {exc}"
+    return {"bzimage": bz, "vmlinux": vmlinux, "initrd": initrd}, None
+
+
+@pytest.fixture(scope="session")
+def lab(request, probe_build, debian_build):
     """The booted lab host, shared by every lab test of the session."""
     host = LabHost(extra_append=os.environ.get("CORRAL_LAB_APPEND", ""))
     t0 = time.monotonic()

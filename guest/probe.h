@@ -1,0 +1,100 @@
+/* probe: shared declarations. Freestanding: no libc. */
+#ifndef PROBE_H
+#define PROBE_H
+
+#include "probe_asm.h"
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long u64;
+typedef long i64;
+typedef unsigned long size_t;
+
+#define NULL ((void *)0)
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+
+/* Exit statuses written to the isa-debug-exit port */
+#define EXIT_OK        0
+#define EXIT_FAIL      1
+#define EXIT_USAGE     2
+#define EXIT_EXCEPTION 3
+
+#define COM1       0x3F8
+#define EXIT_PORT  0x501
+#define PIO_BENCH_PORT 0x504
+#define MMIO_BENCH_ADDR 0xD0000000UL
+#define PIT_HZ     1193182UL
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
+static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
+static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
+/* Ring 3 -> ring 0 service request: `ud2` followed by the marker SERVICE_MARKER, number in
+ * rax.  (A software interrupt such as int $0x80 is not usable from ring 3 under PVM, where it
+ * turns into #UD; a real #UD is delivered to our IDT everywhere.) */
+#define SERVICE_MARKER "prb!"
+#define SERVICE_INSN_LEN 6
+static inline long syscall0(long nr)
+{
+    long ret;
+    __asm__ volatile("ud2\n\t.ascii \"" SERVICE_MARKER "\"" : "=a"(ret) : "a"(nr) : "memory");
+    return ret;
+}
+static inline int current_cpl(void)
+{
+    u16 cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    return cs & 3;
+}
+
+/* lib.c */
+void *memcpy(void *d, const void *s, size_t n);
+void *memset(void *d, int c, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
+size_t strlen(const char *s);
+int str_eq(const char *a, const char *b);
+void serial_init(void);
+void serial_putc(char c);
+void serial_puts(const char *s);
+void kprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int parse_u64(const char *s, u64 *out);
+int parse_size(const char *s, u64 *out);
+void __attribute__((noreturn)) guest_exit(int status);
+
+/* time.c */
+extern u64 tsc_hz;
+int pit_start(u16 count);
+int pit_done(void);
+int pit_wait(u16 count);
+void tsc_calibrate(void);
+void tsc_delay_us(u64 us);
+
+/* main.c */
+#define MAX_MEMMAP 64
+struct mem_range { u64 addr, len; u32 type; };
+extern struct mem_range memmap[MAX_MEMMAP];
+extern int memmap_count;
+extern u64 boot_rsdp;
+extern u32 boot_kind, boot_magic, boot_info;
+extern char _end[];
+
+/* smp.c */
+int scenario_smp(int argc, char **argv);
+int scenario_timer(int argc, char **argv);
+void lapic_enable(void);
+
+/* ring0.c / boot.S */
+extern volatile u64 timer_ticks;
+extern volatile u32 ap_arrived, ap_next_index;
+extern char tramp_start[], tramp_end[];
+extern u64 pml4[], pdpt[];
+
+#endif

@@ -1,0 +1,215 @@
+/* probe: ACPI MADT, the local APIC, AP start-up (INIT-SIPI-SIPI) and the LAPIC timer.
+ * Runs in ring 3: the LAPIC page is mapped user-accessible, so its registers are plain MMIO. */
+#include "probe.h"
+
+#define LAPIC_ID     0x020
+#define LAPIC_TPR    0x080
+#define LAPIC_SVR    0x0F0
+#define LAPIC_ICR_LO 0x300
+#define LAPIC_ICR_HI 0x310
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_LVT_LINT0 0x350
+#define LAPIC_TIMER_INIT 0x380
+#define LAPIC_TIMER_CUR  0x390
+#define LAPIC_TIMER_DIV  0x3E0
+#define LVT_MASKED   (1 << 16)
+#define LVT_PERIODIC (1 << 17)
+#define ICR_BUSY     (1 << 12)
+
+#define MAX_CPUS 256
+
+static u32 lapic_read(u32 reg) { return mmio_read32(LAPIC_BASE + reg); }
+static void lapic_write(u32 reg, u32 v) { mmio_write32(LAPIC_BASE + reg, v); }
+
+void lapic_enable(void)
+{
+    lapic_write(LAPIC_TPR, 0);
+    lapic_write(LAPIC_SVR, 0x100 | VEC_SPURIOUS);
+}
+
+/* ---------------------------------------------------------------- ACPI */
+
+static int acpi_sum_ok(u64 addr, u32 len)
+{
+    u8 sum = 0;
+    for (u32 i = 0; i < len; i++)
+        sum += *(volatile u8 *)(addr + i);
+    return sum == 0;
+}
+
+static int is_rsdp(u64 a)
+{
+    return !memcmp((const void *)a, "RSD PTR ", 8) && acpi_sum_ok(a, 20);
+}
+
+static u64 scan_rsdp(u64 start, u64 end)
+{
+    for (u64 a = start; a + 20 <= end; a += 16)
+        if (is_rsdp(a))
+            return a;
+    return 0;
+}
+
+static u64 find_rsdp(void)
+{
+    if (boot_rsdp && is_rsdp(boot_rsdp))
+        return boot_rsdp;
+    u64 ebda = (u64)*(volatile u16 *)0x40E << 4;
+    u64 r = 0;
+    if (ebda >= 0x80000 && ebda < 0xA0000)
+        r = scan_rsdp(ebda, ebda + 1024);
+    if (!r)
+        r = scan_rsdp(0xE0000, 0x100000);
+    return r;
+}
+
+/* Finds the MADT; returns the number of enabled CPUs and fills ids[] with their APIC IDs. */
+static int madt_cpus(u64 rsdp, u32 *ids, int max)
+{
+    u8 rev = *(volatile u8 *)(rsdp + 15);
+    u64 root = 0;
+    int esize = 4;
+    if (rev >= 2 && *(volatile u64 *)(rsdp + 24)) {
+        root = *(volatile u64 *)(rsdp + 24);
+        esize = 8;
+    } else {
+        root = *(volatile u32 *)(rsdp + 16);
+    }
+    if (!root)
+        return -1;
+    u32 rlen = *(volatile u32 *)(root + 4);
+    u64 madt = 0;
+    for (u64 p = root + 36; p + esize <= root + rlen; p += esize) {
+        u64 t = esize == 8 ? *(volatile u64 *)p : *(volatile u32 *)p;
+        if (t && !memcmp((const void *)t, "APIC", 4)) {
+            madt = t;
+            break;
+        }
+    }
+    if (!madt)
+        return -1;
+    u32 len = *(volatile u32 *)(madt + 4);
+    int n = 0;
+    for (u64 p = madt + 44; p + 2 <= madt + len;) {
+        u8 type = *(volatile u8 *)p, elen = *(volatile u8 *)(p + 1);
+        if (elen < 2)
+            break;
+        if (type == 0 && elen >= 8 && (*(volatile u32 *)(p + 4) & 1)) {
+            if (n < max)
+                ids[n] = *(volatile u8 *)(p + 3);
+            n++;
+        } else if (type == 9 && elen >= 16 && (*(volatile u32 *)(p + 8) & 1)) {
+            if (n < max)
+                ids[n] = *(volatile u32 *)(p + 4);
+            n++;
+        }
+        p += elen;
+    }
+    return n;
+}
+
+/* ---------------------------------------------------------------- SMP */
+
+static int icr_send(u32 apic_id, u32 cmd)
+{
+    for (int i = 0; i < 100000 && (lapic_read(LAPIC_ICR_LO) & ICR_BUSY); i++)
+        cpu_relax();
+    lapic_write(LAPIC_ICR_HI, apic_id << 24);
+    lapic_write(LAPIC_ICR_LO, cmd);
+    return 0;
+}
+
+int scenario_smp(int argc, char **argv)
+{
+    (void)argc, (void)argv;
+    static u32 ids[MAX_CPUS];
+    u64 rsdp = find_rsdp();
+    if (!rsdp) {
+        kprintf("probe: smp: no ACPI RSDP found\n");
+        kprintf("RESULT cpus=1 madt_cpus=0 error=no-rsdp\n");
+        return EXIT_FAIL;
+    }
+    int expected = madt_cpus(rsdp, ids, MAX_CPUS);
+    if (expected < 1) {
+        kprintf("probe: smp: no MADT (or no enabled CPU in it) under RSDP 0x%lx\n", rsdp);
+        kprintf("RESULT cpus=1 madt_cpus=0 error=no-madt\n");
+        return EXIT_FAIL;
+    }
+    lapic_enable();
+    u32 bsp = lapic_read(LAPIC_ID) >> 24;
+    int listed = expected < MAX_CPUS ? expected : MAX_CPUS;
+    kprintf("probe: smp: rsdp=0x%lx madt_cpus=%d bsp_apic_id=%u\n", rsdp, expected, bsp);
+
+    if (expected > 1) {
+        tsc_calibrate();
+        memcpy((void *)TRAMP_ADDR, tramp_start, tramp_end - tramp_start);
+        __asm__ volatile("" ::: "memory");
+        for (int i = 0; i < listed; i++)
+            if (ids[i] != bsp && ids[i] < 255)
+                icr_send(ids[i], 0x4500);                       /* INIT, level assert */
+        tsc_delay_us(10000);
+        for (int pass = 0; pass < 2 && (int)ap_arrived < expected - 1; pass++) {
+            for (int i = 0; i < listed; i++)
+                if (ids[i] != bsp && ids[i] < 255)
+                    icr_send(ids[i], 0x4600 | (TRAMP_ADDR >> 12));   /* STARTUP */
+            tsc_delay_us(200);
+        }
+        u64 deadline = rdtsc() + 2 * tsc_hz;                    /* wait at most ~2 s */
+        while ((int)ap_arrived < expected - 1 && (i64)(rdtsc() - deadline) < 0)
+            cpu_relax();
+    }
+    int cpus = 1 + (int)ap_arrived;
+    kprintf("RESULT cpus=%d madt_cpus=%d\n", cpus, expected);
+    return cpus == expected ? EXIT_OK : EXIT_FAIL;
+}
+
+/* ---------------------------------------------------------------- LAPIC timer */
+
+#define CAL_COUNT 11932                 /* 10 ms of PIT */
+#define WINDOW_COUNT 59659              /* 50 ms of PIT; the window is two of these */
+#define TARGET_HZ 1000
+
+int scenario_timer(int argc, char **argv)
+{
+    (void)argc, (void)argv;
+    /* Nothing but the LAPIC timer may interrupt: mask both 8259s and LINT0. */
+    outb(0x21, 0xFF);
+    outb(0xA1, 0xFF);
+    lapic_enable();
+    lapic_write(LAPIC_LVT_LINT0, LVT_MASKED);
+
+    /* Measure the LAPIC timer's count rate (divide by 16) against the PIT. */
+    lapic_write(LAPIC_TIMER_DIV, 0x3);
+    lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | VEC_TIMER);
+    lapic_write(LAPIC_TIMER_INIT, 0xFFFFFFFF);
+    if (pit_wait(CAL_COUNT)) {
+        lapic_write(LAPIC_TIMER_INIT, 0);
+        kprintf("probe: timer: PIT channel 2 (ports 0x42/0x43/0x61) does not count: "
+                "nothing to measure the LAPIC timer against\n");
+        kprintf("RESULT timer_ticks=0 timer_hz=0 error=no-pit\n");
+        return EXIT_FAIL;
+    }
+    u32 cur = lapic_read(LAPIC_TIMER_CUR);
+    u64 rate = (u64)(0xFFFFFFFFu - cur) * PIT_HZ / CAL_COUNT;
+    u64 init = rate / TARGET_HZ;
+    if (init == 0)
+        init = 1;
+    if (init > 0xFFFFFFFFu)
+        init = 0xFFFFFFFFu;
+    lapic_write(LAPIC_TIMER_INIT, 0);
+
+    lapic_write(LAPIC_LVT_TIMER, LVT_PERIODIC | VEC_TIMER);
+    lapic_write(LAPIC_TIMER_INIT, (u32)init);
+    /* Ring 3 runs with interrupts enabled (IF=1), so the ticks arrive while it polls the PIT. */
+    u64 t0 = timer_ticks;
+    pit_wait(WINDOW_COUNT);
+    pit_wait(WINDOW_COUNT);
+    u64 ticks = timer_ticks - t0;
+    lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | VEC_TIMER);
+    lapic_write(LAPIC_TIMER_INIT, 0);
+
+    u64 hz = ticks * PIT_HZ / (2 * WINDOW_COUNT);
+    kprintf("probe: timer: lapic_count_hz=%lu initial_count=%lu window_ms=100\n", rate, init);
+    kprintf("RESULT timer_ticks=%lu timer_hz=%lu\n", ticks, hz);
+    return ticks > 0 ? EXIT_OK : EXIT_FAIL;
+}

@@ -1,0 +1,182 @@
+"""ACPI tables for a corral machine: RSDP, XSDT, FADT (+FACS), MADT and DSDT.
+
+They live in the BIOS area at 0xE0000, where Linux also finds the RSDP by scanning; the
+loaders hand its address over explicitly too (boot_params.acpi_rsdp_addr, PVH rsdp_paddr).
+Tables are a list the XSDT points at, so later devices (PCI's MCFG, ...) add entries, and the
+DSDT is a list of AML objects.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from corral.arch.x86 import aml, layout
+
+OEM_ID = b"CORRAL"
+OEM_TABLE_ID = b"CORRALVM"
+CREATOR_ID = b"CRRL"
+CREATOR_REVISION = 1
+HEADER = struct.Struct("<4sIBB6s8sI4sI")
+
+# FADT flags (ACPI 6.x table 5.10)
+FADT_WBINVD = 1 << 0
+FADT_PROC_C1 = 1 << 2
+FADT_PWR_BUTTON = 1 << 4      # 1: no fixed-feature power button
+FADT_SLP_BUTTON = 1 << 5      # 1: no fixed-feature sleep button
+FADT_RESET_REG_SUP = 1 << 10
+# IA-PC boot architecture flags
+BOOT_LEGACY_DEVICES = 1 << 0
+BOOT_8042 = 1 << 1
+BOOT_VGA_NOT_PRESENT = 1 << 2
+# MADT
+MADT_PCAT_COMPAT = 1
+MADT_LAPIC, MADT_IOAPIC, MADT_ISO, MADT_LAPIC_NMI = 0, 1, 2, 4
+ISO_ACTIVE_HIGH, ISO_LEVEL, ISO_EDGE = 0b01, 0b11 << 2, 0b01 << 2
+GAS_SYSTEM_IO = 1
+CMOS_CENTURY = 0x32
+
+
+def checksum(data: bytes) -> int:
+    return (-sum(data)) & 0xFF
+
+
+def sdt(signature: bytes, revision: int, body: bytes) -> bytes:
+    """A system description table: header + body, with length and checksum filled in."""
+    length = HEADER.size + len(body)
+    hdr = HEADER.pack(signature, length, revision, 0, OEM_ID, OEM_TABLE_ID, 1, CREATOR_ID,
+                      CREATOR_REVISION)
+    table = bytearray(hdr + body)
+    table[9] = checksum(table)
+    return bytes(table)
+
+
+def gas(port: int, width_bits: int, access_size: int) -> bytes:
+    """A Generic Address Structure for an I/O port (access_size: 1 byte, 2 word, 3 dword)."""
+    if port == 0:
+        return bytes(12)
+    return struct.pack("<BBBBQ", GAS_SYSTEM_IO, width_bits, 0, access_size, port)
+
+
+def fadt(dsdt_addr: int, facs_addr: int) -> bytes:
+    f = bytearray(276 - HEADER.size)
+
+    def put(offset: int, fmt: str, *values: int | bytes) -> None:
+        struct.pack_into(fmt, f, offset - HEADER.size, *values)
+
+    put(36, "<II", facs_addr, dsdt_addr)
+    put(45, "<BH", 0, layout.SCI_IRQ)                 # preferred PM profile: unspecified
+    put(48, "<I", 0)                                  # no SMI_CMD: ACPI is always enabled
+    put(56, "<I", layout.PM1_EVT_PORT)
+    put(64, "<I", layout.PM1_CNT_PORT)
+    put(76, "<I", layout.PM_TMR_PORT)
+    put(88, "<BBBB", 4, 2, 0, 4)                      # PM1_EVT_LEN, PM1_CNT_LEN, PM2, PM_TMR_LEN
+    put(96, "<HH", 101, 1001)                         # C2/C3 latencies > 100/1000: not supported
+    put(108, "<B", CMOS_CENTURY)
+    put(109, "<H", BOOT_LEGACY_DEVICES | BOOT_8042 | BOOT_VGA_NOT_PRESENT)
+    put(112, "<I", FADT_WBINVD | FADT_PROC_C1 | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_RESET_REG_SUP)
+    put(116, "<12s", gas(layout.RESET_PORT, 8, 1))
+    put(128, "<B", 0x06)                              # RESET_VALUE
+    put(131, "<B", 0)                                 # FADT minor version (ACPI 6.0)
+    put(132, "<QQ", facs_addr, dsdt_addr)
+    put(148, "<12s", gas(layout.PM1_EVT_PORT, 32, 2))
+    put(172, "<12s", gas(layout.PM1_CNT_PORT, 16, 2))
+    put(208, "<12s", gas(layout.PM_TMR_PORT, 32, 3))
+    put(268, "<8s", b"CORRAL\0\0")                    # hypervisor vendor identity
+    return sdt(b"FACP", 6, bytes(f))
+
+
+def facs() -> bytes:
+    # No checksum; version 2; the waking vector stays 0 (no S3).
+    return struct.pack("<4sIIIIIQB3sI24s", b"FACS", 64, 0, 0, 0, 0, 0, 2, b"", 0, b"")
+
+
+def madt(num_cpus: int) -> bytes:
+    if not 1 <= num_cpus <= 254:
+        raise ValueError(f"the MADT describes 1 to 254 xAPIC CPUs, not {num_cpus}")
+    body = bytearray(struct.pack("<II", layout.LAPIC_ADDR, MADT_PCAT_COMPAT))
+    for i in range(num_cpus):
+        body += struct.pack("<BBBBI", MADT_LAPIC, 8, i, i, 1)
+    ioapic_id = num_cpus  # the next id after the CPUs' APIC ids
+    body += struct.pack("<BBBBII", MADT_IOAPIC, 12, ioapic_id, 0, layout.IOAPIC_ADDR, 0)
+    body += struct.pack("<BBBBIH", MADT_ISO, 10, 0, 0, 2, 0)   # PIT IRQ0 -> GSI2, bus defaults
+    body += struct.pack("<BBBBIH", MADT_ISO, 10, 0, layout.SCI_IRQ, layout.SCI_IRQ,
+                        ISO_ACTIVE_HIGH | ISO_LEVEL)
+    body += struct.pack("<BBBHB", MADT_LAPIC_NMI, 6, 0xFF, ISO_ACTIVE_HIGH | ISO_EDGE, 1)
+    return sdt(b"APIC", 5, bytes(body))
+
+
+def _isa_device(name: str, hid: str, uid: int, *resources: bytes) -> bytes:
+    return aml.device(name,
+                      aml.name("_HID", aml.integer(aml.eisa_id(hid))),
+                      aml.name("_UID", aml.integer(uid)),
+                      aml.name("_CRS", aml.resource_template(*resources)))
+
+
+def dsdt_objects(num_cpus: int) -> list[bytes]:
+    """The DSDT's AML: sleep state S5, CPUs, and the ISA devices on the legacy bus."""
+    cpus = [aml.device(f"C{i:03X}", aml.name("_HID", aml.string("ACPI0007")),
+                       aml.name("_UID", aml.integer(i))) for i in range(num_cpus)]
+    isa = [
+        _isa_device("COM1", "PNP0501", 0, aml.io_port(layout.COM1_PORT, 8), aml.irq_no_flags(layout.COM1_IRQ)),
+        _isa_device("RTC_", "PNP0B00", 0, aml.io_port(layout.RTC_PORT, 2), aml.irq_no_flags(layout.RTC_IRQ)),
+        _isa_device("KBD_", "PNP0303", 0, aml.io_port(layout.I8042_DATA_PORT, 1),
+                    aml.io_port(layout.I8042_CMD_PORT, 1), aml.irq_no_flags(1)),
+        # ports corral's own devices use, so the OS never hands them to anything else
+        _isa_device("SYSR", "PNP0C02", 1, aml.io_port(layout.DEBUG_EXIT_PORT, 2),
+                    aml.io_port(0x504, 1), aml.io_port(layout.PM_BASE_PORT, 12)),
+    ]
+    s5 = aml.name("_S5_", aml.package(*(aml.integer(v) for v in (layout.S5_SLP_TYP, layout.S5_SLP_TYP, 0, 0))))
+    return [s5, aml.scope("\\_SB_", *cpus, *isa)]
+
+
+def dsdt(objects: list[bytes]) -> bytes:
+    return sdt(b"DSDT", 2, b"".join(objects))
+
+
+def rsdp(xsdt_addr: int) -> bytes:
+    r = bytearray(struct.pack("<8sB6sBIIQB3s", b"RSD PTR ", 0, OEM_ID, 2, 0, 36, xsdt_addr, 0, b""))
+    r[8] = checksum(r[:20])
+    r[32] = checksum(r)
+    return bytes(r)
+
+
+@dataclass
+class AcpiTables:
+    rsdp_addr: int
+    blobs: list[tuple[int, bytes]] = field(default_factory=list)
+
+    def write_to(self, mem) -> None:  # mem: GuestMemory (anything with .write(gpa, data))
+        for addr, data in self.blobs:
+            mem.write(addr, data)
+
+    def table(self, signature: bytes) -> bytes:
+        for _, data in self.blobs:
+            if data[:4] == signature:
+                return data
+        raise KeyError(signature)
+
+
+def build_acpi_tables(num_cpus: int, *, base: int = layout.ACPI_START, limit: int = layout.ACPI_END,
+                      extra_tables: list[bytes] | None = None,
+                      extra_dsdt: list[bytes] | None = None) -> AcpiTables:
+    """Lay the tables out from `base`: RSDP, FACS, DSDT, FADT, MADT, extra tables, XSDT."""
+    out = AcpiTables(rsdp_addr=base)
+    cursor = base + 64                 # the RSDP takes 36 bytes; keep FACS 64-byte aligned
+
+    def place(data: bytes, align: int = 16) -> int:
+        nonlocal cursor
+        addr = (cursor + align - 1) & ~(align - 1)
+        if addr + len(data) > limit:
+            raise ValueError(f"ACPI tables do not fit in {base:#x}-{limit:#x} ({num_cpus} CPUs)")
+        out.blobs.append((addr, data))
+        cursor = addr + len(data)
+        return addr
+
+    facs_addr = place(facs(), 64)
+    dsdt_addr = place(dsdt(dsdt_objects(num_cpus) + (extra_dsdt or [])))
+    pointers = [place(fadt(dsdt_addr, facs_addr)), place(madt(num_cpus))]
+    pointers += [place(t) for t in extra_tables or []]
+    xsdt_addr = place(sdt(b"XSDT", 1, b"".join(struct.pack("<Q", p) for p in pointers)))
+    out.blobs.insert(0, (base, rsdp(xsdt_addr)))
+    return out

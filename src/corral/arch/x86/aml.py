@@ -1,0 +1,117 @@
+"""A tiny AML encoder: the few ACPI Machine Language terms corral's DSDT needs."""
+
+from __future__ import annotations
+
+import struct
+
+NAME_OP, SCOPE_OP, BUFFER_OP, PACKAGE_OP = 0x08, 0x10, 0x11, 0x12
+ZERO_OP, ONE_OP, ONES_OP = 0x00, 0x01, 0xFF
+BYTE_PREFIX, WORD_PREFIX, DWORD_PREFIX, STRING_PREFIX, QWORD_PREFIX = 0x0A, 0x0B, 0x0C, 0x0D, 0x0E
+EXT_OP, DEVICE_OP = 0x5B, 0x82
+ROOT_CHAR = 0x5C
+
+
+def pkg_length(body_len: int) -> bytes:
+    """PkgLength for a body of `body_len` bytes; the encoded length counts its own bytes too."""
+    if body_len + 1 <= 0x3F:
+        return bytes([body_len + 1])
+    for extra in (1, 2, 3):
+        total = body_len + 1 + extra
+        if total < 1 << (4 + 8 * extra):
+            out = [(extra << 6) | (total & 0xF)]
+            out += [(total >> (4 + 8 * i)) & 0xFF for i in range(extra)]
+            return bytes(out)
+    raise ValueError(f"AML package of {body_len} bytes is too large")
+
+
+def name_seg(name: str) -> bytes:
+    if not (1 <= len(name) <= 4) or not name.replace("_", "A").isalnum() or name[0].isdigit():
+        raise ValueError(f"bad AML name segment {name!r}")
+    return name.upper().ljust(4, "_").encode()
+
+
+def name_string(path: str) -> bytes:
+    """'\\_SB_' or 'COM1' or '\\_SB_.PCI0' (root-relative paths only need the prefix)."""
+    root = path.startswith("\\")
+    segs = [s for s in path.lstrip("\\").split(".") if s]
+    if len(segs) == 1:
+        body = name_seg(segs[0])
+    elif len(segs) == 2:
+        body = b"\x2E" + b"".join(name_seg(s) for s in segs)
+    else:
+        body = b"\x2F" + bytes([len(segs)]) + b"".join(name_seg(s) for s in segs)
+    return (bytes([ROOT_CHAR]) if root else b"") + body
+
+
+def integer(v: int) -> bytes:
+    if v < 0 or v >= 1 << 64:
+        raise ValueError(f"AML integer {v} out of range")
+    if v == 0:
+        return bytes([ZERO_OP])
+    if v == 1:
+        return bytes([ONE_OP])
+    if v <= 0xFF:
+        return bytes([BYTE_PREFIX, v])
+    if v <= 0xFFFF:
+        return bytes([WORD_PREFIX]) + struct.pack("<H", v)
+    if v <= 0xFFFF_FFFF:
+        return bytes([DWORD_PREFIX]) + struct.pack("<I", v)
+    return bytes([QWORD_PREFIX]) + struct.pack("<Q", v)
+
+
+def string(s: str) -> bytes:
+    return bytes([STRING_PREFIX]) + s.encode("ascii") + b"\0"
+
+
+def eisa_id(pnp: str) -> int:
+    """EisaId("PNP0501") -> 0x0105D041: three letters in 5 bits each, then four hex digits."""
+    if len(pnp) != 7 or not pnp[:3].isalpha() or not pnp[:3].isupper():
+        raise ValueError(f"bad EISA id {pnp!r}")
+    c = [ord(ch) - 0x40 for ch in pnp[:3]]
+    h = int(pnp[3:], 16)
+    b = [(c[0] << 2) | (c[1] >> 3), ((c[1] & 7) << 5) | c[2], h >> 8, h & 0xFF]
+    return int.from_bytes(bytes(b), "little")
+
+
+def name(n: str, value: bytes) -> bytes:
+    return bytes([NAME_OP]) + name_string(n) + value
+
+
+def package(*elements: bytes) -> bytes:
+    body = bytes([len(elements)]) + b"".join(elements)
+    return bytes([PACKAGE_OP]) + pkg_length(len(body)) + body
+
+
+def buffer(data: bytes) -> bytes:
+    body = integer(len(data)) + data
+    return bytes([BUFFER_OP]) + pkg_length(len(body)) + body
+
+
+def scope(path: str, *terms: bytes) -> bytes:
+    body = name_string(path) + b"".join(terms)
+    return bytes([SCOPE_OP]) + pkg_length(len(body)) + body
+
+
+def device(n: str, *terms: bytes) -> bytes:
+    body = name_string(n) + b"".join(terms)
+    return bytes([EXT_OP, DEVICE_OP]) + pkg_length(len(body)) + body
+
+
+# -- resource templates (ACPI 6.x section 6.4) --------------------------------------------
+def io_port(base: int, length: int) -> bytes:
+    """IO(Decode16, base, base, 1, length)."""
+    return struct.pack("<BBHHBB", 0x47, 0x01, base, base, 1, length)
+
+
+def irq_no_flags(*irqs: int) -> bytes:
+    mask = 0
+    for i in irqs:
+        if not 0 <= i <= 15:
+            raise ValueError(f"ISA IRQ {i} out of range")
+        mask |= 1 << i
+    return struct.pack("<BH", 0x22, mask)
+
+
+def resource_template(*descriptors: bytes) -> bytes:
+    """A _CRS buffer: the descriptors, then an end tag whose zero checksum means "valid"."""
+    return buffer(b"".join(descriptors) + b"\x79\x00")

@@ -1,0 +1,26 @@
+"""Small helpers shared by the legacy (ISA) devices."""
+
+from __future__ import annotations
+
+from typing import Annotated, TypeVar
+
+from pydantic import Field
+
+from corral.devices.base import DeviceState
+
+Byte = Annotated[int, Field(ge=0, le=0xFF)]
+Word = Annotated[int, Field(ge=0, le=0xFFFF)]
+
+# all-ones value of an access of 1..8 bytes (what an unclaimed port reads as)
+ONES = tuple((1 << (8 * n)) - 1 for n in range(9))
+
+S = TypeVar("S", bound=DeviceState)
+
+
+def coerce_state(cls: type[S], state: DeviceState | dict) -> S:
+    """`state` as a validated `cls`: an instance passes through, anything else is re-validated."""
+    if isinstance(state, cls):
+        return state
+    if isinstance(state, dict):
+        return cls.model_validate(state)
+    return cls.model_validate(state.model_dump())

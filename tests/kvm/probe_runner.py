@@ -1,0 +1,51 @@
+"""Boot the probe guest under corral through the library API and collect its RESULT lines."""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+
+from corral.config import MachineConfig
+from corral.images.probe import build_probe
+from corral.machine import ExitResult, Machine
+
+RESULT_RE = re.compile(r"(\w+)=(\S+)")
+
+
+@dataclass
+class ProbeRun:
+    result: ExitResult
+    output: str
+    results: dict[str, str] = field(default_factory=dict)
+
+
+def parse_results(output: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for line in output.splitlines():
+        if line.startswith("RESULT "):
+            found.update(RESULT_RE.findall(line))
+    return found
+
+
+def run_probe(cmdline: str, cpus: int = 1, memory: str = "256M", timeout: float = 60.0) -> ProbeRun:
+    out = bytearray()
+    lock = threading.Lock()
+
+    def console(data: bytes) -> None:
+        with lock:
+            out.extend(data)
+
+    m = Machine(MachineConfig.build(kernel=build_probe(), cmdline=cmdline, cpus=cpus, memory=memory,
+                                    no_reboot=True), console=console)
+    try:
+        m.start()
+        res = m.wait(timeout)
+        if res is None:
+            m.stop("test timeout")
+            raise AssertionError(f"probe '{cmdline}' did not finish in {timeout}s; output:\n"
+                                 + out.decode(errors="replace"))
+    finally:
+        m.close()
+    text = out.decode(errors="replace").replace("\r", "")
+    return ProbeRun(res, text, parse_results(text))

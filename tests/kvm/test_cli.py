@@ -1,0 +1,104 @@
+"""`corral run` end to end as a user runs it: exit codes, and one clear line for bad input."""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from corral.images.probe import build_probe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def corral(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "corral.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})})
+
+
+def one_clear_line(r):
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("corral: error: ")
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+@pytest.mark.kvm
+def test_smp_probe_prints_cpus_and_exits_zero():
+    r = corral("run", "--image", "probe", "--cmdline", "smp", "--cpus", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "RESULT cpus=2" in r.stdout
+
+
+@pytest.mark.kvm
+def test_exit_status_is_the_guest_exit_port_value():
+    r = corral("run", "--image", "probe", "--cmdline", "no-such-scenario")
+    assert r.returncode == 2, r.stdout + r.stderr
+
+
+def test_missing_kernel_file(tmp_path):
+    line = one_clear_line(corral("run", "--kernel", str(tmp_path / "nope")))
+    assert "does not exist" in line and "nope" in line
+
+
+def test_file_that_is_no_kernel(tmp_path):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("hello, I am not a kernel\n" * 100)
+    line = one_clear_line(corral("run", "--kernel", str(junk)))
+    assert "not a bzImage" in line
+
+
+@pytest.mark.parametrize("memory,needle", [("0", "too small"), ("10T", "too large"), ("lots", "not a size")])
+def test_bad_memory(memory, needle):
+    line = one_clear_line(corral("run", "--image", "probe", "--memory", memory))
+    assert needle in line
+
+
+def test_zero_cpus():
+    line = one_clear_line(corral("run", "--image", "probe", "--cpus", "0"))
+    assert "cpus must be between 1 and" in line
+
+
+def test_unknown_image():
+    line = one_clear_line(corral("run", "--image", "windows95"))
+    assert "no image named 'windows95'" in line
+
+
+def test_no_kvm_device(tmp_path):
+    line = one_clear_line(corral("run", "--image", "probe", env={"CORRAL_KVM": str(tmp_path / "kvm")}))
+    assert "does not exist" in line and "kvm" in line
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_no_permission_on_kvm(tmp_path):
+    """As an unprivileged user (the system python, so /root need not be readable)."""
+    site = sysconfig.get_paths()["purelib"]
+    platsite = sysconfig.get_paths()["platlib"]
+    os.chmod(tmp_path, 0o755)
+    probe = tmp_path / "probe.elf"
+    shutil.copy(build_probe(), probe)
+    os.chmod(probe, 0o644)
+    code = ("import sys; sys.argv=['corral','run','--kernel',%r,'--cmdline','hello']; "
+            "from corral.cli import main; main()" % str(probe))
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        "/usr/bin/python3", "-c", code], capture_output=True, text=True, timeout=60,
+                       env={"PYTHONPATH": f"{ROOT / 'src'}:{site}:{platsite}", "PATH": "/usr/bin:/bin",
+                            "HOME": str(tmp_path)})
+    if "ModuleNotFoundError" in r.stderr or "Permission denied: '" in r.stderr:
+        pytest.skip(f"system python cannot import corral's dependencies here: {r.stderr[-200:]}")
+    line = one_clear_line(r)
+    assert "no permission to open /dev/kvm" in line
+
+
+def test_doctor_reports_the_host():
+    r = corral("doctor")
+    assert r.returncode == 0, r.stderr
+    assert "API version 12" in r.stdout and "IRQCHIP" in r.stdout
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        assert "PVM" in r.stdout and "stock Linux kernel cannot boot" in " ".join(r.stdout.split())

@@ -1,0 +1,196 @@
+import pytest
+
+from corral.arch.x86 import layout
+from corral.devices.legacy.acpi_pm import PM_TIMER_HZ, AcpiPm, AcpiPmState
+from corral.devices.legacy.debug_exit import DebugExit, DebugExitState
+from corral.devices.legacy.post import PostSink, PostSinkState
+from corral.devices.legacy.reset import ResetRegister, ResetRegisterState
+
+
+class Ctl:
+    def __init__(self):
+        self.calls = []
+
+    def request_exit(self, status):
+        self.calls.append(("exit", status))
+
+    def request_poweroff(self):
+        self.calls.append(("poweroff",))
+
+    def request_reset(self):
+        self.calls.append(("reset",))
+
+
+class Line:
+    def __init__(self):
+        self.levels = []
+
+    def set_level(self, high):
+        self.levels.append(bool(high))
+
+    def pulse(self):
+        raise AssertionError("level only")
+
+    @property
+    def high(self):
+        return bool(self.levels) and self.levels[-1]
+
+
+class NsClock:
+    def __init__(self, t=123_456_789):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+# -- debug exit ------------------------------------------------------------------------------
+@pytest.mark.parametrize("off,size,value,status", [
+    (0, 1, 0, 0), (0, 1, 0x2A, 0x2A), (0, 2, 0x1234, 0x34), (1, 1, 7, 7), (0, 4, 0x1FF, 0xFF)])
+def test_debug_exit_status_is_the_low_byte(off, size, value, status):
+    ctl = Ctl()
+    DebugExit(ctl).pio_write(off, size, value)
+    assert ctl.calls == [("exit", status)]
+
+
+def test_debug_exit_reads_all_ones():
+    dev = DebugExit(Ctl())
+    assert dev.pio_read(0, 1) == 0xFF
+    assert dev.pio_read(0, 2) == 0xFFFF
+    dev.load_state(DebugExitState.model_validate_json(dev.save_state().model_dump_json()))
+
+
+# -- POST / bench sink -----------------------------------------------------------------------
+def test_post_sink():
+    dev = PostSink()
+    assert dev.pio_read(0, 1) == 0xFF
+    assert dev.pio_read(0, 4) == 0xFFFFFFFF
+    dev.pio_write(0, 1, 0x42)
+    assert dev.last == 0x42
+    other = PostSink()
+    other.load_state(PostSinkState.model_validate_json(dev.save_state().model_dump_json()))
+    assert other.last == 0x42
+
+
+# -- reset register --------------------------------------------------------------------------
+def test_reset_register():
+    ctl = Ctl()
+    dev = ResetRegister(ctl)
+    dev.pio_write(0, 1, 0x02)               # Linux reboot=pci: 0x02 then 0x06
+    assert ctl.calls == []
+    assert dev.pio_read(0, 1) == 0x02
+    dev.pio_write(0, 1, 0x06)
+    assert ctl.calls == [("reset",)]
+    assert dev.pio_read(0, 1) == 0x02       # bit 2 does not stick
+    dev.pio_write(0, 1, 0x0E)
+    assert ctl.calls == [("reset",)] * 2
+    assert dev.pio_read(0, 2) == 0xFF0A
+    other = ResetRegister(Ctl())
+    other.load_state(ResetRegisterState.model_validate_json(dev.save_state().model_dump_json()))
+    assert other.pio_read(0, 1) == 0x0A
+
+
+# -- ACPI PM ---------------------------------------------------------------------------------
+PM1_STS, PM1_EN, PM1_CNT, PM_TMR = 0, 2, 4, 8
+
+
+@pytest.fixture
+def pm():
+    ctl, sci, clock = Ctl(), Line(), NsClock()
+    dev = AcpiPm(ctl, sci, clock)
+    dev.ctl, dev.sci, dev.clock = ctl, sci, clock
+    return dev
+
+
+def test_sci_en_always_reads_one(pm):
+    assert pm.pio_read(PM1_CNT, 2) & 1
+    pm.pio_write(PM1_CNT, 2, 0)
+    assert pm.pio_read(PM1_CNT, 2) & 1
+    assert pm.pio_read(PM1_CNT, 1) & 1
+
+
+def test_s5_powers_off(pm):
+    pm.pio_write(PM1_CNT, 2, layout.S5_SLP_TYP << 10)        # SLP_TYP first, as ACPICA does
+    assert pm.ctl.calls == []
+    pm.pio_write(PM1_CNT, 2, (layout.S5_SLP_TYP << 10) | 0x2000)
+    assert pm.ctl.calls == [("poweroff",)]
+
+
+def test_s5_by_byte_write_to_the_high_byte(pm):
+    pm.pio_write(PM1_CNT + 1, 1, (layout.S5_SLP_TYP << 2) | 0x20)
+    assert pm.ctl.calls == [("poweroff",)]
+
+
+def test_s5_by_dword_write_at_pm1_en(pm):
+    pm.pio_write(PM1_EN, 4, ((layout.S5_SLP_TYP << 10) | 0x2000) << 16)
+    assert pm.ctl.calls == [("poweroff",)]
+
+
+@pytest.mark.parametrize("typ", [t for t in range(8) if t != layout.S5_SLP_TYP])
+def test_other_sleep_types_wake_at_once(pm, typ):
+    pm.pio_write(PM1_CNT, 2, (typ << 10) | 0x2000)
+    assert pm.ctl.calls == []
+    assert pm.pio_read(PM1_STS, 2) & 0x8000                  # WAK_STS
+    assert not pm.pio_read(PM1_CNT, 2) & 0x2000              # SLP_EN reads 0
+    pm.pio_write(PM1_STS, 2, 0x8000)
+    assert not pm.pio_read(PM1_STS, 2) & 0x8000
+
+
+def test_power_button_raises_sci_and_status_is_write_one_to_clear(pm):
+    pm.press_power_button()
+    assert pm.pio_read(PM1_STS, 2) & 0x0100
+    assert not pm.sci.high                                   # not enabled
+    pm.pio_write(PM1_EN, 2, 0x0100)
+    assert pm.pio_read(PM1_EN, 2) == 0x0100
+    assert pm.sci.high
+    pm.pio_write(PM1_STS, 2, 0x0000)                         # writing 0 clears nothing
+    assert pm.sci.high
+    pm.pio_write(PM1_STS + 1, 1, 0x01)                       # byte write clears PWRBTN_STS
+    assert not pm.pio_read(PM1_STS, 2) & 0x0100
+    assert not pm.sci.high
+
+
+def test_pm_timer_rate_and_wrap(pm):
+    t0 = pm.pio_read(PM_TMR, 4)
+    assert t0 < 1 << 24
+    pm.clock.t += 1_000_000_000
+    t1 = pm.pio_read(PM_TMR, 4)
+    assert (t1 - t0) % (1 << 24) == PM_TIMER_HZ
+    last = t1
+    for _ in range(100):
+        pm.clock.t += 1_000_000                              # 1 ms
+        now = pm.pio_read(PM_TMR, 4)
+        assert (now - last) % (1 << 24) in (3579, 3580)
+        last = now
+    pm.clock.t += 10 * 1_000_000_000                         # 24 bits wrap after ~4.7 s
+    assert pm.pio_read(PM_TMR, 4) < 1 << 24
+    assert pm.pio_read(PM_TMR + 3, 1) == 0
+
+
+def test_pm_timer_byte_reads_are_consistent(pm):
+    pm.clock.t = 0
+    pm.load_state(AcpiPmState(timer=0x123456))
+    assert pm.pio_read(PM_TMR, 2) == 0x3456
+    assert pm.pio_read(PM_TMR + 2, 1) == 0x12
+    pm.pio_write(PM_TMR, 4, 0)                               # read-only
+    assert pm.pio_read(PM_TMR, 4) == 0x123456
+
+
+def test_unused_ports_read_all_ones(pm):
+    assert pm.pio_read(6, 2) == 0xFFFF
+
+
+def test_acpi_pm_state_round_trip(pm):
+    pm.pio_write(PM1_EN, 2, 0x0100)
+    pm.press_power_button()
+    pm.pio_write(PM1_CNT, 2, 0x0003)
+    pm.clock.t += 777_000_000
+    st = pm.save_state()
+    clock = NsClock(5)
+    sci = Line()
+    other = AcpiPm(Ctl(), sci, clock)
+    other.load_state(AcpiPmState.model_validate_json(st.model_dump_json()))
+    assert other.save_state() == st
+    assert sci.high
+    clock.t += 1_000_000_000
+    assert (other.pio_read(PM_TMR, 4) - st.timer) % (1 << 24) == PM_TIMER_HZ

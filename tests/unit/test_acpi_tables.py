@@ -82,7 +82,7 @@ def test_too_many_cpus_is_refused():
 
 @pytest.mark.parametrize("body,encoded", [
     (0, b"\x01"), (62, b"\x3f"), (63, b"\x41\x04"), (4093, b"\x4f\xff"), (4094, b"\x81\x00\x01"),
-    (1 << 20, b"\xc4\x00\x10\x00")])
+    (1 << 20, b"\xc4\x00\x00\x01")])
 def test_pkg_length_boundaries(body, encoded):
     enc = aml.pkg_length(body)
     assert enc == encoded

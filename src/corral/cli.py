@@ -33,10 +33,12 @@ def main(verbose: bool) -> None:
 @click.option("--cpus", type=int, default=1, show_default=True, help="Number of vCPUs.")
 @click.option("--memory", default="512M", show_default=True, help="Guest RAM, e.g. 512M or 2G.")
 @click.option("--no-reboot", is_flag=True, help="Stop instead of rebooting when the guest resets.")
+@click.option("--cpu-hide", default="", metavar="LIST",
+              help="CPU features to hide from the guest, comma-separated (e.g. xsave,pku).")
 @click.option("--kvm", "kvm_path", default="/dev/kvm", envvar="CORRAL_KVM", show_default=True,
               help="The KVM device to use.")
 def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdline: str | None,
-        cpus: int, memory: str, no_reboot: bool, kvm_path: str) -> None:
+        cpus: int, memory: str, no_reboot: bool, cpu_hide: str, kvm_path: str) -> None:
     """Boot a guest with its serial console on this terminal (Ctrl-A X quits).
 
     Exits with the guest's exit-port status, or 0 on a clean poweroff.
@@ -65,7 +67,8 @@ def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdlin
             if cmdline is None:
                 cmdline = img.default_cmdline
         config = MachineConfig.build(kernel=kernel, initrd=initrd, cmdline=cmdline or "",
-                                     cpus=cpus, memory=parse_size(memory), no_reboot=no_reboot)
+                                     cpus=cpus, memory=parse_size(memory), no_reboot=no_reboot,
+                                     cpu_hide=cpu_hide)
         machine = Machine(config, kvm_path=kvm_path)
         machine.build()
     except CorralError as exc:
@@ -77,6 +80,10 @@ def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdlin
         except CorralError as exc:
             _fail(str(exc))
             return
+        except KeyboardInterrupt:
+            # machine.run() has already torn the VM down on the way out
+            click.echo("\ncorral: interrupted; the guest was stopped", err=True)
+            sys.exit(130)
     if result.kind in ("crash", "error"):
         click.echo(f"\ncorral: {result.message}", err=True)
     elif result.kind == "stopped":

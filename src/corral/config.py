@@ -45,6 +45,18 @@ class MachineConfig(BaseModel):
     cpus: int = Field(default=1, description="number of vCPUs")
     memory: int = Field(default=512 * layout.MiB, description="guest RAM in bytes")
     no_reboot: bool = Field(default=False, description="stop instead of rebooting when the guest resets")
+    cpu_hide: tuple[str, ...] = Field(default=(), description="CPU features hidden from the guest")
+
+    @field_validator("cpu_hide", mode="before")
+    @classmethod
+    def _cpu_hide(cls, v: object) -> tuple[str, ...]:
+        from corral.arch.x86.cpuid import HIDEABLE
+
+        names = tuple(n.strip() for n in (v.split(",") if isinstance(v, str) else v) if n.strip())  # type: ignore[union-attr]
+        unknown = [n for n in names if n not in HIDEABLE]
+        if unknown:
+            raise ValueError(f"unknown CPU feature {', '.join(unknown)}: choose from {', '.join(sorted(HIDEABLE))}")
+        return names
 
     @field_validator("cpus")
     @classmethod

@@ -167,7 +167,7 @@ class Machine:
         for i in range(cfg.cpus):
             vcpu = Vcpu(vm.create_vcpu(i), i, self.pio, self.mmio, self)
             self.vcpus.append(vcpu)
-            vcpu.configure(vcpu_cpuid(supported, i, cfg.cpus), msrs)
+            vcpu.configure(vcpu_cpuid(supported, i, cfg.cpus, cfg.cpu_hide), msrs)
         # The boot CPU starts at the kernel entry; APs wait in KVM for the guest's INIT/SIPI.
         self.vcpus[0].set_boot_state(self.boot.cpu)
 

@@ -52,3 +52,21 @@ def test_supported_table_is_not_mutated():
     before = [(e.function, e.ebx) for e in SUPPORTED]
     vcpu_cpuid(SUPPORTED, 1, 2)
     assert [(e.function, e.ebx) for e in SUPPORTED] == before
+
+
+def test_hiding_xsave_clears_the_bit_and_drops_leaf_d():
+    sup = SUPPORTED + [E(0xD, 0, SIG, eax=0x207), E(0xD, 1, SIG, eax=5)]
+    t = vcpu_cpuid(sup, 0, 1, hide=("xsave", "x2apic"))
+    leaf1 = find(t, 1)
+    assert not leaf1.ecx & (1 << 26) and not leaf1.ecx & (1 << 21)
+    assert not [e for e in t if e.function == 0xD]
+    assert find(vcpu_cpuid(sup, 0, 1), 0xD) is not None
+
+
+def test_unknown_feature_name_is_refused():
+    import pytest
+    from corral.config import MachineConfig
+    from corral.errors import ConfigError
+    with pytest.raises(ConfigError, match="unknown CPU feature sse9: choose from"):
+        MachineConfig.build(kernel="k", cpu_hide="xsave,sse9")
+    assert MachineConfig.build(kernel="k", cpu_hide="xsave, pku").cpu_hide == ("xsave", "pku")

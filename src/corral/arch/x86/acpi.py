@@ -64,7 +64,8 @@ def fadt(dsdt_addr: int, facs_addr: int) -> bytes:
     def put(offset: int, fmt: str, *values: int | bytes) -> None:
         struct.pack_into(fmt, f, offset - HEADER.size, *values)
 
-    put(36, "<II", facs_addr, dsdt_addr)
+    # FIRMWARE_CTRL stays 0: X_FIRMWARE_CTRL carries the FACS (both set = listed twice by Linux)
+    put(36, "<II", 0, dsdt_addr)
     put(45, "<BH", 0, layout.SCI_IRQ)                 # preferred PM profile: unspecified
     put(48, "<I", 0)                                  # no SMI_CMD: ACPI is always enabled
     put(56, "<I", layout.PM1_EVT_PORT)

@@ -14,6 +14,19 @@ LEAF1_ECX_HYPERVISOR = 1 << 31
 LEAF1_EDX_HTT = 1 << 28
 LEVEL_SMT, LEVEL_CORE = 1, 2
 
+# Features a user may hide from the guest (--cpu-hide): name -> (leaf, subleaf, register, bit).
+# The guest kernel drops what depends on them (hiding xsave also hides AVX and friends).
+HIDEABLE: dict[str, tuple[int, int, str, int]] = {
+    "xsave": (1, 0, "ecx", 26),
+    "avx": (1, 0, "ecx", 28),
+    "x2apic": (1, 0, "ecx", 21),
+    "tsc-deadline": (1, 0, "ecx", 24),
+    "avx2": (7, 0, "ebx", 5),
+    "pku": (7, 0, "ecx", 3),
+    "rdtscp": (0x8000_0001, 0, "edx", 27),
+    "pdpe1gb": (0x8000_0001, 0, "edx", 26),
+}
+
 
 def _bits_for(n: int) -> int:
     """Bits of APIC id needed to number `n` items (x86 topology shift width)."""
@@ -35,8 +48,10 @@ def _topology_leaf(function: int, apic_id: int, num_cpus: int) -> list[KvmCpuidE
     ]
 
 
-def vcpu_cpuid(supported: list[KvmCpuidEntry2], vcpu_index: int, num_cpus: int) -> list[KvmCpuidEntry2]:
-    """The CPUID table for vCPU `vcpu_index` of `num_cpus`, derived from KVM's supported set."""
+def vcpu_cpuid(supported: list[KvmCpuidEntry2], vcpu_index: int, num_cpus: int,
+               hide: tuple[str, ...] = ()) -> list[KvmCpuidEntry2]:
+    """The CPUID table for vCPU `vcpu_index` of `num_cpus`, derived from KVM's supported set,
+    less the features named in `hide` (keys of HIDEABLE)."""
     if not 0 <= vcpu_index < num_cpus:
         raise ValueError(f"vCPU index {vcpu_index} outside 0..{num_cpus - 1}")
     apic_id = vcpu_index
@@ -75,6 +90,13 @@ def vcpu_cpuid(supported: list[KvmCpuidEntry2], vcpu_index: int, num_cpus: int) 
         out.append(e)
     if max_basic >= 0xB and not any(e.function == 0xB for e in out):
         out.extend(_topology_leaf(0xB, apic_id, num_cpus))
+    for name in hide:
+        leaf, sub, reg, bit = HIDEABLE[name]
+        for e in out:
+            if e.function == leaf and e.index == sub:
+                setattr(e, reg, getattr(e, reg) & ~(1 << bit))
+        if name == "xsave":
+            out = [e for e in out if e.function != 0xD]
     return out
 
 

@@ -28,6 +28,26 @@ mb_header:
         .asciz "Xen"
         .long pvh_start
 
+/* From 32-bit protected mode (flat data segments loaded, eax/ecx/edx free) into 64-bit code at
+ * `target`: PAE, CR3 = the identity page tables, EFER.LME, then paging (caches on).  Used by the
+ * boot CPU and, from the copy at TRAMP_ADDR, by the APs. */
+.macro ENTER_LONG_MODE target
+        movl %cr4, %eax
+        orl $CR4_PAE, %eax
+        movl %eax, %cr4
+        movl $pml4, %eax
+        movl %eax, %cr3
+        movl $MSR_EFER, %ecx
+        rdmsr
+        orl $EFER_LME, %eax
+        wrmsr
+        movl %cr0, %eax
+        orl $(CR0_PG | CR0_PE), %eax
+        andl $~(CR0_CD | CR0_NW), %eax
+        movl %eax, %cr0
+        ljmp $SEL_KCODE, $\target
+.endm
+
 /* ---------------------------------------------------------------- 32-bit entry */
         .section .text.entry, "ax"
         .code32
@@ -54,21 +74,7 @@ pvh_start:
         movw %ax, %fs
         movw %ax, %gs
         movl $kstack_top, %esp
-        /* PAE, CR3, EFER.LME, then PG */
-        movl %cr4, %eax
-        orl $CR4_PAE, %eax
-        movl %eax, %cr4
-        movl $pml4, %eax
-        movl %eax, %cr3
-        movl $MSR_EFER, %ecx
-        rdmsr
-        orl $EFER_LME, %eax
-        wrmsr
-        movl %cr0, %eax
-        orl $(CR0_PG | CR0_PE), %eax
-        andl $~(CR0_CD | CR0_NW), %eax
-        movl %eax, %cr0
-        ljmp $SEL_KCODE, $long64
+        ENTER_LONG_MODE long64
 
         .code64
 long64:
@@ -249,20 +255,7 @@ tramp32:
         movw %ax, %ds
         movw %ax, %es
         movw %ax, %ss
-        movl %cr4, %eax
-        orl $CR4_PAE, %eax
-        movl %eax, %cr4
-        movl $pml4, %eax
-        movl %eax, %cr3
-        movl $MSR_EFER, %ecx
-        rdmsr
-        orl $EFER_LME, %eax
-        wrmsr
-        movl %cr0, %eax
-        orl $(CR0_PG | CR0_PE), %eax
-        andl $~(CR0_CD | CR0_NW), %eax
-        movl %eax, %cr0
-        ljmp $SEL_KCODE, $ap_long64
+        ENTER_LONG_MODE ap_long64
         .align 8
 tramp_gdtr:
         .word gdt_end - gdt - 1

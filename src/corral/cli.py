@@ -162,23 +162,16 @@ def image_list() -> None:
     Console().print(table)
 
 
-@image.command("fetch")
-@click.argument("name")
-@click.option("--force", is_flag=True, help="Download and rebuild even if the image is cached.")
-def image_fetch(name: str, force: bool) -> None:
-    """Download an image's packages and build it into the cache."""
+def _prepare_and_print(img, debian_step) -> None:
+    """Run `debian_step(debian_image)` if `img` is the cached debian image, then print the
+    image's kernel path (and initramfs path); a CorralError on the way fails the command."""
     from corral.images.registry import CACHED_ENTRY
 
-    img = _image_or_fail(name)
     try:
         if CACHED_ENTRY.get(img.name) == "debian":
             from corral.images import debian_image
 
-            was_cached = debian_image.is_cached()
-            debian_image.fetch(force=force)
-            if was_cached and not force:
-                click.echo(f"corral: image '{img.name}' is already cached (verified); "
-                           "--force fetches it again", err=True)
+            debian_step(debian_image)
         kernel, initrd = img.resolve()
     except CorralError as exc:
         _fail(str(exc), 1)
@@ -186,27 +179,30 @@ def image_fetch(name: str, force: bool) -> None:
     click.echo(kernel)
     if initrd is not None:
         click.echo(initrd)
+
+
+@image.command("fetch")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Download and rebuild even if the image is cached.")
+def image_fetch(name: str, force: bool) -> None:
+    """Download an image's packages and build it into the cache."""
+    img = _image_or_fail(name)
+
+    def fetch(debian_image) -> None:
+        was_cached = debian_image.is_cached()
+        debian_image.fetch(force=force)
+        if was_cached and not force:
+            click.echo(f"corral: image '{img.name}' is already cached (verified); "
+                       "--force fetches it again", err=True)
+
+    _prepare_and_print(img, fetch)
 
 
 @image.command("build")
 @click.argument("name")
 def image_build(name: str) -> None:
     """Rebuild an image (the debian initramfs) from the cached packages, without the network."""
-    from corral.images.registry import CACHED_ENTRY
-
-    img = _image_or_fail(name)
-    try:
-        if CACHED_ENTRY.get(img.name) == "debian":
-            from corral.images import debian_image
-
-            debian_image.build()
-        kernel, initrd = img.resolve()
-    except CorralError as exc:
-        _fail(str(exc), 1)
-        return
-    click.echo(kernel)
-    if initrd is not None:
-        click.echo(initrd)
+    _prepare_and_print(_image_or_fail(name), lambda debian_image: debian_image.build())
 
 
 @image.command("path")

@@ -47,7 +47,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import stat
 import subprocess
 import tempfile
 import threading
@@ -175,46 +174,6 @@ class LabResult:
         return self.status == 0
 
 
-# --- cpio ----------------------------------------------------------------------------------------
-
-def _cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 0,
-                rdev: tuple[int, int] = (0, 0)) -> bytes:
-    nameb = name.encode() + b"\0"
-    hdr = "070701" + "".join(f"{v:08x}" for v in (
-        ino, mode, 0, 0, 2 if stat.S_ISDIR(mode) else 1, 0, len(data), 0, 0, rdev[0], rdev[1],
-        len(nameb), 0))
-    out = hdr.encode() + nameb
-    out += b"\0" * ((4 - len(out) % 4) % 4)
-    out += data
-    out += b"\0" * ((4 - len(data) % 4) % 4)
-    return out
-
-
-def build_cpio(entries: list[tuple[str, int, bytes | tuple[int, int]]]) -> bytes:
-    """newc archive from (name, mode, data-or-(major, minor)) entries, in order."""
-    parts = []
-    for ino, (name, mode, payload) in enumerate(entries, start=1):
-        if isinstance(payload, tuple):
-            parts.append(_cpio_entry(name, mode, ino=ino, rdev=payload))
-        else:
-            parts.append(_cpio_entry(name, mode, payload, ino=ino))
-    parts.append(_cpio_entry("TRAILER!!!", 0))
-    return b"".join(parts)
-
-
-def _read_module(path: Path) -> bytes:
-    data = path.read_bytes()
-    if path.suffix == ".xz":
-        import lzma
-        data = lzma.decompress(data)
-    elif path.suffix == ".zst":
-        data = subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout
-    elif path.suffix == ".gz":
-        import gzip
-        data = gzip.decompress(data)
-    return data
-
-
 def _init_text() -> str:
     return (INIT_SCRIPT.replace("@MODULES@", " ".join(LAB_MODULES))
             .replace("@INIT_FAILED@", INIT_FAILED))
@@ -227,25 +186,27 @@ def _agent_text() -> str:
 def build_lab_initramfs(busybox: Path, modules_dir: Path, out: Path) -> None:
     """The lab's initramfs: busybox, LAB_MODULES from modules_dir (lib/modules/<kver>), /init,
     /agent.sh. Uncompressed (nothing to decompress under TCG)."""
+    from corral.images.initramfs import CpioWriter, read_module
+
     index: dict[str, Path] = {}
     for p in modules_dir.rglob("*.ko*"):
         name = p.name.split(".ko", 1)[0]
         index.setdefault(name, p)
         index.setdefault(name.replace("-", "_"), p)
-    entries: list[tuple[str, int, bytes | tuple[int, int]]] = []
+    w = CpioWriter(mtime=0)
     for d in ("bin", "dev", "proc", "sys", "newroot", "tmp", "lib", "lib/modules"):
-        entries.append((d, stat.S_IFDIR | 0o755, b""))
-    entries.append(("dev/console", stat.S_IFCHR | 0o600, (5, 1)))
-    entries.append(("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes()))
-    entries.append(("bin/sh", stat.S_IFLNK | 0o777, b"busybox"))
+        w.add_dir(d)
+    w.add_device("dev/console", "c", 5, 1)
+    w.add_file("bin/busybox", busybox.read_bytes(), 0o755)
+    w.add_symlink("bin/sh", "busybox")
     for m in LAB_MODULES:
         src = index.get(m) or index.get(m.replace("-", "_"))
         if src is None:
             raise LabError(f"kernel module {m} not found under {modules_dir}")
-        entries.append((f"lib/modules/{m}.ko", stat.S_IFREG | 0o644, _read_module(src)))
-    entries.append(("init", stat.S_IFREG | 0o755, _init_text().encode()))
-    entries.append(("agent.sh", stat.S_IFREG | 0o644, _agent_text().encode()))
-    out.write_bytes(build_cpio(entries))
+        w.add_file(f"lib/modules/{m}.ko", read_module(src))
+    w.add_file("init", _init_text().encode(), 0o755)
+    w.add_file("agent.sh", _agent_text().encode())
+    out.write_bytes(w.to_bytes())
 
 
 def _recipe_hash() -> str:

@@ -6,6 +6,8 @@ from hypothesis import strategies as st
 from corral.devices.legacy import (AcpiPm, CmosRtc, DebugExit, I8042, PostSink, ResetRegister,
                                    Serial16550)
 
+from legacy_fakes import Clock
+
 
 class StrictCtl:
     """A VmControl that records calls; any other attribute use fails the test."""
@@ -49,14 +51,6 @@ class Out:
     def __call__(self, data):
         assert isinstance(data, bytes) and len(data) == 1
         self.n += 1
-
-
-class Clock:
-    def __init__(self, t):
-        self.t = t
-
-    def __call__(self):
-        return self.t
 
 
 access = st.tuples(st.sampled_from(["r", "w", "tick", "host"]), st.integers(0, 15),

@@ -2,36 +2,9 @@ import pytest
 
 from corral.devices.legacy.i8042 import I8042, I8042State
 
+from legacy_fakes import Ctl, Line
+
 DATA, CMD = 0, 4
-
-
-class Ctl:
-    def __init__(self):
-        self.calls = []
-
-    def request_exit(self, status):
-        self.calls.append(("exit", status))
-
-    def request_poweroff(self):
-        self.calls.append(("poweroff",))
-
-    def request_reset(self):
-        self.calls.append(("reset",))
-
-
-class Line:
-    def __init__(self):
-        self.levels = []
-
-    def set_level(self, high):
-        self.levels.append(bool(high))
-
-    def pulse(self):
-        raise AssertionError("the i8042 drives a level")
-
-    @property
-    def high(self):
-        return bool(self.levels) and self.levels[-1]
 
 
 @pytest.fixture

@@ -6,42 +6,10 @@ from corral.devices.legacy.debug_exit import DebugExit, DebugExitState
 from corral.devices.legacy.post import PostSink, PostSinkState
 from corral.devices.legacy.reset import ResetRegister, ResetRegisterState
 
-
-class Ctl:
-    def __init__(self):
-        self.calls = []
-
-    def request_exit(self, status):
-        self.calls.append(("exit", status))
-
-    def request_poweroff(self):
-        self.calls.append(("poweroff",))
-
-    def request_reset(self):
-        self.calls.append(("reset",))
+from legacy_fakes import Clock, Ctl, Line
 
 
-class Line:
-    def __init__(self):
-        self.levels = []
-
-    def set_level(self, high):
-        self.levels.append(bool(high))
-
-    def pulse(self):
-        raise AssertionError("level only")
-
-    @property
-    def high(self):
-        return bool(self.levels) and self.levels[-1]
-
-
-class NsClock:
-    def __init__(self, t=123_456_789):
-        self.t = t
-
-    def __call__(self):
-        return self.t
+T0_NS = 123_456_789
 
 
 # -- debug exit ------------------------------------------------------------------------------
@@ -96,7 +64,7 @@ PM1_STS, PM1_EN, PM1_CNT, PM_TMR = 0, 2, 4, 8
 
 @pytest.fixture
 def pm():
-    ctl, sci, clock = Ctl(), Line(), NsClock()
+    ctl, sci, clock = Ctl(), Line(), Clock(T0_NS)
     dev = AcpiPm(ctl, sci, clock)
     dev.ctl, dev.sci, dev.clock = ctl, sci, clock
     return dev
@@ -186,7 +154,7 @@ def test_acpi_pm_state_round_trip(pm):
     pm.pio_write(PM1_CNT, 2, 0x0003)
     pm.clock.t += 777_000_000
     st = pm.save_state()
-    clock = NsClock(5)
+    clock = Clock(5)
     sci = Line()
     other = AcpiPm(Ctl(), sci, clock)
     other.load_state(AcpiPmState.model_validate_json(st.model_dump_json()))

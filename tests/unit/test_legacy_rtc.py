@@ -5,16 +5,10 @@ import pytest
 from corral.arch.x86 import layout
 from corral.devices.legacy.rtc import CmosRtc, RtcState
 
+from legacy_fakes import Clock
+
 # 2024-02-29 13:45:07 UTC, a Thursday
 T0 = calendar.timegm((2024, 2, 29, 13, 45, 7, 0, 0, 0))
-
-
-class Clock:
-    def __init__(self, t):
-        self.t = t
-
-    def __call__(self):
-        return self.t
 
 
 def rd(rtc, idx):

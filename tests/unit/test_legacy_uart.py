@@ -4,25 +4,12 @@ import pytest
 
 from corral.devices.legacy.uart import Serial16550, SerialState
 
+from legacy_fakes import Line
+
 RBR = THR = DLL = 0
 IER = DLM = 1
 IIR = FCR = 2
 LCR, MCR, LSR, MSR, SCR = 3, 4, 5, 6, 7
-
-
-class Line:
-    def __init__(self):
-        self.levels = []
-
-    def set_level(self, high):
-        self.levels.append(bool(high))
-
-    def pulse(self):
-        raise AssertionError("the UART drives a level")
-
-    @property
-    def high(self):
-        return bool(self.levels) and self.levels[-1]
 
 
 class Uart:

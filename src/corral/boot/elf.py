@@ -109,12 +109,9 @@ def parse_elf(image: bytes, what: str) -> ElfImage:
     segments: list[ElfSegment] = []
     notes: list[ElfNote] = []
     note_budget = [MAX_NOTES_BYTES]
-    if phnum:
-        if phentsize < ph_min:
-            raise KernelFormatError(f"{what}: ELF program header size {phentsize} is too small")
-        _check_table(image, phoff, phentsize, phnum, "program header table", what)
-    for i in range(phnum):
-        fields = unpack(ph_fmt, image, phoff + i * phentsize, what)
+    for i, fields in enumerate(
+        _header_table(image, phoff, phentsize, phnum, ph_fmt, ph_min, "program", what)
+    ):
         if is64:
             p_type, _, p_offset, _, p_paddr, p_filesz, p_memsz, p_align = fields
         else:
@@ -131,12 +128,9 @@ def parse_elf(image: bytes, what: str) -> ElfImage:
         elif p_type == PT_NOTE:
             _check_file_range(image, p_offset, p_filesz, f"ELF note segment {i}", what)
             notes += _parse_notes(image, p_offset, p_filesz, p_align, note_budget, what)
-    if shnum:
-        if shentsize < sh_min:
-            raise KernelFormatError(f"{what}: ELF section header size {shentsize} is too small")
-        _check_table(image, shoff, shentsize, shnum, "section header table", what)
-    for i in range(shnum):
-        fields = unpack(sh_fmt, image, shoff + i * shentsize, what)
+    for i, fields in enumerate(
+        _header_table(image, shoff, shentsize, shnum, sh_fmt, sh_min, "section", what)
+    ):
         _, sh_type, _, _, sh_offset, sh_size, _, _, sh_addralign, _ = fields
         if sh_type == SHT_NOTE:
             _check_file_range(image, sh_offset, sh_size, f"ELF note section {i}", what)
@@ -144,12 +138,20 @@ def parse_elf(image: bytes, what: str) -> ElfImage:
     return ElfImage(64 if is64 else 32, entry, tuple(segments), tuple(notes))
 
 
-def _check_table(image: bytes, off: int, entsize: int, num: int, table: str, what: str) -> None:
-    if off + entsize * num > len(image):
-        raise KernelFormatError(
-            f"{what}: the ELF {table} ({num} x {entsize} bytes at {off:#x}) runs past the end of "
-            f"the {len(image)}-byte file: the file is truncated or damaged"
-        )
+def _header_table(
+    image: bytes, off: int, entsize: int, num: int, fmt: str, min_entsize: int, kind: str, what: str
+) -> list[tuple]:
+    """The unpacked entries of the ELF `kind` ("program" or "section") header table, after
+    checking that its entries are large enough and that the table fits in the file."""
+    if num:
+        if entsize < min_entsize:
+            raise KernelFormatError(f"{what}: ELF {kind} header size {entsize} is too small")
+        if off + entsize * num > len(image):
+            raise KernelFormatError(
+                f"{what}: the ELF {kind} header table ({num} x {entsize} bytes at {off:#x}) runs "
+                f"past the end of the {len(image)}-byte file: the file is truncated or damaged"
+            )
+    return [unpack(fmt, image, off + i * entsize, what) for i in range(num)]
 
 
 def _check_file_range(image: bytes, off: int, size: int, part: str, what: str) -> None:

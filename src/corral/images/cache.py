@@ -132,22 +132,29 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def _temp_file_beside(path: Path) -> Iterator[tuple[int, str]]:
+    """(fd, name) of a new temporary file in `path`'s directory; removed if the block raises."""
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_name(path), dir=path.parent)
+    try:
+        yield fd, tmp
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write `data` to `path` via a temporary file in the same directory and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_name(path), dir=path.parent)
-    try:
+    with _temp_file_beside(path) as (fd, tmp):
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_move(src: Path, dest: Path) -> None:
@@ -156,15 +163,10 @@ def atomic_move(src: Path, dest: Path) -> None:
     try:
         os.replace(src, dest)
     except OSError:
-        fd, tmp = tempfile.mkstemp(prefix=_tmp_name(dest), dir=dest.parent)
-        os.close(fd)
-        try:
+        with _temp_file_beside(dest) as (fd, tmp):
+            os.close(fd)
             shutil.copyfile(src, tmp)
             os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
         os.unlink(src)
 
 

@@ -40,12 +40,7 @@ def _decompress_block_py(src: bytes, max_size: int) -> bytes:
             i += 1
             lit = token >> 4
             if lit == 15:
-                while True:
-                    b = src[i]
-                    i += 1
-                    lit += b
-                    if b != 255:
-                        break
+                lit, i = _extended_length(src, i, lit)
             if lit:
                 out += src[i:i + lit]
                 i += lit
@@ -57,12 +52,7 @@ def _decompress_block_py(src: bytes, max_size: int) -> bytes:
                 raise KernelFormatError("corrupt LZ4 block: bad match offset")
             mlen = token & 15
             if mlen == 15:
-                while True:
-                    b = src[i]
-                    i += 1
-                    mlen += b
-                    if b != 255:
-                        break
+                mlen, i = _extended_length(src, i, mlen)
             mlen += 4
             start = len(out) - offset
             if mlen <= offset:
@@ -76,6 +66,17 @@ def _decompress_block_py(src: bytes, max_size: int) -> bytes:
     except IndexError:
         raise KernelFormatError("corrupt LZ4 block: truncated") from None
     return bytes(out)
+
+
+def _extended_length(src: bytes, i: int, length: int) -> tuple[int, int]:
+    """Add the length bytes at src[i:] (each 255 means another follows) to `length`:
+    (the full length, the index after them)."""
+    while True:
+        b = src[i]
+        i += 1
+        length += b
+        if b != 255:
+            return length, i
 
 
 def decompress_legacy(data: bytes) -> bytes:

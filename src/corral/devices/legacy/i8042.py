@@ -36,7 +36,7 @@ from collections import deque
 from pydantic import Field
 
 from corral.devices.base import DeviceState, IrqLine, VmControl
-from corral.devices.legacy._common import Byte, coerce_state
+from corral.devices.legacy._common import Byte, coerce_state, read_bytewise, write_bytewise
 
 DATA = 0
 CMD = 4
@@ -90,17 +90,13 @@ class I8042:
     # -- bus interface ------------------------------------------------------------------------
     def pio_read(self, offset: int, size: int) -> int:
         with self._lock:
-            value = 0
-            for i in range(size):
-                value |= self._read(offset + i) << (8 * i)
+            value = read_bytewise(self._read, offset, size)
             self._update_irq()
         return value
 
     def pio_write(self, offset: int, size: int, value: int) -> None:
-        reset = False
         with self._lock:
-            for i in range(size):
-                reset |= self._write(offset + i, (value >> (8 * i)) & 0xFF)
+            reset = any(write_bytewise(self._write, offset, size, value))
             self._update_irq()
         if reset:
             self._ctl.request_reset()

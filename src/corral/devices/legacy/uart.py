@@ -52,7 +52,7 @@ from typing import Callable
 from pydantic import Field
 
 from corral.devices.base import DeviceState, IrqLine
-from corral.devices.legacy._common import Byte, coerce_state
+from corral.devices.legacy._common import Byte, coerce_state, read_bytewise, write_bytewise
 
 # IER
 IER_ERBFI = 0x01    # received data available
@@ -138,9 +138,7 @@ class Serial16550:
             if size == 1:
                 value = self._read(offset)
             else:
-                value = 0
-                for i in range(size):
-                    value |= self._read(offset + i) << (8 * i)
+                value = read_bytewise(self._read, offset, size)
             self._update_irq()
         return value
 
@@ -149,8 +147,7 @@ class Serial16550:
             if size == 1:
                 self._write(offset, value & 0xFF)
             else:
-                for i in range(size):
-                    self._write(offset + i, (value >> (8 * i)) & 0xFF)
+                write_bytewise(self._write, offset, size, value)
             self._update_irq()
 
     # -- host side ----------------------------------------------------------------------------

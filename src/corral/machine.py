@@ -213,11 +213,16 @@ class Machine:
             if self.serial is not None:
                 self.serial.feed(data)
 
-    def close(self) -> None:
+    def close(self, *, dump_registers: bool = False) -> None:
         for v in self.vcpus:
             v.kick()
         for v in self.vcpus:
             v.join(5.0)
+        if dump_registers:
+            for v in self.vcpus:
+                log.warning("vcpu%d (mp_state %s, %d exits):\n%s", v.index, _mp_state(v), v.exits,
+                            v.describe_registers())
+        for v in self.vcpus:
             v.fd.close()
         self.vcpus = []
         if self.vm is not None:
@@ -234,11 +239,14 @@ class Machine:
         """Boot, wait for the guest to stop, reboot on reset unless no_reboot, tear down."""
         while True:
             self._result = None
+            interrupted = True
             try:
                 self.start()
                 result = self.wait()
+                interrupted = False
             finally:
-                self.close()
+                # an interrupted run (Ctrl-C) shows where each vCPU was, with -v
+                self.close(dump_registers=interrupted and log.isEnabledFor(logging.INFO))
             assert result is not None
             if result.kind == "reset" and not self.config.no_reboot:
                 self.reboots += 1
@@ -266,6 +274,16 @@ class _Window:
 
     def pio_write(self, offset: int, size: int, value: int) -> None:
         self.dev.pio_write(self.offset + offset, size, value)  # type: ignore[attr-defined]
+
+
+def _mp_state(v: Vcpu) -> str:
+    names = {K.MP_STATE_RUNNABLE: "runnable", K.MP_STATE_UNINITIALIZED: "wait-for-SIPI",
+             K.MP_STATE_INIT_RECEIVED: "INIT received", K.MP_STATE_HALTED: "halted",
+             K.MP_STATE_SIPI_RECEIVED: "SIPI received"}
+    try:
+        return names.get(v.fd.get_mp_state(), "?")
+    except KvmError as exc:
+        return f"unknown ({exc})"
 
 
 def _stdout_console(data: bytes) -> None:

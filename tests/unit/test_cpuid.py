@@ -70,3 +70,10 @@ def test_unknown_feature_name_is_refused():
     with pytest.raises(ConfigError, match="unknown CPU feature sse9: choose from"):
         MachineConfig.build(kernel="k", cpu_hide="xsave,sse9")
     assert MachineConfig.build(kernel="k", cpu_hide="xsave, pku").cpu_hide == ("xsave", "pku")
+
+
+def test_kvm_pv_features_are_the_conservative_default_set():
+    sup = SUPPORTED + [E(0x4000_0001, eax=0x1007EFB)]   # what KVM offered on our CI host
+    eax = find(vcpu_cpuid(sup, 0, 2), 0x4000_0001).eax
+    assert eax & 1 and eax & (1 << 3) and eax & (1 << 24)        # kvmclock and its stable bit
+    assert not eax & (1 << 7) and not eax & (1 << 11)             # no PV unhalt, no PV IPIs

@@ -2,8 +2,29 @@
 
 They live in the BIOS area at 0xE0000, where Linux also finds the RSDP by scanning; the
 loaders hand its address over explicitly too (boot_params.acpi_rsdp_addr, PVH rsdp_paddr).
-Tables are a list the XSDT points at, so later devices (PCI's MCFG, ...) add entries, and the
-DSDT is a list of AML objects.
+Tables are a list the XSDT points at, so later devices (PCI's MCFG, ...) add entries
+(`extra_tables`), and the DSDT is a list of AML objects (`extra_devices` go under \\_SB).
+
+Layout from `base` (default 0xE0000), each table 16-byte aligned, in this order:
+RSDP (36 bytes, at `base`), FACS (64-byte aligned), DSDT, FADT, MADT, extra tables, XSDT.
+
+Choices:
+* RSDP revision 2 with an XSDT only (RsdtAddress = 0): every OS that reads ACPI 2.0+ tables
+  uses the XSDT, and Linux, the only guest we target, does; an RSDT would be a second list to
+  keep in step for no reader we have.
+* FADT revision 6, minor 3 (ACPI 6.3, like the revision 5 MADT), not hardware-reduced: the PM1
+  event/control blocks and the PM timer are real ports (devices/legacy/acpi_pm.py). No SMI_CMD,
+  so ACPI is always on (SCI_EN reads 1). The fixed-feature power button is present (PWRBTN in
+  PM1, what AcpiPm.press_power_button() raises); there is no sleep button. Reset through
+  RESET_REG = I/O 0xCF9, value 6. The FACS is given through X_FIRMWARE_CTRL only (with both
+  set, Linux lists it twice).
+* MADT: xAPIC entries (APIC id = ACPI processor UID = vCPU index), so 1 to 254 vCPUs; the IOAPIC
+  takes id num_cpus, which no CPU uses. ISA IRQ0 -> GSI 2 (bus-default polarity/trigger, i.e.
+  edge/high) and the SCI, IRQ 9 -> GSI 9 level/active-high; LINT1 is NMI on every CPU.
+* DSDT: \\_S5 = {S5_SLP_TYP, S5_SLP_TYP, 0, 0}; one ACPI0007 processor device per vCPU
+  (_UID = the MADT processor UID); COM1 and the RTC with their ports and IRQs; and a PNP0C02
+  device reserving the other ports corral decodes (debug exit, PM block, reset). The i8042 is
+  left out of the DSDT on purpose (see dsdt_objects); the FADT's 8042 flag announces it.
 """
 
 from __future__ import annotations
@@ -22,7 +43,7 @@ HEADER = struct.Struct("<4sIBB6s8sI4sI")
 # FADT flags (ACPI 6.x table 5.10)
 FADT_WBINVD = 1 << 0
 FADT_PROC_C1 = 1 << 2
-FADT_PWR_BUTTON = 1 << 4      # 1: no fixed-feature power button
+FADT_PWR_BUTTON = 1 << 4      # 1: no fixed-feature power button (we have one: left clear)
 FADT_SLP_BUTTON = 1 << 5      # 1: no fixed-feature sleep button
 FADT_RESET_REG_SUP = 1 << 10
 # IA-PC boot architecture flags
@@ -35,6 +56,11 @@ MADT_LAPIC, MADT_IOAPIC, MADT_ISO, MADT_LAPIC_NMI = 0, 1, 2, 4
 ISO_ACTIVE_HIGH, ISO_LEVEL, ISO_EDGE = 0b01, 0b11 << 2, 0b01 << 2
 GAS_SYSTEM_IO = 1
 CMOS_CENTURY = 0x32
+# (port, length) ranges the PNP0C02 device reserves: debug exit (0x501-0x502), the probe's
+# benchmark sink (machine.PROBE_BENCH_PORT), the PM1/PM timer block, the reset register. (When
+# PCI arrives, its host bridge claims 0xCF8-0xCFF and the 0xCF9 entry can go.)
+MOTHERBOARD_PORTS = [(layout.DEBUG_EXIT_PORT, 2), (0x504, 1), (layout.PM_BASE_PORT, 12),
+                     (layout.RESET_PORT, 1)]
 
 
 def checksum(data: bytes) -> int:
@@ -75,10 +101,10 @@ def fadt(dsdt_addr: int, facs_addr: int) -> bytes:
     put(96, "<HH", 101, 1001)                         # C2/C3 latencies > 100/1000: not supported
     put(108, "<B", CMOS_CENTURY)
     put(109, "<H", BOOT_LEGACY_DEVICES | BOOT_8042 | BOOT_VGA_NOT_PRESENT)
-    put(112, "<I", FADT_WBINVD | FADT_PROC_C1 | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_RESET_REG_SUP)
+    put(112, "<I", FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RESET_REG_SUP)
     put(116, "<12s", gas(layout.RESET_PORT, 8, 1))
     put(128, "<B", 0x06)                              # RESET_VALUE
-    put(131, "<B", 0)                                 # FADT minor version (ACPI 6.0)
+    put(131, "<B", 3)                                 # FADT minor version: ACPI 6.3
     put(132, "<QQ", facs_addr, dsdt_addr)
     put(148, "<12s", gas(layout.PM1_EVT_PORT, 32, 2))
     put(172, "<12s", gas(layout.PM1_CNT_PORT, 16, 2))
@@ -114,21 +140,25 @@ def _isa_device(name: str, hid: str, uid: int, *resources: bytes) -> bytes:
                       aml.name("_CRS", aml.resource_template(*resources)))
 
 
-def dsdt_objects(num_cpus: int) -> list[bytes]:
-    """The DSDT's AML: sleep state S5, CPUs, and the ISA devices on the legacy bus."""
+def dsdt_objects(num_cpus: int, extra_devices: list[bytes] | None = None) -> list[bytes]:
+    """The DSDT's AML: sleep state S5, then under \\_SB the CPUs, the ISA devices on the legacy
+    bus and `extra_devices` (AML Device objects, e.g. a PCI host bridge)."""
     cpus = [aml.device(f"C{i:03X}", aml.name("_HID", aml.string("ACPI0007")),
                        aml.name("_UID", aml.integer(i))) for i in range(num_cpus)]
     isa = [
-        _isa_device("COM1", "PNP0501", 0, aml.io_port(layout.COM1_PORT, 8), aml.irq_no_flags(layout.COM1_IRQ)),
-        _isa_device("RTC_", "PNP0B00", 0, aml.io_port(layout.RTC_PORT, 2), aml.irq_no_flags(layout.RTC_IRQ)),
-        _isa_device("KBD_", "PNP0303", 0, aml.io_port(layout.I8042_DATA_PORT, 1),
-                    aml.io_port(layout.I8042_CMD_PORT, 1), aml.irq_no_flags(1)),
+        _isa_device("COM1", "PNP0501", 0, aml.io_port(layout.COM1_PORT, 8),
+                    aml.irq_no_flags(layout.COM1_IRQ)),
+        _isa_device("RTC_", "PNP0B00", 0, aml.io_port(layout.RTC_PORT, 2),
+                    aml.irq_no_flags(layout.RTC_IRQ)),
+        # No PNP0303 for the i8042: Linux warns ("PS/2 appears to have AUX port disabled") when
+        # the DSDT lists a keyboard but no PS/2 mouse, and ours has no mouse port. Without one,
+        # the FADT's 8042 boot flag makes Linux probe 0x60/0x64, IRQ 1, directly (info lines).
         # ports corral's own devices use, so the OS never hands them to anything else
-        _isa_device("SYSR", "PNP0C02", 1, aml.io_port(layout.DEBUG_EXIT_PORT, 2),
-                    aml.io_port(0x504, 1), aml.io_port(layout.PM_BASE_PORT, 12)),
+        _isa_device("SYSR", "PNP0C02", 1, *(aml.io_port(p, n) for p, n in MOTHERBOARD_PORTS)),
     ]
-    s5 = aml.name("_S5_", aml.package(*(aml.integer(v) for v in (layout.S5_SLP_TYP, layout.S5_SLP_TYP, 0, 0))))
-    return [s5, aml.scope("\\_SB_", *cpus, *isa)]
+    slp_typ = layout.S5_SLP_TYP    # {SLP_TYPa, SLP_TYPb, reserved, reserved}
+    s5 = aml.name("_S5_", aml.package(*(aml.integer(v) for v in (slp_typ, slp_typ, 0, 0))))
+    return [s5, aml.scope("\\_SB_", *cpus, *isa, *(extra_devices or []))]
 
 
 def dsdt(objects: list[bytes]) -> bytes:
@@ -160,8 +190,17 @@ class AcpiTables:
 
 def build_acpi_tables(num_cpus: int, *, base: int = layout.ACPI_START, limit: int = layout.ACPI_END,
                       extra_tables: list[bytes] | None = None,
+                      extra_devices: list[bytes] | None = None,
                       extra_dsdt: list[bytes] | None = None) -> AcpiTables:
-    """Lay the tables out from `base`: RSDP, FACS, DSDT, FADT, MADT, extra tables, XSDT."""
+    """Lay the tables out from `base`: RSDP, FACS, DSDT, FADT, MADT, extra tables, XSDT.
+
+    extra_tables: complete tables (built with `sdt`) the XSDT also points at (an MCFG, ...).
+    extra_devices: AML Device objects placed in the DSDT under \\_SB.
+    extra_dsdt: AML terms placed at the DSDT's root, after \\_S5 and the \\_SB scope.
+    Raises ValueError when num_cpus is not 1 to 254 or the tables do not fit below `limit`.
+    """
+    if base % 16:
+        raise ValueError(f"the RSDP must be 16-byte aligned, not at {base:#x}")
     out = AcpiTables(rsdp_addr=base)
     cursor = base + 64                 # the RSDP takes 36 bytes; keep FACS 64-byte aligned
 
@@ -169,13 +208,15 @@ def build_acpi_tables(num_cpus: int, *, base: int = layout.ACPI_START, limit: in
         nonlocal cursor
         addr = (cursor + align - 1) & ~(align - 1)
         if addr + len(data) > limit:
-            raise ValueError(f"ACPI tables do not fit in {base:#x}-{limit:#x} ({num_cpus} CPUs)")
+            raise ValueError(f"ACPI tables do not fit in {base:#x}-{limit:#x} ({num_cpus} CPUs): "
+                             f"the {data[:4].decode()} table ({len(data)} bytes) would end at "
+                             f"{addr + len(data):#x}")
         out.blobs.append((addr, data))
         cursor = addr + len(data)
         return addr
 
     facs_addr = place(facs(), 64)
-    dsdt_addr = place(dsdt(dsdt_objects(num_cpus) + (extra_dsdt or [])))
+    dsdt_addr = place(dsdt(dsdt_objects(num_cpus, extra_devices) + (extra_dsdt or [])))
     pointers = [place(fadt(dsdt_addr, facs_addr)), place(madt(num_cpus))]
     pointers += [place(t) for t in extra_tables or []]
     xsdt_addr = place(sdt(b"XSDT", 1, b"".join(struct.pack("<Q", p) for p in pointers)))

@@ -1,7 +1,13 @@
-"""A tiny AML encoder: the few ACPI Machine Language terms corral's DSDT needs."""
+"""A tiny AML encoder: the few ACPI Machine Language terms corral's DSDT needs.
+
+Each function returns the encoded bytes of one term (ACPI 6.x chapter 20, "ACPI Machine Language
+Specification"; resource descriptors from section 6.4), so objects compose by nesting calls:
+device("COM1", name("_HID", integer(eisa_id("PNP0501"))), ...).
+"""
 
 from __future__ import annotations
 
+import re
 import struct
 
 NAME_OP, SCOPE_OP, BUFFER_OP, PACKAGE_OP = 0x08, 0x10, 0x11, 0x12
@@ -24,10 +30,15 @@ def pkg_length(body_len: int) -> bytes:
     raise ValueError(f"AML package of {body_len} bytes is too large")
 
 
+_NAME_SEG = re.compile(r"[A-Z_][A-Z0-9_]{0,3}")
+_EISA_ID = re.compile(r"[A-Z]{3}[0-9A-F]{4}")
+
+
 def name_seg(name: str) -> bytes:
-    if not (1 <= len(name) <= 4) or not name.replace("_", "A").isalnum() or name[0].isdigit():
+    """A 4-character NameSeg: a letter or '_' then letters, digits or '_', padded with '_'."""
+    if not _NAME_SEG.fullmatch(name):
         raise ValueError(f"bad AML name segment {name!r}")
-    return name.upper().ljust(4, "_").encode()
+    return name.ljust(4, "_").encode()
 
 
 def name_string(path: str) -> bytes:
@@ -60,12 +71,14 @@ def integer(v: int) -> bytes:
 
 
 def string(s: str) -> bytes:
+    if "\0" in s or not s.isascii():
+        raise ValueError(f"AML strings are ASCII without NUL: {s!r}")
     return bytes([STRING_PREFIX]) + s.encode("ascii") + b"\0"
 
 
 def eisa_id(pnp: str) -> int:
     """EisaId("PNP0501") -> 0x0105D041: three letters in 5 bits each, then four hex digits."""
-    if len(pnp) != 7 or not pnp[:3].isalpha() or not pnp[:3].isupper():
+    if not _EISA_ID.fullmatch(pnp):
         raise ValueError(f"bad EISA id {pnp!r}")
     c = [ord(ch) - 0x40 for ch in pnp[:3]]
     h = int(pnp[3:], 16)
@@ -78,6 +91,8 @@ def name(n: str, value: bytes) -> bytes:
 
 
 def package(*elements: bytes) -> bytes:
+    if len(elements) > 255:
+        raise ValueError(f"a Package holds at most 255 elements, not {len(elements)}")
     body = bytes([len(elements)]) + b"".join(elements)
     return bytes([PACKAGE_OP]) + pkg_length(len(body)) + body
 
@@ -100,6 +115,8 @@ def device(n: str, *terms: bytes) -> bytes:
 # -- resource templates (ACPI 6.x section 6.4) --------------------------------------------
 def io_port(base: int, length: int) -> bytes:
     """IO(Decode16, base, base, 1, length)."""
+    if not (0 <= base <= 0xFFFF and 1 <= length <= 0xFF):
+        raise ValueError(f"bad I/O port range {base:#x}+{length}")
     return struct.pack("<BBHHBB", 0x47, 0x01, base, base, 1, length)
 
 

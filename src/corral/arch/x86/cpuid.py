@@ -14,6 +14,17 @@ LEAF1_ECX_HYPERVISOR = 1 << 31
 LEAF1_EDX_HTT = 1 << 28
 LEVEL_SMT, LEVEL_CORE = 1, 2
 
+# KVM paravirt features (leaf 0x40000001 EAX) a guest gets by default: the set QEMU's default
+# CPU models enable. PV unhalt (paravirt spinlocks), PV IPIs, PV TLB flush and the like stay
+# opt-in there too; a vCPU that halts with interrupts off waiting for a PV kick is a hang if
+# the kick never lands.
+KVM_FEATURE_CLOCKSOURCE, KVM_FEATURE_NOP_IO_DELAY, KVM_FEATURE_CLOCKSOURCE2 = 0, 1, 3
+KVM_FEATURE_ASYNC_PF, KVM_FEATURE_STEAL_TIME, KVM_FEATURE_PV_EOI = 4, 5, 6
+KVM_FEATURE_CLOCKSOURCE_STABLE_BIT = 24
+KVM_DEFAULT_PV_FEATURES = sum(1 << b for b in (
+    KVM_FEATURE_CLOCKSOURCE, KVM_FEATURE_NOP_IO_DELAY, KVM_FEATURE_CLOCKSOURCE2, KVM_FEATURE_ASYNC_PF,
+    KVM_FEATURE_STEAL_TIME, KVM_FEATURE_PV_EOI, KVM_FEATURE_CLOCKSOURCE_STABLE_BIT))
+
 # Features a user may hide from the guest (--cpu-hide): name -> (leaf, subleaf, register, bit).
 # The guest kernel drops what depends on them (hiding xsave also hides AVX and friends).
 HIDEABLE: dict[str, tuple[int, int, str, int]] = {
@@ -76,6 +87,8 @@ def vcpu_cpuid(supported: list[KvmCpuidEntry2], vcpu_index: int, num_cpus: int,
             if e.index == 0:
                 out.extend(_topology_leaf(f, apic_id, num_cpus))
             continue
+        elif f == 0x4000_0001:
+            e.eax &= KVM_DEFAULT_PV_FEATURES
         elif f == 0x8000_0001:
             # AMD CmpLegacy: cores are reported through 0x80000008, not HTT
             e.ecx = (e.ecx | (1 << 1)) if num_cpus > 1 else (e.ecx & ~(1 << 1))

@@ -33,7 +33,6 @@ def boot_msrs(supported: set[int]) -> dict[int, int]:
         MSR_KERNEL_GS_BASE: 0,
         MSR_SYSCALL_MASK: 0,
         MSR_LSTAR: 0,
-        MSR_IA32_TSC: 0,
         MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING,
         # Firmware would enable MTRRs with write-back as the default type; Linux then maps RAM WB.
         MSR_MTRR_DEF_TYPE: MTRR_ENABLE | MTRR_TYPE_WRBACK,

@@ -99,17 +99,16 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--exits", type=int, default=200_000)
     ap.add_argument("--qemu-accel", default="kvm")
-    ap.add_argument("--qemu-machine", default="pc")
+    ap.add_argument("--qemu-machine", default="pc,microvm", help="comma-separated QEMU machine types")
     ap.add_argument("--memory", default="256M")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
 
     kernel = build_probe()
-    vmms = {
-        "corral": lambda c: corral_cmd(kernel, c, 1, args.memory),
-        f"qemu ({args.qemu_machine}, {args.qemu_accel})":
-            lambda c: qemu_cmd(kernel, c, 1, args.memory, args.qemu_accel, args.qemu_machine),
-    }
+    machines = [m.strip() for m in args.qemu_machine.split(",") if m.strip()]
+    vmms = {"corral": lambda c: corral_cmd(kernel, c, 1, args.memory)}
+    for mach in machines:
+        vmms[f"QEMU -M {mach}"] = (lambda m: lambda c: qemu_cmd(kernel, c, 1, args.memory, args.qemu_accel, m))(mach)
     results: dict[str, dict] = {}
     for name, mk in vmms.items():
         print(f"[{name}] launch x{args.runs} ...", file=sys.stderr, flush=True)
@@ -120,8 +119,8 @@ def main() -> int:
         r["mmio_exits_per_s"] = bench_exits(mk(f"mmio-bench {args.exits}"), args.exits, max(1, args.runs // 2))
         results[name] = r
 
-    corral, qemu = results["corral"], next(v for k, v in results.items() if k != "corral")
-    qname = next(k for k in results if k != "corral")
+    corral = results["corral"]
+    qemus = [k for k in results if k != "corral"]
     rows = [
         ("launch -> first serial byte (ms, lower is better)", "first_byte_ms", False),
         ("launch -> exit, `hello` (ms, lower is better)", "exit_ms", False),
@@ -137,13 +136,15 @@ def main() -> int:
     pvm = os.path.isdir("/sys/module/kvm_pvm")
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     md = [f"Measured {date} on {host}; /dev/kvm is {'PVM (no hardware virtualization)' if pvm else 'hardware-backed'}; "
-          f"median of {args.runs} launches, {args.exits} exits per exit benchmark.", "",
-          f"| metric | corral | {qname} | corral advantage |", "|---|---:|---:|---:|"]
+          f"QEMU {args.qemu_accel}, same probe binary; median of {args.runs} launches, {args.exits} exits per "
+          f"exit benchmark. Ratio > 1: corral is better.", "",
+          "| metric | corral | " + " | ".join(qemus) + " | " + " | ".join(f"corral vs {q}" for q in qemus) + " |",
+          "|---|" + "---:|" * (1 + 2 * len(qemus))]
     for label, key, higher in rows:
-        c, q = corral[key], qemu[key]
-        ratio = (c / q) if higher else (q / c)
         fmt = (lambda v: f"{v:,.0f}") if higher else (lambda v: f"{v:,.1f}")
-        md.append(f"| {label} | {fmt(c)} | {fmt(q)} | {ratio:.2f}x |")
+        vals = [fmt(corral[key])] + [fmt(results[q][key]) for q in qemus]
+        ratios = [f"{(corral[key] / results[q][key]) if higher else (results[q][key] / corral[key]):.2f}x" for q in qemus]
+        md.append(f"| {label} | " + " | ".join(vals + ratios) + " |")
     table = "\n".join(md)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

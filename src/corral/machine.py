@@ -100,6 +100,7 @@ class Machine:
         self.serial: Serial16550 | None = None
         self.boot: BootInfo | None = None
         self.reboots = 0
+        self._stop_requested = False  # sticky across reboots: stop() must end run()
 
     # -- VmControl (called by devices and vCPUs, from any thread) ------------------------------
     def request_exit(self, status: int) -> None:
@@ -116,9 +117,10 @@ class Machine:
 
     def _finish(self, result: ExitResult) -> None:
         with self._result_lock:
-            if self._result is not None:
-                return
-            self._result = result
+            if self._result is None:
+                self._result = result
+        # Always kick and signal, even when another event won the race: no vCPU may keep
+        # running once the machine is stopping.
         for v in self.vcpus:
             v.kick()
         self._stopped.set()
@@ -192,7 +194,8 @@ class Machine:
     def start(self) -> None:
         if self.vm is None:
             self.build()
-        self._stopped.clear()
+        if self._result is not None:
+            return  # stopped while it was being built
         for v in self.vcpus:
             v.start()
 
@@ -205,6 +208,7 @@ class Machine:
         return self._result
 
     def stop(self, message: str = "stopped by the host") -> None:
+        self._stop_requested = True
         self._finish(ExitResult("stopped", 0, message))
 
     def send_input(self, data: bytes) -> None:
@@ -238,7 +242,11 @@ class Machine:
     def run(self) -> ExitResult:
         """Boot, wait for the guest to stop, reboot on reset unless no_reboot, tear down."""
         while True:
-            self._result = None
+            if self._stop_requested:
+                return ExitResult("stopped", 0, "stopped by the host", self.reboots)
+            with self._result_lock:
+                self._result = None
+                self._stopped.clear()
             interrupted = True
             try:
                 self.start()
@@ -248,7 +256,7 @@ class Machine:
                 # an interrupted run (Ctrl-C) shows where each vCPU was, with -v
                 self.close(dump_registers=interrupted and log.isEnabledFor(logging.INFO))
             assert result is not None
-            if result.kind == "reset" and not self.config.no_reboot:
+            if result.kind == "reset" and not self.config.no_reboot and not self._stop_requested:
                 self.reboots += 1
                 log.info("guest reset: rebooting (%d)", self.reboots)
                 continue

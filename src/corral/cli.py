@@ -48,11 +48,19 @@ def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdlin
     from corral.images.registry import get_image
     from corral.machine import Machine
 
+    host = None
+
+    def is_pvm_host() -> bool:
+        nonlocal host
+        if host is None:
+            host = probe_host(kvm_path)
+        return host.is_pvm
+
     try:
         if kernel and image_name:
             raise CorralError("give either --kernel or --image, not both")
         if kernel is None and image_name is None:
-            if probe_host(kvm_path).is_pvm:
+            if is_pvm_host():
                 click.echo(f"corral: {PVM_EXPLANATION}.\ncorral: booting the probe guest instead.",
                            err=True)
                 image_name = "probe"
@@ -60,7 +68,7 @@ def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdlin
                 image_name = "debian"
         if kernel is None:
             img = get_image(image_name)  # type: ignore[arg-type]
-            if img.needs_hardware_virt and probe_host(kvm_path).is_pvm:
+            if img.needs_hardware_virt and is_pvm_host():
                 raise CorralError(f"image '{img.name}' needs hardware virtualization: {PVM_EXPLANATION}")
             kernel, img_initrd = img.resolve()
             initrd = initrd or img_initrd

@@ -94,5 +94,3 @@ class MachineConfig(BaseModel):
                 msg = err["msg"].removeprefix("Value error, ")
                 problems.append(f"{where}: {msg}")
             raise ConfigError("; ".join(problems)) from None
-        except ConfigError:
-            raise

@@ -11,7 +11,6 @@ import logging
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from corral.arch.x86 import layout
@@ -28,7 +27,7 @@ from corral.devices.legacy.post import PostSink
 from corral.devices.legacy.reset import ResetRegister
 from corral.devices.legacy.rtc import CmosRtc
 from corral.devices.legacy.uart import Serial16550
-from corral.errors import CorralError, HostError
+from corral.errors import HostError
 from corral.kvm import Kvm, KvmError, VmFd
 from corral.kvm import constants as K
 from corral.kvm.structs import KVM_PIT_SPEAKER_DUMMY
@@ -36,9 +35,6 @@ from corral.memory import GuestMemory
 from corral.vcpu import Vcpu
 
 log = logging.getLogger(__name__)
-
-PROBE_BENCH_PORT = 0x504
-
 
 @dataclass(frozen=True)
 class ExitResult:
@@ -80,7 +76,7 @@ class KvmIrqLine:
 class Machine:
     """One virtual machine.
 
-    >>> m = Machine(MachineConfig(kernel=Path("probe.elf"), cmdline="hello"))
+    >>> m = Machine(MachineConfig(kernel="probe.elf", cmdline="hello"))
     >>> result = m.run()          # boots, waits until the guest stops, tears down
     """
 
@@ -178,18 +174,24 @@ class Machine:
             return KvmIrqLine(vm, gsi)
 
         self.serial = Serial16550(irq(layout.COM1_IRQ), self._console)
-        self.pio.register(layout.COM1_PORT, 8, self.serial, "com1")
-        i8042 = I8042(self, irq(1))
-        self.pio.register(layout.I8042_DATA_PORT, 1, _Window(i8042, 0), "i8042-data")
-        self.pio.register(layout.I8042_CMD_PORT, 1, _Window(i8042, 4), "i8042-cmd")
         self.rtc = CmosRtc(irq(layout.RTC_IRQ), mem_size=self.config.memory)
-        self.pio.register(layout.RTC_PORT, 2, self.rtc, "rtc")
-        self.pio.register(layout.POST_PORT, 1, PostSink(), "post")
-        self.pio.register(layout.DEBUG_EXIT_PORT, 2, DebugExit(self), "debug-exit")
-        self.pio.register(PROBE_BENCH_PORT, 1, PostSink(), "bench-sink")
-        self.pio.register(layout.PM_BASE_PORT, 12, AcpiPm(self, irq(layout.SCI_IRQ)), "acpi-pm")
-        self.pio.register(layout.RESET_PORT, 1, ResetRegister(self), "reset")
-        self.devices = {"com1": self.serial, "i8042": i8042, "rtc": self.rtc}
+        i8042 = I8042(self, irq(1))
+        # name -> device: every device, so state walks (snapshot, migration) see them all
+        self.devices = {
+            "com1": self.serial, "i8042": i8042, "rtc": self.rtc, "post": PostSink(),
+            "debug-exit": DebugExit(self), "bench-sink": PostSink(),
+            "acpi-pm": AcpiPm(self, irq(layout.SCI_IRQ)), "reset": ResetRegister(self),
+        }
+        ports = [  # (base, ports, device, offset of the base within the device)
+            (layout.COM1_PORT, 8, "com1", 0), (layout.I8042_DATA_PORT, 1, "i8042", 0),
+            (layout.I8042_CMD_PORT, 1, "i8042", 4), (layout.RTC_PORT, 2, "rtc", 0),
+            (layout.POST_PORT, 1, "post", 0), (layout.DEBUG_EXIT_PORT, 2, "debug-exit", 0),
+            (layout.BENCH_SINK_PORT, 1, "bench-sink", 0), (layout.PM_BASE_PORT, 12, "acpi-pm", 0),
+            (layout.RESET_PORT, 1, "reset", 0),
+        ]
+        for base, size, name, offset in ports:
+            dev = self.devices[name]
+            self.pio.register(base, size, _Window(dev, offset) if offset else dev, name)
 
     def start(self) -> None:
         if self.vm is None:
@@ -299,4 +301,4 @@ def _stdout_console(data: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-__all__ = ["ExitResult", "Machine", "MachineConfig", "CorralError", "KvmError", "Path"]
+__all__ = ["ExitResult", "KvmIrqLine", "Machine"]

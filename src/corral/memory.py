@@ -101,13 +101,11 @@ class GuestMemory:
 
     def read_cstr(self, gpa: int, max_len: int) -> bytes:
         """A NUL-terminated string of at most `max_len` bytes (truncated at the RAM edge)."""
-        out = bytearray()
-        while len(out) < max_len and self.contains(gpa + len(out)):
-            chunk = self.read(gpa + len(out), 1)
-            if chunk == b"\0":
-                break
-            out += chunk
-        return bytes(out)
+        for s in self.slots:
+            if s.gpa <= gpa < s.end:
+                data = self.read(gpa, min(max_len, s.end - gpa))
+                return data.split(b"\0", 1)[0]
+        return b""
 
     def close(self) -> None:
         if self._map.closed:

@@ -58,3 +58,13 @@ def test_memory_is_a_shared_memfd():
         assert int.from_bytes(other[0x1000:0x1008], "little") == 0xDEADBEEF_CAFEF00D
         other.close()
         assert os.fstat(mem.fd).st_size == 16 * M
+
+
+def test_read_cstr_stops_at_nul_limit_and_ram_edge():
+    with GuestMemory(16 * M) as mem:
+        mem.write(0x2000, b"corral\0junk")
+        assert mem.read_cstr(0x2000, 64) == b"corral"
+        assert mem.read_cstr(0x2000, 3) == b"cor"
+        mem.write(16 * M - 4, b"abcd")
+        assert mem.read_cstr(16 * M - 4, 64) == b"abcd"   # truncated at the end of RAM
+        assert mem.read_cstr(32 * M, 8) == b""               # outside RAM

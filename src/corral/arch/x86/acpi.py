@@ -57,9 +57,9 @@ ISO_ACTIVE_HIGH, ISO_LEVEL, ISO_EDGE = 0b01, 0b11 << 2, 0b01 << 2
 GAS_SYSTEM_IO = 1
 CMOS_CENTURY = 0x32
 # (port, length) ranges the PNP0C02 device reserves: debug exit (0x501-0x502), the probe's
-# benchmark sink (machine.PROBE_BENCH_PORT), the PM1/PM timer block, the reset register. (When
+# benchmark sink, the PM1/PM timer block, the reset register. (When
 # PCI arrives, its host bridge claims 0xCF8-0xCFF and the 0xCF9 entry can go.)
-MOTHERBOARD_PORTS = [(layout.DEBUG_EXIT_PORT, 2), (0x504, 1), (layout.PM_BASE_PORT, 12),
+MOTHERBOARD_PORTS = [(layout.DEBUG_EXIT_PORT, 2), (layout.BENCH_SINK_PORT, 1), (layout.PM_BASE_PORT, 12),
                      (layout.RESET_PORT, 1)]
 
 

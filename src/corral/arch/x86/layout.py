@@ -43,6 +43,7 @@ RTC_PORT = 0x70
 RTC_IRQ = 8
 POST_PORT = 0x80           # port-80 POST codes / Linux io delay: accepted and ignored
 DEBUG_EXIT_PORT = 0x501    # QEMU isa-debug-exit default iobase
+BENCH_SINK_PORT = 0x504    # the probe guest's pio-bench target: writes are accepted and ignored
 PM_BASE_PORT = 0x600       # ACPI PM1 event block (4 bytes) then PM1 control (2 bytes)
 PM1_EVT_PORT = PM_BASE_PORT
 PM1_CNT_PORT = PM_BASE_PORT + 4

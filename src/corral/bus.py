@@ -82,6 +82,16 @@ class MmioBus:
             maps.insert(i, m)
             self._index = (starts, maps)
 
+    def unregister(self, base: int) -> None:
+        """Remove the mapping that starts at `base` (a PCI BAR the guest moved)."""
+        with self._lock:
+            starts, maps = self._index[0][:], self._index[1][:]
+            i = bisect.bisect_left(starts, base)
+            if i == len(starts) or starts[i] != base:
+                raise KeyError(f"no MMIO mapping starts at {base:#x}")
+            del starts[i], maps[i]
+            self._index = (starts, maps)
+
     @property
     def mappings(self) -> list[Mapping]:
         return list(self._index[1])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from corral.arch.x86 import layout
-from corral.arch.x86.acpi import build_acpi_tables
+from corral.arch.x86.acpi import machine_acpi_tables
 from corral.arch.x86.cpuid import vcpu_cpuid
 from corral.arch.x86.msr import boot_msrs
 from corral.boot.loader import BootInfo, load_kernel_file
@@ -27,6 +27,7 @@ from corral.devices.legacy.post import PostSink
 from corral.devices.legacy.reset import ResetRegister
 from corral.devices.legacy.rtc import CmosRtc
 from corral.devices.legacy.uart import Serial16550
+from corral.devices.pci.root import ConfigPorts, Ecam, PciRoot
 from corral.errors import HostError
 from corral.kvm import Kvm, KvmError, VmFd
 from corral.kvm import constants as K
@@ -155,7 +156,7 @@ class Machine:
         self.pio, self.mmio = PioBus(), MmioBus()
         self._build_devices(vm, mem)
 
-        tables = build_acpi_tables(cfg.cpus)
+        tables = machine_acpi_tables(cfg.cpus, cfg.memory)
         tables.write_to(mem)
         self.boot = load_kernel_file(mem, cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.initrd,
                                      rsdp_addr=tables.rsdp_addr)
@@ -176,11 +177,14 @@ class Machine:
         self.serial = Serial16550(irq(layout.COM1_IRQ), self._console)
         self.rtc = CmosRtc(irq(layout.RTC_IRQ), mem_size=self.config.memory)
         i8042 = I8042(self, irq(1))
+        self.pci = PciRoot(self.mmio)
+        self.mmio.register(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, Ecam(self.pci), "pci-ecam")
         # name -> device: every device, so state walks (snapshot, migration) see them all
         self.devices = {
             "com1": self.serial, "i8042": i8042, "rtc": self.rtc, "post": PostSink(),
             "debug-exit": DebugExit(self), "bench-sink": PostSink(),
             "acpi-pm": AcpiPm(self, irq(layout.SCI_IRQ)), "reset": ResetRegister(self),
+            "pci-cfg": ConfigPorts(self.pci),
         }
         ports = [  # (base, ports, device, offset of the base within the device)
             (layout.COM1_PORT, 8, "com1", 0), (layout.I8042_DATA_PORT, 1, "i8042", 0),
@@ -188,6 +192,8 @@ class Machine:
             (layout.POST_PORT, 1, "post", 0), (layout.DEBUG_EXIT_PORT, 2, "debug-exit", 0),
             (layout.BENCH_SINK_PORT, 1, "bench-sink", 0), (layout.PM_BASE_PORT, 12, "acpi-pm", 0),
             (layout.RESET_PORT, 1, "reset", 0),
+            (layout.PCI_CONFIG_ADDRESS_PORT, 1, "pci-cfg", ConfigPorts.ADDRESS_OFFSET),
+            (layout.PCI_CONFIG_DATA_PORT, 4, "pci-cfg", ConfigPorts.DATA_OFFSET),
         ]
         for base, size, name, offset in ports:
             dev = self.devices[name]

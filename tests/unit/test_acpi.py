@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from corral.arch.x86 import acpi, aml, layout
-from corral.arch.x86.acpi import build_acpi_tables
+from corral.arch.x86.acpi import machine_acpi_tables, build_acpi_tables
 
 IASL = shutil.which("iasl")
 needs_iasl = pytest.mark.skipif(IASL is None, reason="iasl (acpica-tools) not installed")
@@ -255,7 +255,7 @@ def test_dsdt_s5_package_is_encoded_as_linux_reads_it():
 @needs_iasl
 @pytest.mark.parametrize("n", [1, 2, 8, 254])
 def test_iasl_decompiles_every_table_cleanly(tmp_path, n):
-    t = build_acpi_tables(n)
+    t = machine_acpi_tables(n, 6 * layout.GiB)
     for sig, (_, data) in by_signature(t).items():
         if sig == b"RSD ":
             continue
@@ -271,7 +271,10 @@ def test_iasl_decompiles_every_table_cleanly(tmp_path, n):
     assert re.search(r"Reset Register Supported \(V2\) : 1", fadt)
     assert re.search(r"Hardware Reduced \(V5\) : 0", fadt)
     xsdt = (tmp_path / "XSDT.dsl").read_text()
-    assert xsdt.count("ACPI Table Address") == 2
+    assert xsdt.count("ACPI Table Address") == 3
+    mcfg_dsl = (tmp_path / "MCFG.dsl").read_text()
+    assert re.search(r"Base Address : 00000000E0000000", mcfg_dsl)
+    assert re.search(r"End Bus Number : 00", mcfg_dsl)
 
     dsl = (tmp_path / "DSDT.dsl").read_text()
     assert "Name (_S5, Package (0x04)" in dsl
@@ -287,8 +290,18 @@ def test_iasl_decompiles_every_table_cleanly(tmp_path, n):
     # a PNP0303 keyboard without a PNP0F13 mouse makes Linux warn; the FADT announces the i8042
     assert "PNP0303" not in dsl
     assert re.search(r"IRQNoFlags \(\)\s+\{8\}", dsl)
-    for port in (layout.DEBUG_EXIT_PORT, layout.PM_BASE_PORT, layout.RESET_PORT):
+    for port in (layout.DEBUG_EXIT_PORT, layout.PM_BASE_PORT, layout.PCI_CONFIG_ADDRESS_PORT):
         assert f"0x{port:04X}," in dsl
+    # the PCI root: PCIe host bridge on bus 0 with the 32-bit window and the 64-bit one above RAM
+    pci0 = dsl[dsl.index("Device (PCI0)"):]
+    assert 'EisaId ("PNP0A08")' in pci0 and 'EisaId ("PNP0A03")' in pci0
+    assert re.search(r"0xC0000000,\s+// Range Minimum\s+0xDFFFFFFF,", pci0)
+    start64, size64 = layout.pci_mmio64_window(6 * layout.GiB)
+    assert start64 == 7 * layout.GiB  # 6 GiB of RAM: 3 GiB below the hole, 3 GiB from 4 GiB
+    assert re.search(rf"0x{start64:016X}, // Range Minimum", pci0)
+    assert "Method (_OSC, 4" in pci0
+    # the ECAM window is a reserved motherboard resource too
+    assert re.search(r"Memory32Fixed \(ReadWrite,\s+0xE0000000,", dsl)
 
     # and the disassembly compiles back without errors, warnings or remarks
     (tmp_path / "again.dsl").write_text(dsl)

@@ -190,7 +190,7 @@ def test_bzimage_basic(mem):
     assert mem.read_u32(zp + 0x218) == 0 and mem.read_u32(zp + 0x21C) == 0
     assert mem.read_u64(zp + 0x070) == 0xE0000
     entries = e820_raw(MEM)
-    assert mem.read(zp + 0x1E8, 1)[0] == len(entries) == 3
+    assert mem.read(zp + 0x1E8, 1)[0] == len(entries) == 4   # low RAM, BIOS area, RAM, ECAM
     for i, (addr, size, typ) in enumerate(entries):
         off = zp + 0x2D0 + 20 * i
         assert struct.unpack("<QQI", mem.read(off, 20)) == (addr, size, typ)
@@ -264,8 +264,10 @@ def test_bzimage_big_memory_e820_and_initrd_below_hole():
     with GuestMemory(size) as big:
         info = load_kernel(big, make_bzimage(initrd_addr_max=0xFFFFFFFF), initrd=b"i" * 0x2000)
         zp = layout.ZERO_PAGE
-        assert big.read(zp + 0x1E8, 1)[0] == 4
-        last = struct.unpack("<QQI", big.read(zp + 0x2D0 + 3 * 20, 20))
+        assert big.read(zp + 0x1E8, 1)[0] == 5      # low RAM, BIOS area, RAM, ECAM, high RAM
+        assert struct.unpack("<QQI", big.read(zp + 0x2D0 + 3 * 20, 20)) == (
+            layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, 2)
+        last = struct.unpack("<QQI", big.read(zp + 0x2D0 + 4 * 20, 20))
         assert last == (4 * GiB, 2 * GiB, 1)
         start, end = info.initrd_range
         assert end <= layout.MMIO_HOLE_START and start == layout.MMIO_HOLE_START - 0x2000

@@ -57,10 +57,9 @@ ISO_ACTIVE_HIGH, ISO_LEVEL, ISO_EDGE = 0b01, 0b11 << 2, 0b01 << 2
 GAS_SYSTEM_IO = 1
 CMOS_CENTURY = 0x32
 # (port, length) ranges the PNP0C02 device reserves: debug exit (0x501-0x502), the probe's
-# benchmark sink, the PM1/PM timer block, the reset register. (When
-# PCI arrives, its host bridge claims 0xCF8-0xCFF and the 0xCF9 entry can go.)
-MOTHERBOARD_PORTS = [(layout.DEBUG_EXIT_PORT, 2), (layout.BENCH_SINK_PORT, 1), (layout.PM_BASE_PORT, 12),
-                     (layout.RESET_PORT, 1)]
+# benchmark sink, the PM1/PM timer block. The reset register 0xCF9 lies inside 0xCF8-0xCFF, which
+# the PCI host bridge claims.
+MOTHERBOARD_PORTS = [(layout.DEBUG_EXIT_PORT, 2), (layout.BENCH_SINK_PORT, 1), (layout.PM_BASE_PORT, 12)]
 
 
 def checksum(data: bytes) -> int:
@@ -154,11 +153,42 @@ def dsdt_objects(num_cpus: int, extra_devices: list[bytes] | None = None) -> lis
         # the DSDT lists a keyboard but no PS/2 mouse, and ours has no mouse port. Without one,
         # the FADT's 8042 boot flag makes Linux probe 0x60/0x64, IRQ 1, directly (info lines).
         # ports corral's own devices use, so the OS never hands them to anything else
-        _isa_device("SYSR", "PNP0C02", 1, *(aml.io_port(p, n) for p, n in MOTHERBOARD_PORTS)),
+        # The ECAM window is reserved here too, as Linux wants for MCFG ranges.
+        _isa_device("SYSR", "PNP0C02", 1, *(aml.io_port(p, n) for p, n in MOTHERBOARD_PORTS),
+                    aml.memory32_fixed(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE)),
     ]
     slp_typ = layout.S5_SLP_TYP    # {SLP_TYPa, SLP_TYPb, reserved, reserved}
     s5 = aml.name("_S5_", aml.package(*(aml.integer(v) for v in (slp_typ, slp_typ, 0, 0))))
     return [s5, aml.scope("\\_SB_", *cpus, *isa, *(extra_devices or []))]
+
+
+def mcfg() -> bytes:
+    """MCFG: one ECAM allocation, segment 0, buses 0 to 0."""
+    body = bytes(8) + struct.pack("<QHBBI", layout.PCI_ECAM_BASE, 0, 0, 0, 0)
+    return sdt(b"MCFG", 1, body)
+
+
+def pci_host_bridge(mem_size: int) -> bytes:
+    """\\_SB.PCI0: a PCIe root (PNP0A08, compatible with PNP0A03) on bus 0 whose windows are the
+    config ports, all other I/O ports, the 32-bit BAR window and the 64-bit one above RAM. Its
+    _OSC grants the OS everything it asks for: there is no firmware that could want any back."""
+    start64, size64 = layout.pci_mmio64_window(mem_size)
+    crs = aml.resource_template(
+        aml.word_bus_number(0, 0),
+        aml.io_port(layout.PCI_CONFIG_ADDRESS_PORT, 8),
+        aml.word_io(0x0000, layout.PCI_CONFIG_ADDRESS_PORT - 1),
+        aml.word_io(0x0D00, 0xFFFF),
+        aml.dword_memory(layout.PCI_MMIO32_START, layout.PCI_MMIO32_END - 1),
+        aml.qword_memory(start64, start64 + size64 - 1),
+    )
+    return aml.device("PCI0",
+                      aml.name("_HID", aml.integer(aml.eisa_id("PNP0A08"))),
+                      aml.name("_CID", aml.integer(aml.eisa_id("PNP0A03"))),
+                      aml.name("_SEG", aml.integer(0)),
+                      aml.name("_BBN", aml.integer(0)),
+                      aml.name("_UID", aml.integer(0)),
+                      aml.name("_CRS", crs),
+                      aml.method("_OSC", 4, aml.return_(aml.arg(3))))
 
 
 def dsdt(objects: list[bytes]) -> bytes:
@@ -222,3 +252,8 @@ def build_acpi_tables(num_cpus: int, *, base: int = layout.ACPI_START, limit: in
     xsdt_addr = place(sdt(b"XSDT", 1, b"".join(struct.pack("<Q", p) for p in pointers)))
     out.blobs.insert(0, (base, rsdp(xsdt_addr)))
     return out
+
+
+def machine_acpi_tables(num_cpus: int, mem_size: int) -> AcpiTables:
+    """The tables of a corral machine: the base set plus PCI (MCFG and the host bridge)."""
+    return build_acpi_tables(num_cpus, extra_tables=[mcfg()], extra_devices=[pci_host_bridge(mem_size)])

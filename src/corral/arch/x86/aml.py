@@ -132,3 +132,66 @@ def irq_no_flags(*irqs: int) -> bytes:
 def resource_template(*descriptors: bytes) -> bytes:
     """A _CRS buffer: the descriptors, then an end tag whose zero checksum means "valid"."""
     return buffer(b"".join(descriptors) + b"\x79\x00")
+
+
+# -- what a PCI host bridge needs: methods and address-space descriptors -------------------------
+METHOD_OP, RETURN_OP, ARG0_OP = 0x14, 0xA4, 0x68
+
+
+def arg(n: int) -> bytes:
+    """ArgN (0 to 6) of the enclosing method."""
+    if not 0 <= n <= 6:
+        raise ValueError(f"AML methods have Arg0 to Arg6, not Arg{n}")
+    return bytes([ARG0_OP + n])
+
+
+def method(n: str, nargs: int, *terms: bytes, serialized: bool = False) -> bytes:
+    if not 0 <= nargs <= 7:
+        raise ValueError(f"an AML method takes 0 to 7 arguments, not {nargs}")
+    body = name_string(n) + bytes([nargs | (0x08 if serialized else 0)]) + b"".join(terms)
+    return bytes([METHOD_OP]) + pkg_length(len(body)) + body
+
+
+def return_(term: bytes) -> bytes:
+    return bytes([RETURN_OP]) + term
+
+
+# Address space descriptors (ACPI 6.4 section 6.4.3.5). General flags 0x0C: a bridge window the
+# device produces (bit 0 clear), positive decode, minimum and maximum fixed.
+_SPACE_MEMORY, _SPACE_IO, _SPACE_BUS = 0, 1, 2
+_WINDOW_FLAGS = 0x0C
+MEM_NONCACHEABLE_RW = 0x01
+IO_ENTIRE_RANGE = 0x03
+
+
+def _address_space(width: int, space: int, type_flags: int, lo: int, hi: int) -> bytes:
+    tag, fmt = {16: (0x88, "<BHBBBHHHHH"), 32: (0x87, "<BHBBBIIIII"),
+                64: (0x8A, "<BHBBBQQQQQ")}[width]
+    if not 0 <= lo <= hi < 1 << width:
+        raise ValueError(f"bad {width}-bit address range {lo:#x}-{hi:#x}")
+    length = struct.calcsize(fmt) - 3
+    return struct.pack(fmt, tag, length, space, _WINDOW_FLAGS, type_flags, 0, lo, hi, 0,
+                       hi - lo + 1)
+
+
+def word_bus_number(lo: int, hi: int) -> bytes:
+    return _address_space(16, _SPACE_BUS, 0, lo, hi)
+
+
+def word_io(lo: int, hi: int) -> bytes:
+    return _address_space(16, _SPACE_IO, IO_ENTIRE_RANGE, lo, hi)
+
+
+def dword_memory(lo: int, hi: int) -> bytes:
+    return _address_space(32, _SPACE_MEMORY, MEM_NONCACHEABLE_RW, lo, hi)
+
+
+def qword_memory(lo: int, hi: int) -> bytes:
+    return _address_space(64, _SPACE_MEMORY, MEM_NONCACHEABLE_RW, lo, hi)
+
+
+def memory32_fixed(base: int, length: int) -> bytes:
+    """Memory32Fixed(ReadWrite, base, length)."""
+    if not (0 <= base and 0 < length and base + length <= 1 << 32):
+        raise ValueError(f"bad 32-bit memory range {base:#x}+{length:#x}")
+    return struct.pack("<BHBII", 0x86, 9, 1, base, length)

@@ -29,6 +29,11 @@ HIMEM_START = 0x100000     # kernels load at 1 MiB
 # --- the 32-bit hole ------------------------------------------------------------------------
 MMIO_HOLE_START = 0xC000_0000
 MMIO_HOLE_END = 0x1_0000_0000
+PCI_MMIO32_START = 0xC000_0000       # 32-bit BAR window: the first 512 MiB of the hole
+PCI_MMIO32_END = 0xE000_0000
+PCI_ECAM_BASE = 0xE000_0000          # PCIe ECAM for bus 0 (1 MiB), announced by ACPI MCFG
+PCI_ECAM_SIZE = 1 * MiB
+PCI_MMIO64_SIZE = 64 * GiB           # 64-bit BAR window, placed above the top of RAM
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 KVM_IDENTITY_MAP_ADDR = 0xFFFB_C000   # one page, for the real-mode identity map (VMX)
@@ -48,6 +53,8 @@ PM_BASE_PORT = 0x600       # ACPI PM1 event block (4 bytes) then PM1 control (2 
 PM1_EVT_PORT = PM_BASE_PORT
 PM1_CNT_PORT = PM_BASE_PORT + 4
 PM_TMR_PORT = PM_BASE_PORT + 8   # ACPI PM timer (3.579545 MHz)
+PCI_CONFIG_ADDRESS_PORT = 0xCF8  # PCI configuration mechanism #1 (address latch; data at 0xCFC)
+PCI_CONFIG_DATA_PORT = 0xCFC
 RESET_PORT = 0xCF9         # ACPI reset register (FADT RESET_REG), value 0x06 resets
 SCI_IRQ = 9
 S5_SLP_TYP = 5             # SLP_TYP the DSDT's \_S5 package advertises
@@ -64,11 +71,20 @@ def ram_ranges(mem_size: int) -> list[tuple[int, int]]:
     return [(0, MMIO_HOLE_START), (MMIO_HOLE_END, mem_size - MMIO_HOLE_START)]
 
 
+def pci_mmio64_window(mem_size: int) -> tuple[int, int]:
+    """(start, size) of the 64-bit BAR window: the first 1 GiB boundary above RAM and 4 GiB."""
+    top = max(end for _, end in ((s, s + n) for s, n in ram_ranges(mem_size)))
+    start = (max(top, MMIO_HOLE_END) + GiB - 1) & ~(GiB - 1)
+    return start, PCI_MMIO64_SIZE
+
+
 def e820_map(mem_size: int) -> list[tuple[int, int, int]]:
-    """The e820 map (addr, size, type) the guest sees: 1 = RAM, 2 = reserved."""
-    entries = [(0, EBDA_START, 1), (EBDA_START, HIMEM_START - EBDA_START, 2)]
+    """The e820 map (addr, size, type) the guest sees: 1 = RAM, 2 = reserved. The ECAM window
+    is reserved too: Linux trusts MCFG only where the firmware reserved its range."""
+    entries = [(0, EBDA_START, 1), (EBDA_START, HIMEM_START - EBDA_START, 2),
+               (PCI_ECAM_BASE, PCI_ECAM_SIZE, 2)]
     for start, size in ram_ranges(mem_size):
         lo = max(start, HIMEM_START)
         if start + size > lo:
             entries.append((lo, start + size - lo, 1))
-    return entries
+    return sorted(entries)

@@ -1,0 +1,193 @@
+"""PCI bus 0: the root complex, its host bridge, and the two ways to reach configuration space.
+
+* Configuration mechanism #1: the guest writes an address to port 0xCF8 (32-bit writes only;
+  bit 31 enables) and accesses the data window 0xCFC-0xCFF.
+* PCIe ECAM: a 1 MiB MMIO window for bus 0, one 4 KiB page per function, announced in the ACPI
+  MCFG table; the only way to reach extended space (0x100-0xFFF).
+
+Both land in the same `PciConfig`. When a write moves a BAR or toggles decoding, the root
+remaps that BAR on the MMIO bus and tells the function (virtio re-registers its ioeventfds).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Protocol, runtime_checkable
+
+from corral.bus import BusConflictError, MmioBus
+from corral.devices.pci.config import PciConfig
+
+log = logging.getLogger(__name__)
+
+HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE = 0x1B36, 0x0008   # generic PCIe host bridge ids
+CLASS_HOST_BRIDGE = 0x060000
+SLOTS = 32
+
+
+@runtime_checkable
+class PciFunction(Protocol):
+    """A function on bus 0: its configuration space and the MMIO behind its memory BARs."""
+
+    config: PciConfig
+
+    def bar_read(self, index: int, offset: int, size: int) -> int: ...
+
+    def bar_write(self, index: int, offset: int, size: int, value: int) -> None: ...
+
+    def bars_moved(self, addresses: list[int | None]) -> None:
+        """Decoded address of each BAR (None: not decoding) after the guest changed them."""
+
+
+class HostBridge:
+    """00:00.0: identifies the root complex; it has no BARs."""
+
+    def __init__(self) -> None:
+        self.config = PciConfig(vendor=HOST_BRIDGE_VENDOR, device=HOST_BRIDGE_DEVICE,
+                                class_code=CLASS_HOST_BRIDGE)
+
+    def bar_read(self, index: int, offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
+        pass
+
+    def bars_moved(self, addresses: list[int | None]) -> None:
+        pass
+
+
+class _BarWindow:
+    """Presents one BAR of a function on the MMIO bus."""
+
+    __slots__ = ("fn", "index")
+
+    def __init__(self, fn: PciFunction, index: int) -> None:
+        self.fn, self.index = fn, index
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        return self.fn.bar_read(self.index, offset, size)
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        self.fn.bar_write(self.index, offset, size, value)
+
+
+class PciRoot:
+    """Bus 0 with up to 32 single-function devices (slot 0 is the host bridge)."""
+
+    def __init__(self, mmio: MmioBus) -> None:
+        self.mmio = mmio
+        self.slots: list[PciFunction | None] = [None] * SLOTS
+        self._mapped: dict[tuple[int, int], int] = {}    # (slot, bar) -> base on the MMIO bus
+        self._lock = threading.Lock()
+        self.add(HostBridge(), slot=0)
+
+    def add(self, fn: PciFunction, slot: int | None = None) -> int:
+        if slot is None:
+            slot = next((s for s in range(1, SLOTS) if self.slots[s] is None), -1)
+            if slot < 0:
+                raise ValueError("PCI bus 0 is full (31 devices)")
+        if self.slots[slot] is not None:
+            raise ValueError(f"PCI slot {slot} is taken")
+        self.slots[slot] = fn
+        self._remap(slot)
+        return slot
+
+    # -- configuration access ------------------------------------------------------------------
+    def config_read(self, bus: int, slot: int, func: int, offset: int, size: int) -> int:
+        fn = self._function(bus, slot, func)
+        if fn is None:
+            return (1 << (8 * size)) - 1
+        return fn.config.read(offset, size)
+
+    def config_write(self, bus: int, slot: int, func: int, offset: int, size: int,
+                     value: int) -> None:
+        fn = self._function(bus, slot, func)
+        if fn is not None and fn.config.write(offset, size, value):
+            self._remap(slot)
+
+    def _function(self, bus: int, slot: int, func: int) -> PciFunction | None:
+        if bus != 0 or func != 0 or not 0 <= slot < SLOTS:
+            return None
+        return self.slots[slot]
+
+    # -- BAR placement -----------------------------------------------------------------------------
+    def _remap(self, slot: int) -> None:
+        fn = self.slots[slot]
+        assert fn is not None
+        with self._lock:
+            addresses: list[int | None] = []
+            for i, bar in enumerate(fn.config.bars):
+                addr = fn.config.bar_address(i) if bar is not None and not bar.io else None
+                old = self._mapped.get((slot, i))
+                if old != addr:
+                    if old is not None:
+                        self.mmio.unregister(old)
+                        del self._mapped[(slot, i)]
+                    if addr is not None and bar is not None:
+                        try:
+                            self.mmio.register(addr, bar.size, _BarWindow(fn, i),
+                                               f"pci 00:{slot:02x}.0 BAR{i}")
+                            self._mapped[(slot, i)] = addr
+                        except BusConflictError as exc:
+                            # the guest placed it over something else: it stays unreachable
+                            log.warning("PCI 00:%02x.0 BAR%d at %#x not mapped: %s", slot, i, addr, exc)
+                            addr = None
+                addresses.append(self._mapped.get((slot, i)))
+        fn.bars_moved(addresses)
+
+
+class ConfigPorts:
+    """Ports 0xCF8 (address latch, register with `ADDRESS_OFFSET`) and 0xCFC-0xCFF (data)."""
+
+    ADDRESS_OFFSET, DATA_OFFSET = 0, 4
+
+    def __init__(self, root: PciRoot) -> None:
+        self.root = root
+        self.address = 0
+
+    def pio_read(self, offset: int, size: int) -> int:
+        if offset == self.ADDRESS_OFFSET:
+            return self.address if size == 4 else (1 << (8 * size)) - 1
+        target = self._target(offset - self.DATA_OFFSET, size)
+        if target is None:
+            return (1 << (8 * size)) - 1
+        return self.root.config_read(*target, size)
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        if offset == self.ADDRESS_OFFSET:
+            if size == 4:       # byte/word writes to 0xCF8 are not config cycles
+                self.address = value & 0x80FF_FFFC
+            return
+        target = self._target(offset - self.DATA_OFFSET, size)
+        if target is not None:
+            self.root.config_write(*target, size, value)
+
+    def _target(self, data_offset: int, size: int) -> tuple[int, int, int, int] | None:
+        a = self.address
+        if not a & 0x8000_0000 or not 0 <= data_offset < 4 or data_offset + size > 4:
+            return None
+        return (a >> 16) & 0xFF, (a >> 11) & 0x1F, (a >> 8) & 0x7, (a & 0xFC) + data_offset
+
+
+class Ecam:
+    """The memory-mapped configuration window of bus 0 (4 KiB per function)."""
+
+    def __init__(self, root: PciRoot) -> None:
+        self.root = root
+
+    def _target(self, offset: int, size: int) -> tuple[int, int, int, int] | None:
+        reg = offset & 0xFFF
+        if size not in (1, 2, 4) or reg % size:     # no accesses that straddle registers
+            return None
+        return offset >> 20, (offset >> 15) & 0x1F, (offset >> 12) & 0x7, reg
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        target = self._target(offset, size)
+        if target is None:
+            return (1 << (8 * size)) - 1
+        return self.root.config_read(*target, size)
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        target = self._target(offset, size)
+        if target is not None:
+            self.root.config_write(*target, size, value)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from corral.config import MachineConfig, parse_size
+from corral.config import DiskConfig, MachineConfig, parse_size
 from corral.errors import CorralError
 
 
@@ -35,10 +35,14 @@ def main(verbose: bool) -> None:
 @click.option("--no-reboot", is_flag=True, help="Stop instead of rebooting when the guest resets.")
 @click.option("--cpu-hide", default="", metavar="LIST",
               help="CPU features to hide from the guest, comma-separated (e.g. xsave,pku).")
+@click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,serial=ID]",
+              help="A raw disk image as a virtio-blk device (repeatable).")
+@click.option("--rng", is_flag=True, help="Give the guest a virtio-rng device.")
 @click.option("--kvm", "kvm_path", default="/dev/kvm", envvar="CORRAL_KVM", show_default=True,
               help="The KVM device to use.")
 def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdline: str | None,
-        cpus: int, memory: str, no_reboot: bool, cpu_hide: str, kvm_path: str) -> None:
+        cpus: int, memory: str, no_reboot: bool, cpu_hide: str, disks: tuple[str, ...], rng: bool,
+        kvm_path: str) -> None:
     """Boot a guest with its serial console on this terminal (Ctrl-A X quits).
 
     Exits with the guest's exit-port status, or 0 on a clean poweroff.
@@ -76,7 +80,8 @@ def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdlin
                 cmdline = img.default_cmdline
         config = MachineConfig.build(kernel=kernel, initrd=initrd, cmdline=cmdline or "",
                                      cpus=cpus, memory=parse_size(memory), no_reboot=no_reboot,
-                                     cpu_hide=cpu_hide)
+                                     cpu_hide=cpu_hide, disks=[DiskConfig.parse(d) for d in disks],
+                                     rng=rng)
         machine = Machine(config, kvm_path=kvm_path)
         machine.build()
     except CorralError as exc:

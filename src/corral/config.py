@@ -34,6 +34,33 @@ def format_size(n: int) -> str:
     return f"{n}B"
 
 
+class DiskConfig(BaseModel):
+    """A virtio-blk disk backed by a raw image file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path = Field(description="raw disk image")
+    read_only: bool = Field(default=False, description="the guest cannot write (image opened read-only)")
+    serial: str = Field(default="", max_length=20, description="device serial (VIRTIO_BLK_T_GET_ID)")
+
+    @classmethod
+    def parse(cls, spec: str) -> DiskConfig:
+        """'PATH[,ro][,serial=ID]' (the --disk syntax)."""
+        path, *opts = spec.split(",")
+        fields: dict[str, object] = {"path": path}
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key == "ro" and not value:
+                fields["read_only"] = True
+            elif key == "serial" and value:
+                fields["serial"] = value
+            else:
+                raise ConfigError(f"--disk {spec}: unknown option '{opt}' (use PATH[,ro][,serial=ID])")
+        if not path:
+            raise ConfigError(f"--disk {spec}: no image path (use PATH[,ro][,serial=ID])")
+        return cls(**fields)
+
+
 class MachineConfig(BaseModel):
     """Everything needed to build a machine. Paths are checked when the machine is built."""
 
@@ -46,6 +73,8 @@ class MachineConfig(BaseModel):
     memory: int = Field(default=512 * layout.MiB, description="guest RAM in bytes")
     no_reboot: bool = Field(default=False, description="stop instead of rebooting when the guest resets")
     cpu_hide: tuple[str, ...] = Field(default=(), description="CPU features hidden from the guest")
+    disks: tuple[DiskConfig, ...] = Field(default=(), description="virtio-blk disks, in PCI slot order")
+    rng: bool = Field(default=False, description="give the guest a virtio-rng device")
 
     @field_validator("cpu_hide", mode="before")
     @classmethod

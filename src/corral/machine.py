@@ -27,7 +27,12 @@ from corral.devices.legacy.post import PostSink
 from corral.devices.legacy.reset import ResetRegister
 from corral.devices.legacy.rtc import CmosRtc
 from corral.devices.legacy.uart import Serial16550
+from corral.devices.pci.config import COMMAND, CMD_MEMORY
 from corral.devices.pci.root import ConfigPorts, Ecam, PciRoot
+from corral.devices.virtio.base import VirtioDevice
+from corral.devices.virtio.pci import BAR_SIZE, VirtioPciDevice
+from corral.doorbells import KvmDoorbells
+from corral.eventloop import EventLoop
 from corral.errors import HostError
 from corral.kvm import Kvm, KvmError, VmFd
 from corral.kvm import constants as K
@@ -97,6 +102,9 @@ class Machine:
         self.serial: Serial16550 | None = None
         self.boot: BootInfo | None = None
         self.reboots = 0
+        self.loop: EventLoop | None = None
+        self.doorbells: KvmDoorbells | None = None
+        self.virtio: dict[str, VirtioPciDevice] = {}
         self._stop_requested = False  # sticky across reboots: stop() must end run()
 
     # -- VmControl (called by devices and vCPUs, from any thread) ------------------------------
@@ -155,6 +163,7 @@ class Machine:
 
         self.pio, self.mmio = PioBus(), MmioBus()
         self._build_devices(vm, mem)
+        self._build_virtio(vm, mem, cfg)
 
         tables = machine_acpi_tables(cfg.cpus, cfg.memory)
         tables.write_to(mem)
@@ -199,11 +208,41 @@ class Machine:
             dev = self.devices[name]
             self.pio.register(base, size, _Window(dev, offset) if offset else dev, name)
 
+    def _build_virtio(self, vm: VmFd, mem: GuestMemory, cfg: MachineConfig) -> None:
+        """The virtio devices the config asks for, each on its own PCI slot with its BAR placed
+        in the 32-bit window and decoding on, as firmware would leave it."""
+        from corral.devices.virtio.blk import VirtioBlock
+        from corral.devices.virtio.rng import VirtioRng
+
+        wanted: list[tuple[str, Callable[[], VirtioDevice]]] = [
+            (f"virtio-blk{i}", (lambda d: lambda: VirtioBlock(str(d.path), read_only=d.read_only,
+                                                              serial=d.serial))(d))
+            for i, d in enumerate(cfg.disks)]
+        if cfg.rng:
+            wanted.append(("virtio-rng", VirtioRng))
+        if not wanted:
+            return
+        self.loop = EventLoop("corral-devices")
+        self.doorbells = KvmDoorbells(vm, self.loop)
+        bar = layout.PCI_MMIO32_START
+        for name, make in wanted:
+            slot = next(s for s in range(1, 32) if self.pci.slots[s] is None)
+            fn = VirtioPciDevice(make(), mem, KvmIrqLine(vm, layout.pci_intx_gsi(slot)), self.loop,
+                                 self.doorbells)
+            self.virtio[name] = fn        # registered first, so close() releases it on failure
+            fn.config.set_bar_address(0, bar)
+            fn.config.write(COMMAND, 2, CMD_MEMORY)
+            fn.config.write(0x3C, 1, layout.pci_intx_gsi(slot))   # interrupt line, as firmware sets
+            self.pci.add(fn, slot)
+            bar += BAR_SIZE
+
     def start(self) -> None:
         if self.vm is None:
             self.build()
         if self._result is not None:
             return  # stopped while it was being built
+        if self.loop is not None:
+            self.loop.start()
         for v in self.vcpus:
             v.start()
 
@@ -237,6 +276,17 @@ class Machine:
         for v in self.vcpus:
             v.fd.close()
         self.vcpus = []
+        if self.loop is not None:
+            self.loop.stop()
+        if self.doorbells is not None:
+            self.doorbells.close()
+            self.doorbells = None
+        for fn in self.virtio.values():
+            fn.device.close()
+        self.virtio = {}
+        if self.loop is not None:
+            self.loop.close()
+            self.loop = None
         if self.vm is not None:
             self.vm.close()
             self.vm = None

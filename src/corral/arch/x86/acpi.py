@@ -188,7 +188,16 @@ def pci_host_bridge(mem_size: int) -> bytes:
                       aml.name("_BBN", aml.integer(0)),
                       aml.name("_UID", aml.integer(0)),
                       aml.name("_CRS", crs),
+                      aml.name("_PRT", pci_routing_table()),
                       aml.method("_OSC", 4, aml.return_(aml.arg(3))))
+
+
+def pci_routing_table() -> bytes:
+    """_PRT: INTA-INTD of slots 1-31 straight to IOAPIC GSIs (no link devices)."""
+    entries = [aml.package(aml.integer((slot << 16) | 0xFFFF), aml.integer(pin), aml.integer(0),
+                           aml.integer(layout.pci_intx_gsi(slot, pin)))
+               for slot in range(1, 32) for pin in range(4)]
+    return aml.package(*entries)
 
 
 def dsdt(objects: list[bytes]) -> bytes:

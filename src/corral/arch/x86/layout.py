@@ -71,6 +71,14 @@ def ram_ranges(mem_size: int) -> list[tuple[int, int]]:
     return [(0, MMIO_HOLE_START), (MMIO_HOLE_END, mem_size - MMIO_HOLE_START)]
 
 
+PCI_INTX_GSI_BASE = 16               # PCI INTx lines use IOAPIC pins 16-23 (level, active low)
+
+
+def pci_intx_gsi(slot: int, pin: int = 0) -> int:
+    """The GSI of INTA..INTD (pin 0..3) of a device in `slot`: rotated so slots spread out."""
+    return PCI_INTX_GSI_BASE + (slot + pin) % 8
+
+
 def pci_mmio64_window(mem_size: int) -> tuple[int, int]:
     """(start, size) of the 64-bit BAR window: the first 1 GiB boundary above RAM and 4 GiB."""
     top = max(end for _, end in ((s, s + n) for s, n in ram_ranges(mem_size)))

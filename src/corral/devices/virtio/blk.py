@@ -1,0 +1,245 @@
+"""virtio-blk over a raw image file (virtio 1.2 section 5.2).
+
+Requests are a 16-byte header (type, reserved, sector), data buffers, and a status byte the
+device writes last. Reads and writes go straight between the file and guest memory with
+preadv/pwritev on memoryviews of guest RAM. A request that breaks the rules (sector past the end,
+a write to a read-only disk, a malformed chain) fails alone with IOERR/UNSUPP; a chain without
+room for the status byte cannot even be failed, so it is returned with nothing written.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from typing import TYPE_CHECKING
+
+from corral.devices.virtio.base import VIRTIO_ID_BLOCK, VirtioDevice, VirtioInterrupt
+from corral.devices.virtio.queue import DescriptorChain
+from corral.errors import ConfigError
+
+if TYPE_CHECKING:
+    from corral.devices.virtio.queue import Virtqueue
+    from corral.memory import GuestMemory
+
+SECTOR = 512
+F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH = 1 << 2, 1 << 5, 1 << 6, 1 << 9
+F_DISCARD, F_WRITE_ZEROES = 1 << 13, 1 << 14
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+HEADER = struct.Struct("<IIQ")
+SEGMENT = struct.Struct("<QII")             # discard/write-zeroes: sector, num_sectors, flags
+QUEUE_SIZE = 256
+SEG_MAX = QUEUE_SIZE - 2
+MAX_DISCARD_SECTORS = 1 << 22               # 2 GiB per segment
+ID_BYTES = 20
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+
+_libc_fallocate = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    global _libc_fallocate
+    if _libc_fallocate is None:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        _libc_fallocate = (libc.fallocate, ctypes)
+    fn, ctypes = _libc_fallocate
+    if fn(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def open_image(path: str, read_only: bool) -> int:
+    """Open and lock a disk image: a clear ConfigError for a missing, unreadable or busy image.
+    Read-write users hold an exclusive OFD lock, read-only users a shared one."""
+    try:
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(f"disk image {path} does not exist: check the path given to --disk") from None
+    except IsADirectoryError:
+        raise ConfigError(f"disk image {path} is a directory: give a raw image file") from None
+    except PermissionError:
+        hint = "" if read_only else ", or add ,ro to use it read-only"
+        raise ConfigError(f"no permission to open disk image {path}{hint}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot open disk image {path}: {exc.strerror}") from None
+    lock = fcntl.F_RDLCK if read_only else fcntl.F_WRLCK
+    try:
+        # struct flock: type, whence, start, len, pid (0 for OFD locks)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", lock, 0, 0, 0, 0))
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise ConfigError(f"disk image {path} is in use by another VM"
+                              f"{'' if read_only else ' (add ,ro to share it read-only)'}") from None
+        raise ConfigError(f"cannot lock disk image {path}: {exc.strerror}") from None
+    size = os.fstat(fd).st_size
+    if size < SECTOR:
+        os.close(fd)
+        raise ConfigError(f"disk image {path} is {size} bytes: a disk needs at least one 512-byte sector")
+    return fd
+
+
+class VirtioBlock(VirtioDevice):
+    device_id = VIRTIO_ID_BLOCK
+    queue_sizes = (QUEUE_SIZE,)
+
+    def __init__(self, path: str, *, read_only: bool = False, serial: str = "") -> None:
+        super().__init__()
+        self.path = path
+        self.read_only = read_only
+        self.fd = open_image(path, read_only)
+        self.size = os.fstat(self.fd).st_size
+        self.sectors = self.size // SECTOR
+        self.serial = serial.encode()[:ID_BYTES]
+        self.queue: Virtqueue | None = None
+        self.memory: GuestMemory | None = None
+        self.interrupt: VirtioInterrupt | None = None
+        self.requests = 0
+
+    def device_features(self) -> int:
+        f = F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES
+        return f | F_RO if self.read_only else f
+
+    def config_bytes(self) -> bytes:
+        cfg = bytearray(0x3C)
+        struct.pack_into("<QII", cfg, 0, self.sectors, 0, SEG_MAX)    # capacity, size_max, seg_max
+        struct.pack_into("<I", cfg, 0x14, SECTOR)                      # blk_size
+        struct.pack_into("<H", cfg, 0x22, 1)                           # num_queues
+        struct.pack_into("<III", cfg, 0x24, MAX_DISCARD_SECTORS, 1, 1)  # discard limits, alignment
+        struct.pack_into("<IIB", cfg, 0x30, MAX_DISCARD_SECTORS, 1, 1)  # write-zeroes, may unmap
+        return bytes(cfg)
+
+    def activate(self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt,
+                 driver_features: int) -> None:
+        self.memory, self.queue, self.interrupt = memory, queues[0], interrupt
+
+    def reset(self) -> None:
+        super().reset()
+        self.queue = self.interrupt = None
+
+    def queue_notify(self, index: int) -> None:
+        if self.queue is not None and self.interrupt is not None:
+            self.serve(self.queue, self.interrupt, self._handle)
+
+    # -- one request -----------------------------------------------------------------------------
+    def _handle(self, chain: DescriptorChain) -> int:
+        """Serve one request; returns the bytes written into the driver's buffers."""
+        mem, q = self.memory, self.queue
+        assert mem is not None and q is not None
+        self.requests += 1
+        if not chain.writable:
+            return 0                            # no status byte: nothing can be reported
+        # the status byte is the last writable byte; data buffers are what precedes it
+        s_addr, s_len = chain.writable[-1]
+        status_at = s_addr + s_len - 1
+        data_out = chain.writable[:-1] + ([(s_addr, s_len - 1)] if s_len > 1 else [])
+        header = q.read_all(chain, HEADER.size)
+        if len(header) < HEADER.size:
+            mem.write(status_at, bytes([S_IOERR]))
+            return 1
+        rtype, _, sector = HEADER.unpack(header)
+        data_in = _skip(chain.readable, HEADER.size)
+        written = 0
+        try:
+            if rtype == T_IN:
+                written = self._read(mem, sector, data_out)
+                status = S_OK
+            elif rtype == T_OUT:
+                status = self._write(mem, sector, data_in)
+            elif rtype == T_FLUSH:
+                if not self.read_only:
+                    os.fsync(self.fd)
+                status = S_OK
+            elif rtype == T_GET_ID:
+                ident = self.serial.ljust(ID_BYTES, b"\0")
+                written = _scatter(mem, data_out, ident)
+                status = S_OK
+            elif rtype in (T_DISCARD, T_WRITE_ZEROES):
+                status = self._discard(mem, data_in, zeroes=rtype == T_WRITE_ZEROES)
+            else:
+                status = S_UNSUPP
+        except _IoError:
+            status = S_IOERR
+        except OSError:
+            status = S_IOERR
+        mem.write(status_at, bytes([status]))
+        return written + 1
+
+    def _range(self, sector: int, length: int) -> int:
+        """Byte offset of `length` bytes at `sector`, or _IoError if outside the disk."""
+        if length % SECTOR or sector + length // SECTOR > self.sectors:
+            raise _IoError
+        return sector * SECTOR
+
+    def _read(self, mem: GuestMemory, sector: int, bufs: list[tuple[int, int]]) -> int:
+        total = sum(n for _, n in bufs)
+        offset = self._range(sector, total)
+        views = [mem.view(a, n) for a, n in bufs]
+        done = os.preadv(self.fd, views, offset) if views else 0
+        if done != total:
+            raise _IoError
+        return done
+
+    def _write(self, mem: GuestMemory, sector: int, bufs: list[tuple[int, int]]) -> int:
+        if self.read_only:
+            return S_IOERR
+        total = sum(n for _, n in bufs)
+        offset = self._range(sector, total)
+        views = [mem.view(a, n) for a, n in bufs]
+        if views and os.pwritev(self.fd, views, offset) != total:
+            raise _IoError
+        return S_OK
+
+    def _discard(self, mem: GuestMemory, bufs: list[tuple[int, int]], *, zeroes: bool) -> int:
+        if self.read_only:
+            return S_IOERR
+        raw = b"".join(bytes(mem.view(a, n)) for a, n in bufs)
+        if not raw or len(raw) % SEGMENT.size:
+            return S_UNSUPP
+        for sector, count, flags in SEGMENT.iter_unpack(raw):
+            if flags & ~1 or count > MAX_DISCARD_SECTORS:
+                return S_UNSUPP
+            offset = self._range(sector, count * SECTOR)
+            mode = FALLOC_FL_ZERO_RANGE if zeroes and not flags & 1 else FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            try:
+                _fallocate(self.fd, mode, offset, count * SECTOR)
+            except OSError:
+                if not zeroes:
+                    continue                    # discard is a hint: a filesystem may refuse it
+                os.pwrite(self.fd, bytes(count * SECTOR), offset)
+        return S_OK
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _IoError(Exception):
+    pass
+
+
+def _skip(bufs: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    out = []
+    for addr, length in bufs:
+        if n >= length:
+            n -= length
+            continue
+        out.append((addr + n, length - n))
+        n = 0
+    return out
+
+
+def _scatter(mem: GuestMemory, bufs: list[tuple[int, int]], data: bytes) -> int:
+    done = 0
+    for addr, length in bufs:
+        n = min(length, len(data) - done)
+        if n <= 0:
+            break
+        mem.write(addr, data[done:done + n])
+        done += n
+    return done

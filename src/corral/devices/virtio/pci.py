@@ -1,0 +1,250 @@
+"""virtio over PCI, modern transport only (virtio 1.2 section 4.1).
+
+One 32-bit memory BAR holds the four register blocks the vendor capabilities point at:
+common configuration, ISR status, device configuration and the notification area (one 4-byte
+doorbell per queue). Doorbells become ioeventfds through `Doorbells`, so a kick wakes the VM's
+event loop without a vCPU exit into Python; a kick that does reach Python (before the ioeventfd
+exists) takes the same path. Interrupts use INTx with the ISR register (no MSI-X yet).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from typing import TYPE_CHECKING, Callable, Protocol
+
+from corral.devices.base import IrqLine
+from corral.devices.pci.config import CAP_ID_VENDOR, Bar, PciConfig
+from corral.devices.virtio.base import (F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, STATUS_DRIVER_OK,
+                                        STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VirtioDevice)
+from corral.devices.virtio.queue import Virtqueue, VirtqueueError
+
+if TYPE_CHECKING:
+    from corral.eventloop import EventLoop
+    from corral.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+VENDOR_VIRTIO = 0x1AF4
+PCI_DEVICE_BASE = 0x1040
+# BAR 0 layout
+BAR_SIZE = 0x4000
+COMMON_OFF, COMMON_LEN = 0x0000, 0x38
+ISR_OFF, ISR_LEN = 0x1000, 4
+DEVICE_OFF, DEVICE_LEN = 0x2000, 0x1000
+NOTIFY_OFF, NOTIFY_MULTIPLIER = 0x3000, 4
+CFG_COMMON, CFG_NOTIFY, CFG_ISR, CFG_DEVICE = 1, 2, 3, 4
+NO_VECTOR = 0xFFFF
+ISR_QUEUE, ISR_CONFIG = 1, 2
+# PCI class per device type (net: ethernet, blk: SCSI storage, others: "other")
+_CLASS = {1: 0x020000, 2: 0x018000, 3: 0x078000}
+
+
+class Doorbells(Protocol):
+    """Turns a guest MMIO write to `addr` (`length` bytes) into `callback` on the event loop."""
+
+    def attach(self, addr: int, length: int, callback: Callable[[], None]) -> object: ...
+
+    def detach(self, handle: object) -> None: ...
+
+
+class _QueueConfig:
+    __slots__ = ("size", "enable", "desc", "avail", "used", "vector")
+
+    def __init__(self, size: int) -> None:
+        self.size, self.enable, self.desc, self.avail, self.used = size, 0, 0, 0, 0
+        self.vector = NO_VECTOR
+
+
+class VirtioPciDevice:
+    """A PCI function carrying one virtio device."""
+
+    def __init__(self, device: VirtioDevice, memory: GuestMemory, irq: IrqLine, loop: EventLoop,
+                 doorbells: Doorbells) -> None:
+        self.device = device
+        self.memory = memory
+        self.irq = irq
+        self.loop = loop
+        self.doorbells = doorbells
+        self.offered = device.device_features() | F_VERSION_1 | F_EVENT_IDX | F_INDIRECT_DESC
+        self.config = PciConfig(vendor=VENDOR_VIRTIO, device=PCI_DEVICE_BASE + device.device_id,
+                                class_code=_CLASS.get(device.device_id, 0xFF0000), revision=1,
+                                subsys_vendor=VENDOR_VIRTIO, subsys_id=PCI_DEVICE_BASE + device.device_id,
+                                interrupt_pin=1)
+        self.config.add_bar(Bar(0, BAR_SIZE))
+        nq = len(device.queue_sizes)
+        for cfg_type, off, length, extra in (
+                (CFG_COMMON, COMMON_OFF, COMMON_LEN, b""),
+                (CFG_NOTIFY, NOTIFY_OFF, NOTIFY_MULTIPLIER * max(nq, 1), struct.pack("<I", NOTIFY_MULTIPLIER)),
+                (CFG_ISR, ISR_OFF, ISR_LEN, b""),
+                (CFG_DEVICE, DEVICE_OFF, DEVICE_LEN, b"")):
+            # cap_len, cfg_type, bar, id, padding, offset, length (+ notify multiplier)
+            body = struct.pack("<BBBB2xII", 16 + len(extra), cfg_type, 0, 0, off, length) + extra
+            self.config.add_capability(CAP_ID_VENDOR, body)
+        self._lock = threading.Lock()
+        self._doorbell_handles: list[object] = []
+        self._bar_addr: int | None = None
+        self._reset_registers()
+
+    def _reset_registers(self) -> None:
+        self.status = 0
+        self.device_feature_select = 0
+        self.driver_feature_select = 0
+        self.driver_features = 0
+        self.queue_select = 0
+        self.config_generation = 0
+        self.isr = 0
+        self.queues = [_QueueConfig(n) for n in self.device.queue_sizes]
+        self.active: list[Virtqueue] = []
+
+    # -- PCI function --------------------------------------------------------------------------
+    def bars_moved(self, addresses: list[int | None]) -> None:
+        with self._lock:
+            for h in self._doorbell_handles:
+                self.doorbells.detach(h)
+            self._doorbell_handles = []
+            self._bar_addr = addresses[0]
+            if self._bar_addr is None:
+                return
+            for i in range(len(self.queues)):
+                addr = self._bar_addr + NOTIFY_OFF + NOTIFY_MULTIPLIER * i
+                self._doorbell_handles.append(
+                    self.doorbells.attach(addr, 2, (lambda q: lambda: self._notify(q))(i)))
+
+    def bar_read(self, index: int, offset: int, size: int) -> int:
+        if COMMON_OFF <= offset < COMMON_OFF + COMMON_LEN:
+            return self._common_read(offset - COMMON_OFF, size)
+        if ISR_OFF <= offset < ISR_OFF + ISR_LEN:
+            with self._lock:        # reading the ISR acknowledges and lowers INTx
+                value, self.isr = self.isr, 0
+                self.irq.set_level(False)
+            return value if offset == ISR_OFF else 0
+        if DEVICE_OFF <= offset < DEVICE_OFF + DEVICE_LEN:
+            return self.device.read_config(offset - DEVICE_OFF, size)
+        return 0
+
+    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
+        if COMMON_OFF <= offset < COMMON_OFF + COMMON_LEN:
+            self._common_write(offset - COMMON_OFF, size, value)
+        elif DEVICE_OFF <= offset < DEVICE_OFF + DEVICE_LEN:
+            self.device.write_config(offset - DEVICE_OFF, size, value)
+        elif NOTIFY_OFF <= offset < NOTIFY_OFF + NOTIFY_MULTIPLIER * len(self.queues):
+            # a kick that reached Python: hand it to the loop like an ioeventfd would
+            q = (offset - NOTIFY_OFF) // NOTIFY_MULTIPLIER
+            self.loop.call_soon(lambda: self._notify(q))
+
+    # -- common configuration ------------------------------------------------------------------
+    def _selected(self) -> _QueueConfig | None:
+        return self.queues[self.queue_select] if self.queue_select < len(self.queues) else None
+
+    def _common_read(self, off: int, size: int) -> int:
+        with self._lock:
+            q = self._selected()
+            regs = {
+                0x00: self.device_feature_select,
+                0x04: (self.offered >> (32 * self.device_feature_select)) & 0xFFFF_FFFF
+                if self.device_feature_select < 2 else 0,
+                0x08: self.driver_feature_select,
+                0x0C: (self.driver_features >> (32 * self.driver_feature_select)) & 0xFFFF_FFFF
+                if self.driver_feature_select < 2 else 0,
+                0x10: NO_VECTOR,
+                0x12: len(self.queues),
+                0x14: self.status | (STATUS_NEEDS_RESET if self.device.broken else 0),
+                0x15: self.config_generation,
+                0x16: self.queue_select,
+                0x18: q.size if q else 0,
+                0x1A: NO_VECTOR,
+                0x1C: q.enable if q else 0,
+                0x1E: self.queue_select if q else 0,       # notify offset: queue index
+                0x20: q.desc if q else 0, 0x28: q.avail if q else 0, 0x30: q.used if q else 0,
+            }
+        # registers are read whole or in parts (64-bit addresses as two 32-bit halves)
+        for base, value in regs.items():
+            width = 8 if base >= 0x20 else 1 if base in (0x14, 0x15) else 2 if 0x10 <= base < 0x20 else 4
+            if base <= off and off + size <= base + width:
+                return (value >> (8 * (off - base))) & ((1 << (8 * size)) - 1)
+        return 0
+
+    def _common_write(self, off: int, size: int, value: int) -> None:
+        activate = reset = False
+        with self._lock:
+            q = self._selected()
+            live = bool(self.status & STATUS_DRIVER_OK)
+            if off == 0x00 and size == 4:
+                self.device_feature_select = value
+            elif off == 0x08 and size == 4:
+                self.driver_feature_select = value
+            elif off == 0x0C and size == 4 and self.driver_feature_select < 2 and not live:
+                shift = 32 * self.driver_feature_select
+                self.driver_features = (self.driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift)
+            elif off == 0x14 and size == 1:
+                if value == 0:
+                    reset = True
+                else:
+                    activate = self._set_status(value)
+            elif off == 0x16 and size == 2:
+                self.queue_select = value
+            elif q is not None and not live:
+                if off == 0x18 and size == 2:
+                    # the driver may shrink a queue, to any power of two
+                    if 0 < value <= self.device.queue_sizes[self.queue_select] and not value & (value - 1):
+                        q.size = value
+                elif off == 0x1C and size == 2:
+                    q.enable = value & 1
+                elif 0x20 <= off < 0x38 and size in (4, 8):
+                    name = ("desc", "avail", "used")[(off - 0x20) // 8]
+                    shift = 8 * ((off - 0x20) % 8)
+                    mask = ((1 << (8 * size)) - 1) << shift
+                    setattr(q, name, (getattr(q, name) & ~mask) | ((value << shift) & mask))
+        if reset:
+            self.loop.call_soon(self._reset)
+        if activate:
+            self.loop.call_soon(self._activate)
+
+    def _set_status(self, value: int) -> bool:
+        """Apply a non-zero status write; True when the driver just set DRIVER_OK."""
+        if value & STATUS_FEATURES_OK and not self.status & STATUS_FEATURES_OK:
+            if self.driver_features & ~self.offered or not self.driver_features & F_VERSION_1:
+                value &= ~STATUS_FEATURES_OK     # refused: the driver reads it back clear
+        newly_ok = bool(value & STATUS_DRIVER_OK and not self.status & STATUS_DRIVER_OK)
+        self.status = (self.status | value) & 0xFF
+        return newly_ok and bool(self.status & STATUS_FEATURES_OK)
+
+    def _activate(self) -> None:
+        queues = []
+        try:
+            for i, q in enumerate(self.queues):
+                vq = Virtqueue(self.memory, i, q.size, q.desc, q.avail, q.used,
+                               event_idx=bool(self.driver_features & F_EVENT_IDX),
+                               indirect=bool(self.driver_features & F_INDIRECT_DESC))
+                vq.ready = bool(q.enable)
+                queues.append(vq)
+        except VirtqueueError as exc:
+            self.device.fail(str(exc))
+            self.signal_config()
+            return
+        self.active = queues
+        self.device.activate(self.memory, queues, self, self.driver_features)
+
+    def _reset(self) -> None:
+        self.device.reset()
+        with self._lock:
+            self._reset_registers()
+            self.irq.set_level(False)
+
+    def _notify(self, index: int) -> None:
+        if self.status & STATUS_DRIVER_OK and self.active and not self.device.broken:
+            self.device.queue_notify(index)
+
+    # -- VirtioInterrupt --------------------------------------------------------------------------
+    def signal_queue(self, index: int) -> None:
+        with self._lock:
+            self.isr |= ISR_QUEUE
+            self.irq.set_level(True)
+
+    def signal_config(self) -> None:
+        with self._lock:
+            self.config_generation = (self.config_generation + 1) & 0xFF
+            self.isr |= ISR_CONFIG
+            self.irq.set_level(True)

@@ -1,0 +1,207 @@
+"""The split virtqueue (virtio 1.2 section 2.7), device side, with every guest value checked.
+
+The driver owns the descriptor table and the available ring; the device owns the used ring.
+Everything read from guest memory is hostile: descriptor indices must be below the queue size,
+chains may not loop or exceed the queue size, indirect tables must be whole descriptors and may
+not nest, writable buffers may not precede readable ones, and every buffer must lie in RAM.
+A chain that breaks a rule raises `VirtqueueError`; the device answers that request with an
+error or, where the spec wants it, marks itself NEEDS_RESET. The VMM never fails.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from corral.memory import GuestMemory
+
+DESC = struct.Struct("<QIHH")            # addr, len, flags, next
+DESC_SIZE = DESC.size
+U16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")         # id, len
+F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+AVAIL_F_NO_INTERRUPT = 1
+MAX_CHAIN_BYTES = 1 << 32                # no request may describe more than 4 GiB of buffers
+
+
+class VirtqueueError(Exception):
+    """The driver put something invalid in the queue."""
+
+
+@dataclass
+class DescriptorChain:
+    """One request: the head index and its buffers as (guest address, length) pairs."""
+
+    head: int
+    readable: list[tuple[int, int]] = field(default_factory=list)
+    writable: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def readable_len(self) -> int:
+        return sum(n for _, n in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(n for _, n in self.writable)
+
+
+class Virtqueue:
+    """One queue: `pop()` requests, `push()` completions, `needs_interrupt()` after a batch."""
+
+    def __init__(self, memory: GuestMemory, index: int, size: int, desc: int, avail: int, used: int,
+                 *, event_idx: bool, indirect: bool) -> None:
+        if size <= 0 or size > 32768 or size & (size - 1):
+            raise VirtqueueError(f"queue size {size} is not a power of two up to 32768")
+        self.memory = memory
+        self.index = index
+        self.size = size
+        self.desc, self.avail, self.used = desc, avail, used
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.ready = True
+        self.last_avail = 0             # next available-ring slot to read
+        self.used_idx = 0               # next used-ring slot to write
+        self._signalled_used = 0        # used_idx when the driver was last interrupted
+        # the rings must be in RAM as a whole; each access below still goes through `memory`
+        for what, addr, length, align in (("descriptor table", desc, 16 * size, 16),
+                                          ("available ring", avail, 6 + 2 * size, 2),
+                                          ("used ring", used, 6 + 8 * size, 4)):
+            if addr % align or not memory.contains(addr, length):
+                raise VirtqueueError(f"queue {index}: {what} at {addr:#x} is not aligned RAM")
+
+    # -- driver -> device ------------------------------------------------------------------------
+    def _avail_idx(self) -> int:
+        return U16.unpack(self.memory.view(self.avail + 2, 2))[0]
+
+    def has_available(self) -> bool:
+        return self.ready and self._avail_idx() != self.last_avail
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available request, validated; None when the ring is empty. Raises
+        VirtqueueError for a malformed ring (a bogus avail index) or chain (its head is still
+        consumed, so the device can complete it with an error)."""
+        if not self.ready:
+            return None
+        avail_idx = self._avail_idx()
+        pending = (avail_idx - self.last_avail) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise VirtqueueError(f"queue {self.index}: avail idx {avail_idx} is {pending} ahead "
+                                 f"of the device, more than the queue size {self.size}")
+        slot = self.avail + 4 + 2 * (self.last_avail % self.size)
+        head = U16.unpack(self.memory.view(slot, 2))[0]
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if self.event_idx:
+            self._publish_avail_event()
+        if head >= self.size:
+            raise VirtqueueError(f"queue {self.index}: head descriptor {head} >= size {self.size}")
+        chain = DescriptorChain(head)
+        self._walk(chain, self.desc, self.size, head, allow_indirect=True)
+        return chain
+
+    def _walk(self, chain: DescriptorChain, table: int, count: int, index: int,
+              allow_indirect: bool) -> None:
+        mem = self.memory
+        total = 0
+        for _ in range(count):                 # a chain longer than its table must loop
+            addr, length, flags, nxt = DESC.unpack(mem.view(table + DESC_SIZE * index, DESC_SIZE))
+            if flags & F_INDIRECT:
+                if not (allow_indirect and self.indirect):
+                    raise VirtqueueError(f"queue {self.index}: indirect descriptor not allowed here")
+                if flags & F_NEXT or length == 0 or length % DESC_SIZE:
+                    raise VirtqueueError(f"queue {self.index}: bad indirect table ({length} bytes)")
+                if not mem.contains(addr, length):
+                    raise VirtqueueError(f"queue {self.index}: indirect table outside RAM")
+                self._walk(chain, addr, length // DESC_SIZE, 0, allow_indirect=False)
+                return
+            if length:
+                if not mem.contains(addr, length):
+                    raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x} "
+                                         "is outside guest RAM")
+                total += length
+                if total > MAX_CHAIN_BYTES:
+                    raise VirtqueueError(f"queue {self.index}: request larger than 4 GiB")
+                if flags & F_WRITE:
+                    chain.writable.append((addr, length))
+                elif chain.writable:
+                    raise VirtqueueError(f"queue {self.index}: readable buffer after a writable one")
+                else:
+                    chain.readable.append((addr, length))
+            if not flags & F_NEXT:
+                return
+            if nxt >= count:
+                raise VirtqueueError(f"queue {self.index}: next descriptor {nxt} >= {count}")
+            index = nxt
+        raise VirtqueueError(f"queue {self.index}: descriptor chain loops")
+
+    def undo_pop(self) -> None:
+        """Put the last popped request back (the device could not take it yet)."""
+        self.last_avail = (self.last_avail - 1) & 0xFFFF
+
+    # -- device -> driver ------------------------------------------------------------------------
+    def push(self, head: int, written: int) -> None:
+        """Return request `head` to the driver, `written` bytes placed in its writable buffers."""
+        mem = self.memory
+        slot = self.used + 4 + 8 * (self.used_idx % self.size)
+        USED_ELEM.pack_into(mem.view(slot, 8), 0, head, written)
+        # the element is in place before the index that publishes it
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        U16.pack_into(mem.view(self.used + 2, 2), 0, self.used_idx)
+
+    def needs_interrupt(self) -> bool:
+        """After pushing a batch: must the driver be interrupted? (EVENT_IDX or NO_INTERRUPT)"""
+        mem = self.memory
+        old, new = self._signalled_used, self.used_idx
+        if self.event_idx:
+            used_event = U16.unpack(mem.view(self.avail + 4 + 2 * self.size, 2))[0]
+            # vring_need_event: did the used index step past used_event in this batch?
+            fire = ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        else:
+            flags = U16.unpack(mem.view(self.avail, 2))[0]
+            fire = new != old and not flags & AVAIL_F_NO_INTERRUPT
+        self._signalled_used = new
+        return fire
+
+    def _publish_avail_event(self) -> None:
+        U16.pack_into(self.memory.view(self.used + 4 + 8 * self.size, 2), 0, self.last_avail)
+
+    # -- buffer helpers -------------------------------------------------------------------------
+    def read_all(self, chain: DescriptorChain, limit: int | None = None) -> bytes:
+        out = bytearray()
+        for addr, length in chain.readable:
+            if limit is not None and len(out) + length > limit:
+                length = limit - len(out)
+            out += self.memory.view(addr, length)
+            if limit is not None and len(out) >= limit:
+                break
+        return bytes(out)
+
+    def write_all(self, chain: DescriptorChain, data: bytes, skip: int = 0) -> int:
+        """Copy `data` into the writable buffers from byte `skip` on; returns bytes written."""
+        done = 0
+        for addr, length in chain.writable:
+            if skip >= length:
+                skip -= length
+                continue
+            n = min(length - skip, len(data) - done)
+            if n <= 0:
+                break
+            self.memory.view(addr + skip, n)[:] = data[done:done + n]
+            done += n
+            skip = 0
+        return done
+
+    # -- state (snapshot, migration) ------------------------------------------------------------
+    def save_state(self) -> dict[str, int]:
+        return {"size": self.size, "desc": self.desc, "avail": self.avail, "used": self.used,
+                "last_avail": self.last_avail, "used_idx": self.used_idx,
+                "signalled_used": self._signalled_used, "ready": int(self.ready)}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.last_avail = state["last_avail"] & 0xFFFF
+        self.used_idx = state["used_idx"] & 0xFFFF
+        self._signalled_used = state["signalled_used"] & 0xFFFF
+        self.ready = bool(state["ready"])

@@ -1,0 +1,80 @@
+"""One event loop per VM: a thread that waits on many fds with epoll and runs their callbacks.
+
+Queue doorbells (ioeventfds), tap devices and sockets are fds; the devices behind them run on
+this thread, never on a vCPU thread, so a guest's queue kick costs the vCPU no exit into Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import threading
+from collections import deque
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+class EventLoop:
+    def __init__(self, name: str = "corral-devices") -> None:
+        self.name = name
+        self._sel = selectors.EpollSelector()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._sel.register(self._wake, selectors.EVENT_READ, self._drain_calls)
+        self._calls: deque[Callable[[], None]] = deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._lock = threading.Lock()
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._sel.register(fd, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        with self._lock:
+            try:
+                self._sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the loop thread (safe from any thread)."""
+        self._calls.append(fn)
+        os.eventfd_write(self._wake, 1)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._thread is not None:
+            os.eventfd_write(self._wake, 1)
+            self._thread.join(5.0)
+            self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        self._sel.close()
+        os.close(self._wake)
+
+    def _drain_calls(self) -> None:
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+        while self._calls:
+            self._calls.popleft()()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            for key, _ in self._sel.select():
+                try:
+                    key.data()
+                except Exception:  # a device bug must not stop every other device
+                    log.exception("device event handler failed")
+        # calls queued while stopping (device teardown) still run
+        self._drain_calls()

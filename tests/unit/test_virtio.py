@@ -1,0 +1,263 @@
+"""virtio-pci transport, split virtqueue, virtio-blk and virtio-rng, driven from a Python driver."""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from virtio_driver import Driver  # noqa: E402
+
+from corral.devices.virtio.base import F_VERSION_1, STATUS_FEATURES_OK, STATUS_NEEDS_RESET  # noqa: E402
+from corral.devices.virtio.blk import (F_FLUSH, F_RO, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH,  # noqa: E402
+                                       T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES, VirtioBlock)
+from corral.devices.virtio.rng import VirtioRng  # noqa: E402
+from corral.errors import ConfigError  # noqa: E402
+
+SECTORS = 256
+
+
+@pytest.fixture
+def image(tmp_path):
+    p = tmp_path / "disk.img"
+    p.write_bytes(b"".join(struct.pack("<Q", i) + bytes([i & 0xFF]) * 504 for i in range(SECTORS)))
+    return p
+
+
+@pytest.fixture
+def blk(image):
+    d = Driver(VirtioBlock(str(image), serial="corral-disk-7"))
+    d.setup()
+    yield d
+    d.close()
+
+
+def request(d: Driver, rtype: int, sector: int, data: bytes | None = None, read_len: int = 0,
+            payload: bytes = b"") -> tuple[int, bytes, int]:
+    """One blk request; returns (status, bytes read, used length)."""
+    bufs = [(d.alloc(struct.pack("<IIQ", rtype, 0, sector) + payload), False)]
+    if data is not None:
+        bufs.append((d.alloc(data), False))
+    rd = d.alloc(read_len) if read_len else None
+    if rd:
+        bufs.append((rd, True))
+    st_buf = d.alloc(1)
+    bufs.append((st_buf, True))
+    head = d.submit(0, bufs)
+    done = d.used(0)
+    assert [h for h, _ in done] == [head]
+    return d.mem.read(st_buf[0], 1)[0], d.mem.read(*rd) if rd else b"", done[0][1]
+
+
+def test_identity_and_features(blk):
+    assert blk.fn.config.read(0, 4) == (0x1042 << 16) | 0x1AF4       # modern virtio-blk
+    assert blk.fn.config.read(0x08, 1) == 1                          # revision 1
+    f = blk.device_features()
+    assert f & F_VERSION_1 and f & F_FLUSH and not f & F_RO
+    assert blk.config(0, 8) == SECTORS                               # capacity in sectors
+
+
+def test_read_write_flush(blk, image):
+    status, data, used = request(blk, T_IN, 3, read_len=1024)
+    assert status == S_OK and used == 1025
+    assert data[:8] == struct.pack("<Q", 3) and data[512:520] == struct.pack("<Q", 4)
+    status, _, _ = request(blk, T_OUT, 10, data=b"\xAB" * 512)
+    assert status == S_OK
+    assert request(blk, T_FLUSH, 0)[0] == S_OK
+    assert image.read_bytes()[10 * 512:11 * 512] == b"\xAB" * 512
+
+
+def test_out_of_range_and_unknown_requests_fail_alone(blk):
+    assert request(blk, T_IN, SECTORS - 1, read_len=1024)[0] == S_IOERR   # runs past the end
+    assert request(blk, T_IN, 0, read_len=100)[0] == S_IOERR              # not whole sectors
+    assert request(blk, 99, 0)[0] == S_UNSUPP
+    assert request(blk, T_IN, 0, read_len=512)[0] == S_OK                 # the device still works
+
+
+def test_get_id(blk):
+    status, data, _ = request(blk, T_GET_ID, 0, read_len=20)
+    assert status == S_OK and data.rstrip(b"\0") == b"corral-disk-7"
+
+
+def test_discard_and_write_zeroes(blk, image):
+    seg = struct.pack("<QII", 20, 4, 0)
+    assert request(blk, T_WRITE_ZEROES, 0, payload=seg)[0] == S_OK
+    assert image.read_bytes()[20 * 512:24 * 512] == bytes(4 * 512)
+    assert request(blk, T_DISCARD, 0, payload=struct.pack("<QII", 40, 2, 0))[0] == S_OK
+    bad = struct.pack("<QII", SECTORS - 1, 8, 0)
+    assert request(blk, T_WRITE_ZEROES, 0, payload=bad)[0] == S_IOERR
+
+
+def test_read_only_disk(image):
+    d = Driver(VirtioBlock(str(image), read_only=True))
+    d.setup()
+    try:
+        assert d.device_features() & F_RO
+        assert request(d, T_OUT, 0, data=bytes(512))[0] == S_IOERR
+        assert request(d, T_IN, 0, read_len=512)[0] == S_OK
+    finally:
+        d.close()
+    assert image.read_bytes()[:8] == struct.pack("<Q", 0)
+
+
+def test_image_errors_are_one_line(tmp_path, image):
+    with pytest.raises(ConfigError, match="does not exist"):
+        VirtioBlock(str(tmp_path / "missing.img"))
+    with pytest.raises(ConfigError, match="directory"):
+        VirtioBlock(str(tmp_path))
+    (tmp_path / "empty.img").write_bytes(b"")
+    with pytest.raises(ConfigError, match="at least one 512-byte sector"):
+        VirtioBlock(str(tmp_path / "empty.img"))
+    first = VirtioBlock(str(image))
+    try:
+        with pytest.raises(ConfigError, match="in use by another VM"):
+            VirtioBlock(str(image))
+        with pytest.raises(ConfigError, match="in use by another VM"):
+            VirtioBlock(str(image), read_only=True)
+    finally:
+        first.close()
+    a, b = VirtioBlock(str(image), read_only=True), VirtioBlock(str(image), read_only=True)
+    a.close(), b.close()
+
+
+def test_features_never_offered_are_refused(image):
+    d = Driver(VirtioBlock(str(image)))
+    try:
+        d.wr(0x14, 1, 3)
+        d.wr(0x08, 4, 1)
+        d.wr(0x0C, 4, 1 | (1 << 20))           # VERSION_1 plus an unknown high bit
+        d.wr(0x14, 1, 3 | STATUS_FEATURES_OK)
+        assert not d.status() & STATUS_FEATURES_OK
+    finally:
+        d.close()
+
+
+def test_interrupt_through_isr(blk):
+    before = blk.irq.raised
+    request(blk, T_IN, 0, read_len=512)
+    assert blk.irq.raised == before + 1 and blk.irq.level
+    assert blk.isr() == 1 and not blk.irq.level                       # reading acknowledges
+    assert blk.isr() == 0
+
+
+def test_event_idx_suppresses_interrupts(image):
+    d = Driver(VirtioBlock(str(image)))
+    d.setup()
+    try:
+        _, avail, used = d.rings(0)
+        # used_event = 5: only the completion that moves used idx past 5 interrupts
+        d.mem.write(avail + 4 + 2 * d.sizes[0], struct.pack("<H", 5))
+        raised = []
+        for i in range(8):
+            before = d.irq.raised
+            request(d, T_IN, 0, read_len=512)
+            d.isr()
+            raised.append(d.irq.raised - before)
+        assert raised == [0, 0, 0, 0, 0, 1, 0, 0]
+        # the device publishes avail_event = how far it has read
+        assert struct.unpack("<H", d.mem.read(used + 4 + 8 * d.sizes[0], 2))[0] == 8
+    finally:
+        d.close()
+
+
+def test_rng_fills_buffers():
+    d = Driver(VirtioRng())
+    d.setup()
+    try:
+        buf = d.alloc(4096)
+        head = d.submit(0, [(buf, True)])
+        assert d.used(0) == [(head, 4096)]
+        data = d.mem.read(*buf)
+        assert len(set(data)) > 200          # random, not zeros
+    finally:
+        d.close()
+
+
+def test_reset_returns_to_initial_state(blk):
+    blk.wr(0x14, 1, 0)
+    assert blk.status() == 0
+    blk.setup()
+    assert request(blk, T_IN, 1, read_len=512)[0] == S_OK
+
+
+# -- hostile drivers ---------------------------------------------------------------------------
+def test_looping_chain_marks_needs_reset_and_vmm_survives(blk):
+    desc, _, _ = blk.rings(0)
+    blk.mem.write(desc, struct.pack("<QIHH", 0x100000, 16, 1, 1))
+    blk.mem.write(desc + 16, struct.pack("<QIHH", 0x100000, 16, 1, 0))   # 0 -> 1 -> 0 ...
+    blk.put_avail(0, 0)
+    assert blk.status() & STATUS_NEEDS_RESET
+    blk.setup()                                                            # a reset recovers
+    assert request(blk, T_IN, 1, read_len=512)[0] == S_OK
+
+
+@pytest.mark.parametrize("desc", [
+    struct.pack("<QIHH", 0xFFFF_FFFF_0000, 512, 0, 0),       # outside RAM
+    struct.pack("<QIHH", 15 * (1 << 20), 2 << 20, 0, 0),      # runs off the end of RAM
+    struct.pack("<QIHH", 0x100000, 16, 1, 999),               # next beyond the table
+    struct.pack("<QIHH", 0x100000, 17, 4, 0),                 # indirect table not whole descriptors
+])
+def test_bad_descriptors_never_raise(blk, desc):
+    d0, _, _ = blk.rings(0)
+    blk.mem.write(d0, desc)
+    blk.put_avail(0, 0)
+    assert blk.status() & STATUS_NEEDS_RESET
+
+
+def test_bad_head_and_runaway_avail_index(blk):
+    _, avail, _ = blk.rings(0)
+    blk.put_avail(0, 1000)                                    # head beyond the queue
+    assert blk.status() & STATUS_NEEDS_RESET
+    blk.setup()
+    blk.mem.write(avail + 2, struct.pack("<H", 500))         # 500 entries "available" in a 64 queue
+    blk.kick(0)
+    assert blk.status() & STATUS_NEEDS_RESET
+
+
+def test_rings_outside_ram_fail_activation(image):
+    d = Driver(VirtioBlock(str(image)))
+    try:
+        d.wr(0x14, 1, 3)
+        d.wr(0x08, 4, 1)
+        d.wr(0x0C, 4, 1)
+        d.wr(0x14, 1, 11)
+        d.wr(0x16, 2, 0)
+        d.wr(0x20, 4, 0xFFFF_0000)           # descriptor table in the MMIO hole
+        d.wr(0x1C, 2, 1)
+        d.wr(0x14, 1, 15)
+        assert d.status() & STATUS_NEEDS_RESET
+    finally:
+        d.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1 << 25), st.integers(0, 1 << 21), st.integers(0, 7),
+                          st.integers(0, 70)), min_size=1, max_size=64),
+       st.lists(st.integers(0, 70), min_size=1, max_size=8))
+def test_random_rings_never_break_the_vmm(tmp_path_factory, descs, heads):
+    path = tmp_path_factory.mktemp("fuzz") / "d.img"
+    path.write_bytes(bytes(64 * 512))
+    for dev in (VirtioBlock(str(path)), VirtioRng()):
+        d = Driver(dev)
+        d.setup()
+        try:
+            table, _, _ = d.rings(0)
+            for i, (addr, n, flags, nxt) in enumerate(descs):
+                d.mem.write(table + 16 * i, struct.pack("<QIHH", addr, n, flags, nxt))
+            for h in heads:
+                d.put_avail(0, h)
+            # whatever happened, the transport still answers and a reset brings it back
+            d.status()
+            d.setup()
+            if isinstance(dev, VirtioBlock):
+                assert request(d, T_IN, 0, read_len=512)[0] == S_OK
+        finally:
+            d.close()
+    assert os.path.getsize(path) == 64 * 512

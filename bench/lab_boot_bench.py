@@ -27,7 +27,11 @@ from corral.images.debian_image import resolve_bzimage, resolve_pvh  # noqa: E40
 from labhost import LabHost  # noqa: E402
 
 CMDLINE = "console=ttyS0 panic=-1 reboot=acpi quiet -- cat /proc/uptime"
-PY = f"{ROOT}/.venv/bin/python"
+import os  # noqa: E402
+
+PY = os.environ.get("CORRAL_PY", f"{ROOT}/.venv/bin/python")
+# corral from this checkout's sources, whichever interpreter runs it
+CORRAL = ["env", f"PYTHONPATH={ROOT}/src", PY, "-m", "corral"]
 
 
 def main() -> int:
@@ -40,9 +44,9 @@ def main() -> int:
     qemu = ["qemu-system-x86_64", "-accel", "kvm", "-m", "512M", "-smp", "1", "-nodefaults",
             "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"]
     vmms = {
-        "corral (bzImage)": [f"{ROOT}/.venv/bin/corral", "run", "--kernel", str(bz), "--initrd", str(initrd),
+        "corral (bzImage)": CORRAL + ["run", "--kernel", str(bz), "--initrd", str(initrd),
                              "--memory", "512M", "--cpu-hide", "xsave", "--no-reboot", "--cmdline", CMDLINE],
-        "corral (PVH vmlinux)": [f"{ROOT}/.venv/bin/corral", "run", "--kernel", str(vmlinux), "--initrd",
+        "corral (PVH vmlinux)": CORRAL + ["run", "--kernel", str(vmlinux), "--initrd",
                                  str(initrd), "--memory", "512M", "--cpu-hide", "xsave", "--no-reboot",
                                  "--cmdline", CMDLINE],
         "QEMU -M pc (bzImage, SeaBIOS)": qemu + ["-M", "pc", "-kernel", str(bz), "-initrd", str(initrd),
@@ -57,12 +61,21 @@ def main() -> int:
             for i in range(args.runs):
                 print(f"[lab] {name} run {i + 1}/{args.runs}", file=sys.stderr, flush=True)
                 quoted = " ".join("'" + c.replace("'", "'\\''") + "'" for c in cmd)
-                res = lab.run(f"{PY} {ROOT}/bench/lab_boot_timer.py 240 {quoted}", timeout=300)
+                res = lab.run(f"{PY} {ROOT}/bench/lab_boot_timer.py 420 {quoted}", timeout=480)
                 line = res.output.strip().splitlines()[-1] if res.output.strip() else "{}"
-                data = json.loads(line)
+                try:
+                    data = json.loads(line)
+                except ValueError:
+                    data = {"tail": res.output[-2000:]}
                 if data.get("to_command_s") is None:
-                    raise SystemExit(f"{name}: no uptime line; tail:\n{data.get('tail', res.output)}")
+                    # one VMM failing to boot must not hide the others' figures
+                    print(f"[lab] {name}: no uptime line; tail:\n{data.get('tail', res.output)}",
+                          file=sys.stderr, flush=True)
+                    continue
                 samples.append(data)
+            if not samples:
+                results[name] = {"guest_uptime_s": None, "to_command_s": None}
+                continue
             results[name] = {
                 "guest_uptime_s": statistics.median(s["guest_uptime_s"] for s in samples),
                 "to_command_s": statistics.median(s["to_command_s"] for s in samples),
@@ -74,7 +87,10 @@ def main() -> int:
              "| VMM (inside the lab, on its SVM /dev/kvm) | guest uptime at first command (s) | launch -> first command, wall (s) |",
              "|---|---:|---:|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['guest_uptime_s']:.2f} | {r['to_command_s']:.1f} |")
+        if r["to_command_s"] is None:
+            lines.append(f"| {name} | did not boot | did not boot |")
+        else:
+            lines.append(f"| {name} | {r['guest_uptime_s']:.2f} | {r['to_command_s']:.1f} |")
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -276,6 +276,8 @@ static const struct scenario scenarios[] = {
     {"pio-bench", scenario_pio_bench},
     {"mmio-bench", scenario_mmio_bench},
     {"mem-touch", scenario_mem_touch},
+    {"blk-check", scenario_blk_check},
+    {"blk-bench", scenario_blk_bench},
 };
 
 static const struct scenario *find_scenario(const char *name)

@@ -28,6 +28,10 @@ typedef unsigned long size_t;
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
 static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u16 inw(u16 port) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 static inline u64 rdtsc(void)
 {
     u32 lo, hi;
@@ -89,6 +93,8 @@ extern char _end[];
 /* smp.c */
 int scenario_smp(int argc, char **argv);
 int scenario_timer(int argc, char **argv);
+int scenario_blk_check(int argc, char **argv);
+int scenario_blk_bench(int argc, char **argv);
 void lapic_enable(void);
 
 /* ring0.c / boot.S */

@@ -28,7 +28,8 @@ def parse_results(output: str) -> dict[str, str]:
     return found
 
 
-def run_probe(cmdline: str, cpus: int = 1, memory: str = "256M", timeout: float = 60.0) -> ProbeRun:
+def run_probe(cmdline: str, cpus: int = 1, memory: str = "256M", timeout: float = 60.0,
+              **devices: object) -> ProbeRun:
     out = bytearray()
     lock = threading.Lock()
 
@@ -37,7 +38,7 @@ def run_probe(cmdline: str, cpus: int = 1, memory: str = "256M", timeout: float 
             out.extend(data)
 
     m = Machine(MachineConfig.build(kernel=build_probe(), cmdline=cmdline, cpus=cpus, memory=memory,
-                                    no_reboot=True), console=console)
+                                    no_reboot=True, **devices), console=console)
     try:
         m.start()
         res = m.wait(timeout)

@@ -3,8 +3,10 @@ bus, binds virtio_pci + virtio_blk / virtio_rng, and really moves data through t
 
 from __future__ import annotations
 
+import os
 import re
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -22,13 +24,18 @@ def boot_with(lab, images, command: str, devices: str, timeout: float = 240.0):
                    timeout=timeout)
 
 
-def test_virtio_blk_and_rng_under_linux(lab, debian_build, tmp_path_factory):
+def test_virtio_blk_and_rng_under_linux(lab, debian_build):
     images = need(debian_build)
-    # the image lives on the host; the lab sees the host's root read-only, so it is copied into
-    # the lab's writable /tmp first and checked there after the guest wrote to it
-    host_img = tmp_path_factory.mktemp("disk", numbered=True) / "disk.img"
+    # the image is made on the host where the lab sees it (its 9p view of the host's root is
+    # read-only and its /tmp is its own), then copied into the lab's writable /tmp
+    host_dir = Path.home() / ".cache" / "corral" / "lab-scratch"
+    host_dir.mkdir(parents=True, exist_ok=True)
+    host_img = host_dir / f"disk-{os.getpid()}.img"
     host_img.write_bytes(b"".join(struct.pack("<Q", i) + b"CORRALDISK" + bytes(494) for i in range(SECTORS)))
-    lab.check(f"cp {host_img} /tmp/lab-disk.img", timeout=60)
+    try:
+        lab.check(f"cp {host_img} /tmp/lab-disk.img", timeout=60)
+    finally:
+        host_img.unlink()
     command = ("cat /sys/block/vda/size; cat /sys/block/vda/serial; echo; "
                "dd if=/dev/vda bs=512 skip=7 count=1 2>/dev/null | head -c 18 | od -An -tx1; "
                "echo WRITTEN-BY-GUEST | dd of=/dev/vda bs=512 seek=100 conv=notrunc,fsync 2>/dev/null; "

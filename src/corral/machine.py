@@ -33,6 +33,7 @@ from corral.devices.virtio.base import VirtioDevice
 from corral.devices.virtio.pci import BAR_SIZE, VirtioPciDevice
 from corral.doorbells import KvmDoorbells
 from corral.eventloop import EventLoop
+from corral.irq import IrqRouter
 from corral.errors import HostError
 from corral.kvm import Kvm, KvmError, VmFd
 from corral.kvm import constants as K
@@ -104,6 +105,7 @@ class Machine:
         self.reboots = 0
         self.loop: EventLoop | None = None
         self.doorbells: KvmDoorbells | None = None
+        self.irq_router: IrqRouter | None = None
         self.virtio: dict[str, VirtioPciDevice] = {}
         self._stop_requested = False  # sticky across reboots: stop() must end run()
 
@@ -224,11 +226,15 @@ class Machine:
             return
         self.loop = EventLoop("corral-devices")
         self.doorbells = KvmDoorbells(vm, self.loop)
+        self.irq_router = IrqRouter(vm)
         bar = layout.PCI_MMIO32_START
         for name, make in wanted:
             slot = next(s for s in range(1, 32) if self.pci.slots[s] is None)
-            fn = VirtioPciDevice(make(), mem, KvmIrqLine(vm, layout.pci_intx_gsi(slot)), self.loop,
-                                 self.doorbells)
+            device = make()
+            # one MSI-X vector per queue and one for configuration changes
+            vectors = [self.irq_router.msi_vector() for _ in range(len(device.queue_sizes) + 1)]
+            fn = VirtioPciDevice(device, mem, KvmIrqLine(vm, layout.pci_intx_gsi(slot)), self.loop,
+                                 self.doorbells, vectors)
             self.virtio[name] = fn        # registered first, so close() releases it on failure
             fn.config.set_bar_address(0, bar)
             fn.config.write(COMMAND, 2, CMD_MEMORY)
@@ -284,6 +290,9 @@ class Machine:
         for fn in self.virtio.values():
             fn.device.close()
         self.virtio = {}
+        if self.irq_router is not None:
+            self.irq_router.close()
+            self.irq_router = None
         if self.loop is not None:
             self.loop.close()
             self.loop = None

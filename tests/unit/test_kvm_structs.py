@@ -19,7 +19,8 @@ STRUCTS = {
     "kvm_irqchip": S.KvmIrqchip, "kvm_pit_state2": S.KvmPitState2, "kvm_clock_data": S.KvmClockData,
     "kvm_enable_cap": S.KvmEnableCap, "kvm_guest_debug": S.KvmGuestDebug,
     "kvm_coalesced_mmio_zone": S.KvmCoalescedMmioZone, "kvm_irqfd": S.KvmIrqfd,
-    "kvm_ioeventfd": S.KvmIoeventfd, "kvm_dirty_log": S.KvmDirtyLog,
+    "kvm_ioeventfd": S.KvmIoeventfd, "kvm_irq_routing_entry": S.KvmIrqRoutingEntry,
+    "kvm_irq_routing_irqchip": S.KvmIrqRoutingIrqchip, "kvm_irq_routing_msi": S.KvmIrqRoutingMsi, "kvm_dirty_log": S.KvmDirtyLog,
 }
 IOCTLS = [n for n in vars(K) if n.startswith("KVM_") and n not in ("KVM_API_VERSION", "KVMIO")]
 RUN_OFFSETS = {

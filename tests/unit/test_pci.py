@@ -21,6 +21,7 @@ class Dummy:
         self.config.add_bar(Bar(2, 0x4000, mem64=True, prefetchable=True))
         self.moves: list[list[int | None]] = []
         self.writes: list[tuple[int, int, int]] = []
+        self.config_writes: list[tuple[int, int]] = []
 
     def bar_read(self, index: int, offset: int, size: int) -> int:
         return (index << 16) | offset
@@ -30,6 +31,9 @@ class Dummy:
 
     def bars_moved(self, addresses: list[int | None]) -> None:
         self.moves.append(addresses)
+
+    def config_written(self, offset: int, size: int) -> None:
+        self.config_writes.append((offset, size))
 
 
 @pytest.fixture
@@ -84,6 +88,7 @@ def test_read_only_registers_stay(bus):
     assert cf8_read(ports, slot, 0x3D, 1) == 1                   # interrupt pin
     cf8_write(ports, slot, 0x3C, 1, 11)                          # interrupt line is writable
     assert cf8_read(ports, slot, 0x3C, 1) == 11
+    assert root.slots[slot].config_writes[-1] == (0x3C, 1)      # the function hears of writes
 
 
 def test_bar_sizing_and_mapping(bus):

@@ -261,3 +261,66 @@ def test_random_rings_never_break_the_vmm(tmp_path_factory, descs, heads):
         finally:
             d.close()
     assert os.path.getsize(path) == 64 * 512
+
+
+# -- MSI-X --------------------------------------------------------------------------------------
+from virtio_driver import FakeVector  # noqa: E402
+
+from corral.devices.pci.config import CAP_ID_MSIX  # noqa: E402
+from corral.devices.virtio.pci import MSIX_PBA_OFF, MSIX_TABLE_OFF  # noqa: E402
+
+
+def msix_cap(d: Driver) -> int:
+    cap = d.fn.config.read(0x34, 1)
+    while cap:
+        if d.fn.config.read(cap, 1) == CAP_ID_MSIX:
+            return cap
+        cap = d.fn.config.read(cap + 1, 1)
+    raise AssertionError("no MSI-X capability")
+
+
+def test_msix_vectors_deliver_queue_interrupts(image):
+    vectors = [FakeVector(), FakeVector()]
+    d = Driver(VirtioBlock(str(image)), vectors=vectors)
+    try:
+        cap = msix_cap(d)
+        assert d.fn.config.read(cap + 2, 2) & 0x7FF == 1                 # table size 2
+        assert d.fn.config.read(cap + 4, 4) == MSIX_TABLE_OFF           # table in BAR 0
+        d.setup(features=~(1 << 29) & (1 << 64) - 1)                     # no EVENT_IDX: every completion
+        d.wr(0x16, 2, 0)
+        d.wr(0x1A, 2, 1)                                                # queue 0 -> vector 1
+        assert d.rd(0x1A, 2) == 1
+        d.wr(0x1A, 2, 7)                                                # no such vector: refused
+        assert d.rd(0x1A, 2) == 0xFFFF
+        d.wr(0x1A, 2, 1)
+        # program vector 1 (address, data, unmasked), then enable MSI-X in config space
+        for off, val in ((0, 0xFEE0_0000), (4, 0), (8, 0x41), (12, 0)):
+            d.fn.bar_write(0, MSIX_TABLE_OFF + 16 + off, 4, val)
+        d.fn.config.write(cap + 2, 2, 1 << 15)
+        d.fn.config_written(cap + 2, 2)
+        assert (vectors[1].address, vectors[1].data, vectors[1].masked) == (0xFEE0_0000, 0x41, False)
+        request(d, T_IN, 0, read_len=512)
+        assert vectors[1].fired == 1 and d.irq.raised == 0              # MSI-X, not INTx
+        # function mask: the interrupt waits in the PBA and arrives on unmask
+        d.fn.config.write(cap + 2, 2, (1 << 15) | (1 << 14))
+        d.fn.config_written(cap + 2, 2)
+        request(d, T_IN, 0, read_len=512)
+        assert vectors[1].fired == 1 and d.fn.bar_read(0, MSIX_PBA_OFF, 8) == 0b10
+        d.fn.config.write(cap + 2, 2, 1 << 15)
+        d.fn.config_written(cap + 2, 2)
+        assert vectors[1].fired == 2 and d.fn.bar_read(0, MSIX_PBA_OFF, 8) == 0
+    finally:
+        d.close()
+
+
+def test_without_msix_enabled_interrupts_use_intx(image):
+    vectors = [FakeVector(), FakeVector()]
+    d = Driver(VirtioBlock(str(image)), vectors=vectors)
+    try:
+        d.setup()
+        d.wr(0x16, 2, 0)
+        d.wr(0x1A, 2, 1)
+        request(d, T_IN, 0, read_len=512)
+        assert d.irq.raised == 1 and vectors[1].fired == 0
+    finally:
+        d.close()

@@ -46,6 +46,29 @@ class Line:
         self.raised += 1
 
 
+class FakeVector:
+    """Records what an irqfd-backed MSI vector would deliver."""
+
+    def __init__(self) -> None:
+        self.address = self.data = 0
+        self.masked = True
+        self.pending = False
+        self.fired = 0
+
+    def update(self, address: int, data: int, masked: bool) -> None:
+        self.address, self.data, self.masked = address, data, masked
+        if not masked and self.pending:
+            self.pending = False
+            self.fired += 1
+
+    def trigger(self) -> bool:
+        if self.masked:
+            self.pending = True
+            return False
+        self.fired += 1
+        return True
+
+
 class NoDoorbells:
     def attach(self, addr, length, callback):
         return None
@@ -55,10 +78,11 @@ class NoDoorbells:
 
 
 class Driver:
-    def __init__(self, device: VirtioDevice, memory: GuestMemory | None = None) -> None:
+    def __init__(self, device: VirtioDevice, memory: GuestMemory | None = None,
+                 vectors: list | None = None) -> None:
         self.mem = memory or GuestMemory(16 * MiB)
         self.irq = Line()
-        self.fn = VirtioPciDevice(device, self.mem, self.irq, ImmediateLoop(), NoDoorbells())
+        self.fn = VirtioPciDevice(device, self.mem, self.irq, ImmediateLoop(), NoDoorbells(), vectors)
         self.device = device
         self.next_data = DATA
         self.avail_idx: dict[int, int] = {}

@@ -183,6 +183,12 @@ class VmFd(_Fd):
     def register_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
         self._ioctl(K.KVM_REGISTER_COALESCED_MMIO, S.KvmCoalescedMmioZone(addr, size, int(pio)))
 
+    def set_gsi_routing(self, entries: list[S.KvmIrqRoutingEntry]) -> None:
+        table = S.kvm_irq_routing(len(entries))
+        for i, e in enumerate(entries):
+            table.entries[i] = e
+        self._ioctl(K.KVM_SET_GSI_ROUTING, table, f"{len(entries)} routes")
+
     def irqfd(self, fd: int, gsi: int, flags: int = 0, resamplefd: int = 0) -> None:
         self._ioctl(K.KVM_IRQFD, S.KvmIrqfd(fd=fd, gsi=gsi, flags=flags, resamplefd=resamplefd))
 

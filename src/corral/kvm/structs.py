@@ -71,6 +71,31 @@ def kvm_cpuid2(n: int) -> C.Structure:
     return KvmCpuid2(nent=n)
 
 
+class KvmIrqRoutingIrqchip(C.Structure):
+    _fields_ = [("irqchip", u32), ("pin", u32)]
+
+
+class KvmIrqRoutingMsi(C.Structure):
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("devid", u32)]
+
+
+class _KvmIrqRoutingU(C.Union):
+    _fields_ = [("irqchip", KvmIrqRoutingIrqchip), ("msi", KvmIrqRoutingMsi), ("pad", u32 * 8)]
+
+
+class KvmIrqRoutingEntry(C.Structure):
+    _fields_ = [("gsi", u32), ("type", u32), ("flags", u32), ("pad", u32), ("u", _KvmIrqRoutingU)]
+
+
+def kvm_irq_routing(n: int) -> C.Structure:
+    """A `struct kvm_irq_routing` with room for `n` entries."""
+
+    class KvmIrqRouting(C.Structure):
+        _fields_ = [("nr", u32), ("flags", u32), ("entries", KvmIrqRoutingEntry * n)]
+
+    return KvmIrqRouting(nr=n)
+
+
 class KvmMsrEntry(C.Structure):
     _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
 

@@ -38,6 +38,9 @@ class PciFunction(Protocol):
     def bars_moved(self, addresses: list[int | None]) -> None:
         """Decoded address of each BAR (None: not decoding) after the guest changed them."""
 
+    def config_written(self, offset: int, size: int) -> None:
+        """The guest wrote configuration space (capabilities with side effects look here)."""
+
 
 class HostBridge:
     """00:00.0: identifies the root complex; it has no BARs."""
@@ -53,6 +56,9 @@ class HostBridge:
         pass
 
     def bars_moved(self, addresses: list[int | None]) -> None:
+        pass
+
+    def config_written(self, offset: int, size: int) -> None:
         pass
 
 
@@ -102,8 +108,11 @@ class PciRoot:
     def config_write(self, bus: int, slot: int, func: int, offset: int, size: int,
                      value: int) -> None:
         fn = self._function(bus, slot, func)
-        if fn is not None and fn.config.write(offset, size, value):
+        if fn is None:
+            return
+        if fn.config.write(offset, size, value):
             self._remap(slot)
+        fn.config_written(offset, size)
 
     def _function(self, bus: int, slot: int, func: int) -> PciFunction | None:
         if bus != 0 or func != 0 or not 0 <= slot < SLOTS:

@@ -4,7 +4,9 @@ One 32-bit memory BAR holds the four register blocks the vendor capabilities poi
 common configuration, ISR status, device configuration and the notification area (one 4-byte
 doorbell per queue). Doorbells become ioeventfds through `Doorbells`, so a kick wakes the VM's
 event loop without a vCPU exit into Python; a kick that does reach Python (before the ioeventfd
-exists) takes the same path. Interrupts use INTx with the ISR register (no MSI-X yet).
+exists) takes the same path. Interrupts: MSI-X when the driver enables it (one vector per
+queue plus one for configuration changes, each an irqfd the VMM provides), INTx with the ISR
+register otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import threading
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from corral.devices.base import IrqLine
-from corral.devices.pci.config import CAP_ID_VENDOR, Bar, PciConfig
+from corral.devices.pci.config import CAP_ID_MSIX, CAP_ID_VENDOR, Bar, PciConfig
 from corral.devices.virtio.base import (F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, STATUS_DRIVER_OK,
                                         STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VirtioDevice)
 from corral.devices.virtio.queue import Virtqueue, VirtqueueError
@@ -29,16 +31,28 @@ log = logging.getLogger(__name__)
 VENDOR_VIRTIO = 0x1AF4
 PCI_DEVICE_BASE = 0x1040
 # BAR 0 layout
-BAR_SIZE = 0x4000
+BAR_SIZE = 0x8000
 COMMON_OFF, COMMON_LEN = 0x0000, 0x38
 ISR_OFF, ISR_LEN = 0x1000, 4
 DEVICE_OFF, DEVICE_LEN = 0x2000, 0x1000
 NOTIFY_OFF, NOTIFY_MULTIPLIER = 0x3000, 4
 CFG_COMMON, CFG_NOTIFY, CFG_ISR, CFG_DEVICE = 1, 2, 3, 4
+MSIX_TABLE_OFF, MSIX_PBA_OFF = 0x4000, 0x5000
+MSIX_ENABLE, MSIX_FUNCTION_MASK = 1 << 15, 1 << 14
 NO_VECTOR = 0xFFFF
 ISR_QUEUE, ISR_CONFIG = 1, 2
 # PCI class per device type (net: ethernet, blk: SCSI storage, others: "other")
 _CLASS = {1: 0x020000, 2: 0x018000, 3: 0x078000}
+
+
+class MsiVector(Protocol):
+    """One MSI-X vector as the VMM delivers it (corral.irq.MsiVector: an irqfd)."""
+
+    pending: bool
+
+    def update(self, address: int, data: int, masked: bool) -> None: ...
+
+    def trigger(self) -> bool: ...
 
 
 class Doorbells(Protocol):
@@ -61,7 +75,7 @@ class VirtioPciDevice:
     """A PCI function carrying one virtio device."""
 
     def __init__(self, device: VirtioDevice, memory: GuestMemory, irq: IrqLine, loop: EventLoop,
-                 doorbells: Doorbells) -> None:
+                 doorbells: Doorbells, msi_vectors: list[MsiVector] | None = None) -> None:
         self.device = device
         self.memory = memory
         self.irq = irq
@@ -82,6 +96,15 @@ class VirtioPciDevice:
             # cap_len, cfg_type, bar, id, padding, offset, length (+ notify multiplier)
             body = struct.pack("<BBBB2xII", 16 + len(extra), cfg_type, 0, 0, off, length) + extra
             self.config.add_capability(CAP_ID_VENDOR, body)
+        # MSI-X: table and PBA in BAR 0; message control's enable and function-mask bits writable
+        self.msi = list(msi_vectors or [])
+        self.msix_table = bytearray(16 * len(self.msi))
+        for i in range(len(self.msi)):
+            self.msix_table[16 * i + 12] = 1               # vectors start masked
+        self._msix_cap = None
+        if self.msi:
+            body = struct.pack("<HII", len(self.msi) - 1, MSIX_TABLE_OFF, MSIX_PBA_OFF)
+            self._msix_cap = self.config.add_capability(CAP_ID_MSIX, body, wmask=b"\x00\xC0")
         self._lock = threading.Lock()
         self._doorbell_handles: list[object] = []
         self._bar_addr: int | None = None
@@ -97,6 +120,7 @@ class VirtioPciDevice:
         self.isr = 0
         self.queues = [_QueueConfig(n) for n in self.device.queue_sizes]
         self.active: list[Virtqueue] = []
+        self.config_vector = NO_VECTOR
 
     # -- PCI function --------------------------------------------------------------------------
     def bars_moved(self, addresses: list[int | None]) -> None:
@@ -122,6 +146,12 @@ class VirtioPciDevice:
             return value if offset == ISR_OFF else 0
         if DEVICE_OFF <= offset < DEVICE_OFF + DEVICE_LEN:
             return self.device.read_config(offset - DEVICE_OFF, size)
+        if MSIX_TABLE_OFF <= offset and offset + size <= MSIX_TABLE_OFF + len(self.msix_table):
+            o = offset - MSIX_TABLE_OFF
+            return int.from_bytes(self.msix_table[o:o + size], "little")
+        if MSIX_PBA_OFF <= offset < MSIX_PBA_OFF + 8 and self.msi:
+            bits = sum(1 << i for i, v in enumerate(self.msi) if v.pending)
+            return (bits >> (8 * (offset - MSIX_PBA_OFF))) & ((1 << (8 * size)) - 1)
         return 0
 
     def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
@@ -129,10 +159,45 @@ class VirtioPciDevice:
             self._common_write(offset - COMMON_OFF, size, value)
         elif DEVICE_OFF <= offset < DEVICE_OFF + DEVICE_LEN:
             self.device.write_config(offset - DEVICE_OFF, size, value)
+        elif MSIX_TABLE_OFF <= offset and offset + size <= MSIX_TABLE_OFF + len(self.msix_table):
+            o = offset - MSIX_TABLE_OFF
+            self.msix_table[o:o + size] = value.to_bytes(size, "little")
+            self._msix_update(o // 16)
         elif NOTIFY_OFF <= offset < NOTIFY_OFF + NOTIFY_MULTIPLIER * len(self.queues):
             # a kick that reached Python: hand it to the loop like an ioeventfd would
             q = (offset - NOTIFY_OFF) // NOTIFY_MULTIPLIER
             self.loop.call_soon(lambda: self._notify(q))
+
+    # -- MSI-X ---------------------------------------------------------------------------------------
+    def _msix_control(self) -> int:
+        return self.config.read(self._msix_cap + 2, 2) if self._msix_cap is not None else 0
+
+    def _msix_update(self, index: int) -> None:
+        if not 0 <= index < len(self.msi):
+            return
+        lo, hi, data, ctrl = struct.unpack_from("<IIII", self.msix_table, 16 * index)
+        control = self._msix_control()
+        masked = bool(ctrl & 1 or control & MSIX_FUNCTION_MASK or not control & MSIX_ENABLE)
+        self.msi[index].update(lo | hi << 32, data, masked)
+
+    def config_written(self, offset: int, size: int) -> None:
+        """PCI config space changed: MSI-X enable / function mask apply to every vector."""
+        cap = self._msix_cap
+        if cap is not None and offset < cap + 4 and offset + size > cap + 2:
+            for i in range(len(self.msi)):
+                self._msix_update(i)
+
+    def _raise(self, vector: int, isr_bit: int) -> None:
+        if self._msix_control() & MSIX_ENABLE:
+            if vector < len(self.msi):
+                self.msi[vector].trigger()
+            return                                       # no vector assigned: no interrupt
+        with self._lock:
+            self.isr |= isr_bit
+            self.irq.set_level(True)
+
+    def _vector(self, value: int) -> int:
+        return value if value < len(self.msi) else NO_VECTOR
 
     # -- common configuration ------------------------------------------------------------------
     def _selected(self) -> _QueueConfig | None:
@@ -148,13 +213,13 @@ class VirtioPciDevice:
                 0x08: self.driver_feature_select,
                 0x0C: (self.driver_features >> (32 * self.driver_feature_select)) & 0xFFFF_FFFF
                 if self.driver_feature_select < 2 else 0,
-                0x10: NO_VECTOR,
+                0x10: self.config_vector,
                 0x12: len(self.queues),
                 0x14: self.status | (STATUS_NEEDS_RESET if self.device.broken else 0),
                 0x15: self.config_generation,
                 0x16: self.queue_select,
                 0x18: q.size if q else 0,
-                0x1A: NO_VECTOR,
+                0x1A: q.vector if q else NO_VECTOR,
                 0x1C: q.enable if q else 0,
                 0x1E: self.queue_select if q else 0,       # notify offset: queue index
                 0x20: q.desc if q else 0, 0x28: q.avail if q else 0, 0x30: q.used if q else 0,
@@ -185,6 +250,10 @@ class VirtioPciDevice:
                     activate = self._set_status(value)
             elif off == 0x16 and size == 2:
                 self.queue_select = value
+            elif off == 0x10 and size == 2:
+                self.config_vector = self._vector(value)   # reads back NO_VECTOR if refused
+            elif off == 0x1A and size == 2 and q is not None:
+                q.vector = self._vector(value)
             elif q is not None and not live:
                 if off == 0x18 and size == 2:
                     # the driver may shrink a queue, to any power of two
@@ -239,12 +308,10 @@ class VirtioPciDevice:
 
     # -- VirtioInterrupt --------------------------------------------------------------------------
     def signal_queue(self, index: int) -> None:
-        with self._lock:
-            self.isr |= ISR_QUEUE
-            self.irq.set_level(True)
+        q = self.queues[index] if index < len(self.queues) else None
+        self._raise(q.vector if q else NO_VECTOR, ISR_QUEUE)
 
     def signal_config(self) -> None:
         with self._lock:
             self.config_generation = (self.config_generation + 1) & 0xFF
-            self.isr |= ISR_CONFIG
-            self.irq.set_level(True)
+        self._raise(self.config_vector, ISR_CONFIG)

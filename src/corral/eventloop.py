@@ -26,6 +26,7 @@ class EventLoop:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._lock = threading.Lock()
+        self._paused: threading.Event | None = None
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         with self._lock:
@@ -49,7 +50,29 @@ class EventLoop:
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
 
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Hold the loop thread between callbacks until `resume`, so devices are quiescent
+        (for a snapshot). Doorbells rung meanwhile stay counted in their eventfds. Returns
+        False if the loop did not stop in time."""
+        if self._thread is None or self._paused is not None:
+            return True
+        parked, self._paused = threading.Event(), threading.Event()
+        release = self._paused
+
+        def hold() -> None:
+            parked.set()
+            release.wait()
+
+        self.call_soon(hold)
+        return parked.wait(timeout)
+
+    def resume(self) -> None:
+        if self._paused is not None:
+            self._paused.set()
+            self._paused = None
+
     def stop(self) -> None:
+        self.resume()
         self._stopping = True
         if self._thread is not None:
             os.eventfd_write(self._wake, 1)

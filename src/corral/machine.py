@@ -8,8 +8,10 @@ and kernel in memory -> vCPUs configured -> vCPU threads started. Devices are bu
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +22,7 @@ from corral.arch.x86.msr import boot_msrs
 from corral.boot.loader import BootInfo, load_kernel_file
 from corral.bus import MmioBus, PioBus
 from corral.config import MachineConfig
+from corral.devices.base import Stateful
 from corral.devices.legacy.acpi_pm import AcpiPm
 from corral.devices.legacy.debug_exit import DebugExit
 from corral.devices.legacy.i8042 import I8042
@@ -34,11 +37,14 @@ from corral.devices.virtio.pci import BAR_SIZE, VirtioPciDevice
 from corral.doorbells import KvmDoorbells
 from corral.eventloop import EventLoop
 from corral.irq import IrqRouter
-from corral.errors import HostError
+from corral.errors import CorralError, HostError
 from corral.kvm import Kvm, KvmError, VmFd
 from corral.kvm import constants as K
 from corral.kvm.structs import KVM_PIT_SPEAKER_DUMMY
 from corral.memory import GuestMemory
+from corral.state.kvm_state import cpuid_entries, load_vcpu, load_vm, save_vcpu, save_vm, savable_msrs, set_clock
+from corral.state.model import CpuModel, MachineState
+from corral.state.snapshot import Snapshot, SnapshotError, SnapshotStats, read_snapshot, write_snapshot
 from corral.vcpu import Vcpu
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,10 @@ class ExitResult:
     status: int
     message: str = ""
     reboots: int = 0
+
+
+class VmStateError(CorralError):
+    """Pause, resume or a state operation cannot happen now (not built, not paused, ...)."""
 
 
 class KvmIrqLine:
@@ -88,8 +98,9 @@ class Machine:
     """
 
     def __init__(self, config: MachineConfig, *, console: Callable[[bytes], None] | None = None,
-                 kvm_path: str = "/dev/kvm") -> None:
+                 kvm_path: str = "/dev/kvm", restore_from: Snapshot | None = None) -> None:
         self.config = config
+        self._restore = restore_from       # consumed by the first build; a reboot boots afresh
         self.kvm_path = kvm_path
         self._console = console or _stdout_console
         self._stopped = threading.Event()
@@ -108,6 +119,21 @@ class Machine:
         self.irq_router: IrqRouter | None = None
         self.virtio: dict[str, VirtioPciDevice] = {}
         self._stop_requested = False  # sticky across reboots: stop() must end run()
+        self._state_lock = threading.RLock()   # pause, resume, snapshot, migration: one at a time
+        self.paused = False
+        self._clock_at_pause: int | None = None
+        self._msr_indices: list[int] | None = None
+        self.cpu_model: CpuModel | None = None
+
+    @classmethod
+    def from_snapshot(cls, path: str | os.PathLike[str], *,
+                      console: Callable[[bytes], None] | None = None,
+                      kvm_path: str = "/dev/kvm") -> Machine:
+        """A machine that resumes where the snapshot at `path` was taken; start() or run()
+        continues the guest. RAM is mapped from the snapshot lazily, so this is fast whatever
+        the memory size, and machines restored from one snapshot share unchanged pages."""
+        snap = read_snapshot(path)
+        return cls(snap.manifest.config, console=console, kvm_path=kvm_path, restore_from=snap)
 
     # -- VmControl (called by devices and vCPUs, from any thread) ------------------------------
     def request_exit(self, status: int) -> None:
@@ -159,7 +185,14 @@ class Machine:
         vm.create_irqchip()
         vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
 
-        self.memory = mem = GuestMemory(cfg.memory)
+        supported = kvm.supported_cpuid()
+        self.cpu_model = CpuModel.from_cpuid(supported)
+        snap, self._restore = self._restore, None
+        if snap is not None and snap.manifest.cpu != self.cpu_model:
+            raise SnapshotError(f"{snap.path} was taken on a {snap.manifest.cpu.describe()}; this "
+                                f"host has a {self.cpu_model.describe()}: the guest would see its CPU change")
+
+        self.memory = mem = GuestMemory(cfg.memory, backing=snap.memory_file if snap else None)
         for s in mem.slots:
             vm.set_user_memory_region(s.slot, s.gpa, s.size, s.host_addr)
 
@@ -167,12 +200,20 @@ class Machine:
         self._build_devices(vm, mem)
         self._build_virtio(vm, mem, cfg)
 
+        if snap is not None:
+            for i, vs in enumerate(snap.state.vcpus):
+                vcpu = Vcpu(vm.create_vcpu(i), i, self.pio, self.mmio, self)
+                self.vcpus.append(vcpu)
+                vcpu.cpuid = cpuid_entries(vs)
+                load_vcpu(vcpu.fd, vs)
+            self._load_state(snap.state)
+            return
+
         tables = machine_acpi_tables(cfg.cpus, cfg.memory)
         tables.write_to(mem)
         self.boot = load_kernel_file(mem, cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.initrd,
                                      rsdp_addr=tables.rsdp_addr)
 
-        supported = kvm.supported_cpuid()
         msrs = boot_msrs(set(kvm.msr_index_list()))
         for i in range(cfg.cpus):
             vcpu = Vcpu(vm.create_vcpu(i), i, self.pio, self.mmio, self)
@@ -247,10 +288,107 @@ class Machine:
             self.build()
         if self._result is not None:
             return  # stopped while it was being built
+        if self._clock_at_pause is not None:
+            # a restored guest's clock continues from the snapshot, not from when it was taken
+            assert self.vm is not None
+            set_clock(self.vm, self._clock_at_pause)
+            self._clock_at_pause = None
         if self.loop is not None:
             self.loop.start()
         for v in self.vcpus:
             v.start()
+
+    # -- pause, resume, state -----------------------------------------------------------------
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stop every vCPU at an instruction boundary and hold the device loop; the guest's
+        clock stops too (it does not see the pause as lost time)."""
+        with self._state_lock:
+            if self.paused:
+                return
+            if self.vm is None:
+                raise VmStateError("the machine is not built: nothing to pause")
+            for v in self.vcpus:
+                v.request_pause()
+            deadline = time.monotonic() + timeout
+            for v in self.vcpus:
+                while not v.parked.wait(0.05):
+                    if v.thread is None or not v.thread.is_alive() or self._stopped.is_set():
+                        break      # a stopped vCPU is as still as a parked one
+                    if time.monotonic() > deadline:
+                        for u in self.vcpus:
+                            u.resume()
+                        raise VmStateError(f"vcpu{v.index} did not pause within {timeout:.0f}s")
+            if self.loop is not None and not self.loop.pause(timeout):
+                raise VmStateError("the device event loop did not pause")
+            self._clock_at_pause = self.vm.get_clock().clock
+            for v in self.vcpus:
+                v.fd.kvmclock_ctrl()   # tells a kvmclock guest its watchdogs should not fire
+            self.paused = True
+
+    def resume(self) -> None:
+        with self._state_lock:
+            if not self.paused:
+                return
+            assert self.vm is not None
+            if self._clock_at_pause is not None:
+                set_clock(self.vm, self._clock_at_pause)
+                self._clock_at_pause = None
+            if self.loop is not None:
+                self.loop.resume()
+            for v in self.vcpus:
+                v.resume()
+            self.paused = False
+
+    def _components(self) -> dict[str, Stateful]:
+        """Every device with state, in load order: the PCI bus before its functions."""
+        comps: dict[str, Stateful] = dict(self.devices)
+        comps["pci"] = self.pci
+        comps.update(self.virtio)
+        return comps
+
+    def save_state(self) -> MachineState:
+        """The state of a paused (or never started) machine, RAM aside."""
+        with self._state_lock:
+            if self.vm is None or self.kvm is None:
+                raise VmStateError("the machine is not built: it has no state")
+            if not self.paused and any(v.thread is not None and v.thread.is_alive() for v in self.vcpus):
+                raise VmStateError("pause the machine before saving its state")
+            if self._msr_indices is None:
+                self._msr_indices = savable_msrs(self.vcpus[0].fd, self.kvm.msr_index_list())
+            vm_state = save_vm(self.vm)
+            if self._clock_at_pause is not None:
+                vm_state.clock = self._clock_at_pause
+            return MachineState(
+                vm=vm_state,
+                vcpus=[save_vcpu(v.fd, v.index, v.cpuid, self._msr_indices) for v in self.vcpus],
+                devices={name: dev.save_state().model_dump(mode="json")
+                         for name, dev in self._components().items()})
+
+    def _load_state(self, state: MachineState) -> None:
+        assert self.vm is not None
+        comps = self._components()
+        if set(state.devices) != set(comps):
+            raise SnapshotError(f"the saved devices ({', '.join(state.devices)}) do not match this "
+                                f"machine's ({', '.join(comps)})")
+        load_vm(self.vm, state.vm)
+        for name, data in state.devices.items():
+            dev = comps[name]
+            dev.load_state(type(dev.save_state()).model_validate(data))
+        self._clock_at_pause = state.vm.clock     # applied when the vCPUs start
+
+    def snapshot(self, path: str | os.PathLike[str]) -> SnapshotStats:
+        """Write the machine to `path` (a new directory). A running machine is paused for the
+        copy and resumed afterwards; a paused one stays paused."""
+        with self._state_lock:
+            was_paused = self.paused
+            self.pause()
+            try:
+                state = self.save_state()
+                assert self.memory is not None and self.cpu_model is not None
+                return write_snapshot(path, self.config, self.cpu_model, state, self.memory)
+            finally:
+                if not was_paused:
+                    self.resume()
 
     def wait(self, timeout: float | None = None) -> ExitResult | None:
         """Block until the guest stops (or `timeout` seconds pass: returns None)."""
@@ -263,6 +401,8 @@ class Machine:
     def stop(self, message: str = "stopped by the host") -> None:
         self._stop_requested = True
         self._finish(ExitResult("stopped", 0, message))
+        if self.loop is not None:
+            self.loop.resume()
 
     def send_input(self, data: bytes) -> None:
         """Type `data` into the guest's serial console."""
@@ -366,4 +506,4 @@ def _stdout_console(data: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-__all__ = ["ExitResult", "KvmIrqLine", "Machine"]
+__all__ = ["ExitResult", "KvmIrqLine", "Machine", "VmStateError"]

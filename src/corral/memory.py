@@ -1,7 +1,8 @@
 """Guest RAM: one memfd, mapped shared, split into slots around the 32-bit MMIO hole.
 
-Backing RAM with a memfd (not anonymous memory) lets later snapshots, clones and migration
-share or remap it. Every guest-physical access from the VMM goes through `GuestMemory`, whose
+Backing RAM with a memfd (not anonymous memory) lets snapshots find the pages a guest never
+touched (holes in the memfd). A restored VM is instead backed by its snapshot's memory file,
+mapped private: pages load lazily on first touch and clones share every page they leave alone. Every guest-physical access from the VMM goes through `GuestMemory`, whose
 accessors check bounds: guest-supplied addresses are hostile input.
 """
 
@@ -11,6 +12,7 @@ import ctypes
 import mmap
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 from corral.arch.x86 import layout
 from corral.errors import ConfigError, GuestMemoryError
@@ -38,17 +40,30 @@ class GuestMemory:
     range lies inside one RAM slot; callers never do pointer arithmetic of their own.
     """
 
-    def __init__(self, size: int, *, name: str = "corral-ram") -> None:
+    def __init__(self, size: int, *, name: str = "corral-ram", backing: str | os.PathLike[str] | None = None) -> None:
         if size < layout.MIN_MEMORY or size > layout.MAX_MEMORY or size % mmap.PAGESIZE:
             raise ConfigError(
                 f"memory size {size} bytes is not usable: give a page-aligned size between "
                 f"{layout.MIN_MEMORY // layout.MiB} MiB and {layout.MAX_MEMORY // layout.GiB} GiB"
             )
         self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.private = backing is not None
+        if backing is not None:
+            try:
+                self.fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise ConfigError(f"cannot open guest memory file {backing}: {exc.strerror}") from exc
+            if os.fstat(self.fd).st_size != size:
+                os.close(self.fd)
+                raise ConfigError(f"guest memory file {backing} is not {size} bytes long: it is "
+                                  "truncated or from another machine")
+        else:
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
-            os.ftruncate(self.fd, size)
-            self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if backing is None:
+                os.ftruncate(self.fd, size)
+            self._map = mmap.mmap(self.fd, size, mmap.MAP_PRIVATE if self.private else mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
             os.close(self.fd)
             raise ConfigError(f"cannot allocate {size} bytes of guest memory: {exc.strerror}") from exc
@@ -106,6 +121,41 @@ class GuestMemory:
                 data = self.read(gpa, min(max_len, s.end - gpa))
                 return data.split(b"\0", 1)[0]
         return b""
+
+    # -- whole-RAM walks (snapshot, migration) ------------------------------------------------------
+    def populated(self, chunk: int = 64 * 1024) -> Iterator[tuple[int, memoryview]]:
+        """(offset, data) for every `chunk` of RAM that is not all zeros, in backing-offset
+        order (offsets are those of the memfd, the same in a snapshot's memory file). Pages a
+        guest never touched are holes in the memfd and are skipped without being read."""
+        zero = bytes(chunk)
+        done = 0                      # ranges may share a chunk: each is looked at once
+        for start, end in self._data_ranges():
+            for off in range(max(start - start % chunk, done), end, chunk):
+                done = off + chunk
+                n = min(chunk, self.size - off)
+                data = self._view[off:off + n]
+                if data.tobytes() != zero[:n]:
+                    yield off, data
+
+    def _data_ranges(self) -> Iterator[tuple[int, int]]:
+        if self.private:              # private pages of a restored VM hide from SEEK_DATA
+            yield 0, self.size
+            return
+        off = 0
+        while off < self.size:
+            try:
+                start = os.lseek(self.fd, off, os.SEEK_DATA)
+            except OSError:           # ENXIO: no data after `off`
+                return
+            end = os.lseek(self.fd, start, os.SEEK_HOLE)
+            yield start, min(end, self.size)
+            off = end
+
+    def offset_view(self, offset: int, length: int) -> memoryview:
+        """RAM by backing offset (not guest address): for whole-RAM copies."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise GuestMemoryError(f"RAM offset {offset:#x}+{length:#x} is outside {self.size:#x}")
+        return self._view[offset:offset + length]
 
     def close(self) -> None:
         if self._map.closed:

@@ -51,9 +51,16 @@ class Vcpu:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.exits = 0
+        self.cpuid: list[S.KvmCpuidEntry2] = []    # what the guest sees (snapshots carry it)
+        # pause protocol: the machine sets pause_requested and kicks; the thread finishes any
+        # pending I/O inside KVM (immediate_exit), then parks until resumed
+        self.pause_requested = False
+        self.parked = threading.Event()
+        self._resume = threading.Event()
 
     # -- configuration ----------------------------------------------------------------------
     def configure(self, cpuid: list[S.KvmCpuidEntry2], msrs: dict[int, int]) -> None:
+        self.cpuid = cpuid
         self.fd.set_cpuid2(cpuid)
         self.fd.set_msrs(msrs)
         fpu = S.KvmFpu()
@@ -103,10 +110,37 @@ class Vcpu:
     def kick(self) -> None:
         """Make the thread leave KVM_RUN and notice `stopping`."""
         self.stopping = True
+        self._resume.set()
+        self._interrupt()
+
+    def _interrupt(self) -> None:
         self.fd.run_buf[S.RUN_IMMEDIATE_EXIT] = 1
         t = self.thread
         if t is not None and t.ident is not None and t.is_alive():
             kick_thread(t.ident)
+
+    def request_pause(self) -> None:
+        """Ask the thread to park; `parked` is set once the vCPU's state is consistent (no
+        I/O half done) and stays so until `resume`. A vCPU not yet started counts as parked."""
+        self._resume.clear()
+        self.pause_requested = True
+        if self.thread is None or not self.thread.is_alive():
+            self.parked.set()
+            return
+        self._interrupt()
+
+    def resume(self) -> None:
+        self.pause_requested = False
+        self.parked.clear()
+        self._resume.set()
+
+    def _park(self) -> None:
+        # `parked` is set on every turn: a resume followed at once by a new pause (before this
+        # thread woke) clears it, and the thread, still here, must report parked again
+        while self.pause_requested and not self.stopping:
+            self.parked.set()
+            self._resume.wait()
+        self.parked.clear()
 
     def join(self, timeout: float | None = None) -> None:
         if self.thread is not None:
@@ -135,7 +169,10 @@ class Vcpu:
                 run_ioctl()
             except OSError as exc:
                 if exc.errno in (errno.EINTR, errno.EAGAIN):
+                    # KVM completed any pending I/O before returning: state is consistent here
                     run[S.RUN_IMMEDIATE_EXIT] = 0
+                    if self.pause_requested:
+                        self._park()
                     continue
                 self.host.vcpu_stop("error", 1, f"vcpu{self.index}: KVM_RUN failed: {exc.strerror}")
                 return

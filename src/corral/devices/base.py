@@ -6,9 +6,25 @@ report machine-level events (exit status, poweroff, reset) through `VmControl`.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import base64
+from typing import Annotated, Protocol, runtime_checkable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, PlainSerializer, PlainValidator
+
+
+def _bytes_in(value: object) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):              # from JSON: base64
+        return base64.b64decode(value, validate=True)
+    raise ValueError("expected bytes or a base64 string")
+
+
+# Raw bytes in a state model: bytes in Python, base64 in JSON, and either accepted on the way
+# in (pydantic's Base64Bytes would also base64-decode bytes handed over from Python).
+StateBytes = Annotated[bytes, PlainValidator(_bytes_in),
+                       PlainSerializer(lambda b: base64.b64encode(b).decode(), return_type=str,
+                                       when_used="json")]
 
 
 class IrqLine(Protocol):

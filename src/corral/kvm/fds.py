@@ -311,6 +311,17 @@ class VcpuFd(_Fd):
     def set_xcrs(self, s: S.KvmXcrs) -> None:
         self._ioctl(K.KVM_SET_XCRS, s)
 
+    def kvmclock_ctrl(self) -> bool:
+        """Tell the guest (through its kvmclock page) that the VM was paused; False when the
+        guest has no kvmclock."""
+        try:
+            self._ioctl(K.KVM_KVMCLOCK_CTRL)
+        except KvmError as exc:
+            if exc.errno == errno.EINVAL:
+                return False
+            raise
+        return True
+
     def set_guest_debug(self, control: int, debugregs: list[int] | None = None) -> None:
         g = S.KvmGuestDebug(control=control)
         for i, v in enumerate(debugregs or []):

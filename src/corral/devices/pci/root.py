@@ -16,6 +16,7 @@ import threading
 from typing import Protocol, runtime_checkable
 
 from corral.bus import BusConflictError, MmioBus
+from corral.devices.base import DeviceState, StateBytes
 from corral.devices.pci.config import PciConfig
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,24 @@ class PciRoot:
         return self.slots[slot]
 
     # -- BAR placement -----------------------------------------------------------------------------
+    # -- state -------------------------------------------------------------------------------------
+    def save_state(self) -> PciBusState:
+        """The configuration space of every function; functions with more state (virtio)
+        are walked separately by the machine."""
+        return PciBusState(config={s: bytes(fn.config.data) for s, fn in enumerate(self.slots)
+                                   if fn is not None})
+
+    def load_state(self, state: DeviceState) -> None:
+        assert isinstance(state, PciBusState)
+        for slot, data in state.config.items():
+            fn = self.slots[slot] if 0 <= slot < SLOTS else None
+            if fn is None or len(data) != len(fn.config.data):
+                raise ValueError(f"PCI state names slot {slot}, which this machine does not have")
+            fn.config.data[:] = data
+        for slot, fn in enumerate(self.slots):
+            if fn is not None:
+                self._remap(slot)
+
     def _remap(self, slot: int) -> None:
         fn = self.slots[slot]
         assert fn is not None
@@ -143,6 +162,14 @@ class PciRoot:
                             addr = None
                 addresses.append(self._mapped.get((slot, i)))
         fn.bars_moved(addresses)
+
+
+class PciBusState(DeviceState):
+    config: dict[int, StateBytes]
+
+
+class ConfigPortsState(DeviceState):
+    address: int
 
 
 class ConfigPorts:
@@ -170,6 +197,13 @@ class ConfigPorts:
         target = self._target(offset - self.DATA_OFFSET, size)
         if target is not None:
             self.root.config_write(*target, size, value)
+
+    def save_state(self) -> ConfigPortsState:
+        return ConfigPortsState(address=self.address)
+
+    def load_state(self, state: DeviceState) -> None:
+        assert isinstance(state, ConfigPortsState)
+        self.address = state.address & 0x80FF_FFFC
 
     def _target(self, data_offset: int, size: int) -> tuple[int, int, int, int] | None:
         a = self.address

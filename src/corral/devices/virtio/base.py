@@ -120,6 +120,9 @@ class VirtioDevice(abc.ABC):
         """A guest error the device cannot recover from: the transport will set NEEDS_RESET."""
         self.broken = True
 
+    # the device's own state (beyond its queues); a device with some overrides all three
+    state_model: type[DeviceState] = DeviceState
+
     def save_state(self) -> DeviceState:
         return DeviceState()
 

@@ -16,7 +16,7 @@ import struct
 import threading
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from corral.devices.base import IrqLine
+from corral.devices.base import DeviceState, IrqLine, StateBytes
 from corral.devices.pci.config import CAP_ID_MSIX, CAP_ID_VENDOR, Bar, PciConfig
 from corral.devices.virtio.base import (F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, STATUS_DRIVER_OK,
                                         STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VirtioDevice)
@@ -61,6 +61,22 @@ class Doorbells(Protocol):
     def attach(self, addr: int, length: int, callback: Callable[[], None]) -> object: ...
 
     def detach(self, handle: object) -> None: ...
+
+
+class VirtioPciState(DeviceState):
+    status: int
+    device_feature_select: int
+    driver_feature_select: int
+    driver_features: int
+    queue_select: int
+    config_generation: int
+    isr: int
+    config_vector: int
+    broken: bool
+    queues: list[list[int]]          # size, enable, desc, avail, used, vector
+    msix_table: StateBytes
+    active: list[dict[str, int]]     # live virtqueue positions (Virtqueue.save_state)
+    device: dict[str, object]        # the device's own state model, as JSON
 
 
 class _QueueConfig:
@@ -305,6 +321,55 @@ class VirtioPciDevice:
     def _notify(self, index: int) -> None:
         if self.status & STATUS_DRIVER_OK and self.active and not self.device.broken:
             self.device.queue_notify(index)
+
+    # -- state (snapshot, migration) -------------------------------------------------------------
+    def save_state(self) -> VirtioPciState:
+        """Transport registers, MSI-X table, live virtqueue positions and the device's own
+        state. The PCI configuration space itself travels with the bus (PciRoot)."""
+        with self._lock:
+            return VirtioPciState(
+                status=self.status, device_feature_select=self.device_feature_select,
+                driver_feature_select=self.driver_feature_select, driver_features=self.driver_features,
+                queue_select=self.queue_select, config_generation=self.config_generation,
+                isr=self.isr, config_vector=self.config_vector, broken=self.device.broken,
+                queues=[[q.size, q.enable, q.desc, q.avail, q.used, q.vector] for q in self.queues],
+                msix_table=bytes(self.msix_table),
+                active=[vq.save_state() for vq in self.active],
+                device=self.device.save_state().model_dump(mode="json"))
+
+    def load_state(self, state: DeviceState) -> None:
+        """Called on a fresh device after the bus restored its configuration space: the guest's
+        rings are in restored memory, so live queues are rebuilt over them and re-kicked."""
+        assert isinstance(state, VirtioPciState)
+        if len(state.queues) != len(self.queues) or len(state.msix_table) != len(self.msix_table):
+            raise ValueError("virtio state is for a device with a different queue layout")
+        with self._lock:
+            self.status = state.status & 0xFF
+            self.device_feature_select = state.device_feature_select
+            self.driver_feature_select = state.driver_feature_select
+            self.driver_features = state.driver_features & self.offered
+            self.queue_select = state.queue_select
+            self.config_generation = state.config_generation & 0xFF
+            self.isr = state.isr & 0x3
+            self.config_vector = self._vector(state.config_vector)
+            for q, (size, enable, desc, avail, used, vector) in zip(self.queues, state.queues):
+                q.size, q.enable, q.desc, q.avail, q.used = size, enable & 1, desc, avail, used
+                q.vector = self._vector(vector)
+            self.msix_table[:] = state.msix_table
+        self.device.load_state(self.device.state_model.model_validate(state.device))
+        for i in range(len(self.msi)):
+            self._msix_update(i)
+        if self.isr and not self._msix_control() & MSIX_ENABLE:
+            self.irq.set_level(True)
+        if state.broken:
+            self.device.fail("restored broken")
+        elif self.status & STATUS_DRIVER_OK and state.active:
+            self._activate()
+            for vq, saved in zip(self.active, state.active):
+                vq.load_state(saved)
+            # requests made available but not served before the snapshot
+            for i in range(len(self.active)):
+                self.loop.call_soon((lambda q: lambda: self._notify(q))(i))
 
     # -- VirtioInterrupt --------------------------------------------------------------------------
     def signal_queue(self, index: int) -> None:

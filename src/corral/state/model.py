@@ -1,0 +1,40 @@
+"""The captured state of a whole machine, and the host CPU it was captured on."""
+
+from __future__ import annotations
+
+import struct
+
+from pydantic import BaseModel
+
+from corral.kvm.structs import KvmCpuidEntry2
+from corral.state.kvm_state import VcpuState, VmKvmState
+
+
+class CpuModel(BaseModel):
+    """Enough of the host CPU to refuse a restore that would show the guest another CPU."""
+
+    vendor: str
+    signature: int              # CPUID.1:EAX: family, model, stepping
+
+    @classmethod
+    def from_cpuid(cls, entries: list[KvmCpuidEntry2]) -> CpuModel:
+        leaf = {(e.function, e.index): e for e in entries}
+        v = leaf.get((0, 0))
+        vendor = struct.pack("<III", v.ebx, v.edx, v.ecx).decode(errors="replace") if v else "?"
+        sig = leaf.get((1, 0))
+        return cls(vendor=vendor, signature=sig.eax if sig else 0)
+
+    def describe(self) -> str:
+        s = self.signature
+        family = ((s >> 8) & 0xF) + (((s >> 20) & 0xFF) if (s >> 8) & 0xF == 0xF else 0)
+        model = ((s >> 4) & 0xF) | (((s >> 16) & 0xF) << 4 if (s >> 8) & 0xF in (6, 0xF) else 0)
+        return f"{self.vendor} family {family:#x} model {model:#x} stepping {s & 0xF}"
+
+
+class MachineState(BaseModel):
+    """Everything but RAM: KVM's VM and vCPU state, then every device by name, in the order
+    they are loaded back (the PCI bus before the virtio functions on it)."""
+
+    vm: VmKvmState
+    vcpus: list[VcpuState]
+    devices: dict[str, dict[str, object]]

@@ -1,0 +1,167 @@
+"""Snapshots on disk: a directory with a manifest, the machine state and a sparse memory file.
+
+    DIR/manifest.json   format, version, corral version, host CPU, machine config, checksums
+    DIR/state.json      MachineState (vCPUs, irqchip, PIT, clock, devices)
+    DIR/memory.bin      guest RAM at memfd offsets; all-zero chunks are holes (sparse)
+
+A snapshot is written into a temporary directory beside DIR and renamed into place, so DIR
+either holds a whole snapshot or does not exist. Loading checks everything it can without
+reading RAM (format, version, CPU, state checksum, memory file size), so a bad snapshot is
+refused before any VM is built; RAM is then mapped, not read, which keeps restore time flat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+import corral
+from corral.config import MachineConfig
+from corral.errors import CorralError
+from corral.memory import GuestMemory
+from corral.state.model import CpuModel, MachineState
+
+FORMAT = "corral-snapshot"
+FORMAT_VERSION = 1
+MANIFEST, STATE, MEMORY = "manifest.json", "state.json", "memory.bin"
+
+
+class SnapshotError(CorralError):
+    """A snapshot cannot be written or loaded."""
+
+
+class Manifest(BaseModel):
+    format: str
+    format_version: int
+    corral_version: str
+    created: float
+    cpu: CpuModel
+    config: MachineConfig
+    memory_size: int
+    state_sha256: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: Path
+    manifest: Manifest
+    state: MachineState
+
+    @property
+    def memory_file(self) -> Path:
+        return self.path / MEMORY
+
+
+@dataclass(frozen=True)
+class SnapshotStats:
+    path: Path
+    seconds: float
+    memory_bytes_written: int      # RAM that was not zero
+    disk_bytes: int                # what the directory takes on disk (sparse)
+
+
+def write_snapshot(path: str | os.PathLike[str], config: MachineConfig, cpu: CpuModel,
+                   state: MachineState, memory: GuestMemory) -> SnapshotStats:
+    """Write a snapshot of a paused machine to `path`, which must not exist yet."""
+    dest = Path(path)
+    if dest.exists():
+        raise SnapshotError(f"{dest} already exists: give a new directory for the snapshot")
+    if not dest.parent.is_dir():
+        raise SnapshotError(f"{dest.parent} is not a directory: create it first")
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        written = _write_memory(tmp / MEMORY, memory)
+        state_json = state.model_dump_json().encode()
+        (tmp / STATE).write_bytes(state_json)
+        manifest = Manifest(format=FORMAT, format_version=FORMAT_VERSION,
+                            corral_version=corral.__version__, created=time.time(), cpu=cpu,
+                            config=config, memory_size=memory.size,
+                            state_sha256=hashlib.sha256(state_json).hexdigest())
+        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+        _fsync_dir(tmp)
+        os.rename(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise SnapshotError(f"cannot write snapshot {dest}: {exc.strerror}") from exc
+        raise
+    disk = sum(os.stat(dest / n).st_blocks * 512 for n in (MEMORY, STATE, MANIFEST))
+    return SnapshotStats(dest, time.perf_counter() - t0, written, disk)
+
+
+def _write_memory(path: Path, memory: GuestMemory) -> int:
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, memory.size)              # holes where nothing is written
+        for off, data in memory.populated():
+            os.pwrite(fd, data, off)
+            written += len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return written
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_snapshot(path: str | os.PathLike[str], host_cpu: CpuModel | None = None) -> Snapshot:
+    """Load and check a snapshot's manifest and state (RAM stays on disk)."""
+    src = Path(path)
+    if not src.is_dir():
+        raise SnapshotError(f"{src} is not a snapshot directory (it does not exist)")
+    try:
+        raw = json.loads((src / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise SnapshotError(f"{src} has no {MANIFEST}: it is not a corral snapshot, or it is "
+                            "incomplete") from None
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"{src / MANIFEST} is unreadable ({exc}): the snapshot is damaged") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise SnapshotError(f"{src} is not a corral snapshot (manifest format is not '{FORMAT}')")
+    if raw.get("format_version") != FORMAT_VERSION or raw.get("corral_version") != corral.__version__:
+        raise SnapshotError(
+            f"{src} was written by corral {raw.get('corral_version')} (snapshot format "
+            f"{raw.get('format_version')}); this is corral {corral.__version__} (format "
+            f"{FORMAT_VERSION}): restore it with the corral that wrote it")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise SnapshotError(f"{src / MANIFEST} is damaged: {exc.errors()[0]['loc']}: "
+                            f"{exc.errors()[0]['msg']}") from None
+    if host_cpu is not None and host_cpu != manifest.cpu:
+        raise SnapshotError(f"{src} was taken on a {manifest.cpu.describe()}; this host has a "
+                            f"{host_cpu.describe()}: the guest would see its CPU change")
+    try:
+        state_json = (src / STATE).read_bytes()
+    except OSError as exc:
+        raise SnapshotError(f"{src / STATE} is unreadable: {exc.strerror}") from None
+    if hashlib.sha256(state_json).hexdigest() != manifest.state_sha256:
+        raise SnapshotError(f"{src / STATE} does not match its checksum: the snapshot is damaged")
+    try:
+        size = os.stat(src / MEMORY).st_size
+    except OSError:
+        raise SnapshotError(f"{src} has no {MEMORY}: the snapshot is incomplete") from None
+    if size != manifest.memory_size:
+        raise SnapshotError(f"{src / MEMORY} is {size} bytes, not {manifest.memory_size}: the "
+                            "snapshot is truncated")
+    state = MachineState.model_validate_json(state_json)
+    if len(state.vcpus) != manifest.config.cpus:
+        raise SnapshotError(f"{src}: state has {len(state.vcpus)} vCPUs, config {manifest.config.cpus}")
+    return Snapshot(src, manifest, state)

@@ -40,14 +40,15 @@ def main(verbose: bool) -> None:
 @click.option("--rng", is_flag=True, help="Give the guest a virtio-rng device.")
 @click.option("--kvm", "kvm_path", default="/dev/kvm", envvar="CORRAL_KVM", show_default=True,
               help="The KVM device to use.")
+@click.option("--api", "api_path", type=click.Path(path_type=Path), metavar="SOCKET",
+              help="Serve a control socket (pause, resume, snapshot, migrate) at this path.")
 def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdline: str | None,
         cpus: int, memory: str, no_reboot: bool, cpu_hide: str, disks: tuple[str, ...], rng: bool,
-        kvm_path: str) -> None:
+        kvm_path: str, api_path: Path | None) -> None:
     """Boot a guest with its serial console on this terminal (Ctrl-A X quits).
 
     Exits with the guest's exit-port status, or 0 on a clean poweroff.
     """
-    from corral.console import TerminalConsole
     from corral.host import PVM_EXPLANATION, probe_host
     from corral.images.registry import get_image
     from corral.machine import Machine
@@ -87,21 +88,208 @@ def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdlin
     except CorralError as exc:
         _fail(str(exc))
         return
-    with TerminalConsole(machine.send_input, lambda: machine.stop("quit from the console")):
+    _run_foreground(machine, api_path)
+
+
+def _run_foreground(machine, api_path: Path | None) -> None:
+    """Run a built machine with its console on this terminal (and its control socket, if
+    asked) until it stops; exit with its status."""
+    from corral.console import TerminalConsole
+
+    server = None
+    if api_path is not None:
+        from corral.api import ControlServer
+
         try:
-            result = machine.run()
+            server = ControlServer(machine, api_path)
         except CorralError as exc:
+            machine.close()
             _fail(str(exc))
             return
-        except KeyboardInterrupt:
-            # machine.run() has already torn the VM down on the way out
-            click.echo("\ncorral: interrupted; the guest was stopped", err=True)
-            sys.exit(130)
-    if result.kind in ("crash", "error"):
-        click.echo(f"\ncorral: {result.message}", err=True)
-    elif result.kind == "stopped":
+    try:
+        with TerminalConsole(machine.send_input, lambda: machine.stop("quit from the console")):
+            try:
+                result = machine.run()
+            except CorralError as exc:
+                _fail(str(exc))
+                return
+            except KeyboardInterrupt:
+                # machine.run() has already torn the VM down on the way out
+                click.echo("\ncorral: interrupted; the guest was stopped", err=True)
+                sys.exit(130)
+    finally:
+        if server is not None:
+            server.close()
+    if result.kind in ("crash", "error", "stopped"):
         click.echo(f"\ncorral: {result.message}", err=True)
     sys.exit(result.status & 0xFF)
+
+
+# --- VM state: restore, clone, receive; and the control-socket commands ---------------------------
+
+_KVM_OPTION = click.option("--kvm", "kvm_path", default="/dev/kvm", envvar="CORRAL_KVM",
+                           show_default=True, help="The KVM device to use.")
+_API_OPTION = click.option("--api", "api_path", type=click.Path(path_type=Path), metavar="SOCKET",
+                           help="Serve a control socket at this path.")
+
+
+@main.command()
+@click.argument("snapshot", type=click.Path(path_type=Path))
+@_KVM_OPTION
+@_API_OPTION
+def restore(snapshot: Path, kvm_path: str, api_path: Path | None) -> None:
+    """Resume the guest saved in SNAPSHOT (a directory from `corral snapshot`)."""
+    from corral.machine import Machine
+
+    try:
+        machine = Machine.from_snapshot(snapshot, kvm_path=kvm_path)
+        machine.build()
+    except CorralError as exc:
+        _fail(str(exc))
+        return
+    _run_foreground(machine, api_path)
+
+
+@main.command()
+@click.argument("snapshot", type=click.Path(path_type=Path))
+@click.option("-n", "--count", type=click.IntRange(1, 256), default=2, show_default=True,
+              help="How many clones to start.")
+@_KVM_OPTION
+def clone(snapshot: Path, count: int, kvm_path: str) -> None:
+    """Start COUNT guests from one snapshot, sharing its unchanged memory; their consoles are
+    shown line by line, prefixed with the clone's number. Ctrl-C stops them all."""
+    import threading
+
+    from corral.machine import Machine
+
+    out_lock = threading.Lock()
+
+    def console(i: int):
+        pending = bytearray()
+
+        def write(data: bytes) -> None:
+            pending.extend(data)
+            *lines, rest = bytes(pending).split(b"\n")
+            pending[:] = rest
+            with out_lock:
+                for line in lines:
+                    sys.stdout.buffer.write(f"[clone {i}] ".encode() + line.rstrip(b"\r") + b"\n")
+                sys.stdout.buffer.flush()
+        return write
+
+    machines = []
+    try:
+        for i in range(count):
+            m = Machine.from_snapshot(snapshot, kvm_path=kvm_path, console=console(i))
+            machines.append(m)
+            m.start()
+    except CorralError as exc:
+        for m in machines:
+            m.stop()
+            m.close()
+        _fail(str(exc))
+        return
+    click.echo(f"corral: {count} clones of {snapshot} running", err=True)
+    worst = 0
+    try:
+        for i, m in enumerate(machines):
+            r = m.wait()
+            m.close()
+            assert r is not None
+            click.echo(f"corral: clone {i}: {r.message}", err=True)
+            worst = max(worst, r.status & 0xFF)
+    except KeyboardInterrupt:
+        for m in machines:
+            m.stop()
+            m.close()
+        sys.exit(130)
+    sys.exit(worst)
+
+
+@main.command()
+@click.option("--listen", "address", required=True, metavar="HOST:PORT",
+              help="Where to wait for the migration (e.g. 0.0.0.0:7000).")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@_KVM_OPTION
+@_API_OPTION
+def receive(address: str, timeout: float | None, kvm_path: str, api_path: Path | None) -> None:
+    """Wait for one live migration (`corral migrate`) and run the guest that arrives."""
+    from corral.state.migration import listen
+    from corral.state.migration import receive as receive_vm
+
+    try:
+        server = listen(address)
+        host, port = server.getsockname()[:2]
+        click.echo(f"corral: waiting for a migration on {host}:{port}", err=True)
+        machine = receive_vm(server, kvm_path=kvm_path, accept_timeout=timeout)
+        server.close()
+    except CorralError as exc:
+        _fail(str(exc), 1)
+        return
+    click.echo("corral: migration arrived; the guest runs here", err=True)
+    _run_foreground(machine, api_path)
+
+
+def _call(api_path: Path, request: dict, on_progress=None) -> dict:
+    from corral.api import call
+
+    try:
+        return call(api_path, request, on_progress)
+    except CorralError as exc:
+        _fail(str(exc), 1)
+        raise AssertionError from None
+
+
+_API_ARG = click.option("--api", "api_path", type=click.Path(path_type=Path), required=True,
+                        metavar="SOCKET", help="The VM's control socket (corral run --api).")
+
+
+@main.command()
+@_API_ARG
+def pause(api_path: Path) -> None:
+    """Pause a running VM (its vCPUs, devices and clock)."""
+    _call(api_path, {"op": "pause"})
+
+
+@main.command()
+@_API_ARG
+def resume(api_path: Path) -> None:
+    """Resume a paused VM."""
+    _call(api_path, {"op": "resume"})
+
+
+@main.command()
+@_API_ARG
+def status(api_path: Path) -> None:
+    """Say whether a VM is running or paused."""
+    r = _call(api_path, {"op": "status"})
+    click.echo(f"{r['state']} ({r['cpus']} vCPUs, {r['memory'] >> 20} MiB)")
+
+
+@main.command()
+@_API_ARG
+@click.argument("directory", type=click.Path(path_type=Path))
+def snapshot(api_path: Path, directory: Path) -> None:
+    """Save a running VM to DIRECTORY (new); it keeps running (a paused one stays paused)."""
+    r = _call(api_path, {"op": "snapshot", "path": str(directory.resolve())})
+    click.echo(f"corral: snapshot {r['path']}: {r['memory_bytes'] / (1 << 20):.1f} MiB of memory, "
+               f"{r['disk_bytes'] / (1 << 20):.1f} MiB on disk, {r['seconds'] * 1000:.0f} ms", err=True)
+
+
+@main.command()
+@_API_ARG
+@click.argument("target", metavar="HOST:PORT")
+@click.option("--downtime-ms", type=click.IntRange(1, 60_000), default=300, show_default=True,
+              help="The longest the guest may be stopped for the last copy.")
+def migrate(api_path: Path, target: str, downtime_ms: int) -> None:
+    """Live-migrate a running VM to `corral receive` at HOST:PORT."""
+    def progress(p: dict) -> None:
+        click.echo(f"corral: round {p['round']}: {p['sent'] / (1 << 20):.1f} MiB sent, "
+                   f"{p['dirty'] / (1 << 20):.1f} MiB dirtied meanwhile", err=True)
+
+    r = _call(api_path, {"op": "migrate", "to": target, "downtime_ms": downtime_ms}, progress)
+    click.echo(f"corral: migrated to {target} in {r['seconds']:.2f} s: {r['rounds']} rounds, "
+               f"{r['bytes_sent'] / (1 << 20):.1f} MiB sent, downtime {r['downtime_ms']:.1f} ms", err=True)
 
 
 @main.command()

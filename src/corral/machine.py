@@ -98,9 +98,12 @@ class Machine:
     """
 
     def __init__(self, config: MachineConfig, *, console: Callable[[bytes], None] | None = None,
-                 kvm_path: str = "/dev/kvm", restore_from: Snapshot | None = None) -> None:
+                 kvm_path: str = "/dev/kvm", restore_from: Snapshot | None = None,
+                 incoming: bool = False) -> None:
         self.config = config
         self._restore = restore_from       # consumed by the first build; a reboot boots afresh
+        # incoming migration: build() stops before the vCPUs; RAM arrives, then load_incoming()
+        self._incoming = incoming
         self.kvm_path = kvm_path
         self._console = console or _stdout_console
         self._stopped = threading.Event()
@@ -201,12 +204,9 @@ class Machine:
         self._build_virtio(vm, mem, cfg)
 
         if snap is not None:
-            for i, vs in enumerate(snap.state.vcpus):
-                vcpu = Vcpu(vm.create_vcpu(i), i, self.pio, self.mmio, self)
-                self.vcpus.append(vcpu)
-                vcpu.cpuid = cpuid_entries(vs)
-                load_vcpu(vcpu.fd, vs)
-            self._load_state(snap.state)
+            self._restore_state(snap.state)
+            return
+        if self._incoming:
             return
 
         tables = machine_acpi_tables(cfg.cpus, cfg.memory)
@@ -286,6 +286,10 @@ class Machine:
     def start(self) -> None:
         if self.vm is None:
             self.build()
+        if self._incoming:
+            raise VmStateError("an incoming machine starts once its state has arrived")
+        if any(v.thread is not None for v in self.vcpus):
+            return  # already running
         if self._result is not None:
             return  # stopped while it was being built
         if self._clock_at_pause is not None:
@@ -363,6 +367,25 @@ class Machine:
                 vcpus=[save_vcpu(v.fd, v.index, v.cpuid, self._msr_indices) for v in self.vcpus],
                 devices={name: dev.save_state().model_dump(mode="json")
                          for name, dev in self._components().items()})
+
+    def load_incoming(self, state: MachineState) -> None:
+        """Finish an incoming machine (built with incoming=True, RAM already filled): create
+        its vCPUs from `state` and load every component. start() then runs the guest."""
+        if not self._incoming or self.vm is None or self.vcpus:
+            raise VmStateError("load_incoming() needs a machine built with incoming=True")
+        if len(state.vcpus) != self.config.cpus:
+            raise SnapshotError(f"the state has {len(state.vcpus)} vCPUs, the config {self.config.cpus}")
+        self._incoming = False
+        self._restore_state(state)
+
+    def _restore_state(self, state: MachineState) -> None:
+        assert self.vm is not None
+        for i, vs in enumerate(state.vcpus):
+            vcpu = Vcpu(self.vm.create_vcpu(i), i, self.pio, self.mmio, self)
+            self.vcpus.append(vcpu)
+            vcpu.cpuid = cpuid_entries(vs)
+            load_vcpu(vcpu.fd, vs)
+        self._load_state(state)
 
     def _load_state(self, state: MachineState) -> None:
         assert self.vm is not None

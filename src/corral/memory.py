@@ -68,6 +68,9 @@ class GuestMemory:
             os.close(self.fd)
             raise ConfigError(f"cannot allocate {size} bytes of guest memory: {exc.strerror}") from exc
         self._view = memoryview(self._map)
+        # during migration: the backing offsets of pages the VMM itself may have written (device
+        # DMA); KVM's dirty log sees only the guest's own writes
+        self.vmm_dirty: set[int] | None = None
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         self.slots: list[MemorySlot] = []
         offset = 0
@@ -94,6 +97,8 @@ class GuestMemory:
     def view(self, gpa: int, length: int) -> memoryview:
         """A writable view of guest RAM; valid until the memory is closed."""
         off = self._offset(gpa, length)
+        if self.vmm_dirty is not None:
+            self.vmm_dirty.update(range(off >> 12, (off + length + 4095) >> 12))
         return self._view[off : off + length]
 
     def read(self, gpa: int, length: int) -> bytes:

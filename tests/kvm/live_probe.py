@@ -73,9 +73,27 @@ class LiveProbe:
         self.machine.close()
 
 
-def assert_continues(before: LiveProbe, after: LiveProbe) -> None:
-    """Every round both guests printed has the same checksum, and every round read back ok."""
-    a, b = before.rounds(), after.rounds()
+_reference: dict[tuple[str, int], dict[int, tuple[str, bool]]] = {}
+
+
+def reference_rounds(cmdline: str, n: int) -> dict[int, tuple[str, bool]]:
+    """Rounds 1..n of an undisturbed run of `cmdline` (cached per process)."""
+    have = next((v for (c, k), v in _reference.items() if c == cmdline and k >= n), None)
+    if have is None:
+        p = LiveProbe.boot(cmdline)
+        try:
+            p.wait_rounds(n, timeout=120)
+        finally:
+            p.close()
+        have = _reference[(cmdline, n)] = p.rounds()
+    return have
+
+
+def assert_continues(before: LiveProbe | dict[int, tuple[str, bool]], after: LiveProbe) -> None:
+    """Every round both guests printed has the same checksum, and every round read back ok.
+    `before` may be the reference rounds of an undisturbed run instead of a live guest."""
+    a = before if isinstance(before, dict) else before.rounds()
+    b = after.rounds()
     assert all(ok for _, ok in a.values()) and all(ok for _, ok in b.values()), after.output[-2000:]
     common = set(a) & set(b)
     assert common, f"no round in common: {sorted(a)[-3:]} vs {sorted(b)[:3]}"

@@ -180,6 +180,16 @@ class VmFd(_Fd):
     def set_clock(self, cd: S.KvmClockData) -> None:
         self._ioctl(K.KVM_SET_CLOCK, cd)
 
+    def get_dirty_log(self, slot: int, pages: int) -> bytearray:
+        """The slot's dirty-page bitmap since the last call (bit n: page n of the slot); KVM
+        clears it as it hands it over. The slot must have MEM_LOG_DIRTY_PAGES set."""
+        bitmap = bytearray(((pages + 63) // 64) * 8)
+        buf = (C.c_char * len(bitmap)).from_buffer(bitmap)
+        self._ioctl(K.KVM_GET_DIRTY_LOG, S.KvmDirtyLog(slot=slot, dirty_bitmap=C.addressof(buf)),
+                    f"slot {slot}")
+        del buf
+        return bitmap
+
     def register_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
         self._ioctl(K.KVM_REGISTER_COALESCED_MMIO, S.KvmCoalescedMmioZone(addr, size, int(pio)))
 

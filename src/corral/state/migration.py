@@ -1,0 +1,393 @@
+"""Live migration between two corral processes over TCP: pre-copy with KVM's dirty log.
+
+    source                                   destination (`receive`)
+    hello {version, cpu, config}     ->      builds the machine (RAM, devices; no vCPUs yet)
+                                     <-      {ok} or {error}
+    RAM: every non-zero chunk, then rounds of the pages dirtied meanwhile (KVM dirty log), until
+    what is left would go within the downtime limit; the guest is throttled if it dirties
+    faster than the link carries
+    pause; last dirty pages and every page the VMM wrote itself (device DMA)
+    state {MachineState}             ->      creates vCPUs, loads every component
+                                     <-      {ready}
+    {go}                             ->      starts the guest
+    source stops ("migrated")
+
+Until `go` is sent, any failure (a refused hello, a broken connection, a destination that
+dies) leaves the source running as before, with dirty logging off, and the destination tears
+its half-built machine down. Both sides time out rather than wait forever on a silent peer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import corral
+from corral.config import MachineConfig
+from corral.errors import CorralError
+from corral.kvm import constants as K
+from corral.state.model import CpuModel, MachineState
+
+if TYPE_CHECKING:
+    from corral.machine import Machine
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+MAX_FRAME = 1 << 20                 # pages are sent in runs of at most 1 MiB
+_PAGES = struct.Struct("<cQI")      # b"P", backing offset, length
+_JSON = struct.Struct("<cI")        # b"J", length
+PROTOCOL = 1
+IO_TIMEOUT = 30.0
+
+
+class MigrationError(CorralError):
+    """A migration failed; the source keeps running."""
+
+
+@dataclass
+class MigrationStats:
+    rounds: int = 0
+    bytes_sent: int = 0
+    total_seconds: float = 0.0
+    downtime_seconds: float = 0.0
+    final_bytes: int = 0
+    throttle: float = 0.0
+    round_bytes: list[int] = field(default_factory=list)
+
+
+Progress = Callable[[int, int, int], None]    # round, bytes sent so far, bytes still dirty
+
+
+class _Link:
+    """Framed messages over one TCP connection."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.settimeout(IO_TIMEOUT)
+        self.sent = 0
+
+    def send_json(self, obj: object) -> None:
+        data = json.dumps(obj).encode()
+        self.sock.sendall(_JSON.pack(b"J", len(data)) + data)
+        self.sent += _JSON.size + len(data)
+
+    def send_pages(self, offset: int, data: memoryview) -> None:
+        self.sock.sendall(_PAGES.pack(b"P", offset, len(data)))
+        self.sock.sendall(data)
+        self.sent += _PAGES.size + len(data)
+
+    def _exact(self, n: int, into: memoryview | None = None) -> bytes:
+        buf = into if into is not None else memoryview(bytearray(n))
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(buf[got:], n - got)
+            if k == 0:
+                raise MigrationError("the other side closed the connection")
+            got += k
+        return b"" if into is not None else bytes(buf)
+
+    def recv(self, memory_view: Callable[[int, int], memoryview] | None = None) -> dict | None:
+        """The next JSON message; page frames on the way are written through `memory_view`
+        (offset, length) -> view. Returns None only for pages when no JSON follows yet."""
+        while True:
+            kind = self._exact(1)
+            if kind == b"J":
+                (n,) = struct.unpack("<I", self._exact(4))
+                if n > 256 << 20:
+                    raise MigrationError(f"message of {n} bytes is too large")
+                msg = json.loads(self._exact(n))
+                if not isinstance(msg, dict):
+                    raise MigrationError("malformed message")
+                return msg
+            if kind == b"P" and memory_view is not None:
+                offset, length = struct.unpack("<QI", self._exact(12))
+                if length > MAX_FRAME:
+                    raise MigrationError(f"page run of {length} bytes is too large")
+                self._exact(length, memory_view(offset, length))
+                continue
+            raise MigrationError(f"unexpected frame {kind!r}")
+
+    def expect(self, key: str) -> dict:
+        msg = self.recv()
+        assert msg is not None
+        if "error" in msg:
+            raise MigrationError(f"the destination refused: {msg['error']}")
+        if key not in msg:
+            raise MigrationError(f"the destination answered {sorted(msg)} instead of '{key}'")
+        return msg
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def parse_address(text: str, *, default_host: str = "127.0.0.1", any_port: bool = False) -> tuple[str, int]:
+    """HOST:PORT (or PORT alone). Port 0 (pick a free one) only where `any_port`."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = default_host, text
+    try:
+        p = int(port)
+        if not (0 if any_port else 1) <= p < 65536:
+            raise ValueError
+    except ValueError:
+        raise CorralError(f"'{text}' is not an address: write it as HOST:PORT (e.g. 10.0.0.2:7000)") from None
+    return host.strip("[]") or default_host, p
+
+
+# -- source ---------------------------------------------------------------------------------------
+
+def migrate(machine: Machine, address: str, *, downtime_limit: float = 0.3, max_rounds: int = 30,
+            progress: Progress | None = None, cut_at: str | None = None) -> MigrationStats:
+    """Move `machine` to the corral listening at `address` (HOST:PORT). On success the local
+    machine is stopped; on failure it runs on. `cut_at` (tests) drops the connection at a phase:
+    hello, memory, state or go."""
+    host, port = parse_address(address)
+    mem = machine.memory
+    if machine.vm is None or mem is None or machine.cpu_model is None:
+        raise MigrationError("the machine is not running: nothing to migrate")
+    stats = MigrationStats()
+    t0 = time.perf_counter()
+    try:
+        sock = socket.create_connection((host, port), timeout=5.0)
+    except OSError as exc:
+        raise MigrationError(f"cannot reach {host}:{port}: {exc.strerror or exc} (is `corral "
+                             "receive` listening there?)") from None
+    link = _Link(sock)
+    was_paused = machine.paused
+    committed = False
+    throttle = _Throttle(machine)
+    try:
+        with machine._state_lock:
+            _cut(link, cut_at, "hello")
+            link.send_json({"protocol": PROTOCOL, "corral_version": corral.__version__,
+                            "cpu": machine.cpu_model.model_dump(),
+                            "config": machine.config.model_dump(mode="json")})
+            link.expect("ok")
+            _set_dirty_logging(machine, True)
+            mem.vmm_dirty = set()
+            # round 0: everything that is not zero (the destination's RAM starts zeroed)
+            for off, data in mem.populated(MAX_FRAME):
+                link.send_pages(off, data)
+            stats.round_bytes.append(link.sent)
+            _cut(link, cut_at, "memory")
+            dirty = _read_dirty_log(machine)             # what the guest wrote meanwhile
+            while True:
+                stats.rounds += 1
+                started, sent0 = time.perf_counter(), link.sent
+                for off, n in _runs(dirty):
+                    link.send_pages(off, mem.offset_view(off, n))
+                took = max(time.perf_counter() - started, 1e-4)
+                round_bytes = link.sent - sent0
+                stats.round_bytes.append(round_bytes)
+                rate = max(round_bytes / took, 50e6)             # bytes/s the link carried
+                dirty = _read_dirty_log(machine)
+                pending = len(dirty) * PAGE
+                if progress:
+                    progress(stats.rounds, link.sent, pending)
+                if pending / rate <= downtime_limit or stats.rounds >= max_rounds:
+                    break
+                if stats.rounds >= 2 and round_bytes and pending >= 0.8 * round_bytes:
+                    throttle.increase()          # not converging: slow the guest down
+            # stop and copy
+            down = time.perf_counter()
+            throttle.stop()
+            machine.pause()
+            final = dirty | _read_dirty_log(machine) | {p * PAGE for p in (mem.vmm_dirty or ())}
+            sent0 = link.sent
+            for off, n in _runs(final):
+                link.send_pages(off, mem.offset_view(off, n))
+            stats.final_bytes = link.sent - sent0
+            _cut(link, cut_at, "state")
+            link.send_json({"state": json.loads(machine.save_state().model_dump_json())})
+            link.expect("ready")
+            _cut(link, cut_at, "go")
+            link.send_json({"go": True})
+            committed = True           # from here on the destination owns the guest
+            stats.downtime_seconds = time.perf_counter() - down
+            stats.throttle = throttle.fraction
+    except (OSError, MigrationError, CorralError) as exc:
+        throttle.stop()
+        _abort(machine, was_paused)
+        link.close()
+        if committed:
+            raise MigrationError(f"the connection failed after the hand-over was sent ({exc}); "
+                                 "the guest now runs at the destination") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise MigrationError(f"migration to {host}:{port} failed: {reason}; the guest runs on here") from None
+    except BaseException:
+        throttle.stop()
+        _abort(machine, was_paused)
+        link.close()
+        raise
+    link.close()
+    mem.vmm_dirty = None
+    stats.bytes_sent = link.sent
+    stats.total_seconds = time.perf_counter() - t0
+    machine.stop(f"migrated to {host}:{port}")
+    return stats
+
+
+def _cut(link: _Link, cut_at: str | None, phase: str) -> None:
+    if cut_at == phase:
+        link.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _abort(machine: Machine, was_paused: bool) -> None:
+    if machine.memory is not None:
+        machine.memory.vmm_dirty = None
+    try:
+        _set_dirty_logging(machine, False)
+    except CorralError as exc:
+        log.warning("could not turn dirty logging off: %s", exc)
+    if not was_paused:
+        machine.resume()
+
+
+def _set_dirty_logging(machine: Machine, on: bool) -> None:
+    assert machine.vm is not None and machine.memory is not None
+    for s in machine.memory.slots:
+        machine.vm.set_user_memory_region(s.slot, s.gpa, s.size, s.host_addr,
+                                          K.MEM_LOG_DIRTY_PAGES if on else 0)
+
+
+def _read_dirty_log(machine: Machine) -> set[int]:
+    """Backing offsets of the pages the guest wrote since the last read."""
+    assert machine.vm is not None and machine.memory is not None
+    out: set[int] = set()
+    for s in machine.memory.slots:
+        bitmap = machine.vm.get_dirty_log(s.slot, s.size // PAGE)
+        words = memoryview(bitmap).cast("Q")
+        for w, word in enumerate(words):
+            while word:
+                bit = (word & -word).bit_length() - 1
+                out.add(s.offset + (w * 64 + bit) * PAGE)
+                word &= word - 1
+    return out
+
+
+def _runs(offsets: set[int]) -> list[tuple[int, int]]:
+    """Sorted page offsets -> (offset, length) runs of adjacent pages, each at most MAX_FRAME."""
+    runs: list[tuple[int, int]] = []
+    for off in sorted(offsets):
+        if runs and runs[-1][0] + runs[-1][1] == off and runs[-1][1] < MAX_FRAME:
+            runs[-1] = (runs[-1][0], runs[-1][1] + PAGE)
+        else:
+            runs.append((off, PAGE))
+    return runs
+
+
+class _Throttle:
+    """Holds the vCPUs for a growing share of every 50 ms when the guest dirties memory faster
+    than the link carries it (the guest's clock keeps running, as with a busy host)."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.fraction = 0.0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def increase(self) -> None:
+        self.fraction = min(0.9, self.fraction + 0.2)
+        log.info("migration: guest throttled to %d%% of its time", 100 - int(100 * self.fraction))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="migration-throttle", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        period = 0.05
+        while not self._stop.is_set():
+            for v in self.machine.vcpus:
+                v.request_pause()
+            self._stop.wait(period * self.fraction)
+            for v in self.machine.vcpus:
+                v.resume()
+            self._stop.wait(period * (1 - self.fraction))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1.0)
+            self._thread = None
+
+
+# -- destination ----------------------------------------------------------------------------------
+
+def listen(address: str) -> socket.socket:
+    host, port = parse_address(address, default_host="0.0.0.0", any_port=True)
+    srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        srv.bind((host, port))
+    except OSError as exc:
+        srv.close()
+        raise CorralError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    srv.listen(1)
+    return srv
+
+
+def receive(server: socket.socket, *, console: Callable[[bytes], None] | None = None,
+            kvm_path: str = "/dev/kvm", accept_timeout: float | None = None) -> Machine:
+    """Accept one incoming migration on `server` and return the machine, loaded and handed
+    over: call start() (or run()) at once. On any failure the half-built machine is closed and
+    MigrationError raised."""
+    from corral.machine import Machine
+
+    server.settimeout(accept_timeout)
+    try:
+        sock, peer = server.accept()
+    except socket.timeout:
+        raise MigrationError("no migration arrived in time") from None
+    link = _Link(sock)
+    machine: Machine | None = None
+    try:
+        hello = link.recv()
+        assert hello is not None
+        try:
+            if hello.get("protocol") != PROTOCOL or hello.get("corral_version") != corral.__version__:
+                raise CorralError(f"the source is corral {hello.get('corral_version')} (protocol "
+                                  f"{hello.get('protocol')}), this is corral {corral.__version__} "
+                                  f"(protocol {PROTOCOL})")
+            config = MachineConfig.build(**hello["config"])
+            machine = Machine(config, console=console, kvm_path=kvm_path, incoming=True)
+            machine.build()
+            cpu = CpuModel.model_validate(hello["cpu"])
+            if cpu != machine.cpu_model:
+                assert machine.cpu_model is not None
+                raise CorralError(f"the source runs on a {cpu.describe()}, this host has a "
+                                  f"{machine.cpu_model.describe()}")
+        except (CorralError, KeyError, TypeError, ValueError) as exc:
+            link.send_json({"error": str(exc)})
+            raise MigrationError(f"refused the migration from {peer[0]}: {exc}") from None
+        link.send_json({"ok": True})
+        mem = machine.memory
+        assert mem is not None
+        msg = link.recv(mem.offset_view)
+        if msg is None or "state" not in msg:
+            raise MigrationError("the source sent no machine state")
+        machine.load_incoming(MachineState.model_validate(msg["state"]))
+        link.send_json({"ready": True})
+        go = link.recv()
+        if not go or not go.get("go"):
+            raise MigrationError("the source did not hand the guest over")
+        return machine
+    except BaseException as exc:
+        if machine is not None:
+            machine.close()
+        if isinstance(exc, OSError):
+            raise MigrationError(f"incoming migration failed: {exc.strerror or exc}") from None
+        raise
+    finally:
+        link.close()
+
+
+__all__ = ["MigrationError", "MigrationStats", "migrate", "listen", "receive", "parse_address"]

@@ -1,0 +1,159 @@
+"""The VM-state commands as a user runs them: run --api, pause/resume/status, snapshot,
+restore, clone, receive/migrate, and one clear line for each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_cli import ROOT, corral, one_clear_line
+
+pytestmark = pytest.mark.kvm
+
+
+def start_vm(api, cmdline="mem-touch 16M forever", *extra):
+    import os
+    proc = subprocess.Popen([sys.executable, "-m", "corral", "run", "--image", "probe", "--memory", "256M",
+                             "--cmdline", cmdline, "--api", str(api), *extra],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    deadline = time.monotonic() + 30
+    while not api.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+        time.sleep(0.05)
+    return proc
+
+
+def test_pause_status_snapshot_restore_from_the_command_line(tmp_path):
+    api = tmp_path / "vm.sock"
+    proc = start_vm(api, "mem-touch 16M 400")
+    try:
+        time.sleep(0.5)
+        assert corral("pause", "--api", str(api)).returncode == 0
+        assert corral("status", "--api", str(api)).stdout.startswith("paused")
+        r = corral("snapshot", "--api", str(api), str(tmp_path / "snap"))
+        assert r.returncode == 0 and "MiB of memory" in r.stderr, r.stderr
+        assert corral("status", "--api", str(api)).stdout.startswith("paused")
+        # bad input over the socket changes nothing
+        line = one_clear_line(corral("snapshot", "--api", str(api), str(tmp_path / "snap")))
+        assert "already exists" in line
+        assert corral("resume", "--api", str(api)).returncode == 0
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    finally:
+        proc.kill()
+    assert not api.exists()                      # the socket goes with the VM
+    # the snapshot finishes the same run: same final checksum, no fresh boot
+    first = out.decode().replace("\r", "")
+    r = corral("restore", str(tmp_path / "snap"))
+    assert r.returncode == 0, r.stderr
+    assert "probe: mem-touch range" not in r.stdout
+    final = [l for l in first.splitlines() if l.startswith("RESULT")]
+    assert final and final[-1] in r.stdout.replace("\r", "")
+
+
+def test_clone_runs_each_copy_to_the_end(tmp_path):
+    api = tmp_path / "vm.sock"
+    proc = start_vm(api, "mem-touch 16M 300")
+    try:
+        time.sleep(0.3)
+        assert corral("snapshot", "--api", str(api), str(tmp_path / "snap")).returncode == 0
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    final = [l for l in out.decode().replace("\r", "").splitlines() if l.startswith("RESULT")][-1]
+    r = corral("clone", str(tmp_path / "snap"), "-n", "3")
+    assert r.returncode == 0, r.stderr
+    for i in range(3):
+        assert f"[clone {i}] {final}" in r.stdout
+
+
+def test_receive_and_migrate_from_the_command_line(tmp_path):
+    api = tmp_path / "vm.sock"
+    dest_api = tmp_path / "dest.sock"
+    src = start_vm(api)
+    import os
+    dest = subprocess.Popen([sys.executable, "-m", "corral", "receive", "--listen", "127.0.0.1:0",
+                             "--timeout", "60", "--api", str(dest_api)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    try:
+        port = dest.stderr.readline().decode().rsplit(":", 1)[1].strip()
+        r = corral("migrate", "--api", str(api), f"127.0.0.1:{port}")
+        assert r.returncode == 0, r.stderr
+        assert "round 1:" in r.stderr and "downtime" in r.stderr
+        src_out, src_err = src.communicate(timeout=30)
+        assert src.returncode == 0 and b"migrated to" in src_err
+        while not dest_api.exists():
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert corral("status", "--api", str(dest_api)).stdout.startswith("running")
+        subprocess.run([sys.executable, "-c", "import sys; from corral.api import call; "
+                        "call(sys.argv[1], {'op': 'stop'})", str(dest_api)], check=True,
+                       env={"PYTHONPATH": str(ROOT / "src")})
+        dest_out, _ = dest.communicate(timeout=30)
+    finally:
+        src.kill()
+        dest.kill()
+    assert b"PROGRESS" in dest_out
+
+
+def test_restore_bad_input(tmp_path):
+    assert "does not exist" in one_clear_line(corral("restore", str(tmp_path / "none")))
+    (tmp_path / "empty").mkdir()
+    assert "not a corral snapshot" in one_clear_line(corral("restore", str(tmp_path / "empty")))
+    assert "does not exist" in one_clear_line(corral("clone", str(tmp_path / "none")))
+
+
+def test_control_commands_without_a_vm(tmp_path):
+    line = one_clear_line(corral("pause", "--api", str(tmp_path / "x.sock")))
+    assert "no control socket" in line and "--api" in line
+
+
+def test_migrate_to_nowhere_keeps_the_vm(tmp_path):
+    api = tmp_path / "vm.sock"
+    proc = start_vm(api)
+    try:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        line = one_clear_line(corral("migrate", "--api", str(api), f"127.0.0.1:{port}"))
+        assert "cannot reach" in line and "runs on here" not in line
+        assert corral("status", "--api", str(api)).stdout.startswith("running")
+        assert "HOST:PORT" in one_clear_line(corral("migrate", "--api", str(api), "nowhere:port"))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_bad_api_requests(tmp_path):
+    api = tmp_path / "vm.sock"
+    proc = start_vm(api)
+    try:
+        def raw(body: bytes) -> dict:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(api))
+            s.sendall(body + b"\n")
+            reply = json.loads(s.makefile().readline())
+            s.close()
+            return reply
+
+        r = raw(b'{"op": "explode"}')
+        assert not r["ok"] and "bad request" in r["error"]
+        r = raw(b'{"op": "migrate", "to": "x:1", "downtime_ms": -5}')
+        assert not r["ok"] and "downtime_ms" in r["error"]
+        r = raw(b"not json")
+        assert not r["ok"] and "bad request" in r["error"]
+        assert raw(b'{"op": "status"}')["state"] == "running"
+        # a second VM cannot take a socket that is in use
+        line = one_clear_line(corral("run", "--image", "probe", "--cmdline", "hello", "--api", str(api)))
+        assert "in use" in line
+    finally:
+        proc.kill()
+        proc.wait()

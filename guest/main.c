@@ -262,6 +262,17 @@ static int scenario_mem_touch(int argc, char **argv)
     return EXIT_OK;
 }
 
+/* ---- idle: runs forever, writing no memory (an idle guest for migration figures) ---- */
+
+static int scenario_idle(int argc, char **argv)
+{
+    (void)argc, (void)argv;
+    kprintf("probe: idle\n");
+    for (;;)
+        __asm__ volatile("pause");
+    return EXIT_OK;
+}
+
 /* ---------------------------------------------------------------- dispatch */
 
 struct scenario {
@@ -276,6 +287,7 @@ static const struct scenario scenarios[] = {
     {"pio-bench", scenario_pio_bench},
     {"mmio-bench", scenario_mmio_bench},
     {"mem-touch", scenario_mem_touch},
+    {"idle", scenario_idle},
     {"blk-check", scenario_blk_check},
     {"blk-bench", scenario_blk_bench},
 };

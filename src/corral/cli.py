@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from corral.config import DiskConfig, MachineConfig, parse_size
+from corral.config import DiskConfig, MachineConfig, NetConfig, parse_size
 from corral.errors import CorralError
 
 
@@ -38,13 +38,15 @@ def main(verbose: bool) -> None:
 @click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,serial=ID]",
               help="A raw disk image as a virtio-blk device (repeatable).")
 @click.option("--rng", is_flag=True, help="Give the guest a virtio-rng device.")
+@click.option("--net", "nets", multiple=True, metavar="tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]",
+              help="A virtio-net NIC on a tap device, created and brought up if missing (repeatable).")
 @click.option("--kvm", "kvm_path", default="/dev/kvm", envvar="CORRAL_KVM", show_default=True,
               help="The KVM device to use.")
 @click.option("--api", "api_path", type=click.Path(path_type=Path), metavar="SOCKET",
               help="Serve a control socket (pause, resume, snapshot, migrate) at this path.")
 def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdline: str | None,
         cpus: int, memory: str, no_reboot: bool, cpu_hide: str, disks: tuple[str, ...], rng: bool,
-        kvm_path: str, api_path: Path | None) -> None:
+        nets: tuple[str, ...], kvm_path: str, api_path: Path | None) -> None:
     """Boot a guest with its serial console on this terminal (Ctrl-A X quits).
 
     Exits with the guest's exit-port status, or 0 on a clean poweroff.
@@ -82,7 +84,7 @@ def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdlin
         config = MachineConfig.build(kernel=kernel, initrd=initrd, cmdline=cmdline or "",
                                      cpus=cpus, memory=parse_size(memory), no_reboot=no_reboot,
                                      cpu_hide=cpu_hide, disks=[DiskConfig.parse(d) for d in disks],
-                                     rng=rng)
+                                     rng=rng, nets=[NetConfig.parse(n, i) for i, n in enumerate(nets)])
         machine = Machine(config, kvm_path=kvm_path)
         machine.build()
     except CorralError as exc:

@@ -61,6 +61,82 @@ class DiskConfig(BaseModel):
         return cls(**fields)
 
 
+class NetConfig(BaseModel):
+    """A virtio-net NIC whose host end is a tap device."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tap: str = Field(description="tap interface name (created if it does not exist)")
+    mac: str = Field(default="", description="guest MAC; empty: derived from the tap name")
+    host_ip: str = Field(default="", description="address for the host end, CIDR (e.g. 10.0.2.1/24)")
+
+    @field_validator("tap")
+    @classmethod
+    def _tap(cls, v: str) -> str:
+        from corral.net.tap import check_tap_name
+
+        try:
+            return check_tap_name(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str) -> str:
+        from corral.net.tap import format_mac, parse_mac
+
+        try:
+            return format_mac(parse_mac(v)) if v else v
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("host_ip")
+    @classmethod
+    def _host_ip(cls, v: str) -> str:
+        import ipaddress
+
+        if v:
+            try:
+                iface = ipaddress.ip_interface(v)
+            except ValueError:
+                raise ValueError(f"'{v}' is not an address with a prefix: write it like 10.0.2.1/24") from None
+            if "/" not in v:
+                raise ValueError(f"'{v}' has no prefix length: write it like {v}/24")
+            return str(iface)
+        return v
+
+    def guest_mac(self) -> bytes:
+        from corral.net.tap import parse_mac
+
+        if self.mac:
+            return parse_mac(self.mac)
+        import hashlib
+
+        # stable per tap name, locally administered, unicast
+        return bytes([0x52, 0x54, 0x00]) + hashlib.sha256(self.tap.encode()).digest()[:3]
+
+    @classmethod
+    def parse(cls, spec: str, index: int = 0) -> NetConfig:
+        """'tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]' (the --net syntax)."""
+        kind, *opts = spec.split(",")
+        name, _, tap = kind.partition("=")
+        if name != "tap":
+            raise ConfigError(f"--net {spec}: only tap networking exists: use tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]")
+        fields: dict[str, object] = {"tap": tap or f"corral{index}"}
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key == "mac" and value:
+                fields["mac"] = value
+            elif key == "host-ip" and value:
+                fields["host_ip"] = value
+            else:
+                raise ConfigError(f"--net {spec}: unknown option '{opt}' (use tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN])")
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise ConfigError(f"--net {spec}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
 class MachineConfig(BaseModel):
     """Everything needed to build a machine. Paths are checked when the machine is built."""
 
@@ -75,6 +151,7 @@ class MachineConfig(BaseModel):
     cpu_hide: tuple[str, ...] = Field(default=(), description="CPU features hidden from the guest")
     disks: tuple[DiskConfig, ...] = Field(default=(), description="virtio-blk disks, in PCI slot order")
     rng: bool = Field(default=False, description="give the guest a virtio-rng device")
+    nets: tuple[NetConfig, ...] = Field(default=(), description="virtio-net NICs on tap devices")
 
     @field_validator("cpu_hide", mode="before")
     @classmethod

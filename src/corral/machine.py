@@ -255,7 +255,9 @@ class Machine:
         """The virtio devices the config asks for, each on its own PCI slot with its BAR placed
         in the 32-bit window and decoding on, as firmware would leave it."""
         from corral.devices.virtio.blk import VirtioBlock
+        from corral.devices.virtio.net import VirtioNet
         from corral.devices.virtio.rng import VirtioRng
+        from corral.net.tap import Tap
 
         wanted: list[tuple[str, Callable[[], VirtioDevice]]] = [
             (f"virtio-blk{i}", (lambda d: lambda: VirtioBlock(str(d.path), read_only=d.read_only,
@@ -263,6 +265,9 @@ class Machine:
             for i, d in enumerate(cfg.disks)]
         if cfg.rng:
             wanted.append(("virtio-rng", VirtioRng))
+        for i, n in enumerate(cfg.nets):
+            wanted.append((f"virtio-net{i}", (lambda n: lambda: VirtioNet(
+                Tap(n.tap, host_ip=n.host_ip or None), n.guest_mac(), self.loop))(n)))
         if not wanted:
             return
         self.loop = EventLoop("corral-devices")

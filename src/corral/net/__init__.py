@@ -1,0 +1,1 @@
+"""Host networking for guests: tap devices (created, configured and attached for the user)."""

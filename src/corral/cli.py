@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from corral.config import DiskConfig, MachineConfig, NetConfig, parse_size
+from corral.config import DiskConfig, MachineConfig, NetConfig, VsockConfig, parse_size
 from corral.errors import CorralError
 
 
@@ -40,13 +40,15 @@ def main(verbose: bool) -> None:
 @click.option("--rng", is_flag=True, help="Give the guest a virtio-rng device.")
 @click.option("--net", "nets", multiple=True, metavar="tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]",
               help="A virtio-net NIC on a tap device, created and brought up if missing (repeatable).")
+@click.option("--vsock", metavar="cid=N,uds=PATH",
+              help="A virtio-vsock device; host programs connect to PATH ('CONNECT <port>').")
 @click.option("--kvm", "kvm_path", default="/dev/kvm", envvar="CORRAL_KVM", show_default=True,
               help="The KVM device to use.")
 @click.option("--api", "api_path", type=click.Path(path_type=Path), metavar="SOCKET",
               help="Serve a control socket (pause, resume, snapshot, migrate) at this path.")
 def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdline: str | None,
         cpus: int, memory: str, no_reboot: bool, cpu_hide: str, disks: tuple[str, ...], rng: bool,
-        nets: tuple[str, ...], kvm_path: str, api_path: Path | None) -> None:
+        nets: tuple[str, ...], vsock: str | None, kvm_path: str, api_path: Path | None) -> None:
     """Boot a guest with its serial console on this terminal (Ctrl-A X quits).
 
     Exits with the guest's exit-port status, or 0 on a clean poweroff.
@@ -84,7 +86,8 @@ def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdlin
         config = MachineConfig.build(kernel=kernel, initrd=initrd, cmdline=cmdline or "",
                                      cpus=cpus, memory=parse_size(memory), no_reboot=no_reboot,
                                      cpu_hide=cpu_hide, disks=[DiskConfig.parse(d) for d in disks],
-                                     rng=rng, nets=[NetConfig.parse(n, i) for i, n in enumerate(nets)])
+                                     rng=rng, nets=[NetConfig.parse(n, i) for i, n in enumerate(nets)],
+                                     vsock=VsockConfig.parse(vsock) if vsock else None)
         machine = Machine(config, kvm_path=kvm_path)
         machine.build()
     except CorralError as exc:
@@ -182,7 +185,7 @@ def clone(snapshot: Path, count: int, kvm_path: str) -> None:
     machines = []
     try:
         for i in range(count):
-            m = Machine.from_snapshot(snapshot, kvm_path=kvm_path, console=console(i))
+            m = Machine.from_snapshot(snapshot, kvm_path=kvm_path, console=console(i), clone_index=i)
             machines.append(m)
             m.start()
     except CorralError as exc:

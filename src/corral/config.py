@@ -137,6 +137,34 @@ class NetConfig(BaseModel):
             raise ConfigError(f"--net {spec}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
+class VsockConfig(BaseModel):
+    """A virtio-vsock device; the host side is Unix sockets (Firecracker's scheme)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cid: int = Field(ge=3, lt=0xFFFF_FFFF, description="the guest's context id")
+    uds_path: Path = Field(description="host programs connect here; guest connects reach <path>_<port>")
+
+    @classmethod
+    def parse(cls, spec: str) -> VsockConfig:
+        """'cid=N,uds=PATH' (the --vsock syntax)."""
+        fields: dict[str, object] = {}
+        for opt in spec.split(","):
+            key, _, value = opt.partition("=")
+            if key == "cid" and value.isdigit():
+                fields["cid"] = int(value)
+            elif key == "uds" and value:
+                fields["uds_path"] = value
+            else:
+                raise ConfigError(f"--vsock {spec}: unknown option '{opt}' (use cid=N,uds=PATH)")
+        if set(fields) != {"cid", "uds_path"}:
+            raise ConfigError(f"--vsock {spec}: give both cid=N (3 or more) and uds=PATH")
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise ConfigError(f"--vsock {spec}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+
+
 class MachineConfig(BaseModel):
     """Everything needed to build a machine. Paths are checked when the machine is built."""
 
@@ -152,6 +180,15 @@ class MachineConfig(BaseModel):
     disks: tuple[DiskConfig, ...] = Field(default=(), description="virtio-blk disks, in PCI slot order")
     rng: bool = Field(default=False, description="give the guest a virtio-rng device")
     nets: tuple[NetConfig, ...] = Field(default=(), description="virtio-net NICs on tap devices")
+    vsock: VsockConfig | None = Field(default=None, description="a virtio-vsock device")
+
+    def for_clone(self, index: int) -> MachineConfig:
+        """The config of clone `index` of a snapshot: host resources that cannot be shared get
+        their own names (tap devices, the vsock socket) and the vsock CID its own number."""
+        nets = tuple(n.model_copy(update={"tap": f"{n.tap[:11]}c{index}"}) for n in self.nets)
+        vsock = self.vsock and self.vsock.model_copy(update={
+            "cid": self.vsock.cid + index, "uds_path": Path(f"{self.vsock.uds_path}.{index}")})
+        return self.model_copy(update={"nets": nets, "vsock": vsock})
 
     @field_validator("cpu_hide", mode="before")
     @classmethod

@@ -21,7 +21,7 @@ class EventLoop:
         self.name = name
         self._sel = selectors.EpollSelector()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._sel.register(self._wake, selectors.EVENT_READ, self._drain_calls)
+        self._sel.register(self._wake, selectors.EVENT_READ, {selectors.EVENT_READ: self._drain_calls})
         self._calls: deque[Callable[[], None]] = deque()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -29,15 +29,40 @@ class EventLoop:
         self._paused: threading.Event | None = None
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        with self._lock:
-            self._sel.register(fd, selectors.EVENT_READ, callback)
+        self._set(fd, selectors.EVENT_READ, callback)
 
     def remove_reader(self, fd: int) -> None:
+        self._set(fd, selectors.EVENT_READ, None)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call `callback` while `fd` can be written (remove it once nothing waits)."""
+        self._set(fd, selectors.EVENT_WRITE, callback)
+
+    def remove_writer(self, fd: int) -> None:
+        self._set(fd, selectors.EVENT_WRITE, None)
+
+    def _set(self, fd: int, event: int, callback: Callable[[], None] | None) -> None:
+        # one registration per fd holds {event: callback} for reading and writing
         with self._lock:
             try:
-                self._sel.unregister(fd)
+                key = self._sel.get_key(fd)
+                handlers = dict(key.data)
             except (KeyError, ValueError):
-                pass
+                key, handlers = None, {}
+            if callback is None:
+                handlers.pop(event, None)
+            else:
+                handlers[event] = callback
+            mask = 0
+            for ev in handlers:
+                mask |= ev
+            if key is None:
+                if mask:
+                    self._sel.register(fd, mask, handlers)
+            elif mask:
+                self._sel.modify(fd, mask, handlers)
+            else:
+                self._sel.unregister(fd)
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the loop thread (safe from any thread)."""
@@ -94,10 +119,12 @@ class EventLoop:
 
     def _run(self) -> None:
         while not self._stopping:
-            for key, _ in self._sel.select():
-                try:
-                    key.data()
-                except Exception:  # a device bug must not stop every other device
-                    log.exception("device event handler failed")
+            for key, events in self._sel.select():
+                for ev, callback in list(key.data.items()):
+                    if events & ev:
+                        try:
+                            callback()
+                        except Exception:  # a device bug must not stop every other device
+                            log.exception("device event handler failed")
         # calls queued while stopping (device teardown) still run
         self._drain_calls()

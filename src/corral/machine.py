@@ -131,12 +131,16 @@ class Machine:
     @classmethod
     def from_snapshot(cls, path: str | os.PathLike[str], *,
                       console: Callable[[bytes], None] | None = None,
-                      kvm_path: str = "/dev/kvm") -> Machine:
+                      kvm_path: str = "/dev/kvm", clone_index: int | None = None) -> Machine:
         """A machine that resumes where the snapshot at `path` was taken; start() or run()
         continues the guest. RAM is mapped from the snapshot lazily, so this is fast whatever
-        the memory size, and machines restored from one snapshot share unchanged pages."""
+        the memory size, and machines restored from one snapshot share unchanged pages.
+        `clone_index` gives a clone its own host resources and vsock CID (MachineConfig.for_clone)."""
         snap = read_snapshot(path)
-        return cls(snap.manifest.config, console=console, kvm_path=kvm_path, restore_from=snap)
+        config = snap.manifest.config
+        if clone_index is not None:
+            config = config.for_clone(clone_index)
+        return cls(config, console=console, kvm_path=kvm_path, restore_from=snap)
 
     # -- VmControl (called by devices and vCPUs, from any thread) ------------------------------
     def request_exit(self, status: int) -> None:
@@ -257,6 +261,7 @@ class Machine:
         from corral.devices.virtio.blk import VirtioBlock
         from corral.devices.virtio.net import VirtioNet
         from corral.devices.virtio.rng import VirtioRng
+        from corral.devices.virtio.vsock import VirtioVsock
         from corral.net.tap import Tap
 
         wanted: list[tuple[str, Callable[[], VirtioDevice]]] = [
@@ -265,6 +270,9 @@ class Machine:
             for i, d in enumerate(cfg.disks)]
         if cfg.rng:
             wanted.append(("virtio-rng", VirtioRng))
+        if cfg.vsock is not None:
+            v = cfg.vsock
+            wanted.append(("virtio-vsock", lambda: VirtioVsock(v.cid, str(v.uds_path), self.loop)))
         for i, n in enumerate(cfg.nets):
             wanted.append((f"virtio-net{i}", (lambda n: lambda: VirtioNet(
                 Tap(n.tap, host_ip=n.host_ip or None), n.guest_mac(), self.loop))(n)))

@@ -12,7 +12,7 @@ import pytest
 from corral.machine import Machine, VmStateError
 from corral.state.snapshot import MANIFEST, MEMORY, STATE, SnapshotError, read_snapshot
 
-from live_probe import LiveProbe, assert_continues
+from live_probe import LiveProbe, assert_continues, reference_rounds
 
 pytestmark = pytest.mark.kvm
 
@@ -192,3 +192,44 @@ def test_save_state_needs_a_pause(probe):
     probe.wait_rounds(1)
     with pytest.raises(VmStateError, match="pause the machine"):
         probe.machine.save_state()
+
+
+def test_devices_travel_and_clones_get_their_own_identity(tmp_path):
+    """A machine with virtio devices (rng, vsock, a tap NIC, a disk) snapshots and clones:
+    each clone gets its own vsock socket and CID and its own tap; the disk is shared read-only."""
+    import uuid
+
+    from corral.config import DiskConfig, NetConfig, VsockConfig
+    from corral.state.snapshot import read_snapshot
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root for taps")
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    tap = "crs" + uuid.uuid4().hex[:6]
+    p = LiveProbe.boot(rng=True, vsock=VsockConfig(cid=9, uds_path=tmp_path / "v.sock"),
+                       nets=[NetConfig(tap=tap)], disks=[DiskConfig(path=disk, read_only=True)])
+    try:
+        p.wait_rounds(2)
+        p.machine.snapshot(tmp_path / "snap")
+        at = p.last_round()
+    finally:
+        p.close()
+    state = read_snapshot(tmp_path / "snap").state
+    assert {"virtio-rng", "virtio-vsock", "virtio-net0", "virtio-blk0", "pci"} <= set(state.devices)
+    clones = []
+    try:
+        for i in range(2):
+            c = LiveProbe(Machine.from_snapshot(tmp_path / "snap", clone_index=i))
+            clones.append(c)
+            c.machine.start()
+        for i, c in enumerate(clones):
+            c.wait_rounds(at + 2)
+            assert c.machine.config.vsock.cid == 9 + i
+            assert (tmp_path / f"v.sock.{i}").exists()
+            assert os.path.exists(f"/sys/class/net/{tap}c{i}")
+        assert_continues(reference_rounds("mem-touch 16M forever", max(c.last_round() for c in clones)),
+                         clones[0])
+    finally:
+        for c in clones:
+            c.close()

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from virtio_driver import Driver  # noqa: E402
+from virtio_driver import Driver, ManualLoop  # noqa: E402
 
 from corral.config import NetConfig  # noqa: E402
 from corral.devices.virtio.net import F_MRG_RXBUF, VirtioNet  # noqa: E402
@@ -29,22 +29,6 @@ HOST_MAC = bytes.fromhex("525400aabbcc")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
                                 reason="needs root and /dev/net/tun to create taps")
-
-
-class ManualLoop:
-    """The device's event loop, driven by the test: it says when the tap has something."""
-
-    def __init__(self) -> None:
-        self.readers: dict[int, object] = {}
-
-    def add_reader(self, fd, cb) -> None:
-        self.readers[fd] = cb
-
-    def remove_reader(self, fd) -> None:
-        self.readers.pop(fd, None)
-
-    def call_soon(self, fn) -> None:
-        fn()
 
 
 @pytest.fixture

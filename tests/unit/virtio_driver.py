@@ -33,6 +33,48 @@ class ImmediateLoop:
         pass
 
 
+class ManualLoop:
+    """A device's event loop driven by the test: `run_ready()` calls the callbacks of the fds
+    that are ready, as the VM's loop would, until nothing is."""
+
+    def __init__(self) -> None:
+        self.readers: dict[int, object] = {}
+        self.writers: dict[int, object] = {}
+
+    def add_reader(self, fd, cb) -> None:
+        self.readers[fd] = cb
+
+    def remove_reader(self, fd) -> None:
+        self.readers.pop(fd, None)
+
+    def add_writer(self, fd, cb) -> None:
+        self.writers[fd] = cb
+
+    def remove_writer(self, fd) -> None:
+        self.writers.pop(fd, None)
+
+    def call_soon(self, fn) -> None:
+        fn()
+
+    def run_ready(self, timeout: float = 0.05) -> int:
+        import select
+
+        calls = 0
+        while True:
+            r, w, _ = select.select(list(self.readers), list(self.writers), [], timeout)
+            if not r and not w:
+                return calls
+            for fd in r:
+                if fd in self.readers:
+                    self.readers[fd]()
+                    calls += 1
+            for fd in w:
+                if fd in self.writers:
+                    self.writers[fd]()
+                    calls += 1
+            timeout = 0.02
+
+
 class Line:
     def __init__(self) -> None:
         self.level = False

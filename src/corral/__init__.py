@@ -18,7 +18,9 @@ _EXPORTS = {
     "ConfigError": "corral.errors", "CorralError": "corral.errors", "HostError": "corral.errors",
     "KernelFormatError": "corral.errors",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["ConfigError", "CorralError", "ExitResult", "HostError", "KernelFormatError", "Machine",
+           "MachineConfig"]
+assert sorted(__all__) == sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 

@@ -61,7 +61,12 @@ class Migrate(_Req):
     downtime_ms: int = Field(default=300, ge=1, le=60_000)
 
 
-Request = Annotated[Union[Pause, Resume, Status, Stop, Snapshot, Migrate], Field(discriminator="op")]
+class Balloon(_Req):
+    op: Literal["balloon"]
+    target: int | str | None = Field(default=None, description="bytes (or 256M, 1G) to take back; omit to only read")
+
+
+Request = Annotated[Union[Pause, Resume, Status, Stop, Snapshot, Migrate, Balloon], Field(discriminator="op")]
 _REQUEST = TypeAdapter(Request)
 
 
@@ -142,6 +147,12 @@ class ControlServer:
                              {"progress": {"round": r, "sent": sent, "dirty": dirty}}))
             return {"rounds": st.rounds, "bytes_sent": st.bytes_sent, "seconds": st.total_seconds,
                     "downtime_ms": st.downtime_seconds * 1000, "throttle": st.throttle}
+        elif isinstance(req, Balloon):
+            from corral.config import parse_size
+
+            if req.target is not None:
+                m.set_balloon(parse_size(req.target))
+            return m.balloon_info()
         return {"state": "paused" if m.paused else "running", "cpus": m.config.cpus,
                 "memory": m.config.memory}
 

@@ -40,6 +40,8 @@ def main(verbose: bool) -> None:
 @click.option("--rng", is_flag=True, help="Give the guest a virtio-rng device.")
 @click.option("--net", "nets", multiple=True, metavar="tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]",
               help="A virtio-net NIC on a tap device, created and brought up if missing (repeatable).")
+@click.option("--balloon", is_flag=True,
+              help="A virtio-balloon device (corral balloon), with free page reporting.")
 @click.option("--vsock", metavar="cid=N,uds=PATH",
               help="A virtio-vsock device; host programs connect to PATH ('CONNECT <port>').")
 @click.option("--kvm", "kvm_path", default="/dev/kvm", envvar="CORRAL_KVM", show_default=True,
@@ -48,7 +50,8 @@ def main(verbose: bool) -> None:
               help="Serve a control socket (pause, resume, snapshot, migrate) at this path.")
 def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdline: str | None,
         cpus: int, memory: str, no_reboot: bool, cpu_hide: str, disks: tuple[str, ...], rng: bool,
-        nets: tuple[str, ...], vsock: str | None, kvm_path: str, api_path: Path | None) -> None:
+        nets: tuple[str, ...], balloon: bool, vsock: str | None, kvm_path: str,
+        api_path: Path | None) -> None:
     """Boot a guest with its serial console on this terminal (Ctrl-A X quits).
 
     Exits with the guest's exit-port status, or 0 on a clean poweroff.
@@ -87,7 +90,7 @@ def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdlin
                                      cpus=cpus, memory=parse_size(memory), no_reboot=no_reboot,
                                      cpu_hide=cpu_hide, disks=[DiskConfig.parse(d) for d in disks],
                                      rng=rng, nets=[NetConfig.parse(n, i) for i, n in enumerate(nets)],
-                                     vsock=VsockConfig.parse(vsock) if vsock else None)
+                                     vsock=VsockConfig.parse(vsock) if vsock else None, balloon=balloon)
         machine = Machine(config, kvm_path=kvm_path)
         machine.build()
     except CorralError as exc:
@@ -279,6 +282,27 @@ def snapshot(api_path: Path, directory: Path) -> None:
     r = _call(api_path, {"op": "snapshot", "path": str(directory.resolve())})
     click.echo(f"corral: snapshot {r['path']}: {r['memory_bytes'] / (1 << 20):.1f} MiB of memory, "
                f"{r['disk_bytes'] / (1 << 20):.1f} MiB on disk, {r['seconds'] * 1000:.0f} ms", err=True)
+
+
+@main.command()
+@_API_ARG
+@click.argument("size", required=False)
+def balloon(api_path: Path, size: str | None) -> None:
+    """Set the balloon to SIZE (e.g. 256M: memory the guest gives back; 0 returns it all), then
+    show the balloon and the guest's memory statistics."""
+    req: dict = {"op": "balloon"}
+    if size is not None:
+        try:
+            req["target"] = parse_size(size)
+        except CorralError as exc:
+            _fail(str(exc))
+    r = _call(api_path, req)
+    mib = 1 << 20
+    click.echo(f"balloon: target {r['target_bytes'] / mib:.0f} MiB, guest gave {r['actual_bytes'] / mib:.0f} MiB; "
+               f"host memory behind guest RAM {r['host_resident_bytes'] / mib:.0f} MiB; "
+               f"free pages reported {r['reported_bytes'] / mib:.0f} MiB")
+    for k, v in sorted(r["stats"].items()):
+        click.echo(f"  {k}: {v / mib:.1f} MiB" if k.endswith("memory") or k == "disk_caches" else f"  {k}: {v}")
 
 
 @main.command()

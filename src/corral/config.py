@@ -181,6 +181,7 @@ class MachineConfig(BaseModel):
     rng: bool = Field(default=False, description="give the guest a virtio-rng device")
     nets: tuple[NetConfig, ...] = Field(default=(), description="virtio-net NICs on tap devices")
     vsock: VsockConfig | None = Field(default=None, description="a virtio-vsock device")
+    balloon: bool = Field(default=False, description="a virtio-balloon device (with free page reporting)")
 
     def for_clone(self, index: int) -> MachineConfig:
         """The config of clone `index` of a snapshot: host resources that cannot be shared get

@@ -259,6 +259,7 @@ class Machine:
         """The virtio devices the config asks for, each on its own PCI slot with its BAR placed
         in the 32-bit window and decoding on, as firmware would leave it."""
         from corral.devices.virtio.blk import VirtioBlock
+        from corral.devices.virtio.balloon import VirtioBalloon
         from corral.devices.virtio.net import VirtioNet
         from corral.devices.virtio.rng import VirtioRng
         from corral.devices.virtio.vsock import VirtioVsock
@@ -270,6 +271,8 @@ class Machine:
             for i, d in enumerate(cfg.disks)]
         if cfg.rng:
             wanted.append(("virtio-rng", VirtioRng))
+        if cfg.balloon:
+            wanted.append(("virtio-balloon", VirtioBalloon))
         if cfg.vsock is not None:
             v = cfg.vsock
             wanted.append(("virtio-vsock", lambda: VirtioVsock(v.cid, str(v.uds_path), self.loop)))
@@ -355,6 +358,35 @@ class Machine:
             for v in self.vcpus:
                 v.resume()
             self.paused = False
+
+    # -- memory balloon -------------------------------------------------------------------------
+    def _balloon(self):  # -> VirtioBalloon
+        fn = self.virtio.get("virtio-balloon")
+        if fn is None:
+            raise VmStateError("this VM has no balloon: start it with --balloon")
+        return fn
+
+    def set_balloon(self, target_bytes: int) -> None:
+        """Ask the guest to hand `target_bytes` of its RAM back to the host (0: take it all back)."""
+        if not 0 <= target_bytes <= self.config.memory:
+            raise VmStateError(f"a balloon of {target_bytes} bytes does not fit in the guest's "
+                               f"{self.config.memory >> 20} MiB")
+        fn = self._balloon()
+        fn.device.set_target(target_bytes >> 12, fn)
+
+    def balloon_info(self, timeout: float = 2.0) -> dict[str, object]:
+        """Target and actual balloon size, host memory behind guest RAM, and the guest's latest
+        memory statistics (asked for fresh ones, waiting up to `timeout`)."""
+        fn = self._balloon()
+        dev = fn.device
+        if self.loop is not None and dev.queues.get("stats") is not None:
+            dev.stats_updated.clear()
+            self.loop.call_soon(dev.request_stats)
+            dev.stats_updated.wait(timeout)
+        assert self.memory is not None
+        return {"target_bytes": dev.target_pages << 12, "actual_bytes": dev.actual_pages << 12,
+                "host_resident_bytes": self.memory.resident_bytes(), "stats": dict(dev.stats),
+                **dev.counters}
 
     def _components(self) -> dict[str, Stateful]:
         """Every device with state, in load order: the PCI bus before its functions."""

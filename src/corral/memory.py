@@ -156,6 +156,21 @@ class GuestMemory:
             yield start, min(end, self.size)
             off = end
 
+    def discard(self, gpa: int, length: int) -> None:
+        """Give the host back the RAM under [gpa, gpa+length) (whole pages): the guest said it
+        does not need it (balloon, free page reporting). It reads back as zeros (memfd) or as
+        the snapshot's contents (restored VM); either is allowed for a page given away."""
+        start, end = gpa & ~(mmap.PAGESIZE - 1), (gpa + length + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)
+        off = self._offset(start, end - start)
+        # MADV_REMOVE frees a shared memfd's pages; a private mapping drops its own copies
+        self._map.madvise(mmap.MADV_DONTNEED if self.private else mmap.MADV_REMOVE, off, end - start)
+
+    def resident_bytes(self) -> int:
+        """Host memory backing guest RAM now (memfd pages; for a restored VM, an estimate)."""
+        if self.private:
+            return self.size
+        return os.fstat(self.fd).st_blocks * 512
+
     def offset_view(self, offset: int, length: int) -> memoryview:
         """RAM by backing offset (not guest address): for whole-RAM copies."""
         if offset < 0 or length < 0 or offset + length > self.size:

@@ -233,3 +233,21 @@ def test_devices_travel_and_clones_get_their_own_identity(tmp_path):
     finally:
         for c in clones:
             c.close()
+
+
+def test_balloon_target_from_the_host():
+    p = LiveProbe.boot(balloon=True)
+    try:
+        p.wait_rounds(1)
+        p.machine.set_balloon(64 << 20)
+        info = p.machine.balloon_info(timeout=0.1)
+        assert info["target_bytes"] == 64 << 20 and info["host_resident_bytes"] > 16 << 20
+        with pytest.raises(VmStateError, match="does not fit"):
+            p.machine.set_balloon(1 << 40)
+    finally:
+        p.close()
+
+
+def test_no_balloon_says_how_to_get_one(probe):
+    with pytest.raises(VmStateError, match="--balloon"):
+        probe.machine.set_balloon(1 << 20)

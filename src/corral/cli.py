@@ -40,6 +40,8 @@ def main(verbose: bool) -> None:
 @click.option("--rng", is_flag=True, help="Give the guest a virtio-rng device.")
 @click.option("--net", "nets", multiple=True, metavar="tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]",
               help="A virtio-net NIC on a tap device, created and brought up if missing (repeatable).")
+@click.option("--virtio-console", "virtio_console", default="", metavar="pty|file=PATH",
+              help="A virtio-console (hvc0) on a new pseudo-terminal or appended to a file.")
 @click.option("--balloon", is_flag=True,
               help="A virtio-balloon device (corral balloon), with free page reporting.")
 @click.option("--vsock", metavar="cid=N,uds=PATH",
@@ -50,7 +52,7 @@ def main(verbose: bool) -> None:
               help="Serve a control socket (pause, resume, snapshot, migrate) at this path.")
 def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdline: str | None,
         cpus: int, memory: str, no_reboot: bool, cpu_hide: str, disks: tuple[str, ...], rng: bool,
-        nets: tuple[str, ...], balloon: bool, vsock: str | None, kvm_path: str,
+        nets: tuple[str, ...], virtio_console: str, balloon: bool, vsock: str | None, kvm_path: str,
         api_path: Path | None) -> None:
     """Boot a guest with its serial console on this terminal (Ctrl-A X quits).
 
@@ -90,7 +92,8 @@ def run(kernel: Path | None, image_name: str | None, initrd: Path | None, cmdlin
                                      cpus=cpus, memory=parse_size(memory), no_reboot=no_reboot,
                                      cpu_hide=cpu_hide, disks=[DiskConfig.parse(d) for d in disks],
                                      rng=rng, nets=[NetConfig.parse(n, i) for i, n in enumerate(nets)],
-                                     vsock=VsockConfig.parse(vsock) if vsock else None, balloon=balloon)
+                                     vsock=VsockConfig.parse(vsock) if vsock else None, balloon=balloon,
+                                     virtio_console=virtio_console)
         machine = Machine(config, kvm_path=kvm_path)
         machine.build()
     except CorralError as exc:

@@ -182,6 +182,14 @@ class MachineConfig(BaseModel):
     nets: tuple[NetConfig, ...] = Field(default=(), description="virtio-net NICs on tap devices")
     vsock: VsockConfig | None = Field(default=None, description="a virtio-vsock device")
     balloon: bool = Field(default=False, description="a virtio-balloon device (with free page reporting)")
+    virtio_console: str = Field(default="", description="hvc0 on 'pty' or 'file=PATH'; empty: none")
+
+    @field_validator("virtio_console")
+    @classmethod
+    def _virtio_console(cls, v: str) -> str:
+        if v and v != "pty" and not (v.startswith("file=") and len(v) > 5):
+            raise ValueError(f"'{v}' is not a console backend: use 'pty' or 'file=PATH'")
+        return v
 
     def for_clone(self, index: int) -> MachineConfig:
         """The config of clone `index` of a snapshot: host resources that cannot be shared get

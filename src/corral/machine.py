@@ -260,6 +260,7 @@ class Machine:
         in the 32-bit window and decoding on, as firmware would leave it."""
         from corral.devices.virtio.blk import VirtioBlock
         from corral.devices.virtio.balloon import VirtioBalloon
+        from corral.devices.virtio.console import ConsoleBackend, VirtioConsole
         from corral.devices.virtio.net import VirtioNet
         from corral.devices.virtio.rng import VirtioRng
         from corral.devices.virtio.vsock import VirtioVsock
@@ -273,6 +274,13 @@ class Machine:
             wanted.append(("virtio-rng", VirtioRng))
         if cfg.balloon:
             wanted.append(("virtio-balloon", VirtioBalloon))
+        if cfg.virtio_console:
+            def console() -> VirtioConsole:
+                dev = VirtioConsole(ConsoleBackend(cfg.virtio_console), self.loop)
+                if cfg.virtio_console == "pty":
+                    log.warning("hvc0 (virtio-console) is on %s", dev.backend.path)
+                return dev
+            wanted.append(("virtio-console", console))
         if cfg.vsock is not None:
             v = cfg.vsock
             wanted.append(("virtio-vsock", lambda: VirtioVsock(v.cid, str(v.uds_path), self.loop)))

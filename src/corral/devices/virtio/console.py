@@ -1,0 +1,137 @@
+"""virtio-console, one port (the guest's hvc0), connected to a host pseudo-terminal or a file.
+
+Host to guest: bytes read from the pty go into the receive queue while the guest has buffers
+there; without buffers the pty is left unread (its kernel buffer holds what is typed) until the
+guest adds some. Guest to host: the transmit queue is written to the pty or appended to the
+file; a pty nobody reads fills up, and output beyond that is dropped and counted, as a serial
+line would lose it, rather than stalling the device loop.
+"""
+
+from __future__ import annotations
+
+import os
+import termios
+import tty
+from typing import TYPE_CHECKING
+
+from corral.devices.virtio.base import VIRTIO_ID_CONSOLE, VirtioDevice, VirtioInterrupt
+from corral.errors import ConfigError
+
+if TYPE_CHECKING:
+    from corral.devices.virtio.queue import DescriptorChain, Virtqueue
+    from corral.eventloop import EventLoop
+    from corral.memory import GuestMemory
+
+RXQ, TXQ = 0, 1
+READ_CHUNK = 4096
+
+
+class ConsoleBackend:
+    """Where hvc0 goes: `pty` (a new pseudo-terminal; `path` names its slave) or `file=PATH`."""
+
+    def __init__(self, spec: str) -> None:
+        self.readable = False
+        if spec == "pty":
+            master, slave = os.openpty()
+            tty.setraw(slave)                     # bytes pass as they are; no echo, no line editing
+            attrs = termios.tcgetattr(slave)
+            termios.tcsetattr(slave, termios.TCSANOW, attrs)
+            os.set_blocking(master, False)
+            self.fd, self._slave, self.path, self.readable = master, slave, os.ttyname(slave), True
+        elif spec.startswith("file="):
+            path = spec[5:]
+            try:
+                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise ConfigError(f"cannot open console file {path}: {exc.strerror}") from None
+            self._slave, self.path = -1, path
+        else:
+            raise ConfigError(f"--virtio-console {spec}: use 'pty' or 'file=PATH'")
+
+    def close(self) -> None:
+        for fd in (self.fd, self._slave):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self._slave = -1
+
+
+class VirtioConsole(VirtioDevice):
+    device_id = VIRTIO_ID_CONSOLE
+    queue_sizes = (64, 64)
+
+    def __init__(self, backend: ConsoleBackend, loop: EventLoop) -> None:
+        super().__init__()
+        self.backend, self.loop = backend, loop
+        self.rx: Virtqueue | None = None
+        self.tx: Virtqueue | None = None
+        self.interrupt: VirtioInterrupt | None = None
+        self._reading = False
+        self.dropped = 0
+
+    def device_features(self) -> int:
+        return 0
+
+    def activate(self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt,
+                 driver_features: int) -> None:
+        self.rx, self.tx, self.interrupt = queues[RXQ], queues[TXQ], interrupt
+        self._watch(True)
+
+    def reset(self) -> None:
+        super().reset()
+        self._watch(False)
+        self.rx = self.tx = self.interrupt = None
+
+    def close(self) -> None:
+        self._watch(False)
+        self.backend.close()
+
+    def _watch(self, on: bool) -> None:
+        if on and not self._reading and self.backend.readable:
+            self.loop.add_reader(self.backend.fd, self._receive)
+            self._reading = True
+        elif not on and self._reading:
+            self.loop.remove_reader(self.backend.fd)
+            self._reading = False
+
+    def queue_notify(self, index: int) -> None:
+        if self.interrupt is None:
+            return
+        if index == TXQ and self.tx is not None:
+            self.serve(self.tx, self.interrupt, self._write)
+        elif index == RXQ:
+            self._receive()
+
+    def _write(self, chain: DescriptorChain) -> int:
+        assert self.tx is not None
+        data = self.tx.read_all(chain, 1 << 20)
+        try:
+            n = os.write(self.backend.fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            n = 0                                  # the pty was hung up: output goes nowhere
+        self.dropped += len(data) - n
+        return 0
+
+    def _receive(self) -> None:
+        rx, irq = self.rx, self.interrupt
+        if rx is None or irq is None or self.broken:
+            return
+        used = False
+        while True:
+            chain = rx.pop()
+            if chain is None:
+                self._watch(False)                  # until the guest posts buffers
+                break
+            try:
+                data = os.read(self.backend.fd, min(READ_CHUNK, chain.writable_len))
+            except (BlockingIOError, OSError):
+                data = b""
+            if not data:
+                rx.undo_pop()
+                self._watch(True)
+                break
+            rx.push(chain.head, rx.write_all(chain, data))
+            used = True
+        if used and rx.needs_interrupt():
+            irq.signal_queue(RXQ)

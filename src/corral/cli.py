@@ -35,8 +35,9 @@ def main(verbose: bool) -> None:
 @click.option("--no-reboot", is_flag=True, help="Stop instead of rebooting when the guest resets.")
 @click.option("--cpu-hide", default="", metavar="LIST",
               help="CPU features to hide from the guest, comma-separated (e.g. xsave,pku).")
-@click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,serial=ID]",
-              help="A raw disk image as a virtio-blk device (repeatable).")
+@click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,serial=ID][,overlay=FILE]",
+              help="A raw disk image as a virtio-blk device (repeatable); with overlay=FILE the "
+                   "guest's writes go to FILE (copy-on-write) and the image is shared read-only.")
 @click.option("--rng", is_flag=True, help="Give the guest a virtio-rng device.")
 @click.option("--net", "nets", multiple=True, metavar="tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]",
               help="A virtio-net NIC on a tap device, created and brought up if missing (repeatable).")

@@ -42,10 +42,12 @@ class DiskConfig(BaseModel):
     path: Path = Field(description="raw disk image")
     read_only: bool = Field(default=False, description="the guest cannot write (image opened read-only)")
     serial: str = Field(default="", max_length=20, description="device serial (VIRTIO_BLK_T_GET_ID)")
+    overlay: Path | None = Field(default=None, description="copy-on-write overlay file (created if "
+                                 "missing): the guest writes there, the image stays untouched")
 
     @classmethod
     def parse(cls, spec: str) -> DiskConfig:
-        """'PATH[,ro][,serial=ID]' (the --disk syntax)."""
+        """'PATH[,ro][,serial=ID][,overlay=FILE]' (the --disk syntax)."""
         path, *opts = spec.split(",")
         fields: dict[str, object] = {"path": path}
         for opt in opts:
@@ -54,10 +56,12 @@ class DiskConfig(BaseModel):
                 fields["read_only"] = True
             elif key == "serial" and value:
                 fields["serial"] = value
+            elif key == "overlay" and value:
+                fields["overlay"] = value
             else:
-                raise ConfigError(f"--disk {spec}: unknown option '{opt}' (use PATH[,ro][,serial=ID])")
+                raise ConfigError(f"--disk {spec}: unknown option '{opt}' (use PATH[,ro][,serial=ID][,overlay=FILE])")
         if not path:
-            raise ConfigError(f"--disk {spec}: no image path (use PATH[,ro][,serial=ID])")
+            raise ConfigError(f"--disk {spec}: no image path (use PATH[,ro][,serial=ID][,overlay=FILE])")
         return cls(**fields)
 
 

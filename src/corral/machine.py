@@ -267,8 +267,9 @@ class Machine:
         from corral.net.tap import Tap
 
         wanted: list[tuple[str, Callable[[], VirtioDevice]]] = [
-            (f"virtio-blk{i}", (lambda d: lambda: VirtioBlock(str(d.path), read_only=d.read_only,
-                                                              serial=d.serial))(d))
+            (f"virtio-blk{i}", (lambda d: lambda: VirtioBlock(
+                str(d.path), read_only=d.read_only, serial=d.serial,
+                overlay=str(d.overlay) if d.overlay else None))(d))
             for i, d in enumerate(cfg.disks)]
         if cfg.rng:
             wanted.append(("virtio-rng", VirtioRng))

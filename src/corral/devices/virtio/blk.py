@@ -34,25 +34,7 @@ QUEUE_SIZE = 256
 SEG_MAX = QUEUE_SIZE - 2
 MAX_DISCARD_SECTORS = 1 << 22               # 2 GiB per segment
 ID_BYTES = 20
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
-
-_libc_fallocate = None
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    global _libc_fallocate
-    if _libc_fallocate is None:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        _libc_fallocate = (libc.fallocate, ctypes)
-    fn, ctypes = _libc_fallocate
-    if fn(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def open_image(path: str, read_only: bool) -> int:
+def open_image(path: str, read_only: bool, *, min_size: int = SECTOR) -> int:
     """Open and lock a disk image: a clear ConfigError for a missing, unreadable or busy image.
     Read-write users hold an exclusive OFD lock, read-only users a shared one."""
     try:
@@ -77,7 +59,7 @@ def open_image(path: str, read_only: bool) -> int:
                               f"{'' if read_only else ' (add ,ro to share it read-only)'}") from None
         raise ConfigError(f"cannot lock disk image {path}: {exc.strerror}") from None
     size = os.fstat(fd).st_size
-    if size < SECTOR:
+    if size < min_size:
         os.close(fd)
         raise ConfigError(f"disk image {path} is {size} bytes: a disk needs at least one 512-byte sector")
     return fd
@@ -87,12 +69,15 @@ class VirtioBlock(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, path: str, *, read_only: bool = False, serial: str = "") -> None:
+    def __init__(self, path: str, *, read_only: bool = False, serial: str = "",
+                 overlay: str | None = None) -> None:
         super().__init__()
+        from corral.devices.virtio.disk_image import open_disk
+
         self.path = path
         self.read_only = read_only
-        self.fd = open_image(path, read_only)
-        self.size = os.fstat(self.fd).st_size
+        self.image = open_disk(path, read_only=read_only, overlay=overlay)
+        self.size = self.image.size
         self.sectors = self.size // SECTOR
         self.serial = serial.encode()[:ID_BYTES]
         self.queue: Virtqueue | None = None
@@ -152,7 +137,7 @@ class VirtioBlock(VirtioDevice):
                 status = self._write(mem, sector, data_in)
             elif rtype == T_FLUSH:
                 if not self.read_only:
-                    os.fsync(self.fd)
+                    self.image.flush()
                 status = S_OK
             elif rtype == T_GET_ID:
                 ident = self.serial.ljust(ID_BYTES, b"\0")
@@ -179,7 +164,7 @@ class VirtioBlock(VirtioDevice):
         total = sum(n for _, n in bufs)
         offset = self._range(sector, total)
         views = [mem.view(a, n) for a, n in bufs]
-        done = os.preadv(self.fd, views, offset) if views else 0
+        done = self.image.readv(views, offset)
         if done != total:
             raise _IoError
         return done
@@ -190,7 +175,7 @@ class VirtioBlock(VirtioDevice):
         total = sum(n for _, n in bufs)
         offset = self._range(sector, total)
         views = [mem.view(a, n) for a, n in bufs]
-        if views and os.pwritev(self.fd, views, offset) != total:
+        if self.image.writev(views, offset) != total:
             raise _IoError
         return S_OK
 
@@ -204,19 +189,12 @@ class VirtioBlock(VirtioDevice):
             if flags & ~1 or count > MAX_DISCARD_SECTORS:
                 return S_UNSUPP
             offset = self._range(sector, count * SECTOR)
-            mode = FALLOC_FL_ZERO_RANGE if zeroes and not flags & 1 else FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-            try:
-                _fallocate(self.fd, mode, offset, count * SECTOR)
-            except OSError:
-                if not zeroes:
-                    continue                    # discard is a hint: a filesystem may refuse it
-                os.pwrite(self.fd, bytes(count * SECTOR), offset)
+            if count:
+                self.image.discard(offset, count * SECTOR, zeroes=zeroes, unmap=bool(flags & 1))
         return S_OK
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.image.close()
 
 
 class _IoError(Exception):

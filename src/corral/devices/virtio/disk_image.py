@@ -1,0 +1,226 @@
+"""What a virtio-blk device reads and writes: a raw image, or a copy-on-write overlay on one.
+
+A raw image is the file itself. An overlay lets many VMs boot from one base image without
+copying it: each VM writes into its own overlay file, and reads come from the overlay where
+the VM has written and from the (read-only, shared) base everywhere else.
+
+Overlay file (sparse; what was never written costs nothing on disk):
+    0       header: magic, version, cluster size, disk size, base size, base path
+    4096    bitmap: one bit per 64 KiB cluster, set when the overlay holds that cluster
+    data    cluster i at data + i * 64 KiB (the overlay is the disk's address space, shifted)
+A partial write to a cluster the overlay does not hold yet first copies the base's cluster in.
+Data is written before the bitmap bit that exposes it, and FLUSH syncs both.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from corral.errors import ConfigError
+
+CLUSTER = 64 * 1024
+MAGIC = b"CORRALCOW1"
+HEADER = struct.Struct("<10sHIQQH")      # magic, version, cluster, size, base size, path length
+HEADER_AREA = 4096
+VERSION = 1
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class RawImage:
+    """The image file is the disk."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+
+    def readv(self, views: list[memoryview], offset: int) -> int:
+        return os.preadv(self.fd, views, offset) if views else 0
+
+    def writev(self, views: list[memoryview], offset: int) -> int:
+        return os.pwritev(self.fd, views, offset) if views else 0
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def discard(self, offset: int, length: int, *, zeroes: bool, unmap: bool) -> None:
+        mode = FALLOC_FL_ZERO_RANGE if zeroes and not unmap else FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        try:
+            fallocate(self.fd, mode, offset, length)
+        except OSError:
+            if zeroes:                       # discard is a hint; write-zeroes must happen
+                os.pwrite(self.fd, bytes(length), offset)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class CowImage:
+    """A copy-on-write overlay (`overlay_fd`, opened read-write and locked) on a base image
+    (`base`, opened read-only with a shared lock)."""
+
+    def __init__(self, base: RawImage, base_path: str, overlay_fd: int, overlay_path: str) -> None:
+        self.base, self.fd = base, overlay_fd
+        self.size = base.size
+        self.clusters = (self.size + CLUSTER - 1) // CLUSTER
+        bitmap_len = (self.clusters + 7) // 8
+        self.data_off = (HEADER_AREA + bitmap_len + CLUSTER - 1) // CLUSTER * CLUSTER
+        base_abs = os.path.abspath(base_path).encode()
+        raw = os.pread(overlay_fd, HEADER_AREA, 0)
+        if not raw.strip(b"\0"):
+            # a new overlay: header and an empty bitmap (the rest stays a hole)
+            hdr = HEADER.pack(MAGIC, VERSION, CLUSTER, self.size, base.size, len(base_abs)) + base_abs
+            os.pwrite(overlay_fd, hdr, 0)
+            os.ftruncate(overlay_fd, self.data_off + self.size)
+            os.fsync(overlay_fd)
+            self.bitmap = bytearray(bitmap_len)
+        else:
+            try:
+                magic, version, cluster, size, base_size, n = HEADER.unpack_from(raw)
+            except struct.error:
+                magic = b""
+            if magic != MAGIC:
+                raise ConfigError(f"{overlay_path} is not a corral overlay: give a new path (it is "
+                                  "created) or an overlay made by corral")
+            if version != VERSION or cluster != CLUSTER:
+                raise ConfigError(f"overlay {overlay_path} has format {version}/{cluster}, not "
+                                  f"{VERSION}/{CLUSTER}")
+            recorded = raw[HEADER.size:HEADER.size + n]
+            if recorded != base_abs or size != self.size or base_size != base.size:
+                raise ConfigError(f"overlay {overlay_path} was made on {recorded.decode(errors='replace')} "
+                                  f"({size} bytes), not on {base_abs.decode()} ({self.size} bytes)")
+            self.bitmap = bytearray(os.pread(overlay_fd, bitmap_len, HEADER_AREA))
+            if len(self.bitmap) != bitmap_len:
+                raise ConfigError(f"overlay {overlay_path} is truncated")
+
+    def _held(self, c: int) -> bool:
+        return bool(self.bitmap[c >> 3] & (1 << (c & 7)))
+
+    def _mark(self, first: int, last: int) -> None:
+        for c in range(first, last + 1):
+            self.bitmap[c >> 3] |= 1 << (c & 7)
+        lo, hi = first >> 3, (last >> 3) + 1
+        os.pwrite(self.fd, self.bitmap[lo:hi], HEADER_AREA + lo)
+
+    def _copy_up(self, c: int) -> None:
+        """Bring base cluster `c` into the overlay before part of it is overwritten."""
+        start = c * CLUSTER
+        n = min(CLUSTER, self.size - start)
+        data = os.pread(self.base.fd, n, start)
+        os.pwrite(self.fd, data, self.data_off + start)
+
+    def readv(self, views: list[memoryview], offset: int) -> int:
+        total = sum(len(v) for v in views)
+        done = 0
+        for held, start, end in self._runs(offset, offset + total):
+            part = _slice(views, start - offset, end - offset)
+            fd, base = (self.fd, self.data_off) if held else (self.base.fd, 0)
+            n = os.preadv(fd, part, base + start)
+            done += n
+            if n != end - start:
+                break                            # short read: the caller sees done < total
+        return done
+
+    def writev(self, views: list[memoryview], offset: int) -> int:
+        total = sum(len(v) for v in views)
+        if not total:
+            return 0
+        end = offset + total
+        first, last = offset // CLUSTER, (end - 1) // CLUSTER
+        for c in {first, last}:
+            partial = offset > c * CLUSTER or end < min((c + 1) * CLUSTER, self.size)
+            if partial and not self._held(c):
+                self._copy_up(c)
+        n = os.pwritev(self.fd, views, self.data_off + offset)
+        self._mark(first, last)
+        return n
+
+    def discard(self, offset: int, length: int, *, zeroes: bool, unmap: bool) -> None:
+        # in an overlay both leave zeros: the base's data must not show through again
+        end = offset + length
+        first, last = offset // CLUSTER, (end - 1) // CLUSTER
+        for c in {first, last}:
+            partial = offset > c * CLUSTER or end < min((c + 1) * CLUSTER, self.size)
+            if partial and not self._held(c):
+                self._copy_up(c)
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, self.data_off + offset, length)
+        except OSError:
+            os.pwrite(self.fd, bytes(length), self.data_off + offset)
+        self._mark(first, last)
+
+    def _runs(self, start: int, end: int) -> list[tuple[bool, int, int]]:
+        """[start, end) cut where the overlay's holding changes: (held, from, to)."""
+        runs: list[tuple[bool, int, int]] = []
+        pos = start
+        while pos < end:
+            c = pos // CLUSTER
+            held = self._held(c)
+            nxt = min((c + 1) * CLUSTER, end)
+            if runs and runs[-1][0] == held:
+                runs[-1] = (held, runs[-1][1], nxt)
+            else:
+                runs.append((held, pos, nxt))
+            pos = nxt
+        return runs
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.base.close()
+
+
+def _slice(views: list[memoryview], start: int, end: int) -> list[memoryview]:
+    """The bytes [start, end) of the concatenation of `views`, as views."""
+    out, pos = [], 0
+    for v in views:
+        n = len(v)
+        lo, hi = max(start - pos, 0), min(end - pos, n)
+        if lo < hi:
+            out.append(v[lo:hi])
+        pos += n
+        if pos >= end:
+            break
+    return out
+
+
+def open_disk(path: str, *, read_only: bool, overlay: str | None = None):  # -> RawImage | CowImage
+    from corral.devices.virtio.blk import open_image
+
+    if overlay is None:
+        return RawImage(open_image(path, read_only))
+    if read_only:
+        raise ConfigError(f"--disk {path}: an overlay is for writing; drop ,ro or the overlay")
+    if Path(overlay).resolve() == Path(path).resolve():
+        raise ConfigError(f"--disk {path}: the overlay must be another file than its base")
+    base = RawImage(open_image(path, True))               # shared: many overlays, one base
+    try:
+        if not os.path.exists(overlay):
+            Path(overlay).touch()
+        ofd = open_image(overlay, False, min_size=0)
+    except BaseException:
+        base.close()
+        raise
+    try:
+        return CowImage(base, path, ofd, overlay)
+    except BaseException:
+        os.close(ofd)
+        base.close()
+        raise

@@ -290,6 +290,7 @@ static const struct scenario scenarios[] = {
     {"idle", scenario_idle},
     {"blk-check", scenario_blk_check},
     {"blk-bench", scenario_blk_bench},
+    {"net-bench", scenario_net_bench},
 };
 
 static const struct scenario *find_scenario(const char *name)

@@ -67,6 +67,10 @@ class GuestMemory:
         except OSError as exc:
             os.close(self.fd)
             raise ConfigError(f"cannot allocate {size} bytes of guest memory: {exc.strerror}") from exc
+        # a child the VMM forks (subprocess) must not share guest RAM: for a private mapping
+        # (restored VM) fork would make the VMM's next write copy the page, leaving KVM and the
+        # guest on the old one
+        self._map.madvise(mmap.MADV_DONTFORK)
         self._view = memoryview(self._map)
         # during migration: the backing offsets of pages the VMM itself may have written (device
         # DMA); KVM's dirty log sees only the guest's own writes

@@ -61,3 +61,25 @@ def test_probe_without_a_disk_says_so():
     run = run_probe("blk-check")
     assert run.result.status == 1
     assert "no virtio-blk" in run.output
+
+
+@pvm_stale_ring
+def test_net_bench_frames_reach_the_tap():
+    """Every frame the probe counts as sent must reach the host's tap."""
+    import subprocess
+    import uuid
+
+    from corral.config import NetConfig
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a tap")
+    tap = "crk" + uuid.uuid4().hex[:6]
+    subprocess.run(["ip", "tuntap", "add", tap, "mode", "tap"], check=True)
+    try:
+        run = run_probe("net-bench 5000", nets=[NetConfig(tap=tap)])
+        seen = int(open(f"/sys/class/net/{tap}/statistics/rx_packets").read())
+    finally:
+        subprocess.run(["ip", "tuntap", "del", tap, "mode", "tap"], capture_output=True)
+    assert run.result.status == 0, run.output
+    assert run.results["net_tx_frames"] == "5000"
+    assert seen >= 5000

@@ -57,7 +57,7 @@ from pathlib import Path
 # Module load order (from the notes): the virtio stack and 9p, then KVM for AMD.
 LAB_MODULES = [
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
-    "virtio_console", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p",
+    "virtio_console", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p", "tun",
     "irqbypass", "kvm", "ccp", "kvm-amd",
 ]
 

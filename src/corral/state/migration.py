@@ -71,6 +71,8 @@ class _Link:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         sock.settimeout(IO_TIMEOUT)
+        # the hand-over is a ping-pong of small messages: Nagle plus delayed ACKs would add 40 ms
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sent = 0
 
     def send_json(self, obj: object) -> None:

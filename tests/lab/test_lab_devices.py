@@ -57,26 +57,27 @@ def test_net_vsock_console_rng_balloon_under_linux(lab, debian_build, tmp_path):
     cmdline = f'{BASE_CMDLINE} -- sh -c "{guest}"'
     d = "/tmp/labdev"
     script = f"""
-rm -rf {d}; mkdir -p {d}; cp {img} {d}/echo.img
-{CORRAL} run --kernel {images['bzimage']} --initrd {images['initrd']} --memory 512M {LAB_CPU} --no-reboot \
+ip link set lo up; rm -rf {d}; mkdir -p {d}; cp {img} {d}/echo.img
+timeout 240 {CORRAL} run --kernel {images['bzimage']} --initrd {images['initrd']} --memory 512M {LAB_CPU} --no-reboot \
   --net tap=crl0,host-ip=10.0.2.1/24 --vsock cid=3,uds={d}/v.sock --disk {d}/echo.img,ro --rng \
   --virtio-console file={d}/hvc.log --balloon --api {d}/api.sock --cmdline '{cmdline}' </dev/null > {d}/out 2>&1 &
 VM=$!
-{PY} {host_py} {d}/v.sock {d}/out > {d}/host.out 2>&1 &
-for i in $(seq 600); do grep -q ECHOED {d}/out 2>/dev/null && break; sleep 0.5; done
-{CORRAL} balloon --api {d}/api.sock 128M > {d}/balloon1.out 2>&1
+timeout 200 {PY} {host_py} {d}/v.sock {d}/out > {d}/host.out 2>&1 &
+for i in $(seq 400); do grep -q ECHOED {d}/out 2>/dev/null && break; sleep 0.5; done
+timeout 30 {CORRAL} balloon --api {d}/api.sock 128M > {d}/balloon1.out 2>&1
 sleep 4
-{CORRAL} balloon --api {d}/api.sock > {d}/balloon2.out 2>&1
-wait $VM; echo CORRAL_EXIT=$?
-cat {d}/out; echo ---HOST; cat {d}/host.out; echo ---HVC; cat {d}/hvc.log
-echo ---BALLOON1; cat {d}/balloon1.out; echo ---BALLOON2; cat {d}/balloon2.out
+timeout 30 {CORRAL} balloon --api {d}/api.sock > {d}/balloon2.out 2>&1
+wait $VM; echo CORRAL_EXIT=$? > {d}/exit
 """
     try:
-        res = lab.run(script, timeout=420)
+        lab.run(script, timeout=330)
+        # read the results in a second command, so a step that hung still leaves its evidence
+        out = lab.run(f"cat {d}/exit; cat {d}/out; echo ---HOST; cat {d}/host.out; echo ---HVC; "
+                      f"cat {d}/hvc.log; echo ---BALLOON1; cat {d}/balloon1.out; echo ---BALLOON2; "
+                      f"cat {d}/balloon2.out", timeout=60).output
     finally:
         for p in (echo, img, host_py):
             p.unlink(missing_ok=True)
-    out = res.output
     assert BANNER in out and "CORRAL_EXIT=0" in out, out
     assert re.search(r"2 packets transmitted, 2 (packets )?received", out), out          # virtio-net
     assert "HOST GOT OK" in out and "HOST GOT ECHO echo-me-please" in out, out            # host -> guest

@@ -23,29 +23,30 @@ def test_counter_survives_snapshot_restore_and_migration(lab, debian_build):
     guest = "i=0; while :; do i=$((i+1)); echo COUNT $i; sleep 0.5; done"
     cmdline = f'{BASE_CMDLINE} -- sh -c "{guest}"'
     d = "/tmp/labstate"
-    wait_for = (lambda f, pat: f"for i in $(seq 600); do grep -q '{pat}' {f} 2>/dev/null && break; "
+    wait_for = (lambda f, pat: f"for i in $(seq 240); do grep -q '{pat}' {f} 2>/dev/null && break; "
                 "sleep 0.5; done")
     stop = f"{PY} -c 'import sys; from corral.api import call; call(sys.argv[1], {{\"op\": \"stop\"}})'"
     script = f"""
-rm -rf {d}; mkdir -p {d}
-{CORRAL} run --kernel {images['bzimage']} --initrd {images['initrd']} --memory 256M {LAB_CPU} --no-reboot \
+ip link set lo up; rm -rf {d}; mkdir -p {d}
+timeout 200 {CORRAL} run --kernel {images['bzimage']} --initrd {images['initrd']} --memory 256M {LAB_CPU} --no-reboot \
   --api {d}/a.sock --cmdline '{cmdline}' </dev/null > {d}/out1 2>&1 &
 A=$!
 {wait_for(f"{d}/out1", "^COUNT 6")}
-{CORRAL} snapshot --api {d}/a.sock {d}/snap; echo SNAPSHOT_EXIT=$?
-{CORRAL} receive --listen 127.0.0.1:7010 --api {d}/b.sock </dev/null > {d}/out2 2>&1 &
+timeout 60 {CORRAL} snapshot --api {d}/a.sock {d}/snap; echo SNAPSHOT_EXIT=$?
+timeout 150 {CORRAL} receive --listen 127.0.0.1:7010 --api {d}/b.sock </dev/null > {d}/out2 2>&1 &
 B=$!
 {wait_for(f"{d}/out2", "waiting for a migration")}
-{CORRAL} migrate --api {d}/a.sock 127.0.0.1:7010; echo MIGRATE_EXIT=$?
+timeout 60 {CORRAL} migrate --api {d}/a.sock 127.0.0.1:7010; echo MIGRATE_EXIT=$?
 wait $A; echo SOURCE_EXIT=$?
 sleep 4; {stop} {d}/b.sock; wait $B
-{CORRAL} restore {d}/snap </dev/null > {d}/out3 2>&1 &
+timeout 60 {CORRAL} restore {d}/snap </dev/null > {d}/out3 2>&1 &
 C=$!
 sleep 6; kill $C; wait $C
-echo ---OUT1; cat {d}/out1; echo ---OUT2; cat {d}/out2; echo ---OUT3; cat {d}/out3
 """
-    res = lab.run(script, timeout=420)
-    out = res.output.replace("\r", "")
+    status = lab.run(script, timeout=400).output
+    files = lab.run(f"echo ---OUT1; cat {d}/out1; echo ---OUT2; cat {d}/out2; echo ---OUT3; cat {d}/out3",
+                    timeout=60).output
+    out = (status + files).replace("\r", "")
     assert "SNAPSHOT_EXIT=0" in out and "MIGRATE_EXIT=0" in out and "SOURCE_EXIT=0" in out, out
     out1 = out.split("---OUT1")[1].split("---OUT2")[0]
     out2 = out.split("---OUT2")[1].split("---OUT3")[0]

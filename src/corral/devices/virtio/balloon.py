@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from corral.devices.base import DeviceState
 from corral.devices.virtio.base import VIRTIO_ID_BALLOON, VirtioDevice, VirtioInterrupt
+from corral.devices.virtio.queue import VirtqueueError
 from corral.errors import GuestMemoryError
 
 if TYPE_CHECKING:
@@ -127,7 +128,11 @@ class VirtioBalloon(VirtioDevice):
         if q is None or irq is None:
             return
         if name == "stats":
-            self._take_stats(q)
+            try:
+                self._take_stats(q)
+            except VirtqueueError as exc:
+                self.fail(str(exc))
+                irq.signal_config()
         elif name == "reporting":
             self.serve(q, irq, self._report)
         else:

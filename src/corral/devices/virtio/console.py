@@ -15,6 +15,7 @@ import tty
 from typing import TYPE_CHECKING
 
 from corral.devices.virtio.base import VIRTIO_ID_CONSOLE, VirtioDevice, VirtioInterrupt
+from corral.devices.virtio.queue import VirtqueueError
 from corral.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -116,10 +117,17 @@ class VirtioConsole(VirtioDevice):
     def _receive(self) -> None:
         rx, irq = self.rx, self.interrupt
         if rx is None or irq is None or self.broken:
+            self._watch(False)          # input left unread would spin the loop
             return
         used = False
         while True:
-            chain = rx.pop()
+            try:
+                chain = rx.pop()
+            except VirtqueueError as exc:
+                self.fail(str(exc))
+                self._watch(False)
+                irq.signal_config()
+                return
             if chain is None:
                 self._watch(False)                  # until the guest posts buffers
                 break

@@ -135,6 +135,7 @@ class VirtioNet(VirtioDevice):
     def _receive(self) -> None:
         rx, interrupt = self.rx, self.interrupt
         if rx is None or interrupt is None or self.broken:
+            self._stop_reading()        # a tap left readable and unread would spin the loop
             return
         delivered = False
         try:
@@ -158,6 +159,7 @@ class VirtioNet(VirtioDevice):
                 self._start_reading()
         except VirtqueueError as exc:
             self.fail(str(exc))
+            self._stop_reading()
             interrupt.signal_config()
             return
         if self._pending is None:

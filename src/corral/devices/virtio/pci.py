@@ -320,7 +320,11 @@ class VirtioPciDevice:
 
     def _notify(self, index: int) -> None:
         if self.status & STATUS_DRIVER_OK and self.active and not self.device.broken:
-            self.device.queue_notify(index)
+            try:
+                self.device.queue_notify(index)
+            except VirtqueueError as exc:      # a device path that did not catch it itself
+                self.device.fail(str(exc))
+                self.signal_config()
 
     # -- state (snapshot, migration) -------------------------------------------------------------
     def save_state(self) -> VirtioPciState:

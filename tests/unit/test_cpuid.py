@@ -77,3 +77,10 @@ def test_kvm_pv_features_are_the_conservative_default_set():
     eax = find(vcpu_cpuid(sup, 0, 2), 0x4000_0001).eax
     assert eax & 1 and eax & (1 << 3) and eax & (1 << 24)        # kvmclock and its stable bit
     assert not eax & (1 << 7) and not eax & (1 << 11)             # no PV unhalt, no PV IPIs
+
+
+def test_no_realtime_hint():
+    # KVM offers KVM_HINTS_REALTIME ("vCPUs never preempted") for a VMM to give if it can;
+    # corral cannot promise dedicated host CPUs
+    sup = SUPPORTED + [E(0x4000_0001, eax=0x1007EFB, edx=1)]
+    assert find(vcpu_cpuid(sup, 0, 1), 0x4000_0001).edx == 0

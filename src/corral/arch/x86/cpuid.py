@@ -89,6 +89,9 @@ def vcpu_cpuid(supported: list[KvmCpuidEntry2], vcpu_index: int, num_cpus: int,
             continue
         elif f == 0x4000_0001:
             e.eax &= KVM_DEFAULT_PV_FEATURES
+            # EDX holds hints; KVM lists KVM_HINTS_REALTIME ("vCPUs are never preempted") as one
+            # a VMM *may* give. corral cannot promise dedicated host CPUs, so it gives none.
+            e.edx = 0
         elif f == 0x8000_0001:
             # AMD CmpLegacy: cores are reported through 0x80000008, not HTT
             e.ecx = (e.ecx | (1 << 1)) if num_cpus > 1 else (e.ecx & ~(1 << 1))

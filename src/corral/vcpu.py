@@ -261,7 +261,26 @@ class Vcpu:
                      f"CR3={s.cr3:x} CR4={s.cr4:x} EFER={s.efer:x}")
         lines.append(f"  GDT={s.gdt.base:x}/{s.gdt.limit:x} IDT={s.idt.base:x}/{s.idt.limit:x} "
                      f"APIC_BASE={s.apic_base:x}")
+        stack = self._stack_words(r.rsp, 24)
+        if stack:
+            lines.append("  stack: " + " ".join(f"{w:x}" for w in stack))
         return "\n".join(lines)
+
+    def _stack_words(self, rsp: int, n: int) -> list[int]:
+        """The first `n` qwords at the guest's RSP (through its page tables), for post-mortems."""
+        memory = getattr(self.host, "memory", None)
+        if memory is None:
+            return []
+        words = []
+        try:
+            for i in range(n):
+                gpa = self.fd.translate(rsp + 8 * i)
+                if gpa is None or not memory.contains(gpa, 8):
+                    break
+                words.append(memory.read_u64(gpa))
+        except KvmError:
+            pass
+        return words
 
 
 def _apply_segment(dst: S.KvmSegment, seg: Segment) -> None:

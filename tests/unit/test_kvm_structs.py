@@ -21,6 +21,7 @@ STRUCTS = {
     "kvm_coalesced_mmio_zone": S.KvmCoalescedMmioZone, "kvm_irqfd": S.KvmIrqfd,
     "kvm_ioeventfd": S.KvmIoeventfd, "kvm_irq_routing_entry": S.KvmIrqRoutingEntry,
     "kvm_irq_routing_irqchip": S.KvmIrqRoutingIrqchip, "kvm_irq_routing_msi": S.KvmIrqRoutingMsi, "kvm_dirty_log": S.KvmDirtyLog,
+    "kvm_translation": S.KvmTranslation,
 }
 IOCTLS = [n for n in vars(K) if n.startswith("KVM_") and n not in ("KVM_API_VERSION", "KVMIO")]
 RUN_OFFSETS = {

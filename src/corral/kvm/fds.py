@@ -321,6 +321,13 @@ class VcpuFd(_Fd):
     def set_xcrs(self, s: S.KvmXcrs) -> None:
         self._ioctl(K.KVM_SET_XCRS, s)
 
+    def translate(self, gva: int) -> int | None:
+        """The guest-physical address of guest-virtual `gva` under the vCPU's current page
+        tables, or None if it is not mapped."""
+        t = S.KvmTranslation(linear_address=gva)
+        self._ioctl(K.KVM_TRANSLATE, t)
+        return t.physical_address if t.valid else None
+
     def kvmclock_ctrl(self) -> bool:
         """Tell the guest (through its kvmclock page) that the VM was paused; False when the
         guest has no kvmclock."""

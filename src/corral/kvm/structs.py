@@ -131,6 +131,11 @@ class KvmMpState(C.Structure):
     _fields_ = [("mp_state", u32)]
 
 
+class KvmTranslation(C.Structure):
+    _fields_ = [("linear_address", u64), ("physical_address", u64), ("valid", u8), ("writeable", u8),
+                ("usermode", u8), ("pad", u8 * 5)]
+
+
 class KvmDebugregs(C.Structure):
     _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from corral.errors import CorralError
+from corral.unix_socket import listen_unix
 
 if TYPE_CHECKING:
     from corral.machine import Machine
@@ -82,17 +83,7 @@ class ControlServer:
     def __init__(self, machine: Machine, path: str | os.PathLike[str]) -> None:
         self.machine = machine
         self.path = Path(path)
-        if self.path.exists():
-            if not self.path.is_socket() or _alive(self.path):
-                raise CorralError(f"{self.path} is in use: choose another --api path")
-            self.path.unlink()                  # left behind by a corral that died
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._sock.bind(str(self.path))
-        except OSError as exc:
-            self._sock.close()
-            raise CorralError(f"cannot create the control socket {self.path}: {exc.strerror}") from None
-        self._sock.listen(4)
+        self._sock = listen_unix(self.path, "control socket", "--api path", backlog=4)
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="corral-api", daemon=True)
         self._thread.start()
@@ -165,17 +156,6 @@ class ControlServer:
                 self.path.unlink()
             except OSError:
                 pass
-
-
-def _alive(path: Path) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def call(path: str | os.PathLike[str], request: dict[str, Any],

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from test_virtio import request  # noqa: E402
 from virtio_driver import Driver  # noqa: E402
 
 from corral.devices.virtio.blk import S_OK, T_DISCARD, T_IN, T_OUT, T_WRITE_ZEROES, VirtioBlock  # noqa: E402
@@ -142,27 +143,13 @@ def test_virtio_blk_on_an_overlay(disks):
     try:
         d.setup()
 
-        def req(rtype, sector, payload=b"", read_len=0):
-            bufs = [(d.alloc(struct.pack("<IIQ", rtype, 0, sector)), False)]
-            if payload:
-                bufs.append((d.alloc(payload), False))
-            rd = d.alloc(read_len) if read_len else None
-            if rd:
-                bufs.append((rd, True))
-            st_ = d.alloc(1)
-            bufs.append((st_, True))
-            d.submit(0, bufs)
-            d.used(0)
-            return d.mem.read(st_[0], 1)[0], d.mem.read(*rd) if rd else b""
-
-        assert req(T_OUT, 3, b"W" * 512)[0] == S_OK
-        status, got = req(T_IN, 2, read_len=1536)
+        assert request(d, T_OUT, 3, data=b"W" * 512)[0] == S_OK
+        status, got, _ = request(d, T_IN, 2, read_len=1536)
         assert status == S_OK and got == data[1024:1536] + b"W" * 512 + data[2048:2560]
-        seg = struct.pack("<QII", 200, 8, 0)
-        assert req(T_WRITE_ZEROES, 0, seg)[0] == S_OK
-        assert req(T_DISCARD, 0, struct.pack("<QII", 300, 8, 0))[0] == S_OK
-        assert req(T_IN, 200, read_len=4096)[1] == bytes(4096)
-        assert req(T_IN, 300, read_len=4096)[1] == bytes(4096)
+        assert request(d, T_WRITE_ZEROES, 0, payload=struct.pack("<QII", 200, 8, 0))[0] == S_OK
+        assert request(d, T_DISCARD, 0, payload=struct.pack("<QII", 300, 8, 0))[0] == S_OK
+        assert request(d, T_IN, 200, read_len=4096)[1] == bytes(4096)
+        assert request(d, T_IN, 300, read_len=4096)[1] == bytes(4096)
     finally:
         d.close()
     assert base.read_bytes() == data

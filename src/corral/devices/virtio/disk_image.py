@@ -45,6 +45,16 @@ class RawImage:
         self.fd = fd
         self.size = os.fstat(fd).st_size
 
+    def _prepare(self, start: int, end: int) -> tuple[int, int]:
+        """Before [start, end) is overwritten: copy in the base's data of the edge clusters the
+        range covers only in part. Returns the first and last cluster of the range."""
+        first, last = start // CLUSTER, (end - 1) // CLUSTER
+        for c in {first, last}:
+            partial = start > c * CLUSTER or end < min((c + 1) * CLUSTER, self.size)
+            if partial and not self._held(c):
+                self._copy_up(c)
+        return first, last
+
     def readv(self, views: list[memoryview], offset: int) -> int:
         return os.preadv(self.fd, views, offset) if views else 0
 
@@ -122,6 +132,16 @@ class CowImage:
         data = os.pread(self.base.fd, n, start)
         os.pwrite(self.fd, data, self.data_off + start)
 
+    def _prepare(self, start: int, end: int) -> tuple[int, int]:
+        """Before [start, end) is overwritten: copy in the base's data of the edge clusters the
+        range covers only in part. Returns the first and last cluster of the range."""
+        first, last = start // CLUSTER, (end - 1) // CLUSTER
+        for c in {first, last}:
+            partial = start > c * CLUSTER or end < min((c + 1) * CLUSTER, self.size)
+            if partial and not self._held(c):
+                self._copy_up(c)
+        return first, last
+
     def readv(self, views: list[memoryview], offset: int) -> int:
         total = sum(len(v) for v in views)
         done = 0
@@ -139,11 +159,7 @@ class CowImage:
         if not total:
             return 0
         end = offset + total
-        first, last = offset // CLUSTER, (end - 1) // CLUSTER
-        for c in {first, last}:
-            partial = offset > c * CLUSTER or end < min((c + 1) * CLUSTER, self.size)
-            if partial and not self._held(c):
-                self._copy_up(c)
+        first, last = self._prepare(offset, end)
         n = os.pwritev(self.fd, views, self.data_off + offset)
         self._mark(first, last)
         return n
@@ -151,11 +167,7 @@ class CowImage:
     def discard(self, offset: int, length: int, *, zeroes: bool, unmap: bool) -> None:
         # in an overlay both leave zeros: the base's data must not show through again
         end = offset + length
-        first, last = offset // CLUSTER, (end - 1) // CLUSTER
-        for c in {first, last}:
-            partial = offset > c * CLUSTER or end < min((c + 1) * CLUSTER, self.size)
-            if partial and not self._held(c):
-                self._copy_up(c)
+        first, last = self._prepare(offset, end)
         try:
             fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, self.data_off + offset, length)
         except OSError:

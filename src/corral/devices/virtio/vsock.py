@@ -29,6 +29,7 @@ from corral.devices.base import DeviceState
 from corral.devices.virtio.base import VIRTIO_ID_VSOCK, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import VirtqueueError
 from corral.errors import ConfigError
+from corral.unix_socket import listen_unix
 
 if TYPE_CHECKING:
     from corral.devices.virtio.queue import DescriptorChain, Virtqueue
@@ -95,7 +96,8 @@ class VirtioVsock(VirtioDevice):
         self._pending_connects: dict[int, socket.socket] = {}
         self._next_port = FIRST_HOST_PORT
         self._reset_event = False
-        self.listener = _listen(uds_path)
+        self.listener = listen_unix(uds_path, "vsock socket", "uds path")
+        self.listener.setblocking(False)
         loop.add_reader(self.listener.fileno(), self._accept)
 
     def device_features(self) -> int:
@@ -401,27 +403,3 @@ class VirtioVsock(VirtioDevice):
         # tell the guest about freed buffer space once a good part of it is free again
         if conn.fwd_cnt - conn.last_credit >= BUF_ALLOC // 4:
             self._send(conn, OP_CREDIT_UPDATE)
-
-
-def _listen(path: str) -> socket.socket:
-    if os.path.exists(path):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(path)
-            s.close()
-            raise ConfigError(f"vsock socket {path} is in use by another program: give another uds path")
-        except ConnectionRefusedError:
-            os.unlink(path)                     # left behind by a VMM that died
-        except OSError:
-            pass
-        finally:
-            s.close()
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.bind(path)
-    except OSError as exc:
-        s.close()
-        raise ConfigError(f"cannot create the vsock socket {path}: {exc.strerror}") from None
-    s.listen(16)
-    s.setblocking(False)
-    return s

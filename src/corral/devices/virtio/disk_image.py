@@ -45,16 +45,6 @@ class RawImage:
         self.fd = fd
         self.size = os.fstat(fd).st_size
 
-    def _prepare(self, start: int, end: int) -> tuple[int, int]:
-        """Before [start, end) is overwritten: copy in the base's data of the edge clusters the
-        range covers only in part. Returns the first and last cluster of the range."""
-        first, last = start // CLUSTER, (end - 1) // CLUSTER
-        for c in {first, last}:
-            partial = start > c * CLUSTER or end < min((c + 1) * CLUSTER, self.size)
-            if partial and not self._held(c):
-                self._copy_up(c)
-        return first, last
-
     def readv(self, views: list[memoryview], offset: int) -> int:
         return os.preadv(self.fd, views, offset) if views else 0
 

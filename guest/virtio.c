@@ -157,16 +157,28 @@ static void blk_kick(void)
     *(volatile u16 *)notify_addr = 0;
 }
 
+/* The id of the next used element (spins). A used index more than the queue size ahead of
+ * what we have seen is a device bug (or a torn write of the index): stop, as Linux does. */
+static u32 used_next(void)
+{
+    u16 idx;
+    while ((idx = *(volatile u16 *)&ring_used.idx) == used_seen)
+        cpu_relax();
+    if ((u16)(idx - used_seen) > qsize) {
+        kprintf("probe: the device's used index %u is more than %u ahead of %u\n", idx, qsize, used_seen);
+        kprintf("RESULT error=used_index\n");
+        guest_exit(EXIT_FAIL);
+    }
+    /* the device wrote the element (and the status) before the index: read them after it, and
+     * never from values the compiler remembers */
+    __asm__ volatile("" ::: "memory");
+    return ring_used.ring[used_seen++ % qsize].id;
+}
+
 /* The slot of the next completion (spins); its status in *status. */
 static int blk_reap(u8 *status)
 {
-    while (*(volatile u16 *)&ring_used.idx == used_seen)
-        cpu_relax();
-    /* the device wrote the element and the status before the index: read them after it, and
-     * never from values the compiler remembers from blk_post */
-    __asm__ volatile("" ::: "memory");
-    u32 id = ring_used.ring[used_seen % qsize].id;
-    used_seen++;
+    u32 id = used_next();
     *status = *(volatile u8 *)&statuses[(id / 3) % QSIZE];
     return (int)(id / 3);
 }
@@ -325,11 +337,7 @@ int scenario_net_bench(int argc, char **argv)
             blk_kick();
             unkicked = 0;
         }
-        while (*(volatile u16 *)&ring_used.idx == used_seen)
-            cpu_relax();
-        __asm__ volatile("" ::: "memory");
-        u32 id = ring_used.ring[used_seen % qsize].id;
-        used_seen++;
+        u32 id = used_next();
         done++;
         if (sent < n) {
             ring_avail.ring[avail_idx % qsize] = (u16)(id % qsize);

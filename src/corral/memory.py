@@ -72,6 +72,8 @@ class GuestMemory:
         # guest on the old one
         self._map.madvise(mmap.MADV_DONTFORK)
         self._view = memoryview(self._map)
+        # 16-bit items over the same bytes: `store_u16` writes a ring index with one store
+        self._view16 = self._view.cast("H")
         # during migration: the backing offsets of pages the VMM itself may have written (device
         # DMA); KVM's dirty log sees only the guest's own writes
         self.vmm_dirty: set[int] | None = None
@@ -110,6 +112,17 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
+
+    def store_u16(self, gpa: int, value: int) -> None:
+        """Write an aligned u16 (a virtqueue index) with a single store. A field the guest polls
+        from another CPU must never be seen half-written: struct.pack_into zeroes its target
+        before filling it in, and a guest that read that zero took it for a wrapped used index."""
+        if gpa & 1:
+            raise GuestMemoryError(f"u16 at guest address {gpa:#x} is not 2-byte aligned")
+        off = self._offset(gpa, 2)
+        if self.vmm_dirty is not None:
+            self.vmm_dirty.add(off >> 12)
+        self._view16[off >> 1] = value
 
     def read_u32(self, gpa: int) -> int:
         return int.from_bytes(self.view(gpa, 4), "little")
@@ -184,6 +197,7 @@ class GuestMemory:
     def close(self) -> None:
         if self._map.closed:
             return
+        self._view16.release()
         self._view.release()
         try:
             self._map.close()

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -68,3 +70,60 @@ def test_read_cstr_stops_at_nul_limit_and_ram_edge():
         mem.write(16 * M - 4, b"abcd")
         assert mem.read_cstr(16 * M - 4, 64) == b"abcd"   # truncated at the end of RAM
         assert mem.read_cstr(32 * M, 8) == b""               # outside RAM
+
+
+def _poll_u16(fd: int, size: int, offset: int, seconds: float, result) -> None:
+    """In another process (another CPU): read the u16 at `offset` with single loads and count
+    the zeros seen after the first non-zero value."""
+    import mmap
+    import time
+
+    m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    v = memoryview(m).cast("H")
+    started = zeros = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(10000):
+            if v[offset >> 1]:
+                started = 1
+            elif started:
+                zeros += 1
+    result.put((started, zeros))
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a second CPU to read concurrently")
+def test_store_u16_is_never_seen_half_written():
+    """A virtqueue's used index is polled by the guest on another CPU while the device bumps it.
+    struct.pack_into zeroes its target before writing, which a guest saw as the index going back
+    to 0 (the probe counted completions the device never made). store_u16 is one store: a reader
+    racing it for half a second must never see 0 among values that are never 0."""
+    import multiprocessing
+    import time
+
+    size, at = 16 * M, 0x1002
+    with GuestMemory(size) as mem:
+        result = multiprocessing.get_context("fork").Queue()
+        reader = multiprocessing.get_context("fork").Process(
+            target=_poll_u16, args=(mem.fd, size, at, 0.5, result))
+        reader.start()
+        value, end = 1, time.monotonic() + 0.6
+        while time.monotonic() < end:
+            for _ in range(10000):
+                value = value % 0xFFFF + 1          # 1..65535, never 0
+                mem.store_u16(at, value)
+        started, zeros = result.get(timeout=10)
+        reader.join(timeout=10)
+    assert started, "the reader never saw the writes"
+    assert zeros == 0, f"a concurrent reader saw the u16 half-written (0) {zeros} times"
+
+
+def test_store_u16_checks_alignment_range_and_marks_the_page_dirty():
+    with GuestMemory(16 * M) as mem:
+        mem.vmm_dirty = set()
+        mem.store_u16(0x3006, 0xBEEF)
+        assert mem.read(0x3006, 2) == b"\xef\xbe"
+        assert mem.vmm_dirty == {3}
+        with pytest.raises(GuestMemoryError):
+            mem.store_u16(0x3007, 1)
+        with pytest.raises(GuestMemoryError):
+            mem.store_u16(16 * M, 1)

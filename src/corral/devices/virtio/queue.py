@@ -147,9 +147,9 @@ class Virtqueue:
         mem = self.memory
         slot = self.used + 4 + 8 * (self.used_idx % self.size)
         USED_ELEM.pack_into(mem.view(slot, 8), 0, head, written)
-        # the element is in place before the index that publishes it
+        # the element is in place before the index that publishes it (x86 keeps stores in order)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        U16.pack_into(mem.view(self.used + 2, 2), 0, self.used_idx)
+        mem.store_u16(self.used + 2, self.used_idx)
 
     def needs_interrupt(self) -> bool:
         """After pushing a batch: must the driver be interrupted? (EVENT_IDX or NO_INTERRUPT)"""
@@ -166,7 +166,7 @@ class Virtqueue:
         return fire
 
     def _publish_avail_event(self) -> None:
-        U16.pack_into(self.memory.view(self.used + 4 + 8 * self.size, 2), 0, self.last_avail)
+        self.memory.store_u16(self.used + 4 + 8 * self.size, self.last_avail)
 
     # -- buffer helpers -------------------------------------------------------------------------
     def read_all(self, chain: DescriptorChain, limit: int | None = None) -> bytes:

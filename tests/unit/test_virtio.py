@@ -13,11 +13,12 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from virtio_driver import Driver  # noqa: E402
+from virtio_driver import DeferredLoop, Driver, RecordingDoorbells  # noqa: E402
 
 from corral.devices.virtio.base import F_VERSION_1, STATUS_FEATURES_OK, STATUS_NEEDS_RESET  # noqa: E402
 from corral.devices.virtio.blk import (F_FLUSH, F_RO, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH,  # noqa: E402
                                        T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES, VirtioBlock)
+from corral.devices.virtio.pci import NOTIFY_OFF  # noqa: E402
 from corral.devices.virtio.rng import VirtioRng  # noqa: E402
 from corral.errors import ConfigError  # noqa: E402
 
@@ -176,6 +177,27 @@ def test_rng_fills_buffers():
         assert d.used(0) == [(head, 4096)]
         data = d.mem.read(*buf)
         assert len(set(data)) > 200          # random, not zeros
+    finally:
+        d.close()
+
+
+def test_a_kick_that_overtakes_activation_is_not_lost():
+    """DRIVER_OK activates the queues on the loop (call_soon), while the driver's first kick
+    arrives through an ioeventfd, which the loop may serve first. The request must still be
+    served: it was lost before, and a probe waited for ever on its first transmit."""
+    loop, doorbells = DeferredLoop(), RecordingDoorbells()
+    d = Driver(VirtioRng(), loop=loop, doorbells=doorbells)
+    try:
+        d.fn.bars_moved([0xE000_0000])
+        d.setup(driver_ok=False)
+        loop.held = True
+        d.driver_ok()                                    # activation queued, not run
+        buf = d.alloc(64)
+        head = d.submit(0, [(buf, True)], kick=False)
+        doorbells.callbacks[0xE000_0000 + NOTIFY_OFF]()  # the ioeventfd's callback runs first
+        assert d.used(0) == []                           # nothing active yet: nothing served
+        loop.run()                                       # then the activation
+        assert d.used(0) == [(head, 64)]
     finally:
         d.close()
 

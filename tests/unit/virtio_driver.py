@@ -122,12 +122,45 @@ class NoDoorbells:
         pass
 
 
+class DeferredLoop(ImmediateLoop):
+    """While `held`, call_soon() work waits until `run()`, as on the VM's loop thread."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.callbacks: list = []
+
+    def call_soon(self, fn) -> None:
+        if self.held:
+            self.callbacks.append(fn)
+        else:
+            fn()
+
+    def run(self) -> None:
+        while self.callbacks:
+            self.callbacks.pop(0)()
+
+
+class RecordingDoorbells:
+    """Doorbells whose callbacks (what an ioeventfd would run) the test calls itself."""
+
+    def __init__(self) -> None:
+        self.callbacks: dict[int, object] = {}
+
+    def attach(self, addr, length, callback):
+        self.callbacks[addr] = callback
+        return addr
+
+    def detach(self, handle) -> None:
+        self.callbacks.pop(handle, None)
+
+
 class Driver:
     def __init__(self, device: VirtioDevice, memory: GuestMemory | None = None,
-                 vectors: list | None = None) -> None:
+                 vectors: list | None = None, *, loop=None, doorbells=None) -> None:
         self.mem = memory or GuestMemory(16 * MiB)
         self.irq = Line()
-        self.fn = VirtioPciDevice(device, self.mem, self.irq, ImmediateLoop(), NoDoorbells(), vectors)
+        self.fn = VirtioPciDevice(device, self.mem, self.irq, loop or ImmediateLoop(),
+                                  doorbells or NoDoorbells(), vectors)
         self.device = device
         self.next_data = DATA
         self.avail_idx: dict[int, int] = {}
@@ -157,7 +190,7 @@ class Driver:
         return self.fn.bar_read(0, ISR_OFF, 1)
 
     # -- bring-up -------------------------------------------------------------------------------
-    def setup(self, features: int | None = None, queue_size: int = 64) -> None:
+    def setup(self, features: int | None = None, queue_size: int = 64, *, driver_ok: bool = True) -> None:
         self.wr(0x14, 1, 0)
         self.wr(0x14, 1, STATUS_ACKNOWLEDGE)
         self.wr(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
@@ -175,11 +208,16 @@ class Driver:
             self.wr(0x18, 2, size)
             self.sizes[q] = size
             base = RINGS + q * 0x10000
+            self.mem.write(base, bytes(0x10000))       # fresh rings, as a driver allocates them
             for off, addr in ((0x20, base), (0x28, base + 0x4000), (0x30, base + 0x8000)):
                 self.wr(off, 4, addr & 0xFFFF_FFFF)
                 self.wr(off + 4, 4, addr >> 32)
             self.wr(0x1C, 2, 1)
             self.avail_idx[q] = self.seen_used[q] = 0
+        if driver_ok:
+            self.driver_ok()
+
+    def driver_ok(self) -> None:
         self.wr(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
 
     def rings(self, q: int) -> tuple[int, int, int]:

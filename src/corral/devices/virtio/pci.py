@@ -296,7 +296,7 @@ class VirtioPciDevice:
         self.status = (self.status | value) & 0xFF
         return newly_ok and bool(self.status & STATUS_FEATURES_OK)
 
-    def _activate(self) -> None:
+    def _activate(self, serve_pending: bool = True) -> None:
         queues = []
         try:
             for i, q in enumerate(self.queues):
@@ -311,6 +311,12 @@ class VirtioPciDevice:
             return
         self.active = queues
         self.device.activate(self.memory, queues, self, self.driver_features)
+        if serve_pending:
+            # the doorbell is an ioeventfd and this callback is not: a driver's first kick can
+            # reach the loop before it and find no active queues. Serve what is already posted.
+            for vq in queues:
+                if vq.has_available():
+                    self._notify(vq.index)
 
     def _reset(self) -> None:
         self.device.reset()
@@ -368,7 +374,7 @@ class VirtioPciDevice:
         if state.broken:
             self.device.fail("restored broken")
         elif self.status & STATUS_DRIVER_OK and state.active:
-            self._activate()
+            self._activate(serve_pending=False)     # the saved positions first, then serve
             for vq, saved in zip(self.active, state.active):
                 vq.load_state(saved)
             # requests made available but not served before the snapshot

@@ -202,6 +202,25 @@ def test_a_kick_that_overtakes_activation_is_not_lost():
         d.close()
 
 
+def test_a_reset_the_loop_runs_late_does_not_undo_the_drivers_setup():
+    """A driver resets (status 0), reads 0 back and sets the device up while the loop has not
+    run yet. The reset must not land after the set-up: it used to wipe the queues the driver had
+    just enabled, and the probe's first transmit was never served."""
+    loop = DeferredLoop()
+    d = Driver(VirtioRng(), loop=loop)
+    try:
+        loop.held = True
+        d.setup()                                    # reset, ..., DRIVER_OK: all queued
+        assert d.status() & STATUS_FEATURES_OK
+        loop.run()
+        buf = d.alloc(64)
+        head = d.submit(0, [(buf, True)])
+        loop.run()
+        assert d.used(0) == [(head, 64)]
+    finally:
+        d.close()
+
+
 def test_reset_returns_to_initial_state(blk):
     blk.wr(0x14, 1, 0)
     assert blk.status() == 0

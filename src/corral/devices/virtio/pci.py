@@ -261,6 +261,9 @@ class VirtioPciDevice:
                 self.driver_features = (self.driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift)
             elif off == 0x14 and size == 1:
                 if value == 0:
+                    # the registers reset now: a driver that reads status 0 back goes on to
+                    # configure the queues, and a reset arriving later would wipe that
+                    self._reset_registers()
                     reset = True
                 else:
                     activate = self._set_status(value)
@@ -319,9 +322,11 @@ class VirtioPciDevice:
                     self._notify(vq.index)
 
     def _reset(self) -> None:
+        # on the loop: the device stops using the old queues (it may still have been serving
+        # them), before any activation the driver queued after this reset
         self.device.reset()
         with self._lock:
-            self._reset_registers()
+            self.isr = 0
             self.irq.set_level(False)
 
     def _notify(self, index: int) -> None:

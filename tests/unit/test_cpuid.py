@@ -63,6 +63,22 @@ def test_hiding_xsave_clears_the_bit_and_drops_leaf_d():
     assert find(vcpu_cpuid(sup, 0, 1), 0xD) is not None
 
 
+def test_hiding_xsave_hides_what_needs_it():
+    """Without XSAVE the guest cannot enable AVX state (CR4.OSXSAVE): AVX, AVX2, AVX-512 and PKU
+    must go too, or its AVX code takes #UD. SSE4.2 and AES-NI stay."""
+    leaf1 = find(SUPPORTED, 1)
+    avx, avx2, avx512f, pku, sse42, aes = 1 << 28, 1 << 5, 1 << 16, 1 << 3, 1 << 20, 1 << 25
+    sup = [e for e in SUPPORTED if (e.function, e.index) not in ((1, 0), (7, 0))] + [
+        E(1, 0, 0, ecx=leaf1.ecx | avx | sse42 | aes | (1 << 26), edx=leaf1.edx),
+        E(7, 0, SIG, ebx=avx2 | avx512f, ecx=pku)]
+    t = vcpu_cpuid(sup, 0, 1, hide=("xsave",))
+    l1, l7 = find(t, 1), find(t, 7, 0)
+    assert not l1.ecx & avx and not l7.ebx & (avx2 | avx512f) and not l7.ecx & pku
+    assert l1.ecx & sse42 and l1.ecx & aes
+    kept = vcpu_cpuid(sup, 0, 1)
+    assert find(kept, 1).ecx & avx and find(kept, 7, 0).ebx & avx2
+
+
 def test_unknown_feature_name_is_refused():
     import pytest
     from corral.config import MachineConfig

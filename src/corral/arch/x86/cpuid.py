@@ -26,7 +26,6 @@ KVM_DEFAULT_PV_FEATURES = sum(1 << b for b in (
     KVM_FEATURE_STEAL_TIME, KVM_FEATURE_PV_EOI, KVM_FEATURE_CLOCKSOURCE_STABLE_BIT))
 
 # Features a user may hide from the guest (--cpu-hide): name -> (leaf, subleaf, register, bit).
-# The guest kernel drops what depends on them (hiding xsave also hides AVX and friends).
 HIDEABLE: dict[str, tuple[int, int, str, int]] = {
     "xsave": (1, 0, "ecx", 26),
     "avx": (1, 0, "ecx", 28),
@@ -37,6 +36,25 @@ HIDEABLE: dict[str, tuple[int, int, str, int]] = {
     "rdtscp": (0x8000_0001, 0, "edx", 27),
     "pdpe1gb": (0x8000_0001, 0, "edx", 26),
 }
+
+
+# Features whose register state lives in XSAVE areas: hidden with xsave. Linux does not drop them
+# itself when CPUID lacks XSAVE (it only applies its dependency table when it clears a feature),
+# so a guest would run AVX code with CR4.OSXSAVE clear and take #UD (aesni_intel did, in the lab).
+XSAVE_DEPENDENTS: list[tuple[int, int, str, int]] = [
+    (1, 0, "ecx", 12), (1, 0, "ecx", 28), (1, 0, "ecx", 29),          # FMA, AVX, F16C
+    (7, 0, "ebx", 5),                                                 # AVX2
+    *((7, 0, "ebx", b) for b in (16, 17, 21, 26, 27, 28, 30, 31)),     # AVX-512 F DQ IFMA PF ER CD BW VL
+    *((7, 0, "ecx", b) for b in (1, 3, 6, 9, 10, 11, 12, 14)),         # VBMI PKU VBMI2 VAES VPCLMULQDQ VNNI BITALG VPOPCNTDQ
+    *((7, 0, "edx", b) for b in (2, 3, 8, 22, 23, 24, 25)),            # 4VNNIW 4FMAPS VP2INTERSECT AMX-BF16 FP16 AMX-TILE AMX-INT8
+    *((7, 1, "eax", b) for b in (4, 5)),                               # AVX-VNNI, AVX512-BF16
+]
+
+
+def _clear(entries: list[KvmCpuidEntry2], leaf: int, sub: int, reg: str, bit: int) -> None:
+    for e in entries:
+        if e.function == leaf and e.index == sub:
+            setattr(e, reg, getattr(e, reg) & ~(1 << bit))
 
 
 def _bits_for(n: int) -> int:
@@ -107,11 +125,10 @@ def vcpu_cpuid(supported: list[KvmCpuidEntry2], vcpu_index: int, num_cpus: int,
     if max_basic >= 0xB and not any(e.function == 0xB for e in out):
         out.extend(_topology_leaf(0xB, apic_id, num_cpus))
     for name in hide:
-        leaf, sub, reg, bit = HIDEABLE[name]
-        for e in out:
-            if e.function == leaf and e.index == sub:
-                setattr(e, reg, getattr(e, reg) & ~(1 << bit))
+        _clear(out, *HIDEABLE[name])
         if name == "xsave":
+            for dep in XSAVE_DEPENDENTS:
+                _clear(out, *dep)
             out = [e for e in out if e.function != 0xD]
     return out
 

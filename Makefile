@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PKGS := qemu-system-x86 acpica-tools gcc binutils
+APT_PKGS := qemu-system-x86 acpica-tools gcc binutils debootstrap
 
 .PHONY: run test bench host-deps clean
 
@@ -20,6 +20,7 @@ host-deps:
 	command -v iasl >/dev/null || missing="$$missing acpica-tools"; \
 	command -v gcc >/dev/null || missing="$$missing gcc"; \
 	command -v ld >/dev/null || missing="$$missing binutils"; \
+	command -v debootstrap >/dev/null || test -x /usr/sbin/debootstrap || missing="$$missing debootstrap"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
@@ -30,7 +31,7 @@ run: $(STAMP)
 	$(BIN)/corral run $(ARGS)
 
 test: host-deps $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	CORRAL_LAB=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: host-deps $(STAMP)
 	$(BIN)/python bench/probe_bench.py $(ARGS)

@@ -1,8 +1,8 @@
 """Fixtures for the lab tests: one QEMU TCG lab host (emulated AMD SVM) per test session.
 
-Lab tests carry @pytest.mark.lab and run only when asked for (`make lab`, i.e. `pytest -m lab`,
-or CORRAL_LAB=1): a plain `pytest` / `make test` skips them, since booting the lab costs about
-10 s and the first run downloads Debian's generic kernel.
+Lab tests carry @pytest.mark.lab and run when asked for: `make test` (the README's test command,
+and CI) sets CORRAL_LAB=1, `make lab` runs them alone (`pytest -m lab`). A bare `pytest` skips
+them: the lab takes about five minutes, and its first run downloads Debian's generic kernel.
 
 On a failing lab test the report gets the lab's serial log (kernel console, QEMU's stderr and
 the command channel) as an extra section.
@@ -74,9 +74,32 @@ def debian_build():
 
 
 @pytest.fixture(scope="session")
-def lab(request, probe_build, debian_build):
+def debian_rootfs():
+    """The lab's small Debian with systemd (tests/lab/rootfs.py), built on the host before the
+    lab boots. Returns ({"kernel", "initrd", "image"}, None) or (None, reason)."""
+    from corral.errors import ConfigError, HostError
+    from corral.images.cache import cache_root
+
+    from rootfs import ensure_rootfs
+
+    try:
+        return ensure_rootfs(cache_root() / "lab"), None
+    except (ConfigError, HostError) as exc:
+        return None, f"the Debian root filesystem cannot be built here: {exc}"
+
+
+@pytest.fixture(scope="session")
+def lab(request, probe_build, debian_build, debian_rootfs):
     """The booted lab host, shared by every lab test of the session."""
-    host = LabHost(extra_append=os.environ.get("CORRAL_LAB_APPEND", ""))
+    from corral.errors import ConfigError, HostError
+
+    from labhost import ensure_lab_images
+
+    try:
+        kernel, initrd = ensure_lab_images()
+    except (ConfigError, HostError) as exc:   # no Debian archive or apt here: nothing to boot
+        pytest.skip(f"the lab's kernel cannot be built on this host: {exc}")
+    host = LabHost(kernel=kernel, initrd=initrd, extra_append=os.environ.get("CORRAL_LAB_APPEND", ""))
     t0 = time.monotonic()
     host.start()  # raises LabError with the serial log when the lab does not come up
     request.config.stash[LAB_KEY] = host

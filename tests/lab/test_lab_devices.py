@@ -53,24 +53,29 @@ def test_net_vsock_console_rng_balloon_under_linux(lab, debian_build, tmp_path):
              "echo hvc-says-hello > /dev/hvc0; "
              "dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | tr -dc 0-9a-f; echo; "
              f"head -c {size} /dev/vda > /tmp/ve; chmod +x /tmp/ve; /tmp/ve 1234; "
-             "sleep 8; echo BALLOON `cat /sys/bus/virtio/drivers/virtio_balloon/*/features 2>/dev/null | head -c 6`")
+             # the host inflates the balloon by 128 MiB now: wait until free memory shows it,
+             # then give the host time to read the balloon's account before powering off
+             "F0=`grep MemFree /proc/meminfo | tr -dc 0-9`; for i in `seq 240`; do "
+             "F=`grep MemFree /proc/meminfo | tr -dc 0-9`; [ $((F0 - F)) -ge 122880 ] && break; sleep 0.5; done; "
+             "echo BALLOONED $(((F0 - F) / 1024)) MiB; sleep 20; "
+             "echo BALLOON `cat /sys/bus/virtio/drivers/virtio_balloon/*/features 2>/dev/null | head -c 6`")
     cmdline = f'{BASE_CMDLINE} -- sh -c "{guest}"'
     d = "/tmp/labdev"
     script = f"""
 ip link set lo up; rm -rf {d}; mkdir -p {d}; cp {img} {d}/echo.img
-timeout 240 {CORRAL} run --kernel {images['bzimage']} --initrd {images['initrd']} --memory 512M {LAB_CPU} --no-reboot \
+timeout 300 {CORRAL} run --kernel {images['bzimage']} --initrd {images['initrd']} --memory 512M {LAB_CPU} --no-reboot \
   --net tap=crl0,host-ip=10.0.2.1/24 --vsock cid=3,uds={d}/v.sock --disk {d}/echo.img,ro --rng \
   --virtio-console file={d}/hvc.log --balloon --api {d}/api.sock --cmdline '{cmdline}' </dev/null > {d}/out 2>&1 &
 VM=$!
 timeout 200 {PY} {host_py} {d}/v.sock {d}/out > {d}/host.out 2>&1 &
 for i in $(seq 400); do grep -q ECHOED {d}/out 2>/dev/null && break; sleep 0.5; done
 timeout 30 {CORRAL} balloon --api {d}/api.sock 128M > {d}/balloon1.out 2>&1
-sleep 4
+for i in $(seq 240); do grep -q BALLOONED {d}/out 2>/dev/null && break; sleep 0.5; done
 timeout 30 {CORRAL} balloon --api {d}/api.sock > {d}/balloon2.out 2>&1
 wait $VM; echo CORRAL_EXIT=$? > {d}/exit
 """
     try:
-        lab.run(script, timeout=330)
+        lab.run(script, timeout=400)
         # read the results in a second command, so a step that hung still leaves its evidence
         out = lab.run(f"cat {d}/exit; cat {d}/out; echo ---HOST; cat {d}/host.out; echo ---HVC; "
                       f"cat {d}/hvc.log; echo ---BALLOON1; cat {d}/balloon1.out; echo ---BALLOON2; "
@@ -86,3 +91,5 @@ wait $VM; echo CORRAL_EXIT=$? > {d}/exit
     assert re.search(r"^[0-9a-f]{64}\r?$", out, re.M), out                                 # hwrng
     m = re.search(r"guest gave (\d+) MiB; host memory behind guest RAM (\d+) MiB", out.split("---BALLOON2")[1])
     assert m and int(m.group(1)) == 128, out                                               # balloon
+    seen = re.search(r"^BALLOONED (\d+) MiB", out, re.M)
+    assert seen and int(seen.group(1)) >= 120, out                                         # the guest felt it

@@ -25,6 +25,9 @@ def test_counter_survives_snapshot_restore_and_migration(lab, debian_build):
     d = "/tmp/labstate"
     wait_for = (lambda f, pat: f"for i in $(seq 240); do grep -q '{pat}' {f} 2>/dev/null && break; "
                 "sleep 0.5; done")
+    # under TCG a count takes a second or more: wait for lines, not for a fixed time
+    wait_counts = (lambda f, n: f"for i in $(seq 240); do [ $(cat {f} 2>/dev/null | grep -c '^COUNT') -ge {n} ] "
+                   "&& break; sleep 0.5; done")
     stop = f"{PY} -c 'import sys; from corral.api import call; call(sys.argv[1], {{\"op\": \"stop\"}})'"
     script = f"""
 ip link set lo up; rm -rf {d}; mkdir -p {d}
@@ -38,10 +41,10 @@ B=$!
 {wait_for(f"{d}/out2", "waiting for a migration")}
 timeout 60 {CORRAL} migrate --api {d}/a.sock 127.0.0.1:7010; echo MIGRATE_EXIT=$?
 wait $A; echo SOURCE_EXIT=$?
-sleep 4; {stop} {d}/b.sock; wait $B
+{wait_counts(f"{d}/out2", 3)}; {stop} {d}/b.sock; wait $B
 timeout 60 {CORRAL} restore {d}/snap </dev/null > {d}/out3 2>&1 &
 C=$!
-sleep 6; kill $C; wait $C
+{wait_counts(f"{d}/out3", 3)}; kill $C; wait $C
 """
     status = lab.run(script, timeout=400).output
     files = lab.run(f"echo ---OUT1; cat {d}/out1; echo ---OUT2; cat {d}/out2; echo ---OUT3; cat {d}/out3",

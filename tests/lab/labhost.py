@@ -48,6 +48,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -61,7 +62,12 @@ LAB_MODULES = [
     "irqbypass", "kvm", "ccp", "kvm-amd",
 ]
 
-LAB_PATH = "/work/main/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# the interpreter running the tests (the checkout's venv under `make test`), wherever the checkout
+# is: the lab sees the host's root, so these paths are the same in there
+VENV_BIN = Path(sys.executable).parent
+CORRAL = str(VENV_BIN / "corral")
+PYTHON = str(VENV_BIN / "python")
+LAB_PATH = f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 READY = "__LAB_READY__"
 INIT_FAILED = "__LAB_INIT_FAILED__"
 

@@ -11,10 +11,10 @@ import re
 import pytest
 
 from corral.arch.x86 import layout
+from labhost import CORRAL  # noqa: F401  (re-exported to the other lab tests)
 
 pytestmark = pytest.mark.lab
 
-CORRAL = "/work/main/.venv/bin/corral"
 # quiet: under nested TCG every console byte costs two exits, so a chatty boot takes minutes.
 BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=acpi quiet"
 # The lab's emulated SVM does not hand the guest's XSETBV to KVM, so KVM never updates CPUID

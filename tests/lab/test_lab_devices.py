@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from labhost import PYTHON as PY
 from test_lab_debian import BANNER, BASE_CMDLINE, CORRAL, LAB_CPU, need
 
 pytestmark = pytest.mark.lab
 
 HERE = Path(__file__).parent
-PY = "/work/main/.venv/bin/python"
 
 # host side of the vsock test, run inside the lab: serve <uds>_1235 (the guest connects there
 # after the echo), connect to the guest's port 1234 through <uds>, echo a message

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from labhost import CORRAL, PYTHON, VENV_BIN
+
 pytestmark = pytest.mark.lab
 
-CORRAL = "/work/main/.venv/bin/corral"
-PYTHON = "/work/main/.venv/bin/python"
 
 KVM_API_SNIPPET = (
     "import fcntl, os; fd = os.open('/dev/kvm', os.O_RDWR); "
@@ -51,7 +51,7 @@ def test_corral_doctor_reports_svm(lab):
 
 
 def test_tmpfs_is_writable_and_host_root_is_not(lab):
-    res = lab.run("echo x > /tmp/lab-probe && cat /tmp/lab-probe && ! touch /work/main/.lab-write 2>/dev/null",
+    res = lab.run(f"echo x > /tmp/lab-probe && cat /tmp/lab-probe && ! touch {VENV_BIN}/.lab-write 2>/dev/null",
                   timeout=30)
     assert res.status == 0 and res.output.strip() == "x", res.output
 

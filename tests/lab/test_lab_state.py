@@ -7,11 +7,11 @@ import re
 
 import pytest
 
+from labhost import PYTHON as PY
 from test_lab_debian import BANNER, BASE_CMDLINE, CORRAL, LAB_CPU, need
 
 pytestmark = pytest.mark.lab
 
-PY = "/work/main/.venv/bin/python"
 
 
 def counts(text: str) -> list[int]:

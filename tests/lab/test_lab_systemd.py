@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from labhost import PYTHON as PY
 from rootfs import GUEST_IP, HOST_IP
 from test_lab_debian import CORRAL, LAB_CPU, need
 
 pytestmark = pytest.mark.lab
 
-PY = "/work/main/.venv/bin/python"
 PING = "/tmp/.lab/busybox ping"          # the lab agent's busybox: the host may have no ping
 
 

@@ -108,9 +108,17 @@ mount --bind /proc /newroot/proc || fail "bind /proc"
 mount --bind /sys /newroot/sys || fail "bind /sys"
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts || echo "lab-init: no devpts"
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm || echo "lab-init: no /dev/shm"
+# lab.keep=DIR: a checkout under /tmp (or /run, /var/tmp) stays visible through the tmpfs below
+KEEP=$(sed -n 's/.*lab[.]keep=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$KEEP" ]; then
+    mkdir -p /keep && mount --bind /newroot$KEEP /keep || fail "bind $KEEP"
+fi
 for d in /tmp /run /var/tmp; do
     mount -t tmpfs -o mode=1777 tmpfs /newroot$d || fail "tmpfs on $d"
 done
+if [ -n "$KEEP" ]; then
+    mkdir -p /newroot$KEEP && mount --bind /keep /newroot$KEEP || fail "rebind $KEEP"
+fi
 mkdir -p /newroot/tmp/.lab
 cp /bin/busybox /newroot/tmp/.lab/busybox || fail "copy busybox"
 cp /agent.sh /newroot/tmp/.lab/agent.sh || fail "copy agent"
@@ -160,6 +168,19 @@ while IFS= read -r line; do
 done
 $B poweroff -f
 """
+
+
+# the checkout these tests run from (its venv, probe build and tests are used inside the lab)
+REPO = Path(__file__).resolve().parents[2]
+LAB_TMPFS = ("/tmp", "/run", "/var/tmp")
+
+
+def _hidden_by_lab_tmpfs(path: Path) -> str | None:
+    """`path` if the lab's tmpfs mounts would hide it (the lab binds it back), else None."""
+    text = str(path)
+    if any(text == d or text.startswith(d + "/") for d in LAB_TMPFS) and " " not in text:
+        return text
+    return None
 
 
 class LabError(RuntimeError):
@@ -341,6 +362,9 @@ class LabHost:
     def qemu_args(self) -> list[str]:
         assert self._workdir is not None
         append = "console=ttyS0 panic=-1 mitigations=off tsc=reliable no_timer_check"
+        keep = _hidden_by_lab_tmpfs(REPO)
+        if keep:
+            append += f" lab.keep={keep}"
         if self.extra_append:
             append += " " + self.extra_append
         return [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -73,13 +74,49 @@ def _probe_path(probe_build) -> str:
     return str(path)
 
 
-def test_probe_smp_under_corral_in_lab(lab, probe_build):
+TESTS_DIR = Path(__file__).resolve().parents[1]
+# every probe scenario under corral in the lab, on real SVM: (cmdline, corral options, RESULT checks)
+PROBE_SCENARIOS = {
+    "hello": ("hello", "", {"hello": "1"}),
+    "smp": ("smp", "--cpus 2", {"cpus": "2"}),
+    "timer": ("timer", "", {}),
+    "pio-bench": ("pio-bench 20000", "", {"pio_exits": "20000"}),
+    "mmio-bench": ("mmio-bench 20000", "", {"mmio_exits": "20000"}),
+    "mem-touch": ("mem-touch 64M", "--memory 256M", {"ok": "1"}),
+    "idle": ("idle", "", {}),
+    "blk-check": ("blk-check", "--disk /tmp/lab-probe.img,serial=lab-1", {"blk_ok": "1", "blk_serial": "lab-1"}),
+    "blk-bench": ("blk-bench rand4k 2000", "--disk /tmp/lab-probe.img", {"blk_ops": "2000", "blk_errors": "0"}),
+    "net-bench": ("net-bench 2000", "--net tap=crlp0", {"net_tx_frames": "2000"}),
+}
+
+
+@pytest.mark.parametrize("name", list(PROBE_SCENARIOS))
+def test_probe_scenarios_under_corral_in_lab(lab, probe_build, name):
     probe = _probe_path(probe_build)
-    res = lab.run(f"{CORRAL} run --kernel {probe} --cmdline smp --cpus 2", timeout=300)
+    cmdline, options, expect = PROBE_SCENARIOS[name]
+    prepare = ""
+    if "lab-probe.img" in options:      # the patterned disk blk-check reads (tests/virtio_fixtures.py)
+        prepare = (f"{PYTHON} -c 'import sys; sys.path.insert(0, \"{TESTS_DIR}\"); from pathlib import Path; "
+                   "from virtio_fixtures import patterned_image; patterned_image(Path(\"/tmp/lab-probe.img\"), 4096)' && ")
+    if name == "idle":                  # idle never exits: still running when stopped through --api
+        stop = f"{PYTHON} -c 'import sys; from corral.api import call; call(sys.argv[1], {{\"op\": \"stop\"}})'"
+        run = (f"{CORRAL} run --kernel {probe} --cmdline idle --api /tmp/idle.sock > /tmp/idle.out 2>&1 & VM=$!; "
+               "for i in $(seq 240); do grep -q 'probe: idle' /tmp/idle.out && break; sleep 0.5; done; sleep 2; "
+               f"kill -0 $VM && echo STILL_RUNNING; {stop} /tmp/idle.sock; wait $VM; echo IDLE_EXIT=$?; cat /tmp/idle.out")
+    else:
+        run = f"{CORRAL} run --kernel {probe} --cmdline '{cmdline}' {options}"
+    res = lab.run(prepare + run + " </dev/null", timeout=300)
     results = dict(kv for line in res.output.splitlines() if line.startswith("RESULT ")
                    for kv in re.findall(r"(\w+)=(\S+)", line))
+    if name == "idle":
+        assert "STILL_RUNNING" in res.output and "probe: idle" in res.output, res.output
+        assert "stopped through the control socket" in res.output, res.output
+        return
     assert res.status == 0, res.output
-    assert results.get("cpus") == "2", res.output
+    for key, value in expect.items():
+        assert results.get(key) == value, res.output
+    if name == "timer":
+        assert int(results.get("timer_ticks", "0")) > 0, res.output
 
 
 def test_timings(lab, record_property):

@@ -57,7 +57,7 @@ def test_net_vsock_console_rng_balloon_under_linux(lab, debian_build, tmp_path):
              # then give the host time to read the balloon's account before powering off
              "F0=`grep MemFree /proc/meminfo | tr -dc 0-9`; for i in `seq 240`; do "
              "F=`grep MemFree /proc/meminfo | tr -dc 0-9`; [ $((F0 - F)) -ge 122880 ] && break; sleep 0.5; done; "
-             "echo BALLOONED $(((F0 - F) / 1024)) MiB; sleep 20; "
+             "echo BALLOONED $(((F0 - F) / 1024)) MiB; sleep 45; "
              "echo BALLOON `cat /sys/bus/virtio/drivers/virtio_balloon/*/features 2>/dev/null | head -c 6`")
     cmdline = f'{BASE_CMDLINE} -- sh -c "{guest}"'
     d = "/tmp/labdev"
@@ -71,11 +71,14 @@ timeout 200 {PY} {host_py} {d}/v.sock {d}/out > {d}/host.out 2>&1 &
 for i in $(seq 400); do grep -q ECHOED {d}/out 2>/dev/null && break; sleep 0.5; done
 timeout 30 {CORRAL} balloon --api {d}/api.sock 128M > {d}/balloon1.out 2>&1
 for i in $(seq 240); do grep -q BALLOONED {d}/out 2>/dev/null && break; sleep 0.5; done
-timeout 30 {CORRAL} balloon --api {d}/api.sock > {d}/balloon2.out 2>&1
+for i in $(seq 15); do   # the guest sends the pages' numbers after taking them: the host's count lags
+    timeout 30 {CORRAL} balloon --api {d}/api.sock > {d}/balloon2.out 2>&1
+    grep -q "guest gave 128 MiB" {d}/balloon2.out && break; sleep 1
+done
 wait $VM; echo CORRAL_EXIT=$? > {d}/exit
 """
     try:
-        lab.run(script, timeout=400)
+        lab.run(script, timeout=450)
         # read the results in a second command, so a step that hung still leaves its evidence
         out = lab.run(f"cat {d}/exit; cat {d}/out; echo ---HOST; cat {d}/host.out; echo ---HVC; "
                       f"cat {d}/hvc.log; echo ---BALLOON1; cat {d}/balloon1.out; echo ---BALLOON2; "

@@ -33,6 +33,10 @@ BENIGN = [
     (r"TSC.*unstable|tsc: Marking TSC unstable", "nested TCG lab: the TSC of an emulated CPU is not stable"),
     (r"clocksource: .*wd_nsec|timekeeping watchdog", "nested TCG lab timing jitter"),
     (r"kvm-guest: .*steal", "informational"),
+    # a few percent off only: a busy TCG lab shifts the 100 ms calibration window. A wrong PM
+    # timer or APIC timer frequency in our model would be off by far more, and still fails.
+    (r"APIC calibration not consistent with PM-Timer: (9[0-9]|10[0-9]|110)ms instead of 100ms",
+     "nested TCG lab timing jitter"),
 ]
 
 

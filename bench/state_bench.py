@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from corral.api import call  # noqa: E402
+from corral.api import ControlClient  # noqa: E402
 from corral.images.probe import build_probe  # noqa: E402
 from probe_bench import corral_cmd, qemu_cmd  # noqa: E402
 
@@ -116,10 +116,10 @@ def corral_migrate(kernel: Path, cmdline: str, memory: str, tmp: Path) -> dict:
     try:
         wait_for(api, src)
         guest_started(src)
-        r = call(api, {"op": "migrate", "to": f"127.0.0.1:{port}"})
+        r = ControlClient(api).migrate(f"127.0.0.1:{port}")
         wait_for(dapi, dst)
-        return {"downtime_ms": r["downtime_ms"], "total_ms": r["seconds"] * 1000,
-                "mib": r["bytes_sent"] / (1 << 20)}
+        return {"downtime_ms": r.downtime_seconds * 1000, "total_ms": r.total_seconds * 1000,
+                "mib": r.bytes_sent / (1 << 20)}
     finally:
         stop(src, dst)
 
@@ -165,8 +165,8 @@ def corral_snapshot(kernel: Path, cmdline: str, memory: str, tmp: Path) -> tuple
         wait_for(api, src)
         guest_started(src)
         snap = tmp / f"snap-{time.monotonic_ns()}"
-        r = call(api, {"op": "snapshot", "path": str(snap)})
-        return {"ms": r["seconds"] * 1000, "disk_mib": r["disk_bytes"] / (1 << 20)}, snap
+        r = ControlClient(api).snapshot(snap)
+        return {"ms": r.seconds * 1000, "disk_mib": r.disk_bytes / (1 << 20)}, snap
     finally:
         stop(src)
 

@@ -18,15 +18,17 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from corral.config import parse_size
+from corral.devices.virtio.balloon import BalloonInfo
 from corral.errors import CorralError
+from corral.machine import Machine, MachineStatus
+from corral.state.migration import MigrationStats, migrate
+from corral.state.snapshot import SnapshotStats
 from corral.unix_socket import listen_unix
-
-if TYPE_CHECKING:
-    from corral.machine import Machine
 
 log = logging.getLogger(__name__)
 
@@ -127,25 +129,17 @@ class ControlServer:
         elif isinstance(req, Stop):
             m.stop("stopped through the control socket")
         elif isinstance(req, Snapshot):
-            st = m.snapshot(req.path)
-            return {"path": str(st.path), "seconds": st.seconds, "memory_bytes": st.memory_bytes_written,
-                    "disk_bytes": st.disk_bytes}
+            return m.snapshot(req.path).model_dump(mode="json")
         elif isinstance(req, Migrate):
-            from corral.state.migration import migrate
-
             st = migrate(m, req.to, downtime_limit=req.downtime_ms / 1000,
                          progress=lambda r, sent, dirty: send(
-                             {"progress": {"round": r, "sent": sent, "dirty": dirty}}))
-            return {"rounds": st.rounds, "bytes_sent": st.bytes_sent, "seconds": st.total_seconds,
-                    "downtime_ms": st.downtime_seconds * 1000, "throttle": st.throttle}
+                             {"progress": MigrationProgress(round=r, sent=sent, dirty=dirty).model_dump()}))
+            return st.model_dump(mode="json")
         elif isinstance(req, Balloon):
-            from corral.config import parse_size
-
             if req.target is not None:
                 m.set_balloon(parse_size(req.target))
-            return m.balloon_info()
-        return {"state": "paused" if m.paused else "running", "cpus": m.config.cpus,
-                "memory": m.config.memory}
+            return m.balloon_info().model_dump(mode="json")
+        return m.status().model_dump(mode="json")
 
     def close(self) -> None:
         self._closed = True
@@ -158,19 +152,72 @@ class ControlServer:
                 pass
 
 
-def call(path: str | os.PathLike[str], request: dict[str, Any],
+class NoControlSocket(CorralError):
+    """Nothing serves a control socket at the path given."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(f"no control socket at {path}")
+        self.path = str(path)
+
+
+class ControlClient:
+    """Typed verbs over a machine's control socket: what the CLI (and any embedder) calls.
+
+    >>> ControlClient("/tmp/vm.sock").snapshot("/srv/snaps/a").memory_bytes_written
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = path
+
+    def pause(self) -> None:
+        call(self.path, Pause(op="pause"))
+
+    def resume(self) -> None:
+        call(self.path, Resume(op="resume"))
+
+    def stop(self) -> None:
+        call(self.path, Stop(op="stop"))
+
+    def status(self) -> MachineStatus:
+        return MachineStatus.model_validate(call(self.path, Status(op="status")))
+
+    def snapshot(self, path: str | os.PathLike[str]) -> SnapshotStats:
+        return SnapshotStats.model_validate(call(self.path, Snapshot(op="snapshot", path=str(path))))
+
+    def balloon(self, target: int | None = None) -> BalloonInfo:
+        """Set the balloon to `target` bytes (None: leave it) and report it."""
+        return BalloonInfo.model_validate(call(self.path, Balloon(op="balloon", target=target)))
+
+    def migrate(self, to: str, downtime_ms: int = 300,
+                on_progress: Callable[[MigrationProgress], None] | None = None) -> MigrationStats:
+        return MigrationStats.model_validate(call(
+            self.path, Migrate(op="migrate", to=to, downtime_ms=downtime_ms),
+            (lambda p: on_progress(MigrationProgress.model_validate(p))) if on_progress else None))
+
+
+class MigrationProgress(BaseModel):
+    """One pre-copy round of a migration in flight."""
+
+    round: int
+    sent: int                       # bytes sent so far
+    dirty: int                      # bytes the guest dirtied meanwhile (still to send)
+
+
+def call(path: str | os.PathLike[str], request: Request | dict[str, Any],
          on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Send one request to a machine's control socket; returns the reply or raises CorralError."""
+    """Send one request to a machine's control socket; returns the reply's fields or raises
+    CorralError. ControlClient wraps this with typed replies."""
+    body = request.model_dump(mode="json", exclude_none=True) if isinstance(request, BaseModel) else request
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(str(path))
     except FileNotFoundError:
-        raise CorralError(f"no control socket at {path}: start the VM with --api {path}") from None
+        raise NoControlSocket(path) from None
     except OSError as exc:
         raise CorralError(f"cannot reach the VM at {path}: {exc.strerror} (is it still running?)") from None
     with s:
         f = s.makefile("rwb")
-        f.write(json.dumps(request).encode() + b"\n")
+        f.write(json.dumps(body).encode() + b"\n")
         f.flush()
         while True:
             line = f.readline()
@@ -181,9 +228,9 @@ def call(path: str | os.PathLike[str], request: dict[str, Any],
                 if on_progress:
                     on_progress(reply["progress"])
                 continue
-            if not reply.get("ok"):
+            if not reply.pop("ok", False):
                 raise CorralError(reply.get("error", "the VM refused the request"))
             return reply
 
 
-__all__ = ["ControlServer", "call", "Request"]
+__all__ = ["ControlClient", "NoControlSocket", "ControlServer", "MigrationProgress", "Request", "call"]

@@ -242,14 +242,22 @@ def receive(address: str, timeout: float | None, kvm_path: str, api_path: Path |
     _run_foreground(machine, api_path)
 
 
-def _call(api_path: Path, request: dict, on_progress=None) -> dict:
-    from corral.api import call
+def _client(api_path: Path):
+    from corral.api import ControlClient
+
+    return ControlClient(api_path)
+
+
+def _verb(fn, *args, **kwargs):
+    """Run one control-socket verb; a refusal ends the command with one line."""
+    from corral.api import NoControlSocket
 
     try:
-        return call(api_path, request, on_progress)
+        return fn(*args, **kwargs)
+    except NoControlSocket as exc:
+        _fail(f"{exc}: start the VM with --api {exc.path}", 1)
     except CorralError as exc:
         _fail(str(exc), 1)
-        raise AssertionError from None
 
 
 _API_ARG = click.option("--api", "api_path", type=click.Path(path_type=Path), required=True,
@@ -260,22 +268,29 @@ _API_ARG = click.option("--api", "api_path", type=click.Path(path_type=Path), re
 @_API_ARG
 def pause(api_path: Path) -> None:
     """Pause a running VM (its vCPUs, devices and clock)."""
-    _call(api_path, {"op": "pause"})
+    _verb(_client(api_path).pause)
 
 
 @main.command()
 @_API_ARG
 def resume(api_path: Path) -> None:
     """Resume a paused VM."""
-    _call(api_path, {"op": "resume"})
+    _verb(_client(api_path).resume)
+
+
+@main.command()
+@_API_ARG
+def stop(api_path: Path) -> None:
+    """Stop a VM (as if its power were cut)."""
+    _verb(_client(api_path).stop)
 
 
 @main.command()
 @_API_ARG
 def status(api_path: Path) -> None:
     """Say whether a VM is running or paused."""
-    r = _call(api_path, {"op": "status"})
-    click.echo(f"{r['state']} ({r['cpus']} vCPUs, {r['memory'] >> 20} MiB)")
+    r = _verb(_client(api_path).status)
+    click.echo(f"{r.state} ({r.cpus} vCPUs, {r.memory >> 20} MiB)")
 
 
 @main.command()
@@ -283,9 +298,9 @@ def status(api_path: Path) -> None:
 @click.argument("directory", type=click.Path(path_type=Path))
 def snapshot(api_path: Path, directory: Path) -> None:
     """Save a running VM to DIRECTORY (new); it keeps running (a paused one stays paused)."""
-    r = _call(api_path, {"op": "snapshot", "path": str(directory.resolve())})
-    click.echo(f"corral: snapshot {r['path']}: {r['memory_bytes'] / (1 << 20):.1f} MiB of memory, "
-               f"{r['disk_bytes'] / (1 << 20):.1f} MiB on disk, {r['seconds'] * 1000:.0f} ms", err=True)
+    r = _verb(_client(api_path).snapshot, directory.resolve())
+    click.echo(f"corral: snapshot {r.path}: {r.memory_bytes_written / (1 << 20):.1f} MiB of memory, "
+               f"{r.disk_bytes / (1 << 20):.1f} MiB on disk, {r.seconds * 1000:.0f} ms", err=True)
 
 
 @main.command()
@@ -294,18 +309,18 @@ def snapshot(api_path: Path, directory: Path) -> None:
 def balloon(api_path: Path, size: str | None) -> None:
     """Set the balloon to SIZE (e.g. 256M: memory the guest gives back; 0 returns it all), then
     show the balloon and the guest's memory statistics."""
-    req: dict = {"op": "balloon"}
+    target = None
     if size is not None:
         try:
-            req["target"] = parse_size(size)
+            target = parse_size(size)
         except CorralError as exc:
             _fail(str(exc))
-    r = _call(api_path, req)
+    r = _verb(_client(api_path).balloon, target)
     mib = 1 << 20
-    click.echo(f"balloon: target {r['target_bytes'] / mib:.0f} MiB, guest gave {r['actual_bytes'] / mib:.0f} MiB; "
-               f"host memory behind guest RAM {r['host_resident_bytes'] / mib:.0f} MiB; "
-               f"free pages reported {r['reported_bytes'] / mib:.0f} MiB")
-    for k, v in sorted(r["stats"].items()):
+    click.echo(f"balloon: target {r.target_bytes / mib:.0f} MiB, guest gave {r.actual_bytes / mib:.0f} MiB; "
+               f"host memory behind guest RAM {r.host_resident_bytes / mib:.0f} MiB; "
+               f"free pages reported {r.reported_bytes / mib:.0f} MiB")
+    for k, v in sorted(r.stats.items()):
         click.echo(f"  {k}: {v / mib:.1f} MiB" if k.endswith("memory") or k == "disk_caches" else f"  {k}: {v}")
 
 
@@ -316,13 +331,13 @@ def balloon(api_path: Path, size: str | None) -> None:
               help="The longest the guest may be stopped for the last copy.")
 def migrate(api_path: Path, target: str, downtime_ms: int) -> None:
     """Live-migrate a running VM to `corral receive` at HOST:PORT."""
-    def progress(p: dict) -> None:
-        click.echo(f"corral: round {p['round']}: {p['sent'] / (1 << 20):.1f} MiB sent, "
-                   f"{p['dirty'] / (1 << 20):.1f} MiB dirtied meanwhile", err=True)
+    def progress(p) -> None:
+        click.echo(f"corral: round {p.round}: {p.sent / (1 << 20):.1f} MiB sent, "
+                   f"{p.dirty / (1 << 20):.1f} MiB dirtied meanwhile", err=True)
 
-    r = _call(api_path, {"op": "migrate", "to": target, "downtime_ms": downtime_ms}, progress)
-    click.echo(f"corral: migrated to {target} in {r['seconds']:.2f} s: {r['rounds']} rounds, "
-               f"{r['bytes_sent'] / (1 << 20):.1f} MiB sent, downtime {r['downtime_ms']:.1f} ms", err=True)
+    r = _verb(_client(api_path).migrate, target, downtime_ms, progress)
+    click.echo(f"corral: migrated to {target} in {r.total_seconds:.2f} s: {r.rounds} rounds, "
+               f"{r.bytes_sent / (1 << 20):.1f} MiB sent, downtime {r.downtime_seconds * 1000:.1f} ms", err=True)
 
 
 @main.command()

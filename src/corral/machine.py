@@ -13,7 +13,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
+
+from pydantic import BaseModel
 
 from corral.arch.x86 import layout
 from corral.arch.x86.acpi import machine_acpi_tables
@@ -32,6 +34,7 @@ from corral.devices.legacy.rtc import CmosRtc
 from corral.devices.legacy.uart import Serial16550
 from corral.devices.pci.config import COMMAND, CMD_MEMORY
 from corral.devices.pci.root import ConfigPorts, Ecam, PciRoot
+from corral.devices.virtio.balloon import BalloonInfo
 from corral.devices.virtio.base import VirtioDevice
 from corral.devices.virtio.pci import BAR_SIZE, VirtioPciDevice
 from corral.doorbells import KvmDoorbells
@@ -61,6 +64,14 @@ class ExitResult:
     status: int
     message: str = ""
     reboots: int = 0
+
+
+class MachineStatus(BaseModel):
+    """Whether a machine runs, and its size (the reply of the status verb)."""
+
+    state: Literal["running", "paused"]
+    cpus: int
+    memory: int                     # bytes of guest RAM
 
 
 class VmStateError(CorralError):
@@ -383,7 +394,7 @@ class Machine:
         fn = self._balloon()
         fn.device.set_target(target_bytes >> 12, fn)
 
-    def balloon_info(self, timeout: float = 2.0) -> dict[str, object]:
+    def balloon_info(self, timeout: float = 2.0) -> BalloonInfo:
         """Target and actual balloon size, host memory behind guest RAM, and the guest's latest
         memory statistics (asked for fresh ones, waiting up to `timeout`)."""
         fn = self._balloon()
@@ -393,9 +404,13 @@ class Machine:
             self.loop.call_soon(dev.request_stats)
             dev.stats_updated.wait(timeout)
         assert self.memory is not None
-        return {"target_bytes": dev.target_pages << 12, "actual_bytes": dev.actual_pages << 12,
-                "host_resident_bytes": self.memory.resident_bytes(), "stats": dict(dev.stats),
-                **dev.counters}
+        return BalloonInfo(target_bytes=dev.target_pages << 12, actual_bytes=dev.actual_pages << 12,
+                           host_resident_bytes=self.memory.resident_bytes(), stats=dict(dev.stats),
+                           **dev.counters)
+
+    def status(self) -> MachineStatus:
+        return MachineStatus(state="paused" if self.paused else "running", cpus=self.config.cpus,
+                             memory=self.config.memory)
 
     def _components(self) -> dict[str, Stateful]:
         """Every device with state, in load order: the PCI bus before its functions."""
@@ -583,4 +598,4 @@ def _stdout_console(data: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-__all__ = ["ExitResult", "KvmIrqLine", "Machine", "VmStateError"]
+__all__ = ["ExitResult", "KvmIrqLine", "Machine", "MachineStatus", "VmStateError"]

@@ -241,7 +241,7 @@ def test_balloon_target_from_the_host():
         p.wait_rounds(1)
         p.machine.set_balloon(64 << 20)
         info = p.machine.balloon_info(timeout=0.1)
-        assert info["target_bytes"] == 64 << 20 and info["host_resident_bytes"] > 16 << 20
+        assert info.target_bytes == 64 << 20 and info.host_resident_bytes > 16 << 20
         with pytest.raises(VmStateError, match="does not fit"):
             p.machine.set_balloon(1 << 40)
     finally:

@@ -25,10 +25,11 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import corral
+from pydantic import BaseModel, Field
+
 from corral.config import MachineConfig
 from corral.errors import CorralError
 from corral.kvm import constants as K
@@ -51,15 +52,16 @@ class MigrationError(CorralError):
     """A migration failed; the source keeps running."""
 
 
-@dataclass
-class MigrationStats:
+class MigrationStats(BaseModel):
+    """What a finished migration did (the reply of the migrate verb)."""
+
     rounds: int = 0
     bytes_sent: int = 0
     total_seconds: float = 0.0
     downtime_seconds: float = 0.0
     final_bytes: int = 0
-    throttle: float = 0.0
-    round_bytes: list[int] = field(default_factory=list)
+    throttle: float = 0.0           # the share of time the guest's vCPUs were held back
+    round_bytes: list[int] = Field(default_factory=list)
 
 
 Progress = Callable[[int, int, int], None]    # round, bytes sent so far, bytes still dirty

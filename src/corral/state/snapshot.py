@@ -60,8 +60,9 @@ class Snapshot:
         return self.path / MEMORY
 
 
-@dataclass(frozen=True)
-class SnapshotStats:
+class SnapshotStats(BaseModel):
+    """What writing a snapshot did (the reply of the snapshot verb)."""
+
     path: Path
     seconds: float
     memory_bytes_written: int      # RAM that was not zero
@@ -96,7 +97,8 @@ def write_snapshot(path: str | os.PathLike[str], config: MachineConfig, cpu: Cpu
             raise SnapshotError(f"cannot write snapshot {dest}: {exc.strerror}") from exc
         raise
     disk = sum(os.stat(dest / n).st_blocks * 512 for n in (MEMORY, STATE, MANIFEST))
-    return SnapshotStats(dest, time.perf_counter() - t0, written, disk)
+    return SnapshotStats(path=dest, seconds=time.perf_counter() - t0, memory_bytes_written=written,
+                         disk_bytes=disk)
 
 
 def _write_memory(path: Path, memory: GuestMemory) -> int:

@@ -19,6 +19,8 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
+from pydantic import BaseModel
+
 from corral.devices.base import DeviceState
 from corral.devices.virtio.base import VIRTIO_ID_BALLOON, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import VirtqueueError
@@ -43,6 +45,19 @@ MAX_PFNS = 256 * 1024          # per inflate request: 1 GiB of 4 KiB pages
 class BalloonState(DeviceState):
     target_pages: int
     actual_pages: int
+
+
+class BalloonInfo(BaseModel):
+    """The balloon as the host sees it (the reply of the balloon verb)."""
+
+    target_bytes: int               # what the host asked the guest to give back
+    actual_bytes: int               # what the guest says it has given
+    host_resident_bytes: int        # host memory now behind guest RAM
+    inflated: int                   # pages handed over by inflate requests, in all
+    deflated: int                   # pages taken back by deflate requests, in all
+    reported_bytes: int             # free memory reported by the guest and returned to the host
+    bad_pfns: int                   # page numbers from the guest that were not RAM (skipped)
+    stats: dict[str, int]           # the guest's latest memory statistics, by virtio name
 
 
 class VirtioBalloon(VirtioDevice):

@@ -26,7 +26,7 @@ from corral.config import parse_size
 from corral.devices.virtio.balloon import BalloonInfo
 from corral.errors import CorralError
 from corral.machine import Machine, MachineStatus
-from corral.state.migration import MigrationStats, migrate
+from corral.migration import MigrationStats, migrate
 from corral.state.snapshot import SnapshotStats
 from corral.unix_socket import listen_unix
 

@@ -226,8 +226,8 @@ def clone(snapshot: Path, count: int, kvm_path: str) -> None:
 @_API_OPTION
 def receive(address: str, timeout: float | None, kvm_path: str, api_path: Path | None) -> None:
     """Wait for one live migration (`corral migrate`) and run the guest that arrives."""
-    from corral.state.migration import listen
-    from corral.state.migration import receive as receive_vm
+    from corral.migration import listen
+    from corral.migration import receive as receive_vm
 
     try:
         server = listen(address)
@@ -347,7 +347,8 @@ def doctor(kvm_path: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from corral.host import CAPABILITIES, PVM_EXPLANATION, probe_host
+    from corral.host import PVM_EXPLANATION, probe_host
+    from corral.vstate.vm import CAPABILITIES
 
     rep = probe_host(kvm_path)
     out = Console()
@@ -359,10 +360,10 @@ def doctor(kvm_path: str) -> None:
     out.print(f"[bold]virtualization[/bold]: {virt}")
     out.print(f"[bold]vCPUs[/bold]: up to {rep.max_vcpus} ({rep.recommended_vcpus} recommended)")
     table = Table("capability", "present", "used for")
-    for _, name, use, required in CAPABILITIES:
-        value = rep.capabilities.get(name, 0)
-        mark = "[green]yes[/green]" if value else ("[red]MISSING[/red]" if required else "[yellow]no[/yellow]")
-        table.add_row(name, mark, use + (" (required)" if required else ""))
+    for c in CAPABILITIES:
+        value = rep.capabilities.get(c.name, 0)
+        mark = "[green]yes[/green]" if value else ("[red]MISSING[/red]" if c.required else "[yellow]no[/yellow]")
+        table.add_row(c.name, mark, c.use + (" (required)" if c.required else ""))
     out.print(table)
     if rep.is_pvm:
         out.print(f"[yellow]note[/yellow]: {PVM_EXPLANATION}")

@@ -1,4 +1,5 @@
-"""What the host offers: KVM API, hardware virtualization or PVM, and the capabilities corral uses."""
+"""What the host offers: KVM API, hardware virtualization or PVM, and which of the capabilities
+corral uses (the one list, corral.vstate.vm.CAPABILITIES) it has."""
 
 from __future__ import annotations
 
@@ -8,32 +9,7 @@ from pathlib import Path
 
 from corral.kvm import Kvm
 from corral.kvm import constants as K
-
-# (capability, name, what corral uses it for, needed to run at all)
-CAPABILITIES: list[tuple[int, str, str, bool]] = [
-    (K.CAP_IRQCHIP, "IRQCHIP", "in-kernel PIC, IOAPIC and LAPIC", True),
-    (K.CAP_PIT2, "PIT2", "in-kernel i8254 timer", True),
-    (K.CAP_USER_MEMORY, "USER_MEMORY", "guest RAM from a memfd mapping", True),
-    (K.CAP_SET_TSS_ADDR, "SET_TSS_ADDR", "real-mode TSS on VMX hosts", True),
-    (K.CAP_EXT_CPUID, "EXT_CPUID", "per-vCPU CPUID and topology", True),
-    (K.CAP_MP_STATE, "MP_STATE", "SMP bring-up state (INIT/SIPI) and snapshots", False),
-    (K.CAP_IOEVENTFD, "IOEVENTFD", "virtio doorbells off the vCPU exit path", False),
-    (K.CAP_IRQFD, "IRQFD", "device interrupts without a vCPU exit", False),
-    (K.CAP_IRQ_ROUTING, "IRQ_ROUTING", "MSI-X routing for PCI devices", False),
-    (K.CAP_COALESCED_MMIO, "COALESCED_MMIO", "batched writes to chatty registers", False),
-    (K.CAP_SET_GUEST_DEBUG, "SET_GUEST_DEBUG", "gdb breakpoints and single-step", False),
-    (K.CAP_XSAVE, "XSAVE", "FPU/AVX state in snapshots", False),
-    (K.CAP_XCRS, "XCRS", "XCR0 in snapshots", False),
-    (K.CAP_VCPU_EVENTS, "VCPU_EVENTS", "pending events in snapshots", False),
-    (K.CAP_DEBUGREGS, "DEBUGREGS", "debug registers in snapshots", False),
-    (K.CAP_ADJUST_CLOCK, "ADJUST_CLOCK", "kvmclock across snapshot/restore", False),
-    (K.CAP_MANUAL_DIRTY_LOG_PROTECT2, "MANUAL_DIRTY_LOG_PROTECT2", "live-migration dirty logging", False),
-    (K.CAP_DIRTY_LOG_RING, "DIRTY_LOG_RING", "dirty ring for live migration", False),
-    (K.CAP_IMMEDIATE_EXIT, "IMMEDIATE_EXIT", "race-free vCPU kicks", True),
-    (K.CAP_READONLY_MEM, "READONLY_MEM", "read-only memory slots (ROMs)", False),
-    (K.CAP_TSC_CONTROL, "TSC_CONTROL", "TSC frequency across migration", False),
-]
-
+from corral.vstate.vm import CAPABILITIES, missing_capabilities
 
 def _cpu_flags() -> set[str]:
     try:
@@ -81,11 +57,8 @@ def probe_host(kvm_path: str = "/dev/kvm") -> HostReport:
         return rep
     try:
         rep.api_version = K.KVM_API_VERSION
-        for cap, name, _, required in CAPABILITIES:
-            value = kvm.check_extension(cap)
-            rep.capabilities[name] = value
-            if required and not value:
-                rep.missing_required.append(name)
+        rep.capabilities = {c.name: kvm.check_extension(c.cap) for c in CAPABILITIES}
+        rep.missing_required = missing_capabilities(kvm)
         rep.max_vcpus = kvm.check_extension(K.CAP_MAX_VCPUS)
         rep.recommended_vcpus = kvm.check_extension(K.CAP_NR_VCPUS)
     finally:

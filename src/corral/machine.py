@@ -1,8 +1,10 @@
-"""Machine: a VM assembled from a validated MachineConfig; start, wait, stop, reboot.
+"""Machine: one VM's lifecycle (build, start, wait, stop, reboot), pause/resume, and the walk
+over its state that snapshots and migration share.
 
-Assembly order: KVM VM -> guest memory -> irqchip/PIT -> devices on the buses -> ACPI tables
-and kernel in memory -> vCPUs configured -> vCPU threads started. Devices are built by
-`_build_devices` and see only interrupt lines, guest memory and `VmControl`.
+Assembly is the builder's (corral.builder) and everything holding a KVM fd is vstate's; the
+machine orchestrates: KVM VM -> guest memory -> the board's devices -> ACPI tables and kernel
+(or a saved state) -> vCPUs -> vCPU threads. It also offers the verbs live migration needs
+(an exclusive section, dirty logging, holding the vCPUs), so migration stays above it.
 """
 
 from __future__ import annotations
@@ -12,45 +14,30 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 from pydantic import BaseModel
 
-from corral.arch.x86 import layout
-from corral.arch.x86.acpi import machine_acpi_tables
-from corral.arch.x86.cpuid import vcpu_cpuid
-from corral.arch.x86.msr import boot_msrs
-from corral.boot.loader import BootInfo, load_kernel_file
-from corral.bus import MmioBus, PioBus
+from corral.boot.loader import BootInfo
+from corral.builder import Board, build_board, create_vcpus, load_guest, restore_vcpus
 from corral.config import MachineConfig
-from corral.devices.base import Stateful
-from corral.devices.legacy.acpi_pm import AcpiPm
-from corral.devices.legacy.debug_exit import DebugExit
-from corral.devices.legacy.i8042 import I8042
-from corral.devices.legacy.post import PostSink
-from corral.devices.legacy.reset import ResetRegister
-from corral.devices.legacy.rtc import CmosRtc
 from corral.devices.legacy.uart import Serial16550
-from corral.devices.pci.config import COMMAND, CMD_MEMORY
-from corral.devices.pci.root import ConfigPorts, Ecam, PciRoot
-from corral.devices.virtio.balloon import BalloonInfo
-from corral.devices.virtio.base import VirtioDevice
-from corral.devices.virtio.pci import BAR_SIZE, VirtioPciDevice
-from corral.doorbells import KvmDoorbells
+from corral.devices.virtio.balloon import BalloonInfo, VirtioBalloon
+from corral.devices.virtio.pci import VirtioPciDevice
+from corral.errors import CorralError
 from corral.eventloop import EventLoop
-from corral.irq import IrqRouter
-from corral.errors import CorralError, HostError
-from corral.kvm import Kvm, KvmError, VmFd
-from corral.kvm import constants as K
-from corral.kvm.structs import KVM_PIT_SPEAKER_DUMMY
 from corral.memory import GuestMemory
-from corral.state.kvm_state import cpuid_entries, load_vcpu, load_vm, save_vcpu, save_vm, savable_msrs, set_clock
 from corral.state.model import CpuModel, MachineState
 from corral.state.snapshot import Snapshot, SnapshotError, SnapshotStats, read_snapshot, write_snapshot
-from corral.vcpu import Vcpu
+from corral.vstate.vcpu import Vcpu
+from corral.vstate.vm import Vm
 
 log = logging.getLogger(__name__)
+
+PAGE = 4096
 
 @dataclass(frozen=True)
 class ExitResult:
@@ -78,29 +65,6 @@ class VmStateError(CorralError):
     """Pause, resume or a state operation cannot happen now (not built, not paused, ...)."""
 
 
-class KvmIrqLine:
-    """An interrupt input of the in-kernel PIC+IOAPIC, driven through KVM_IRQ_LINE."""
-
-    def __init__(self, vm: VmFd, gsi: int) -> None:
-        self._vm = vm
-        self.gsi = gsi
-        self._level = 0
-        self._lock = threading.Lock()
-
-    def set_level(self, high: bool) -> None:
-        level = 1 if high else 0
-        with self._lock:
-            if level != self._level:
-                self._level = level
-                self._vm.irq_line(self.gsi, level)
-
-    def pulse(self) -> None:
-        with self._lock:
-            self._vm.irq_line(self.gsi, 1)
-            self._vm.irq_line(self.gsi, 0)
-            self._level = 0
-
-
 class Machine:
     """One virtual machine.
 
@@ -121,17 +85,12 @@ class Machine:
         self._result: ExitResult | None = None
         self._result_lock = threading.Lock()
         self._serial_input_lock = threading.Lock()
-        self.vm: VmFd | None = None
-        self.kvm: Kvm | None = None
+        self.vm: Vm | None = None
         self.memory: GuestMemory | None = None
+        self.board: Board | None = None
         self.vcpus: list[Vcpu] = []
-        self.serial: Serial16550 | None = None
         self.boot: BootInfo | None = None
         self.reboots = 0
-        self.loop: EventLoop | None = None
-        self.doorbells: KvmDoorbells | None = None
-        self.irq_router: IrqRouter | None = None
-        self.virtio: dict[str, VirtioPciDevice] = {}
         self._stop_requested = False  # sticky across reboots: stop() must end run()
         self._state_lock = threading.RLock()   # pause, resume, snapshot, migration: one at a time
         self.paused = False
@@ -152,6 +111,19 @@ class Machine:
         if clone_index is not None:
             config = config.for_clone(clone_index)
         return cls(config, console=console, kvm_path=kvm_path, restore_from=snap)
+
+    # -- the board's parts, for callers that look inside ----------------------------------------
+    @property
+    def serial(self) -> Serial16550 | None:
+        return self.board.serial if self.board else None
+
+    @property
+    def virtio(self) -> dict[str, VirtioPciDevice]:
+        return self.board.virtio if self.board else {}
+
+    @property
+    def loop(self) -> EventLoop | None:
+        return self.board.loop if self.board else None
 
     # -- VmControl (called by devices and vCPUs, from any thread) ------------------------------
     def request_exit(self, status: int) -> None:
@@ -178,146 +150,27 @@ class Machine:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def build(self) -> None:
-        """Create the VM and load the guest; vCPUs are configured but not started."""
+        """Create the VM and load the guest (or its saved state); vCPUs are configured but not
+        started."""
         cfg = self.config
-        self.kvm = Kvm(self.kvm_path)
+        snap, self._restore = self._restore, None
         try:
-            self._build_vm(cfg)
+            self.vm = vm = Vm.create(self.kvm_path, cfg.cpus)
+            self.cpu_model = CpuModel.from_cpuid(vm.supported_cpuid)
+            if snap is not None and snap.manifest.cpu != self.cpu_model:
+                raise SnapshotError(f"{snap.path} was taken on a {snap.manifest.cpu.describe()}; this "
+                                    f"host has a {self.cpu_model.describe()}: the guest would see its CPU change")
+            self.memory = GuestMemory(cfg.memory, backing=snap.memory_file if snap else None)
+            vm.map_memory(self.memory)
+            self.board = build_board(vm, self.memory, cfg, self, self._console)
+            if snap is not None:
+                self._restore_state(snap.state)
+            elif not self._incoming:
+                self.boot = load_guest(self.memory, cfg)
+                self.vcpus = create_vcpus(vm, self.board, self, cfg, self.boot)
         except BaseException:
             self.close()
             raise
-
-    def _build_vm(self, cfg: MachineConfig) -> None:
-        assert self.kvm is not None
-        kvm = self.kvm
-        for cap, name in ((K.CAP_IRQCHIP, "IRQCHIP"), (K.CAP_PIT2, "PIT2"),
-                          (K.CAP_IMMEDIATE_EXIT, "IMMEDIATE_EXIT"), (K.CAP_USER_MEMORY, "USER_MEMORY")):
-            if not kvm.check_extension(cap):
-                raise HostError(f"{self.kvm_path} lacks KVM_CAP_{name}, which corral needs")
-        max_vcpus = kvm.check_extension(K.CAP_MAX_VCPUS) or kvm.check_extension(K.CAP_NR_VCPUS)
-        if cfg.cpus > max_vcpus:
-            raise HostError(f"--cpus {cfg.cpus} is more than this host's KVM allows ({max_vcpus})")
-        self.vm = vm = kvm.create_vm()
-        vm.set_tss_addr(layout.KVM_TSS_ADDR)
-        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
-        vm.create_irqchip()
-        vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
-
-        supported = kvm.supported_cpuid()
-        self.cpu_model = CpuModel.from_cpuid(supported)
-        snap, self._restore = self._restore, None
-        if snap is not None and snap.manifest.cpu != self.cpu_model:
-            raise SnapshotError(f"{snap.path} was taken on a {snap.manifest.cpu.describe()}; this "
-                                f"host has a {self.cpu_model.describe()}: the guest would see its CPU change")
-
-        self.memory = mem = GuestMemory(cfg.memory, backing=snap.memory_file if snap else None)
-        for s in mem.slots:
-            vm.set_user_memory_region(s.slot, s.gpa, s.size, s.host_addr)
-
-        self.pio, self.mmio = PioBus(), MmioBus()
-        self._build_devices(vm, mem)
-        self._build_virtio(vm, mem, cfg)
-
-        if snap is not None:
-            self._restore_state(snap.state)
-            return
-        if self._incoming:
-            return
-
-        tables = machine_acpi_tables(cfg.cpus, cfg.memory)
-        tables.write_to(mem)
-        self.boot = load_kernel_file(mem, cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.initrd,
-                                     rsdp_addr=tables.rsdp_addr)
-
-        msrs = boot_msrs(set(kvm.msr_index_list()))
-        for i in range(cfg.cpus):
-            vcpu = Vcpu(vm.create_vcpu(i), i, self.pio, self.mmio, self)
-            self.vcpus.append(vcpu)
-            vcpu.configure(vcpu_cpuid(supported, i, cfg.cpus, cfg.cpu_hide), msrs)
-        # The boot CPU starts at the kernel entry; APs wait in KVM for the guest's INIT/SIPI.
-        self.vcpus[0].set_boot_state(self.boot.cpu)
-
-    def _build_devices(self, vm: VmFd, mem: GuestMemory) -> None:
-        def irq(gsi: int) -> KvmIrqLine:
-            return KvmIrqLine(vm, gsi)
-
-        self.serial = Serial16550(irq(layout.COM1_IRQ), self._console)
-        self.rtc = CmosRtc(irq(layout.RTC_IRQ), mem_size=self.config.memory)
-        i8042 = I8042(self, irq(1))
-        self.pci = PciRoot(self.mmio)
-        self.mmio.register(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, Ecam(self.pci), "pci-ecam")
-        # name -> device: every device, so state walks (snapshot, migration) see them all
-        self.devices = {
-            "com1": self.serial, "i8042": i8042, "rtc": self.rtc, "post": PostSink(),
-            "debug-exit": DebugExit(self), "bench-sink": PostSink(),
-            "acpi-pm": AcpiPm(self, irq(layout.SCI_IRQ)), "reset": ResetRegister(self),
-            "pci-cfg": ConfigPorts(self.pci),
-        }
-        ports = [  # (base, ports, device, offset of the base within the device)
-            (layout.COM1_PORT, 8, "com1", 0), (layout.I8042_DATA_PORT, 1, "i8042", 0),
-            (layout.I8042_CMD_PORT, 1, "i8042", 4), (layout.RTC_PORT, 2, "rtc", 0),
-            (layout.POST_PORT, 1, "post", 0), (layout.DEBUG_EXIT_PORT, 2, "debug-exit", 0),
-            (layout.BENCH_SINK_PORT, 1, "bench-sink", 0), (layout.PM_BASE_PORT, 12, "acpi-pm", 0),
-            (layout.RESET_PORT, 1, "reset", 0),
-            (layout.PCI_CONFIG_ADDRESS_PORT, 1, "pci-cfg", ConfigPorts.ADDRESS_OFFSET),
-            (layout.PCI_CONFIG_DATA_PORT, 4, "pci-cfg", ConfigPorts.DATA_OFFSET),
-        ]
-        for base, size, name, offset in ports:
-            dev = self.devices[name]
-            self.pio.register(base, size, _Window(dev, offset) if offset else dev, name)
-
-    def _build_virtio(self, vm: VmFd, mem: GuestMemory, cfg: MachineConfig) -> None:
-        """The virtio devices the config asks for, each on its own PCI slot with its BAR placed
-        in the 32-bit window and decoding on, as firmware would leave it."""
-        from corral.devices.virtio.blk import VirtioBlock
-        from corral.devices.virtio.balloon import VirtioBalloon
-        from corral.devices.virtio.console import ConsoleBackend, VirtioConsole
-        from corral.devices.virtio.net import VirtioNet
-        from corral.devices.virtio.rng import VirtioRng
-        from corral.devices.virtio.vsock import VirtioVsock
-        from corral.net.tap import Tap
-
-        wanted: list[tuple[str, Callable[[], VirtioDevice]]] = [
-            (f"virtio-blk{i}", (lambda d: lambda: VirtioBlock(
-                str(d.path), read_only=d.read_only, serial=d.serial,
-                overlay=str(d.overlay) if d.overlay else None))(d))
-            for i, d in enumerate(cfg.disks)]
-        if cfg.rng:
-            wanted.append(("virtio-rng", VirtioRng))
-        if cfg.balloon:
-            wanted.append(("virtio-balloon", VirtioBalloon))
-        if cfg.virtio_console:
-            def console() -> VirtioConsole:
-                dev = VirtioConsole(ConsoleBackend(cfg.virtio_console), self.loop)
-                if cfg.virtio_console == "pty":
-                    log.warning("hvc0 (virtio-console) is on %s", dev.backend.path)
-                return dev
-            wanted.append(("virtio-console", console))
-        if cfg.vsock is not None:
-            v = cfg.vsock
-            wanted.append(("virtio-vsock", lambda: VirtioVsock(v.cid, str(v.uds_path), self.loop)))
-        for i, n in enumerate(cfg.nets):
-            wanted.append((f"virtio-net{i}", (lambda n: lambda: VirtioNet(
-                Tap(n.tap, host_ip=n.host_ip or None), n.guest_mac(), self.loop))(n)))
-        if not wanted:
-            return
-        self.loop = EventLoop("corral-devices")
-        self.doorbells = KvmDoorbells(vm, self.loop)
-        self.irq_router = IrqRouter(vm)
-        bar = layout.PCI_MMIO32_START
-        for name, make in wanted:
-            slot = next(s for s in range(1, 32) if self.pci.slots[s] is None)
-            device = make()
-            # one MSI-X vector per queue and one for configuration changes
-            vectors = [self.irq_router.msi_vector() for _ in range(len(device.queue_sizes) + 1)]
-            fn = VirtioPciDevice(device, mem, KvmIrqLine(vm, layout.pci_intx_gsi(slot)), self.loop,
-                                 self.doorbells, vectors)
-            self.virtio[name] = fn        # registered first, so close() releases it on failure
-            fn.config.set_bar_address(0, bar)
-            fn.config.write(COMMAND, 2, CMD_MEMORY)
-            fn.config.write(0x3C, 1, layout.pci_intx_gsi(slot))   # interrupt line, as firmware sets
-            self.pci.add(fn, slot)
-            bar += BAR_SIZE
 
     def start(self) -> None:
         if self.vm is None:
@@ -328,10 +181,10 @@ class Machine:
             return  # already running
         if self._result is not None:
             return  # stopped while it was being built
+        assert self.vm is not None
         if self._clock_at_pause is not None:
             # a restored guest's clock continues from the snapshot, not from when it was taken
-            assert self.vm is not None
-            set_clock(self.vm, self._clock_at_pause)
+            self.vm.set_clock(self._clock_at_pause)
             self._clock_at_pause = None
         if self.loop is not None:
             self.loop.start()
@@ -339,6 +192,12 @@ class Machine:
             v.start()
 
     # -- pause, resume, state -----------------------------------------------------------------
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold off every other pause, resume, snapshot or migration while the block runs."""
+        with self._state_lock:
+            yield
+
     def pause(self, timeout: float = 10.0) -> None:
         """Stop every vCPU at an instruction boundary and hold the device loop; the guest's
         clock stops too (it does not see the pause as lost time)."""
@@ -355,14 +214,13 @@ class Machine:
                     if v.thread is None or not v.thread.is_alive() or self._stopped.is_set():
                         break      # a stopped vCPU is as still as a parked one
                     if time.monotonic() > deadline:
-                        for u in self.vcpus:
-                            u.resume()
+                        self.release_vcpus()
                         raise VmStateError(f"vcpu{v.index} did not pause within {timeout:.0f}s")
             if self.loop is not None and not self.loop.pause(timeout):
                 raise VmStateError("the device event loop did not pause")
-            self._clock_at_pause = self.vm.get_clock().clock
+            self._clock_at_pause = self.vm.get_clock()
             for v in self.vcpus:
-                v.fd.kvmclock_ctrl()   # tells a kvmclock guest its watchdogs should not fire
+                v.notify_paused()
             self.paused = True
 
     def resume(self) -> None:
@@ -371,34 +229,65 @@ class Machine:
                 return
             assert self.vm is not None
             if self._clock_at_pause is not None:
-                set_clock(self.vm, self._clock_at_pause)
+                self.vm.set_clock(self._clock_at_pause)
                 self._clock_at_pause = None
             if self.loop is not None:
                 self.loop.resume()
-            for v in self.vcpus:
-                v.resume()
+            self.release_vcpus()
             self.paused = False
 
+    def hold_vcpus(self) -> None:
+        """Ask every vCPU to park, without waiting and without stopping the clock or the devices
+        (throttling: the guest sees a busy host, not a pause)."""
+        for v in self.vcpus:
+            v.request_pause()
+
+    def release_vcpus(self) -> None:
+        for v in self.vcpus:
+            v.resume()
+
+    # -- dirty logging (live migration) ---------------------------------------------------------
+    def start_dirty_log(self) -> None:
+        """Track the pages the guest writes (KVM's log) and those the VMM writes (device DMA)."""
+        assert self.vm is not None and self.memory is not None
+        self.vm.start_dirty_log()
+        self.memory.vmm_dirty = set()
+
+    def read_dirty_log(self, *, with_vmm_writes: bool = False) -> set[int]:
+        """Backing offsets of the pages written since the last read; the VMM's own writes since
+        the log started are added when `with_vmm_writes`."""
+        assert self.vm is not None and self.memory is not None
+        dirty = self.vm.read_dirty_log()
+        if with_vmm_writes and self.memory.vmm_dirty:
+            dirty |= {p * PAGE for p in self.memory.vmm_dirty}
+        return dirty
+
+    def stop_dirty_log(self) -> None:
+        if self.memory is not None:
+            self.memory.vmm_dirty = None
+        if self.vm is not None:
+            self.vm.stop_dirty_log()
+
     # -- memory balloon -------------------------------------------------------------------------
-    def _balloon(self):  # -> VirtioBalloon
+    def _balloon(self) -> tuple[VirtioPciDevice, VirtioBalloon]:
         fn = self.virtio.get("virtio-balloon")
         if fn is None:
-            raise VmStateError("this VM has no balloon: start it with --balloon")
-        return fn
+            raise VmStateError("this VM has no balloon: give it one (balloon=True in its config)")
+        assert isinstance(fn.device, VirtioBalloon)
+        return fn, fn.device
 
     def set_balloon(self, target_bytes: int) -> None:
         """Ask the guest to hand `target_bytes` of its RAM back to the host (0: take it all back)."""
         if not 0 <= target_bytes <= self.config.memory:
             raise VmStateError(f"a balloon of {target_bytes} bytes does not fit in the guest's "
                                f"{self.config.memory >> 20} MiB")
-        fn = self._balloon()
-        fn.device.set_target(target_bytes >> 12, fn)
+        fn, dev = self._balloon()
+        dev.set_target(target_bytes >> 12, fn)
 
     def balloon_info(self, timeout: float = 2.0) -> BalloonInfo:
         """Target and actual balloon size, host memory behind guest RAM, and the guest's latest
         memory statistics (asked for fresh ones, waiting up to `timeout`)."""
-        fn = self._balloon()
-        dev = fn.device
+        _, dev = self._balloon()
         if self.loop is not None and dev.queues.get("stats") is not None:
             dev.stats_updated.clear()
             self.loop.call_soon(dev.request_stats)
@@ -412,30 +301,24 @@ class Machine:
         return MachineStatus(state="paused" if self.paused else "running", cpus=self.config.cpus,
                              memory=self.config.memory)
 
-    def _components(self) -> dict[str, Stateful]:
-        """Every device with state, in load order: the PCI bus before its functions."""
-        comps: dict[str, Stateful] = dict(self.devices)
-        comps["pci"] = self.pci
-        comps.update(self.virtio)
-        return comps
-
+    # -- the state walk -------------------------------------------------------------------------
     def save_state(self) -> MachineState:
         """The state of a paused (or never started) machine, RAM aside."""
         with self._state_lock:
-            if self.vm is None or self.kvm is None:
+            if self.vm is None or self.board is None:
                 raise VmStateError("the machine is not built: it has no state")
             if not self.paused and any(v.thread is not None and v.thread.is_alive() for v in self.vcpus):
                 raise VmStateError("pause the machine before saving its state")
             if self._msr_indices is None:
-                self._msr_indices = savable_msrs(self.vcpus[0].fd, self.kvm.msr_index_list())
-            vm_state = save_vm(self.vm)
+                self._msr_indices = self.vcpus[0].savable_msrs(self.vm.msr_indices)
+            vm_state = self.vm.save_state()
             if self._clock_at_pause is not None:
                 vm_state.clock = self._clock_at_pause
             return MachineState(
                 vm=vm_state,
-                vcpus=[save_vcpu(v.fd, v.index, v.cpuid, self._msr_indices) for v in self.vcpus],
+                vcpus=[v.save_state(self._msr_indices) for v in self.vcpus],
                 devices={name: dev.save_state().model_dump(mode="json")
-                         for name, dev in self._components().items()})
+                         for name, dev in self.board.components().items()})
 
     def load_incoming(self, state: MachineState) -> None:
         """Finish an incoming machine (built with incoming=True, RAM already filled): create
@@ -448,21 +331,13 @@ class Machine:
         self._restore_state(state)
 
     def _restore_state(self, state: MachineState) -> None:
-        assert self.vm is not None
-        for i, vs in enumerate(state.vcpus):
-            vcpu = Vcpu(self.vm.create_vcpu(i), i, self.pio, self.mmio, self)
-            self.vcpus.append(vcpu)
-            vcpu.cpuid = cpuid_entries(vs)
-            load_vcpu(vcpu.fd, vs)
-        self._load_state(state)
-
-    def _load_state(self, state: MachineState) -> None:
-        assert self.vm is not None
-        comps = self._components()
+        assert self.vm is not None and self.board is not None
+        comps = self.board.components()
         if set(state.devices) != set(comps):
             raise SnapshotError(f"the saved devices ({', '.join(state.devices)}) do not match this "
                                 f"machine's ({', '.join(comps)})")
-        load_vm(self.vm, state.vm)
+        self.vcpus = restore_vcpus(self.vm, self.board, self, state.vcpus)
+        self.vm.load_state(state.vm)
         for name, data in state.devices.items():
             dev = comps[name]
             dev.load_state(type(dev.save_state()).model_validate(data))
@@ -509,34 +384,20 @@ class Machine:
             v.join(5.0)
         if dump_registers:
             for v in self.vcpus:
-                log.warning("vcpu%d (mp_state %s, %d exits):\n%s", v.index, _mp_state(v), v.exits,
+                log.warning("vcpu%d (mp_state %s, %d exits):\n%s", v.index, v.mp_state_name(), v.exits,
                             v.describe_registers())
         for v in self.vcpus:
-            v.fd.close()
+            v.close()
         self.vcpus = []
-        if self.loop is not None:
-            self.loop.stop()
-        if self.doorbells is not None:
-            self.doorbells.close()
-            self.doorbells = None
-        for fn in self.virtio.values():
-            fn.device.close()
-        self.virtio = {}
-        if self.irq_router is not None:
-            self.irq_router.close()
-            self.irq_router = None
-        if self.loop is not None:
-            self.loop.close()
-            self.loop = None
+        if self.board is not None:
+            self.board.close()
+            self.board = None
         if self.vm is not None:
             self.vm.close()
             self.vm = None
         if self.memory is not None:
             self.memory.close()
             self.memory = None
-        if self.kvm is not None:
-            self.kvm.close()
-            self.kvm = None
 
     def run(self) -> ExitResult:
         """Boot, wait for the guest to stop, reboot on reset unless no_reboot, tear down."""
@@ -568,34 +429,9 @@ class Machine:
         self.close()
 
 
-class _Window:
-    """Presents one port of a multi-port device registered at a single address."""
-
-    __slots__ = ("dev", "offset")
-
-    def __init__(self, dev: object, offset: int) -> None:
-        self.dev, self.offset = dev, offset
-
-    def pio_read(self, offset: int, size: int) -> int:
-        return self.dev.pio_read(self.offset + offset, size)  # type: ignore[attr-defined]
-
-    def pio_write(self, offset: int, size: int, value: int) -> None:
-        self.dev.pio_write(self.offset + offset, size, value)  # type: ignore[attr-defined]
-
-
-def _mp_state(v: Vcpu) -> str:
-    names = {K.MP_STATE_RUNNABLE: "runnable", K.MP_STATE_UNINITIALIZED: "wait-for-SIPI",
-             K.MP_STATE_INIT_RECEIVED: "INIT received", K.MP_STATE_HALTED: "halted",
-             K.MP_STATE_SIPI_RECEIVED: "SIPI received"}
-    try:
-        return names.get(v.fd.get_mp_state(), "?")
-    except KvmError as exc:
-        return f"unknown ({exc})"
-
-
 def _stdout_console(data: bytes) -> None:
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
 
 
-__all__ = ["ExitResult", "KvmIrqLine", "Machine", "MachineStatus", "VmStateError"]
+__all__ = ["ExitResult", "Machine", "MachineStatus", "VmStateError"]

@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 from corral.api import call
-from corral.state.migration import MigrationError, listen, migrate, receive
+from corral.migration import MigrationError, listen, migrate, receive
 
 from live_probe import LiveProbe, assert_continues, reference_rounds
 
@@ -107,7 +107,7 @@ def test_a_tight_downtime_limit_takes_more_rounds_and_still_arrives(source):
 
 
 def test_throttle_slows_but_never_stops_the_guest(source):
-    from corral.state.migration import _Throttle
+    from corral.migration import _Throttle
 
     t = _Throttle(source.machine)
     for _ in range(5):

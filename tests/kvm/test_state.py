@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -173,6 +174,27 @@ def test_other_version_is_refused(snapshot_dir):
         Machine.from_snapshot(snapshot_dir)
 
 
+def test_snapshot_from_the_previous_format_is_refused_with_one_line(tmp_path):
+    """A snapshot written by corral 0.1.0 (format 1, positional state records) is refused before
+    anything is built, by the library and by `corral restore`, naming both versions."""
+    import shutil
+    import subprocess
+    import sys
+
+    old = tmp_path / "old"
+    shutil.copytree(Path(__file__).parents[1] / "data" / "snapshot-format1", old)
+    with open(old / MEMORY, "wb") as f:
+        f.truncate(json.loads((old / MANIFEST).read_text())["memory_size"])
+    with pytest.raises(SnapshotError, match=r"written by corral 0\.1\.0 \(snapshot format 1\).*"
+                       r"restore it with the corral that wrote it"):
+        Machine.from_snapshot(old)
+    r = subprocess.run([sys.executable, "-m", "corral", "restore", str(old)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("corral: error: ") and "format 1" in lines[0], r.stderr
+
+
 def test_other_cpu_is_refused(snapshot_dir):
     m = json.loads((snapshot_dir / MANIFEST).read_text())
     m["cpu"]["signature"] ^= 0xF0             # another model
@@ -249,5 +271,5 @@ def test_balloon_target_from_the_host():
 
 
 def test_no_balloon_says_how_to_get_one(probe):
-    with pytest.raises(VmStateError, match="--balloon"):
+    with pytest.raises(VmStateError, match=r"balloon=True"):
         probe.machine.set_balloon(1 << 20)

@@ -1,7 +1,7 @@
-"""VM state: what pause, snapshot, restore, clone and live migration carry.
+"""VM state as data: what pause, snapshot, restore, clone and live migration carry.
 
-One walk serves all of them: `machine_state` captures every component (vCPUs, the in-kernel
-irqchip, PIT and clock, each device) into plain pydantic models; `apply_machine_state` puts them
-back into a freshly built machine. Snapshots write that walk to a directory; migration sends it
-over a socket after the memory.
+One walk serves all of them: `Machine.save_state` gathers KVM's VM and vCPU state (captured by
+corral.vstate.kvm_state) and every component's declared state model into a `MachineState`;
+restore and incoming migration load the same models back. `snapshot` writes the walk and guest
+RAM to a directory; corral.migration sends it over a socket after the memory.
 """

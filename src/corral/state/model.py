@@ -7,7 +7,7 @@ import struct
 from pydantic import BaseModel
 
 from corral.kvm.structs import KvmCpuidEntry2
-from corral.state.kvm_state import VcpuState, VmKvmState
+from corral.vstate.kvm_state import VcpuState, VmKvmState
 
 
 class CpuModel(BaseModel):

@@ -23,14 +23,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-import corral
+from corral._version import __version__
 from corral.config import MachineConfig
 from corral.errors import CorralError
 from corral.memory import GuestMemory
 from corral.state.model import CpuModel, MachineState
 
 FORMAT = "corral-snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                  # 2: every state record named (the one state contract)
 MANIFEST, STATE, MEMORY = "manifest.json", "state.json", "memory.bin"
 
 
@@ -84,7 +84,7 @@ def write_snapshot(path: str | os.PathLike[str], config: MachineConfig, cpu: Cpu
         state_json = state.model_dump_json().encode()
         (tmp / STATE).write_bytes(state_json)
         manifest = Manifest(format=FORMAT, format_version=FORMAT_VERSION,
-                            corral_version=corral.__version__, created=time.time(), cpu=cpu,
+                            corral_version=__version__, created=time.time(), cpu=cpu,
                             config=config, memory_size=memory.size,
                             state_sha256=hashlib.sha256(state_json).hexdigest())
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
@@ -137,10 +137,10 @@ def read_snapshot(path: str | os.PathLike[str], host_cpu: CpuModel | None = None
         raise SnapshotError(f"{src / MANIFEST} is unreadable ({exc}): the snapshot is damaged") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise SnapshotError(f"{src} is not a corral snapshot (manifest format is not '{FORMAT}')")
-    if raw.get("format_version") != FORMAT_VERSION or raw.get("corral_version") != corral.__version__:
+    if raw.get("format_version") != FORMAT_VERSION or raw.get("corral_version") != __version__:
         raise SnapshotError(
             f"{src} was written by corral {raw.get('corral_version')} (snapshot format "
-            f"{raw.get('format_version')}); this is corral {corral.__version__} (format "
+            f"{raw.get('format_version')}); this is corral {__version__} (format "
             f"{FORMAT_VERSION}): restore it with the corral that wrote it")
     try:
         manifest = Manifest.model_validate(raw)

@@ -46,7 +46,7 @@ _CLASS = {1: 0x020000, 2: 0x018000, 3: 0x078000}
 
 
 class MsiVector(Protocol):
-    """One MSI-X vector as the VMM delivers it (corral.irq.MsiVector: an irqfd)."""
+    """One MSI-X vector as the VMM delivers it (corral.vstate.irq.MsiVector: an irqfd)."""
 
     pending: bool
 

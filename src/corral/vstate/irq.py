@@ -1,4 +1,6 @@
-"""Interrupt routing for devices: GSIs of the in-kernel irqchip and MSI vectors on irqfds.
+"""Interrupts for devices: lines of the in-kernel irqchip, and MSI vectors on irqfds.
+
+A `KvmIrqLine` drives one GSI through KVM_IRQ_LINE (legacy devices, PCI INTx).
 
 KVM_SET_GSI_ROUTING replaces KVM's whole table, so the router always writes the PC routes too:
 GSIs 0-15 on the 8259 pair (master pins 0-7 without the cascade pin 2, slave pins 8-15) and
@@ -19,6 +21,29 @@ IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE, IRQCHIP_IOAPIC = 0, 1, 2
 ROUTE_IRQCHIP, ROUTE_MSI = 1, 2
 IOAPIC_PINS = 24
 FIRST_MSI_GSI = IOAPIC_PINS
+
+
+class KvmIrqLine:
+    """An interrupt input of the in-kernel PIC+IOAPIC, driven through KVM_IRQ_LINE."""
+
+    def __init__(self, vm: VmFd, gsi: int) -> None:
+        self._vm = vm
+        self.gsi = gsi
+        self._level = 0
+        self._lock = threading.Lock()
+
+    def set_level(self, high: bool) -> None:
+        level = 1 if high else 0
+        with self._lock:
+            if level != self._level:
+                self._level = level
+                self._vm.irq_line(self.gsi, level)
+
+    def pulse(self) -> None:
+        with self._lock:
+            self._vm.irq_line(self.gsi, 1)
+            self._vm.irq_line(self.gsi, 0)
+            self._level = 0
 
 
 def _irqchip_route(gsi: int, chip: int, pin: int) -> S.KvmIrqRoutingEntry:

@@ -16,7 +16,8 @@ from corral.boot.cpu_state import BootCpuState, Segment
 from corral.kvm import constants as K
 from corral.kvm import structs as S
 from corral.kvm.fds import KvmError, VcpuFd
-from corral.kick import install_kick_handler, kick_thread
+from corral.vstate.kick import install_kick_handler, kick_thread
+from corral.vstate.kvm_state import VcpuState, cpuid_entries, load_vcpu, save_vcpu, savable_msrs
 
 if TYPE_CHECKING:
     from corral.bus import MmioBus, PioBus
@@ -28,6 +29,10 @@ _MMIO = struct.Struct("<Q8sIB")        # phys_addr, data, len, is_write
 _U32 = struct.Struct("<I")
 _INTERNAL = struct.Struct("<II")       # suberror, ndata
 _SYSEVENT = struct.Struct("<II")       # type, ndata
+
+_MP_STATE_NAMES = {K.MP_STATE_RUNNABLE: "runnable", K.MP_STATE_UNINITIALIZED: "wait-for-SIPI",
+                   K.MP_STATE_INIT_RECEIVED: "INIT received", K.MP_STATE_HALTED: "halted",
+                   K.MP_STATE_SIPI_RECEIVED: "SIPI received"}
 
 LAPIC_LVT0 = 0x350
 LAPIC_LVT1 = 0x360
@@ -145,6 +150,32 @@ class Vcpu:
     def join(self, timeout: float | None = None) -> None:
         if self.thread is not None:
             self.thread.join(timeout)
+
+    def close(self) -> None:
+        self.fd.close()
+
+    # -- state ------------------------------------------------------------------------------
+    def save_state(self, msr_indices: list[int]) -> VcpuState:
+        """KVM's state of this (parked or never started) vCPU; `msr_indices` from savable_msrs."""
+        return save_vcpu(self.fd, self.index, self.cpuid, msr_indices)
+
+    def load_state(self, state: VcpuState) -> None:
+        """Put `state` into this freshly created vCPU (one that has never run)."""
+        self.cpuid = cpuid_entries(state)
+        load_vcpu(self.fd, state)
+
+    def savable_msrs(self, candidates: list[int]) -> list[int]:
+        return savable_msrs(self.fd, candidates)
+
+    def notify_paused(self) -> None:
+        """Tell a kvmclock guest it was paused on purpose (its watchdogs should not fire)."""
+        self.fd.kvmclock_ctrl()
+
+    def mp_state_name(self) -> str:
+        try:
+            return _MP_STATE_NAMES.get(self.fd.get_mp_state(), "?")
+        except KvmError as exc:
+            return f"unknown ({exc})"
 
     def _thread_main(self) -> None:
         try:

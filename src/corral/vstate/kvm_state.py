@@ -11,37 +11,45 @@ from __future__ import annotations
 import ctypes as C
 import logging
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from corral.devices.base import StateBytes
-
 from corral.kvm import KvmError, VcpuFd, VmFd
 from corral.kvm import structs as S
 
 log = logging.getLogger(__name__)
 
-IRQCHIPS = (S.KVM_IRQCHIP_PIC_MASTER, S.KVM_IRQCHIP_PIC_SLAVE, S.KVM_IRQCHIP_IOAPIC)
 _CPUID_ENTRY = C.sizeof(S.KvmCpuidEntry2)
 
 
 class VcpuState(BaseModel):
-    index: int
-    cpuid: StateBytes
-    regs: StateBytes
-    sregs: StateBytes
-    xsave: StateBytes
-    xcrs: StateBytes
-    lapic: StateBytes
-    events: StateBytes
-    debugregs: StateBytes
-    mp_state: int
-    msrs: list[tuple[int, int]]
+    """One vCPU as KVM holds it; each bytes field is the named kernel struct, whole."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int = Field(ge=0, description="the vCPU's id (its APIC id)")
+    cpuid: StateBytes = Field(description="kvm_cpuid_entry2[]: the CPUID the guest sees")
+    regs: StateBytes = Field(description="kvm_regs: general registers, rip, rflags")
+    sregs: StateBytes = Field(description="kvm_sregs: segments, control registers, EFER, APIC base")
+    xsave: StateBytes = Field(description="kvm_xsave: FPU, SSE and AVX state")
+    xcrs: StateBytes = Field(description="kvm_xcrs: XCR0")
+    lapic: StateBytes = Field(description="kvm_lapic_state: the local APIC's register page")
+    events: StateBytes = Field(description="kvm_vcpu_events: pending exceptions, interrupts, NMIs")
+    debugregs: StateBytes = Field(description="kvm_debugregs: DR0-DR3, DR6, DR7")
+    mp_state: int = Field(ge=0, description="KVM_MP_STATE_*: runnable, halted, waiting for SIPI")
+    msrs: dict[int, int] = Field(description="MSR index -> value, for every MSR KVM lets us read")
 
 
 class VmKvmState(BaseModel):
-    irqchips: list[StateBytes]
-    pit: StateBytes
-    clock: int
+    """The in-kernel platform devices and clock of a VM."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pic_master: StateBytes = Field(description="kvm_irqchip: the master 8259")
+    pic_slave: StateBytes = Field(description="kvm_irqchip: the slave 8259")
+    ioapic: StateBytes = Field(description="kvm_irqchip: the IOAPIC")
+    pit: StateBytes = Field(description="kvm_pit_state2: the i8254 timer")
+    clock: int = Field(description="kvmclock in nanoseconds (when paused: at the pause)")
 
 
 def _raw(obj: C.Structure) -> bytes:
@@ -67,7 +75,7 @@ def save_vcpu(fd: VcpuFd, index: int, cpuid: list[S.KvmCpuidEntry2], msr_indices
         regs=_raw(fd.get_regs()), sregs=_raw(fd.get_sregs()), xsave=_raw(fd.get_xsave()),
         xcrs=_raw(fd.get_xcrs()), lapic=_raw(fd.get_lapic()), events=_raw(fd.get_vcpu_events()),
         debugregs=_raw(fd.get_debugregs()), mp_state=fd.get_mp_state(),
-        msrs=sorted(fd.get_msrs(msr_indices).items()),
+        msrs=fd.get_msrs(msr_indices),
     )
 
 
@@ -92,7 +100,7 @@ def load_vcpu(fd: VcpuFd, state: VcpuState) -> None:
     fd.set_xcrs(_struct(S.KvmXcrs, state.xcrs, "xcrs"))
     fd.set_debugregs(_struct(S.KvmDebugregs, state.debugregs, "debugregs"))
     fd.set_lapic(_struct(S.KvmLapicState, state.lapic, "lapic"))
-    msrs = dict(state.msrs)
+    msrs = state.msrs
     try:
         fd.set_msrs(msrs)
     except KvmError:
@@ -106,13 +114,19 @@ def load_vcpu(fd: VcpuFd, state: VcpuState) -> None:
 
 
 def save_vm(vm: VmFd) -> VmKvmState:
-    return VmKvmState(irqchips=[_raw(vm.get_irqchip(c)) for c in IRQCHIPS],
+    return VmKvmState(pic_master=_raw(vm.get_irqchip(S.KVM_IRQCHIP_PIC_MASTER)),
+                      pic_slave=_raw(vm.get_irqchip(S.KVM_IRQCHIP_PIC_SLAVE)),
+                      ioapic=_raw(vm.get_irqchip(S.KVM_IRQCHIP_IOAPIC)),
                       pit=_raw(vm.get_pit2()), clock=vm.get_clock().clock)
 
 
 def load_vm(vm: VmFd, state: VmKvmState) -> None:
-    for raw in state.irqchips:
-        vm.set_irqchip(_struct(S.KvmIrqchip, raw, "irqchip"))
+    for chip, raw in ((S.KVM_IRQCHIP_PIC_MASTER, state.pic_master),
+                      (S.KVM_IRQCHIP_PIC_SLAVE, state.pic_slave), (S.KVM_IRQCHIP_IOAPIC, state.ioapic)):
+        irqchip = _struct(S.KvmIrqchip, raw, "irqchip")
+        if irqchip.chip_id != chip:
+            raise ValueError(f"irqchip: chip {irqchip.chip_id} saved where chip {chip} belongs")
+        vm.set_irqchip(irqchip)
     vm.set_pit2(_struct(S.KvmPitState2, state.pit, "pit"))
     set_clock(vm, state.clock)
 

@@ -25,18 +25,15 @@ import socket
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
 
-import corral
 from pydantic import BaseModel, Field
 
+from corral._version import __version__
 from corral.config import MachineConfig
 from corral.errors import CorralError
-from corral.kvm import constants as K
+from corral.machine import Machine
 from corral.state.model import CpuModel, MachineState
-
-if TYPE_CHECKING:
-    from corral.machine import Machine
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +154,7 @@ def migrate(machine: Machine, address: str, *, downtime_limit: float = 0.3, max_
     hello, memory, state or go."""
     host, port = parse_address(address)
     mem = machine.memory
-    if machine.vm is None or mem is None or machine.cpu_model is None:
+    if mem is None or machine.cpu_model is None:
         raise MigrationError("the machine is not running: nothing to migrate")
     stats = MigrationStats()
     t0 = time.perf_counter()
@@ -171,20 +168,19 @@ def migrate(machine: Machine, address: str, *, downtime_limit: float = 0.3, max_
     committed = False
     throttle = _Throttle(machine)
     try:
-        with machine._state_lock:
+        with machine.exclusive():
             _cut(link, cut_at, "hello")
-            link.send_json({"protocol": PROTOCOL, "corral_version": corral.__version__,
+            link.send_json({"protocol": PROTOCOL, "corral_version": __version__,
                             "cpu": machine.cpu_model.model_dump(),
                             "config": machine.config.model_dump(mode="json")})
             link.expect("ok")
-            _set_dirty_logging(machine, True)
-            mem.vmm_dirty = set()
+            machine.start_dirty_log()
             # round 0: everything that is not zero (the destination's RAM starts zeroed)
             for off, data in mem.populated(MAX_FRAME):
                 link.send_pages(off, data)
             stats.round_bytes.append(link.sent)
             _cut(link, cut_at, "memory")
-            dirty = _read_dirty_log(machine)             # what the guest wrote meanwhile
+            dirty = machine.read_dirty_log()             # what the guest wrote meanwhile
             while True:
                 stats.rounds += 1
                 started, sent0 = time.perf_counter(), link.sent
@@ -194,7 +190,7 @@ def migrate(machine: Machine, address: str, *, downtime_limit: float = 0.3, max_
                 round_bytes = link.sent - sent0
                 stats.round_bytes.append(round_bytes)
                 rate = max(round_bytes / took, 50e6)             # bytes/s the link carried
-                dirty = _read_dirty_log(machine)
+                dirty = machine.read_dirty_log()
                 pending = len(dirty) * PAGE
                 if progress:
                     progress(stats.rounds, link.sent, pending)
@@ -206,7 +202,7 @@ def migrate(machine: Machine, address: str, *, downtime_limit: float = 0.3, max_
             down = time.perf_counter()
             throttle.stop()
             machine.pause()
-            final = dirty | _read_dirty_log(machine) | {p * PAGE for p in (mem.vmm_dirty or ())}
+            final = dirty | machine.read_dirty_log(with_vmm_writes=True)
             sent0 = link.sent
             for off, n in _runs(final):
                 link.send_pages(off, mem.offset_view(off, n))
@@ -234,7 +230,7 @@ def migrate(machine: Machine, address: str, *, downtime_limit: float = 0.3, max_
         link.close()
         raise
     link.close()
-    mem.vmm_dirty = None
+    machine.stop_dirty_log()
     stats.bytes_sent = link.sent
     stats.total_seconds = time.perf_counter() - t0
     machine.stop(f"migrated to {host}:{port}")
@@ -247,36 +243,12 @@ def _cut(link: _Link, cut_at: str | None, phase: str) -> None:
 
 
 def _abort(machine: Machine, was_paused: bool) -> None:
-    if machine.memory is not None:
-        machine.memory.vmm_dirty = None
     try:
-        _set_dirty_logging(machine, False)
+        machine.stop_dirty_log()
     except CorralError as exc:
         log.warning("could not turn dirty logging off: %s", exc)
     if not was_paused:
         machine.resume()
-
-
-def _set_dirty_logging(machine: Machine, on: bool) -> None:
-    assert machine.vm is not None and machine.memory is not None
-    for s in machine.memory.slots:
-        machine.vm.set_user_memory_region(s.slot, s.gpa, s.size, s.host_addr,
-                                          K.MEM_LOG_DIRTY_PAGES if on else 0)
-
-
-def _read_dirty_log(machine: Machine) -> set[int]:
-    """Backing offsets of the pages the guest wrote since the last read."""
-    assert machine.vm is not None and machine.memory is not None
-    out: set[int] = set()
-    for s in machine.memory.slots:
-        bitmap = machine.vm.get_dirty_log(s.slot, s.size // PAGE)
-        words = memoryview(bitmap).cast("Q")
-        for w, word in enumerate(words):
-            while word:
-                bit = (word & -word).bit_length() - 1
-                out.add(s.offset + (w * 64 + bit) * PAGE)
-                word &= word - 1
-    return out
 
 
 def _runs(offsets: set[int]) -> list[tuple[int, int]]:
@@ -310,11 +282,9 @@ class _Throttle:
     def _run(self) -> None:
         period = 0.05
         while not self._stop.is_set():
-            for v in self.machine.vcpus:
-                v.request_pause()
+            self.machine.hold_vcpus()
             self._stop.wait(period * self.fraction)
-            for v in self.machine.vcpus:
-                v.resume()
+            self.machine.release_vcpus()
             self._stop.wait(period * (1 - self.fraction))
 
     def stop(self) -> None:
@@ -344,8 +314,6 @@ def receive(server: socket.socket, *, console: Callable[[bytes], None] | None = 
     """Accept one incoming migration on `server` and return the machine, loaded and handed
     over: call start() (or run()) at once. On any failure the half-built machine is closed and
     MigrationError raised."""
-    from corral.machine import Machine
-
     server.settimeout(accept_timeout)
     try:
         sock, peer = server.accept()
@@ -357,9 +325,9 @@ def receive(server: socket.socket, *, console: Callable[[bytes], None] | None = 
         hello = link.recv()
         assert hello is not None
         try:
-            if hello.get("protocol") != PROTOCOL or hello.get("corral_version") != corral.__version__:
+            if hello.get("protocol") != PROTOCOL or hello.get("corral_version") != __version__:
                 raise CorralError(f"the source is corral {hello.get('corral_version')} (protocol "
-                                  f"{hello.get('protocol')}), this is corral {corral.__version__} "
+                                  f"{hello.get('protocol')}), this is corral {__version__} "
                                   f"(protocol {PROTOCOL})")
             config = MachineConfig.build(**hello["config"])
             machine = Machine(config, console=console, kvm_path=kvm_path, incoming=True)

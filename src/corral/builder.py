@@ -1,0 +1,240 @@
+"""Assembles a machine's parts from a validated MachineConfig (Firecracker's builder).
+
+    vm = Vm.create(...)                     # KVM: irqchip, PIT, capabilities (vstate)
+    board = build_board(vm, memory, config, control, console)     # buses, devices, PCI, virtio
+    boot = load_guest(memory, config)       # ACPI tables and the kernel in guest memory
+    vcpus = create_vcpus(vm, board, host, config, boot)            # or restore_vcpus(...)
+
+The board is the PC: the legacy devices on their ports, the PCI root on ECAM and the config
+ports, and one virtio-pci function per virtio device the config asks for, each with its BAR
+placed in the 32-bit window as firmware would leave it. Devices get interrupt lines, guest
+memory, the device event loop and `VmControl`; only this module and vstate/ know about KVM.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from corral.arch.x86 import layout
+from corral.arch.x86.acpi import machine_acpi_tables
+from corral.arch.x86.cpuid import vcpu_cpuid
+from corral.arch.x86.msr import boot_msrs
+from corral.boot.loader import BootInfo, load_kernel_file
+from corral.bus import MmioBus, PioBus
+from corral.config import MachineConfig
+from corral.devices.base import Stateful, VmControl
+from corral.devices.legacy.acpi_pm import AcpiPm
+from corral.devices.legacy.debug_exit import DebugExit
+from corral.devices.legacy.i8042 import I8042
+from corral.devices.legacy.post import PostSink
+from corral.devices.legacy.reset import ResetRegister
+from corral.devices.legacy.rtc import CmosRtc
+from corral.devices.legacy.uart import Serial16550
+from corral.devices.pci.config import CMD_MEMORY, COMMAND, INTERRUPT_LINE
+from corral.devices.pci.root import ConfigPorts, Ecam, PciRoot
+from corral.devices.virtio.balloon import VirtioBalloon
+from corral.devices.virtio.base import VirtioDevice
+from corral.devices.virtio.blk import VirtioBlock
+from corral.devices.virtio.console import ConsoleBackend, VirtioConsole
+from corral.devices.virtio.net import VirtioNet
+from corral.devices.virtio.pci import BAR_SIZE, VirtioPciDevice
+from corral.devices.virtio.rng import VirtioRng
+from corral.devices.virtio.vsock import VirtioVsock
+from corral.eventloop import EventLoop
+from corral.memory import GuestMemory
+from corral.net.tap import Tap
+from corral.vstate.doorbells import KvmDoorbells
+from corral.vstate.irq import IrqRouter
+from corral.vstate.kvm_state import VcpuState
+from corral.vstate.vcpu import Vcpu, VcpuHost
+from corral.vstate.vm import Vm
+
+log = logging.getLogger(__name__)
+
+Console = Callable[[bytes], None]
+
+
+@dataclass
+class Board:
+    """The devices of one machine and what carries their traffic."""
+
+    pio: PioBus
+    mmio: MmioBus
+    pci: PciRoot
+    serial: Serial16550
+    legacy: dict[str, Stateful]                     # by name: ports, timers, PCI config ports
+    virtio: dict[str, VirtioPciDevice] = field(default_factory=dict)
+    loop: EventLoop | None = None                   # only when there are virtio devices
+    doorbells: KvmDoorbells | None = None
+    irq_router: IrqRouter | None = None
+
+    def components(self) -> dict[str, Stateful]:
+        """Every device with state, in load order: the PCI bus before its functions."""
+        comps: dict[str, Stateful] = dict(self.legacy)
+        comps["pci"] = self.pci
+        comps.update(self.virtio)
+        return comps
+
+    def close(self) -> None:
+        """Release the devices' host resources (after the vCPUs have stopped)."""
+        if self.loop is not None:
+            self.loop.stop()
+        if self.doorbells is not None:
+            self.doorbells.close()
+            self.doorbells = None
+        for fn in self.virtio.values():
+            fn.device.close()
+        self.virtio = {}
+        if self.irq_router is not None:
+            self.irq_router.close()
+            self.irq_router = None
+        if self.loop is not None:
+            self.loop.close()
+            self.loop = None
+
+
+class _Window:
+    """Presents one port of a multi-port device registered at a single address."""
+
+    __slots__ = ("dev", "offset")
+
+    def __init__(self, dev: object, offset: int) -> None:
+        self.dev, self.offset = dev, offset
+
+    def pio_read(self, offset: int, size: int) -> int:
+        return self.dev.pio_read(self.offset + offset, size)  # type: ignore[attr-defined]
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        self.dev.pio_write(self.offset + offset, size, value)  # type: ignore[attr-defined]
+
+
+def build_board(vm: Vm, memory: GuestMemory, config: MachineConfig, control: VmControl,
+                console: Console) -> Board:
+    """The PC board for `config`. On failure, whatever was opened is closed again."""
+    pio, mmio = PioBus(), MmioBus()
+    serial = Serial16550(vm.irq_line(layout.COM1_IRQ), console)
+    pci = PciRoot(mmio)
+    mmio.register(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, Ecam(pci), "pci-ecam")
+    legacy: dict[str, Stateful] = {
+        "com1": serial, "i8042": I8042(control, vm.irq_line(1)),
+        "rtc": CmosRtc(vm.irq_line(layout.RTC_IRQ), mem_size=config.memory), "post": PostSink(),
+        "debug-exit": DebugExit(control), "bench-sink": PostSink(),
+        "acpi-pm": AcpiPm(control, vm.irq_line(layout.SCI_IRQ)), "reset": ResetRegister(control),
+        "pci-cfg": ConfigPorts(pci),
+    }
+    ports = [  # (base, ports, device, offset of the base within the device)
+        (layout.COM1_PORT, 8, "com1", 0), (layout.I8042_DATA_PORT, 1, "i8042", 0),
+        (layout.I8042_CMD_PORT, 1, "i8042", 4), (layout.RTC_PORT, 2, "rtc", 0),
+        (layout.POST_PORT, 1, "post", 0), (layout.DEBUG_EXIT_PORT, 2, "debug-exit", 0),
+        (layout.BENCH_SINK_PORT, 1, "bench-sink", 0), (layout.PM_BASE_PORT, 12, "acpi-pm", 0),
+        (layout.RESET_PORT, 1, "reset", 0),
+        (layout.PCI_CONFIG_ADDRESS_PORT, 1, "pci-cfg", ConfigPorts.ADDRESS_OFFSET),
+        (layout.PCI_CONFIG_DATA_PORT, 4, "pci-cfg", ConfigPorts.DATA_OFFSET),
+    ]
+    for base, size, name, offset in ports:
+        dev = legacy[name]
+        pio.register(base, size, _Window(dev, offset) if offset else dev, name)  # type: ignore[arg-type]
+    board = Board(pio, mmio, pci, serial, legacy)
+    try:
+        _add_virtio(board, vm, memory, config)
+    except BaseException:
+        board.close()
+        raise
+    return board
+
+
+def _virtio_devices(config: MachineConfig, loop: Callable[[], EventLoop]) -> list[tuple[str, Callable[[], VirtioDevice]]]:
+    """(name, constructor) for each virtio device the config asks for, in slot order."""
+    wanted: list[tuple[str, Callable[[], VirtioDevice]]] = [
+        (f"virtio-blk{i}", (lambda d: lambda: VirtioBlock(
+            str(d.path), read_only=d.read_only, serial=d.serial,
+            overlay=str(d.overlay) if d.overlay else None))(d))
+        for i, d in enumerate(config.disks)]
+    if config.rng:
+        wanted.append(("virtio-rng", VirtioRng))
+    if config.balloon:
+        wanted.append(("virtio-balloon", VirtioBalloon))
+    if config.virtio_console:
+        def console() -> VirtioConsole:
+            dev = VirtioConsole(ConsoleBackend(config.virtio_console), loop())
+            if config.virtio_console == "pty":
+                log.warning("hvc0 (virtio-console) is on %s", dev.backend.path)
+            return dev
+        wanted.append(("virtio-console", console))
+    if config.vsock is not None:
+        v = config.vsock
+        wanted.append(("virtio-vsock", lambda: VirtioVsock(v.cid, str(v.uds_path), loop())))
+    for i, n in enumerate(config.nets):
+        wanted.append((f"virtio-net{i}", (lambda n: lambda: VirtioNet(
+            Tap(n.tap, host_ip=n.host_ip or None), n.guest_mac(), loop()))(n)))
+    return wanted
+
+
+def _add_virtio(board: Board, vm: Vm, memory: GuestMemory, config: MachineConfig) -> None:
+    def loop() -> EventLoop:
+        assert board.loop is not None
+        return board.loop
+
+    wanted = _virtio_devices(config, loop)
+    if not wanted:
+        return
+    board.loop = EventLoop("corral-devices")
+    board.doorbells = KvmDoorbells(vm.fd, board.loop)
+    board.irq_router = IrqRouter(vm.fd)
+    bar = layout.PCI_MMIO32_START
+    for name, make in wanted:
+        slot = next(s for s in range(1, 32) if board.pci.slots[s] is None)
+        device = make()
+        # one MSI-X vector per queue and one for configuration changes
+        vectors = [board.irq_router.msi_vector() for _ in range(len(device.queue_sizes) + 1)]
+        gsi = layout.pci_intx_gsi(slot)
+        fn = VirtioPciDevice(device, memory, vm.irq_line(gsi), board.loop, board.doorbells, vectors)
+        board.virtio[name] = fn        # registered first, so close() releases it on failure
+        fn.config.set_bar_address(0, bar)
+        fn.config.write(COMMAND, 2, CMD_MEMORY)
+        fn.config.write(INTERRUPT_LINE, 1, gsi)          # as firmware sets it
+        board.pci.add(fn, slot)
+        bar += BAR_SIZE
+
+
+def load_guest(memory: GuestMemory, config: MachineConfig) -> BootInfo:
+    """ACPI tables and the kernel (with its initrd and command line) in guest memory."""
+    tables = machine_acpi_tables(config.cpus, config.memory)
+    tables.write_to(memory)
+    return load_kernel_file(memory, config.kernel, cmdline=config.cmdline, initrd=config.initrd,
+                            rsdp_addr=tables.rsdp_addr)
+
+
+def create_vcpus(vm: Vm, board: Board, host: VcpuHost, config: MachineConfig, boot: BootInfo) -> list[Vcpu]:
+    """Fresh vCPUs: the boot CPU at the kernel entry, the APs waiting in KVM for INIT/SIPI."""
+    msrs = boot_msrs(set(vm.msr_indices))
+
+    def setup(vcpu: Vcpu) -> None:
+        vcpu.configure(vcpu_cpuid(vm.supported_cpuid, vcpu.index, config.cpus, config.cpu_hide), msrs)
+        if vcpu.index == 0:
+            vcpu.set_boot_state(boot.cpu)
+
+    return _vcpus(vm, board, host, config.cpus, setup)
+
+
+def restore_vcpus(vm: Vm, board: Board, host: VcpuHost, states: list[VcpuState]) -> list[Vcpu]:
+    """vCPUs put back as saved (snapshot, incoming migration)."""
+    return _vcpus(vm, board, host, len(states), lambda vcpu: vcpu.load_state(states[vcpu.index]))
+
+
+def _vcpus(vm: Vm, board: Board, host: VcpuHost, count: int, setup: Callable[[Vcpu], None]) -> list[Vcpu]:
+    vcpus: list[Vcpu] = []
+    try:
+        for i in range(count):
+            vcpus.append(Vcpu(vm.create_vcpu(i), i, board.pio, board.mmio, host))
+            setup(vcpus[-1])
+    except BaseException:
+        for v in vcpus:
+            v.close()
+        raise
+    return vcpus
+
+
+__all__ = ["Board", "build_board", "create_vcpus", "load_guest", "restore_vcpus"]

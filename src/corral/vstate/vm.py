@@ -1,0 +1,170 @@
+"""The KVM side of one VM: capabilities, the in-kernel irqchip and PIT, memory slots, dirty
+logging, the guest clock and KVM's own VM state.
+
+Everything the machine needs from the VM fd goes through `Vm`, so the machine above speaks in
+verbs (map this memory, start the dirty log, freeze the clock) and never issues an ioctl. The
+capability table is the one list of what corral uses: `corral doctor` prints it, and `Vm.create`
+refuses a host that lacks a required entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from corral.arch.x86 import layout
+from corral.errors import HostError
+from corral.kvm import Kvm, VcpuFd, VmFd
+from corral.kvm import constants as K
+from corral.kvm.structs import KVM_PIT_SPEAKER_DUMMY
+from corral.memory import GuestMemory
+from corral.vstate.irq import KvmIrqLine
+from corral.vstate.kvm_state import VmKvmState, load_vm, save_vm, set_clock
+
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class Capability:
+    cap: int
+    name: str               # KVM_CAP_<name>
+    use: str                # what corral uses it for
+    required: bool          # corral cannot run without it
+
+
+CAPABILITIES: tuple[Capability, ...] = (
+    Capability(K.CAP_IRQCHIP, "IRQCHIP", "in-kernel PIC, IOAPIC and LAPIC", True),
+    Capability(K.CAP_PIT2, "PIT2", "in-kernel i8254 timer", True),
+    Capability(K.CAP_USER_MEMORY, "USER_MEMORY", "guest RAM from a memfd mapping", True),
+    Capability(K.CAP_SET_TSS_ADDR, "SET_TSS_ADDR", "real-mode TSS on VMX hosts", True),
+    Capability(K.CAP_EXT_CPUID, "EXT_CPUID", "per-vCPU CPUID and topology", True),
+    Capability(K.CAP_IMMEDIATE_EXIT, "IMMEDIATE_EXIT", "race-free vCPU kicks", True),
+    Capability(K.CAP_MP_STATE, "MP_STATE", "SMP bring-up state (INIT/SIPI) and snapshots", False),
+    Capability(K.CAP_IOEVENTFD, "IOEVENTFD", "virtio doorbells off the vCPU exit path", False),
+    Capability(K.CAP_IRQFD, "IRQFD", "device interrupts without a vCPU exit", False),
+    Capability(K.CAP_IRQ_ROUTING, "IRQ_ROUTING", "MSI-X routing for PCI devices", False),
+    Capability(K.CAP_COALESCED_MMIO, "COALESCED_MMIO", "batched writes to chatty registers", False),
+    Capability(K.CAP_SET_GUEST_DEBUG, "SET_GUEST_DEBUG", "gdb breakpoints and single-step", False),
+    Capability(K.CAP_XSAVE, "XSAVE", "FPU/AVX state in snapshots", False),
+    Capability(K.CAP_XCRS, "XCRS", "XCR0 in snapshots", False),
+    Capability(K.CAP_VCPU_EVENTS, "VCPU_EVENTS", "pending events in snapshots", False),
+    Capability(K.CAP_DEBUGREGS, "DEBUGREGS", "debug registers in snapshots", False),
+    Capability(K.CAP_ADJUST_CLOCK, "ADJUST_CLOCK", "kvmclock across snapshot/restore", False),
+    Capability(K.CAP_MANUAL_DIRTY_LOG_PROTECT2, "MANUAL_DIRTY_LOG_PROTECT2",
+               "live-migration dirty logging", False),
+    Capability(K.CAP_DIRTY_LOG_RING, "DIRTY_LOG_RING", "dirty ring for live migration", False),
+    Capability(K.CAP_READONLY_MEM, "READONLY_MEM", "read-only memory slots (ROMs)", False),
+    Capability(K.CAP_TSC_CONTROL, "TSC_CONTROL", "TSC frequency across migration", False),
+)
+
+
+def missing_capabilities(kvm: Kvm) -> list[str]:
+    """The names of the required capabilities this KVM lacks."""
+    return [c.name for c in CAPABILITIES if c.required and not kvm.check_extension(c.cap)]
+
+
+def max_vcpus(kvm: Kvm) -> int:
+    return kvm.check_extension(K.CAP_MAX_VCPUS) or kvm.check_extension(K.CAP_NR_VCPUS)
+
+
+class Vm:
+    """A KVM VM with corral's PC platform in the kernel (PIC, IOAPIC, LAPICs, PIT)."""
+
+    def __init__(self, kvm: Kvm, fd: VmFd) -> None:
+        self.kvm = kvm
+        self.fd = fd
+        self.memory: GuestMemory | None = None
+        self.supported_cpuid = kvm.supported_cpuid()
+        self._msr_indices = kvm.msr_index_list()
+
+    @classmethod
+    def create(cls, kvm_path: str, cpus: int) -> Vm:
+        """Open KVM at `kvm_path`, check it has what corral needs for `cpus` vCPUs, and create
+        the VM with its in-kernel irqchip and PIT."""
+        kvm = Kvm(kvm_path)
+        try:
+            missing = missing_capabilities(kvm)
+            if missing:
+                raise HostError(f"{kvm_path} lacks KVM_CAP_{missing[0]}, which corral needs")
+            limit = max_vcpus(kvm)
+            if cpus > limit:
+                raise HostError(f"cpus: {cpus} vCPUs is more than this host's KVM allows ({limit})")
+            fd = kvm.create_vm()
+        except BaseException:
+            kvm.close()
+            raise
+        try:
+            fd.set_tss_addr(layout.KVM_TSS_ADDR)
+            fd.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+            fd.create_irqchip()
+            fd.create_pit2(KVM_PIT_SPEAKER_DUMMY)
+            return cls(kvm, fd)
+        except BaseException:
+            fd.close()
+            kvm.close()
+            raise
+
+    @property
+    def msr_indices(self) -> list[int]:
+        """The MSRs KVM lists for this host (what boot and snapshots consider)."""
+        return self._msr_indices
+
+    # -- memory -----------------------------------------------------------------------------
+    def map_memory(self, memory: GuestMemory) -> None:
+        """Give the guest `memory`, one KVM slot per RAM range."""
+        self.memory = memory
+        self._set_slots(0)
+
+    def _set_slots(self, flags: int) -> None:
+        assert self.memory is not None
+        for s in self.memory.slots:
+            self.fd.set_user_memory_region(s.slot, s.gpa, s.size, s.host_addr, flags)
+
+    def start_dirty_log(self) -> None:
+        """Log guest writes to RAM from now on (read with `read_dirty_log`)."""
+        self._set_slots(K.MEM_LOG_DIRTY_PAGES)
+
+    def stop_dirty_log(self) -> None:
+        self._set_slots(0)
+
+    def read_dirty_log(self) -> set[int]:
+        """Backing offsets of the pages the guest wrote since dirty logging started or since
+        the last read (KVM clears the log as it hands it over)."""
+        assert self.memory is not None
+        out: set[int] = set()
+        for s in self.memory.slots:
+            words = memoryview(self.fd.get_dirty_log(s.slot, s.size // PAGE)).cast("Q")
+            for w, word in enumerate(words):
+                while word:
+                    bit = (word & -word).bit_length() - 1
+                    out.add(s.offset + (w * 64 + bit) * PAGE)
+                    word &= word - 1
+        return out
+
+    # -- interrupts, vCPUs ------------------------------------------------------------------
+    def irq_line(self, gsi: int) -> KvmIrqLine:
+        """An input of the in-kernel PIC+IOAPIC, for a device to drive."""
+        return KvmIrqLine(self.fd, gsi)
+
+    def create_vcpu(self, index: int) -> VcpuFd:
+        return self.fd.create_vcpu(index)
+
+    # -- clock and KVM's VM state -----------------------------------------------------------
+    def get_clock(self) -> int:
+        """The guest's kvmclock, in nanoseconds."""
+        return self.fd.get_clock().clock
+
+    def set_clock(self, ns: int) -> None:
+        set_clock(self.fd, ns)
+
+    def save_state(self) -> VmKvmState:
+        return save_vm(self.fd)
+
+    def load_state(self, state: VmKvmState) -> None:
+        load_vm(self.fd, state)
+
+    def close(self) -> None:
+        self.fd.close()
+        self.kvm.close()
+
+
+__all__ = ["CAPABILITIES", "Capability", "Vm", "max_vcpus", "missing_capabilities"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import corral
 from corral.images import probe
 
 pytestmark = pytest.mark.kvm
@@ -65,7 +66,7 @@ def test_installed_wheel_boots_the_probe_from_outside_the_checkout(wheel, tmp_pa
                   "import corral; from corral.images import probe; "
                   "print(corral.__version__); print(probe.probe_source_dir())"],
                  cwd=away, env=env, timeout=60).stdout.split()
-    assert where[0] == "0.1.0"
+    assert where[0] == corral.__version__
     assert Path(where[1]).is_relative_to(venv), where   # the wheel's copy, not the checkout's
 
     r = subprocess.run([str(venv / "bin" / "corral"), "run", "--image", "probe",

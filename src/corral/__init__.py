@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from corral._version import __version__ as __version__
+
 if TYPE_CHECKING:
     from corral.config import MachineConfig
     from corral.errors import ConfigError, CorralError, HostError, KernelFormatError
@@ -21,7 +23,6 @@ _EXPORTS = {
 __all__ = ["ConfigError", "CorralError", "ExitResult", "HostError", "KernelFormatError", "Machine",
            "MachineConfig"]
 assert sorted(__all__) == sorted(_EXPORTS)
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:

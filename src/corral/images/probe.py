@@ -1,7 +1,9 @@
-"""Build the probe test guest (guest/ in the repository) with the host's gcc, ld and objcopy.
+"""Build the probe test guest with the host's gcc, ld and objcopy.
 
-The result is one ELF32 file that boots through Multiboot v1 and through PVH (see guest/README.md
-for its command line and output).  Builds are cached by content:
+Its sources ship inside the package (corral/guest/, package data), so an installed wheel builds
+the probe as a checkout does; $CORRAL_GUEST_SRC points at another copy (a modified probe).
+The result is one ELF32 file that boots through Multiboot v1 and through PVH (see
+corral/guest/README.md for its command line and output).  Builds are cached by content:
 
     $XDG_CACHE_HOME/corral/probe/<first 16 hex of sha256(build recipe + every guest source)>/probe.elf
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from corral.errors import ConfigError
 
-# Keep in sync with guest/Makefile (which exists for building by hand).
+# Keep in sync with corral/guest/Makefile (which exists for building by hand).
 CFLAGS = [
     "-m64", "-O2", "-std=gnu11", "-ffreestanding", "-fno-pic", "-fno-pie",
     "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables",
@@ -37,14 +39,18 @@ OUTPUT_NAME = "probe.elf"
 SOURCE_SUFFIXES = (".c", ".S", ".h", ".ld")
 _RECIPE_VERSION = "probe-build-1"
 _STDERR_TAIL = 3000
+# Package data beside this module. A plain path rather than importlib.resources: gcc needs real
+# files, and pip installs a wheel as files.
+PACKAGED_SOURCES = Path(__file__).resolve().parents[1] / "guest"
 
 
 def probe_source_dir() -> Path:
-    """The guest/ directory: $CORRAL_GUEST_SRC, else <repository root>/guest."""
+    """The probe's source directory: $CORRAL_GUEST_SRC, else the package's corral/guest/."""
     env = os.environ.get("CORRAL_GUEST_SRC")
-    src = Path(env).expanduser() if env else Path(__file__).resolve().parents[3] / "guest"
+    src = Path(env).expanduser() if env else PACKAGED_SOURCES
     if not (src / LINKER_SCRIPT).is_file():
-        hint = "CORRAL_GUEST_SRC" if env else "the repository checkout (or set CORRAL_GUEST_SRC)"
+        hint = ("CORRAL_GUEST_SRC" if env
+                else "the corral installation (reinstall corral, or set CORRAL_GUEST_SRC)")
         raise ConfigError(
             f"the probe guest sources are not at {src}: check {hint}; it must hold "
             f"{LINKER_SCRIPT} and the .c/.S files"

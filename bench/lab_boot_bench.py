@@ -16,15 +16,16 @@ import argparse
 import json
 import statistics
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests" / "lab"))
 
-from corral.images.debian_image import resolve_bzimage, resolve_pvh  # noqa: E402
 from labhost import LabHost  # noqa: E402
+
+from corral.images.debian_image import resolve_bzimage, resolve_pvh  # noqa: E402
 
 CMDLINE = "console=ttyS0 panic=-1 reboot=acpi quiet -- cat /proc/uptime"
 import os  # noqa: E402
@@ -41,18 +42,57 @@ def main() -> int:
     args = ap.parse_args()
     bz, initrd = resolve_bzimage()
     vmlinux, _ = resolve_pvh()
-    qemu = ["qemu-system-x86_64", "-accel", "kvm", "-m", "512M", "-smp", "1", "-nodefaults",
-            "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"]
+    qemu = [
+        "qemu-system-x86_64",
+        "-accel",
+        "kvm",
+        "-m",
+        "512M",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ]
     vmms = {
-        "corral (bzImage)": CORRAL + ["run", "--kernel", str(bz), "--initrd", str(initrd),
-                             "--memory", "512M", "--cpu-hide", "xsave", "--no-reboot", "--cmdline", CMDLINE],
-        "corral (PVH vmlinux)": CORRAL + ["run", "--kernel", str(vmlinux), "--initrd",
-                                 str(initrd), "--memory", "512M", "--cpu-hide", "xsave", "--no-reboot",
-                                 "--cmdline", CMDLINE],
-        "QEMU -M pc (bzImage, SeaBIOS)": qemu + ["-M", "pc", "-kernel", str(bz), "-initrd", str(initrd),
-                                                 "-append", CMDLINE],
-        "QEMU -M microvm (PVH vmlinux)": qemu + ["-M", "microvm", "-kernel", str(vmlinux), "-initrd",
-                                                 str(initrd), "-append", CMDLINE],
+        "corral (bzImage)": CORRAL
+        + [
+            "run",
+            "--kernel",
+            str(bz),
+            "--initrd",
+            str(initrd),
+            "--memory",
+            "512M",
+            "--cpu-hide",
+            "xsave",
+            "--no-reboot",
+            "--cmdline",
+            CMDLINE,
+        ],
+        "corral (PVH vmlinux)": CORRAL
+        + [
+            "run",
+            "--kernel",
+            str(vmlinux),
+            "--initrd",
+            str(initrd),
+            "--memory",
+            "512M",
+            "--cpu-hide",
+            "xsave",
+            "--no-reboot",
+            "--cmdline",
+            CMDLINE,
+        ],
+        "QEMU -M pc (bzImage, SeaBIOS)": qemu
+        + ["-M", "pc", "-kernel", str(bz), "-initrd", str(initrd), "-append", CMDLINE],
+        "QEMU -M microvm (PVH vmlinux)": qemu
+        + ["-M", "microvm", "-kernel", str(vmlinux), "-initrd", str(initrd), "-append", CMDLINE],
     }
     results: dict[str, dict] = {}
     with LabHost() as lab:
@@ -69,8 +109,11 @@ def main() -> int:
                     data = {"tail": res.output[-2000:]}
                 if data.get("to_command_s") is None:
                     # one VMM failing to boot must not hide the others' figures
-                    print(f"[lab] {name}: no uptime line; tail:\n{data.get('tail', res.output)}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"[lab] {name}: no uptime line; tail:\n{data.get('tail', res.output)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     continue
                 samples.append(data)
             if not samples:
@@ -80,12 +123,16 @@ def main() -> int:
                 "guest_uptime_s": statistics.median(s["guest_uptime_s"] for s in samples),
                 "to_command_s": statistics.median(s["to_command_s"] for s in samples),
             }
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    lines = [f"Measured {date} in the lab (QEMU TCG `-cpu max` with emulated SVM on the CI machine kind, "
-             f"2 cores); Debian cloud kernel + corral's busybox initramfs, 512 MiB, 1 vCPU, "
-             f"median of {args.runs}.", "",
-             "| VMM (inside the lab, on its SVM /dev/kvm) | guest uptime at first command (s) | launch -> first command, wall (s) |",
-             "|---|---:|---:|"]
+    date = datetime.now(UTC).strftime("%Y-%m-%d")
+    lines = [
+        f"Measured {date} in the lab (QEMU TCG `-cpu max` with emulated SVM on the CI machine kind, "
+        f"2 cores); Debian cloud kernel + corral's busybox initramfs, 512 MiB, 1 vCPU, "
+        f"median of {args.runs}.",
+        "",
+        "| VMM (inside the lab, on its SVM /dev/kvm) | guest uptime at first command (s) "
+        "| launch -> first command, wall (s) |",
+        "|---|---:|---:|",
+    ]
     for name, r in results.items():
         if r["to_command_s"] is None:
             lines.append(f"| {name} | did not boot | did not boot |")
@@ -94,7 +141,9 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lab_boot.json").write_text(json.dumps({"date": date, "runs": args.runs, "results": results}, indent=2))
+    (args.out / "lab_boot.json").write_text(
+        json.dumps({"date": date, "runs": args.runs, "results": results}, indent=2)
+    )
     (args.out / "lab_boot.md").write_text(table + "\n")
     return 0
 

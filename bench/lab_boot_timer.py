@@ -38,8 +38,17 @@ def main() -> int:
         p.kill()
         p.wait()
     end = time.monotonic() - t0
-    print(json.dumps({"to_command_s": seen, "guest_uptime_s": uptime, "exit_s": end, "rc": p.returncode,
-                      "tail": buf[-600:].decode(errors="replace") if seen is None else ""}))
+    print(
+        json.dumps(
+            {
+                "to_command_s": seen,
+                "guest_uptime_s": uptime,
+                "exit_s": end,
+                "rc": p.returncode,
+                "tail": buf[-600:].decode(errors="replace") if seen is None else "",
+            }
+        )
+    )
     return 0
 
 

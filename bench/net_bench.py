@@ -19,7 +19,7 @@ import re
 import statistics
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,25 +60,33 @@ def main() -> int:
     cmdline = f"net-bench {args.frames}"
     vmms = {
         "corral": corral_cmd(kernel, cmdline, 1, "256M") + ["--net", f"tap={TAP}"],
-        "QEMU -M pc virtio-net-pci": qemu_cmd(kernel, cmdline, 1, "256M", "kvm", "pc") + [
-            "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
-            "-device", "virtio-net-pci,netdev=n0,disable-legacy=on"],
+        "QEMU -M pc virtio-net-pci": qemu_cmd(kernel, cmdline, 1, "256M", "kvm", "pc")
+        + [
+            "-netdev",
+            f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+            "-device",
+            "virtio-net-pci,netdev=n0,disable-legacy=on",
+        ],
     }
     rows = {}
     try:
         for name, cmd in vmms.items():
             runs = [one(cmd) for _ in range(args.runs)]
-            rows[name] = {"fps": statistics.median(r["fps"] for r in runs),
-                          "sent": sum(r["guest_sent"] for r in runs),
-                          "seen": sum(r["host_seen"] for r in runs)}
+            rows[name] = {
+                "fps": statistics.median(r["fps"] for r in runs),
+                "sent": sum(r["guest_sent"] for r in runs),
+                "seen": sum(r["host_seen"] for r in runs),
+            }
             print(f"{name}: {rows[name]}", file=sys.stderr)
     finally:
         subprocess.run(["ip", "tuntap", "del", TAP, "mode", "tap"], capture_output=True)
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    date = datetime.now(UTC).strftime("%Y-%m-%d")
     pvm = os.path.isdir("/sys/module/kvm_pvm")
-    print(f"Measured {date} on {platform.node() or 'this host'} ({os.cpu_count()} cores; /dev/kvm "
-          f"{'PVM' if pvm else 'hardware'}); probe ring-3 polling driver, 60-byte frames, "
-          f"{args.frames} per run, median of {args.runs}.\n")
+    print(
+        f"Measured {date} on {platform.node() or 'this host'} ({os.cpu_count()} cores; /dev/kvm "
+        f"{'PVM' if pvm else 'hardware'}); probe ring-3 polling driver, 60-byte frames, "
+        f"{args.frames} per run, median of {args.runs}.\n"
+    )
     print("| VMM | frames/s the host received | frames the guest sent | frames the host saw | valid |")
     print("|---|---:|---:|---:|---|")
     for name, r in rows.items():

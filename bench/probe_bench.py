@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,22 +31,54 @@ from corral.images.probe import build_probe  # noqa: E402
 
 def corral_cmd(kernel: Path, cmdline: str, cpus: int, memory: str) -> list[str]:
     exe = shutil.which("corral") or str(Path(sys.executable).with_name("corral"))
-    return [exe, "run", "--kernel", str(kernel), "--cmdline", cmdline, "--cpus", str(cpus),
-            "--memory", memory, "--no-reboot"]
+    return [
+        exe,
+        "run",
+        "--kernel",
+        str(kernel),
+        "--cmdline",
+        cmdline,
+        "--cpus",
+        str(cpus),
+        "--memory",
+        memory,
+        "--no-reboot",
+    ]
 
 
 def qemu_cmd(kernel: Path, cmdline: str, cpus: int, memory: str, accel: str, machine: str) -> list[str]:
-    return ["qemu-system-x86_64", "-M", machine, "-accel", accel, "-m", memory, "-smp", str(cpus),
-            "-display", "none", "-nodefaults", "-no-user-config", "-serial", "stdio", "-no-reboot",
-            "-device", "isa-debug-exit,iobase=0x501,iosize=2", "-kernel", str(kernel),
-            "-append", cmdline]
+    return [
+        "qemu-system-x86_64",
+        "-M",
+        machine,
+        "-accel",
+        accel,
+        "-m",
+        memory,
+        "-smp",
+        str(cpus),
+        "-display",
+        "none",
+        "-nodefaults",
+        "-no-user-config",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-device",
+        "isa-debug-exit,iobase=0x501,iosize=2",
+        "-kernel",
+        str(kernel),
+        "-append",
+        cmdline,
+    ]
 
 
 def timed_run(cmd: list[str], timeout: float = 300.0) -> dict:
     """Run `cmd`, timestamping the first output byte, each output line, and the exit."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, bufsize=0)
+    p = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+    )
     first = None
     lines: list[tuple[float, str]] = []
     buf = b""
@@ -76,7 +108,7 @@ def bench_launch(cmd: list[str], runs: int) -> dict:
     firsts, totals = [], []
     for _ in range(runs):
         r = timed_run(cmd)
-        if not any(l.startswith("RESULT hello=1") for _, l in r["lines"]):
+        if not any(line.startswith("RESULT hello=1") for _, line in r["lines"]):
             raise RuntimeError(f"hello failed: {r['lines'][-5:]} {r['stderr'][-500:]}")
         firsts.append(r["first_byte"])
         totals.append(r["total"])
@@ -87,7 +119,7 @@ def bench_exits(cmd: list[str], n: int, runs: int) -> float:
     rates = []
     for _ in range(runs):
         r = timed_run(cmd)
-        marks = {l: t for t, l in r["lines"] if l in ("BENCH start", "BENCH end")}
+        marks = {line: t for t, line in r["lines"] if line in ("BENCH start", "BENCH end")}
         if len(marks) != 2:
             raise RuntimeError(f"no BENCH markers: {r['lines'][-5:]} {r['stderr'][-500:]}")
         rates.append(n / (marks["BENCH end"] - marks["BENCH start"]))
@@ -108,7 +140,9 @@ def main() -> int:
     machines = [m.strip() for m in args.qemu_machine.split(",") if m.strip()]
     vmms = {"corral": lambda c: corral_cmd(kernel, c, 1, args.memory)}
     for mach in machines:
-        vmms[f"QEMU -M {mach}"] = (lambda m: lambda c: qemu_cmd(kernel, c, 1, args.memory, args.qemu_accel, m))(mach)
+        vmms[f"QEMU -M {mach}"] = (
+            lambda m: lambda c: qemu_cmd(kernel, c, 1, args.memory, args.qemu_accel, m)
+        )(mach)
     results: dict[str, dict] = {}
     for name, mk in vmms.items():
         print(f"[{name}] launch x{args.runs} ...", file=sys.stderr, flush=True)
@@ -116,7 +150,9 @@ def main() -> int:
         print(f"[{name}] pio-bench {args.exits} ...", file=sys.stderr, flush=True)
         r["pio_exits_per_s"] = bench_exits(mk(f"pio-bench {args.exits}"), args.exits, max(1, args.runs // 2))
         print(f"[{name}] mmio-bench {args.exits} ...", file=sys.stderr, flush=True)
-        r["mmio_exits_per_s"] = bench_exits(mk(f"mmio-bench {args.exits}"), args.exits, max(1, args.runs // 2))
+        r["mmio_exits_per_s"] = bench_exits(
+            mk(f"mmio-bench {args.exits}"), args.exits, max(1, args.runs // 2)
+        )
         results[name] = r
 
     corral = results["corral"]
@@ -129,28 +165,50 @@ def main() -> int:
     ]
     host = f"{platform.node()}: {os.cpu_count()} CPUs, kernel {platform.release()}"
     try:
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         host += f", {model}"
     except (OSError, StopIteration):
         pass
     pvm = os.path.isdir("/sys/module/kvm_pvm")
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    md = [f"Measured {date} on {host}; /dev/kvm is {'PVM (no hardware virtualization)' if pvm else 'hardware-backed'}; "
-          f"QEMU {args.qemu_accel}, same probe binary; median of {args.runs} launches, {args.exits} exits per "
-          f"exit benchmark. Ratio > 1: corral is better.", "",
-          "| metric | corral | " + " | ".join(qemus) + " | " + " | ".join(f"corral vs {q}" for q in qemus) + " |",
-          "|---|" + "---:|" * (1 + 2 * len(qemus))]
+    date = datetime.now(UTC).strftime("%Y-%m-%d")
+    kvm_kind = "PVM (no hardware virtualization)" if pvm else "hardware-backed"
+    md = [
+        f"Measured {date} on {host}; /dev/kvm is {kvm_kind}; "
+        f"QEMU {args.qemu_accel}, same probe binary; median of {args.runs} launches, {args.exits} exits per "
+        f"exit benchmark. Ratio > 1: corral is better.",
+        "",
+        "| metric | corral | "
+        + " | ".join(qemus)
+        + " | "
+        + " | ".join(f"corral vs {q}" for q in qemus)
+        + " |",
+        "|---|" + "---:|" * (1 + 2 * len(qemus)),
+    ]
     for label, key, higher in rows:
         fmt = (lambda v: f"{v:,.0f}") if higher else (lambda v: f"{v:,.1f}")
         vals = [fmt(corral[key])] + [fmt(results[q][key]) for q in qemus]
-        ratios = [f"{(corral[key] / results[q][key]) if higher else (results[q][key] / corral[key]):.2f}x" for q in qemus]
+        ratios = [
+            f"{(corral[key] / results[q][key]) if higher else (results[q][key] / corral[key]):.2f}x"
+            for q in qemus
+        ]
         md.append(f"| {label} | " + " | ".join(vals + ratios) + " |")
     table = "\n".join(md)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "probe_bench.json").write_text(json.dumps(
-        {"date": date, "host": host, "pvm": pvm, "runs": args.runs, "exits": args.exits, "results": results},
-        indent=2))
+    (args.out / "probe_bench.json").write_text(
+        json.dumps(
+            {
+                "date": date,
+                "host": host,
+                "pvm": pvm,
+                "runs": args.runs,
+                "exits": args.exits,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     (args.out / "probe_bench.md").write_text(table + "\n")
     return 0
 

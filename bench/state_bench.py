@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ class Qmp:
         self.s = socket.socket(socket.AF_UNIX)
         self.s.connect(str(path))
         self.f = self.s.makefile("rwb")
-        self.f.readline()                                  # greeting
+        self.f.readline()  # greeting
         self.cmd("qmp_capabilities")
 
     def cmd(self, name: str, **args: object) -> dict:
@@ -107,6 +107,7 @@ def stop(*procs: subprocess.Popen) -> None:
 
 # -- migration ------------------------------------------------------------------------------------
 
+
 def corral_migrate(kernel: Path, cmdline: str, memory: str, tmp: Path) -> dict:
     api, dapi = tmp / "src.sock", tmp / "dst.sock"
     port = free_port()
@@ -150,13 +151,17 @@ def qemu_migrate(kernel: Path, cmdline: str, memory: str, tmp: Path) -> dict:
         q.close()
         if info["status"] != "completed":
             raise RuntimeError(f"QEMU migration {info['status']}")
-        return {"downtime_ms": info["downtime"], "total_ms": info["total-time"],
-                "mib": info["ram"]["transferred"] / (1 << 20)}
+        return {
+            "downtime_ms": info["downtime"],
+            "total_ms": info["total-time"],
+            "mib": info["ram"]["transferred"] / (1 << 20),
+        }
     finally:
         stop(src, dst)
 
 
 # -- snapshot and restore ---------------------------------------------------------------------------
+
 
 def corral_snapshot(kernel: Path, cmdline: str, memory: str, tmp: Path) -> tuple[dict, Path]:
     api = tmp / "snap.sock"
@@ -236,32 +241,52 @@ def main() -> int:
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="corral-state-bench-") as t:
         tmp = Path(t)
-        for label, cmdline in (("idle guest", "idle"), (f"guest rewriting {DIRTY_SIZE}",
-                                                         f"mem-touch {DIRTY_SIZE} forever")):
+        for label, cmdline in (
+            ("idle guest", "idle"),
+            (f"guest rewriting {DIRTY_SIZE}", f"mem-touch {DIRTY_SIZE} forever"),
+        ):
             res = {}
             for name, fn in (("corral", corral_migrate), ("qemu", qemu_migrate)):
                 runs = [fn(kernel, cmdline, "512M", tmp) for _ in range(args.runs)]
                 res[name] = {k: med([r[k] for r in runs]) for k in runs[0]}
             for key, unit in (("downtime_ms", "ms"), ("total_ms", "ms"), ("mib", "MiB")):
-                rows.append((f"migration, {label} (512 MiB): {key.split('_')[0]}",
-                             f"{res['corral'][key]:.1f} {unit}", f"{res['qemu'][key]:.1f} {unit}"))
+                rows.append(
+                    (
+                        f"migration, {label} (512 MiB): {key.split('_')[0]}",
+                        f"{res['corral'][key]:.1f} {unit}",
+                        f"{res['qemu'][key]:.1f} {unit}",
+                    )
+                )
         # snapshot of a 512 MiB guest that touched 64 MiB
         cmd = "mem-touch 64M forever"
         cs = [corral_snapshot(kernel, cmd, "512M", tmp) for _ in range(args.runs)]
         qs = [qemu_snapshot(kernel, cmd, "512M", tmp) for _ in range(args.runs)]
-        rows.append(("snapshot of 512 MiB guest (64 MiB touched): time",
-                     f"{med([c[0]['ms'] for c in cs]):.0f} ms", f"{med([q[0]['ms'] for q in qs]):.0f} ms"))
-        rows.append(("snapshot: size on disk", f"{med([c[0]['disk_mib'] for c in cs]):.1f} MiB",
-                     f"{med([q[0]['disk_mib'] for q in qs]):.1f} MiB"))
+        rows.append(
+            (
+                "snapshot of 512 MiB guest (64 MiB touched): time",
+                f"{med([c[0]['ms'] for c in cs]):.0f} ms",
+                f"{med([q[0]['ms'] for q in qs]):.0f} ms",
+            )
+        )
+        rows.append(
+            (
+                "snapshot: size on disk",
+                f"{med([c[0]['disk_mib'] for c in cs]):.1f} MiB",
+                f"{med([q[0]['disk_mib'] for q in qs]):.1f} MiB",
+            )
+        )
         for memory in ("256M", "2G"):
             _, csnap = corral_snapshot(kernel, cmd, memory, tmp)
             _, qstate = qemu_snapshot(kernel, cmd, memory, tmp)
             cr = med([corral_restore(csnap) for _ in range(args.runs)])
             qr = med([qemu_restore(kernel, cmd, memory, qstate, tmp) for _ in range(args.runs)])
             rows.append((f"restore to running, {memory} guest", f"{cr:.1f} ms", f"{qr:.1f} ms"))
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    print(f"VM state, corral vs QEMU {subprocess.run(['qemu-system-x86_64', '--version'], capture_output=True, text=True).stdout.split()[3]} "
-          f"(KVM), median of {args.runs}; {when}, {platform.node()}, {os.cpu_count()} CPUs")
+    when = datetime.now(UTC).strftime("%Y-%m-%d")
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True)
+    print(
+        f"VM state, corral vs QEMU {qemu.stdout.split()[3]} "
+        f"(KVM), median of {args.runs}; {when}, {platform.node()}, {os.cpu_count()} CPUs"
+    )
     print()
     print("| measure | corral | QEMU |")
     print("|---|---|---|")

@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +39,11 @@ def corral_blk(kernel: Path, cmdline: str, img: Path) -> list[str]:
 
 def qemu_blk(kernel: Path, cmdline: str, img: Path) -> list[str]:
     return qemu_cmd(kernel, cmdline, 1, "512M", "kvm", "pc") + [
-        "-drive", f"if=none,id=d0,file={img},format=raw,cache=writeback,aio=threads",
-        "-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]
+        "-drive",
+        f"if=none,id=d0,file={img},format=raw,cache=writeback,aio=threads",
+        "-device",
+        "virtio-blk-pci,drive=d0,disable-legacy=on",
+    ]
 
 
 def one(cmd: list[str]) -> dict:
@@ -65,23 +68,28 @@ def main() -> int:
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         img = Path(tmp) / "bench.img"
-        with open(img, "wb") as f:           # real data, in the page cache: the device path is measured
+        with open(img, "wb") as f:  # real data, in the page cache: the device path is measured
             for _ in range(256):
                 f.write(os.urandom(1 << 20))
         for name, build in vmms.items():
             r = [one(build(kernel, f"blk-bench rand4k {args.rand}", img)) for _ in range(args.runs)]
             s = [one(build(kernel, f"blk-bench seq1m {args.seq}", img)) for _ in range(args.runs)]
-            rows[name] = {"rand4k_iops": statistics.median(x["iops"] for x in r),
-                          "seq1m_mbps": statistics.median(x["mbps"] for x in s),
-                          "errors": sum(x["errors"] for x in r + s)}
+            rows[name] = {
+                "rand4k_iops": statistics.median(x["iops"] for x in r),
+                "seq1m_mbps": statistics.median(x["mbps"] for x in s),
+                "errors": sum(x["errors"] for x in r + s),
+            }
             print(f"{name}: {rows[name]}", file=sys.stderr)
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    date = datetime.now(UTC).strftime("%Y-%m-%d")
     pvm = os.path.isdir("/sys/module/kvm_pvm")
-    lines = [f"Measured {date} on {platform.node() or 'this host'} ({os.cpu_count()} cores; /dev/kvm "
-             f"{'PVM' if pvm else 'hardware'}); probe ring-3 polling driver, 256 MiB raw image in the "
-             f"page cache, median of {args.runs}.", "",
-             "| VMM | 4 KiB random read IOPS (QD32) | 1 MiB sequential read MB/s (QD8) | request errors |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        f"Measured {date} on {platform.node() or 'this host'} ({os.cpu_count()} cores; /dev/kvm "
+        f"{'PVM' if pvm else 'hardware'}); probe ring-3 polling driver, 256 MiB raw image in the "
+        f"page cache, median of {args.runs}.",
+        "",
+        "| VMM | 4 KiB random read IOPS (QD32) | 1 MiB sequential read MB/s (QD8) | request errors |",
+        "|---|---:|---:|---:|",
+    ]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['rand4k_iops']:,.0f} | {r['seq1m_mbps']:,.0f} | {r['errors']} |")
     table = "\n".join(lines)

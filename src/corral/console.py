@@ -8,17 +8,18 @@ import sys
 import termios
 import threading
 import tty
-from typing import Callable
+from collections.abc import Callable
 
 CTRL_A = 0x01
-HELP = (b"\r\nC-a x    quit corral\r\nC-a h    this help\r\nC-a C-a  send C-a to the guest\r\n")
+HELP = b"\r\nC-a x    quit corral\r\nC-a h    this help\r\nC-a C-a  send C-a to the guest\r\n"
 
 
 class TerminalConsole:
     """Forwards host stdin to the guest; Ctrl-A X asks the machine to stop."""
 
-    def __init__(self, send: Callable[[bytes], None], quit_: Callable[[], None],
-                 stdin_fd: int | None = None) -> None:
+    def __init__(
+        self, send: Callable[[bytes], None], quit_: Callable[[], None], stdin_fd: int | None = None
+    ) -> None:
         self.send = send
         self.quit = quit_
         self.fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd

@@ -11,7 +11,7 @@ import os
 import selectors
 import threading
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 

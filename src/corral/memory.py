@@ -2,8 +2,9 @@
 
 Backing RAM with a memfd (not anonymous memory) lets snapshots find the pages a guest never
 touched (holes in the memfd). A restored VM is instead backed by its snapshot's memory file,
-mapped private: pages load lazily on first touch and clones share every page they leave alone. Every guest-physical access from the VMM goes through `GuestMemory`, whose
-accessors check bounds: guest-supplied addresses are hostile input.
+mapped private: pages load lazily on first touch and clones share every page they leave alone.
+Every guest-physical access from the VMM goes through `GuestMemory`, whose accessors check bounds:
+guest-supplied addresses are hostile input.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from corral.arch.x86 import layout
 from corral.errors import ConfigError, GuestMemoryError
@@ -40,7 +41,9 @@ class GuestMemory:
     range lies inside one RAM slot; callers never do pointer arithmetic of their own.
     """
 
-    def __init__(self, size: int, *, name: str = "corral-ram", backing: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, size: int, *, name: str = "corral-ram", backing: str | os.PathLike[str] | None = None
+    ) -> None:
         if size < layout.MIN_MEMORY or size > layout.MAX_MEMORY or size % mmap.PAGESIZE:
             raise ConfigError(
                 f"memory size {size} bytes is not usable: give a page-aligned size between "
@@ -55,15 +58,21 @@ class GuestMemory:
                 raise ConfigError(f"cannot open guest memory file {backing}: {exc.strerror}") from exc
             if os.fstat(self.fd).st_size != size:
                 os.close(self.fd)
-                raise ConfigError(f"guest memory file {backing} is not {size} bytes long: it is "
-                                  "truncated or from another machine")
+                raise ConfigError(
+                    f"guest memory file {backing} is not {size} bytes long: it is "
+                    "truncated or from another machine"
+                )
         else:
             self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
             if backing is None:
                 os.ftruncate(self.fd, size)
-            self._map = mmap.mmap(self.fd, size, mmap.MAP_PRIVATE if self.private else mmap.MAP_SHARED,
-                                  mmap.PROT_READ | mmap.PROT_WRITE)
+            self._map = mmap.mmap(
+                self.fd,
+                size,
+                mmap.MAP_PRIVATE if self.private else mmap.MAP_SHARED,
+                mmap.PROT_READ | mmap.PROT_WRITE,
+            )
         except OSError as exc:
             os.close(self.fd)
             raise ConfigError(f"cannot allocate {size} bytes of guest memory: {exc.strerror}") from exc
@@ -150,24 +159,24 @@ class GuestMemory:
         order (offsets are those of the memfd, the same in a snapshot's memory file). Pages a
         guest never touched are holes in the memfd and are skipped without being read."""
         zero = bytes(chunk)
-        done = 0                      # ranges may share a chunk: each is looked at once
+        done = 0  # ranges may share a chunk: each is looked at once
         for start, end in self._data_ranges():
             for off in range(max(start - start % chunk, done), end, chunk):
                 done = off + chunk
                 n = min(chunk, self.size - off)
-                data = self._view[off:off + n]
+                data = self._view[off : off + n]
                 if data.tobytes() != zero[:n]:
                     yield off, data
 
     def _data_ranges(self) -> Iterator[tuple[int, int]]:
-        if self.private:              # private pages of a restored VM hide from SEEK_DATA
+        if self.private:  # private pages of a restored VM hide from SEEK_DATA
             yield 0, self.size
             return
         off = 0
         while off < self.size:
             try:
                 start = os.lseek(self.fd, off, os.SEEK_DATA)
-            except OSError:           # ENXIO: no data after `off`
+            except OSError:  # ENXIO: no data after `off`
                 return
             end = os.lseek(self.fd, start, os.SEEK_HOLE)
             yield start, min(end, self.size)
@@ -192,7 +201,7 @@ class GuestMemory:
         """RAM by backing offset (not guest address): for whole-RAM copies."""
         if offset < 0 or length < 0 or offset + length > self.size:
             raise GuestMemoryError(f"RAM offset {offset:#x}+{length:#x} is outside {self.size:#x}")
-        return self._view[offset:offset + length]
+        return self._view[offset : offset + length]
 
     def close(self) -> None:
         if self._map.closed:

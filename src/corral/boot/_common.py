@@ -38,8 +38,7 @@ def unpack(fmt: str, buf: bytes | memoryview, off: int, what: str) -> tuple[int,
     size = struct.calcsize(fmt)
     if off < 0 or off + size > len(buf):
         raise KernelFormatError(
-            f"{what}: the file is truncated ({len(buf)} bytes; a field at offset {off:#x} "
-            f"needs {size} bytes)"
+            f"{what}: the file is truncated ({len(buf)} bytes; a field at offset {off:#x} needs {size} bytes)"
         )
     return struct.unpack_from(fmt, buf, off)
 
@@ -109,9 +108,7 @@ def check_kernel_range(mem: GuestMemory, start: int, size: int, what: str, part:
 def place_initrd(mem: GuestMemory, initrd: bytes, lowest: int, limit: int) -> tuple[int, int]:
     """Copy the initrd page-aligned as high as possible in [lowest, limit); return its range."""
     if not initrd:
-        raise ConfigError(
-            "the initrd is empty: give --initrd a non-empty initramfs or leave it out"
-        )
+        raise ConfigError("the initrd is empty: give --initrd a non-empty initramfs or leave it out")
     limit = min(limit, low_ram_end(mem))
     lowest = align_up(max(lowest, layout.HIMEM_START), PAGE)
     size = len(initrd)
@@ -142,8 +139,7 @@ def write_cmdline(mem: GuestMemory, cmdline: str, limit: int | None, what: str) 
         )
     if limit is not None and len(data) > limit:
         raise ConfigError(
-            f"the kernel command line is {len(data)} bytes but {what} accepts at most "
-            f"{limit}: shorten it"
+            f"the kernel command line is {len(data)} bytes but {what} accepts at most {limit}: shorten it"
         )
     mem.write(layout.CMDLINE, data + b"\0")
     return layout.CMDLINE

@@ -26,7 +26,7 @@ from corral.errors import KernelFormatError
 from corral.memory import GuestMemory
 
 HDRS_MAGIC = b"HdrS"
-MIN_VERSION = 0x020C            # 2.12: xloadflags, the 64-bit entry point is advertised
+MIN_VERSION = 0x020C  # 2.12: xloadflags, the 64-bit entry point is advertised
 
 # setup header offsets (in the image file and, identically, in boot_params)
 OFF_SETUP_SECTS = 0x1F1
@@ -47,8 +47,8 @@ OFF_XLOADFLAGS = 0x236
 OFF_CMDLINE_SIZE = 0x238
 OFF_PREF_ADDRESS = 0x258
 OFF_INIT_SIZE = 0x260
-SETUP_HEADER_MIN_END = 0x264    # through init_size
-SETUP_HEADER_MAX_END = 0x290    # boot_params.edd_mbr_sig_buffer follows the header area
+SETUP_HEADER_MIN_END = 0x264  # through init_size
+SETUP_HEADER_MAX_END = 0x290  # boot_params.edd_mbr_sig_buffer follows the header area
 
 # boot_params fields outside the setup header
 BP_ACPI_RSDP_ADDR = 0x070
@@ -66,8 +66,8 @@ CAN_USE_HEAP = 0x80
 XLF_KERNEL_64 = 0x01
 TYPE_OF_LOADER_UNDEFINED = 0xFF
 HEAP_END_PTR = 0xFE00 - 0x200
-DEFAULT_INITRD_ADDR_MAX = 0x37FFFFFF   # boot.rst: assume this when the header has no value
-SYSSIZE_SLACK = 0x1000                 # tolerated difference between syssize and the file
+DEFAULT_INITRD_ADDR_MAX = 0x37FFFFFF  # boot.rst: assume this when the header has no value
+SYSSIZE_SLACK = 0x1000  # tolerated difference between syssize and the file
 
 
 def is_bzimage(image: bytes) -> bool:
@@ -85,9 +85,7 @@ def load_bzimage(
 ) -> BootInfo:
     what = name
     if len(image) < SETUP_HEADER_MIN_END:
-        raise KernelFormatError(
-            f"{what}: too short ({len(image)} bytes) to hold a Linux setup header"
-        )
+        raise KernelFormatError(f"{what}: too short ({len(image)} bytes) to hold a Linux setup header")
     if not is_bzimage(image):
         raise KernelFormatError(f"{what}: no 'HdrS' signature at offset 0x202: not a bzImage")
     version = u16(image, OFF_VERSION, what)
@@ -112,9 +110,7 @@ def load_bzimage(
         )
     loadflags = u8(image, OFF_LOADFLAGS, what)
     if not loadflags & LOADED_HIGH:
-        raise KernelFormatError(
-            f"{what}: a zImage (loaded below 1 MiB); corral boots only bzImage kernels"
-        )
+        raise KernelFormatError(f"{what}: a zImage (loaded below 1 MiB); corral boots only bzImage kernels")
     xloadflags = u16(image, OFF_XLOADFLAGS, what)
     if not xloadflags & XLF_KERNEL_64:
         raise KernelFormatError(
@@ -192,14 +188,12 @@ def _choose_load_address(
     if not relocatable:
         if pref < layout.HIMEM_START:
             raise KernelFormatError(
-                f"{what}: the kernel is not relocatable and its preferred address {pref:#x} is "
-                f"below 1 MiB"
+                f"{what}: the kernel is not relocatable and its preferred address {pref:#x} is below 1 MiB"
             )
         return pref  # check_kernel_range explains why it does not fit
     align = u32(image, OFF_KERNEL_ALIGNMENT, what)
     if align == 0 or align & (align - 1) or align > layout.GiB:
         raise KernelFormatError(
-            f"{what}: kernel_alignment {align:#x} is not a power of two up to 1 GiB: the image "
-            f"is damaged"
+            f"{what}: kernel_alignment {align:#x} is not a power of two up to 1 GiB: the image is damaged"
         )
     return align_up(layout.HIMEM_START, align)

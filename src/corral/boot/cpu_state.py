@@ -13,12 +13,12 @@ class Segment:
     base: int
     limit: int
     selector: int
-    type: int       # 4-bit descriptor type
+    type: int  # 4-bit descriptor type
     present: int = 1
     dpl: int = 0
-    db: int = 0     # 1 = 32-bit default operand size
-    s: int = 1      # 1 = code/data, 0 = system
-    l: int = 0      # 1 = 64-bit code
+    db: int = 0  # 1 = 32-bit default operand size
+    s: int = 1  # 1 = code/data, 0 = system
+    l: int = 0  # noqa: E741 - the L (64-bit code) bit, named as in the SDM and kvm_segment
     g: int = 1
 
 

@@ -39,7 +39,7 @@ XEN_ELFNOTE_PHYS32_ENTRY = 18
 XEN_HVM_START_MAGIC = 0x336EC578
 HVM_START_INFO_VERSION = 1
 HVM_START_INFO_SIZE = 56
-HVM_MODLIST_OFFSET = 0x40      # modlist and memmap follow start_info in its page
+HVM_MODLIST_OFFSET = 0x40  # modlist and memmap follow start_info in its page
 HVM_MEMMAP_OFFSET = 0x80
 HVM_MODLIST_ENTRY_SIZE = 32
 HVM_MEMMAP_ENTRY_SIZE = 24
@@ -62,10 +62,10 @@ class ElfNote:
 
 @dataclass(frozen=True)
 class ElfImage:
-    elf_class: int          # 32 or 64
+    elf_class: int  # 32 or 64
     entry: int
-    segments: tuple[ElfSegment, ...]   # PT_LOAD with memsz > 0
-    notes: tuple[ElfNote, ...]         # from PT_NOTE segments and SHT_NOTE sections
+    segments: tuple[ElfSegment, ...]  # PT_LOAD with memsz > 0
+    notes: tuple[ElfNote, ...]  # from PT_NOTE segments and SHT_NOTE sections
 
     def pvh_entry(self) -> int | None:
         for note in self.notes:
@@ -119,8 +119,7 @@ def parse_elf(image: bytes, what: str) -> ElfImage:
         if p_type == PT_LOAD:
             if p_filesz > p_memsz:
                 raise KernelFormatError(
-                    f"{what}: ELF segment {i} has more file bytes ({p_filesz}) than memory "
-                    f"bytes ({p_memsz})"
+                    f"{what}: ELF segment {i} has more file bytes ({p_filesz}) than memory bytes ({p_memsz})"
                 )
             _check_file_range(image, p_offset, p_filesz, f"ELF segment {i}", what)
             if p_memsz:
@@ -208,9 +207,7 @@ def load_segments(mem: GuestMemory, elf: ElfImage, image: bytes, what: str) -> t
 
 def check_entry(elf: ElfImage, entry: int, kind: str, what: str) -> None:
     if not any(s.paddr <= entry < s.paddr + s.memsz for s in elf.segments):
-        raise KernelFormatError(
-            f"{what}: the {kind} entry point {entry:#x} is not inside any loaded segment"
-        )
+        raise KernelFormatError(f"{what}: the {kind} entry point {entry:#x} is not inside any loaded segment")
 
 
 def load_pvh(
@@ -247,12 +244,21 @@ def load_pvh(
     if HVM_MEMMAP_OFFSET + len(e820) * HVM_MEMMAP_ENTRY_SIZE > len(page):
         raise KernelFormatError(f"{what}: the memory map does not fit in the start-info page")
     for i, (addr, size, typ) in enumerate(e820):
-        struct.pack_into("<QQII", page, HVM_MEMMAP_OFFSET + i * HVM_MEMMAP_ENTRY_SIZE,
-                         addr, size, typ, 0)
+        struct.pack_into("<QQII", page, HVM_MEMMAP_OFFSET + i * HVM_MEMMAP_ENTRY_SIZE, addr, size, typ, 0)
     struct.pack_into(
-        "<IIIIQQQQII", page, 0,
-        XEN_HVM_START_MAGIC, HVM_START_INFO_VERSION, 0, nr_modules,
-        modlist, cmd_ptr, rsdp_addr, base + HVM_MEMMAP_OFFSET, len(e820), 0,
+        "<IIIIQQQQII",
+        page,
+        0,
+        XEN_HVM_START_MAGIC,
+        HVM_START_INFO_VERSION,
+        0,
+        nr_modules,
+        modlist,
+        cmd_ptr,
+        rsdp_addr,
+        base + HVM_MEMMAP_OFFSET,
+        len(e820),
+        0,
     )
     mem.write(base, page)
     cpu = gdt.protected_mode_state(mem, entry, {"rbx": base})

@@ -25,8 +25,8 @@ from corral.memory import GuestMemory
 
 NULL_SELECTOR = 0x00
 TSS_SELECTOR = 0x08
-CODE_SELECTOR = 0x10   # __BOOT_CS
-DATA_SELECTOR = 0x18   # __BOOT_DS
+CODE_SELECTOR = 0x10  # __BOOT_CS
+DATA_SELECTOR = 0x18  # __BOOT_DS
 GDT_ENTRIES = 4
 GDT_LIMIT = GDT_ENTRIES * 8 - 1
 IDT_LIMIT = 0
@@ -37,12 +37,12 @@ CR0_PG = 1 << 31
 CR4_PAE = 1 << 5
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
-RFLAGS_RESERVED = 1 << 1   # bit 1 is always set; IF (bit 9) stays clear
+RFLAGS_RESERVED = 1 << 1  # bit 1 is always set; IF (bit 9) stays clear
 
 PTE_PRESENT = 1 << 0
 PTE_WRITE = 1 << 1
-PTE_PS = 1 << 7            # 2 MiB page in a PD entry
-PD_PAGES = 4               # 4 page directories x 512 x 2 MiB = 4 GiB identity mapped
+PTE_PS = 1 << 7  # 2 MiB page in a PD entry
+PD_PAGES = 4  # 4 page directories x 512 x 2 MiB = 4 GiB identity mapped
 
 
 def make_descriptor(base: int, limit: int, access: int, flags: int) -> int:
@@ -79,10 +79,10 @@ def segment_from_descriptor(selector: int, desc: int) -> Segment:
 
 
 # access bytes: P | DPL0 | S | type (accessed bit set, as after a load)
-CODE64_DESC = make_descriptor(0, 0xFFFFF, 0x9B, 0b1010)   # G, L
-CODE32_DESC = make_descriptor(0, 0xFFFFF, 0x9B, 0b1100)   # G, D
-DATA_DESC = make_descriptor(0, 0xFFFFF, 0x93, 0b1100)     # G, B
-TSS_DESC = make_descriptor(0, 0x67, 0x8B, 0b0000)         # P, S=0, 32-bit busy TSS
+CODE64_DESC = make_descriptor(0, 0xFFFFF, 0x9B, 0b1010)  # G, L
+CODE32_DESC = make_descriptor(0, 0xFFFFF, 0x9B, 0b1100)  # G, D
+DATA_DESC = make_descriptor(0, 0xFFFFF, 0x93, 0b1100)  # G, B
+TSS_DESC = make_descriptor(0, 0x67, 0x8B, 0b0000)  # P, S=0, 32-bit busy TSS
 
 
 def gdt_entries(long_mode: bool) -> list[int]:
@@ -107,12 +107,9 @@ def write_identity_page_tables(mem: GuestMemory) -> int:
     pml4[0:8] = (layout.PDPT | PTE_PRESENT | PTE_WRITE).to_bytes(8, "little")
     pdpt = bytearray(0x1000)
     for i in range(PD_PAGES):
-        pdpt[i * 8 : i * 8 + 8] = (layout.PD + i * 0x1000 | PTE_PRESENT | PTE_WRITE).to_bytes(
-            8, "little"
-        )
+        pdpt[i * 8 : i * 8 + 8] = (layout.PD + i * 0x1000 | PTE_PRESENT | PTE_WRITE).to_bytes(8, "little")
     pd = b"".join(
-        ((i << 21) | PTE_PRESENT | PTE_WRITE | PTE_PS).to_bytes(8, "little")
-        for i in range(512 * PD_PAGES)
+        ((i << 21) | PTE_PRESENT | PTE_WRITE | PTE_PS).to_bytes(8, "little") for i in range(512 * PD_PAGES)
     )
     mem.write(layout.PML4, pml4)
     mem.write(layout.PDPT, pdpt)
@@ -133,7 +130,12 @@ def protected_mode_state(mem: GuestMemory, rip: int, gprs: dict[str, int]) -> Bo
 def _flat_state(mem: GuestMemory, rip: int, gprs: dict[str, int], *, long_mode: bool) -> BootCpuState:
     code, data, tss = write_boot_gdt(mem, long_mode=long_mode)
     if long_mode:
-        cr0, cr3, cr4, efer = CR0_PE | CR0_ET | CR0_PG, write_identity_page_tables(mem), CR4_PAE, EFER_LME | EFER_LMA
+        cr0, cr3, cr4, efer = (
+            CR0_PE | CR0_ET | CR0_PG,
+            write_identity_page_tables(mem),
+            CR4_PAE,
+            EFER_LME | EFER_LMA,
+        )
     else:
         cr0, cr3, cr4, efer = CR0_PE | CR0_ET, 0, 0, 0
     return BootCpuState(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TypedDict
 
 from corral.boot._common import BootInfo
 from corral.boot.bzimage import is_bzimage, load_bzimage
@@ -17,9 +18,18 @@ from corral.boot.multiboot import find_header, load_multiboot
 from corral.errors import ConfigError, KernelFormatError
 from corral.memory import GuestMemory
 
-__all__ = ["BootInfo", "load_kernel", "load_kernel_file", "PROTOCOLS"]
+__all__ = ["PROTOCOLS", "BootInfo", "load_kernel", "load_kernel_file"]
 
 PROTOCOLS = ("linux64", "pvh", "multiboot")
+
+
+class _LoadArgs(TypedDict):
+    """The keyword arguments every protocol's loader takes."""
+
+    cmdline: str
+    initrd: bytes | None
+    rsdp_addr: int
+    name: str
 
 
 def load_kernel(
@@ -37,15 +47,13 @@ def load_kernel(
     `name` describes the kernel in error messages (load_kernel_file passes the path).
     """
     if prefer is not None and prefer not in PROTOCOLS:
-        raise ConfigError(
-            f"unknown boot protocol {prefer!r}: choose one of {', '.join(PROTOCOLS)}"
-        )
+        raise ConfigError(f"unknown boot protocol {prefer!r}: choose one of {', '.join(PROTOCOLS)}")
     kernel = bytes(kernel)
     if not kernel:
         raise KernelFormatError(f"{name}: the kernel image is empty")
     if initrd is not None:
         initrd = bytes(initrd)
-    args = dict(cmdline=cmdline, initrd=initrd, rsdp_addr=rsdp_addr, name=name)
+    args: _LoadArgs = {"cmdline": cmdline, "initrd": initrd, "rsdp_addr": rsdp_addr, "name": name}
 
     if is_elf(kernel):
         elf = parse_elf(kernel, name)
@@ -64,9 +72,7 @@ def load_kernel(
     header = find_header(kernel, name)
     if header is not None:
         return load_multiboot(mem, kernel, header, **args)
-    raise KernelFormatError(
-        f"{name}: not a bzImage, an ELF with a PVH entry note, or a Multiboot kernel"
-    )
+    raise KernelFormatError(f"{name}: not a bzImage, an ELF with a PVH entry note, or a Multiboot kernel")
 
 
 def load_kernel_file(
@@ -79,9 +85,7 @@ def load_kernel_file(
     prefer: str | None = None,
 ) -> BootInfo:
     """Read the kernel (and initrd) files and load them; file problems become ConfigError."""
-    kernel = _read_file(
-        mem, path, "kernel", "--kernel", "a path to a bzImage, vmlinux or Multiboot ELF"
-    )
+    kernel = _read_file(mem, path, "kernel", "--kernel", "a path to a bzImage, vmlinux or Multiboot ELF")
     initrd_data = None
     if initrd is not None:
         initrd_data = _read_file(mem, initrd, "initrd", "--initrd", "a path to an initramfs")

@@ -38,10 +38,10 @@ SEARCH_LIMIT = 8192
 HEADER_SIZE = 12
 ADDR_HEADER_SIZE = 32
 
-FLAG_PAGE_ALIGN = 1 << 0     # modules page aligned: always done
-FLAG_MEMORY_INFO = 1 << 1    # mem_* (and mmap) required: always given
-FLAG_VIDEO_MODE = 1 << 2     # video mode table required: corral has no framebuffer
-FLAG_ADDRESS = 1 << 16       # header carries the load address fields
+FLAG_PAGE_ALIGN = 1 << 0  # modules page aligned: always done
+FLAG_MEMORY_INFO = 1 << 1  # mem_* (and mmap) required: always given
+FLAG_VIDEO_MODE = 1 << 2  # video mode table required: corral has no framebuffer
+FLAG_ADDRESS = 1 << 16  # header carries the load address fields
 SUPPORTED_REQUIRED = FLAG_PAGE_ALIGN | FLAG_MEMORY_INFO
 
 INFO_MEMORY = 1 << 0
@@ -63,7 +63,7 @@ MODULE_STRING = b"initrd\0"
 
 @dataclass(frozen=True)
 class MultibootHeader:
-    offset: int        # file offset of the magic
+    offset: int  # file offset of the magic
     flags: int
     header_addr: int = 0
     load_addr: int = 0
@@ -101,7 +101,7 @@ def load_multiboot(
     elf: ElfImage | None = None,
     cmdline: str = "",
     initrd: bytes | None = None,
-    rsdp_addr: int = 0,  # noqa: ARG001 - Multiboot v1 has no RSDP field; the guest scans for it
+    rsdp_addr: int = 0,  # unused: Multiboot v1 has no RSDP field; the guest scans for it
     name: str = "kernel",
 ) -> BootInfo:
     what = name
@@ -162,9 +162,7 @@ def load_multiboot(
     struct.pack_into("<I", page, 0, flags)
     mem.write(base, page)
 
-    cpu = gdt.protected_mode_state(
-        mem, entry, {"rax": MULTIBOOT_BOOTLOADER_MAGIC, "rbx": base}
-    )
+    cpu = gdt.protected_mode_state(mem, entry, {"rax": MULTIBOOT_BOOTLOADER_MAGIC, "rbx": base})
     return BootInfo("multiboot", cpu, kernel_range, initrd_range)
 
 
@@ -174,8 +172,7 @@ def _load_address_fields(
     """Load per the a.out-kludge fields; return ([start, end), entry)."""
     if not h.load_addr <= h.header_addr:
         raise KernelFormatError(
-            f"{what}: Multiboot load_addr {h.load_addr:#x} is above header_addr "
-            f"{h.header_addr:#x}"
+            f"{what}: Multiboot load_addr {h.load_addr:#x} is above header_addr {h.header_addr:#x}"
         )
     file_start = h.offset - (h.header_addr - h.load_addr)
     if file_start < 0:
@@ -185,8 +182,7 @@ def _load_address_fields(
     if h.load_end_addr:
         if h.load_end_addr < h.load_addr:
             raise KernelFormatError(
-                f"{what}: Multiboot load_end_addr {h.load_end_addr:#x} is below load_addr "
-                f"{h.load_addr:#x}"
+                f"{what}: Multiboot load_end_addr {h.load_end_addr:#x} is below load_addr {h.load_addr:#x}"
             )
         load_size = h.load_end_addr - h.load_addr
         if file_start + load_size > len(image):

@@ -172,6 +172,7 @@ def atomic_move(src: Path, dest: Path) -> None:
 
 # --- manifests -----------------------------------------------------------------------------------
 
+
 def write_manifest(directory: Path, image: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Hash every regular file in `directory` (but the manifest) and write manifest.json."""
     files = {}
@@ -205,15 +206,19 @@ def verify(directory: Path, image: str | None = None) -> dict[str, Any]:
     image = image or directory.name
     manifest = read_manifest(directory)
     if manifest is None:
-        raise ConfigError(f"image '{image}' is not in the cache ({display_path(directory)}): "
-                          f"run `corral image fetch {image}`")
+        raise ConfigError(
+            f"image '{image}' is not in the cache ({display_path(directory)}): "
+            f"run `corral image fetch {image}`"
+        )
     for fname, info in manifest["files"].items():
         path = directory / fname
         label = FILE_LABELS.get(fname, "file")
         if not path.is_file():
             raise ConfigError(f"cached {label} {display_path(path)} is missing: {_fix(image)}")
         if path.stat().st_size != info.get("size") or sha256_file(path) != info.get("sha256"):
-            raise ConfigError(f"cached {label} {display_path(path)} is corrupt (checksum mismatch): {_fix(image)}")
+            raise ConfigError(
+                f"cached {label} {display_path(path)} is corrupt (checksum mismatch): {_fix(image)}"
+            )
     return manifest
 
 

@@ -57,8 +57,11 @@ class AptError(ConfigError):
 def classify_apt_error(output: str) -> str:
     """Sort apt's error output into "network", "stale" (lists out of date: 404),
     "unknown-package" or "other"."""
-    if "Unable to locate package" in output or "No packages found" in output \
-            or "has no installation candidate" in output:
+    if (
+        "Unable to locate package" in output
+        or "No packages found" in output
+        or "has no installation candidate" in output
+    ):
         return "unknown-package"
     if "Failed to fetch" in output and re.search(r"\b404\b", output):
         return "stale"
@@ -74,7 +77,7 @@ def _network_detail(output: str) -> str:
     for line in output.splitlines():
         line = line.strip()
         if line.startswith("E: Failed to fetch"):
-            rest = line[len("E: Failed to fetch"):].strip()
+            rest = line[len("E: Failed to fetch") :].strip()
             parts = rest.split(None, 1)  # URL, then the reason
             reason = parts[1].strip() if len(parts) > 1 else rest
             return reason.split(" - ")[0].strip().rstrip(".")
@@ -88,27 +91,38 @@ def apt_error(output: str, packages: list[str]) -> AptError:
     """The one-line ConfigError for a failed apt command's output."""
     kind = classify_apt_error(output)
     if kind == "network":
-        return AptError(f"cannot reach the Debian package archive ({_network_detail(output)}): "
-                        "check the network or apt sources", kind)
+        return AptError(
+            f"cannot reach the Debian package archive ({_network_detail(output)}): "
+            "check the network or apt sources",
+            kind,
+        )
     if kind == "unknown-package":
         m = re.search(r"Unable to locate package (\S+)", output)
         name = m.group(1) if m else ", ".join(packages)
-        hint = "run `apt-get update` as root, or check the name" if os.geteuid() != 0 \
+        hint = (
+            "run `apt-get update` as root, or check the name"
+            if os.geteuid() != 0
             else "check the name and the apt sources"
+        )
         return AptError(f"apt does not know the Debian package '{name}': {hint}", kind)
     if kind == "stale":
-        return AptError("the Debian package archive no longer has the version apt expects (404): "
-                        "run `apt-get update` as root", kind)
+        return AptError(
+            "the Debian package archive no longer has the version apt expects (404): "
+            "run `apt-get update` as root",
+            kind,
+        )
     last = next((ln.strip() for ln in reversed(output.splitlines()) if ln.startswith("E:")), "")
-    return AptError(f"apt failed for {', '.join(packages)}: {last.removeprefix('E: ') or 'unknown error'}",
-                    kind)
+    return AptError(
+        f"apt failed for {', '.join(packages)}: {last.removeprefix('E: ') or 'unknown error'}", kind
+    )
 
 
 def _apt_base(cmd: str) -> list[str]:
     exe = shutil.which(cmd)
     if exe is None:
-        raise HostError(f"{cmd} not found: corral's Debian images need a Debian-based host "
-                        "(apt-get, apt-cache, dpkg-deb)")
+        raise HostError(
+            f"{cmd} not found: corral's Debian images need a Debian-based host (apt-get, apt-cache, dpkg-deb)"
+        )
     args = [exe]
     if os.geteuid() == 0 and cmd == "apt-get":
         # Download as root into our own directory; apt's _apt sandbox user cannot write there.
@@ -141,8 +155,9 @@ def _with_update_retry(func, packages: list[str]):
 
 # --- kernel package -----------------------------------------------------------------------------
 
+
 def resolve_kernel_package(flavour: str) -> str:
-    """"cloud" / "generic" (or a metapackage name) -> the versioned linux-image package apt would
+    """ "cloud" / "generic" (or a metapackage name) -> the versioned linux-image package apt would
     install now, e.g. linux-image-6.1.0-56-cloud-amd64. A versioned name is returned as is."""
     if re.fullmatch(r"linux-image-\d.*", flavour):
         return flavour
@@ -167,6 +182,7 @@ def resolve_kernel_package(flavour: str) -> str:
 
 # --- downloading ----------------------------------------------------------------------------------
 
+
 def _package_sizes(packages: list[str]) -> dict[str, int]:
     """Package -> download size in bytes, from apt-cache (empty where unknown)."""
     res = _run(_apt_base("apt-cache") + ["show", "--no-all-versions", *packages])
@@ -186,7 +202,7 @@ def _deb_package_name(filename: str) -> str:
 
 
 def _bare_name(spec: str) -> str:
-    """"pkg=1.2" / "pkg/bookworm" / "pkg:amd64" -> "pkg"."""
+    """ "pkg=1.2" / "pkg/bookworm" / "pkg:amd64" -> "pkg"."""
     return re.split(r"[=/:]", spec, maxsplit=1)[0]
 
 
@@ -210,16 +226,23 @@ def _download(packages: list[str], workdir: Path, progress: bool) -> None:
         return
 
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
-                               TransferSpeedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TransferSpeedColumn,
+    )
 
     sizes = _package_sizes(packages)
     total = sum(sizes.get(_bare_name(p), 0) for p in packages) or None
     label = ", ".join(f"{_bare_name(p)}" for p in packages)
     if len(label) > 60:
         label = f"{len(packages)} Debian packages"
-    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     captured: list[str] = []
 
     def pump(stream) -> None:
@@ -229,8 +252,13 @@ def _download(packages: list[str], workdir: Path, progress: bool) -> None:
     threads = [threading.Thread(target=pump, args=(s,), daemon=True) for s in (proc.stdout, proc.stderr)]
     for t in threads:
         t.start()
-    columns = [SpinnerColumn(), TextColumn("[bold]downloading[/bold] {task.description}"), BarColumn(),
-               DownloadColumn(), TransferSpeedColumn()]
+    columns = [
+        SpinnerColumn(),
+        TextColumn("[bold]downloading[/bold] {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+    ]
     try:
         with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
             task = bar.add_task(label, total=total)
@@ -238,8 +266,7 @@ def _download(packages: list[str], workdir: Path, progress: bool) -> None:
                 bar.update(task, completed=_dir_bytes(workdir))
                 time.sleep(0.1)
             done = _dir_bytes(workdir)
-            bar.update(task, completed=done if proc.returncode else (total or done),
-                       total=total or done)
+            bar.update(task, completed=done if proc.returncode else (total or done), total=total or done)
     except BaseException:
         proc.kill()
         proc.wait()
@@ -284,6 +311,7 @@ def fetch_debs(packages: list[str], dest: Path, *, progress: bool = True) -> dic
 
 # --- extracting -----------------------------------------------------------------------------------
 
+
 def extract_deb(deb: Path, dest: Path) -> Path:
     """Unpack a .deb's files into `dest` (like `dpkg-deb -x`) and return `dest`.
 
@@ -301,8 +329,10 @@ def extract_deb(deb: Path, dest: Path) -> Path:
     try:
         res = subprocess.run([exe, "-x", str(deb), str(tmp)], capture_output=True, text=True)
         if res.returncode != 0:
-            raise ConfigError(f"cannot unpack {deb.name}: {res.stderr.strip().splitlines()[-1:] or '?'}"
-                              f": delete it and fetch again")
+            raise ConfigError(
+                f"cannot unpack {deb.name}: {res.stderr.strip().splitlines()[-1:] or '?'}"
+                f": delete it and fetch again"
+            )
         if not dest.exists():
             os.chmod(tmp, 0o755)
             os.rename(tmp, dest)

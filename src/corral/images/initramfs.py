@@ -25,15 +25,32 @@ TRAILER = "TRAILER!!!"
 
 # What the debian image loads at boot, in the order asked for (dependencies come first anyway).
 DEFAULT_MODULES = [
-    "virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
+    "virtio",
+    "virtio_ring",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
     "virtio_mmio",
-    "virtio_blk", "failover", "net_failover", "virtio_net", "virtio_console", "virtio_rng",
-    "virtio_balloon", "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
-    "crc16", "crc32c_generic", "mbcache", "jbd2", "ext4",
+    "virtio_blk",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "virtio_console",
+    "virtio_rng",
+    "virtio_balloon",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
+    "crc16",
+    "crc32c_generic",
+    "mbcache",
+    "jbd2",
+    "ext4",
 ]
 
 
 # --- cpio ----------------------------------------------------------------------------------------
+
 
 @dataclass
 class CpioEntry:
@@ -118,8 +135,21 @@ class CpioWriter:
 
 def _encode(e: CpioEntry, ino: int) -> bytes:
     name = e.name.encode() + b"\0"
-    fields = (ino, e.mode, e.uid, e.gid, e.nlink, e.mtime, len(e.data), 0, 0,
-              e.rdevmajor, e.rdevminor, len(name), 0)
+    fields = (
+        ino,
+        e.mode,
+        e.uid,
+        e.gid,
+        e.nlink,
+        e.mtime,
+        len(e.data),
+        0,
+        0,
+        e.rdevmajor,
+        e.rdevminor,
+        len(name),
+        0,
+    )
     header = NEWC_MAGIC + b"".join(b"%08X" % v for v in fields)
     out = header + name
     out += b"\0" * _pad4(len(out))
@@ -131,17 +161,18 @@ def parse_cpio(data: bytes) -> list[CpioEntry]:
     """Parse a newc archive (gzip-compressed or not) up to its trailer."""
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
-    entries, pos = [], 0
+    entries: list[CpioEntry] = []
+    pos = 0
     while True:
-        if data[pos:pos + 6] != NEWC_MAGIC:
-            raise ValueError(f"bad cpio magic at offset {pos}: {data[pos:pos + 6]!r}")
-        f = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
+        if data[pos : pos + 6] != NEWC_MAGIC:
+            raise ValueError(f"bad cpio magic at offset {pos}: {data[pos : pos + 6]!r}")
+        f = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
         ino, mode, uid, gid, nlink, mtime, size, _, _, rmaj, rmin, namesize, _ = f
         pos += 110
-        name = data[pos:pos + namesize - 1].decode()
+        name = data[pos : pos + namesize - 1].decode()
         pos += namesize
         pos += _pad4(pos)
-        body = data[pos:pos + size]
+        body = data[pos : pos + size]
         pos += size + _pad4(size)
         if name == TRAILER:
             return entries
@@ -149,6 +180,7 @@ def parse_cpio(data: bytes) -> list[CpioEntry]:
 
 
 # --- kernel modules ------------------------------------------------------------------------------
+
 
 def module_name(path: str) -> str:
     """kernel/drivers/char/hw_random/virtio-rng.ko.xz -> virtio_rng"""
@@ -160,7 +192,7 @@ def module_name(path: str) -> str:
 
 @dataclass
 class ModuleIndex:
-    paths: dict[str, str] = field(default_factory=dict)      # name -> path relative to modules dir
+    paths: dict[str, str] = field(default_factory=dict)  # name -> path relative to modules dir
     deps: dict[str, list[str]] = field(default_factory=dict)  # name -> names it needs
 
 
@@ -181,12 +213,12 @@ def modinfo(ko: bytes) -> dict[str, str]:
     """The key=value strings in an ELF64 module's .modinfo section (first value per key)."""
     if ko[:4] != b"\x7fELF" or ko[4] != 2:
         raise ValueError("not an ELF64 module")
-    shoff, = struct.unpack_from("<Q", ko, 0x28)
+    (shoff,) = struct.unpack_from("<Q", ko, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", ko, 0x3A)
 
     def section(i: int) -> tuple[int, int, int]:
         base = shoff + i * shentsize
-        name_off, = struct.unpack_from("<I", ko, base)
+        (name_off,) = struct.unpack_from("<I", ko, base)
         offset, size = struct.unpack_from("<QQ", ko, base + 0x18)
         return name_off, offset, size
 
@@ -194,9 +226,9 @@ def modinfo(ko: bytes) -> dict[str, str]:
     for i in range(shnum):
         name_off, offset, size = section(i)
         end = ko.index(b"\0", str_off + name_off)
-        if ko[str_off + name_off:end] == b".modinfo":
+        if ko[str_off + name_off : end] == b".modinfo":
             info: dict[str, str] = {}
-            for item in ko[offset:offset + size].split(b"\0"):
+            for item in ko[offset : offset + size].split(b"\0"):
                 key, sep, value = item.partition(b"=")
                 if sep:
                     info.setdefault(key.decode(errors="replace"), value.decode(errors="replace"))
@@ -240,8 +272,11 @@ def scan_modules(moddir: Path, wanted: list[str] | None = None) -> ModuleIndex:
 
 def read_builtin(moddir: Path) -> set[str]:
     f = Path(moddir) / "modules.builtin"
-    return {module_name(line.strip()) for line in f.read_text().splitlines() if line.strip()} \
-        if f.is_file() else set()
+    return (
+        {module_name(line.strip()) for line in f.read_text().splitlines() if line.strip()}
+        if f.is_file()
+        else set()
+    )
 
 
 def resolve_modules(idx: ModuleIndex, wanted: list[str]) -> tuple[list[str], list[str]]:
@@ -324,21 +359,23 @@ def busybox_applets(busybox: Path) -> list[str]:
     try:
         res = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError) as exc:
-        raise ConfigError(f"cannot run {busybox} --list-full ({exc}): is it a static x86-64 busybox?") \
-            from None
+        raise ConfigError(
+            f"cannot run {busybox} --list-full ({exc}): is it a static x86-64 busybox?"
+        ) from None
     return sorted({line.strip().lstrip("/") for line in res.stdout.splitlines() if line.strip()})
 
 
 @dataclass
 class InitramfsInfo:
     kernel_version: str
-    modules: list[str]          # in load order
-    skipped: list[str]          # wanted but not modular in this kernel
+    modules: list[str]  # in load order
+    skipped: list[str]  # wanted but not modular in this kernel
     size: int
 
 
-def build_initramfs(modules_root: Path, busybox: Path, out: Path,
-                    wanted: list[str] | None = None) -> InitramfsInfo:
+def build_initramfs(
+    modules_root: Path, busybox: Path, out: Path, wanted: list[str] | None = None
+) -> InitramfsInfo:
     """Write a gzip-compressed newc initramfs to `out`.
 
     modules_root: the extracted kernel package's lib/modules/<version> directory.
@@ -351,8 +388,21 @@ def build_initramfs(modules_root: Path, busybox: Path, out: Path,
     order, skipped = resolve_modules(idx, wanted)
 
     w = CpioWriter(mtime=0)
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "run", "tmp", "root",
-              "etc/corral", f"lib/modules/{kver}", "mnt"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "root",
+        "etc/corral",
+        f"lib/modules/{kver}",
+        "mnt",
+    ):
         w.add_dir(d, 0o1777 if d == "tmp" else (0o700 if d == "root" else 0o755))
     w.add_device("dev/console", "c", 5, 1)
     w.add_device("dev/null", "c", 1, 3, 0o666)
@@ -374,9 +424,11 @@ def build_initramfs(modules_root: Path, busybox: Path, out: Path,
         w.add_file(f"lib/modules/{kver}/{plain}", read_module(modules_root / rel), 0o644)
         load_list.append(plain)
     w.add_file("etc/corral/modules", "".join(f"{m}\n" for m in load_list).encode())
-    dep_lines = "".join(f"{_plain(idx.paths[n])}: {' '.join(_plain(idx.paths[d]) for d in idx.deps.get(n, []) if d in idx.paths)}\n"
-                        for n in order)
-    w.add_file(f"lib/modules/{kver}/modules.dep", dep_lines.encode())
+    dep_lines = []
+    for n in order:
+        deps = " ".join(_plain(idx.paths[d]) for d in idx.deps.get(n, []) if d in idx.paths)
+        dep_lines.append(f"{_plain(idx.paths[n])}: {deps}\n")
+    w.add_file(f"lib/modules/{kver}/modules.dep", "".join(dep_lines).encode())
     if (modules_root / "modules.builtin").is_file():
         w.add_file(f"lib/modules/{kver}/modules.builtin", (modules_root / "modules.builtin").read_bytes())
 
@@ -394,7 +446,19 @@ def _plain(rel: str) -> str:
 
 
 __all__ = [
-    "CpioWriter", "CpioEntry", "parse_cpio", "ModuleIndex", "parse_modules_dep", "scan_modules",
-    "modinfo", "resolve_modules", "read_builtin", "build_initramfs", "InitramfsInfo",
-    "DEFAULT_MODULES", "INIT_SCRIPT", "module_name", "busybox_applets",
+    "DEFAULT_MODULES",
+    "INIT_SCRIPT",
+    "CpioEntry",
+    "CpioWriter",
+    "InitramfsInfo",
+    "ModuleIndex",
+    "build_initramfs",
+    "busybox_applets",
+    "modinfo",
+    "module_name",
+    "parse_cpio",
+    "parse_modules_dep",
+    "read_builtin",
+    "resolve_modules",
+    "scan_modules",
 ]

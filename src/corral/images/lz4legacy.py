@@ -22,12 +22,12 @@ BLOCK_SIZE = 8 << 20
 def decompress_block(src: bytes | memoryview, max_size: int = BLOCK_SIZE) -> bytes:
     """Decode one raw LZ4 block (no frame). Raises KernelFormatError on malformed input."""
     try:
-        import lz4.block  # type: ignore[import-not-found]
+        import lz4.block  # optional: the pure-Python decoder below is the fallback
     except ImportError:
         return _decompress_block_py(bytes(src), max_size)
     try:
         return lz4.block.decompress(bytes(src), uncompressed_size=max_size)
-    except Exception as exc:  # lz4.block.LZ4BlockError
+    except Exception as exc:  # noqa: BLE001 - lz4.block.LZ4BlockError, or ValueError in older lz4
         raise KernelFormatError(f"corrupt LZ4 block: {exc}") from None
 
 
@@ -42,7 +42,7 @@ def _decompress_block_py(src: bytes, max_size: int) -> bytes:
             if lit == 15:
                 lit, i = _extended_length(src, i, lit)
             if lit:
-                out += src[i:i + lit]
+                out += src[i : i + lit]
                 i += lit
             if i >= n:
                 break  # the last sequence has literals only
@@ -56,7 +56,7 @@ def _decompress_block_py(src: bytes, max_size: int) -> bytes:
             mlen += 4
             start = len(out) - offset
             if mlen <= offset:
-                out += out[start:start + mlen]
+                out += out[start : start + mlen]
             else:  # overlapping copy: repeat the last `offset` bytes
                 chunk = bytes(out[start:])
                 reps, rest = divmod(mlen, offset)
@@ -92,7 +92,7 @@ def decompress_legacy(data: bytes) -> bytes:
             continue
         if size == 0 or pos + 4 + size > len(data):
             break  # the kernel build's appended uncompressed size, or padding
-        parts.append(decompress_block(view[pos + 4:pos + 4 + size]))
+        parts.append(decompress_block(view[pos + 4 : pos + 4 + size]))
         pos += 4 + size
     if not parts:
         raise KernelFormatError("LZ4 legacy frame holds no blocks")
@@ -105,11 +105,13 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
         raise KernelFormatError("not a bzImage (no HdrS signature)")
     version = struct.unpack_from("<H", bzimage, 0x206)[0]
     if version < 0x208:
-        raise KernelFormatError(f"bzImage boot protocol {version >> 8}.{version & 0xff} has no payload fields")
+        raise KernelFormatError(
+            f"bzImage boot protocol {version >> 8}.{version & 0xFF} has no payload fields"
+        )
     setup_sects = bzimage[0x1F1] or 4
     payload_offset, payload_length = struct.unpack_from("<II", bzimage, 0x248)
     start = (setup_sects + 1) * 512 + payload_offset
-    payload = bzimage[start:start + payload_length]
+    payload = bzimage[start : start + payload_length]
     if payload[:4] != struct.pack("<I", LEGACY_MAGIC):
         raise KernelFormatError(f"bzImage payload is not LZ4 legacy (starts {payload[:4].hex()})")
     vmlinux = decompress_legacy(payload)

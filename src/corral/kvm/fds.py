@@ -68,8 +68,7 @@ class Kvm(_Fd):
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             raise HostError(
-                f"{path} does not exist: load the kvm module (kvm-intel or kvm-amd) or run on a "
-                "host with KVM"
+                f"{path} does not exist: load the kvm module (kvm-intel or kvm-amd) or run on a host with KVM"
             ) from None
         except PermissionError:
             raise HostError(
@@ -130,8 +129,7 @@ class VmFd(_Fd):
     def check_extension(self, cap: int) -> int:
         return self._ioctl(K.KVM_CHECK_EXTENSION, cap)
 
-    def set_user_memory_region(self, slot: int, gpa: int, size: int, host_addr: int,
-                               flags: int = 0) -> None:
+    def set_user_memory_region(self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0) -> None:
         region = S.KvmUserspaceMemoryRegion(slot, flags, gpa, size, host_addr)
         self._ioctl(K.KVM_SET_USER_MEMORY_REGION, region, f"slot {slot} at {gpa:#x}+{size:#x}")
 
@@ -185,8 +183,9 @@ class VmFd(_Fd):
         clears it as it hands it over. The slot must have MEM_LOG_DIRTY_PAGES set."""
         bitmap = bytearray(((pages + 63) // 64) * 8)
         buf = (C.c_char * len(bitmap)).from_buffer(bitmap)
-        self._ioctl(K.KVM_GET_DIRTY_LOG, S.KvmDirtyLog(slot=slot, dirty_bitmap=C.addressof(buf)),
-                    f"slot {slot}")
+        self._ioctl(
+            K.KVM_GET_DIRTY_LOG, S.KvmDirtyLog(slot=slot, dirty_bitmap=C.addressof(buf)), f"slot {slot}"
+        )
         del buf
         return bitmap
 
@@ -203,8 +202,9 @@ class VmFd(_Fd):
         self._ioctl(K.KVM_IRQFD, S.KvmIrqfd(fd=fd, gsi=gsi, flags=flags, resamplefd=resamplefd))
 
     def ioeventfd(self, fd: int, addr: int, length: int, flags: int = 0, datamatch: int = 0) -> None:
-        self._ioctl(K.KVM_IOEVENTFD,
-                    S.KvmIoeventfd(datamatch=datamatch, addr=addr, len=length, fd=fd, flags=flags))
+        self._ioctl(
+            K.KVM_IOEVENTFD, S.KvmIoeventfd(datamatch=datamatch, addr=addr, len=length, fd=fd, flags=flags)
+        )
 
     def create_vcpu(self, vcpu_id: int) -> VcpuFd:
         fd = self._ioctl(K.KVM_CREATE_VCPU, vcpu_id, f"vcpu {vcpu_id}")

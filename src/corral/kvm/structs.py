@@ -12,20 +12,37 @@ u8, u16, u32, u64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
 
 
 class KvmUserspaceMemoryRegion(C.Structure):
-    _fields_ = [("slot", u32), ("flags", u32), ("guest_phys_addr", u64),
-                ("memory_size", u64), ("userspace_addr", u64)]
+    _fields_ = [
+        ("slot", u32),
+        ("flags", u32),
+        ("guest_phys_addr", u64),
+        ("memory_size", u64),
+        ("userspace_addr", u64),
+    ]
 
 
 class KvmRegs(C.Structure):
-    _fields_ = [(n, u64) for n in (
-        "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")]
+    _fields_ = [
+        (n, u64) for n in "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+    ]
 
 
 class KvmSegment(C.Structure):
-    _fields_ = [("base", u64), ("limit", u32), ("selector", u16), ("type", u8),
-                ("present", u8), ("dpl", u8), ("db", u8), ("s", u8), ("l", u8),
-                ("g", u8), ("avl", u8), ("unusable", u8), ("padding", u8)]
+    _fields_ = [
+        ("base", u64),
+        ("limit", u32),
+        ("selector", u16),
+        ("type", u8),
+        ("present", u8),
+        ("dpl", u8),
+        ("db", u8),
+        ("s", u8),
+        ("l", u8),
+        ("g", u8),
+        ("avl", u8),
+        ("unusable", u8),
+        ("padding", u8),
+    ]
 
 
 class KvmDtable(C.Structure):
@@ -36,18 +53,42 @@ KVM_NR_INTERRUPTS = 256
 
 
 class KvmSregs(C.Structure):
-    _fields_ = [("cs", KvmSegment), ("ds", KvmSegment), ("es", KvmSegment), ("fs", KvmSegment),
-                ("gs", KvmSegment), ("ss", KvmSegment), ("tr", KvmSegment), ("ldt", KvmSegment),
-                ("gdt", KvmDtable), ("idt", KvmDtable),
-                ("cr0", u64), ("cr2", u64), ("cr3", u64), ("cr4", u64), ("cr8", u64),
-                ("efer", u64), ("apic_base", u64),
-                ("interrupt_bitmap", u64 * ((KVM_NR_INTERRUPTS + 63) // 64))]
+    _fields_ = [
+        ("cs", KvmSegment),
+        ("ds", KvmSegment),
+        ("es", KvmSegment),
+        ("fs", KvmSegment),
+        ("gs", KvmSegment),
+        ("ss", KvmSegment),
+        ("tr", KvmSegment),
+        ("ldt", KvmSegment),
+        ("gdt", KvmDtable),
+        ("idt", KvmDtable),
+        ("cr0", u64),
+        ("cr2", u64),
+        ("cr3", u64),
+        ("cr4", u64),
+        ("cr8", u64),
+        ("efer", u64),
+        ("apic_base", u64),
+        ("interrupt_bitmap", u64 * ((KVM_NR_INTERRUPTS + 63) // 64)),
+    ]
 
 
 class KvmFpu(C.Structure):
-    _fields_ = [("fpr", u8 * 128), ("fcw", u16), ("fsw", u16), ("ftwx", u8), ("pad1", u8),
-                ("last_opcode", u16), ("last_ip", u64), ("last_dp", u64),
-                ("xmm", u8 * 256), ("mxcsr", u32), ("pad2", u32)]
+    _fields_ = [
+        ("fpr", u8 * 128),
+        ("fcw", u16),
+        ("fsw", u16),
+        ("ftwx", u8),
+        ("pad1", u8),
+        ("last_opcode", u16),
+        ("last_ip", u64),
+        ("last_dp", u64),
+        ("xmm", u8 * 256),
+        ("mxcsr", u32),
+        ("pad2", u32),
+    ]
 
 
 class KvmLapicState(C.Structure):
@@ -55,8 +96,16 @@ class KvmLapicState(C.Structure):
 
 
 class KvmCpuidEntry2(C.Structure):
-    _fields_ = [("function", u32), ("index", u32), ("flags", u32), ("eax", u32),
-                ("ebx", u32), ("ecx", u32), ("edx", u32), ("padding", u32 * 3)]
+    _fields_ = [
+        ("function", u32),
+        ("index", u32),
+        ("flags", u32),
+        ("eax", u32),
+        ("ebx", u32),
+        ("ecx", u32),
+        ("edx", u32),
+        ("padding", u32 * 3),
+    ]
 
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
@@ -132,8 +181,14 @@ class KvmMpState(C.Structure):
 
 
 class KvmTranslation(C.Structure):
-    _fields_ = [("linear_address", u64), ("physical_address", u64), ("valid", u8), ("writeable", u8),
-                ("usermode", u8), ("pad", u8 * 5)]
+    _fields_ = [
+        ("linear_address", u64),
+        ("physical_address", u64),
+        ("valid", u8),
+        ("writeable", u8),
+        ("usermode", u8),
+        ("pad", u8 * 5),
+    ]
 
 
 class KvmDebugregs(C.Structure):
@@ -169,8 +224,14 @@ class KvmPitState2(C.Structure):
 
 
 class KvmClockData(C.Structure):
-    _fields_ = [("clock", u64), ("flags", u32), ("pad0", u32), ("realtime", u64),
-                ("host_tsc", u64), ("pad", u32 * 4)]
+    _fields_ = [
+        ("clock", u64),
+        ("flags", u32),
+        ("pad0", u32),
+        ("realtime", u64),
+        ("host_tsc", u64),
+        ("pad", u32 * 4),
+    ]
 
 
 class KvmEnableCap(C.Structure):
@@ -190,8 +251,14 @@ class KvmIrqfd(C.Structure):
 
 
 class KvmIoeventfd(C.Structure):
-    _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32), ("fd", C.c_int32),
-                ("flags", u32), ("pad", u8 * 36)]
+    _fields_ = [
+        ("datamatch", u64),
+        ("addr", u64),
+        ("len", u32),
+        ("fd", C.c_int32),
+        ("flags", u32),
+        ("pad", u8 * 36),
+    ]
 
 
 class KvmDirtyLog(C.Structure):

@@ -43,8 +43,8 @@ HEADER = struct.Struct("<4sIBB6s8sI4sI")
 # FADT flags (ACPI 6.x table 5.10)
 FADT_WBINVD = 1 << 0
 FADT_PROC_C1 = 1 << 2
-FADT_PWR_BUTTON = 1 << 4      # 1: no fixed-feature power button (we have one: left clear)
-FADT_SLP_BUTTON = 1 << 5      # 1: no fixed-feature sleep button
+FADT_PWR_BUTTON = 1 << 4  # 1: no fixed-feature power button (we have one: left clear)
+FADT_SLP_BUTTON = 1 << 5  # 1: no fixed-feature sleep button
 FADT_RESET_REG_SUP = 1 << 10
 # IA-PC boot architecture flags
 BOOT_LEGACY_DEVICES = 1 << 0
@@ -62,15 +62,14 @@ CMOS_CENTURY = 0x32
 MOTHERBOARD_PORTS = [(layout.DEBUG_EXIT_PORT, 2), (layout.BENCH_SINK_PORT, 1), (layout.PM_BASE_PORT, 12)]
 
 
-def checksum(data: bytes) -> int:
+def checksum(data: bytes | bytearray) -> int:
     return (-sum(data)) & 0xFF
 
 
 def sdt(signature: bytes, revision: int, body: bytes) -> bytes:
     """A system description table: header + body, with length and checksum filled in."""
     length = HEADER.size + len(body)
-    hdr = HEADER.pack(signature, length, revision, 0, OEM_ID, OEM_TABLE_ID, 1, CREATOR_ID,
-                      CREATOR_REVISION)
+    hdr = HEADER.pack(signature, length, revision, 0, OEM_ID, OEM_TABLE_ID, 1, CREATOR_ID, CREATOR_REVISION)
     table = bytearray(hdr + body)
     table[9] = checksum(table)
     return bytes(table)
@@ -91,24 +90,24 @@ def fadt(dsdt_addr: int, facs_addr: int) -> bytes:
 
     # FIRMWARE_CTRL stays 0: X_FIRMWARE_CTRL carries the FACS (both set = listed twice by Linux)
     put(36, "<II", 0, dsdt_addr)
-    put(45, "<BH", 0, layout.SCI_IRQ)                 # preferred PM profile: unspecified
-    put(48, "<I", 0)                                  # no SMI_CMD: ACPI is always enabled
+    put(45, "<BH", 0, layout.SCI_IRQ)  # preferred PM profile: unspecified
+    put(48, "<I", 0)  # no SMI_CMD: ACPI is always enabled
     put(56, "<I", layout.PM1_EVT_PORT)
     put(64, "<I", layout.PM1_CNT_PORT)
     put(76, "<I", layout.PM_TMR_PORT)
-    put(88, "<BBBB", 4, 2, 0, 4)                      # PM1_EVT_LEN, PM1_CNT_LEN, PM2, PM_TMR_LEN
-    put(96, "<HH", 101, 1001)                         # C2/C3 latencies > 100/1000: not supported
+    put(88, "<BBBB", 4, 2, 0, 4)  # PM1_EVT_LEN, PM1_CNT_LEN, PM2, PM_TMR_LEN
+    put(96, "<HH", 101, 1001)  # C2/C3 latencies > 100/1000: not supported
     put(108, "<B", CMOS_CENTURY)
     put(109, "<H", BOOT_LEGACY_DEVICES | BOOT_8042 | BOOT_VGA_NOT_PRESENT)
     put(112, "<I", FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RESET_REG_SUP)
     put(116, "<12s", gas(layout.RESET_PORT, 8, 1))
-    put(128, "<B", 0x06)                              # RESET_VALUE
-    put(131, "<B", 3)                                 # FADT minor version: ACPI 6.3
+    put(128, "<B", 0x06)  # RESET_VALUE
+    put(131, "<B", 3)  # FADT minor version: ACPI 6.3
     put(132, "<QQ", facs_addr, dsdt_addr)
     put(148, "<12s", gas(layout.PM1_EVT_PORT, 32, 2))
     put(172, "<12s", gas(layout.PM1_CNT_PORT, 16, 2))
     put(208, "<12s", gas(layout.PM_TMR_PORT, 32, 3))
-    put(268, "<8s", b"CORRAL\0\0")                    # hypervisor vendor identity
+    put(268, "<8s", b"CORRAL\0\0")  # hypervisor vendor identity
     return sdt(b"FACP", 6, bytes(f))
 
 
@@ -125,39 +124,49 @@ def madt(num_cpus: int) -> bytes:
         body += struct.pack("<BBBBI", MADT_LAPIC, 8, i, i, 1)
     ioapic_id = num_cpus  # the next id after the CPUs' APIC ids
     body += struct.pack("<BBBBII", MADT_IOAPIC, 12, ioapic_id, 0, layout.IOAPIC_ADDR, 0)
-    body += struct.pack("<BBBBIH", MADT_ISO, 10, 0, 0, 2, 0)   # PIT IRQ0 -> GSI2, bus defaults
-    body += struct.pack("<BBBBIH", MADT_ISO, 10, 0, layout.SCI_IRQ, layout.SCI_IRQ,
-                        ISO_ACTIVE_HIGH | ISO_LEVEL)
+    body += struct.pack("<BBBBIH", MADT_ISO, 10, 0, 0, 2, 0)  # PIT IRQ0 -> GSI2, bus defaults
+    body += struct.pack(
+        "<BBBBIH", MADT_ISO, 10, 0, layout.SCI_IRQ, layout.SCI_IRQ, ISO_ACTIVE_HIGH | ISO_LEVEL
+    )
     body += struct.pack("<BBBHB", MADT_LAPIC_NMI, 6, 0xFF, ISO_ACTIVE_HIGH | ISO_EDGE, 1)
     return sdt(b"APIC", 5, bytes(body))
 
 
 def _isa_device(name: str, hid: str, uid: int, *resources: bytes) -> bytes:
-    return aml.device(name,
-                      aml.name("_HID", aml.integer(aml.eisa_id(hid))),
-                      aml.name("_UID", aml.integer(uid)),
-                      aml.name("_CRS", aml.resource_template(*resources)))
+    return aml.device(
+        name,
+        aml.name("_HID", aml.integer(aml.eisa_id(hid))),
+        aml.name("_UID", aml.integer(uid)),
+        aml.name("_CRS", aml.resource_template(*resources)),
+    )
 
 
 def dsdt_objects(num_cpus: int, extra_devices: list[bytes] | None = None) -> list[bytes]:
     """The DSDT's AML: sleep state S5, then under \\_SB the CPUs, the ISA devices on the legacy
     bus and `extra_devices` (AML Device objects, e.g. a PCI host bridge)."""
-    cpus = [aml.device(f"C{i:03X}", aml.name("_HID", aml.string("ACPI0007")),
-                       aml.name("_UID", aml.integer(i))) for i in range(num_cpus)]
+    cpus = [
+        aml.device(f"C{i:03X}", aml.name("_HID", aml.string("ACPI0007")), aml.name("_UID", aml.integer(i)))
+        for i in range(num_cpus)
+    ]
     isa = [
-        _isa_device("COM1", "PNP0501", 0, aml.io_port(layout.COM1_PORT, 8),
-                    aml.irq_no_flags(layout.COM1_IRQ)),
-        _isa_device("RTC_", "PNP0B00", 0, aml.io_port(layout.RTC_PORT, 2),
-                    aml.irq_no_flags(layout.RTC_IRQ)),
+        _isa_device(
+            "COM1", "PNP0501", 0, aml.io_port(layout.COM1_PORT, 8), aml.irq_no_flags(layout.COM1_IRQ)
+        ),
+        _isa_device("RTC_", "PNP0B00", 0, aml.io_port(layout.RTC_PORT, 2), aml.irq_no_flags(layout.RTC_IRQ)),
         # No PNP0303 for the i8042: Linux warns ("PS/2 appears to have AUX port disabled") when
         # the DSDT lists a keyboard but no PS/2 mouse, and ours has no mouse port. Without one,
         # the FADT's 8042 boot flag makes Linux probe 0x60/0x64, IRQ 1, directly (info lines).
         # ports corral's own devices use, so the OS never hands them to anything else
         # The ECAM window is reserved here too, as Linux wants for MCFG ranges.
-        _isa_device("SYSR", "PNP0C02", 1, *(aml.io_port(p, n) for p, n in MOTHERBOARD_PORTS),
-                    aml.memory32_fixed(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE)),
+        _isa_device(
+            "SYSR",
+            "PNP0C02",
+            1,
+            *(aml.io_port(p, n) for p, n in MOTHERBOARD_PORTS),
+            aml.memory32_fixed(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE),
+        ),
     ]
-    slp_typ = layout.S5_SLP_TYP    # {SLP_TYPa, SLP_TYPb, reserved, reserved}
+    slp_typ = layout.S5_SLP_TYP  # {SLP_TYPa, SLP_TYPb, reserved, reserved}
     s5 = aml.name("_S5_", aml.package(*(aml.integer(v) for v in (slp_typ, slp_typ, 0, 0))))
     return [s5, aml.scope("\\_SB_", *cpus, *isa, *(extra_devices or []))]
 
@@ -181,22 +190,31 @@ def pci_host_bridge(mem_size: int) -> bytes:
         aml.dword_memory(layout.PCI_MMIO32_START, layout.PCI_MMIO32_END - 1),
         aml.qword_memory(start64, start64 + size64 - 1),
     )
-    return aml.device("PCI0",
-                      aml.name("_HID", aml.integer(aml.eisa_id("PNP0A08"))),
-                      aml.name("_CID", aml.integer(aml.eisa_id("PNP0A03"))),
-                      aml.name("_SEG", aml.integer(0)),
-                      aml.name("_BBN", aml.integer(0)),
-                      aml.name("_UID", aml.integer(0)),
-                      aml.name("_CRS", crs),
-                      aml.name("_PRT", pci_routing_table()),
-                      aml.method("_OSC", 4, aml.return_(aml.arg(3))))
+    return aml.device(
+        "PCI0",
+        aml.name("_HID", aml.integer(aml.eisa_id("PNP0A08"))),
+        aml.name("_CID", aml.integer(aml.eisa_id("PNP0A03"))),
+        aml.name("_SEG", aml.integer(0)),
+        aml.name("_BBN", aml.integer(0)),
+        aml.name("_UID", aml.integer(0)),
+        aml.name("_CRS", crs),
+        aml.name("_PRT", pci_routing_table()),
+        aml.method("_OSC", 4, aml.return_(aml.arg(3))),
+    )
 
 
 def pci_routing_table() -> bytes:
     """_PRT: INTA-INTD of slots 1-31 straight to IOAPIC GSIs (no link devices)."""
-    entries = [aml.package(aml.integer((slot << 16) | 0xFFFF), aml.integer(pin), aml.integer(0),
-                           aml.integer(layout.pci_intx_gsi(slot, pin)))
-               for slot in range(1, 32) for pin in range(4)]
+    entries = [
+        aml.package(
+            aml.integer((slot << 16) | 0xFFFF),
+            aml.integer(pin),
+            aml.integer(0),
+            aml.integer(layout.pci_intx_gsi(slot, pin)),
+        )
+        for slot in range(1, 32)
+        for pin in range(4)
+    ]
     return aml.package(*entries)
 
 
@@ -227,10 +245,15 @@ class AcpiTables:
         raise KeyError(signature)
 
 
-def build_acpi_tables(num_cpus: int, *, base: int = layout.ACPI_START, limit: int = layout.ACPI_END,
-                      extra_tables: list[bytes] | None = None,
-                      extra_devices: list[bytes] | None = None,
-                      extra_dsdt: list[bytes] | None = None) -> AcpiTables:
+def build_acpi_tables(
+    num_cpus: int,
+    *,
+    base: int = layout.ACPI_START,
+    limit: int = layout.ACPI_END,
+    extra_tables: list[bytes] | None = None,
+    extra_devices: list[bytes] | None = None,
+    extra_dsdt: list[bytes] | None = None,
+) -> AcpiTables:
     """Lay the tables out from `base`: RSDP, FACS, DSDT, FADT, MADT, extra tables, XSDT.
 
     extra_tables: complete tables (built with `sdt`) the XSDT also points at (an MCFG, ...).
@@ -241,15 +264,17 @@ def build_acpi_tables(num_cpus: int, *, base: int = layout.ACPI_START, limit: in
     if base % 16:
         raise ValueError(f"the RSDP must be 16-byte aligned, not at {base:#x}")
     out = AcpiTables(rsdp_addr=base)
-    cursor = base + 64                 # the RSDP takes 36 bytes; keep FACS 64-byte aligned
+    cursor = base + 64  # the RSDP takes 36 bytes; keep FACS 64-byte aligned
 
     def place(data: bytes, align: int = 16) -> int:
         nonlocal cursor
         addr = (cursor + align - 1) & ~(align - 1)
         if addr + len(data) > limit:
-            raise ValueError(f"ACPI tables do not fit in {base:#x}-{limit:#x} ({num_cpus} CPUs): "
-                             f"the {data[:4].decode()} table ({len(data)} bytes) would end at "
-                             f"{addr + len(data):#x}")
+            raise ValueError(
+                f"ACPI tables do not fit in {base:#x}-{limit:#x} ({num_cpus} CPUs): "
+                f"the {data[:4].decode()} table ({len(data)} bytes) would end at "
+                f"{addr + len(data):#x}"
+            )
         out.blobs.append((addr, data))
         cursor = addr + len(data)
         return addr

@@ -48,9 +48,9 @@ def name_string(path: str) -> bytes:
     if len(segs) == 1:
         body = name_seg(segs[0])
     elif len(segs) == 2:
-        body = b"\x2E" + b"".join(name_seg(s) for s in segs)
+        body = b"\x2e" + b"".join(name_seg(s) for s in segs)
     else:
-        body = b"\x2F" + bytes([len(segs)]) + b"".join(name_seg(s) for s in segs)
+        body = b"\x2f" + bytes([len(segs)]) + b"".join(name_seg(s) for s in segs)
     return (bytes([ROOT_CHAR]) if root else b"") + body
 
 
@@ -165,13 +165,11 @@ IO_ENTIRE_RANGE = 0x03
 
 
 def _address_space(width: int, space: int, type_flags: int, lo: int, hi: int) -> bytes:
-    tag, fmt = {16: (0x88, "<BHBBBHHHHH"), 32: (0x87, "<BHBBBIIIII"),
-                64: (0x8A, "<BHBBBQQQQQ")}[width]
+    tag, fmt = {16: (0x88, "<BHBBBHHHHH"), 32: (0x87, "<BHBBBIIIII"), 64: (0x8A, "<BHBBBQQQQQ")}[width]
     if not 0 <= lo <= hi < 1 << width:
         raise ValueError(f"bad {width}-bit address range {lo:#x}-{hi:#x}")
     length = struct.calcsize(fmt) - 3
-    return struct.pack(fmt, tag, length, space, _WINDOW_FLAGS, type_flags, 0, lo, hi, 0,
-                       hi - lo + 1)
+    return struct.pack(fmt, tag, length, space, _WINDOW_FLAGS, type_flags, 0, lo, hi, 0, hi - lo + 1)
 
 
 def word_bus_number(lo: int, hi: int) -> bytes:

@@ -21,9 +21,18 @@ LEVEL_SMT, LEVEL_CORE = 1, 2
 KVM_FEATURE_CLOCKSOURCE, KVM_FEATURE_NOP_IO_DELAY, KVM_FEATURE_CLOCKSOURCE2 = 0, 1, 3
 KVM_FEATURE_ASYNC_PF, KVM_FEATURE_STEAL_TIME, KVM_FEATURE_PV_EOI = 4, 5, 6
 KVM_FEATURE_CLOCKSOURCE_STABLE_BIT = 24
-KVM_DEFAULT_PV_FEATURES = sum(1 << b for b in (
-    KVM_FEATURE_CLOCKSOURCE, KVM_FEATURE_NOP_IO_DELAY, KVM_FEATURE_CLOCKSOURCE2, KVM_FEATURE_ASYNC_PF,
-    KVM_FEATURE_STEAL_TIME, KVM_FEATURE_PV_EOI, KVM_FEATURE_CLOCKSOURCE_STABLE_BIT))
+KVM_DEFAULT_PV_FEATURES = sum(
+    1 << b
+    for b in (
+        KVM_FEATURE_CLOCKSOURCE,
+        KVM_FEATURE_NOP_IO_DELAY,
+        KVM_FEATURE_CLOCKSOURCE2,
+        KVM_FEATURE_ASYNC_PF,
+        KVM_FEATURE_STEAL_TIME,
+        KVM_FEATURE_PV_EOI,
+        KVM_FEATURE_CLOCKSOURCE_STABLE_BIT,
+    )
+)
 
 # Features a user may hide from the guest (--cpu-hide): name -> (leaf, subleaf, register, bit).
 HIDEABLE: dict[str, tuple[int, int, str, int]] = {
@@ -42,12 +51,14 @@ HIDEABLE: dict[str, tuple[int, int, str, int]] = {
 # itself when CPUID lacks XSAVE (it only applies its dependency table when it clears a feature),
 # so a guest would run AVX code with CR4.OSXSAVE clear and take #UD (aesni_intel did, in the lab).
 XSAVE_DEPENDENTS: list[tuple[int, int, str, int]] = [
-    (1, 0, "ecx", 12), (1, 0, "ecx", 28), (1, 0, "ecx", 29),          # FMA, AVX, F16C
-    (7, 0, "ebx", 5),                                                 # AVX2
-    *((7, 0, "ebx", b) for b in (16, 17, 21, 26, 27, 28, 30, 31)),     # AVX-512 F DQ IFMA PF ER CD BW VL
-    *((7, 0, "ecx", b) for b in (1, 3, 6, 9, 10, 11, 12, 14)),         # VBMI PKU VBMI2 VAES VPCLMULQDQ VNNI BITALG VPOPCNTDQ
-    *((7, 0, "edx", b) for b in (2, 3, 8, 22, 23, 24, 25)),            # 4VNNIW 4FMAPS VP2INTERSECT AMX-BF16 FP16 AMX-TILE AMX-INT8
-    *((7, 1, "eax", b) for b in (4, 5)),                               # AVX-VNNI, AVX512-BF16
+    *((1, 0, "ecx", b) for b in (12, 28, 29)),  # FMA AVX F16C
+    (7, 0, "ebx", 5),  # AVX2
+    *((7, 0, "ebx", b) for b in (16, 17, 21, 26, 27, 28, 30, 31)),  # AVX-512 F DQ IFMA PF ER CD BW VL
+    # VBMI PKU VBMI2 VAES VPCLMULQDQ VNNI BITALG VPOPCNTDQ
+    *((7, 0, "ecx", b) for b in (1, 3, 6, 9, 10, 11, 12, 14)),
+    # 4VNNIW 4FMAPS VP2INTERSECT AMX-BF16 FP16 AMX-TILE AMX-INT8
+    *((7, 0, "edx", b) for b in (2, 3, 8, 22, 23, 24, 25)),
+    *((7, 1, "eax", b) for b in (4, 5)),  # AVX-VNNI AVX512-BF16
 ]
 
 
@@ -62,10 +73,16 @@ def _bits_for(n: int) -> int:
     return max(0, (n - 1).bit_length())
 
 
-def _entry(function: int, index: int, eax: int = 0, ebx: int = 0, ecx: int = 0, edx: int = 0,
-           flags: int = KVM_CPUID_FLAG_SIGNIFCANT_INDEX) -> KvmCpuidEntry2:
-    return KvmCpuidEntry2(function=function, index=index, flags=flags, eax=eax, ebx=ebx, ecx=ecx,
-                          edx=edx)
+def _entry(
+    function: int,
+    index: int,
+    eax: int = 0,
+    ebx: int = 0,
+    ecx: int = 0,
+    edx: int = 0,
+    flags: int = KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+) -> KvmCpuidEntry2:
+    return KvmCpuidEntry2(function=function, index=index, flags=flags, eax=eax, ebx=ebx, ecx=ecx, edx=edx)
 
 
 def _topology_leaf(function: int, apic_id: int, num_cpus: int) -> list[KvmCpuidEntry2]:
@@ -77,8 +94,9 @@ def _topology_leaf(function: int, apic_id: int, num_cpus: int) -> list[KvmCpuidE
     ]
 
 
-def vcpu_cpuid(supported: list[KvmCpuidEntry2], vcpu_index: int, num_cpus: int,
-               hide: tuple[str, ...] = ()) -> list[KvmCpuidEntry2]:
+def vcpu_cpuid(
+    supported: list[KvmCpuidEntry2], vcpu_index: int, num_cpus: int, hide: tuple[str, ...] = ()
+) -> list[KvmCpuidEntry2]:
     """The CPUID table for vCPU `vcpu_index` of `num_cpus`, derived from KVM's supported set,
     less the features named in `hide` (keys of HIDEABLE)."""
     if not 0 <= vcpu_index < num_cpus:
@@ -114,8 +132,8 @@ def vcpu_cpuid(supported: list[KvmCpuidEntry2], vcpu_index: int, num_cpus: int,
             # AMD CmpLegacy: cores are reported through 0x80000008, not HTT
             e.ecx = (e.ecx | (1 << 1)) if num_cpus > 1 else (e.ecx & ~(1 << 1))
         elif f in (0x8000_0002, 0x8000_0003, 0x8000_0004):
-            words = BRAND[(f - 0x8000_0002) * 16:][:16]
-            e.eax, e.ebx, e.ecx, e.edx = (int.from_bytes(words[i:i + 4], "little") for i in range(0, 16, 4))
+            words = BRAND[(f - 0x8000_0002) * 16 :][:16]
+            e.eax, e.ebx, e.ecx, e.edx = (int.from_bytes(words[i : i + 4], "little") for i in range(0, 16, 4))
         elif f == 0x8000_0008:
             e.ecx = (e.ecx & ~0xF0FF) | (_bits_for(num_cpus) << 12) | (num_cpus - 1)
         elif f == 0x8000_001E:

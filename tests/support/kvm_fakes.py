@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from typing import Callable
 
-from corral.kvm import Kvm, KvmError, VcpuFd, VmFd
+from corral.kvm import Kvm, VcpuFd, VmFd
 from corral.kvm import constants as K
 from corral.kvm import structs as S
 
@@ -64,9 +64,9 @@ Exit = Callable[[memoryview], None]
 
 class FakeVcpuFd:
     """A VcpuFd whose KVM_RUN plays a script: each entry fills the run page (an exit) or is an
-    OSError to raise. When the script is spent, run() blocks until `kick_run` (or a new entry)
-    and then raises EINTR, as a kicked KVM_RUN does. `pages` keeps a copy of the run page as
-    KVM_RUN was entered again, so a test can read what the vCPU wrote back for an exit."""
+    OSError to raise. When the script is spent, run() waits for `feed` and raises EINTR once
+    `immediate_exit` is set, as a kicked KVM_RUN does. `pages` keeps a copy of the run page
+    each time KVM_RUN is entered, so a test can read what the vCPU wrote back for an exit."""
 
     def __init__(self, script: list[Exit | OSError] | None = None) -> None:
         self.id = 0
@@ -84,9 +84,6 @@ class FakeVcpuFd:
         with self._more:
             self.script.extend(entries)
             self._more.notify_all()
-
-    def kick_run(self) -> None:
-        self.feed(OSError(errno.EINTR, "Interrupted system call"))
 
     def run(self) -> None:
         self.pages.append(bytes(self.run_buf))
@@ -112,7 +109,7 @@ class FakeVcpuFd:
         return None
 
 
-def io_exit(port: int, size: int, out: bool, values: list[int] = (), count: int = 1,
+def io_exit(port: int, size: int, out: bool, values: list[int] | tuple[int, ...] = (), count: int = 1,
             data_offset: int = 0x400) -> Exit:
     """A KVM_EXIT_IO for `count` accesses of `size` bytes; an OUT carries `values`."""
     def fill(run: memoryview) -> None:
@@ -258,6 +255,6 @@ def set_lapic_u32(fd: VcpuFd, reg: int, value: int) -> None:
     fd.set_lapic(S.KvmLapicState.from_buffer_copy(raw))
 
 
-__all__ = ["FakeVmFd", "FakeVcpuFd", "KvmError", "RealModeVm", "RecordingDevice", "RecordingHost",
+__all__ = ["FakeVmFd", "FakeVcpuFd", "RealModeVm", "RecordingDevice", "RecordingHost",
            "exit_reason", "internal_error", "io_exit", "lapic_bytes", "lapic_u32", "mmio_exit",
            "plain_exit", "route_tuple", "set_lapic_u32", "system_event"]

@@ -106,7 +106,8 @@ def test_a_vcpu_saved_and_loaded_into_a_fresh_vm_comes_back_the_same(vms):
     dst = b.vcpu()
     load_vcpu(dst, state)
     r, s = dst.get_regs(), dst.get_sregs()
-    assert (r.rax, r.rbx, r.r15, r.rip, r.rsp, r.rflags) == (0x1111, 0x2222, 0xF0F0_F0F0_F0F0, 0x1234, 0x7FF0, 0x202)
+    assert (r.rax, r.rbx, r.r15, r.rip, r.rsp, r.rflags) == \
+        (0x1111, 0x2222, 0xF0F0_F0F0_F0F0, 0x1234, 0x7FF0, 0x202)
     assert (s.gdt.base, s.gdt.limit, s.ds.base, s.cr2) == (0x5000, 0x2F, 0x30000, 0xBAD0)
     assert dst.get_msrs(MSRS) == {MSR_SYSENTER_CS: 0x10, MSR_SYSENTER_ESP: 0x9000,
                                   MSR_KERNEL_GS_BASE: 0xFFFF_8880_0000_1000}

@@ -6,7 +6,6 @@ every branch; a real vCPU running a few real-mode instructions checks the same a
 import errno
 import struct
 import sys
-import threading
 import time
 from pathlib import Path
 

@@ -1,7 +1,7 @@
 """corral: a hosted hypervisor on Linux KVM.
 
-    from corral import Machine, MachineConfig
-    result = Machine(MachineConfig(kernel="probe.elf", cmdline="hello")).run()
+from corral import Machine, MachineConfig
+result = Machine(MachineConfig(kernel="probe.elf", cmdline="hello")).run()
 """
 
 from __future__ import annotations
@@ -16,12 +16,23 @@ if TYPE_CHECKING:
     from corral.machine import ExitResult, Machine
 
 _EXPORTS = {
-    "MachineConfig": "corral.config", "Machine": "corral.machine", "ExitResult": "corral.machine",
-    "ConfigError": "corral.errors", "CorralError": "corral.errors", "HostError": "corral.errors",
+    "MachineConfig": "corral.config",
+    "Machine": "corral.machine",
+    "ExitResult": "corral.machine",
+    "ConfigError": "corral.errors",
+    "CorralError": "corral.errors",
+    "HostError": "corral.errors",
     "KernelFormatError": "corral.errors",
 }
-__all__ = ["ConfigError", "CorralError", "ExitResult", "HostError", "KernelFormatError", "Machine",
-           "MachineConfig"]
+__all__ = [
+    "ConfigError",
+    "CorralError",
+    "ExitResult",
+    "HostError",
+    "KernelFormatError",
+    "Machine",
+    "MachineConfig",
+]
 assert sorted(__all__) == sorted(_EXPORTS)
 
 

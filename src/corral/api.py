@@ -17,8 +17,9 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -66,10 +67,12 @@ class Migrate(_Req):
 
 class Balloon(_Req):
     op: Literal["balloon"]
-    target: int | str | None = Field(default=None, description="bytes (or 256M, 1G) to take back; omit to only read")
+    target: int | str | None = Field(
+        default=None, description="bytes (or 256M, 1G) to take back; omit to only read"
+    )
 
 
-Request = Annotated[Union[Pause, Resume, Status, Stop, Snapshot, Migrate, Balloon], Field(discriminator="op")]
+Request = Annotated[Pause | Resume | Status | Stop | Snapshot | Migrate | Balloon, Field(discriminator="op")]
 _REQUEST = TypeAdapter(Request)
 
 
@@ -118,7 +121,7 @@ class ControlServer:
                 except CorralError as exc:
                     send({"ok": False, "error": str(exc)})
             except OSError:
-                pass                                   # the client went away
+                pass  # the client went away
 
     def _do(self, req: Request, send: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         m = self.machine
@@ -131,9 +134,14 @@ class ControlServer:
         elif isinstance(req, Snapshot):
             return m.snapshot(req.path).model_dump(mode="json")
         elif isinstance(req, Migrate):
-            st = migrate(m, req.to, downtime_limit=req.downtime_ms / 1000,
-                         progress=lambda r, sent, dirty: send(
-                             {"progress": MigrationProgress(round=r, sent=sent, dirty=dirty).model_dump()}))
+            st = migrate(
+                m,
+                req.to,
+                downtime_limit=req.downtime_ms / 1000,
+                progress=lambda r, sent, dirty: send(
+                    {"progress": MigrationProgress(round=r, sent=sent, dirty=dirty).model_dump()}
+                ),
+            )
             return st.model_dump(mode="json")
         elif isinstance(req, Balloon):
             if req.target is not None:
@@ -188,23 +196,31 @@ class ControlClient:
         """Set the balloon to `target` bytes (None: leave it) and report it."""
         return BalloonInfo.model_validate(call(self.path, Balloon(op="balloon", target=target)))
 
-    def migrate(self, to: str, downtime_ms: int = 300,
-                on_progress: Callable[[MigrationProgress], None] | None = None) -> MigrationStats:
-        return MigrationStats.model_validate(call(
-            self.path, Migrate(op="migrate", to=to, downtime_ms=downtime_ms),
-            (lambda p: on_progress(MigrationProgress.model_validate(p))) if on_progress else None))
+    def migrate(
+        self, to: str, downtime_ms: int = 300, on_progress: Callable[[MigrationProgress], None] | None = None
+    ) -> MigrationStats:
+        return MigrationStats.model_validate(
+            call(
+                self.path,
+                Migrate(op="migrate", to=to, downtime_ms=downtime_ms),
+                (lambda p: on_progress(MigrationProgress.model_validate(p))) if on_progress else None,
+            )
+        )
 
 
 class MigrationProgress(BaseModel):
     """One pre-copy round of a migration in flight."""
 
     round: int
-    sent: int                       # bytes sent so far
-    dirty: int                      # bytes the guest dirtied meanwhile (still to send)
+    sent: int  # bytes sent so far
+    dirty: int  # bytes the guest dirtied meanwhile (still to send)
 
 
-def call(path: str | os.PathLike[str], request: Request | dict[str, Any],
-         on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def call(
+    path: str | os.PathLike[str],
+    request: Request | dict[str, Any],
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Send one request to a machine's control socket; returns the reply's fields or raises
     CorralError. ControlClient wraps this with typed replies."""
     body = request.model_dump(mode="json", exclude_none=True) if isinstance(request, BaseModel) else request
@@ -233,4 +249,4 @@ def call(path: str | os.PathLike[str], request: Request | dict[str, Any],
             return reply
 
 
-__all__ = ["ControlClient", "NoControlSocket", "ControlServer", "MigrationProgress", "Request", "call"]
+__all__ = ["ControlClient", "ControlServer", "MigrationProgress", "NoControlSocket", "Request", "call"]

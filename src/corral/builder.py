@@ -64,9 +64,9 @@ class Board:
     mmio: MmioBus
     pci: PciRoot
     serial: Serial16550
-    legacy: dict[str, Stateful]                     # by name: ports, timers, PCI config ports
+    legacy: dict[str, Stateful]  # by name: ports, timers, PCI config ports
     virtio: dict[str, VirtioPciDevice] = field(default_factory=dict)
-    loop: EventLoop | None = None                   # only when there are virtio devices
+    loop: EventLoop | None = None  # only when there are virtio devices
     doorbells: KvmDoorbells | None = None
     irq_router: IrqRouter | None = None
 
@@ -110,25 +110,34 @@ class _Window:
         self.dev.pio_write(self.offset + offset, size, value)  # type: ignore[attr-defined]
 
 
-def build_board(vm: Vm, memory: GuestMemory, config: MachineConfig, control: VmControl,
-                console: Console) -> Board:
+def build_board(
+    vm: Vm, memory: GuestMemory, config: MachineConfig, control: VmControl, console: Console
+) -> Board:
     """The PC board for `config`. On failure, whatever was opened is closed again."""
     pio, mmio = PioBus(), MmioBus()
     serial = Serial16550(vm.irq_line(layout.COM1_IRQ), console)
     pci = PciRoot(mmio)
     mmio.register(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, Ecam(pci), "pci-ecam")
     legacy: dict[str, Stateful] = {
-        "com1": serial, "i8042": I8042(control, vm.irq_line(1)),
-        "rtc": CmosRtc(vm.irq_line(layout.RTC_IRQ), mem_size=config.memory), "post": PostSink(),
-        "debug-exit": DebugExit(control), "bench-sink": PostSink(),
-        "acpi-pm": AcpiPm(control, vm.irq_line(layout.SCI_IRQ)), "reset": ResetRegister(control),
+        "com1": serial,
+        "i8042": I8042(control, vm.irq_line(1)),
+        "rtc": CmosRtc(vm.irq_line(layout.RTC_IRQ), mem_size=config.memory),
+        "post": PostSink(),
+        "debug-exit": DebugExit(control),
+        "bench-sink": PostSink(),
+        "acpi-pm": AcpiPm(control, vm.irq_line(layout.SCI_IRQ)),
+        "reset": ResetRegister(control),
         "pci-cfg": ConfigPorts(pci),
     }
     ports = [  # (base, ports, device, offset of the base within the device)
-        (layout.COM1_PORT, 8, "com1", 0), (layout.I8042_DATA_PORT, 1, "i8042", 0),
-        (layout.I8042_CMD_PORT, 1, "i8042", 4), (layout.RTC_PORT, 2, "rtc", 0),
-        (layout.POST_PORT, 1, "post", 0), (layout.DEBUG_EXIT_PORT, 2, "debug-exit", 0),
-        (layout.BENCH_SINK_PORT, 1, "bench-sink", 0), (layout.PM_BASE_PORT, 12, "acpi-pm", 0),
+        (layout.COM1_PORT, 8, "com1", 0),
+        (layout.I8042_DATA_PORT, 1, "i8042", 0),
+        (layout.I8042_CMD_PORT, 1, "i8042", 4),
+        (layout.RTC_PORT, 2, "rtc", 0),
+        (layout.POST_PORT, 1, "post", 0),
+        (layout.DEBUG_EXIT_PORT, 2, "debug-exit", 0),
+        (layout.BENCH_SINK_PORT, 1, "bench-sink", 0),
+        (layout.PM_BASE_PORT, 12, "acpi-pm", 0),
         (layout.RESET_PORT, 1, "reset", 0),
         (layout.PCI_CONFIG_ADDRESS_PORT, 1, "pci-cfg", ConfigPorts.ADDRESS_OFFSET),
         (layout.PCI_CONFIG_DATA_PORT, 4, "pci-cfg", ConfigPorts.DATA_OFFSET),
@@ -145,30 +154,51 @@ def build_board(vm: Vm, memory: GuestMemory, config: MachineConfig, control: VmC
     return board
 
 
-def _virtio_devices(config: MachineConfig, loop: Callable[[], EventLoop]) -> list[tuple[str, Callable[[], VirtioDevice]]]:
+def _virtio_devices(
+    config: MachineConfig, loop: Callable[[], EventLoop]
+) -> list[tuple[str, Callable[[], VirtioDevice]]]:
     """(name, constructor) for each virtio device the config asks for, in slot order."""
     wanted: list[tuple[str, Callable[[], VirtioDevice]]] = [
-        (f"virtio-blk{i}", (lambda d: lambda: VirtioBlock(
-            str(d.path), read_only=d.read_only, serial=d.serial,
-            overlay=str(d.overlay) if d.overlay else None))(d))
-        for i, d in enumerate(config.disks)]
+        (
+            f"virtio-blk{i}",
+            (
+                lambda d: (
+                    lambda: VirtioBlock(
+                        str(d.path),
+                        read_only=d.read_only,
+                        serial=d.serial,
+                        overlay=str(d.overlay) if d.overlay else None,
+                    )
+                )
+            )(d),
+        )
+        for i, d in enumerate(config.disks)
+    ]
     if config.rng:
         wanted.append(("virtio-rng", VirtioRng))
     if config.balloon:
         wanted.append(("virtio-balloon", VirtioBalloon))
     if config.virtio_console:
+
         def console() -> VirtioConsole:
             dev = VirtioConsole(ConsoleBackend(config.virtio_console), loop())
             if config.virtio_console == "pty":
                 log.warning("hvc0 (virtio-console) is on %s", dev.backend.path)
             return dev
+
         wanted.append(("virtio-console", console))
     if config.vsock is not None:
         v = config.vsock
         wanted.append(("virtio-vsock", lambda: VirtioVsock(v.cid, str(v.uds_path), loop())))
     for i, n in enumerate(config.nets):
-        wanted.append((f"virtio-net{i}", (lambda n: lambda: VirtioNet(
-            Tap(n.tap, host_ip=n.host_ip or None), n.guest_mac(), loop()))(n)))
+        wanted.append(
+            (
+                f"virtio-net{i}",
+                (lambda n: lambda: VirtioNet(Tap(n.tap, host_ip=n.host_ip or None), n.guest_mac(), loop()))(
+                    n
+                ),
+            )
+        )
     return wanted
 
 
@@ -191,10 +221,10 @@ def _add_virtio(board: Board, vm: Vm, memory: GuestMemory, config: MachineConfig
         vectors = [board.irq_router.msi_vector() for _ in range(len(device.queue_sizes) + 1)]
         gsi = layout.pci_intx_gsi(slot)
         fn = VirtioPciDevice(device, memory, vm.irq_line(gsi), board.loop, board.doorbells, vectors)
-        board.virtio[name] = fn        # registered first, so close() releases it on failure
+        board.virtio[name] = fn  # registered first, so close() releases it on failure
         fn.config.set_bar_address(0, bar)
         fn.config.write(COMMAND, 2, CMD_MEMORY)
-        fn.config.write(INTERRUPT_LINE, 1, gsi)          # as firmware sets it
+        fn.config.write(INTERRUPT_LINE, 1, gsi)  # as firmware sets it
         board.pci.add(fn, slot)
         bar += BAR_SIZE
 
@@ -203,8 +233,9 @@ def load_guest(memory: GuestMemory, config: MachineConfig) -> BootInfo:
     """ACPI tables and the kernel (with its initrd and command line) in guest memory."""
     tables = machine_acpi_tables(config.cpus, config.memory)
     tables.write_to(memory)
-    return load_kernel_file(memory, config.kernel, cmdline=config.cmdline, initrd=config.initrd,
-                            rsdp_addr=tables.rsdp_addr)
+    return load_kernel_file(
+        memory, config.kernel, cmdline=config.cmdline, initrd=config.initrd, rsdp_addr=tables.rsdp_addr
+    )
 
 
 def create_vcpus(vm: Vm, board: Board, host: VcpuHost, config: MachineConfig, boot: BootInfo) -> list[Vcpu]:

@@ -115,7 +115,11 @@ class EventLoop:
         except BlockingIOError:
             pass
         while self._calls:
-            self._calls.popleft()()
+            # each call on its own: one that fails must not hold back the calls queued behind it
+            try:
+                self._calls.popleft()()
+            except Exception:  # a device bug must not stop every other device
+                log.exception("device call failed")
 
     def _run(self) -> None:
         while not self._stopping:

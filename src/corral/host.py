@@ -7,9 +7,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from corral.errors import HostError
 from corral.kvm import Kvm
 from corral.kvm import constants as K
 from corral.vstate.vm import CAPABILITIES, missing_capabilities
+
 
 def _cpu_flags() -> set[str]:
     try:
@@ -26,7 +28,7 @@ class HostReport:
     kvm_path: str
     api_version: int | None = None
     error: str | None = None
-    virtualization: str = "unknown"   # "vmx", "svm", "pvm" or "unknown"
+    virtualization: str = "unknown"  # "vmx", "svm", "pvm" or "unknown"
     capabilities: dict[str, int] = field(default_factory=dict)
     max_vcpus: int = 0
     recommended_vcpus: int = 0
@@ -52,7 +54,7 @@ def probe_host(kvm_path: str = "/dev/kvm") -> HostReport:
         rep.virtualization = "svm"
     try:
         kvm = Kvm(kvm_path)
-    except Exception as exc:  # HostError with its own message
+    except HostError as exc:  # with its own message
         rep.error = str(exc)
         return rep
     try:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 4096
 
+
 @dataclass(frozen=True)
 class ExitResult:
     """How a machine stopped.
@@ -58,7 +59,7 @@ class MachineStatus(BaseModel):
 
     state: Literal["running", "paused"]
     cpus: int
-    memory: int                     # bytes of guest RAM
+    memory: int  # bytes of guest RAM
 
 
 class VmStateError(CorralError):
@@ -72,11 +73,17 @@ class Machine:
     >>> result = m.run()          # boots, waits until the guest stops, tears down
     """
 
-    def __init__(self, config: MachineConfig, *, console: Callable[[bytes], None] | None = None,
-                 kvm_path: str = "/dev/kvm", restore_from: Snapshot | None = None,
-                 incoming: bool = False) -> None:
+    def __init__(
+        self,
+        config: MachineConfig,
+        *,
+        console: Callable[[bytes], None] | None = None,
+        kvm_path: str = "/dev/kvm",
+        restore_from: Snapshot | None = None,
+        incoming: bool = False,
+    ) -> None:
         self.config = config
-        self._restore = restore_from       # consumed by the first build; a reboot boots afresh
+        self._restore = restore_from  # consumed by the first build; a reboot boots afresh
         # incoming migration: build() stops before the vCPUs; RAM arrives, then load_incoming()
         self._incoming = incoming
         self.kvm_path = kvm_path
@@ -92,16 +99,21 @@ class Machine:
         self.boot: BootInfo | None = None
         self.reboots = 0
         self._stop_requested = False  # sticky across reboots: stop() must end run()
-        self._state_lock = threading.RLock()   # pause, resume, snapshot, migration: one at a time
+        self._state_lock = threading.RLock()  # pause, resume, snapshot, migration: one at a time
         self.paused = False
         self._clock_at_pause: int | None = None
         self._msr_indices: list[int] | None = None
         self.cpu_model: CpuModel | None = None
 
     @classmethod
-    def from_snapshot(cls, path: str | os.PathLike[str], *,
-                      console: Callable[[bytes], None] | None = None,
-                      kvm_path: str = "/dev/kvm", clone_index: int | None = None) -> Machine:
+    def from_snapshot(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        console: Callable[[bytes], None] | None = None,
+        kvm_path: str = "/dev/kvm",
+        clone_index: int | None = None,
+    ) -> Machine:
         """A machine that resumes where the snapshot at `path` was taken; start() or run()
         continues the guest. RAM is mapped from the snapshot lazily, so this is fast whatever
         the memory size, and machines restored from one snapshot share unchanged pages.
@@ -158,8 +170,10 @@ class Machine:
             self.vm = vm = Vm.create(self.kvm_path, cfg.cpus)
             self.cpu_model = CpuModel.from_cpuid(vm.supported_cpuid)
             if snap is not None and snap.manifest.cpu != self.cpu_model:
-                raise SnapshotError(f"{snap.path} was taken on a {snap.manifest.cpu.describe()}; this "
-                                    f"host has a {self.cpu_model.describe()}: the guest would see its CPU change")
+                raise SnapshotError(
+                    f"{snap.path} was taken on a {snap.manifest.cpu.describe()}; this "
+                    f"host has a {self.cpu_model.describe()}: the guest would see its CPU change"
+                )
             self.memory = GuestMemory(cfg.memory, backing=snap.memory_file if snap else None)
             vm.map_memory(self.memory)
             self.board = build_board(vm, self.memory, cfg, self, self._console)
@@ -212,7 +226,7 @@ class Machine:
             for v in self.vcpus:
                 while not v.parked.wait(0.05):
                     if v.thread is None or not v.thread.is_alive() or self._stopped.is_set():
-                        break      # a stopped vCPU is as still as a parked one
+                        break  # a stopped vCPU is as still as a parked one
                     if time.monotonic() > deadline:
                         self.release_vcpus()
                         raise VmStateError(f"vcpu{v.index} did not pause within {timeout:.0f}s")
@@ -279,8 +293,10 @@ class Machine:
     def set_balloon(self, target_bytes: int) -> None:
         """Ask the guest to hand `target_bytes` of its RAM back to the host (0: take it all back)."""
         if not 0 <= target_bytes <= self.config.memory:
-            raise VmStateError(f"a balloon of {target_bytes} bytes does not fit in the guest's "
-                               f"{self.config.memory >> 20} MiB")
+            raise VmStateError(
+                f"a balloon of {target_bytes} bytes does not fit in the guest's "
+                f"{self.config.memory >> 20} MiB"
+            )
         fn, dev = self._balloon()
         dev.set_target(target_bytes >> 12, fn)
 
@@ -293,13 +309,18 @@ class Machine:
             self.loop.call_soon(dev.request_stats)
             dev.stats_updated.wait(timeout)
         assert self.memory is not None
-        return BalloonInfo(target_bytes=dev.target_pages << 12, actual_bytes=dev.actual_pages << 12,
-                           host_resident_bytes=self.memory.resident_bytes(), stats=dict(dev.stats),
-                           **dev.counters)
+        return BalloonInfo(
+            target_bytes=dev.target_pages << 12,
+            actual_bytes=dev.actual_pages << 12,
+            host_resident_bytes=self.memory.resident_bytes(),
+            stats=dict(dev.stats),
+            **dev.counters,
+        )
 
     def status(self) -> MachineStatus:
-        return MachineStatus(state="paused" if self.paused else "running", cpus=self.config.cpus,
-                             memory=self.config.memory)
+        return MachineStatus(
+            state="paused" if self.paused else "running", cpus=self.config.cpus, memory=self.config.memory
+        )
 
     # -- the state walk -------------------------------------------------------------------------
     def save_state(self) -> MachineState:
@@ -317,8 +338,11 @@ class Machine:
             return MachineState(
                 vm=vm_state,
                 vcpus=[v.save_state(self._msr_indices) for v in self.vcpus],
-                devices={name: dev.save_state().model_dump(mode="json")
-                         for name, dev in self.board.components().items()})
+                devices={
+                    name: dev.save_state().model_dump(mode="json")
+                    for name, dev in self.board.components().items()
+                },
+            )
 
     def load_incoming(self, state: MachineState) -> None:
         """Finish an incoming machine (built with incoming=True, RAM already filled): create
@@ -334,14 +358,16 @@ class Machine:
         assert self.vm is not None and self.board is not None
         comps = self.board.components()
         if set(state.devices) != set(comps):
-            raise SnapshotError(f"the saved devices ({', '.join(state.devices)}) do not match this "
-                                f"machine's ({', '.join(comps)})")
+            raise SnapshotError(
+                f"the saved devices ({', '.join(state.devices)}) do not match this "
+                f"machine's ({', '.join(comps)})"
+            )
         self.vcpus = restore_vcpus(self.vm, self.board, self, state.vcpus)
         self.vm.load_state(state.vm)
         for name, data in state.devices.items():
             dev = comps[name]
             dev.load_state(type(dev.save_state()).model_validate(data))
-        self._clock_at_pause = state.vm.clock     # applied when the vCPUs start
+        self._clock_at_pause = state.vm.clock  # applied when the vCPUs start
 
     def snapshot(self, path: str | os.PathLike[str]) -> SnapshotStats:
         """Write the machine to `path` (a new directory). A running machine is paused for the
@@ -384,8 +410,13 @@ class Machine:
             v.join(5.0)
         if dump_registers:
             for v in self.vcpus:
-                log.warning("vcpu%d (mp_state %s, %d exits):\n%s", v.index, v.mp_state_name(), v.exits,
-                            v.describe_registers())
+                log.warning(
+                    "vcpu%d (mp_state %s, %d exits):\n%s",
+                    v.index,
+                    v.mp_state_name(),
+                    v.exits,
+                    v.describe_registers(),
+                )
         for v in self.vcpus:
             v.close()
         self.vcpus = []

@@ -38,9 +38,9 @@ from corral.state.model import CpuModel, MachineState
 log = logging.getLogger(__name__)
 
 PAGE = 4096
-MAX_FRAME = 1 << 20                 # pages are sent in runs of at most 1 MiB
-_PAGES = struct.Struct("<cQI")      # b"P", backing offset, length
-_JSON = struct.Struct("<cI")        # b"J", length
+MAX_FRAME = 1 << 20  # pages are sent in runs of at most 1 MiB
+_PAGES = struct.Struct("<cQI")  # b"P", backing offset, length
+_JSON = struct.Struct("<cI")  # b"J", length
 PROTOCOL = 1
 IO_TIMEOUT = 30.0
 
@@ -57,11 +57,11 @@ class MigrationStats(BaseModel):
     total_seconds: float = 0.0
     downtime_seconds: float = 0.0
     final_bytes: int = 0
-    throttle: float = 0.0           # the share of time the guest's vCPUs were held back
+    throttle: float = 0.0  # the share of time the guest's vCPUs were held back
     round_bytes: list[int] = Field(default_factory=list)
 
 
-Progress = Callable[[int, int, int], None]    # round, bytes sent so far, bytes still dirty
+Progress = Callable[[int, int, int], None]  # round, bytes sent so far, bytes still dirty
 
 
 class _Link:
@@ -147,8 +147,16 @@ def parse_address(text: str, *, default_host: str = "127.0.0.1", any_port: bool 
 
 # -- source ---------------------------------------------------------------------------------------
 
-def migrate(machine: Machine, address: str, *, downtime_limit: float = 0.3, max_rounds: int = 30,
-            progress: Progress | None = None, cut_at: str | None = None) -> MigrationStats:
+
+def migrate(
+    machine: Machine,
+    address: str,
+    *,
+    downtime_limit: float = 0.3,
+    max_rounds: int = 30,
+    progress: Progress | None = None,
+    cut_at: str | None = None,
+) -> MigrationStats:
     """Move `machine` to the corral listening at `address` (HOST:PORT). On success the local
     machine is stopped; on failure it runs on. `cut_at` (tests) drops the connection at a phase:
     hello, memory, state or go."""
@@ -161,8 +169,9 @@ def migrate(machine: Machine, address: str, *, downtime_limit: float = 0.3, max_
     try:
         sock = socket.create_connection((host, port), timeout=5.0)
     except OSError as exc:
-        raise MigrationError(f"cannot reach {host}:{port}: {exc.strerror or exc} (is `corral "
-                             "receive` listening there?)") from None
+        raise MigrationError(
+            f"cannot reach {host}:{port}: {exc.strerror or exc} (is `corral receive` listening there?)"
+        ) from None
     link = _Link(sock)
     was_paused = machine.paused
     committed = False
@@ -170,9 +179,14 @@ def migrate(machine: Machine, address: str, *, downtime_limit: float = 0.3, max_
     try:
         with machine.exclusive():
             _cut(link, cut_at, "hello")
-            link.send_json({"protocol": PROTOCOL, "corral_version": __version__,
-                            "cpu": machine.cpu_model.model_dump(),
-                            "config": machine.config.model_dump(mode="json")})
+            link.send_json(
+                {
+                    "protocol": PROTOCOL,
+                    "corral_version": __version__,
+                    "cpu": machine.cpu_model.model_dump(),
+                    "config": machine.config.model_dump(mode="json"),
+                }
+            )
             link.expect("ok")
             machine.start_dirty_log()
             # round 0: everything that is not zero (the destination's RAM starts zeroed)
@@ -180,7 +194,7 @@ def migrate(machine: Machine, address: str, *, downtime_limit: float = 0.3, max_
                 link.send_pages(off, data)
             stats.round_bytes.append(link.sent)
             _cut(link, cut_at, "memory")
-            dirty = machine.read_dirty_log()             # what the guest wrote meanwhile
+            dirty = machine.read_dirty_log()  # what the guest wrote meanwhile
             while True:
                 stats.rounds += 1
                 started, sent0 = time.perf_counter(), link.sent
@@ -189,7 +203,7 @@ def migrate(machine: Machine, address: str, *, downtime_limit: float = 0.3, max_
                 took = max(time.perf_counter() - started, 1e-4)
                 round_bytes = link.sent - sent0
                 stats.round_bytes.append(round_bytes)
-                rate = max(round_bytes / took, 50e6)             # bytes/s the link carried
+                rate = max(round_bytes / took, 50e6)  # bytes/s the link carried
                 dirty = machine.read_dirty_log()
                 pending = len(dirty) * PAGE
                 if progress:
@@ -197,7 +211,7 @@ def migrate(machine: Machine, address: str, *, downtime_limit: float = 0.3, max_
                 if pending / rate <= downtime_limit or stats.rounds >= max_rounds:
                     break
                 if stats.rounds >= 2 and round_bytes and pending >= 0.8 * round_bytes:
-                    throttle.increase()          # not converging: slow the guest down
+                    throttle.increase()  # not converging: slow the guest down
             # stop and copy
             down = time.perf_counter()
             throttle.stop()
@@ -212,7 +226,7 @@ def migrate(machine: Machine, address: str, *, downtime_limit: float = 0.3, max_
             link.expect("ready")
             _cut(link, cut_at, "go")
             link.send_json({"go": True})
-            committed = True           # from here on the destination owns the guest
+            committed = True  # from here on the destination owns the guest
             stats.downtime_seconds = time.perf_counter() - down
             stats.throttle = throttle.fraction
     except (OSError, MigrationError, CorralError) as exc:
@@ -220,8 +234,10 @@ def migrate(machine: Machine, address: str, *, downtime_limit: float = 0.3, max_
         _abort(machine, was_paused)
         link.close()
         if committed:
-            raise MigrationError(f"the connection failed after the hand-over was sent ({exc}); "
-                                 "the guest now runs at the destination") from None
+            raise MigrationError(
+                f"the connection failed after the hand-over was sent ({exc}); "
+                "the guest now runs at the destination"
+            ) from None
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
         raise MigrationError(f"migration to {host}:{port} failed: {reason}; the guest runs on here") from None
     except BaseException:
@@ -296,6 +312,7 @@ class _Throttle:
 
 # -- destination ----------------------------------------------------------------------------------
 
+
 def listen(address: str) -> socket.socket:
     host, port = parse_address(address, default_host="0.0.0.0", any_port=True)
     srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -309,15 +326,20 @@ def listen(address: str) -> socket.socket:
     return srv
 
 
-def receive(server: socket.socket, *, console: Callable[[bytes], None] | None = None,
-            kvm_path: str = "/dev/kvm", accept_timeout: float | None = None) -> Machine:
+def receive(
+    server: socket.socket,
+    *,
+    console: Callable[[bytes], None] | None = None,
+    kvm_path: str = "/dev/kvm",
+    accept_timeout: float | None = None,
+) -> Machine:
     """Accept one incoming migration on `server` and return the machine, loaded and handed
     over: call start() (or run()) at once. On any failure the half-built machine is closed and
     MigrationError raised."""
     server.settimeout(accept_timeout)
     try:
         sock, peer = server.accept()
-    except socket.timeout:
+    except TimeoutError:
         raise MigrationError("no migration arrived in time") from None
     link = _Link(sock)
     machine: Machine | None = None
@@ -326,17 +348,20 @@ def receive(server: socket.socket, *, console: Callable[[bytes], None] | None = 
         assert hello is not None
         try:
             if hello.get("protocol") != PROTOCOL or hello.get("corral_version") != __version__:
-                raise CorralError(f"the source is corral {hello.get('corral_version')} (protocol "
-                                  f"{hello.get('protocol')}), this is corral {__version__} "
-                                  f"(protocol {PROTOCOL})")
+                raise CorralError(
+                    f"the source is corral {hello.get('corral_version')} (protocol "
+                    f"{hello.get('protocol')}), this is corral {__version__} "
+                    f"(protocol {PROTOCOL})"
+                )
             config = MachineConfig.build(**hello["config"])
             machine = Machine(config, console=console, kvm_path=kvm_path, incoming=True)
             machine.build()
             cpu = CpuModel.model_validate(hello["cpu"])
             if cpu != machine.cpu_model:
                 assert machine.cpu_model is not None
-                raise CorralError(f"the source runs on a {cpu.describe()}, this host has a "
-                                  f"{machine.cpu_model.describe()}")
+                raise CorralError(
+                    f"the source runs on a {cpu.describe()}, this host has a {machine.cpu_model.describe()}"
+                )
         except (CorralError, KeyError, TypeError, ValueError) as exc:
             link.send_json({"error": str(exc)})
             raise MigrationError(f"refused the migration from {peer[0]}: {exc}") from None
@@ -362,4 +387,4 @@ def receive(server: socket.socket, *, console: Callable[[bytes], None] | None = 
         link.close()
 
 
-__all__ = ["MigrationError", "MigrationStats", "migrate", "listen", "receive", "parse_address"]
+__all__ = ["MigrationError", "MigrationStats", "listen", "migrate", "parse_address", "receive"]

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from corral.bus import MmioBus, PioBus
-from corral.doorbells import IOEVENTFD_FLAG_DEASSIGN, KvmDoorbells
+from corral.vstate.doorbells import IOEVENTFD_FLAG_DEASSIGN, KvmDoorbells
 from corral.eventloop import EventLoop
 from corral.kvm import KvmError
-from corral.vcpu import Vcpu
+from corral.vstate.vcpu import Vcpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # TODO(support): pytest pythonpath
 from support.kvm_fakes import (  # noqa: E402

@@ -169,10 +169,6 @@ def test_a_failing_handler_is_logged_and_the_loop_keeps_serving_others(loop, cap
         os.close(fd)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a call_soon function that raises leaves the calls queued behind it in the deque with "
-    "the wake eventfd already drained, so they wait for an unrelated later call_soon "
-    "(a pause() queued behind it times out)"))
 def test_a_failing_call_does_not_hold_back_the_calls_queued_behind_it(loop):
     ran = threading.Event()
 

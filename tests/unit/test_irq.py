@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.irq import FIRST_MSI_GSI, IrqRouter, pc_routes
+from corral.vstate.irq import FIRST_MSI_GSI, IrqRouter, pc_routes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # TODO(support): pytest pythonpath
 from support.kvm_fakes import FakeVmFd, RealModeVm, lapic_u32, route_tuple, set_lapic_u32  # noqa: E402

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.kick import KICK_SIGNAL, install_kick_handler, kick_thread
+from corral.vstate.kick import KICK_SIGNAL, install_kick_handler, kick_thread
 from corral.kvm import constants as K
 from corral.kvm import structs as S
 

@@ -10,7 +10,7 @@ import pytest
 
 from corral.kvm import KvmError
 from corral.kvm import structs as S
-from corral.state.kvm_state import (
+from corral.vstate.kvm_state import (
     VcpuState, VmKvmState, cpuid_entries, load_vcpu, load_vm, savable_msrs, save_vcpu, save_vm,
     set_clock)
 
@@ -50,7 +50,7 @@ def test_cpuid_entries_round_trip_through_the_state_bytes():
     entries = [S.KvmCpuidEntry2(function=f, index=0, eax=f * 3, ebx=7) for f in (0, 1, 0x8000_0001)]
     state = VcpuState(index=0, cpuid=b"".join(bytes(memoryview(e).cast("B")) for e in entries),
                       regs=b"", sregs=b"", xsave=b"", xcrs=b"", lapic=b"", events=b"",
-                      debugregs=b"", mp_state=0, msrs=[])
+                      debugregs=b"", mp_state=0, msrs={})
     back = cpuid_entries(state)
     assert [(e.function, e.eax, e.ebx) for e in back] == [(0, 0, 7), (1, 3, 7), (0x8000_0001, 0x8000_0003, 7)]
 
@@ -128,12 +128,12 @@ def test_load_vcpu_skips_an_msr_kvm_refuses_and_sets_the_others(vms):
     src, cpuid = _configured_vcpu(a)
     _dress(src)
     state = save_vcpu(src, 0, cpuid, MSRS)
-    state.msrs = sorted(state.msrs + [(MSR_BOGUS, 1)])
+    state.msrs = {**state.msrs, MSR_BOGUS: 1}
     dst = b.vcpu()
     with pytest.raises(KvmError):
         dst.set_msrs({MSR_BOGUS: 1})          # the premise: KVM refuses it
     load_vcpu(dst, state)
-    assert dst.get_msrs(MSRS) == dict(s for s in state.msrs if s[0] != MSR_BOGUS)
+    assert dst.get_msrs(MSRS) == {i: v for i, v in state.msrs.items() if i != MSR_BOGUS}
 
 
 @pytest.mark.kvm
@@ -171,7 +171,8 @@ def test_vm_irqchips_pit_and_clock_round_trip_into_a_fresh_vm(vms):
     a.vm.set_pit2(pit)
     set_clock(a.vm, 5_000_000_000)
     state = VmKvmState.model_validate_json(save_vm(a.vm).model_dump_json())
-    assert len(state.irqchips) == 3
+    assert [S.KvmIrqchip.from_buffer_copy(c).chip_id for c in (state.pic_master, state.pic_slave, state.ioapic)] \
+        == [PIC_MASTER, 1, IOAPIC]
     assert 5_000_000_000 <= state.clock < 6_000_000_000
 
     load_vm(b.vm, state)
@@ -190,8 +191,23 @@ def test_load_vm_refuses_a_short_pit_record_by_name(vms):
 
 
 def test_the_state_models_carry_bytes_as_base64_in_json():
-    st = VmKvmState(irqchips=[b"\x00\xff"], pit=b"\x01", clock=7)
+    st = VmKvmState(pic_master=b"\x00\xff", pic_slave=b"", ioapic=b"", pit=b"\x01", clock=7)
     text = st.model_dump_json()
     assert '"AP8="' in text
     assert VmKvmState.model_validate_json(text) == st
+
+
+def test_the_state_models_refuse_unknown_fields():
+    # a damaged or older snapshot fails validation by name instead of loading half a state
+    with pytest.raises(ValueError, match="irqchips"):
+        VmKvmState.model_validate({"irqchips": [], "pic_master": "", "pic_slave": "", "ioapic": "",
+                                   "pit": "", "clock": 0})
+
+
+@pytest.mark.kvm
+def test_load_vm_refuses_an_irqchip_saved_in_the_wrong_place(vms):
+    state = save_vm(vms().vm)
+    state.pic_master, state.ioapic = state.ioapic, state.pic_master
+    with pytest.raises(ValueError, match="irqchip: chip 2 saved where chip 0 belongs"):
+        load_vm(vms().vm, state)
 

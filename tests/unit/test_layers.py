@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"corral.memory", "corral.eventloop", "corral.backends", "corral.images"},
     {"corral.config"},
     {"corral.boot", "corral.devices"},
-    {"corral.vstate"},                       # everything that holds a KVM fd
+    {"corral.vstate"},  # everything that holds a KVM fd
     {"corral.state", "corral.builder", "corral.host"},
     {"corral.machine"},
     {"corral.migration"},
@@ -59,8 +59,11 @@ def _imports() -> dict[str, list[tuple[str, int, bool]]]:
                 names = [node.module]
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
-            edges += [(n, node.lineno, id(node) in typing_only) for n in names
-                      if n == "corral" or n.startswith("corral.")]
+            edges += [
+                (n, node.lineno, id(node) in typing_only)
+                for n in names
+                if n == "corral" or n.startswith("corral.")
+            ]
         found[_module_name(path)] = edges
     return found
 
@@ -87,19 +90,24 @@ def test_every_import_points_down():
     assert upward_imports(IMPORTS) == []
 
 
-@pytest.mark.parametrize(("module", "target"), [
-    ("corral.state.snapshot", "corral"),               # the package, for its version
-    ("corral.devices.virtio.blk", "corral.machine"),
-    ("corral.vstate.vcpu", "corral.builder"),
-    ("corral.boot.loader", "corral.devices.base"),     # a sibling layer is not below
-])
+@pytest.mark.parametrize(
+    ("module", "target"),
+    [
+        ("corral.state.snapshot", "corral"),  # the package, for its version
+        ("corral.devices.virtio.blk", "corral.machine"),
+        ("corral.vstate.vcpu", "corral.builder"),
+        ("corral.boot.loader", "corral.devices.base"),  # a sibling layer is not below
+    ],
+)
 def test_the_scan_catches_an_upward_import(module, target):
     assert len(upward_imports({module: [(target, 1, False)]})) == 1
 
 
 def test_no_import_cycles():
-    graph = {m: {t for t, _, typing in edges if not typing and t in IMPORTS and t != m}
-             for m, edges in IMPORTS.items()}
+    graph = {
+        m: {t for t, _, typing in edges if not typing and t in IMPORTS and t != m}
+        for m, edges in IMPORTS.items()
+    }
     # a module importing `corral.x.y` also runs the package `corral.x`'s __init__: ignore that
     # edge direction only where the package is an ancestor of the importer
     for m in graph:
@@ -113,7 +121,7 @@ def test_no_import_cycles():
         stack.append(m)
         for t in sorted(graph[m]):
             if state.get(t) == 1:
-                cycles.append(" -> ".join([*stack[stack.index(t):], t]))
+                cycles.append(" -> ".join([*stack[stack.index(t) :], t]))
             elif t not in state:
                 visit(t)
         stack.pop()

@@ -15,7 +15,7 @@ from corral.boot.cpu_state import BootCpuState, Segment
 from corral.bus import MmioBus, PioBus
 from corral.kvm import constants as K
 from corral.kvm import structs as S
-from corral.vcpu import Vcpu
+from corral.vstate.vcpu import Vcpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # TODO(support): pytest pythonpath
 from support.kvm_fakes import (  # noqa: E402
@@ -349,10 +349,6 @@ def test_configure_sets_cpuid_msrs_and_an_fpu_reset_state():
 
 
 @pytest.mark.kvm
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: Vcpu._set_lint reads KvmLapicState.regs, a c_char array field that ctypes cuts at the "
-    "first NUL (b'' for a LAPIC page), so LVT0/LVT1 are never set; only KVM's LINT0 quirk on "
-    "the BSP makes LVT0 ExtINT, LVT1 stays masked and APs get neither"))
 @pytest.mark.parametrize("index", [0, 1])
 def test_configure_puts_lint0_on_extint_and_lint1_on_nmi(index):
     real_vm = RealModeVm(irqchip=True)

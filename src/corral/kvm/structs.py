@@ -92,7 +92,8 @@ class KvmFpu(C.Structure):
 
 
 class KvmLapicState(C.Structure):
-    _fields_ = [("regs", C.c_char * 1024)]
+    # bytes, not c_char: a c_char array reads as a string cut at its first NUL
+    _fields_ = [("regs", C.c_uint8 * 1024)]
 
 
 class KvmCpuidEntry2(C.Structure):

@@ -14,7 +14,7 @@ class CpuModel(BaseModel):
     """Enough of the host CPU to refuse a restore that would show the guest another CPU."""
 
     vendor: str
-    signature: int              # CPUID.1:EAX: family, model, stepping
+    signature: int  # CPUID.1:EAX: family, model, stepping
 
     @classmethod
     def from_cpuid(cls, entries: list[KvmCpuidEntry2]) -> CpuModel:

@@ -30,7 +30,7 @@ from corral.memory import GuestMemory
 from corral.state.model import CpuModel, MachineState
 
 FORMAT = "corral-snapshot"
-FORMAT_VERSION = 2                  # 2: every state record named (the one state contract)
+FORMAT_VERSION = 2  # 2: every state record named (the one state contract)
 MANIFEST, STATE, MEMORY = "manifest.json", "state.json", "memory.bin"
 
 
@@ -65,12 +65,17 @@ class SnapshotStats(BaseModel):
 
     path: Path
     seconds: float
-    memory_bytes_written: int      # RAM that was not zero
-    disk_bytes: int                # what the directory takes on disk (sparse)
+    memory_bytes_written: int  # RAM that was not zero
+    disk_bytes: int  # what the directory takes on disk (sparse)
 
 
-def write_snapshot(path: str | os.PathLike[str], config: MachineConfig, cpu: CpuModel,
-                   state: MachineState, memory: GuestMemory) -> SnapshotStats:
+def write_snapshot(
+    path: str | os.PathLike[str],
+    config: MachineConfig,
+    cpu: CpuModel,
+    state: MachineState,
+    memory: GuestMemory,
+) -> SnapshotStats:
     """Write a snapshot of a paused machine to `path`, which must not exist yet."""
     dest = Path(path)
     if dest.exists():
@@ -83,10 +88,16 @@ def write_snapshot(path: str | os.PathLike[str], config: MachineConfig, cpu: Cpu
         written = _write_memory(tmp / MEMORY, memory)
         state_json = state.model_dump_json().encode()
         (tmp / STATE).write_bytes(state_json)
-        manifest = Manifest(format=FORMAT, format_version=FORMAT_VERSION,
-                            corral_version=__version__, created=time.time(), cpu=cpu,
-                            config=config, memory_size=memory.size,
-                            state_sha256=hashlib.sha256(state_json).hexdigest())
+        manifest = Manifest(
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+            corral_version=__version__,
+            created=time.time(),
+            cpu=cpu,
+            config=config,
+            memory_size=memory.size,
+            state_sha256=hashlib.sha256(state_json).hexdigest(),
+        )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
         _fsync_dir(tmp)
         os.rename(tmp, dest)
@@ -97,15 +108,16 @@ def write_snapshot(path: str | os.PathLike[str], config: MachineConfig, cpu: Cpu
             raise SnapshotError(f"cannot write snapshot {dest}: {exc.strerror}") from exc
         raise
     disk = sum(os.stat(dest / n).st_blocks * 512 for n in (MEMORY, STATE, MANIFEST))
-    return SnapshotStats(path=dest, seconds=time.perf_counter() - t0, memory_bytes_written=written,
-                         disk_bytes=disk)
+    return SnapshotStats(
+        path=dest, seconds=time.perf_counter() - t0, memory_bytes_written=written, disk_bytes=disk
+    )
 
 
 def _write_memory(path: Path, memory: GuestMemory) -> int:
     written = 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.ftruncate(fd, memory.size)              # holes where nothing is written
+        os.ftruncate(fd, memory.size)  # holes where nothing is written
         for off, data in memory.populated():
             os.pwrite(fd, data, off)
             written += len(data)
@@ -131,8 +143,9 @@ def read_snapshot(path: str | os.PathLike[str], host_cpu: CpuModel | None = None
     try:
         raw = json.loads((src / MANIFEST).read_text())
     except FileNotFoundError:
-        raise SnapshotError(f"{src} has no {MANIFEST}: it is not a corral snapshot, or it is "
-                            "incomplete") from None
+        raise SnapshotError(
+            f"{src} has no {MANIFEST}: it is not a corral snapshot, or it is incomplete"
+        ) from None
     except (OSError, ValueError) as exc:
         raise SnapshotError(f"{src / MANIFEST} is unreadable ({exc}): the snapshot is damaged") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
@@ -141,15 +154,19 @@ def read_snapshot(path: str | os.PathLike[str], host_cpu: CpuModel | None = None
         raise SnapshotError(
             f"{src} was written by corral {raw.get('corral_version')} (snapshot format "
             f"{raw.get('format_version')}); this is corral {__version__} (format "
-            f"{FORMAT_VERSION}): restore it with the corral that wrote it")
+            f"{FORMAT_VERSION}): restore it with the corral that wrote it"
+        )
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise SnapshotError(f"{src / MANIFEST} is damaged: {exc.errors()[0]['loc']}: "
-                            f"{exc.errors()[0]['msg']}") from None
+        raise SnapshotError(
+            f"{src / MANIFEST} is damaged: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+        ) from None
     if host_cpu is not None and host_cpu != manifest.cpu:
-        raise SnapshotError(f"{src} was taken on a {manifest.cpu.describe()}; this host has a "
-                            f"{host_cpu.describe()}: the guest would see its CPU change")
+        raise SnapshotError(
+            f"{src} was taken on a {manifest.cpu.describe()}; this host has a "
+            f"{host_cpu.describe()}: the guest would see its CPU change"
+        )
     try:
         state_json = (src / STATE).read_bytes()
     except OSError as exc:
@@ -161,8 +178,9 @@ def read_snapshot(path: str | os.PathLike[str], host_cpu: CpuModel | None = None
     except OSError:
         raise SnapshotError(f"{src} has no {MEMORY}: the snapshot is incomplete") from None
     if size != manifest.memory_size:
-        raise SnapshotError(f"{src / MEMORY} is {size} bytes, not {manifest.memory_size}: the "
-                            "snapshot is truncated")
+        raise SnapshotError(
+            f"{src / MEMORY} is {size} bytes, not {manifest.memory_size}: the snapshot is truncated"
+        )
     state = MachineState.model_validate_json(state_json)
     if len(state.vcpus) != manifest.config.cpus:
         raise SnapshotError(f"{src}: state has {len(state.vcpus)} vCPUs, config {manifest.config.cpus}")

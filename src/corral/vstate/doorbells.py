@@ -8,7 +8,7 @@ device. This is the data path of every virtio queue kick.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from corral.eventloop import EventLoop
 from corral.kvm import VmFd
@@ -17,7 +17,7 @@ IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 
 
 class _Doorbell:
-    __slots__ = ("fd", "addr", "length")
+    __slots__ = ("addr", "fd", "length")
 
     def __init__(self, fd: int, addr: int, length: int) -> None:
         self.fd, self.addr, self.length = fd, addr, length

@@ -19,8 +19,12 @@ _lock = threading.Lock()
 
 
 class _Sigaction(C.Structure):
-    _fields_ = [("sa_handler", C.c_void_p), ("sa_mask", C.c_uint64 * 16), ("sa_flags", C.c_int),
-                ("sa_restorer", C.c_void_p)]
+    _fields_ = [
+        ("sa_handler", C.c_void_p),
+        ("sa_mask", C.c_uint64 * 16),
+        ("sa_flags", C.c_int),
+        ("sa_restorer", C.c_void_p),
+    ]
 
 
 def install_kick_handler() -> None:

@@ -64,7 +64,7 @@ def savable_msrs(fd: VcpuFd, candidates: list[int]) -> list[int]:
     while rest:
         n = len(fd.get_msrs(rest))
         good.extend(rest[:n])
-        rest = rest[n + 1:]
+        rest = rest[n + 1 :]
     return good
 
 
@@ -72,9 +72,14 @@ def save_vcpu(fd: VcpuFd, index: int, cpuid: list[S.KvmCpuidEntry2], msr_indices
     return VcpuState(
         index=index,
         cpuid=b"".join(_raw(e) for e in cpuid),
-        regs=_raw(fd.get_regs()), sregs=_raw(fd.get_sregs()), xsave=_raw(fd.get_xsave()),
-        xcrs=_raw(fd.get_xcrs()), lapic=_raw(fd.get_lapic()), events=_raw(fd.get_vcpu_events()),
-        debugregs=_raw(fd.get_debugregs()), mp_state=fd.get_mp_state(),
+        regs=_raw(fd.get_regs()),
+        sregs=_raw(fd.get_sregs()),
+        xsave=_raw(fd.get_xsave()),
+        xcrs=_raw(fd.get_xcrs()),
+        lapic=_raw(fd.get_lapic()),
+        events=_raw(fd.get_vcpu_events()),
+        debugregs=_raw(fd.get_debugregs()),
+        mp_state=fd.get_mp_state(),
         msrs=fd.get_msrs(msr_indices),
     )
 
@@ -114,15 +119,21 @@ def load_vcpu(fd: VcpuFd, state: VcpuState) -> None:
 
 
 def save_vm(vm: VmFd) -> VmKvmState:
-    return VmKvmState(pic_master=_raw(vm.get_irqchip(S.KVM_IRQCHIP_PIC_MASTER)),
-                      pic_slave=_raw(vm.get_irqchip(S.KVM_IRQCHIP_PIC_SLAVE)),
-                      ioapic=_raw(vm.get_irqchip(S.KVM_IRQCHIP_IOAPIC)),
-                      pit=_raw(vm.get_pit2()), clock=vm.get_clock().clock)
+    return VmKvmState(
+        pic_master=_raw(vm.get_irqchip(S.KVM_IRQCHIP_PIC_MASTER)),
+        pic_slave=_raw(vm.get_irqchip(S.KVM_IRQCHIP_PIC_SLAVE)),
+        ioapic=_raw(vm.get_irqchip(S.KVM_IRQCHIP_IOAPIC)),
+        pit=_raw(vm.get_pit2()),
+        clock=vm.get_clock().clock,
+    )
 
 
 def load_vm(vm: VmFd, state: VmKvmState) -> None:
-    for chip, raw in ((S.KVM_IRQCHIP_PIC_MASTER, state.pic_master),
-                      (S.KVM_IRQCHIP_PIC_SLAVE, state.pic_slave), (S.KVM_IRQCHIP_IOAPIC, state.ioapic)):
+    for chip, raw in (
+        (S.KVM_IRQCHIP_PIC_MASTER, state.pic_master),
+        (S.KVM_IRQCHIP_PIC_SLAVE, state.pic_slave),
+        (S.KVM_IRQCHIP_IOAPIC, state.ioapic),
+    ):
         irqchip = _struct(S.KvmIrqchip, raw, "irqchip")
         if irqchip.chip_id != chip:
             raise ValueError(f"irqchip: chip {irqchip.chip_id} saved where chip {chip} belongs")
@@ -135,5 +146,14 @@ def set_clock(vm: VmFd, ns: int) -> None:
     vm.set_clock(S.KvmClockData(clock=ns))
 
 
-__all__ = ["VcpuState", "VmKvmState", "save_vcpu", "load_vcpu", "save_vm", "load_vm",
-           "savable_msrs", "cpuid_entries", "set_clock"]
+__all__ = [
+    "VcpuState",
+    "VmKvmState",
+    "cpuid_entries",
+    "load_vcpu",
+    "load_vm",
+    "savable_msrs",
+    "save_vcpu",
+    "save_vm",
+    "set_clock",
+]

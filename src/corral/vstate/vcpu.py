@@ -17,22 +17,26 @@ from corral.kvm import constants as K
 from corral.kvm import structs as S
 from corral.kvm.fds import KvmError, VcpuFd
 from corral.vstate.kick import install_kick_handler, kick_thread
-from corral.vstate.kvm_state import VcpuState, cpuid_entries, load_vcpu, save_vcpu, savable_msrs
+from corral.vstate.kvm_state import VcpuState, cpuid_entries, load_vcpu, savable_msrs, save_vcpu
 
 if TYPE_CHECKING:
     from corral.bus import MmioBus, PioBus
 
 log = logging.getLogger(__name__)
 
-_IO = struct.Struct("<BBHIQ")          # direction, size, port, count, data_offset
-_MMIO = struct.Struct("<Q8sIB")        # phys_addr, data, len, is_write
+_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
+_MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
 _U32 = struct.Struct("<I")
-_INTERNAL = struct.Struct("<II")       # suberror, ndata
-_SYSEVENT = struct.Struct("<II")       # type, ndata
+_INTERNAL = struct.Struct("<II")  # suberror, ndata
+_SYSEVENT = struct.Struct("<II")  # type, ndata
 
-_MP_STATE_NAMES = {K.MP_STATE_RUNNABLE: "runnable", K.MP_STATE_UNINITIALIZED: "wait-for-SIPI",
-                   K.MP_STATE_INIT_RECEIVED: "INIT received", K.MP_STATE_HALTED: "halted",
-                   K.MP_STATE_SIPI_RECEIVED: "SIPI received"}
+_MP_STATE_NAMES = {
+    K.MP_STATE_RUNNABLE: "runnable",
+    K.MP_STATE_UNINITIALIZED: "wait-for-SIPI",
+    K.MP_STATE_INIT_RECEIVED: "INIT received",
+    K.MP_STATE_HALTED: "halted",
+    K.MP_STATE_SIPI_RECEIVED: "SIPI received",
+}
 
 LAPIC_LVT0 = 0x350
 LAPIC_LVT1 = 0x360
@@ -56,7 +60,7 @@ class Vcpu:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.exits = 0
-        self.cpuid: list[S.KvmCpuidEntry2] = []    # what the guest sees (snapshots carry it)
+        self.cpuid: list[S.KvmCpuidEntry2] = []  # what the guest sees (snapshots carry it)
         # pause protocol: the machine sets pause_requested and kicks; the thread finishes any
         # pending I/O inside KVM (immediate_exit), then parks until resumed
         self.pause_requested = False
@@ -80,13 +84,13 @@ class Vcpu:
         raw = bytearray(lapic.regs)
 
         def set_mode(off: int, mode: int) -> None:
-            v = int.from_bytes(raw[off:off + 4], "little")
+            v = int.from_bytes(raw[off : off + 4], "little")
             v = (v & ~0x700) | (mode << 8)
-            raw[off:off + 4] = v.to_bytes(4, "little")
+            raw[off : off + 4] = v.to_bytes(4, "little")
 
         set_mode(LAPIC_LVT0, APIC_MODE_EXTINT)
         set_mode(LAPIC_LVT1, APIC_MODE_NMI)
-        lapic.regs = bytes(raw)
+        lapic.regs[:] = raw
         self.fd.set_lapic(lapic)
 
     def set_boot_state(self, st: BootCpuState) -> None:
@@ -180,7 +184,7 @@ class Vcpu:
     def _thread_main(self) -> None:
         try:
             self._loop()
-        except Exception as exc:  # noqa: BLE001 - a VMM bug must stop the VM, with the reason
+        except Exception as exc:
             log.exception("vcpu%d crashed", self.index)
             self.host.vcpu_stop("error", 1, f"vcpu{self.index}: VMM error: {exc!r}")
 
@@ -213,11 +217,11 @@ class Vcpu:
                 direction, size, port, count, off = io_unpack(run, 32)
                 if direction:  # out
                     for _ in range(count):
-                        pio_write(port, size, from_bytes(run[off:off + size], "little"))
+                        pio_write(port, size, from_bytes(run[off : off + size], "little"))
                         off += size
                 else:
                     for _ in range(count):
-                        run[off:off + size] = pio_read(port, size).to_bytes(size, "little")
+                        run[off : off + size] = pio_read(port, size).to_bytes(size, "little")
                         off += size
             elif reason == EXIT_MMIO:
                 addr, data, length, is_write = mmio_unpack(run, 32)
@@ -226,7 +230,7 @@ class Vcpu:
                 if is_write:
                     mmio_write(addr, length, from_bytes(data[:length], "little"))
                 else:
-                    run[40:40 + length] = mmio_read(addr, length).to_bytes(length, "little")
+                    run[40 : 40 + length] = mmio_read(addr, length).to_bytes(length, "little")
             else:
                 self.exits += exits
                 exits = 0
@@ -242,8 +246,9 @@ class Vcpu:
             self.host.vcpu_stop("halt", 0, f"vcpu{self.index} halted")
             return False
         if reason == K.EXIT_SHUTDOWN:
-            self.host.vcpu_stop("crash", 1, f"vcpu{self.index}: guest triple fault (shutdown)\n"
-                                + self.describe_registers())
+            self.host.vcpu_stop(
+                "crash", 1, f"vcpu{self.index}: guest triple fault (shutdown)\n" + self.describe_registers()
+            )
             return False
         if reason == K.EXIT_SYSTEM_EVENT:
             etype, _ = _SYSEVENT.unpack_from(run, S.RUN_SYSTEM_EVENT_TYPE)
@@ -252,29 +257,40 @@ class Vcpu:
             elif etype == K.SYSTEM_EVENT_SHUTDOWN:
                 self.host.vcpu_stop("poweroff", 0, "guest powered off")
             else:
-                self.host.vcpu_stop("crash", 1, f"vcpu{self.index}: guest crash event {etype}\n"
-                                    + self.describe_registers())
+                self.host.vcpu_stop(
+                    "crash", 1, f"vcpu{self.index}: guest crash event {etype}\n" + self.describe_registers()
+                )
             return False
         if reason == K.EXIT_INTERNAL_ERROR:
             sub, ndata = _INTERNAL.unpack_from(run, S.RUN_INTERNAL_SUBERROR)
             data = struct.unpack_from(f"<{min(ndata, 16)}Q", run, S.RUN_INTERNAL_DATA)
-            kinds = {1: "instruction emulation failed", 2: "exception while delivering an exception",
-                     3: "event delivery failed", 4: "unexpected exit reason"}
+            kinds = {
+                1: "instruction emulation failed",
+                2: "exception while delivering an exception",
+                3: "event delivery failed",
+                4: "unexpected exit reason",
+            }
             self.host.vcpu_stop(
-                "crash", 1,
+                "crash",
+                1,
                 f"vcpu{self.index}: KVM internal error: {kinds.get(sub, f'suberror {sub}')} "
-                f"(data {' '.join(hex(d) for d in data)})\n" + self.describe_registers())
+                f"(data {' '.join(hex(d) for d in data)})\n" + self.describe_registers(),
+            )
             return False
         if reason == K.EXIT_FAIL_ENTRY:
             hw = struct.unpack_from("<Q", run, S.RUN_FAIL_ENTRY_REASON)[0]
-            self.host.vcpu_stop("crash", 1, f"vcpu{self.index}: VM entry failed (hardware reason "
-                                f"{hw:#x})\n" + self.describe_registers())
+            self.host.vcpu_stop(
+                "crash",
+                1,
+                f"vcpu{self.index}: VM entry failed (hardware reason {hw:#x})\n" + self.describe_registers(),
+            )
             return False
         if reason in (K.EXIT_INTR, K.EXIT_IRQ_WINDOW_OPEN):
             return True
         name = K.EXIT_NAMES.get(reason, str(reason))
-        self.host.vcpu_stop("crash", 1, f"vcpu{self.index}: unhandled KVM exit {name}\n"
-                            + self.describe_registers())
+        self.host.vcpu_stop(
+            "crash", 1, f"vcpu{self.index}: unhandled KVM exit {name}\n" + self.describe_registers()
+        )
         return False
 
     def describe_registers(self) -> str:
@@ -283,15 +299,39 @@ class Vcpu:
             s = self.fd.get_sregs()
         except KvmError as exc:
             return f"  (registers unavailable: {exc})"
-        g = [f"{n.upper()}={getattr(r, n):016x}" for n in (
-            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
-            "r12", "r13", "r14", "r15", "rip", "rflags")]
-        lines = ["  " + " ".join(g[i:i + 4]) for i in range(0, len(g), 4)]
-        lines.append(f"  CS={s.cs.selector:04x} base={s.cs.base:x} l={s.cs.l} db={s.cs.db} "
-                     f"dpl={s.cs.dpl}  SS={s.ss.selector:04x}  CR0={s.cr0:x} CR2={s.cr2:x} "
-                     f"CR3={s.cr3:x} CR4={s.cr4:x} EFER={s.efer:x}")
-        lines.append(f"  GDT={s.gdt.base:x}/{s.gdt.limit:x} IDT={s.idt.base:x}/{s.idt.limit:x} "
-                     f"APIC_BASE={s.apic_base:x}")
+        g = [
+            f"{n.upper()}={getattr(r, n):016x}"
+            for n in (
+                "rax",
+                "rbx",
+                "rcx",
+                "rdx",
+                "rsi",
+                "rdi",
+                "rsp",
+                "rbp",
+                "r8",
+                "r9",
+                "r10",
+                "r11",
+                "r12",
+                "r13",
+                "r14",
+                "r15",
+                "rip",
+                "rflags",
+            )
+        ]
+        lines = ["  " + " ".join(g[i : i + 4]) for i in range(0, len(g), 4)]
+        lines.append(
+            f"  CS={s.cs.selector:04x} base={s.cs.base:x} l={s.cs.l} db={s.cs.db} "
+            f"dpl={s.cs.dpl}  SS={s.ss.selector:04x}  CR0={s.cr0:x} CR2={s.cr2:x} "
+            f"CR3={s.cr3:x} CR4={s.cr4:x} EFER={s.efer:x}"
+        )
+        lines.append(
+            f"  GDT={s.gdt.base:x}/{s.gdt.limit:x} IDT={s.idt.base:x}/{s.idt.limit:x} "
+            f"APIC_BASE={s.apic_base:x}"
+        )
         stack = self._stack_words(r.rsp, 24)
         if stack:
             lines.append("  stack: " + " ".join(f"{w:x}" for w in stack))

@@ -26,9 +26,9 @@ PAGE = 4096
 @dataclass(frozen=True)
 class Capability:
     cap: int
-    name: str               # KVM_CAP_<name>
-    use: str                # what corral uses it for
-    required: bool          # corral cannot run without it
+    name: str  # KVM_CAP_<name>
+    use: str  # what corral uses it for
+    required: bool  # corral cannot run without it
 
 
 CAPABILITIES: tuple[Capability, ...] = (
@@ -49,8 +49,9 @@ CAPABILITIES: tuple[Capability, ...] = (
     Capability(K.CAP_VCPU_EVENTS, "VCPU_EVENTS", "pending events in snapshots", False),
     Capability(K.CAP_DEBUGREGS, "DEBUGREGS", "debug registers in snapshots", False),
     Capability(K.CAP_ADJUST_CLOCK, "ADJUST_CLOCK", "kvmclock across snapshot/restore", False),
-    Capability(K.CAP_MANUAL_DIRTY_LOG_PROTECT2, "MANUAL_DIRTY_LOG_PROTECT2",
-               "live-migration dirty logging", False),
+    Capability(
+        K.CAP_MANUAL_DIRTY_LOG_PROTECT2, "MANUAL_DIRTY_LOG_PROTECT2", "live-migration dirty logging", False
+    ),
     Capability(K.CAP_DIRTY_LOG_RING, "DIRTY_LOG_RING", "dirty ring for live migration", False),
     Capability(K.CAP_READONLY_MEM, "READONLY_MEM", "read-only memory slots (ROMs)", False),
     Capability(K.CAP_TSC_CONTROL, "TSC_CONTROL", "TSC frequency across migration", False),

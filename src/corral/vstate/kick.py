@@ -12,7 +12,7 @@ import ctypes as C
 import signal
 import threading
 
-KICK_SIGNAL = signal.SIGRTMIN + 3  # type: ignore[operator]
+KICK_SIGNAL = signal.SIGRTMIN + 3
 
 _installed = False
 _lock = threading.Lock()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes as C
 import logging
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +21,7 @@ from corral.kvm import structs as S
 log = logging.getLogger(__name__)
 
 _CPUID_ENTRY = C.sizeof(S.KvmCpuidEntry2)
+_S = TypeVar("_S", bound=C.Structure)
 
 
 class VcpuState(BaseModel):
@@ -89,7 +91,7 @@ def cpuid_entries(state: VcpuState) -> list[S.KvmCpuidEntry2]:
     return [S.KvmCpuidEntry2.from_buffer_copy(raw, i) for i in range(0, len(raw), _CPUID_ENTRY)]
 
 
-def _struct(cls: type[C.Structure], raw: bytes, what: str) -> C.Structure:
+def _struct(cls: type[_S], raw: bytes, what: str) -> _S:
     if len(raw) != C.sizeof(cls):
         raise ValueError(f"{what}: {len(raw)} bytes, expected {C.sizeof(cls)}")
     return cls.from_buffer_copy(raw)

@@ -4,7 +4,6 @@ import pytest
 
 from probe_runner import run_probe
 
-pytestmark = pytest.mark.kvm
 CPUS = [1, 2]
 
 

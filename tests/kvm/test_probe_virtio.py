@@ -15,7 +15,6 @@ from virtio_fixtures import MARKER, PROBE_WRITE, patterned_image, sector  # noqa
 
 from corral.config import DiskConfig  # noqa: E402
 
-pytestmark = pytest.mark.kvm
 
 
 

@@ -11,7 +11,6 @@ import pytest
 
 from labhost import CORRAL, PYTHON, VENV_BIN
 
-pytestmark = pytest.mark.lab
 
 
 KVM_API_SNIPPET = (

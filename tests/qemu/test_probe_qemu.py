@@ -11,7 +11,6 @@ import pytest
 from corral.images.probe import build_probe
 from qemu_probe import pvh_only_copy, run_qemu_probe
 
-pytestmark = pytest.mark.qemu
 CPUS = [1, 2]
 
 

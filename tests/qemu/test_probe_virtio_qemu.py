@@ -13,7 +13,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qemu_probe import run_qemu_probe  # noqa: E402
 from virtio_fixtures import PROBE_WRITE, patterned_image, sector  # noqa: E402
 
-pytestmark = pytest.mark.qemu
 
 
 def blk_args(img: Path, serial: str = "qemu-serial") -> list[str]:

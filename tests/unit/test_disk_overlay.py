@@ -12,14 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_virtio import request  # noqa: E402
-from virtio_driver import Driver  # noqa: E402
-
 from corral.devices.virtio.blk import S_OK, T_DISCARD, T_IN, T_OUT, T_WRITE_ZEROES, VirtioBlock  # noqa: E402
 from corral.devices.virtio.disk_image import CLUSTER, open_disk  # noqa: E402
 from corral.errors import ConfigError  # noqa: E402
+
+from support.virtio_driver import Driver, blk_request
 
 SIZE = 4 * CLUSTER + 8192          # not a whole number of clusters
 
@@ -143,13 +140,13 @@ def test_virtio_blk_on_an_overlay(disks):
     try:
         d.setup()
 
-        assert request(d, T_OUT, 3, data=b"W" * 512)[0] == S_OK
-        status, got, _ = request(d, T_IN, 2, read_len=1536)
+        assert blk_request(d, T_OUT, 3, data=b"W" * 512)[0] == S_OK
+        status, got, _ = blk_request(d, T_IN, 2, read_len=1536)
         assert status == S_OK and got == data[1024:1536] + b"W" * 512 + data[2048:2560]
-        assert request(d, T_WRITE_ZEROES, 0, payload=struct.pack("<QII", 200, 8, 0))[0] == S_OK
-        assert request(d, T_DISCARD, 0, payload=struct.pack("<QII", 300, 8, 0))[0] == S_OK
-        assert request(d, T_IN, 200, read_len=4096)[1] == bytes(4096)
-        assert request(d, T_IN, 300, read_len=4096)[1] == bytes(4096)
+        assert blk_request(d, T_WRITE_ZEROES, 0, payload=struct.pack("<QII", 200, 8, 0))[0] == S_OK
+        assert blk_request(d, T_DISCARD, 0, payload=struct.pack("<QII", 300, 8, 0))[0] == S_OK
+        assert blk_request(d, T_IN, 200, read_len=4096)[1] == bytes(4096)
+        assert blk_request(d, T_IN, 300, read_len=4096)[1] == bytes(4096)
     finally:
         d.close()
     assert base.read_bytes() == data

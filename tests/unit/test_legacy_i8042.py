@@ -2,14 +2,14 @@ import pytest
 
 from corral.devices.legacy.i8042 import I8042, I8042State
 
-from legacy_fakes import Ctl, Line
+from support.fakes import FakeIrqLine, FakeVmControl
 
 DATA, CMD = 0, 4
 
 
 @pytest.fixture
 def kbc():
-    ctl, line = Ctl(), Line()
+    ctl, line = FakeVmControl(), FakeIrqLine(level_only=True)
     dev = I8042(ctl, line)
     dev.ctl, dev.line = ctl, line
     return dev
@@ -130,7 +130,7 @@ def test_irq1_follows_output_buffer_and_kbdint(kbc):
 
 
 def test_no_irq_line_is_fine():
-    dev = I8042(Ctl())
+    dev = I8042(FakeVmControl())
     dev.pio_write(DATA, 1, 0xFF)
     assert dev.pio_read(DATA, 1) == 0xFA
 
@@ -154,7 +154,7 @@ def test_state_round_trip(kbc):
     kbc.pio_write(CMD, 1, 0xD1)                 # a command waiting for its data byte
     st = kbc.save_state()
     assert isinstance(st, I8042State)
-    other = I8042(Ctl(), Line())
+    other = I8042(FakeVmControl(), FakeIrqLine(level_only=True))
     other.load_state(I8042State.model_validate_json(st.model_dump_json()))
     assert other.save_state() == st
     assert drain(other) == [0xFA, 0xAB, 0x41]

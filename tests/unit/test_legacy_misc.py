@@ -6,7 +6,7 @@ from corral.devices.legacy.debug_exit import DebugExit, DebugExitState
 from corral.devices.legacy.post import PostSink, PostSinkState
 from corral.devices.legacy.reset import ResetRegister, ResetRegisterState
 
-from legacy_fakes import Clock, Ctl, Line
+from support.fakes import FakeClock, FakeIrqLine, FakeVmControl
 
 
 T0_NS = 123_456_789
@@ -16,13 +16,13 @@ T0_NS = 123_456_789
 @pytest.mark.parametrize("off,size,value,status", [
     (0, 1, 0, 0), (0, 1, 0x2A, 0x2A), (0, 2, 0x1234, 0x34), (1, 1, 7, 7), (0, 4, 0x1FF, 0xFF)])
 def test_debug_exit_status_is_the_low_byte(off, size, value, status):
-    ctl = Ctl()
+    ctl = FakeVmControl()
     DebugExit(ctl).pio_write(off, size, value)
     assert ctl.calls == [("exit", status)]
 
 
 def test_debug_exit_reads_all_ones():
-    dev = DebugExit(Ctl())
+    dev = DebugExit(FakeVmControl())
     assert dev.pio_read(0, 1) == 0xFF
     assert dev.pio_read(0, 2) == 0xFFFF
     dev.load_state(DebugExitState.model_validate_json(dev.save_state().model_dump_json()))
@@ -42,7 +42,7 @@ def test_post_sink():
 
 # -- reset register --------------------------------------------------------------------------
 def test_reset_register():
-    ctl = Ctl()
+    ctl = FakeVmControl()
     dev = ResetRegister(ctl)
     dev.pio_write(0, 1, 0x02)               # Linux reboot=pci: 0x02 then 0x06
     assert ctl.calls == []
@@ -53,7 +53,7 @@ def test_reset_register():
     dev.pio_write(0, 1, 0x0E)
     assert ctl.calls == [("reset",)] * 2
     assert dev.pio_read(0, 2) == 0xFF0A
-    other = ResetRegister(Ctl())
+    other = ResetRegister(FakeVmControl())
     other.load_state(ResetRegisterState.model_validate_json(dev.save_state().model_dump_json()))
     assert other.pio_read(0, 1) == 0x0A
 
@@ -64,7 +64,7 @@ PM1_STS, PM1_EN, PM1_CNT, PM_TMR = 0, 2, 4, 8
 
 @pytest.fixture
 def pm():
-    ctl, sci, clock = Ctl(), Line(), Clock(T0_NS)
+    ctl, sci, clock = FakeVmControl(), FakeIrqLine(level_only=True), FakeClock(T0_NS)
     dev = AcpiPm(ctl, sci, clock)
     dev.ctl, dev.sci, dev.clock = ctl, sci, clock
     return dev
@@ -154,9 +154,9 @@ def test_acpi_pm_state_round_trip(pm):
     pm.pio_write(PM1_CNT, 2, 0x0003)
     pm.clock.t += 777_000_000
     st = pm.save_state()
-    clock = Clock(5)
-    sci = Line()
-    other = AcpiPm(Ctl(), sci, clock)
+    clock = FakeClock(5)
+    sci = FakeIrqLine(level_only=True)
+    other = AcpiPm(FakeVmControl(), sci, clock)
     other.load_state(AcpiPmState.model_validate_json(st.model_dump_json()))
     assert other.save_state() == st
     assert sci.high

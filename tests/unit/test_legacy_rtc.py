@@ -5,7 +5,7 @@ import pytest
 from corral.arch.x86 import layout
 from corral.devices.legacy.rtc import CmosRtc, RtcState
 
-from legacy_fakes import Clock
+from support.fakes import FakeClock
 
 # 2024-02-29 13:45:07 UTC, a Thursday
 T0 = calendar.timegm((2024, 2, 29, 13, 45, 7, 0, 0, 0))
@@ -27,7 +27,7 @@ def read_time(rtc):
 
 @pytest.fixture
 def clock():
-    return Clock(T0 + 0.25)
+    return FakeClock(T0 + 0.25)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 
 from corral.devices.legacy.uart import Serial16550, SerialState
 
-from legacy_fakes import Line
+from support.fakes import FakeIrqLine
 
 RBR = THR = DLL = 0
 IER = DLM = 1
@@ -14,7 +14,7 @@ LCR, MCR, LSR, MSR, SCR = 3, 4, 5, 6, 7
 
 class Uart:
     def __init__(self):
-        self.line = Line()
+        self.line = FakeIrqLine(level_only=True)
         self.sent = []
         self.dev = Serial16550(self.line, self.sent.append)
 

@@ -11,16 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from virtio_driver import DeferredLoop, Driver, RecordingDoorbells  # noqa: E402
-
 from corral.devices.virtio.base import F_VERSION_1, STATUS_FEATURES_OK, STATUS_NEEDS_RESET  # noqa: E402
 from corral.devices.virtio.blk import (F_FLUSH, F_RO, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH,  # noqa: E402
                                        T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES, VirtioBlock)
 from corral.devices.virtio.pci import NOTIFY_OFF  # noqa: E402
 from corral.devices.virtio.rng import VirtioRng  # noqa: E402
 from corral.errors import ConfigError  # noqa: E402
+
+from support.fakes import FakeDoorbells, FakeLoop, FakeVector
+from support.virtio_driver import Driver, blk_request
 
 SECTORS = 256
 
@@ -40,23 +39,6 @@ def blk(image):
     d.close()
 
 
-def request(d: Driver, rtype: int, sector: int, data: bytes | None = None, read_len: int = 0,
-            payload: bytes = b"") -> tuple[int, bytes, int]:
-    """One blk request; returns (status, bytes read, used length)."""
-    bufs = [(d.alloc(struct.pack("<IIQ", rtype, 0, sector) + payload), False)]
-    if data is not None:
-        bufs.append((d.alloc(data), False))
-    rd = d.alloc(read_len) if read_len else None
-    if rd:
-        bufs.append((rd, True))
-    st_buf = d.alloc(1)
-    bufs.append((st_buf, True))
-    head = d.submit(0, bufs)
-    done = d.used(0)
-    assert [h for h, _ in done] == [head]
-    return d.mem.read(st_buf[0], 1)[0], d.mem.read(*rd) if rd else b"", done[0][1]
-
-
 def test_identity_and_features(blk):
     assert blk.fn.config.read(0, 4) == (0x1042 << 16) | 0x1AF4       # modern virtio-blk
     assert blk.fn.config.read(0x08, 1) == 1                          # revision 1
@@ -66,34 +48,34 @@ def test_identity_and_features(blk):
 
 
 def test_read_write_flush(blk, image):
-    status, data, used = request(blk, T_IN, 3, read_len=1024)
+    status, data, used = blk_request(blk, T_IN, 3, read_len=1024)
     assert status == S_OK and used == 1025
     assert data[:8] == struct.pack("<Q", 3) and data[512:520] == struct.pack("<Q", 4)
-    status, _, _ = request(blk, T_OUT, 10, data=b"\xAB" * 512)
+    status, _, _ = blk_request(blk, T_OUT, 10, data=b"\xAB" * 512)
     assert status == S_OK
-    assert request(blk, T_FLUSH, 0)[0] == S_OK
+    assert blk_request(blk, T_FLUSH, 0)[0] == S_OK
     assert image.read_bytes()[10 * 512:11 * 512] == b"\xAB" * 512
 
 
 def test_out_of_range_and_unknown_requests_fail_alone(blk):
-    assert request(blk, T_IN, SECTORS - 1, read_len=1024)[0] == S_IOERR   # runs past the end
-    assert request(blk, T_IN, 0, read_len=100)[0] == S_IOERR              # not whole sectors
-    assert request(blk, 99, 0)[0] == S_UNSUPP
-    assert request(blk, T_IN, 0, read_len=512)[0] == S_OK                 # the device still works
+    assert blk_request(blk, T_IN, SECTORS - 1, read_len=1024)[0] == S_IOERR   # runs past the end
+    assert blk_request(blk, T_IN, 0, read_len=100)[0] == S_IOERR              # not whole sectors
+    assert blk_request(blk, 99, 0)[0] == S_UNSUPP
+    assert blk_request(blk, T_IN, 0, read_len=512)[0] == S_OK                 # the device still works
 
 
 def test_get_id(blk):
-    status, data, _ = request(blk, T_GET_ID, 0, read_len=20)
+    status, data, _ = blk_request(blk, T_GET_ID, 0, read_len=20)
     assert status == S_OK and data.rstrip(b"\0") == b"corral-disk-7"
 
 
 def test_discard_and_write_zeroes(blk, image):
     seg = struct.pack("<QII", 20, 4, 0)
-    assert request(blk, T_WRITE_ZEROES, 0, payload=seg)[0] == S_OK
+    assert blk_request(blk, T_WRITE_ZEROES, 0, payload=seg)[0] == S_OK
     assert image.read_bytes()[20 * 512:24 * 512] == bytes(4 * 512)
-    assert request(blk, T_DISCARD, 0, payload=struct.pack("<QII", 40, 2, 0))[0] == S_OK
+    assert blk_request(blk, T_DISCARD, 0, payload=struct.pack("<QII", 40, 2, 0))[0] == S_OK
     bad = struct.pack("<QII", SECTORS - 1, 8, 0)
-    assert request(blk, T_WRITE_ZEROES, 0, payload=bad)[0] == S_IOERR
+    assert blk_request(blk, T_WRITE_ZEROES, 0, payload=bad)[0] == S_IOERR
 
 
 def test_read_only_disk(image):
@@ -101,8 +83,8 @@ def test_read_only_disk(image):
     d.setup()
     try:
         assert d.device_features() & F_RO
-        assert request(d, T_OUT, 0, data=bytes(512))[0] == S_IOERR
-        assert request(d, T_IN, 0, read_len=512)[0] == S_OK
+        assert blk_request(d, T_OUT, 0, data=bytes(512))[0] == S_IOERR
+        assert blk_request(d, T_IN, 0, read_len=512)[0] == S_OK
     finally:
         d.close()
     assert image.read_bytes()[:8] == struct.pack("<Q", 0)
@@ -142,7 +124,7 @@ def test_features_never_offered_are_refused(image):
 
 def test_interrupt_through_isr(blk):
     before = blk.irq.raised
-    request(blk, T_IN, 0, read_len=512)
+    blk_request(blk, T_IN, 0, read_len=512)
     assert blk.irq.raised == before + 1 and blk.irq.level
     assert blk.isr() == 1 and not blk.irq.level                       # reading acknowledges
     assert blk.isr() == 0
@@ -158,7 +140,7 @@ def test_event_idx_suppresses_interrupts(image):
         raised = []
         for i in range(8):
             before = d.irq.raised
-            request(d, T_IN, 0, read_len=512)
+            blk_request(d, T_IN, 0, read_len=512)
             d.isr()
             raised.append(d.irq.raised - before)
         assert raised == [0, 0, 0, 0, 0, 1, 0, 0]
@@ -185,7 +167,7 @@ def test_a_kick_that_overtakes_activation_is_not_lost():
     """DRIVER_OK activates the queues on the loop (call_soon), while the driver's first kick
     arrives through an ioeventfd, which the loop may serve first. The request must still be
     served: it was lost before, and a probe waited for ever on its first transmit."""
-    loop, doorbells = DeferredLoop(), RecordingDoorbells()
+    loop, doorbells = FakeLoop(), FakeDoorbells()
     d = Driver(VirtioRng(), loop=loop, doorbells=doorbells)
     try:
         d.fn.bars_moved([0xE000_0000])
@@ -206,7 +188,7 @@ def test_a_reset_the_loop_runs_late_does_not_undo_the_drivers_setup():
     """A driver resets (status 0), reads 0 back and sets the device up while the loop has not
     run yet. The reset must not land after the set-up: it used to wipe the queues the driver had
     just enabled, and the probe's first transmit was never served."""
-    loop = DeferredLoop()
+    loop = FakeLoop()
     d = Driver(VirtioRng(), loop=loop)
     try:
         loop.held = True
@@ -225,7 +207,7 @@ def test_reset_returns_to_initial_state(blk):
     blk.wr(0x14, 1, 0)
     assert blk.status() == 0
     blk.setup()
-    assert request(blk, T_IN, 1, read_len=512)[0] == S_OK
+    assert blk_request(blk, T_IN, 1, read_len=512)[0] == S_OK
 
 
 # -- hostile drivers ---------------------------------------------------------------------------
@@ -236,7 +218,7 @@ def test_looping_chain_marks_needs_reset_and_vmm_survives(blk):
     blk.put_avail(0, 0)
     assert blk.status() & STATUS_NEEDS_RESET
     blk.setup()                                                            # a reset recovers
-    assert request(blk, T_IN, 1, read_len=512)[0] == S_OK
+    assert blk_request(blk, T_IN, 1, read_len=512)[0] == S_OK
 
 
 @pytest.mark.parametrize("desc", [
@@ -298,14 +280,13 @@ def test_random_rings_never_break_the_vmm(tmp_path_factory, descs, heads):
             d.status()
             d.setup()
             if isinstance(dev, VirtioBlock):
-                assert request(d, T_IN, 0, read_len=512)[0] == S_OK
+                assert blk_request(d, T_IN, 0, read_len=512)[0] == S_OK
         finally:
             d.close()
     assert os.path.getsize(path) == 64 * 512
 
 
 # -- MSI-X --------------------------------------------------------------------------------------
-from virtio_driver import FakeVector  # noqa: E402
 
 from corral.devices.pci.config import CAP_ID_MSIX  # noqa: E402
 from corral.devices.virtio.pci import MSIX_PBA_OFF, MSIX_TABLE_OFF  # noqa: E402
@@ -340,12 +321,12 @@ def test_msix_vectors_deliver_queue_interrupts(image):
         d.fn.config.write(cap + 2, 2, 1 << 15)
         d.fn.config_written(cap + 2, 2)
         assert (vectors[1].address, vectors[1].data, vectors[1].masked) == (0xFEE0_0000, 0x41, False)
-        request(d, T_IN, 0, read_len=512)
+        blk_request(d, T_IN, 0, read_len=512)
         assert vectors[1].fired == 1 and d.irq.raised == 0              # MSI-X, not INTx
         # function mask: the interrupt waits in the PBA and arrives on unmask
         d.fn.config.write(cap + 2, 2, (1 << 15) | (1 << 14))
         d.fn.config_written(cap + 2, 2)
-        request(d, T_IN, 0, read_len=512)
+        blk_request(d, T_IN, 0, read_len=512)
         assert vectors[1].fired == 1 and d.fn.bar_read(0, MSIX_PBA_OFF, 8) == 0b10
         d.fn.config.write(cap + 2, 2, 1 << 15)
         d.fn.config_written(cap + 2, 2)
@@ -361,7 +342,7 @@ def test_without_msix_enabled_interrupts_use_intx(image):
         d.setup()
         d.wr(0x16, 2, 0)
         d.wr(0x1A, 2, 1)
-        request(d, T_IN, 0, read_len=512)
+        blk_request(d, T_IN, 0, read_len=512)
         assert d.irq.raised == 1 and vectors[1].fired == 0
     finally:
         d.close()
@@ -370,7 +351,6 @@ def test_without_msix_enabled_interrupts_use_intx(image):
 def test_state_carries_a_live_device_to_a_new_one(image):
     """Save a device mid-run (one request made available but not yet kicked), build a fresh
     device on the same RAM, load: the pending request is served and the rings carry on."""
-    from virtio_driver import ImmediateLoop, NoDoorbells
 
     from corral.devices.virtio.pci import VirtioPciDevice, VirtioPciState
 
@@ -379,7 +359,7 @@ def test_state_carries_a_live_device_to_a_new_one(image):
     try:
         d.setup(features=~(1 << 29) & (1 << 64) - 1)
         for _ in range(3):
-            assert request(d, T_IN, 1, read_len=512)[0] == S_OK
+            assert blk_request(d, T_IN, 1, read_len=512)[0] == S_OK
         st_buf = d.alloc(1)
         rd = d.alloc(512)
         head = d.submit(0, [(d.alloc(struct.pack("<IIQ", T_IN, 0, 5)), False), (rd, True),
@@ -389,7 +369,7 @@ def test_state_carries_a_live_device_to_a_new_one(image):
         d.device.close()
 
         new_vectors = [FakeVector(), FakeVector()]
-        fn = VirtioPciDevice(VirtioBlock(str(image)), d.mem, d.irq, ImmediateLoop(), NoDoorbells(),
+        fn = VirtioPciDevice(VirtioBlock(str(image)), d.mem, d.irq, FakeLoop(), FakeDoorbells(),
                              new_vectors)
         fn.config.data[:] = config
         fn.load_state(state)
@@ -397,7 +377,7 @@ def test_state_carries_a_live_device_to_a_new_one(image):
         assert d.used(0) == [(head, 513)]                       # served on load
         assert d.mem.read(st_buf[0], 1)[0] == S_OK and d.mem.read(*rd)[:8] == struct.pack("<Q", 5)
         assert d.status() == state.status and d.device_features() == d.fn.offered
-        status, data, _ = request(d, T_IN, 7, read_len=512)
+        status, data, _ = blk_request(d, T_IN, 7, read_len=512)
         assert status == S_OK and data[:8] == struct.pack("<Q", 7)
     finally:
         d.close()

@@ -7,11 +7,9 @@ import struct
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from virtio_driver import Driver  # noqa: E402
-
 from corral.devices.virtio.balloon import F_PAGE_REPORTING, F_STATS_VQ, VirtioBalloon  # noqa: E402
+
+from support.virtio_driver import Driver
 
 MiB = 1 << 20
 REGION = 8 * MiB          # the guest's pages to give away

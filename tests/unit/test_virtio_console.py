@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from virtio_driver import Driver, ManualLoop  # noqa: E402
-
 from corral.devices.virtio.console import ConsoleBackend, VirtioConsole  # noqa: E402
 from corral.errors import ConfigError  # noqa: E402
 
+from support.fakes import FakeLoop
+from support.virtio_driver import Driver
+
 
 def test_pty_both_ways():
-    loop = ManualLoop()
+    loop = FakeLoop()
     backend = ConsoleBackend("pty")
     d = Driver(VirtioConsole(backend, loop))
     user = os.open(backend.path, os.O_RDWR | os.O_NOCTTY)
@@ -40,7 +39,7 @@ def test_pty_both_ways():
 
 
 def test_input_waits_for_buffers():
-    loop = ManualLoop()
+    loop = FakeLoop()
     backend = ConsoleBackend("pty")
     d = Driver(VirtioConsole(backend, loop))
     user = os.open(backend.path, os.O_RDWR | os.O_NOCTTY)
@@ -59,7 +58,7 @@ def test_input_waits_for_buffers():
 
 
 def test_file_backend(tmp_path):
-    d = Driver(VirtioConsole(ConsoleBackend(f"file={tmp_path / 'hvc0.log'}"), ManualLoop()))
+    d = Driver(VirtioConsole(ConsoleBackend(f"file={tmp_path / 'hvc0.log'}"), FakeLoop()))
     try:
         d.setup()
         d.submit(1, [(d.alloc(b"line one\n"), False)])

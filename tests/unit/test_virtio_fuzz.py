@@ -14,21 +14,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from virtio_driver import DATA, Driver, ManualLoop  # noqa: E402
-
 from corral.devices.virtio.balloon import VirtioBalloon  # noqa: E402
 from corral.devices.virtio.blk import VirtioBlock  # noqa: E402
 from corral.devices.virtio.console import ConsoleBackend, VirtioConsole  # noqa: E402
 from corral.devices.virtio.rng import VirtioRng  # noqa: E402
 from corral.devices.virtio.vsock import VirtioVsock  # noqa: E402
 
+from support.fakes import FakeLoop
+from support.virtio_driver import DATA, Driver
+
 DEVICES = ["blk", "rng", "console", "balloon", "vsock", "net"]
 
 
 def make(kind: str, tmp: Path):
-    loop = ManualLoop()
+    loop = FakeLoop()
     if kind == "blk":
         img = tmp / "d.img"
         img.write_bytes(bytes(64 * 512))

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from virtio_driver import Driver, ManualLoop  # noqa: E402
-
 from corral.config import NetConfig  # noqa: E402
 from corral.devices.virtio.net import F_MRG_RXBUF, VirtioNet  # noqa: E402
 from corral.errors import ConfigError, HostError  # noqa: E402
 from corral.net.tap import Tap  # noqa: E402
+
+from support.fakes import FakeLoop
+from support.virtio_driver import Driver
 
 ETH_P_ALL = 0x0003
 ETHERTYPE = 0x88B5                      # IEEE local experimental: nothing on the host answers it
@@ -34,7 +33,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/ne
 @pytest.fixture
 def net():
     name = "crlt" + uuid.uuid4().hex[:8]
-    loop = ManualLoop()
+    loop = FakeLoop()
     dev = VirtioNet(Tap(name), GUEST_MAC, loop)
     # no IPv6 autoconfiguration chatter from the host on the test's wire
     Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1")
@@ -58,14 +57,14 @@ def host_receives(sock: socket.socket, payload: bytes) -> bytes:
             return data
 
 
-def pump(loop: ManualLoop, dev: VirtioNet) -> None:
+def pump(loop: FakeLoop, dev: VirtioNet) -> None:
     """Wait until the tap is readable and run the device's reader, as the event loop would."""
     r, _, _ = select.select([dev.tap.fd], [], [], 5)
     assert r, "nothing arrived on the tap"
     loop.readers[dev.tap.fd]()
 
 
-def received(d: Driver, loop: ManualLoop, dev: VirtioNet, bufs, payload: bytes):
+def received(d: Driver, loop: FakeLoop, dev: VirtioNet, bufs, payload: bytes):
     """Pump until a frame carrying `payload` is in the guest's used ring (the host may send a
     stray frame of its own first); returns its completions [(head, len)] and bytes."""
     for _ in range(10):

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from virtio_driver import Driver, ManualLoop  # noqa: E402
-
 from corral.devices.virtio.vsock import (HDR, HOST_CID, OP_CREDIT_UPDATE, OP_REQUEST,  # noqa: E402
                                          OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, TYPE_STREAM,
                                          VirtioVsock)
 from corral.errors import ConfigError  # noqa: E402
+
+from support.fakes import FakeLoop
+from support.virtio_driver import Driver
 
 CID = 7
 GUEST_BUF = 64 * 1024
@@ -27,7 +26,7 @@ class Guest:
     """The driver side: posts receive buffers, sends packets, reads what the device delivered."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.loop = ManualLoop()
+        self.loop = FakeLoop()
         self.uds = str(tmp_path / "v.sock")
         self.dev = VirtioVsock(CID, self.uds, self.loop)
         self.d = Driver(self.dev)
@@ -171,9 +170,9 @@ def test_hostile_packets_are_reset_not_fatal(guest):
 
 def test_bad_cid_and_busy_socket(tmp_path, guest):
     with pytest.raises(ConfigError, match="reserved"):
-        VirtioVsock(2, str(tmp_path / "x.sock"), ManualLoop())
+        VirtioVsock(2, str(tmp_path / "x.sock"), FakeLoop())
     with pytest.raises(ConfigError, match="in use"):
-        VirtioVsock(8, guest.uds, ManualLoop())
+        VirtioVsock(8, guest.uds, FakeLoop())
 
 
 def test_restore_tells_the_guest_its_streams_are_gone(guest):

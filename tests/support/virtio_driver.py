@@ -1,7 +1,7 @@
 """The driver side of a virtio-pci device, in Python, for tests: it negotiates through the BAR
 registers, lays out split rings in a real GuestMemory and reads completions from the used ring.
 
-    drv = Driver(VirtioBlock(path))         # transport + memory + immediate event loop
+    drv = Driver(VirtioBlock(path))         # transport + memory + fake irq line, loop, doorbells
     drv.setup()                             # reset, features, queues, DRIVER_OK
     head = drv.submit(0, [(hdr, False), (buf, True)])
 """
@@ -15,152 +15,20 @@ from corral.devices.virtio.base import (F_EVENT_IDX, F_VERSION_1, STATUS_ACKNOWL
 from corral.devices.virtio.pci import COMMON_OFF, DEVICE_OFF, ISR_OFF, NOTIFY_OFF, VirtioPciDevice
 from corral.memory import GuestMemory
 
+from support.fakes import FakeDoorbells, FakeIrqLine, FakeLoop
+
 MiB = 1 << 20
 RINGS = 0x10000            # rings of queue q at RINGS + q * 0x10000
 DATA = 0x100000            # driver buffers from 1 MiB on
-
-
-class ImmediateLoop:
-    """Runs call_soon() work at once, so a test sees a kick's effect on return."""
-
-    def call_soon(self, fn) -> None:
-        fn()
-
-    def add_reader(self, fd, cb) -> None:
-        pass
-
-    def remove_reader(self, fd) -> None:
-        pass
-
-
-class ManualLoop:
-    """A device's event loop driven by the test: `run_ready()` calls the callbacks of the fds
-    that are ready, as the VM's loop would, until nothing is."""
-
-    def __init__(self) -> None:
-        self.readers: dict[int, object] = {}
-        self.writers: dict[int, object] = {}
-
-    def add_reader(self, fd, cb) -> None:
-        self.readers[fd] = cb
-
-    def remove_reader(self, fd) -> None:
-        self.readers.pop(fd, None)
-
-    def add_writer(self, fd, cb) -> None:
-        self.writers[fd] = cb
-
-    def remove_writer(self, fd) -> None:
-        self.writers.pop(fd, None)
-
-    def call_soon(self, fn) -> None:
-        fn()
-
-    def run_ready(self, timeout: float = 0.05) -> int:
-        import select
-
-        calls = 0
-        while True:
-            r, w, _ = select.select(list(self.readers), list(self.writers), [], timeout)
-            if not r and not w:
-                return calls
-            if calls > 10_000:     # a callback that leaves its fd ready forever: a busy loop
-                raise AssertionError(f"fds {r} {w} stay ready: "
-                                     f"{[self.readers.get(f) for f in r]} {[self.writers.get(f) for f in w]}")
-            for fd in r:
-                if fd in self.readers:
-                    self.readers[fd]()
-                    calls += 1
-            for fd in w:
-                if fd in self.writers:
-                    self.writers[fd]()
-                    calls += 1
-            timeout = 0.02
-
-
-class Line:
-    def __init__(self) -> None:
-        self.level = False
-        self.raised = 0
-
-    def set_level(self, high: bool) -> None:
-        self.raised += high and not self.level
-        self.level = high
-
-    def pulse(self) -> None:
-        self.raised += 1
-
-
-class FakeVector:
-    """Records what an irqfd-backed MSI vector would deliver."""
-
-    def __init__(self) -> None:
-        self.address = self.data = 0
-        self.masked = True
-        self.pending = False
-        self.fired = 0
-
-    def update(self, address: int, data: int, masked: bool) -> None:
-        self.address, self.data, self.masked = address, data, masked
-        if not masked and self.pending:
-            self.pending = False
-            self.fired += 1
-
-    def trigger(self) -> bool:
-        if self.masked:
-            self.pending = True
-            return False
-        self.fired += 1
-        return True
-
-
-class NoDoorbells:
-    def attach(self, addr, length, callback):
-        return None
-
-    def detach(self, handle) -> None:
-        pass
-
-
-class DeferredLoop(ImmediateLoop):
-    """While `held`, call_soon() work waits until `run()`, as on the VM's loop thread."""
-
-    def __init__(self) -> None:
-        self.held = False
-        self.callbacks: list = []
-
-    def call_soon(self, fn) -> None:
-        if self.held:
-            self.callbacks.append(fn)
-        else:
-            fn()
-
-    def run(self) -> None:
-        while self.callbacks:
-            self.callbacks.pop(0)()
-
-
-class RecordingDoorbells:
-    """Doorbells whose callbacks (what an ioeventfd would run) the test calls itself."""
-
-    def __init__(self) -> None:
-        self.callbacks: dict[int, object] = {}
-
-    def attach(self, addr, length, callback):
-        self.callbacks[addr] = callback
-        return addr
-
-    def detach(self, handle) -> None:
-        self.callbacks.pop(handle, None)
 
 
 class Driver:
     def __init__(self, device: VirtioDevice, memory: GuestMemory | None = None,
                  vectors: list | None = None, *, loop=None, doorbells=None) -> None:
         self.mem = memory or GuestMemory(16 * MiB)
-        self.irq = Line()
-        self.fn = VirtioPciDevice(device, self.mem, self.irq, loop or ImmediateLoop(),
-                                  doorbells or NoDoorbells(), vectors)
+        self.irq = FakeIrqLine()
+        self.fn = VirtioPciDevice(device, self.mem, self.irq, loop or FakeLoop(),
+                                  doorbells or FakeDoorbells(), vectors)
         self.device = device
         self.next_data = DATA
         self.avail_idx: dict[int, int] = {}
@@ -276,4 +144,21 @@ class Driver:
         self.mem.close()
 
 
-__all__ = ["Driver", "F_EVENT_IDX"]
+def blk_request(d: Driver, rtype: int, sector: int, data: bytes | None = None, read_len: int = 0,
+                payload: bytes = b"") -> tuple[int, bytes, int]:
+    """One virtio-blk request on queue 0; returns (status, bytes read, used length)."""
+    bufs = [(d.alloc(struct.pack("<IIQ", rtype, 0, sector) + payload), False)]
+    if data is not None:
+        bufs.append((d.alloc(data), False))
+    rd = d.alloc(read_len) if read_len else None
+    if rd:
+        bufs.append((rd, True))
+    st_buf = d.alloc(1)
+    bufs.append((st_buf, True))
+    head = d.submit(0, bufs)
+    done = d.used(0)
+    assert [h for h, _ in done] == [head]
+    return d.mem.read(st_buf[0], 1)[0], d.mem.read(*rd) if rd else b"", done[0][1]
+
+
+__all__ = ["DATA", "Driver", "F_EVENT_IDX", "MiB", "blk_request"]

@@ -9,7 +9,6 @@ guest writes `status` to port 0x501; `status` below undoes that (None if QEMU ex
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -17,9 +16,10 @@ from pathlib import Path
 
 from corral.images.probe import build_probe
 
+from support.results import parse_output
+
 QEMU = "qemu-system-x86_64"
 MB_MAGIC = (0x1BADB002).to_bytes(4, "little")
-_PAIR = re.compile(r"(\w+)=(\S+)")
 
 
 @dataclass
@@ -37,17 +37,6 @@ class QemuProbeRun:
         if self.returncode > 0 and self.returncode & 1:
             return self.returncode >> 1
         return None
-
-
-def parse_output(text: str) -> tuple[dict[str, str], list[dict[str, str]]]:
-    results: dict[str, str] = {}
-    progress: list[dict[str, str]] = []
-    for line in text.splitlines():
-        if line.startswith("RESULT "):
-            results.update(_PAIR.findall(line))
-        elif line.startswith("PROGRESS "):
-            progress.append(dict(_PAIR.findall(line)))
-    return results, progress
 
 
 def pvh_only_copy(kernel: Path, dest: Path) -> Path:

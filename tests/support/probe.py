@@ -1,8 +1,11 @@
-"""Boot the probe guest under corral through the library API and collect its RESULT lines."""
+"""Boot the probe guest under corral through the library API and collect its RESULT lines.
+
+    run = run_probe("smp", cpus=2)
+    run.result.status, run.results["cpus"], run.output
+"""
 
 from __future__ import annotations
 
-import re
 import threading
 from dataclasses import dataclass, field
 
@@ -10,7 +13,7 @@ from corral.config import MachineConfig
 from corral.images.probe import build_probe
 from corral.machine import ExitResult, Machine
 
-RESULT_RE = re.compile(r"(\w+)=(\S+)")
+from support.results import parse_output
 
 
 @dataclass
@@ -18,14 +21,7 @@ class ProbeRun:
     result: ExitResult
     output: str
     results: dict[str, str] = field(default_factory=dict)
-
-
-def parse_results(output: str) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for line in output.splitlines():
-        if line.startswith("RESULT "):
-            found.update(RESULT_RE.findall(line))
-    return found
+    progress: list[dict[str, str]] = field(default_factory=list)
 
 
 def run_probe(cmdline: str, cpus: int = 1, memory: str = "256M", timeout: float = 60.0,
@@ -49,4 +45,4 @@ def run_probe(cmdline: str, cpus: int = 1, memory: str = "256M", timeout: float 
     finally:
         m.close()
     text = out.decode(errors="replace").replace("\r", "")
-    return ProbeRun(res, text, parse_results(text))
+    return ProbeRun(res, text, *parse_output(text))

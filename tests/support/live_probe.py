@@ -3,7 +3,6 @@ act on a live machine (pause, snapshot, restore, migration) and watch the guest'
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from corral.config import MachineConfig
 from corral.images.probe import build_probe
 from corral.machine import Machine
 
-ROUND_RE = re.compile(r"PROGRESS round=(\d+) checksum=(0x[0-9a-f]+) ok=(\d)")
+from support.results import progress_rounds
 
 
 class LiveProbe:
@@ -50,7 +49,7 @@ class LiveProbe:
             return self._out.decode(errors="replace").replace("\r", "")
 
     def rounds(self) -> dict[int, tuple[str, bool]]:
-        return {int(r): (c, ok == "1") for r, c, ok in ROUND_RE.findall(self.output)}
+        return progress_rounds(self.output)
 
     def last_round(self) -> int:
         return max(self.rounds(), default=0)

@@ -23,6 +23,11 @@ class ProbeRun:
     results: dict[str, str] = field(default_factory=dict)
     progress: list[dict[str, str]] = field(default_factory=list)
 
+    @property
+    def status(self) -> int | None:
+        """The guest's exit status, or None when the machine ended otherwise (see `result`)."""
+        return self.result.status if self.result.kind == "exit" else None
+
 
 def run_probe(cmdline: str, cpus: int = 1, memory: str = "256M", timeout: float = 60.0,
               **devices: object) -> ProbeRun:

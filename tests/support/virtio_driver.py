@@ -9,6 +9,7 @@ registers, lays out split rings in a real GuestMemory and reads completions from
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 from corral.devices.virtio.base import (F_EVENT_IDX, F_VERSION_1, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
                                         STATUS_DRIVER_OK, STATUS_FEATURES_OK, VirtioDevice)
@@ -144,6 +145,15 @@ class Driver:
         self.mem.close()
 
 
+BLK_SECTORS = 256
+
+
+def blk_image_file(path: Path, sectors: int = BLK_SECTORS) -> Path:
+    """A raw image whose sector i holds i (8 bytes, little-endian), then the byte i & 0xFF."""
+    path.write_bytes(b"".join(struct.pack("<Q", i) + bytes([i & 0xFF]) * 504 for i in range(sectors)))
+    return path
+
+
 def blk_request(d: Driver, rtype: int, sector: int, data: bytes | None = None, read_len: int = 0,
                 payload: bytes = b"") -> tuple[int, bytes, int]:
     """One virtio-blk request on queue 0; returns (status, bytes read, used length)."""
@@ -161,4 +171,4 @@ def blk_request(d: Driver, rtype: int, sector: int, data: bytes | None = None, r
     return d.mem.read(st_buf[0], 1)[0], d.mem.read(*rd) if rd else b"", done[0][1]
 
 
-__all__ = ["DATA", "Driver", "F_EVENT_IDX", "MiB", "blk_request"]
+__all__ = ["BLK_SECTORS", "DATA", "Driver", "F_EVENT_IDX", "MiB", "blk_image_file", "blk_request"]

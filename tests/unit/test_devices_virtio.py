@@ -6,7 +6,6 @@ still answers, and a reset brings the device back to work."""
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from pathlib import Path
 

@@ -1,64 +1,14 @@
+"""The ACPI PM block (corral.devices.legacy.acpi_pm): SCI, sleep states, power button, PM timer."""
+
 import pytest
 
 from corral.arch.x86 import layout
 from corral.devices.legacy.acpi_pm import PM_TIMER_HZ, AcpiPm, AcpiPmState
-from corral.devices.legacy.debug_exit import DebugExit, DebugExitState
-from corral.devices.legacy.post import PostSink, PostSinkState
-from corral.devices.legacy.reset import ResetRegister, ResetRegisterState
 
 from support.fakes import FakeClock, FakeIrqLine, FakeVmControl
 
 
 T0_NS = 123_456_789
-
-
-# -- debug exit ------------------------------------------------------------------------------
-@pytest.mark.parametrize("off,size,value,status", [
-    (0, 1, 0, 0), (0, 1, 0x2A, 0x2A), (0, 2, 0x1234, 0x34), (1, 1, 7, 7), (0, 4, 0x1FF, 0xFF)])
-def test_debug_exit_status_is_the_low_byte(off, size, value, status):
-    ctl = FakeVmControl()
-    DebugExit(ctl).pio_write(off, size, value)
-    assert ctl.calls == [("exit", status)]
-
-
-def test_debug_exit_reads_all_ones():
-    dev = DebugExit(FakeVmControl())
-    assert dev.pio_read(0, 1) == 0xFF
-    assert dev.pio_read(0, 2) == 0xFFFF
-    dev.load_state(DebugExitState.model_validate_json(dev.save_state().model_dump_json()))
-
-
-# -- POST / bench sink -----------------------------------------------------------------------
-def test_post_sink():
-    dev = PostSink()
-    assert dev.pio_read(0, 1) == 0xFF
-    assert dev.pio_read(0, 4) == 0xFFFFFFFF
-    dev.pio_write(0, 1, 0x42)
-    assert dev.last == 0x42
-    other = PostSink()
-    other.load_state(PostSinkState.model_validate_json(dev.save_state().model_dump_json()))
-    assert other.last == 0x42
-
-
-# -- reset register --------------------------------------------------------------------------
-def test_reset_register():
-    ctl = FakeVmControl()
-    dev = ResetRegister(ctl)
-    dev.pio_write(0, 1, 0x02)               # Linux reboot=pci: 0x02 then 0x06
-    assert ctl.calls == []
-    assert dev.pio_read(0, 1) == 0x02
-    dev.pio_write(0, 1, 0x06)
-    assert ctl.calls == [("reset",)]
-    assert dev.pio_read(0, 1) == 0x02       # bit 2 does not stick
-    dev.pio_write(0, 1, 0x0E)
-    assert ctl.calls == [("reset",)] * 2
-    assert dev.pio_read(0, 2) == 0xFF0A
-    other = ResetRegister(FakeVmControl())
-    other.load_state(ResetRegisterState.model_validate_json(dev.save_state().model_dump_json()))
-    assert other.pio_read(0, 1) == 0x0A
-
-
-# -- ACPI PM ---------------------------------------------------------------------------------
 PM1_STS, PM1_EN, PM1_CNT, PM_TMR = 0, 2, 4, 8
 
 

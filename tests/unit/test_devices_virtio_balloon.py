@@ -4,8 +4,6 @@ reports) really leave the host's memory (the memfd behind guest RAM shrinks)."""
 from __future__ import annotations
 
 import struct
-import sys
-from pathlib import Path
 
 from corral.devices.virtio.balloon import F_PAGE_REPORTING, F_STATS_VQ, VirtioBalloon  # noqa: E402
 

@@ -7,7 +7,6 @@ import os
 import select
 import socket
 import struct
-import sys
 import uuid
 from pathlib import Path
 

@@ -77,8 +77,7 @@ def _probe_path(probe_build) -> str:
 TESTS_DIR = Path(__file__).resolve().parents[1]     # on PYTHONPATH, `support` imports from there
 # the probe scenarios the lab boots under corral on real SVM (support/scenarios.py, with the
 # lab's differences there), each once, with its first vCPU count; and idle, which never exits
-LAB_SCENARIOS = ["hello", "smp", "timer", "pio-bench", "mmio-bench", "mem-touch", "blk-check",
-                 "blk-bench", "net-bench"]
+LAB_SCENARIOS = [name for name, sc in SCENARIOS.items() if "lab" in sc.runners]
 LAB_DISK = "/tmp/lab-probe.img"
 LAB_TAP = "crlp0"
 

@@ -3,6 +3,7 @@
     fakes          IrqLine, VmControl, event loop, doorbells, MSI vector, clock stand-ins
     virtio_driver  the driver side of a virtio-pci device, in Python
     disks          patterned disk images and sector reads
+    net            a fresh tap device (root)
     results        the one parser of the probe guest's RESULT and PROGRESS lines
     scenarios      the probe scenarios every runner (corral, QEMU, the lab) boots
     probe          the probe under corral, through the library

@@ -21,7 +21,8 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(extra or {})}
 
 
-def corral(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def corral(*args: str, env: dict[str, str] | None = None,
+           timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `corral ARGS...` to the end (stdin closed); text output."""
     return subprocess.run([sys.executable, "-m", "corral.cli", *args], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=cli_env(env))

@@ -3,37 +3,21 @@
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
-from pathlib import Path
 
 import pytest
 
 from corral.images.probe import build_probe
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def corral(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "corral.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})})
-
-
-def one_clear_line(r):
-    assert r.returncode != 0
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("corral: error: ")
-    assert "Traceback" not in r.stderr
-    return lines[0]
+from support.cli import ROOT, corral, one_clear_line
+from support.results import parse_results
 
 
 @pytest.mark.kvm
 def test_smp_probe_prints_cpus_and_exits_zero():
     r = corral("run", "--image", "probe", "--cmdline", "smp", "--cpus", "2")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "RESULT cpus=2" in r.stdout
+    assert parse_results(r.stdout)["cpus"] == "2", r.stdout
 
 
 @pytest.mark.kvm

@@ -9,24 +9,9 @@ import subprocess
 import sys
 import time
 
-import pytest
 
-from test_cli import ROOT, corral, one_clear_line
-
-pytestmark = pytest.mark.kvm
-
-
-def start_vm(api, cmdline="mem-touch 16M forever", *extra):
-    import os
-    proc = subprocess.Popen([sys.executable, "-m", "corral", "run", "--image", "probe", "--memory", "256M",
-                             "--cmdline", cmdline, "--api", str(api), *extra],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    deadline = time.monotonic() + 30
-    while not api.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
-        time.sleep(0.05)
-    return proc
+from support.cli import ROOT, corral, corral_popen, one_clear_line, start_vm
+from support.results import result_lines
 
 
 def test_pause_status_snapshot_restore_from_the_command_line(tmp_path):
@@ -53,7 +38,7 @@ def test_pause_status_snapshot_restore_from_the_command_line(tmp_path):
     r = corral("restore", str(tmp_path / "snap"))
     assert r.returncode == 0, r.stderr
     assert "probe: mem-touch range" not in r.stdout
-    final = [l for l in first.splitlines() if l.startswith("RESULT")]
+    final = result_lines(first)
     assert final and final[-1] in r.stdout.replace("\r", "")
 
 
@@ -66,7 +51,7 @@ def test_clone_runs_each_copy_to_the_end(tmp_path):
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    final = [l for l in out.decode().replace("\r", "").splitlines() if l.startswith("RESULT")][-1]
+    final = result_lines(out.decode())[-1]
     r = corral("clone", str(tmp_path / "snap"), "-n", "3")
     assert r.returncode == 0, r.stderr
     for i in range(3):
@@ -77,11 +62,7 @@ def test_receive_and_migrate_from_the_command_line(tmp_path):
     api = tmp_path / "vm.sock"
     dest_api = tmp_path / "dest.sock"
     src = start_vm(api)
-    import os
-    dest = subprocess.Popen([sys.executable, "-m", "corral", "receive", "--listen", "127.0.0.1:0",
-                             "--timeout", "60", "--api", str(dest_api)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    dest = corral_popen("receive", "--listen", "127.0.0.1:0", "--timeout", "60", "--api", str(dest_api))
     try:
         port = dest.stderr.readline().decode().rsplit(":", 1)[1].strip()
         r = corral("migrate", "--api", str(api), f"127.0.0.1:{port}")

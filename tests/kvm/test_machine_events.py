@@ -12,7 +12,6 @@ import pytest
 from corral.config import MachineConfig
 from corral.machine import Machine
 
-pytestmark = pytest.mark.kvm
 LOAD = 0x100000
 HEADER = 32
 

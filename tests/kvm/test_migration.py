@@ -20,9 +20,9 @@ import pytest
 from corral.api import call
 from corral.migration import MigrationError, listen, migrate, receive
 
-from live_probe import LiveProbe, assert_continues, reference_rounds
+from support.live_probe import LiveProbe, assert_continues, reference_rounds
+from support.results import progress_rounds
 
-pytestmark = pytest.mark.kvm
 CMD = "mem-touch 32M forever"
 
 
@@ -245,8 +245,7 @@ def test_migration_to_another_host(source, second_host, tmp_path):
         proc.kill()
     text = out.decode(errors="replace").replace("\r", "")
     assert "migration arrived" in text
-    rounds = {int(r): (c, ok == "1") for r, c, ok in re.findall(
-        r"PROGRESS round=(\d+) checksum=(0x[0-9a-f]+) ok=(\d)", text)}
+    rounds = progress_rounds(text)
     assert rounds and min(rounds) >= left_at and max(rounds) > left_at + 1, text[-1500:]
     ref = reference_rounds(CMD, max(rounds))
     assert all(ok and ref[r][0] == c for r, (c, ok) in rounds.items())

@@ -1,70 +1,30 @@
-"""Every probe scenario boots under corral on the real /dev/kvm, with 1 and 2 vCPUs."""
+"""Every probe scenario (support/scenarios.py) boots under corral on the real /dev/kvm, through
+the library, with each of its vCPU counts; the same table runs under QEMU in tests/qemu."""
 
 import pytest
 
-from probe_runner import run_probe
+from corral.config import DiskConfig, NetConfig
 
-pytestmark = pytest.mark.kvm
-CPUS = [1, 2]
-
-
-def _ok(run):
-    assert run.result.kind == "exit", run.result.message + "\n" + run.output
-    assert run.result.status == 0, run.output
+from support.disks import patterned_image
+from support.net import fresh_tap, rx_packets
+from support.probe import run_probe
+from support.scenarios import Outcome, Scenario, params
 
 
-@pytest.mark.parametrize("cpus", CPUS)
-def test_hello(cpus):
-    run = run_probe("hello", cpus)
-    _ok(run)
-    assert run.results["hello"] == "1"
-    assert run.results["boot"] in ("pvh", "multiboot")
-
-
-@pytest.mark.parametrize("cpus", CPUS + [4])
-def test_smp_brings_up_every_cpu(cpus):
-    run = run_probe("smp", cpus)
-    _ok(run)
-    assert run.results["cpus"] == str(cpus)
-
-
-@pytest.mark.parametrize("cpus", CPUS)
-def test_timer_interrupts_arrive(cpus):
-    run = run_probe("timer", cpus)
-    _ok(run)
-    assert int(run.results["timer_ticks"]) > 0
-
-
-@pytest.mark.parametrize("cpus", CPUS)
-def test_pio_bench_counts_exits(cpus):
-    run = run_probe("pio-bench 20000", cpus)
-    _ok(run)
-    assert run.results["pio_exits"] == "20000"
-
-
-@pytest.mark.parametrize("cpus", CPUS)
-def test_mmio_bench_counts_exits(cpus):
-    run = run_probe("mmio-bench 20000", cpus)
-    _ok(run)
-    assert run.results["mmio_exits"] == "20000"
-
-
-@pytest.mark.parametrize("cpus", CPUS)
-def test_mem_touch_checksums(cpus):
-    run = run_probe("mem-touch 64M", cpus, memory="256M")
-    _ok(run)
-    assert run.results["ok"] == "1"
-    assert int(run.results["mem_touch_bytes"], 0) == 64 << 20 or run.results["mem_touch_bytes"] == "64M"
-
-
-def test_mem_touch_above_4g():
-    # 3100M fits no range below the 3 GiB hole, so the probe must use RAM mapped above 4 GiB
-    run = run_probe("mem-touch 3100M", 1, memory="7G", timeout=120)
-    _ok(run)
-    assert run.results["ok"] == "1"
-    assert "range=0x1" in run.output, run.output  # a range starting at or above 4 GiB
-
-
-def test_unknown_scenario_fails():
-    run = run_probe("no-such-scenario", 1)
-    assert run.result.kind == "exit" and run.result.status != 0
+@pytest.mark.parametrize("sc,cpus", params("corral"))
+def test_probe_scenario(sc: Scenario, cpus: int, tmp_path):
+    devices: dict[str, object] = {}
+    disk = None
+    if sc.disk:
+        disk = patterned_image(tmp_path / "disk.img", sc.disk.sectors)
+        devices["disks"] = [DiskConfig(path=disk, serial=sc.disk.serial, read_only=sc.disk.read_only)]
+    memory = {"memory": sc.memory} if sc.memory else {}
+    frames = None
+    if sc.net:
+        with fresh_tap("crk") as tap:
+            run = run_probe(sc.cmdline, cpus, timeout=sc.timeout, nets=[NetConfig(tap=tap)], **memory)
+            frames = rx_packets(tap)
+    else:
+        run = run_probe(sc.cmdline, cpus, timeout=sc.timeout, **memory, **devices)
+    sc.verify(Outcome(run.status, run.results, run.progress, run.output, cpus, disk, frames,
+                      note=f"({run.result.kind}: {run.result.message})"))

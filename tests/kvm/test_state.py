@@ -13,9 +13,7 @@ import pytest
 from corral.machine import Machine, VmStateError
 from corral.state.snapshot import MANIFEST, MEMORY, STATE, SnapshotError, read_snapshot
 
-from live_probe import LiveProbe, assert_continues, reference_rounds
-
-pytestmark = pytest.mark.kvm
+from support.live_probe import LiveProbe, assert_continues, reference_rounds
 
 
 @pytest.fixture

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from labhost import LabHost  # noqa: E402
+from support.labhost import LabHost
 
 LAB_KEY = pytest.StashKey[LabHost]()
 
@@ -75,12 +73,12 @@ def debian_build():
 
 @pytest.fixture(scope="session")
 def debian_rootfs():
-    """The lab's small Debian with systemd (tests/lab/rootfs.py), built on the host before the
-    lab boots. Returns ({"kernel", "initrd", "image"}, None) or (None, reason)."""
+    """The lab's small Debian with systemd (tests/support/lab_rootfs.py), built on the host
+    before the lab boots. Returns ({"kernel", "initrd", "image"}, None) or (None, reason)."""
     from corral.errors import ConfigError, HostError
     from corral.images.cache import cache_root
 
-    from rootfs import ensure_rootfs
+    from support.lab_rootfs import ensure_rootfs
 
     try:
         return ensure_rootfs(cache_root() / "lab"), None
@@ -93,7 +91,7 @@ def lab(request, probe_build, debian_build, debian_rootfs):
     """The booted lab host, shared by every lab test of the session."""
     from corral.errors import ConfigError, HostError
 
-    from labhost import ensure_lab_images
+    from support.labhost import ensure_lab_images
 
     try:
         kernel, initrd = ensure_lab_images()

@@ -11,17 +11,10 @@ import re
 import pytest
 
 from corral.arch.x86 import layout
-from labhost import CORRAL  # noqa: F401  (re-exported to the other lab tests)
 
-pytestmark = pytest.mark.lab
+from support.lab_debian import BANNER, BASE_CMDLINE, LAB_CPU, need
+from support.labhost import CORRAL
 
-# quiet: under nested TCG every console byte costs two exits, so a chatty boot takes minutes.
-BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=acpi quiet"
-# The lab's emulated SVM does not hand the guest's XSETBV to KVM, so KVM never updates CPUID
-# leaf 0xD for the guest's XCR0 and Linux warns "XSAVE consistency problem". That is the lab's
-# CPU, not corral's machine model (real VT-x/AMD-V intercept XSETBV): hide XSAVE in the lab.
-LAB_CPU = "--cpu-hide xsave"
-BANNER = "corral debian guest:"
 
 # dmesg lines at warning level or worse that do not come from our machine model: listed with
 # the reason, so that anything new fails the test.
@@ -40,21 +33,12 @@ BENIGN = [
 ]
 
 
-def need(build):
-    value, reason = build
-    if value is None:
-        pytest.skip(reason)
-    return value
-
-
 def boot(lab, images, command: str, *, kernel: str = "bzimage", cpus: int = 1, memory: str = "512M",
          extra: str = "--no-reboot", timeout: float = 240.0):
     cmdline = f'{BASE_CMDLINE} -- sh -c "{command}"'
     run = (f"{CORRAL} run --kernel {images[kernel]} --initrd {images['initrd']} --cpus {cpus} "
            f"--memory {memory} {LAB_CPU} {extra} --cmdline '{cmdline}' </dev/null")
     return lab.run(run, timeout=timeout)
-
-
 
 
 @pytest.mark.parametrize("kernel", ["bzimage", "vmlinux"])

@@ -10,12 +10,10 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
 
-from labhost import PYTHON as PY
-from test_lab_debian import BANNER, BASE_CMDLINE, CORRAL, LAB_CPU, need
+from support.lab_debian import BANNER, BASE_CMDLINE, LAB_CPU, need
+from support.labhost import CORRAL, PYTHON as PY
 
-pytestmark = pytest.mark.lab
 
 HERE = Path(__file__).parent
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from labhost import CORRAL, PYTHON, VENV_BIN
-
-pytestmark = pytest.mark.lab
+from support.labhost import CORRAL, PYTHON, VENV_BIN
+from support.results import parse_output
+from support.scenarios import SCENARIOS, Outcome, Scenario
 
 
 KVM_API_SNIPPET = (
@@ -74,49 +74,49 @@ def _probe_path(probe_build) -> str:
     return str(path)
 
 
-TESTS_DIR = Path(__file__).resolve().parents[1]
-# every probe scenario under corral in the lab, on real SVM: (cmdline, corral options, RESULT checks)
-PROBE_SCENARIOS = {
-    "hello": ("hello", "", {"hello": "1"}),
-    "smp": ("smp", "--cpus 2", {"cpus": "2"}),
-    "timer": ("timer", "", {}),
-    "pio-bench": ("pio-bench 20000", "", {"pio_exits": "20000"}),
-    "mmio-bench": ("mmio-bench 20000", "", {"mmio_exits": "20000"}),
-    "mem-touch": ("mem-touch 64M", "--memory 256M", {"ok": "1"}),
-    "idle": ("idle", "", {}),
-    "blk-check": ("blk-check", "--disk /tmp/lab-probe.img,serial=lab-1", {"blk_ok": "1", "blk_serial": "lab-1"}),
-    "blk-bench": ("blk-bench rand4k 2000", "--disk /tmp/lab-probe.img", {"blk_ops": "2000", "blk_errors": "0"}),
-    "net-bench": ("net-bench 2000", "--net tap=crlp0", {"net_tx_frames": "2000"}),
-}
+TESTS_DIR = Path(__file__).resolve().parents[1]     # on PYTHONPATH, `support` imports from there
+# the probe scenarios the lab boots under corral on real SVM (support/scenarios.py, with the
+# lab's differences there), each once, with its first vCPU count; and idle, which never exits
+LAB_SCENARIOS = [name for name, sc in SCENARIOS.items() if "lab" in sc.runners]
+LAB_DISK = "/tmp/lab-probe.img"
+LAB_TAP = "crlp0"
 
 
-@pytest.mark.parametrize("name", list(PROBE_SCENARIOS))
+def _corral_options(sc: Scenario, cpus: int) -> str:
+    opts = [f"--cpus {cpus}"] if cpus > 1 else []
+    if sc.memory:
+        opts.append(f"--memory {sc.memory}")
+    if sc.disk:
+        opts.append(f"--disk {LAB_DISK}" + (f",serial={sc.disk.serial}" if sc.disk.serial else ""))
+    if sc.net:
+        opts.append(f"--net tap={LAB_TAP}")
+    return " ".join(opts)
+
+
+@pytest.mark.parametrize("name", LAB_SCENARIOS + ["idle"])
 def test_probe_scenarios_under_corral_in_lab(lab, probe_build, name):
     probe = _probe_path(probe_build)
-    cmdline, options, expect = PROBE_SCENARIOS[name]
-    prepare = ""
-    if "lab-probe.img" in options:      # the patterned disk blk-check reads (tests/virtio_fixtures.py)
-        prepare = (f"{PYTHON} -c 'import sys; sys.path.insert(0, \"{TESTS_DIR}\"); from pathlib import Path; "
-                   "from virtio_fixtures import patterned_image; patterned_image(Path(\"/tmp/lab-probe.img\"), 4096)' && ")
     if name == "idle":                  # idle never exits: still running when stopped through --api
         stop = f"{PYTHON} -c 'import sys; from corral.api import call; call(sys.argv[1], {{\"op\": \"stop\"}})'"
         run = (f"{CORRAL} run --kernel {probe} --cmdline idle --api /tmp/idle.sock > /tmp/idle.out 2>&1 & VM=$!; "
                "for i in $(seq 240); do grep -q 'probe: idle' /tmp/idle.out && break; sleep 0.5; done; sleep 2; "
                f"kill -0 $VM && echo STILL_RUNNING; {stop} /tmp/idle.sock; wait $VM; echo IDLE_EXIT=$?; cat /tmp/idle.out")
-    else:
-        run = f"{CORRAL} run --kernel {probe} --cmdline '{cmdline}' {options}"
-    res = lab.run(prepare + run + " </dev/null", timeout=300)
-    results = dict(kv for line in res.output.splitlines() if line.startswith("RESULT ")
-                   for kv in re.findall(r"(\w+)=(\S+)", line))
-    if name == "idle":
+        res = lab.run(run + " </dev/null", timeout=300)
         assert "STILL_RUNNING" in res.output and "probe: idle" in res.output, res.output
         assert "stopped through the control socket" in res.output, res.output
         return
-    assert res.status == 0, res.output
-    for key, value in expect.items():
-        assert results.get(key) == value, res.output
-    if name == "timer":
-        assert int(results.get("timer_ticks", "0")) > 0, res.output
+    sc = SCENARIOS[name].on("lab")
+    cpus = sc.cpus[0]
+    prepare = ""
+    if sc.disk:                         # the patterned disk blk-check reads (support/disks.py)
+        prepare = (f"PYTHONPATH={TESTS_DIR} {PYTHON} -c 'from pathlib import Path; "
+                   "from support.disks import patterned_image; "
+                   f"patterned_image(Path(\"{LAB_DISK}\"), {sc.disk.sectors})' && ")
+    run = f"{CORRAL} run --kernel {probe} --cmdline '{sc.cmdline}' {_corral_options(sc, cpus)}"
+    res = lab.run(prepare + run + " </dev/null", timeout=300)
+    results, progress = parse_output(res.output)
+    # status and RESULT values; the table's whole-run checks need this host's view of the run
+    sc.verify(Outcome(res.status, results, progress, res.output, cpus), checks=False)
 
 
 def test_timings(lab, record_property):

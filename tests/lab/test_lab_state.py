@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import re
 
-import pytest
 
-from labhost import PYTHON as PY
-from test_lab_debian import BANNER, BASE_CMDLINE, CORRAL, LAB_CPU, need
-
-pytestmark = pytest.mark.lab
-
+from support.lab_debian import BANNER, BASE_CMDLINE, LAB_CPU, need
+from support.labhost import CORRAL, PYTHON as PY
 
 
 def counts(text: str) -> list[int]:

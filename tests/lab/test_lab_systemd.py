@@ -1,15 +1,14 @@
-"""`corral run --disk rootfs.ext4 --net tap`: a small Debian made with debootstrap (tests/lab/rootfs.py)
-boots from virtio-blk to a systemd login prompt in the lab, and its network answers the host."""
+"""`corral run --disk rootfs.ext4 --net tap`: a small Debian made with debootstrap
+(tests/support/lab_rootfs.py) boots from virtio-blk to a systemd login prompt in the lab, and its
+network answers the host."""
 
 from __future__ import annotations
 
-import pytest
 
-from labhost import PYTHON as PY
-from rootfs import GUEST_IP, HOST_IP
-from test_lab_debian import CORRAL, LAB_CPU, need
+from support.lab_debian import LAB_CPU, need
+from support.lab_rootfs import GUEST_IP, HOST_IP
+from support.labhost import CORRAL, PYTHON as PY
 
-pytestmark = pytest.mark.lab
 
 PING = "/tmp/.lab/busybox ping"          # the lab agent's busybox: the host may have no ping
 

@@ -8,11 +8,10 @@ import re
 import struct
 from pathlib import Path
 
-import pytest
 
-from test_lab_debian import BASE_CMDLINE, BANNER, CORRAL, LAB_CPU, need
+from support.lab_debian import BANNER, BASE_CMDLINE, LAB_CPU, need
+from support.labhost import CORRAL
 
-pytestmark = pytest.mark.lab
 
 SECTORS = 2048   # 1 MiB
 

@@ -1,19 +1,17 @@
-"""Debian packages: apt error classification, apt-get download/dpkg-deb helpers, the LZ4 legacy
-decoder, and (marked `net`) a real end-to-end fetch and build of the debian image."""
+"""Debian packages: apt error classification, apt-get download/dpkg-deb helpers, and (marked
+`net`) a real end-to-end fetch and build of the debian image."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
-import struct
 import subprocess
 
 import pytest
 
-from corral.errors import ConfigError, KernelFormatError
+from corral.errors import ConfigError
 from corral.images import debian
-from corral.images.lz4legacy import LEGACY_MAGIC, _decompress_block_py, decompress_legacy
 
 HAVE_APT = shutil.which("apt-get") is not None and shutil.which("apt-cache") is not None
 needs_apt = pytest.mark.skipif(not HAVE_APT, reason="not a Debian host (no apt-get)")
@@ -119,32 +117,6 @@ def test_extract_deb_new_and_merge(tmp_path):
     with pytest.raises(ConfigError, match="cannot unpack bad.deb"):
         debian.extract_deb(bad, tmp_path / "other")
     assert not (tmp_path / "other").exists()
-
-
-# --- LZ4 legacy ------------------------------------------------------------------------------------
-
-def test_lz4_block_decoder():
-    # token 0x40: 4 literals "abcd", no match (last sequence).
-    assert _decompress_block_py(b"\x40abcd", 100) == b"abcd"
-    # "ab" then a match at offset 2, length 4+6=10 (overlapping copy), then literal "Z".
-    block = b"\x26ab\x02\x00" + b"\x10Z"
-    assert _decompress_block_py(block, 100) == b"ab" + b"abababababab"[:10] + b"Z"
-    # Long literal run (15 + 255 + 10).
-    lit = bytes(range(256)) + b"x" * 24
-    assert _decompress_block_py(b"\xf0\xff\x0a" + lit, 1000) == lit
-    with pytest.raises(KernelFormatError):
-        _decompress_block_py(b"\x11a\x05\x00", 100)  # offset beyond output
-    with pytest.raises(KernelFormatError):
-        _decompress_block_py(b"\xf0", 100)  # truncated
-
-
-def test_lz4_legacy_frame():
-    b1, b2 = b"\x40abcd", b"\x30xyz"
-    frame = struct.pack("<I", LEGACY_MAGIC) + struct.pack("<I", len(b1)) + b1 \
-        + struct.pack("<I", len(b2)) + b2 + struct.pack("<I", 7)  # kernel's appended size
-    assert decompress_legacy(frame) == b"abcdxyz"
-    with pytest.raises(KernelFormatError):
-        decompress_legacy(b"\x04\x22\x4d\x18rest")
 
 
 # --- the real thing --------------------------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""virtio-balloon driven by the Python driver: pages the guest gives up (inflate, free page
+reports) really leave the host's memory (the memfd behind guest RAM shrinks)."""
+
+from __future__ import annotations
+
+import struct
+
+from corral.devices.virtio.balloon import F_PAGE_REPORTING, F_STATS_VQ, VirtioBalloon  # noqa: E402
+
+from support.virtio_driver import Driver
+
+MiB = 1 << 20
+REGION = 8 * MiB          # the guest's pages to give away
+
+
+class Sink:
+    """Stands in for the transport's VirtioInterrupt in set_target."""
+
+    def __init__(self) -> None:
+        self.config = 0
+
+    def signal_config(self) -> None:
+        self.config += 1
+
+    def signal_queue(self, index: int) -> None:
+        pass
+
+
+def filled(d: Driver) -> int:
+    d.mem.write(REGION, b"\xA5" * (4 * MiB))
+    return d.mem.resident_bytes()
+
+
+def test_inflate_returns_pages_to_the_host():
+    dev = VirtioBalloon()
+    d = Driver(dev)
+    try:
+        d.setup()
+        before = filled(d)
+        sink = Sink()
+        dev.set_target(1024, sink)
+        assert sink.config == 1 and d.config(0, 4) == 1024        # num_pages for the driver
+        pfns = [(REGION >> 12) + i for i in range(1024)]
+        d.submit(0, [(d.alloc(struct.pack(f"<{len(pfns)}I", *pfns)), False)])
+        d.fn.bar_write(0, 0x2000 + 4, 4, 1024)                     # driver writes `actual`
+        assert d.mem.resident_bytes() <= before - 4 * MiB + 64 * 1024   # (ring pages come and go)
+        assert d.mem.read(REGION, 16) == bytes(16)                 # gone: reads as zeros
+        assert dev.counters["inflated"] == 1024 and dev.actual_pages == 1024
+        # deflate: the pages come back on use
+        d.submit(1, [(d.alloc(struct.pack("<4I", *pfns[:4])), False)])
+        d.mem.write(REGION, b"back")
+        assert d.mem.read(REGION, 4) == b"back" and dev.counters["deflated"] == 4
+    finally:
+        d.close()
+
+
+def test_free_page_reporting_and_stats():
+    dev = VirtioBalloon()
+    d = Driver(dev)
+    try:
+        d.setup()
+        assert d.features & F_PAGE_REPORTING and d.features & F_STATS_VQ
+        before = filled(d)
+        # a report: the writable buffers are the free ranges themselves (queue 3 with stats on)
+        d.submit(3, [((REGION, 2 * MiB), True), ((REGION + 2 * MiB, 2 * MiB), True)])
+        assert d.mem.resident_bytes() <= before - 4 * MiB + 64 * 1024   # (ring pages come and go)
+        assert dev.counters["reported_bytes"] == 4 * MiB
+        assert [h for h, _ in d.used(3)] == [0]
+        # stats: the driver's buffer is kept; handing it back asks for new numbers
+        d.submit(2, [(d.alloc(struct.pack("<HQHQ", 4, 100 * MiB, 5, 256 * MiB)), False)])
+        assert dev.stats == {"free_memory": 100 * MiB, "total_memory": 256 * MiB}
+        assert d.used(2) == []
+        assert dev.request_stats() and len(d.used(2)) == 1
+    finally:
+        d.close()
+
+
+def test_hostile_page_numbers_are_skipped():
+    dev = VirtioBalloon()
+    d = Driver(dev)
+    try:
+        d.setup()
+        bad = [0xFFFF_FFFF, (16 * MiB) >> 12, 0x12345678]          # outside the 16 MiB of RAM
+        d.submit(0, [(d.alloc(struct.pack("<3I", *bad)), False)])
+        assert dev.counters["bad_pfns"] == 3 and dev.counters["inflated"] == 0
+        assert not dev.broken
+        # a report whose buffer runs past RAM is a malformed descriptor: NEEDS_RESET, nothing freed
+        before = filled(d)
+        d.submit(3, [((15 * MiB, 4 * MiB), True)])
+        assert dev.broken and d.status() & 64
+        assert d.mem.resident_bytes() >= before
+    finally:
+        d.close()
+
+
+def test_queue_numbers_follow_negotiated_features():
+    dev = VirtioBalloon()
+    d = Driver(dev)
+    try:
+        d.setup(features=~F_STATS_VQ & (1 << 64) - 1)              # reporting, no stats
+        before = filled(d)
+        d.submit(2, [((REGION, 4 * MiB), True)])                    # reporting is queue 2 now
+        assert d.mem.resident_bytes() <= before - 4 * MiB + 64 * 1024   # (ring pages come and go)
+    finally:
+        d.close()

@@ -1,0 +1,151 @@
+"""Copy-on-write overlays: the guest's writes land in the overlay, the base never changes, and
+what the guest reads back is what a plain disk would hold (checked against a model)."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from corral.devices.virtio.blk import S_OK, T_DISCARD, T_IN, T_OUT, T_WRITE_ZEROES, VirtioBlock  # noqa: E402
+from corral.devices.virtio.disk_image import CLUSTER, open_disk  # noqa: E402
+from corral.errors import ConfigError  # noqa: E402
+
+from support.virtio_driver import Driver, blk_request
+
+SIZE = 4 * CLUSTER + 8192          # not a whole number of clusters
+
+
+def base_image(path: Path) -> bytes:
+    data = bytes((i * 7 + (i >> 9)) & 0xFF for i in range(SIZE))
+    path.write_bytes(data)
+    return data
+
+
+def mv(b: bytearray) -> list[memoryview]:
+    return [memoryview(b)]
+
+
+@pytest.fixture
+def disks(tmp_path):
+    base = tmp_path / "base.img"
+    return base, base_image(base), tmp_path / "vm.cow"
+
+
+def test_reads_come_from_the_base_until_written(disks):
+    base, data, ov = disks
+    img = open_disk(str(base), read_only=False, overlay=str(ov))
+    try:
+        buf = bytearray(SIZE)
+        assert img.readv(mv(buf), 0) == SIZE and bytes(buf) == data
+        img.writev([memoryview(b"X" * 1000)], CLUSTER + 100)       # partial: copy-up first
+        out = bytearray(CLUSTER)
+        img.readv(mv(out), CLUSTER)
+        assert bytes(out) == data[CLUSTER:CLUSTER + 100] + b"X" * 1000 + data[CLUSTER + 1100:2 * CLUSTER]
+    finally:
+        img.close()
+    assert base.read_bytes() == data                                 # the base never changes
+    # reopened: the overlay remembers what it holds
+    img = open_disk(str(base), read_only=False, overlay=str(ov))
+    try:
+        out = bytearray(1000)
+        img.readv(mv(out), CLUSTER + 100)
+        assert bytes(out) == b"X" * 1000
+    finally:
+        img.close()
+
+
+def test_overlay_is_sparse(disks):
+    base, _, ov = disks
+    img = open_disk(str(base), read_only=False, overlay=str(ov))
+    img.writev([memoryview(b"Y" * 4096)], 0)
+    img.flush()
+    img.close()
+    assert os.stat(ov).st_blocks * 512 <= 2 * CLUSTER + 8192
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["w", "z"]), st.integers(0, SIZE - 1),
+                              st.integers(1, 3 * CLUSTER), st.integers(0, 255)), max_size=12))
+def test_overlay_behaves_like_a_plain_disk(tmp_path_factory, ops):
+    d = tmp_path_factory.mktemp("cow")
+    base = d / "base.img"
+    model = bytearray(base_image(base))
+    img = open_disk(str(base), read_only=False, overlay=str(d / "o.cow"))
+    try:
+        for kind, off, n, byte in ops:
+            n = min(n, SIZE - off)
+            if kind == "w":
+                img.writev([memoryview(bytes([byte]) * n)], off)
+                model[off:off + n] = bytes([byte]) * n
+            else:
+                img.discard(off, n, zeroes=True, unmap=True)
+                model[off:off + n] = bytes(n)
+            out = bytearray(SIZE)
+            assert img.readv(mv(out), 0) == SIZE
+            assert out == model
+    finally:
+        img.close()
+
+
+def test_two_vms_share_one_base(disks, tmp_path):
+    base, data, ov = disks
+    a = open_disk(str(base), read_only=False, overlay=str(ov))
+    b = open_disk(str(base), read_only=False, overlay=str(tmp_path / "vm2.cow"))
+    try:
+        a.writev([memoryview(b"A" * 10)], 0)
+        b.writev([memoryview(b"B" * 10)], 0)
+        ra, rb = bytearray(12), bytearray(12)
+        a.readv(mv(ra), 0)
+        b.readv(mv(rb), 0)
+        assert bytes(ra) == b"A" * 10 + data[10:12] and bytes(rb) == b"B" * 10 + data[10:12]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_overlay_errors(disks, tmp_path):
+    base, _, ov = disks
+    with pytest.raises(ConfigError, match="drop ,ro or the overlay"):
+        open_disk(str(base), read_only=True, overlay=str(ov))
+    img = open_disk(str(base), read_only=False, overlay=str(ov))
+    with pytest.raises(ConfigError, match="in use by another VM"):
+        open_disk(str(base), read_only=False, overlay=str(ov))      # one writer per overlay
+    img.close()
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(SIZE * 2))
+    with pytest.raises(ConfigError, match="was made on"):
+        open_disk(str(other), read_only=False, overlay=str(ov))
+    junk = tmp_path / "junk.cow"
+    junk.write_bytes(b"not an overlay" * 100)
+    with pytest.raises(ConfigError, match="not a corral overlay"):
+        open_disk(str(base), read_only=False, overlay=str(junk))
+    with pytest.raises(ConfigError, match="another file than its base"):
+        open_disk(str(base), read_only=False, overlay=str(base))
+    # the base stays usable read-only by others while an overlay writes on it
+    img = open_disk(str(base), read_only=False, overlay=str(ov))
+    ro = open_disk(str(base), read_only=True)
+    ro.close()
+    img.close()
+
+
+def test_virtio_blk_on_an_overlay(disks):
+    base, data, ov = disks
+    d = Driver(VirtioBlock(str(base), overlay=str(ov)))
+    try:
+        d.setup()
+
+        assert blk_request(d, T_OUT, 3, data=b"W" * 512)[0] == S_OK
+        status, got, _ = blk_request(d, T_IN, 2, read_len=1536)
+        assert status == S_OK and got == data[1024:1536] + b"W" * 512 + data[2048:2560]
+        assert blk_request(d, T_WRITE_ZEROES, 0, payload=struct.pack("<QII", 200, 8, 0))[0] == S_OK
+        assert blk_request(d, T_DISCARD, 0, payload=struct.pack("<QII", 300, 8, 0))[0] == S_OK
+        assert blk_request(d, T_IN, 200, read_len=4096)[1] == bytes(4096)
+        assert blk_request(d, T_IN, 300, read_len=4096)[1] == bytes(4096)
+    finally:
+        d.close()
+    assert base.read_bytes() == data

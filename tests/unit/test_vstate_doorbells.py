@@ -3,20 +3,16 @@ the eventfd is written (by KVM, on a guest MMIO write), and unregistration on de
 
 import errno
 import os
-import sys
 import threading
-from pathlib import Path
 
 import pytest
+from support.kvm_fakes import FakeVmFd, RealModeVm, RecordingDevice, RecordingHost
 
 from corral.bus import MmioBus, PioBus
-from corral.vstate.doorbells import IOEVENTFD_FLAG_DEASSIGN, KvmDoorbells
 from corral.eventloop import EventLoop
 from corral.kvm import KvmError
+from corral.vstate.doorbells import IOEVENTFD_FLAG_DEASSIGN, KvmDoorbells
 from corral.vstate.vcpu import Vcpu
-
-from support.kvm_fakes import (  # noqa: E402
-    FakeVmFd, RealModeVm, RecordingDevice, RecordingHost)
 
 WAIT = 5.0
 

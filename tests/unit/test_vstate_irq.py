@@ -3,15 +3,12 @@ and pending delivery, close; and on a real VM, that KVM takes the table and deli
 
 import os
 import struct
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from support.kvm_fakes import FakeVmFd, RealModeVm, lapic_u32, route_tuple, set_lapic_u32
 
 from corral.vstate.irq import FIRST_MSI_GSI, IrqRouter, pc_routes
-
-from support.kvm_fakes import FakeVmFd, RealModeVm, lapic_u32, route_tuple, set_lapic_u32  # noqa: E402
 
 PIC_MASTER, PIC_SLAVE, IOAPIC = 0, 1, 2
 

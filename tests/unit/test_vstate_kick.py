@@ -7,18 +7,15 @@ import errno
 import os
 import signal
 import struct
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from support.kvm_fakes import RealModeVm, exit_reason
 
-from corral.vstate.kick import KICK_SIGNAL, install_kick_handler, kick_thread
 from corral.kvm import constants as K
 from corral.kvm import structs as S
-
-from support.kvm_fakes import RealModeVm, exit_reason  # noqa: E402
+from corral.vstate.kick import KICK_SIGNAL, install_kick_handler, kick_thread
 
 SA_RESTART = 0x1000_0000
 SA_SIGINFO = 0x4

@@ -3,18 +3,23 @@ clock saved from one real VM and loaded into a fresh one come back the same, thr
 refused MSRs are skipped on save and on load; malformed records are refused by name."""
 
 import struct
-import sys
-from pathlib import Path
 
 import pytest
+from support.kvm_fakes import RealModeVm, lapic_u32, set_lapic_u32
 
 from corral.kvm import KvmError
 from corral.kvm import structs as S
 from corral.vstate.kvm_state import (
-    VcpuState, VmKvmState, cpuid_entries, load_vcpu, load_vm, savable_msrs, save_vcpu, save_vm,
-    set_clock)
-
-from support.kvm_fakes import RealModeVm, lapic_u32, set_lapic_u32  # noqa: E402
+    VcpuState,
+    VmKvmState,
+    cpuid_entries,
+    load_vcpu,
+    load_vm,
+    savable_msrs,
+    save_vcpu,
+    save_vm,
+    set_clock,
+)
 
 MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_KERNEL_GS_BASE, MSR_BOGUS = 0x174, 0x175, 0xC000_0102, 0xDEAD_0000
 LAPIC_TPR, LAPIC_SVR = 0x80, 0xF0

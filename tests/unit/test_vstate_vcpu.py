@@ -5,21 +5,27 @@ every branch; a real vCPU running a few real-mode instructions checks the same a
 
 import errno
 import struct
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from support.kvm_fakes import (
+    FakeVcpuFd,
+    RealModeVm,
+    RecordingDevice,
+    RecordingHost,
+    internal_error,
+    io_exit,
+    lapic_u32,
+    mmio_exit,
+    plain_exit,
+    system_event,
+)
 
 from corral.boot.cpu_state import BootCpuState, Segment
 from corral.bus import MmioBus, PioBus
 from corral.kvm import constants as K
 from corral.kvm import structs as S
 from corral.vstate.vcpu import Vcpu
-
-from support.kvm_fakes import (  # noqa: E402
-    FakeVcpuFd, RealModeVm, RecordingDevice, RecordingHost, internal_error, io_exit, lapic_u32,
-    mmio_exit, plain_exit, system_event)
 
 WAIT = 5.0
 PORT_BASE, MMIO_BASE = 0x3F8, 0xD000_0000

@@ -22,9 +22,9 @@ from corral.arch.x86.acpi import machine_acpi_tables
 from corral.arch.x86.cpuid import vcpu_cpuid
 from corral.arch.x86.msr import boot_msrs
 from corral.boot.loader import BootInfo, load_kernel_file
-from corral.bus import MmioBus, PioBus
 from corral.config import MachineConfig
 from corral.devices.base import Stateful
+from corral.devices.bus import MmioBus, PioBus
 from corral.devices.legacy.acpi_pm import AcpiPm
 from corral.devices.legacy.debug_exit import DebugExit
 from corral.devices.legacy.i8042 import I8042
@@ -269,18 +269,21 @@ class Machine:
     def _build_virtio(self, vm: VmFd, mem: GuestMemory, cfg: MachineConfig) -> None:
         """The virtio devices the config asks for, each on its own PCI slot with its BAR placed
         in the 32-bit window and decoding on, as firmware would leave it."""
+        from corral.backends.console import ConsoleBackend
+        from corral.backends.disk import open_disk
+        from corral.backends.tap import Tap
+        from corral.backends.unix_socket import listen_unix
         from corral.devices.virtio.blk import VirtioBlock
         from corral.devices.virtio.balloon import VirtioBalloon
-        from corral.devices.virtio.console import ConsoleBackend, VirtioConsole
+        from corral.devices.virtio.console import VirtioConsole
         from corral.devices.virtio.net import VirtioNet
         from corral.devices.virtio.rng import VirtioRng
         from corral.devices.virtio.vsock import VirtioVsock
-        from corral.net.tap import Tap
 
         wanted: list[tuple[str, Callable[[], VirtioDevice]]] = [
-            (f"virtio-blk{i}", (lambda d: lambda: VirtioBlock(
-                str(d.path), read_only=d.read_only, serial=d.serial,
-                overlay=str(d.overlay) if d.overlay else None))(d))
+            (f"virtio-blk{i}", (lambda i, d: lambda: VirtioBlock(open_disk(
+                str(d.path), read_only=d.read_only, overlay=str(d.overlay) if d.overlay else None,
+                field=f"disks[{i}]"), serial=d.serial))(i, d))
             for i, d in enumerate(cfg.disks)]
         if cfg.rng:
             wanted.append(("virtio-rng", VirtioRng))
@@ -295,7 +298,8 @@ class Machine:
             wanted.append(("virtio-console", console))
         if cfg.vsock is not None:
             v = cfg.vsock
-            wanted.append(("virtio-vsock", lambda: VirtioVsock(v.cid, str(v.uds_path), self.loop)))
+            wanted.append(("virtio-vsock", lambda: VirtioVsock(
+                v.cid, listen_unix(v.uds_path, "vsock socket", "vsock.uds_path"), self.loop)))
         for i, n in enumerate(cfg.nets):
             wanted.append((f"virtio-net{i}", (lambda n: lambda: VirtioNet(
                 Tap(n.tap, host_ip=n.host_ip or None), n.guest_mac(), self.loop))(n)))

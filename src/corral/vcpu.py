@@ -19,7 +19,7 @@ from corral.kvm.fds import KvmError, VcpuFd
 from corral.kick import install_kick_handler, kick_thread
 
 if TYPE_CHECKING:
-    from corral.bus import MmioBus, PioBus
+    from corral.devices.bus import MmioBus, PioBus
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from test_virtio import request  # noqa: E402
 from virtio_driver import Driver  # noqa: E402
 
 from corral.devices.virtio.blk import S_OK, T_DISCARD, T_IN, T_OUT, T_WRITE_ZEROES, VirtioBlock  # noqa: E402
-from corral.devices.virtio.disk_image import CLUSTER, open_disk  # noqa: E402
+from corral.backends.disk import CLUSTER, open_disk  # noqa: E402
 from corral.errors import ConfigError  # noqa: E402
 
 SIZE = 4 * CLUSTER + 8192          # not a whole number of clusters
@@ -114,7 +114,7 @@ def test_two_vms_share_one_base(disks, tmp_path):
 
 def test_overlay_errors(disks, tmp_path):
     base, _, ov = disks
-    with pytest.raises(ConfigError, match="drop ,ro or the overlay"):
+    with pytest.raises(ConfigError, match="unset read_only or the overlay"):
         open_disk(str(base), read_only=True, overlay=str(ov))
     img = open_disk(str(base), read_only=False, overlay=str(ov))
     with pytest.raises(ConfigError, match="in use by another VM"):
@@ -139,7 +139,7 @@ def test_overlay_errors(disks, tmp_path):
 
 def test_virtio_blk_on_an_overlay(disks):
     base, data, ov = disks
-    d = Driver(VirtioBlock(str(base), overlay=str(ov)))
+    d = Driver(VirtioBlock(open_disk(str(base), overlay=str(ov))))
     try:
         d.setup()
 

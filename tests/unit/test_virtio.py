@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from virtio_driver import DeferredLoop, Driver, RecordingDoorbells  # noqa: E402
 
+from corral.backends.disk import open_disk  # noqa: E402
 from corral.devices.virtio.base import F_VERSION_1, STATUS_FEATURES_OK, STATUS_NEEDS_RESET  # noqa: E402
 from corral.devices.virtio.blk import (F_FLUSH, F_RO, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH,  # noqa: E402
                                        T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES, VirtioBlock)
@@ -34,7 +35,7 @@ def image(tmp_path):
 
 @pytest.fixture
 def blk(image):
-    d = Driver(VirtioBlock(str(image), serial="corral-disk-7"))
+    d = Driver(VirtioBlock(open_disk(str(image)), serial="corral-disk-7"))
     d.setup()
     yield d
     d.close()
@@ -97,7 +98,7 @@ def test_discard_and_write_zeroes(blk, image):
 
 
 def test_read_only_disk(image):
-    d = Driver(VirtioBlock(str(image), read_only=True))
+    d = Driver(VirtioBlock(open_disk(str(image), read_only=True)))
     d.setup()
     try:
         assert d.device_features() & F_RO
@@ -109,27 +110,27 @@ def test_read_only_disk(image):
 
 
 def test_image_errors_are_one_line(tmp_path, image):
-    with pytest.raises(ConfigError, match="does not exist"):
-        VirtioBlock(str(tmp_path / "missing.img"))
+    with pytest.raises(ConfigError, match=r"^disks\[2\].path: .* does not exist"):
+        open_disk(str(tmp_path / "missing.img"), field="disks[2]")
     with pytest.raises(ConfigError, match="directory"):
-        VirtioBlock(str(tmp_path))
+        open_disk(str(tmp_path))
     (tmp_path / "empty.img").write_bytes(b"")
     with pytest.raises(ConfigError, match="at least one 512-byte sector"):
-        VirtioBlock(str(tmp_path / "empty.img"))
-    first = VirtioBlock(str(image))
+        open_disk(str(tmp_path / "empty.img"))
+    first = open_disk(str(image))
     try:
         with pytest.raises(ConfigError, match="in use by another VM"):
-            VirtioBlock(str(image))
+            open_disk(str(image))
         with pytest.raises(ConfigError, match="in use by another VM"):
-            VirtioBlock(str(image), read_only=True)
+            open_disk(str(image), read_only=True)
     finally:
         first.close()
-    a, b = VirtioBlock(str(image), read_only=True), VirtioBlock(str(image), read_only=True)
+    a, b = open_disk(str(image), read_only=True), open_disk(str(image), read_only=True)
     a.close(), b.close()
 
 
 def test_features_never_offered_are_refused(image):
-    d = Driver(VirtioBlock(str(image)))
+    d = Driver(VirtioBlock(open_disk(str(image))))
     try:
         d.wr(0x14, 1, 3)
         d.wr(0x08, 4, 1)
@@ -149,7 +150,7 @@ def test_interrupt_through_isr(blk):
 
 
 def test_event_idx_suppresses_interrupts(image):
-    d = Driver(VirtioBlock(str(image)))
+    d = Driver(VirtioBlock(open_disk(str(image))))
     d.setup()
     try:
         _, avail, used = d.rings(0)
@@ -263,7 +264,7 @@ def test_bad_head_and_runaway_avail_index(blk):
 
 
 def test_rings_outside_ram_fail_activation(image):
-    d = Driver(VirtioBlock(str(image)))
+    d = Driver(VirtioBlock(open_disk(str(image))))
     try:
         d.wr(0x14, 1, 3)
         d.wr(0x08, 4, 1)
@@ -285,7 +286,7 @@ def test_rings_outside_ram_fail_activation(image):
 def test_random_rings_never_break_the_vmm(tmp_path_factory, descs, heads):
     path = tmp_path_factory.mktemp("fuzz") / "d.img"
     path.write_bytes(bytes(64 * 512))
-    for dev in (VirtioBlock(str(path)), VirtioRng()):
+    for dev in (VirtioBlock(open_disk(str(path))), VirtioRng()):
         d = Driver(dev)
         d.setup()
         try:
@@ -322,7 +323,7 @@ def msix_cap(d: Driver) -> int:
 
 def test_msix_vectors_deliver_queue_interrupts(image):
     vectors = [FakeVector(), FakeVector()]
-    d = Driver(VirtioBlock(str(image)), vectors=vectors)
+    d = Driver(VirtioBlock(open_disk(str(image))), vectors=vectors)
     try:
         cap = msix_cap(d)
         assert d.fn.config.read(cap + 2, 2) & 0x7FF == 1                 # table size 2
@@ -356,7 +357,7 @@ def test_msix_vectors_deliver_queue_interrupts(image):
 
 def test_without_msix_enabled_interrupts_use_intx(image):
     vectors = [FakeVector(), FakeVector()]
-    d = Driver(VirtioBlock(str(image)), vectors=vectors)
+    d = Driver(VirtioBlock(open_disk(str(image))), vectors=vectors)
     try:
         d.setup()
         d.wr(0x16, 2, 0)
@@ -375,7 +376,7 @@ def test_state_carries_a_live_device_to_a_new_one(image):
     from corral.devices.virtio.pci import VirtioPciDevice, VirtioPciState
 
     vectors = [FakeVector(), FakeVector()]
-    d = Driver(VirtioBlock(str(image)), vectors=vectors)
+    d = Driver(VirtioBlock(open_disk(str(image))), vectors=vectors)
     try:
         d.setup(features=~(1 << 29) & (1 << 64) - 1)
         for _ in range(3):
@@ -389,8 +390,8 @@ def test_state_carries_a_live_device_to_a_new_one(image):
         d.device.close()
 
         new_vectors = [FakeVector(), FakeVector()]
-        fn = VirtioPciDevice(VirtioBlock(str(image)), d.mem, d.irq, ImmediateLoop(), NoDoorbells(),
-                             new_vectors)
+        fn = VirtioPciDevice(VirtioBlock(open_disk(str(image))), d.mem, d.irq, ImmediateLoop(),
+                             NoDoorbells(), new_vectors)
         fn.config.data[:] = config
         fn.load_state(state)
         d.fn, d.device = fn, fn.device
@@ -406,7 +407,7 @@ def test_state_carries_a_live_device_to_a_new_one(image):
 def test_state_of_a_device_with_a_bad_queue_layout_is_refused(image):
     from corral.devices.virtio.pci import VirtioPciState
 
-    d = Driver(VirtioBlock(str(image)))
+    d = Driver(VirtioBlock(open_disk(str(image))))
     try:
         d.setup()
         state = d.fn.save_state()

@@ -20,7 +20,7 @@ from virtio_driver import Driver, ManualLoop  # noqa: E402
 from corral.config import NetConfig  # noqa: E402
 from corral.devices.virtio.net import F_MRG_RXBUF, VirtioNet  # noqa: E402
 from corral.errors import ConfigError, HostError  # noqa: E402
-from corral.net.tap import Tap  # noqa: E402
+from corral.backends.tap import Tap  # noqa: E402
 
 ETH_P_ALL = 0x0003
 ETHERTYPE = 0x88B5                      # IEEE local experimental: nothing on the host answers it

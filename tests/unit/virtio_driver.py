@@ -1,8 +1,8 @@
 """The driver side of a virtio-pci device, in Python, for tests: it negotiates through the BAR
 registers, lays out split rings in a real GuestMemory and reads completions from the used ring.
 
-    drv = Driver(VirtioBlock(path))         # transport + memory + immediate event loop
-    drv.setup()                             # reset, features, queues, DRIVER_OK
+    drv = Driver(VirtioBlock(open_disk(path)))   # transport + memory + immediate event loop
+    drv.setup()                                  # reset, features, queues, DRIVER_OK
     head = drv.submit(0, [(hdr, False), (buf, True)])
 """
 

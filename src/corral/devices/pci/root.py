@@ -15,7 +15,7 @@ import logging
 import threading
 from typing import Protocol, runtime_checkable
 
-from corral.bus import BusConflictError, MmioBus
+from corral.devices.bus import BusConflictError, MmioBus
 from corral.devices.base import DeviceState, StateBytes
 from corral.devices.pci.config import PciConfig
 

@@ -13,9 +13,9 @@ import abc
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from corral.devices.base import DeviceState
+from corral.devices.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
 
 if TYPE_CHECKING:
-    from corral.devices.virtio.queue import DescriptorChain, Virtqueue
     from corral.memory import GuestMemory
 
 # Device types (virtio 1.2 section 5)
@@ -97,8 +97,6 @@ class VirtioDevice(abc.ABC):
               handle: Callable[[DescriptorChain], int]) -> None:
         """Drain `queue`: `handle` serves each request and returns the bytes it wrote. A
         malformed ring puts the device in NEEDS_RESET; one interrupt per batch at most."""
-        from corral.devices.virtio.queue import VirtqueueError
-
         while True:
             try:
                 chain = queue.pop()

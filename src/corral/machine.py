@@ -469,7 +469,7 @@ class Machine:
         load_vm(self.vm, state.vm)
         for name, data in state.devices.items():
             dev = comps[name]
-            dev.load_state(type(dev.save_state()).model_validate(data))
+            dev.load_state(dev.state_model.model_validate(data))
         self._clock_at_pause = state.vm.clock     # applied when the vCPUs start
 
     def snapshot(self, path: str | os.PathLike[str]) -> SnapshotStats:

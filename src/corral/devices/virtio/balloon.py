@@ -19,9 +19,9 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from corral.devices.base import DeviceState
+from corral.devices.base import U32, DeviceState
 from corral.devices.virtio.base import VIRTIO_ID_BALLOON, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import VirtqueueError
 from corral.errors import GuestMemoryError
@@ -43,8 +43,8 @@ MAX_PFNS = 256 * 1024          # per inflate request: 1 GiB of 4 KiB pages
 
 
 class BalloonState(DeviceState):
-    target_pages: int
-    actual_pages: int
+    target_pages: U32 = Field(description="num_pages: 4 KiB pages the host asked the guest to give up")
+    actual_pages: U32 = Field(description="actual: 4 KiB pages the guest says it has given up")
 
 
 class BalloonInfo(BaseModel):
@@ -60,7 +60,7 @@ class BalloonInfo(BaseModel):
     stats: dict[str, int]           # the guest's latest memory statistics, by virtio name
 
 
-class VirtioBalloon(VirtioDevice):
+class VirtioBalloon(VirtioDevice[BalloonState]):
     device_id = VIRTIO_ID_BALLOON
     queue_sizes = (128, 128, 128, 128)       # inflate, deflate, stats, reporting
     state_model = BalloonState
@@ -109,8 +109,7 @@ class VirtioBalloon(VirtioDevice):
     def save_state(self) -> BalloonState:
         return BalloonState(target_pages=self.target_pages, actual_pages=self.actual_pages)
 
-    def load_state(self, state: DeviceState) -> None:
-        assert isinstance(state, BalloonState)
+    def load_state(self, state: BalloonState) -> None:
         self.target_pages, self.actual_pages = state.target_pages, state.actual_pages
 
     # -- host side -------------------------------------------------------------------------------

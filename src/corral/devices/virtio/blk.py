@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Protocol
 
+from corral.devices.base import NoState
 from corral.devices.virtio.base import VIRTIO_ID_BLOCK, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import DescriptorChain
 
@@ -51,9 +52,10 @@ class DiskImage(Protocol):
     def close(self) -> None: ...
 
 
-class VirtioBlock(VirtioDevice):
+class VirtioBlock(VirtioDevice[NoState]):
     device_id = VIRTIO_ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
+    state_model = NoState                   # nothing beyond its queues
 
     def __init__(self, image: DiskImage, *, serial: str = "") -> None:
         """`image` is opened already (backends.disk.open_disk); the device closes it."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Protocol
 
+from corral.devices.base import NoState
 from corral.devices.virtio.base import VIRTIO_ID_CONSOLE, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import VirtqueueError
 
@@ -35,9 +36,10 @@ class ConsolePort(Protocol):
     def close(self) -> None: ...
 
 
-class VirtioConsole(VirtioDevice):
+class VirtioConsole(VirtioDevice[NoState]):
     device_id = VIRTIO_ID_CONSOLE
     queue_sizes = (64, 64)
+    state_model = NoState                   # nothing beyond its queues
 
     def __init__(self, backend: ConsolePort, loop: EventLoop) -> None:
         super().__init__()

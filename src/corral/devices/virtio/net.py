@@ -16,6 +16,7 @@ import os
 import struct
 from typing import TYPE_CHECKING, Protocol
 
+from corral.devices.base import NoState
 from corral.devices.virtio.base import VIRTIO_ID_NET, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import VirtqueueError
 
@@ -48,9 +49,10 @@ class NetBackend(Protocol):
     def close(self) -> None: ...
 
 
-class VirtioNet(VirtioDevice):
+class VirtioNet(VirtioDevice[NoState]):
     device_id = VIRTIO_ID_NET
     queue_sizes = (256, 256)
+    state_model = NoState                   # nothing beyond its queues
 
     def __init__(self, tap: NetBackend, mac: bytes, loop: EventLoop) -> None:
         super().__init__()

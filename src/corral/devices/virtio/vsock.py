@@ -25,6 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pydantic import Field
+
 from corral.devices.base import DeviceState
 from corral.devices.virtio.base import VIRTIO_ID_VSOCK, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import VirtqueueError
@@ -73,10 +75,11 @@ class _Conn:
 
 
 class VsockState(DeviceState):
-    guest_cid: int
+    guest_cid: int = Field(ge=3, lt=0xFFFF_FFFF, description="the guest's context id (its "
+                           "address; streams themselves do not survive a snapshot)")
 
 
-class VirtioVsock(VirtioDevice):
+class VirtioVsock(VirtioDevice[VsockState]):
     device_id = VIRTIO_ID_VSOCK
     queue_sizes = (128, 128, 16)
     state_model = VsockState
@@ -136,7 +139,7 @@ class VirtioVsock(VirtioDevice):
     def save_state(self) -> VsockState:
         return VsockState(guest_cid=self.guest_cid)
 
-    def load_state(self, state: DeviceState) -> None:
+    def load_state(self, state: VsockState) -> None:
         # streams do not survive: the restored guest learns that from a transport reset event
         self._reset_event = True
 

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from virtio_driver import DeferredLoop, Driver, RecordingDoorbells  # noqa: E402
 
 from corral.backends.disk import open_disk  # noqa: E402
+from corral.devices.base import StateError  # noqa: E402
 from corral.devices.virtio.base import F_VERSION_1, STATUS_FEATURES_OK, STATUS_NEEDS_RESET  # noqa: E402
 from corral.devices.virtio.blk import (F_FLUSH, F_RO, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH,  # noqa: E402
                                        T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES, VirtioBlock)
@@ -412,7 +413,7 @@ def test_state_of_a_device_with_a_bad_queue_layout_is_refused(image):
         d.setup()
         state = d.fn.save_state()
         bad = VirtioPciState.model_validate({**state.model_dump(), "queues": state.queues * 2})
-        with pytest.raises(ValueError, match="queue layout"):
+        with pytest.raises(StateError, match="queue layout"):
             d.fn.load_state(bad)
     finally:
         d.close()

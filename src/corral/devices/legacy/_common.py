@@ -7,7 +7,8 @@ from typing import TypeVar
 
 from corral.devices.base import U8, U16
 
-Byte, Word = U8, U16        # an 8- and a 16-bit register, in state models
+Byte = U8                   # an 8-bit register, in state models
+Word = U16                  # a 16-bit register
 
 # all-ones value of an access of 1..8 bytes (what an unclaimed port reads as)
 ONES = tuple((1 << (8 * n)) - 1 for n in range(9))

@@ -133,14 +133,14 @@ class VirtioBalloon(VirtioDevice[BalloonState]):
             irq.signal_config()
 
     def info(self, host_resident_bytes: int,
-             call_soon: Callable[[Callable[[], object]], object] | None,
+             call_soon: Callable[[Callable[[], None]], object] | None,
              timeout: float) -> BalloonInfo:
         """The balloon as the host sees it. With a stats queue, first asks the driver for fresh
         statistics (`call_soon` runs `request_stats` on the device event loop) and waits up to
         `timeout` seconds for them; the reply carries whatever statistics are the latest."""
         if call_soon is not None and self.queues.get("stats") is not None:
             self.stats_updated.clear()
-            call_soon(self.request_stats)
+            call_soon(self._ask_for_stats)
             self.stats_updated.wait(timeout)
         with self._lock:
             target, actual = self.target_pages, self.actual_pages
@@ -158,6 +158,9 @@ class VirtioBalloon(VirtioDevice[BalloonState]):
         q.push(chain.head, 0)
         irq.signal_queue(self._queue_index("stats"))
         return True
+
+    def _ask_for_stats(self) -> None:
+        self.request_stats()
 
     def _queue_index(self, name: str) -> int:
         return next(i for i, n in self._index.items() if n == name)

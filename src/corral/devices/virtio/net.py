@@ -40,9 +40,11 @@ _NUM_BUFFERS = struct.Struct("<H")
 
 class NetBackend(Protocol):
     """The host end as the device sees it (backends/tap.py: Tap): a non-blocking fd carrying
-    frames with a 12-byte virtio-net header each, the offloads it may hand the guest, close."""
+    frames with a 12-byte virtio-net header each, its name (for logs), the offloads it may
+    hand the guest, close."""
 
     fd: int
+    name: str
 
     def set_offload(self, *, csum: bool, tso4: bool, tso6: bool, ecn: bool) -> None: ...
 

@@ -387,10 +387,10 @@ class VirtioPciDevice:
             self.config_generation = state.config_generation
             self.isr = state.isr & (ISR_QUEUE | ISR_CONFIG)
             self.config_vector = self._vector(state.config_vector)
-            for q, saved in zip(self.queues, state.queues):
-                q.size, q.enable, q.desc, q.avail, q.used = (saved.size, saved.enable, saved.desc,
-                                                             saved.avail, saved.used)
-                q.vector = self._vector(saved.vector)
+            for q, regs in zip(self.queues, state.queues):
+                q.size, q.enable, q.desc, q.avail, q.used = (regs.size, regs.enable, regs.desc,
+                                                             regs.avail, regs.used)
+                q.vector = self._vector(regs.vector)
             self.msix_table[:] = state.msix_table
         self.device.load_state(own)
         for i in range(len(self.msi)):

@@ -29,7 +29,7 @@ from corral.errors import CorralError
 from corral.machine import Machine, MachineStatus
 from corral.migration import MigrationStats, migrate
 from corral.state.snapshot import SnapshotStats
-from corral.unix_socket import listen_unix
+from corral.backends.unix_socket import listen_unix
 
 log = logging.getLogger(__name__)
 

@@ -16,15 +16,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from corral.arch.x86 import layout
 from corral.arch.x86.acpi import machine_acpi_tables
 from corral.arch.x86.cpuid import vcpu_cpuid
 from corral.arch.x86.msr import boot_msrs
 from corral.boot.loader import BootInfo, load_kernel_file
-from corral.bus import MmioBus, PioBus
-from corral.config import MachineConfig
+from corral.backends.console import ConsoleBackend
+from corral.backends.disk import open_disk
+from corral.backends.tap import Tap
+from corral.backends.unix_socket import listen_unix
+from corral.config import DiskConfig, MachineConfig, NetConfig, VsockConfig
 from corral.devices.base import Stateful, VmControl
+from corral.devices.bus import MmioBus, PioBus
 from corral.devices.legacy.acpi_pm import AcpiPm
 from corral.devices.legacy.debug_exit import DebugExit
 from corral.devices.legacy.i8042 import I8042
@@ -37,14 +42,13 @@ from corral.devices.pci.root import ConfigPorts, Ecam, PciRoot
 from corral.devices.virtio.balloon import VirtioBalloon
 from corral.devices.virtio.base import VirtioDevice
 from corral.devices.virtio.blk import VirtioBlock
-from corral.devices.virtio.console import ConsoleBackend, VirtioConsole
+from corral.devices.virtio.console import VirtioConsole
 from corral.devices.virtio.net import VirtioNet
 from corral.devices.virtio.pci import BAR_SIZE, VirtioPciDevice
 from corral.devices.virtio.rng import VirtioRng
 from corral.devices.virtio.vsock import VirtioVsock
 from corral.eventloop import EventLoop
 from corral.memory import GuestMemory
-from corral.net.tap import Tap
 from corral.vstate.doorbells import KvmDoorbells
 from corral.vstate.irq import IrqRouter
 from corral.vstate.kvm_state import VcpuState
@@ -154,52 +158,49 @@ def build_board(
     return board
 
 
-def _virtio_devices(
-    config: MachineConfig, loop: Callable[[], EventLoop]
-) -> list[tuple[str, Callable[[], VirtioDevice]]]:
-    """(name, constructor) for each virtio device the config asks for, in slot order."""
+def _virtio_devices(config: MachineConfig, loop: Callable[[], EventLoop]) -> list[tuple[str, Callable[[], VirtioDevice]]]:
+    """(name, constructor) for each virtio device the config asks for, in slot order. Each
+    constructor opens the device's host backend (disk image, tap, socket, console) and hands it
+    in: devices never open host resources themselves."""
     wanted: list[tuple[str, Callable[[], VirtioDevice]]] = [
-        (
-            f"virtio-blk{i}",
-            (
-                lambda d: (
-                    lambda: VirtioBlock(
-                        str(d.path),
-                        read_only=d.read_only,
-                        serial=d.serial,
-                        overlay=str(d.overlay) if d.overlay else None,
-                    )
-                )
-            )(d),
-        )
-        for i, d in enumerate(config.disks)
+        (f"virtio-blk{i}", partial(_blk, d, f"disks[{i}]")) for i, d in enumerate(config.disks)
     ]
     if config.rng:
         wanted.append(("virtio-rng", VirtioRng))
     if config.balloon:
         wanted.append(("virtio-balloon", VirtioBalloon))
     if config.virtio_console:
-
-        def console() -> VirtioConsole:
-            dev = VirtioConsole(ConsoleBackend(config.virtio_console), loop())
-            if config.virtio_console == "pty":
-                log.warning("hvc0 (virtio-console) is on %s", dev.backend.path)
-            return dev
-
-        wanted.append(("virtio-console", console))
+        wanted.append(("virtio-console", partial(_console, config.virtio_console, loop)))
     if config.vsock is not None:
-        v = config.vsock
-        wanted.append(("virtio-vsock", lambda: VirtioVsock(v.cid, str(v.uds_path), loop())))
+        wanted.append(("virtio-vsock", partial(_vsock, config.vsock, loop)))
     for i, n in enumerate(config.nets):
-        wanted.append(
-            (
-                f"virtio-net{i}",
-                (lambda n: lambda: VirtioNet(Tap(n.tap, host_ip=n.host_ip or None), n.guest_mac(), loop()))(
-                    n
-                ),
-            )
-        )
+        wanted.append((f"virtio-net{i}", partial(_net, n, loop)))
     return wanted
+
+
+def _blk(d: DiskConfig, field: str) -> VirtioBlock:
+    image = open_disk(str(d.path), read_only=d.read_only, overlay=str(d.overlay) if d.overlay else None,
+                      field=field)
+    try:
+        return VirtioBlock(image, serial=d.serial)
+    except BaseException:
+        image.close()
+        raise
+
+
+def _console(spec: str, loop: Callable[[], EventLoop]) -> VirtioConsole:
+    backend = ConsoleBackend(spec)
+    if spec == "pty":
+        log.warning("hvc0 (virtio-console) is on %s", backend.path)
+    return VirtioConsole(backend, loop())
+
+
+def _vsock(v: VsockConfig, loop: Callable[[], EventLoop]) -> VirtioVsock:
+    return VirtioVsock(v.cid, listen_unix(v.uds_path, "vsock socket", "vsock.uds_path"), loop())
+
+
+def _net(n: NetConfig, loop: Callable[[], EventLoop]) -> VirtioNet:
+    return VirtioNet(Tap(n.tap, host_ip=n.host_ip or None), n.guest_mac(), loop())
 
 
 def _add_virtio(board: Board, vm: Vm, memory: GuestMemory, config: MachineConfig) -> None:

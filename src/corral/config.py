@@ -77,7 +77,7 @@ class NetConfig(BaseModel):
     @field_validator("tap")
     @classmethod
     def _tap(cls, v: str) -> str:
-        from corral.net.tap import check_tap_name
+        from corral.backends.tap import check_tap_name
 
         try:
             return check_tap_name(v)
@@ -87,7 +87,7 @@ class NetConfig(BaseModel):
     @field_validator("mac")
     @classmethod
     def _mac(cls, v: str) -> str:
-        from corral.net.tap import format_mac, parse_mac
+        from corral.backends.tap import format_mac, parse_mac
 
         try:
             return format_mac(parse_mac(v)) if v else v
@@ -110,7 +110,7 @@ class NetConfig(BaseModel):
         return v
 
     def guest_mac(self) -> bytes:
-        from corral.net.tap import parse_mac
+        from corral.backends.tap import parse_mac
 
         if self.mac:
             return parse_mac(self.mac)

@@ -283,12 +283,12 @@ class Machine:
             self.vm.stop_dirty_log()
 
     # -- memory balloon -------------------------------------------------------------------------
-    def _balloon(self) -> tuple[VirtioPciDevice, VirtioBalloon]:
+    def _balloon(self) -> VirtioBalloon:
         fn = self.virtio.get("virtio-balloon")
         if fn is None:
             raise VmStateError("this VM has no balloon: give it one (balloon=True in its config)")
         assert isinstance(fn.device, VirtioBalloon)
-        return fn, fn.device
+        return fn.device
 
     def set_balloon(self, target_bytes: int) -> None:
         """Ask the guest to hand `target_bytes` of its RAM back to the host (0: take it all back)."""
@@ -297,25 +297,14 @@ class Machine:
                 f"a balloon of {target_bytes} bytes does not fit in the guest's "
                 f"{self.config.memory >> 20} MiB"
             )
-        fn, dev = self._balloon()
-        dev.set_target(target_bytes >> 12, fn)
+        self._balloon().set_target_bytes(target_bytes)
 
     def balloon_info(self, timeout: float = 2.0) -> BalloonInfo:
         """Target and actual balloon size, host memory behind guest RAM, and the guest's latest
         memory statistics (asked for fresh ones, waiting up to `timeout`)."""
-        _, dev = self._balloon()
-        if self.loop is not None and dev.queues.get("stats") is not None:
-            dev.stats_updated.clear()
-            self.loop.call_soon(dev.request_stats)
-            dev.stats_updated.wait(timeout)
+        balloon = self._balloon()
         assert self.memory is not None
-        return BalloonInfo(
-            target_bytes=dev.target_pages << 12,
-            actual_bytes=dev.actual_pages << 12,
-            host_resident_bytes=self.memory.resident_bytes(),
-            stats=dict(dev.stats),
-            **dev.counters,
-        )
+        return balloon.info(self.memory.resident_bytes(), self.loop.call_soon if self.loop else None, timeout)
 
     def status(self) -> MachineStatus:
         return MachineStatus(
@@ -366,7 +355,7 @@ class Machine:
         self.vm.load_state(state.vm)
         for name, data in state.devices.items():
             dev = comps[name]
-            dev.load_state(type(dev.save_state()).model_validate(data))
+            dev.load_state(dev.state_model.model_validate(data))
         self._clock_at_pause = state.vm.clock  # applied when the vCPUs start
 
     def snapshot(self, path: str | os.PathLike[str]) -> SnapshotStats:

@@ -1,7 +1,7 @@
 """The driver side of a virtio-pci device, in Python, for tests: it negotiates through the BAR
 registers, lays out split rings in a real GuestMemory and reads completions from the used ring.
 
-    drv = Driver(VirtioBlock(path))         # transport + memory + fake irq line, loop, doorbells
+    drv = Driver(VirtioBlock(open_disk(path)))   # transport + memory + fake irq line, loop, doorbells
     drv.setup()                             # reset, features, queues, DRIVER_OK
     head = drv.submit(0, [(hdr, False), (buf, True)])
 """

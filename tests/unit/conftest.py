@@ -2,6 +2,7 @@
 
 import pytest
 
+from corral.backends.disk import open_disk
 from corral.devices.virtio.blk import VirtioBlock
 
 from support.virtio_driver import Driver, blk_image_file
@@ -16,7 +17,7 @@ def blk_image(tmp_path):
 @pytest.fixture
 def blk(blk_image):
     """A virtio-blk on that image behind a set-up driver, serial "corral-disk-7"."""
-    d = Driver(VirtioBlock(str(blk_image), serial="corral-disk-7"))
+    d = Driver(VirtioBlock(open_disk(str(blk_image)), serial="corral-disk-7"))
     d.setup()
     yield d
     d.close()

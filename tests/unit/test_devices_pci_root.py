@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral.bus import MmioBus
+from corral.devices.bus import MmioBus
 from corral.devices.pci.config import BAR0, CMD_MEMORY, COMMAND, Bar, PciConfig
 from corral.devices.pci.root import ConfigPorts, Ecam, PciRoot
 

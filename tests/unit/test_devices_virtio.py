@@ -14,8 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corral.devices.virtio.balloon import VirtioBalloon  # noqa: E402
+from corral.backends.console import ConsoleBackend  # noqa: E402
+from corral.backends.disk import open_disk  # noqa: E402
+from corral.backends.unix_socket import listen_unix  # noqa: E402
 from corral.devices.virtio.blk import VirtioBlock  # noqa: E402
-from corral.devices.virtio.console import ConsoleBackend, VirtioConsole  # noqa: E402
+from corral.devices.virtio.console import VirtioConsole  # noqa: E402
 from corral.devices.virtio.rng import VirtioRng  # noqa: E402
 from corral.devices.virtio.vsock import VirtioVsock  # noqa: E402
 
@@ -30,7 +33,7 @@ def make(kind: str, tmp: Path):
     if kind == "blk":
         img = tmp / "d.img"
         img.write_bytes(bytes(64 * 512))
-        return VirtioBlock(str(img)), loop
+        return VirtioBlock(open_disk(str(img))), loop
     if kind == "rng":
         return VirtioRng(), loop
     if kind == "console":
@@ -38,9 +41,10 @@ def make(kind: str, tmp: Path):
     if kind == "balloon":
         return VirtioBalloon(), loop
     if kind == "vsock":
-        return VirtioVsock(5, str(tmp / f"v{uuid.uuid4().hex[:6]}.sock"), loop), loop
+        uds = tmp / f"v{uuid.uuid4().hex[:6]}.sock"
+        return VirtioVsock(5, listen_unix(uds, "vsock socket", "vsock.uds_path"), loop), loop
     from corral.devices.virtio.net import VirtioNet
-    from corral.net.tap import Tap
+    from corral.backends.tap import Tap
 
     return VirtioNet(Tap("crlf" + uuid.uuid4().hex[:8]), bytes.fromhex("525400000001"), loop), loop
 

@@ -13,19 +13,6 @@ MiB = 1 << 20
 REGION = 8 * MiB          # the guest's pages to give away
 
 
-class Sink:
-    """Stands in for the transport's VirtioInterrupt in set_target."""
-
-    def __init__(self) -> None:
-        self.config = 0
-
-    def signal_config(self) -> None:
-        self.config += 1
-
-    def signal_queue(self, index: int) -> None:
-        pass
-
-
 def filled(d: Driver) -> int:
     d.mem.write(REGION, b"\xA5" * (4 * MiB))
     return d.mem.resident_bytes()
@@ -37,15 +24,18 @@ def test_inflate_returns_pages_to_the_host():
     try:
         d.setup()
         before = filled(d)
-        sink = Sink()
-        dev.set_target(1024, sink)
-        assert sink.config == 1 and d.config(0, 4) == 1024        # num_pages for the driver
+        generation = d.fn.config_generation
+        dev.set_target_bytes(4 * MiB)
+        assert d.fn.config_generation == generation + 1            # the driver was told
+        assert d.config(0, 4) == 1024                              # num_pages for the driver
         pfns = [(REGION >> 12) + i for i in range(1024)]
         d.submit(0, [(d.alloc(struct.pack(f"<{len(pfns)}I", *pfns)), False)])
         d.fn.bar_write(0, 0x2000 + 4, 4, 1024)                     # driver writes `actual`
         assert d.mem.resident_bytes() <= before - 4 * MiB + 64 * 1024   # (ring pages come and go)
         assert d.mem.read(REGION, 16) == bytes(16)                 # gone: reads as zeros
         assert dev.counters["inflated"] == 1024 and dev.actual_pages == 1024
+        info = dev.info(d.mem.resident_bytes(), None, timeout=0)
+        assert info.target_bytes == info.actual_bytes == 4 * MiB and info.inflated == 1024
         # deflate: the pages come back on use
         d.submit(1, [(d.alloc(struct.pack("<4I", *pfns[:4])), False)])
         d.mem.write(REGION, b"back")
@@ -71,6 +61,15 @@ def test_free_page_reporting_and_stats():
         assert dev.stats == {"free_memory": 100 * MiB, "total_memory": 256 * MiB}
         assert d.used(2) == []
         assert dev.request_stats() and len(d.used(2)) == 1
+        # info(): asks for fresh numbers through the loop, reports the latest it has
+        d.submit(2, [(d.alloc(struct.pack("<HQ", 4, 99 * MiB)), False)])
+        asked = []
+        info = dev.info(12345, lambda fn: asked.append(fn), timeout=0.01)
+        assert len(asked) == 1 and d.used(2) == []                   # on the loop, not yet
+        asked[0]()
+        assert len(d.used(2)) == 1                                   # the buffer went back
+        assert info.stats == {"free_memory": 99 * MiB} and info.host_resident_bytes == 12345
+        assert info.reported_bytes == 4 * MiB and info.target_bytes == 0
     finally:
         d.close()
 

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from corral.backends.disk import open_disk
 from corral.devices.virtio.blk import (F_RO, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN,
                                        T_OUT, T_WRITE_ZEROES, VirtioBlock)
 from corral.errors import ConfigError
@@ -46,7 +47,7 @@ def test_discard_and_write_zeroes(blk, blk_image):
 
 
 def test_read_only_disk(blk_image):
-    d = Driver(VirtioBlock(str(blk_image), read_only=True))
+    d = Driver(VirtioBlock(open_disk(str(blk_image), read_only=True)))
     d.setup()
     try:
         assert d.device_features() & F_RO
@@ -58,20 +59,20 @@ def test_read_only_disk(blk_image):
 
 
 def test_image_errors_are_one_line(tmp_path, blk_image):
-    with pytest.raises(ConfigError, match="does not exist"):
-        VirtioBlock(str(tmp_path / "missing.img"))
+    with pytest.raises(ConfigError, match=r"^disks\[2\].path: .* does not exist"):
+        open_disk(str(tmp_path / "missing.img"), field="disks[2]")
     with pytest.raises(ConfigError, match="directory"):
-        VirtioBlock(str(tmp_path))
+        VirtioBlock(open_disk(str(tmp_path)))
     (tmp_path / "empty.img").write_bytes(b"")
     with pytest.raises(ConfigError, match="at least one 512-byte sector"):
-        VirtioBlock(str(tmp_path / "empty.img"))
-    first = VirtioBlock(str(blk_image))
+        VirtioBlock(open_disk(str(tmp_path / "empty.img")))
+    first = VirtioBlock(open_disk(str(blk_image)))
     try:
         with pytest.raises(ConfigError, match="in use by another VM"):
-            VirtioBlock(str(blk_image))
+            VirtioBlock(open_disk(str(blk_image)))
         with pytest.raises(ConfigError, match="in use by another VM"):
-            VirtioBlock(str(blk_image), read_only=True)
+            VirtioBlock(open_disk(str(blk_image), read_only=True))
     finally:
         first.close()
-    a, b = VirtioBlock(str(blk_image), read_only=True), VirtioBlock(str(blk_image), read_only=True)
+    a, b = VirtioBlock(open_disk(str(blk_image), read_only=True)), VirtioBlock(open_disk(str(blk_image), read_only=True))
     a.close(), b.close()

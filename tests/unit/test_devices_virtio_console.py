@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from corral.devices.virtio.console import ConsoleBackend, VirtioConsole  # noqa: E402
+from corral.backends.console import ConsoleBackend  # noqa: E402
+from corral.devices.virtio.console import VirtioConsole  # noqa: E402
 from corral.errors import ConfigError  # noqa: E402
 
 from support.fakes import FakeLoop
@@ -67,7 +68,7 @@ def test_file_backend(tmp_path):
 
 
 def test_bad_specs(tmp_path):
-    with pytest.raises(ConfigError, match="use 'pty' or 'file=PATH'"):
+    with pytest.raises(ConfigError, match="^virtio_console 'tcp:1234': use 'pty' or 'file=PATH'"):
         ConsoleBackend("tcp:1234")
     with pytest.raises(ConfigError, match="cannot open console file"):
         ConsoleBackend(f"file={tmp_path}/no/such/dir/x.log")

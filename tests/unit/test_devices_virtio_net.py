@@ -15,7 +15,7 @@ import pytest
 from corral.config import NetConfig  # noqa: E402
 from corral.devices.virtio.net import F_MRG_RXBUF, VirtioNet  # noqa: E402
 from corral.errors import ConfigError, HostError  # noqa: E402
-from corral.net.tap import Tap  # noqa: E402
+from corral.backends.tap import Tap  # noqa: E402
 
 from support.fakes import FakeLoop
 from support.virtio_driver import Driver

@@ -11,6 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from corral.backends.disk import open_disk
+from corral.devices.base import StateError
 from corral.devices.virtio.base import F_VERSION_1, STATUS_FEATURES_OK, STATUS_NEEDS_RESET
 from corral.devices.virtio.blk import F_FLUSH, F_RO, S_OK, T_IN, VirtioBlock
 from corral.devices.virtio.pci import NOTIFY_OFF
@@ -29,7 +31,7 @@ def test_identity_and_features(blk):
 
 
 def test_features_never_offered_are_refused(blk_image):
-    d = Driver(VirtioBlock(str(blk_image)))
+    d = Driver(VirtioBlock(open_disk(str(blk_image))))
     try:
         d.wr(0x14, 1, 3)
         d.wr(0x08, 4, 1)
@@ -49,7 +51,7 @@ def test_interrupt_through_isr(blk):
 
 
 def test_event_idx_suppresses_interrupts(blk_image):
-    d = Driver(VirtioBlock(str(blk_image)))
+    d = Driver(VirtioBlock(open_disk(str(blk_image))))
     d.setup()
     try:
         _, avail, used = d.rings(0)
@@ -150,7 +152,7 @@ def test_bad_head_and_runaway_avail_index(blk):
 
 
 def test_rings_outside_ram_fail_activation(blk_image):
-    d = Driver(VirtioBlock(str(blk_image)))
+    d = Driver(VirtioBlock(open_disk(str(blk_image))))
     try:
         d.wr(0x14, 1, 3)
         d.wr(0x08, 4, 1)
@@ -172,7 +174,7 @@ def test_rings_outside_ram_fail_activation(blk_image):
 def test_random_rings_never_break_the_vmm(tmp_path_factory, descs, heads):
     path = tmp_path_factory.mktemp("fuzz") / "d.img"
     path.write_bytes(bytes(64 * 512))
-    for dev in (VirtioBlock(str(path)), VirtioRng()):
+    for dev in (VirtioBlock(open_disk(str(path))), VirtioRng()):
         d = Driver(dev)
         d.setup()
         try:
@@ -208,7 +210,7 @@ def msix_cap(d: Driver) -> int:
 
 def test_msix_vectors_deliver_queue_interrupts(blk_image):
     vectors = [FakeVector(), FakeVector()]
-    d = Driver(VirtioBlock(str(blk_image)), vectors=vectors)
+    d = Driver(VirtioBlock(open_disk(str(blk_image))), vectors=vectors)
     try:
         cap = msix_cap(d)
         assert d.fn.config.read(cap + 2, 2) & 0x7FF == 1                 # table size 2
@@ -242,7 +244,7 @@ def test_msix_vectors_deliver_queue_interrupts(blk_image):
 
 def test_without_msix_enabled_interrupts_use_intx(blk_image):
     vectors = [FakeVector(), FakeVector()]
-    d = Driver(VirtioBlock(str(blk_image)), vectors=vectors)
+    d = Driver(VirtioBlock(open_disk(str(blk_image))), vectors=vectors)
     try:
         d.setup()
         d.wr(0x16, 2, 0)
@@ -260,7 +262,7 @@ def test_state_carries_a_live_device_to_a_new_one(blk_image):
     from corral.devices.virtio.pci import VirtioPciDevice, VirtioPciState
 
     vectors = [FakeVector(), FakeVector()]
-    d = Driver(VirtioBlock(str(blk_image)), vectors=vectors)
+    d = Driver(VirtioBlock(open_disk(str(blk_image))), vectors=vectors)
     try:
         d.setup(features=~(1 << 29) & (1 << 64) - 1)
         for _ in range(3):
@@ -274,7 +276,7 @@ def test_state_carries_a_live_device_to_a_new_one(blk_image):
         d.device.close()
 
         new_vectors = [FakeVector(), FakeVector()]
-        fn = VirtioPciDevice(VirtioBlock(str(blk_image)), d.mem, d.irq, FakeLoop(), FakeDoorbells(),
+        fn = VirtioPciDevice(VirtioBlock(open_disk(str(blk_image))), d.mem, d.irq, FakeLoop(), FakeDoorbells(),
                              new_vectors)
         fn.config.data[:] = config
         fn.load_state(state)
@@ -291,12 +293,12 @@ def test_state_carries_a_live_device_to_a_new_one(blk_image):
 def test_state_of_a_device_with_a_bad_queue_layout_is_refused(blk_image):
     from corral.devices.virtio.pci import VirtioPciState
 
-    d = Driver(VirtioBlock(str(blk_image)))
+    d = Driver(VirtioBlock(open_disk(str(blk_image))))
     try:
         d.setup()
         state = d.fn.save_state()
         bad = VirtioPciState.model_validate({**state.model_dump(), "queues": state.queues * 2})
-        with pytest.raises(ValueError, match="queue layout"):
+        with pytest.raises(StateError, match="queue layout"):
             d.fn.load_state(bad)
     finally:
         d.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from corral.backends.unix_socket import listen_unix  # noqa: E402
 from corral.devices.virtio.vsock import (HDR, HOST_CID, OP_CREDIT_UPDATE, OP_REQUEST,  # noqa: E402
                                          OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, TYPE_STREAM,
                                          VirtioVsock)
@@ -27,7 +28,7 @@ class Guest:
     def __init__(self, tmp_path: Path) -> None:
         self.loop = FakeLoop()
         self.uds = str(tmp_path / "v.sock")
-        self.dev = VirtioVsock(CID, self.uds, self.loop)
+        self.dev = VirtioVsock(CID, listen_unix(self.uds, "vsock socket", "vsock.uds_path"), self.loop)
         self.d = Driver(self.dev)
         self.d.setup()
         self.bufs = {}
@@ -168,10 +169,12 @@ def test_hostile_packets_are_reset_not_fatal(guest):
 
 
 def test_bad_cid_and_busy_socket(tmp_path, guest):
+    listener = listen_unix(tmp_path / "x.sock", "vsock socket", "vsock.uds_path")
     with pytest.raises(ConfigError, match="reserved"):
-        VirtioVsock(2, str(tmp_path / "x.sock"), FakeLoop())
-    with pytest.raises(ConfigError, match="in use"):
-        VirtioVsock(8, guest.uds, FakeLoop())
+        VirtioVsock(2, listener, FakeLoop())
+    listener.close()
+    with pytest.raises(ConfigError, match="in use by another program: give another vsock.uds_path"):
+        listen_unix(guest.uds, "vsock socket", "vsock.uds_path")
 
 
 def test_restore_tells_the_guest_its_streams_are_gone(guest):

@@ -27,7 +27,8 @@ LAYERS: list[set[str]] = [
     {"corral.machine"},
     {"corral.migration"},
     {"corral.api"},
-    {"corral.console", "corral.cli"},
+    {"corral.console"},                      # the terminal the CLI runs a guest on
+    {"corral.cli"},
     {"corral", "corral.__main__"},
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
@@ -131,3 +132,50 @@ def test_no_import_cycles():
         if m not in state:
             visit(m)
     assert cycles == []
+
+
+# -- devices and backends: siblings that know nothing of each other or of the machine ------------
+# what each package may import from corral at run time (TYPE_CHECKING imports are types only)
+ALLOWED = {
+    "devices": ("corral.devices", "corral.errors", "corral.arch"),
+    "backends": ("corral.backends", "corral.errors"),
+}
+LAZY_OK = {("backends/tap.py", "pyroute2")}      # a second to import; only a NIC needs it
+
+
+def _imports(tree: ast.AST):
+    """(module, at top level?, under TYPE_CHECKING?) for each import in the tree."""
+    def walk(node, top, typing_only):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                names = [child.module or ""] if isinstance(child, ast.ImportFrom) else \
+                    [a.name for a in child.names]
+                for name in names:
+                    yield name, top, typing_only
+            elif isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                yield from walk(child, top, True)
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                yield from walk(child, False, typing_only)
+            else:
+                yield from walk(child, top, typing_only)
+    yield from walk(tree, True, False)
+
+
+def test_devices_and_backends_import_only_downward():
+    bad = []
+    for package, allowed in ALLOWED.items():
+        for path in sorted((SRC / 'corral' / package).rglob("*.py")):
+            rel = str(path.relative_to(SRC / 'corral'))
+            for name, top, typing_only in _imports(ast.parse(path.read_text())):
+                if not top and (rel, name.split(".")[0]) not in LAZY_OK:
+                    bad.append(f"{rel}: function-level import of {name}")
+                if name.startswith("corral") and not typing_only and not name.startswith(allowed):
+                    bad.append(f"{rel}: imports {name}")
+    assert bad == []
+
+
+def test_the_scan_sees_what_it_should_refuse():
+    tree = ast.parse("from corral.backends.disk import open_disk\n"
+                     "def f():\n    import corral.machine\n")
+    assert list(_imports(tree)) == [("corral.backends.disk", True, False),
+                                    ("corral.machine", False, False)]

@@ -8,7 +8,7 @@ import threading
 import pytest
 from support.kvm_fakes import FakeVmFd, RealModeVm, RecordingDevice, RecordingHost
 
-from corral.bus import MmioBus, PioBus
+from corral.devices.bus import MmioBus, PioBus
 from corral.eventloop import EventLoop
 from corral.kvm import KvmError
 from corral.vstate.doorbells import IOEVENTFD_FLAG_DEASSIGN, KvmDoorbells

@@ -22,7 +22,7 @@ from support.kvm_fakes import (
 )
 
 from corral.boot.cpu_state import BootCpuState, Segment
-from corral.bus import MmioBus, PioBus
+from corral.devices.bus import MmioBus, PioBus
 from corral.kvm import constants as K
 from corral.kvm import structs as S
 from corral.vstate.vcpu import Vcpu

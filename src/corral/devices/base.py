@@ -2,14 +2,24 @@
 
 Devices never touch KVM. They receive guest memory and interrupt lines from the machine, and
 report machine-level events (exit status, poweroff, reset) through `VmControl`.
+
+The state contract (Firecracker's `Persist`, Cloud Hypervisor's `Snapshottable`): every stateful
+component declares `state_model`, a `DeviceState` subclass, and implements `save_state() -> S`
+and `load_state(state: S)`. The caller (the machine for its components, `VirtioPciDevice` for
+the device it carries) validates saved data through the declared model,
+`dev.load_state(dev.state_model.model_validate(data))`, so `load_state` always receives the
+right, checked model. A state model names and documents every field, refuses unknown ones and
+bounds integers to their register widths; data that does not fit raises one `StateError` line.
 """
 
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Protocol, runtime_checkable
+from typing import Annotated, Any, Protocol, Self, TypeVar, runtime_checkable
 
-from pydantic import BaseModel, PlainSerializer, PlainValidator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError
+
+from corral.errors import CorralError
 
 
 def _bytes_in(value: object) -> bytes:
@@ -50,8 +60,53 @@ class VmControl(Protocol):
         """Reboot the machine (i8042 pulse, ACPI reset register, triple fault)."""
 
 
+# integers as wide as the registers they hold
+U8 = Annotated[int, Field(ge=0, le=0xFF)]
+U16 = Annotated[int, Field(ge=0, le=0xFFFF)]
+U32 = Annotated[int, Field(ge=0, le=0xFFFF_FFFF)]
+U64 = Annotated[int, Field(ge=0, le=0xFFFF_FFFF_FFFF_FFFF)]
+
+
+class StateError(CorralError, ValueError):
+    """Saved state that does not fit the component loading it (damaged, or another layout)."""
+
+
+def _describe(model: type[BaseModel], exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "(whole)"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return (f"saved {model.__name__} does not fit this machine: {where}: {err['msg']}{more}; "
+            "the state is damaged or was saved by another build")
+
+
 class DeviceState(BaseModel):
-    """Base for each device's plain state; snapshot and migration serialize these."""
+    """Base for each component's plain state; snapshot and migration serialize these.
+
+    Unknown fields are refused (a damaged or foreign snapshot is not half-loaded), and a
+    validation failure is one `StateError` line, not a pydantic report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except ValidationError as exc:
+            raise StateError(_describe(cls, exc)) from None
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, *args: Any, **kwargs: Any) -> Self:
+        try:
+            return super().model_validate_json(json_data, *args, **kwargs)
+        except ValidationError as exc:
+            raise StateError(_describe(cls, exc)) from None
+
+
+class NoState(DeviceState):
+    """The state of a component with nothing to carry (or whose transport carries it all)."""
+
+
+S = TypeVar("S", bound=DeviceState)
 
 
 @runtime_checkable
@@ -72,10 +127,18 @@ class MmioDevice(Protocol):
     def mmio_write(self, offset: int, size: int, value: int) -> None: ...
 
 
-@runtime_checkable
-class Stateful(Protocol):
-    """Components whose state snapshot/restore and migration carry."""
+class Stateful(Protocol[S]):
+    """Components whose state snapshot/restore and migration carry.
 
-    def save_state(self) -> DeviceState: ...
+    Implementations declare `state_model: ClassVar[type[XState]] = XState` (a protocol cannot
+    hold a type variable in a ClassVar, hence the read-only property here)."""
 
-    def load_state(self, state: DeviceState) -> None: ...
+    @property
+    def state_model(self) -> type[S]:
+        """The model `load_state` takes; callers validate saved data through it."""
+
+    def save_state(self) -> S:
+        """The component's state now (the machine is paused, or the device idle)."""
+
+    def load_state(self, state: S) -> None:
+        """Take `state` (already validated through `state_model`) on a freshly built component."""

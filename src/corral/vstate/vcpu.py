@@ -20,7 +20,7 @@ from corral.vstate.kick import install_kick_handler, kick_thread
 from corral.vstate.kvm_state import VcpuState, cpuid_entries, load_vcpu, savable_msrs, save_vcpu
 
 if TYPE_CHECKING:
-    from corral.bus import MmioBus, PioBus
+    from corral.devices.bus import MmioBus, PioBus
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import Callable, ClassVar
+
+from pydantic import Field
 
 from corral.arch.x86 import layout
-from corral.devices.base import DeviceState, IrqLine, VmControl
-from corral.devices.legacy._common import Word, coerce_state
+from corral.devices.base import U32, DeviceState, IrqLine, VmControl
+from corral.devices.legacy._common import Word
 
 PM_TIMER_HZ = 3_579_545
 TIMER_MASK = 0xFFFFFF
@@ -58,14 +60,16 @@ CNT_STORED = 0x1C03      # SCI_EN, BM_RLD, SLP_TYP
 
 
 class AcpiPmState(DeviceState):
-    sts: Word = 0
-    en: Word = 0
-    cnt: Word = SCI_EN
-    timer: int = 0           # PM timer count at the time of the save
+    sts: Word = Field(default=0, description="PM1_STS: event status bits (write 1 to clear)")
+    en: Word = Field(default=0, description="PM1_EN: which status bits raise the SCI")
+    cnt: Word = Field(default=SCI_EN, description="PM1_CNT: SCI_EN, BM_RLD, SLP_TYP")
+    timer: U32 = Field(default=0, description="PM timer count (24 bits) at the time of the save")
 
 
 class AcpiPm:
     """ACPI PM1 event/control block and PM timer; ports PM_BASE_PORT..+11 (12 ports), SCI 9."""
+
+    state_model: ClassVar[type[AcpiPmState]] = AcpiPmState
 
     def __init__(self, ctl: VmControl, sci: IrqLine | None = None,
                  clock: Callable[[], int] = time.monotonic_ns) -> None:
@@ -153,10 +157,9 @@ class AcpiPm:
         with self._lock:
             return AcpiPmState(sts=self._sts, en=self._en, cnt=self._cnt, timer=self.timer())
 
-    def load_state(self, state: DeviceState) -> None:
-        st = coerce_state(AcpiPmState, state)
+    def load_state(self, state: AcpiPmState) -> None:
         with self._lock:
-            self._load(st)
+            self._load(state)
             self._update_sci(force=True)
 
     def _load(self, st: AcpiPmState) -> None:

@@ -8,18 +8,22 @@ status itself. Reads return all ones (nothing to read).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from corral.devices.base import DeviceState, VmControl
-from corral.devices.legacy._common import ONES, coerce_state
+from corral.devices.legacy._common import ONES
 
 SPAN = 2
 
 
 class DebugExitState(DeviceState):
-    pass
+    """Nothing: the port only reacts to writes."""
 
 
 class DebugExit:
     """isa-debug-exit-style exit port; ports 0x501-0x502."""
+
+    state_model: ClassVar[type[DebugExitState]] = DebugExitState
 
     def __init__(self, ctl: VmControl) -> None:
         self._ctl = ctl
@@ -34,5 +38,5 @@ class DebugExit:
     def save_state(self) -> DebugExitState:
         return DebugExitState()
 
-    def load_state(self, state: DeviceState) -> None:
-        coerce_state(DebugExitState, state)
+    def load_state(self, state: DebugExitState) -> None:
+        pass

@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from typing import ClassVar
 
 from pydantic import Field
 
 from corral.devices.base import DeviceState, IrqLine, VmControl
-from corral.devices.legacy._common import Byte, coerce_state, read_bytewise, write_bytewise
+from corral.devices.legacy._common import Byte, read_bytewise, write_bytewise
 
 DATA = 0
 CMD = 4
@@ -65,19 +66,22 @@ _KBD_PARAM_CMDS = frozenset([0xED, 0xF0, 0xF3])
 
 
 class I8042State(DeviceState):
-    ctr: Byte = DEFAULT_CTR
-    outport: Byte = DEFAULT_OUTPORT
-    cmd_flag: bool = False
-    pending_cmd: Byte = 0
-    kbd_param_cmd: Byte = 0
-    scan_set: Byte = 2
-    scanning: bool = True
-    last: Byte = 0
-    out: list[Byte] = Field(default_factory=list, max_length=OUT_QUEUE)
+    ctr: Byte = Field(default=DEFAULT_CTR, description="controller configuration byte")
+    outport: Byte = Field(default=DEFAULT_OUTPORT, description="output port (A20, reset line)")
+    cmd_flag: bool = Field(default=False, description="status bit 3: the last write was a command")
+    pending_cmd: Byte = Field(default=0, description="controller command awaiting its parameter")
+    kbd_param_cmd: Byte = Field(default=0, description="keyboard command awaiting its parameter")
+    scan_set: Byte = Field(default=2, description="keyboard scan code set")
+    scanning: bool = Field(default=True, description="keyboard scanning enabled")
+    last: Byte = Field(default=0, description="last byte read from the data port (re-read when empty)")
+    out: list[Byte] = Field(default_factory=list, max_length=OUT_QUEUE,
+                            description="bytes queued toward the guest, oldest first")
 
 
 class I8042:
     """8042 keyboard controller; ports 0x60 (offset 0) and 0x64 (offset 4), IRQ 1."""
+
+    state_model: ClassVar[type[I8042State]] = I8042State
 
     def __init__(self, ctl: VmControl, irq1: IrqLine | None = None) -> None:
         self._ctl = ctl
@@ -222,10 +226,9 @@ class I8042:
                               scan_set=self._scan_set, scanning=self._scanning, last=self._last,
                               out=list(self._out))
 
-    def load_state(self, state: DeviceState) -> None:
-        st = coerce_state(I8042State, state)
+    def load_state(self, state: I8042State) -> None:
         with self._lock:
-            self._load(st)
+            self._load(state)
             self._update_irq(force=True)
 
     def _load(self, st: I8042State) -> None:

@@ -8,18 +8,23 @@ attribute, replaced atomically.
 
 from __future__ import annotations
 
-from corral.devices.base import DeviceState
-from corral.devices.legacy._common import ONES, coerce_state
+from typing import ClassVar
+
+from pydantic import Field
+
+from corral.devices.base import U32, DeviceState
+from corral.devices.legacy._common import ONES
 
 
 class PostSinkState(DeviceState):
-    last: int = 0
+    last: U32 = Field(default=0, description="the last value written (1 to 4 bytes)")
 
 
 class PostSink:
     """Accept-and-ignore port; any base, any span (0x80 and 0x504 are 1 port each)."""
 
     __slots__ = ("last",)
+    state_model: ClassVar[type[PostSinkState]] = PostSinkState
 
     def __init__(self) -> None:
         self.last = 0
@@ -33,5 +38,5 @@ class PostSink:
     def save_state(self) -> PostSinkState:
         return PostSinkState(last=self.last)
 
-    def load_state(self, state: DeviceState) -> None:
-        self.last = coerce_state(PostSinkState, state).last
+    def load_state(self, state: PostSinkState) -> None:
+        self.last = state.last

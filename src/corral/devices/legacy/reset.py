@@ -10,10 +10,12 @@ No lock: the only state is one attribute, replaced atomically.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from corral.devices.base import DeviceState, VmControl
-from corral.devices.legacy._common import ONES, Byte, coerce_state
+from corral.devices.legacy._common import ONES, Byte
 
 RCR_SYS_RST = 0x02
 RCR_RST_CPU = 0x04
@@ -22,11 +24,14 @@ RCR_STORED = RCR_SYS_RST | RCR_FULL_RST
 
 
 class ResetRegisterState(DeviceState):
-    value: Byte = Field(default=0)
+    value: Byte = Field(default=0, description="the reset control register's stored bits "
+                        "(SYS_RST, FULL_RST)")
 
 
 class ResetRegister:
     """Reset control register; port 0xCF9 (1 port)."""
+
+    state_model: ClassVar[type[ResetRegisterState]] = ResetRegisterState
 
     def __init__(self, ctl: VmControl) -> None:
         self._ctl = ctl
@@ -48,5 +53,5 @@ class ResetRegister:
     def save_state(self) -> ResetRegisterState:
         return ResetRegisterState(value=self._value)
 
-    def load_state(self, state: DeviceState) -> None:
-        self._value = coerce_state(ResetRegisterState, state).value & RCR_STORED
+    def load_state(self, state: ResetRegisterState) -> None:
+        self._value = state.value & RCR_STORED

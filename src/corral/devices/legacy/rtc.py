@@ -36,13 +36,13 @@ import calendar
 import math
 import threading
 import time
-from typing import Callable
+from typing import Callable, ClassVar
 
 from pydantic import Field
 
 from corral.arch.x86 import layout
 from corral.devices.base import DeviceState, IrqLine
-from corral.devices.legacy._common import Byte, coerce_state
+from corral.devices.legacy._common import Byte, Word
 
 CMOS_SIZE = 128
 REG_SEC, REG_MIN, REG_HOUR, REG_DOW = 0x00, 0x02, 0x04, 0x06
@@ -68,14 +68,26 @@ MIN_YEAR, MAX_YEAR = 1, 9999
 _Y, _MO, _D, _H, _MI, _S = range(6)
 
 
+class RtcTime(DeviceState):
+    """A broken-down time as the guest wrote it while SET was on (not yet made a valid date)."""
+
+    year: Word = Field(description="full year (century included)")
+    month: Word = Field(description="month, 1-12 when valid")
+    day: Word = Field(description="day of the month, 1-31 when valid")
+    hour: Word = Field(description="hour, 0-23 when valid (24-hour, binary)")
+    minute: Word = Field(description="minute, 0-59 when valid")
+    second: Word = Field(description="second, 0-59 when valid")
+
+
 class RtcState(DeviceState):
-    index: Byte = 0
-    nmi_disabled: bool = False
-    offset: int = 0                 # guest time = floor(host time) + offset, in seconds
-    frozen: list[int] | None = None  # [year, month, day, hour, minute, second] while SET is on,
-    #                                    as written (not yet made a valid date)
+    index: Byte = Field(default=0, description="CMOS register selected through port 0x70")
+    nmi_disabled: bool = Field(default=False, description="bit 7 of the last index write (NMI mask)")
+    offset: int = Field(default=0, description="guest time = floor(host time) + offset, in seconds")
+    frozen: RtcTime | None = Field(default=None, description="the time held while register B's "
+                                   "SET bit is on; None while the clock runs")
     cmos: list[Byte] = Field(default_factory=lambda: [0] * CMOS_SIZE, min_length=CMOS_SIZE,
-                             max_length=CMOS_SIZE)
+                             max_length=CMOS_SIZE, description="the 128 CMOS bytes, clock "
+                             "registers included")
 
 
 def _bcd(v: int) -> int:
@@ -108,6 +120,8 @@ def _epoch_of(f: list[int]) -> int:
 
 class CmosRtc:
     """MC146818 RTC + CMOS RAM; ports 0x70-0x71 (2 ports), IRQ 8 (never raised)."""
+
+    state_model: ClassVar[type[RtcState]] = RtcState
 
     def __init__(self, irq8: IrqLine | None = None, clock: Callable[[], float] = time.time,
                  mem_size: int = 0) -> None:
@@ -246,24 +260,24 @@ class CmosRtc:
     # -- state --------------------------------------------------------------------------------
     def save_state(self) -> RtcState:
         with self._lock:
+            f = self._frozen
+            held = None if f is None else RtcTime(year=f[_Y], month=f[_MO], day=f[_D], hour=f[_H],
+                                                  minute=f[_MI], second=f[_S])
             return RtcState(index=self._index, nmi_disabled=self._nmi_disabled,
-                            offset=self._offset,
-                            frozen=None if self._frozen is None else list(self._frozen),
-                            cmos=list(self._cmos))
+                            offset=self._offset, frozen=held, cmos=list(self._cmos))
 
-    def load_state(self, state: DeviceState) -> None:
-        st = coerce_state(RtcState, state)
+    def load_state(self, state: RtcState) -> None:
         with self._lock:
-            self._load(st)
+            self._load(state)
 
     def _load(self, st: RtcState) -> None:
         self._index = st.index & 0x7F
         self._nmi_disabled = st.nmi_disabled
         self._offset = st.offset
         self._cmos = list(st.cmos)
-        frozen = st.frozen
-        if frozen is not None and len(frozen) == 6:
-            self._frozen: list[int] | None = [_clamp(x, 0, 0xFFFF) for x in frozen]
+        t = st.frozen
+        if t is not None:
+            self._frozen: list[int] | None = [t.year, t.month, t.day, t.hour, t.minute, t.second]
         elif self._cmos[REG_B] & B_SET:
             self._frozen = self._now_fields()
         else:

@@ -47,12 +47,12 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Callable
+from typing import Callable, ClassVar
 
 from pydantic import Field
 
 from corral.devices.base import DeviceState, IrqLine
-from corral.devices.legacy._common import Byte, coerce_state, read_bytewise, write_bytewise
+from corral.devices.legacy._common import Byte, read_bytewise, write_bytewise
 
 # IER
 IER_ERBFI = 0x01    # received data available
@@ -103,22 +103,26 @@ DEFAULT_DIVISOR = 12    # 9600 baud from the 1.8432 MHz clock
 
 
 class SerialState(DeviceState):
-    ier: Byte = 0
-    fcr: Byte = 0
-    lcr: Byte = 0
-    mcr: Byte = 0
-    lsr_errors: Byte = 0
-    msr_delta: Byte = 0
-    scr: Byte = 0
-    dll: Byte = DEFAULT_DIVISOR
-    dlm: Byte = 0
-    thr_pending: bool = False
-    rx_fifo: list[Byte] = Field(default_factory=list, max_length=FIFO_SIZE)
-    rx_pending: list[Byte] = Field(default_factory=list, max_length=RX_BUFFER)
+    ier: Byte = Field(default=0, description="interrupt enable register")
+    fcr: Byte = Field(default=0, description="FIFO control (enable, DMA mode, trigger level)")
+    lcr: Byte = Field(default=0, description="line control register (DLAB in bit 7)")
+    mcr: Byte = Field(default=0, description="modem control register")
+    lsr_errors: Byte = Field(default=0, description="line status error bits not yet read")
+    msr_delta: Byte = Field(default=0, description="modem status change bits not yet read")
+    scr: Byte = Field(default=0, description="scratch register")
+    dll: Byte = Field(default=DEFAULT_DIVISOR, description="divisor latch, low byte")
+    dlm: Byte = Field(default=0, description="divisor latch, high byte")
+    thr_pending: bool = Field(default=False, description="a THR-empty interrupt is pending")
+    rx_fifo: list[Byte] = Field(default_factory=list, max_length=FIFO_SIZE,
+                                description="received bytes in the FIFO, oldest first")
+    rx_pending: list[Byte] = Field(default_factory=list, max_length=RX_BUFFER,
+                                   description="received bytes waiting for FIFO room, oldest first")
 
 
 class Serial16550:
     """16550A UART; register it on the port bus at COM1 (0x3F8, 8 ports, IRQ 4)."""
+
+    state_model: ClassVar[type[SerialState]] = SerialState
 
     RX_BUFFER = RX_BUFFER
     FIFO_SIZE = FIFO_SIZE
@@ -305,10 +309,9 @@ class Serial16550:
                 dll=self._dll, dlm=self._dlm, thr_pending=self._thr_pending,
                 rx_fifo=list(self._rx), rx_pending=list(self._pending))
 
-    def load_state(self, state: DeviceState) -> None:
-        st = coerce_state(SerialState, state)
+    def load_state(self, state: SerialState) -> None:
         with self._lock:
-            self._load(st)
+            self._load(state)
             self._update_irq(force=True)
 
     def _load(self, st: SerialState) -> None:

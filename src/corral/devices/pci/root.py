@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Protocol, runtime_checkable
+from typing import Annotated, ClassVar, Protocol, runtime_checkable
 
-from corral.bus import BusConflictError, MmioBus
-from corral.devices.base import DeviceState, StateBytes
+from pydantic import Field
+
+from corral.devices.base import U32, DeviceState, StateBytes, StateError
+from corral.devices.bus import BusConflictError, MmioBus
 from corral.devices.pci.config import PciConfig
 
 log = logging.getLogger(__name__)
@@ -78,8 +80,22 @@ class _BarWindow:
         self.fn.bar_write(self.index, offset, size, value)
 
 
+Slot = Annotated[int, Field(ge=0, lt=SLOTS)]
+
+
+class PciBusState(DeviceState):
+    config: dict[Slot, StateBytes] = Field(description="configuration space of each populated "
+                                           "slot on bus 0 (function 0), by slot number")
+
+
+class ConfigPortsState(DeviceState):
+    address: U32 = Field(description="the CONFIG_ADDRESS latch at port 0xCF8")
+
+
 class PciRoot:
     """Bus 0 with up to 32 single-function devices (slot 0 is the host bridge)."""
+
+    state_model: ClassVar[type[PciBusState]] = PciBusState
 
     def __init__(self, mmio: MmioBus) -> None:
         self.mmio = mmio
@@ -128,12 +144,11 @@ class PciRoot:
         return PciBusState(config={s: bytes(fn.config.data) for s, fn in enumerate(self.slots)
                                    if fn is not None})
 
-    def load_state(self, state: DeviceState) -> None:
-        assert isinstance(state, PciBusState)
+    def load_state(self, state: PciBusState) -> None:
         for slot, data in state.config.items():
-            fn = self.slots[slot] if 0 <= slot < SLOTS else None
+            fn = self.slots[slot]
             if fn is None or len(data) != len(fn.config.data):
-                raise ValueError(f"PCI state names slot {slot}, which this machine does not have")
+                raise StateError(f"PCI state names slot {slot}, which this machine does not have")
             fn.config.data[:] = data
         for slot, fn in enumerate(self.slots):
             if fn is not None:
@@ -164,18 +179,11 @@ class PciRoot:
         fn.bars_moved(addresses)
 
 
-class PciBusState(DeviceState):
-    config: dict[int, StateBytes]
-
-
-class ConfigPortsState(DeviceState):
-    address: int
-
-
 class ConfigPorts:
     """Ports 0xCF8 (address latch, register with `ADDRESS_OFFSET`) and 0xCFC-0xCFF (data)."""
 
     ADDRESS_OFFSET, DATA_OFFSET = 0, 4
+    state_model: ClassVar[type[ConfigPortsState]] = ConfigPortsState
 
     def __init__(self, root: PciRoot) -> None:
         self.root = root
@@ -201,8 +209,7 @@ class ConfigPorts:
     def save_state(self) -> ConfigPortsState:
         return ConfigPortsState(address=self.address)
 
-    def load_state(self, state: DeviceState) -> None:
-        assert isinstance(state, ConfigPortsState)
+    def load_state(self, state: ConfigPortsState) -> None:
         self.address = state.address & 0x80FF_FFFC
 
     def _target(self, data_offset: int, size: int) -> tuple[int, int, int, int] | None:

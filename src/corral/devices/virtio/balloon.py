@@ -1,10 +1,10 @@
 """virtio-balloon: the host asks for memory back, the guest hands over pages (virtio 1.2 5.5).
 
-* Inflate/deflate: the host sets a target (`set_target`); the driver inflates by sending page
+* Inflate/deflate: the host sets a target (`set_target_bytes`); the driver inflates by sending page
   frame numbers of pages it gives up, which corral returns to the host at once
   (GuestMemory.discard), and deflates by sending the numbers of pages it takes back.
 * Statistics: the driver keeps a buffer of (tag, value) pairs in the stats queue; corral hands
-  it back to ask for fresh ones and keeps the latest (`stats`).
+  it back to ask for fresh ones and keeps the latest (`stats`; `info` asks and reports).
 * Free page reporting: the driver reports ranges of free memory, which corral discards too, so
   a guest's free memory flows back to the host without a balloon target.
 
@@ -17,11 +17,11 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from corral.devices.base import DeviceState
+from corral.devices.base import U32, DeviceState
 from corral.devices.virtio.base import VIRTIO_ID_BALLOON, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import VirtqueueError
 from corral.errors import GuestMemoryError
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 F_MUST_TELL_HOST, F_STATS_VQ, F_DEFLATE_ON_OOM = 1 << 0, 1 << 1, 1 << 2
 F_PAGE_REPORTING = 1 << 5
 PFN_SHIFT = 12
+PAGE = 1 << PFN_SHIFT            # the balloon's unit: 4 KiB, whatever the guest's page size
 STAT = struct.Struct("<HQ")
 STAT_NAMES = {0: "swap_in", 1: "swap_out", 2: "major_faults", 3: "minor_faults", 4: "free_memory",
               5: "total_memory", 6: "available_memory", 7: "disk_caches", 8: "hugetlb_allocations",
@@ -43,8 +44,8 @@ MAX_PFNS = 256 * 1024          # per inflate request: 1 GiB of 4 KiB pages
 
 
 class BalloonState(DeviceState):
-    target_pages: int
-    actual_pages: int
+    target_pages: U32 = Field(description="num_pages: 4 KiB pages the host asked the guest to give up")
+    actual_pages: U32 = Field(description="actual: 4 KiB pages the guest says it has given up")
 
 
 class BalloonInfo(BaseModel):
@@ -60,7 +61,7 @@ class BalloonInfo(BaseModel):
     stats: dict[str, int]           # the guest's latest memory statistics, by virtio name
 
 
-class VirtioBalloon(VirtioDevice):
+class VirtioBalloon(VirtioDevice[BalloonState]):
     device_id = VIRTIO_ID_BALLOON
     queue_sizes = (128, 128, 128, 128)       # inflate, deflate, stats, reporting
     state_model = BalloonState
@@ -109,18 +110,43 @@ class VirtioBalloon(VirtioDevice):
     def save_state(self) -> BalloonState:
         return BalloonState(target_pages=self.target_pages, actual_pages=self.actual_pages)
 
-    def load_state(self, state: DeviceState) -> None:
-        assert isinstance(state, BalloonState)
+    def load_state(self, state: BalloonState) -> None:
         self.target_pages, self.actual_pages = state.target_pages, state.actual_pages
 
     # -- host side -------------------------------------------------------------------------------
+    def set_target_bytes(self, target: int) -> None:
+        """Ask the guest to give up `target` bytes of its RAM, in 4 KiB pages (0: give it all
+        back). A driver not yet running reads the target when it starts (Linux does at probe)."""
+        with self._lock:
+            self.target_pages = min(max(0, target) // PAGE, 0xFFFF_FFFF)
+        irq = self.interrupt
+        if irq is not None:
+            irq.signal_config()
+
     def set_target(self, pages: int, interrupt: VirtioInterrupt | None = None) -> None:
-        """Ask the guest to give up `pages` 4 KiB pages (0: give everything back)."""
+        """Transitional: today's machine.py calls this; it goes when the machine calls
+        `set_target_bytes` (the lead's restructuring)."""
         with self._lock:
             self.target_pages = max(0, pages)
         irq = interrupt or self.interrupt
         if irq is not None:
             irq.signal_config()
+
+    def info(self, host_resident_bytes: int,
+             call_soon: Callable[[Callable[[], None]], object] | None,
+             timeout: float) -> BalloonInfo:
+        """The balloon as the host sees it. With a stats queue, first asks the driver for fresh
+        statistics (`call_soon` runs `request_stats` on the device event loop) and waits up to
+        `timeout` seconds for them; the reply carries whatever statistics are the latest."""
+        if call_soon is not None and self.queues.get("stats") is not None:
+            self.stats_updated.clear()
+            call_soon(self._ask_for_stats)
+            self.stats_updated.wait(timeout)
+        with self._lock:
+            target, actual = self.target_pages, self.actual_pages
+        return BalloonInfo(target_bytes=target * PAGE, actual_bytes=actual * PAGE,
+                           host_resident_bytes=host_resident_bytes, stats=dict(self.stats),
+                           **self.counters)
 
     def request_stats(self) -> bool:
         """Hand the stats buffer back so the driver refills it; False if it holds none now."""
@@ -132,6 +158,9 @@ class VirtioBalloon(VirtioDevice):
         q.push(chain.head, 0)
         irq.signal_queue(self._queue_index("stats"))
         return True
+
+    def _ask_for_stats(self) -> None:
+        self.request_stats()
 
     def _queue_index(self, name: str) -> int:
         return next(i for i, n in self._index.items() if n == name)

@@ -10,12 +10,12 @@ through `VirtioInterrupt`, so the transport decides between MSI-X and INTx.
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Generic, Protocol, TypeVar
 
 from corral.devices.base import DeviceState
+from corral.devices.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
 
 if TYPE_CHECKING:
-    from corral.devices.virtio.queue import DescriptorChain, Virtqueue
     from corral.memory import GuestMemory
 
 # Device types (virtio 1.2 section 5)
@@ -51,8 +51,12 @@ class VirtioInterrupt(Protocol):
         """Tell the driver that the device configuration space changed."""
 
 
-class VirtioDevice(abc.ABC):
-    """One virtio device model. Subclasses set `device_id` and `queue_sizes`.
+S = TypeVar("S", bound=DeviceState)
+
+
+class VirtioDevice(abc.ABC, Generic[S]):
+    """One virtio device model. Subclasses set `device_id`, `queue_sizes` and `state_model`
+    (the device's own state beyond its queues: `NoState` for a device without any).
 
     Threading: `activate`, `queue_notify` and `reset` run on the VM's device event loop thread;
     `read_config`/`write_config` run on a vCPU thread. A device that must be consistent between
@@ -97,8 +101,6 @@ class VirtioDevice(abc.ABC):
               handle: Callable[[DescriptorChain], int]) -> None:
         """Drain `queue`: `handle` serves each request and returns the bytes it wrote. A
         malformed ring puts the device in NEEDS_RESET; one interrupt per batch at most."""
-        from corral.devices.virtio.queue import VirtqueueError
-
         while True:
             try:
                 chain = queue.pop()
@@ -120,14 +122,16 @@ class VirtioDevice(abc.ABC):
         """A guest error the device cannot recover from: the transport will set NEEDS_RESET."""
         self.broken = True
 
-    # the device's own state (beyond its queues); a device with some overrides all three
-    state_model: type[DeviceState] = DeviceState
+    # the state contract (devices/base.py: Stateful). A ClassVar cannot hold the type
+    # variable, so this is a plain annotation; each device sets it as a class attribute.
+    state_model: type[S]
 
-    def save_state(self) -> DeviceState:
-        return DeviceState()
+    def save_state(self) -> S:
+        """The device's own state; the default suits a model whose fields all have defaults."""
+        return self.state_model()
 
-    def load_state(self, state: DeviceState) -> None:
-        pass
+    def load_state(self, state: S) -> None:
+        """Take the device's own state (validated through `state_model` by the transport)."""
 
     def close(self) -> None:
         """Release host resources (files, sockets, taps)."""

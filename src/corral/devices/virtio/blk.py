@@ -1,23 +1,21 @@
-"""virtio-blk over a raw image file (virtio 1.2 section 5.2).
+"""virtio-blk over a disk image (virtio 1.2 section 5.2).
 
 Requests are a 16-byte header (type, reserved, sector), data buffers, and a status byte the
 device writes last. Reads and writes go straight between the file and guest memory with
-preadv/pwritev on memoryviews of guest RAM. A request that breaks the rules (sector past the end,
+preadv/pwritev on memoryviews of guest RAM, through the image the machine opened (a raw file
+or an overlay, backends/disk.py). A request that breaks the rules (sector past the end,
 a write to a read-only disk, a malformed chain) fails alone with IOERR/UNSUPP; a chain without
 room for the status byte cannot even be failed, so it is returned with nothing written.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import os
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from corral.devices.base import NoState
 from corral.devices.virtio.base import VIRTIO_ID_BLOCK, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import DescriptorChain
-from corral.errors import ConfigError
 
 if TYPE_CHECKING:
     from corral.devices.virtio.queue import Virtqueue
@@ -34,49 +32,36 @@ QUEUE_SIZE = 256
 SEG_MAX = QUEUE_SIZE - 2
 MAX_DISCARD_SECTORS = 1 << 22               # 2 GiB per segment
 ID_BYTES = 20
-def open_image(path: str, read_only: bool, *, min_size: int = SECTOR) -> int:
-    """Open and lock a disk image: a clear ConfigError for a missing, unreadable or busy image.
-    Read-write users hold an exclusive OFD lock, read-only users a shared one."""
-    try:
-        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ConfigError(f"disk image {path} does not exist: check the path given to --disk") from None
-    except IsADirectoryError:
-        raise ConfigError(f"disk image {path} is a directory: give a raw image file") from None
-    except PermissionError:
-        hint = "" if read_only else ", or add ,ro to use it read-only"
-        raise ConfigError(f"no permission to open disk image {path}{hint}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot open disk image {path}: {exc.strerror}") from None
-    lock = fcntl.F_RDLCK if read_only else fcntl.F_WRLCK
-    try:
-        # struct flock: type, whence, start, len, pid (0 for OFD locks)
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", lock, 0, 0, 0, 0))
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise ConfigError(f"disk image {path} is in use by another VM"
-                              f"{'' if read_only else ' (add ,ro to share it read-only)'}") from None
-        raise ConfigError(f"cannot lock disk image {path}: {exc.strerror}") from None
-    size = os.fstat(fd).st_size
-    if size < min_size:
-        os.close(fd)
-        raise ConfigError(f"disk image {path} is {size} bytes: a disk needs at least one 512-byte sector")
-    return fd
 
 
-class VirtioBlock(VirtioDevice):
+class DiskImage(Protocol):
+    """What the device needs of its image (backends/disk.py: RawImage, CowImage): a size in
+    bytes, whether it is read-only, vectored I/O at a byte offset, flush, discard and close."""
+
+    size: int
+    read_only: bool
+
+    def readv(self, views: list[memoryview], offset: int) -> int: ...
+
+    def writev(self, views: list[memoryview], offset: int) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def discard(self, offset: int, length: int, *, zeroes: bool, unmap: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class VirtioBlock(VirtioDevice[NoState]):
     device_id = VIRTIO_ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
+    state_model = NoState                   # nothing beyond its queues
 
-    def __init__(self, path: str, *, read_only: bool = False, serial: str = "",
-                 overlay: str | None = None) -> None:
+    def __init__(self, image: DiskImage, *, serial: str = "") -> None:
+        """`image` is opened already (backends.disk.open_disk); the device closes it."""
         super().__init__()
-        from corral.devices.virtio.disk_image import open_disk
-
-        self.path = path
-        self.read_only = read_only
-        self.image = open_disk(path, read_only=read_only, overlay=overlay)
+        self.image = image
+        self.read_only = image.read_only
         self.size = self.image.size
         self.sectors = self.size // SECTOR
         self.serial = serial.encode()[:ID_BYTES]

@@ -10,13 +10,11 @@ line would lose it, rather than stalling the device loop.
 from __future__ import annotations
 
 import os
-import termios
-import tty
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from corral.devices.base import NoState
 from corral.devices.virtio.base import VIRTIO_ID_CONSOLE, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import VirtqueueError
-from corral.errors import ConfigError
 
 if TYPE_CHECKING:
     from corral.devices.virtio.queue import DescriptorChain, Virtqueue
@@ -27,40 +25,23 @@ RXQ, TXQ = 0, 1
 READ_CHUNK = 4096
 
 
-class ConsoleBackend:
-    """Where hvc0 goes: `pty` (a new pseudo-terminal; `path` names its slave) or `file=PATH`."""
+class ConsolePort(Protocol):
+    """The host end as the device sees it (backends/console.py: ConsoleBackend): a non-blocking
+    fd, whether it can be read (a pty can, a file cannot), where it goes (for the user), and close."""
 
-    def __init__(self, spec: str) -> None:
-        self.readable = False
-        if spec == "pty":
-            master, slave = os.openpty()
-            tty.setraw(slave)                     # bytes pass as they are; no echo, no line editing
-            attrs = termios.tcgetattr(slave)
-            termios.tcsetattr(slave, termios.TCSANOW, attrs)
-            os.set_blocking(master, False)
-            self.fd, self._slave, self.path, self.readable = master, slave, os.ttyname(slave), True
-        elif spec.startswith("file="):
-            path = spec[5:]
-            try:
-                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                raise ConfigError(f"cannot open console file {path}: {exc.strerror}") from None
-            self._slave, self.path = -1, path
-        else:
-            raise ConfigError(f"--virtio-console {spec}: use 'pty' or 'file=PATH'")
+    fd: int
+    readable: bool
+    path: str
 
-    def close(self) -> None:
-        for fd in (self.fd, self._slave):
-            if fd >= 0:
-                os.close(fd)
-        self.fd = self._slave = -1
+    def close(self) -> None: ...
 
 
-class VirtioConsole(VirtioDevice):
+class VirtioConsole(VirtioDevice[NoState]):
     device_id = VIRTIO_ID_CONSOLE
     queue_sizes = (64, 64)
+    state_model = NoState                   # nothing beyond its queues
 
-    def __init__(self, backend: ConsoleBackend, loop: EventLoop) -> None:
+    def __init__(self, backend: ConsolePort, loop: EventLoop) -> None:
         super().__init__()
         self.backend, self.loop = backend, loop
         self.rx: Virtqueue | None = None

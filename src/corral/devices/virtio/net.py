@@ -14,11 +14,11 @@ import errno
 import logging
 import os
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from corral.devices.base import NoState
 from corral.devices.virtio.base import VIRTIO_ID_NET, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import VirtqueueError
-from corral.net.tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN, Tap)
 
 if TYPE_CHECKING:
     from corral.devices.virtio.queue import DescriptorChain, Virtqueue
@@ -33,15 +33,30 @@ F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN = 1 << 11, 1 << 12, 1 << 13
 F_MRG_RXBUF, F_STATUS = 1 << 15, 1 << 16
 STATUS_LINK_UP = 1
 RXQ, TXQ = 0, 1
+VNET_HDR_LEN = 12                              # virtio 1.x header, num_buffers included
 MAX_FRAME = VNET_HDR_LEN + 65535 + 14 + 4      # the largest GSO frame a tap hands over (+ VLAN)
 _NUM_BUFFERS = struct.Struct("<H")
 
 
-class VirtioNet(VirtioDevice):
+class NetBackend(Protocol):
+    """The host end as the device sees it (backends/tap.py: Tap): a non-blocking fd carrying
+    frames with a 12-byte virtio-net header each, its name (for logs), the offloads it may
+    hand the guest, close."""
+
+    fd: int
+    name: str
+
+    def set_offload(self, *, csum: bool, tso4: bool, tso6: bool, ecn: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class VirtioNet(VirtioDevice[NoState]):
     device_id = VIRTIO_ID_NET
     queue_sizes = (256, 256)
+    state_model = NoState                   # nothing beyond its queues
 
-    def __init__(self, tap: Tap, mac: bytes, loop: EventLoop) -> None:
+    def __init__(self, tap: NetBackend, mac: bytes, loop: EventLoop) -> None:
         super().__init__()
         self.tap, self.mac, self.loop = tap, mac, loop
         self.rx: Virtqueue | None = None
@@ -66,14 +81,11 @@ class VirtioNet(VirtioDevice):
                  driver_features: int) -> None:
         self.rx, self.tx, self.interrupt = queues[RXQ], queues[TXQ], interrupt
         self.mergeable = bool(driver_features & F_MRG_RXBUF)
-        offload = 0
-        if driver_features & F_GUEST_CSUM:
-            offload |= TUN_F_CSUM
-            for feat, flag in ((F_GUEST_TSO4, TUN_F_TSO4), (F_GUEST_TSO6, TUN_F_TSO6),
-                               (F_GUEST_ECN, TUN_F_TSO_ECN)):
-                if driver_features & feat:
-                    offload |= flag
-        self.tap.set_offload(offload)
+        # segmentation offloads only ride on checksum offload
+        csum = bool(driver_features & F_GUEST_CSUM)
+        self.tap.set_offload(csum=csum, tso4=csum and bool(driver_features & F_GUEST_TSO4),
+                             tso6=csum and bool(driver_features & F_GUEST_TSO6),
+                             ecn=csum and bool(driver_features & F_GUEST_ECN))
         self._start_reading()
 
     def reset(self) -> None:

@@ -14,13 +14,15 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
-from corral.devices.base import DeviceState, IrqLine, StateBytes
+from pydantic import Field
+
+from corral.devices.base import U8, U16, U32, U64, DeviceState, IrqLine, StateBytes, StateError
 from corral.devices.pci.config import CAP_ID_MSIX, CAP_ID_VENDOR, Bar, PciConfig
 from corral.devices.virtio.base import (F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, STATUS_DRIVER_OK,
                                         STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VirtioDevice)
-from corral.devices.virtio.queue import Virtqueue, VirtqueueError
+from corral.devices.virtio.queue import QueueSize, Virtqueue, VirtqueueError, VirtqueueState
 
 if TYPE_CHECKING:
     from corral.eventloop import EventLoop
@@ -63,20 +65,33 @@ class Doorbells(Protocol):
     def detach(self, handle: object) -> None: ...
 
 
+class QueueState(DeviceState):
+    """One queue's registers in the common configuration block, as the driver set them."""
+
+    size: QueueSize = Field(description="queue_size: entries (the driver may shrink it)")
+    enable: int = Field(ge=0, le=1, description="queue_enable")
+    desc: U64 = Field(description="queue_desc: guest address of the descriptor table")
+    avail: U64 = Field(description="queue_driver: guest address of the available ring")
+    used: U64 = Field(description="queue_device: guest address of the used ring")
+    vector: U16 = Field(description="queue_msix_vector (0xFFFF: none)")
+
+
 class VirtioPciState(DeviceState):
-    status: int
-    device_feature_select: int
-    driver_feature_select: int
-    driver_features: int
-    queue_select: int
-    config_generation: int
-    isr: int
-    config_vector: int
-    broken: bool
-    queues: list[list[int]]          # size, enable, desc, avail, used, vector
-    msix_table: StateBytes
-    active: list[dict[str, int]]     # live virtqueue positions (Virtqueue.save_state)
-    device: dict[str, object]        # the device's own state model, as JSON
+    status: U8 = Field(description="device_status: the driver's progress bits")
+    device_feature_select: U32 = Field(description="which 32 bits device_feature shows")
+    driver_feature_select: U32 = Field(description="which 32 bits driver_feature writes")
+    driver_features: U64 = Field(description="the features the driver accepted")
+    queue_select: U16 = Field(description="the queue the queue_* registers address")
+    config_generation: U8 = Field(description="bumped on each device configuration change")
+    isr: U8 = Field(description="ISR status (bit 0 queue, bit 1 configuration), INTx only")
+    config_vector: U16 = Field(description="config_msix_vector (0xFFFF: none)")
+    broken: bool = Field(description="the device failed and shows NEEDS_RESET")
+    queues: list[QueueState] = Field(description="each queue's registers, by queue index")
+    msix_table: StateBytes = Field(description="the MSI-X table: 16 bytes per vector")
+    active: list[VirtqueueState] = Field(description="live queue positions; empty unless "
+                                         "DRIVER_OK")
+    device: dict[str, Any] = Field(description="the device's own state, as its state_model "
+                                   "dumps it (validated through that model on load)")
 
 
 class _QueueConfig:
@@ -90,7 +105,9 @@ class _QueueConfig:
 class VirtioPciDevice:
     """A PCI function carrying one virtio device."""
 
-    def __init__(self, device: VirtioDevice, memory: GuestMemory, irq: IrqLine, loop: EventLoop,
+    state_model: ClassVar[type[VirtioPciState]] = VirtioPciState
+
+    def __init__(self, device: VirtioDevice[Any], memory: GuestMemory, irq: IrqLine, loop: EventLoop,
                  doorbells: Doorbells, msi_vectors: list[MsiVector] | None = None) -> None:
         self.device = device
         self.memory = memory
@@ -347,31 +364,35 @@ class VirtioPciDevice:
                 driver_feature_select=self.driver_feature_select, driver_features=self.driver_features,
                 queue_select=self.queue_select, config_generation=self.config_generation,
                 isr=self.isr, config_vector=self.config_vector, broken=self.device.broken,
-                queues=[[q.size, q.enable, q.desc, q.avail, q.used, q.vector] for q in self.queues],
+                queues=[QueueState(size=q.size, enable=q.enable, desc=q.desc, avail=q.avail,
+                                   used=q.used, vector=q.vector) for q in self.queues],
                 msix_table=bytes(self.msix_table),
                 active=[vq.save_state() for vq in self.active],
                 device=self.device.save_state().model_dump(mode="json"))
 
-    def load_state(self, state: DeviceState) -> None:
+    def load_state(self, state: VirtioPciState) -> None:
         """Called on a fresh device after the bus restored its configuration space: the guest's
         rings are in restored memory, so live queues are rebuilt over them and re-kicked."""
-        assert isinstance(state, VirtioPciState)
-        if len(state.queues) != len(self.queues) or len(state.msix_table) != len(self.msix_table):
-            raise ValueError("virtio state is for a device with a different queue layout")
+        if len(state.queues) != len(self.queues) or len(state.msix_table) != len(self.msix_table) \
+                or len(state.active) not in (0, len(self.queues)):
+            raise StateError("virtio state is for a device with a different queue layout")
+        # the device's own state first: it is refused before anything changed
+        own = self.device.state_model.model_validate(state.device)
         with self._lock:
-            self.status = state.status & 0xFF
+            self.status = state.status
             self.device_feature_select = state.device_feature_select
             self.driver_feature_select = state.driver_feature_select
             self.driver_features = state.driver_features & self.offered
             self.queue_select = state.queue_select
-            self.config_generation = state.config_generation & 0xFF
-            self.isr = state.isr & 0x3
+            self.config_generation = state.config_generation
+            self.isr = state.isr & (ISR_QUEUE | ISR_CONFIG)
             self.config_vector = self._vector(state.config_vector)
-            for q, (size, enable, desc, avail, used, vector) in zip(self.queues, state.queues):
-                q.size, q.enable, q.desc, q.avail, q.used = size, enable & 1, desc, avail, used
-                q.vector = self._vector(vector)
+            for q, regs in zip(self.queues, state.queues):
+                q.size, q.enable, q.desc, q.avail, q.used = (regs.size, regs.enable, regs.desc,
+                                                             regs.avail, regs.used)
+                q.vector = self._vector(regs.vector)
             self.msix_table[:] = state.msix_table
-        self.device.load_state(self.device.state_model.model_validate(state.device))
+        self.device.load_state(own)
         for i in range(len(self.msi)):
             self._msix_update(i)
         if self.isr and not self._msix_control() & MSIX_ENABLE:

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, ClassVar
+
+from pydantic import Field
+
+from corral.devices.base import U64, DeviceState
 
 if TYPE_CHECKING:
     from corral.memory import GuestMemory
@@ -28,6 +32,23 @@ MAX_CHAIN_BYTES = 1 << 32                # no request may describe more than 4 G
 
 class VirtqueueError(Exception):
     """The driver put something invalid in the queue."""
+
+
+QueueSize = Annotated[int, Field(ge=1, le=32768)]
+RingIndex = Annotated[int, Field(ge=0, le=0xFFFF)]     # free-running 16-bit ring position
+
+
+class VirtqueueState(DeviceState):
+    """A live queue's position; the rings themselves are in guest RAM."""
+
+    size: QueueSize = Field(description="entries in each ring (a power of two)")
+    desc: U64 = Field(description="guest address of the descriptor table")
+    avail: U64 = Field(description="guest address of the available (driver) ring")
+    used: U64 = Field(description="guest address of the used (device) ring")
+    last_avail: RingIndex = Field(description="next available-ring slot the device reads")
+    used_idx: RingIndex = Field(description="next used-ring slot the device writes")
+    signalled_used: RingIndex = Field(description="used_idx when the driver was last interrupted")
+    ready: bool = Field(description="the driver enabled the queue")
 
 
 @dataclass
@@ -49,6 +70,8 @@ class DescriptorChain:
 
 class Virtqueue:
     """One queue: `pop()` requests, `push()` completions, `needs_interrupt()` after a batch."""
+
+    state_model: ClassVar[type[VirtqueueState]] = VirtqueueState
 
     def __init__(self, memory: GuestMemory, index: int, size: int, desc: int, avail: int, used: int,
                  *, event_idx: bool, indirect: bool) -> None:
@@ -195,13 +218,14 @@ class Virtqueue:
         return done
 
     # -- state (snapshot, migration) ------------------------------------------------------------
-    def save_state(self) -> dict[str, int]:
-        return {"size": self.size, "desc": self.desc, "avail": self.avail, "used": self.used,
-                "last_avail": self.last_avail, "used_idx": self.used_idx,
-                "signalled_used": self._signalled_used, "ready": int(self.ready)}
+    def save_state(self) -> VirtqueueState:
+        return VirtqueueState(size=self.size, desc=self.desc, avail=self.avail, used=self.used,
+                              last_avail=self.last_avail, used_idx=self.used_idx,
+                              signalled_used=self._signalled_used, ready=self.ready)
 
-    def load_state(self, state: dict[str, int]) -> None:
-        self.last_avail = state["last_avail"] & 0xFFFF
-        self.used_idx = state["used_idx"] & 0xFFFF
-        self._signalled_used = state["signalled_used"] & 0xFFFF
-        self.ready = bool(state["ready"])
+    def load_state(self, state: VirtqueueState) -> None:
+        """Positions only: the queue was rebuilt over the same rings (the transport checks)."""
+        self.last_avail = state.last_avail
+        self.used_idx = state.used_idx
+        self._signalled_used = state.signalled_used
+        self.ready = state.ready

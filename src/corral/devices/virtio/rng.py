@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from corral.devices.base import NoState
 from corral.devices.virtio.base import VIRTIO_ID_RNG, VirtioDevice, VirtioInterrupt
 if TYPE_CHECKING:
     from corral.devices.virtio.queue import DescriptorChain, Virtqueue
@@ -13,9 +14,10 @@ if TYPE_CHECKING:
 MAX_REQUEST = 64 * 1024     # per request: a guest asking for gigabytes gets this much
 
 
-class VirtioRng(VirtioDevice):
+class VirtioRng(VirtioDevice[NoState]):
     device_id = VIRTIO_ID_RNG
     queue_sizes = (256,)
+    state_model = NoState                   # nothing beyond its queues
 
     def __init__(self) -> None:
         super().__init__()

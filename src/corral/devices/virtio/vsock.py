@@ -25,11 +25,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pydantic import Field
+
 from corral.devices.base import DeviceState
 from corral.devices.virtio.base import VIRTIO_ID_VSOCK, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import VirtqueueError
 from corral.errors import ConfigError
-from corral.unix_socket import listen_unix
 
 if TYPE_CHECKING:
     from corral.devices.virtio.queue import DescriptorChain, Virtqueue
@@ -74,19 +75,23 @@ class _Conn:
 
 
 class VsockState(DeviceState):
-    guest_cid: int
+    guest_cid: int = Field(ge=3, lt=0xFFFF_FFFF, description="the guest's context id (its "
+                           "address; streams themselves do not survive a snapshot)")
 
 
-class VirtioVsock(VirtioDevice):
+class VirtioVsock(VirtioDevice[VsockState]):
     device_id = VIRTIO_ID_VSOCK
     queue_sizes = (128, 128, 16)
     state_model = VsockState
 
-    def __init__(self, guest_cid: int, uds_path: str, loop: EventLoop) -> None:
+    def __init__(self, guest_cid: int, listener: socket.socket, loop: EventLoop) -> None:
+        """`listener` is the listening Unix socket at the uds path (backends.unix_socket.
+        listen_unix); guest connects go to sockets beside it. The device closes and unlinks it."""
         super().__init__()
         if not 3 <= guest_cid < 0xFFFF_FFFF:
-            raise ConfigError(f"vsock CID {guest_cid} is reserved: give 3 or more")
-        self.guest_cid, self.uds_path, self.loop = guest_cid, uds_path, loop
+            raise ConfigError(f"vsock.cid {guest_cid} is reserved: give 3 or more")
+        self.guest_cid, self.loop = guest_cid, loop
+        self.uds_path: str = listener.getsockname()
         self.rx: Virtqueue | None = None
         self.tx: Virtqueue | None = None
         self.evq: Virtqueue | None = None
@@ -96,7 +101,7 @@ class VirtioVsock(VirtioDevice):
         self._pending_connects: dict[int, socket.socket] = {}
         self._next_port = FIRST_HOST_PORT
         self._reset_event = False
-        self.listener = listen_unix(uds_path, "vsock socket", "uds path")
+        self.listener = listener
         self.listener.setblocking(False)
         loop.add_reader(self.listener.fileno(), self._accept)
 
@@ -134,7 +139,7 @@ class VirtioVsock(VirtioDevice):
     def save_state(self) -> VsockState:
         return VsockState(guest_cid=self.guest_cid)
 
-    def load_state(self, state: DeviceState) -> None:
+    def load_state(self, state: VsockState) -> None:
         # streams do not survive: the restored guest learns that from a transport reset event
         self._reset_event = True
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corral.devices.virtio.blk import S_OK, T_DISCARD, T_IN, T_OUT, T_WRITE_ZEROES, VirtioBlock  # noqa: E402
-from corral.devices.virtio.disk_image import CLUSTER, open_disk  # noqa: E402
+from corral.backends.disk import CLUSTER, open_disk  # noqa: E402
 from corral.errors import ConfigError  # noqa: E402
 
 from support.virtio_driver import Driver, blk_request
@@ -110,7 +110,7 @@ def test_two_vms_share_one_base(disks, tmp_path):
 
 def test_overlay_errors(disks, tmp_path):
     base, _, ov = disks
-    with pytest.raises(ConfigError, match="drop ,ro or the overlay"):
+    with pytest.raises(ConfigError, match="unset read_only or the overlay"):
         open_disk(str(base), read_only=True, overlay=str(ov))
     img = open_disk(str(base), read_only=False, overlay=str(ov))
     with pytest.raises(ConfigError, match="in use by another VM"):
@@ -135,7 +135,7 @@ def test_overlay_errors(disks, tmp_path):
 
 def test_virtio_blk_on_an_overlay(disks):
     base, data, ov = disks
-    d = Driver(VirtioBlock(str(base), overlay=str(ov)))
+    d = Driver(VirtioBlock(open_disk(str(base), overlay=str(ov))))
     try:
         d.setup()
 

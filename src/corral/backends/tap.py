@@ -1,4 +1,4 @@
-"""Linux tap devices: the host end of a guest's virtio-net.
+"""Linux tap devices: the host end of a guest's virtio-net (devices/virtio/net.py).
 
 A tap is opened with a virtio-net header in front of every frame (IFF_VNET_HDR, 12 bytes: the
 virtio 1.x layout), so checksum and segmentation offloads pass between the guest and the host
@@ -69,6 +69,8 @@ class Tap:
             raise
 
     def _host_setup(self, host_ip: str | None) -> None:
+        # imported here, not for a cycle: pyroute2 takes over a second to import, and only a
+        # VM with a NIC needs it
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
@@ -82,8 +84,10 @@ class Tap:
         except NetlinkError as exc:
             raise HostError(f"cannot set up tap '{self.name}' on the host: {exc}") from None
 
-    def set_offload(self, flags: int) -> None:
+    def set_offload(self, *, csum: bool, tso4: bool, tso6: bool, ecn: bool) -> None:
         """What the tap may hand the guest: partial checksums and TSO, as the guest negotiated."""
+        flags = ((TUN_F_CSUM if csum else 0) | (TUN_F_TSO4 if tso4 else 0)
+                 | (TUN_F_TSO6 if tso6 else 0) | (TUN_F_TSO_ECN if ecn else 0))
         fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
 
     def close(self) -> None:

@@ -1,5 +1,8 @@
 """Port-I/O and MMIO address maps: route a guest access to the device that owns the address.
 
+The buses are part of the device layer (the PCI root remaps BARs on the MMIO bus); vCPU exit
+handling and the machine sit above and only call `read`/`write`/`register`.
+
 Port lookups are O(1) through a 64 K table (ports are few and the table is built once);
 MMIO lookups bisect a sorted list of ranges. Accesses nobody owns read as all-ones and are
 otherwise ignored, as on a PC bus.
@@ -43,8 +46,9 @@ class PioBus:
             raise BusConflictError(f"port range {base:#x}+{size} is outside the I/O space")
         m = Mapping(base, size, device, name or type(device).__name__)
         for port in range(base, base + size):
-            if self._table[port] is not None:
-                raise BusConflictError(f"port {port:#x}: {m.name} overlaps {self._table[port].name}")
+            held = self._table[port]
+            if held is not None:
+                raise BusConflictError(f"port {port:#x}: {m.name} overlaps {held.name}")
         for port in range(base, base + size):
             self._table[port] = m
         self.mappings.append(m)

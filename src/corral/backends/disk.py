@@ -1,5 +1,9 @@
 """What a virtio-blk device reads and writes: a raw image, or a copy-on-write overlay on one.
 
+`open_disk` opens and locks the files (a clear ConfigError for a missing, unreadable or busy
+image) and returns a `RawImage` or `CowImage`; the device (devices/virtio/blk.py) only reads,
+writes, flushes and discards through it.
+
 A raw image is the file itself. An overlay lets many VMs boot from one base image without
 copying it: each VM writes into its own overlay file, and reads come from the overlay where
 the VM has written and from the (read-only, shared) base everywhere else.
@@ -14,6 +18,9 @@ Data is written before the bitmap bit that exposes it, and FLUSH syncs both.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import os
 import struct
 from pathlib import Path
@@ -28,12 +35,13 @@ VERSION = 1
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 
 
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    import ctypes
+SECTOR = 512
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if libc.fallocate(fd, mode, offset, length) != 0:
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -41,8 +49,9 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 class RawImage:
     """The image file is the disk."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, read_only: bool) -> None:
         self.fd = fd
+        self.read_only = read_only
         self.size = os.fstat(fd).st_size
 
     def readv(self, views: list[memoryview], offset: int) -> int:
@@ -74,6 +83,7 @@ class CowImage:
 
     def __init__(self, base: RawImage, base_path: str, overlay_fd: int, overlay_path: str) -> None:
         self.base, self.fd = base, overlay_fd
+        self.read_only = False
         self.size = base.size
         self.clusters = (self.size + CLUSTER - 1) // CLUSTER
         bitmap_len = (self.clusters + 7) // 8
@@ -203,20 +213,55 @@ def _slice(views: list[memoryview], start: int, end: int) -> list[memoryview]:
     return out
 
 
-def open_disk(path: str, *, read_only: bool, overlay: str | None = None):  # -> RawImage | CowImage
-    from corral.devices.virtio.blk import open_image
+def open_image(path: str, read_only: bool, *, field: str = "disk.path", min_size: int = SECTOR) -> int:
+    """Open and lock one image file: a clear ConfigError, naming the config `field` that gave
+    the path, for a missing, unreadable or busy image. Read-write users hold an exclusive OFD
+    lock, read-only users a shared one."""
+    try:
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(f"{field}: disk image {path} does not exist: check the path") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{field}: disk image {path} is a directory: give a raw image file") from None
+    except PermissionError:
+        hint = "" if read_only else ", or set read_only to use it read-only"
+        raise ConfigError(f"{field}: no permission to open disk image {path}{hint}") from None
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot open disk image {path}: {exc.strerror}") from None
+    lock = fcntl.F_RDLCK if read_only else fcntl.F_WRLCK
+    try:
+        # struct flock: type, whence, start, len, pid (0 for OFD locks)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", lock, 0, 0, 0, 0))
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise ConfigError(f"{field}: disk image {path} is in use by another VM"
+                              f"{'' if read_only else ' (set read_only to share it)'}") from None
+        raise ConfigError(f"{field}: cannot lock disk image {path}: {exc.strerror}") from None
+    size = os.fstat(fd).st_size
+    if size < min_size:
+        os.close(fd)
+        raise ConfigError(f"{field}: disk image {path} is {size} bytes: a disk needs at least one "
+                          "512-byte sector")
+    return fd
 
+
+def open_disk(path: str, *, read_only: bool = False, overlay: str | None = None,
+              field: str = "disk") -> RawImage | CowImage:
+    """The disk at `path`, or an overlay on it (created if missing) when `overlay` is given.
+    `field` names the config entry in errors (the machine passes e.g. "disks[0]"; a missing
+    base is then "disks[0].path: ...", a busy overlay "disks[0].overlay: ...")."""
     if overlay is None:
-        return RawImage(open_image(path, read_only))
+        return RawImage(open_image(path, read_only, field=f"{field}.path"), read_only=read_only)
     if read_only:
-        raise ConfigError(f"--disk {path}: an overlay is for writing; drop ,ro or the overlay")
+        raise ConfigError(f"{field} {path}: an overlay is for writing; unset read_only or the overlay")
     if Path(overlay).resolve() == Path(path).resolve():
-        raise ConfigError(f"--disk {path}: the overlay must be another file than its base")
-    base = RawImage(open_image(path, True))               # shared: many overlays, one base
+        raise ConfigError(f"{field} {path}: the overlay must be another file than its base")
+    base = RawImage(open_image(path, True, field=f"{field}.path"), read_only=True)   # shared: many overlays, one base
     try:
         if not os.path.exists(overlay):
             Path(overlay).touch()
-        ofd = open_image(overlay, False, min_size=0)
+        ofd = open_image(overlay, False, field=f"{field}.overlay", min_size=0)
     except BaseException:
         base.close()
         raise

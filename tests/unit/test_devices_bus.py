@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from corral.bus import BusConflictError, MmioBus, PioBus
+from corral.devices.bus import BusConflictError, MmioBus, PioBus
 
 
 class Rec:

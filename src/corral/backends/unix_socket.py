@@ -20,14 +20,14 @@ def _alive(path: Path) -> bool:
         s.close()
 
 
-def listen_unix(path: str | os.PathLike[str], what: str, option: str, backlog: int = 16) -> socket.socket:
+def listen_unix(path: str | os.PathLike[str], what: str, field: str, backlog: int = 16) -> socket.socket:
     """Bind and listen at `path`. A socket left behind by a VMM that died is replaced; one that
     a live program serves, or a file that is not a socket, is refused with a line naming
-    `what` and the `option` to change."""
+    `what` and the config `field` to change (e.g. "vsock.uds_path")."""
     p = Path(path)
     if p.exists() or p.is_symlink():
         if not p.is_socket() or _alive(p):
-            raise ConfigError(f"{what} {p} is in use by another program: give another {option}")
+            raise ConfigError(f"{what} {p} is in use by another program: give another {field}")
         p.unlink()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

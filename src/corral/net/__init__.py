@@ -1,1 +1,0 @@
-"""Host networking for guests: tap devices (created, configured and attached for the user)."""

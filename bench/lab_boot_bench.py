@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from corral.images.debian_image import resolve_bzimage, resolve_pvh  # noqa: E402
 from support.labhost import LabHost  # noqa: E402
+
+from corral.images.debian_image import resolve_bzimage, resolve_pvh  # noqa: E402
 
 CMDLINE = "console=ttyS0 panic=-1 reboot=acpi quiet -- cat /proc/uptime"
 import os  # noqa: E402

@@ -119,8 +119,11 @@ def corral_migrate(kernel: Path, cmdline: str, memory: str, tmp: Path) -> dict:
         guest_started(src)
         r = ControlClient(api).migrate(f"127.0.0.1:{port}")
         wait_for(dapi, dst)
-        return {"downtime_ms": r.downtime_seconds * 1000, "total_ms": r.total_seconds * 1000,
-                "mib": r.bytes_sent / (1 << 20)}
+        return {
+            "downtime_ms": r.downtime_seconds * 1000,
+            "total_ms": r.total_seconds * 1000,
+            "mib": r.bytes_sent / (1 << 20),
+        }
     finally:
         stop(src, dst)
 

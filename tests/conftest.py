@@ -28,7 +28,7 @@ def _folder(item: pytest.Item) -> str | None:
         return None
 
 
-@pytest.hookimpl(tryfirst=True)     # before tests/lab/conftest.py looks for the lab marker
+@pytest.hookimpl(tryfirst=True)  # before tests/lab/conftest.py looks for the lab marker
 def pytest_collection_modifyitems(config, items):
     kvm_reason = _kvm_usable()
     for item in items:

@@ -23,13 +23,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from corral.backends.unix_socket import listen_unix
 from corral.config import parse_size
 from corral.devices.virtio.balloon import BalloonInfo
 from corral.errors import CorralError
 from corral.machine import Machine, MachineStatus
 from corral.migration import MigrationStats, migrate
 from corral.state.snapshot import SnapshotStats
-from corral.backends.unix_socket import listen_unix
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from corral.arch.x86 import layout
 from corral.arch.x86.acpi import machine_acpi_tables
 from corral.arch.x86.cpuid import vcpu_cpuid
 from corral.arch.x86.msr import boot_msrs
-from corral.boot.loader import BootInfo, load_kernel_file
 from corral.backends.console import ConsoleBackend
 from corral.backends.disk import open_disk
 from corral.backends.tap import Tap
 from corral.backends.unix_socket import listen_unix
+from corral.boot.loader import BootInfo, load_kernel_file
 from corral.config import DiskConfig, MachineConfig, NetConfig, VsockConfig
 from corral.devices.base import Stateful, VmControl
 from corral.devices.bus import MmioBus, PioBus
@@ -158,7 +158,9 @@ def build_board(
     return board
 
 
-def _virtio_devices(config: MachineConfig, loop: Callable[[], EventLoop]) -> list[tuple[str, Callable[[], VirtioDevice]]]:
+def _virtio_devices(
+    config: MachineConfig, loop: Callable[[], EventLoop]
+) -> list[tuple[str, Callable[[], VirtioDevice]]]:
     """(name, constructor) for each virtio device the config asks for, in slot order. Each
     constructor opens the device's host backend (disk image, tap, socket, console) and hands it
     in: devices never open host resources themselves."""
@@ -179,8 +181,9 @@ def _virtio_devices(config: MachineConfig, loop: Callable[[], EventLoop]) -> lis
 
 
 def _blk(d: DiskConfig, field: str) -> VirtioBlock:
-    image = open_disk(str(d.path), read_only=d.read_only, overlay=str(d.overlay) if d.overlay else None,
-                      field=field)
+    image = open_disk(
+        str(d.path), read_only=d.read_only, overlay=str(d.overlay) if d.overlay else None, field=field
+    )
     try:
         return VirtioBlock(image, serial=d.serial)
     except BaseException:

@@ -19,8 +19,17 @@ HEADER = 32
 def multiboot_kernel(code: bytes) -> bytes:
     magic, flags = 0x1BADB002, 1 << 16
     image_len = HEADER + len(code)
-    header = struct.pack("<8I", magic, flags, (-(magic + flags)) & 0xFFFFFFFF,
-                         LOAD, LOAD, LOAD + image_len, LOAD + image_len, LOAD + HEADER)
+    header = struct.pack(
+        "<8I",
+        magic,
+        flags,
+        (-(magic + flags)) & 0xFFFFFFFF,
+        LOAD,
+        LOAD,
+        LOAD + image_len,
+        LOAD + image_len,
+        LOAD + HEADER,
+    )
     return header + code
 
 
@@ -36,7 +45,7 @@ def run_code(tmp_path, code: bytes, **cfg):
     return box["r"]
 
 
-HLT_LOOP = b"\xf4\xeb\xfd"                                   # hlt; jmp $-1
+HLT_LOOP = b"\xf4\xeb\xfd"  # hlt; jmp $-1
 
 
 def test_acpi_s5_poweroff_exits_zero(tmp_path):
@@ -45,10 +54,13 @@ def test_acpi_s5_poweroff_exits_zero(tmp_path):
     assert (r.kind, r.status) == ("poweroff", 0)
 
 
-@pytest.mark.parametrize("name,code", [
-    ("i8042 pulse", b"\xb0\xfe\xe6\x64"),                                   # mov al,0xfe; out 0x64,al
-    ("ACPI reset register", b"\x66\xba\xf9\x0c\xb0\x06\xee"),               # mov dx,0xcf9; mov al,6; out dx,al
-])
+@pytest.mark.parametrize(
+    "name,code",
+    [
+        ("i8042 pulse", b"\xb0\xfe\xe6\x64"),  # mov al,0xfe; out 0x64,al
+        ("ACPI reset register", b"\x66\xba\xf9\x0c\xb0\x06\xee"),  # mov dx,0xcf9; mov al,6; out dx,al
+    ],
+)
 def test_reset_stops_with_no_reboot(tmp_path, name, code):
     r = run_code(tmp_path, code + HLT_LOOP, no_reboot=True)
     assert r.kind == "reset" and r.status == 0 and r.reboots == 0
@@ -64,6 +76,7 @@ def test_reset_reboots_the_guest_without_no_reboot(tmp_path):
     t.start()
     deadline = 20.0
     import time
+
     t0 = time.monotonic()
     while m.reboots < 3 and time.monotonic() - t0 < deadline:
         time.sleep(0.01)

@@ -16,12 +16,11 @@ import time
 import uuid
 
 import pytest
+from support.live_probe import LiveProbe, assert_continues, reference_rounds
+from support.results import progress_rounds
 
 from corral.api import call
 from corral.migration import MigrationError, listen, migrate, receive
-
-from support.live_probe import LiveProbe, assert_continues, reference_rounds
-from support.results import progress_rounds
 
 CMD = "mem-touch 32M forever"
 
@@ -82,7 +81,7 @@ def test_migration_moves_the_running_guest(source):
         assert result is not None and result.kind == "stopped" and "migrated" in result.message
         left_at = source.last_round()
         dest.probe.wait_rounds(left_at + 3)
-        assert min(dest.probe.rounds()) >= left_at          # continued, did not restart
+        assert min(dest.probe.rounds()) >= left_at  # continued, did not restart
         assert_continues(reference_rounds(CMD, dest.probe.last_round()), dest.probe)
         assert stats.bytes_sent >= 32 << 20 and stats.downtime_seconds > 0
     finally:
@@ -93,8 +92,13 @@ def test_a_tight_downtime_limit_takes_more_rounds_and_still_arrives(source):
     dest = Destination()
     rounds = []
     try:
-        stats = migrate(source.machine, dest.address, downtime_limit=1e-6, max_rounds=4,
-                        progress=lambda r, sent, dirty: rounds.append((r, dirty)))
+        stats = migrate(
+            source.machine,
+            dest.address,
+            downtime_limit=1e-6,
+            max_rounds=4,
+            progress=lambda r, sent, dirty: rounds.append((r, dirty)),
+        )
         dest.join()
         # the guest rewrites 32 MiB per round, so the 36 MiB first copy leaves pages dirty
         assert stats.rounds >= 1 and [r for r, _ in rounds] == list(range(1, stats.rounds + 1))
@@ -114,7 +118,7 @@ def test_throttle_slows_but_never_stops_the_guest(source):
         t.increase()
     assert t.fraction == pytest.approx(0.9)
     try:
-        source.wait_rounds(source.last_round() + 2)      # still makes progress at 10%
+        source.wait_rounds(source.last_round() + 2)  # still makes progress at 10%
     finally:
         t.stop()
     assert not any(v.pause_requested for v in source.machine.vcpus)
@@ -170,8 +174,7 @@ def _receiver(address: str, *extra: str, netns: str | None = None) -> subprocess
     cmd = [sys.executable, "-m", "corral", "receive", "--listen", address, "--timeout", "60", *extra]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _wait_listening(proc: subprocess.Popen) -> None:
@@ -193,8 +196,13 @@ def test_destination_killed_midway(tmp_path):
                 proc.wait(10)
 
         with pytest.raises(MigrationError, match="the guest runs on here"):
-            migrate(src.machine, f"127.0.0.1:{port}", downtime_limit=1e-4, max_rounds=30,
-                    progress=kill_on_first_round)
+            migrate(
+                src.machine,
+                f"127.0.0.1:{port}",
+                downtime_limit=1e-4,
+                max_rounds=30,
+                progress=kill_on_first_round,
+            )
         assert_still_running(src)
     finally:
         proc.kill()
@@ -211,11 +219,16 @@ def second_host():
     ns, veth, peer = f"corral-b-{tag}", f"crl{tag}a", f"crl{tag}b"
     octet = int(tag[:2], 16) % 250 + 1
     here, there = f"10.{octet}.77.1", f"10.{octet}.77.2"
-    cmds = [["ip", "netns", "add", ns], ["ip", "link", "add", veth, "type", "veth", "peer", "name", peer],
-            ["ip", "link", "set", peer, "netns", ns],
-            ["ip", "addr", "add", f"{here}/24", "dev", veth], ["ip", "link", "set", veth, "up"],
-            ["ip", "-n", ns, "addr", "add", f"{there}/24", "dev", peer],
-            ["ip", "-n", ns, "link", "set", peer, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]]
+    cmds = [
+        ["ip", "netns", "add", ns],
+        ["ip", "link", "add", veth, "type", "veth", "peer", "name", peer],
+        ["ip", "link", "set", peer, "netns", ns],
+        ["ip", "addr", "add", f"{here}/24", "dev", veth],
+        ["ip", "link", "set", veth, "up"],
+        ["ip", "-n", ns, "addr", "add", f"{there}/24", "dev", peer],
+        ["ip", "-n", ns, "link", "set", peer, "up"],
+        ["ip", "-n", ns, "link", "set", "lo", "up"],
+    ]
     try:
         for c in cmds:
             subprocess.run(c, check=True, capture_output=True)

@@ -2,13 +2,12 @@
 the library, with each of its vCPU counts; the same table runs under QEMU in tests/qemu."""
 
 import pytest
-
-from corral.config import DiskConfig, NetConfig
-
 from support.disks import patterned_image
 from support.net import fresh_tap, rx_packets
 from support.probe import run_probe
 from support.scenarios import Outcome, Scenario, params
+
+from corral.config import DiskConfig, NetConfig
 
 
 @pytest.mark.parametrize("sc,cpus", params("corral"))
@@ -26,5 +25,15 @@ def test_probe_scenario(sc: Scenario, cpus: int, tmp_path):
             frames = rx_packets(tap)
     else:
         run = run_probe(sc.cmdline, cpus, timeout=sc.timeout, **memory, **devices)
-    sc.verify(Outcome(run.status, run.results, run.progress, run.output, cpus, disk, frames,
-                      note=f"({run.result.kind}: {run.result.message})"))
+    sc.verify(
+        Outcome(
+            run.status,
+            run.results,
+            run.progress,
+            run.output,
+            cpus,
+            disk,
+            frames,
+            note=f"({run.result.kind}: {run.result.message})",
+        )
+    )

@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from support.live_probe import LiveProbe, assert_continues, reference_rounds
 
 from corral.machine import Machine, VmStateError
 from corral.state.snapshot import MANIFEST, MEMORY, STATE, SnapshotError, read_snapshot
-
-from support.live_probe import LiveProbe, assert_continues, reference_rounds
 
 
 @pytest.fixture
@@ -48,7 +47,7 @@ def test_pause_is_quick_after_resume(probe):
 def test_snapshot_restore_continues_the_guest(probe, tmp_path):
     probe.wait_rounds(3)
     stats = probe.machine.snapshot(tmp_path / "snap")
-    assert not probe.machine.paused                  # a running machine keeps running
+    assert not probe.machine.paused  # a running machine keeps running
     taken_at = probe.last_round()
     probe.wait_rounds(taken_at + 4)
     # sparse: 16 MiB touched of 256 MiB, so the memory file is mostly holes
@@ -131,6 +130,7 @@ def test_two_vcpus_restore(tmp_path):
 
 # -- refusing bad snapshots -------------------------------------------------------------------
 
+
 @pytest.fixture
 def snapshot_dir(probe, tmp_path):
     probe.wait_rounds(1)
@@ -183,11 +183,15 @@ def test_snapshot_from_the_previous_format_is_refused_with_one_line(tmp_path):
     shutil.copytree(Path(__file__).parents[1] / "data" / "snapshot-format1", old)
     with open(old / MEMORY, "wb") as f:
         f.truncate(json.loads((old / MANIFEST).read_text())["memory_size"])
-    with pytest.raises(SnapshotError, match=r"written by corral 0\.1\.0 \(snapshot format 1\).*"
-                       r"restore it with the corral that wrote it"):
+    with pytest.raises(
+        SnapshotError,
+        match=r"written by corral 0\.1\.0 \(snapshot format 1\).*"
+        r"restore it with the corral that wrote it",
+    ):
         Machine.from_snapshot(old)
-    r = subprocess.run([sys.executable, "-m", "corral", "restore", str(old)], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "corral", "restore", str(old)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode != 0 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("corral: error: ") and "format 1" in lines[0], r.stderr
@@ -195,7 +199,7 @@ def test_snapshot_from_the_previous_format_is_refused_with_one_line(tmp_path):
 
 def test_other_cpu_is_refused(snapshot_dir):
     m = json.loads((snapshot_dir / MANIFEST).read_text())
-    m["cpu"]["signature"] ^= 0xF0             # another model
+    m["cpu"]["signature"] ^= 0xF0  # another model
     (snapshot_dir / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(SnapshotError, match="the guest would see its CPU change"):
         Machine.from_snapshot(snapshot_dir).build()
@@ -227,8 +231,12 @@ def test_devices_travel_and_clones_get_their_own_identity(tmp_path):
     disk = tmp_path / "d.img"
     disk.write_bytes(bytes(1 << 20))
     tap = "crs" + uuid.uuid4().hex[:6]
-    p = LiveProbe.boot(rng=True, vsock=VsockConfig(cid=9, uds_path=tmp_path / "v.sock"),
-                       nets=[NetConfig(tap=tap)], disks=[DiskConfig(path=disk, read_only=True)])
+    p = LiveProbe.boot(
+        rng=True,
+        vsock=VsockConfig(cid=9, uds_path=tmp_path / "v.sock"),
+        nets=[NetConfig(tap=tap)],
+        disks=[DiskConfig(path=disk, read_only=True)],
+    )
     try:
         p.wait_rounds(2)
         p.machine.snapshot(tmp_path / "snap")
@@ -248,8 +256,9 @@ def test_devices_travel_and_clones_get_their_own_identity(tmp_path):
             assert c.machine.config.vsock.cid == 9 + i
             assert (tmp_path / f"v.sock.{i}").exists()
             assert os.path.exists(f"/sys/class/net/{tap}c{i}")
-        assert_continues(reference_rounds("mem-touch 16M forever", max(c.last_round() for c in clones)),
-                         clones[0])
+        assert_continues(
+            reference_rounds("mem-touch 16M forever", max(c.last_round() for c in clones)), clones[0]
+        )
     finally:
         for c in clones:
             c.close()

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from support.labhost import LabHost
 
 LAB_KEY = pytest.StashKey[LabHost]()
@@ -37,8 +36,9 @@ def pytest_collection_modifyitems(config, items):
         if "lab" not in item.keywords:
             continue
         if not requested:
-            item.add_marker(pytest.mark.skip(reason="lab tests run with `make lab` (pytest -m lab) "
-                                                    "or CORRAL_LAB=1"))
+            item.add_marker(
+                pytest.mark.skip(reason="lab tests run with `make lab` (pytest -m lab) or CORRAL_LAB=1")
+            )
         elif no_qemu:
             item.add_marker(pytest.mark.skip(reason="qemu-system-x86_64 not installed"))
 
@@ -75,10 +75,10 @@ def debian_build():
 def debian_rootfs():
     """The lab's small Debian with systemd (tests/support/lab_rootfs.py), built on the host
     before the lab boots. Returns ({"kernel", "initrd", "image"}, None) or (None, reason)."""
+    from support.lab_rootfs import ensure_rootfs
+
     from corral.errors import ConfigError, HostError
     from corral.images.cache import cache_root
-
-    from support.lab_rootfs import ensure_rootfs
 
     try:
         return ensure_rootfs(cache_root() / "lab"), None
@@ -89,20 +89,21 @@ def debian_rootfs():
 @pytest.fixture(scope="session")
 def lab(request, probe_build, debian_build, debian_rootfs):
     """The booted lab host, shared by every lab test of the session."""
-    from corral.errors import ConfigError, HostError
-
     from support.labhost import ensure_lab_images
+
+    from corral.errors import ConfigError, HostError
 
     try:
         kernel, initrd = ensure_lab_images()
-    except (ConfigError, HostError) as exc:   # no Debian archive or apt here: nothing to boot
+    except (ConfigError, HostError) as exc:  # no Debian archive or apt here: nothing to boot
         pytest.skip(f"the lab's kernel cannot be built on this host: {exc}")
     host = LabHost(kernel=kernel, initrd=initrd, extra_append=os.environ.get("CORRAL_LAB_APPEND", ""))
     t0 = time.monotonic()
     host.start()  # raises LabError with the serial log when the lab does not come up
     request.config.stash[LAB_KEY] = host
-    sys.stderr.write(f"\n[lab] up in {time.monotonic() - t0:.1f} s "
-                     f"(boot to command prompt {host.boot_seconds:.1f} s)\n")
+    sys.stderr.write(
+        f"\n[lab] up in {time.monotonic() - t0:.1f} s (boot to command prompt {host.boot_seconds:.1f} s)\n"
+    )
     try:
         yield host
     finally:

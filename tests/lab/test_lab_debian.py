@@ -9,12 +9,10 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from corral.arch.x86 import layout
-
 from support.lab_debian import BANNER, BASE_CMDLINE, LAB_CPU, need
 from support.labhost import CORRAL
 
+from corral.arch.x86 import layout
 
 # dmesg lines at warning level or worse that do not come from our machine model: listed with
 # the reason, so that anything new fails the test.
@@ -22,22 +20,38 @@ BENIGN = [
     (r"Unknown kernel command line parameters", "our batch command after -- is not a kernel option"),
     (r"raid6: ", "module-less RAID self test noise"),
     (r"x86/cpu: SGX disabled by BIOS", "host CPU feature, not ours"),
-    (r"RETBleed|Spectre|MDS CPU bug|MMIO Stale Data|SRSO|GDS", "CPU vulnerability notices from the host CPU model"),
+    (
+        r"RETBleed|Spectre|MDS CPU bug|MMIO Stale Data|SRSO|GDS",
+        "CPU vulnerability notices from the host CPU model",
+    ),
     (r"TSC.*unstable|tsc: Marking TSC unstable", "nested TCG lab: the TSC of an emulated CPU is not stable"),
     (r"clocksource: .*wd_nsec|timekeeping watchdog", "nested TCG lab timing jitter"),
     (r"kvm-guest: .*steal", "informational"),
     # a few percent off only: a busy TCG lab shifts the 100 ms calibration window. A wrong PM
     # timer or APIC timer frequency in our model would be off by far more, and still fails.
-    (r"APIC calibration not consistent with PM-Timer: (9[0-9]|10[0-9]|110)ms instead of 100ms",
-     "nested TCG lab timing jitter"),
+    (
+        r"APIC calibration not consistent with PM-Timer: (9[0-9]|10[0-9]|110)ms instead of 100ms",
+        "nested TCG lab timing jitter",
+    ),
 ]
 
 
-def boot(lab, images, command: str, *, kernel: str = "bzimage", cpus: int = 1, memory: str = "512M",
-         extra: str = "--no-reboot", timeout: float = 240.0):
+def boot(
+    lab,
+    images,
+    command: str,
+    *,
+    kernel: str = "bzimage",
+    cpus: int = 1,
+    memory: str = "512M",
+    extra: str = "--no-reboot",
+    timeout: float = 240.0,
+):
     cmdline = f'{BASE_CMDLINE} -- sh -c "{command}"'
-    run = (f"{CORRAL} run --kernel {images[kernel]} --initrd {images['initrd']} --cpus {cpus} "
-           f"--memory {memory} {LAB_CPU} {extra} --cmdline '{cmdline}' </dev/null")
+    run = (
+        f"{CORRAL} run --kernel {images[kernel]} --initrd {images['initrd']} --cpus {cpus} "
+        f"--memory {memory} {LAB_CPU} {extra} --cmdline '{cmdline}' </dev/null"
+    )
     return lab.run(run, timeout=timeout)
 
 
@@ -48,17 +62,17 @@ def test_boots_to_userspace_sees_every_cpu_and_powers_off(lab, debian_build, ker
     res = boot(lab, images, "echo NPROC=`nproc`", kernel=kernel, cpus=cpus)
     assert BANNER in res.output, res.output
     assert f"NPROC={cpus}" in res.output, res.output
-    assert res.status == 0, res.output            # ACPI S5 poweroff -> corral exits 0
+    assert res.status == 0, res.output  # ACPI S5 poweroff -> corral exits 0
 
 
 def test_no_machine_model_warnings_in_dmesg(lab, debian_build):
     images = need(debian_build)
-    res = boot(lab, images, "dmesg -r", cpus=2)        # SMP bring-up warnings count too
+    res = boot(lab, images, "dmesg -r", cpus=2)  # SMP bring-up warnings count too
     assert res.status == 0, res.output
     bad = []
     for line in res.output.splitlines():
         m = re.match(r"<(\d+)>", line.strip())
-        if not m or int(m.group(1)) & 7 > 4:       # keep emerg..warning
+        if not m or int(m.group(1)) & 7 > 4:  # keep emerg..warning
             continue
         if not any(re.search(p, line) for p, _ in BENIGN):
             bad.append(line)
@@ -69,8 +83,10 @@ def test_memory_and_e820_are_what_we_gave(lab, debian_build):
     images = need(debian_build)
     res = boot(lab, images, "grep MemTotal /proc/meminfo; dmesg | grep BIOS-e820", memory="768M")
     assert res.status == 0, res.output
-    seen = [(int(a, 16), int(b, 16), kind) for a, b, kind in
-            re.findall(r"BIOS-e820: \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\] (\w+)", res.output)]
+    seen = [
+        (int(a, 16), int(b, 16), kind)
+        for a, b, kind in re.findall(r"BIOS-e820: \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\] (\w+)", res.output)
+    ]
     want = [(a, a + s - 1, "usable" if t == 1 else "reserved") for a, s, t in layout.e820_map(768 << 20)]
     assert seen == want, res.output
     total_kb = int(re.search(r"MemTotal:\s+(\d+) kB", res.output).group(1))
@@ -92,7 +108,9 @@ def test_reboot_restarts_the_guest(lab, debian_build):
     # corral keeps rebooting the guest; `timeout` interrupts it after a few boots
     res = lab.run(
         f"timeout -s INT 90 {CORRAL} run {LAB_CPU} --kernel {images['bzimage']} --initrd {images['initrd']} "
-        f"--cmdline '{BASE_CMDLINE} -- reboot -f' </dev/null", timeout=200)
+        f"--cmdline '{BASE_CMDLINE} -- reboot -f' </dev/null",
+        timeout=200,
+    )
     assert res.output.count(BANNER) >= 2, res.output
 
 

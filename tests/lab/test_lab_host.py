@@ -8,15 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from support.labhost import CORRAL, PYTHON, VENV_BIN
 from support.results import parse_output
 from support.scenarios import SCENARIOS, Outcome, Scenario
 
-
 KVM_API_SNIPPET = (
-    "import fcntl, os; fd = os.open('/dev/kvm', os.O_RDWR); "
-    "print('api', fcntl.ioctl(fd, 0xAE00, 0))"
+    "import fcntl, os; fd = os.open('/dev/kvm', os.O_RDWR); print('api', fcntl.ioctl(fd, 0xAE00, 0))"
 )
 
 
@@ -39,7 +36,7 @@ def test_cpu_has_svm(lab):
 
 
 def test_kvm_api_version(lab):
-    res = lab.run(f"{PYTHON} -c \"{KVM_API_SNIPPET}\"", timeout=120)
+    res = lab.run(f'{PYTHON} -c "{KVM_API_SNIPPET}"', timeout=120)
     assert res.status == 0, res.output
     assert "api 12" in res.output, res.output
 
@@ -52,8 +49,10 @@ def test_corral_doctor_reports_svm(lab):
 
 
 def test_tmpfs_is_writable_and_host_root_is_not(lab):
-    res = lab.run(f"echo x > /tmp/lab-probe && cat /tmp/lab-probe && ! touch {VENV_BIN}/.lab-write 2>/dev/null",
-                  timeout=30)
+    res = lab.run(
+        f"echo x > /tmp/lab-probe && cat /tmp/lab-probe && ! touch {VENV_BIN}/.lab-write 2>/dev/null",
+        timeout=30,
+    )
     assert res.status == 0 and res.output.strip() == "x", res.output
 
 
@@ -74,7 +73,7 @@ def _probe_path(probe_build) -> str:
     return str(path)
 
 
-TESTS_DIR = Path(__file__).resolve().parents[1]     # on PYTHONPATH, `support` imports from there
+TESTS_DIR = Path(__file__).resolve().parents[1]  # on PYTHONPATH, `support` imports from there
 # the probe scenarios the lab boots under corral on real SVM (support/scenarios.py, with the
 # lab's differences there), each once, with its first vCPU count; and idle, which never exits
 LAB_SCENARIOS = [name for name, sc in SCENARIOS.items() if "lab" in sc.runners]
@@ -96,11 +95,13 @@ def _corral_options(sc: Scenario, cpus: int) -> str:
 @pytest.mark.parametrize("name", LAB_SCENARIOS + ["idle"])
 def test_probe_scenarios_under_corral_in_lab(lab, probe_build, name):
     probe = _probe_path(probe_build)
-    if name == "idle":                  # idle never exits: still running when stopped through --api
-        stop = f"{PYTHON} -c 'import sys; from corral.api import call; call(sys.argv[1], {{\"op\": \"stop\"}})'"
-        run = (f"{CORRAL} run --kernel {probe} --cmdline idle --api /tmp/idle.sock > /tmp/idle.out 2>&1 & VM=$!; "
-               "for i in $(seq 240); do grep -q 'probe: idle' /tmp/idle.out && break; sleep 0.5; done; sleep 2; "
-               f"kill -0 $VM && echo STILL_RUNNING; {stop} /tmp/idle.sock; wait $VM; echo IDLE_EXIT=$?; cat /tmp/idle.out")
+    if name == "idle":  # idle never exits: still running when stopped through --api
+        stop = f'{PYTHON} -c \'import sys; from corral.api import call; call(sys.argv[1], {{"op": "stop"}})\''
+        run = (
+            f"{CORRAL} run --kernel {probe} --cmdline idle --api /tmp/idle.sock > /tmp/idle.out 2>&1 & VM=$!; "
+            "for i in $(seq 240); do grep -q 'probe: idle' /tmp/idle.out && break; sleep 0.5; done; sleep 2; "
+            f"kill -0 $VM && echo STILL_RUNNING; {stop} /tmp/idle.sock; wait $VM; echo IDLE_EXIT=$?; cat /tmp/idle.out"
+        )
         res = lab.run(run + " </dev/null", timeout=300)
         assert "STILL_RUNNING" in res.output and "probe: idle" in res.output, res.output
         assert "stopped through the control socket" in res.output, res.output
@@ -108,10 +109,12 @@ def test_probe_scenarios_under_corral_in_lab(lab, probe_build, name):
     sc = SCENARIOS[name].on("lab")
     cpus = sc.cpus[0]
     prepare = ""
-    if sc.disk:                         # the patterned disk blk-check reads (support/disks.py)
-        prepare = (f"PYTHONPATH={TESTS_DIR} {PYTHON} -c 'from pathlib import Path; "
-                   "from support.disks import patterned_image; "
-                   f"patterned_image(Path(\"{LAB_DISK}\"), {sc.disk.sectors})' && ")
+    if sc.disk:  # the patterned disk blk-check reads (support/disks.py)
+        prepare = (
+            f"PYTHONPATH={TESTS_DIR} {PYTHON} -c 'from pathlib import Path; "
+            "from support.disks import patterned_image; "
+            f'patterned_image(Path("{LAB_DISK}"), {sc.disk.sectors})\' && '
+        )
     run = f"{CORRAL} run --kernel {probe} --cmdline '{sc.cmdline}' {_corral_options(sc, cpus)}"
     res = lab.run(prepare + run + " </dev/null", timeout=300)
     results, progress = parse_output(res.output)
@@ -122,8 +125,10 @@ def test_probe_scenarios_under_corral_in_lab(lab, probe_build, name):
 def test_timings(lab, record_property):
     """Not a pass/fail check: what the lab costs (shown with -s, and in the junit properties)."""
     timings = {"lab_boot_s": lab.boot_seconds}
-    for name, cmd in (("python_pass_s", f"{PYTHON} -c pass"),
-                      ("corral_doctor_s", f"{CORRAL} doctor >/dev/null")):
+    for name, cmd in (
+        ("python_pass_s", f"{PYTHON} -c pass"),
+        ("corral_doctor_s", f"{CORRAL} doctor >/dev/null"),
+    ):
         t0 = time.monotonic()
         res = lab.run(cmd, timeout=180)
         timings[name] = time.monotonic() - t0

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 
-
 from support.lab_debian import BANNER, BASE_CMDLINE, LAB_CPU, need
-from support.labhost import CORRAL, PYTHON as PY
+from support.labhost import CORRAL
+from support.labhost import PYTHON as PY
 
 
 def counts(text: str) -> list[int]:
@@ -19,15 +19,18 @@ def test_counter_survives_snapshot_restore_and_migration(lab, debian_build):
     guest = "i=0; while :; do i=$((i+1)); echo COUNT $i; sleep 0.5; done"
     cmdline = f'{BASE_CMDLINE} -- sh -c "{guest}"'
     d = "/tmp/labstate"
-    wait_for = (lambda f, pat: f"for i in $(seq 240); do grep -q '{pat}' {f} 2>/dev/null && break; "
-                "sleep 0.5; done")
+    wait_for = lambda f, pat: (
+        f"for i in $(seq 240); do grep -q '{pat}' {f} 2>/dev/null && break; sleep 0.5; done"
+    )
     # under TCG a count takes a second or more: wait for lines, not for a fixed time
-    wait_counts = (lambda f, n: f"for i in $(seq 240); do [ $(cat {f} 2>/dev/null | grep -c '^COUNT') -ge {n} ] "
-                   "&& break; sleep 0.5; done")
-    stop = f"{PY} -c 'import sys; from corral.api import call; call(sys.argv[1], {{\"op\": \"stop\"}})'"
+    wait_counts = lambda f, n: (
+        f"for i in $(seq 240); do [ $(cat {f} 2>/dev/null | grep -c '^COUNT') -ge {n} ] "
+        "&& break; sleep 0.5; done"
+    )
+    stop = f'{PY} -c \'import sys; from corral.api import call; call(sys.argv[1], {{"op": "stop"}})\''
     script = f"""
 ip link set lo up; rm -rf {d}; mkdir -p {d}
-timeout 200 {CORRAL} run --kernel {images['bzimage']} --initrd {images['initrd']} --memory 256M {LAB_CPU} --no-reboot \
+timeout 200 {CORRAL} run --kernel {images["bzimage"]} --initrd {images["initrd"]} --memory 256M {LAB_CPU} --no-reboot \
   --api {d}/a.sock --cmdline '{cmdline}' </dev/null > {d}/out1 2>&1 &
 A=$!
 {wait_for(f"{d}/out1", "^COUNT 6")}
@@ -43,8 +46,9 @@ C=$!
 {wait_counts(f"{d}/out3", 3)}; kill $C; wait $C
 """
     status = lab.run(script, timeout=400).output
-    files = lab.run(f"echo ---OUT1; cat {d}/out1; echo ---OUT2; cat {d}/out2; echo ---OUT3; cat {d}/out3",
-                    timeout=60).output
+    files = lab.run(
+        f"echo ---OUT1; cat {d}/out1; echo ---OUT2; cat {d}/out2; echo ---OUT3; cat {d}/out3", timeout=60
+    ).output
     out = (status + files).replace("\r", "")
     assert "SNAPSHOT_EXIT=0" in out and "MIGRATE_EXIT=0" in out and "SOURCE_EXIT=0" in out, out
     out1 = out.split("---OUT1")[1].split("---OUT2")[0]

@@ -8,13 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from corral.images.probe import build_probe
-
 from support.disks import patterned_image
 from support.net import fresh_tap, rx_packets
 from support.qemu_probe import pvh_only_copy, run_qemu_probe
 from support.scenarios import Disk, Outcome, Scenario, params
+
+from corral.images.probe import build_probe
 
 BOOTS = ["multiboot", "pvh"]
 
@@ -31,8 +30,10 @@ def _cases() -> list:
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory) -> dict[str, Path]:
     kernel = build_probe()
-    return {"multiboot": kernel,
-            "pvh": pvh_only_copy(kernel, tmp_path_factory.mktemp("pvh") / "probe-pvh.elf")}
+    return {
+        "multiboot": kernel,
+        "pvh": pvh_only_copy(kernel, tmp_path_factory.mktemp("pvh") / "probe-pvh.elf"),
+    }
 
 
 def disk_args(img: Path, disk: Disk) -> list[str]:
@@ -42,8 +43,12 @@ def disk_args(img: Path, disk: Disk) -> list[str]:
 
 
 def net_args(tap: str) -> list[str]:
-    return ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-            "-device", "virtio-net-pci,netdev=n0,disable-legacy=on"]
+    return [
+        "-netdev",
+        f"tap,id=n0,ifname={tap},script=no,downscript=no",
+        "-device",
+        "virtio-net-pci,netdev=n0,disable-legacy=on",
+    ]
 
 
 @pytest.mark.parametrize("sc,cpus,boot", _cases())
@@ -59,8 +64,18 @@ def test_probe_scenario(sc: Scenario, cpus: int, boot: str, kernels, tmp_path):
             frames = rx_packets(tap)
     else:
         run = run_qemu_probe(sc.cmdline, cpus, **opts)
-    sc.verify(Outcome(run.status, run.results, run.progress, run.output, cpus, disk, frames,
-                      note=f"(QEMU exit code {run.returncode})"))
+    sc.verify(
+        Outcome(
+            run.status,
+            run.results,
+            run.progress,
+            run.output,
+            cpus,
+            disk,
+            frames,
+            note=f"(QEMU exit code {run.returncode})",
+        )
+    )
     if sc.every_boot:
         assert run.results.get("boot") == boot, run.output
         assert f"probe: boot={boot}" in run.output

@@ -21,23 +21,36 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(extra or {})}
 
 
-def corral(*args: str, env: dict[str, str] | None = None,
-           timeout: float = 120) -> subprocess.CompletedProcess:
+def corral(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """Run `corral ARGS...` to the end (stdin closed); text output."""
-    return subprocess.run([sys.executable, "-m", "corral.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=cli_env(env))
+    return subprocess.run(
+        [sys.executable, "-m", "corral.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=cli_env(env),
+    )
 
 
 def corral_popen(*args: str) -> subprocess.Popen:
     """Start `corral ARGS...` in the background (stdin closed); byte pipes for its output."""
-    return subprocess.Popen([sys.executable, "-m", "corral", *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+    return subprocess.Popen(
+        [sys.executable, "-m", "corral", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+    )
 
 
 def start_vm(api: Path, cmdline: str = "mem-touch 16M forever", *extra: str) -> subprocess.Popen:
     """`corral run` of the probe with a control socket at `api`; returns once the socket exists."""
-    proc = corral_popen("run", "--image", "probe", "--memory", "256M", "--cmdline", cmdline,
-                        "--api", str(api), *extra)
+    proc = corral_popen(
+        "run", "--image", "probe", "--memory", "256M", "--cmdline", cmdline, "--api", str(api), *extra
+    )
     deadline = time.monotonic() + 30
     while not api.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()

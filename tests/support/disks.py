@@ -7,12 +7,13 @@ import struct
 from pathlib import Path
 
 MARKER = b"CORRALDISK"
-PROBE_WRITE = b"PROBE-WROTE-THIS"   # what blk-check writes at the start of sector 3
+PROBE_WRITE = b"PROBE-WROTE-THIS"  # what blk-check writes at the start of sector 3
 
 
 def patterned_image(path: Path, sectors: int = 4096) -> Path:
-    path.write_bytes(b"".join(struct.pack("<Q", i) + MARKER + bytes(502 - len(MARKER) + 2)
-                             for i in range(sectors)))
+    path.write_bytes(
+        b"".join(struct.pack("<Q", i) + MARKER + bytes(502 - len(MARKER) + 2) for i in range(sectors))
+    )
     return path
 
 

@@ -128,9 +128,11 @@ class FakeLoop:
             r, w, _ = select.select(list(self.readers), list(self.writers), [], timeout)
             if not r and not w:
                 return calls
-            if calls > 10_000:     # a callback that leaves its fd ready forever: a busy loop
-                raise AssertionError(f"fds {r} {w} stay ready: "
-                                     f"{[self.readers.get(f) for f in r]} {[self.writers.get(f) for f in w]}")
+            if calls > 10_000:  # a callback that leaves its fd ready forever: a busy loop
+                raise AssertionError(
+                    f"fds {r} {w} stay ready: "
+                    f"{[self.readers.get(f) for f in r]} {[self.writers.get(f) for f in w]}"
+                )
             for fd in r:
                 if fd in self.readers:
                     self.readers[fd]()

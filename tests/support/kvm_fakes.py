@@ -14,7 +14,7 @@ import mmap
 import struct
 import threading
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from corral.kvm import Kvm, VcpuFd, VmFd
 from corral.kvm import constants as K
@@ -96,7 +96,7 @@ class FakeVcpuFd:
             step = self.script.popleft()
         if isinstance(step, OSError):
             raise step
-        self.run_buf[S.RUN_EXIT_REASON:64] = bytes(64 - S.RUN_EXIT_REASON)
+        self.run_buf[S.RUN_EXIT_REASON : 64] = bytes(64 - S.RUN_EXIT_REASON)
         step(self.run_buf)
 
     def get_regs(self) -> S.KvmRegs:
@@ -109,30 +109,42 @@ class FakeVcpuFd:
         return None
 
 
-def io_exit(port: int, size: int, out: bool, values: list[int] | tuple[int, ...] = (), count: int = 1,
-            data_offset: int = 0x400) -> Exit:
+def io_exit(
+    port: int,
+    size: int,
+    out: bool,
+    values: list[int] | tuple[int, ...] = (),
+    count: int = 1,
+    data_offset: int = 0x400,
+) -> Exit:
     """A KVM_EXIT_IO for `count` accesses of `size` bytes; an OUT carries `values`."""
+
     def fill(run: memoryview) -> None:
         struct.pack_into("<I", run, S.RUN_EXIT_REASON, K.EXIT_IO)
         struct.pack_into("<BBHIQ", run, S.RUN_IO_DIRECTION, int(out), size, port, count, data_offset)
         for i, v in enumerate(values):
-            run[data_offset + i * size:data_offset + (i + 1) * size] = v.to_bytes(size, "little")
+            run[data_offset + i * size : data_offset + (i + 1) * size] = v.to_bytes(size, "little")
+
     return fill
 
 
 def mmio_exit(addr: int, length: int, write: bool, value: int = 0) -> Exit:
     def fill(run: memoryview) -> None:
         struct.pack_into("<I", run, S.RUN_EXIT_REASON, K.EXIT_MMIO)
-        struct.pack_into("<Q8sIB", run, S.RUN_MMIO_PHYS_ADDR, addr,
-                         value.to_bytes(8, "little"), length, int(write))
+        struct.pack_into(
+            "<Q8sIB", run, S.RUN_MMIO_PHYS_ADDR, addr, value.to_bytes(8, "little"), length, int(write)
+        )
+
     return fill
 
 
 def plain_exit(reason: int, fields: bytes = b"", at: int = S.RUN_UNION) -> Exit:
     """An exit with `reason` and raw `fields` placed at offset `at` of the run page."""
+
     def fill(run: memoryview) -> None:
         struct.pack_into("<I", run, S.RUN_EXIT_REASON, reason)
-        run[at:at + len(fields)] = fields
+        run[at : at + len(fields)] = fields
+
     return fill
 
 
@@ -141,8 +153,11 @@ def system_event(kind: int) -> Exit:
 
 
 def internal_error(suberror: int, data: list[int]) -> Exit:
-    return plain_exit(K.EXIT_INTERNAL_ERROR,
-                      struct.pack(f"<II{len(data)}Q", suberror, len(data), *data), S.RUN_INTERNAL_SUBERROR)
+    return plain_exit(
+        K.EXIT_INTERNAL_ERROR,
+        struct.pack(f"<II{len(data)}Q", suberror, len(data), *data),
+        S.RUN_INTERNAL_SUBERROR,
+    )
 
 
 # -- what a vCPU reports to, and the devices on its buses --------------------------------------
@@ -215,7 +230,7 @@ class RealModeVm:
 
     def vcpu(self, code: bytes = b"\xf4", index: int | None = None) -> VcpuFd:
         """A new vCPU about to run `code` (default: hlt) in real mode."""
-        self.ram[self.CODE_ADDR:self.CODE_ADDR + len(code)] = code
+        self.ram[self.CODE_ADDR : self.CODE_ADDR + len(code)] = code
         fd = self.vm.create_vcpu(len(self.vcpus) if index is None else index)
         self.vcpus.append(fd)
         s = fd.get_sregs()
@@ -255,6 +270,20 @@ def set_lapic_u32(fd: VcpuFd, reg: int, value: int) -> None:
     fd.set_lapic(S.KvmLapicState.from_buffer_copy(raw))
 
 
-__all__ = ["FakeVmFd", "FakeVcpuFd", "RealModeVm", "RecordingDevice", "RecordingHost",
-           "exit_reason", "internal_error", "io_exit", "lapic_bytes", "lapic_u32", "mmio_exit",
-           "plain_exit", "route_tuple", "set_lapic_u32", "system_event"]
+__all__ = [
+    "FakeVcpuFd",
+    "FakeVmFd",
+    "RealModeVm",
+    "RecordingDevice",
+    "RecordingHost",
+    "exit_reason",
+    "internal_error",
+    "io_exit",
+    "lapic_bytes",
+    "lapic_u32",
+    "mmio_exit",
+    "plain_exit",
+    "route_tuple",
+    "set_lapic_u32",
+    "system_event",
+]

@@ -22,8 +22,15 @@ from corral.errors import ConfigError, HostError
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
-PACKAGES = ["systemd-sysv", "udev", "iproute2", "iputils-ping", "kmod", "initramfs-tools",
-            "linux-image-cloud-amd64"]
+PACKAGES = [
+    "systemd-sysv",
+    "udev",
+    "iproute2",
+    "iputils-ping",
+    "kmod",
+    "initramfs-tools",
+    "linux-image-cloud-amd64",
+]
 GUEST_IP = "10.0.2.15"
 HOST_IP = "10.0.2.1"
 IMAGE_SIZE = "1G"
@@ -55,10 +62,14 @@ def ensure_rootfs(cache: Path) -> dict[str, Path]:
     tree = work / "tree"
     try:
         tree.mkdir(parents=True)
-        print(f"[lab] debootstrap {SUITE} (minbase + systemd + cloud kernel) ...", file=sys.stderr,
-              flush=True)
-        res = subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-                              SUITE, str(tree), MIRROR], capture_output=True, text=True)
+        print(
+            f"[lab] debootstrap {SUITE} (minbase + systemd + cloud kernel) ...", file=sys.stderr, flush=True
+        )
+        res = subprocess.run(
+            ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(tree), MIRROR],
+            capture_output=True,
+            text=True,
+        )
         if res.returncode != 0:
             last = (res.stdout + res.stderr).strip().splitlines()[-1:] or ["?"]
             raise ConfigError(f"debootstrap failed (is {MIRROR} reachable?): {last[0]}")
@@ -73,8 +84,11 @@ def ensure_rootfs(cache: Path) -> dict[str, Path]:
         boot = tree / "boot"
         shutil.copy(next(boot.glob("vmlinuz-*")), work / "vmlinuz")
         shutil.copy(next(boot.glob("initrd.img-*")), work / "initrd.img")
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(tree), str(work / "rootfs.ext4"),
-                        IMAGE_SIZE], check=True, capture_output=True)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(tree), str(work / "rootfs.ext4"), IMAGE_SIZE],
+            check=True,
+            capture_output=True,
+        )
         shutil.rmtree(tree)
         os.rename(work, final)
     finally:

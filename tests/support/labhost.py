@@ -57,9 +57,22 @@ from pathlib import Path
 
 # Module load order (from the notes): the virtio stack and 9p, then KVM for AMD.
 LAB_MODULES = [
-    "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
-    "virtio_console", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p", "tun",
-    "irqbypass", "kvm", "ccp", "kvm-amd",
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "virtio_console",
+    "netfs",
+    "fscache",
+    "9pnet",
+    "9pnet_virtio",
+    "9p",
+    "tun",
+    "irqbypass",
+    "kvm",
+    "ccp",
+    "kvm-amd",
 ]
 
 # the interpreter running the tests (the checkout's venv under `make test`), wherever the checkout
@@ -202,8 +215,7 @@ class LabResult:
 
 
 def _init_text() -> str:
-    return (INIT_SCRIPT.replace("@MODULES@", " ".join(LAB_MODULES))
-            .replace("@INIT_FAILED@", INIT_FAILED))
+    return INIT_SCRIPT.replace("@MODULES@", " ".join(LAB_MODULES)).replace("@INIT_FAILED@", INIT_FAILED)
 
 
 def _agent_text() -> str:
@@ -246,6 +258,7 @@ def _recipe_hash() -> str:
 
 def lab_cache_dir() -> Path:
     from corral.images.cache import cache_root
+
     return cache_root() / "lab"
 
 
@@ -274,8 +287,9 @@ def ensure_lab_images(progress: bool = False) -> tuple[Path, Path]:
         extract_deb(have[kpkg], ex)
         extract_deb(have["busybox-static"], ex)
         vmlinuz = next(iter(sorted((ex / "boot").glob("vmlinuz-*"))), None)
-        mods = next(iter(sorted((ex / "lib" / "modules").glob("*"))), None) \
-            or next(iter(sorted((ex / "usr" / "lib" / "modules").glob("*"))), None)
+        mods = next(iter(sorted((ex / "lib" / "modules").glob("*"))), None) or next(
+            iter(sorted((ex / "usr" / "lib" / "modules").glob("*"))), None
+        )
         busybox = ex / "bin" / "busybox"
         if vmlinuz is None or mods is None or not busybox.is_file():
             raise LabError(f"unexpected package contents in {kpkg} / busybox-static")
@@ -292,6 +306,7 @@ def ensure_lab_images(progress: bool = False) -> tuple[Path, Path]:
 
 # --- the lab VM ----------------------------------------------------------------------------------
 
+
 def _die_with_parent() -> None:
     # PR_SET_PDEATHSIG: QEMU gets SIGKILL when the test process goes away.
     with contextlib.suppress(Exception):
@@ -301,10 +316,18 @@ def _die_with_parent() -> None:
 class LabHost:
     """One QEMU TCG VM with emulated SVM; corral runs inside it on a real /dev/kvm."""
 
-    def __init__(self, *, memory: str = "4G", cpus: int = 1, tcg_thread: str | None = None,
-                 boot_timeout: float = 240.0, qemu: str = "qemu-system-x86_64",
-                 kernel: Path | None = None, initrd: Path | None = None,
-                 extra_append: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        memory: str = "4G",
+        cpus: int = 1,
+        tcg_thread: str | None = None,
+        boot_timeout: float = 240.0,
+        qemu: str = "qemu-system-x86_64",
+        kernel: Path | None = None,
+        initrd: Path | None = None,
+        extra_append: str = "",
+    ) -> None:
         self.memory = memory
         # One lab CPU. With two (single-threaded TCG running them in turn), Debian guests under
         # KVM in the lab stalled in 4 of 5 boots with a CPU hog beside the VMM, under QEMU as
@@ -368,16 +391,40 @@ class LabHost:
         if self.extra_append:
             append += " " + self.extra_append
         return [
-            self.qemu, "-accel", f"tcg,thread={self.tcg_thread}", "-cpu", "max", "-m", self.memory,
-            "-smp", str(self.cpus), "-M", "pc",
-            "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
-            "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", append,
-            "-chardev", f"file,id=con,path={self._workdir / 'console.log'}",
-            "-serial", "chardev:con",
-            "-device", "virtio-serial-pci,id=vser",
-            "-chardev", "stdio,id=ctl,signal=off",
-            "-device", "virtserialport,bus=vser.0,chardev=ctl,name=lab.ctl",
-            "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+            self.qemu,
+            "-accel",
+            f"tcg,thread={self.tcg_thread}",
+            "-cpu",
+            "max",
+            "-m",
+            self.memory,
+            "-smp",
+            str(self.cpus),
+            "-M",
+            "pc",
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-kernel",
+            str(self.kernel),
+            "-initrd",
+            str(self.initrd),
+            "-append",
+            append,
+            "-chardev",
+            f"file,id=con,path={self._workdir / 'console.log'}",
+            "-serial",
+            "chardev:con",
+            "-device",
+            "virtio-serial-pci,id=vser",
+            "-chardev",
+            "stdio,id=ctl,signal=off",
+            "-device",
+            "virtserialport,bus=vser.0,chardev=ctl,name=lab.ctl",
+            "-virtfs",
+            "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
         ]
 
     def start(self) -> None:
@@ -389,9 +436,13 @@ class LabHost:
         t0 = time.monotonic()
         stderr = open(self._workdir / "qemu.stderr", "wb")
         try:
-            self.proc = subprocess.Popen(self.qemu_args(), stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=stderr,
-                                         preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(
+                self.qemu_args(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                preexec_fn=_die_with_parent,
+            )
         finally:
             stderr.close()
         self._reader = threading.Thread(target=self._pump, name="lab-serial", daemon=True)
@@ -399,8 +450,7 @@ class LabHost:
         try:
             idx = self._wait_for(lambda buf: self._find_ready(buf), time.monotonic() + self.boot_timeout)
             if idx is None:
-                raise LabError(f"the lab did not come up within {self.boot_timeout:.0f} s",
-                               self.serial_log())
+                raise LabError(f"the lab did not come up within {self.boot_timeout:.0f} s", self.serial_log())
             with self._cond:
                 del self._buf[:idx]
             self.boot_seconds = time.monotonic() - t0
@@ -483,8 +533,9 @@ class LabHost:
         return self.proc is not None and self.proc.poll() is None and self._broken is None
 
     # -- commands --
-    def run(self, cmd: str, timeout: float = 120.0, *, env: dict[str, str] | None = None,
-            cwd: str | None = None) -> LabResult:
+    def run(
+        self, cmd: str, timeout: float = 120.0, *, env: dict[str, str] | None = None, cwd: str | None = None
+    ) -> LabResult:
         """Run `cmd` with the host's /bin/sh inside the lab (chrooted into the host's root).
         stdout and stderr come back merged. status 137 means the lab killed it at `timeout`."""
         with self._lock:
@@ -530,8 +581,8 @@ class LabHost:
                 raise LabError(f"{self._broken}\npartial output:\n{partial[-4000:]}", self.serial_log())
             i, j, k = res
             with self._cond:
-                out = bytes(self._buf[i + len(begin): j])
-                status_text = bytes(self._buf[j + len(done): k]).decode(errors="replace").strip()
+                out = bytes(self._buf[i + len(begin) : j])
+                status_text = bytes(self._buf[j + len(done) : k]).decode(errors="replace").strip()
                 del self._buf[: k + 1]
             try:
                 status = int(status_text)

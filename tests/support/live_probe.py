@@ -10,7 +10,6 @@ from pathlib import Path
 from corral.config import MachineConfig
 from corral.images.probe import build_probe
 from corral.machine import Machine
-
 from support.results import progress_rounds
 
 
@@ -23,7 +22,7 @@ class LiveProbe:
         self.machine = machine
         self._out = bytearray()
         self._lock = threading.Lock()
-        machine._console = self._console   # set before start; the UART calls it
+        machine._console = self._console  # set before start; the UART calls it
 
     @classmethod
     def boot(cls, cmdline: str = "mem-touch 16M forever", **cfg: object) -> LiveProbe:
@@ -61,8 +60,9 @@ class LiveProbe:
             if self.machine._stopped.is_set():
                 raise AssertionError(f"guest stopped: {self.machine._result}\n{self.output[-2000:]}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"guest reached round {self.last_round()}, not {n}, in "
-                                     f"{timeout}s:\n{self.output[-2000:]}")
+                raise AssertionError(
+                    f"guest reached round {self.last_round()}, not {n}, in {timeout}s:\n{self.output[-2000:]}"
+                )
             time.sleep(0.02)
         return self.last_round()
 

@@ -1,7 +1,7 @@
 """Boot the probe guest under corral through the library API and collect its RESULT lines.
 
-    run = run_probe("smp", cpus=2)
-    run.result.status, run.results["cpus"], run.output
+run = run_probe("smp", cpus=2)
+run.result.status, run.results["cpus"], run.output
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from corral.config import MachineConfig
 from corral.images.probe import build_probe
 from corral.machine import ExitResult, Machine
-
 from support.results import parse_output
 
 
@@ -29,8 +28,9 @@ class ProbeRun:
         return self.result.status if self.result.kind == "exit" else None
 
 
-def run_probe(cmdline: str, cpus: int = 1, memory: str = "256M", timeout: float = 60.0,
-              **devices: object) -> ProbeRun:
+def run_probe(
+    cmdline: str, cpus: int = 1, memory: str = "256M", timeout: float = 60.0, **devices: object
+) -> ProbeRun:
     out = bytearray()
     lock = threading.Lock()
 
@@ -38,15 +38,20 @@ def run_probe(cmdline: str, cpus: int = 1, memory: str = "256M", timeout: float 
         with lock:
             out.extend(data)
 
-    m = Machine(MachineConfig.build(kernel=build_probe(), cmdline=cmdline, cpus=cpus, memory=memory,
-                                    no_reboot=True, **devices), console=console)
+    m = Machine(
+        MachineConfig.build(
+            kernel=build_probe(), cmdline=cmdline, cpus=cpus, memory=memory, no_reboot=True, **devices
+        ),
+        console=console,
+    )
     try:
         m.start()
         res = m.wait(timeout)
         if res is None:
             m.stop("test timeout")
-            raise AssertionError(f"probe '{cmdline}' did not finish in {timeout}s; output:\n"
-                                 + out.decode(errors="replace"))
+            raise AssertionError(
+                f"probe '{cmdline}' did not finish in {timeout}s; output:\n" + out.decode(errors="replace")
+            )
     finally:
         m.close()
     text = out.decode(errors="replace").replace("\r", "")

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.images.probe import build_probe
-
 from support.results import parse_output
 
 QEMU = "qemu-system-x86_64"
@@ -48,25 +47,59 @@ def pvh_only_copy(kernel: Path, dest: Path) -> Path:
     off = data.find(MB_MAGIC, 0, 8192)
     if off < 0:
         raise ValueError(f"{kernel}: no Multiboot header in the first 8 KiB")
-    data[off:off + 4] = b"\0\0\0\0"
+    data[off : off + 4] = b"\0\0\0\0"
     dest.write_bytes(bytes(data))
     return dest
 
 
-def qemu_probe_cmd(scenario: str, cpus: int = 1, accel: str = "tcg", extra: list[str] | None = None,
-                   kernel: Path | None = None, machine: str = "pc", memory: str = "512") -> list[str]:
+def qemu_probe_cmd(
+    scenario: str,
+    cpus: int = 1,
+    accel: str = "tcg",
+    extra: list[str] | None = None,
+    kernel: Path | None = None,
+    machine: str = "pc",
+    memory: str = "512",
+) -> list[str]:
     kernel = kernel or build_probe()
     return [
-        QEMU, "-M", machine, "-accel", accel, "-m", str(memory), "-smp", str(cpus),
-        "-display", "none", "-nodefaults", "-no-user-config", "-serial", "stdio", "-no-reboot",
-        "-device", "isa-debug-exit,iobase=0x501,iosize=2",
-        "-kernel", str(kernel), "-append", scenario, *(extra or []),
+        QEMU,
+        "-M",
+        machine,
+        "-accel",
+        accel,
+        "-m",
+        str(memory),
+        "-smp",
+        str(cpus),
+        "-display",
+        "none",
+        "-nodefaults",
+        "-no-user-config",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-device",
+        "isa-debug-exit,iobase=0x501,iosize=2",
+        "-kernel",
+        str(kernel),
+        "-append",
+        scenario,
+        *(extra or []),
     ]
 
 
-def run_qemu_probe(scenario: str, cpus: int = 1, accel: str = "tcg", extra: list[str] | None = None,
-                   *, kernel: Path | None = None, machine: str = "pc", memory: str = "512",
-                   timeout: float = 60.0) -> QemuProbeRun:
+def run_qemu_probe(
+    scenario: str,
+    cpus: int = 1,
+    accel: str = "tcg",
+    extra: list[str] | None = None,
+    *,
+    kernel: Path | None = None,
+    machine: str = "pc",
+    memory: str = "512",
+    timeout: float = 60.0,
+) -> QemuProbeRun:
     cmd = qemu_probe_cmd(scenario, cpus, accel, extra, kernel, machine, memory)
     start = time.monotonic()
     try:
@@ -78,5 +111,6 @@ def run_qemu_probe(scenario: str, cpus: int = 1, accel: str = "tcg", extra: list
     text = proc.stdout.decode(errors="replace").replace("\r", "")
     err = proc.stderr.decode(errors="replace")
     results, progress = parse_output(text)
-    return QemuProbeRun(cmd, proc.returncode, text + (("\n[stderr]\n" + err) if err.strip() else ""),
-                        wall, results, progress)
+    return QemuProbeRun(
+        cmd, proc.returncode, text + (("\n[stderr]\n" + err) if err.strip() else ""), wall, results, progress
+    )

@@ -36,5 +36,8 @@ def result_lines(text: str) -> list[str]:
 
 def progress_rounds(text: str) -> dict[int, tuple[str, bool]]:
     """The complete PROGRESS lines of `mem-touch ... N|forever`: round -> (checksum, read back ok)."""
-    return {int(p["round"]): (p["checksum"], p["ok"] == "1")
-            for p in parse_output(text)[1] if {"round", "checksum", "ok"} <= p.keys()}
+    return {
+        int(p["round"]): (p["checksum"], p["ok"] == "1")
+        for p in parse_output(text)[1]
+        if {"round", "checksum", "ok"} <= p.keys()
+    }

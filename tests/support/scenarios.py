@@ -45,14 +45,14 @@ class Disk:
 class Outcome:
     """What a runner saw of one boot, in the same shape for every runner."""
 
-    status: int | None              # the guest's exit status (None: it did not exit by itself)
-    results: Mapping[str, str]      # the RESULT pairs (support.results.parse_output)
+    status: int | None  # the guest's exit status (None: it did not exit by itself)
+    results: Mapping[str, str]  # the RESULT pairs (support.results.parse_output)
     progress: list[dict[str, str]]  # the PROGRESS lines
-    output: str                     # the console, for checks and failure messages
+    output: str  # the console, for checks and failure messages
     cpus: int
-    disk: Path | None = None        # the image the guest's disk was backed by
-    tap_frames: int | None = None   # frames the host's tap received
-    note: str = ""                  # the runner's own word on how the run ended
+    disk: Path | None = None  # the image the guest's disk was backed by
+    tap_frames: int | None = None  # frames the host's tap received
+    note: str = ""  # the runner's own word on how the run ended
 
 
 class Predicate:
@@ -109,6 +109,7 @@ def range_above_4g(o: Outcome) -> None:
 def says(text: str) -> Callable[[Outcome], None]:
     def check(o: Outcome) -> None:
         assert text in o.output, o.output
+
     check.__name__ = f"says {text!r}"
     return check
 
@@ -117,7 +118,7 @@ def disk_written(o: Outcome) -> None:
     """blk-check's write reached the image's sector 3, and nothing else changed."""
     assert o.disk is not None
     assert sector(o.disk, 3).startswith(PROBE_WRITE)
-    assert sector(o.disk, 4)[8:8 + len(MARKER)] == MARKER
+    assert sector(o.disk, 4)[8 : 8 + len(MARKER)] == MARKER
 
 
 def disk_untouched(o: Outcome) -> None:
@@ -141,18 +142,18 @@ class Scenario:
     name: str
     cmdline: str
     cpus: tuple[int, ...] = (1, 2)
-    memory: str | None = None       # None: the runner's default (corral 256M, QEMU 512M)
+    memory: str | None = None  # None: the runner's default (corral 256M, QEMU 512M)
     disk: Disk | None = None
-    net: bool = False               # a virtio-net NIC on a fresh tap (needs root)
+    net: bool = False  # a virtio-net NIC on a fresh tap (needs root)
     status: int = 0
     expect: Mapping[str, str | Predicate] = field(default_factory=dict)
     checks: tuple[Callable[[Outcome], None], ...] = ()
-    every_boot: bool = False        # also through the runner's other boot entries (QEMU: PVH)
+    every_boot: bool = False  # also through the runner's other boot entries (QEMU: PVH)
     timeout: float = 60.0
-    slow: bool = False              # runs with CORRAL_SLOW_TESTS=1 only
+    slow: bool = False  # runs with CORRAL_SLOW_TESTS=1 only
     runners: tuple[str, ...] = RUNNERS
-    qemu: Mapping[str, object] = field(default_factory=dict)   # fields that differ under QEMU
-    lab: Mapping[str, object] = field(default_factory=dict)    # fields that differ in the lab
+    qemu: Mapping[str, object] = field(default_factory=dict)  # fields that differ under QEMU
+    lab: Mapping[str, object] = field(default_factory=dict)  # fields that differ in the lab
 
     def on(self, runner: str) -> Scenario:
         """This scenario as `runner` boots it."""
@@ -162,13 +163,15 @@ class Scenario:
 
     def verify(self, o: Outcome, *, checks: bool = True) -> None:
         """The exit status, every expected RESULT value, and (with `checks`) every check."""
-        assert o.status == self.status, (f"{self.name}: exit status {o.status}, not {self.status} "
-                                         f"{o.note}\n{o.output}")
+        assert o.status == self.status, (
+            f"{self.name}: exit status {o.status}, not {self.status} {o.note}\n{o.output}"
+        )
         for key, want in self.expect.items():
             got = o.results.get(key)
             if isinstance(want, Predicate):
-                assert got is not None and want(got), (f"{self.name}: RESULT {key}={got}, not {want}\n"
-                                                       f"{o.output}")
+                assert got is not None and want(got), (
+                    f"{self.name}: RESULT {key}={got}, not {want}\n{o.output}"
+                )
             else:
                 want = want.format(cpus=o.cpus)
                 assert got == want, f"{self.name}: RESULT {key}={got}, not {want}\n{o.output}"
@@ -181,64 +184,148 @@ def _bad_cmdline(name: str, cmdline: str) -> Scenario:
     return Scenario(name, cmdline, cpus=(1,), status=2, checks=(says("RESULT error="),), runners=HOST)
 
 
-SCENARIOS: dict[str, Scenario] = {sc.name: sc for sc in [
-    Scenario("hello", "hello", every_boot=True,
-             expect={"hello": "1", "boot": one_of("pvh", "multiboot")}),
-    Scenario("smp", "smp", cpus=(1, 2, 4), every_boot=True,
-             expect={"cpus": "{cpus}", "madt_cpus": "{cpus}"},
-             lab={"cpus": (2,)}),
-    Scenario("timer", "timer", every_boot=True, expect={"timer_ticks": positive},
-             # TCG keeps the programmed ~1 kHz; on PVM the tick handler is emulated, ticks
-             # arrive at a fraction of it (250 Hz measured with 2 vCPUs): a count, not a rate
-             qemu={"checks": (timer_near_1khz,)}),
-    Scenario("pio-bench", "pio-bench 20000", every_boot=True,
-             expect={"pio_exits": "20000", "tsc": positive}, checks=(bench_markers,)),
-    Scenario("mmio-bench", "mmio-bench 20000", every_boot=True,
-             expect={"mmio_exits": "20000", "tsc": positive}, checks=(bench_markers,)),
-    Scenario("mem-touch", "mem-touch 64M", memory="256M", every_boot=True,
-             expect={"ok": "1", "mem_touch_bytes": str(64 << 20)}, checks=(checksum_is_64_bits,)),
-    Scenario("mem-touch-rounds", "mem-touch 4096K 3", every_boot=True,
-             expect={"ok": "1", "rounds": "3"}, checks=(three_rounds,), runners=HOST),
-    # 3100M fits no range below the 3 GiB hole, so the probe must use RAM mapped above 4 GiB
-    Scenario("mem-touch-above-4g", "mem-touch 3100M", cpus=(1,), memory="7G", timeout=120,
-             expect={"ok": "1"}, checks=(range_above_4g,), runners=HOST,
-             # under TCG this takes minutes: a slow test, with the size it was measured with
-             qemu={"cmdline": "mem-touch 3G", "memory": "8G", "timeout": 180, "slow": True}),
-    Scenario("mem-touch-too-big", "mem-touch 1G", cpus=(1,), status=1,
-             expect={"ok": "0"}, checks=(says("do not fit"),), runners=HOST),
-    _bad_cmdline("unknown-scenario", "no-such-scenario"),
-    _bad_cmdline("bad-cmdline-bogus", "bogus"),
-    _bad_cmdline("bad-cmdline-empty", ""),
-    _bad_cmdline("bad-cmdline-no-count", "pio-bench"),
-    _bad_cmdline("bad-cmdline-bad-count", "pio-bench x"),
-    _bad_cmdline("bad-cmdline-bad-size", "mem-touch 1Q"),
-    _bad_cmdline("bad-cmdline-bad-rounds", "mem-touch 1M sometimes"),
-    Scenario("blk-check", "blk-check", cpus=(1,), disk=Disk(4096, serial="probe-serial-1"),
-             timeout=120, expect={"blk_capacity": "4096", "blk_serial": "probe-serial-1", "blk_ok": "1"},
-             checks=(disk_written,)),
-    Scenario("blk-read-only", "blk-check", cpus=(1,), disk=Disk(1024, read_only=True), status=1,
-             timeout=120, expect={"blk_ok": "0"}, checks=(disk_untouched,), runners=HOST),
-    Scenario("blk-bench", "blk-bench rand4k 5000", cpus=(1,), disk=Disk(8192), timeout=120,
-             expect={"blk_ops": "5000", "blk_errors": "0"},
-             # every boot in the nested lab is slow: fewer requests there
-             lab={"cmdline": "blk-bench rand4k 2000", "expect": {"blk_ops": "2000", "blk_errors": "0"}}),
-    Scenario("no-disk", "blk-check", cpus=(1,), status=1, checks=(says("no virtio-blk"),), runners=HOST),
-    Scenario("net-bench", "net-bench 5000", cpus=(1,), net=True, timeout=120,
-             expect={"net_tx_frames": "5000"}, checks=(tap_got_every_frame,),
-             # QEMU's tap must be up, and the host then sends frames of its own on it
-             qemu={"checks": (tap_got_at_least_every_frame,)},
-             lab={"cmdline": "net-bench 2000", "expect": {"net_tx_frames": "2000"}}),
-]}
+SCENARIOS: dict[str, Scenario] = {
+    sc.name: sc
+    for sc in [
+        Scenario(
+            "hello", "hello", every_boot=True, expect={"hello": "1", "boot": one_of("pvh", "multiboot")}
+        ),
+        Scenario(
+            "smp",
+            "smp",
+            cpus=(1, 2, 4),
+            every_boot=True,
+            expect={"cpus": "{cpus}", "madt_cpus": "{cpus}"},
+            lab={"cpus": (2,)},
+        ),
+        Scenario(
+            "timer",
+            "timer",
+            every_boot=True,
+            expect={"timer_ticks": positive},
+            # TCG keeps the programmed ~1 kHz; on PVM the tick handler is emulated, ticks
+            # arrive at a fraction of it (250 Hz measured with 2 vCPUs): a count, not a rate
+            qemu={"checks": (timer_near_1khz,)},
+        ),
+        Scenario(
+            "pio-bench",
+            "pio-bench 20000",
+            every_boot=True,
+            expect={"pio_exits": "20000", "tsc": positive},
+            checks=(bench_markers,),
+        ),
+        Scenario(
+            "mmio-bench",
+            "mmio-bench 20000",
+            every_boot=True,
+            expect={"mmio_exits": "20000", "tsc": positive},
+            checks=(bench_markers,),
+        ),
+        Scenario(
+            "mem-touch",
+            "mem-touch 64M",
+            memory="256M",
+            every_boot=True,
+            expect={"ok": "1", "mem_touch_bytes": str(64 << 20)},
+            checks=(checksum_is_64_bits,),
+        ),
+        Scenario(
+            "mem-touch-rounds",
+            "mem-touch 4096K 3",
+            every_boot=True,
+            expect={"ok": "1", "rounds": "3"},
+            checks=(three_rounds,),
+            runners=HOST,
+        ),
+        # 3100M fits no range below the 3 GiB hole, so the probe must use RAM mapped above 4 GiB
+        Scenario(
+            "mem-touch-above-4g",
+            "mem-touch 3100M",
+            cpus=(1,),
+            memory="7G",
+            timeout=120,
+            expect={"ok": "1"},
+            checks=(range_above_4g,),
+            runners=HOST,
+            # under TCG this takes minutes: a slow test, with the size it was measured with
+            qemu={"cmdline": "mem-touch 3G", "memory": "8G", "timeout": 180, "slow": True},
+        ),
+        Scenario(
+            "mem-touch-too-big",
+            "mem-touch 1G",
+            cpus=(1,),
+            status=1,
+            expect={"ok": "0"},
+            checks=(says("do not fit"),),
+            runners=HOST,
+        ),
+        _bad_cmdline("unknown-scenario", "no-such-scenario"),
+        _bad_cmdline("bad-cmdline-bogus", "bogus"),
+        _bad_cmdline("bad-cmdline-empty", ""),
+        _bad_cmdline("bad-cmdline-no-count", "pio-bench"),
+        _bad_cmdline("bad-cmdline-bad-count", "pio-bench x"),
+        _bad_cmdline("bad-cmdline-bad-size", "mem-touch 1Q"),
+        _bad_cmdline("bad-cmdline-bad-rounds", "mem-touch 1M sometimes"),
+        Scenario(
+            "blk-check",
+            "blk-check",
+            cpus=(1,),
+            disk=Disk(4096, serial="probe-serial-1"),
+            timeout=120,
+            expect={"blk_capacity": "4096", "blk_serial": "probe-serial-1", "blk_ok": "1"},
+            checks=(disk_written,),
+        ),
+        Scenario(
+            "blk-read-only",
+            "blk-check",
+            cpus=(1,),
+            disk=Disk(1024, read_only=True),
+            status=1,
+            timeout=120,
+            expect={"blk_ok": "0"},
+            checks=(disk_untouched,),
+            runners=HOST,
+        ),
+        Scenario(
+            "blk-bench",
+            "blk-bench rand4k 5000",
+            cpus=(1,),
+            disk=Disk(8192),
+            timeout=120,
+            expect={"blk_ops": "5000", "blk_errors": "0"},
+            # every boot in the nested lab is slow: fewer requests there
+            lab={"cmdline": "blk-bench rand4k 2000", "expect": {"blk_ops": "2000", "blk_errors": "0"}},
+        ),
+        Scenario("no-disk", "blk-check", cpus=(1,), status=1, checks=(says("no virtio-blk"),), runners=HOST),
+        Scenario(
+            "net-bench",
+            "net-bench 5000",
+            cpus=(1,),
+            net=True,
+            timeout=120,
+            expect={"net_tx_frames": "5000"},
+            checks=(tap_got_every_frame,),
+            # QEMU's tap must be up, and the host then sends frames of its own on it
+            qemu={"checks": (tap_got_at_least_every_frame,)},
+            lab={"cmdline": "net-bench 2000", "expect": {"net_tx_frames": "2000"}},
+        ),
+    ]
+}
 
 
 def cases(runner: str) -> list[tuple[Scenario, int]]:
     """(scenario as `runner` boots it, vCPU count) for every scenario `runner` runs."""
-    return [(sc, cpus) for sc in (s.on(runner) for s in SCENARIOS.values() if runner in s.runners)
-            for cpus in sc.cpus]
+    return [
+        (sc, cpus)
+        for sc in (s.on(runner) for s in SCENARIOS.values() if runner in s.runners)
+        for cpus in sc.cpus
+    ]
 
 
 def params(runner: str) -> list:
     """cases(runner) as pytest params named `scenario-Ncpu`; slow ones skip unless asked for."""
     slow = pytest.mark.skipif(not os.environ.get("CORRAL_SLOW_TESTS"), reason="set CORRAL_SLOW_TESTS=1")
-    return [pytest.param(sc, cpus, id=f"{sc.name}-{cpus}cpu", marks=[slow] if sc.slow else [])
-            for sc, cpus in cases(runner)]
+    return [
+        pytest.param(sc, cpus, id=f"{sc.name}-{cpus}cpu", marks=[slow] if sc.slow else [])
+        for sc, cpus in cases(runner)
+    ]

@@ -11,25 +11,39 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from corral.devices.virtio.base import (F_EVENT_IDX, F_VERSION_1, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
-                                        STATUS_DRIVER_OK, STATUS_FEATURES_OK, VirtioDevice)
+from corral.devices.virtio.base import (
+    F_EVENT_IDX,
+    F_VERSION_1,
+    STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    VirtioDevice,
+)
 from corral.devices.virtio.pci import COMMON_OFF, DEVICE_OFF, ISR_OFF, NOTIFY_OFF, VirtioPciDevice
 from corral.memory import GuestMemory
-
 from support.fakes import FakeDoorbells, FakeIrqLine, FakeLoop
 
 MiB = 1 << 20
-RINGS = 0x10000            # rings of queue q at RINGS + q * 0x10000
-DATA = 0x100000            # driver buffers from 1 MiB on
+RINGS = 0x10000  # rings of queue q at RINGS + q * 0x10000
+DATA = 0x100000  # driver buffers from 1 MiB on
 
 
 class Driver:
-    def __init__(self, device: VirtioDevice, memory: GuestMemory | None = None,
-                 vectors: list | None = None, *, loop=None, doorbells=None) -> None:
+    def __init__(
+        self,
+        device: VirtioDevice,
+        memory: GuestMemory | None = None,
+        vectors: list | None = None,
+        *,
+        loop=None,
+        doorbells=None,
+    ) -> None:
         self.mem = memory or GuestMemory(16 * MiB)
         self.irq = FakeIrqLine()
-        self.fn = VirtioPciDevice(device, self.mem, self.irq, loop or FakeLoop(),
-                                  doorbells or FakeDoorbells(), vectors)
+        self.fn = VirtioPciDevice(
+            device, self.mem, self.irq, loop or FakeLoop(), doorbells or FakeDoorbells(), vectors
+        )
         self.device = device
         self.next_data = DATA
         self.avail_idx: dict[int, int] = {}
@@ -77,7 +91,7 @@ class Driver:
             self.wr(0x18, 2, size)
             self.sizes[q] = size
             base = RINGS + q * 0x10000
-            self.mem.write(base, bytes(0x10000))       # fresh rings, as a driver allocates them
+            self.mem.write(base, bytes(0x10000))  # fresh rings, as a driver allocates them
             for off, addr in ((0x20, base), (0x28, base + 0x4000), (0x30, base + 0x8000)):
                 self.wr(off, 4, addr & 0xFFFF_FFFF)
                 self.wr(off + 4, 4, addr >> 32)
@@ -102,8 +116,9 @@ class Driver:
             self.mem.write(addr, data)
         return addr, n
 
-    def submit(self, q: int, bufs: list[tuple[tuple[int, int], bool]], *, head: int | None = None,
-               kick: bool = True) -> int:
+    def submit(
+        self, q: int, bufs: list[tuple[tuple[int, int], bool]], *, head: int | None = None, kick: bool = True
+    ) -> int:
         """Chain `bufs` ((addr, len), writable) from descriptor `head` (default: slot of the
         avail index) and make it available."""
         desc, avail, _ = self.rings(q)
@@ -113,7 +128,9 @@ class Driver:
             idx = (head + i) % size
             last = i == len(bufs) - 1
             flags = (0 if last else 1) | (2 if writable else 0)
-            self.mem.write(desc + 16 * idx, struct.pack("<QIHH", addr, n, flags, 0 if last else (idx + 1) % size))
+            self.mem.write(
+                desc + 16 * idx, struct.pack("<QIHH", addr, n, flags, 0 if last else (idx + 1) % size)
+            )
         self.put_avail(q, head, kick=kick)
         return head
 
@@ -154,8 +171,9 @@ def blk_image_file(path: Path, sectors: int = BLK_SECTORS) -> Path:
     return path
 
 
-def blk_request(d: Driver, rtype: int, sector: int, data: bytes | None = None, read_len: int = 0,
-                payload: bytes = b"") -> tuple[int, bytes, int]:
+def blk_request(
+    d: Driver, rtype: int, sector: int, data: bytes | None = None, read_len: int = 0, payload: bytes = b""
+) -> tuple[int, bytes, int]:
     """One virtio-blk request on queue 0; returns (status, bytes read, used length)."""
     bufs = [(d.alloc(struct.pack("<IIQ", rtype, 0, sector) + payload), False)]
     if data is not None:
@@ -171,4 +189,4 @@ def blk_request(d: Driver, rtype: int, sector: int, data: bytes | None = None, r
     return d.mem.read(st_buf[0], 1)[0], d.mem.read(*rd) if rd else b"", done[0][1]
 
 
-__all__ = ["BLK_SECTORS", "DATA", "Driver", "F_EVENT_IDX", "MiB", "blk_image_file", "blk_request"]
+__all__ = ["BLK_SECTORS", "DATA", "F_EVENT_IDX", "Driver", "MiB", "blk_image_file", "blk_request"]

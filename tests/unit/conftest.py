@@ -1,11 +1,10 @@
 """Fixtures the unit tests of several modules share."""
 
 import pytest
+from support.virtio_driver import Driver, blk_image_file
 
 from corral.backends.disk import open_disk
 from corral.devices.virtio.blk import VirtioBlock
-
-from support.virtio_driver import Driver, blk_image_file
 
 
 @pytest.fixture

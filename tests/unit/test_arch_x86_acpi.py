@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from corral.arch.x86 import acpi, aml, layout
-from corral.arch.x86.acpi import machine_acpi_tables, build_acpi_tables
+from corral.arch.x86.acpi import build_acpi_tables, machine_acpi_tables
 
 IASL = shutil.which("iasl")
 needs_iasl = pytest.mark.skipif(IASL is None, reason="iasl (acpica-tools) not installed")
@@ -45,7 +45,7 @@ def madt_entries(madt: bytes) -> list[tuple[int, bytes]]:
     while off < len(madt):
         kind, length = madt[off], madt[off + 1]
         assert length >= 2 and off + length <= len(madt)
-        out.append((kind, madt[off:off + length]))
+        out.append((kind, madt[off : off + length]))
         off += length
     assert off == len(madt)
     return out
@@ -55,8 +55,11 @@ def run_iasl(tmp_path, *args: str) -> str:
     r = subprocess.run([IASL, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
-    bad = [line for line in out.splitlines() if re.search(r"\b(Error|Warning)", line)
-           and not re.search(r"\b0 Errors?, 0 Warnings?", line)]
+    bad = [
+        line
+        for line in out.splitlines()
+        if re.search(r"\b(Error|Warning)", line) and not re.search(r"\b0 Errors?, 0 Warnings?", line)
+    ]
     assert not bad, out
     return out
 
@@ -77,7 +80,7 @@ def test_every_blob_is_checksummed_sized_and_inside_the_region(n):
             continue
         length = struct.unpack_from("<I", data, 4)[0]
         assert length == len(data), data[:4]
-        if data[:4] != b"FACS":                       # the FACS has no checksum
+        if data[:4] != b"FACS":  # the FACS has no checksum
             assert sum(data) & 0xFF == 0, data[:4]
             assert data[10:16] == b"CORRAL" and data[16:24] == b"CORRALVM" and data[28:32] == b"CRRL"
     spans.sort()
@@ -89,10 +92,10 @@ def test_rsdp_is_revision_2_with_both_checksums_and_points_at_the_xsdt():
     t = build_acpi_tables(2)
     _, rsdp = by_signature(t)[b"RSD "]
     assert len(rsdp) == 36 and rsdp[:8] == b"RSD PTR " and rsdp[9:15] == b"CORRAL"
-    assert rsdp[15] == 2                                  # revision 2: XSDT present
-    assert sum(rsdp[:20]) & 0xFF == 0                     # ACPI 1.0 checksum
-    assert sum(rsdp) & 0xFF == 0                          # extended checksum
-    assert struct.unpack_from("<I", rsdp, 16)[0] == 0     # no RSDT: XSDT only
+    assert rsdp[15] == 2  # revision 2: XSDT present
+    assert sum(rsdp[:20]) & 0xFF == 0  # ACPI 1.0 checksum
+    assert sum(rsdp) & 0xFF == 0  # extended checksum
+    assert struct.unpack_from("<I", rsdp, 16)[0] == 0  # no RSDT: XSDT only
     assert struct.unpack_from("<I", rsdp, 20)[0] == 36
     assert dict(t.blobs)[struct.unpack_from("<Q", rsdp, 24)[0]][:4] == b"XSDT"
 
@@ -106,39 +109,39 @@ def test_xsdt_points_at_the_fadt_and_madt_and_the_fadt_at_the_dsdt_and_facs():
     xfacs, xdsdt = struct.unpack_from("<QQ", fadt, 132)
     assert at[xdsdt][:4] == b"DSDT" and dsdt32 == xdsdt
     assert at[xfacs][:4] == b"FACS" and xfacs % 64 == 0
-    assert facs32 == 0                                    # FACS only through the 64-bit field
+    assert facs32 == 0  # FACS only through the 64-bit field
 
 
 def test_fadt_fields():
     t = build_acpi_tables(1)
     f = by_signature(t)[b"FACP"][1]
-    assert len(f) == 276 and f[8] == 6                    # revision 6 (ACPI 6.x)
+    assert len(f) == 276 and f[8] == 6  # revision 6 (ACPI 6.x)
     assert struct.unpack_from("<H", f, 46)[0] == layout.SCI_IRQ
-    assert struct.unpack_from("<I", f, 48)[0] == 0        # no SMI_CMD: always in ACPI mode
+    assert struct.unpack_from("<I", f, 48)[0] == 0  # no SMI_CMD: always in ACPI mode
     assert struct.unpack_from("<III", f, 56)[0] == layout.PM1_EVT_PORT
     assert struct.unpack_from("<I", f, 64)[0] == layout.PM1_CNT_PORT
     assert struct.unpack_from("<I", f, 76)[0] == layout.PM_TMR_PORT
-    assert tuple(f[88:92]) == (4, 2, 0, 4)               # PM1_EVT_LEN, PM1_CNT_LEN, PM2, PM_TMR_LEN
-    assert tuple(f[92:94]) == (0, 0)                     # no GPE blocks
+    assert tuple(f[88:92]) == (4, 2, 0, 4)  # PM1_EVT_LEN, PM1_CNT_LEN, PM2, PM_TMR_LEN
+    assert tuple(f[92:94]) == (0, 0)  # no GPE blocks
     flags = struct.unpack_from("<I", f, 112)[0]
     assert flags & acpi.FADT_WBINVD and flags & acpi.FADT_PROC_C1
-    assert flags & acpi.FADT_SLP_BUTTON                   # no sleep button
-    assert not flags & acpi.FADT_PWR_BUTTON               # fixed-feature power button present
+    assert flags & acpi.FADT_SLP_BUTTON  # no sleep button
+    assert not flags & acpi.FADT_PWR_BUTTON  # fixed-feature power button present
     assert flags & acpi.FADT_RESET_REG_SUP
-    assert not flags & (1 << 8)                           # TMR_VAL_EXT = 0: 24-bit PM timer
-    assert not flags & (1 << 20)                          # not HW_REDUCED_ACPI
+    assert not flags & (1 << 8)  # TMR_VAL_EXT = 0: 24-bit PM timer
+    assert not flags & (1 << 20)  # not HW_REDUCED_ACPI
     boot = struct.unpack_from("<H", f, 109)[0]
     assert boot & acpi.BOOT_LEGACY_DEVICES and boot & acpi.BOOT_8042 and boot & acpi.BOOT_VGA_NOT_PRESENT
-    assert not boot & (1 << 3)                            # MSI supported (PCI with MSI-X comes next)
-    assert not boot & (1 << 5)                            # CMOS RTC present
+    assert not boot & (1 << 3)  # MSI supported (PCI with MSI-X comes next)
+    assert not boot & (1 << 5)  # CMOS RTC present
     assert struct.unpack_from("<BBBBQ", f, 116) == (1, 8, 0, 1, layout.RESET_PORT)
-    assert f[128] == 6                                    # RESET_VALUE
+    assert f[128] == 6  # RESET_VALUE
     # X_ blocks: system I/O, bit widths matching the legacy lengths (else Linux warns)
     assert struct.unpack_from("<BBBBQ", f, 148) == (1, 32, 0, 2, layout.PM1_EVT_PORT)
     assert struct.unpack_from("<BBBBQ", f, 172) == (1, 16, 0, 2, layout.PM1_CNT_PORT)
     assert struct.unpack_from("<BBBBQ", f, 208) == (1, 32, 0, 3, layout.PM_TMR_PORT)
-    for off in (160, 184, 196, 220, 232, 244, 256):       # PM1b, PM2, GPE0/1, sleep ctl/sts
-        assert f[off:off + 12] == bytes(12)
+    for off in (160, 184, 196, 220, 232, 244, 256):  # PM1b, PM2, GPE0/1, sleep ctl/sts
+        assert f[off : off + 12] == bytes(12)
 
 
 def test_facs_is_64_bytes_version_2():
@@ -175,9 +178,9 @@ def test_madt_lists_each_cpu_once_the_ioapic_and_the_overrides(n):
     assert len(ioapics) == 1
     ioapic_id, _, addr, gsi_base = ioapics[0]
     assert ioapic_id not in cpus and ioapic_id < 255 and addr == layout.IOAPIC_ADDR and gsi_base == 0
-    assert overrides[0] == (2, 0)                         # PIT: IRQ0 -> GSI2, ISA default (edge/high)
-    assert overrides[layout.SCI_IRQ] == (layout.SCI_IRQ, 0b1101)   # SCI: level, active high
-    assert nmis == [(0xFF, 0b0101, 1)]                    # LINT1 on every CPU
+    assert overrides[0] == (2, 0)  # PIT: IRQ0 -> GSI2, ISA default (edge/high)
+    assert overrides[layout.SCI_IRQ] == (layout.SCI_IRQ, 0b1101)  # SCI: level, active high
+    assert nmis == [(0xFF, 0b0101, 1)]  # LINT1 on every CPU
 
 
 @pytest.mark.parametrize("n", [0, 255, 1000])
@@ -222,8 +225,9 @@ def test_write_to_writes_every_blob_at_its_address():
 
 def test_extra_tables_join_the_xsdt_and_extra_devices_the_dsdt():
     mcfg = acpi.sdt(b"MCFG", 1, bytes(8) + struct.pack("<QHBBI", 0xB000_0000, 0, 0, 0, 0))
-    pci = aml.device("PCI0", aml.name("_HID", aml.integer(aml.eisa_id("PNP0A03"))),
-                     aml.name("_UID", aml.integer(0)))
+    pci = aml.device(
+        "PCI0", aml.name("_HID", aml.integer(aml.eisa_id("PNP0A03"))), aml.name("_UID", aml.integer(0))
+    )
     t = build_acpi_tables(2, extra_tables=[mcfg], extra_devices=[pci])
     at = dict(t.blobs)
     assert sorted(at[p][:4] for p in xsdt_entries(t)) == [b"APIC", b"FACP", b"MCFG"]
@@ -267,8 +271,8 @@ def test_iasl_decompiles_every_table_cleanly(tmp_path, n):
     dsl = (tmp_path / "DSDT.dsl").read_text()
     assert "Name (_S5, Package (0x04)" in dsl
     assert dsl.count('"ACPI0007"') == n
-    com1 = dsl[dsl.index("Device (COM1)"):]
-    com1 = com1[:com1.index("Device (", 1)]
+    com1 = dsl[dsl.index("Device (COM1)") :]
+    com1 = com1[: com1.index("Device (", 1)]
     assert 'EisaId ("PNP0501")' in com1
     assert re.search(r"IO \(Decode16,\s+0x03F8,\s+// Range Minimum\s+0x03F8,", com1)
     assert re.search(r"0x08,\s+// Length", com1)
@@ -281,7 +285,7 @@ def test_iasl_decompiles_every_table_cleanly(tmp_path, n):
     for port in (layout.DEBUG_EXIT_PORT, layout.PM_BASE_PORT, layout.PCI_CONFIG_ADDRESS_PORT):
         assert f"0x{port:04X}," in dsl
     # the PCI root: PCIe host bridge on bus 0 with the 32-bit window and the 64-bit one above RAM
-    pci0 = dsl[dsl.index("Device (PCI0)"):]
+    pci0 = dsl[dsl.index("Device (PCI0)") :]
     assert 'EisaId ("PNP0A08")' in pci0 and 'EisaId ("PNP0A03")' in pci0
     assert re.search(r"0xC0000000,\s+// Range Minimum\s+0xDFFFFFFF,", pci0)
     start64, size64 = layout.pci_mmio64_window(6 * layout.GiB)
@@ -299,12 +303,13 @@ def test_iasl_decompiles_every_table_cleanly(tmp_path, n):
 
 @needs_iasl
 def test_iasl_accepts_a_dsdt_with_extra_devices(tmp_path):
-    pci = aml.device("PCI0", aml.name("_HID", aml.integer(aml.eisa_id("PNP0A03"))),
-                     aml.name("_UID", aml.integer(0)))
+    pci = aml.device(
+        "PCI0", aml.name("_HID", aml.integer(aml.eisa_id("PNP0A03"))), aml.name("_UID", aml.integer(0))
+    )
     dsdt = by_signature(build_acpi_tables(2, extra_devices=[pci]))[b"DSDT"][1]
     (tmp_path / "DSDT.dat").write_bytes(dsdt)
     run_iasl(tmp_path, "-d", "DSDT.dat")
-    assert 'Device (PCI0)' in (tmp_path / "DSDT.dsl").read_text()
+    assert "Device (PCI0)" in (tmp_path / "DSDT.dsl").read_text()
 
 
 @needs_iasl

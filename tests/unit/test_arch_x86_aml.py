@@ -20,17 +20,26 @@ def decode_pkg_length(enc: bytes) -> tuple[int, int]:
     return value, 1 + follow
 
 
-@pytest.mark.parametrize("body,encoded", [
-    (0, b"\x01"), (62, b"\x3f"),                              # one byte: total <= 63
-    (63, b"\x41\x04"), (64, b"\x42\x04"),                     # two bytes from total 65
-    (4093, b"\x4f\xff"), (4094, b"\x81\x00\x01"),             # two bytes up to total 4095
-    (2**20 - 4, b"\x8f\xff\xff"), (2**20 - 3, b"\xc1\x00\x00\x01"),
-    (1 << 20, b"\xc4\x00\x00\x01"), (2**28 - 5, b"\xcf\xff\xff\xff")])
+@pytest.mark.parametrize(
+    "body,encoded",
+    [
+        (0, b"\x01"),
+        (62, b"\x3f"),  # one byte: total <= 63
+        (63, b"\x41\x04"),
+        (64, b"\x42\x04"),  # two bytes from total 65
+        (4093, b"\x4f\xff"),
+        (4094, b"\x81\x00\x01"),  # two bytes up to total 4095
+        (2**20 - 4, b"\x8f\xff\xff"),
+        (2**20 - 3, b"\xc1\x00\x00\x01"),
+        (1 << 20, b"\xc4\x00\x00\x01"),
+        (2**28 - 5, b"\xcf\xff\xff\xff"),
+    ],
+)
 def test_pkg_length_boundaries(body, encoded):
     enc = aml.pkg_length(body)
     assert enc == encoded
     value, used = decode_pkg_length(enc)
-    assert used == len(enc) and value == body + len(enc)      # the length counts itself
+    assert used == len(enc) and value == body + len(enc)  # the length counts itself
 
 
 def test_pkg_length_every_size_round_trips_up_to_64k():
@@ -45,13 +54,25 @@ def test_pkg_length_too_large():
         aml.pkg_length(2**28)
 
 
-@pytest.mark.parametrize("v,enc", [
-    (0, b"\x00"), (1, b"\x01"), (2, b"\x0a\x02"), (0xFF, b"\x0a\xff"),
-    (0x100, b"\x0b\x00\x01"), (0xFFFF, b"\x0b\xff\xff"),
-    (0x10000, b"\x0c\x00\x00\x01\x00"), (0xFFFF_FFFF, b"\x0c\xff\xff\xff\xff"),
-    (1 << 32, b"\x0e\x00\x00\x00\x00\x01\x00\x00\x00"), (2**64 - 1, b"\x0e" + b"\xff" * 8),
-    (5, b"\x0a\x05"), (0x1234, b"\x0b\x34\x12"), (0x12345678, b"\x0c\x78\x56\x34\x12"),
-    (1 << 40, b"\x0e" + (1 << 40).to_bytes(8, "little"))])
+@pytest.mark.parametrize(
+    "v,enc",
+    [
+        (0, b"\x00"),
+        (1, b"\x01"),
+        (2, b"\x0a\x02"),
+        (0xFF, b"\x0a\xff"),
+        (0x100, b"\x0b\x00\x01"),
+        (0xFFFF, b"\x0b\xff\xff"),
+        (0x10000, b"\x0c\x00\x00\x01\x00"),
+        (0xFFFF_FFFF, b"\x0c\xff\xff\xff\xff"),
+        (1 << 32, b"\x0e\x00\x00\x00\x00\x01\x00\x00\x00"),
+        (2**64 - 1, b"\x0e" + b"\xff" * 8),
+        (5, b"\x0a\x05"),
+        (0x1234, b"\x0b\x34\x12"),
+        (0x12345678, b"\x0c\x78\x56\x34\x12"),
+        (1 << 40, b"\x0e" + (1 << 40).to_bytes(8, "little")),
+    ],
+)
 def test_integer_encodings(v, enc):
     assert aml.integer(v) == enc
 
@@ -62,9 +83,16 @@ def test_integer_out_of_range(v):
         aml.integer(v)
 
 
-@pytest.mark.parametrize("pnp,value", [("PNP0501", 0x0105D041), ("PNP0B00", 0x000BD041),
-                                       ("PNP0303", 0x0303D041), ("PNP0C02", 0x020CD041),
-                                       ("PNP0A03", 0x030AD041)])
+@pytest.mark.parametrize(
+    "pnp,value",
+    [
+        ("PNP0501", 0x0105D041),
+        ("PNP0B00", 0x000BD041),
+        ("PNP0303", 0x0303D041),
+        ("PNP0C02", 0x020CD041),
+        ("PNP0A03", 0x030AD041),
+    ],
+)
 def test_eisa_ids(pnp, value):
     assert aml.eisa_id(pnp) == value
 

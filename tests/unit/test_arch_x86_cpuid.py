@@ -1,5 +1,6 @@
 from corral.arch.x86.cpuid import find, vcpu_cpuid
-from corral.kvm.structs import KVM_CPUID_FLAG_SIGNIFCANT_INDEX as SIG, KvmCpuidEntry2
+from corral.kvm.structs import KVM_CPUID_FLAG_SIGNIFCANT_INDEX as SIG
+from corral.kvm.structs import KvmCpuidEntry2
 
 
 def E(f, i=0, flags=0, eax=0, ebx=0, ecx=0, edx=0):
@@ -7,9 +8,16 @@ def E(f, i=0, flags=0, eax=0, ebx=0, ecx=0, edx=0):
 
 
 SUPPORTED = [
-    E(0, eax=0x10), E(1, eax=0xA00F11, ebx=0x0102_0800, ecx=0x0120_2000, edx=0x078B_FBFF),
-    E(4, 0, SIG, eax=0x121), E(4, 1, SIG, eax=0x163), E(0xB, 0, SIG, edx=1),
-    E(0x8000_0000, eax=0x8000_0022), E(0x8000_0001), E(0x8000_0002), E(0x8000_0003), E(0x8000_0004),
+    E(0, eax=0x10),
+    E(1, eax=0xA00F11, ebx=0x0102_0800, ecx=0x0120_2000, edx=0x078B_FBFF),
+    E(4, 0, SIG, eax=0x121),
+    E(4, 1, SIG, eax=0x163),
+    E(0xB, 0, SIG, edx=1),
+    E(0x8000_0000, eax=0x8000_0022),
+    E(0x8000_0001),
+    E(0x8000_0002),
+    E(0x8000_0003),
+    E(0x8000_0004),
     E(0x8000_0008, eax=0x3030, ecx=0x7001),
 ]
 
@@ -43,8 +51,10 @@ def test_leaf4_cores_and_amd_core_count():
 def test_brand_string():
     t = vcpu_cpuid(SUPPORTED, 0, 1)
     raw = b"".join(
-        v.to_bytes(4, "little") for f in (0x8000_0002, 0x8000_0003, 0x8000_0004)
-        for v in (find(t, f).eax, find(t, f).ebx, find(t, f).ecx, find(t, f).edx))
+        v.to_bytes(4, "little")
+        for f in (0x8000_0002, 0x8000_0003, 0x8000_0004)
+        for v in (find(t, f).eax, find(t, f).ebx, find(t, f).ecx, find(t, f).edx)
+    )
     assert raw.rstrip(b"\0") == b"corral virtual CPU"
 
 
@@ -70,7 +80,8 @@ def test_hiding_xsave_hides_what_needs_it():
     avx, avx2, avx512f, pku, sse42, aes = 1 << 28, 1 << 5, 1 << 16, 1 << 3, 1 << 20, 1 << 25
     sup = [e for e in SUPPORTED if (e.function, e.index) not in ((1, 0), (7, 0))] + [
         E(1, 0, 0, ecx=leaf1.ecx | avx | sse42 | aes | (1 << 26), edx=leaf1.edx),
-        E(7, 0, SIG, ebx=avx2 | avx512f, ecx=pku)]
+        E(7, 0, SIG, ebx=avx2 | avx512f, ecx=pku),
+    ]
     t = vcpu_cpuid(sup, 0, 1, hide=("xsave",))
     l1, l7 = find(t, 1), find(t, 7, 0)
     assert not l1.ecx & avx and not l7.ebx & (avx2 | avx512f) and not l7.ecx & pku
@@ -81,18 +92,20 @@ def test_hiding_xsave_hides_what_needs_it():
 
 def test_unknown_feature_name_is_refused():
     import pytest
+
     from corral.config import MachineConfig
     from corral.errors import ConfigError
+
     with pytest.raises(ConfigError, match="unknown CPU feature sse9: choose from"):
         MachineConfig.build(kernel="k", cpu_hide="xsave,sse9")
     assert MachineConfig.build(kernel="k", cpu_hide="xsave, pku").cpu_hide == ("xsave", "pku")
 
 
 def test_kvm_pv_features_are_the_conservative_default_set():
-    sup = SUPPORTED + [E(0x4000_0001, eax=0x1007EFB)]   # what KVM offered on our CI host
+    sup = SUPPORTED + [E(0x4000_0001, eax=0x1007EFB)]  # what KVM offered on our CI host
     eax = find(vcpu_cpuid(sup, 0, 2), 0x4000_0001).eax
-    assert eax & 1 and eax & (1 << 3) and eax & (1 << 24)        # kvmclock and its stable bit
-    assert not eax & (1 << 7) and not eax & (1 << 11)             # no PV unhalt, no PV IPIs
+    assert eax & 1 and eax & (1 << 3) and eax & (1 << 24)  # kvmclock and its stable bit
+    assert not eax & (1 << 7) and not eax & (1 << 11)  # no PV unhalt, no PV IPIs
 
 
 def test_no_realtime_hint():

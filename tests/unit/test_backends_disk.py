@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from corral.devices.virtio.blk import S_OK, T_DISCARD, T_IN, T_OUT, T_WRITE_ZEROES, VirtioBlock  # noqa: E402
-from corral.backends.disk import CLUSTER, open_disk  # noqa: E402
-from corral.errors import ConfigError  # noqa: E402
-
 from support.virtio_driver import Driver, blk_request
 
-SIZE = 4 * CLUSTER + 8192          # not a whole number of clusters
+from corral.backends.disk import CLUSTER, open_disk
+from corral.devices.virtio.blk import S_OK, T_DISCARD, T_IN, T_OUT, T_WRITE_ZEROES, VirtioBlock
+from corral.errors import ConfigError
+
+SIZE = 4 * CLUSTER + 8192  # not a whole number of clusters
 
 
 def base_image(path: Path) -> bytes:
@@ -42,13 +41,13 @@ def test_reads_come_from_the_base_until_written(disks):
     try:
         buf = bytearray(SIZE)
         assert img.readv(mv(buf), 0) == SIZE and bytes(buf) == data
-        img.writev([memoryview(b"X" * 1000)], CLUSTER + 100)       # partial: copy-up first
+        img.writev([memoryview(b"X" * 1000)], CLUSTER + 100)  # partial: copy-up first
         out = bytearray(CLUSTER)
         img.readv(mv(out), CLUSTER)
-        assert bytes(out) == data[CLUSTER:CLUSTER + 100] + b"X" * 1000 + data[CLUSTER + 1100:2 * CLUSTER]
+        assert bytes(out) == data[CLUSTER : CLUSTER + 100] + b"X" * 1000 + data[CLUSTER + 1100 : 2 * CLUSTER]
     finally:
         img.close()
-    assert base.read_bytes() == data                                 # the base never changes
+    assert base.read_bytes() == data  # the base never changes
     # reopened: the overlay remembers what it holds
     img = open_disk(str(base), read_only=False, overlay=str(ov))
     try:
@@ -69,8 +68,17 @@ def test_overlay_is_sparse(disks):
 
 
 @settings(max_examples=60, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["w", "z"]), st.integers(0, SIZE - 1),
-                              st.integers(1, 3 * CLUSTER), st.integers(0, 255)), max_size=12))
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["w", "z"]),
+            st.integers(0, SIZE - 1),
+            st.integers(1, 3 * CLUSTER),
+            st.integers(0, 255),
+        ),
+        max_size=12,
+    )
+)
 def test_overlay_behaves_like_a_plain_disk(tmp_path_factory, ops):
     d = tmp_path_factory.mktemp("cow")
     base = d / "base.img"
@@ -81,10 +89,10 @@ def test_overlay_behaves_like_a_plain_disk(tmp_path_factory, ops):
             n = min(n, SIZE - off)
             if kind == "w":
                 img.writev([memoryview(bytes([byte]) * n)], off)
-                model[off:off + n] = bytes([byte]) * n
+                model[off : off + n] = bytes([byte]) * n
             else:
                 img.discard(off, n, zeroes=True, unmap=True)
-                model[off:off + n] = bytes(n)
+                model[off : off + n] = bytes(n)
             out = bytearray(SIZE)
             assert img.readv(mv(out), 0) == SIZE
             assert out == model
@@ -114,7 +122,7 @@ def test_overlay_errors(disks, tmp_path):
         open_disk(str(base), read_only=True, overlay=str(ov))
     img = open_disk(str(base), read_only=False, overlay=str(ov))
     with pytest.raises(ConfigError, match="in use by another VM"):
-        open_disk(str(base), read_only=False, overlay=str(ov))      # one writer per overlay
+        open_disk(str(base), read_only=False, overlay=str(ov))  # one writer per overlay
     img.close()
     other = tmp_path / "other.img"
     other.write_bytes(bytes(SIZE * 2))

@@ -113,13 +113,37 @@ def make_elf(
     machine = 62 if is64 else 3
     if is64:
         ehdr = ident + struct.pack(
-            "<HHIQQQIHHHHHH", 2, machine, 1, entry, ehsize, shoff, 0, ehsize, phsize, nph,
-            shsize, shnum, 0,
+            "<HHIQQQIHHHHHH",
+            2,
+            machine,
+            1,
+            entry,
+            ehsize,
+            shoff,
+            0,
+            ehsize,
+            phsize,
+            nph,
+            shsize,
+            shnum,
+            0,
         )
     else:
         ehdr = ident + struct.pack(
-            "<HHIIIIIHHHHHH", 2, machine, 1, entry, ehsize, shoff, 0, ehsize, phsize, nph,
-            shsize, shnum, 0,
+            "<HHIIIIIHHHHHH",
+            2,
+            machine,
+            1,
+            entry,
+            ehsize,
+            shoff,
+            0,
+            ehsize,
+            phsize,
+            nph,
+            shsize,
+            shnum,
+            0,
         )
     body[:ehsize] = ehdr
     for i, (ptype, off, paddr, filesz, memsz) in enumerate(phdrs):
@@ -135,15 +159,23 @@ MB_LOAD = 0x200000
 
 
 def make_multiboot_raw(
-    *, flags: int = 1 << 16, code: bytes = b"\xf4" * 0x800, bss: int = 0x1000,
-    entry: int | None = None, header_off: int = 0x40, load_end: int | None = None,
+    *,
+    flags: int = 1 << 16,
+    code: bytes = b"\xf4" * 0x800,
+    bss: int = 0x1000,
+    entry: int | None = None,
+    header_off: int = 0x40,
+    load_end: int | None = None,
 ) -> bytes:
     """A flat image loaded at MB_LOAD via the header's address fields (file offset 0 = MB_LOAD)."""
     image = bytearray(header_off) + bytearray(32) + code
     end = MB_LOAD + len(image)
     fields = (
-        MB_LOAD + header_off, MB_LOAD, end if load_end is None else load_end,
-        end + bss if bss else 0, MB_LOAD + header_off + 32 if entry is None else entry,
+        MB_LOAD + header_off,
+        MB_LOAD,
+        end if load_end is None else load_end,
+        end + bss if bss else 0,
+        MB_LOAD + header_off + 32 if entry is None else entry,
     )
     image[header_off : header_off + 32] = mb_header(flags, fields)
     return bytes(image)
@@ -180,9 +212,9 @@ def test_bzimage_basic(mem):
     zp = layout.ZERO_PAGE
     assert mem.read(zp + 0x202, 4) == b"HdrS"
     assert mem.read(zp + 0x1F1, 1) == b"\x04"
-    assert mem.read(zp + 0x26B, 1) == b"\x5a"           # copied through 0x202 + byte[0x201]
-    assert mem.read(zp + 0x210, 1) == b"\xff"           # type_of_loader
-    assert mem.read(zp + 0x211, 1)[0] == 0x81           # LOADED_HIGH | CAN_USE_HEAP
+    assert mem.read(zp + 0x26B, 1) == b"\x5a"  # copied through 0x202 + byte[0x201]
+    assert mem.read(zp + 0x210, 1) == b"\xff"  # type_of_loader
+    assert mem.read(zp + 0x211, 1)[0] == 0x81  # LOADED_HIGH | CAN_USE_HEAP
     assert int.from_bytes(mem.read(zp + 0x224, 2), "little") == 0xFE00 - 0x200
     assert mem.read_u32(zp + 0x228) == layout.CMDLINE
     assert mem.read_u32(zp + 0xC8) == 0
@@ -190,7 +222,7 @@ def test_bzimage_basic(mem):
     assert mem.read_u32(zp + 0x218) == 0 and mem.read_u32(zp + 0x21C) == 0
     assert mem.read_u64(zp + 0x070) == 0xE0000
     entries = e820_raw(MEM)
-    assert mem.read(zp + 0x1E8, 1)[0] == len(entries) == 4   # low RAM, BIOS area, RAM, ECAM
+    assert mem.read(zp + 0x1E8, 1)[0] == len(entries) == 4  # low RAM, BIOS area, RAM, ECAM
     for i, (addr, size, typ) in enumerate(entries):
         off = zp + 0x2D0 + 20 * i
         assert struct.unpack("<QQI", mem.read(off, 20)) == (addr, size, typ)
@@ -264,9 +296,12 @@ def test_bzimage_big_memory_e820_and_initrd_below_hole():
     with GuestMemory(size) as big:
         info = load_kernel(big, make_bzimage(initrd_addr_max=0xFFFFFFFF), initrd=b"i" * 0x2000)
         zp = layout.ZERO_PAGE
-        assert big.read(zp + 0x1E8, 1)[0] == 5      # low RAM, BIOS area, RAM, ECAM, high RAM
+        assert big.read(zp + 0x1E8, 1)[0] == 5  # low RAM, BIOS area, RAM, ECAM, high RAM
         assert struct.unpack("<QQI", big.read(zp + 0x2D0 + 3 * 20, 20)) == (
-            layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, 2)
+            layout.PCI_ECAM_BASE,
+            layout.PCI_ECAM_SIZE,
+            2,
+        )
         last = struct.unpack("<QQI", big.read(zp + 0x2D0 + 4 * 20, 20))
         assert last == (4 * GiB, 2 * GiB, 1)
         start, end = info.initrd_range
@@ -307,14 +342,13 @@ def test_bzimage_bad_headers(mem, image, message):
 def test_pvh_elf64(mem):
     mem.write(0x100000, b"\xcc" * 0x3000)  # junk that the bss must overwrite
     code = bytes(range(256))
-    image = make_elf(segments=[(0x100000, code, 0x2000), (0x300000, b"\x01" * 16, 16)],
-                     pvh_entry=0x100040)
+    image = make_elf(segments=[(0x100000, code, 0x2000), (0x300000, b"\x01" * 16, 16)], pvh_entry=0x100040)
     info = load_kernel(mem, image, cmdline="console=hvc0", initrd=b"R" * 0x1800, rsdp_addr=0xE0000)
     assert info.protocol == "pvh"
     assert info.kernel_range == (0x100000, 0x300010)
     assert mem.read(0x100000, 256) == code
     assert mem.read(0x100100, 0x2000 - 0x100) == bytes(0x2000 - 0x100)
-    assert mem.read(0x102000, 16) == b"\xcc" * 16   # outside memsz: untouched
+    assert mem.read(0x102000, 16) == b"\xcc" * 16  # outside memsz: untouched
     assert mem.read(0x300000, 16) == b"\x01" * 16
 
     cpu = info.cpu
@@ -589,8 +623,13 @@ VALID_IMAGES = [
     make_bzimage(payload=b"\x90" * 0x400, init_size=0x1000),
     make_elf(segments=[(0x100000, b"\x90" * 0x40, 0x100)]),
     make_elf(cls=32, desc_size=4, note_in="shdr", segments=[(0x100000, b"\x90" * 0x40, 0x100)]),
-    make_elf(cls=32, pvh_entry=None, entry=0x100004, mb=mb_header(0x3),
-             segments=[(0x100000, b"\x90" * 0x40, 0x100)]),
+    make_elf(
+        cls=32,
+        pvh_entry=None,
+        entry=0x100004,
+        mb=mb_header(0x3),
+        segments=[(0x100000, b"\x90" * 0x40, 0x100)],
+    ),
     make_multiboot_raw(code=b"\xf4" * 0x40, bss=0x100),
 ]
 
@@ -630,17 +669,21 @@ def test_fuzz_mutated_headers(which, edits, cut, with_initrd, prefer_mb):
             image[pos] = value
     if cut is not None:
         image = image[:cut]
-    _try_load(bytes(image), initrd=b"i" * 100 if with_initrd else None,
-              prefer="multiboot" if prefer_mb else None)
+    _try_load(
+        bytes(image), initrd=b"i" * 100 if with_initrd else None, prefer="multiboot" if prefer_mb else None
+    )
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from(range(len(VALID_IMAGES))),
     st.lists(
-        st.tuples(st.integers(0, 0x2FC), st.sampled_from([0, 1, 0xFFFFFFFF, 0x7FFFFFFF, 0x100000,
-                                                          0xC0000000, 0x80000000, 0x1000])),
-        min_size=1, max_size=4,
+        st.tuples(
+            st.integers(0, 0x2FC),
+            st.sampled_from([0, 1, 0xFFFFFFFF, 0x7FFFFFFF, 0x100000, 0xC0000000, 0x80000000, 0x1000]),
+        ),
+        min_size=1,
+        max_size=4,
     ),
 )
 def test_fuzz_mutated_words(which, edits):

@@ -26,10 +26,17 @@ from corral.devices.virtio.vsock import VirtioVsock
 
 def components() -> dict[str, object]:
     root = PciRoot(MmioBus())
-    return {"com1": Serial16550(FakeIrqLine(), lambda b: None), "i8042": I8042(FakeVmControl(), FakeIrqLine()),
-            "rtc": CmosRtc(FakeIrqLine()), "post": PostSink(), "debug-exit": DebugExit(FakeVmControl()),
-            "acpi-pm": AcpiPm(FakeVmControl(), FakeIrqLine()), "reset": ResetRegister(FakeVmControl()), "pci": root,
-            "pci-cfg": ConfigPorts(root)}
+    return {
+        "com1": Serial16550(FakeIrqLine(), lambda b: None),
+        "i8042": I8042(FakeVmControl(), FakeIrqLine()),
+        "rtc": CmosRtc(FakeIrqLine()),
+        "post": PostSink(),
+        "debug-exit": DebugExit(FakeVmControl()),
+        "acpi-pm": AcpiPm(FakeVmControl(), FakeIrqLine()),
+        "reset": ResetRegister(FakeVmControl()),
+        "pci": root,
+        "pci-cfg": ConfigPorts(root),
+    }
 
 
 @pytest.mark.parametrize("name", list(components()))
@@ -40,19 +47,24 @@ def test_state_goes_back_through_the_declared_model(name):
     assert type(saved) is dev.state_model
     data = json.loads(saved.model_dump_json())
     twin = components()[name]
-    twin.load_state(twin.state_model.model_validate(data))          # as the machine does
+    twin.load_state(twin.state_model.model_validate(data))  # as the machine does
     assert twin.save_state().model_dump(exclude={"timer"}) == saved.model_dump(exclude={"timer"})
     with pytest.raises(StateError, match=r"^saved \w+ does not fit this machine: bogus: .*damaged"):
         dev.state_model.model_validate({**data, "bogus": 1})
 
 
-@pytest.mark.parametrize("model,field,value", [
-    (Serial16550.state_model, "lcr", 0x100), (I8042.state_model, "ctr", -1),
-    (AcpiPm.state_model, "sts", 0x10000), (ConfigPorts.state_model, "address", 1 << 32),
-    (PciRoot.state_model, "config", {"32": ""})])
+@pytest.mark.parametrize(
+    "model,field,value",
+    [
+        (Serial16550.state_model, "lcr", 0x100),
+        (I8042.state_model, "ctr", -1),
+        (AcpiPm.state_model, "sts", 0x10000),
+        (ConfigPorts.state_model, "address", 1 << 32),
+        (PciRoot.state_model, "config", {"32": ""}),
+    ],
+)
 def test_registers_are_bounded_by_their_width(model, field, value):
-    with pytest.raises(StateError, match=f"^saved {model.__name__} does not fit this machine: "
-                                         f"{field}"):
+    with pytest.raises(StateError, match=f"^saved {model.__name__} does not fit this machine: {field}"):
         model.model_validate({field: value})
 
 
@@ -79,8 +91,16 @@ def test_virtio_state_names_its_queue_registers(blk):
     data = json.loads(blk.fn.save_state().model_dump_json())
     q = data["queues"][0]
     assert set(q) == {"size", "enable", "desc", "avail", "used", "vector"} and q["enable"] == 1
-    assert set(data["active"][0]) == {"size", "desc", "avail", "used", "last_avail", "used_idx",
-                                      "signalled_used", "ready"}
+    assert set(data["active"][0]) == {
+        "size",
+        "desc",
+        "avail",
+        "used",
+        "last_avail",
+        "used_idx",
+        "signalled_used",
+        "ready",
+    }
     with pytest.raises(StateError, match=r"queues\.0\.size"):
         blk.fn.state_model.model_validate({**data, "queues": [{**q, "size": 65536}]})
 
@@ -100,7 +120,7 @@ def test_balloon_state_travels_through_the_transport(tmp_path):
     try:
         d.setup()
         dev.set_target_bytes(8 << 20)
-        d.fn.bar_write(0, 0x2000 + 4, 4, 2048)                      # driver writes `actual`
+        d.fn.bar_write(0, 0x2000 + 4, 4, 2048)  # driver writes `actual`
         data = json.loads(d.fn.save_state().model_dump_json())
         assert data["device"] == {"target_pages": 2048, "actual_pages": 2048}
         data["device"]["actual_pages"] = 1 << 32

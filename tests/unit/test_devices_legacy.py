@@ -2,11 +2,9 @@
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from corral.devices.legacy import (AcpiPm, CmosRtc, DebugExit, I8042, PostSink, ResetRegister,
-                                   Serial16550)
-
 from support.fakes import FakeClock, FakeIrqLine, FakeVmControl
+
+from corral.devices.legacy import I8042, AcpiPm, CmosRtc, DebugExit, PostSink, ResetRegister, Serial16550
 
 
 class Out:
@@ -18,8 +16,12 @@ class Out:
         self.n += 1
 
 
-access = st.tuples(st.sampled_from(["r", "w", "tick", "host"]), st.integers(0, 15),
-                   st.sampled_from([1, 2, 4]), st.integers(0, 0xFFFFFFFF))
+access = st.tuples(
+    st.sampled_from(["r", "w", "tick", "host"]),
+    st.integers(0, 15),
+    st.sampled_from([1, 2, 4]),
+    st.integers(0, 0xFFFFFFFF),
+)
 accesses = st.lists(access, max_size=200)
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -47,7 +49,7 @@ def run(kind, ops, t0):
     ctl, line = FakeVmControl(strict=True), FakeIrqLine(strict=True)
     dev, span, clock, step = make(kind, ctl, line, t0)
     for op, off, size, value in ops:
-        off %= span + 2                  # mostly inside, sometimes past the end
+        off %= span + 2  # mostly inside, sometimes past the end
         if op == "r":
             v = dev.pio_read(off, size)
             assert 0 <= v < 1 << (8 * size)
@@ -71,18 +73,20 @@ KINDS = ["uart", "i8042", "rtc", "acpi_pm", "debug_exit", "reset", "post"]
 
 
 @FUZZ
-@given(kind=st.sampled_from(KINDS), ops=accesses,
-       t0=st.floats(0, 4e9, allow_nan=False))
+@given(kind=st.sampled_from(KINDS), ops=accesses, t0=st.floats(0, 4e9, allow_nan=False))
 def test_random_accesses_never_raise(kind, ops, t0):
     ctl = run(kind, ops, t0)
-    allowed = {"i8042": {"reset"}, "acpi_pm": {"poweroff"}, "debug_exit": {"exit"},
-               "reset": {"reset"}}.get(kind, set())
+    allowed = {"i8042": {"reset"}, "acpi_pm": {"poweroff"}, "debug_exit": {"exit"}, "reset": {"reset"}}.get(
+        kind, set()
+    )
     assert {call[0] for call in ctl.calls} <= allowed
 
 
 @FUZZ
-@given(ops=st.lists(st.tuples(st.sampled_from([0, 1]), st.integers(0, 0xFF)), max_size=300),
-       t0=st.floats(0, 4e9, allow_nan=False))
+@given(
+    ops=st.lists(st.tuples(st.sampled_from([0, 1]), st.integers(0, 0xFF)), max_size=300),
+    t0=st.floats(0, 4e9, allow_nan=False),
+)
 def test_rtc_register_soup_keeps_a_sane_clock(ops, t0):
     clock = FakeClock(t0)
     rtc = CmosRtc(clock=clock)
@@ -90,7 +94,7 @@ def test_rtc_register_soup_keeps_a_sane_clock(ops, t0):
         rtc.pio_write(off, 1, v)
         clock.t += 0.37
     rtc.pio_write(0, 1, 0x0B)
-    rtc.pio_write(1, 1, 0x06)            # SET off, binary, 24 h: the clock runs
+    rtc.pio_write(1, 1, 0x06)  # SET off, binary, 24 h: the clock runs
     fields = []
     for idx in (0x00, 0x02, 0x04, 0x07, 0x08):
         rtc.pio_write(0, 1, idx)

@@ -1,12 +1,10 @@
 """The ACPI PM block (corral.devices.legacy.acpi_pm): SCI, sleep states, power button, PM timer."""
 
 import pytest
+from support.fakes import FakeClock, FakeIrqLine, FakeVmControl
 
 from corral.arch.x86 import layout
 from corral.devices.legacy.acpi_pm import PM_TIMER_HZ, AcpiPm, AcpiPmState
-
-from support.fakes import FakeClock, FakeIrqLine, FakeVmControl
-
 
 T0_NS = 123_456_789
 PM1_STS, PM1_EN, PM1_CNT, PM_TMR = 0, 2, 4, 8
@@ -28,7 +26,7 @@ def test_sci_en_always_reads_one(pm):
 
 
 def test_s5_powers_off(pm):
-    pm.pio_write(PM1_CNT, 2, layout.S5_SLP_TYP << 10)        # SLP_TYP first, as ACPICA does
+    pm.pio_write(PM1_CNT, 2, layout.S5_SLP_TYP << 10)  # SLP_TYP first, as ACPICA does
     assert pm.ctl.calls == []
     pm.pio_write(PM1_CNT, 2, (layout.S5_SLP_TYP << 10) | 0x2000)
     assert pm.ctl.calls == [("poweroff",)]
@@ -48,8 +46,8 @@ def test_s5_by_dword_write_at_pm1_en(pm):
 def test_other_sleep_types_wake_at_once(pm, typ):
     pm.pio_write(PM1_CNT, 2, (typ << 10) | 0x2000)
     assert pm.ctl.calls == []
-    assert pm.pio_read(PM1_STS, 2) & 0x8000                  # WAK_STS
-    assert not pm.pio_read(PM1_CNT, 2) & 0x2000              # SLP_EN reads 0
+    assert pm.pio_read(PM1_STS, 2) & 0x8000  # WAK_STS
+    assert not pm.pio_read(PM1_CNT, 2) & 0x2000  # SLP_EN reads 0
     pm.pio_write(PM1_STS, 2, 0x8000)
     assert not pm.pio_read(PM1_STS, 2) & 0x8000
 
@@ -57,13 +55,13 @@ def test_other_sleep_types_wake_at_once(pm, typ):
 def test_power_button_raises_sci_and_status_is_write_one_to_clear(pm):
     pm.press_power_button()
     assert pm.pio_read(PM1_STS, 2) & 0x0100
-    assert not pm.sci.high                                   # not enabled
+    assert not pm.sci.high  # not enabled
     pm.pio_write(PM1_EN, 2, 0x0100)
     assert pm.pio_read(PM1_EN, 2) == 0x0100
     assert pm.sci.high
-    pm.pio_write(PM1_STS, 2, 0x0000)                         # writing 0 clears nothing
+    pm.pio_write(PM1_STS, 2, 0x0000)  # writing 0 clears nothing
     assert pm.sci.high
-    pm.pio_write(PM1_STS + 1, 1, 0x01)                       # byte write clears PWRBTN_STS
+    pm.pio_write(PM1_STS + 1, 1, 0x01)  # byte write clears PWRBTN_STS
     assert not pm.pio_read(PM1_STS, 2) & 0x0100
     assert not pm.sci.high
 
@@ -76,11 +74,11 @@ def test_pm_timer_rate_and_wrap(pm):
     assert (t1 - t0) % (1 << 24) == PM_TIMER_HZ
     last = t1
     for _ in range(100):
-        pm.clock.t += 1_000_000                              # 1 ms
+        pm.clock.t += 1_000_000  # 1 ms
         now = pm.pio_read(PM_TMR, 4)
         assert (now - last) % (1 << 24) in (3579, 3580)
         last = now
-    pm.clock.t += 10 * 1_000_000_000                         # 24 bits wrap after ~4.7 s
+    pm.clock.t += 10 * 1_000_000_000  # 24 bits wrap after ~4.7 s
     assert pm.pio_read(PM_TMR, 4) < 1 << 24
     assert pm.pio_read(PM_TMR + 3, 1) == 0
 
@@ -90,7 +88,7 @@ def test_pm_timer_byte_reads_are_consistent(pm):
     pm.load_state(AcpiPmState(timer=0x123456))
     assert pm.pio_read(PM_TMR, 2) == 0x3456
     assert pm.pio_read(PM_TMR + 2, 1) == 0x12
-    pm.pio_write(PM_TMR, 4, 0)                               # read-only
+    pm.pio_write(PM_TMR, 4, 0)  # read-only
     assert pm.pio_read(PM_TMR, 4) == 0x123456
 
 

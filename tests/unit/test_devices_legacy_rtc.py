@@ -1,11 +1,10 @@
 import calendar
 
 import pytest
+from support.fakes import FakeClock
 
 from corral.arch.x86 import layout
 from corral.devices.legacy.rtc import CmosRtc, RtcState
-
-from support.fakes import FakeClock
 
 # 2024-02-29 13:45:07 UTC, a Thursday
 T0 = calendar.timegm((2024, 2, 29, 13, 45, 7, 0, 0, 0))
@@ -46,9 +45,9 @@ def test_host_time_in_binary(rtc):
 
 def test_twelve_hour_mode(rtc, clock):
     wr(rtc, 0x0B, 0x00)
-    assert rd(rtc, 0x04) == 0x80 | 0x01      # 1 PM, BCD
+    assert rd(rtc, 0x04) == 0x80 | 0x01  # 1 PM, BCD
     clock.t = calendar.timegm((2024, 1, 1, 0, 5, 0, 0, 0, 0))
-    assert rd(rtc, 0x04) == 0x12             # midnight is 12 AM
+    assert rd(rtc, 0x04) == 0x12  # midnight is 12 AM
 
 
 def test_clock_runs(rtc, clock):
@@ -70,7 +69,7 @@ def test_uip_only_just_before_the_update(rtc, clock):
     assert not rd(rtc, 0x0A) & 0x80
     clock.t = T0 + 0.9999
     assert rd(rtc, 0x0A) & 0x80
-    wr(rtc, 0x0B, 0x82)                      # SET: no updates, so no UIP
+    wr(rtc, 0x0B, 0x82)  # SET: no updates, so no UIP
     assert not rd(rtc, 0x0A) & 0x80
 
 
@@ -81,13 +80,20 @@ def test_nmi_bit_is_masked_from_the_index(rtc):
 
 
 def test_set_time_with_set_bit_shifts_an_offset(rtc, clock):
-    wr(rtc, 0x0B, 0x82)                      # SET, 24h, BCD
-    for idx, v in ((0x32, 0x20), (0x09, 0x30), (0x08, 0x12), (0x07, 0x31), (0x04, 0x23),
-                   (0x02, 0x59), (0x00, 0x50)):
+    wr(rtc, 0x0B, 0x82)  # SET, 24h, BCD
+    for idx, v in (
+        (0x32, 0x20),
+        (0x09, 0x30),
+        (0x08, 0x12),
+        (0x07, 0x31),
+        (0x04, 0x23),
+        (0x02, 0x59),
+        (0x00, 0x50),
+    ):
         wr(rtc, idx, v)
-    clock.t += 5                             # frozen while SET is on
+    clock.t += 5  # frozen while SET is on
     assert rd(rtc, 0x00) == 0x50
-    wr(rtc, 0x0B, 0x02)                      # the clock starts from the new time
+    wr(rtc, 0x0B, 0x02)  # the clock starts from the new time
     assert read_time(rtc)[:7] == [0x20, 0x30, 0x12, 0x31, 0x23, 0x59, 0x50]
     clock.t += 15
     assert read_time(rtc)[:7] == [0x20, 0x31, 0x01, 0x01, 0x00, 0x00, 0x05]
@@ -95,15 +101,15 @@ def test_set_time_with_set_bit_shifts_an_offset(rtc, clock):
 
 
 def test_set_time_order_does_not_matter_while_frozen(rtc):
-    wr(rtc, 0x0B, 0x86)                      # SET, binary
-    wr(rtc, 0x07, 31)                        # day 31 while the month is still February
+    wr(rtc, 0x0B, 0x86)  # SET, binary
+    wr(rtc, 0x07, 31)  # day 31 while the month is still February
     wr(rtc, 0x08, 3)
     wr(rtc, 0x0B, 0x06)
     assert (rd(rtc, 0x08), rd(rtc, 0x07)) == (3, 31)
 
 
 def test_write_without_set_takes_effect_at_once(rtc):
-    wr(rtc, 0x04, 0x01)                      # 01:45:07
+    wr(rtc, 0x04, 0x01)  # 01:45:07
     assert (rd(rtc, 0x04), rd(rtc, 0x02)) == (0x01, 0x45)
     assert rtc.save_state().offset == -12 * 3600
 
@@ -143,6 +149,6 @@ def test_state_round_trip(rtc, clock):
     other.load_state(RtcState.model_validate_json(st.model_dump_json()))
     assert other.save_state() == st
     assert rd(other, 0x50) == 0x99
-    assert rd(other, 0x00) == 33             # still frozen with the written seconds
+    assert rd(other, 0x00) == 33  # still frozen with the written seconds
     wr(other, 0x0B, 0x06)
     assert (rd(other, 0x04), rd(other, 0x00)) == (5, 33)

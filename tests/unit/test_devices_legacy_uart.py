@@ -1,10 +1,9 @@
 import threading
 
 import pytest
+from support.fakes import FakeIrqLine
 
 from corral.devices.legacy.uart import Serial16550, SerialState
-
-from support.fakes import FakeIrqLine
 
 RBR = THR = DLL = 0
 IER = DLM = 1
@@ -38,7 +37,7 @@ def test_thr_writes_go_out_one_byte_at_a_time(u):
     for b in b"hi\n":
         u.w(THR, b)
     assert u.sent == [b"h", b"i", b"\n"]
-    assert u.r(LSR) & 0x60 == 0x60          # THRE and TEMT: always ready
+    assert u.r(LSR) & 0x60 == 0x60  # THRE and TEMT: always ready
 
 
 def test_reset_values(u):
@@ -47,7 +46,7 @@ def test_reset_values(u):
     assert u.r(LCR) == 0
     assert u.r(MCR) == 0
     assert u.r(LSR) == 0x60
-    assert u.r(MSR) == 0xB0                 # CTS, DSR, DCD asserted
+    assert u.r(MSR) == 0xB0  # CTS, DSR, DCD asserted
     assert u.line.levels in ([], [False])
 
 
@@ -56,9 +55,9 @@ def test_divisor_latch(u):
     u.w(DLL, 0x01)
     u.w(DLM, 0x02)
     assert (u.r(DLL), u.r(DLM)) == (0x01, 0x02)
-    assert u.sent == []                     # DLL write is not a THR write
+    assert u.sent == []  # DLL write is not a THR write
     u.w(LCR, 0x03)
-    assert u.r(IER) == 0                    # DLM write did not touch IER
+    assert u.r(IER) == 0  # DLM write did not touch IER
     u.w(IER, 0x05)
     u.w(LCR, 0x83)
     assert u.r(DLM) == 0x02
@@ -77,14 +76,14 @@ def test_scratch_register(u):
 
 
 def test_loopback_routes_tx_to_rx_and_reflects_mcr(u):
-    u.w(MCR, 0x10 | 0x0A)                   # Linux's probe: LOOP | RTS | OUT2
+    u.w(MCR, 0x10 | 0x0A)  # Linux's probe: LOOP | RTS | OUT2
     assert u.r(MSR) & 0xF0 == 0x90
     u.w(THR, 0x42)
     assert u.sent == []
     assert u.r(LSR) & 0x01
     assert u.r(RBR) == 0x42
     assert not u.r(LSR) & 0x01
-    u.w(MCR, 0x10 | 0x05)                   # DTR -> DSR, OUT1 -> RI
+    u.w(MCR, 0x10 | 0x05)  # DTR -> DSR, OUT1 -> RI
     assert u.r(MSR) & 0xF0 == 0x60
     u.w(MCR, 0x00)
     assert u.r(MSR) & 0xF0 == 0xB0
@@ -93,9 +92,9 @@ def test_loopback_routes_tx_to_rx_and_reflects_mcr(u):
 def test_loopback_msr_deltas(u):
     u.w(MCR, 0x10 | 0x0F)
     u.r(MSR)
-    u.w(MCR, 0x10)                          # all lines drop
-    assert u.r(MSR) == 0x0B | 0x04          # DCTS, DDSR, DDCD, TERI (RI trailing edge)
-    assert u.r(MSR) == 0x00                 # deltas clear on read
+    u.w(MCR, 0x10)  # all lines drop
+    assert u.r(MSR) == 0x0B | 0x04  # DCTS, DDSR, DDCD, TERI (RI trailing edge)
+    assert u.r(MSR) == 0x00  # deltas clear on read
 
 
 def test_fifo_enabled_bits_in_iir(u):
@@ -114,12 +113,12 @@ def test_fifo_enabled_bits_in_iir(u):
 
 
 def test_thre_interrupt_on_enabling_etbei_and_cleared_by_iir_read(u):
-    u.w(MCR, 0x08)                          # OUT2
+    u.w(MCR, 0x08)  # OUT2
     assert not u.line.high
     u.w(IER, 0x02)
     assert u.line.high
     assert u.r(IIR) & 0x0F == 0x02
-    assert not u.line.high                  # reading IIR cleared the THRE source
+    assert not u.line.high  # reading IIR cleared the THRE source
     assert u.r(IIR) & 0x0F == 0x01
     # Linux's UART_BUG_THRE test: disable, re-enable: THRE must be reasserted
     u.w(IER, 0x00)
@@ -147,8 +146,8 @@ def test_disabling_etbei_drops_thre(u):
 
 def test_out2_gates_the_irq_line(u):
     u.w(IER, 0x02)
-    assert not u.line.high                  # pending, but OUT2 is clear
-    assert u.r(IIR) & 0x0F == 0x02          # ... the source is still reported
+    assert not u.line.high  # pending, but OUT2 is clear
+    assert u.r(IIR) & 0x0F == 0x02  # ... the source is still reported
     u.w(IER, 0x00)
     u.w(IER, 0x02)
     u.w(MCR, 0x08)
@@ -175,21 +174,21 @@ def test_feed_sets_dr_and_raises_rx_interrupt(u):
 
 
 def test_iir_priority_order(u):
-    u.w(MCR, 0x18 | 0x02)                   # loopback, OUT2, RTS
+    u.w(MCR, 0x18 | 0x02)  # loopback, OUT2, RTS
     u.w(FCR, 0x01)
-    u.w(MCR, 0x18)                          # RTS drops: DCTS pending
+    u.w(MCR, 0x18)  # RTS drops: DCTS pending
     u.w(IER, 0x0F)
-    for _ in range(17):                     # 16 fill the FIFO, the 17th overruns
+    for _ in range(17):  # 16 fill the FIFO, the 17th overruns
         u.w(THR, 0x55)
-    assert u.r(IIR) & 0x0F == 0x06          # line status (overrun) first
+    assert u.r(IIR) & 0x0F == 0x06  # line status (overrun) first
     lsr = u.r(LSR)
-    assert lsr & 0x03 == 0x03               # DR + OE
-    assert not u.r(LSR) & 0x02              # OE clears on read
-    assert u.r(IIR) & 0x0F == 0x04          # then received data
+    assert lsr & 0x03 == 0x03  # DR + OE
+    assert not u.r(LSR) & 0x02  # OE clears on read
+    assert u.r(IIR) & 0x0F == 0x04  # then received data
     for _ in range(16):
         u.r(RBR)
-    assert u.r(IIR) & 0x0F == 0x02          # then THR empty (cleared by this read)
-    assert u.r(IIR) & 0x0F == 0x00          # then modem status
+    assert u.r(IIR) & 0x0F == 0x02  # then THR empty (cleared by this read)
+    assert u.r(IIR) & 0x0F == 0x00  # then modem status
     u.r(MSR)
     assert u.r(IIR) & 0x0F == 0x01
     assert not u.line.high
@@ -209,7 +208,7 @@ def test_host_input_is_buffered_behind_the_fifo_and_bounded(u):
     taken = u.dev.feed(data)
     # the FIFO took 16 at once, the host buffer the next 4 KiB, the rest was lost
     assert taken == Serial16550.RX_BUFFER + 16
-    assert u.r(LSR) & 0x02                  # the loss shows as an overrun
+    assert u.r(LSR) & 0x02  # the loss shows as an overrun
     got = bytes(u.r(RBR) for _ in range(taken))
     assert got == data[:taken]
     assert not u.r(LSR) & 0x01
@@ -227,10 +226,10 @@ def test_host_input_never_overruns_the_fifo(u):
 def test_fifo_disabled_holds_one_byte_and_fcr_clear(u):
     u.dev.feed(b"xyz")
     assert u.r(RBR) == ord("x")
-    u.w(FCR, 0x01)                          # enabling the FIFO clears it (y is lost) ...
-    assert u.r(RBR) == ord("z")             # ... and host input refills it
+    u.w(FCR, 0x01)  # enabling the FIFO clears it (y is lost) ...
+    assert u.r(RBR) == ord("z")  # ... and host input refills it
     u.dev.feed(b"pq")
-    u.w(FCR, 0x03)                          # explicit RX clear drops the FIFO's bytes
+    u.w(FCR, 0x03)  # explicit RX clear drops the FIFO's bytes
     assert not u.r(LSR) & 0x01
 
 
@@ -251,10 +250,10 @@ def test_rx_interrupt_needs_erbfi(u):
 
 
 def test_multibyte_access_is_split(u):
-    u.dev.pio_write(SCR, 2, 0xBBAA)         # SCR then port 8 (nothing there)
+    u.dev.pio_write(SCR, 2, 0xBBAA)  # SCR then port 8 (nothing there)
     assert u.r(SCR) == 0xAA
     assert u.dev.pio_read(SCR, 2) == 0xFFAA
-    u.dev.pio_write(THR, 2, 0x0F41)         # THR 'A' then IER 0x0F
+    u.dev.pio_write(THR, 2, 0x0F41)  # THR 'A' then IER 0x0F
     assert u.sent == [b"A"]
     assert u.r(IER) == 0x0F
 
@@ -274,7 +273,7 @@ def test_state_round_trip(u):
     v = Uart()
     v.dev.load_state(restored)
     assert v.dev.save_state() == st
-    assert v.line.high                      # the line is re-driven from the state
+    assert v.line.high  # the line is re-driven from the state
     assert bytes(v.r(RBR) for _ in range(40)) == bytes(range(40))
     assert (v.r(LCR), v.r(MCR), v.r(IER), v.r(SCR)) == (0x03, 0x0B, 0x03, 0x77)
 

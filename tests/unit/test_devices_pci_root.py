@@ -56,7 +56,7 @@ def cf8_write(ports: ConfigPorts, slot: int, reg: int, size: int, value: int) ->
 def test_host_bridge_through_both_mechanisms(bus):
     _, _, ports, ecam = bus
     assert cf8_read(ports, 0, 0) == ecam.mmio_read(0, 4) == 0x0008_1B36
-    assert cf8_read(ports, 0, 0x08) >> 8 == 0x060000             # class: host bridge
+    assert cf8_read(ports, 0, 0x08) >> 8 == 0x060000  # class: host bridge
     assert cf8_read(ports, 0, 0x0A, 2) == ecam.mmio_read(0x0A, 2) == 0x0600
 
 
@@ -64,18 +64,18 @@ def test_empty_slots_functions_and_buses_read_all_ones(bus):
     _, _, ports, ecam = bus
     assert cf8_read(ports, 5, 0) == 0xFFFF_FFFF
     assert ecam.mmio_read(5 << 15, 2) == 0xFFFF
-    assert ecam.mmio_read(1 << 12, 4) == 0xFFFF_FFFF             # function 1 of the bridge
-    ports.pio_write(0, 4, 0x8001_0000)                            # bus 1
+    assert ecam.mmio_read(1 << 12, 4) == 0xFFFF_FFFF  # function 1 of the bridge
+    ports.pio_write(0, 4, 0x8001_0000)  # bus 1
     assert ports.pio_read(4, 4) == 0xFFFF_FFFF
 
 
 def test_config_address_latch(bus):
     _, _, ports, _ = bus
     ports.pio_write(0, 4, 0x8000_0003 | (3 << 11))
-    assert ports.pio_read(0, 4) == 0x8000_0000 | (3 << 11)     # low two bits are not stored
-    ports.pio_write(0, 1, 0)                                     # byte writes are not cycles
+    assert ports.pio_read(0, 4) == 0x8000_0000 | (3 << 11)  # low two bits are not stored
+    ports.pio_write(0, 1, 0)  # byte writes are not cycles
     assert ports.pio_read(0, 4) == 0x8000_0000 | (3 << 11)
-    ports.pio_write(0, 4, 0)                                     # enable bit clear
+    ports.pio_write(0, 4, 0)  # enable bit clear
     assert ports.pio_read(4, 4) == 0xFFFF_FFFF
 
 
@@ -85,10 +85,10 @@ def test_read_only_registers_stay(bus):
     cf8_write(ports, slot, 0, 4, 0)
     ecam.mmio_write(slot << 15 | 0x08, 4, 0)
     assert cf8_read(ports, slot, 0) == 0x1234_1AF4
-    assert cf8_read(ports, slot, 0x3D, 1) == 1                   # interrupt pin
-    cf8_write(ports, slot, 0x3C, 1, 11)                          # interrupt line is writable
+    assert cf8_read(ports, slot, 0x3D, 1) == 1  # interrupt pin
+    cf8_write(ports, slot, 0x3C, 1, 11)  # interrupt line is writable
     assert cf8_read(ports, slot, 0x3C, 1) == 11
-    assert root.slots[slot].config_writes[-1] == (0x3C, 1)      # the function hears of writes
+    assert root.slots[slot].config_writes[-1] == (0x3C, 1)  # the function hears of writes
 
 
 def test_bar_sizing_and_mapping(bus):
@@ -101,12 +101,12 @@ def test_bar_sizing_and_mapping(bus):
     assert ecam.mmio_read(base + BAR0, 4) == 0xFFFF_F000
     ecam.mmio_write(base + BAR0 + 8, 4, 0xFFFF_FFFF)
     ecam.mmio_write(base + BAR0 + 12, 4, 0xFFFF_FFFF)
-    assert ecam.mmio_read(base + BAR0 + 8, 4) == 0xFFFF_C000 | 0xC   # 64-bit, prefetchable
+    assert ecam.mmio_read(base + BAR0 + 8, 4) == 0xFFFF_C000 | 0xC  # 64-bit, prefetchable
     assert ecam.mmio_read(base + BAR0 + 12, 4) == 0xFFFF_FFFF
     # placing them maps nothing until memory decoding is on
     ecam.mmio_write(base + BAR0, 4, 0xC000_0000)
     ecam.mmio_write(base + BAR0 + 8, 4, 0x0000_0000)
-    ecam.mmio_write(base + BAR0 + 12, 4, 0x10)                    # 0x10_0000_0000
+    ecam.mmio_write(base + BAR0 + 12, 4, 0x10)  # 0x10_0000_0000
     assert mmio.read(0xC000_0010, 4) == 0xFFFF_FFFF
     ecam.mmio_write(base + COMMAND, 2, CMD_MEMORY)
     assert dev.moves[-1] == [0xC000_0000, None, 0x10_0000_0000, None, None, None]
@@ -144,8 +144,17 @@ class _Const:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.integers(0, (1 << 20) - 1), st.sampled_from([1, 2, 4, 3, 8]),
-                          st.integers(0, 0xFFFF_FFFF)), max_size=60))
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(),
+            st.integers(0, (1 << 20) - 1),
+            st.sampled_from([1, 2, 4, 3, 8]),
+            st.integers(0, 0xFFFF_FFFF),
+        ),
+        max_size=60,
+    )
+)
 def test_random_config_traffic_never_breaks_the_vmm(ops):
     mmio = MmioBus()
     root = PciRoot(mmio)

@@ -12,18 +12,17 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from corral.devices.virtio.balloon import VirtioBalloon  # noqa: E402
-from corral.backends.console import ConsoleBackend  # noqa: E402
-from corral.backends.disk import open_disk  # noqa: E402
-from corral.backends.unix_socket import listen_unix  # noqa: E402
-from corral.devices.virtio.blk import VirtioBlock  # noqa: E402
-from corral.devices.virtio.console import VirtioConsole  # noqa: E402
-from corral.devices.virtio.rng import VirtioRng  # noqa: E402
-from corral.devices.virtio.vsock import VirtioVsock  # noqa: E402
-
 from support.fakes import FakeLoop
 from support.virtio_driver import DATA, Driver
+
+from corral.backends.console import ConsoleBackend
+from corral.backends.disk import open_disk
+from corral.backends.unix_socket import listen_unix
+from corral.devices.virtio.balloon import VirtioBalloon
+from corral.devices.virtio.blk import VirtioBlock
+from corral.devices.virtio.console import VirtioConsole
+from corral.devices.virtio.rng import VirtioRng
+from corral.devices.virtio.vsock import VirtioVsock
 
 DEVICES = ["blk", "rng", "console", "balloon", "vsock", "net"]
 
@@ -43,22 +42,27 @@ def make(kind: str, tmp: Path):
     if kind == "vsock":
         uds = tmp / f"v{uuid.uuid4().hex[:6]}.sock"
         return VirtioVsock(5, listen_unix(uds, "vsock socket", "vsock.uds_path"), loop), loop
-    from corral.devices.virtio.net import VirtioNet
     from corral.backends.tap import Tap
+    from corral.devices.virtio.net import VirtioNet
 
     return VirtioNet(Tap("crlf" + uuid.uuid4().hex[:8]), bytes.fromhex("525400000001"), loop), loop
 
 
-descriptor = st.tuples(st.one_of(st.integers(0, 1 << 25), st.integers(0, 1 << 64 - 1)),
-                       st.one_of(st.integers(0, 8192), st.integers(0, 1 << 32 - 1)),
-                       st.integers(0, 7), st.integers(0, 300))
+descriptor = st.tuples(
+    st.one_of(st.integers(0, 1 << 25), st.integers(0, 1 << 64 - 1)),
+    st.one_of(st.integers(0, 8192), st.integers(0, 1 << 32 - 1)),
+    st.integers(0, 7),
+    st.integers(0, 300),
+)
 
 
 @pytest.mark.parametrize("kind", DEVICES)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(descs=st.lists(descriptor, min_size=1, max_size=40),
-       heads=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 300)), min_size=1, max_size=12),
-       junk=st.binary(min_size=64, max_size=4096))
+@given(
+    descs=st.lists(descriptor, min_size=1, max_size=40),
+    heads=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 300)), min_size=1, max_size=12),
+    junk=st.binary(min_size=64, max_size=4096),
+)
 def test_hostile_queues_never_break_the_vmm(tmp_path_factory, kind, descs, heads, junk):
     if kind == "net" and (os.geteuid() != 0 or not os.path.exists("/dev/net/tun")):
         pytest.skip("needs root for a tap")
@@ -68,18 +72,22 @@ def test_hostile_queues_never_break_the_vmm(tmp_path_factory, kind, descs, heads
     try:
         d.setup()
         nq = len(dev.queue_sizes)
-        d.mem.write(DATA, (junk * (65536 // len(junk) + 1))[:65536])    # garbage "requests"
+        d.mem.write(DATA, (junk * (65536 // len(junk) + 1))[:65536])  # garbage "requests"
         for q in range(nq):
             table, _, _ = d.rings(q)
             for i, (addr, n, flags, nxt) in enumerate(descs):
-                d.mem.write(table + 16 * i, (addr & (1 << 64) - 1).to_bytes(8, "little")
-                            + (n & 0xFFFF_FFFF).to_bytes(4, "little") + flags.to_bytes(2, "little")
-                            + nxt.to_bytes(2, "little"))
+                d.mem.write(
+                    table + 16 * i,
+                    (addr & (1 << 64) - 1).to_bytes(8, "little")
+                    + (n & 0xFFFF_FFFF).to_bytes(4, "little")
+                    + flags.to_bytes(2, "little")
+                    + nxt.to_bytes(2, "little"),
+                )
         for q, h in heads:
             d.put_avail(q % nq, h)
         loop.run_ready(timeout=0.01)
-        d.status()                                     # the transport still answers
-        d.setup()                                      # and a reset brings the device back
+        d.status()  # the transport still answers
+        d.setup()  # and a reset brings the device back
         assert not dev.broken
     finally:
         d.close()

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import struct
 
-from corral.devices.virtio.balloon import F_PAGE_REPORTING, F_STATS_VQ, VirtioBalloon  # noqa: E402
-
 from support.virtio_driver import Driver
 
+from corral.devices.virtio.balloon import F_PAGE_REPORTING, F_STATS_VQ, VirtioBalloon
+
 MiB = 1 << 20
-REGION = 8 * MiB          # the guest's pages to give away
+REGION = 8 * MiB  # the guest's pages to give away
 
 
 def filled(d: Driver) -> int:
-    d.mem.write(REGION, b"\xA5" * (4 * MiB))
+    d.mem.write(REGION, b"\xa5" * (4 * MiB))
     return d.mem.resident_bytes()
 
 
@@ -26,13 +26,13 @@ def test_inflate_returns_pages_to_the_host():
         before = filled(d)
         generation = d.fn.config_generation
         dev.set_target_bytes(4 * MiB)
-        assert d.fn.config_generation == generation + 1            # the driver was told
-        assert d.config(0, 4) == 1024                              # num_pages for the driver
+        assert d.fn.config_generation == generation + 1  # the driver was told
+        assert d.config(0, 4) == 1024  # num_pages for the driver
         pfns = [(REGION >> 12) + i for i in range(1024)]
         d.submit(0, [(d.alloc(struct.pack(f"<{len(pfns)}I", *pfns)), False)])
-        d.fn.bar_write(0, 0x2000 + 4, 4, 1024)                     # driver writes `actual`
-        assert d.mem.resident_bytes() <= before - 4 * MiB + 64 * 1024   # (ring pages come and go)
-        assert d.mem.read(REGION, 16) == bytes(16)                 # gone: reads as zeros
+        d.fn.bar_write(0, 0x2000 + 4, 4, 1024)  # driver writes `actual`
+        assert d.mem.resident_bytes() <= before - 4 * MiB + 64 * 1024  # (ring pages come and go)
+        assert d.mem.read(REGION, 16) == bytes(16)  # gone: reads as zeros
         assert dev.counters["inflated"] == 1024 and dev.actual_pages == 1024
         info = dev.info(d.mem.resident_bytes(), None, timeout=0)
         assert info.target_bytes == info.actual_bytes == 4 * MiB and info.inflated == 1024
@@ -53,7 +53,7 @@ def test_free_page_reporting_and_stats():
         before = filled(d)
         # a report: the writable buffers are the free ranges themselves (queue 3 with stats on)
         d.submit(3, [((REGION, 2 * MiB), True), ((REGION + 2 * MiB, 2 * MiB), True)])
-        assert d.mem.resident_bytes() <= before - 4 * MiB + 64 * 1024   # (ring pages come and go)
+        assert d.mem.resident_bytes() <= before - 4 * MiB + 64 * 1024  # (ring pages come and go)
         assert dev.counters["reported_bytes"] == 4 * MiB
         assert [h for h, _ in d.used(3)] == [0]
         # stats: the driver's buffer is kept; handing it back asks for new numbers
@@ -65,9 +65,9 @@ def test_free_page_reporting_and_stats():
         d.submit(2, [(d.alloc(struct.pack("<HQ", 4, 99 * MiB)), False)])
         asked = []
         info = dev.info(12345, lambda fn: asked.append(fn), timeout=0.01)
-        assert len(asked) == 1 and d.used(2) == []                   # on the loop, not yet
+        assert len(asked) == 1 and d.used(2) == []  # on the loop, not yet
         asked[0]()
-        assert len(d.used(2)) == 1                                   # the buffer went back
+        assert len(d.used(2)) == 1  # the buffer went back
         assert info.stats == {"free_memory": 99 * MiB} and info.host_resident_bytes == 12345
         assert info.reported_bytes == 4 * MiB and info.target_bytes == 0
     finally:
@@ -79,7 +79,7 @@ def test_hostile_page_numbers_are_skipped():
     d = Driver(dev)
     try:
         d.setup()
-        bad = [0xFFFF_FFFF, (16 * MiB) >> 12, 0x12345678]          # outside the 16 MiB of RAM
+        bad = [0xFFFF_FFFF, (16 * MiB) >> 12, 0x12345678]  # outside the 16 MiB of RAM
         d.submit(0, [(d.alloc(struct.pack("<3I", *bad)), False)])
         assert dev.counters["bad_pfns"] == 3 and dev.counters["inflated"] == 0
         assert not dev.broken
@@ -96,9 +96,9 @@ def test_queue_numbers_follow_negotiated_features():
     dev = VirtioBalloon()
     d = Driver(dev)
     try:
-        d.setup(features=~F_STATS_VQ & (1 << 64) - 1)              # reporting, no stats
+        d.setup(features=~F_STATS_VQ & (1 << 64) - 1)  # reporting, no stats
         before = filled(d)
-        d.submit(2, [((REGION, 4 * MiB), True)])                    # reporting is queue 2 now
-        assert d.mem.resident_bytes() <= before - 4 * MiB + 64 * 1024   # (ring pages come and go)
+        d.submit(2, [((REGION, 4 * MiB), True)])  # reporting is queue 2 now
+        assert d.mem.resident_bytes() <= before - 4 * MiB + 64 * 1024  # (ring pages come and go)
     finally:
         d.close()

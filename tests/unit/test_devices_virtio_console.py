@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from corral.backends.console import ConsoleBackend  # noqa: E402
-from corral.devices.virtio.console import VirtioConsole  # noqa: E402
-from corral.errors import ConfigError  # noqa: E402
-
 from support.fakes import FakeLoop
 from support.virtio_driver import Driver
+
+from corral.backends.console import ConsoleBackend
+from corral.devices.virtio.console import VirtioConsole
+from corral.errors import ConfigError
 
 
 def test_pty_both_ways():
@@ -30,7 +29,7 @@ def test_pty_both_ways():
         d.kick(0)
         os.write(user, b"typed by the user")
         loop.run_ready(timeout=2)
-        (head, n), = d.used(0)
+        ((head, n),) = d.used(0)
         assert d.mem.read(bufs[head][0], n) == b"typed by the user"
     finally:
         os.close(user)
@@ -45,11 +44,11 @@ def test_input_waits_for_buffers():
     try:
         d.setup()
         os.write(user, b"early")
-        loop.run_ready(timeout=1)              # no buffers: nothing read, the pty stops being watched
+        loop.run_ready(timeout=1)  # no buffers: nothing read, the pty stops being watched
         assert backend.fd not in loop.readers
         b = d.alloc(64)
-        d.submit(0, [(b, True)])               # the kick reads what waited
-        (head, n), = d.used(0)
+        d.submit(0, [(b, True)])  # the kick reads what waited
+        ((head, n),) = d.used(0)
         assert d.mem.read(b[0], n) == b"early"
     finally:
         os.close(user)

@@ -11,22 +11,23 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from corral.config import NetConfig  # noqa: E402
-from corral.devices.virtio.net import F_MRG_RXBUF, VirtioNet  # noqa: E402
-from corral.errors import ConfigError, HostError  # noqa: E402
-from corral.backends.tap import Tap  # noqa: E402
-
 from support.fakes import FakeLoop
 from support.virtio_driver import Driver
 
+from corral.backends.tap import Tap
+from corral.config import NetConfig
+from corral.devices.virtio.net import F_MRG_RXBUF, VirtioNet
+from corral.errors import ConfigError, HostError
+
 ETH_P_ALL = 0x0003
-ETHERTYPE = 0x88B5                      # IEEE local experimental: nothing on the host answers it
+ETHERTYPE = 0x88B5  # IEEE local experimental: nothing on the host answers it
 GUEST_MAC = bytes.fromhex("525400c0ffee")
 HOST_MAC = bytes.fromhex("525400aabbcc")
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
-                                reason="needs root and /dev/net/tun to create taps")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+    reason="needs root and /dev/net/tun to create taps",
+)
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def received(d: Driver, loop: FakeLoop, dev: VirtioNet, bufs, payload: bytes):
         while i < len(done):
             head = done[i][0]
             count = struct.unpack_from("<H", d.mem.read(bufs[head][0], 12), 10)[0]
-            group = done[i:i + count]
+            group = done[i : i + count]
             data = b"".join(d.mem.read(bufs[h][0], n) for h, n in group)
             if payload in data:
                 return group, data
@@ -85,7 +86,7 @@ def test_config_space_has_mac_and_link_up(net):
     d, _, _, _ = net
     d.setup()
     assert bytes(d.config(i, 1) for i in range(6)) == GUEST_MAC
-    assert d.config(6, 2) == 1                                  # VIRTIO_NET_S_LINK_UP
+    assert d.config(6, 2) == 1  # VIRTIO_NET_S_LINK_UP
 
 
 def test_guest_frame_reaches_the_host(net):
@@ -110,7 +111,7 @@ def test_host_frame_reaches_the_guest(net):
     done, data = received(d, loop, dev, bufs, payload)
     assert len(done) == 1
     hdr, eth = data[:12], data[12:]
-    assert struct.unpack_from("<H", hdr, 10)[0] == 1            # num_buffers
+    assert struct.unpack_from("<H", hdr, 10)[0] == 1  # num_buffers
     assert eth[:6] == GUEST_MAC and payload in eth
 
 
@@ -125,9 +126,9 @@ def test_large_frame_spans_mergeable_buffers(net):
     payload = bytes(range(256)) * 3
     sock.send(frame(GUEST_MAC, HOST_MAC, payload))
     done, data = received(d, loop, dev, bufs, payload)
-    assert len(done) == 4                                        # 12 + 14 + 768 bytes in 256s
+    assert len(done) == 4  # 12 + 14 + 768 bytes in 256s
     assert [n for _, n in done] == [256, 256, 256, 12 + 14 + 768 - 3 * 256]
-    assert data[12 + 14:] == payload
+    assert data[12 + 14 :] == payload
 
 
 def test_small_buffers_without_mergeable_drop_the_frame(net):
@@ -144,11 +145,11 @@ def test_frame_waits_for_buffers_instead_of_being_lost(net):
     d.setup()
     payload = b"corral-wait-" + uuid.uuid4().hex.encode()
     sock.send(frame(GUEST_MAC, HOST_MAC, payload))
-    pump(loop, dev)                                              # no buffers yet
-    assert dev.tap.fd not in loop.readers                        # the tap is parked, not spinning
+    pump(loop, dev)  # no buffers yet
+    assert dev.tap.fd not in loop.readers  # the tap is parked, not spinning
     buf = d.alloc(2048)
-    d.submit(0, [(buf, True)])                                   # the kick delivers it
-    (head, n), = d.used(0)
+    d.submit(0, [(buf, True)])  # the kick delivers it
+    ((head, n),) = d.used(0)
     assert payload in d.mem.read(buf[0], n)
     assert dev.tap.fd in loop.readers
 
@@ -156,8 +157,8 @@ def test_frame_waits_for_buffers_instead_of_being_lost(net):
 def test_hostile_tx_chains_never_break_the_device(net):
     d, _, _, dev = net
     d.setup()
-    d.submit(1, [(d.alloc(4), False)])                           # shorter than the header
-    d.submit(1, [(d.alloc(64), True)])                           # write-only: no frame at all
+    d.submit(1, [(d.alloc(4), False)])  # shorter than the header
+    d.submit(1, [(d.alloc(64), True)])  # write-only: no frame at all
     assert len(d.used(1)) == 2 and dev.stats["tx_dropped"] == 2 and not dev.broken
 
 
@@ -182,11 +183,11 @@ def test_host_ip_is_set_up_with_pyroute2():
     tap = Tap(name, host_ip="10.213.7.1/24")
     try:
         addrs = open(f"/sys/class/net/{name}/operstate").read()
-        assert addrs.strip() in ("up", "unknown", "down")          # no carrier until opened: fine
+        assert addrs.strip() in ("up", "unknown", "down")  # no carrier until opened: fine
         import subprocess
-        out = subprocess.run(["ip", "-o", "addr", "show", "dev", name], capture_output=True,
-                             text=True).stdout
+
+        out = subprocess.run(["ip", "-o", "addr", "show", "dev", name], capture_output=True, text=True).stdout
         assert "10.213.7.1/24" in out
     finally:
         tap.close()
-    assert not os.path.exists(f"/sys/class/net/{name}")            # created by us: gone with us
+    assert not os.path.exists(f"/sys/class/net/{name}")  # created by us: gone with us

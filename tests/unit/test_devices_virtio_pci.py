@@ -10,6 +10,9 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.fakes import FakeDoorbells, FakeLoop, FakeVector
+from support.virtio_driver import BLK_SECTORS as SECTORS
+from support.virtio_driver import Driver, blk_request
 
 from corral.backends.disk import open_disk
 from corral.devices.base import StateError
@@ -18,16 +21,13 @@ from corral.devices.virtio.blk import F_FLUSH, F_RO, S_OK, T_IN, VirtioBlock
 from corral.devices.virtio.pci import NOTIFY_OFF
 from corral.devices.virtio.rng import VirtioRng
 
-from support.fakes import FakeDoorbells, FakeLoop, FakeVector
-from support.virtio_driver import BLK_SECTORS as SECTORS, Driver, blk_request
-
 
 def test_identity_and_features(blk):
-    assert blk.fn.config.read(0, 4) == (0x1042 << 16) | 0x1AF4       # modern virtio-blk
-    assert blk.fn.config.read(0x08, 1) == 1                          # revision 1
+    assert blk.fn.config.read(0, 4) == (0x1042 << 16) | 0x1AF4  # modern virtio-blk
+    assert blk.fn.config.read(0x08, 1) == 1  # revision 1
     f = blk.device_features()
     assert f & F_VERSION_1 and f & F_FLUSH and not f & F_RO
-    assert blk.config(0, 8) == SECTORS                               # capacity in sectors
+    assert blk.config(0, 8) == SECTORS  # capacity in sectors
 
 
 def test_features_never_offered_are_refused(blk_image):
@@ -35,7 +35,7 @@ def test_features_never_offered_are_refused(blk_image):
     try:
         d.wr(0x14, 1, 3)
         d.wr(0x08, 4, 1)
-        d.wr(0x0C, 4, 1 | (1 << 20))           # VERSION_1 plus an unknown high bit
+        d.wr(0x0C, 4, 1 | (1 << 20))  # VERSION_1 plus an unknown high bit
         d.wr(0x14, 1, 3 | STATUS_FEATURES_OK)
         assert not d.status() & STATUS_FEATURES_OK
     finally:
@@ -46,7 +46,7 @@ def test_interrupt_through_isr(blk):
     before = blk.irq.raised
     blk_request(blk, T_IN, 0, read_len=512)
     assert blk.irq.raised == before + 1 and blk.irq.level
-    assert blk.isr() == 1 and not blk.irq.level                       # reading acknowledges
+    assert blk.isr() == 1 and not blk.irq.level  # reading acknowledges
     assert blk.isr() == 0
 
 
@@ -80,12 +80,12 @@ def test_a_kick_that_overtakes_activation_is_not_lost():
         d.fn.bars_moved([0xE000_0000])
         d.setup(driver_ok=False)
         loop.held = True
-        d.driver_ok()                                    # activation queued, not run
+        d.driver_ok()  # activation queued, not run
         buf = d.alloc(64)
         head = d.submit(0, [(buf, True)], kick=False)
         doorbells.callbacks[0xE000_0000 + NOTIFY_OFF]()  # the ioeventfd's callback runs first
-        assert d.used(0) == []                           # nothing active yet: nothing served
-        loop.run()                                       # then the activation
+        assert d.used(0) == []  # nothing active yet: nothing served
+        loop.run()  # then the activation
         assert d.used(0) == [(head, 64)]
     finally:
         d.close()
@@ -99,7 +99,7 @@ def test_a_reset_the_loop_runs_late_does_not_undo_the_drivers_setup():
     d = Driver(VirtioRng(), loop=loop)
     try:
         loop.held = True
-        d.setup()                                    # reset, ..., DRIVER_OK: all queued
+        d.setup()  # reset, ..., DRIVER_OK: all queued
         assert d.status() & STATUS_FEATURES_OK
         loop.run()
         buf = d.alloc(64)
@@ -121,19 +121,22 @@ def test_reset_returns_to_initial_state(blk):
 def test_looping_chain_marks_needs_reset_and_vmm_survives(blk):
     desc, _, _ = blk.rings(0)
     blk.mem.write(desc, struct.pack("<QIHH", 0x100000, 16, 1, 1))
-    blk.mem.write(desc + 16, struct.pack("<QIHH", 0x100000, 16, 1, 0))   # 0 -> 1 -> 0 ...
+    blk.mem.write(desc + 16, struct.pack("<QIHH", 0x100000, 16, 1, 0))  # 0 -> 1 -> 0 ...
     blk.put_avail(0, 0)
     assert blk.status() & STATUS_NEEDS_RESET
-    blk.setup()                                                            # a reset recovers
+    blk.setup()  # a reset recovers
     assert blk_request(blk, T_IN, 1, read_len=512)[0] == S_OK
 
 
-@pytest.mark.parametrize("desc", [
-    struct.pack("<QIHH", 0xFFFF_FFFF_0000, 512, 0, 0),       # outside RAM
-    struct.pack("<QIHH", 15 * (1 << 20), 2 << 20, 0, 0),      # runs off the end of RAM
-    struct.pack("<QIHH", 0x100000, 16, 1, 999),               # next beyond the table
-    struct.pack("<QIHH", 0x100000, 17, 4, 0),                 # indirect table not whole descriptors
-])
+@pytest.mark.parametrize(
+    "desc",
+    [
+        struct.pack("<QIHH", 0xFFFF_FFFF_0000, 512, 0, 0),  # outside RAM
+        struct.pack("<QIHH", 15 * (1 << 20), 2 << 20, 0, 0),  # runs off the end of RAM
+        struct.pack("<QIHH", 0x100000, 16, 1, 999),  # next beyond the table
+        struct.pack("<QIHH", 0x100000, 17, 4, 0),  # indirect table not whole descriptors
+    ],
+)
 def test_bad_descriptors_never_raise(blk, desc):
     d0, _, _ = blk.rings(0)
     blk.mem.write(d0, desc)
@@ -143,10 +146,10 @@ def test_bad_descriptors_never_raise(blk, desc):
 
 def test_bad_head_and_runaway_avail_index(blk):
     _, avail, _ = blk.rings(0)
-    blk.put_avail(0, 1000)                                    # head beyond the queue
+    blk.put_avail(0, 1000)  # head beyond the queue
     assert blk.status() & STATUS_NEEDS_RESET
     blk.setup()
-    blk.mem.write(avail + 2, struct.pack("<H", 500))         # 500 entries "available" in a 64 queue
+    blk.mem.write(avail + 2, struct.pack("<H", 500))  # 500 entries "available" in a 64 queue
     blk.kick(0)
     assert blk.status() & STATUS_NEEDS_RESET
 
@@ -159,7 +162,7 @@ def test_rings_outside_ram_fail_activation(blk_image):
         d.wr(0x0C, 4, 1)
         d.wr(0x14, 1, 11)
         d.wr(0x16, 2, 0)
-        d.wr(0x20, 4, 0xFFFF_0000)           # descriptor table in the MMIO hole
+        d.wr(0x20, 4, 0xFFFF_0000)  # descriptor table in the MMIO hole
         d.wr(0x1C, 2, 1)
         d.wr(0x14, 1, 15)
         assert d.status() & STATUS_NEEDS_RESET
@@ -168,9 +171,14 @@ def test_rings_outside_ram_fail_activation(blk_image):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 1 << 25), st.integers(0, 1 << 21), st.integers(0, 7),
-                          st.integers(0, 70)), min_size=1, max_size=64),
-       st.lists(st.integers(0, 70), min_size=1, max_size=8))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 1 << 25), st.integers(0, 1 << 21), st.integers(0, 7), st.integers(0, 70)),
+        min_size=1,
+        max_size=64,
+    ),
+    st.lists(st.integers(0, 70), min_size=1, max_size=8),
+)
 def test_random_rings_never_break_the_vmm(tmp_path_factory, descs, heads):
     path = tmp_path_factory.mktemp("fuzz") / "d.img"
     path.write_bytes(bytes(64 * 512))
@@ -213,13 +221,13 @@ def test_msix_vectors_deliver_queue_interrupts(blk_image):
     d = Driver(VirtioBlock(open_disk(str(blk_image))), vectors=vectors)
     try:
         cap = msix_cap(d)
-        assert d.fn.config.read(cap + 2, 2) & 0x7FF == 1                 # table size 2
-        assert d.fn.config.read(cap + 4, 4) == MSIX_TABLE_OFF           # table in BAR 0
-        d.setup(features=~(1 << 29) & (1 << 64) - 1)                     # no EVENT_IDX: every completion
+        assert d.fn.config.read(cap + 2, 2) & 0x7FF == 1  # table size 2
+        assert d.fn.config.read(cap + 4, 4) == MSIX_TABLE_OFF  # table in BAR 0
+        d.setup(features=~(1 << 29) & (1 << 64) - 1)  # no EVENT_IDX: every completion
         d.wr(0x16, 2, 0)
-        d.wr(0x1A, 2, 1)                                                # queue 0 -> vector 1
+        d.wr(0x1A, 2, 1)  # queue 0 -> vector 1
         assert d.rd(0x1A, 2) == 1
-        d.wr(0x1A, 2, 7)                                                # no such vector: refused
+        d.wr(0x1A, 2, 7)  # no such vector: refused
         assert d.rd(0x1A, 2) == 0xFFFF
         d.wr(0x1A, 2, 1)
         # program vector 1 (address, data, unmasked), then enable MSI-X in config space
@@ -229,7 +237,7 @@ def test_msix_vectors_deliver_queue_interrupts(blk_image):
         d.fn.config_written(cap + 2, 2)
         assert (vectors[1].address, vectors[1].data, vectors[1].masked) == (0xFEE0_0000, 0x41, False)
         blk_request(d, T_IN, 0, read_len=512)
-        assert vectors[1].fired == 1 and d.irq.raised == 0              # MSI-X, not INTx
+        assert vectors[1].fired == 1 and d.irq.raised == 0  # MSI-X, not INTx
         # function mask: the interrupt waits in the PBA and arrives on unmask
         d.fn.config.write(cap + 2, 2, (1 << 15) | (1 << 14))
         d.fn.config_written(cap + 2, 2)
@@ -269,19 +277,21 @@ def test_state_carries_a_live_device_to_a_new_one(blk_image):
             assert blk_request(d, T_IN, 1, read_len=512)[0] == S_OK
         st_buf = d.alloc(1)
         rd = d.alloc(512)
-        head = d.submit(0, [(d.alloc(struct.pack("<IIQ", T_IN, 0, 5)), False), (rd, True),
-                            (st_buf, True)], kick=False)
+        head = d.submit(
+            0, [(d.alloc(struct.pack("<IIQ", T_IN, 0, 5)), False), (rd, True), (st_buf, True)], kick=False
+        )
         state = VirtioPciState.model_validate_json(d.fn.save_state().model_dump_json())
         config = bytes(d.fn.config.data)
         d.device.close()
 
         new_vectors = [FakeVector(), FakeVector()]
-        fn = VirtioPciDevice(VirtioBlock(open_disk(str(blk_image))), d.mem, d.irq, FakeLoop(), FakeDoorbells(),
-                             new_vectors)
+        fn = VirtioPciDevice(
+            VirtioBlock(open_disk(str(blk_image))), d.mem, d.irq, FakeLoop(), FakeDoorbells(), new_vectors
+        )
         fn.config.data[:] = config
         fn.load_state(state)
         d.fn, d.device = fn, fn.device
-        assert d.used(0) == [(head, 513)]                       # served on load
+        assert d.used(0) == [(head, 513)]  # served on load
         assert d.mem.read(st_buf[0], 1)[0] == S_OK and d.mem.read(*rd)[:8] == struct.pack("<Q", 5)
         assert d.status() == state.status and d.device_features() == d.fn.offered
         status, data, _ = blk_request(d, T_IN, 7, read_len=512)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from corral.devices.virtio.rng import VirtioRng
-
 from support.virtio_driver import Driver
+
+from corral.devices.virtio.rng import VirtioRng
 
 
 def test_rng_fills_buffers():
@@ -15,6 +15,6 @@ def test_rng_fills_buffers():
         head = d.submit(0, [(buf, True)])
         assert d.used(0) == [(head, 4096)]
         data = d.mem.read(*buf)
-        assert len(set(data)) > 200          # random, not zeros
+        assert len(set(data)) > 200  # random, not zeros
     finally:
         d.close()

@@ -8,15 +8,23 @@ import struct
 from pathlib import Path
 
 import pytest
-
-from corral.backends.unix_socket import listen_unix  # noqa: E402
-from corral.devices.virtio.vsock import (HDR, HOST_CID, OP_CREDIT_UPDATE, OP_REQUEST,  # noqa: E402
-                                         OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, TYPE_STREAM,
-                                         VirtioVsock)
-from corral.errors import ConfigError  # noqa: E402
-
 from support.fakes import FakeLoop
 from support.virtio_driver import Driver
+
+from corral.backends.unix_socket import listen_unix
+from corral.devices.virtio.vsock import (
+    HDR,
+    HOST_CID,
+    OP_CREDIT_UPDATE,
+    OP_REQUEST,
+    OP_RESPONSE,
+    OP_RST,
+    OP_RW,
+    OP_SHUTDOWN,
+    TYPE_STREAM,
+    VirtioVsock,
+)
+from corral.errors import ConfigError
 
 CID = 7
 GUEST_BUF = 64 * 1024
@@ -46,16 +54,36 @@ class Guest:
         out = []
         for head, n in self.d.used(0):
             raw = self.d.mem.read(self.bufs[head][0], n)
-            out.append((HDR.unpack(raw[:HDR.size]), raw[HDR.size:]))
+            out.append((HDR.unpack(raw[: HDR.size]), raw[HDR.size :]))
             self.post()
         self.d.kick(0)
         return out
 
-    def send(self, op: int, src_port: int, dst_port: int, payload: bytes = b"", *, flags: int = 0,
-             src_cid: int = CID, dst_cid: int = HOST_CID, length: int | None = None,
-             buf_alloc: int = GUEST_BUF) -> None:
-        hdr = HDR.pack(src_cid, dst_cid, src_port, dst_port, len(payload) if length is None else length,
-                       TYPE_STREAM, op, flags, buf_alloc, self.fwd)
+    def send(
+        self,
+        op: int,
+        src_port: int,
+        dst_port: int,
+        payload: bytes = b"",
+        *,
+        flags: int = 0,
+        src_cid: int = CID,
+        dst_cid: int = HOST_CID,
+        length: int | None = None,
+        buf_alloc: int = GUEST_BUF,
+    ) -> None:
+        hdr = HDR.pack(
+            src_cid,
+            dst_cid,
+            src_port,
+            dst_port,
+            len(payload) if length is None else length,
+            TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc,
+            self.fwd,
+        )
         self.d.submit(1, [(self.d.alloc(hdr + payload), False)])
         self.d.used(1)
         self.loop.run_ready()
@@ -82,7 +110,7 @@ def host_connect(g: Guest, port: int) -> socket.socket:
 
 def test_host_connects_to_a_listening_guest_and_data_flows(guest):
     s = host_connect(guest, 5000)
-    (hdr, _), = guest.packets()
+    ((hdr, _),) = guest.packets()
     src_cid, dst_cid, src_port, dst_port, _, _, op, *_ = hdr
     assert (src_cid, dst_cid, dst_port, op) == (HOST_CID, CID, 5000, OP_REQUEST)
     guest.send(OP_RESPONSE, 5000, src_port)
@@ -92,7 +120,7 @@ def test_host_connects_to_a_listening_guest_and_data_flows(guest):
     assert [(h[6], p) for h, p in pkts] == [(OP_RW, b"ping from the host")]
     guest.send(OP_RW, 5000, src_port, b"pong from the guest")
     assert s.recv(64) == b"pong from the guest"
-    s.close()                                            # host hangs up: the guest is told
+    s.close()  # host hangs up: the guest is told
     assert [h[6] for h, _ in guest.packets()] == [OP_SHUTDOWN]
     guest.send(OP_RST, 5000, src_port)
     assert not guest.dev.conns
@@ -100,9 +128,9 @@ def test_host_connects_to_a_listening_guest_and_data_flows(guest):
 
 def test_guest_refuses_the_host(guest):
     s = host_connect(guest, 5001)
-    (hdr, _), = guest.packets()
+    ((hdr, _),) = guest.packets()
     guest.send(OP_RST, 5001, hdr[2])
-    assert s.recv(64) == b""                              # closed without OK
+    assert s.recv(64) == b""  # closed without OK
     assert not guest.dev.conns
 
 
@@ -114,7 +142,7 @@ def test_guest_connects_to_a_host_listener(guest, tmp_path):
     guest.send(OP_REQUEST, 1234, 6000)
     conn, _ = srv.accept()
     conn.settimeout(5)
-    (hdr, _), = guest.packets()
+    ((hdr, _),) = guest.packets()
     assert hdr[6] == OP_RESPONSE and (hdr[2], hdr[3]) == (6000, 1234)
     guest.send(OP_RW, 1234, 6000, b"hello host")
     assert conn.recv(64) == b"hello host"
@@ -126,20 +154,20 @@ def test_guest_connects_to_a_host_listener(guest, tmp_path):
 
 def test_nothing_listening_means_reset(guest):
     guest.send(OP_REQUEST, 1234, 6001)
-    (hdr, _), = guest.packets()
+    ((hdr, _),) = guest.packets()
     assert hdr[6] == OP_RST and (hdr[2], hdr[3]) == (6001, 1234)
 
 
 def test_the_host_never_sends_beyond_the_guests_credit(guest):
     s = host_connect(guest, 5002)
-    (hdr, _), = guest.packets()
+    ((hdr, _),) = guest.packets()
     port = hdr[2]
-    guest.send(OP_RESPONSE, 5002, port, buf_alloc=1000)      # the guest can hold 1000 bytes
+    guest.send(OP_RESPONSE, 5002, port, buf_alloc=1000)  # the guest can hold 1000 bytes
     s.recv(64)
     s.sendall(b"x" * 5000)
     got = sum(len(p) for h, p in guest.packets() if h[6] == OP_RW)
     assert got == 1000
-    guest.fwd = 1000                                          # consumed: credit for 1000 more
+    guest.fwd = 1000  # consumed: credit for 1000 more
     guest.send(OP_CREDIT_UPDATE, 5002, port, buf_alloc=1000)
     got = sum(len(p) for h, p in guest.packets() if h[6] == OP_RW)
     assert got == 1000
@@ -148,7 +176,7 @@ def test_the_host_never_sends_beyond_the_guests_credit(guest):
 
 def test_hostile_packets_are_reset_not_fatal(guest):
     s = host_connect(guest, 5003)
-    (hdr, _), = guest.packets()
+    ((hdr, _),) = guest.packets()
     port = hdr[2]
     guest.send(OP_RESPONSE, 5003, port)
     s.recv(64)
@@ -184,5 +212,5 @@ def test_restore_tells_the_guest_its_streams_are_gone(guest):
     guest.d.submit(2, [(ev, True)], kick=False)
     guest.dev.load_state(VsockState(guest_cid=CID))
     guest.d.kick(0)
-    (head, n), = guest.d.used(2)
-    assert n == 4 and struct.unpack("<I", guest.d.mem.read(ev[0], 4))[0] == 0   # TRANSPORT_RESET
+    ((head, n),) = guest.d.used(2)
+    assert n == 4 and struct.unpack("<I", guest.d.mem.read(ev[0], 4))[0] == 0  # TRANSPORT_RESET

@@ -51,7 +51,7 @@ def test_reader_runs_on_the_loop_thread_when_its_fd_is_readable(loop):
 
     loop.add_reader(fd, on_read)
     loop.start()
-    assert not ran.wait(0.05)          # nothing to read yet
+    assert not ran.wait(0.05)  # nothing to read yet
     os.eventfd_write(fd, 1)
     assert ran.wait(WAIT)
     assert seen == ["test-loop"]
@@ -70,7 +70,7 @@ def test_removed_reader_is_not_called_again(loop):
         time.sleep(0.005)
     assert calls == [1]
     loop.remove_reader(fd)
-    os.eventfd_write(fd, 1)            # readable, but nobody listens now
+    os.eventfd_write(fd, 1)  # readable, but nobody listens now
     time.sleep(0.05)
     _barrier(loop)
     assert calls == [1]
@@ -85,7 +85,7 @@ def test_reader_and_writer_share_one_fd_and_are_removed_independently(loop):
 
     def on_write():
         wrote.set()
-        loop.remove_writer(a.fileno())   # nothing more to send
+        loop.remove_writer(a.fileno())  # nothing more to send
 
     def on_read():
         got.append(a.recv(16))
@@ -94,9 +94,9 @@ def test_reader_and_writer_share_one_fd_and_are_removed_independently(loop):
     loop.add_reader(a.fileno(), on_read)
     loop.add_writer(a.fileno(), on_write)
     loop.start()
-    assert wrote.wait(WAIT)            # a fresh socket is writable at once
+    assert wrote.wait(WAIT)  # a fresh socket is writable at once
     assert not read.is_set()
-    b.send(b"ping")                    # the reader survived the writer's removal
+    b.send(b"ping")  # the reader survived the writer's removal
     assert read.wait(WAIT)
     assert got == [b"ping"]
     loop.remove_reader(a.fileno())
@@ -118,9 +118,11 @@ def test_call_soon_from_many_threads_runs_every_call_on_the_loop_in_order_per_th
 
     def producer(t):
         for i in range(200):
+
             def call(t=t, i=i):
                 threads_seen.add(threading.current_thread().name)
                 ran[t].append(i)
+
             loop.call_soon(call)
 
     workers = [threading.Thread(target=producer, args=(t,)) for t in range(4)]
@@ -158,7 +160,7 @@ def test_a_failing_handler_is_logged_and_the_loop_keeps_serving_others(loop, cap
         os.eventfd_write(good, 1)
         assert ok.wait(WAIT)
         ok.clear()
-        os.eventfd_write(bad, 1)       # the failing device fails again; others still run
+        os.eventfd_write(bad, 1)  # the failing device fails again; others still run
         os.eventfd_write(good, 1)
         assert ok.wait(WAIT)
     assert loop._thread is not None and loop._thread.is_alive()
@@ -176,7 +178,7 @@ def test_a_failing_call_does_not_hold_back_the_calls_queued_behind_it(loop):
         raise RuntimeError("teardown bug")
 
     loop.call_soon(explode)
-    loop.call_soon(ran.set)          # queued together: one wake-up drains both
+    loop.call_soon(ran.set)  # queued together: one wake-up drains both
     loop.start()
     assert ran.wait(1.0)
 
@@ -195,21 +197,21 @@ def test_pause_holds_the_loop_between_callbacks_until_resume(loop):
     assert loop.pause(WAIT) is True
     os.eventfd_write(fd, 1)
     os.eventfd_write(fd, 2)
-    assert not rang.wait(0.1)          # held: the doorbell waits in its eventfd
+    assert not rang.wait(0.1)  # held: the doorbell waits in its eventfd
     assert counts == []
     loop.resume()
     assert rang.wait(WAIT)
-    assert counts == [3]               # both rings arrive, counted by the eventfd
+    assert counts == [3]  # both rings arrive, counted by the eventfd
     loop.remove_reader(fd)
     os.close(fd)
 
 
 def test_pause_on_a_loop_not_started_and_a_second_pause_return_true_at_once(loop):
-    assert loop.pause(0.01) is True    # no thread: nothing to hold
+    assert loop.pause(0.01) is True  # no thread: nothing to hold
     loop.start()
     assert loop.pause(WAIT) is True
     t0 = time.monotonic()
-    assert loop.pause(WAIT) is True    # already held
+    assert loop.pause(WAIT) is True  # already held
     assert time.monotonic() - t0 < 1.0
     loop.resume()
     _barrier(loop)
@@ -228,7 +230,7 @@ def test_pause_reports_false_while_a_callback_runs_past_the_timeout(loop):
     assert loop.pause(0.05) is False
     loop.resume()
     release.set()
-    _barrier(loop)                     # the loop goes on after the failed pause
+    _barrier(loop)  # the loop goes on after the failed pause
 
 
 def test_stop_runs_calls_queued_before_it_and_ends_the_thread(loop):

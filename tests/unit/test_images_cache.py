@@ -60,9 +60,14 @@ def test_verify_catches_a_flipped_byte(cache_dir):
 def test_verify_missing_file_and_missing_entry(cache_dir):
     d = _fake_entry()
     (d / "initrd.img").unlink()
-    with pytest.raises(ConfigError, match=r"cached initramfs .*initrd.img is missing: run `corral image fetch debian --force`"):
+    with pytest.raises(
+        ConfigError,
+        match=r"cached initramfs .*initrd.img is missing: run `corral image fetch debian --force`",
+    ):
         cache.verify(d, "debian")
-    with pytest.raises(ConfigError, match=r"image 'other' is not in the cache .*: run `corral image fetch other`"):
+    with pytest.raises(
+        ConfigError, match=r"image 'other' is not in the cache .*: run `corral image fetch other`"
+    ):
         cache.verify(cache.image_dir("other"), "other")
 
 
@@ -108,8 +113,9 @@ def test_atomic_dir_success_replaces(cache_dir):
 def test_killed_writer_leftovers_are_swept(cache_dir):
     parent = cache.image_dir("debian").parent
     parent.mkdir(parents=True)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     stale = parent / f".debian.tmp-{dead}-abc"
     (stale / "sub").mkdir(parents=True)
     mine = parent / f".debian.tmp-{os.getpid()}-xyz"
@@ -156,6 +162,7 @@ def test_debian_build_failure_leaves_no_entry(cache_dir, monkeypatch, tmp_path):
 
 # --- the CLI -------------------------------------------------------------------------------------
 
+
 def _run(*args: str):
     return CliRunner().invoke(main, list(args))
 
@@ -164,15 +171,17 @@ def _run(*args: str):
 def test_cli_unknown_image(sub, cache_dir):
     res = _run("image", *sub, "nosuch")
     assert res.exit_code == 2
-    assert res.output.strip() == ("corral: error: no image named 'nosuch': "
-                                  "choose one of debian, debian-pvh, probe")
+    assert res.output.strip() == (
+        "corral: error: no image named 'nosuch': choose one of debian, debian-pvh, probe"
+    )
 
 
 def test_cli_path_not_fetched(cache_dir):
     res = _run("image", "path", "debian")
     assert res.exit_code == 1
-    assert res.output.strip() == ("corral: error: image 'debian' is not fetched: "
-                                  "run `corral image fetch debian`")
+    assert res.output.strip() == (
+        "corral: error: image 'debian' is not fetched: run `corral image fetch debian`"
+    )
     assert not cache_dir.exists() or not (cache_dir / "images" / "debian").exists()
 
 

@@ -12,11 +12,20 @@ import subprocess
 import pytest
 
 from corral.errors import ConfigError
-from corral.images.initramfs import (CpioWriter, ModuleIndex, build_initramfs, modinfo, module_name,
-                                     parse_cpio, parse_modules_dep, resolve_modules, scan_modules)
-
+from corral.images.initramfs import (
+    CpioWriter,
+    ModuleIndex,
+    build_initramfs,
+    modinfo,
+    module_name,
+    parse_cpio,
+    parse_modules_dep,
+    resolve_modules,
+    scan_modules,
+)
 
 # --- cpio ----------------------------------------------------------------------------------------
+
 
 def _sample() -> CpioWriter:
     w = CpioWriter()
@@ -56,10 +65,10 @@ def test_cpio_layout_is_newc():
     # Every header starts 4-byte aligned: walk the archive by hand.
     pos = 0
     while True:
-        assert pos % 4 == 0 and data[pos:pos + 6] == b"070701"
-        size = int(data[pos + 54:pos + 62], 16)
-        namesize = int(data[pos + 94:pos + 102], 16)
-        name = data[pos + 110:pos + 110 + namesize - 1]
+        assert pos % 4 == 0 and data[pos : pos + 6] == b"070701"
+        size = int(data[pos + 54 : pos + 62], 16)
+        namesize = int(data[pos + 94 : pos + 102], 16)
+        name = data[pos + 110 : pos + 110 + namesize - 1]
         pos += 110 + namesize
         pos += -pos % 4
         pos += size + (-size % 4)
@@ -84,8 +93,9 @@ def test_cpio_rejects_duplicates_and_bad_paths():
 
 @pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio(1) not installed")
 def test_cpio_tool_reads_it(tmp_path):
-    res = subprocess.run(["cpio", "-t", "--quiet"], input=_sample().to_bytes(), capture_output=True,
-                         check=True)
+    res = subprocess.run(
+        ["cpio", "-t", "--quiet"], input=_sample().to_bytes(), capture_output=True, check=True
+    )
     listed = res.stdout.decode().split()
     assert "init" in listed and "bin/busybox" in listed and "dev/console" in listed
 
@@ -117,8 +127,17 @@ def test_resolver_orders_dependencies_first_and_skips_builtins():
     order, skipped = resolve_modules(idx, ["virtio_net", "virtio_pci", "virtio-rng", "ext4", "virtio"])
     assert skipped == ["ext4"]  # built into this kernel: not an error
     assert len(order) == len(set(order))
-    assert set(order) == {"virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
-                          "virtio_pci", "failover", "net_failover", "virtio_net", "virtio_rng"}
+    assert set(order) == {
+        "virtio",
+        "virtio_ring",
+        "virtio_pci_modern_dev",
+        "virtio_pci_legacy_dev",
+        "virtio_pci",
+        "failover",
+        "net_failover",
+        "virtio_net",
+        "virtio_rng",
+    }
     for name in order:
         for dep in idx.deps[name]:
             assert order.index(dep) < order.index(name), (dep, name)
@@ -165,8 +184,7 @@ def fake_kernel_tree(root):
         "kernel/drivers/char/hw_random/virtio-rng.ko.xz": "virtio_ring,virtio",
         "kernel/net/vmw_vsock/vsock.ko": "",
         "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko": "vsock",
-        "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko":
-            "vmw_vsock_virtio_transport_common,virtio,virtio_ring,vsock",
+        "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko": "vmw_vsock_virtio_transport_common,virtio,virtio_ring,vsock",
         "kernel/sound/unrelated.ko": "",
     }
     for rel, deps in mods.items():
@@ -185,7 +203,11 @@ def test_scan_modules_reads_modinfo_when_no_modules_dep(tmp_path):
     moddir, _ = fake_kernel_tree(tmp_path)
     idx = scan_modules(moddir, ["vmw_vsock_virtio_transport", "virtio_rng"])
     assert idx.deps["vmw_vsock_virtio_transport"] == [
-        "vmw_vsock_virtio_transport_common", "virtio", "virtio_ring", "vsock"]
+        "vmw_vsock_virtio_transport_common",
+        "virtio",
+        "virtio_ring",
+        "vsock",
+    ]
     assert idx.deps["virtio_rng"] == ["virtio_ring", "virtio"]  # read through xz
     assert "unrelated" not in idx.deps  # only the closure of what was asked is opened
 
@@ -193,8 +215,9 @@ def test_scan_modules_reads_modinfo_when_no_modules_dep(tmp_path):
 def test_build_initramfs(tmp_path):
     moddir, busybox = fake_kernel_tree(tmp_path)
     out = tmp_path / "initrd.img"
-    info = build_initramfs(moddir, busybox, out,
-                           wanted=["virtio_pci", "virtio_rng", "vmw_vsock_virtio_transport", "ext4"])
+    info = build_initramfs(
+        moddir, busybox, out, wanted=["virtio_pci", "virtio_rng", "vmw_vsock_virtio_transport", "ext4"]
+    )
     assert info.kernel_version == "6.1.0-99-cloud-amd64"
     assert info.skipped == ["ext4"]
     raw = out.read_bytes()
@@ -211,12 +234,16 @@ def test_build_initramfs(tmp_path):
     assert kdir + "kernel/sound/unrelated.ko" not in entries
     load = entries["etc/corral/modules"].data.decode().split()
     names = [module_name(m) for m in load]
-    assert names.index("vsock") < names.index("vmw_vsock_virtio_transport_common") \
+    assert (
+        names.index("vsock")
+        < names.index("vmw_vsock_virtio_transport_common")
         < names.index("vmw_vsock_virtio_transport")
+    )
     assert names.index("virtio_ring") < names.index("virtio_pci")
     # Reproducible: the same inputs give the same bytes.
     out2 = tmp_path / "again.img"
-    build_initramfs(moddir, busybox, out2,
-                    wanted=["virtio_pci", "virtio_rng", "vmw_vsock_virtio_transport", "ext4"])
+    build_initramfs(
+        moddir, busybox, out2, wanted=["virtio_pci", "virtio_rng", "vmw_vsock_virtio_transport", "ext4"]
+    )
     assert out2.read_bytes() == raw
     assert gzip.decompress(raw)[:6] == b"070701"

@@ -25,8 +25,14 @@ def test_lz4_block_decoder():
 
 def test_lz4_legacy_frame():
     b1, b2 = b"\x40abcd", b"\x30xyz"
-    frame = struct.pack("<I", LEGACY_MAGIC) + struct.pack("<I", len(b1)) + b1 \
-        + struct.pack("<I", len(b2)) + b2 + struct.pack("<I", 7)  # kernel's appended size
+    frame = (
+        struct.pack("<I", LEGACY_MAGIC)
+        + struct.pack("<I", len(b1))
+        + b1
+        + struct.pack("<I", len(b2))
+        + b2
+        + struct.pack("<I", 7)
+    )  # kernel's appended size
     assert decompress_legacy(frame) == b"abcdxyz"
     with pytest.raises(KernelFormatError):
         decompress_legacy(b"\x04\x22\x4d\x18rest")

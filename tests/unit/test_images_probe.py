@@ -34,7 +34,7 @@ def built(cache_home) -> Path:
 
 
 def _phdrs(data: bytes):
-    e_phoff, = struct.unpack_from("<I", data, 28)
+    (e_phoff,) = struct.unpack_from("<I", data, 28)
     e_phentsize, e_phnum = struct.unpack_from("<HH", data, 42)
     for i in range(e_phnum):
         yield struct.unpack_from("<IIIIIIII", data, e_phoff + i * e_phentsize)
@@ -46,7 +46,7 @@ def _notes(data: bytes, off: int, size: int):
         namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
         name_off = pos + 12
         desc_off = name_off + (namesz + 3) // 4 * 4
-        yield data[name_off:name_off + namesz].rstrip(b"\0"), ntype, data[desc_off:desc_off + descsz]
+        yield data[name_off : name_off + namesz].rstrip(b"\0"), ntype, data[desc_off : desc_off + descsz]
         pos = desc_off + (descsz + 3) // 4 * 4
 
 
@@ -58,8 +58,8 @@ def test_output_is_elf32_i386_loaded_at_1mib(built):
     assert struct.unpack_from("<H", data, 18)[0] == EM_386
     loads = [p for p in _phdrs(data) if p[0] == PT_LOAD]
     assert loads
-    assert min(p[3] for p in loads) >= 0x100000   # p_paddr
-    entry, = struct.unpack_from("<I", data, 24)
+    assert min(p[3] for p in loads) >= 0x100000  # p_paddr
+    (entry,) = struct.unpack_from("<I", data, 24)
     assert any(p[3] <= entry < p[3] + p[5] for p in loads)
 
 
@@ -81,7 +81,8 @@ def test_pvh_note_names_an_entry_inside_the_image(built):
     loads = [p for p in phdrs if p[0] == PT_LOAD]
     entries = [
         int.from_bytes(desc, "little")
-        for p in phdrs if p[0] == PT_NOTE
+        for p in phdrs
+        if p[0] == PT_NOTE
         for name, ntype, desc in _notes(data, p[1], p[4])
         if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY
     ]

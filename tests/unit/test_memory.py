@@ -1,7 +1,8 @@
 import os
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from corral.arch.x86 import layout
 from corral.errors import ConfigError, GuestMemoryError
@@ -18,7 +19,9 @@ def test_small_guest_has_one_slot():
 def test_large_guest_skips_the_hole():
     with GuestMemory(4 * layout.GiB) as mem:
         assert [(s.gpa, s.size) for s in mem.slots] == [
-            (0, layout.MMIO_HOLE_START), (1 << 32, 4 * layout.GiB - layout.MMIO_HOLE_START)]
+            (0, layout.MMIO_HOLE_START),
+            (1 << 32, 4 * layout.GiB - layout.MMIO_HOLE_START),
+        ]
         mem.write(1 << 32, b"hi")
         assert mem.read(1 << 32, 2) == b"hi"
         with pytest.raises(GuestMemoryError):
@@ -30,8 +33,11 @@ def test_large_guest_skips_the_hole():
 def test_e820_matches_slots():
     e = layout.e820_map(4 * layout.GiB)
     ram = [(a, s) for a, s, t in e if t == 1]
-    assert ram == [(0, layout.EBDA_START), (layout.HIMEM_START, layout.MMIO_HOLE_START - layout.HIMEM_START),
-                   (1 << 32, 4 * layout.GiB - layout.MMIO_HOLE_START)]
+    assert ram == [
+        (0, layout.EBDA_START),
+        (layout.HIMEM_START, layout.MMIO_HOLE_START - layout.HIMEM_START),
+        (1 << 32, 4 * layout.GiB - layout.MMIO_HOLE_START),
+    ]
 
 
 @pytest.mark.parametrize("size", [0, 1, 15 * M, 2 * layout.MAX_MEMORY, 16 * M + 1])
@@ -54,6 +60,7 @@ def test_checked_access_never_escapes(gpa, length):
 def test_memory_is_a_shared_memfd():
     import mmap
     import os
+
     with GuestMemory(16 * M) as mem:
         mem.write_u64(0x1000, 0xDEADBEEF_CAFEF00D)
         other = mmap.mmap(mem.fd, 16 * M, mmap.MAP_SHARED, mmap.PROT_READ)
@@ -68,8 +75,8 @@ def test_read_cstr_stops_at_nul_limit_and_ram_edge():
         assert mem.read_cstr(0x2000, 64) == b"corral"
         assert mem.read_cstr(0x2000, 3) == b"cor"
         mem.write(16 * M - 4, b"abcd")
-        assert mem.read_cstr(16 * M - 4, 64) == b"abcd"   # truncated at the end of RAM
-        assert mem.read_cstr(32 * M, 8) == b""               # outside RAM
+        assert mem.read_cstr(16 * M - 4, 64) == b"abcd"  # truncated at the end of RAM
+        assert mem.read_cstr(32 * M, 8) == b""  # outside RAM
 
 
 def _poll_u16(fd: int, size: int, offset: int, seconds: float, result) -> None:
@@ -104,12 +111,13 @@ def test_store_u16_is_never_seen_half_written():
     with GuestMemory(size) as mem:
         result = multiprocessing.get_context("fork").Queue()
         reader = multiprocessing.get_context("fork").Process(
-            target=_poll_u16, args=(mem.fd, size, at, 0.5, result))
+            target=_poll_u16, args=(mem.fd, size, at, 0.5, result)
+        )
         reader.start()
         value, end = 1, time.monotonic() + 0.6
         while time.monotonic() < end:
             for _ in range(10000):
-                value = value % 0xFFFF + 1          # 1..65535, never 0
+                value = value % 0xFFFF + 1  # 1..65535, never 0
                 mem.store_u16(at, value)
         started, zeros = result.get(timeout=10)
         reader.join(timeout=10)

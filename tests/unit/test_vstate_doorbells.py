@@ -55,7 +55,7 @@ def test_a_write_to_the_eventfd_wakes_the_loop_and_runs_the_handler_there(loop):
         rung.set()
 
     bell = bells.attach(0x1000, 2, handler)
-    os.eventfd_write(bell.fd, 1)       # what KVM does on the guest's write
+    os.eventfd_write(bell.fd, 1)  # what KVM does on the guest's write
     assert rung.wait(WAIT)
     assert threads == ["test-doorbells"]
     bells.close()
@@ -74,7 +74,7 @@ def test_rings_while_the_loop_is_held_arrive_as_one_call(loop):
     done = threading.Event()
     loop.call_soon(done.set)
     assert done.wait(WAIT)
-    assert calls == [1]                # the eventfd counted them; the queue is walked once
+    assert calls == [1]  # the eventfd counted them; the queue is walked once
     bells.close()
 
 
@@ -87,7 +87,7 @@ def test_detach_deassigns_stops_the_handler_and_closes_the_fd(loop):
     bells.detach(bell)
     assert vm.calls[-1] == ("ioeventfd", fd, 0x2000, 4, IOEVENTFD_FLAG_DEASSIGN)
     assert _closed(fd)
-    bells.detach(bell)                 # a second detach does nothing
+    bells.detach(bell)  # a second detach does nothing
     assert len(vm.calls) == 2
     assert calls == []
 
@@ -98,7 +98,7 @@ def test_detach_after_the_vm_closed_only_closes_the_fd(loop):
     bell = bells.attach(0x2000, 4, lambda: None)
     vm.close()
     bells.detach(bell)
-    assert len(vm.calls) == 1          # no deassign on a closed VM fd
+    assert len(vm.calls) == 1  # no deassign on a closed VM fd
     assert _closed(bell.fd)
 
 
@@ -127,10 +127,23 @@ def test_a_refused_ioeventfd_leaks_no_fd_and_registers_nothing(loop):
 @pytest.mark.kvm
 def test_a_guest_mmio_write_to_a_doorbell_runs_the_handler_without_a_vcpu_exit(loop):
     # mov dword [0], eax (DS base is the doorbell); then out 0x80, al; hlt
-    code = bytes([0x66, 0xB8, 0x78, 0x56, 0x34, 0x12,   # mov eax, 0x12345678
-                  0x66, 0xA3, 0x00, 0x00,               # mov [0], eax
-                  0xE6, 0x80,                           # out 0x80, al
-                  0xF4])                                # hlt
+    code = bytes(
+        [
+            0x66,
+            0xB8,
+            0x78,
+            0x56,
+            0x34,
+            0x12,  # mov eax, 0x12345678
+            0x66,
+            0xA3,
+            0x00,
+            0x00,  # mov [0], eax
+            0xE6,
+            0x80,  # out 0x80, al
+            0xF4,
+        ]
+    )  # hlt
     real = RealModeVm()
     try:
         bells = KvmDoorbells(real.vm, loop)
@@ -144,7 +157,7 @@ def test_a_guest_mmio_write_to_a_doorbell_runs_the_handler_without_a_vcpu_exit(l
         assert host.stopped.wait(WAIT)
         vcpu.join(WAIT)
         assert rung.wait(WAIT)
-        assert dev.accesses == [("pio_write", 0, 1, 0x78)]    # the MMIO write never reached the bus
+        assert dev.accesses == [("pio_write", 0, 1, 0x78)]  # the MMIO write never reached the bus
         assert host.stops[0][0] == "halt"
         bells.detach(bell)
     finally:

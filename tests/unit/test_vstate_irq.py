@@ -32,8 +32,8 @@ def test_pc_routes_put_isa_gsis_on_the_8259_pair_without_the_cascade_pin():
 
 def test_pc_routes_put_gsi_0_on_ioapic_pin_2_and_the_rest_on_their_own_pins():
     ioapic = {r[0]: r[3] for r in _pc_table() if r[2] == IOAPIC}
-    assert ioapic[0] == 2                       # the PIT, as the MADT override says
-    assert 2 not in ioapic                      # GSI 2 has no route (pin 2 belongs to GSI 0)
+    assert ioapic[0] == 2  # the PIT, as the MADT override says
+    assert 2 not in ioapic  # GSI 2 has no route (pin 2 belongs to GSI 0)
     assert {g: p for g, p in ioapic.items() if g} == {g: g for g in range(1, 24) if g != 2}
     assert all(r[1] == "irqchip" for r in _pc_table())
 
@@ -61,9 +61,9 @@ def test_every_table_written_keeps_the_pc_routes_and_one_msi_route_per_vector():
     a.update(0xFEE0_0000, 0x41, masked=False)
     b.update(0x1_FEE0_1000, 0x4042, masked=True)
     last = vm.tables()[-1]
-    assert last[:len(_pc_table())] == _pc_table()
-    assert last[len(_pc_table()):] == [(24, "msi", 0xFEE0_0000, 0x41), (25, "msi", 0x1_FEE0_1000, 0x4042)]
-    assert all(t[:len(_pc_table())] == _pc_table() for t in vm.tables())
+    assert last[: len(_pc_table())] == _pc_table()
+    assert last[len(_pc_table()) :] == [(24, "msi", 0xFEE0_0000, 0x41), (25, "msi", 0x1_FEE0_1000, 0x4042)]
+    assert all(t[: len(_pc_table())] == _pc_table() for t in vm.tables())
     router.close()
 
 
@@ -74,7 +74,7 @@ def test_update_rewrites_the_table_only_when_the_message_changes():
     n = len(vm.tables())
     v.update(0xFEE0_0000, 0x30, masked=True)
     assert len(vm.tables()) == n + 1
-    v.update(0xFEE0_0000, 0x30, masked=False)   # only the mask bit changed
+    v.update(0xFEE0_0000, 0x30, masked=False)  # only the mask bit changed
     assert len(vm.tables()) == n + 1
     assert v.masked is False
     router.close()
@@ -109,7 +109,7 @@ def test_unmasking_delivers_what_waited_once():
     v.trigger()
     v.trigger()
     v.update(0xFEE0_0000, 0x30, masked=False)
-    assert _counter(v.fd) == 1          # one pending bit, one interrupt
+    assert _counter(v.fd) == 1  # one pending bit, one interrupt
     assert v.pending is False
     v.update(0xFEE0_0000, 0x30, masked=False)
     assert _counter(v.fd) == 0
@@ -127,8 +127,8 @@ def test_close_closes_every_vector_fd():
 
 
 # -- on a real VM ------------------------------------------------------------------------------
-IOAPIC_IRR = 16          # kvm_ioapic_state: base_address u64, ioregsel u32, id u32, irr u32
-PIC_IRR = 1              # kvm_pic_state: last_irr u8, irr u8
+IOAPIC_IRR = 16  # kvm_ioapic_state: base_address u64, ioregsel u32, id u32, irr u32
+PIC_IRR = 1  # kvm_pic_state: last_irr u8, irr u8
 LAPIC_SVR, LAPIC_IRR = 0xF0, 0x200
 
 
@@ -154,11 +154,11 @@ def test_kvm_routes_gsi_0_to_ioapic_pin_2_and_pic_pin_0_after_commit(real_vm):
 @pytest.mark.kvm
 def test_kvm_delivers_a_triggered_msi_vector_to_the_lapic_and_holds_a_masked_one(real_vm):
     fd = real_vm.vcpu()
-    set_lapic_u32(fd, LAPIC_SVR, lapic_u32(fd, LAPIC_SVR) | 0x100)   # software-enable the LAPIC
+    set_lapic_u32(fd, LAPIC_SVR, lapic_u32(fd, LAPIC_SVR) | 0x100)  # software-enable the LAPIC
     router = IrqRouter(real_vm.vm)
     quiet, live = router.msi_vector(), router.msi_vector()
     quiet.update(0xFEE0_0000, 0x51, masked=True)
-    live.update(0xFEE0_0000, 0x45, masked=False)      # fixed, edge, to APIC ID 0
+    live.update(0xFEE0_0000, 0x45, masked=False)  # fixed, edge, to APIC ID 0
 
     def irr_bit(vector):
         return (lapic_u32(fd, LAPIC_IRR + 0x10 * (vector // 32)) >> (vector % 32)) & 1
@@ -170,7 +170,7 @@ def test_kvm_delivers_a_triggered_msi_vector_to_the_lapic_and_holds_a_masked_one
         time.sleep(0.01)
     assert irr_bit(0x45) == 1
     assert irr_bit(0x51) == 0
-    quiet.update(0xFEE0_0000, 0x51, masked=False)      # unmasking delivers the pending one
+    quiet.update(0xFEE0_0000, 0x51, masked=False)  # unmasking delivers the pending one
     deadline = time.monotonic() + 2
     while not irr_bit(0x51) and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -23,9 +23,13 @@ SA_SIGINFO = 0x4
 libc = C.CDLL(None, use_errno=True)
 
 
-class _Sigaction(C.Structure):    # glibc's struct sigaction on x86-64
-    _fields_ = [("sa_handler", C.c_void_p), ("sa_mask", C.c_uint64 * 16), ("sa_flags", C.c_int),
-                ("sa_restorer", C.c_void_p)]
+class _Sigaction(C.Structure):  # glibc's struct sigaction on x86-64
+    _fields_ = [
+        ("sa_handler", C.c_void_p),
+        ("sa_mask", C.c_uint64 * 16),
+        ("sa_flags", C.c_int),
+        ("sa_restorer", C.c_void_p),
+    ]
 
 
 def _current_action():
@@ -60,13 +64,13 @@ def test_a_kicked_thread_blocked_in_a_syscall_gets_eintr_and_the_process_survive
     def blocked_read():
         buf = C.create_string_buffer(1)
         entered.set()
-        n = libc.read(r, buf, 1)            # a raw read: Python would retry after EINTR
+        n = libc.read(r, buf, 1)  # a raw read: Python would retry after EINTR
         result.append((n, C.get_errno()))
 
     t = threading.Thread(target=blocked_read, daemon=True)
     t.start()
     assert entered.wait(5)
-    time.sleep(0.05)                        # let it block in read()
+    time.sleep(0.05)  # let it block in read()
     try:
         kick_thread(t.ident)
         t.join(5)
@@ -89,7 +93,7 @@ def real_vm():
 @pytest.mark.kvm
 def test_a_kick_takes_a_spinning_vcpu_out_of_kvm_run_with_eintr(real_vm):
     install_kick_handler()
-    fd = real_vm.vcpu(bytes([0xEB, 0xFE]))      # jmp $
+    fd = real_vm.vcpu(bytes([0xEB, 0xFE]))  # jmp $
     outcome = []
 
     def run():
@@ -102,7 +106,7 @@ def test_a_kick_takes_a_spinning_vcpu_out_of_kvm_run_with_eintr(real_vm):
     t = threading.Thread(target=run, daemon=True)
     t.start()
     time.sleep(0.1)
-    assert t.is_alive()                          # the guest spins in KVM_RUN
+    assert t.is_alive()  # the guest spins in KVM_RUN
     kick_thread(t.ident)
     t.join(5)
     assert outcome == [errno.EINTR]
@@ -116,8 +120,8 @@ def test_immediate_exit_makes_kvm_run_return_before_running_the_guest(real_vm):
     with pytest.raises(OSError) as exc:
         fd.run()
     assert exc.value.errno == errno.EINTR
-    assert fd.get_regs().rip == RealModeVm.CODE_ADDR   # not one instruction ran
+    assert fd.get_regs().rip == RealModeVm.CODE_ADDR  # not one instruction ran
     fd.run_buf[S.RUN_IMMEDIATE_EXIT] = 0
-    fd.run()                                            # cleared: the guest runs to its out
+    fd.run()  # cleared: the guest runs to its out
     assert exit_reason(fd) == K.EXIT_IO
     assert struct.unpack_from("<H", fd.run_buf, S.RUN_IO_PORT)[0] == 0x80

@@ -24,7 +24,7 @@ from corral.vstate.kvm_state import (
 MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_KERNEL_GS_BASE, MSR_BOGUS = 0x174, 0x175, 0xC000_0102, 0xDEAD_0000
 LAPIC_TPR, LAPIC_SVR = 0x80, 0xF0
 PIC_MASTER, IOAPIC = 0, 2
-IOAPIC_REDIR0 = 24       # kvm_ioapic_state: base_address, ioregsel, id, irr, pad, redirtbl[24]
+IOAPIC_REDIR0 = 24  # kvm_ioapic_state: base_address, ioregsel, id, irr, pad, redirtbl[24]
 
 
 class _MsrFd:
@@ -52,9 +52,19 @@ def test_savable_msrs_skips_exactly_the_refused_ones(refused):
 
 def test_cpuid_entries_round_trip_through_the_state_bytes():
     entries = [S.KvmCpuidEntry2(function=f, index=0, eax=f * 3, ebx=7) for f in (0, 1, 0x8000_0001)]
-    state = VcpuState(index=0, cpuid=b"".join(bytes(memoryview(e).cast("B")) for e in entries),
-                      regs=b"", sregs=b"", xsave=b"", xcrs=b"", lapic=b"", events=b"",
-                      debugregs=b"", mp_state=0, msrs={})
+    state = VcpuState(
+        index=0,
+        cpuid=b"".join(bytes(memoryview(e).cast("B")) for e in entries),
+        regs=b"",
+        sregs=b"",
+        xsave=b"",
+        xcrs=b"",
+        lapic=b"",
+        events=b"",
+        debugregs=b"",
+        mp_state=0,
+        msrs={},
+    )
     back = cpuid_entries(state)
     assert [(e.function, e.eax, e.ebx) for e in back] == [(0, 0, 7), (1, 3, 7), (0x8000_0001, 0x8000_0003, 7)]
 
@@ -106,24 +116,35 @@ def test_a_vcpu_saved_and_loaded_into_a_fresh_vm_comes_back_the_same(vms):
     src, cpuid = _configured_vcpu(a)
     _dress(src)
     state = save_vcpu(src, 0, cpuid, MSRS)
-    state = VcpuState.model_validate_json(state.model_dump_json())   # as a snapshot carries it
+    state = VcpuState.model_validate_json(state.model_dump_json())  # as a snapshot carries it
     dst = b.vcpu()
     load_vcpu(dst, state)
     r, s = dst.get_regs(), dst.get_sregs()
-    assert (r.rax, r.rbx, r.r15, r.rip, r.rsp, r.rflags) == \
-        (0x1111, 0x2222, 0xF0F0_F0F0_F0F0, 0x1234, 0x7FF0, 0x202)
+    assert (r.rax, r.rbx, r.r15, r.rip, r.rsp, r.rflags) == (
+        0x1111,
+        0x2222,
+        0xF0F0_F0F0_F0F0,
+        0x1234,
+        0x7FF0,
+        0x202,
+    )
     assert (s.gdt.base, s.gdt.limit, s.ds.base, s.cr2) == (0x5000, 0x2F, 0x30000, 0xBAD0)
-    assert dst.get_msrs(MSRS) == {MSR_SYSENTER_CS: 0x10, MSR_SYSENTER_ESP: 0x9000,
-                                  MSR_KERNEL_GS_BASE: 0xFFFF_8880_0000_1000}
+    assert dst.get_msrs(MSRS) == {
+        MSR_SYSENTER_CS: 0x10,
+        MSR_SYSENTER_ESP: 0x9000,
+        MSR_KERNEL_GS_BASE: 0xFFFF_8880_0000_1000,
+    }
     assert (lapic_u32(dst, LAPIC_TPR), lapic_u32(dst, LAPIC_SVR)) == (0x20, 0x1FF)
     d = dst.get_debugregs()
     assert (d.db[0], d.db[3]) == (0x4000, 0x8000)
     assert dst.get_mp_state() == state.mp_state
     again = save_vcpu(dst, 0, cpuid_entries(state), MSRS)
     assert again.model_dump(exclude={"xsave", "events", "lapic"}) == state.model_dump(
-        exclude={"xsave", "events", "lapic"})
-    assert [(e.function, e.index, e.eax, e.ebx, e.ecx, e.edx) for e in cpuid_entries(state)] == \
-        [(e.function, e.index, e.eax, e.ebx, e.ecx, e.edx) for e in cpuid]
+        exclude={"xsave", "events", "lapic"}
+    )
+    assert [(e.function, e.index, e.eax, e.ebx, e.ecx, e.edx) for e in cpuid_entries(state)] == [
+        (e.function, e.index, e.eax, e.ebx, e.ecx, e.edx) for e in cpuid
+    ]
 
 
 @pytest.mark.kvm
@@ -135,7 +156,7 @@ def test_load_vcpu_skips_an_msr_kvm_refuses_and_sets_the_others(vms):
     state.msrs = {**state.msrs, MSR_BOGUS: 1}
     dst = b.vcpu()
     with pytest.raises(KvmError):
-        dst.set_msrs({MSR_BOGUS: 1})          # the premise: KVM refuses it
+        dst.set_msrs({MSR_BOGUS: 1})  # the premise: KVM refuses it
     load_vcpu(dst, state)
     assert dst.get_msrs(MSRS) == {i: v for i, v in state.msrs.items() if i != MSR_BOGUS}
 
@@ -165,23 +186,26 @@ def test_load_vcpu_refuses_a_record_of_the_wrong_size_by_name(vms):
 def test_vm_irqchips_pit_and_clock_round_trip_into_a_fresh_vm(vms):
     a, b = vms(), vms()
     pic = a.vm.get_irqchip(PIC_MASTER)
-    pic.chip[2] = 0xA5                                    # imr
+    pic.chip[2] = 0xA5  # imr
     a.vm.set_irqchip(pic)
     ioapic = a.vm.get_irqchip(IOAPIC)
     struct.pack_into("<Q", ioapic.chip, IOAPIC_REDIR0 + 8 * 5, 0x0000_0000_0001_8035)
     a.vm.set_irqchip(ioapic)
     pit = a.vm.get_pit2()
-    struct.pack_into("<I", pit.raw, 0, 0x1234)            # channel 0 count
+    struct.pack_into("<I", pit.raw, 0, 0x1234)  # channel 0 count
     a.vm.set_pit2(pit)
     set_clock(a.vm, 5_000_000_000)
     state = VmKvmState.model_validate_json(save_vm(a.vm).model_dump_json())
-    assert [S.KvmIrqchip.from_buffer_copy(c).chip_id for c in (state.pic_master, state.pic_slave, state.ioapic)] \
-        == [PIC_MASTER, 1, IOAPIC]
+    assert [
+        S.KvmIrqchip.from_buffer_copy(c).chip_id for c in (state.pic_master, state.pic_slave, state.ioapic)
+    ] == [PIC_MASTER, 1, IOAPIC]
     assert 5_000_000_000 <= state.clock < 6_000_000_000
 
     load_vm(b.vm, state)
     assert b.vm.get_irqchip(PIC_MASTER).chip[2] == 0xA5
-    assert struct.unpack_from("<Q", bytes(b.vm.get_irqchip(IOAPIC).chip), IOAPIC_REDIR0 + 8 * 5)[0] == 0x1_8035
+    assert (
+        struct.unpack_from("<Q", bytes(b.vm.get_irqchip(IOAPIC).chip), IOAPIC_REDIR0 + 8 * 5)[0] == 0x1_8035
+    )
     assert struct.unpack_from("<I", bytes(b.vm.get_pit2().raw), 0)[0] == 0x1234
     assert state.clock <= b.vm.get_clock().clock < state.clock + 1_000_000_000
 
@@ -204,8 +228,9 @@ def test_the_state_models_carry_bytes_as_base64_in_json():
 def test_the_state_models_refuse_unknown_fields():
     # a damaged or older snapshot fails validation by name instead of loading half a state
     with pytest.raises(ValueError, match="irqchips"):
-        VmKvmState.model_validate({"irqchips": [], "pic_master": "", "pic_slave": "", "ioapic": "",
-                                   "pit": "", "clock": 0})
+        VmKvmState.model_validate(
+            {"irqchips": [], "pic_master": "", "pic_slave": "", "ioapic": "", "pit": "", "clock": 0}
+        )
 
 
 @pytest.mark.kvm
@@ -214,4 +239,3 @@ def test_load_vm_refuses_an_irqchip_saved_in_the_wrong_place(vms):
     state.pic_master, state.ioapic = state.ioapic, state.pic_master
     with pytest.raises(ValueError, match="irqchip: chip 2 saved where chip 0 belongs"):
         load_vm(vms().vm, state)
-

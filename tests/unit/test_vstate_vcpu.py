@@ -56,25 +56,32 @@ HALT = plain_exit(K.EXIT_HLT)
 
 # -- port I/O and MMIO ------------------------------------------------------------------------
 def test_port_out_reaches_the_device_at_its_offset_with_size_and_value():
-    _, _, dev, _ = _run_to_stop([io_exit(PORT_BASE + 5, 1, out=True, values=[0x41]),
-                                 io_exit(PORT_BASE + 2, 2, out=True, values=[0xBEEF]),
-                                 io_exit(PORT_BASE + 4, 4, out=True, values=[0x1234_5678]), HALT])
-    assert dev.accesses == [("pio_write", 5, 1, 0x41), ("pio_write", 2, 2, 0xBEEF),
-                            ("pio_write", 4, 4, 0x1234_5678)]
+    _, _, dev, _ = _run_to_stop(
+        [
+            io_exit(PORT_BASE + 5, 1, out=True, values=[0x41]),
+            io_exit(PORT_BASE + 2, 2, out=True, values=[0xBEEF]),
+            io_exit(PORT_BASE + 4, 4, out=True, values=[0x1234_5678]),
+            HALT,
+        ]
+    )
+    assert dev.accesses == [
+        ("pio_write", 5, 1, 0x41),
+        ("pio_write", 2, 2, 0xBEEF),
+        ("pio_write", 4, 4, 0x1234_5678),
+    ]
 
 
 def test_string_port_out_writes_every_element_in_order():
-    _, _, dev, _ = _run_to_stop([io_exit(PORT_BASE, 2, out=True, values=[1, 0x202, 0x303], count=3),
-                                 HALT])
+    _, _, dev, _ = _run_to_stop([io_exit(PORT_BASE, 2, out=True, values=[1, 0x202, 0x303], count=3), HALT])
     assert dev.accesses == [("pio_write", 0, 2, 1), ("pio_write", 0, 2, 0x202), ("pio_write", 0, 2, 0x303)]
 
 
 def test_port_in_results_are_written_back_to_the_run_page_at_the_data_offset():
     _, fd, dev, _ = _run_to_stop(
-        [io_exit(PORT_BASE + 1, 4, out=False, count=2, data_offset=0x600), HALT],
-        reads={1: 0xCAFE_F00D})
+        [io_exit(PORT_BASE + 1, 4, out=False, count=2, data_offset=0x600), HALT], reads={1: 0xCAFE_F00D}
+    )
     assert dev.accesses == [("pio_read", 1, 4, 0xCAFE_F00D)] * 2
-    page = fd.pages[1]                 # the page as KVM_RUN was entered again
+    page = fd.pages[1]  # the page as KVM_RUN was entered again
     assert page[0x600:0x608] == (0xCAFE_F00D).to_bytes(4, "little") * 2
 
 
@@ -85,18 +92,25 @@ def test_a_port_nobody_owns_reads_as_all_ones():
 
 
 def test_mmio_write_reaches_the_device_at_its_offset_with_length_and_value():
-    _, _, dev, _ = _run_to_stop([mmio_exit(MMIO_BASE + 0x10, 4, True, 0xDEAD_BEEF),
-                                 mmio_exit(MMIO_BASE + 0x18, 8, True, 0x0102_0304_0506_0708),
-                                 mmio_exit(MMIO_BASE + 0x3, 1, True, 0x1FF), HALT])
-    assert dev.accesses == [("mmio_write", 0x10, 4, 0xDEAD_BEEF),
-                            ("mmio_write", 0x18, 8, 0x0102_0304_0506_0708),
-                            ("mmio_write", 0x3, 1, 0xFF)]      # only `len` bytes of data count
+    _, _, dev, _ = _run_to_stop(
+        [
+            mmio_exit(MMIO_BASE + 0x10, 4, True, 0xDEAD_BEEF),
+            mmio_exit(MMIO_BASE + 0x18, 8, True, 0x0102_0304_0506_0708),
+            mmio_exit(MMIO_BASE + 0x3, 1, True, 0x1FF),
+            HALT,
+        ]
+    )
+    assert dev.accesses == [
+        ("mmio_write", 0x10, 4, 0xDEAD_BEEF),
+        ("mmio_write", 0x18, 8, 0x0102_0304_0506_0708),
+        ("mmio_write", 0x3, 1, 0xFF),
+    ]  # only `len` bytes of data count
 
 
 def test_mmio_read_result_is_written_to_the_run_page_data():
     _, fd, dev, _ = _run_to_stop([mmio_exit(MMIO_BASE + 0x20, 2, False), HALT], reads={0x20: 0xABCD})
     assert dev.accesses == [("mmio_read", 0x20, 2, 0xABCD)]
-    assert fd.pages[1][S.RUN_MMIO_DATA:S.RUN_MMIO_DATA + 2] == b"\xcd\xab"
+    assert fd.pages[1][S.RUN_MMIO_DATA : S.RUN_MMIO_DATA + 2] == b"\xcd\xab"
 
 
 def test_exits_are_counted():
@@ -110,10 +124,13 @@ def test_hlt_stops_the_vcpu_as_a_halt():
     assert host.stops == [("halt", 0, "vcpu0 halted")]
 
 
-@pytest.mark.parametrize("kind,expected", [
-    (K.SYSTEM_EVENT_RESET, ("reset", 0, "guest requested reset")),
-    (K.SYSTEM_EVENT_SHUTDOWN, ("poweroff", 0, "guest powered off")),
-])
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        (K.SYSTEM_EVENT_RESET, ("reset", 0, "guest requested reset")),
+        (K.SYSTEM_EVENT_SHUTDOWN, ("poweroff", 0, "guest powered off")),
+    ],
+)
 def test_system_events_become_reset_and_poweroff(kind, expected):
     _, _, _, host = _run_to_stop([system_event(kind)])
     assert host.stops == [expected]
@@ -145,16 +162,18 @@ def test_internal_error_names_the_suberror_and_its_data():
 
 
 def test_fail_entry_names_the_hardware_reason():
-    _, _, _, host = _run_to_stop([plain_exit(K.EXIT_FAIL_ENTRY, struct.pack("<Q", 0x80000021),
-                                             S.RUN_FAIL_ENTRY_REASON)])
+    _, _, _, host = _run_to_stop(
+        [plain_exit(K.EXIT_FAIL_ENTRY, struct.pack("<Q", 0x80000021), S.RUN_FAIL_ENTRY_REASON)]
+    )
     kind, status, message = host.stops[0]
     assert (kind, status) == ("crash", 1)
     assert "VM entry failed (hardware reason 0x80000021)" in message
 
 
 def test_interrupt_and_irq_window_exits_just_continue():
-    _, _, dev, host = _run_to_stop([plain_exit(K.EXIT_INTR), plain_exit(K.EXIT_IRQ_WINDOW_OPEN),
-                                    io_exit(PORT_BASE, 1, True, [7]), HALT])
+    _, _, dev, host = _run_to_stop(
+        [plain_exit(K.EXIT_INTR), plain_exit(K.EXIT_IRQ_WINDOW_OPEN), io_exit(PORT_BASE, 1, True, [7]), HALT]
+    )
     assert dev.accesses == [("pio_write", 0, 1, 7)]
     assert [s[0] for s in host.stops] == ["halt"]
 
@@ -186,8 +205,9 @@ def test_a_device_exception_stops_the_vm_with_the_reason():
 
 
 def test_eintr_clears_immediate_exit_and_runs_on():
-    vcpu, fd, dev, host = _machine([OSError(errno.EINTR, "Interrupted"), io_exit(PORT_BASE, 1, True, [3]),
-                                    HALT])
+    vcpu, fd, dev, host = _machine(
+        [OSError(errno.EINTR, "Interrupted"), io_exit(PORT_BASE, 1, True, [3]), HALT]
+    )
     fd.run_buf[S.RUN_IMMEDIATE_EXIT] = 1
     vcpu.start()
     assert host.stopped.wait(WAIT)
@@ -224,10 +244,10 @@ def test_pause_parks_between_exits_and_resume_runs_on():
         time.sleep(0.005)
     vcpu.request_pause()
     assert vcpu.parked.wait(WAIT)
-    assert fd.run_buf[S.RUN_IMMEDIATE_EXIT] == 0      # the kick was consumed before parking
+    assert fd.run_buf[S.RUN_IMMEDIATE_EXIT] == 0  # the kick was consumed before parking
     fd.feed(io_exit(PORT_BASE, 1, True, [2]), HALT)
     time.sleep(0.05)
-    assert dev.accesses == [("pio_write", 0, 1, 1)]   # parked: the new exit is not run
+    assert dev.accesses == [("pio_write", 0, 1, 1)]  # parked: the new exit is not run
     vcpu.resume()
     assert host.stopped.wait(WAIT)
     assert dev.accesses == [("pio_write", 0, 1, 1), ("pio_write", 0, 1, 2)]
@@ -263,32 +283,61 @@ def _real(real_vm, code, reads=None, index=0):
 
 @pytest.mark.kvm
 def test_real_port_and_mmio_exits_reach_the_buses_and_reads_reach_the_guest(real_vm):
-    code = bytes([
-        0xBA, 0xFB, 0x03,                   # mov dx, 0x3fb
-        0xB0, 0x41,                         # mov al, 0x41
-        0xEE,                               # out dx, al         -> pio_write(3, 1, 0x41)
-        0xB2, 0xFA,                         # mov dl, 0xfa
-        0xED,                               # in ax, dx          <- pio_read(2, 2) = 0xbeef
-        0xA3, 0x10, 0x00,                   # mov [0x10], ax     -> mmio_write(0x10, 2, 0xbeef)
-        0x66, 0xA1, 0x20, 0x00,             # mov eax, [0x20]    <- mmio_read(0x20, 4)
-        0x66, 0xEF,                         # out dx, eax        -> pio_write(2, 4, that)
-        0xF4])                              # hlt
+    code = bytes(
+        [
+            0xBA,
+            0xFB,
+            0x03,  # mov dx, 0x3fb
+            0xB0,
+            0x41,  # mov al, 0x41
+            0xEE,  # out dx, al         -> pio_write(3, 1, 0x41)
+            0xB2,
+            0xFA,  # mov dl, 0xfa
+            0xED,  # in ax, dx          <- pio_read(2, 2) = 0xbeef
+            0xA3,
+            0x10,
+            0x00,  # mov [0x10], ax     -> mmio_write(0x10, 2, 0xbeef)
+            0x66,
+            0xA1,
+            0x20,
+            0x00,  # mov eax, [0x20]    <- mmio_read(0x20, 4)
+            0x66,
+            0xEF,  # out dx, eax        -> pio_write(2, 4, that)
+            0xF4,
+        ]
+    )  # hlt
     vcpu, dev, host = _real(real_vm, code, reads={2: 0xBEEF, 0x20: 0x1234_5678})
     vcpu.start()
     assert host.stopped.wait(WAIT)
-    assert dev.accesses == [("pio_write", 3, 1, 0x41), ("pio_read", 2, 2, 0xBEEF),
-                            ("mmio_write", 0x10, 2, 0xBEEF), ("mmio_read", 0x20, 4, 0x1234_5678),
-                            ("pio_write", 2, 4, 0x1234_5678)]
+    assert dev.accesses == [
+        ("pio_write", 3, 1, 0x41),
+        ("pio_read", 2, 2, 0xBEEF),
+        ("mmio_write", 0x10, 2, 0xBEEF),
+        ("mmio_read", 0x20, 4, 0x1234_5678),
+        ("pio_write", 2, 4, 0x1234_5678),
+    ]
     assert host.stops == [("halt", 0, "vcpu0 halted")]
 
 
 @pytest.mark.kvm
 def test_real_rep_outsb_delivers_each_byte(real_vm):
-    code = bytes([0xBE, 0x00, 0x11,         # mov si, 0x1100 (DS is MMIO: use ES-less CS override)
-                  0xB9, 0x03, 0x00,         # mov cx, 3
-                  0xBA, 0xF8, 0x03,         # mov dx, 0x3f8
-                  0xF3, 0x2E, 0x6E,         # rep outsb (cs:si)
-                  0xF4])
+    code = bytes(
+        [
+            0xBE,
+            0x00,
+            0x11,  # mov si, 0x1100 (DS is MMIO: use ES-less CS override)
+            0xB9,
+            0x03,
+            0x00,  # mov cx, 3
+            0xBA,
+            0xF8,
+            0x03,  # mov dx, 0x3f8
+            0xF3,
+            0x2E,
+            0x6E,  # rep outsb (cs:si)
+            0xF4,
+        ]
+    )
     real_vm.ram[0x1100:0x1103] = b"abc"
     vcpu, dev, host = _real(real_vm, code)
     vcpu.start()
@@ -308,7 +357,7 @@ def test_real_pause_parks_a_running_guest_and_resume_lets_it_go_on(real_vm):
     assert vcpu.parked.wait(WAIT)
     n = len(dev.accesses)
     time.sleep(0.05)
-    assert len(dev.accesses) == n           # parked: the guest makes no progress
+    assert len(dev.accesses) == n  # parked: the guest makes no progress
     vcpu.resume()
     deadline = time.monotonic() + WAIT
     while len(dev.accesses) <= n and time.monotonic() < deadline:
@@ -322,9 +371,9 @@ def test_real_pause_parks_a_running_guest_and_resume_lets_it_go_on(real_vm):
 
 @pytest.mark.kvm
 def test_real_guest_fault_without_an_idt_is_a_crash_with_registers(real_vm):
-    vcpu, _, host = _real(real_vm, bytes([0xCC]))            # int3
+    vcpu, _, host = _real(real_vm, bytes([0xCC]))  # int3
     s = vcpu.fd.get_sregs()
-    s.cr0 |= 1                                               # flat protected mode, no IDT
+    s.cr0 |= 1  # flat protected mode, no IDT
     for seg, typ, sel in ((s.cs, 0xB, 8), (s.ds, 3, 16), (s.ss, 3, 16)):
         seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFF_FFFF, sel, typ
         seg.present, seg.s, seg.db, seg.g = 1, 1, 1, 1
@@ -333,17 +382,17 @@ def test_real_guest_fault_without_an_idt_is_a_crash_with_registers(real_vm):
     vcpu.start()
     assert host.stopped.wait(WAIT)
     kind, status, message = host.stops[0]
-    assert (kind, status) == ("crash", 1)    # a triple fault, or KVM's emulator giving up
+    assert (kind, status) == ("crash", 1)  # a triple fault, or KVM's emulator giving up
     assert "RIP=" in message and "CS=0008" in message
 
 
 @pytest.mark.kvm
 def test_configure_sets_cpuid_msrs_and_an_fpu_reset_state():
-    real_vm = RealModeVm(irqchip=True)                      # configure programs the LAPIC
+    real_vm = RealModeVm(irqchip=True)  # configure programs the LAPIC
     try:
         vcpu, _, _ = _real(real_vm, b"\xf4")
         cpuid = real_vm.kvm.supported_cpuid()
-        vcpu.configure(cpuid, {0x174: 0x10})                # IA32_SYSENTER_CS
+        vcpu.configure(cpuid, {0x174: 0x10})  # IA32_SYSENTER_CS
         assert vcpu.cpuid is cpuid
         assert vcpu.fd.get_msrs([0x174]) == {0x174: 0x10}
         assert vcpu.fd.get_fpu().fcw == 0x37F
@@ -372,9 +421,22 @@ def test_set_boot_state_loads_segments_tables_control_registers_and_gprs(real_vm
     code = Segment(base=0, limit=0xFFFF_FFFF, selector=0x10, type=0xB, db=1)
     data = Segment(base=0, limit=0xFFFF_FFFF, selector=0x18, type=0x3, db=1)
     tr = Segment(base=0, limit=0x67, selector=0x20, type=0xB, s=0, g=0)
-    st = BootCpuState(rip=0x10_0000, cr0=0x11, cr3=0, cr4=0, efer=0, cs=code, ds=data, tr=tr,
-                      gdt_base=0x500, gdt_limit=0x27, idt_base=0x600, idt_limit=0,
-                      rsp=0x8000, gprs={"rsi": 0x7000, "rbx": 5})
+    st = BootCpuState(
+        rip=0x10_0000,
+        cr0=0x11,
+        cr3=0,
+        cr4=0,
+        efer=0,
+        cs=code,
+        ds=data,
+        tr=tr,
+        gdt_base=0x500,
+        gdt_limit=0x27,
+        idt_base=0x600,
+        idt_limit=0,
+        rsp=0x8000,
+        gprs={"rsi": 0x7000, "rbx": 5},
+    )
     vcpu.set_boot_state(st)
     s, r = vcpu.fd.get_sregs(), vcpu.fd.get_regs()
     assert (s.cs.selector, s.cs.type, s.cs.db, s.cs.limit) == (0x10, 0xB, 1, 0xFFFF_FFFF)

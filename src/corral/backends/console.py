@@ -22,7 +22,7 @@ class ConsoleBackend:
         self.readable = False
         if spec == "pty":
             master, slave = os.openpty()
-            tty.setraw(slave)                     # bytes pass as they are; no echo, no line editing
+            tty.setraw(slave)  # bytes pass as they are; no echo, no line editing
             attrs = termios.tcgetattr(slave)
             termios.tcsetattr(slave, termios.TCSANOW, attrs)
             os.set_blocking(master, False)

@@ -29,7 +29,7 @@ from corral.errors import ConfigError
 
 CLUSTER = 64 * 1024
 MAGIC = b"CORRALCOW1"
-HEADER = struct.Struct("<10sHIQQH")      # magic, version, cluster, size, base size, path length
+HEADER = struct.Struct("<10sHIQQH")  # magic, version, cluster, size, base size, path length
 HEADER_AREA = 4096
 VERSION = 1
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
@@ -68,7 +68,7 @@ class RawImage:
         try:
             fallocate(self.fd, mode, offset, length)
         except OSError:
-            if zeroes:                       # discard is a hint; write-zeroes must happen
+            if zeroes:  # discard is a hint; write-zeroes must happen
                 os.pwrite(self.fd, bytes(length), offset)
 
     def close(self) -> None:
@@ -103,15 +103,20 @@ class CowImage:
             except struct.error:
                 magic = b""
             if magic != MAGIC:
-                raise ConfigError(f"{overlay_path} is not a corral overlay: give a new path (it is "
-                                  "created) or an overlay made by corral")
+                raise ConfigError(
+                    f"{overlay_path} is not a corral overlay: give a new path (it is "
+                    "created) or an overlay made by corral"
+                )
             if version != VERSION or cluster != CLUSTER:
-                raise ConfigError(f"overlay {overlay_path} has format {version}/{cluster}, not "
-                                  f"{VERSION}/{CLUSTER}")
-            recorded = raw[HEADER.size:HEADER.size + n]
+                raise ConfigError(
+                    f"overlay {overlay_path} has format {version}/{cluster}, not {VERSION}/{CLUSTER}"
+                )
+            recorded = raw[HEADER.size : HEADER.size + n]
             if recorded != base_abs or size != self.size or base_size != base.size:
-                raise ConfigError(f"overlay {overlay_path} was made on {recorded.decode(errors='replace')} "
-                                  f"({size} bytes), not on {base_abs.decode()} ({self.size} bytes)")
+                raise ConfigError(
+                    f"overlay {overlay_path} was made on {recorded.decode(errors='replace')} "
+                    f"({size} bytes), not on {base_abs.decode()} ({self.size} bytes)"
+                )
             self.bitmap = bytearray(os.pread(overlay_fd, bitmap_len, HEADER_AREA))
             if len(self.bitmap) != bitmap_len:
                 raise ConfigError(f"overlay {overlay_path} is truncated")
@@ -151,7 +156,7 @@ class CowImage:
             n = os.preadv(fd, part, base + start)
             done += n
             if n != end - start:
-                break                            # short read: the caller sees done < total
+                break  # short read: the caller sees done < total
         return done
 
     def writev(self, views: list[memoryview], offset: int) -> int:
@@ -235,19 +240,23 @@ def open_image(path: str, read_only: bool, *, field: str = "disk.path", min_size
     except OSError as exc:
         os.close(fd)
         if exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise ConfigError(f"{field}: disk image {path} is in use by another VM"
-                              f"{'' if read_only else ' (set read_only to share it)'}") from None
+            raise ConfigError(
+                f"{field}: disk image {path} is in use by another VM"
+                f"{'' if read_only else ' (set read_only to share it)'}"
+            ) from None
         raise ConfigError(f"{field}: cannot lock disk image {path}: {exc.strerror}") from None
     size = os.fstat(fd).st_size
     if size < min_size:
         os.close(fd)
-        raise ConfigError(f"{field}: disk image {path} is {size} bytes: a disk needs at least one "
-                          "512-byte sector")
+        raise ConfigError(
+            f"{field}: disk image {path} is {size} bytes: a disk needs at least one 512-byte sector"
+        )
     return fd
 
 
-def open_disk(path: str, *, read_only: bool = False, overlay: str | None = None,
-              field: str = "disk") -> RawImage | CowImage:
+def open_disk(
+    path: str, *, read_only: bool = False, overlay: str | None = None, field: str = "disk"
+) -> RawImage | CowImage:
     """The disk at `path`, or an overlay on it (created if missing) when `overlay` is given.
     `field` names the config entry in errors (the machine passes e.g. "disks[0]"; a missing
     base is then "disks[0].path: ...", a busy overlay "disks[0].overlay: ...")."""
@@ -257,7 +266,9 @@ def open_disk(path: str, *, read_only: bool = False, overlay: str | None = None,
         raise ConfigError(f"{field} {path}: an overlay is for writing; unset read_only or the overlay")
     if Path(overlay).resolve() == Path(path).resolve():
         raise ConfigError(f"{field} {path}: the overlay must be another file than its base")
-    base = RawImage(open_image(path, True, field=f"{field}.path"), read_only=True)   # shared: many overlays, one base
+    base = RawImage(
+        open_image(path, True, field=f"{field}.path"), read_only=True
+    )  # shared: many overlays, one base
     try:
         if not os.path.exists(overlay):
             Path(overlay).touch()

@@ -29,8 +29,9 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 
 def check_tap_name(name: str) -> str:
     if not _NAME_RE.match(name) or name in (".", ".."):
-        raise ConfigError(f"'{name}' cannot name a network interface: use 1 to 15 letters, digits, "
-                          "'-', '_' or '.'")
+        raise ConfigError(
+            f"'{name}' cannot name a network interface: use 1 to 15 letters, digits, '-', '_' or '.'"
+        )
     return name
 
 
@@ -43,8 +44,10 @@ class Tap:
         try:
             self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            raise HostError(f"cannot open /dev/net/tun ({exc.strerror}): load the tun module and "
-                            "run corral as root or with CAP_NET_ADMIN") from None
+            raise HostError(
+                f"cannot open /dev/net/tun ({exc.strerror}): load the tun module and "
+                "run corral as root or with CAP_NET_ADMIN"
+            ) from None
         try:
             ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
             fcntl.ioctl(self.fd, TUNSETIFF, ifr)
@@ -52,12 +55,15 @@ class Tap:
         except OSError as exc:
             os.close(self.fd)
             if exc.errno == errno.EBUSY:
-                raise HostError(f"tap '{name}' is in use by another program (another VM?): give "
-                                "another name") from None
+                raise HostError(
+                    f"tap '{name}' is in use by another program (another VM?): give another name"
+                ) from None
             if exc.errno == errno.EPERM:
-                raise HostError(f"no permission to create tap '{name}': run corral as root or with "
-                                "CAP_NET_ADMIN, or create it first with `ip tuntap add "
-                                f"{name} mode tap user $USER`") from None
+                raise HostError(
+                    f"no permission to create tap '{name}': run corral as root or with "
+                    "CAP_NET_ADMIN, or create it first with `ip tuntap add "
+                    f"{name} mode tap user $USER`"
+                ) from None
             if exc.errno == errno.EINVAL:
                 raise HostError(f"'{name}' exists and is not a tap device: give another name") from None
             raise HostError(f"cannot create tap '{name}': {exc.strerror}") from None
@@ -86,8 +92,12 @@ class Tap:
 
     def set_offload(self, *, csum: bool, tso4: bool, tso6: bool, ecn: bool) -> None:
         """What the tap may hand the guest: partial checksums and TSO, as the guest negotiated."""
-        flags = ((TUN_F_CSUM if csum else 0) | (TUN_F_TSO4 if tso4 else 0)
-                 | (TUN_F_TSO6 if tso6 else 0) | (TUN_F_TSO_ECN if ecn else 0))
+        flags = (
+            (TUN_F_CSUM if csum else 0)
+            | (TUN_F_TSO4 if tso4 else 0)
+            | (TUN_F_TSO6 if tso6 else 0)
+            | (TUN_F_TSO_ECN if ecn else 0)
+        )
         fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
 
     def close(self) -> None:
@@ -103,7 +113,9 @@ def parse_mac(text: str) -> bytes:
             raise ValueError
         mac = bytes(int(p, 16) for p in parts)
     except ValueError:
-        raise ConfigError(f"'{text}' is not a MAC address: write six hex pairs like 52:54:00:12:34:56") from None
+        raise ConfigError(
+            f"'{text}' is not a MAC address: write six hex pairs like 52:54:00:12:34:56"
+        ) from None
     if mac[0] & 1:
         raise ConfigError(f"{text} is a multicast address: a NIC needs a unicast MAC (first byte even)")
     return mac

@@ -25,16 +25,18 @@ from corral.errors import CorralError
 def _bytes_in(value: object) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
-    if isinstance(value, str):              # from JSON: base64
+    if isinstance(value, str):  # from JSON: base64
         return base64.b64decode(value, validate=True)
     raise ValueError("expected bytes or a base64 string")
 
 
 # Raw bytes in a state model: bytes in Python, base64 in JSON, and either accepted on the way
 # in (pydantic's Base64Bytes would also base64-decode bytes handed over from Python).
-StateBytes = Annotated[bytes, PlainValidator(_bytes_in),
-                       PlainSerializer(lambda b: base64.b64encode(b).decode(), return_type=str,
-                                       when_used="json")]
+StateBytes = Annotated[
+    bytes,
+    PlainValidator(_bytes_in),
+    PlainSerializer(lambda b: base64.b64encode(b).decode(), return_type=str, when_used="json"),
+]
 
 
 class IrqLine(Protocol):
@@ -75,8 +77,10 @@ def _describe(model: type[BaseModel], exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(part) for part in err["loc"]) or "(whole)"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return (f"saved {model.__name__} does not fit this machine: {where}: {err['msg']}{more}; "
-            "the state is damaged or was saved by another build")
+    return (
+        f"saved {model.__name__} does not fit this machine: {where}: {err['msg']}{more}; "
+        "the state is damaged or was saved by another build"
+    )
 
 
 class DeviceState(BaseModel):

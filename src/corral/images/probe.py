@@ -24,15 +24,37 @@ from corral.errors import ConfigError
 
 # Keep in sync with corral/guest/Makefile (which exists for building by hand).
 CFLAGS = [
-    "-m64", "-O2", "-std=gnu11", "-ffreestanding", "-fno-pic", "-fno-pie",
-    "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables",
-    "-mno-red-zone", "-mgeneral-regs-only", "-mcmodel=small", "-fcf-protection=none",
-    "-fno-delete-null-pointer-checks", "--param=min-pagesize=0", "-Wall", "-Wextra", "-Werror",
+    "-m64",
+    "-O2",
+    "-std=gnu11",
+    "-ffreestanding",
+    "-fno-pic",
+    "-fno-pie",
+    "-fno-stack-protector",
+    "-fno-asynchronous-unwind-tables",
+    "-fno-unwind-tables",
+    "-mno-red-zone",
+    "-mgeneral-regs-only",
+    "-mcmodel=small",
+    "-fcf-protection=none",
+    "-fno-delete-null-pointer-checks",
+    "--param=min-pagesize=0",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
 ]
 ASFLAGS = ["-m64", "-fno-pic", "-fno-pie"]
 LDFLAGS = [
-    "-m", "elf_x86_64", "-nostdlib", "-static", "-z", "max-page-size=0x1000",
-    "-z", "noexecstack", "--no-warn-rwx-segments", "--build-id=none",
+    "-m",
+    "elf_x86_64",
+    "-nostdlib",
+    "-static",
+    "-z",
+    "max-page-size=0x1000",
+    "-z",
+    "noexecstack",
+    "--no-warn-rwx-segments",
+    "--build-id=none",
 ]
 LINKER_SCRIPT = "probe.ld"
 OUTPUT_NAME = "probe.elf"
@@ -49,8 +71,11 @@ def probe_source_dir() -> Path:
     env = os.environ.get("CORRAL_GUEST_SRC")
     src = Path(env).expanduser() if env else PACKAGED_SOURCES
     if not (src / LINKER_SCRIPT).is_file():
-        hint = ("CORRAL_GUEST_SRC" if env
-                else "the corral installation (reinstall corral, or set CORRAL_GUEST_SRC)")
+        hint = (
+            "CORRAL_GUEST_SRC"
+            if env
+            else "the corral installation (reinstall corral, or set CORRAL_GUEST_SRC)"
+        )
         raise ConfigError(
             f"the probe guest sources are not at {src}: check {hint}; it must hold "
             f"{LINKER_SCRIPT} and the .c/.S files"
@@ -95,8 +120,7 @@ def _run(cmd: list[str], cwd: Path) -> None:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout or "").strip()[-_STDERR_TAIL:]
         raise ConfigError(
-            f"building the probe guest failed: `{' '.join(cmd)}` exited with "
-            f"{proc.returncode}:\n{tail}"
+            f"building the probe guest failed: `{' '.join(cmd)}` exited with {proc.returncode}:\n{tail}"
         )
 
 

@@ -28,7 +28,18 @@ from corral.devices.legacy.rtc import CmosRtc, RtcState
 from corral.devices.legacy.uart import Serial16550, SerialState
 
 __all__ = [
-    "AcpiPm", "AcpiPmState", "CmosRtc", "DebugExit", "DebugExitState", "I8042", "I8042State",
-    "PostSink", "PostSinkState", "ResetRegister", "ResetRegisterState", "RtcState",
-    "Serial16550", "SerialState",
+    "I8042",
+    "AcpiPm",
+    "AcpiPmState",
+    "CmosRtc",
+    "DebugExit",
+    "DebugExitState",
+    "I8042State",
+    "PostSink",
+    "PostSinkState",
+    "ResetRegister",
+    "ResetRegisterState",
+    "RtcState",
+    "Serial16550",
+    "SerialState",
 ]

@@ -7,8 +7,8 @@ from typing import TypeVar
 
 from corral.devices.base import U8, U16
 
-Byte = U8                   # an 8-bit register, in state models
-Word = U16                  # a 16-bit register
+Byte = U8  # an 8-bit register, in state models
+Word = U16  # a 16-bit register
 
 # all-ones value of an access of 1..8 bytes (what an unclaimed port reads as)
 ONES = tuple((1 << (8 * n)) - 1 for n in range(9))
@@ -28,4 +28,3 @@ def write_bytewise(write: Callable[[int, int], R], offset: int, size: int, value
     """A `size`-byte port write split into one-byte register writes, lowest address first;
     returns what each write returned."""
     return [write(offset + i, (value >> (8 * i)) & 0xFF) for i in range(size)]
-

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -56,7 +57,7 @@ SCI_EN = 0x0001
 SLP_TYP_SHIFT = 10
 SLP_TYP_MASK = 0x7
 SLP_EN = 0x2000
-CNT_STORED = 0x1C03      # SCI_EN, BM_RLD, SLP_TYP
+CNT_STORED = 0x1C03  # SCI_EN, BM_RLD, SLP_TYP
 
 
 class AcpiPmState(DeviceState):
@@ -71,8 +72,9 @@ class AcpiPm:
 
     state_model: ClassVar[type[AcpiPmState]] = AcpiPmState
 
-    def __init__(self, ctl: VmControl, sci: IrqLine | None = None,
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+    def __init__(
+        self, ctl: VmControl, sci: IrqLine | None = None, clock: Callable[[], int] = time.monotonic_ns
+    ) -> None:
         self._ctl = ctl
         self._sci = sci
         self._clock = clock
@@ -83,7 +85,7 @@ class AcpiPm:
     # -- bus interface ------------------------------------------------------------------------
     def pio_read(self, offset: int, size: int) -> int:
         if offset == 8 and size == 4:
-            return self.timer()                # the hot case; needs no lock
+            return self.timer()  # the hot case; needs no lock
         with self._lock:
             value = 0
             tmr = -1
@@ -126,7 +128,7 @@ class AcpiPm:
                     if (cnt >> SLP_TYP_SHIFT) & SLP_TYP_MASK == layout.S5_SLP_TYP:
                         poweroff = True
                     else:
-                        self._sts |= WAK_STS     # unsupported sleep state: wake at once
+                        self._sts |= WAK_STS  # unsupported sleep state: wake at once
                 self._cnt = (cnt & CNT_STORED) | SCI_EN
             self._update_sci()
         if poweroff:

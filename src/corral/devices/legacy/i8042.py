@@ -53,11 +53,11 @@ CTR_SYS = 0x04
 CTR_KBDDIS = 0x10
 CTR_AUXDIS = 0x20
 CTR_XLATE = 0x40
-DEFAULT_CTR = CTR_XLATE | CTR_AUXDIS | CTR_SYS | CTR_KBDINT   # what a BIOS leaves: 0x65
-DEFAULT_OUTPORT = 0x03        # reset line high (not in reset), A20 enabled
+DEFAULT_CTR = CTR_XLATE | CTR_AUXDIS | CTR_SYS | CTR_KBDINT  # what a BIOS leaves: 0x65
+DEFAULT_OUTPORT = 0x03  # reset line high (not in reset), A20 enabled
 
 ACK = 0xFA
-OUT_QUEUE = 16                # bytes the controller buffers toward the guest
+OUT_QUEUE = 16  # bytes the controller buffers toward the guest
 
 # controller commands that take a data byte
 _PARAM_CMDS = frozenset([0xD1, 0xD2, 0xD3, 0xD4, *range(0x60, 0x80)])
@@ -74,8 +74,9 @@ class I8042State(DeviceState):
     scan_set: Byte = Field(default=2, description="keyboard scan code set")
     scanning: bool = Field(default=True, description="keyboard scanning enabled")
     last: Byte = Field(default=0, description="last byte read from the data port (re-read when empty)")
-    out: list[Byte] = Field(default_factory=list, max_length=OUT_QUEUE,
-                            description="bytes queued toward the guest, oldest first")
+    out: list[Byte] = Field(
+        default_factory=list, max_length=OUT_QUEUE, description="bytes queued toward the guest, oldest first"
+    )
 
 
 class I8042:
@@ -112,8 +113,12 @@ class I8042:
                 self._last = self._out.popleft()
             return self._last
         if off == CMD:
-            return (STR_KEYLOCK | (STR_OBF if self._out else 0) | (self._ctr & CTR_SYS)
-                    | (STR_CMDDAT if self._cmd_flag else 0))
+            return (
+                STR_KEYLOCK
+                | (STR_OBF if self._out else 0)
+                | (self._ctr & CTR_SYS)
+                | (STR_CMDDAT if self._cmd_flag else 0)
+            )
         return 0xFF
 
     def _write(self, off: int, v: int) -> bool:
@@ -154,7 +159,7 @@ class I8042:
         elif c == 0xD0:
             self._reply(self._outport)
         elif c >= 0xF0:
-            return not c & 0x01                # pulse output lines; bit 0 is the reset line
+            return not c & 0x01  # pulse output lines; bit 0 is the reset line
         return False
 
     def _command_param(self, c: int, v: int) -> bool:
@@ -164,7 +169,7 @@ class I8042:
             self._outport = v
             return not v & 0x01
         elif c in (0xD2, 0xD3):
-            self._reply(v)                     # D3 too: no AUXDATA, so no AUX port (see top)
+            self._reply(v)  # D3 too: no AUXDATA, so no AUX port (see top)
         # 0x61-0x7F (controller RAM) and 0xD4 (to the absent AUX device): dropped
         return False
 
@@ -221,10 +226,17 @@ class I8042:
     # -- state --------------------------------------------------------------------------------
     def save_state(self) -> I8042State:
         with self._lock:
-            return I8042State(ctr=self._ctr, outport=self._outport, cmd_flag=self._cmd_flag,
-                              pending_cmd=self._pending_cmd, kbd_param_cmd=self._kbd_param_cmd,
-                              scan_set=self._scan_set, scanning=self._scanning, last=self._last,
-                              out=list(self._out))
+            return I8042State(
+                ctr=self._ctr,
+                outport=self._outport,
+                cmd_flag=self._cmd_flag,
+                pending_cmd=self._pending_cmd,
+                kbd_param_cmd=self._kbd_param_cmd,
+                scan_set=self._scan_set,
+                scanning=self._scanning,
+                last=self._last,
+                out=list(self._out),
+            )
 
     def load_state(self, state: I8042State) -> None:
         with self._lock:

@@ -24,8 +24,7 @@ RCR_STORED = RCR_SYS_RST | RCR_FULL_RST
 
 
 class ResetRegisterState(DeviceState):
-    value: Byte = Field(default=0, description="the reset control register's stored bits "
-                        "(SYS_RST, FULL_RST)")
+    value: Byte = Field(default=0, description="the reset control register's stored bits (SYS_RST, FULL_RST)")
 
 
 class ResetRegister:

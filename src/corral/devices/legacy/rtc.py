@@ -36,7 +36,8 @@ import calendar
 import math
 import threading
 import time
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -49,8 +50,7 @@ REG_SEC, REG_MIN, REG_HOUR, REG_DOW = 0x00, 0x02, 0x04, 0x06
 REG_DOM, REG_MONTH, REG_YEAR = 0x07, 0x08, 0x09
 REG_A, REG_B, REG_C, REG_D = 0x0A, 0x0B, 0x0C, 0x0D
 REG_CENTURY = 0x32
-_TIME_REGS = frozenset([REG_SEC, REG_MIN, REG_HOUR, REG_DOW, REG_DOM, REG_MONTH, REG_YEAR,
-                        REG_CENTURY])
+_TIME_REGS = frozenset([REG_SEC, REG_MIN, REG_HOUR, REG_DOW, REG_DOM, REG_MONTH, REG_YEAR, REG_CENTURY])
 
 A_UIP = 0x80
 A_DEFAULT = 0x26
@@ -60,7 +60,7 @@ B_DM_BINARY = 0x04
 B_24H = 0x02
 B_DEFAULT = B_24H
 D_VRT = 0x80
-UIP_WINDOW = 244e-6     # seconds before each update during which UIP reads 1
+UIP_WINDOW = 244e-6  # seconds before each update during which UIP reads 1
 
 MIN_YEAR, MAX_YEAR = 1, 9999
 
@@ -83,11 +83,15 @@ class RtcState(DeviceState):
     index: Byte = Field(default=0, description="CMOS register selected through port 0x70")
     nmi_disabled: bool = Field(default=False, description="bit 7 of the last index write (NMI mask)")
     offset: int = Field(default=0, description="guest time = floor(host time) + offset, in seconds")
-    frozen: RtcTime | None = Field(default=None, description="the time held while register B's "
-                                   "SET bit is on; None while the clock runs")
-    cmos: list[Byte] = Field(default_factory=lambda: [0] * CMOS_SIZE, min_length=CMOS_SIZE,
-                             max_length=CMOS_SIZE, description="the 128 CMOS bytes, clock "
-                             "registers included")
+    frozen: RtcTime | None = Field(
+        default=None, description="the time held while register B's SET bit is on; None while the clock runs"
+    )
+    cmos: list[Byte] = Field(
+        default_factory=lambda: [0] * CMOS_SIZE,
+        min_length=CMOS_SIZE,
+        max_length=CMOS_SIZE,
+        description="the 128 CMOS bytes, clock registers included",
+    )
 
 
 def _bcd(v: int) -> int:
@@ -114,8 +118,9 @@ def _epoch_of(f: list[int]) -> int:
     year = _clamp(f[_Y], MIN_YEAR, MAX_YEAR)
     month = _clamp(f[_MO], 1, 12)
     day = _clamp(f[_D], 1, calendar.monthrange(year, month)[1])
-    return calendar.timegm((year, month, day, _clamp(f[_H], 0, 23), _clamp(f[_MI], 0, 59),
-                            _clamp(f[_S], 0, 59), 0, 0, 0))
+    return calendar.timegm(
+        (year, month, day, _clamp(f[_H], 0, 23), _clamp(f[_MI], 0, 59), _clamp(f[_S], 0, 59), 0, 0, 0)
+    )
 
 
 class CmosRtc:
@@ -123,8 +128,9 @@ class CmosRtc:
 
     state_model: ClassVar[type[RtcState]] = RtcState
 
-    def __init__(self, irq8: IrqLine | None = None, clock: Callable[[], float] = time.time,
-                 mem_size: int = 0) -> None:
+    def __init__(
+        self, irq8: IrqLine | None = None, clock: Callable[[], float] = time.time, mem_size: int = 0
+    ) -> None:
         self._irq = irq8
         self._clock = clock
         self._lock = threading.Lock()
@@ -214,14 +220,14 @@ class CmosRtc:
         elif idx == REG_DOW:
             y, m, d = _clamp(f[_Y], MIN_YEAR, MAX_YEAR), _clamp(f[_MO], 1, 12), f[_D]
             d = _clamp(d, 1, calendar.monthrange(y, m)[1])
-            v = (calendar.weekday(y, m, d) + 1) % 7 + 1      # Monday=0 -> 2, Sunday=6 -> 1
+            v = (calendar.weekday(y, m, d) + 1) % 7 + 1  # Monday=0 -> 2, Sunday=6 -> 1
         elif idx == REG_DOM:
             v = f[_D]
         elif idx == REG_MONTH:
             v = f[_MO]
         elif idx == REG_YEAR:
             v = f[_Y] % 100
-        else:   # century
+        else:  # century
             v = f[_Y] // 100
         return (v if b & B_DM_BINARY else _bcd(v)) & 0xFF
 
@@ -250,7 +256,7 @@ class CmosRtc:
             f[_MO] = v
         elif idx == REG_YEAR:
             f[_Y] = f[_Y] // 100 * 100 + v % 100
-        else:   # century
+        else:  # century
             f[_Y] = v * 100 + f[_Y] % 100
         # while frozen the fields hold what was written (as the chip's registers do); they are
         # made a valid date when the clock starts
@@ -261,10 +267,18 @@ class CmosRtc:
     def save_state(self) -> RtcState:
         with self._lock:
             f = self._frozen
-            held = None if f is None else RtcTime(year=f[_Y], month=f[_MO], day=f[_D], hour=f[_H],
-                                                  minute=f[_MI], second=f[_S])
-            return RtcState(index=self._index, nmi_disabled=self._nmi_disabled,
-                            offset=self._offset, frozen=held, cmos=list(self._cmos))
+            held = (
+                None
+                if f is None
+                else RtcTime(year=f[_Y], month=f[_MO], day=f[_D], hour=f[_H], minute=f[_MI], second=f[_S])
+            )
+            return RtcState(
+                index=self._index,
+                nmi_disabled=self._nmi_disabled,
+                offset=self._offset,
+                frozen=held,
+                cmos=list(self._cmos),
+            )
 
     def load_state(self, state: RtcState) -> None:
         with self._lock:

@@ -47,7 +47,8 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -55,10 +56,10 @@ from corral.devices.base import DeviceState, IrqLine
 from corral.devices.legacy._common import Byte, read_bytewise, write_bytewise
 
 # IER
-IER_ERBFI = 0x01    # received data available
-IER_ETBEI = 0x02    # THR empty
-IER_ELSI = 0x04     # receiver line status
-IER_EDSSI = 0x08    # modem status
+IER_ERBFI = 0x01  # received data available
+IER_ETBEI = 0x02  # THR empty
+IER_ELSI = 0x04  # receiver line status
+IER_EDSSI = 0x08  # modem status
 # IIR interrupt identification
 IIR_NONE = 0x01
 IIR_MSI = 0x00
@@ -70,7 +71,7 @@ IIR_FIFO = 0xC0
 FCR_ENABLE = 0x01
 FCR_CLEAR_RX = 0x02
 FCR_CLEAR_TX = 0x04
-FCR_STORED = 0xC9   # enable, DMA mode, trigger level
+FCR_STORED = 0xC9  # enable, DMA mode, trigger level
 # LCR
 LCR_DLAB = 0x80
 # MCR
@@ -85,7 +86,7 @@ LSR_DR = 0x01
 LSR_OE = 0x02
 LSR_THRE = 0x20
 LSR_TEMT = 0x40
-LSR_ERRORS = 0x1E   # OE, PE, FE, BI: cleared by reading LSR
+LSR_ERRORS = 0x1E  # OE, PE, FE, BI: cleared by reading LSR
 # MSR
 MSR_DCTS = 0x01
 MSR_DDSR = 0x02
@@ -95,11 +96,11 @@ MSR_CTS = 0x10
 MSR_DSR = 0x20
 MSR_RI = 0x40
 MSR_DCD = 0x80
-MSR_IDLE = MSR_CTS | MSR_DSR | MSR_DCD   # lines seen outside loopback
+MSR_IDLE = MSR_CTS | MSR_DSR | MSR_DCD  # lines seen outside loopback
 
 FIFO_SIZE = 16
 RX_BUFFER = 4096
-DEFAULT_DIVISOR = 12    # 9600 baud from the 1.8432 MHz clock
+DEFAULT_DIVISOR = 12  # 9600 baud from the 1.8432 MHz clock
 
 
 class SerialState(DeviceState):
@@ -113,10 +114,14 @@ class SerialState(DeviceState):
     dll: Byte = Field(default=DEFAULT_DIVISOR, description="divisor latch, low byte")
     dlm: Byte = Field(default=0, description="divisor latch, high byte")
     thr_pending: bool = Field(default=False, description="a THR-empty interrupt is pending")
-    rx_fifo: list[Byte] = Field(default_factory=list, max_length=FIFO_SIZE,
-                                description="received bytes in the FIFO, oldest first")
-    rx_pending: list[Byte] = Field(default_factory=list, max_length=RX_BUFFER,
-                                   description="received bytes waiting for FIFO room, oldest first")
+    rx_fifo: list[Byte] = Field(
+        default_factory=list, max_length=FIFO_SIZE, description="received bytes in the FIFO, oldest first"
+    )
+    rx_pending: list[Byte] = Field(
+        default_factory=list,
+        max_length=RX_BUFFER,
+        description="received bytes waiting for FIFO room, oldest first",
+    )
 
 
 class Serial16550:
@@ -132,8 +137,8 @@ class Serial16550:
         self._out = out
         self._lock = threading.Lock()
         self._irq_level = False
-        self._rx: deque[int] = deque()        # the FIFO the guest reads
-        self._pending: deque[int] = deque()   # host input not yet in the FIFO
+        self._rx: deque[int] = deque()  # the FIFO the guest reads
+        self._pending: deque[int] = deque()  # host input not yet in the FIFO
         self._load(SerialState())
 
     # -- bus interface ------------------------------------------------------------------------
@@ -223,7 +228,7 @@ class Serial16550:
                     self._loop_receive(v)
                 else:
                     self._out(bytes((v,)))
-                self._thr_pending = True     # the byte left at once: THR is empty again
+                self._thr_pending = True  # the byte left at once: THR is empty again
         elif off == 1:
             if self._lcr & LCR_DLAB:
                 self._dlm = v
@@ -237,7 +242,7 @@ class Serial16550:
         elif off == 2:
             enable = v & FCR_ENABLE
             if enable != self._fcr & FCR_ENABLE or v & FCR_CLEAR_RX:
-                self._rx.clear()              # FIFO mode change or explicit clear
+                self._rx.clear()  # FIFO mode change or explicit clear
             self._fcr = v & FCR_STORED if enable else 0
             self._refill()
         elif off == 3:
@@ -261,8 +266,12 @@ class Serial16550:
         mcr = self._mcr
         if not mcr & MCR_LOOP:
             return MSR_IDLE
-        return (((mcr & MCR_RTS) << 3) | ((mcr & MCR_DTR) << 5)
-                | ((mcr & MCR_OUT1) << 4) | ((mcr & MCR_OUT2) << 4))
+        return (
+            ((mcr & MCR_RTS) << 3)
+            | ((mcr & MCR_DTR) << 5)
+            | ((mcr & MCR_OUT1) << 4)
+            | ((mcr & MCR_OUT2) << 4)
+        )
 
     def _capacity(self) -> int:
         return FIFO_SIZE if self._fcr & FCR_ENABLE else 1
@@ -273,7 +282,7 @@ class Serial16550:
         else:
             self._lsr_errors |= LSR_OE
             if not self._fcr & FCR_ENABLE:
-                self._rx[-1] = b              # 16450 mode: the RBR is overwritten
+                self._rx[-1] = b  # 16450 mode: the RBR is overwritten
 
     def _refill(self) -> None:
         if self._pending and not self._mcr & MCR_LOOP:
@@ -304,10 +313,19 @@ class Serial16550:
     def save_state(self) -> SerialState:
         with self._lock:
             return SerialState(
-                ier=self._ier, fcr=self._fcr, lcr=self._lcr, mcr=self._mcr,
-                lsr_errors=self._lsr_errors, msr_delta=self._msr_delta, scr=self._scr,
-                dll=self._dll, dlm=self._dlm, thr_pending=self._thr_pending,
-                rx_fifo=list(self._rx), rx_pending=list(self._pending))
+                ier=self._ier,
+                fcr=self._fcr,
+                lcr=self._lcr,
+                mcr=self._mcr,
+                lsr_errors=self._lsr_errors,
+                msr_delta=self._msr_delta,
+                scr=self._scr,
+                dll=self._dll,
+                dlm=self._dlm,
+                thr_pending=self._thr_pending,
+                rx_fifo=list(self._rx),
+                rx_pending=list(self._pending),
+            )
 
     def load_state(self, state: SerialState) -> None:
         with self._lock:
@@ -325,6 +343,6 @@ class Serial16550:
         self._dll = st.dll
         self._dlm = st.dlm
         self._thr_pending = st.thr_pending
-        self._rx = deque(st.rx_fifo[:self._capacity()])
+        self._rx = deque(st.rx_fifo[: self._capacity()])
         self._pending = deque(st.rx_pending)
         self._refill()

@@ -46,14 +46,23 @@ class Bar:
 class PciConfig:
     """The configuration space of one type-0 function."""
 
-    def __init__(self, *, vendor: int, device: int, class_code: int, revision: int = 0,
-                 subsys_vendor: int = 0, subsys_id: int = 0, interrupt_pin: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        vendor: int,
+        device: int,
+        class_code: int,
+        revision: int = 0,
+        subsys_vendor: int = 0,
+        subsys_id: int = 0,
+        interrupt_pin: int = 0,
+    ) -> None:
         self.data = bytearray(CONFIG_SIZE)
         self.wmask = bytearray(CONFIG_SIZE)
         self.w1c = bytearray(CONFIG_SIZE)
         self.bars: list[Bar | None] = [None] * 6
-        self._cap_tail = CAP_PTR     # where the next capability's offset is linked in
-        self._cap_next = 0x40        # first free byte for a capability
+        self._cap_tail = CAP_PTR  # where the next capability's offset is linked in
+        self._cap_next = 0x40  # first free byte for a capability
         self._set(VENDOR_ID, 2, vendor)
         self._set(DEVICE_ID, 2, device)
         self._set(REVISION, 1, revision)
@@ -66,10 +75,10 @@ class PciConfig:
 
     # -- building (VMM side) -----------------------------------------------------------------
     def _set(self, offset: int, size: int, value: int) -> None:
-        self.data[offset:offset + size] = value.to_bytes(size, "little")
+        self.data[offset : offset + size] = value.to_bytes(size, "little")
 
     def _mask(self, offset: int, size: int, mask: int) -> None:
-        self.wmask[offset:offset + size] = mask.to_bytes(size, "little")
+        self.wmask[offset : offset + size] = mask.to_bytes(size, "little")
 
     def add_bar(self, bar: Bar) -> None:
         i = bar.index
@@ -100,9 +109,9 @@ class PciConfig:
         if end > CONVENTIONAL_SIZE:
             raise ValueError("capabilities do not fit in the conventional configuration space")
         self.data[offset] = cap_id
-        self.data[offset + 2:end] = body
-        self.wmask[offset + 2:offset + 2 + len(wmask)] = wmask
-        self.data[self._cap_tail] = offset          # link it in (CAP_PTR or previous next)
+        self.data[offset + 2 : end] = body
+        self.wmask[offset + 2 : offset + 2 + len(wmask)] = wmask
+        self.data[self._cap_tail] = offset  # link it in (CAP_PTR or previous next)
         self._cap_tail = offset + 1
         self._cap_next = (end + 3) & ~3
         self._set(STATUS, 2, self.read(STATUS, 2) | STATUS_CAP_LIST)
@@ -112,7 +121,7 @@ class PciConfig:
     def read(self, offset: int, size: int) -> int:
         if offset < 0 or size not in (1, 2, 4) or offset + size > CONFIG_SIZE:
             return (1 << (8 * size)) - 1 if size in (1, 2, 4) else 0
-        return int.from_bytes(self.data[offset:offset + size], "little")
+        return int.from_bytes(self.data[offset : offset + size], "little")
 
     def write(self, offset: int, size: int, value: int) -> bool:
         """Apply a guest write through the masks; True when the command register or a BAR

@@ -23,7 +23,7 @@ from corral.devices.pci.config import PciConfig
 
 log = logging.getLogger(__name__)
 
-HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE = 0x1B36, 0x0008   # generic PCIe host bridge ids
+HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE = 0x1B36, 0x0008  # generic PCIe host bridge ids
 CLASS_HOST_BRIDGE = 0x060000
 SLOTS = 32
 
@@ -49,8 +49,9 @@ class HostBridge:
     """00:00.0: identifies the root complex; it has no BARs."""
 
     def __init__(self) -> None:
-        self.config = PciConfig(vendor=HOST_BRIDGE_VENDOR, device=HOST_BRIDGE_DEVICE,
-                                class_code=CLASS_HOST_BRIDGE)
+        self.config = PciConfig(
+            vendor=HOST_BRIDGE_VENDOR, device=HOST_BRIDGE_DEVICE, class_code=CLASS_HOST_BRIDGE
+        )
 
     def bar_read(self, index: int, offset: int, size: int) -> int:
         return (1 << (8 * size)) - 1
@@ -84,8 +85,9 @@ Slot = Annotated[int, Field(ge=0, lt=SLOTS)]
 
 
 class PciBusState(DeviceState):
-    config: dict[Slot, StateBytes] = Field(description="configuration space of each populated "
-                                           "slot on bus 0 (function 0), by slot number")
+    config: dict[Slot, StateBytes] = Field(
+        description="configuration space of each populated slot on bus 0 (function 0), by slot number"
+    )
 
 
 class ConfigPortsState(DeviceState):
@@ -100,7 +102,7 @@ class PciRoot:
     def __init__(self, mmio: MmioBus) -> None:
         self.mmio = mmio
         self.slots: list[PciFunction | None] = [None] * SLOTS
-        self._mapped: dict[tuple[int, int], int] = {}    # (slot, bar) -> base on the MMIO bus
+        self._mapped: dict[tuple[int, int], int] = {}  # (slot, bar) -> base on the MMIO bus
         self._lock = threading.Lock()
         self.add(HostBridge(), slot=0)
 
@@ -122,8 +124,7 @@ class PciRoot:
             return (1 << (8 * size)) - 1
         return fn.config.read(offset, size)
 
-    def config_write(self, bus: int, slot: int, func: int, offset: int, size: int,
-                     value: int) -> None:
+    def config_write(self, bus: int, slot: int, func: int, offset: int, size: int, value: int) -> None:
         fn = self._function(bus, slot, func)
         if fn is None:
             return
@@ -141,8 +142,9 @@ class PciRoot:
     def save_state(self) -> PciBusState:
         """The configuration space of every function; functions with more state (virtio)
         are walked separately by the machine."""
-        return PciBusState(config={s: bytes(fn.config.data) for s, fn in enumerate(self.slots)
-                                   if fn is not None})
+        return PciBusState(
+            config={s: bytes(fn.config.data) for s, fn in enumerate(self.slots) if fn is not None}
+        )
 
     def load_state(self, state: PciBusState) -> None:
         for slot, data in state.config.items():
@@ -168,8 +170,9 @@ class PciRoot:
                         del self._mapped[(slot, i)]
                     if addr is not None and bar is not None:
                         try:
-                            self.mmio.register(addr, bar.size, _BarWindow(fn, i),
-                                               f"pci 00:{slot:02x}.0 BAR{i}")
+                            self.mmio.register(
+                                addr, bar.size, _BarWindow(fn, i), f"pci 00:{slot:02x}.0 BAR{i}"
+                            )
                             self._mapped[(slot, i)] = addr
                         except BusConflictError as exc:
                             # the guest placed it over something else: it stays unreachable
@@ -199,7 +202,7 @@ class ConfigPorts:
 
     def pio_write(self, offset: int, size: int, value: int) -> None:
         if offset == self.ADDRESS_OFFSET:
-            if size == 4:       # byte/word writes to 0xCF8 are not config cycles
+            if size == 4:  # byte/word writes to 0xCF8 are not config cycles
                 self.address = value & 0x80FF_FFFC
             return
         target = self._target(offset - self.DATA_OFFSET, size)
@@ -227,7 +230,7 @@ class Ecam:
 
     def _target(self, offset: int, size: int) -> tuple[int, int, int, int] | None:
         reg = offset & 0xFFF
-        if size not in (1, 2, 4) or reg % size:     # no accesses that straddle registers
+        if size not in (1, 2, 4) or reg % size:  # no accesses that straddle registers
             return None
         return offset >> 20, (offset >> 15) & 0x1F, (offset >> 12) & 0x7, reg
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
@@ -35,12 +36,21 @@ log = logging.getLogger(__name__)
 F_MUST_TELL_HOST, F_STATS_VQ, F_DEFLATE_ON_OOM = 1 << 0, 1 << 1, 1 << 2
 F_PAGE_REPORTING = 1 << 5
 PFN_SHIFT = 12
-PAGE = 1 << PFN_SHIFT            # the balloon's unit: 4 KiB, whatever the guest's page size
+PAGE = 1 << PFN_SHIFT  # the balloon's unit: 4 KiB, whatever the guest's page size
 STAT = struct.Struct("<HQ")
-STAT_NAMES = {0: "swap_in", 1: "swap_out", 2: "major_faults", 3: "minor_faults", 4: "free_memory",
-              5: "total_memory", 6: "available_memory", 7: "disk_caches", 8: "hugetlb_allocations",
-              9: "hugetlb_failures"}
-MAX_PFNS = 256 * 1024          # per inflate request: 1 GiB of 4 KiB pages
+STAT_NAMES = {
+    0: "swap_in",
+    1: "swap_out",
+    2: "major_faults",
+    3: "minor_faults",
+    4: "free_memory",
+    5: "total_memory",
+    6: "available_memory",
+    7: "disk_caches",
+    8: "hugetlb_allocations",
+    9: "hugetlb_failures",
+}
+MAX_PFNS = 256 * 1024  # per inflate request: 1 GiB of 4 KiB pages
 
 
 class BalloonState(DeviceState):
@@ -51,19 +61,19 @@ class BalloonState(DeviceState):
 class BalloonInfo(BaseModel):
     """The balloon as the host sees it (the reply of the balloon verb)."""
 
-    target_bytes: int               # what the host asked the guest to give back
-    actual_bytes: int               # what the guest says it has given
-    host_resident_bytes: int        # host memory now behind guest RAM
-    inflated: int                   # pages handed over by inflate requests, in all
-    deflated: int                   # pages taken back by deflate requests, in all
-    reported_bytes: int             # free memory reported by the guest and returned to the host
-    bad_pfns: int                   # page numbers from the guest that were not RAM (skipped)
-    stats: dict[str, int]           # the guest's latest memory statistics, by virtio name
+    target_bytes: int  # what the host asked the guest to give back
+    actual_bytes: int  # what the guest says it has given
+    host_resident_bytes: int  # host memory now behind guest RAM
+    inflated: int  # pages handed over by inflate requests, in all
+    deflated: int  # pages taken back by deflate requests, in all
+    reported_bytes: int  # free memory reported by the guest and returned to the host
+    bad_pfns: int  # page numbers from the guest that were not RAM (skipped)
+    stats: dict[str, int]  # the guest's latest memory statistics, by virtio name
 
 
 class VirtioBalloon(VirtioDevice[BalloonState]):
     device_id = VIRTIO_ID_BALLOON
-    queue_sizes = (128, 128, 128, 128)       # inflate, deflate, stats, reporting
+    queue_sizes = (128, 128, 128, 128)  # inflate, deflate, stats, reporting
     state_model = BalloonState
 
     def __init__(self) -> None:
@@ -91,8 +101,9 @@ class VirtioBalloon(VirtioDevice[BalloonState]):
             with self._lock:
                 self.actual_pages = value
 
-    def activate(self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt,
-                 driver_features: int) -> None:
+    def activate(
+        self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt, driver_features: int
+    ) -> None:
         # queues exist only for negotiated features, numbered without gaps (as Linux finds them)
         names = ["inflate", "deflate"]
         if driver_features & F_STATS_VQ:
@@ -132,9 +143,12 @@ class VirtioBalloon(VirtioDevice[BalloonState]):
         if irq is not None:
             irq.signal_config()
 
-    def info(self, host_resident_bytes: int,
-             call_soon: Callable[[Callable[[], None]], object] | None,
-             timeout: float) -> BalloonInfo:
+    def info(
+        self,
+        host_resident_bytes: int,
+        call_soon: Callable[[Callable[[], None]], object] | None,
+        timeout: float,
+    ) -> BalloonInfo:
         """The balloon as the host sees it. With a stats queue, first asks the driver for fresh
         statistics (`call_soon` runs `request_stats` on the device event loop) and waits up to
         `timeout` seconds for them; the reply carries whatever statistics are the latest."""
@@ -144,9 +158,13 @@ class VirtioBalloon(VirtioDevice[BalloonState]):
             self.stats_updated.wait(timeout)
         with self._lock:
             target, actual = self.target_pages, self.actual_pages
-        return BalloonInfo(target_bytes=target * PAGE, actual_bytes=actual * PAGE,
-                           host_resident_bytes=host_resident_bytes, stats=dict(self.stats),
-                           **self.counters)
+        return BalloonInfo(
+            target_bytes=target * PAGE,
+            actual_bytes=actual * PAGE,
+            host_resident_bytes=host_resident_bytes,
+            stats=dict(self.stats),
+            **self.counters,
+        )
 
     def request_stats(self) -> bool:
         """Hand the stats buffer back so the driver refills it; False if it holds none now."""
@@ -200,7 +218,7 @@ class VirtioBalloon(VirtioDevice[BalloonState]):
         return 0
 
     def _deflate(self, chain: DescriptorChain) -> int:
-        self.counters["deflated"] += len(self._pfns(chain))   # the pages fault back in on use
+        self.counters["deflated"] += len(self._pfns(chain))  # the pages fault back in on use
         return 0
 
     def _report(self, chain: DescriptorChain) -> int:
@@ -219,7 +237,7 @@ class VirtioBalloon(VirtioDevice[BalloonState]):
             chain = q.pop()
             if chain is None:
                 break
-            if self._stats_chain is not None:           # a driver sending two: return the old
+            if self._stats_chain is not None:  # a driver sending two: return the old
                 q.push(self._stats_chain.head, 0)
             self._stats_chain = chain
             data = q.read_all(chain, STAT.size * 64)

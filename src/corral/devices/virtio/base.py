@@ -10,7 +10,8 @@ through `VirtioInterrupt`, so the transport decides between MSI-X and INTx.
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Callable, Generic, Protocol, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from corral.devices.base import DeviceState
 from corral.devices.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
@@ -64,10 +65,10 @@ class VirtioDevice(abc.ABC, Generic[S]):
     """
 
     device_id: int
-    queue_sizes: tuple[int, ...]   # maximum size of each queue (a power of 2, <= 32768)
+    queue_sizes: tuple[int, ...]  # maximum size of each queue (a power of 2, <= 32768)
 
     def __init__(self) -> None:
-        self.broken = False        # set with `fail()`; the transport then shows NEEDS_RESET
+        self.broken = False  # set with `fail()`; the transport then shows NEEDS_RESET
 
     @abc.abstractmethod
     def device_features(self) -> int:
@@ -78,7 +79,7 @@ class VirtioDevice(abc.ABC, Generic[S]):
         data = self.config_bytes()
         if offset < 0 or offset + size > len(data):
             return 0
-        return int.from_bytes(data[offset:offset + size], "little")
+        return int.from_bytes(data[offset : offset + size], "little")
 
     def write_config(self, offset: int, size: int, value: int) -> None:
         """Driver writes to configuration space; most devices ignore them."""
@@ -88,8 +89,9 @@ class VirtioDevice(abc.ABC, Generic[S]):
         return b""
 
     @abc.abstractmethod
-    def activate(self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt,
-                 driver_features: int) -> None:
+    def activate(
+        self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt, driver_features: int
+    ) -> None:
         """The driver set DRIVER_OK: start serving `queues` (None-free, one per queue_sizes entry;
         a queue the driver did not enable is present with `ready == False`)."""
 
@@ -97,8 +99,9 @@ class VirtioDevice(abc.ABC, Generic[S]):
     def queue_notify(self, index: int) -> None:
         """The driver kicked queue `index`: process what it made available."""
 
-    def serve(self, queue: Virtqueue, interrupt: VirtioInterrupt,
-              handle: Callable[[DescriptorChain], int]) -> None:
+    def serve(
+        self, queue: Virtqueue, interrupt: VirtioInterrupt, handle: Callable[[DescriptorChain], int]
+    ) -> None:
         """Drain `queue`: `handle` serves each request and returns the bytes it wrote. A
         malformed ring puts the device in NEEDS_RESET; one interrupt per batch at most."""
         while True:

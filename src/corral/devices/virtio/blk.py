@@ -27,10 +27,10 @@ F_DISCARD, F_WRITE_ZEROES = 1 << 13, 1 << 14
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 HEADER = struct.Struct("<IIQ")
-SEGMENT = struct.Struct("<QII")             # discard/write-zeroes: sector, num_sectors, flags
+SEGMENT = struct.Struct("<QII")  # discard/write-zeroes: sector, num_sectors, flags
 QUEUE_SIZE = 256
 SEG_MAX = QUEUE_SIZE - 2
-MAX_DISCARD_SECTORS = 1 << 22               # 2 GiB per segment
+MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
 ID_BYTES = 20
 
 
@@ -55,7 +55,7 @@ class DiskImage(Protocol):
 class VirtioBlock(VirtioDevice[NoState]):
     device_id = VIRTIO_ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
-    state_model = NoState                   # nothing beyond its queues
+    state_model = NoState  # nothing beyond its queues
 
     def __init__(self, image: DiskImage, *, serial: str = "") -> None:
         """`image` is opened already (backends.disk.open_disk); the device closes it."""
@@ -76,15 +76,16 @@ class VirtioBlock(VirtioDevice[NoState]):
 
     def config_bytes(self) -> bytes:
         cfg = bytearray(0x3C)
-        struct.pack_into("<QII", cfg, 0, self.sectors, 0, SEG_MAX)    # capacity, size_max, seg_max
-        struct.pack_into("<I", cfg, 0x14, SECTOR)                      # blk_size
-        struct.pack_into("<H", cfg, 0x22, 1)                           # num_queues
+        struct.pack_into("<QII", cfg, 0, self.sectors, 0, SEG_MAX)  # capacity, size_max, seg_max
+        struct.pack_into("<I", cfg, 0x14, SECTOR)  # blk_size
+        struct.pack_into("<H", cfg, 0x22, 1)  # num_queues
         struct.pack_into("<III", cfg, 0x24, MAX_DISCARD_SECTORS, 1, 1)  # discard limits, alignment
         struct.pack_into("<IIB", cfg, 0x30, MAX_DISCARD_SECTORS, 1, 1)  # write-zeroes, may unmap
         return bytes(cfg)
 
-    def activate(self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt,
-                 driver_features: int) -> None:
+    def activate(
+        self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt, driver_features: int
+    ) -> None:
         self.memory, self.queue, self.interrupt = memory, queues[0], interrupt
 
     def reset(self) -> None:
@@ -102,7 +103,7 @@ class VirtioBlock(VirtioDevice[NoState]):
         assert mem is not None and q is not None
         self.requests += 1
         if not chain.writable:
-            return 0                            # no status byte: nothing can be reported
+            return 0  # no status byte: nothing can be reported
         # the status byte is the last writable byte; data buffers are what precedes it
         s_addr, s_len = chain.writable[-1]
         status_at = s_addr + s_len - 1
@@ -203,6 +204,6 @@ def _scatter(mem: GuestMemory, bufs: list[tuple[int, int]], data: bytes) -> int:
         n = min(length, len(data) - done)
         if n <= 0:
             break
-        mem.write(addr, data[done:done + n])
+        mem.write(addr, data[done : done + n])
         done += n
     return done

@@ -39,7 +39,7 @@ class ConsolePort(Protocol):
 class VirtioConsole(VirtioDevice[NoState]):
     device_id = VIRTIO_ID_CONSOLE
     queue_sizes = (64, 64)
-    state_model = NoState                   # nothing beyond its queues
+    state_model = NoState  # nothing beyond its queues
 
     def __init__(self, backend: ConsolePort, loop: EventLoop) -> None:
         super().__init__()
@@ -53,8 +53,9 @@ class VirtioConsole(VirtioDevice[NoState]):
     def device_features(self) -> int:
         return 0
 
-    def activate(self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt,
-                 driver_features: int) -> None:
+    def activate(
+        self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt, driver_features: int
+    ) -> None:
         self.rx, self.tx, self.interrupt = queues[RXQ], queues[TXQ], interrupt
         self._watch(True)
 
@@ -91,14 +92,14 @@ class VirtioConsole(VirtioDevice[NoState]):
         except BlockingIOError:
             n = 0
         except OSError:
-            n = 0                                  # the pty was hung up: output goes nowhere
+            n = 0  # the pty was hung up: output goes nowhere
         self.dropped += len(data) - n
         return 0
 
     def _receive(self) -> None:
         rx, irq = self.rx, self.interrupt
         if rx is None or irq is None or self.broken:
-            self._watch(False)          # input left unread would spin the loop
+            self._watch(False)  # input left unread would spin the loop
             return
         used = False
         while True:
@@ -110,7 +111,7 @@ class VirtioConsole(VirtioDevice[NoState]):
                 irq.signal_config()
                 return
             if chain is None:
-                self._watch(False)                  # until the guest posts buffers
+                self._watch(False)  # until the guest posts buffers
                 break
             try:
                 data = os.read(self.backend.fd, min(READ_CHUNK, chain.writable_len))

@@ -33,8 +33,8 @@ F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN = 1 << 11, 1 << 12, 1 << 13
 F_MRG_RXBUF, F_STATUS = 1 << 15, 1 << 16
 STATUS_LINK_UP = 1
 RXQ, TXQ = 0, 1
-VNET_HDR_LEN = 12                              # virtio 1.x header, num_buffers included
-MAX_FRAME = VNET_HDR_LEN + 65535 + 14 + 4      # the largest GSO frame a tap hands over (+ VLAN)
+VNET_HDR_LEN = 12  # virtio 1.x header, num_buffers included
+MAX_FRAME = VNET_HDR_LEN + 65535 + 14 + 4  # the largest GSO frame a tap hands over (+ VLAN)
 _NUM_BUFFERS = struct.Struct("<H")
 
 
@@ -54,7 +54,7 @@ class NetBackend(Protocol):
 class VirtioNet(VirtioDevice[NoState]):
     device_id = VIRTIO_ID_NET
     queue_sizes = (256, 256)
-    state_model = NoState                   # nothing beyond its queues
+    state_model = NoState  # nothing beyond its queues
 
     def __init__(self, tap: NetBackend, mac: bytes, loop: EventLoop) -> None:
         super().__init__()
@@ -66,26 +66,47 @@ class VirtioNet(VirtioDevice[NoState]):
         self._reading = False
         self._buf = bytearray(MAX_FRAME)
         self._pending: bytes | None = None
-        self.stats = {"rx_frames": 0, "tx_frames": 0, "rx_bytes": 0, "tx_bytes": 0, "tx_dropped": 0,
-                      "rx_dropped": 0}
+        self.stats = {
+            "rx_frames": 0,
+            "tx_frames": 0,
+            "rx_bytes": 0,
+            "tx_bytes": 0,
+            "tx_dropped": 0,
+            "rx_dropped": 0,
+        }
 
     def device_features(self) -> int:
-        return (F_MAC | F_STATUS | F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_GUEST_ECN
-                | F_HOST_TSO4 | F_HOST_TSO6 | F_HOST_ECN | F_MRG_RXBUF)
+        return (
+            F_MAC
+            | F_STATUS
+            | F_CSUM
+            | F_GUEST_CSUM
+            | F_GUEST_TSO4
+            | F_GUEST_TSO6
+            | F_GUEST_ECN
+            | F_HOST_TSO4
+            | F_HOST_TSO6
+            | F_HOST_ECN
+            | F_MRG_RXBUF
+        )
 
     def config_bytes(self) -> bytes:
         # mac, status, max_virtqueue_pairs
         return self.mac + struct.pack("<HH", STATUS_LINK_UP, 1)
 
-    def activate(self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt,
-                 driver_features: int) -> None:
+    def activate(
+        self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt, driver_features: int
+    ) -> None:
         self.rx, self.tx, self.interrupt = queues[RXQ], queues[TXQ], interrupt
         self.mergeable = bool(driver_features & F_MRG_RXBUF)
         # segmentation offloads only ride on checksum offload
         csum = bool(driver_features & F_GUEST_CSUM)
-        self.tap.set_offload(csum=csum, tso4=csum and bool(driver_features & F_GUEST_TSO4),
-                             tso6=csum and bool(driver_features & F_GUEST_TSO6),
-                             ecn=csum and bool(driver_features & F_GUEST_ECN))
+        self.tap.set_offload(
+            csum=csum,
+            tso4=csum and bool(driver_features & F_GUEST_TSO4),
+            tso6=csum and bool(driver_features & F_GUEST_TSO6),
+            ecn=csum and bool(driver_features & F_GUEST_ECN),
+        )
         self._start_reading()
 
     def reset(self) -> None:
@@ -113,7 +134,7 @@ class VirtioNet(VirtioDevice[NoState]):
         if index == TXQ:
             self._transmit()
         elif index == RXQ:
-            self._receive()          # new buffers: deliver what waited, listen again
+            self._receive()  # new buffers: deliver what waited, listen again
 
     # -- guest -> tap ----------------------------------------------------------------------------------
     def _transmit(self) -> None:
@@ -125,7 +146,7 @@ class VirtioNet(VirtioDevice[NoState]):
         assert self.tx is not None
         n = chain.readable_len
         if n <= VNET_HDR_LEN or n > MAX_FRAME:
-            self.stats["tx_dropped"] += 1          # no frame, or larger than any NIC sends
+            self.stats["tx_dropped"] += 1  # no frame, or larger than any NIC sends
             return 0
         frame = self.tx.read_all(chain)
         try:
@@ -147,7 +168,7 @@ class VirtioNet(VirtioDevice[NoState]):
     def _receive(self) -> None:
         rx, interrupt = self.rx, self.interrupt
         if rx is None or interrupt is None or self.broken:
-            self._stop_reading()        # a tap left readable and unread would spin the loop
+            self._stop_reading()  # a tap left readable and unread would spin the loop
             return
         delivered = False
         try:
@@ -164,7 +185,7 @@ class VirtioNet(VirtioDevice[NoState]):
                     frame = bytes(memoryview(self._buf)[:n])
                 if not self._deliver(rx, frame):
                     self._pending = frame
-                    self._stop_reading()             # until the guest adds buffers
+                    self._stop_reading()  # until the guest adds buffers
                     break
                 self._pending = None
                 delivered = True
@@ -201,7 +222,7 @@ class VirtioNet(VirtioDevice[NoState]):
             return True
         pos = 0
         for c in chains:
-            n = rx.write_all(c, frame[pos:pos + c.writable_len])
+            n = rx.write_all(c, frame[pos : pos + c.writable_len])
             if c is chains[0]:
                 rx.write_all(c, _NUM_BUFFERS.pack(len(chains)), skip=10)
             rx.push(c.head, n)

@@ -14,14 +14,22 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import Field
 
 from corral.devices.base import U8, U16, U32, U64, DeviceState, IrqLine, StateBytes, StateError
 from corral.devices.pci.config import CAP_ID_MSIX, CAP_ID_VENDOR, Bar, PciConfig
-from corral.devices.virtio.base import (F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, STATUS_DRIVER_OK,
-                                        STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VirtioDevice)
+from corral.devices.virtio.base import (
+    F_EVENT_IDX,
+    F_INDIRECT_DESC,
+    F_VERSION_1,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET,
+    VirtioDevice,
+)
 from corral.devices.virtio.queue import QueueSize, Virtqueue, VirtqueueError, VirtqueueState
 
 if TYPE_CHECKING:
@@ -88,14 +96,15 @@ class VirtioPciState(DeviceState):
     broken: bool = Field(description="the device failed and shows NEEDS_RESET")
     queues: list[QueueState] = Field(description="each queue's registers, by queue index")
     msix_table: StateBytes = Field(description="the MSI-X table: 16 bytes per vector")
-    active: list[VirtqueueState] = Field(description="live queue positions; empty unless "
-                                         "DRIVER_OK")
-    device: dict[str, Any] = Field(description="the device's own state, as its state_model "
-                                   "dumps it (validated through that model on load)")
+    active: list[VirtqueueState] = Field(description="live queue positions; empty unless DRIVER_OK")
+    device: dict[str, Any] = Field(
+        description="the device's own state, as its state_model "
+        "dumps it (validated through that model on load)"
+    )
 
 
 class _QueueConfig:
-    __slots__ = ("size", "enable", "desc", "avail", "used", "vector")
+    __slots__ = ("avail", "desc", "enable", "size", "used", "vector")
 
     def __init__(self, size: int) -> None:
         self.size, self.enable, self.desc, self.avail, self.used = size, 0, 0, 0, 0
@@ -107,25 +116,38 @@ class VirtioPciDevice:
 
     state_model: ClassVar[type[VirtioPciState]] = VirtioPciState
 
-    def __init__(self, device: VirtioDevice[Any], memory: GuestMemory, irq: IrqLine, loop: EventLoop,
-                 doorbells: Doorbells, msi_vectors: list[MsiVector] | None = None) -> None:
+    def __init__(
+        self,
+        device: VirtioDevice[Any],
+        memory: GuestMemory,
+        irq: IrqLine,
+        loop: EventLoop,
+        doorbells: Doorbells,
+        msi_vectors: list[MsiVector] | None = None,
+    ) -> None:
         self.device = device
         self.memory = memory
         self.irq = irq
         self.loop = loop
         self.doorbells = doorbells
         self.offered = device.device_features() | F_VERSION_1 | F_EVENT_IDX | F_INDIRECT_DESC
-        self.config = PciConfig(vendor=VENDOR_VIRTIO, device=PCI_DEVICE_BASE + device.device_id,
-                                class_code=_CLASS.get(device.device_id, 0xFF0000), revision=1,
-                                subsys_vendor=VENDOR_VIRTIO, subsys_id=PCI_DEVICE_BASE + device.device_id,
-                                interrupt_pin=1)
+        self.config = PciConfig(
+            vendor=VENDOR_VIRTIO,
+            device=PCI_DEVICE_BASE + device.device_id,
+            class_code=_CLASS.get(device.device_id, 0xFF0000),
+            revision=1,
+            subsys_vendor=VENDOR_VIRTIO,
+            subsys_id=PCI_DEVICE_BASE + device.device_id,
+            interrupt_pin=1,
+        )
         self.config.add_bar(Bar(0, BAR_SIZE))
         nq = len(device.queue_sizes)
         for cfg_type, off, length, extra in (
-                (CFG_COMMON, COMMON_OFF, COMMON_LEN, b""),
-                (CFG_NOTIFY, NOTIFY_OFF, NOTIFY_MULTIPLIER * max(nq, 1), struct.pack("<I", NOTIFY_MULTIPLIER)),
-                (CFG_ISR, ISR_OFF, ISR_LEN, b""),
-                (CFG_DEVICE, DEVICE_OFF, DEVICE_LEN, b"")):
+            (CFG_COMMON, COMMON_OFF, COMMON_LEN, b""),
+            (CFG_NOTIFY, NOTIFY_OFF, NOTIFY_MULTIPLIER * max(nq, 1), struct.pack("<I", NOTIFY_MULTIPLIER)),
+            (CFG_ISR, ISR_OFF, ISR_LEN, b""),
+            (CFG_DEVICE, DEVICE_OFF, DEVICE_LEN, b""),
+        ):
             # cap_len, cfg_type, bar, id, padding, offset, length (+ notify multiplier)
             body = struct.pack("<BBBB2xII", 16 + len(extra), cfg_type, 0, 0, off, length) + extra
             self.config.add_capability(CAP_ID_VENDOR, body)
@@ -133,11 +155,11 @@ class VirtioPciDevice:
         self.msi = list(msi_vectors or [])
         self.msix_table = bytearray(16 * len(self.msi))
         for i in range(len(self.msi)):
-            self.msix_table[16 * i + 12] = 1               # vectors start masked
+            self.msix_table[16 * i + 12] = 1  # vectors start masked
         self._msix_cap = None
         if self.msi:
             body = struct.pack("<HII", len(self.msi) - 1, MSIX_TABLE_OFF, MSIX_PBA_OFF)
-            self._msix_cap = self.config.add_capability(CAP_ID_MSIX, body, wmask=b"\x00\xC0")
+            self._msix_cap = self.config.add_capability(CAP_ID_MSIX, body, wmask=b"\x00\xc0")
         self._lock = threading.Lock()
         self._doorbell_handles: list[object] = []
         self._bar_addr: int | None = None
@@ -167,13 +189,14 @@ class VirtioPciDevice:
             for i in range(len(self.queues)):
                 addr = self._bar_addr + NOTIFY_OFF + NOTIFY_MULTIPLIER * i
                 self._doorbell_handles.append(
-                    self.doorbells.attach(addr, 2, (lambda q: lambda: self._notify(q))(i)))
+                    self.doorbells.attach(addr, 2, (lambda q: lambda: self._notify(q))(i))
+                )
 
     def bar_read(self, index: int, offset: int, size: int) -> int:
         if COMMON_OFF <= offset < COMMON_OFF + COMMON_LEN:
             return self._common_read(offset - COMMON_OFF, size)
         if ISR_OFF <= offset < ISR_OFF + ISR_LEN:
-            with self._lock:        # reading the ISR acknowledges and lowers INTx
+            with self._lock:  # reading the ISR acknowledges and lowers INTx
                 value, self.isr = self.isr, 0
                 self.irq.set_level(False)
             return value if offset == ISR_OFF else 0
@@ -181,7 +204,7 @@ class VirtioPciDevice:
             return self.device.read_config(offset - DEVICE_OFF, size)
         if MSIX_TABLE_OFF <= offset and offset + size <= MSIX_TABLE_OFF + len(self.msix_table):
             o = offset - MSIX_TABLE_OFF
-            return int.from_bytes(self.msix_table[o:o + size], "little")
+            return int.from_bytes(self.msix_table[o : o + size], "little")
         if MSIX_PBA_OFF <= offset < MSIX_PBA_OFF + 8 and self.msi:
             bits = sum(1 << i for i, v in enumerate(self.msi) if v.pending)
             return (bits >> (8 * (offset - MSIX_PBA_OFF))) & ((1 << (8 * size)) - 1)
@@ -194,7 +217,7 @@ class VirtioPciDevice:
             self.device.write_config(offset - DEVICE_OFF, size, value)
         elif MSIX_TABLE_OFF <= offset and offset + size <= MSIX_TABLE_OFF + len(self.msix_table):
             o = offset - MSIX_TABLE_OFF
-            self.msix_table[o:o + size] = value.to_bytes(size, "little")
+            self.msix_table[o : o + size] = value.to_bytes(size, "little")
             self._msix_update(o // 16)
         elif NOTIFY_OFF <= offset < NOTIFY_OFF + NOTIFY_MULTIPLIER * len(self.queues):
             # a kick that reached Python: hand it to the loop like an ioeventfd would
@@ -224,7 +247,7 @@ class VirtioPciDevice:
         if self._msix_control() & MSIX_ENABLE:
             if vector < len(self.msi):
                 self.msi[vector].trigger()
-            return                                       # no vector assigned: no interrupt
+            return  # no vector assigned: no interrupt
         with self._lock:
             self.isr |= isr_bit
             self.irq.set_level(True)
@@ -242,10 +265,12 @@ class VirtioPciDevice:
             regs = {
                 0x00: self.device_feature_select,
                 0x04: (self.offered >> (32 * self.device_feature_select)) & 0xFFFF_FFFF
-                if self.device_feature_select < 2 else 0,
+                if self.device_feature_select < 2
+                else 0,
                 0x08: self.driver_feature_select,
                 0x0C: (self.driver_features >> (32 * self.driver_feature_select)) & 0xFFFF_FFFF
-                if self.driver_feature_select < 2 else 0,
+                if self.driver_feature_select < 2
+                else 0,
                 0x10: self.config_vector,
                 0x12: len(self.queues),
                 0x14: self.status | (STATUS_NEEDS_RESET if self.device.broken else 0),
@@ -254,8 +279,10 @@ class VirtioPciDevice:
                 0x18: q.size if q else 0,
                 0x1A: q.vector if q else NO_VECTOR,
                 0x1C: q.enable if q else 0,
-                0x1E: self.queue_select if q else 0,       # notify offset: queue index
-                0x20: q.desc if q else 0, 0x28: q.avail if q else 0, 0x30: q.used if q else 0,
+                0x1E: self.queue_select if q else 0,  # notify offset: queue index
+                0x20: q.desc if q else 0,
+                0x28: q.avail if q else 0,
+                0x30: q.used if q else 0,
             }
         # registers are read whole or in parts (64-bit addresses as two 32-bit halves)
         for base, value in regs.items():
@@ -287,7 +314,7 @@ class VirtioPciDevice:
             elif off == 0x16 and size == 2:
                 self.queue_select = value
             elif off == 0x10 and size == 2:
-                self.config_vector = self._vector(value)   # reads back NO_VECTOR if refused
+                self.config_vector = self._vector(value)  # reads back NO_VECTOR if refused
             elif off == 0x1A and size == 2 and q is not None:
                 q.vector = self._vector(value)
             elif q is not None and not live:
@@ -311,7 +338,7 @@ class VirtioPciDevice:
         """Apply a non-zero status write; True when the driver just set DRIVER_OK."""
         if value & STATUS_FEATURES_OK and not self.status & STATUS_FEATURES_OK:
             if self.driver_features & ~self.offered or not self.driver_features & F_VERSION_1:
-                value &= ~STATUS_FEATURES_OK     # refused: the driver reads it back clear
+                value &= ~STATUS_FEATURES_OK  # refused: the driver reads it back clear
         newly_ok = bool(value & STATUS_DRIVER_OK and not self.status & STATUS_DRIVER_OK)
         self.status = (self.status | value) & 0xFF
         return newly_ok and bool(self.status & STATUS_FEATURES_OK)
@@ -320,9 +347,16 @@ class VirtioPciDevice:
         queues = []
         try:
             for i, q in enumerate(self.queues):
-                vq = Virtqueue(self.memory, i, q.size, q.desc, q.avail, q.used,
-                               event_idx=bool(self.driver_features & F_EVENT_IDX),
-                               indirect=bool(self.driver_features & F_INDIRECT_DESC))
+                vq = Virtqueue(
+                    self.memory,
+                    i,
+                    q.size,
+                    q.desc,
+                    q.avail,
+                    q.used,
+                    event_idx=bool(self.driver_features & F_EVENT_IDX),
+                    indirect=bool(self.driver_features & F_INDIRECT_DESC),
+                )
                 vq.ready = bool(q.enable)
                 queues.append(vq)
         except VirtqueueError as exc:
@@ -350,7 +384,7 @@ class VirtioPciDevice:
         if self.status & STATUS_DRIVER_OK and self.active and not self.device.broken:
             try:
                 self.device.queue_notify(index)
-            except VirtqueueError as exc:      # a device path that did not catch it itself
+            except VirtqueueError as exc:  # a device path that did not catch it itself
                 self.device.fail(str(exc))
                 self.signal_config()
 
@@ -360,21 +394,34 @@ class VirtioPciDevice:
         state. The PCI configuration space itself travels with the bus (PciRoot)."""
         with self._lock:
             return VirtioPciState(
-                status=self.status, device_feature_select=self.device_feature_select,
-                driver_feature_select=self.driver_feature_select, driver_features=self.driver_features,
-                queue_select=self.queue_select, config_generation=self.config_generation,
-                isr=self.isr, config_vector=self.config_vector, broken=self.device.broken,
-                queues=[QueueState(size=q.size, enable=q.enable, desc=q.desc, avail=q.avail,
-                                   used=q.used, vector=q.vector) for q in self.queues],
+                status=self.status,
+                device_feature_select=self.device_feature_select,
+                driver_feature_select=self.driver_feature_select,
+                driver_features=self.driver_features,
+                queue_select=self.queue_select,
+                config_generation=self.config_generation,
+                isr=self.isr,
+                config_vector=self.config_vector,
+                broken=self.device.broken,
+                queues=[
+                    QueueState(
+                        size=q.size, enable=q.enable, desc=q.desc, avail=q.avail, used=q.used, vector=q.vector
+                    )
+                    for q in self.queues
+                ],
                 msix_table=bytes(self.msix_table),
                 active=[vq.save_state() for vq in self.active],
-                device=self.device.save_state().model_dump(mode="json"))
+                device=self.device.save_state().model_dump(mode="json"),
+            )
 
     def load_state(self, state: VirtioPciState) -> None:
         """Called on a fresh device after the bus restored its configuration space: the guest's
         rings are in restored memory, so live queues are rebuilt over them and re-kicked."""
-        if len(state.queues) != len(self.queues) or len(state.msix_table) != len(self.msix_table) \
-                or len(state.active) not in (0, len(self.queues)):
+        if (
+            len(state.queues) != len(self.queues)
+            or len(state.msix_table) != len(self.msix_table)
+            or len(state.active) not in (0, len(self.queues))
+        ):
             raise StateError("virtio state is for a device with a different queue layout")
         # the device's own state first: it is refused before anything changed
         own = self.device.state_model.model_validate(state.device)
@@ -388,8 +435,13 @@ class VirtioPciDevice:
             self.isr = state.isr & (ISR_QUEUE | ISR_CONFIG)
             self.config_vector = self._vector(state.config_vector)
             for q, regs in zip(self.queues, state.queues):
-                q.size, q.enable, q.desc, q.avail, q.used = (regs.size, regs.enable, regs.desc,
-                                                             regs.avail, regs.used)
+                q.size, q.enable, q.desc, q.avail, q.used = (
+                    regs.size,
+                    regs.enable,
+                    regs.desc,
+                    regs.avail,
+                    regs.used,
+                )
                 q.vector = self._vector(regs.vector)
             self.msix_table[:] = state.msix_table
         self.device.load_state(own)
@@ -400,7 +452,7 @@ class VirtioPciDevice:
         if state.broken:
             self.device.fail("restored broken")
         elif self.status & STATUS_DRIVER_OK and state.active:
-            self._activate(serve_pending=False)     # the saved positions first, then serve
+            self._activate(serve_pending=False)  # the saved positions first, then serve
             for vq, saved in zip(self.active, state.active):
                 vq.load_state(saved)
             # requests made available but not served before the snapshot

@@ -21,13 +21,13 @@ from corral.devices.base import U64, DeviceState
 if TYPE_CHECKING:
     from corral.memory import GuestMemory
 
-DESC = struct.Struct("<QIHH")            # addr, len, flags, next
+DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 DESC_SIZE = DESC.size
 U16 = struct.Struct("<H")
-USED_ELEM = struct.Struct("<II")         # id, len
+USED_ELEM = struct.Struct("<II")  # id, len
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
-MAX_CHAIN_BYTES = 1 << 32                # no request may describe more than 4 GiB of buffers
+MAX_CHAIN_BYTES = 1 << 32  # no request may describe more than 4 GiB of buffers
 
 
 class VirtqueueError(Exception):
@@ -35,7 +35,7 @@ class VirtqueueError(Exception):
 
 
 QueueSize = Annotated[int, Field(ge=1, le=32768)]
-RingIndex = Annotated[int, Field(ge=0, le=0xFFFF)]     # free-running 16-bit ring position
+RingIndex = Annotated[int, Field(ge=0, le=0xFFFF)]  # free-running 16-bit ring position
 
 
 class VirtqueueState(DeviceState):
@@ -73,8 +73,18 @@ class Virtqueue:
 
     state_model: ClassVar[type[VirtqueueState]] = VirtqueueState
 
-    def __init__(self, memory: GuestMemory, index: int, size: int, desc: int, avail: int, used: int,
-                 *, event_idx: bool, indirect: bool) -> None:
+    def __init__(
+        self,
+        memory: GuestMemory,
+        index: int,
+        size: int,
+        desc: int,
+        avail: int,
+        used: int,
+        *,
+        event_idx: bool,
+        indirect: bool,
+    ) -> None:
         if size <= 0 or size > 32768 or size & (size - 1):
             raise VirtqueueError(f"queue size {size} is not a power of two up to 32768")
         self.memory = memory
@@ -84,13 +94,15 @@ class Virtqueue:
         self.event_idx = event_idx
         self.indirect = indirect
         self.ready = True
-        self.last_avail = 0             # next available-ring slot to read
-        self.used_idx = 0               # next used-ring slot to write
-        self._signalled_used = 0        # used_idx when the driver was last interrupted
+        self.last_avail = 0  # next available-ring slot to read
+        self.used_idx = 0  # next used-ring slot to write
+        self._signalled_used = 0  # used_idx when the driver was last interrupted
         # the rings must be in RAM as a whole; each access below still goes through `memory`
-        for what, addr, length, align in (("descriptor table", desc, 16 * size, 16),
-                                          ("available ring", avail, 6 + 2 * size, 2),
-                                          ("used ring", used, 6 + 8 * size, 4)):
+        for what, addr, length, align in (
+            ("descriptor table", desc, 16 * size, 16),
+            ("available ring", avail, 6 + 2 * size, 2),
+            ("used ring", used, 6 + 8 * size, 4),
+        ):
             if addr % align or not memory.contains(addr, length):
                 raise VirtqueueError(f"queue {index}: {what} at {addr:#x} is not aligned RAM")
 
@@ -112,8 +124,10 @@ class Virtqueue:
         if pending == 0:
             return None
         if pending > self.size:
-            raise VirtqueueError(f"queue {self.index}: avail idx {avail_idx} is {pending} ahead "
-                                 f"of the device, more than the queue size {self.size}")
+            raise VirtqueueError(
+                f"queue {self.index}: avail idx {avail_idx} is {pending} ahead "
+                f"of the device, more than the queue size {self.size}"
+            )
         slot = self.avail + 4 + 2 * (self.last_avail % self.size)
         head = U16.unpack(self.memory.view(slot, 2))[0]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
@@ -125,11 +139,10 @@ class Virtqueue:
         self._walk(chain, self.desc, self.size, head, allow_indirect=True)
         return chain
 
-    def _walk(self, chain: DescriptorChain, table: int, count: int, index: int,
-              allow_indirect: bool) -> None:
+    def _walk(self, chain: DescriptorChain, table: int, count: int, index: int, allow_indirect: bool) -> None:
         mem = self.memory
         total = 0
-        for _ in range(count):                 # a chain longer than its table must loop
+        for _ in range(count):  # a chain longer than its table must loop
             addr, length, flags, nxt = DESC.unpack(mem.view(table + DESC_SIZE * index, DESC_SIZE))
             if flags & F_INDIRECT:
                 if not (allow_indirect and self.indirect):
@@ -142,8 +155,9 @@ class Virtqueue:
                 return
             if length:
                 if not mem.contains(addr, length):
-                    raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x} "
-                                         "is outside guest RAM")
+                    raise VirtqueueError(
+                        f"queue {self.index}: buffer {addr:#x}+{length:#x} is outside guest RAM"
+                    )
                 total += length
                 if total > MAX_CHAIN_BYTES:
                     raise VirtqueueError(f"queue {self.index}: request larger than 4 GiB")
@@ -212,16 +226,23 @@ class Virtqueue:
             n = min(length - skip, len(data) - done)
             if n <= 0:
                 break
-            self.memory.view(addr + skip, n)[:] = data[done:done + n]
+            self.memory.view(addr + skip, n)[:] = data[done : done + n]
             done += n
             skip = 0
         return done
 
     # -- state (snapshot, migration) ------------------------------------------------------------
     def save_state(self) -> VirtqueueState:
-        return VirtqueueState(size=self.size, desc=self.desc, avail=self.avail, used=self.used,
-                              last_avail=self.last_avail, used_idx=self.used_idx,
-                              signalled_used=self._signalled_used, ready=self.ready)
+        return VirtqueueState(
+            size=self.size,
+            desc=self.desc,
+            avail=self.avail,
+            used=self.used,
+            last_avail=self.last_avail,
+            used_idx=self.used_idx,
+            signalled_used=self._signalled_used,
+            ready=self.ready,
+        )
 
     def load_state(self, state: VirtqueueState) -> None:
         """Positions only: the queue was rebuilt over the same rings (the transport checks)."""

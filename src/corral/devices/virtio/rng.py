@@ -7,17 +7,18 @@ from typing import TYPE_CHECKING
 
 from corral.devices.base import NoState
 from corral.devices.virtio.base import VIRTIO_ID_RNG, VirtioDevice, VirtioInterrupt
+
 if TYPE_CHECKING:
     from corral.devices.virtio.queue import DescriptorChain, Virtqueue
     from corral.memory import GuestMemory
 
-MAX_REQUEST = 64 * 1024     # per request: a guest asking for gigabytes gets this much
+MAX_REQUEST = 64 * 1024  # per request: a guest asking for gigabytes gets this much
 
 
 class VirtioRng(VirtioDevice[NoState]):
     device_id = VIRTIO_ID_RNG
     queue_sizes = (256,)
-    state_model = NoState                   # nothing beyond its queues
+    state_model = NoState  # nothing beyond its queues
 
     def __init__(self) -> None:
         super().__init__()
@@ -28,8 +29,9 @@ class VirtioRng(VirtioDevice[NoState]):
     def device_features(self) -> int:
         return 0
 
-    def activate(self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt,
-                 driver_features: int) -> None:
+    def activate(
+        self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt, driver_features: int
+    ) -> None:
         self.queue, self.interrupt = queues[0], interrupt
 
     def queue_notify(self, index: int) -> None:

@@ -46,9 +46,9 @@ OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE, OP_CREDIT
 SHUTDOWN_RCV, SHUTDOWN_SEND = 1, 2
 EVENT_TRANSPORT_RESET = 0
 RXQ, TXQ, EVQ = 0, 1, 2
-BUF_ALLOC = 256 * 1024            # what corral buffers per connection toward the host socket
-MAX_PAYLOAD = 64 * 1024           # per packet from the guest
-FIRST_HOST_PORT = 1 << 30         # local ports corral picks for host-initiated streams
+BUF_ALLOC = 256 * 1024  # what corral buffers per connection toward the host socket
+MAX_PAYLOAD = 64 * 1024  # per packet from the guest
+FIRST_HOST_PORT = 1 << 30  # local ports corral picks for host-initiated streams
 CONNECT_LINE_MAX = 64
 
 
@@ -59,12 +59,12 @@ class _Conn:
     guest_port: int
     established: bool = False
     host_initiated: bool = False
-    peer_buf_alloc: int = 0       # the guest's receive buffer and consumption, from its headers
+    peer_buf_alloc: int = 0  # the guest's receive buffer and consumption, from its headers
     peer_fwd_cnt: int = 0
-    tx_cnt: int = 0               # bytes sent to the guest
-    fwd_cnt: int = 0              # bytes from the guest written to the host socket
-    last_credit: int = 0          # fwd_cnt last announced to the guest
-    to_host: bytearray = field(default_factory=bytearray)   # waiting for the host socket
+    tx_cnt: int = 0  # bytes sent to the guest
+    fwd_cnt: int = 0  # bytes from the guest written to the host socket
+    last_credit: int = 0  # fwd_cnt last announced to the guest
+    to_host: bytearray = field(default_factory=bytearray)  # waiting for the host socket
     readable: bool = False
     watching: bool = False
     host_eof: bool = False
@@ -75,8 +75,11 @@ class _Conn:
 
 
 class VsockState(DeviceState):
-    guest_cid: int = Field(ge=3, lt=0xFFFF_FFFF, description="the guest's context id (its "
-                           "address; streams themselves do not survive a snapshot)")
+    guest_cid: int = Field(
+        ge=3,
+        lt=0xFFFF_FFFF,
+        description="the guest's context id (its address; streams themselves do not survive a snapshot)",
+    )
 
 
 class VirtioVsock(VirtioDevice[VsockState]):
@@ -96,8 +99,8 @@ class VirtioVsock(VirtioDevice[VsockState]):
         self.tx: Virtqueue | None = None
         self.evq: Virtqueue | None = None
         self.interrupt: VirtioInterrupt | None = None
-        self.conns: dict[tuple[int, int], _Conn] = {}      # (host port, guest port)
-        self._control: deque[bytes] = deque()               # packets for the guest, in order
+        self.conns: dict[tuple[int, int], _Conn] = {}  # (host port, guest port)
+        self._control: deque[bytes] = deque()  # packets for the guest, in order
         self._pending_connects: dict[int, socket.socket] = {}
         self._next_port = FIRST_HOST_PORT
         self._reset_event = False
@@ -106,13 +109,14 @@ class VirtioVsock(VirtioDevice[VsockState]):
         loop.add_reader(self.listener.fileno(), self._accept)
 
     def device_features(self) -> int:
-        return 0                                  # VIRTIO_VSOCK_F_STREAM is implied
+        return 0  # VIRTIO_VSOCK_F_STREAM is implied
 
     def config_bytes(self) -> bytes:
         return struct.pack("<Q", self.guest_cid)
 
-    def activate(self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt,
-                 driver_features: int) -> None:
+    def activate(
+        self, memory: GuestMemory, queues: list[Virtqueue], interrupt: VirtioInterrupt, driver_features: int
+    ) -> None:
         self.rx, self.tx, self.evq = queues[RXQ], queues[TXQ], queues[EVQ]
         self.interrupt = interrupt
 
@@ -168,8 +172,13 @@ class VirtioVsock(VirtioDevice[VsockState]):
             del self._pending_connects[fd]
             line, _, rest = bytes(buf).partition(b"\n")
             parts = line.split()
-            if len(parts) != 2 or parts[0] != b"CONNECT" or not parts[1].isdigit() or \
-                    int(parts[1]) > 0xFFFF_FFFF or self.rx is None:
+            if (
+                len(parts) != 2
+                or parts[0] != b"CONNECT"
+                or not parts[1].isdigit()
+                or int(parts[1]) > 0xFFFF_FFFF
+                or self.rx is None
+            ):
                 sock.close()
                 return
             self._connect_to_guest(sock, int(parts[1]), rest)
@@ -212,8 +221,18 @@ class VirtioVsock(VirtioDevice[VsockState]):
 
     # -- packets to the guest -------------------------------------------------------------------
     def _header(self, conn: _Conn, op: int, length: int = 0, flags: int = 0) -> bytes:
-        return HDR.pack(HOST_CID, self.guest_cid, conn.host_port, conn.guest_port, length, TYPE_STREAM,
-                        op, flags, BUF_ALLOC, conn.fwd_cnt)
+        return HDR.pack(
+            HOST_CID,
+            self.guest_cid,
+            conn.host_port,
+            conn.guest_port,
+            length,
+            TYPE_STREAM,
+            op,
+            flags,
+            BUF_ALLOC,
+            conn.fwd_cnt,
+        )
 
     def _send(self, conn: _Conn, op: int, flags: int = 0) -> None:
         if op in (OP_RW, OP_CREDIT_UPDATE, OP_RESPONSE, OP_REQUEST):
@@ -222,8 +241,9 @@ class VirtioVsock(VirtioDevice[VsockState]):
 
     def _rst(self, src_cid: int, dst_cid: int, src_port: int, dst_port: int) -> None:
         """Reset a stream that has no connection (answering the guest's packet)."""
-        self._control.append(HDR.pack(dst_cid, src_cid, dst_port, src_port, 0, TYPE_STREAM, OP_RST, 0,
-                                      BUF_ALLOC, 0))
+        self._control.append(
+            HDR.pack(dst_cid, src_cid, dst_port, src_port, 0, TYPE_STREAM, OP_RST, 0, BUF_ALLOC, 0)
+        )
 
     def _pump(self) -> None:
         """Move what can move to the guest: control packets first, then stream data within the
@@ -236,7 +256,9 @@ class VirtioVsock(VirtioDevice[VsockState]):
             if self._reset_event and self.evq is not None:
                 chain = self.evq.pop()
                 if chain is not None:
-                    self.evq.push(chain.head, self.evq.write_all(chain, struct.pack("<I", EVENT_TRANSPORT_RESET)))
+                    self.evq.push(
+                        chain.head, self.evq.write_all(chain, struct.pack("<I", EVENT_TRANSPORT_RESET))
+                    )
                     self._reset_event = False
                     if self.evq.needs_interrupt():
                         interrupt.signal_queue(EVQ)
@@ -286,7 +308,7 @@ class VirtioVsock(VirtioDevice[VsockState]):
         if used and rx.needs_interrupt():
             interrupt.signal_queue(RXQ)
         if self._control and rx.has_available():
-            self._pump()            # control packets queued on the way (a host EOF)
+            self._pump()  # control packets queued on the way (a host EOF)
 
     # -- packets from the guest ------------------------------------------------------------------
     def queue_notify(self, index: int) -> None:
@@ -333,9 +355,9 @@ class VirtioVsock(VirtioDevice[VsockState]):
                 return 0
             conn.readable = True
         elif op == OP_RW and conn.established:
-            payload = self.tx.read_all(chain, HDR.size + length)[HDR.size:]
+            payload = self.tx.read_all(chain, HDR.size + length)[HDR.size :]
             if len(conn.to_host) + len(payload) > BUF_ALLOC:
-                self._send(conn, OP_RST)        # the guest ignored our credit
+                self._send(conn, OP_RST)  # the guest ignored our credit
                 self._drop(key)
                 return 0
             conn.to_host += payload
@@ -355,7 +377,7 @@ class VirtioVsock(VirtioDevice[VsockState]):
         elif op == OP_RST:
             self._drop(key)
         elif op == OP_CREDIT_UPDATE:
-            pass                                 # credit already taken from the header
+            pass  # credit already taken from the header
         else:
             self._send(conn, OP_RST)
             self._drop(key)
@@ -384,8 +406,15 @@ class VirtioVsock(VirtioDevice[VsockState]):
             self._rst(self.guest_cid, HOST_CID, guest_port, host_port)
             return
         sock.setblocking(False)
-        conn = _Conn(sock, host_port, guest_port, established=True, peer_buf_alloc=buf_alloc,
-                     peer_fwd_cnt=fwd_cnt, readable=True)
+        conn = _Conn(
+            sock,
+            host_port,
+            guest_port,
+            established=True,
+            peer_buf_alloc=buf_alloc,
+            peer_fwd_cnt=fwd_cnt,
+            readable=True,
+        )
         self.conns[(host_port, guest_port)] = conn
         self._send(conn, OP_RESPONSE)
 

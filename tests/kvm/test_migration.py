@@ -30,7 +30,7 @@ class Destination:
 
     def __init__(self, address: str = "127.0.0.1:0", **kw) -> None:
         self.server = listen(address)
-        self.address = "127.0.0.1:%d" % self.server.getsockname()[1]
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
         self.probe: LiveProbe | None = None
         self.error: Exception | None = None
         self._out = bytearray()

@@ -53,7 +53,7 @@ def probe_build():
         return None, f"corral.images.probe is not available yet: {exc}"
     try:
         return Path(build_probe()), None
-    except Exception as exc:  # reported by the probe tests, not by every lab test
+    except Exception as exc:  # noqa: BLE001 - reported by the probe tests, not by every lab test
         return None, f"build_probe() failed: {type(exc).__name__}: {exc}"
 
 
@@ -66,7 +66,7 @@ def debian_build():
 
         bz, initrd = resolve_bzimage()
         vmlinux, _ = resolve_pvh()
-    except Exception as exc:  # reported by the Debian tests, not by every lab test
+    except Exception as exc:  # noqa: BLE001 - reported by the Debian tests, not by every lab test
         return None, f"the debian image is not available: {type(exc).__name__}: {exc}"
     return {"bzimage": bz, "vmlinux": vmlinux, "initrd": initrd}, None
 
@@ -122,6 +122,6 @@ def pytest_runtest_makereport(item, call):
         return
     try:
         log = host.serial_log()
-    except Exception as exc:  # never let the log hide the real failure
+    except Exception as exc:  # noqa: BLE001 - never let the log hide the real failure
         log = f"(cannot read the lab's serial log: {exc})"
     report.sections.append(("lab serial log", log))

@@ -19,14 +19,17 @@ def test_counter_survives_snapshot_restore_and_migration(lab, debian_build):
     guest = "i=0; while :; do i=$((i+1)); echo COUNT $i; sleep 0.5; done"
     cmdline = f'{BASE_CMDLINE} -- sh -c "{guest}"'
     d = "/tmp/labstate"
-    wait_for = lambda f, pat: (
-        f"for i in $(seq 240); do grep -q '{pat}' {f} 2>/dev/null && break; sleep 0.5; done"
-    )
+
+    def wait_for(f: str, pat: str) -> str:
+        return f"for i in $(seq 240); do grep -q '{pat}' {f} 2>/dev/null && break; sleep 0.5; done"
+
     # under TCG a count takes a second or more: wait for lines, not for a fixed time
-    wait_counts = lambda f, n: (
-        f"for i in $(seq 240); do [ $(cat {f} 2>/dev/null | grep -c '^COUNT') -ge {n} ] "
-        "&& break; sleep 0.5; done"
-    )
+    def wait_counts(f: str, n: int) -> str:
+        return (
+            f"for i in $(seq 240); do [ $(cat {f} 2>/dev/null | grep -c '^COUNT') -ge {n} ] "
+            "&& break; sleep 0.5; done"
+        )
+
     stop = f'{PY} -c \'import sys; from corral.api import call; call(sys.argv[1], {{"op": "stop"}})\''
     script = f"""
 ip link set lo up; rm -rf {d}; mkdir -p {d}

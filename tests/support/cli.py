@@ -61,7 +61,7 @@ def start_vm(api: Path, cmdline: str = "mem-touch 16M forever", *extra: str) -> 
 def one_clear_line(r: subprocess.CompletedProcess) -> str:
     """A failed command's stderr is one `corral: error: ...` line and no traceback; returns it."""
     assert r.returncode != 0
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("corral: error: ")
     assert "Traceback" not in r.stderr

@@ -121,7 +121,7 @@ class Driver:
     ) -> int:
         """Chain `bufs` ((addr, len), writable) from descriptor `head` (default: slot of the
         avail index) and make it available."""
-        desc, avail, _ = self.rings(q)
+        desc, _avail, _ = self.rings(q)
         size = self.sizes[q]
         head = self.avail_idx[q] % size if head is None else head
         for i, ((addr, n), writable) in enumerate(bufs):

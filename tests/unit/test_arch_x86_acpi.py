@@ -6,6 +6,7 @@ table, and recompile the DSDT, and demand no errors or warnings. They skip witho
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import struct
@@ -84,7 +85,7 @@ def test_every_blob_is_checksummed_sized_and_inside_the_region(n):
             assert sum(data) & 0xFF == 0, data[:4]
             assert data[10:16] == b"CORRAL" and data[16:24] == b"CORRALVM" and data[28:32] == b"CRRL"
     spans.sort()
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert end <= start, "blobs overlap"
 
 
@@ -288,7 +289,7 @@ def test_iasl_decompiles_every_table_cleanly(tmp_path, n):
     pci0 = dsl[dsl.index("Device (PCI0)") :]
     assert 'EisaId ("PNP0A08")' in pci0 and 'EisaId ("PNP0A03")' in pci0
     assert re.search(r"0xC0000000,\s+// Range Minimum\s+0xDFFFFFFF,", pci0)
-    start64, size64 = layout.pci_mmio64_window(6 * layout.GiB)
+    start64, _size64 = layout.pci_mmio64_window(6 * layout.GiB)
     assert start64 == 7 * layout.GiB  # 6 GiB of RAM: 3 GiB below the hole, 3 GiB from 4 GiB
     assert re.search(rf"0x{start64:016X}, // Range Minimum", pci0)
     assert "Method (_OSC, 4" in pci0

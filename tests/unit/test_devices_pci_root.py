@@ -92,7 +92,7 @@ def test_read_only_registers_stay(bus):
 
 
 def test_bar_sizing_and_mapping(bus):
-    mmio, root, ports, ecam = bus
+    mmio, root, _ports, ecam = bus
     dev = Dummy()
     slot = root.add(dev)
     base = slot << 15

@@ -48,7 +48,7 @@ def test_input_waits_for_buffers():
         assert backend.fd not in loop.readers
         b = d.alloc(64)
         d.submit(0, [(b, True)])  # the kick reads what waited
-        ((head, n),) = d.used(0)
+        ((_head, n),) = d.used(0)
         assert d.mem.read(b[0], n) == b"early"
     finally:
         os.close(user)

@@ -149,7 +149,7 @@ def test_frame_waits_for_buffers_instead_of_being_lost(net):
     assert dev.tap.fd not in loop.readers  # the tap is parked, not spinning
     buf = d.alloc(2048)
     d.submit(0, [(buf, True)])  # the kick delivers it
-    ((head, n),) = d.used(0)
+    ((_head, n),) = d.used(0)
     assert payload in d.mem.read(buf[0], n)
     assert dev.tap.fd in loop.readers
 

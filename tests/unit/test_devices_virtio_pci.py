@@ -16,9 +16,10 @@ from support.virtio_driver import Driver, blk_request
 
 from corral.backends.disk import open_disk
 from corral.devices.base import StateError
+from corral.devices.pci.config import CAP_ID_MSIX
 from corral.devices.virtio.base import F_VERSION_1, STATUS_FEATURES_OK, STATUS_NEEDS_RESET
 from corral.devices.virtio.blk import F_FLUSH, F_RO, S_OK, T_IN, VirtioBlock
-from corral.devices.virtio.pci import NOTIFY_OFF
+from corral.devices.virtio.pci import MSIX_PBA_OFF, MSIX_TABLE_OFF, NOTIFY_OFF
 from corral.devices.virtio.rng import VirtioRng
 
 
@@ -58,7 +59,7 @@ def test_event_idx_suppresses_interrupts(blk_image):
         # used_event = 5: only the completion that moves used idx past 5 interrupts
         d.mem.write(avail + 4 + 2 * d.sizes[0], struct.pack("<H", 5))
         raised = []
-        for i in range(8):
+        for _i in range(8):
             before = d.irq.raised
             blk_request(d, T_IN, 0, read_len=512)
             d.isr()
@@ -202,9 +203,6 @@ def test_random_rings_never_break_the_vmm(tmp_path_factory, descs, heads):
 
 
 # -- MSI-X --------------------------------------------------------------------------------------
-
-from corral.devices.pci.config import CAP_ID_MSIX
-from corral.devices.virtio.pci import MSIX_PBA_OFF, MSIX_TABLE_OFF
 
 
 def msix_cap(d: Driver) -> int:

@@ -212,5 +212,5 @@ def test_restore_tells_the_guest_its_streams_are_gone(guest):
     guest.d.submit(2, [(ev, True)], kick=False)
     guest.dev.load_state(VsockState(guest_cid=CID))
     guest.d.kick(0)
-    ((head, n),) = guest.d.used(2)
+    ((_head, n),) = guest.d.used(2)
     assert n == 4 and struct.unpack("<I", guest.d.mem.read(ev[0], 4))[0] == 0  # TRANSPORT_RESET

@@ -217,7 +217,7 @@ def test_eintr_clears_immediate_exit_and_runs_on():
 
 # -- kick, pause, resume ------------------------------------------------------------------------
 def test_kick_stops_the_thread_without_a_stop_report():
-    vcpu, fd, _, host = _machine([])
+    vcpu, _fd, _, host = _machine([])
     vcpu.start()
     time.sleep(0.05)
     assert vcpu.thread.is_alive()

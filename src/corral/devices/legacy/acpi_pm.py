@@ -71,6 +71,9 @@ class AcpiPm:
     """ACPI PM1 event/control block and PM timer; ports PM_BASE_PORT..+11 (12 ports), SCI 9."""
 
     state_model: ClassVar[type[AcpiPmState]] = AcpiPmState
+    # set by _load (their meaning: AcpiPmState)
+    _en: int
+    _cnt: int
 
     def __init__(
         self, ctl: VmControl, sci: IrqLine | None = None, clock: Callable[[], int] = time.monotonic_ns

@@ -83,6 +83,9 @@ class I8042:
     """8042 keyboard controller; ports 0x60 (offset 0) and 0x64 (offset 4), IRQ 1."""
 
     state_model: ClassVar[type[I8042State]] = I8042State
+    # set by _load (their meaning: I8042State)
+    _kbd_param_cmd: int
+    _scan_set: int
 
     def __init__(self, ctl: VmControl, irq1: IrqLine | None = None) -> None:
         self._ctl = ctl

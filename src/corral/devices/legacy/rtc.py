@@ -127,6 +127,10 @@ class CmosRtc:
     """MC146818 RTC + CMOS RAM; ports 0x70-0x71 (2 ports), IRQ 8 (never raised)."""
 
     state_model: ClassVar[type[RtcState]] = RtcState
+    # set by _load (their meaning: RtcState)
+    _cmos: list[int]
+    _frozen: list[int] | None           # the time fields while SET holds the clock
+    _offset: int                        # guest time minus host time, in whole seconds
 
     def __init__(
         self, irq8: IrqLine | None = None, clock: Callable[[], float] = time.time, mem_size: int = 0
@@ -291,7 +295,7 @@ class CmosRtc:
         self._cmos = list(st.cmos)
         t = st.frozen
         if t is not None:
-            self._frozen: list[int] | None = [t.year, t.month, t.day, t.hour, t.minute, t.second]
+            self._frozen = [t.year, t.month, t.day, t.hour, t.minute, t.second]
         elif self._cmos[REG_B] & B_SET:
             self._frozen = self._now_fields()
         else:

@@ -128,6 +128,16 @@ class Serial16550:
     """16550A UART; register it on the port bus at COM1 (0x3F8, 8 ports, IRQ 4)."""
 
     state_model: ClassVar[type[SerialState]] = SerialState
+    # registers, set by _load (their meaning: SerialState)
+    _ier: int
+    _fcr: int
+    _lcr: int
+    _mcr: int
+    _lsr_errors: int
+    _msr_delta: int
+    _scr: int
+    _dll: int
+    _dlm: int
 
     RX_BUFFER = RX_BUFFER
     FIFO_SIZE = FIFO_SIZE

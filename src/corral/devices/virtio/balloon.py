@@ -111,8 +111,8 @@ class VirtioBalloon(VirtioDevice[BalloonState]):
         if driver_features & F_PAGE_REPORTING:
             names.append("reporting")
         self.memory, self.interrupt = memory, interrupt
-        self.queues = {n: queues[i] for i, n in enumerate(names)}
-        self._index = {i: n for i, n in enumerate(names)}
+        self.queues = dict(zip(names, queues, strict=False))
+        self._index = dict(enumerate(names))
 
     def reset(self) -> None:
         super().reset()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import Field
@@ -123,7 +123,7 @@ class VirtioPciDevice:
         irq: IrqLine,
         loop: EventLoop,
         doorbells: Doorbells,
-        msi_vectors: list[MsiVector] | None = None,
+        msi_vectors: Sequence[MsiVector] | None = None,
     ) -> None:
         self.device = device
         self.memory = memory
@@ -434,7 +434,7 @@ class VirtioPciDevice:
             self.config_generation = state.config_generation
             self.isr = state.isr & (ISR_QUEUE | ISR_CONFIG)
             self.config_vector = self._vector(state.config_vector)
-            for q, regs in zip(self.queues, state.queues):
+            for q, regs in zip(self.queues, state.queues, strict=True):
                 q.size, q.enable, q.desc, q.avail, q.used = (
                     regs.size,
                     regs.enable,
@@ -453,7 +453,7 @@ class VirtioPciDevice:
             self.device.fail("restored broken")
         elif self.status & STATUS_DRIVER_OK and state.active:
             self._activate(serve_pending=False)  # the saved positions first, then serve
-            for vq, saved in zip(self.active, state.active):
+            for vq, saved in zip(self.active, state.active, strict=False):
                 vq.load_state(saved)
             # requests made available but not served before the snapshot
             for i in range(len(self.active)):

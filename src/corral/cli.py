@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from corral.api import ControlClient, ControlServer, MigrationProgress, NoControlSocket
-from corral.config import DISK, NET, VIRTIO_CONSOLE, VSOCK, DiskConfig, MachineConfig, NetConfig, VsockConfig, parse_size
+from corral.config import (DISK, NET, VIRTIO_CONSOLE, VSOCK, DiskConfig, MachineConfig, NetConfig,
+                           VsockConfig, parse_size)
 from corral.console import TerminalConsole
 from corral.errors import ConfigError, CorralError, FieldError, HostError
 from corral.host import CAPABILITIES, PVM_EXPLANATION, HostReport, probe_host

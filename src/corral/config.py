@@ -1,14 +1,24 @@
-"""Machine configuration: one validated schema for the CLI, the library and snapshot metadata."""
+"""Machine configuration: one validated schema for the CLI, the library and snapshot metadata.
+
+Errors are FieldErrors naming the config field (`cpus`, `disks[0].serial`), never a CLI flag:
+an embedder never typed one; the CLI maps fields back to the flags the user gave. The
+`NAME[,key=value]` options (DISK, NET, VSOCK, VIRTIO_CONSOLE) declare their syntax once here.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from corral.arch.x86 import layout
-from corral.errors import ConfigError
+from corral.arch.x86.cpuid import HIDEABLE
+from corral.errors import ConfigError, FieldError
+from corral.backends.tap import check_tap_name, format_mac, parse_mac
+from corral.options import FLAG, OPTIONAL, VALUE, OptionSyntax
 
 MAX_CPUS = 254  # xAPIC ids in the MADT; the IOAPIC takes the next id
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -34,6 +44,33 @@ def format_size(n: int) -> str:
     return f"{n}B"
 
 
+DISK = OptionSyntax("disks", "PATH[,ro][,serial=ID][,overlay=FILE]", positional="path",
+                    keys={"ro": FLAG, "serial": VALUE, "overlay": VALUE})
+NET = OptionSyntax("nets", "tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]",
+                   keys={"tap": OPTIONAL, "mac": VALUE, "host-ip": VALUE}, one_of=(("tap",),))
+VSOCK = OptionSyntax("vsock", "cid=N,uds=PATH", keys={"cid": VALUE, "uds": VALUE},
+                     one_of=(("cid",), ("uds",)))
+VIRTIO_CONSOLE = OptionSyntax("virtio_console", "pty|file=PATH", keys={"pty": FLAG, "file": VALUE},
+                              one_of=(("pty", "file"),))
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """pydantic's ('disks', 0, 'serial') -> 'disks[0].serial'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+def field_error(exc: ValidationError, prefix: str = "") -> FieldError:
+    """pydantic's report as one FieldError naming each bad field (under `prefix`)."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(p for p in (prefix, field_path(err["loc"])) if p) or "config"
+        problems.append((where, err["msg"].removeprefix("Value error, ")))
+    return FieldError(*problems[0], *problems[1:])
+
+
 class DiskConfig(BaseModel):
     """A virtio-blk disk backed by a raw image file."""
 
@@ -46,23 +83,15 @@ class DiskConfig(BaseModel):
                                  "missing): the guest writes there, the image stays untouched")
 
     @classmethod
-    def parse(cls, spec: str) -> DiskConfig:
-        """'PATH[,ro][,serial=ID][,overlay=FILE]' (the --disk syntax)."""
-        path, *opts = spec.split(",")
-        fields: dict[str, object] = {"path": path}
-        for opt in opts:
-            key, _, value = opt.partition("=")
-            if key == "ro" and not value:
-                fields["read_only"] = True
-            elif key == "serial" and value:
-                fields["serial"] = value
-            elif key == "overlay" and value:
-                fields["overlay"] = value
-            else:
-                raise ConfigError(f"--disk {spec}: unknown option '{opt}' (use PATH[,ro][,serial=ID][,overlay=FILE])")
-        if not path:
-            raise ConfigError(f"--disk {spec}: no image path (use PATH[,ro][,serial=ID][,overlay=FILE])")
-        return cls(**fields)
+    def parse(cls, spec: str, index: int = 0) -> DiskConfig:
+        """DISK.syntax ('PATH[,ro][,serial=ID][,overlay=FILE]') for disks[index]."""
+        where = f"disks[{index}]"
+        o = DISK.parse(spec, where)
+        try:
+            return cls(path=o["path"], read_only=bool(o.get("ro")), serial=o.get("serial", ""),
+                       overlay=o.get("overlay"))
+        except ValidationError as exc:
+            raise field_error(exc, where) from None
 
 
 class NetConfig(BaseModel):
@@ -77,8 +106,6 @@ class NetConfig(BaseModel):
     @field_validator("tap")
     @classmethod
     def _tap(cls, v: str) -> str:
-        from corral.backends.tap import check_tap_name
-
         try:
             return check_tap_name(v)
         except ConfigError as exc:
@@ -87,8 +114,6 @@ class NetConfig(BaseModel):
     @field_validator("mac")
     @classmethod
     def _mac(cls, v: str) -> str:
-        from corral.backends.tap import format_mac, parse_mac
-
         try:
             return format_mac(parse_mac(v)) if v else v
         except ConfigError as exc:
@@ -97,8 +122,6 @@ class NetConfig(BaseModel):
     @field_validator("host_ip")
     @classmethod
     def _host_ip(cls, v: str) -> str:
-        import ipaddress
-
         if v:
             try:
                 iface = ipaddress.ip_interface(v)
@@ -110,35 +133,22 @@ class NetConfig(BaseModel):
         return v
 
     def guest_mac(self) -> bytes:
-        from corral.backends.tap import parse_mac
-
         if self.mac:
             return parse_mac(self.mac)
-        import hashlib
-
         # stable per tap name, locally administered, unicast
         return bytes([0x52, 0x54, 0x00]) + hashlib.sha256(self.tap.encode()).digest()[:3]
 
     @classmethod
     def parse(cls, spec: str, index: int = 0) -> NetConfig:
-        """'tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]' (the --net syntax)."""
-        kind, *opts = spec.split(",")
-        name, _, tap = kind.partition("=")
-        if name != "tap":
-            raise ConfigError(f"--net {spec}: only tap networking exists: use tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]")
-        fields: dict[str, object] = {"tap": tap or f"corral{index}"}
-        for opt in opts:
-            key, _, value = opt.partition("=")
-            if key == "mac" and value:
-                fields["mac"] = value
-            elif key == "host-ip" and value:
-                fields["host_ip"] = value
-            else:
-                raise ConfigError(f"--net {spec}: unknown option '{opt}' (use tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN])")
+        """NET.syntax ('tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]') for nets[index]."""
+        where = f"nets[{index}]"
+        if spec.split(",")[0].partition("=")[0] not in NET.keys:
+            raise NET.error(spec, "is not a tap: only tap networking exists", where)
+        o = NET.parse(spec, where)
         try:
-            return cls(**fields)
+            return cls(tap=o["tap"] or f"corral{index}", mac=o.get("mac", ""), host_ip=o.get("host-ip", ""))
         except ValidationError as exc:
-            raise ConfigError(f"--net {spec}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+            raise field_error(exc, where) from None
 
 
 class VsockConfig(BaseModel):
@@ -151,22 +161,12 @@ class VsockConfig(BaseModel):
 
     @classmethod
     def parse(cls, spec: str) -> VsockConfig:
-        """'cid=N,uds=PATH' (the --vsock syntax)."""
-        fields: dict[str, object] = {}
-        for opt in spec.split(","):
-            key, _, value = opt.partition("=")
-            if key == "cid" and value.isdigit():
-                fields["cid"] = int(value)
-            elif key == "uds" and value:
-                fields["uds_path"] = value
-            else:
-                raise ConfigError(f"--vsock {spec}: unknown option '{opt}' (use cid=N,uds=PATH)")
-        if set(fields) != {"cid", "uds_path"}:
-            raise ConfigError(f"--vsock {spec}: give both cid=N (3 or more) and uds=PATH")
+        """VSOCK.syntax ('cid=N,uds=PATH')."""
+        o = VSOCK.parse(spec)
         try:
-            return cls(**fields)
+            return cls(cid=o["cid"], uds_path=o["uds"])
         except ValidationError as exc:
-            raise ConfigError(f"--vsock {spec}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+            raise field_error(exc, VSOCK.field) from None
 
 
 class MachineConfig(BaseModel):
@@ -191,8 +191,11 @@ class MachineConfig(BaseModel):
     @field_validator("virtio_console")
     @classmethod
     def _virtio_console(cls, v: str) -> str:
-        if v and v != "pty" and not (v.startswith("file=") and len(v) > 5):
-            raise ValueError(f"'{v}' is not a console backend: use 'pty' or 'file=PATH'")
+        if v:
+            try:
+                VIRTIO_CONSOLE.parse(v)
+            except FieldError as exc:
+                raise ValueError(exc.problems[0][1]) from None
         return v
 
     def for_clone(self, index: int) -> MachineConfig:
@@ -206,8 +209,6 @@ class MachineConfig(BaseModel):
     @field_validator("cpu_hide", mode="before")
     @classmethod
     def _cpu_hide(cls, v: object) -> tuple[str, ...]:
-        from corral.arch.x86.cpuid import HIDEABLE
-
         names = tuple(n.strip() for n in (v.split(",") if isinstance(v, str) else v) if n.strip())  # type: ignore[union-attr]
         unknown = [n for n in names if n not in HIDEABLE]
         if unknown:
@@ -224,7 +225,10 @@ class MachineConfig(BaseModel):
     @field_validator("memory", mode="before")
     @classmethod
     def _memory(cls, v: int | str) -> int:
-        return parse_size(v)
+        try:
+            return parse_size(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("memory", mode="after")
     @classmethod
@@ -240,13 +244,8 @@ class MachineConfig(BaseModel):
 
     @classmethod
     def build(cls, **fields: object) -> MachineConfig:
-        """Validate `fields`, turning pydantic's report into one ConfigError line per problem."""
+        """Validate `fields`; a FieldError names each bad field (`cpus`, `disks[0].serial`)."""
         try:
             return cls(**fields)
         except ValidationError as exc:
-            problems = []
-            for err in exc.errors():
-                where = ".".join(str(p) for p in err["loc"]) or "config"
-                msg = err["msg"].removeprefix("Value error, ")
-                problems.append(f"{where}: {msg}")
-            raise ConfigError("; ".join(problems)) from None
+            raise field_error(exc) from None

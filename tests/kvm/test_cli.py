@@ -49,6 +49,20 @@ def test_zero_cpus():
     assert "cpus must be between 1 and" in line
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["--disk", "a.img,colour=red"],
+     "--disk: 'a.img,colour=red' has an unknown key 'colour': use PATH[,ro][,serial=ID][,overlay=FILE]"),
+    (["--net", "user"],
+     "--net: 'user' is not a tap: only tap networking exists: use tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]"),
+    (["--vsock", "cid=2,uds=/tmp/v"], "--vsock cid=2,uds=/tmp/v: cid: Input should be greater than or equal to 3"),
+    (["--virtio-console", "file="], "--virtio-console: 'file=' gives 'file' no value: use pty|file=PATH"),
+])
+def test_bad_option_names_the_flag_and_shows_its_syntax(tmp_path, args, expected):
+    """The library names config fields; the command line shows the flag the user typed."""
+    line = one_clear_line(corral("run", "--kernel", str(tmp_path / "vmlinux"), *args))
+    assert line == f"corral: error: {expected}"
+
+
 def test_unknown_image():
     line = one_clear_line(corral("run", "--image", "windows95"))
     assert "no image named 'windows95'" in line

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from corral.config import MachineConfig, format_size, parse_size
-from corral.errors import ConfigError
+from corral.errors import ConfigError, FieldError
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -48,3 +48,44 @@ def test_valid_config():
 @given(st.integers(min_value=1, max_value=1 << 20))
 def test_format_then_parse_round_trips_whole_kib(n):
     assert parse_size(format_size(n * 1024)) == n * 1024
+
+
+# --- errors name config fields, never CLI flags ---------------------------------------------------
+
+def _field_error(**fields) -> FieldError:
+    with pytest.raises(FieldError) as exc:
+        MachineConfig.build(kernel="k", **fields)
+    assert "--" not in str(exc.value)
+    return exc.value
+
+
+def test_each_bad_field_is_named_with_its_fix():
+    err = _field_error(cpus=0, memory="lots", cpu_hide="xsave,warp-drive")
+    assert dict(err.problems) == {
+        "cpus": "cpus must be between 1 and 254, got 0",
+        "memory": "'lots' is not a size: write it like 512M, 2G or 4096K",
+        "cpu_hide": err.problems[2][1],
+    }
+    assert err.problems[2][1].startswith("unknown CPU feature warp-drive: choose from ")
+    assert err.field == "cpus"
+    assert str(err) == "; ".join(f"{f}: {r}" for f, r in err.problems)
+
+
+def test_nested_fields_are_named_by_path():
+    err = _field_error(disks=[{"path": "a.img"}, {"path": "b.img", "serial": "s" * 21}])
+    assert err.field == "disks[1].serial" and "at most 20 characters" in str(err)
+    err = _field_error(vsock={"cid": 1, "uds_path": "/tmp/v"})
+    assert err.field == "vsock.cid"
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("file=", "gives 'file' no value"), ("tty", "unknown key 'tty'"), ("pty,file=x", "more than one of"),
+])
+def test_virtio_console_is_checked_by_its_syntax(value, needle):
+    err = _field_error(virtio_console=value)
+    assert err.field == "virtio_console" and needle in str(err) and str(err).endswith("use pty|file=PATH")
+
+
+def test_virtio_console_backends():
+    assert MachineConfig.build(kernel="k", virtio_console="pty").virtio_console == "pty"
+    assert MachineConfig.build(kernel="k", virtio_console="file=/tmp/c").virtio_console == "file=/tmp/c"

@@ -42,6 +42,20 @@ def is_cached() -> bool:
     return cache.read_manifest(entry_dir()) is not None
 
 
+def cached_size() -> int | None:
+    """Bytes the cache entry holds, or None when the image is not fetched."""
+    return cache.entry_size(entry_dir()) if is_cached() else None
+
+
+def ready_dir(image: str = ENTRY) -> Path:
+    """The verified cache entry, without fetching: ConfigError naming the fix when it is absent
+    or damaged (`image` is the name the fix names: debian or debian-pvh)."""
+    if not is_cached():
+        raise ConfigError(f"image '{image}' is not fetched: run `corral image fetch {image}`")
+    cache.verify(entry_dir(), image)
+    return entry_dir()
+
+
 def ensure(progress: bool = True, report: Report = _stderr) -> Path:
     """The verified cache entry, fetched and built first if it is not there yet."""
     if not is_cached():

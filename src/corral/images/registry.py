@@ -1,53 +1,124 @@
-"""Named guest images: `corral run --image NAME` resolves here."""
+"""Named guest images: `corral run --image NAME` resolves here.
+
+Every image answers for itself (status, fetch, build, resolve, paths), so `corral image
+list|fetch|build|path` are plain loops over the registry: the probe is built from its sources
+on use, the Debian images come from one cache entry that is fetched and verified.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from corral.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class Image:
-    name: str
-    description: str
-    default_cmdline: str
-    needs_hardware_virt: bool
-    resolve: Callable[[], tuple[Path, Path | None]]
-
-
-def _probe() -> tuple[Path, Path | None]:
-    from corral.images.probe import build_probe
-
-    return build_probe(), None
-
-
-def _debian() -> tuple[Path, Path | None]:
-    from corral.images.debian_image import resolve_bzimage
-
-    return resolve_bzimage()
-
-
-def _debian_pvh() -> tuple[Path, Path | None]:
-    from corral.images.debian_image import resolve_pvh
-
-    return resolve_pvh()
-
+from corral.images import debian_image
+from corral.images.probe import build_probe
 
 DEBIAN_CMDLINE = "console=ttyS0 panic=-1 reboot=acpi"
 
-IMAGES: dict[str, Image] = {
-    "probe": Image("probe", "corral's freestanding test kernel (PVH + Multiboot)", "hello", False, _probe),
-    "debian": Image("debian", "Debian's cloud kernel (bzImage) + busybox initramfs with virtio/vsock",
-                    DEBIAN_CMDLINE, True, _debian),
-    "debian-pvh": Image("debian-pvh", "the same Debian cloud kernel as a PVH vmlinux (ELF)",
-                        DEBIAN_CMDLINE, True, _debian_pvh),
-}
 
-# Images whose files live in corral's cache entry of this name (corral image list/fetch/path).
-CACHED_ENTRY = {"debian": "debian", "debian-pvh": "debian"}
+@dataclass(frozen=True)
+class ImageStatus:
+    cached: bool | None         # None: built on use, there is nothing to fetch
+    size: int = 0               # bytes in the cache, when cached
+
+
+@dataclass(frozen=True)
+class ImagePaths:
+    kernel: Path
+    initrd: Path | None = None
+    vmlinux: Path | None = None  # the PVH ELF kernel beside a bzImage, where the image has one
+
+
+class Image(ABC):
+    """A named guest: what it is, and how to get it ready."""
+
+    def __init__(self, name: str, description: str, default_cmdline: str, needs_hardware_virt: bool) -> None:
+        self.name = name
+        self.description = description
+        self.default_cmdline = default_cmdline
+        self.needs_hardware_virt = needs_hardware_virt
+
+    @abstractmethod
+    def status(self) -> ImageStatus:
+        """Whether the image is in the cache (cheap: reads no image file)."""
+
+    @abstractmethod
+    def fetch(self, force: bool = False) -> bool:
+        """Get the image ready (download, build); again even if cached when `force`. True when
+        a verified cached copy was kept and nothing was done."""
+
+    @abstractmethod
+    def build(self) -> None:
+        """Rebuild the image from what is already here, without the network."""
+
+    @abstractmethod
+    def paths(self) -> ImagePaths:
+        """The files of the ready image, without fetching: ConfigError naming the fix when it
+        is not fetched."""
+
+    def resolve(self) -> tuple[Path, Path | None]:
+        """(kernel, initrd) to boot, fetched or built first if needed."""
+        self.fetch()
+        p = self.paths()
+        return p.kernel, p.initrd
+
+
+class ProbeImage(Image):
+    """corral's test guest, compiled from its sources (cached by their digest) on use."""
+
+    def status(self) -> ImageStatus:
+        return ImageStatus(cached=None)
+
+    def fetch(self, force: bool = False) -> bool:
+        build_probe(force=force)
+        return False
+
+    def build(self) -> None:
+        build_probe(force=True)
+
+    def paths(self) -> ImagePaths:
+        return ImagePaths(build_probe())
+
+    def resolve(self) -> tuple[Path, Path | None]:
+        return build_probe(), None
+
+
+class DebianImage(Image):
+    """Debian's cloud kernel + corral's busybox initramfs, from the shared `debian` cache entry;
+    `kernel` names the file booted (vmlinuz: bzImage, vmlinux: PVH ELF)."""
+
+    def __init__(self, name: str, description: str, kernel: str) -> None:
+        super().__init__(name, description, DEBIAN_CMDLINE, needs_hardware_virt=True)
+        self.kernel = kernel
+
+    def status(self) -> ImageStatus:
+        size = debian_image.cached_size()
+        return ImageStatus(cached=size is not None, size=size or 0)
+
+    def fetch(self, force: bool = False) -> bool:
+        was_cached = debian_image.is_cached()
+        debian_image.fetch(force=force)
+        return was_cached and not force
+
+    def build(self) -> None:
+        debian_image.build()
+
+    def paths(self) -> ImagePaths:
+        d = debian_image.ready_dir(self.name)
+        return ImagePaths(d / self.kernel, d / "initrd.img", d / "vmlinux")
+
+    def resolve(self) -> tuple[Path, Path | None]:
+        d = debian_image.ensure()
+        return d / self.kernel, d / "initrd.img"
+
+
+IMAGES: dict[str, Image] = {img.name: img for img in (
+    ProbeImage("probe", "corral's freestanding test kernel (PVH + Multiboot)", "hello", False),
+    DebianImage("debian", "Debian's cloud kernel (bzImage) + busybox initramfs with virtio/vsock", "vmlinuz"),
+    DebianImage("debian-pvh", "the same Debian cloud kernel as a PVH vmlinux (ELF)", "vmlinux"),
+)}
 
 
 def get_image(name: str) -> Image:

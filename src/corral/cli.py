@@ -13,36 +13,47 @@ import logging
 import re
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from corral.api import ControlClient, ControlServer, MigrationProgress, NoControlSocket
-from corral.config import (DISK, NET, VIRTIO_CONSOLE, VSOCK, DiskConfig, MachineConfig, NetConfig,
-                           VsockConfig, parse_size)
+from corral.config import (
+    DISK,
+    NET,
+    VIRTIO_CONSOLE,
+    VSOCK,
+    DiskConfig,
+    MachineConfig,
+    NetConfig,
+    VsockConfig,
+    parse_size,
+)
 from corral.console import TerminalConsole
 from corral.errors import ConfigError, CorralError, FieldError, HostError
 from corral.host import PVM_EXPLANATION, HostReport, probe_host
 from corral.images.registry import IMAGES, Image, get_image
 from corral.machine import Machine
-from corral.vstate.vm import CAPABILITIES
 from corral.migration import listen
 from corral.migration import receive as receive_vm
+from corral.vstate.vm import CAPABILITIES
 
-ERROR_CODE = "corral.error_code"   # ctx.meta key: the exit status of a failure from here on
+ERROR_CODE = "corral.error_code"  # ctx.meta key: the exit status of a failure from here on
 
 
 # --- the one error path ----------------------------------------------------------------------------
+
 
 class Failure(click.ClickException):
     """Ends the command with one line on stderr, `corral: error: ...`, and `exit_code`."""
 
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click declares it on the class
 
     def show(self, file: Any = None) -> None:
         click.echo(f"corral: error: {self.format_message()}", err=True)
@@ -90,7 +101,7 @@ class Command(click.Command):
 
 class Group(click.Group):
     command_class = Command
-    group_class = type              # subgroups are Groups too
+    group_class = type  # subgroups are Groups too
 
 
 class Parsed(click.ParamType):
@@ -115,53 +126,111 @@ VM = Parsed("socket", ControlClient)
 
 # --- options shared by several commands --------------------------------------------------------------
 
-KVM_OPTION = click.option("--kvm", "kvm_path", default="/dev/kvm", envvar="CORRAL_KVM", show_default=True,
-                          help="The KVM device to use.")
-SERVE_API_OPTION = click.option("--api", "api_path", type=click.Path(path_type=Path), metavar="SOCKET",
-                                help="Serve a control socket (pause, resume, snapshot, migrate) at this path.")
-VM_OPTION = click.option("--api", "vm", type=VM, required=True, metavar="SOCKET",
-                         help="The VM's control socket (corral run --api).")
+KVM_OPTION = click.option(
+    "--kvm",
+    "kvm_path",
+    default="/dev/kvm",
+    envvar="CORRAL_KVM",
+    show_default=True,
+    help="The KVM device to use.",
+)
+SERVE_API_OPTION = click.option(
+    "--api",
+    "api_path",
+    type=click.Path(path_type=Path),
+    metavar="SOCKET",
+    help="Serve a control socket (pause, resume, snapshot, migrate) at this path.",
+)
+VM_OPTION = click.option(
+    "--api",
+    "vm",
+    type=VM,
+    required=True,
+    metavar="SOCKET",
+    help="The VM's control socket (corral run --api).",
+)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log VMM activity to stderr.")
 def main(verbose: bool) -> None:
     """corral: a hypervisor on Linux KVM."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="corral: %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="corral: %(levelname)s: %(message)s"
+    )
 
 
 # --- run, and the foreground loop it shares with restore and receive ----------------------------------
 # Option names are MachineConfig's field names, so a FieldError finds the flag the user typed.
 
+
 @main.command()
 @click.option("--kernel", type=click.Path(path_type=Path), help="bzImage, PVH vmlinux or Multiboot ELF.")
-@click.option("--image", "image", type=IMAGE, metavar="NAME", help="A named image (corral image list): probe, ...")
+@click.option(
+    "--image", "image", type=IMAGE, metavar="NAME", help="A named image (corral image list): probe, ..."
+)
 @click.option("--initrd", type=click.Path(path_type=Path), help="Initial ramdisk.")
 @click.option("--cmdline", help="Kernel command line (the image's default if omitted).")
 @click.option("--cpus", type=int, default=1, show_default=True, help="Number of vCPUs.")
 @click.option("--memory", default="512M", show_default=True, help="Guest RAM, e.g. 512M or 2G.")
 @click.option("--no-reboot", is_flag=True, help="Stop instead of rebooting when the guest resets.")
-@click.option("--cpu-hide", default="", metavar="LIST",
-              help="CPU features to hide from the guest, comma-separated (e.g. xsave,pku).")
-@click.option("--disk", "disks", multiple=True, metavar=DISK.syntax,
-              help="A raw disk image as a virtio-blk device (repeatable); with overlay=FILE the "
-                   "guest's writes go to FILE (copy-on-write) and the image is shared read-only.")
+@click.option(
+    "--cpu-hide",
+    default="",
+    metavar="LIST",
+    help="CPU features to hide from the guest, comma-separated (e.g. xsave,pku).",
+)
+@click.option(
+    "--disk",
+    "disks",
+    multiple=True,
+    metavar=DISK.syntax,
+    help="A raw disk image as a virtio-blk device (repeatable); with overlay=FILE the "
+    "guest's writes go to FILE (copy-on-write) and the image is shared read-only.",
+)
 @click.option("--rng", is_flag=True, help="Give the guest a virtio-rng device.")
-@click.option("--net", "nets", multiple=True, metavar=NET.syntax,
-              help="A virtio-net NIC on a tap device, created and brought up if missing (repeatable).")
-@click.option("--virtio-console", "virtio_console", default="", metavar=VIRTIO_CONSOLE.syntax,
-              help="A virtio-console (hvc0) on a new pseudo-terminal or appended to a file.")
-@click.option("--balloon", is_flag=True,
-              help="A virtio-balloon device (corral balloon), with free page reporting.")
-@click.option("--vsock", metavar=VSOCK.syntax,
-              help="A virtio-vsock device; host programs connect to PATH ('CONNECT <port>').")
+@click.option(
+    "--net",
+    "nets",
+    multiple=True,
+    metavar=NET.syntax,
+    help="A virtio-net NIC on a tap device, created and brought up if missing (repeatable).",
+)
+@click.option(
+    "--virtio-console",
+    "virtio_console",
+    default="",
+    metavar=VIRTIO_CONSOLE.syntax,
+    help="A virtio-console (hvc0) on a new pseudo-terminal or appended to a file.",
+)
+@click.option(
+    "--balloon", is_flag=True, help="A virtio-balloon device (corral balloon), with free page reporting."
+)
+@click.option(
+    "--vsock",
+    metavar=VSOCK.syntax,
+    help="A virtio-vsock device; host programs connect to PATH ('CONNECT <port>').",
+)
 @KVM_OPTION
 @SERVE_API_OPTION
-def run(kernel: Path | None, image: Image | None, initrd: Path | None, cmdline: str | None,
-        cpus: int, memory: str, no_reboot: bool, cpu_hide: str, disks: tuple[str, ...], rng: bool,
-        nets: tuple[str, ...], virtio_console: str, balloon: bool, vsock: str | None, kvm_path: str,
-        api_path: Path | None) -> None:
+def run(
+    kernel: Path | None,
+    image: Image | None,
+    initrd: Path | None,
+    cmdline: str | None,
+    cpus: int,
+    memory: str,
+    no_reboot: bool,
+    cpu_hide: str,
+    disks: tuple[str, ...],
+    rng: bool,
+    nets: tuple[str, ...],
+    virtio_console: str,
+    balloon: bool,
+    vsock: str | None,
+    kvm_path: str,
+    api_path: Path | None,
+) -> None:
     """Boot a guest with its serial console on this terminal (Ctrl-A X quits).
 
     Exits with the guest's exit-port status, or 0 on a clean poweroff.
@@ -190,12 +259,21 @@ def run(kernel: Path | None, image: Image | None, initrd: Path | None, cmdline: 
         initrd = initrd or img_initrd
         if cmdline is None:
             cmdline = image.default_cmdline
-    config = MachineConfig.build(kernel=kernel, initrd=initrd, cmdline=cmdline or "", cpus=cpus,
-                                 memory=memory, no_reboot=no_reboot, cpu_hide=cpu_hide,
-                                 disks=[DiskConfig.parse(d, i) for i, d in enumerate(disks)], rng=rng,
-                                 nets=[NetConfig.parse(n, i) for i, n in enumerate(nets)],
-                                 vsock=VsockConfig.parse(vsock) if vsock else None, balloon=balloon,
-                                 virtio_console=virtio_console)
+    config = MachineConfig.build(
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=cmdline or "",
+        cpus=cpus,
+        memory=memory,
+        no_reboot=no_reboot,
+        cpu_hide=cpu_hide,
+        disks=[DiskConfig.parse(d, i) for i, d in enumerate(disks)],
+        rng=rng,
+        nets=[NetConfig.parse(n, i) for i, n in enumerate(nets)],
+        vsock=VsockConfig.parse(vsock) if vsock else None,
+        balloon=balloon,
+        virtio_console=virtio_console,
+    )
     machine = Machine(config, kvm_path=kvm_path)
     machine.build()
     _run_foreground(machine, api_path)
@@ -204,7 +282,7 @@ def run(kernel: Path | None, image: Image | None, initrd: Path | None, cmdline: 
 def _run_foreground(machine: Machine, api_path: Path | None) -> NoReturn:
     """Run a built machine with its console on this terminal (and its control socket, if
     asked) until it stops; exit with its status."""
-    click.get_current_context().meta[ERROR_CODE] = 2      # a failure from here on is the run's
+    click.get_current_context().meta[ERROR_CODE] = 2  # a failure from here on is the run's
     server = None
     if api_path is not None:
         try:
@@ -230,6 +308,7 @@ def _run_foreground(machine: Machine, api_path: Path | None) -> NoReturn:
 
 # --- VM state: restore, clone, receive ------------------------------------------------------------
 
+
 @main.command()
 @click.argument("snapshot", type=click.Path(path_type=Path))
 @KVM_OPTION
@@ -243,8 +322,14 @@ def restore(snapshot: Path, kvm_path: str, api_path: Path | None) -> None:
 
 @main.command()
 @click.argument("snapshot", type=click.Path(path_type=Path))
-@click.option("-n", "--count", type=click.IntRange(1, 256), default=2, show_default=True,
-              help="How many clones to start.")
+@click.option(
+    "-n",
+    "--count",
+    type=click.IntRange(1, 256),
+    default=2,
+    show_default=True,
+    help="How many clones to start.",
+)
 @KVM_OPTION
 def clone(snapshot: Path, count: int, kvm_path: str) -> None:
     """Start COUNT guests from one snapshot, sharing its unchanged memory; their consoles are
@@ -262,6 +347,7 @@ def clone(snapshot: Path, count: int, kvm_path: str) -> None:
                 for line in lines:
                     sys.stdout.buffer.write(f"[clone {i}] ".encode() + line.rstrip(b"\r") + b"\n")
                 sys.stdout.buffer.flush()
+
         return write
 
     machines: list[Machine] = []
@@ -295,8 +381,13 @@ def clone(snapshot: Path, count: int, kvm_path: str) -> None:
 
 
 @main.command(error_code=1)
-@click.option("--listen", "address", required=True, metavar="HOST:PORT",
-              help="Where to wait for the migration (e.g. 0.0.0.0:7000).")
+@click.option(
+    "--listen",
+    "address",
+    required=True,
+    metavar="HOST:PORT",
+    help="Where to wait for the migration (e.g. 0.0.0.0:7000).",
+)
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
 @KVM_OPTION
 @SERVE_API_OPTION
@@ -312,6 +403,7 @@ def receive(address: str, timeout: float | None, kvm_path: str, api_path: Path |
 
 
 # --- the control-socket verbs ------------------------------------------------------------------------
+
 
 @main.command(error_code=1)
 @VM_OPTION
@@ -348,8 +440,11 @@ def status(vm: ControlClient) -> None:
 def snapshot(vm: ControlClient, directory: Path) -> None:
     """Save a running VM to DIRECTORY (new); it keeps running (a paused one stays paused)."""
     r = vm.snapshot(directory.resolve())
-    click.echo(f"corral: snapshot {r.path}: {r.memory_bytes_written / (1 << 20):.1f} MiB of memory, "
-               f"{r.disk_bytes / (1 << 20):.1f} MiB on disk, {r.seconds * 1000:.0f} ms", err=True)
+    click.echo(
+        f"corral: snapshot {r.path}: {r.memory_bytes_written / (1 << 20):.1f} MiB of memory, "
+        f"{r.disk_bytes / (1 << 20):.1f} MiB on disk, {r.seconds * 1000:.0f} ms",
+        err=True,
+    )
 
 
 @main.command(error_code=1)
@@ -360,30 +455,47 @@ def balloon(vm: ControlClient, size: int | None) -> None:
     show the balloon and the guest's memory statistics."""
     r = vm.balloon(size)
     mib = 1 << 20
-    click.echo(f"balloon: target {r.target_bytes / mib:.0f} MiB, guest gave {r.actual_bytes / mib:.0f} MiB; "
-               f"host memory behind guest RAM {r.host_resident_bytes / mib:.0f} MiB; "
-               f"free pages reported {r.reported_bytes / mib:.0f} MiB")
+    click.echo(
+        f"balloon: target {r.target_bytes / mib:.0f} MiB, guest gave {r.actual_bytes / mib:.0f} MiB; "
+        f"host memory behind guest RAM {r.host_resident_bytes / mib:.0f} MiB; "
+        f"free pages reported {r.reported_bytes / mib:.0f} MiB"
+    )
     for k, v in sorted(r.stats.items()):
-        click.echo(f"  {k}: {v / mib:.1f} MiB" if k.endswith("memory") or k == "disk_caches" else f"  {k}: {v}")
+        click.echo(
+            f"  {k}: {v / mib:.1f} MiB" if k.endswith("memory") or k == "disk_caches" else f"  {k}: {v}"
+        )
 
 
 @main.command(error_code=1)
 @VM_OPTION
 @click.argument("target", metavar="HOST:PORT")
-@click.option("--downtime-ms", type=click.IntRange(1, 60_000), default=300, show_default=True,
-              help="The longest the guest may be stopped for the last copy.")
+@click.option(
+    "--downtime-ms",
+    type=click.IntRange(1, 60_000),
+    default=300,
+    show_default=True,
+    help="The longest the guest may be stopped for the last copy.",
+)
 def migrate(vm: ControlClient, target: str, downtime_ms: int) -> None:
     """Live-migrate a running VM to `corral receive` at HOST:PORT."""
+
     def progress(p: MigrationProgress) -> None:
-        click.echo(f"corral: round {p.round}: {p.sent / (1 << 20):.1f} MiB sent, "
-                   f"{p.dirty / (1 << 20):.1f} MiB dirtied meanwhile", err=True)
+        click.echo(
+            f"corral: round {p.round}: {p.sent / (1 << 20):.1f} MiB sent, "
+            f"{p.dirty / (1 << 20):.1f} MiB dirtied meanwhile",
+            err=True,
+        )
 
     r = vm.migrate(target, downtime_ms, progress)
-    click.echo(f"corral: migrated to {target} in {r.total_seconds:.2f} s: {r.rounds} rounds, "
-               f"{r.bytes_sent / (1 << 20):.1f} MiB sent, downtime {r.downtime_seconds * 1000:.1f} ms", err=True)
+    click.echo(
+        f"corral: migrated to {target} in {r.total_seconds:.2f} s: {r.rounds} rounds, "
+        f"{r.bytes_sent / (1 << 20):.1f} MiB sent, downtime {r.downtime_seconds * 1000:.1f} ms",
+        err=True,
+    )
 
 
 # --- the host ------------------------------------------------------------------------------------------
+
 
 @main.command()
 @KVM_OPTION
@@ -393,15 +505,20 @@ def doctor(kvm_path: str) -> None:
     out = Console()
     if rep.error:
         raise HostError(rep.error)
-    virt = {"vmx": "hardware (Intel VT-x)", "svm": "hardware (AMD-V)",
-            "pvm": "PVM (software, no hardware virtualization)"}.get(rep.virtualization, "unknown")
+    virt = {
+        "vmx": "hardware (Intel VT-x)",
+        "svm": "hardware (AMD-V)",
+        "pvm": "PVM (software, no hardware virtualization)",
+    }.get(rep.virtualization, "unknown")
     out.print(f"[bold]KVM[/bold]: {kvm_path}, API version {rep.api_version}")
     out.print(f"[bold]virtualization[/bold]: {virt}")
     out.print(f"[bold]vCPUs[/bold]: up to {rep.max_vcpus} ({rep.recommended_vcpus} recommended)")
     table = Table("capability", "present", "used for")
     for c in CAPABILITIES:
         value = rep.capabilities.get(c.name, 0)
-        mark = "[green]yes[/green]" if value else ("[red]MISSING[/red]" if c.required else "[yellow]no[/yellow]")
+        mark = (
+            "[green]yes[/green]" if value else ("[red]MISSING[/red]" if c.required else "[yellow]no[/yellow]")
+        )
         table.add_row(c.name, mark, c.use + (" (required)" if c.required else ""))
     out.print(table)
     if rep.is_pvm:
@@ -413,6 +530,7 @@ def doctor(kvm_path: str) -> None:
 
 
 # --- corral image: every image answers for itself ----------------------------------------------------
+
 
 @main.group()
 def image() -> None:
@@ -448,7 +566,9 @@ def image_list() -> None:
 def image_fetch(img: Image, force: bool) -> None:
     """Download an image's packages and build it into the cache."""
     if img.fetch(force=force):
-        click.echo(f"corral: image '{img.name}' is already cached (verified); --force fetches it again", err=True)
+        click.echo(
+            f"corral: image '{img.name}' is already cached (verified); --force fetches it again", err=True
+        )
     _print_paths(img)
 
 

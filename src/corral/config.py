@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from corral.arch.x86 import layout
 from corral.arch.x86.cpuid import HIDEABLE
-from corral.errors import ConfigError, FieldError
 from corral.backends.tap import check_tap_name, format_mac, parse_mac
+from corral.errors import ConfigError, FieldError
 from corral.options import FLAG, OPTIONAL, VALUE, OptionSyntax
 
 MAX_CPUS = 254  # xAPIC ids in the MADT; the IOAPIC takes the next id
@@ -44,14 +44,24 @@ def format_size(n: int) -> str:
     return f"{n}B"
 
 
-DISK = OptionSyntax("disks", "PATH[,ro][,serial=ID][,overlay=FILE]", positional="path",
-                    keys={"ro": FLAG, "serial": VALUE, "overlay": VALUE})
-NET = OptionSyntax("nets", "tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]",
-                   keys={"tap": OPTIONAL, "mac": VALUE, "host-ip": VALUE}, one_of=(("tap",),))
-VSOCK = OptionSyntax("vsock", "cid=N,uds=PATH", keys={"cid": VALUE, "uds": VALUE},
-                     one_of=(("cid",), ("uds",)))
-VIRTIO_CONSOLE = OptionSyntax("virtio_console", "pty|file=PATH", keys={"pty": FLAG, "file": VALUE},
-                              one_of=(("pty", "file"),))
+DISK = OptionSyntax(
+    "disks",
+    "PATH[,ro][,serial=ID][,overlay=FILE]",
+    positional="path",
+    keys={"ro": FLAG, "serial": VALUE, "overlay": VALUE},
+)
+NET = OptionSyntax(
+    "nets",
+    "tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]",
+    keys={"tap": OPTIONAL, "mac": VALUE, "host-ip": VALUE},
+    one_of=(("tap",),),
+)
+VSOCK = OptionSyntax(
+    "vsock", "cid=N,uds=PATH", keys={"cid": VALUE, "uds": VALUE}, one_of=(("cid",), ("uds",))
+)
+VIRTIO_CONSOLE = OptionSyntax(
+    "virtio_console", "pty|file=PATH", keys={"pty": FLAG, "file": VALUE}, one_of=(("pty", "file"),)
+)
 
 
 def field_path(loc: tuple[int | str, ...]) -> str:
@@ -79,8 +89,11 @@ class DiskConfig(BaseModel):
     path: Path = Field(description="raw disk image")
     read_only: bool = Field(default=False, description="the guest cannot write (image opened read-only)")
     serial: str = Field(default="", max_length=20, description="device serial (VIRTIO_BLK_T_GET_ID)")
-    overlay: Path | None = Field(default=None, description="copy-on-write overlay file (created if "
-                                 "missing): the guest writes there, the image stays untouched")
+    overlay: Path | None = Field(
+        default=None,
+        description="copy-on-write overlay file (created if "
+        "missing): the guest writes there, the image stays untouched",
+    )
 
     @classmethod
     def parse(cls, spec: str, index: int = 0) -> DiskConfig:
@@ -88,8 +101,12 @@ class DiskConfig(BaseModel):
         where = f"disks[{index}]"
         o = DISK.parse(spec, where)
         try:
-            return cls(path=o["path"], read_only=bool(o.get("ro")), serial=o.get("serial", ""),
-                       overlay=o.get("overlay"))
+            return cls(
+                path=o["path"],
+                read_only=bool(o.get("ro")),
+                serial=o.get("serial", ""),
+                overlay=o.get("overlay"),
+            )
         except ValidationError as exc:
             raise field_error(exc, where) from None
 
@@ -126,7 +143,9 @@ class NetConfig(BaseModel):
             try:
                 iface = ipaddress.ip_interface(v)
             except ValueError:
-                raise ValueError(f"'{v}' is not an address with a prefix: write it like 10.0.2.1/24") from None
+                raise ValueError(
+                    f"'{v}' is not an address with a prefix: write it like 10.0.2.1/24"
+                ) from None
             if "/" not in v:
                 raise ValueError(f"'{v}' has no prefix length: write it like {v}/24")
             return str(iface)
@@ -202,17 +221,23 @@ class MachineConfig(BaseModel):
         """The config of clone `index` of a snapshot: host resources that cannot be shared get
         their own names (tap devices, the vsock socket) and the vsock CID its own number."""
         nets = tuple(n.model_copy(update={"tap": f"{n.tap[:11]}c{index}"}) for n in self.nets)
-        vsock = self.vsock and self.vsock.model_copy(update={
-            "cid": self.vsock.cid + index, "uds_path": Path(f"{self.vsock.uds_path}.{index}")})
+        vsock = self.vsock and self.vsock.model_copy(
+            update={"cid": self.vsock.cid + index, "uds_path": Path(f"{self.vsock.uds_path}.{index}")}
+        )
         return self.model_copy(update={"nets": nets, "vsock": vsock})
 
     @field_validator("cpu_hide", mode="before")
     @classmethod
     def _cpu_hide(cls, v: object) -> tuple[str, ...]:
-        names = tuple(n.strip() for n in (v.split(",") if isinstance(v, str) else v) if n.strip())  # type: ignore[union-attr]
+        items = v.split(",") if isinstance(v, str) else v
+        if not isinstance(items, (list, tuple)):
+            raise ValueError("give CPU feature names, comma-separated")
+        names = tuple(str(n).strip() for n in items if str(n).strip())
         unknown = [n for n in names if n not in HIDEABLE]
         if unknown:
-            raise ValueError(f"unknown CPU feature {', '.join(unknown)}: choose from {', '.join(sorted(HIDEABLE))}")
+            raise ValueError(
+                f"unknown CPU feature {', '.join(unknown)}: choose from {', '.join(sorted(HIDEABLE))}"
+            )
         return names
 
     @field_validator("cpus")
@@ -236,8 +261,9 @@ class MachineConfig(BaseModel):
         if v < layout.MIN_MEMORY:
             raise ValueError(f"{format_size(v)} is too small: give at least {format_size(layout.MIN_MEMORY)}")
         if v > layout.MAX_MEMORY:
-            raise ValueError(f"{format_size(v)} is too large: corral supports at most "
-                             f"{format_size(layout.MAX_MEMORY)}")
+            raise ValueError(
+                f"{format_size(v)} is too large: corral supports at most {format_size(layout.MAX_MEMORY)}"
+            )
         if v % 4096:
             raise ValueError(f"{v} bytes is not a multiple of 4 KiB")
         return v

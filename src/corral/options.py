@@ -11,13 +11,13 @@ flag instead.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from corral.errors import FieldError
 
-FLAG = "flag"            # `ro`: there or not; parses to True
-VALUE = "value"          # `serial=ID`: needs a non-empty value
-OPTIONAL = "optional"    # `tap` or `tap=NAME`: the value may be left out (parses to "")
+FLAG = "flag"  # `ro`: there or not; parses to True
+VALUE = "value"  # `serial=ID`: needs a non-empty value
+OPTIONAL = "optional"  # `tap` or `tap=NAME`: the value may be left out (parses to "")
 
 Parsed = dict[str, "str | bool"]
 
@@ -26,11 +26,11 @@ Parsed = dict[str, "str | bool"]
 class OptionSyntax:
     """The keys of one `NAME[,key=value]` option and the SYNTAX line shown in help and errors."""
 
-    field: str                                  # the config field it fills: "disks"
-    syntax: str                                 # "PATH[,ro][,serial=ID][,overlay=FILE]"
-    keys: Mapping[str, str]                     # key -> FLAG | VALUE | OPTIONAL, in display order
-    positional: str | None = None               # the first element, taken verbatim, under this name
-    one_of: tuple[tuple[str, ...], ...] = field(default=())  # exactly one key of each group
+    field: str  # the config field it fills: "disks"
+    syntax: str  # "PATH[,ro][,serial=ID][,overlay=FILE]"
+    keys: Mapping[str, str]  # key -> FLAG | VALUE | OPTIONAL, in display order
+    positional: str | None = None  # the first element, taken verbatim, under this name
+    one_of: tuple[tuple[str, ...], ...] = ()  # exactly one key of each group
 
     def error(self, text: str, reason: str, where: str | None = None) -> FieldError:
         """The one error shape: the field, what is wrong with `text` (quoted by repr, so the
@@ -64,8 +64,13 @@ class OptionSyntax:
         for group in self.one_of:
             given = [k for k in group if k in out]
             if len(given) != 1:
-                raise self.error(text, f"needs {' or '.join(group)}" if not given
-                                 else f"gives more than one of {', '.join(group)}", where)
+                raise self.error(
+                    text,
+                    f"needs {' or '.join(group)}"
+                    if not given
+                    else f"gives more than one of {', '.join(group)}",
+                    where,
+                )
         return out
 
     def format(self, values: Mapping[str, str | bool]) -> str:

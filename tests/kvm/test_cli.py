@@ -6,11 +6,10 @@ import subprocess
 import sysconfig
 
 import pytest
-
-from corral.images.probe import build_probe
-
 from support.cli import ROOT, corral, one_clear_line
 from support.results import parse_results
+
+from corral.images.probe import build_probe
 
 
 @pytest.mark.kvm
@@ -49,14 +48,26 @@ def test_zero_cpus():
     assert "cpus must be between 1 and" in line
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--disk", "a.img,colour=red"],
-     "--disk: 'a.img,colour=red' has an unknown key 'colour': use PATH[,ro][,serial=ID][,overlay=FILE]"),
-    (["--net", "user"],
-     "--net: 'user' is not a tap: only tap networking exists: use tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]"),
-    (["--vsock", "cid=2,uds=/tmp/v"], "--vsock cid=2,uds=/tmp/v: cid: Input should be greater than or equal to 3"),
-    (["--virtio-console", "file="], "--virtio-console: 'file=' gives 'file' no value: use pty|file=PATH"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (
+            ["--disk", "a.img,colour=red"],
+            "--disk: 'a.img,colour=red' has an unknown key 'colour': "
+            "use PATH[,ro][,serial=ID][,overlay=FILE]",
+        ),
+        (
+            ["--net", "user"],
+            "--net: 'user' is not a tap: only tap networking exists: "
+            "use tap[=NAME][,mac=MAC][,host-ip=ADDR/LEN]",
+        ),
+        (
+            ["--vsock", "cid=2,uds=/tmp/v"],
+            "--vsock cid=2,uds=/tmp/v: cid: Input should be greater than or equal to 3",
+        ),
+        (["--virtio-console", "file="], "--virtio-console: 'file=' gives 'file' no value: use pty|file=PATH"),
+    ],
+)
 def test_bad_option_names_the_flag_and_shows_its_syntax(tmp_path, args, expected):
     """The library names config fields; the command line shows the flag the user typed."""
     line = one_clear_line(corral("run", "--kernel", str(tmp_path / "vmlinux"), *args))
@@ -82,12 +93,21 @@ def test_no_permission_on_kvm(tmp_path):
     probe = tmp_path / "probe.elf"
     shutil.copy(build_probe(), probe)
     os.chmod(probe, 0o644)
-    code = ("import sys; sys.argv=['corral','run','--kernel',%r,'--cmdline','hello']; "
-            "from corral.cli import main; main()" % str(probe))
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        "/usr/bin/python3", "-c", code], capture_output=True, text=True, timeout=60,
-                       env={"PYTHONPATH": f"{ROOT / 'src'}:{site}:{platsite}", "PATH": "/usr/bin:/bin",
-                            "HOME": str(tmp_path)})
+    code = (
+        f"import sys; sys.argv=['corral','run','--kernel',{str(probe)!r},'--cmdline','hello']; "
+        "from corral.cli import main; main()"
+    )
+    r = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "PYTHONPATH": f"{ROOT / 'src'}:{site}:{platsite}",
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+        },
+    )
     if "ModuleNotFoundError" in r.stderr or "Permission denied: '" in r.stderr:
         pytest.skip(f"system python cannot import corral's dependencies here: {r.stderr[-200:]}")
     line = one_clear_line(r)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-
 from support.cli import ROOT, corral, corral_popen, one_clear_line, start_vm
 from support.results import result_lines
 
@@ -32,7 +31,7 @@ def test_pause_status_snapshot_restore_from_the_command_line(tmp_path):
         assert proc.returncode == 0, err
     finally:
         proc.kill()
-    assert not api.exists()                      # the socket goes with the VM
+    assert not api.exists()  # the socket goes with the VM
     # the snapshot finishes the same run: same final checksum, no fresh boot
     first = out.decode().replace("\r", "")
     r = corral("restore", str(tmp_path / "snap"))
@@ -68,15 +67,22 @@ def test_receive_and_migrate_from_the_command_line(tmp_path):
         r = corral("migrate", "--api", str(api), f"127.0.0.1:{port}")
         assert r.returncode == 0, r.stderr
         assert "round 1:" in r.stderr and "downtime" in r.stderr
-        src_out, src_err = src.communicate(timeout=30)
+        _src_out, src_err = src.communicate(timeout=30)
         assert src.returncode == 0 and b"migrated to" in src_err
         while not dest_api.exists():
             time.sleep(0.05)
         time.sleep(0.5)
         assert corral("status", "--api", str(dest_api)).stdout.startswith("running")
-        subprocess.run([sys.executable, "-c", "import sys; from corral.api import call; "
-                        "call(sys.argv[1], {'op': 'stop'})", str(dest_api)], check=True,
-                       env={"PYTHONPATH": str(ROOT / "src")})
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from corral.api import call; call(sys.argv[1], {'op': 'stop'})",
+                str(dest_api),
+            ],
+            check=True,
+            env={"PYTHONPATH": str(ROOT / "src")},
+        )
         dest_out, _ = dest.communicate(timeout=30)
     finally:
         src.kill()
@@ -117,6 +123,7 @@ def test_bad_api_requests(tmp_path):
     api = tmp_path / "vm.sock"
     proc = start_vm(api)
     try:
+
         def raw(body: bytes) -> dict:
             s = socket.socket(socket.AF_UNIX)
             s.connect(str(api))

@@ -37,13 +37,18 @@ def test_a_bad_field_is_shown_with_its_flag(kernel):
 
 def test_every_bad_field_is_shown(kernel):
     line = fails("run", "--kernel", kernel, "--cpus", "0", "--memory", "lots")
-    assert line == ("--cpus: cpus must be between 1 and 254, got 0; "
-                    "--memory: 'lots' is not a size: write it like 512M, 2G or 4096K")
+    assert line == (
+        "--cpus: cpus must be between 1 and 254, got 0; "
+        "--memory: 'lots' is not a size: write it like 512M, 2G or 4096K"
+    )
 
 
 def test_option_syntax_errors_name_the_flag_and_show_the_syntax(kernel):
     line = fails("run", "--kernel", kernel, "--disk", "a.img,ro", "--disk", "b.img,colour=red")
-    assert line == "--disk: 'b.img,colour=red' has an unknown key 'colour': use PATH[,ro][,serial=ID][,overlay=FILE]"
+    assert (
+        line
+        == "--disk: 'b.img,colour=red' has an unknown key 'colour': use PATH[,ro][,serial=ID][,overlay=FILE]"
+    )
     line = fails("run", "--kernel", kernel, "--net", "user")
     assert line.startswith("--net: 'user' is not a tap: only tap networking exists: use tap[=NAME]")
     assert fails("run", "--kernel", kernel, "--vsock", "uds=/tmp/v").endswith("needs cid: use cid=N,uds=PATH")
@@ -66,12 +71,22 @@ def test_cli_own_errors(kernel):
 
 def test_control_verbs_without_a_vm(tmp_path):
     sock = tmp_path / "vm.sock"
-    for verb in (["pause"], ["resume"], ["stop"], ["status"], ["snapshot", str(tmp_path / "s")],
-                 ["balloon"], ["migrate", "127.0.0.1:1"]):
+    for verb in (
+        ["pause"],
+        ["resume"],
+        ["stop"],
+        ["status"],
+        ["snapshot", str(tmp_path / "s")],
+        ["balloon"],
+        ["migrate", "127.0.0.1:1"],
+    ):
         line = fails(verb[0], "--api", str(sock), *verb[1:], code=1)
         assert line == f"no control socket at {sock}: start the VM with --api {sock}"
     # a bad SIZE is the user's typing (exit 2), found before the socket is tried
-    assert fails("balloon", "--api", str(sock), "lots") == "'lots' is not a size: write it like 512M, 2G or 4096K"
+    assert (
+        fails("balloon", "--api", str(sock), "lots")
+        == "'lots' is not a size: write it like 512M, 2G or 4096K"
+    )
 
 
 def test_receive_fails_with_status_1():
@@ -84,6 +99,7 @@ def _ctx_for(**params) -> click.Context:
     @click.option("-n", "--count", "count")
     def cmd(**_):
         pass
+
     ctx = click.Context(cmd)
     ctx.params.update(params)
     return ctx
@@ -95,8 +111,10 @@ def test_describe_maps_fields_to_flags():
     assert describe(FieldError("disks[1].serial", "bad"), ctx) == "--disk b.img,serial=x: serial: bad"
     assert describe(FieldError("disks[7].serial", "bad"), ctx) == "--disk: serial: bad"
     # a field the command has no flag for keeps its path; other errors keep their message
-    assert describe(FieldError("colour", "Extra inputs are not permitted"), ctx) == \
-        "colour: Extra inputs are not permitted"
+    assert (
+        describe(FieldError("colour", "Extra inputs are not permitted"), ctx)
+        == "colour: Extra inputs are not permitted"
+    )
     assert describe(ConfigError("plain"), ctx) == "plain"
 
 
@@ -124,7 +142,7 @@ def test_error_code_is_per_command_and_per_phase():
 def test_kvm_and_api_options_are_declared_once():
     by_command = {name: {p.name: p for p in cmd.params} for name, cmd in main.commands.items()}
     kvm = [params["kvm_path"] for params in by_command.values() if "kvm_path" in params]
-    assert len(kvm) == 5                                            # run restore clone receive doctor
+    assert len(kvm) == 5  # run restore clone receive doctor
     assert all(p.envvar == "CORRAL_KVM" and p.default == "/dev/kvm" for p in kvm)
     serve = [by_command[c]["api_path"] for c in ("run", "restore", "receive")]
     assert len({p.help for p in serve}) == 1

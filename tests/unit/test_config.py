@@ -1,14 +1,24 @@
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from corral.config import MachineConfig, format_size, parse_size
 from corral.errors import ConfigError, FieldError
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("512M", 512 << 20), ("2G", 2 << 30), ("1.5G", 3 << 29), ("4096K", 4 << 20),
-    ("64", 64 << 20), ("1T", 1 << 40), ("256MiB", 256 << 20), ("16mb", 16 << 20),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("512M", 512 << 20),
+        ("2G", 2 << 30),
+        ("1.5G", 3 << 29),
+        ("4096K", 4 << 20),
+        ("64", 64 << 20),
+        ("1T", 1 << 40),
+        ("256MiB", 256 << 20),
+        ("16mb", 16 << 20),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -52,6 +62,7 @@ def test_format_then_parse_round_trips_whole_kib(n):
 
 # --- errors name config fields, never CLI flags ---------------------------------------------------
 
+
 def _field_error(**fields) -> FieldError:
     with pytest.raises(FieldError) as exc:
         MachineConfig.build(kernel="k", **fields)
@@ -78,9 +89,14 @@ def test_nested_fields_are_named_by_path():
     assert err.field == "vsock.cid"
 
 
-@pytest.mark.parametrize("value,needle", [
-    ("file=", "gives 'file' no value"), ("tty", "unknown key 'tty'"), ("pty,file=x", "more than one of"),
-])
+@pytest.mark.parametrize(
+    "value,needle",
+    [
+        ("file=", "gives 'file' no value"),
+        ("tty", "unknown key 'tty'"),
+        ("pty,file=x", "more than one of"),
+    ],
+)
 def test_virtio_console_is_checked_by_its_syntax(value, needle):
     err = _field_error(virtio_console=value)
     assert err.field == "virtio_console" and needle in str(err) and str(err).endswith("use pty|file=PATH")

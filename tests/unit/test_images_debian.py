@@ -47,11 +47,15 @@ def test_classify_apt_errors():
 
 def test_network_error_message():
     err = debian.apt_error(APT_DNS, ["busybox-static"])
-    assert str(err) == ("cannot reach the Debian package archive (Temporary failure resolving "
-                        "'deb.debian.org'): check the network or apt sources")
+    assert str(err) == (
+        "cannot reach the Debian package archive (Temporary failure resolving "
+        "'deb.debian.org'): check the network or apt sources"
+    )
     err = debian.apt_error(APT_CONNECT, ["busybox-static"])
-    assert str(err) == ("cannot reach the Debian package archive (Could not connect to 127.0.0.1:9 "
-                        "(127.0.0.1)): check the network or apt sources")
+    assert str(err) == (
+        "cannot reach the Debian package archive (Could not connect to 127.0.0.1:9 "
+        "(127.0.0.1)): check the network or apt sources"
+    )
     assert "nosuch-pkg" in str(debian.apt_error(APT_UNKNOWN, ["nosuch-pkg"]))
     assert "apt-get update" in str(debian.apt_error(APT_404, ["busybox-static"]))
 
@@ -60,8 +64,10 @@ def test_network_error_message():
 def test_fetch_debs_unreachable_archive(tmp_path, monkeypatch):
     """A real connection failure (apt pointed at a dead proxy): one clear line, nothing left."""
     conf = tmp_path / "apt.conf"
-    conf.write_text('Acquire::http::Proxy "http://127.0.0.1:9";\nAcquire::https::Proxy "http://127.0.0.1:9";\n'
-                    'Acquire::Retries "0";\n')
+    conf.write_text(
+        'Acquire::http::Proxy "http://127.0.0.1:9";\nAcquire::https::Proxy "http://127.0.0.1:9";\n'
+        'Acquire::Retries "0";\n'
+    )
     monkeypatch.setenv("APT_CONFIG", str(conf))
     if subprocess.run(["apt-cache", "show", "busybox-static"], capture_output=True).returncode != 0:
         pytest.skip("apt's package lists do not know busybox-static")
@@ -91,13 +97,15 @@ def _make_deb(tmp_path, name: str, files: dict[str, bytes]):
     (root / "DEBIAN").mkdir(parents=True)
     (root / "DEBIAN" / "control").write_text(
         f"Package: {name}\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@example.org>\n"
-        "Description: test\n")
+        "Description: test\n"
+    )
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     deb = tmp_path / f"{name}_1.0_all.deb"
-    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(root), str(deb)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "-b", str(root), str(deb)], check=True, capture_output=True
+    )
     return deb
 
 
@@ -121,6 +129,7 @@ def test_extract_deb_new_and_merge(tmp_path):
 
 # --- the real thing --------------------------------------------------------------------------------
 
+
 @pytest.mark.net
 @needs_apt
 def test_fetch_and_build_debian_image(tmp_path, monkeypatch):
@@ -129,8 +138,9 @@ def test_fetch_and_build_debian_image(tmp_path, monkeypatch):
     from corral.images.initramfs import parse_cpio
 
     monkeypatch.setenv("CORRAL_CACHE", str(tmp_path / "cache"))
-    if subprocess.run(["apt-cache", "show", "linux-image-cloud-amd64", "busybox-static"],
-                      capture_output=True).returncode:
+    if subprocess.run(
+        ["apt-cache", "show", "linux-image-cloud-amd64", "busybox-static"], capture_output=True
+    ).returncode:
         pytest.skip("apt's package lists do not know linux-image-cloud-amd64 / busybox-static")
     try:
         manifest = debian_image.fetch(progress=False, report=lambda m: None)

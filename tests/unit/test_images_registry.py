@@ -17,6 +17,7 @@ def cache_dir(tmp_path, monkeypatch):
 
     def no_network(*a, **k):
         raise AssertionError("the network was used")
+
     monkeypatch.setattr(debian_image, "fetch_debs", no_network)
     monkeypatch.setattr(debian_image, "resolve_kernel_package", no_network)
     return tmp_path / "cache"
@@ -44,12 +45,14 @@ def test_status_before_and_after_fetch(cache_dir):
     size = 2000 + 3004 + 102
     assert cache.entry_size(d) == size
     assert get_image("debian").status() == ImageStatus(cached=True, size=size)
-    assert get_image("debian-pvh").status() == ImageStatus(cached=True, size=size)   # one shared entry
+    assert get_image("debian-pvh").status() == ImageStatus(cached=True, size=size)  # one shared entry
 
 
 def test_paths_of_the_debian_images(cache_dir):
     for name in ("debian", "debian-pvh"):
-        with pytest.raises(ConfigError, match=f"image '{name}' is not fetched: run `corral image fetch {name}`"):
+        with pytest.raises(
+            ConfigError, match=f"image '{name}' is not fetched: run `corral image fetch {name}`"
+        ):
             get_image(name).paths()
     d = fake_debian_entry()
     assert get_image("debian").paths() == ImagePaths(d / "vmlinuz", d / "initrd.img", d / "vmlinux")
@@ -62,20 +65,26 @@ def test_paths_of_the_debian_images(cache_dir):
 
 def test_fetch_keeps_a_verified_entry(cache_dir):
     d = fake_debian_entry()
-    assert get_image("debian").fetch() is True                   # kept, no network
+    assert get_image("debian").fetch() is True  # kept, no network
     res = CliRunner().invoke(main, ["image", "fetch", "debian"])
     assert res.exit_code == 0, res.output
     assert res.output.splitlines() == [
         "corral: image 'debian' is already cached (verified); --force fetches it again",
-        str(d / "vmlinuz"), str(d / "initrd.img")]
+        str(d / "vmlinuz"),
+        str(d / "initrd.img"),
+    ]
 
 
 def test_fetch_failure_is_one_line(cache_dir, monkeypatch):
     def offline(*a, **k):
-        raise ConfigError("cannot reach the Debian package archive (offline): check the network or apt sources")
+        raise ConfigError(
+            "cannot reach the Debian package archive (offline): check the network or apt sources"
+        )
+
     monkeypatch.setattr(debian_image, "resolve_kernel_package", offline)
     res = CliRunner().invoke(main, ["image", "fetch", "debian-pvh"])
     assert res.exit_code == 1
-    assert res.output.splitlines() == ["corral: error: cannot reach the Debian package archive (offline): "
-                                       "check the network or apt sources"]
+    assert res.output.splitlines() == [
+        "corral: error: cannot reach the Debian package archive (offline): check the network or apt sources"
+    ]
     assert get_image("debian-pvh").status() == ImageStatus(cached=False)

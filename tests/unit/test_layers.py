@@ -19,6 +19,7 @@ LAYERS: list[set[str]] = [
     {"corral._version", "corral.errors"},
     {"corral.kvm"},
     {"corral.arch"},
+    {"corral.options"},  # the one NAME[,key=value] parser
     {"corral.memory", "corral.eventloop", "corral.backends", "corral.images"},
     {"corral.config"},
     {"corral.boot", "corral.devices"},

@@ -23,7 +23,7 @@ from corral.images.debian import extract_deb, fetch_debs, resolve_kernel_package
 from corral.images.initramfs import build_initramfs
 from corral.images.lz4legacy import extract_vmlinux
 
-ENTRY = "debian"          # cache entry shared by `debian` and `debian-pvh`
+ENTRY = "debian"  # cache entry shared by `debian` and `debian-pvh`
 FLAVOUR = "cloud"
 BUSYBOX_PACKAGE = "busybox-static"
 
@@ -86,13 +86,16 @@ def cached_debs() -> tuple[Path, Path]:
     kernels = sorted(ddir.glob("linux-image-*-cloud-amd64_*.deb")) if ddir.is_dir() else []
     busyboxes = sorted(ddir.glob(f"{BUSYBOX_PACKAGE}_*.deb")) if ddir.is_dir() else []
     if not kernels or not busyboxes:
-        raise ConfigError(f"the debian image's packages are not in the cache ({cache.display_path(ddir)}): "
-                          "run `corral image fetch debian`")
+        raise ConfigError(
+            f"the debian image's packages are not in the cache ({cache.display_path(ddir)}): "
+            "run `corral image fetch debian`"
+        )
     return kernels[-1], busyboxes[-1]
 
 
-def build(kernel_deb: Path | None = None, busybox_deb: Path | None = None,
-          report: Report = _stderr) -> dict[str, Any]:
+def build(
+    kernel_deb: Path | None = None, busybox_deb: Path | None = None, report: Report = _stderr
+) -> dict[str, Any]:
     """(Re)build images/debian/ from the two .debs; the entry is replaced atomically."""
     if kernel_deb is None or busybox_deb is None:
         kernel_deb, busybox_deb = cached_debs()
@@ -104,8 +107,10 @@ def build(kernel_deb: Path | None = None, busybox_deb: Path | None = None,
         moddirs = sorted((kroot / "lib" / "modules").glob("*"))
         busybox = broot / "bin" / "busybox"
         if not vmlinuz or not moddirs or not busybox.is_file():
-            raise ConfigError(f"{kernel_deb.name} / {busybox_deb.name} do not look like a Debian "
-                              "kernel and busybox-static: run `corral image fetch debian --force`")
+            raise ConfigError(
+                f"{kernel_deb.name} / {busybox_deb.name} do not look like a Debian "
+                "kernel and busybox-static: run `corral image fetch debian --force`"
+            )
         with cache.atomic_dir(entry_dir()) as tmp:
             shutil.copyfile(vmlinuz[-1], tmp / "vmlinuz")
             bz = (tmp / "vmlinuz").read_bytes()
@@ -122,8 +127,10 @@ def build(kernel_deb: Path | None = None, busybox_deb: Path | None = None,
                 "not_modular": info.skipped,
             }
             manifest = cache.write_manifest(tmp, ENTRY, meta)
-        report(f"built the debian image: kernel {info.kernel_version}, {len(info.modules)} modules, "
-               f"in {cache.display_path(entry_dir())}")
+        report(
+            f"built the debian image: kernel {info.kernel_version}, {len(info.modules)} modules, "
+            f"in {cache.display_path(entry_dir())}"
+        )
         return manifest
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -20,8 +20,8 @@ DEBIAN_CMDLINE = "console=ttyS0 panic=-1 reboot=acpi"
 
 @dataclass(frozen=True)
 class ImageStatus:
-    cached: bool | None         # None: built on use, there is nothing to fetch
-    size: int = 0               # bytes in the cache, when cached
+    cached: bool | None  # None: built on use, there is nothing to fetch
+    size: int = 0  # bytes in the cache, when cached
 
 
 @dataclass(frozen=True)
@@ -114,11 +114,16 @@ class DebianImage(Image):
         return d / self.kernel, d / "initrd.img"
 
 
-IMAGES: dict[str, Image] = {img.name: img for img in (
-    ProbeImage("probe", "corral's freestanding test kernel (PVH + Multiboot)", "hello", False),
-    DebianImage("debian", "Debian's cloud kernel (bzImage) + busybox initramfs with virtio/vsock", "vmlinuz"),
-    DebianImage("debian-pvh", "the same Debian cloud kernel as a PVH vmlinux (ELF)", "vmlinux"),
-)}
+IMAGES: dict[str, Image] = {
+    img.name: img
+    for img in (
+        ProbeImage("probe", "corral's freestanding test kernel (PVH + Multiboot)", "hello", False),
+        DebianImage(
+            "debian", "Debian's cloud kernel (bzImage) + busybox initramfs with virtio/vsock", "vmlinuz"
+        ),
+        DebianImage("debian-pvh", "the same Debian cloud kernel as a PVH vmlinux (ELF)", "vmlinux"),
+    )
+}
 
 
 def get_image(name: str) -> Image:

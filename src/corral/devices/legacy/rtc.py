@@ -129,8 +129,8 @@ class CmosRtc:
     state_model: ClassVar[type[RtcState]] = RtcState
     # set by _load (their meaning: RtcState)
     _cmos: list[int]
-    _frozen: list[int] | None           # the time fields while SET holds the clock
-    _offset: int                        # guest time minus host time, in whole seconds
+    _frozen: list[int] | None  # the time fields while SET holds the clock
+    _offset: int  # guest time minus host time, in whole seconds
 
     def __init__(
         self, irq8: IrqLine | None = None, clock: Callable[[], float] = time.time, mem_size: int = 0

@@ -15,13 +15,10 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from corral.api import ControlClient, ControlServer, MigrationProgress, NoControlSocket
 from corral.config import (
     DISK,
     NET,
@@ -38,9 +35,13 @@ from corral.errors import ConfigError, CorralError, FieldError, HostError
 from corral.host import PVM_EXPLANATION, HostReport, probe_host
 from corral.images.registry import IMAGES, Image, get_image
 from corral.machine import Machine
-from corral.migration import listen
-from corral.migration import receive as receive_vm
 from corral.vstate.vm import CAPABILITIES
+
+if TYPE_CHECKING:
+    from corral.api import ControlClient, MigrationProgress
+
+# Start-up: `corral run` pays only for what it runs. The control socket (corral.api) and
+# migration are imported by the commands that use them.
 
 ERROR_CODE = "corral.error_code"  # ctx.meta key: the exit status of a failure from here on
 
@@ -77,6 +78,8 @@ def _field_problem(ctx: click.Context, path: str, reason: str) -> str:
 
 def describe(exc: CorralError, ctx: click.Context) -> str:
     """The one-line message for a library error, as this command's user should read it."""
+    from corral.api import NoControlSocket
+
     if isinstance(exc, NoControlSocket):
         return f"{exc}: start the VM with --api {exc.path}"
     if isinstance(exc, FieldError):
@@ -122,7 +125,15 @@ class Parsed(click.ParamType):
 
 SIZE = Parsed("size", parse_size)
 IMAGE = Parsed("image", get_image)
-VM = Parsed("socket", ControlClient)
+
+
+def _client(path: str) -> ControlClient:
+    from corral.api import ControlClient
+
+    return ControlClient(path)
+
+
+VM = Parsed("socket", _client)
 
 # --- options shared by several commands --------------------------------------------------------------
 
@@ -286,6 +297,8 @@ def _run_foreground(machine: Machine, api_path: Path | None) -> NoReturn:
     server = None
     if api_path is not None:
         try:
+            from corral.api import ControlServer
+
             server = ControlServer(machine, api_path)
         except CorralError:
             machine.close()
@@ -393,6 +406,9 @@ def clone(snapshot: Path, count: int, kvm_path: str) -> None:
 @SERVE_API_OPTION
 def receive(address: str, timeout: float | None, kvm_path: str, api_path: Path | None) -> None:
     """Wait for one live migration (`corral migrate`) and run the guest that arrives."""
+    from corral.migration import listen
+    from corral.migration import receive as receive_vm
+
     server = listen(address)
     host, port = server.getsockname()[:2]
     click.echo(f"corral: waiting for a migration on {host}:{port}", err=True)
@@ -502,6 +518,9 @@ def migrate(vm: ControlClient, target: str, downtime_ms: int) -> None:
 def doctor(kvm_path: str) -> None:
     """Report what this host offers corral."""
     rep = probe_host(kvm_path)
+    from rich.console import Console  # rich only where a table is shown: it costs start-up
+    from rich.table import Table
+
     out = Console()
     if rep.error:
         raise HostError(rep.error)
@@ -547,6 +566,9 @@ def _print_paths(img: Image) -> None:
 @image.command("list")
 def image_list() -> None:
     """Show the images, whether they are cached, and their size."""
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table("name", "description", "cached", "size")
     for name, img in sorted(IMAGES.items()):
         st = img.status()

@@ -10,9 +10,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from corral.errors import ConfigError
-from corral.images import debian_image
 from corral.images.probe import build_probe
 
 DEBIAN_CMDLINE = "console=ttyS0 panic=-1 reboot=acpi"
@@ -85,6 +85,13 @@ class ProbeImage(Image):
         return build_probe(), None
 
 
+def _debian() -> ModuleType:
+    # the apt and initramfs code loads only when a Debian image is asked about: start-up time
+    from corral.images import debian_image
+
+    return debian_image
+
+
 class DebianImage(Image):
     """Debian's cloud kernel + corral's busybox initramfs, from the shared `debian` cache entry;
     `kernel` names the file booted (vmlinuz: bzImage, vmlinux: PVH ELF)."""
@@ -94,23 +101,23 @@ class DebianImage(Image):
         self.kernel = kernel
 
     def status(self) -> ImageStatus:
-        size = debian_image.cached_size()
+        size = _debian().cached_size()
         return ImageStatus(cached=size is not None, size=size or 0)
 
     def fetch(self, force: bool = False) -> bool:
-        was_cached = debian_image.is_cached()
-        debian_image.fetch(force=force)
+        was_cached = _debian().is_cached()
+        _debian().fetch(force=force)
         return was_cached and not force
 
     def build(self) -> None:
-        debian_image.build()
+        _debian().build()
 
     def paths(self) -> ImagePaths:
-        d = debian_image.ready_dir(self.name)
+        d = _debian().ready_dir(self.name)
         return ImagePaths(d / self.kernel, d / "initrd.img", d / "vmlinux")
 
     def resolve(self) -> tuple[Path, Path | None]:
-        d = debian_image.ensure()
+        d = _debian().ensure()
         return d / self.kernel, d / "initrd.img"
 
 

@@ -88,7 +88,7 @@ class ControlServer:
     def __init__(self, machine: Machine, path: str | os.PathLike[str]) -> None:
         self.machine = machine
         self.path = Path(path)
-        self._sock = listen_unix(self.path, "control socket", "--api path", backlog=4)
+        self._sock = listen_unix(self.path, "control socket", "path", backlog=4)
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="corral-api", daemon=True)
         self._thread.start()

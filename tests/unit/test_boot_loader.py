@@ -571,7 +571,8 @@ def test_load_kernel_file_errors(tmp_path, mem):
     with pytest.raises(ConfigError) as exc:
         load_kernel_file(mem, missing)
     msg = str(exc.value)
-    assert f"kernel file '{missing}' does not exist" in msg and "--kernel" in msg
+    assert msg.startswith(f"kernel: kernel file '{missing}' does not exist: give a path")
+    assert exc.value.field == "kernel"
     assert "\n" not in msg
 
     empty = tmp_path / "empty"
@@ -589,7 +590,9 @@ def test_load_kernel_file_errors(tmp_path, mem):
 
     good = tmp_path / "bzImage"
     good.write_bytes(make_bzimage())
-    with pytest.raises(ConfigError, match="initrd file .* does not exist: give --initrd"):
+    with pytest.raises(
+        ConfigError, match="^initrd: initrd file .* does not exist: give a path to an initramfs"
+    ):
         load_kernel_file(mem, good, initrd=tmp_path / "missing.img")
     with pytest.raises(ConfigError, match="initrd file .* more than the guest"):
         load_kernel_file(mem, good, initrd=huge)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from corral.arch.x86 import layout
 from corral.boot.cpu_state import BootCpuState
-from corral.errors import ConfigError, KernelFormatError
+from corral.errors import ConfigError, FieldError, KernelFormatError
 from corral.memory import GuestMemory
 
 PAGE = 0x1000
@@ -108,7 +108,7 @@ def check_kernel_range(mem: GuestMemory, start: int, size: int, what: str, part:
 def place_initrd(mem: GuestMemory, initrd: bytes, lowest: int, limit: int) -> tuple[int, int]:
     """Copy the initrd page-aligned as high as possible in [lowest, limit); return its range."""
     if not initrd:
-        raise ConfigError("the initrd is empty: give --initrd a non-empty initramfs or leave it out")
+        raise FieldError("initrd", "the initrd is empty: give a non-empty initramfs or leave it out")
     limit = min(limit, low_ram_end(mem))
     lowest = align_up(max(lowest, layout.HIMEM_START), PAGE)
     size = len(initrd)

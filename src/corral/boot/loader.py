@@ -15,7 +15,7 @@ from corral.boot._common import BootInfo
 from corral.boot.bzimage import is_bzimage, load_bzimage
 from corral.boot.elf import is_elf, load_pvh, parse_elf
 from corral.boot.multiboot import find_header, load_multiboot
-from corral.errors import ConfigError, KernelFormatError
+from corral.errors import ConfigError, FieldError, KernelFormatError
 from corral.memory import GuestMemory
 
 __all__ = ["PROTOCOLS", "BootInfo", "load_kernel", "load_kernel_file"]
@@ -85,10 +85,10 @@ def load_kernel_file(
     prefer: str | None = None,
 ) -> BootInfo:
     """Read the kernel (and initrd) files and load them; file problems become ConfigError."""
-    kernel = _read_file(mem, path, "kernel", "--kernel", "a path to a bzImage, vmlinux or Multiboot ELF")
+    kernel = _read_file(mem, path, "kernel", "a path to a bzImage, vmlinux or Multiboot ELF")
     initrd_data = None
     if initrd is not None:
-        initrd_data = _read_file(mem, initrd, "initrd", "--initrd", "a path to an initramfs")
+        initrd_data = _read_file(mem, initrd, "initrd", "a path to an initramfs")
     return load_kernel(
         mem,
         kernel,
@@ -100,16 +100,18 @@ def load_kernel_file(
     )
 
 
-def _read_file(mem: GuestMemory, path: str | Path, kind: str, option: str, hint: str) -> bytes:
+def _read_file(mem: GuestMemory, path: str | Path, kind: str, hint: str) -> bytes:
+    """The file for config field `kind` (kernel, initrd); errors name the field, and the CLI
+    shows them with its flag."""
     label = f"{kind} file '{path}'"
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ConfigError(f"{label} does not exist: give {option} {hint}") from None
+        raise FieldError(kind, f"{label} does not exist: give {hint}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {label}: {exc.strerror}") from None
     if os.path.isdir(path):
-        raise ConfigError(f"{label} is a directory: give {option} {hint}")
+        raise FieldError(kind, f"{label} is a directory: give {hint}")
     if st.st_size > mem.size:
         raise ConfigError(
             f"{label} is {st.st_size} bytes, more than the guest's {mem.size} bytes of memory: "
@@ -121,7 +123,7 @@ def _read_file(mem: GuestMemory, path: str | Path, kind: str, option: str, hint:
     except OSError as exc:
         raise ConfigError(f"cannot read {label}: {exc.strerror}") from None
     if not data:
-        raise ConfigError(f"{label} is empty: give {option} {hint}")
+        raise FieldError(kind, f"{label} is empty: give {hint}")
     if len(data) > mem.size:
         raise ConfigError(f"{label} is larger than the guest's memory: give the guest more memory")
     return data

@@ -25,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.qemu_probe import qemu_probe_cmd  # noqa: E402
 
 from corral.images.probe import build_probe  # noqa: E402
 
@@ -47,30 +50,8 @@ def corral_cmd(kernel: Path, cmdline: str, cpus: int, memory: str) -> list[str]:
 
 
 def qemu_cmd(kernel: Path, cmdline: str, cpus: int, memory: str, accel: str, machine: str) -> list[str]:
-    return [
-        "qemu-system-x86_64",
-        "-M",
-        machine,
-        "-accel",
-        accel,
-        "-m",
-        memory,
-        "-smp",
-        str(cpus),
-        "-display",
-        "none",
-        "-nodefaults",
-        "-no-user-config",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-device",
-        "isa-debug-exit,iobase=0x501,iosize=2",
-        "-kernel",
-        str(kernel),
-        "-append",
-        cmdline,
-    ]
+    """The same QEMU command line the tests boot the probe with (tests/support/qemu_probe.py)."""
+    return qemu_probe_cmd(cmdline, cpus, accel, kernel=kernel, machine=machine, memory=memory)
 
 
 def timed_run(cmd: list[str], timeout: float = 300.0) -> dict:

@@ -189,8 +189,15 @@ def qemu_snapshot(kernel: Path, cmdline: str, memory: str, tmp: Path) -> tuple[d
         guest_started(src)
         q = Qmp(qs)
         t0 = time.perf_counter()
+        # stopped first, as corral's snapshot pauses the guest: a live stream of a guest that keeps
+        # rewriting memory need never converge (it once wrote 34 GB before it was stopped)
+        q.cmd("stop")
         q.cmd("migrate", uri=f"exec:cat > {out}")
+        deadline = time.monotonic() + 120
         while q.cmd("query-migrate").get("status") not in ("completed", "failed"):
+            if time.monotonic() > deadline or os.stat(out).st_size > 4 << 30:
+                q.cmd("migrate_cancel")
+                raise RuntimeError("QEMU's snapshot took over 120 s or 4 GiB: cancelled")
             time.sleep(0.005)
         ms = (time.perf_counter() - t0) * 1000
         q.close()

@@ -229,9 +229,14 @@ class Machine:
                         break  # a stopped vCPU is as still as a parked one
                     if time.monotonic() > deadline:
                         self.release_vcpus()
-                        raise VmStateError(f"vcpu{v.index} did not pause within {timeout:.0f}s")
+                        raise VmStateError(f"vcpu{v.index} did not pause within {timeout:g} s; the guest runs on")
             if self.loop is not None and not self.loop.pause(timeout):
-                raise VmStateError("the device event loop did not pause")
+                # a failed pause leaves the guest as it was: running, devices and all
+                self.loop.resume()
+                self.release_vcpus()
+                raise VmStateError(
+                    f"the device event loop did not pause within {timeout:g} s; the guest runs on"
+                )
             self._clock_at_pause = self.vm.get_clock()
             for v in self.vcpus:
                 v.notify_paused()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,30 @@ def test_pause_is_quick_after_resume(probe):
         probe.machine.pause(timeout=2)
         probe.machine.resume()
     probe.wait_rounds(probe.last_round() + 2)
+
+
+def test_a_pause_that_fails_leaves_the_guest_running(tmp_path):
+    """The device loop held busy past the timeout: the pause (and a snapshot) fails with one line
+    and the guest runs on, vCPUs and devices, without a resume (issue 13, finding 4)."""
+    p = LiveProbe.boot(rng=True)
+    try:
+        p.wait_rounds(2)
+        loop = p.machine.loop
+        assert loop is not None
+        loop.call_soon(lambda: time.sleep(1.5))  # a device callback that takes too long
+        with pytest.raises(VmStateError, match="did not pause within 0.3 s; the guest runs on"):
+            p.machine.pause(timeout=0.3)
+        assert not p.machine.paused
+        at = p.last_round()
+        p.wait_rounds(at + 2, timeout=10)  # the vCPUs were released
+        done = threading.Event()
+        loop.call_soon(done.set)
+        assert done.wait(5), "the device loop stayed held"
+        p.machine.pause()  # and a later pause works
+        p.machine.resume()
+        p.wait_rounds(p.last_round() + 1)
+    finally:
+        p.close()
 
 
 def test_snapshot_restore_continues_the_guest(probe, tmp_path):

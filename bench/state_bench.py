@@ -195,7 +195,7 @@ def qemu_snapshot(kernel: Path, cmdline: str, memory: str, tmp: Path) -> tuple[d
         q.cmd("migrate", uri=f"exec:cat > {out}")
         deadline = time.monotonic() + 120
         while q.cmd("query-migrate").get("status") not in ("completed", "failed"):
-            if time.monotonic() > deadline or os.stat(out).st_size > 4 << 30:
+            if time.monotonic() > deadline or (out.exists() and out.stat().st_size > 4 << 30):
                 q.cmd("migrate_cancel")
                 raise RuntimeError("QEMU's snapshot took over 120 s or 4 GiB: cancelled")
             time.sleep(0.005)
@@ -257,6 +257,7 @@ def main() -> int:
         ):
             res = {}
             for name, fn in (("corral", corral_migrate), ("qemu", qemu_migrate)):
+                print(f"[{name}] migration, {label} x{args.runs} ...", file=sys.stderr, flush=True)
                 runs = [fn(kernel, cmdline, "512M", tmp) for _ in range(args.runs)]
                 res[name] = {k: med([r[k] for r in runs]) for k in runs[0]}
             for key, unit in (("downtime_ms", "ms"), ("total_ms", "ms"), ("mib", "MiB")):
@@ -269,6 +270,7 @@ def main() -> int:
                 )
         # snapshot of a 512 MiB guest that touched 64 MiB
         cmd = "mem-touch 64M forever"
+        print(f"snapshots x{args.runs} ...", file=sys.stderr, flush=True)
         cs = [corral_snapshot(kernel, cmd, "512M", tmp) for _ in range(args.runs)]
         qs = [qemu_snapshot(kernel, cmd, "512M", tmp) for _ in range(args.runs)]
         rows.append(
@@ -286,6 +288,7 @@ def main() -> int:
             )
         )
         for memory in ("256M", "2G"):
+            print(f"restores, {memory} x{args.runs} ...", file=sys.stderr, flush=True)
             _, csnap = corral_snapshot(kernel, cmd, memory, tmp)
             _, qstate = qemu_snapshot(kernel, cmd, memory, tmp)
             cr = med([corral_restore(csnap) for _ in range(args.runs)])

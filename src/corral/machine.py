@@ -229,7 +229,9 @@ class Machine:
                         break  # a stopped vCPU is as still as a parked one
                     if time.monotonic() > deadline:
                         self.release_vcpus()
-                        raise VmStateError(f"vcpu{v.index} did not pause within {timeout:g} s; the guest runs on")
+                        raise VmStateError(
+                            f"vcpu{v.index} did not pause within {timeout:g} s; the guest runs on"
+                        )
             if self.loop is not None and not self.loop.pause(timeout):
                 # a failed pause leaves the guest as it was: running, devices and all
                 self.loop.resume()

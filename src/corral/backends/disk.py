@@ -14,6 +14,10 @@ Overlay file (sparse; what was never written costs nothing on disk):
     data    cluster i at data + i * 64 KiB (the overlay is the disk's address space, shifted)
 A partial write to a cluster the overlay does not hold yet first copies the base's cluster in.
 Data is written before the bitmap bit that exposes it, and FLUSH syncs both.
+
+Discard and write-zeroes come from the guest with lengths it chooses: `zero_range` has the
+file system zero or punch the range, and writes zeroes from one bounded buffer only where it
+cannot, so no request costs host memory in proportion to its size.
 """
 
 from __future__ import annotations

@@ -114,7 +114,9 @@ class EventLoop:
             os.eventfd_read(self._wake)
         except BlockingIOError:
             pass
-        while self._calls:
+        # the calls queued so far: those they queue (a device rescheduling the rest of its
+        # work) wait for the next turn, after the fds that are ready
+        for _ in range(len(self._calls)):
             # each call on its own: one that fails must not hold back the calls queued behind it
             try:
                 self._calls.popleft()()
@@ -130,5 +132,8 @@ class EventLoop:
                             callback()
                         except Exception:  # a device bug must not stop every other device
                             log.exception("device event handler failed")
-        # calls queued while stopping (device teardown) still run
-        self._drain_calls()
+        # calls queued while stopping (device teardown) still run, and the calls they queue
+        for _ in range(100):
+            if not self._calls:
+                break
+            self._drain_calls()

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.virtio_driver import Driver, blk_request
 
-from corral.backends.disk import CLUSTER, open_disk
+from corral.backends.disk import CLUSTER, ZERO_CHUNK, open_disk, write_zeroes, zero_range
 from corral.devices.virtio.blk import S_OK, T_DISCARD, T_IN, T_OUT, T_WRITE_ZEROES, VirtioBlock
 from corral.errors import ConfigError
 
@@ -157,3 +157,37 @@ def test_virtio_blk_on_an_overlay(disks):
     finally:
         d.close()
     assert base.read_bytes() == data
+
+
+# -- zeroing a range: by the file system where it can, from one bounded buffer where it cannot ----
+def _file(path: Path, n: int) -> int:
+    path.write_bytes(b"\xee" * n)
+    return os.open(path, os.O_RDWR)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a tmpfs at /dev/shm")
+@pytest.mark.parametrize("unmap", [False, True])
+def test_zero_range_on_tmpfs_punches_and_keeps_blocks_unless_unmap(unmap):
+    # tmpfs has no ZERO_RANGE: the hole is punched, then allocated again when unmap is not allowed
+    path = Path(f"/dev/shm/corral-test-{os.getpid()}.img")
+    fd = _file(path, 8 << 20)
+    try:
+        blocks = os.fstat(fd).st_blocks
+        zero_range(fd, (1 << 20) + 4096, 3 << 20, unmap=unmap)
+        data = os.pread(fd, 8 << 20, 0)
+        assert data == b"\xee" * ((1 << 20) + 4096) + bytes(3 << 20) + b"\xee" * ((4 << 20) - 4096)
+        freed = blocks - os.fstat(fd).st_blocks
+        assert freed == ((3 << 20) // 512 if unmap else 0)
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def test_write_zeroes_writes_any_length_from_a_bounded_buffer(tmp_path):
+    n = 3 * ZERO_CHUNK + 1234  # several chunks and a piece
+    fd = _file(tmp_path / "z.img", n + 2000)
+    try:
+        write_zeroes(fd, 1000, n)
+        assert os.pread(fd, n + 2000, 0) == b"\xee" * 1000 + bytes(n) + b"\xee" * 1000
+    finally:
+        os.close(fd)

@@ -1,10 +1,16 @@
 """virtio-vsock driven by the Python driver on one side and real Unix sockets on the other, as a
-host program would use them (Firecracker's CONNECT protocol)."""
+host program would use them (Firecracker's CONNECT protocol), and the limits that keep a guest or
+a host program from exhausting the VMM: connections, fds, queued bytes and replies, a blocked
+connect."""
 
 from __future__ import annotations
 
+import os
+import resource
+import signal
 import socket
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +19,11 @@ from support.virtio_driver import Driver
 
 from corral.backends.unix_socket import listen_unix
 from corral.devices.virtio.vsock import (
+    BUF_ALLOC,
     HDR,
     HOST_CID,
+    MAX_CONNECTIONS,
+    MAX_CONTROL,
     OP_CREDIT_UPDATE,
     OP_REQUEST,
     OP_RESPONSE,
@@ -71,6 +80,7 @@ class Guest:
         dst_cid: int = HOST_CID,
         length: int | None = None,
         buf_alloc: int = GUEST_BUF,
+        settle: bool = True,
     ) -> None:
         hdr = HDR.pack(
             src_cid,
@@ -86,7 +96,8 @@ class Guest:
         )
         self.d.submit(1, [(self.d.alloc(hdr + payload), False)])
         self.d.used(1)
-        self.loop.run_ready()
+        if settle:  # let the host sockets' callbacks run
+            self.loop.run_ready()
 
     def close(self) -> None:
         self.dev.close()
@@ -214,3 +225,167 @@ def test_restore_tells_the_guest_its_streams_are_gone(guest):
     guest.d.kick(0)
     ((_head, n),) = guest.d.used(2)
     assert n == 4 and struct.unpack("<I", guest.d.mem.read(ev[0], 4))[0] == 0  # TRANSPORT_RESET
+
+
+# -- limits: connections, queued bytes and replies, fds, a host that never accepts ---------------
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def collect(g: Guest, want: int) -> list[tuple[tuple, bytes]]:
+    """Read packets until `want` arrived (or nothing more comes)."""
+    out: list[tuple[tuple, bytes]] = []
+    while len(out) < want:
+        got = g.packets()
+        if not got:
+            break
+        out += got
+    return out
+
+
+def test_guest_connects_beyond_the_limit_are_reset_and_fds_stay_bounded(guest):
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(f"{guest.uds}_6100")
+    srv.listen(1024)  # it never accepts: every connection waits in its backlog
+    before = fds()
+    n = MAX_CONNECTIONS + 44
+    for i in range(n):
+        guest.send(OP_REQUEST, 2000 + i, 6100, settle=False)
+    replies = {h[3]: h[6] for h, _ in collect(guest, n)}
+    assert len(replies) == n
+    assert [replies[2000 + i] for i in range(n)] == [OP_RESPONSE] * MAX_CONNECTIONS + [OP_RST] * 44
+    assert len(guest.dev.conns) == MAX_CONNECTIONS and fds() - before <= MAX_CONNECTIONS
+    # one closes: its slot is free for the next connect
+    guest.send(OP_RST, 2000, 6100)
+    guest.send(OP_REQUEST, 3000, 6100)
+    assert [(h[3], h[6]) for h, _ in collect(guest, 1)] == [(3000, OP_RESPONSE)]
+    srv.close()
+
+
+def test_host_connections_beyond_the_limit_are_closed_at_once(guest):
+    before = fds()
+    socks = []
+    for _ in range(MAX_CONNECTIONS + 10):  # none sends its CONNECT line
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        while True:
+            try:
+                s.connect(guest.uds)
+                break
+            except BlockingIOError:  # the listener's backlog is full: let the device accept
+                guest.loop.run_ready(timeout=0)
+        socks.append(s)
+    guest.loop.run_ready(timeout=0)
+    closed = 0
+    for s in socks:
+        try:
+            closed += s.recv(1) == b""
+        except BlockingIOError:
+            pass
+    assert closed == 10
+    assert fds() - before <= len(socks) + MAX_CONNECTIONS  # ours, and the device's ends
+    for s in socks:
+        s.close()
+
+
+class Hung(Exception):
+    """Raised by an alarm in a test whose device call blocked."""
+
+
+def test_a_host_listener_with_a_full_backlog_does_not_block_the_device(guest):
+    full = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    full.bind(f"{guest.uds}_6200")
+    full.listen(0)
+    waiting = []
+    while True:  # fill its backlog
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(f"{guest.uds}_6200")
+        except BlockingIOError:
+            c.close()
+            break
+        waiting.append(c)
+    ok = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ok.bind(f"{guest.uds}_6201")
+    ok.listen(1)
+
+    def hung(*_):
+        raise Hung("the device blocked in a connect")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, 3.0)
+    try:
+        start = time.monotonic()
+        guest.send(OP_REQUEST, 4000, 6200)
+        guest.send(OP_REQUEST, 4001, 6201)
+        assert time.monotonic() - start < 0.5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert sorted((h[3], h[6]) for h, _ in collect(guest, 2)) == [(4000, OP_RST), (4001, OP_RESPONSE)]
+    for s in [full, ok, *waiting]:
+        s.close()
+
+
+def test_data_queued_for_a_slow_host_is_bounded(guest):
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(f"{guest.uds}_6300")
+    srv.listen(1)
+    guest.send(OP_REQUEST, 5000, 6300)
+    conn, _ = srv.accept()  # and never reads
+    assert [h[6] for h, _ in collect(guest, 1)] == [OP_RESPONSE]
+    chunk = b"x" * 32768
+    queued = []
+    for _ in range(200):  # 6.4 MiB, far beyond what the device offered (its buf_alloc)
+        guest.send(OP_RW, 5000, 6300, chunk, settle=False)
+        c = guest.dev.conns.get((6300, 5000))
+        if c is None:
+            break
+        queued.append(len(c.to_host))
+    assert max(queued) <= BUF_ALLOC
+    assert (6300, 5000) not in guest.dev.conns  # the guest ignored its credit: reset
+    assert OP_RST in [h[6] for h, _ in collect(guest, 50)]
+    conn.close()
+    srv.close()
+
+
+def test_replies_the_guest_never_takes_are_bounded(guest):
+    # no receive buffers beyond the 32 posted at start, and packets that each want a reply
+    for i in range(MAX_CONTROL + 200):
+        guest.send(OP_RW, 1, 7000 + i, b"z", settle=False)  # no such stream: answered by a reset
+    assert len(guest.dev._control) <= MAX_CONTROL and guest.dev.dropped >= 200 - 32
+    assert not guest.dev.broken
+    assert len(collect(guest, MAX_CONTROL + 32)) == MAX_CONTROL + 32  # what was kept arrives
+
+
+def test_running_out_of_fds_refuses_connections_not_the_loop(guest):
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(f"{guest.uds}_6400")
+    srv.listen(8)
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(int(f) for f in os.listdir("/proc/self/fd")) + 1, hard))
+    fillers = []
+    try:
+        while True:  # the holes below the limit too: no fd is left
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        host.connect(guest.uds)  # waits in the device's listener: accept() fails with EMFILE
+        guest.loop.run_ready()  # no busy loop (run_ready fails on an fd that stays ready)
+        guest.send(OP_REQUEST, 6000, 6400)  # socket() fails with EMFILE: reset
+        assert [(h[3], h[6]) for h, _ in collect(guest, 1)] == [(6000, OP_RST)]
+    finally:
+        for f in fillers:
+            os.close(f)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # fds again: the next kick listens again, and both sides connect
+    host.sendall(b"CONNECT 5005\n")
+    guest.send(OP_REQUEST, 6001, 6400)
+    guest.loop.run_ready()
+    ops = sorted(h[6] for h, _ in collect(guest, 2))
+    assert ops == sorted([OP_REQUEST, OP_RESPONSE])
+    host.close()
+    srv.close()

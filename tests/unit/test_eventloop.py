@@ -183,6 +183,32 @@ def test_a_failing_call_does_not_hold_back_the_calls_queued_behind_it(loop):
     assert ran.wait(1.0)
 
 
+def test_a_call_that_queues_itself_again_does_not_starve_the_fds(loop):
+    # a device that reschedules the rest of its work (virtio's per-wake budget) runs again
+    # on the next turn, after the fds that are ready: here, the one that ends it
+    fd = _eventfd()
+    stop = threading.Event()
+    turns = []
+
+    def again():
+        turns.append(1)
+        if len(turns) == 1:
+            os.eventfd_write(fd, 1)  # ready from now on, while the calls keep coming
+        if not stop.is_set() and len(turns) < 1_000_000:
+            loop.call_soon(again)
+
+    def on_read():
+        _drain(fd)
+        stop.set()
+
+    loop.add_reader(fd, on_read)
+    loop.call_soon(again)
+    loop.start()
+    assert stop.wait(WAIT) and len(turns) < 1_000_000
+    loop.remove_reader(fd)
+    os.close(fd)
+
+
 def test_pause_holds_the_loop_between_callbacks_until_resume(loop):
     fd = _eventfd()
     counts = []

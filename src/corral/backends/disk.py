@@ -14,6 +14,10 @@ Overlay file (sparse; what was never written costs nothing on disk):
     data    cluster i at data + i * 64 KiB (the overlay is the disk's address space, shifted)
 A partial write to a cluster the overlay does not hold yet first copies the base's cluster in.
 Data is written before the bitmap bit that exposes it, and FLUSH syncs both.
+
+Discard and write-zeroes come from the guest with lengths it chooses: `zero_range` has the
+file system zero or punch the range, and writes zeroes from one bounded buffer only where it
+cannot, so no request costs host memory in proportion to its size.
 """
 
 from __future__ import annotations
@@ -46,6 +50,43 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+ZERO_CHUNK = 1 << 20  # the most zeroes held in memory to write a range the file cannot zero
+
+
+def zero_range(fd: int, offset: int, length: int, *, unmap: bool) -> None:
+    """Make `length` bytes at `offset` read as zeroes, at a cost that does not grow in memory
+    with `length` (the guest chooses it): the file system zeroes the range (ZERO_RANGE keeps
+    the blocks, PUNCH_HOLE frees them, then allocates them again unless `unmap`), and only a
+    file that can do neither gets zeroes written, from one ZERO_CHUNK buffer."""
+    if not unmap:
+        try:
+            fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length)
+            return
+        except OSError:
+            pass  # tmpfs and others: punch, then allocate
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError:
+        write_zeroes(fd, offset, length)
+        return
+    if not unmap:
+        try:
+            fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError:
+            pass  # the range reads as zeroes; keeping it allocated was a wish (ENOSPC)
+
+
+def write_zeroes(fd: int, offset: int, length: int) -> None:
+    """Write `length` zero bytes at `offset` from a buffer of at most ZERO_CHUNK bytes."""
+    zeroes = memoryview(bytes(min(length, ZERO_CHUNK)))
+    end = offset + length
+    while offset < end:
+        n = os.pwrite(fd, zeroes[: min(len(zeroes), end - offset)], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"zeroing stopped at byte {offset}")
+        offset += n
+
+
 class RawImage:
     """The image file is the disk."""
 
@@ -64,12 +105,13 @@ class RawImage:
         os.fsync(self.fd)
 
     def discard(self, offset: int, length: int, *, zeroes: bool, unmap: bool) -> None:
-        mode = FALLOC_FL_ZERO_RANGE if zeroes and not unmap else FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        if zeroes:  # write-zeroes must happen
+            zero_range(self.fd, offset, length, unmap=unmap)
+            return
         try:
-            fallocate(self.fd, mode, offset, length)
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError:
-            if zeroes:  # discard is a hint; write-zeroes must happen
-                os.pwrite(self.fd, bytes(length), offset)
+            pass  # discard is a hint
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -173,10 +215,7 @@ class CowImage:
         # in an overlay both leave zeros: the base's data must not show through again
         end = offset + length
         first, last = self._prepare(offset, end)
-        try:
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, self.data_off + offset, length)
-        except OSError:
-            os.pwrite(self.fd, bytes(length), self.data_off + offset)
+        zero_range(self.fd, self.data_off + offset, length, unmap=True)
         self._mark(first, last)
 
     def _runs(self, start: int, end: int) -> list[tuple[bool, int, int]]:

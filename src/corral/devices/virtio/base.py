@@ -103,8 +103,11 @@ class VirtioDevice(abc.ABC, Generic[S]):
         self, queue: Virtqueue, interrupt: VirtioInterrupt, handle: Callable[[DescriptorChain], int]
     ) -> None:
         """Drain `queue`: `handle` serves each request and returns the bytes it wrote. A
-        malformed ring puts the device in NEEDS_RESET; one interrupt per batch at most."""
-        while True:
+        malformed ring puts the device in NEEDS_RESET; one interrupt per batch at most. At most
+        a queue's worth of requests per call: a guest that refills as fast as the device serves
+        would hold the loop forever, so what is left sets `queue.deferred` and the transport
+        serves it on the loop's next turn, after the other devices."""
+        for _ in range(queue.size):
             try:
                 chain = queue.pop()
             except VirtqueueError as exc:
@@ -114,6 +117,8 @@ class VirtioDevice(abc.ABC, Generic[S]):
             if chain is None:
                 break
             queue.push(chain.head, handle(chain))
+        else:
+            queue.deferred = queue.has_available()
         if queue.needs_interrupt():
             interrupt.signal_queue(queue.index)
 

@@ -4,8 +4,9 @@ Requests are a 16-byte header (type, reserved, sector), data buffers, and a stat
 device writes last. Reads and writes go straight between the file and guest memory with
 preadv/pwritev on memoryviews of guest RAM, through the image the machine opened (a raw file
 or an overlay, backends/disk.py). A request that breaks the rules (sector past the end,
-a write to a read-only disk, a malformed chain) fails alone with IOERR/UNSUPP; a chain without
-room for the status byte cannot even be failed, so it is returned with nothing written.
+a write to a read-only disk, a malformed chain, more discard segments or sectors than the
+config space advertises) fails alone with IOERR/UNSUPP; a chain without room for the status
+byte cannot even be failed, so it is returned with nothing written.
 """
 
 from __future__ import annotations
@@ -28,9 +29,16 @@ T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 HEADER = struct.Struct("<IIQ")
 SEGMENT = struct.Struct("<QII")  # discard/write-zeroes: sector, num_sectors, flags
+F_UNMAP = 1  # a write-zeroes segment may deallocate
 QUEUE_SIZE = 256
 SEG_MAX = QUEUE_SIZE - 2
-MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
+# Discard and write-zeroes limits, advertised in the config space and enforced per request:
+# the segment list is read only once its length is known to be within MAX_*_SEG segments, and
+# a range is zeroed by the file system (or from one bounded buffer), never with its size in RAM.
+MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment: a hole punched, metadata only
+MAX_DISCARD_SEG = 1
+MAX_WRITE_ZEROES_SECTORS = 1 << 19  # 256 MiB: zeroes written where the file cannot punch
+MAX_WRITE_ZEROES_SEG = 1
 ID_BYTES = 20
 
 
@@ -79,8 +87,9 @@ class VirtioBlock(VirtioDevice[NoState]):
         struct.pack_into("<QII", cfg, 0, self.sectors, 0, SEG_MAX)  # capacity, size_max, seg_max
         struct.pack_into("<I", cfg, 0x14, SECTOR)  # blk_size
         struct.pack_into("<H", cfg, 0x22, 1)  # num_queues
-        struct.pack_into("<III", cfg, 0x24, MAX_DISCARD_SECTORS, 1, 1)  # discard limits, alignment
-        struct.pack_into("<IIB", cfg, 0x30, MAX_DISCARD_SECTORS, 1, 1)  # write-zeroes, may unmap
+        # discard: sectors, segments, sector alignment; write-zeroes: sectors, segments, may unmap
+        struct.pack_into("<III", cfg, 0x24, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1)
+        struct.pack_into("<IIB", cfg, 0x30, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, 1)
         return bytes(cfg)
 
     def activate(
@@ -168,15 +177,22 @@ class VirtioBlock(VirtioDevice[NoState]):
     def _discard(self, mem: GuestMemory, bufs: list[tuple[int, int]], *, zeroes: bool) -> int:
         if self.read_only:
             return S_IOERR
-        raw = b"".join(bytes(mem.view(a, n)) for a, n in bufs)
-        if not raw or len(raw) % SEGMENT.size:
+        # the guest sizes the segment list: count its segments before copying any of it
+        size = sum(n for _, n in bufs)
+        most = MAX_WRITE_ZEROES_SEG if zeroes else MAX_DISCARD_SEG
+        if not size or size % SEGMENT.size or size // SEGMENT.size > most:
             return S_UNSUPP
-        for sector, count, flags in SEGMENT.iter_unpack(raw):
-            if flags & ~1 or count > MAX_DISCARD_SECTORS:
-                return S_UNSUPP
-            offset = self._range(sector, count * SECTOR)
+        segments = list(SEGMENT.iter_unpack(b"".join(bytes(mem.view(a, n)) for a, n in bufs)))
+        # every segment is checked before any is applied: a bad request changes nothing
+        most_sectors = MAX_WRITE_ZEROES_SECTORS if zeroes else MAX_DISCARD_SECTORS
+        for sector, count, flags in segments:
+            if flags & ~F_UNMAP or (flags and not zeroes) or count > most_sectors:
+                return S_UNSUPP  # unknown flags, unmap on a discard, more than advertised
+            self._range(sector, count * SECTOR)
+        for sector, count, flags in segments:
             if count:
-                self.image.discard(offset, count * SECTOR, zeroes=zeroes, unmap=bool(flags & 1))
+                unmap = bool(flags & F_UNMAP)
+                self.image.discard(sector * SECTOR, count * SECTOR, zeroes=zeroes, unmap=unmap)
         return S_OK
 
     def close(self) -> None:

@@ -387,6 +387,11 @@ class VirtioPciDevice:
             except VirtqueueError as exc:  # a device path that did not catch it itself
                 self.device.fail(str(exc))
                 self.signal_config()
+            # a queue the device stopped serving at its per-wake budget: the rest on a later turn
+            for vq in self.active:
+                if vq.deferred:
+                    vq.deferred = False
+                    self.loop.call_soon((lambda q: lambda: self._notify(q))(vq.index))
 
     # -- state (snapshot, migration) -------------------------------------------------------------
     def save_state(self) -> VirtioPciState:

@@ -2,10 +2,12 @@
 
 The driver owns the descriptor table and the available ring; the device owns the used ring.
 Everything read from guest memory is hostile: descriptor indices must be below the queue size,
-chains may not loop or exceed the queue size, indirect tables must be whole descriptors and may
-not nest, writable buffers may not precede readable ones, and every buffer must lie in RAM.
-A chain that breaks a rule raises `VirtqueueError`; the device answers that request with an
-error or, where the spec wants it, marks itself NEEDS_RESET. The VMM never fails.
+a chain (its direct descriptors and those of its indirect table together) may not loop or hold
+more buffers than the queue size, an indirect table must be whole descriptors, no larger than
+the queue and not nested, writable buffers may not precede readable ones, and every buffer must
+lie in RAM. So one chain costs at most `size` steps however the guest builds it. A chain that
+breaks a rule raises `VirtqueueError`; the device answers that request with an error or, where
+the spec wants it, marks itself NEEDS_RESET. The VMM never fails.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class Virtqueue:
         self.last_avail = 0  # next available-ring slot to read
         self.used_idx = 0  # next used-ring slot to write
         self._signalled_used = 0  # used_idx when the driver was last interrupted
+        self.deferred = False  # requests were left for the loop's next turn (a per-wake budget)
         # the rings must be in RAM as a whole; each access below still goes through `memory`
         for what, addr, length, align in (
             ("descriptor table", desc, 16 * size, 16),
@@ -136,23 +139,40 @@ class Virtqueue:
         if head >= self.size:
             raise VirtqueueError(f"queue {self.index}: head descriptor {head} >= size {self.size}")
         chain = DescriptorChain(head)
-        self._walk(chain, self.desc, self.size, head, allow_indirect=True)
+        self._walk(chain, head)
         return chain
 
-    def _walk(self, chain: DescriptorChain, table: int, count: int, index: int, allow_indirect: bool) -> None:
+    def _walk(self, chain: DescriptorChain, index: int) -> None:
+        """Follow the chain from descriptor `index`, into at most one indirect table. Every
+        buffer descriptor, direct or indirect, counts against the queue size (the spec's bound
+        on a chain), so a loop or an oversized table ends the walk after `size` steps."""
         mem = self.memory
+        table, count = self.desc, self.size
+        budget = self.size  # buffer descriptors the whole chain may still use
+        in_table = False
         total = 0
-        for _ in range(count):  # a chain longer than its table must loop
+        while True:
+            if budget == 0:
+                raise VirtqueueError(
+                    f"queue {self.index}: descriptor chain longer than the queue size {self.size} (or a loop)"
+                )
+            budget -= 1
             addr, length, flags, nxt = DESC.unpack(mem.view(table + DESC_SIZE * index, DESC_SIZE))
             if flags & F_INDIRECT:
-                if not (allow_indirect and self.indirect):
+                if in_table or not self.indirect:
                     raise VirtqueueError(f"queue {self.index}: indirect descriptor not allowed here")
                 if flags & F_NEXT or length == 0 or length % DESC_SIZE:
                     raise VirtqueueError(f"queue {self.index}: bad indirect table ({length} bytes)")
+                if length // DESC_SIZE > self.size:
+                    raise VirtqueueError(
+                        f"queue {self.index}: indirect table of {length // DESC_SIZE} descriptors "
+                        f"is larger than the queue size {self.size}"
+                    )
                 if not mem.contains(addr, length):
                     raise VirtqueueError(f"queue {self.index}: indirect table outside RAM")
-                self._walk(chain, addr, length // DESC_SIZE, 0, allow_indirect=False)
-                return
+                budget += 1  # the table's own descriptor is no buffer
+                table, count, index, in_table = addr, length // DESC_SIZE, 0, True
+                continue
             if length:
                 if not mem.contains(addr, length):
                     raise VirtqueueError(
@@ -172,7 +192,6 @@ class Virtqueue:
             if nxt >= count:
                 raise VirtqueueError(f"queue {self.index}: next descriptor {nxt} >= {count}")
             index = nxt
-        raise VirtqueueError(f"queue {self.index}: descriptor chain loops")
 
     def undo_pop(self) -> None:
         """Put the last popped request back (the device could not take it yet)."""

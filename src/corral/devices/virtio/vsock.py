@@ -12,6 +12,14 @@ has consumed (fwd_cnt), and never sends more than the other can hold. Everything
 in a header is checked: its own CID as the source, the host as the destination, lengths within
 the buffers; a packet that breaks a rule is answered with a reset, never with a failure of the VMM.
 Connections do not survive a snapshot: a restored guest is told the transport was reset.
+
+Limits, because both sides are outside input: at most MAX_CONNECTIONS streams and host
+connections awaiting their CONNECT line (beyond it a guest request is reset, a host connection
+closed at once); BUF_ALLOC bytes queued toward each host socket (a guest beyond its credit is
+reset); MAX_CONTROL replies waiting for receive buffers (beyond it they are dropped, and a stream
+that needed one is closed). Nothing blocks the loop: host sockets are non-blocking, connects
+included (a Unix socket connects at once or fails with EAGAIN when its backlog is full: the guest
+is reset), and running out of fds (EMFILE) refuses connections, not the loop.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ BUF_ALLOC = 256 * 1024  # what corral buffers per connection toward the host soc
 MAX_PAYLOAD = 64 * 1024  # per packet from the guest
 FIRST_HOST_PORT = 1 << 30  # local ports corral picks for host-initiated streams
 CONNECT_LINE_MAX = 64
+MAX_CONNECTIONS = 256  # streams plus host connections not yet past their CONNECT line
+MAX_CONTROL = 1024  # replies queued for the guest while it posts no receive buffers
 
 
 @dataclass
@@ -104,9 +114,12 @@ class VirtioVsock(VirtioDevice[VsockState]):
         self._pending_connects: dict[int, socket.socket] = {}
         self._next_port = FIRST_HOST_PORT
         self._reset_event = False
+        self._pump_queued = False  # a _pump is scheduled on the loop (its per-wake budget ran out)
+        self.dropped = 0  # replies the guest never had room for (MAX_CONTROL)
         self.listener = listener
         self.listener.setblocking(False)
-        loop.add_reader(self.listener.fileno(), self._accept)
+        self._accepting = False
+        self._accept_on()
 
     def device_features(self) -> int:
         return 0  # VIRTIO_VSOCK_F_STREAM is implied
@@ -133,7 +146,7 @@ class VirtioVsock(VirtioDevice[VsockState]):
         for s in self._pending_connects.values():
             s.close()
         self._pending_connects.clear()
-        self.loop.remove_reader(self.listener.fileno())
+        self._accept_off()
         self.listener.close()
         try:
             os.unlink(self.uds_path)
@@ -148,10 +161,31 @@ class VirtioVsock(VirtioDevice[VsockState]):
         self._reset_event = True
 
     # -- host side ---------------------------------------------------------------------------------
+    def _live(self) -> int:
+        return len(self.conns) + len(self._pending_connects)
+
+    def _accept_on(self) -> None:
+        if not self._accepting and self.listener.fileno() >= 0:
+            self.loop.add_reader(self.listener.fileno(), self._accept)
+            self._accepting = True
+
+    def _accept_off(self) -> None:
+        if self._accepting:
+            self.loop.remove_reader(self.listener.fileno())
+            self._accepting = False
+
     def _accept(self) -> None:
         try:
             sock, _ = self.listener.accept()
-        except OSError:
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # the listener stays readable: watching it would spin. Listen again when a
+                # connection of ours closes (or the guest kicks)
+                log.warning("vsock: cannot accept a host connection (%s): paused", exc.strerror)
+                self._accept_off()
+            return
+        if self._live() >= MAX_CONNECTIONS:
+            sock.close()  # the host program reads EOF at once
             return
         sock.setblocking(False)
         fd = sock.fileno()
@@ -180,6 +214,7 @@ class VirtioVsock(VirtioDevice[VsockState]):
                 or self.rx is None
             ):
                 sock.close()
+                self._accept_on()
                 return
             self._connect_to_guest(sock, int(parts[1]), rest)
 
@@ -218,6 +253,7 @@ class VirtioVsock(VirtioDevice[VsockState]):
             self._watch(conn, False)
             self.loop.remove_writer(conn.sock.fileno())
             conn.sock.close()
+            self._accept_on()  # an fd and a connection slot are free again
 
     # -- packets to the guest -------------------------------------------------------------------
     def _header(self, conn: _Conn, op: int, length: int = 0, flags: int = 0) -> bytes:
@@ -234,24 +270,45 @@ class VirtioVsock(VirtioDevice[VsockState]):
             conn.fwd_cnt,
         )
 
+    def _queue(self, pkt: bytes) -> bool:
+        """Queue a reply for the guest; False (and dropped) once MAX_CONTROL wait already."""
+        if len(self._control) >= MAX_CONTROL:
+            if not self.dropped:
+                log.warning("vsock: the guest takes no replies: dropping them")
+            self.dropped += 1
+            return False
+        self._control.append(pkt)
+        return True
+
     def _send(self, conn: _Conn, op: int, flags: int = 0) -> None:
         if op in (OP_RW, OP_CREDIT_UPDATE, OP_RESPONSE, OP_REQUEST):
             conn.last_credit = conn.fwd_cnt
-        self._control.append(self._header(conn, op, 0, flags))
+        if not self._queue(self._header(conn, op, 0, flags)):
+            self._drop((conn.host_port, conn.guest_port))  # a stream that lost a reply is gone
 
     def _rst(self, src_cid: int, dst_cid: int, src_port: int, dst_port: int) -> None:
         """Reset a stream that has no connection (answering the guest's packet)."""
-        self._control.append(
-            HDR.pack(dst_cid, src_cid, dst_port, src_port, 0, TYPE_STREAM, OP_RST, 0, BUF_ALLOC, 0)
-        )
+        self._queue(HDR.pack(dst_cid, src_cid, dst_port, src_port, 0, TYPE_STREAM, OP_RST, 0, BUF_ALLOC, 0))
 
     def _pump(self) -> None:
         """Move what can move to the guest: control packets first, then stream data within the
-        guest's credit, while the receive queue has buffers."""
+        guest's credit, while the receive queue has buffers: at most a queue's worth per call
+        (a guest that refills as fast as it is served would hold the loop), the rest on the
+        loop's next turn."""
+        self._pump_queued = False
         rx, interrupt = self.rx, self.interrupt
         if rx is None or interrupt is None or self.broken:
             return
         used = False
+        budget = rx.size
+
+        def take() -> DescriptorChain | None:
+            nonlocal budget
+            if budget == 0:
+                return None
+            budget -= 1
+            return rx.pop()
+
         try:
             if self._reset_event and self.evq is not None:
                 chain = self.evq.pop()
@@ -263,7 +320,7 @@ class VirtioVsock(VirtioDevice[VsockState]):
                     if self.evq.needs_interrupt():
                         interrupt.signal_queue(EVQ)
             while self._control:
-                chain = rx.pop()
+                chain = take()
                 if chain is None:
                     break
                 pkt = self._control.popleft()
@@ -273,7 +330,7 @@ class VirtioVsock(VirtioDevice[VsockState]):
                 if not conn.established:
                     continue
                 while conn.readable and conn.credit() > 0 and not self._control:
-                    chain = rx.pop()
+                    chain = take()
                     if chain is None:
                         break
                     room = min(chain.writable_len - HDR.size, conn.credit(), MAX_PAYLOAD)
@@ -307,13 +364,21 @@ class VirtioVsock(VirtioDevice[VsockState]):
             return
         if used and rx.needs_interrupt():
             interrupt.signal_queue(RXQ)
-        if self._control and rx.has_available():
-            self._pump()  # control packets queued on the way (a host EOF)
+        if budget == 0 or (self._control and rx.has_available()):
+            # the budget ran out, or control packets were queued on the way (a host EOF)
+            self._pump_soon()
+
+    def _pump_soon(self) -> None:
+        if not self._pump_queued:
+            self._pump_queued = True
+            self.loop.call_soon(self._pump)
 
     # -- packets from the guest ------------------------------------------------------------------
     def queue_notify(self, index: int) -> None:
         if index == TXQ and self.tx is not None and self.interrupt is not None:
             self.serve(self.tx, self.interrupt, self._from_guest)
+        if not self._accepting and self._live() < MAX_CONNECTIONS:
+            self._accept_on()  # paused by EMFILE: try again, once per kick
         self._pump()
 
     def _from_guest(self, chain: DescriptorChain) -> int:
@@ -389,7 +454,7 @@ class VirtioVsock(VirtioDevice[VsockState]):
             return
         self.loop.remove_writer(conn.sock.fileno())
         self._flush_to_host(conn)
-        if not conn.to_host and conn.guest_shut & SHUTDOWN_SEND:
+        if key in self.conns and not conn.to_host and conn.guest_shut & SHUTDOWN_SEND:
             try:
                 conn.sock.shutdown(socket.SHUT_WR)
             except OSError:
@@ -397,15 +462,24 @@ class VirtioVsock(VirtioDevice[VsockState]):
         self._pump()
 
     def _accept_from_guest(self, host_port: int, guest_port: int, buf_alloc: int, fwd_cnt: int) -> None:
-        path = f"{self.uds_path}_{host_port}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        refuse = (self.guest_cid, HOST_CID, guest_port, host_port)
+        if self._live() >= MAX_CONNECTIONS:
+            self._rst(*refuse)
+            return
         try:
-            sock.connect(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:  # out of fds (EMFILE, ENFILE) or memory: this connect fails, not the loop
+            self._rst(*refuse)
+            return
+        try:
+            # non-blocking, so the loop never waits: a Unix socket connects at once, or fails
+            # (EAGAIN: the listener's backlog is full; ENOENT, ECONNREFUSED: nobody listens)
+            sock.setblocking(False)
+            sock.connect(f"{self.uds_path}_{host_port}")
         except OSError:
             sock.close()
-            self._rst(self.guest_cid, HOST_CID, guest_port, host_port)
+            self._rst(*refuse)
             return
-        sock.setblocking(False)
         conn = _Conn(
             sock,
             host_port,

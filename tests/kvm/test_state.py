@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -202,9 +204,16 @@ def test_a_symlinked_snapshot_file_is_refused_with_one_line(snapshot_dir, tmp_pa
     (snapshot_dir / name).symlink_to(elsewhere)
     with pytest.raises(SnapshotError) as exc:
         Machine.from_snapshot(snapshot_dir)
-    assert str(exc.value) == (
-        f"{snapshot_dir / name} is a symbolic link: a snapshot's files must be its own (copy the file in)"
-    )
+    line = f"{snapshot_dir / name} is a symbolic link: a snapshot's files must be its own (copy the file in)"
+    assert str(exc.value) == line
+    if name == MEMORY:  # and `corral restore` says just that
+        r = subprocess.run(
+            [sys.executable, "-m", "corral", "restore", str(snapshot_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode != 0 and r.stderr == f"corral: error: {line}\n", r.stderr
 
 
 def test_a_fifo_for_memory_is_refused_without_hanging(snapshot_dir):

@@ -8,6 +8,10 @@
 Each request gets one reply line, {"ok": true, ...} or {"ok": false, "error": "..."}; a
 migration first streams {"progress": {...}} lines. Requests are validated (pydantic) before
 anything is done, so a bad body changes nothing and says what was wrong.
+
+The socket is 0600 (backends/unix_socket.py), and each connection's peer is checked besides
+(SO_PEERCRED): only the VMM's own uid and root are served, so a socket an operator made wider
+(chmod, a shared directory) still lets no other user stop the VM or copy its RAM out.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +87,15 @@ def describe_error(exc: ValidationError) -> str:
     return f"bad request: {where}: {e['msg']}"
 
 
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (as it was at connect)."""
+    _pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return int(uid)
+
+
 class ControlServer:
     """Serves a machine's control socket on a thread until closed."""
 
@@ -90,6 +104,7 @@ class ControlServer:
         self.path = Path(path)
         self._sock = listen_unix(self.path, "control socket", "path", backlog=4)
         self._closed = False
+        self._refused: set[int] = set()
         self._thread = threading.Thread(target=self._serve, name="corral-api", daemon=True)
         self._thread.start()
 
@@ -99,7 +114,32 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            if not self._admit(conn):
+                continue
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _admit(self, conn: socket.socket) -> bool:
+        """Serve only the VMM's own uid and root; anyone else gets one refusal line (never
+        waited on: the accept loop must not block) and is hung up on."""
+        own = os.geteuid()
+        try:
+            uid = _peer_uid(conn)
+        except OSError:
+            conn.close()
+            return False
+        if uid in (0, own):
+            return True
+        who = "root" if own == 0 else f"uid {own} and root"
+        line = {"ok": False, "error": f"uid {uid} may not control this VM: only {who} may"}
+        try:
+            conn.send(json.dumps(line).encode() + b"\n", socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        conn.close()
+        if uid not in self._refused:  # once per uid: a user connecting in a loop floods nothing
+            self._refused.add(uid)
+            log.warning("control socket %s: refused a connection from uid %d", self.path, uid)
+        return False
 
     def _handle(self, conn: socket.socket) -> None:
         with conn:
@@ -232,9 +272,11 @@ def call(
     except OSError as exc:
         raise CorralError(f"cannot reach the VM at {path}: {exc.strerror} (is it still running?)") from None
     with s:
-        f = s.makefile("rwb")
-        f.write(json.dumps(body).encode() + b"\n")
-        f.flush()
+        try:
+            s.sendall(json.dumps(body).encode() + b"\n")
+        except OSError:
+            pass  # it hung up before reading (it refused us): its reply line says why
+        f = s.makefile("rb")
         while True:
             line = f.readline()
             if not line:

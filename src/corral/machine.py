@@ -195,7 +195,8 @@ class Machine:
             return  # already running
         if self._result is not None:
             return  # stopped while it was being built
-        assert self.vm is not None
+        assert self.vm is not None and self.memory is not None
+        self.memory.check_backing()  # a restored VM's memory file may have shrunk since mapped
         if self._clock_at_pause is not None:
             # a restored guest's clock continues from the snapshot, not from when it was taken
             self.vm.set_clock(self._clock_at_pause)

@@ -5,13 +5,22 @@ touched (holes in the memfd). A restored VM is instead backed by its snapshot's 
 mapped private: pages load lazily on first touch and clones share every page they leave alone.
 Every guest-physical access from the VMM goes through `GuestMemory`, whose accessors check bounds:
 guest-supplied addresses are hostile input.
+
+Guest RAM is the guest's secrets: it is left out of the VMM's core dumps (MADV_DONTDUMP) and of
+any child it forks (MADV_DONTFORK). A memory file is opened without following a symlink and must
+be a regular file of exactly the RAM size; the VMM holds it open and `check_backing` looks at its
+size again before the guest starts. A memory file truncated while its VM runs is a host
+operator's doing and is not survived: pages past the new end read as SIGBUS in the VMM, or as a
+failed KVM_RUN on a vCPU (see state/snapshot.py).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -51,17 +60,14 @@ class GuestMemory:
             )
         self.size = size
         self.private = backing is not None
+        self.backing = None if backing is None else str(backing)
         if backing is not None:
+            self.fd = _open_backing(str(backing))
             try:
-                self.fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise ConfigError(f"cannot open guest memory file {backing}: {exc.strerror}") from exc
-            if os.fstat(self.fd).st_size != size:
+                self.check_backing()
+            except BaseException:
                 os.close(self.fd)
-                raise ConfigError(
-                    f"guest memory file {backing} is not {size} bytes long: it is "
-                    "truncated or from another machine"
-                )
+                raise
         else:
             self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
@@ -80,6 +86,7 @@ class GuestMemory:
         # (restored VM) fork would make the VMM's next write copy the page, leaving KVM and the
         # guest on the old one
         self._map.madvise(mmap.MADV_DONTFORK)
+        self._map.madvise(mmap.MADV_DONTDUMP)  # a core dump of the VMM holds no guest secrets
         self._view = memoryview(self._map)
         # 16-bit items over the same bytes: `store_u16` writes a ring index with one store
         self._view16 = self._view.cast("H")
@@ -92,6 +99,18 @@ class GuestMemory:
         for i, (gpa, length) in enumerate(layout.ram_ranges(size)):
             self.slots.append(MemorySlot(i, gpa, length, offset, base + offset))
             offset += length
+
+    def check_backing(self) -> None:
+        """Refuse a memory file that no longer has the RAM's size (it was truncated or grown
+        since it was checked): touching a mapped page past its end kills the VMM with SIGBUS."""
+        if self.backing is None:
+            return
+        now = os.fstat(self.fd).st_size
+        if now != self.size:
+            raise ConfigError(
+                f"guest memory file {self.backing} is {now} bytes, not {self.size}: it is "
+                "truncated or from another machine"
+            )
 
     # -- checked access ---------------------------------------------------------------------
     def _offset(self, gpa: int, length: int) -> int:
@@ -220,3 +239,20 @@ class GuestMemory:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_backing(path: str) -> int:
+    """A snapshot's memory file, read-only: never through a symlink, never a FIFO or device
+    (O_NONBLOCK: a FIFO cannot hang the open)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(
+                f"guest memory file {path} is a symbolic link: a snapshot's memory must be its own file"
+            ) from None
+        raise ConfigError(f"cannot open guest memory file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"guest memory file {path} is not a regular file: the snapshot is damaged")
+    return fd

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from support.hostile import fifo, umask
 from support.live_probe import LiveProbe, assert_continues, reference_rounds
 
+from corral.errors import ConfigError
 from corral.machine import Machine, VmStateError
 from corral.state.snapshot import MANIFEST, MEMORY, STATE, SnapshotError, read_snapshot
 
@@ -180,6 +185,53 @@ def test_truncated_memory_is_refused(snapshot_dir):
     os.truncate(snapshot_dir / MEMORY, 1 << 20)
     with pytest.raises(SnapshotError, match="truncated"):
         Machine.from_snapshot(snapshot_dir)
+
+
+def test_a_snapshot_is_its_owners_alone_whatever_the_umask(probe, tmp_path):
+    probe.wait_rounds(1)
+    with umask(0):
+        probe.machine.snapshot(tmp_path / "snap")
+    assert stat.S_IMODE(os.stat(tmp_path / "snap").st_mode) == 0o700
+    for name in (MANIFEST, STATE, MEMORY):
+        assert stat.S_IMODE(os.stat(tmp_path / "snap" / name).st_mode) == 0o600, name
+
+
+@pytest.mark.parametrize("name", [MEMORY, STATE, MANIFEST])
+def test_a_symlinked_snapshot_file_is_refused_with_one_line(snapshot_dir, tmp_path, name):
+    """memory.bin linked to a host file of the right size would become guest RAM."""
+    elsewhere = tmp_path / "elsewhere"
+    os.rename(snapshot_dir / name, elsewhere)
+    (snapshot_dir / name).symlink_to(elsewhere)
+    with pytest.raises(SnapshotError) as exc:
+        Machine.from_snapshot(snapshot_dir)
+    line = f"{snapshot_dir / name} is a symbolic link: a snapshot's files must be its own (copy the file in)"
+    assert str(exc.value) == line
+    if name == MEMORY:  # and `corral restore` says just that
+        r = subprocess.run(
+            [sys.executable, "-m", "corral", "restore", str(snapshot_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode != 0 and r.stderr == f"corral: error: {line}\n", r.stderr
+
+
+def test_a_fifo_for_memory_is_refused_without_hanging(snapshot_dir):
+    (snapshot_dir / MEMORY).unlink()
+    with fifo(snapshot_dir / MEMORY), pytest.raises(SnapshotError, match="is not a regular file"):
+        Machine.from_snapshot(snapshot_dir)
+
+
+def test_memory_truncated_after_restore_is_refused_before_the_guest_runs(snapshot_dir):
+    m = Machine.from_snapshot(snapshot_dir)
+    try:
+        m.build()
+        os.truncate(snapshot_dir / MEMORY, 1 << 20)
+        with pytest.raises(ConfigError, match="truncated"):
+            m.start()
+        assert all(v.thread is None for v in m.vcpus)
+    finally:
+        m.close()
 
 
 def test_damaged_state_is_refused(snapshot_dir):

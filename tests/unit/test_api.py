@@ -5,11 +5,14 @@ server that keeps serving after bad requests. The machine is a fake that records
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 import threading
 from pathlib import Path
 
 import pytest
+from support.hostile import NOBODY, knock_as, open_dir, umask
 
 import corral.api as api
 from corral.api import ControlClient, ControlServer, MigrationProgress, NoControlSocket, call
@@ -224,3 +227,40 @@ def test_closing_the_server_removes_its_socket(tmp_path):
     assert not (tmp_path / "vm.sock").exists()
     with pytest.raises(NoControlSocket):
         ControlClient(tmp_path / "vm.sock").status()
+
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user needs root")
+
+
+@as_root
+def test_the_control_socket_is_the_owners_alone_whatever_the_umask():
+    with open_dir() as d, umask(0):
+        machine = FakeMachine()
+        server = ControlServer(machine, d / "vm.sock")  # type: ignore[arg-type]
+        try:
+            assert stat.S_IMODE(os.stat(d / "vm.sock").st_mode) == 0o600
+            assert knock_as(NOBODY, d / "vm.sock", '{"op": "stop"}') == "connect: EACCES"
+            assert machine.calls == []
+        finally:
+            server.close()
+
+
+@as_root
+def test_another_user_is_refused_with_one_line_even_on_a_widened_socket():
+    """An operator may chmod the socket or share its directory: the peer's uid is still checked
+    (SO_PEERCRED), so another user gets one refusal line and nothing happens."""
+    with open_dir() as d:
+        machine = FakeMachine()
+        server = ControlServer(machine, d / "vm.sock")  # type: ignore[arg-type]
+        try:
+            os.chmod(d / "vm.sock", 0o666)
+            out = knock_as(NOBODY, d / "vm.sock", '{"op": "stop"}')
+            assert out.startswith("reply: "), out
+            assert json.loads(out.removeprefix("reply: ")) == {
+                "ok": False,
+                "error": f"uid {NOBODY} may not control this VM: only root may",
+            }
+            assert machine.calls == []
+            assert ControlClient(d / "vm.sock").status().state == "running"  # the owner still is served
+        finally:
+            server.close()

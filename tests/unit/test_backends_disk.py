@@ -4,12 +4,14 @@ what the guest reads back is what a plain disk would hold (checked against a mod
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.hostile import fifo, umask
 from support.virtio_driver import Driver, blk_request
 
 from corral.backends.disk import CLUSTER, ZERO_CHUNK, open_disk, write_zeroes, zero_range
@@ -191,3 +193,74 @@ def test_write_zeroes_writes_any_length_from_a_bounded_buffer(tmp_path):
         assert os.pread(fd, n + 2000, 0) == b"\xee" * 1000 + bytes(n) + b"\xee" * 1000
     finally:
         os.close(fd)
+
+
+# -- files from outside: never destroyed, never followed, never hung on -------------------------
+
+
+def test_a_file_that_is_not_an_overlay_is_refused_and_left_as_it_was(disks, tmp_path):
+    """Its first 4 KiB being zero does not make a file a new overlay: only a new or empty file
+    is made into one."""
+    base, _, _ = disks
+    victim = tmp_path / "data.img"
+    content = bytes(4096) + bytes(i & 0xFF for i in range((1 << 20) - 4096))
+    victim.write_bytes(content)
+    with pytest.raises(
+        ConfigError, match=r"^disk\.overlay: .* is not a corral overlay \(it is left as it is\): give a new"
+    ):
+        open_disk(str(base), overlay=str(victim))
+    assert victim.read_bytes() == content
+
+
+def test_an_empty_file_becomes_an_overlay(disks, tmp_path):
+    base, data, _ = disks
+    ov = tmp_path / "empty.cow"
+    ov.touch()
+    img = open_disk(str(base), overlay=str(ov))
+    try:
+        buf = bytearray(SIZE)
+        assert img.readv(mv(buf), 0) == SIZE and bytes(buf) == data
+    finally:
+        img.close()
+    assert ov.read_bytes().startswith(b"CORRALCOW1")
+
+
+def test_a_new_overlay_is_0600_whatever_the_umask(disks):
+    base, _, ov = disks
+    with umask(0):
+        img = open_disk(str(base), overlay=str(ov))
+    img.close()
+    assert stat.S_IMODE(os.stat(ov).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("target_exists", [True, False])
+def test_an_overlay_path_that_is_a_symlink_is_refused(disks, tmp_path, target_exists):
+    base, _, _ = disks
+    target = tmp_path / "elsewhere"
+    if target_exists:
+        target.write_bytes(b"precious")
+    link = tmp_path / "vm.cow"
+    link.symlink_to(target)
+    with pytest.raises(ConfigError) as exc:
+        open_disk(str(base), overlay=str(link))
+    assert str(exc.value) == f"disk.overlay: overlay {link} is a symbolic link: give the overlay file itself"
+    if target_exists:
+        assert target.read_bytes() == b"precious"
+    else:
+        assert not target.exists()
+
+
+def test_fifos_and_devices_are_refused_without_hanging(disks, tmp_path):
+    base, _, _ = disks
+    with fifo(tmp_path / "pipe") as pipe:
+        for ro in (True, False):
+            with pytest.raises(ConfigError) as exc:
+                open_disk(str(pipe), read_only=ro)
+            assert str(exc.value) == f"disk.path: disk image {pipe} is not a regular file or a block device"
+        with pytest.raises(ConfigError) as exc:
+            open_disk(str(base), overlay=str(pipe))
+        assert str(exc.value) == f"disk.overlay: overlay {pipe} is not a regular file"
+    with pytest.raises(ConfigError, match="is not a regular file or a block device"):
+        open_disk("/dev/zero", read_only=True)
+    # the base's lock went with the refusal: it opens read-write again
+    open_disk(str(base)).close()

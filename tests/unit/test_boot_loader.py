@@ -11,6 +11,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.hostile import fifo
 
 from corral.arch.x86 import layout
 from corral.boot import load_kernel, load_kernel_file
@@ -601,6 +602,24 @@ def test_load_kernel_file_errors(tmp_path, mem):
     junk.write_bytes(b"hello")
     with pytest.raises(KernelFormatError, match=f"kernel file '{junk}': not a bzImage"):
         load_kernel_file(mem, junk)
+
+
+def test_kernel_and_initrd_must_be_regular_files(tmp_path, mem):
+    """A FIFO would hang the read and a device would be read to the guest's size: both are
+    refused by type, with one line, before anything is read."""
+    good = tmp_path / "bzImage"
+    good.write_bytes(make_bzimage())
+    with fifo(tmp_path / "pipe") as pipe:
+        with pytest.raises(ConfigError) as exc:
+            load_kernel_file(mem, pipe)
+        assert str(exc.value) == (
+            f"kernel: kernel file '{pipe}' is not a regular file: "
+            "give a path to a bzImage, vmlinux or Multiboot ELF"
+        )
+        with pytest.raises(ConfigError, match="^initrd: initrd file .* is not a regular file: give a path"):
+            load_kernel_file(mem, good, initrd=pipe)
+    with pytest.raises(ConfigError, match="^kernel: kernel file '/dev/zero' is not a regular file"):
+        load_kernel_file(mem, "/dev/zero")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads anything")

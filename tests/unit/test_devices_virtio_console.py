@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 from support.fakes import FakeLoop
+from support.hostile import fifo, umask
 from support.virtio_driver import Driver
 
 from corral.backends.console import ConsoleBackend
@@ -71,3 +73,28 @@ def test_bad_specs(tmp_path):
         ConsoleBackend("tcp:1234")
     with pytest.raises(ConfigError, match="cannot open console file"):
         ConsoleBackend(f"file={tmp_path}/no/such/dir/x.log")
+
+
+def test_a_console_file_is_new_0600_never_a_symlink_never_a_fifo(tmp_path):
+    with umask(0):
+        ConsoleBackend(f"file={tmp_path / 'hvc0.log'}").close()
+    assert stat.S_IMODE(os.stat(tmp_path / "hvc0.log").st_mode) == 0o600
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    (tmp_path / "link.log").symlink_to(target)
+    with pytest.raises(ConfigError) as exc:
+        ConsoleBackend(f"file={tmp_path / 'link.log'}")
+    assert str(exc.value) == (
+        f"virtio_console: console file {tmp_path / 'link.log'} is a symbolic link: give the file itself"
+    )
+    assert target.read_text() == "keep"
+    with fifo(tmp_path / "pipe") as pipe:
+        with pytest.raises(ConfigError, match="cannot open console file|is not a regular file"):
+            ConsoleBackend(f"file={pipe}")
+        reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # with a reader the open succeeds
+        try:
+            with pytest.raises(ConfigError, match=f"console file {pipe} is not a regular file"):
+                ConsoleBackend(f"file={pipe}")
+        finally:
+            os.close(reader)
+    ConsoleBackend("file=/dev/null").close()  # a character device is fine

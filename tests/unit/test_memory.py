@@ -3,6 +3,7 @@ import os
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support.hostile import fifo
 
 from corral.arch.x86 import layout
 from corral.errors import ConfigError, GuestMemoryError
@@ -135,3 +136,51 @@ def test_store_u16_checks_alignment_range_and_marks_the_page_dirty():
             mem.store_u16(0x3007, 1)
         with pytest.raises(GuestMemoryError):
             mem.store_u16(16 * M, 1)
+
+
+# -- guest RAM stays the guest's --------------------------------------------------------------
+
+
+def vm_flags(addr: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `addr` (from /proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+def test_guest_ram_is_left_out_of_core_dumps(tmp_path):
+    with GuestMemory(16 * M) as mem:
+        assert "dd" in vm_flags(mem.slots[0].host_addr)
+    snap = tmp_path / "memory.bin"
+    snap.write_bytes(bytes(16 * M))
+    with GuestMemory(16 * M, backing=snap) as restored:
+        assert "dd" in vm_flags(restored.slots[0].host_addr)
+
+
+def test_a_memory_file_is_its_own_regular_file(tmp_path):
+    real = tmp_path / "real.bin"
+    real.write_bytes(bytes(16 * M))
+    link = tmp_path / "memory.bin"
+    link.symlink_to(real)
+    with pytest.raises(ConfigError, match=f"^guest memory file {link} is a symbolic link"):
+        GuestMemory(16 * M, backing=link)
+    with fifo(tmp_path / "pipe") as pipe, pytest.raises(ConfigError, match="is not a regular file"):
+        GuestMemory(16 * M, backing=pipe)
+    with pytest.raises(ConfigError, match="is 16777216 bytes, not 33554432"):
+        GuestMemory(32 * M, backing=real)
+
+
+def test_a_memory_file_that_shrinks_after_mapping_is_caught_before_the_guest_runs(tmp_path):
+    snap = tmp_path / "memory.bin"
+    snap.write_bytes(bytes(16 * M))
+    with GuestMemory(16 * M, backing=snap) as mem:
+        mem.check_backing()
+        os.truncate(snap, 1 * M)
+        with pytest.raises(ConfigError, match="is 1048576 bytes, not 16777216: it is truncated"):
+            mem.check_backing()

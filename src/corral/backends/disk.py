@@ -18,6 +18,12 @@ Data is written before the bitmap bit that exposes it, and FLUSH syncs both.
 Discard and write-zeroes come from the guest with lengths it chooses: `zero_range` has the
 file system zero or punch the range, and writes zeroes from one bounded buffer only where it
 cannot, so no request costs host memory in proportion to its size.
+
+Files are checked before anything is read from them: an image is a regular file or a block
+device, an overlay a regular file (a FIFO would hang the VMM; every open is O_NONBLOCK so even
+that check cannot). An overlay is never followed through a symlink, is created 0600 (it holds
+the guest's data), and only a new or empty file is made into one: an existing file that is not
+an overlay is refused as it is, never reset.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -93,7 +100,7 @@ class RawImage:
     def __init__(self, fd: int, *, read_only: bool) -> None:
         self.fd = fd
         self.read_only = read_only
-        self.size = os.fstat(fd).st_size
+        self.size = image_size(fd)
 
     def readv(self, views: list[memoryview], offset: int) -> int:
         return os.preadv(self.fd, views, offset) if views else 0
@@ -123,7 +130,15 @@ class CowImage:
     """A copy-on-write overlay (`overlay_fd`, opened read-write and locked) on a base image
     (`base`, opened read-only with a shared lock)."""
 
-    def __init__(self, base: RawImage, base_path: str, overlay_fd: int, overlay_path: str) -> None:
+    def __init__(
+        self,
+        base: RawImage,
+        base_path: str,
+        overlay_fd: int,
+        overlay_path: str,
+        *,
+        field: str = "disk.overlay",
+    ) -> None:
         self.base, self.fd = base, overlay_fd
         self.read_only = False
         self.size = base.size
@@ -132,8 +147,9 @@ class CowImage:
         self.data_off = (HEADER_AREA + bitmap_len + CLUSTER - 1) // CLUSTER * CLUSTER
         base_abs = os.path.abspath(base_path).encode()
         raw = os.pread(overlay_fd, HEADER_AREA, 0)
-        if not raw.strip(b"\0"):
-            # a new overlay: header and an empty bitmap (the rest stays a hole)
+        if os.fstat(overlay_fd).st_size == 0:
+            # a new (or empty) file: header and an empty bitmap (the rest stays a hole); a file
+            # with anything in it is only ever read, whatever its first bytes are
             hdr = HEADER.pack(MAGIC, VERSION, CLUSTER, self.size, base.size, len(base_abs)) + base_abs
             os.pwrite(overlay_fd, hdr, 0)
             os.ftruncate(overlay_fd, self.data_off + self.size)
@@ -146,22 +162,22 @@ class CowImage:
                 magic = b""
             if magic != MAGIC:
                 raise ConfigError(
-                    f"{overlay_path} is not a corral overlay: give a new path (it is "
-                    "created) or an overlay made by corral"
+                    f"{field}: {overlay_path} is not a corral overlay (it is left as it is): give a "
+                    "new path (it is created) or an overlay made by corral"
                 )
             if version != VERSION or cluster != CLUSTER:
                 raise ConfigError(
-                    f"overlay {overlay_path} has format {version}/{cluster}, not {VERSION}/{CLUSTER}"
+                    f"{field}: overlay {overlay_path} has format {version}/{cluster}, not {VERSION}/{CLUSTER}"
                 )
             recorded = raw[HEADER.size : HEADER.size + n]
             if recorded != base_abs or size != self.size or base_size != base.size:
                 raise ConfigError(
-                    f"overlay {overlay_path} was made on {recorded.decode(errors='replace')} "
+                    f"{field}: overlay {overlay_path} was made on {recorded.decode(errors='replace')} "
                     f"({size} bytes), not on {base_abs.decode()} ({self.size} bytes)"
                 )
             self.bitmap = bytearray(os.pread(overlay_fd, bitmap_len, HEADER_AREA))
             if len(self.bitmap) != bitmap_len:
-                raise ConfigError(f"overlay {overlay_path} is truncated")
+                raise ConfigError(f"{field}: overlay {overlay_path} is truncated")
 
     def _held(self, c: int) -> bool:
         return bool(self.bitmap[c >> 3] & (1 << (c & 7)))
@@ -257,40 +273,79 @@ def _slice(views: list[memoryview], start: int, end: int) -> list[memoryview]:
     return out
 
 
-def open_image(path: str, read_only: bool, *, field: str = "disk.path", min_size: int = SECTOR) -> int:
+def image_size(fd: int) -> int:
+    """The size of an image: a regular file's length, or a block device's capacity."""
+    if stat.S_ISBLK(os.fstat(fd).st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return os.fstat(fd).st_size
+
+
+def open_image(
+    path: str,
+    read_only: bool,
+    *,
+    field: str = "disk.path",
+    min_size: int = SECTOR,
+    overlay: bool = False,
+) -> int:
     """Open and lock one image file: a clear ConfigError, naming the config `field` that gave
-    the path, for a missing, unreadable or busy image. Read-write users hold an exclusive OFD
-    lock, read-only users a shared one."""
+    the path, for a missing, unreadable or busy image, or one that is not a regular file or a
+    block device. Read-write users hold an exclusive OFD lock, read-only users a shared one.
+    An `overlay` is created (0600) if missing, must be a regular file, and is never reached
+    through a symlink."""
+    what = "overlay" if overlay else "disk image"
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
+    if overlay:
+        flags |= os.O_CREAT | os.O_NOFOLLOW
     try:
-        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        fd = os.open(path, flags, 0o600)
     except FileNotFoundError:
+        if overlay:
+            raise ConfigError(
+                f"{field}: cannot create overlay {path}: its directory does not exist"
+            ) from None
         raise ConfigError(f"{field}: disk image {path} does not exist: check the path") from None
     except IsADirectoryError:
-        raise ConfigError(f"{field}: disk image {path} is a directory: give a raw image file") from None
+        raise ConfigError(f"{field}: {what} {path} is a directory: give a {what} file") from None
     except PermissionError:
-        hint = "" if read_only else ", or set read_only to use it read-only"
-        raise ConfigError(f"{field}: no permission to open disk image {path}{hint}") from None
+        hint = "" if read_only or overlay else ", or set read_only to use it read-only"
+        raise ConfigError(f"{field}: no permission to open {what} {path}{hint}") from None
     except OSError as exc:
-        raise ConfigError(f"{field}: cannot open disk image {path}: {exc.strerror}") from None
+        if exc.errno == errno.ELOOP and overlay:
+            raise ConfigError(
+                f"{field}: overlay {path} is a symbolic link: give the overlay file itself"
+            ) from None
+        raise ConfigError(f"{field}: cannot open {what} {path}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or (stat.S_ISBLK(mode) and not overlay)):
+            kinds = "a regular file" if overlay else "a regular file or a block device"
+            raise ConfigError(f"{field}: {what} {path} is not {kinds}")
+        os.set_blocking(fd, True)
+        _lock(fd, path, read_only, field, what)
+        size = image_size(fd)
+        if size < min_size:
+            raise ConfigError(
+                f"{field}: disk image {path} is {size} bytes: a disk needs at least one 512-byte sector"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _lock(fd: int, path: str, read_only: bool, field: str, what: str) -> None:
     lock = fcntl.F_RDLCK if read_only else fcntl.F_WRLCK
     try:
         # struct flock: type, whence, start, len, pid (0 for OFD locks)
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", lock, 0, 0, 0, 0))
     except OSError as exc:
-        os.close(fd)
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             raise ConfigError(
-                f"{field}: disk image {path} is in use by another VM"
-                f"{'' if read_only else ' (set read_only to share it)'}"
+                f"{field}: {what} {path} is in use by another VM"
+                f"{'' if read_only or what == 'overlay' else ' (set read_only to share it)'}"
             ) from None
-        raise ConfigError(f"{field}: cannot lock disk image {path}: {exc.strerror}") from None
-    size = os.fstat(fd).st_size
-    if size < min_size:
-        os.close(fd)
-        raise ConfigError(
-            f"{field}: disk image {path} is {size} bytes: a disk needs at least one 512-byte sector"
-        )
-    return fd
+        raise ConfigError(f"{field}: cannot lock {what} {path}: {exc.strerror}") from None
 
 
 def open_disk(
@@ -309,14 +364,12 @@ def open_disk(
         open_image(path, True, field=f"{field}.path"), read_only=True
     )  # shared: many overlays, one base
     try:
-        if not os.path.exists(overlay):
-            Path(overlay).touch()
-        ofd = open_image(overlay, False, field=f"{field}.overlay", min_size=0)
+        ofd = open_image(overlay, False, field=f"{field}.overlay", min_size=0, overlay=True)
     except BaseException:
         base.close()
         raise
     try:
-        return CowImage(base, path, ofd, overlay)
+        return CowImage(base, path, ofd, overlay, field=f"{field}.overlay")
     except BaseException:
         os.close(ofd)
         base.close()

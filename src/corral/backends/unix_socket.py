@@ -1,12 +1,21 @@
-"""Listening Unix sockets that corral serves (the control socket, vsock's host side)."""
+"""Listening Unix sockets that corral serves (the control socket, vsock's host side).
+
+Whoever can connect to one of these controls the VM (stop it, copy its RAM out, reach the
+guest's services), so each is created 0600 whatever the umask: the mode is set on the socket
+before bind, and bind gives the new path that mode (less the umask), so the path never exists
+with wider permissions. The control socket also checks who connected (api.py, SO_PEERCRED).
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+import stat
 from pathlib import Path
 
 from corral.errors import ConfigError
+
+MODE = 0o600
 
 
 def _alive(path: Path) -> bool:
@@ -21,9 +30,10 @@ def _alive(path: Path) -> bool:
 
 
 def listen_unix(path: str | os.PathLike[str], what: str, field: str, backlog: int = 16) -> socket.socket:
-    """Bind and listen at `path`. A socket left behind by a VMM that died is replaced; one that
-    a live program serves, or a file that is not a socket, is refused with a line naming
-    `what` and the config `field` to change (e.g. "vsock.uds_path")."""
+    """Bind and listen at `path`, a socket only its owner (and root) may connect to. A socket
+    left behind by a VMM that died is replaced; one that a live program serves, or a file that
+    is not a socket, is refused with a line naming `what` and the config `field` to change
+    (e.g. "vsock.uds_path")."""
     p = Path(path)
     if p.exists() or p.is_symlink():
         if not p.is_socket() or _alive(p):
@@ -31,9 +41,17 @@ def listen_unix(path: str | os.PathLike[str], what: str, field: str, backlog: in
         p.unlink()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        # bind creates the path with the socket inode's mode less the umask: narrow it first
+        os.fchmod(s.fileno(), MODE)
         s.bind(str(p))
+        if stat.S_IMODE(os.lstat(p).st_mode) & ~MODE:
+            p.unlink()
+            raise ConfigError(f"cannot make the {what} {p} private to its owner: the kernel ignored the mode")
     except OSError as exc:
         s.close()
         raise ConfigError(f"cannot create the {what} {p}: {exc.strerror}") from None
+    except BaseException:
+        s.close()
+        raise
     s.listen(backlog)
     return s

@@ -8,6 +8,7 @@ and a Multiboot header boots with PVH unless `prefer="multiboot"`.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import TypedDict
 
@@ -102,26 +103,32 @@ def load_kernel_file(
 
 def _read_file(mem: GuestMemory, path: str | Path, kind: str, hint: str) -> bytes:
     """The file for config field `kind` (kernel, initrd); errors name the field, and the CLI
-    shows them with its flag."""
+    shows them with its flag. Only a regular file is read: the open is non-blocking and the
+    type checked first, so a FIFO or a device cannot hang or flood the VMM."""
     label = f"{kind} file '{path}'"
     try:
-        st = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise FieldError(kind, f"{label} does not exist: give {hint}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {label}: {exc.strerror}") from None
-    if os.path.isdir(path):
-        raise FieldError(kind, f"{label} is a directory: give {hint}")
-    if st.st_size > mem.size:
-        raise ConfigError(
-            f"{label} is {st.st_size} bytes, more than the guest's {mem.size} bytes of memory: "
-            f"give the guest more memory"
-        )
     try:
-        with open(path, "rb") as f:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise FieldError(kind, f"{label} is a directory: give {hint}")
+        if not stat.S_ISREG(st.st_mode):
+            raise FieldError(kind, f"{label} is not a regular file: give {hint}")
+        if st.st_size > mem.size:
+            raise ConfigError(
+                f"{label} is {st.st_size} bytes, more than the guest's {mem.size} bytes of memory: "
+                f"give the guest more memory"
+            )
+        with open(fd, "rb", closefd=False) as f:
             data = f.read(mem.size + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read {label}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     if not data:
         raise FieldError(kind, f"{label} is empty: give {hint}")
     if len(data) > mem.size:

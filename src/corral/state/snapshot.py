@@ -8,14 +8,28 @@ A snapshot is written into a temporary directory beside DIR and renamed into pla
 either holds a whole snapshot or does not exist. Loading checks everything it can without
 reading RAM (format, version, CPU, state checksum, memory file size), so a bad snapshot is
 refused before any VM is built; RAM is then mapped, not read, which keeps restore time flat.
+
+A snapshot holds the guest's RAM, so the directory is 0700 and its files 0600, whatever the
+umask. Loading takes nothing on trust from the directory: each file is opened without
+following a symlink (a memory.bin linked to a host file would become guest RAM) and must be a
+regular file (a FIFO would hang the open: every open is O_NONBLOCK), of bounded size for the
+JSON files and of exactly the RAM size for memory.bin.
+
+A restored VM maps memory.bin (private: the guest's writes never reach the file), holds it
+open and checks its size once more before the guest starts. Truncating it while the VM runs
+is a host operator's action that corral does not survive: pages past the new end are gone, so
+the VMM dies with SIGBUS when it touches one (a vCPU's KVM_RUN fails). Leave a snapshot alone
+while VMs restored from it run, or restore from a copy.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,6 +46,8 @@ from corral.state.model import CpuModel, MachineState
 FORMAT = "corral-snapshot"
 FORMAT_VERSION = 2  # 2: every state record named (the one state contract)
 MANIFEST, STATE, MEMORY = "manifest.json", "state.json", "memory.bin"
+MANIFEST_LIMIT = 1 << 20  # bytes: a config and a CPU model
+STATE_LIMIT = 64 << 20  # bytes: vCPU, irqchip and device state (a few KiB per vCPU)
 
 
 class SnapshotError(CorralError):
@@ -83,11 +99,11 @@ def write_snapshot(
     if not dest.parent.is_dir():
         raise SnapshotError(f"{dest.parent} is not a directory: create it first")
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))  # 0700
     try:
         written = _write_memory(tmp / MEMORY, memory)
         state_json = state.model_dump_json().encode()
-        (tmp / STATE).write_bytes(state_json)
+        _write_file(tmp / STATE, state_json)
         manifest = Manifest(
             format=FORMAT,
             format_version=FORMAT_VERSION,
@@ -98,7 +114,7 @@ def write_snapshot(
             memory_size=memory.size,
             state_sha256=hashlib.sha256(state_json).hexdigest(),
         )
-        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+        _write_file(tmp / MANIFEST, (manifest.model_dump_json(indent=2) + "\n").encode())
         _fsync_dir(tmp)
         os.rename(tmp, dest)
         _fsync_dir(dest.parent)
@@ -113,9 +129,24 @@ def write_snapshot(
     )
 
 
+def _create(path: Path) -> int:
+    """A new file only its owner can read (0600 whatever the umask: the umask only narrows)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = _create(path)
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_memory(path: Path, memory: GuestMemory) -> int:
     written = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = _create(path)
     try:
         os.ftruncate(fd, memory.size)  # holes where nothing is written
         for off, data in memory.populated():
@@ -141,12 +172,8 @@ def read_snapshot(path: str | os.PathLike[str], host_cpu: CpuModel | None = None
     if not src.is_dir():
         raise SnapshotError(f"{src} is not a snapshot directory (it does not exist)")
     try:
-        raw = json.loads((src / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise SnapshotError(
-            f"{src} has no {MANIFEST}: it is not a corral snapshot, or it is incomplete"
-        ) from None
-    except (OSError, ValueError) as exc:
+        raw = json.loads(_read_member(src, MANIFEST, MANIFEST_LIMIT))
+    except ValueError as exc:
         raise SnapshotError(f"{src / MANIFEST} is unreadable ({exc}): the snapshot is damaged") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise SnapshotError(f"{src} is not a corral snapshot (manifest format is not '{FORMAT}')")
@@ -167,21 +194,64 @@ def read_snapshot(path: str | os.PathLike[str], host_cpu: CpuModel | None = None
             f"{src} was taken on a {manifest.cpu.describe()}; this host has a "
             f"{host_cpu.describe()}: the guest would see its CPU change"
         )
-    try:
-        state_json = (src / STATE).read_bytes()
-    except OSError as exc:
-        raise SnapshotError(f"{src / STATE} is unreadable: {exc.strerror}") from None
+    state_json = _read_member(src, STATE, STATE_LIMIT)
     if hashlib.sha256(state_json).hexdigest() != manifest.state_sha256:
         raise SnapshotError(f"{src / STATE} does not match its checksum: the snapshot is damaged")
+    fd = _open_member(src, MEMORY)
     try:
-        size = os.stat(src / MEMORY).st_size
-    except OSError:
-        raise SnapshotError(f"{src} has no {MEMORY}: the snapshot is incomplete") from None
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
     if size != manifest.memory_size:
         raise SnapshotError(
             f"{src / MEMORY} is {size} bytes, not {manifest.memory_size}: the snapshot is truncated"
         )
-    state = MachineState.model_validate_json(state_json)
+    try:
+        state = MachineState.model_validate_json(state_json)
+    except ValidationError as exc:
+        raise SnapshotError(
+            f"{src / STATE} is damaged: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+        ) from None
     if len(state.vcpus) != manifest.config.cpus:
         raise SnapshotError(f"{src}: state has {len(state.vcpus)} vCPUs, config {manifest.config.cpus}")
     return Snapshot(src, manifest, state)
+
+
+def _open_member(src: Path, name: str) -> int:
+    """One of a snapshot's files, read-only: its own regular file, never a symlink to another."""
+    path = src / name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SnapshotError(
+            f"{src} has no {name}: it is not a corral snapshot, or it is incomplete"
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SnapshotError(
+                f"{path} is a symbolic link: a snapshot's files must be its own (copy the file in)"
+            ) from None
+        raise SnapshotError(f"{path} is unreadable: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SnapshotError(f"{path} is not a regular file: the snapshot is damaged")
+    return fd
+
+
+def _read_member(src: Path, name: str, limit: int) -> bytes:
+    """A snapshot's JSON file, refused past `limit` bytes before any of it is read."""
+    fd = _open_member(src, name)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise SnapshotError(f"{src / name} is {size} bytes, more than {limit}: the snapshot is damaged")
+        try:
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read(limit + 1)
+        except OSError as exc:
+            raise SnapshotError(f"{src / name} is unreadable: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # it grew while read
+        raise SnapshotError(f"{src / name} is more than {limit} bytes: the snapshot is damaged")
+    return data

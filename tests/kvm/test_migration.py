@@ -20,6 +20,7 @@ from support.live_probe import LiveProbe, assert_continues, reference_rounds
 from support.results import progress_rounds
 
 from corral.api import call
+from corral.errors import CorralError
 from corral.migration import MigrationError, listen, migrate, receive
 
 CMD = "mem-touch 32M forever"
@@ -260,8 +261,12 @@ def test_migration_to_another_host(source, second_host, tmp_path):
         assert stats.bytes_sent >= 32 << 20
         left_at = source.last_round()
         deadline = time.monotonic() + 30
-        while not api.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while time.monotonic() < deadline:  # the socket file appears at bind(), before listen()
+            try:
+                assert call(api, {"op": "status"})["state"] == "running"
+                break
+            except CorralError:
+                time.sleep(0.05)
         assert call(api, {"op": "status"})["state"] == "running"
         time.sleep(1.0)
         call(api, {"op": "stop"})

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from support.cli import ROOT, corral, corral_popen, one_clear_line, start_vm
 from support.results import result_lines
 
@@ -107,6 +108,50 @@ def test_restore_bad_input(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "not a corral snapshot" in one_clear_line(corral("restore", str(tmp_path / "empty")))
     assert "does not exist" in one_clear_line(corral("clone", str(tmp_path / "none")))
+
+
+def test_receive_and_migrate_over_tls_from_the_command_line(tmp_path):
+    """The receiver prints its certificate's SHA-256; the source pins it (a wrong pin keeps the
+    VM here) and proves the token inside TLS."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        + ["-subj", "/CN=corral", "-days", "2", "-keyout", str(key), "-out", str(cert)],
+        capture_output=True,
+    )
+    if made.returncode != 0:
+        pytest.skip("openssl cannot make a certificate here")
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123456789abcdef")
+    token.chmod(0o600)
+    api, dest_api = tmp_path / "vm.sock", tmp_path / "dest.sock"
+    src = start_vm(api)
+    dest = corral_popen(
+        *("receive", "--listen", "0", "--token-file", str(token), "--tls-cert", str(cert)),
+        *("--tls-key", str(key), "--timeout", "60", "--api", str(dest_api)),
+    )
+    try:
+        port = dest.stderr.readline().decode().rsplit(":", 1)[1].strip()
+        pin = dest.stderr.readline().decode().split("sha256 ")[1].split()[0]
+        migrate = ("migrate", "--api", str(api), "--token-file", str(token), f"127.0.0.1:{port}")
+        line = one_clear_line(corral(*migrate, "--tls-pin", "ab" * 32))
+        assert "not the pinned one" in line and "runs on here" in line
+        r = corral(*migrate, "--tls-pin", pin)
+        assert r.returncode == 0, r.stderr
+        src.communicate(timeout=30)
+        assert src.returncode == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            st = corral("status", "--api", str(dest_api))
+            if st.returncode == 0:
+                break
+            time.sleep(0.1)
+        assert st.stdout.startswith("running"), st.stderr
+        assert corral("stop", "--api", str(dest_api)).returncode == 0
+        dest.communicate(timeout=30)
+    finally:
+        src.kill()
+        dest.kill()
 
 
 def test_receive_needs_a_token_or_insecure(tmp_path):

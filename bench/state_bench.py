@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import socket
 import statistics
 import subprocess
@@ -113,11 +114,15 @@ def corral_migrate(kernel: Path, cmdline: str, memory: str, tmp: Path) -> dict:
     port = free_port()
     exe = corral_cmd(kernel, cmdline, 1, memory)
     src = spawn(exe + ["--api", str(api)], tmp / "csrc.log")
-    dst = spawn([exe[0], "receive", "--listen", f"127.0.0.1:{port}", "--api", str(dapi), "--timeout", "60"])
+    token = tmp / "token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    receive = [exe[0], "receive", "--listen", f"127.0.0.1:{port}", "--token-file", str(token)]
+    dst = spawn([*receive, "--api", str(dapi), "--timeout", "60"])
     try:
         wait_for(api, src)
         guest_started(src)
-        r = ControlClient(api).migrate(f"127.0.0.1:{port}")
+        r = ControlClient(api).migrate(f"127.0.0.1:{port}", token=token.read_text())
         wait_for(dapi, dst)
         return {
             "downtime_ms": r.downtime_seconds * 1000,

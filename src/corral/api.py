@@ -3,7 +3,7 @@
     corral run --api /tmp/vm.sock ...         # serves it while the guest runs
     {"op": "pause"} | {"op": "resume"} | {"op": "status"} | {"op": "stop"}
     {"op": "snapshot", "path": "/srv/snaps/a"}
-    {"op": "migrate", "to": "10.0.0.2:7000", "downtime_ms": 300}
+    {"op": "migrate", "to": "10.0.0.2:7000", "downtime_ms": 300, "token": "...", "tls_pin": "..."}
 
 Each request gets one reply line, {"ok": true, ...} or {"ok": false, "error": "..."}; a
 migration first streams {"progress": {...}} lines. Requests are validated (pydantic) before
@@ -68,6 +68,13 @@ class Migrate(_Req):
     op: Literal["migrate"]
     to: str = Field(min_length=1, description="HOST:PORT where `corral receive` listens")
     downtime_ms: int = Field(default=300, ge=1, le=60_000)
+    token: str | None = Field(
+        default=None, min_length=16, max_length=4096, repr=False, description="the receiver's shared token"
+    )
+    tls_pin: str | None = Field(
+        default=None, max_length=200, description="SHA-256 of the receiver's TLS certificate"
+    )
+    insecure: bool = Field(default=False, description="send to a receiver that checks no token")
 
 
 class Balloon(_Req):
@@ -177,6 +184,9 @@ class ControlServer:
             st = migrate(
                 m,
                 req.to,
+                token=req.token,
+                tls_pin=req.tls_pin,
+                insecure=req.insecure,
                 downtime_limit=req.downtime_ms / 1000,
                 progress=lambda r, sent, dirty: send(
                     {"progress": MigrationProgress(round=r, sent=sent, dirty=dirty).model_dump()}
@@ -237,12 +247,27 @@ class ControlClient:
         return BalloonInfo.model_validate(call(self.path, Balloon(op="balloon", target=target)))
 
     def migrate(
-        self, to: str, downtime_ms: int = 300, on_progress: Callable[[MigrationProgress], None] | None = None
+        self,
+        to: str,
+        downtime_ms: int = 300,
+        on_progress: Callable[[MigrationProgress], None] | None = None,
+        *,
+        token: str | None = None,
+        tls_pin: str | None = None,
+        insecure: bool = False,
     ) -> MigrationStats:
+        """Migrate the VM to `corral receive` at `to`, proving `token` (corral.migration.migrate)."""
         return MigrationStats.model_validate(
             call(
                 self.path,
-                Migrate(op="migrate", to=to, downtime_ms=downtime_ms),
+                Migrate(
+                    op="migrate",
+                    to=to,
+                    downtime_ms=downtime_ms,
+                    token=token,
+                    tls_pin=tls_pin,
+                    insecure=insecure,
+                ),
                 (lambda p: on_progress(MigrationProgress.model_validate(p))) if on_progress else None,
             )
         )

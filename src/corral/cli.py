@@ -13,11 +13,13 @@ import logging
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+from pydantic import ValidationError
 
 from corral.config import (
     DISK,
@@ -25,9 +27,11 @@ from corral.config import (
     VIRTIO_CONSOLE,
     VSOCK,
     DiskConfig,
+    HostResources,
     MachineConfig,
     NetConfig,
     VsockConfig,
+    field_error,
     parse_size,
 )
 from corral.console import TerminalConsole
@@ -320,15 +324,83 @@ def _run_foreground(machine: Machine, api_path: Path | None) -> NoReturn:
 
 
 # --- VM state: restore, clone, receive ------------------------------------------------------------
+# A snapshot's manifest and a migration peer are untrusted with the host: the operator names
+# the host side of the guest's devices here (config.HostResources), with the syntax of `run`.
+
+
+def host_resource_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--kernel, --initrd, --disk, --net, --vsock, --virtio-console as grants (see HostResources)."""
+    for option in reversed(
+        [
+            click.option(
+                "--kernel",
+                type=click.Path(path_type=Path),
+                help="The kernel a guest reboot boots (without it the guest stops on a reset).",
+            ),
+            click.option(
+                "--initrd", type=click.Path(path_type=Path), help="The initrd a guest reboot loads."
+            ),
+            click.option(
+                "--disk",
+                "disks",
+                multiple=True,
+                metavar=DISK.syntax,
+                help="The image for the guest's next disk, in its order (repeatable): the paths "
+                "the snapshot or the source names are never opened.",
+            ),
+            click.option(
+                "--net",
+                "nets",
+                multiple=True,
+                metavar=NET.syntax,
+                help="The tap for the guest's next NIC, in its order (repeatable).",
+            ),
+            click.option("--vsock", metavar=VSOCK.syntax, help="The socket for the guest's vsock device."),
+            click.option(
+                "--virtio-console",
+                "virtio_console",
+                default="",
+                metavar=VIRTIO_CONSOLE.syntax,
+                help="Where the guest's virtio-console goes (a pty needs no grant).",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def _grant(
+    kernel: Path | None,
+    initrd: Path | None,
+    disks: tuple[str, ...],
+    nets: tuple[str, ...],
+    vsock: str | None,
+    virtio_console: str,
+) -> HostResources:
+    try:
+        return HostResources(
+            kernel=kernel,
+            initrd=initrd,
+            disks=tuple(DiskConfig.parse(d, i) for i, d in enumerate(disks)),
+            nets=tuple(NetConfig.parse(n, i) for i, n in enumerate(nets)),
+            vsock=VsockConfig.parse(vsock) if vsock else None,
+            virtio_console=virtio_console,
+        )
+    except ValidationError as exc:
+        raise field_error(exc) from None
 
 
 @main.command()
 @click.argument("snapshot", type=click.Path(path_type=Path))
+@host_resource_options
 @KVM_OPTION
 @SERVE_API_OPTION
-def restore(snapshot: Path, kvm_path: str, api_path: Path | None) -> None:
-    """Resume the guest saved in SNAPSHOT (a directory from `corral snapshot`)."""
-    machine = Machine.from_snapshot(snapshot, kvm_path=kvm_path)
+def restore(snapshot: Path, kvm_path: str, api_path: Path | None, **grant: Any) -> None:
+    """Resume the guest saved in SNAPSHOT (a directory from `corral snapshot`).
+
+    Give the host side of its devices as `run` takes them (--disk, --net, --vsock, ...): the
+    snapshot's own paths and taps are not trusted."""
+    machine = Machine.from_snapshot(snapshot, kvm_path=kvm_path, host=_grant(**grant))
     machine.build()
     _run_foreground(machine, api_path)
 
@@ -343,11 +415,14 @@ def restore(snapshot: Path, kvm_path: str, api_path: Path | None) -> None:
     show_default=True,
     help="How many clones to start.",
 )
+@host_resource_options
 @KVM_OPTION
-def clone(snapshot: Path, count: int, kvm_path: str) -> None:
+def clone(snapshot: Path, count: int, kvm_path: str, **grant: Any) -> None:
     """Start COUNT guests from one snapshot, sharing its unchanged memory; their consoles are
-    shown line by line, prefixed with the clone's number. Ctrl-C stops them all."""
+    shown line by line, prefixed with the clone's number. Ctrl-C stops them all. Host
+    resources are granted as for restore; each clone's tap and vsock socket get a suffix."""
     out_lock = threading.Lock()
+    host = _grant(**grant)
 
     def console(i: int) -> Callable[[bytes], None]:
         pending = bytearray()
@@ -372,7 +447,9 @@ def clone(snapshot: Path, count: int, kvm_path: str) -> None:
 
     try:
         for i in range(count):
-            m = Machine.from_snapshot(snapshot, kvm_path=kvm_path, console=console(i), clone_index=i)
+            m = Machine.from_snapshot(
+                snapshot, kvm_path=kvm_path, console=console(i), clone_index=i, host=host
+            )
             machines.append(m)
             m.start()
     except CorralError:
@@ -398,22 +475,92 @@ def clone(snapshot: Path, count: int, kvm_path: str) -> None:
     "--listen",
     "address",
     required=True,
-    metavar="HOST:PORT",
-    help="Where to wait for the migration (e.g. 0.0.0.0:7000).",
+    metavar="[HOST:]PORT",
+    help="Where to wait for the migration; PORT alone is loopback (give 0.0.0.0:PORT for every address).",
 )
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path),
+    help="A file (mode 600) holding the shared token the source must prove (openssl rand -hex 32).",
+)
+@click.option("--insecure", is_flag=True, help="Accept a migration from anyone who can connect (no token).")
+@click.option(
+    "--tls-cert", type=click.Path(path_type=Path), help="TLS certificate (PEM); the source pins its SHA-256."
+)
+@click.option("--tls-key", type=click.Path(path_type=Path), help="The TLS certificate's private key (PEM).")
+@host_resource_options
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
 @KVM_OPTION
 @SERVE_API_OPTION
-def receive(address: str, timeout: float | None, kvm_path: str, api_path: Path | None) -> None:
-    """Wait for one live migration (`corral migrate`) and run the guest that arrives."""
-    from corral.migration import listen
+def receive(
+    address: str,
+    token_file: Path | None,
+    insecure: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    timeout: float | None,
+    kvm_path: str,
+    api_path: Path | None,
+    **grant: Any,
+) -> None:
+    """Wait for one live migration (`corral migrate`) and run the guest that arrives.
+
+    Connections that do not prove the token are logged and the receiver waits on; so does a
+    migration that fails. The guest's disks, NICs, vsock and console are the ones given here."""
+    from corral.migration import (
+        MigrationError,
+        certificate_pin,
+        listen,
+        load_token,
+        parse_address,
+        server_tls,
+    )
     from corral.migration import receive as receive_vm
 
+    parse_address(address, any_port=True)  # a bad address is the first thing to hear about
+    if token_file is None and not insecure:
+        raise ConfigError(
+            "give --token-file FILE (a shared secret the source gives too; make one with "
+            "`openssl rand -hex 32 > FILE; chmod 600 FILE`), or --insecure to accept anyone"
+        )
+    token = load_token(token_file) if token_file is not None else None
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("give both --tls-cert and --tls-key, or neither")
+    tls = server_tls(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+    host = _grant(**grant)
     server = listen(address)
-    host, port = server.getsockname()[:2]
-    click.echo(f"corral: waiting for a migration on {host}:{port}", err=True)
-    machine = receive_vm(server, kvm_path=kvm_path, accept_timeout=timeout)
-    server.close()
+    bound_host, bound_port = server.getsockname()[:2]
+    where = f"{bound_host}:{bound_port}"
+    click.echo(f"corral: waiting for a migration on {where}", err=True)
+    if tls_cert is not None:
+        click.echo(
+            f"corral: TLS certificate sha256 {certificate_pin(tls_cert)} (corral migrate --tls-pin)", err=True
+        )
+    if token is None:
+        click.echo(
+            f"corral: warning: --insecure: anyone who can connect to {where} can send a guest here", err=True
+        )
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                machine = receive_vm(
+                    server,
+                    token=token,
+                    insecure=insecure,
+                    tls=tls,
+                    host=host,
+                    kvm_path=kvm_path,
+                    accept_timeout=left,
+                )
+                break
+            except MigrationError as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                click.echo(f"corral: {exc}; waiting for the next migration", err=True)
+    finally:
+        server.close()
     click.echo("corral: migration arrived; the guest runs here", err=True)
     _run_foreground(machine, api_path)
 
@@ -492,8 +639,33 @@ def balloon(vm: ControlClient, size: int | None) -> None:
     show_default=True,
     help="The longest the guest may be stopped for the last copy.",
 )
-def migrate(vm: ControlClient, target: str, downtime_ms: int) -> None:
-    """Live-migrate a running VM to `corral receive` at HOST:PORT."""
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path),
+    help="A file (mode 600) holding the token the receiver was started with.",
+)
+@click.option("--insecure", is_flag=True, help="Send the guest to a receiver that checks no token.")
+@click.option(
+    "--tls-pin", metavar="SHA256", help="Use TLS; the receiver's certificate must have this SHA-256."
+)
+def migrate(
+    vm: ControlClient,
+    target: str,
+    downtime_ms: int,
+    token_file: Path | None,
+    insecure: bool,
+    tls_pin: str | None,
+) -> None:
+    """Live-migrate a running VM to `corral receive` at HOST:PORT, proving the token both
+    hold (--token-file) and, with --tls-pin, over TLS to the certificate pinned."""
+    from corral.migration import load_token
+
+    if token_file is None and not insecure:
+        raise ConfigError(
+            "give --token-file FILE (the token `corral receive` was given), or --insecure for a "
+            "receiver that checks none"
+        )
+    token = load_token(token_file).decode() if token_file is not None else None
 
     def progress(p: MigrationProgress) -> None:
         click.echo(
@@ -502,7 +674,7 @@ def migrate(vm: ControlClient, target: str, downtime_ms: int) -> None:
             err=True,
         )
 
-    r = vm.migrate(target, downtime_ms, progress)
+    r = vm.migrate(target, downtime_ms, progress, token=token, tls_pin=tls_pin, insecure=insecure)
     click.echo(
         f"corral: migrated to {target} in {r.total_seconds:.2f} s: {r.rounds} rounds, "
         f"{r.bytes_sent / (1 << 20):.1f} MiB sent, downtime {r.downtime_seconds * 1000:.1f} ms",

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -226,6 +228,18 @@ class MachineConfig(BaseModel):
         )
         return self.model_copy(update={"nets": nets, "vsock": vsock})
 
+    def host_resources(self) -> HostResources:
+        """The host resources this config names, as a grant: for an operator (or a test) who
+        built this config and gives the same resources again to a snapshot of it."""
+        return HostResources(
+            kernel=self.kernel,
+            initrd=self.initrd,
+            disks=self.disks,
+            nets=self.nets,
+            vsock=self.vsock,
+            virtio_console=self.virtio_console,
+        )
+
     @field_validator("cpu_hide", mode="before")
     @classmethod
     def _cpu_hide(cls, v: object) -> tuple[str, ...]:
@@ -275,3 +289,122 @@ class MachineConfig(BaseModel):
             return cls(**fields)
         except ValidationError as exc:
             raise field_error(exc) from None
+
+
+class HostResources(BaseModel):
+    """What a machine may use on this host when the rest of its config comes from elsewhere.
+
+    A snapshot's manifest and a migration peer's hello are untrusted: they name disk images
+    (opened read-write), tap devices with host addresses, socket paths (unlinked, then bound),
+    a console file and a kernel. So the operator restoring or receiving names the host side
+    here (as Firecracker's `network_overrides`/`vsock_override`), and the incoming config
+    only says what the guest has: devices are matched by kind and position, the guest-visible
+    parts (disk serial and read-only flag, MAC, vsock CID, device presence) must agree, and
+    every host path, tap and address comes from here. Anything incoming that was not granted
+    is refused by field name. The kernel and initrd are only read again when the guest
+    reboots; without them here the machine stops on a guest reset instead of booting a file
+    the incoming config named.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kernel: Path | None = Field(default=None, description="what a guest reboot boots; none: stop on reset")
+    initrd: Path | None = Field(default=None, description="the initrd a guest reboot loads")
+    disks: tuple[DiskConfig, ...] = Field(default=(), description="one image per incoming disk, in order")
+    nets: tuple[NetConfig, ...] = Field(default=(), description="one tap per incoming NIC, in order")
+    vsock: VsockConfig | None = Field(default=None, description="the vsock socket, if the guest has vsock")
+    virtio_console: str = Field(default="", description="'pty' or 'file=PATH', if the guest has hvc0")
+
+    @field_validator("virtio_console")
+    @classmethod
+    def _virtio_console(cls, v: str) -> str:
+        if v:
+            try:
+                VIRTIO_CONSOLE.parse(v)
+            except FieldError as exc:
+                raise ValueError(exc.problems[0][1]) from None
+        return v
+
+    def apply(self, incoming: MachineConfig, origin: str = "the snapshot") -> MachineConfig:
+        """`incoming` with every host resource taken from this grant; FieldError otherwise.
+        `origin` names where `incoming` came from in the errors ("the snapshot", "the source")."""
+        problems: _Problems = []
+        disks = _match(problems, "disks", "disk", incoming.disks, self.disks, origin, _disk_fits)
+        nets = _match(problems, "nets", "NIC", incoming.nets, self.nets, origin, _net_fits)
+        vsock = self.vsock
+        if incoming.vsock is not None and vsock is None:
+            problems.append(
+                ("vsock", f"{origin} has a vsock device (cid {incoming.vsock.cid}): give its socket")
+            )
+        elif incoming.vsock is None and vsock is not None:
+            problems.append(("vsock", f"{origin} has no vsock device: give none"))
+        elif incoming.vsock is not None and vsock is not None and vsock.cid != incoming.vsock.cid:
+            problems.append(("vsock.cid", f"the guest's CID is {incoming.vsock.cid}, not {vsock.cid}"))
+        console = self.virtio_console
+        if incoming.virtio_console and not console:
+            if incoming.virtio_console == "pty":
+                console = "pty"  # a fresh pseudo-terminal names nothing on the host
+            else:
+                problems.append(("virtio_console", f"{origin} has a virtio-console: give where it goes"))
+        elif console and not incoming.virtio_console:
+            problems.append(("virtio_console", f"{origin} has no virtio-console: give none"))
+        if self.initrd is not None and self.kernel is None:
+            problems.append(("initrd", "give the kernel a reboot boots with it"))
+        if problems:
+            raise FieldError(*problems[0], *problems[1:])
+        update: dict[str, object] = {"disks": disks, "nets": nets, "vsock": vsock, "virtio_console": console}
+        if self.kernel is not None:
+            update.update(kernel=self.kernel, initrd=self.initrd)
+        else:
+            update["no_reboot"] = True  # never boot a kernel the incoming config named
+        return incoming.model_copy(update=update)
+
+
+_Device = TypeVar("_Device", DiskConfig, NetConfig)
+_Problems = list[tuple[str, str]]
+
+
+def _match(
+    problems: _Problems,
+    field: str,
+    kind: str,
+    incoming: tuple[_Device, ...],
+    granted: tuple[_Device, ...],
+    origin: str,
+    fits: Callable[[_Problems, str, _Device, _Device], _Device],
+) -> tuple[_Device, ...]:
+    """Pair incoming devices with granted ones by position; record what does not fit."""
+    out = []
+    for i in range(max(len(incoming), len(granted))):
+        where = f"{field}[{i}]"
+        if i >= len(granted):
+            problems.append((where, f"{origin} has {len(incoming)} {kind}(s): give one for each, in order"))
+        elif i >= len(incoming):
+            problems.append((where, f"{origin} has only {len(incoming)} {kind}(s): give no more"))
+        else:
+            out.append(fits(problems, where, incoming[i], granted[i]))
+    return tuple(out)
+
+
+def _disk_fits(problems: _Problems, where: str, want: DiskConfig, have: DiskConfig) -> DiskConfig:
+    """The granted image, with the guest's serial; the read-only flag must agree (the guest saw it)."""
+    if want.read_only != have.read_only:
+        problems.append(
+            (
+                f"{where}.read_only",
+                f"the guest's disk is {'read-only' if want.read_only else 'writable'}: "
+                f"give it {'with' if want.read_only else 'without'} ro",
+            )
+        )
+    if have.serial and have.serial != want.serial:
+        problems.append((f"{where}.serial", f"the guest's disk has serial {want.serial!r}"))
+    return have.model_copy(update={"serial": want.serial})
+
+
+def _net_fits(problems: _Problems, where: str, want: NetConfig, have: NetConfig) -> NetConfig:
+    """The granted tap and host address, with the guest's MAC (kept even where it was derived
+    from the old tap's name)."""
+    mac = format_mac(want.guest_mac())
+    if have.mac and have.mac != mac:
+        problems.append((f"{where}.mac", f"the guest's MAC is {mac}"))
+    return have.model_copy(update={"mac": mac})

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from corral.boot.loader import BootInfo
 from corral.builder import Board, build_board, create_vcpus, load_guest, restore_vcpus
-from corral.config import MachineConfig
+from corral.config import HostResources, MachineConfig
 from corral.devices.legacy.uart import Serial16550
 from corral.devices.virtio.balloon import BalloonInfo, VirtioBalloon
 from corral.devices.virtio.pci import VirtioPciDevice
@@ -113,13 +113,17 @@ class Machine:
         console: Callable[[bytes], None] | None = None,
         kvm_path: str = "/dev/kvm",
         clone_index: int | None = None,
+        host: HostResources | None = None,
     ) -> Machine:
         """A machine that resumes where the snapshot at `path` was taken; start() or run()
         continues the guest. RAM is mapped from the snapshot lazily, so this is fast whatever
         the memory size, and machines restored from one snapshot share unchanged pages.
+        The manifest is not trusted with the host: its disks, NICs, vsock and console are
+        taken from `host` (HostResources: the caller's grant; none for a snapshot without
+        them), and one the caller did not grant is refused (FieldError naming the field).
         `clone_index` gives a clone its own host resources and vsock CID (MachineConfig.for_clone)."""
         snap = read_snapshot(path)
-        config = snap.manifest.config
+        config = (host or HostResources()).apply(snap.manifest.config, "the snapshot")
         if clone_index is not None:
             config = config.for_clone(clone_index)
         return cls(config, console=console, kvm_path=kvm_path, restore_from=snap)

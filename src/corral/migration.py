@@ -1,7 +1,12 @@
 """Live migration between two corral processes over TCP: pre-copy with KVM's dirty log.
 
     source                                   destination (`receive`)
-    hello {version, cpu, config}     ->      builds the machine (RAM, devices; no vCPUs yet)
+                                     <-      greeting {protocol, auth, nonce_d}
+    proof {nonce_s, HMAC(token, source|nonce_d|nonce_s)} ->
+                                     <-      verdict {ok, HMAC(token, destination|...)}
+    hello {version, cpu, config}     ->      checks the config against the host resources
+                                             its operator gave; builds the machine (RAM,
+                                             devices; no vCPUs yet)
                                      <-      {ok} or {error}
     RAM: every non-zero chunk, then rounds of the pages dirtied meanwhile (KVM dirty log), until
     what is left would go within the downtime limit; the guest is throttled if it dirties
@@ -12,6 +17,24 @@
     {go}                             ->      starts the guest
     source stops ("migrated")
 
+Trust. Whoever reaches the port is a stranger until proven otherwise: both sides hold a shared
+token (at least 16 bytes, from a file only its owner reads) and each proves it with an HMAC
+over two fresh nonces, so the token never crosses the wire and a recorded handshake cannot be
+replayed; the source checks the destination's proof too, so it never sends a guest to an
+impostor. With `tls` (a certificate on the receiver, its SHA-256 pinned on the source) the
+stream is also encrypted and protected; without it the token authenticates the peers but the
+guest's memory crosses the network in clear: use TLS, or a network you trust. A receiver with
+no token refuses to start unless told `insecure`. The receiver binds loopback unless given a
+host. Everything before the proof is fixed-size and bounded by one deadline
+(HANDSHAKE_TIMEOUT for the whole greeting, however slowly the bytes come), and a peer that
+fails it (a port scan, a bare connect, a wrong token, junk, a slow trickle) is logged in one
+line while `receive` goes on listening. Messages after it are bounded too.
+
+The peer's hello is the guest's shape (CPUs, memory, command line, which devices), never the
+host's: its disks, NICs, vsock and console are matched against the HostResources the
+destination's operator gave (config.HostResources), and one the operator did not give is
+refused by field name, before anything is opened.
+
 Until `go` is sent, any failure (a refused hello, a broken connection, a destination that
 dies) leaves the source running as before, with dirty logging off, and the destination tears
 its half-built machine down. Both sides time out rather than wait forever on a silent peer.
@@ -19,19 +42,27 @@ its half-built machine down. Both sides time out rather than wait forever on a s
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import os
+import re
+import secrets
 import socket
+import ssl
+import stat
 import struct
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from corral._version import __version__
-from corral.config import MachineConfig
-from corral.errors import CorralError
+from corral.config import HostResources, MachineConfig
+from corral.errors import ConfigError, CorralError
 from corral.machine import Machine
 from corral.state.model import CpuModel, MachineState
 
@@ -41,8 +72,20 @@ PAGE = 4096
 MAX_FRAME = 1 << 20  # pages are sent in runs of at most 1 MiB
 _PAGES = struct.Struct("<cQI")  # b"P", backing offset, length
 _JSON = struct.Struct("<cI")  # b"J", length
-PROTOCOL = 1
+PROTOCOL = 2  # 2: the authenticated handshake
 IO_TIMEOUT = 30.0
+HANDSHAKE_TIMEOUT = 10.0  # the receiver's deadline for a peer to prove itself, all reads together
+HELLO_LIMIT = 1 << 20  # the largest hello (a machine config) and reply
+STATE_LIMIT = 64 << 20  # the largest machine state message
+TOKEN_MIN, TOKEN_MAX = 16, 4096
+
+MAGIC = b"CORRALMG"
+NONCE = 32
+_GREETING = struct.Struct("<8sBB32s")  # magic, protocol, auth (0: none, 1: token), nonce_d
+_PROOF = struct.Struct("<8sB32s32s")  # magic, protocol, nonce_s, HMAC (zeros without a token)
+_VERDICT = struct.Struct("<B32s")  # 0 ok | 1 wrong token | 2 other protocol; the destination's HMAC
+_OK, _WRONG_TOKEN, _OTHER_PROTOCOL = 0, 1, 2
+_NO_MAC = bytes(32)
 
 
 class MigrationError(CorralError):
@@ -64,15 +107,99 @@ class MigrationStats(BaseModel):
 Progress = Callable[[int, int, int], None]  # round, bytes sent so far, bytes still dirty
 
 
-class _Link:
-    """Framed messages over one TCP connection."""
+# -- credentials ----------------------------------------------------------------------------------
 
-    def __init__(self, sock: socket.socket) -> None:
+
+def check_token(token: bytes | str) -> bytes:
+    """A shared token as bytes; too short or too long is refused."""
+    raw = token.encode() if isinstance(token, str) else bytes(token)
+    raw = raw.strip()
+    if not TOKEN_MIN <= len(raw) <= TOKEN_MAX:
+        raise ConfigError(
+            f"a migration token must be {TOKEN_MIN} to {TOKEN_MAX} bytes, not {len(raw)}: "
+            "make one with `openssl rand -hex 32`"
+        )
+    return raw
+
+
+def load_token(path: str | os.PathLike[str]) -> bytes:
+    """The token in the file at `path`, which only its owner may read (as ssh's keys)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the token file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"the token file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ConfigError(f"the token file {path} can be read by other users: chmod 600 {path}")
+        data = f.read(TOKEN_MAX + 64)
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"the token file {path} holds binary data: put text in it (openssl rand -hex 32)"
+        ) from None
+    try:
+        return check_token(data)
+    except ConfigError as exc:
+        raise ConfigError(f"the token file {path}: {exc}") from None
+
+
+def server_tls(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ssl.SSLContext:
+    """The receiver's TLS context from a PEM certificate and key (TLS 1.2 at least)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS certificate {cert} and key {key}: {exc}") from None
+    return ctx
+
+
+def certificate_pin(cert: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a PEM certificate (its first one), as `migrate(tls_pin=...)` takes it."""
+    try:
+        text = Path(cert).read_text(errors="replace")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the TLS certificate {cert}: {exc.strerror}") from None
+    m = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", text, re.S)
+    if m is None:
+        raise ConfigError(f"{cert} holds no PEM certificate")
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(m.group(0))).hexdigest()
+
+
+def check_pin(pin: str) -> str:
+    """A certificate's SHA-256 as 64 hex digits (colons allowed, as openssl prints it)."""
+    hexed = pin.replace(":", "").strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", hexed):
+        raise ConfigError(f"{pin!r} is not a SHA-256 fingerprint: give 64 hex digits")
+    return hexed
+
+
+def _mac(token: bytes, role: bytes, nonce_d: bytes, nonce_s: bytes) -> bytes:
+    return hmac.new(token, b"corral-migrate " + role + b"\0" + nonce_d + nonce_s, hashlib.sha256).digest()
+
+
+# -- the wire ---------------------------------------------------------------------------------------
+
+
+class _Link:
+    """Framed messages over one TCP (or TLS) connection. With `deadline` set, every read
+    waits only for what is left of it, so a trickling peer cannot stretch it."""
+
+    def __init__(self, sock: socket.socket, timeout: float = IO_TIMEOUT) -> None:
         self.sock = sock
-        sock.settimeout(IO_TIMEOUT)
+        self.timeout = timeout
+        self.deadline: float | None = None
+        sock.settimeout(timeout)
         # the hand-over is a ping-pong of small messages: Nagle plus delayed ACKs would add 40 ms
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sent = 0
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
 
     def send_json(self, obj: object) -> None:
         data = json.dumps(obj).encode()
@@ -88,24 +215,41 @@ class _Link:
         buf = into if into is not None else memoryview(bytearray(n))
         got = 0
         while got < n:
-            k = self.sock.recv_into(buf[got:], n - got)
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise MigrationError(f"the peer did not finish the handshake in {self.timeout:g} s")
+                self.sock.settimeout(left)
+            try:
+                k = self.sock.recv_into(buf[got:], n - got)
+            except TimeoutError:
+                if self.deadline is not None:
+                    raise MigrationError(
+                        f"the peer did not finish the handshake in {self.timeout:g} s"
+                    ) from None
+                raise MigrationError(f"the other side sent nothing for {self.timeout:g} s") from None
             if k == 0:
                 raise MigrationError("the other side closed the connection")
             got += k
         return b"" if into is not None else bytes(buf)
 
-    def recv(self, memory_view: Callable[[int, int], memoryview] | None = None) -> dict | None:
-        """The next JSON message; page frames on the way are written through `memory_view`
-        (offset, length) -> view. Returns None only for pages when no JSON follows yet."""
+    def recv(
+        self, memory_view: Callable[[int, int], memoryview] | None = None, *, limit: int = HELLO_LIMIT
+    ) -> dict:
+        """The next JSON message (at most `limit` bytes); page frames on the way are written
+        through `memory_view` (offset, length) -> view."""
         while True:
             kind = self._exact(1)
             if kind == b"J":
                 (n,) = struct.unpack("<I", self._exact(4))
-                if n > 256 << 20:
-                    raise MigrationError(f"message of {n} bytes is too large")
-                msg = json.loads(self._exact(n))
+                if n > limit:
+                    raise MigrationError(f"a message of {n} bytes is too large (at most {limit})")
+                try:
+                    msg = json.loads(self._exact(n))
+                except (ValueError, RecursionError):
+                    raise MigrationError("the other side sent a malformed message") from None
                 if not isinstance(msg, dict):
-                    raise MigrationError("malformed message")
+                    raise MigrationError("the other side sent a malformed message")
                 return msg
             if kind == b"P" and memory_view is not None:
                 offset, length = struct.unpack("<QI", self._exact(12))
@@ -117,11 +261,10 @@ class _Link:
 
     def expect(self, key: str) -> dict:
         msg = self.recv()
-        assert msg is not None
         if "error" in msg:
-            raise MigrationError(f"the destination refused: {msg['error']}")
+            raise MigrationError(f"the destination refused: {str(msg['error'])[:2000]}")
         if key not in msg:
-            raise MigrationError(f"the destination answered {sorted(msg)} instead of '{key}'")
+            raise MigrationError(f"the destination answered {sorted(msg)[:10]} instead of '{key}'")
         return msg
 
     def close(self) -> None:
@@ -145,6 +288,53 @@ def parse_address(text: str, *, default_host: str = "127.0.0.1", any_port: bool 
     return host.strip("[]") or default_host, p
 
 
+def _handshake_out(link: _Link, token: bytes | None) -> None:
+    """The source's half: read the greeting, prove the token, check the destination's proof."""
+    try:
+        magic, protocol, auth, nonce_d = _GREETING.unpack(link._exact(_GREETING.size))
+    except MigrationError as exc:
+        raise MigrationError(f"{exc} before greeting (if it uses TLS, give its certificate's pin)") from None
+    if magic != MAGIC:
+        raise MigrationError("the other side is not a corral receiver")
+    if protocol != PROTOCOL:
+        raise MigrationError(f"the destination speaks migration protocol {protocol}, this corral {PROTOCOL}")
+    if auth == 0 and token is not None:
+        raise MigrationError(
+            "the destination checks no token (it runs with --insecure): not sending it the guest"
+        )
+    if auth != 0 and token is None:
+        raise MigrationError("the destination checks a token: give the one it was started with")
+    nonce_s = secrets.token_bytes(NONCE)
+    proof = _mac(token, b"source", nonce_d, nonce_s) if token is not None else _NO_MAC
+    link.send_raw(_PROOF.pack(MAGIC, PROTOCOL, nonce_s, proof))
+    verdict, theirs = _VERDICT.unpack(link._exact(_VERDICT.size))
+    if verdict == _WRONG_TOKEN:
+        raise MigrationError("the destination refused the token: give the one it was started with")
+    if verdict != _OK:
+        raise MigrationError("the destination refused the handshake (another corral version?)")
+    if token is not None and not hmac.compare_digest(theirs, _mac(token, b"destination", nonce_d, nonce_s)):
+        raise MigrationError(
+            "the destination did not prove it holds the token: is it the receiver you meant?"
+        )
+
+
+def _handshake_in(link: _Link, token: bytes | None) -> None:
+    """The destination's half; raises MigrationError for any peer that does not prove itself."""
+    nonce_d = secrets.token_bytes(NONCE)
+    link.send_raw(_GREETING.pack(MAGIC, PROTOCOL, 0 if token is None else 1, nonce_d))
+    magic, protocol, nonce_s, proof = _PROOF.unpack(link._exact(_PROOF.size))
+    if magic != MAGIC:
+        raise MigrationError("not a corral source (bad greeting)")
+    if protocol != PROTOCOL:
+        link.send_raw(_VERDICT.pack(_OTHER_PROTOCOL, _NO_MAC))
+        raise MigrationError(f"the source speaks migration protocol {protocol}, this corral {PROTOCOL}")
+    if token is not None and not hmac.compare_digest(proof, _mac(token, b"source", nonce_d, nonce_s)):
+        link.send_raw(_VERDICT.pack(_WRONG_TOKEN, _NO_MAC))
+        raise MigrationError("wrong token")
+    mine = _mac(token, b"destination", nonce_d, nonce_s) if token is not None else _NO_MAC
+    link.send_raw(_VERDICT.pack(_OK, mine))
+
+
 # -- source ---------------------------------------------------------------------------------------
 
 
@@ -152,15 +342,27 @@ def migrate(
     machine: Machine,
     address: str,
     *,
+    token: bytes | str | None = None,
+    tls_pin: str | None = None,
+    insecure: bool = False,
     downtime_limit: float = 0.3,
     max_rounds: int = 30,
     progress: Progress | None = None,
     cut_at: str | None = None,
 ) -> MigrationStats:
     """Move `machine` to the corral listening at `address` (HOST:PORT). On success the local
-    machine is stopped; on failure it runs on. `cut_at` (tests) drops the connection at a phase:
-    hello, memory, state or go."""
+    machine is stopped; on failure it runs on. `token` is the destination's shared token
+    (`insecure` sends the guest to a destination that checks none); `tls_pin`, the SHA-256 of
+    the destination's TLS certificate, turns TLS on. `cut_at` (tests) drops the connection at
+    a phase: hello, memory, state or go."""
     host, port = parse_address(address)
+    key = check_token(token) if token is not None else None
+    if key is None and not insecure:
+        raise MigrationError(
+            "no migration token: give the token the destination was started with, "
+            "or allow an unauthenticated destination (insecure)"
+        )
+    pin = check_pin(tls_pin) if tls_pin is not None else None
     mem = machine.memory
     if mem is None or machine.cpu_model is None:
         raise MigrationError("the machine is not running: nothing to migrate")
@@ -177,6 +379,9 @@ def migrate(
     committed = False
     throttle = _Throttle(machine)
     try:
+        if pin is not None:
+            link = _Link(_tls_client(sock, pin))
+        _handshake_out(link, key)
         with machine.exclusive():
             _cut(link, cut_at, "hello")
             link.send_json(
@@ -253,6 +458,21 @@ def migrate(
     return stats
 
 
+def _tls_client(sock: socket.socket, pin: str) -> ssl.SSLSocket:
+    """TLS to the destination, trusting exactly the certificate whose SHA-256 is `pin`."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the pin below is the whole trust decision
+    tls = ctx.wrap_socket(sock)  # handshakes within the socket's timeout
+    der = tls.getpeercert(binary_form=True) or b""
+    got = hashlib.sha256(der).hexdigest()
+    if not hmac.compare_digest(got, pin):
+        tls.close()
+        raise MigrationError(f"the destination's TLS certificate is sha256 {got}, not the pinned one")
+    return tls
+
+
 def _cut(link: _Link, cut_at: str | None, phase: str) -> None:
     if cut_at == phase:
         link.sock.shutdown(socket.SHUT_RDWR)
@@ -314,7 +534,9 @@ class _Throttle:
 
 
 def listen(address: str) -> socket.socket:
-    host, port = parse_address(address, default_host="0.0.0.0", any_port=True)
+    """A listening socket for `receive`: HOST:PORT, or PORT alone on loopback (127.0.0.1):
+    other hosts reach it only where the operator names an address for them."""
+    host, port = parse_address(address, default_host="127.0.0.1", any_port=True)
     srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -322,69 +544,170 @@ def listen(address: str) -> socket.socket:
     except OSError as exc:
         srv.close()
         raise CorralError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    srv.listen(1)
+    srv.listen(8)
     return srv
 
 
 def receive(
     server: socket.socket,
     *,
+    token: bytes | str | None = None,
+    insecure: bool = False,
+    tls: ssl.SSLContext | None = None,
+    host: HostResources | None = None,
     console: Callable[[bytes], None] | None = None,
     kvm_path: str = "/dev/kvm",
     accept_timeout: float | None = None,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> Machine:
     """Accept one incoming migration on `server` and return the machine, loaded and handed
-    over: call start() (or run()) at once. On any failure the half-built machine is closed and
-    MigrationError raised."""
-    server.settimeout(accept_timeout)
+    over: call start() (or run()) at once.
+
+    A peer must prove `token` (without one, `insecure` must say so) within
+    `handshake_timeout`; one that does not is logged and the next connection accepted, until
+    `accept_timeout` (None: forever) has passed. The guest's host resources come from `host`
+    (HostResources; none given: the guest may have no disk, NIC, vsock or console file). Once a
+    peer has proven itself, any failure closes the half-built machine and raises
+    MigrationError; `server` stays open, so receive() can be called again."""
+    key = check_token(token) if token is not None else None
+    if key is None and not insecure:
+        raise MigrationError(
+            "no migration token: give one (a shared secret the source gives too), or accept "
+            "migrations from anyone who can connect (insecure)"
+        )
+    grant = host or HostResources()
+    deadline = None if accept_timeout is None else time.monotonic() + accept_timeout
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise MigrationError("no migration arrived in time")
+        server.settimeout(left)
+        try:
+            sock, peer = server.accept()
+        except TimeoutError:
+            raise MigrationError("no migration arrived in time") from None
+        except OSError as exc:
+            raise MigrationError(f"cannot accept a connection: {exc.strerror or exc}") from None
+        where = f"{peer[0]}:{peer[1]}"
+        try:
+            link = _accept(sock, key, tls, handshake_timeout)
+        except (OSError, MigrationError) as exc:
+            reason = (
+                exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+            )
+            log.warning(
+                "migration: refused a connection from %s: %s; still listening", where, _one_line(reason)
+            )
+            sock.close()
+            continue
+        return _receive_machine(link, where, grant, console, kvm_path)
+
+
+def _accept(sock: socket.socket, key: bytes | None, tls: ssl.SSLContext | None, timeout: float) -> _Link:
+    """TLS (if asked) and the handshake, all within `timeout` however slowly the peer sends."""
+    deadline = time.monotonic() + timeout
     try:
-        sock, peer = server.accept()
+        if tls is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(timeout)  # do_handshake() treats it as a deadline for the whole of it
+            sock = tls.wrap_socket(sock, server_side=True)
     except TimeoutError:
-        raise MigrationError("no migration arrived in time") from None
-    link = _Link(sock)
+        sock.close()
+        raise MigrationError(f"the peer did not finish the TLS handshake in {timeout:g} s") from None
+    except OSError:
+        sock.close()
+        raise
+    link = _Link(sock, timeout=timeout)
+    link.deadline = deadline
+    try:
+        _handshake_in(link, key)
+    except BaseException:
+        link.close()
+        raise
+    link.deadline = None
+    link.sock.settimeout(IO_TIMEOUT)
+    link.timeout = IO_TIMEOUT
+    return link
+
+
+def _receive_machine(
+    link: _Link,
+    where: str,
+    grant: HostResources,
+    console: Callable[[bytes], None] | None,
+    kvm_path: str,
+) -> Machine:
+    """The migration proper, from a peer that proved itself."""
     machine: Machine | None = None
     try:
-        hello = link.recv()
-        assert hello is not None
+        hello = link.recv(limit=HELLO_LIMIT)
         try:
             if hello.get("protocol") != PROTOCOL or hello.get("corral_version") != __version__:
                 raise CorralError(
-                    f"the source is corral {hello.get('corral_version')} (protocol "
-                    f"{hello.get('protocol')}), this is corral {__version__} "
+                    f"the source is corral {str(hello.get('corral_version'))[:40]} (protocol "
+                    f"{str(hello.get('protocol'))[:10]}), this is corral {__version__} "
                     f"(protocol {PROTOCOL})"
                 )
-            config = MachineConfig.build(**hello["config"])
+            fields = hello.get("config")
+            if not isinstance(fields, dict):
+                raise CorralError("the hello has no machine config")
+            config = grant.apply(MachineConfig.build(**fields), "the source")
+            cpu = CpuModel.model_validate(hello.get("cpu"))
             machine = Machine(config, console=console, kvm_path=kvm_path, incoming=True)
             machine.build()
-            cpu = CpuModel.model_validate(hello["cpu"])
             if cpu != machine.cpu_model:
                 assert machine.cpu_model is not None
                 raise CorralError(
                     f"the source runs on a {cpu.describe()}, this host has a {machine.cpu_model.describe()}"
                 )
         except (CorralError, KeyError, TypeError, ValueError) as exc:
-            link.send_json({"error": str(exc)})
-            raise MigrationError(f"refused the migration from {peer[0]}: {exc}") from None
+            reason = _one_line(exc)
+            link.send_json({"error": reason})
+            raise MigrationError(f"refused the migration from {where}: {reason}") from None
         link.send_json({"ok": True})
         mem = machine.memory
         assert mem is not None
-        msg = link.recv(mem.offset_view)
-        if msg is None or "state" not in msg:
+        msg = link.recv(mem.offset_view, limit=STATE_LIMIT)
+        if "state" not in msg:
             raise MigrationError("the source sent no machine state")
-        machine.load_incoming(MachineState.model_validate(msg["state"]))
+        try:
+            machine.load_incoming(MachineState.model_validate(msg["state"]))
+        except (CorralError, KeyError, TypeError, ValueError) as exc:
+            reason = _one_line(exc)
+            link.send_json({"error": reason})
+            raise MigrationError(f"the machine state from {where} does not load: {reason}") from None
         link.send_json({"ready": True})
-        go = link.recv()
-        if not go or not go.get("go"):
+        go = link.recv(limit=HELLO_LIMIT)
+        if not go.get("go"):
             raise MigrationError("the source did not hand the guest over")
         return machine
     except BaseException as exc:
         if machine is not None:
             machine.close()
         if isinstance(exc, OSError):
-            raise MigrationError(f"incoming migration failed: {exc.strerror or exc}") from None
+            raise MigrationError(f"incoming migration from {where} failed: {exc.strerror or exc}") from None
         raise
     finally:
         link.close()
 
 
-__all__ = ["MigrationError", "MigrationStats", "listen", "migrate", "parse_address", "receive"]
+def _one_line(exc: object) -> str:
+    """An error as one bounded line (pydantic's reports span several)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:1000]
+
+
+__all__ = [
+    "HANDSHAKE_TIMEOUT",
+    "MigrationError",
+    "MigrationStats",
+    "certificate_pin",
+    "check_pin",
+    "check_token",
+    "listen",
+    "load_token",
+    "migrate",
+    "parse_address",
+    "receive",
+    "server_tls",
+]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from support.cli import ROOT, corral, corral_popen, one_clear_line, start_vm
 from support.results import result_lines
 
@@ -61,10 +62,22 @@ def test_receive_and_migrate_from_the_command_line(tmp_path):
     api = tmp_path / "vm.sock"
     dest_api = tmp_path / "dest.sock"
     src = start_vm(api)
-    dest = corral_popen("receive", "--listen", "127.0.0.1:0", "--timeout", "60", "--api", str(dest_api))
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123456789abcdef\n")
+    token.chmod(0o600)
+    dest = corral_popen(
+        "receive", "--listen", "0", "--token-file", str(token), "--timeout", "60", "--api", str(dest_api)
+    )
     try:
-        port = dest.stderr.readline().decode().rsplit(":", 1)[1].strip()
-        r = corral("migrate", "--api", str(api), f"127.0.0.1:{port}")
+        first = dest.stderr.readline().decode()
+        assert "waiting for a migration on 127.0.0.1:" in first  # PORT alone: loopback
+        port = first.rsplit(":", 1)[1].strip()
+        # without the token the VM stays here, and the receiver waits on
+        line = one_clear_line(corral("migrate", "--api", str(api), f"127.0.0.1:{port}"))
+        assert "--token-file" in line and "--insecure" in line
+        line = one_clear_line(corral("migrate", "--api", str(api), "--insecure", f"127.0.0.1:{port}"))
+        assert "checks a token" in line and "runs on here" in line
+        r = corral("migrate", "--api", str(api), "--token-file", str(token), f"127.0.0.1:{port}")
         assert r.returncode == 0, r.stderr
         assert "round 1:" in r.stderr and "downtime" in r.stderr
         _src_out, src_err = src.communicate(timeout=30)
@@ -97,6 +110,68 @@ def test_restore_bad_input(tmp_path):
     assert "does not exist" in one_clear_line(corral("clone", str(tmp_path / "none")))
 
 
+def test_receive_and_migrate_over_tls_from_the_command_line(tmp_path):
+    """The receiver prints its certificate's SHA-256; the source pins it (a wrong pin keeps the
+    VM here) and proves the token inside TLS."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        + ["-subj", "/CN=corral", "-days", "2", "-keyout", str(key), "-out", str(cert)],
+        capture_output=True,
+    )
+    if made.returncode != 0:
+        pytest.skip("openssl cannot make a certificate here")
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123456789abcdef")
+    token.chmod(0o600)
+    api, dest_api = tmp_path / "vm.sock", tmp_path / "dest.sock"
+    src = start_vm(api)
+    dest = corral_popen(
+        *("receive", "--listen", "0", "--token-file", str(token), "--tls-cert", str(cert)),
+        *("--tls-key", str(key), "--timeout", "60", "--api", str(dest_api)),
+    )
+    try:
+        port = dest.stderr.readline().decode().rsplit(":", 1)[1].strip()
+        pin = dest.stderr.readline().decode().split("sha256 ")[1].split()[0]
+        migrate = ("migrate", "--api", str(api), "--token-file", str(token), f"127.0.0.1:{port}")
+        line = one_clear_line(corral(*migrate, "--tls-pin", "ab" * 32))
+        assert "not the pinned one" in line and "runs on here" in line
+        r = corral(*migrate, "--tls-pin", pin)
+        assert r.returncode == 0, r.stderr
+        src.communicate(timeout=30)
+        assert src.returncode == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            st = corral("status", "--api", str(dest_api))
+            if st.returncode == 0:
+                break
+            time.sleep(0.1)
+        assert st.stdout.startswith("running"), st.stderr
+        assert corral("stop", "--api", str(dest_api)).returncode == 0
+        dest.communicate(timeout=30)
+    finally:
+        src.kill()
+        dest.kill()
+
+
+def test_receive_needs_a_token_or_insecure(tmp_path):
+    line = one_clear_line(corral("receive", "--listen", "0"))
+    assert "--token-file" in line and "--insecure" in line
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123456789abcdef")
+    token.chmod(0o644)
+    line = one_clear_line(corral("receive", "--listen", "0", "--token-file", str(token)))
+    assert "can be read by other users: chmod 600" in line
+    token.chmod(0o600)
+    line = one_clear_line(corral("receive", "--listen", "0", "--token-file", str(token), "--tls-cert", "c"))
+    assert "--tls-key" in line
+    proc = corral_popen("receive", "--listen", "0", "--insecure", "--timeout", "0.5")
+    _, err = proc.communicate(timeout=60)
+    lines = err.decode().splitlines()
+    assert "127.0.0.1:" in lines[0] and lines[1].startswith("corral: warning: --insecure: anyone")
+    assert proc.returncode == 1 and "no migration arrived in time" in lines[-1]
+
+
 def test_control_commands_without_a_vm(tmp_path):
     line = one_clear_line(corral("pause", "--api", str(tmp_path / "x.sock")))
     assert "no control socket" in line and "--api" in line
@@ -110,10 +185,11 @@ def test_migrate_to_nowhere_keeps_the_vm(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.close()
-        line = one_clear_line(corral("migrate", "--api", str(api), f"127.0.0.1:{port}"))
+        line = one_clear_line(corral("migrate", "--api", str(api), "--insecure", f"127.0.0.1:{port}"))
         assert "cannot reach" in line and "runs on here" not in line
         assert corral("status", "--api", str(api)).stdout.startswith("running")
-        assert "HOST:PORT" in one_clear_line(corral("migrate", "--api", str(api), "nowhere:port"))
+        line = one_clear_line(corral("migrate", "--api", str(api), "--insecure", "nowhere:port"))
+        assert "HOST:PORT" in line
     finally:
         proc.kill()
         proc.wait()

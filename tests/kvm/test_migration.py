@@ -20,9 +20,18 @@ from support.live_probe import LiveProbe, assert_continues, reference_rounds
 from support.results import progress_rounds
 
 from corral.api import call
+from corral.errors import CorralError
 from corral.migration import MigrationError, listen, migrate, receive
 
 CMD = "mem-touch 32M forever"
+TOKEN = "a-test-token-shared-by-both-ends"
+
+
+def token_file(tmp_path) -> str:
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
+    return str(path)
 
 
 class Destination:
@@ -39,6 +48,7 @@ class Destination:
 
     def _run(self, **kw) -> None:
         try:
+            kw.setdefault("token", TOKEN)
             m = receive(self.server, console=self._out.extend, accept_timeout=30, **kw)
             self.probe = LiveProbe(m)
             self.probe._out = self._out
@@ -74,7 +84,7 @@ def assert_still_running(p: LiveProbe) -> None:
 def test_migration_moves_the_running_guest(source):
     dest = Destination()
     try:
-        stats = migrate(source.machine, dest.address)
+        stats = migrate(source.machine, dest.address, token=TOKEN)
         dest.join()
         assert dest.error is None and dest.probe is not None
         result = source.machine.wait(5)
@@ -95,6 +105,7 @@ def test_a_tight_downtime_limit_takes_more_rounds_and_still_arrives(source):
         stats = migrate(
             source.machine,
             dest.address,
+            token=TOKEN,
             downtime_limit=1e-6,
             max_rounds=4,
             progress=lambda r, sent, dirty: rounds.append((r, dirty)),
@@ -131,7 +142,7 @@ def test_target_not_listening(source):
     port = s.getsockname()[1]
     s.close()
     with pytest.raises(MigrationError, match="cannot reach .*is `corral receive` listening"):
-        migrate(source.machine, f"127.0.0.1:{port}")
+        migrate(source.machine, f"127.0.0.1:{port}", token=TOKEN)
     assert_still_running(source)
 
 
@@ -139,7 +150,7 @@ def test_destination_that_refuses(source):
     dest = Destination(kvm_path="/nonexistent/kvm")
     try:
         with pytest.raises(MigrationError, match="destination refused: /nonexistent/kvm does not exist"):
-            migrate(source.machine, dest.address)
+            migrate(source.machine, dest.address, token=TOKEN)
         dest.join()
         assert isinstance(dest.error, MigrationError) and dest.probe is None
         assert_still_running(source)
@@ -152,7 +163,7 @@ def test_cut_connection_leaves_the_source_running(source, phase):
     dest = Destination()
     try:
         with pytest.raises(MigrationError, match="the guest runs on here"):
-            migrate(source.machine, dest.address, cut_at=phase)
+            migrate(source.machine, dest.address, token=TOKEN, cut_at=phase)
         dest.join()
         assert dest.probe is None and isinstance(dest.error, MigrationError)
         assert_still_running(source)
@@ -160,7 +171,7 @@ def test_cut_connection_leaves_the_source_running(source, phase):
         # and the source can still be migrated afterwards
         again = Destination()
         try:
-            migrate(source.machine, again.address)
+            migrate(source.machine, again.address, token=TOKEN)
             again.join()
             assert again.probe is not None
             again.probe.wait_rounds(source.last_round() + 1)
@@ -170,8 +181,9 @@ def test_cut_connection_leaves_the_source_running(source, phase):
         dest.close()
 
 
-def _receiver(address: str, *extra: str, netns: str | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "corral", "receive", "--listen", address, "--timeout", "60", *extra]
+def _receiver(address: str, token: str, *extra: str, netns: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "corral", "receive", "--listen", address, "--token-file", token]
+    cmd += ["--timeout", "60", *extra]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -184,7 +196,7 @@ def _wait_listening(proc: subprocess.Popen) -> None:
 
 def test_destination_killed_midway(tmp_path):
     src = LiveProbe.boot("mem-touch 128M forever")
-    proc = _receiver("127.0.0.1:0")
+    proc = _receiver("127.0.0.1:0", token_file(tmp_path))
     try:
         src.wait_rounds(1)
         line = proc.stdout.readline().decode()
@@ -199,6 +211,7 @@ def test_destination_killed_midway(tmp_path):
             migrate(
                 src.machine,
                 f"127.0.0.1:{port}",
+                token=TOKEN,
                 downtime_limit=1e-4,
                 max_rounds=30,
                 progress=kill_on_first_round,
@@ -241,15 +254,19 @@ def second_host():
 def test_migration_to_another_host(source, second_host, tmp_path):
     ns, address = second_host
     api = tmp_path / "b.sock"
-    proc = _receiver(f"{address}:7400", "--api", str(api), netns=ns)
+    proc = _receiver(f"{address}:7400", token_file(tmp_path), "--api", str(api), netns=ns)
     try:
         _wait_listening(proc)
-        stats = migrate(source.machine, f"{address}:7400")
+        stats = migrate(source.machine, f"{address}:7400", token=TOKEN)
         assert stats.bytes_sent >= 32 << 20
         left_at = source.last_round()
         deadline = time.monotonic() + 30
-        while not api.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while time.monotonic() < deadline:  # the socket file appears at bind(), before listen()
+            try:
+                assert call(api, {"op": "status"})["state"] == "running"
+                break
+            except CorralError:
+                time.sleep(0.05)
         assert call(api, {"op": "status"})["state"] == "running"
         time.sleep(1.0)
         call(api, {"op": "stop"})

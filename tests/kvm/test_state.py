@@ -318,6 +318,7 @@ def test_devices_travel_and_clones_get_their_own_identity(tmp_path):
         p.wait_rounds(2)
         p.machine.snapshot(tmp_path / "snap")
         at = p.last_round()
+        granted = p.machine.config.host_resources()  # restore is given its host resources again
     finally:
         p.close()
     state = read_snapshot(tmp_path / "snap").state
@@ -325,7 +326,7 @@ def test_devices_travel_and_clones_get_their_own_identity(tmp_path):
     clones = []
     try:
         for i in range(2):
-            c = LiveProbe(Machine.from_snapshot(tmp_path / "snap", clone_index=i))
+            c = LiveProbe(Machine.from_snapshot(tmp_path / "snap", clone_index=i, host=granted))
             clones.append(c)
             c.machine.start()
         for i, c in enumerate(clones):

@@ -38,10 +38,10 @@ timeout 200 {CORRAL} run --kernel {images["bzimage"]} --initrd {images["initrd"]
 A=$!
 {wait_for(f"{d}/out1", "^COUNT 6")}
 timeout 60 {CORRAL} snapshot --api {d}/a.sock {d}/snap; echo SNAPSHOT_EXIT=$?
-timeout 150 {CORRAL} receive --listen 127.0.0.1:7010 --api {d}/b.sock </dev/null > {d}/out2 2>&1 &
+timeout 150 {CORRAL} receive --listen 127.0.0.1:7010 --insecure --api {d}/b.sock </dev/null > {d}/out2 2>&1 &
 B=$!
 {wait_for(f"{d}/out2", "waiting for a migration")}
-timeout 60 {CORRAL} migrate --api {d}/a.sock 127.0.0.1:7010; echo MIGRATE_EXIT=$?
+timeout 60 {CORRAL} migrate --insecure --api {d}/a.sock 127.0.0.1:7010; echo MIGRATE_EXIT=$?
 wait $A; echo SOURCE_EXIT=$?
 {wait_counts(f"{d}/out2", 3)}; {stop} {d}/b.sock; wait $B
 timeout 60 {CORRAL} restore {d}/snap </dev/null > {d}/out3 2>&1 &

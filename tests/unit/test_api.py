@@ -125,16 +125,23 @@ def test_migration_progress_streams_before_the_reply(served, monkeypatch):
     machine, client, _ = served
     seen_by_migrate = {}
 
-    def fake_migrate(m, to, *, downtime_limit, progress):
-        seen_by_migrate.update(machine=m, to=to, downtime_limit=downtime_limit)
+    def fake_migrate(m, to, *, downtime_limit, progress, **auth):
+        seen_by_migrate.update(machine=m, to=to, downtime_limit=downtime_limit, **auth)
         progress(1, 1000, 500)
         progress(2, 1500, 0)
         return MigrationStats(rounds=2, bytes_sent=1500, total_seconds=0.5, downtime_seconds=0.002)
 
     monkeypatch.setattr(api, "migrate", fake_migrate)
     rounds: list[MigrationProgress] = []
-    stats = client.migrate("10.0.0.2:7000", downtime_ms=250, on_progress=rounds.append)
-    assert seen_by_migrate == {"machine": machine, "to": "10.0.0.2:7000", "downtime_limit": 0.25}
+    stats = client.migrate("10.0.0.2:7000", downtime_ms=250, on_progress=rounds.append, token="t" * 16)
+    assert seen_by_migrate == {
+        "machine": machine,
+        "to": "10.0.0.2:7000",
+        "downtime_limit": 0.25,
+        "token": "t" * 16,
+        "tls_pin": None,
+        "insecure": False,
+    }
     assert rounds == [
         MigrationProgress(round=1, sent=1000, dirty=500),
         MigrationProgress(round=2, sent=1500, dirty=0),

@@ -78,7 +78,7 @@ def test_control_verbs_without_a_vm(tmp_path):
         ["status"],
         ["snapshot", str(tmp_path / "s")],
         ["balloon"],
-        ["migrate", "127.0.0.1:1"],
+        ["migrate", "--insecure", "127.0.0.1:1"],
     ):
         line = fails(verb[0], "--api", str(sock), *verb[1:], code=1)
         assert line == f"no control socket at {sock}: start the VM with --api {sock}"

@@ -154,6 +154,9 @@ def test_raw_client_boots_pauses_snapshots_and_loads(tmp_path):
         assert b.fault("PUT", "/snapshot/load", load) == PRE_BOOT_ONLY
         config = b.ok("GET", "/vm/config")
         assert config["machine-config"]["mem_size_mib"] == 256 and "boot-source" not in config
+        # Ctrl+Alt+Del resets the guest, which ends a Firecracker microVM (and its process)
+        b.ok("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+        assert b.proc.wait(10) == 0
     finally:
         b.close()
 
@@ -240,8 +243,12 @@ def test_config_file_boots_at_once_without_api(tmp_path):
             }
         )
     )
+    log = tmp_path / "fc.log"
     r = subprocess.run(
-        [sys.executable, "-m", "corral", "firecracker", "--no-api", "--config-file", str(config)],
+        [
+            *(sys.executable, "-m", "corral", "firecracker", "--no-api", "--config-file", str(config)),
+            *("--boot-timer", "--log-path", str(log), "--level", "info"),
+        ],
         capture_output=True,
         timeout=120,
         env=cli_env(),
@@ -250,6 +257,7 @@ def test_config_file_boots_at_once_without_api(tmp_path):
     out = r.stdout.decode(errors="replace")
     assert r.returncode == 0, r.stderr.decode()
     assert set(progress_rounds(out)) == {1, 2}
+    assert "Guest-boot-time = " in log.read_text()
     r = subprocess.run(
         [sys.executable, "-m", "corral", "firecracker", "--no-api"],
         capture_output=True,

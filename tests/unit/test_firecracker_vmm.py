@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from corral.config import MachineConfig
+from corral.config import MachineConfig, NetConfig, VsockConfig
 from corral.devices.virtio.balloon import BalloonInfo
+from corral.errors import CorralError
 from corral.firecracker import models as m
 from corral.firecracker.main import apply_config, read_config_file
 from corral.firecracker.routes import Router
@@ -411,3 +412,38 @@ def test_config_file(vmm, made, kernel, tmp_path):
         read_config_file(path)
     with pytest.raises(FirecrackerError, match="boot-source is required"):
         apply_config(FirecrackerVmm(), m.FullVmConfiguration())
+
+
+def test_a_loaded_vm_that_never_ran_is_not_snapshotted(vmm, api, tmp_path):
+    vmm.machine, vmm.started = FakeMachine(MachineConfig(kernel="k")), False  # as after a load
+    assert api("GET", "/").body["state"] == "Paused"
+    body = {"snapshot_path": str(tmp_path / "s"), "mem_file_path": str(tmp_path / "m")}
+    assert "resume it first" in fault_of(api("PUT", "/snapshot/create", body))
+    assert not (tmp_path / "s").exists()
+    assert api("PATCH", "/vm", {"state": "Resumed"}).status == 204  # resuming starts it
+    assert vmm.machine.calls == [("start",)] and vmm.started
+
+
+def test_network_and_vsock_overrides_on_load(vmm):
+    config = MachineConfig.build(
+        kernel="k",
+        nets=[NetConfig(tap="old0"), NetConfig(tap="old1", mac="06:00:00:00:00:01")],
+        vsock=VsockConfig(cid=3, uds_path=Path("/old.sock")),
+    )
+    fc = m.FullVmConfiguration.model_validate_json(
+        '{"network-interfaces": [{"iface_id": "eth0", "host_dev_name": "old0"}, '
+        '{"iface_id": "eth1", "host_dev_name": "old1"}]}'
+    )
+    params = m.SnapshotLoadParams.model_validate_json(
+        '{"snapshot_path": "s", "mem_file_path": "m", "vsock_override": {"uds_path": "/new.sock"}, '
+        '"network_overrides": [{"iface_id": "eth0", "host_dev_name": "new0"}]}'
+    )
+    out = vmm._apply_overrides(config, fc, params)
+    assert [n.tap for n in out.nets] == ["new0", "old1"]
+    assert out.nets[0].guest_mac() == config.nets[0].guest_mac()  # the guest keeps its MAC
+    assert out.vsock is not None and out.vsock.uds_path == Path("/new.sock")
+    bad = params.model_copy(
+        update={"network_overrides": [m.NetworkOverride(iface_id="eth7", host_dev_name="x")]}
+    )
+    with pytest.raises(CorralError, match="no network interface 'eth7'"):
+        vmm._apply_overrides(config, fc, bad)

@@ -536,6 +536,13 @@ class FirecrackerVmm:
                 "Create snapshot error: corral writes Full snapshots only: "
                 "leave snapshot_type out or give Full"
             )
+        if not self.started:
+            # a loaded VM not yet resumed: its vCPUs never ran, and corral saves a clock only
+            # from a machine that has run (its snapshot would be the one it was loaded from)
+            raise FirecrackerError(
+                "Create snapshot error: this microVM was loaded from a snapshot and has not run "
+                "since: resume it first (PATCH /vm Resumed), or copy the snapshot it was loaded from"
+            )
         state_path, mem_path = Path(params.snapshot_path), Path(params.mem_file_path)
         try:
             write_snapshot_files(machine.snapshot, state_path, mem_path, self.full_config())

@@ -79,6 +79,7 @@ def test_keep_alive_serves_many_requests_on_one_connection(served):
         assert status == 200 and body == {"path": f"/x{i}"}
         assert r.getheader("Connection") == "keep-alive"
         assert r.getheader("Content-Type") == "application/json"
+        assert r.getheader("Server") == "Firecracker API"
     status, body, r = request(conn, "PUT", "/old", {"a": 1})
     assert status == 204 and body is None and r.getheader("Deprecation") == "true"
     assert seen[-1] == ("PUT", "/old", b'{"a": 1}')

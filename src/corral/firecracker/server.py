@@ -51,10 +51,11 @@ Handle = Callable[[str, str, bytes | None], Reply]
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server_version = "Firecracker API"
-    sys_version = ""
     timeout = IDLE_TIMEOUT
     server: _Server
+
+    def version_string(self) -> str:
+        return "Firecracker API"  # the Server header Firecracker sends
 
     def do_GET(self) -> None:
         self._serve("GET")

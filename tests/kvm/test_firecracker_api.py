@@ -215,6 +215,32 @@ def test_bad_input_gets_400_and_the_server_serves_on(tmp_path):
         fc.close()
 
 
+def test_serial_out_path_and_metrics(tmp_path):
+    serial, metrics = tmp_path / "serial.log", tmp_path / "metrics.json"
+    fc = Firecracker(tmp_path / "api.sock", "--metrics-path", str(metrics), "--id", "m-1")
+    try:
+        fc.ok("PUT", "/serial", {"serial_out_path": str(serial)})
+        fc.ok(
+            "PUT",
+            "/boot-source",
+            {"kernel_image_path": str(build_probe()), "boot_args": "mem-touch 4M forever"},
+        )
+        assert fc.fault("PUT", "/actions", {"action_type": "FlushMetrics"}).endswith(
+            "before starting the microVM."
+        )
+        fc.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+        deadline = time.monotonic() + 60
+        while not progress_rounds(serial.read_text(errors="replace")):
+            assert time.monotonic() < deadline, serial.read_text(errors="replace")[-2000:]
+            time.sleep(0.05)
+        fc.ok("PUT", "/actions", {"action_type": "FlushMetrics"})
+        line = json.loads(metrics.read_text().splitlines()[-1])
+        assert line["vmm"] == {"state": "Running"} and line["utc_timestamp_ms"] > 0
+    finally:
+        fc.close()
+    assert "PROGRESS" not in fc.output  # the console went to the file, not stdout
+
+
 def test_a_failed_load_ends_the_process(tmp_path):
     fc = Firecracker(tmp_path / "api.sock")
     try:

@@ -795,5 +795,62 @@ def image_path(img: Image, which: str | None) -> None:
             click.echo(paths.initrd)
 
 
+# --- corral firecracker: Firecracker's API, drop-in ------------------------------------------------
+
+
+@main.command("firecracker", error_code=1)
+@click.option(
+    "--api-sock",
+    type=click.Path(path_type=Path),
+    default="/run/firecracker.socket",
+    show_default=True,
+    help="Serve Firecracker's API (HTTP on a Unix socket) here.",
+)
+@click.option(
+    "--id", "instance_id", default="anonymous-instance", show_default=True, help="The microVM's id."
+)
+@click.option(
+    "--config-file",
+    type=click.Path(path_type=Path),
+    help="Firecracker's JSON config (boot-source, drives, machine-config, ...): boot it at once.",
+)
+@click.option("--no-api", is_flag=True, help="Serve no API (needs --config-file).")
+@click.option("--log-path", type=click.Path(path_type=Path), help="Append the log to this file.")
+@click.option("--level", help="Log level: Error, Warning, Info, Debug, Trace or Off.")
+@click.option("--metrics-path", type=click.Path(path_type=Path), help="Write metrics (FlushMetrics) here.")
+@click.option("--boot-timer", is_flag=True, help="Log the time from start to the guest's first serial byte.")
+@KVM_OPTION
+def firecracker(
+    api_sock: Path,
+    instance_id: str,
+    config_file: Path | None,
+    no_api: bool,
+    log_path: Path | None,
+    level: str | None,
+    metrics_path: Path | None,
+    boot_timer: bool,
+    kvm_path: str,
+) -> None:
+    """Serve Firecracker's REST API for one microVM, so Firecracker's clients drive corral.
+
+    The serial console goes to stdout; exits when the guest stops (with its status).
+    """
+    from corral.firecracker.main import run as run_firecracker
+
+    sys.exit(
+        run_firecracker(
+            api_sock=api_sock,
+            instance_id=instance_id,
+            config_file=config_file,
+            no_api=no_api,
+            log_path=log_path,
+            level=level,
+            metrics_path=metrics_path,
+            boot_timer=boot_timer,
+            kvm_path=kvm_path,
+        )
+    )
+
+
 if __name__ == "__main__":
     main()

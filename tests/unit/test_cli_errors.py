@@ -142,7 +142,7 @@ def test_error_code_is_per_command_and_per_phase():
 def test_kvm_and_api_options_are_declared_once():
     by_command = {name: {p.name: p for p in cmd.params} for name, cmd in main.commands.items()}
     kvm = [params["kvm_path"] for params in by_command.values() if "kvm_path" in params]
-    assert len(kvm) == 5  # run restore clone receive doctor
+    assert len(kvm) == 6  # run restore clone receive doctor firecracker
     assert all(p.envvar == "CORRAL_KVM" and p.default == "/dev/kvm" for p in kvm)
     serve = [by_command[c]["api_path"] for c in ("run", "restore", "receive")]
     assert len({p.help for p in serve}) == 1

@@ -1,0 +1,153 @@
+"""Firecracker's two snapshot files onto corral's snapshot directory, and back.
+
+Firecracker writes the microVM state to `snapshot_path` and guest memory to `mem_file_path`;
+corral writes a directory (manifest.json, state.json, memory.bin: corral.state.snapshot). The
+mapping:
+
+* create: corral's snapshot is written into a temporary directory beside `snapshot_path`; its
+  memory.bin is renamed to `mem_file_path` (copied with its holes kept when that is on another
+  file system); `snapshot_path` becomes one JSON file holding the text of manifest.json and
+  state.json (byte for byte: the state's checksum still holds) and the Firecracker resources
+  (drive and interface ids, machine-config), so a load can answer GET /vm/config and apply
+  network_overrides by interface id. Both files are replaced whole, never left half-written.
+* load: the directory is staged in a temporary place from `snapshot_path`, memory.bin being a
+  symlink to the memory file given; corral checks it as any snapshot (format, version, CPU,
+  state checksum, memory size) and maps RAM from that file privately and lazily.
+
+Both files can be moved or copied together, as Firecracker's can.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from corral._version import __version__
+from corral.errors import CorralError
+from corral.firecracker.models import FullVmConfiguration
+from corral.state.snapshot import MANIFEST, MEMORY, STATE, Snapshot, read_snapshot
+
+FORMAT = "corral-firecracker-snapshot"
+STATE_FILE_MAX = 64 << 20  # a state file larger than this is not ours
+COPY_CHUNK = 4 << 20
+
+
+class SnapshotFileError(CorralError):
+    """Firecracker-style snapshot files that cannot be written or read."""
+
+
+def write_snapshot_files(
+    take: Callable[[Path], object], state_path: Path, mem_path: Path, resources: FullVmConfiguration
+) -> None:
+    """Run `take(directory)` (a paused machine's corral snapshot) and turn the directory into
+    `state_path` + `mem_path`."""
+    for p in (state_path, mem_path):
+        if not p.parent.is_dir():
+            raise SnapshotFileError(
+                f"Cannot perform open on the snapshot backing file: {p.parent} is not a directory"
+            )
+    work = Path(tempfile.mkdtemp(prefix=f".{state_path.name}.", dir=state_path.parent))
+    try:
+        snap = work / "snap"
+        take(snap)
+        bundle = {
+            "format": FORMAT,
+            "corral_version": __version__,
+            "manifest": (snap / MANIFEST).read_text(),
+            "state": (snap / STATE).read_text(),
+            "firecracker": resources.model_dump(mode="json", by_alias=True, exclude_none=True),
+        }
+        _move_sparse(snap / MEMORY, mem_path)
+        tmp = work / "state"
+        tmp.write_text(json.dumps(bundle))
+        os.replace(tmp, state_path)
+    except OSError as exc:
+        raise SnapshotFileError(f"cannot write the snapshot: {exc.filename or ''}: {exc.strerror}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def staged_snapshot(state_path: Path, mem_path: Path) -> Iterator[tuple[Snapshot, FullVmConfiguration]]:
+    """The corral snapshot (checked) and the Firecracker resources that `state_path` and
+    `mem_path` hold; the staged directory exists while the block runs (build the machine there)."""
+    bundle = _read_bundle(state_path)
+    try:
+        resources = FullVmConfiguration.model_validate_json(json.dumps(bundle.get("firecracker", {})))
+    except ValidationError as exc:
+        raise SnapshotFileError(
+            f"{state_path}: its microVM resources are damaged ({exc.errors()[0]['msg']})"
+        ) from None
+    if not mem_path.is_file():
+        raise SnapshotFileError(f"the memory file {mem_path} does not exist")
+    work = Path(tempfile.mkdtemp(prefix="corral-fc-load."))
+    try:
+        (work / MANIFEST).write_text(bundle["manifest"])
+        (work / STATE).write_text(bundle["state"])
+        (work / MEMORY).symlink_to(mem_path.resolve())
+        yield read_snapshot(work), resources
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _read_bundle(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(STATE_FILE_MAX + 1)
+    except OSError as exc:
+        raise SnapshotFileError(f"cannot open the snapshot file {path}: {exc.strerror}") from None
+    if len(raw) > STATE_FILE_MAX:
+        raise SnapshotFileError(f"{path} is larger than a corral snapshot file can be")
+    try:
+        bundle = json.loads(raw)
+    except ValueError:
+        bundle = None
+    if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
+        raise SnapshotFileError(f"{path} is not a snapshot written by corral firecracker")
+    if not isinstance(bundle.get("manifest"), str) or not isinstance(bundle.get("state"), str):
+        raise SnapshotFileError(f"{path} is damaged: it lacks the machine's manifest or state")
+    return bundle
+
+
+def _move_sparse(src: Path, dest: Path) -> None:
+    """Rename `src` to `dest`; across file systems, copy it keeping its holes."""
+    try:
+        os.replace(src, dest)
+        return
+    except OSError as exc:
+        if exc.errno != 18:  # EXDEV
+            raise
+    size = src.stat().st_size
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with open(src, "rb") as fi, open(tmp, "wb") as fo:
+        fo.truncate(size)
+        off = 0
+        while off < size:
+            try:
+                data_at = os.lseek(fi.fileno(), off, os.SEEK_DATA)
+            except OSError:
+                break  # only holes remain
+            hole_at = os.lseek(fi.fileno(), data_at, os.SEEK_HOLE)
+            fi.seek(data_at)
+            fo.seek(data_at)
+            left = hole_at - data_at
+            while left:
+                chunk = fi.read(min(left, COPY_CHUNK))
+                if not chunk:
+                    break
+                fo.write(chunk)
+                left -= len(chunk)
+            off = hole_at
+    os.replace(tmp, dest)
+    src.unlink()
+
+
+__all__ = ["FORMAT", "SnapshotFileError", "staged_snapshot", "write_snapshot_files"]

@@ -92,8 +92,7 @@ def staged_snapshot(state_path: Path, mem_path: Path) -> Iterator[tuple[Snapshot
     try:
         (work / MANIFEST).write_text(bundle["manifest"])
         (work / STATE).write_text(bundle["state"])
-        (work / MEMORY).symlink_to(mem_path.resolve())
-        yield read_snapshot(work), resources
+        yield read_snapshot(work, memory_file=mem_path.resolve()), resources
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

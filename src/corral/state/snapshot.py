@@ -70,10 +70,7 @@ class Snapshot:
     path: Path
     manifest: Manifest
     state: MachineState
-
-    @property
-    def memory_file(self) -> Path:
-        return self.path / MEMORY
+    memory_file: Path  # the snapshot's memory.bin, or the file the operator named instead
 
 
 class SnapshotStats(BaseModel):
@@ -166,8 +163,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_snapshot(path: str | os.PathLike[str], host_cpu: CpuModel | None = None) -> Snapshot:
-    """Load and check a snapshot's manifest and state (RAM stays on disk)."""
+def read_snapshot(
+    path: str | os.PathLike[str], host_cpu: CpuModel | None = None, memory_file: Path | None = None
+) -> Snapshot:
+    """Load and check a snapshot's manifest and state (RAM stays on disk). `memory_file` is a
+    guest RAM file the operator names in place of the snapshot's own memory.bin (Firecracker's
+    mem_backend); it is checked the same way."""
     src = Path(path)
     if not src.is_dir():
         raise SnapshotError(f"{src} is not a snapshot directory (it does not exist)")
@@ -197,14 +198,15 @@ def read_snapshot(path: str | os.PathLike[str], host_cpu: CpuModel | None = None
     state_json = _read_member(src, STATE, STATE_LIMIT)
     if hashlib.sha256(state_json).hexdigest() != manifest.state_sha256:
         raise SnapshotError(f"{src / STATE} does not match its checksum: the snapshot is damaged")
-    fd = _open_member(src, MEMORY)
+    memory = memory_file if memory_file is not None else src / MEMORY
+    fd = _open_member(memory.parent, memory.name)
     try:
         size = os.fstat(fd).st_size
     finally:
         os.close(fd)
     if size != manifest.memory_size:
         raise SnapshotError(
-            f"{src / MEMORY} is {size} bytes, not {manifest.memory_size}: the snapshot is truncated"
+            f"{memory} is {size} bytes, not {manifest.memory_size}: the snapshot is truncated"
         )
     try:
         state = MachineState.model_validate_json(state_json)
@@ -214,7 +216,7 @@ def read_snapshot(path: str | os.PathLike[str], host_cpu: CpuModel | None = None
         ) from None
     if len(state.vcpus) != manifest.config.cpus:
         raise SnapshotError(f"{src}: state has {len(state.vcpus)} vCPUs, config {manifest.config.cpus}")
-    return Snapshot(src, manifest, state)
+    return Snapshot(src, manifest, state, memory)
 
 
 def _open_member(src: Path, name: str) -> int:

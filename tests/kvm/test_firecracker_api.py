@@ -132,6 +132,7 @@ def test_raw_client_boots_pauses_snapshots_and_loads(tmp_path):
         assert max(progress_rounds(a.output)) == paused_at  # paused means no progress
         a.ok("PUT", "/snapshot/create", {"snapshot_path": str(snap), "mem_file_path": str(mem)})
         assert snap.is_file() and mem.stat().st_size == 256 << 20
+        assert snap.stat().st_mode & 0o777 == 0o600 and mem.stat().st_mode & 0o777 == 0o600
         assert a.fault("PUT", "/boot-source", {"kernel_image_path": probe}) == PRE_BOOT_ONLY
         a.ok("PATCH", "/vm", {"state": "Resumed"})
         a.wait_rounds(paused_at + 3)  # the first VM runs on past the snapshot: the reference

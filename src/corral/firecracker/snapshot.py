@@ -67,7 +67,10 @@ def write_snapshot_files(
         }
         _move_sparse(snap / MEMORY, mem_path)
         tmp = work / "state"
-        tmp.write_text(json.dumps(bundle))
+        # 0600, as corral's own snapshot files: it holds the guest's registers
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(bundle))
         os.replace(tmp, state_path)
     except OSError as exc:
         raise SnapshotFileError(f"cannot write the snapshot: {exc.filename or ''}: {exc.strerror}") from None

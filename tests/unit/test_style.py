@@ -42,3 +42,13 @@ def test_ruff_format() -> None:
 
 def test_mypy() -> None:
     _run("mypy")  # files, plugins and strictness from [tool.mypy]
+
+
+def test_test_modules_have_unique_basenames():
+    # pytest imports test files by basename (rootdir-relative, no __init__.py): two files with one
+    # name in different folders stop the whole run at collection
+    tests = Path(__file__).resolve().parents[1]
+    seen: dict[str, list[str]] = {}
+    for p in tests.rglob("test_*.py"):
+        seen.setdefault(p.name, []).append(str(p.relative_to(tests)))
+    assert {n: ps for n, ps in seen.items() if len(ps) > 1} == {}

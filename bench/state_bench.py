@@ -234,7 +234,14 @@ def qemu_restore(kernel: Path, cmdline: str, memory: str, state: Path, tmp: Path
         q = Qmp(qd)
         t0 = time.perf_counter()
         q.cmd("migrate-incoming", uri=f"exec:cat {state}")
-        while q.cmd("query-status").get("status") != "running":
+        # the stream was taken from a stopped guest (as corral's snapshot pauses): once it is in,
+        # QEMU holds the guest paused, and `cont` runs it, as `corral restore` runs its guest
+        deadline = time.monotonic() + 120
+        while (status := q.cmd("query-status").get("status")) != "running":
+            if status == "paused" and q.cmd("query-migrate").get("status") == "completed":
+                q.cmd("cont")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"QEMU's restore did not run the guest within 120 s ({status})")
             time.sleep(0.001)
         ms = (time.perf_counter() - t0) * 1000
         q.close()

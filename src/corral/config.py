@@ -190,6 +190,16 @@ class VsockConfig(BaseModel):
             raise field_error(exc, VSOCK.field) from None
 
 
+def _check_console_spec(v: str) -> str:
+    """A virtio_console value, checked against its syntax (shared by the config and the grant)."""
+    if v:
+        try:
+            VIRTIO_CONSOLE.parse(v)
+        except FieldError as exc:
+            raise ValueError(exc.problems[0][1]) from None
+    return v
+
+
 class MachineConfig(BaseModel):
     """Everything needed to build a machine. Paths are checked when the machine is built."""
 
@@ -212,12 +222,7 @@ class MachineConfig(BaseModel):
     @field_validator("virtio_console")
     @classmethod
     def _virtio_console(cls, v: str) -> str:
-        if v:
-            try:
-                VIRTIO_CONSOLE.parse(v)
-            except FieldError as exc:
-                raise ValueError(exc.problems[0][1]) from None
-        return v
+        return _check_console_spec(v)
 
     def for_clone(self, index: int) -> MachineConfig:
         """The config of clone `index` of a snapshot: host resources that cannot be shared get
@@ -318,12 +323,7 @@ class HostResources(BaseModel):
     @field_validator("virtio_console")
     @classmethod
     def _virtio_console(cls, v: str) -> str:
-        if v:
-            try:
-                VIRTIO_CONSOLE.parse(v)
-            except FieldError as exc:
-                raise ValueError(exc.problems[0][1]) from None
-        return v
+        return _check_console_spec(v)
 
     def apply(self, incoming: MachineConfig, origin: str = "the snapshot") -> MachineConfig:
         """`incoming` with every host resource taken from this grant; FieldError otherwise.

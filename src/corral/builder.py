@@ -14,7 +14,7 @@ memory, the device event loop and `VmControl`; only this module and vstate/ know
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -43,7 +43,7 @@ from corral.devices.virtio.balloon import VirtioBalloon
 from corral.devices.virtio.base import VirtioDevice
 from corral.devices.virtio.blk import VirtioBlock
 from corral.devices.virtio.console import VirtioConsole
-from corral.devices.virtio.net import VirtioNet
+from corral.devices.virtio.net import FrameFilter, VirtioNet
 from corral.devices.virtio.pci import BAR_SIZE, VirtioPciDevice
 from corral.devices.virtio.rng import VirtioRng
 from corral.devices.virtio.vsock import VirtioVsock
@@ -115,9 +115,15 @@ class _Window:
 
 
 def build_board(
-    vm: Vm, memory: GuestMemory, config: MachineConfig, control: VmControl, console: Console
+    vm: Vm,
+    memory: GuestMemory,
+    config: MachineConfig,
+    control: VmControl,
+    console: Console,
+    net_filters: Mapping[int, FrameFilter] | None = None,
 ) -> Board:
-    """The PC board for `config`. On failure, whatever was opened is closed again."""
+    """The PC board for `config`. On failure, whatever was opened is closed again.
+    `net_filters`: by index into config.nets, the frame filter (MMDS) that interface runs."""
     pio, mmio = PioBus(), MmioBus()
     serial = Serial16550(vm.irq_line(layout.COM1_IRQ), console)
     pci = PciRoot(mmio)
@@ -151,7 +157,7 @@ def build_board(
         pio.register(base, size, _Window(dev, offset) if offset else dev, name)  # type: ignore[arg-type]
     board = Board(pio, mmio, pci, serial, legacy)
     try:
-        _add_virtio(board, vm, memory, config)
+        _add_virtio(board, vm, memory, config, net_filters or {})
     except BaseException:
         board.close()
         raise
@@ -159,7 +165,7 @@ def build_board(
 
 
 def _virtio_devices(
-    config: MachineConfig, loop: Callable[[], EventLoop]
+    config: MachineConfig, loop: Callable[[], EventLoop], net_filters: Mapping[int, FrameFilter]
 ) -> list[tuple[str, Callable[[], VirtioDevice]]]:
     """(name, constructor) for each virtio device the config asks for, in slot order. Each
     constructor opens the device's host backend (disk image, tap, socket, console) and hands it
@@ -176,7 +182,7 @@ def _virtio_devices(
     if config.vsock is not None:
         wanted.append(("virtio-vsock", partial(_vsock, config.vsock, loop)))
     for i, n in enumerate(config.nets):
-        wanted.append((f"virtio-net{i}", partial(_net, n, loop)))
+        wanted.append((f"virtio-net{i}", partial(_net, n, loop, net_filters.get(i))))
     return wanted
 
 
@@ -202,16 +208,18 @@ def _vsock(v: VsockConfig, loop: Callable[[], EventLoop]) -> VirtioVsock:
     return VirtioVsock(v.cid, listen_unix(v.uds_path, "vsock socket", "vsock.uds_path"), loop())
 
 
-def _net(n: NetConfig, loop: Callable[[], EventLoop]) -> VirtioNet:
-    return VirtioNet(Tap(n.tap, host_ip=n.host_ip or None), n.guest_mac(), loop())
+def _net(n: NetConfig, loop: Callable[[], EventLoop], frame_filter: FrameFilter | None) -> VirtioNet:
+    return VirtioNet(Tap(n.tap, host_ip=n.host_ip or None), n.guest_mac(), loop(), frame_filter)
 
 
-def _add_virtio(board: Board, vm: Vm, memory: GuestMemory, config: MachineConfig) -> None:
+def _add_virtio(
+    board: Board, vm: Vm, memory: GuestMemory, config: MachineConfig, net_filters: Mapping[int, FrameFilter]
+) -> None:
     def loop() -> EventLoop:
         assert board.loop is not None
         return board.loop
 
-    wanted = _virtio_devices(config, loop)
+    wanted = _virtio_devices(config, loop, net_filters)
     if not wanted:
         return
     board.loop = EventLoop("corral-devices")

@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -26,6 +26,7 @@ from corral.builder import Board, build_board, create_vcpus, load_guest, restore
 from corral.config import HostResources, MachineConfig
 from corral.devices.legacy.uart import Serial16550
 from corral.devices.virtio.balloon import BalloonInfo, VirtioBalloon
+from corral.devices.virtio.net import FrameFilter
 from corral.devices.virtio.pci import VirtioPciDevice
 from corral.errors import CorralError
 from corral.eventloop import EventLoop
@@ -81,8 +82,11 @@ class Machine:
         kvm_path: str = "/dev/kvm",
         restore_from: Snapshot | None = None,
         incoming: bool = False,
+        net_filters: Mapping[int, FrameFilter] | None = None,
     ) -> None:
         self.config = config
+        # by index into config.nets: a frame filter (MMDS) that interface runs; read by build()
+        self.net_filters: Mapping[int, FrameFilter] = net_filters or {}
         self._restore = restore_from  # consumed by the first build; a reboot boots afresh
         # incoming migration: build() stops before the vCPUs; RAM arrives, then load_incoming()
         self._incoming = incoming
@@ -180,7 +184,7 @@ class Machine:
                 )
             self.memory = GuestMemory(cfg.memory, backing=snap.memory_file if snap else None)
             vm.map_memory(self.memory)
-            self.board = build_board(vm, self.memory, cfg, self, self._console)
+            self.board = build_board(vm, self.memory, cfg, self, self._console, self.net_filters)
             if snap is not None:
                 self._restore_state(snap.state)
             elif not self._incoming:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from corral.config import DiskConfig, MachineConfig, NetConfig, VsockConfig
+from corral.devices.mmds import Mmds, MmdsStack
 from corral.errors import CorralError, FieldError
 from corral.firecracker.logs import configure_logging, write_metrics
 from corral.firecracker.models import (
@@ -409,7 +410,7 @@ class FirecrackerVmm:
             **{k: v for k, v in info.stats.items() if k in names},
         )
 
-    # -- logger, metrics, serial, MMDS: kept (MMDS is not served to the guest yet) ----------------
+    # -- logger, metrics, serial, MMDS ------------------------------------------------------------
     def put_logger(self, cfg: Logger) -> None:
         self._pre_boot()
         try:
@@ -454,7 +455,6 @@ class FirecrackerVmm:
         if cfg.ipv4_address is not None:
             if not _mmds_address_ok(cfg.ipv4_address):
                 raise FirecrackerError("MMDS config error: The MMDS IPv4 address is not link local.")
-        log.warning("MMDS is configured but corral does not serve it to the guest yet")
         self.mmds_config = cfg
         self.boot_path = True
 
@@ -472,6 +472,19 @@ class FirecrackerVmm:
         self._check_mmds_size(merged)
         self.mmds_data = merged
 
+    def _mmds_stacks(self, iface_ids: list[str], cfg: MmdsConfig | None) -> dict[int, MmdsStack]:
+        """The MMDS stack for each interface (by index) that forwards to MMDS: one service, so a
+        token works on all of them, reading self.mmds_data at each request (PUT and PATCH swap
+        it whole, so the next request sees the update)."""
+        if cfg is None:
+            return {}
+        mmds = Mmds(lambda: self.mmds_data, version=cfg.version, imds_compat=cfg.imds_compat)
+        return {
+            i: MmdsStack(mmds, cfg.ipv4_address)
+            for i, iface in enumerate(iface_ids)
+            if iface in cfg.network_interfaces
+        }
+
     def _check_mmds_size(self, data: Any) -> None:
         if len(json.dumps(data)) > MMDS_MAX:
             raise FirecrackerError("MMDS limit exceeded error: The MMDS patch request doesn't fit.", 413)
@@ -484,6 +497,7 @@ class FirecrackerVmm:
         try:
             config = self.corral_config()
             machine = self._make_machine(config, None, self._console())
+            machine.net_filters = self._mmds_stacks(list(self.nets), self.mmds_config)
             machine.build()
         except CorralError as exc:
             raise FirecrackerError(f"Start microvm error: {exc}") from None
@@ -571,6 +585,8 @@ class FirecrackerVmm:
         with staged_snapshot(Path(params.snapshot_path), Path(mem_file)) as (snap, fc):
             config = self._apply_overrides(snap.manifest.config, fc, params)
             machine = self._make_machine(config, snap, self._console())
+            ids = [n.iface_id for n in fc.network_interfaces]
+            machine.net_filters = self._mmds_stacks(ids, fc.mmds_config)
             machine.build()  # opens the memory file: the staging directory may go
         # what GET /vm/config shows after a load (Firecracker leaves the boot source empty)
         self.drives = {d.drive_id: d for d in fc.drives}

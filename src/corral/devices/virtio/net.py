@@ -6,6 +6,10 @@ per-packet work in Python beyond copying. The tap's fd sits on the VM's event lo
 guest has receive buffers; when it runs out, the fd is parked until the guest refills the queue
 (otherwise a level-triggered epoll would spin), and a frame that did not fit waits in
 `_pending` rather than being dropped.
+
+A frame filter handed in at construction (devices/mmds: MmdsStack, for an interface MMDS is
+served on) sees each transmitted frame first and may keep it from the tap; the frames it has for
+the guest are delivered before the tap's, as receive buffers allow.
 """
 
 from __future__ import annotations
@@ -51,14 +55,27 @@ class NetBackend(Protocol):
     def close(self) -> None: ...
 
 
+class FrameFilter(Protocol):
+    """Takes some of the guest's frames before the tap (True: taken) and has frames of its own
+    for the guest. Frames are Ethernet frames without the virtio-net header."""
+
+    def intercept(self, frame: bytes) -> bool: ...
+
+    def next_frame(self) -> bytes | None: ...
+
+
 class VirtioNet(VirtioDevice[NoState]):
     device_id = VIRTIO_ID_NET
     queue_sizes = (256, 256)
     state_model = NoState  # nothing beyond its queues
 
-    def __init__(self, tap: NetBackend, mac: bytes, loop: EventLoop) -> None:
+    def __init__(
+        self, tap: NetBackend, mac: bytes, loop: EventLoop, frame_filter: FrameFilter | None = None
+    ) -> None:
         super().__init__()
         self.tap, self.mac, self.loop = tap, mac, loop
+        self.filter = frame_filter
+        self._filtered = False  # the filter took a frame: it may have answers for the guest
         self.rx: Virtqueue | None = None
         self.tx: Virtqueue | None = None
         self.interrupt: VirtioInterrupt | None = None
@@ -141,6 +158,9 @@ class VirtioNet(VirtioDevice[NoState]):
         if self.tx is None or self.interrupt is None:
             return
         self.serve(self.tx, self.interrupt, self._send_one)
+        if self._filtered:
+            self._filtered = False
+            self._receive()
 
     def _send_one(self, chain: DescriptorChain) -> int:
         assert self.tx is not None
@@ -149,6 +169,9 @@ class VirtioNet(VirtioDevice[NoState]):
             self.stats["tx_dropped"] += 1  # no frame, or larger than any NIC sends
             return 0
         frame = self.tx.read_all(chain)
+        if self.filter is not None and self.filter.intercept(frame[VNET_HDR_LEN:]):
+            self._filtered = True
+            return 0
         try:
             os.write(self.tap.fd, frame)
             self.stats["tx_frames"] += 1
@@ -174,6 +197,9 @@ class VirtioNet(VirtioDevice[NoState]):
         try:
             while True:
                 frame = self._pending
+                if frame is None and self.filter is not None:
+                    own = self.filter.next_frame()
+                    frame = None if own is None else bytes(VNET_HDR_LEN) + own
                 if frame is None:
                     try:
                         n = os.readv(self.tap.fd, [self._buf])

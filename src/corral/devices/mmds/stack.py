@@ -208,9 +208,9 @@ class MmdsStack:
             if conn.reading:
                 conn.inbuf += take
             conn.rcv_nxt = (conn.rcv_nxt + len(take)) & M32
+            self._serve(conn)
             if len(take) < len(data):
                 return  # past the window: the rest (and any FIN) comes again
-            self._serve(conn)
         if seg.flags & p.FIN and (seg.seq + len(data)) & M32 == conn.rcv_nxt and not conn.peer_fin:
             conn.rcv_nxt = (conn.rcv_nxt + 1) & M32
             conn.peer_fin = True

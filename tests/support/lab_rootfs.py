@@ -27,6 +27,7 @@ PACKAGES = [
     "udev",
     "iproute2",
     "iputils-ping",
+    "curl",  # the MMDS lab test (test_lab_mmds.py) fetches metadata with it
     "kmod",
     "initramfs-tools",
     "linux-image-cloud-amd64",

@@ -91,7 +91,7 @@ def test_no_mmds_config_no_filters(vmm):
 def test_builder_hands_the_stack_to_the_net_device():
     from corral.builder import _virtio_devices
 
-    stack = MmdsStack(__import__("corral.devices.mmds", fromlist=["Mmds"]).Mmds(dict))
+    stack = MmdsStack(Mmds(dict))
     cfg = MachineConfig.build(kernel="-", nets=[NetConfig(tap="t0"), NetConfig(tap="t1")])
     wanted = dict(_virtio_devices(cfg, lambda: None, {1: stack}))  # type: ignore[arg-type,return-value]
     # the constructors are partials over (net config, loop, filter): look, don't open taps

@@ -38,7 +38,7 @@ MAX_CONNECTIONS = 32
 MAX_CONTROL = 64
 IDLE_TIMEOUT = 30.0  # seconds
 RCV_WINDOW = MAX_REQUEST
-MAX_OUTPUT = 256 * 1024
+MAX_OUTPUT = 64 * 1024  # plus one response: the API caps the data store at 51,200 bytes
 OUR_MSS = 1460
 DEFAULT_MSS = 536  # RFC 1122, when a SYN carries none
 M32 = 0xFFFFFFFF
@@ -174,6 +174,7 @@ class MmdsStack:
         conn.una = (conn.iss + 1) & M32
 
     def _on_ack(self, conn: _Conn, seg: p.Segment) -> None:
+        window_moved = seg.window != conn.peer_window
         conn.peer_window = seg.window
         if not conn.syn_acked:
             if seg.ack == conn.una:
@@ -184,7 +185,7 @@ class MmdsStack:
         if acked > limit:
             return  # acknowledges what was never sent (or is old): ignored
         if acked == 0:
-            if conn.sent and not seg.data and not seg.flags & p.FIN:
+            if conn.sent and not seg.data and not seg.flags & p.FIN and not window_moved:
                 conn.dupacks += 1
                 if conn.dupacks >= 2:  # go back: send everything unacknowledged again
                     conn.sent, conn.fin_sent, conn.dupacks = 0, False, 0
@@ -265,9 +266,6 @@ class MmdsStack:
         self._conns.pop(key, None)
 
     # -- MMDS -> guest ----------------------------------------------------------------------------
-    def has_frames(self) -> bool:
-        return bool(self._control) or any(self._wants_to_send(c) for c in self._conns.values())
-
     def next_frame(self) -> bytes | None:
         """The next frame for the guest (an Ethernet frame, no virtio-net header), or None."""
         if self._control:
@@ -283,14 +281,6 @@ class MmdsStack:
                 self.stats["frames_out"] += 1
                 return frame
         return None
-
-    def _wants_to_send(self, c: _Conn) -> bool:
-        if c.syn_pending or c.need_ack:
-            return True
-        if not c.syn_acked:
-            return False
-        unsent = len(c.out) - c.sent
-        return (unsent > 0 and c.peer_window > c.sent) or (c.fin_queued and not c.fin_sent and unsent == 0)
 
     def _snd_nxt(self, c: _Conn) -> int:
         if not c.syn_acked:

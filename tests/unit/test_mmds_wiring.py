@@ -97,3 +97,40 @@ def test_builder_hands_the_stack_to_the_net_device():
     # the constructors are partials over (net config, loop, filter): look, don't open taps
     assert wanted["virtio-net0"].args[2] is None  # type: ignore[attr-defined]
     assert wanted["virtio-net1"].args[2] is stack  # type: ignore[attr-defined]
+
+
+def test_a_loaded_snapshot_keeps_its_mmds_configuration(monkeypatch):
+    """Firecracker persists the MMDS version, address and interfaces across a snapshot, not the
+    data: the restored machine gets stacks for the saved configuration."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    import corral.firecracker.vmm as vmm_mod
+    from corral.firecracker.models import FullVmConfiguration, SnapshotLoadParams
+
+    config = MachineConfig.build(kernel="k", nets=[NetConfig(tap="t0"), NetConfig(tap="t1")])
+    fc = FullVmConfiguration.model_validate(
+        {
+            "network-interfaces": [
+                {"iface_id": "eth0", "host_dev_name": "t0"},
+                {"iface_id": "eth1", "host_dev_name": "t1"},
+            ],
+            "mmds-config": {"version": "V2", "network_interfaces": ["eth1"]},
+        }
+    )
+
+    @contextmanager
+    def staged(state, mem):
+        yield SimpleNamespace(manifest=SimpleNamespace(config=config)), fc
+
+    monkeypatch.setattr(vmm_mod, "staged_snapshot", staged)
+    made: list[Recorder] = []
+    v = FirecrackerVmm("restored", machine_factory=lambda c, s, con: made.append(Recorder(c)) or made[-1])
+    try:
+        v.load_snapshot(SnapshotLoadParams(snapshot_path="s", mem_file_path="m"), "m")
+        (filters,) = [m.built_with for m in made]
+        assert sorted(filters) == [1] and filters[1].mmds.version == "V2"
+        assert v.mmds_config is not None and v.mmds_config.network_interfaces == ["eth1"]
+        assert get(filters[1], "/").status == 401  # V2 kept: no token, no data
+    finally:
+        v.stop()

@@ -852,5 +852,16 @@ def firecracker(
     )
 
 
+@main.command()
+def openapi() -> None:
+    """Print the OpenAPI 3 document of the API that `corral run --api` and `corral firecracker`
+    serve (Firecracker's endpoints and corral's own); docs/openapi.json is this output."""
+    import json
+
+    from corral.firecracker.routes import openapi as document
+
+    click.echo(json.dumps(document(), indent=2, sort_keys=True))
+
+
 if __name__ == "__main__":
     main()

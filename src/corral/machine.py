@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -374,16 +374,19 @@ class Machine:
             dev.load_state(dev.state_model.model_validate(data))
         self._clock_at_pause = state.vm.clock  # applied when the vCPUs start
 
-    def snapshot(self, path: str | os.PathLike[str]) -> SnapshotStats:
+    def snapshot(
+        self, path: str | os.PathLike[str], *, pages: Collection[int] | None = None
+    ) -> SnapshotStats:
         """Write the machine to `path` (a new directory). A running machine is paused for the
-        copy and resumed afterwards; a paused one stays paused."""
+        copy and resumed afterwards; a paused one stays paused. With `pages` (backing offsets,
+        from the dirty log) only those pages of RAM are written: a diff snapshot."""
         with self._state_lock:
             was_paused = self.paused
             self.pause()
             try:
                 state = self.save_state()
                 assert self.memory is not None and self.cpu_model is not None
-                return write_snapshot(path, self.config, self.cpu_model, state, self.memory)
+                return write_snapshot(path, self.config, self.cpu_model, state, self.memory, pages=pages)
             finally:
                 if not was_paused:
                     self.resume()

@@ -90,7 +90,7 @@ def test_receive_and_migrate_from_the_command_line(tmp_path):
             [
                 sys.executable,
                 "-c",
-                "import sys; from corral.api import call; call(sys.argv[1], {'op': 'stop'})",
+                "import sys; from corral.api import ControlClient; ControlClient(sys.argv[1]).stop()",
                 str(dest_api),
             ],
             check=True,
@@ -200,21 +200,36 @@ def test_bad_api_requests(tmp_path):
     proc = start_vm(api)
     try:
 
-        def raw(body: bytes) -> dict:
+        def raw(request: bytes) -> tuple[int, dict]:
             s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
             s.connect(str(api))
-            s.sendall(body + b"\n")
-            reply = json.loads(s.makefile().readline())
+            s.sendall(request)
+            f = s.makefile("rb")
+            status = int(f.readline().split()[1])
+            length = 0
+            while (line := f.readline().strip()) != b"":
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            reply = json.loads(f.read(length))
             s.close()
-            return reply
+            return status, reply
 
-        r = raw(b'{"op": "explode"}')
-        assert not r["ok"] and "bad request" in r["error"]
-        r = raw(b'{"op": "migrate", "to": "x:1", "downtime_ms": -5}')
-        assert not r["ok"] and "downtime_ms" in r["error"]
-        r = raw(b"not json")
-        assert not r["ok"] and "bad request" in r["error"]
-        assert raw(b'{"op": "status"}')["state"] == "running"
+        def put(path: str, body: bytes) -> tuple[int, dict]:
+            head = f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+            return raw(head.encode() + body)
+
+        status, r = put("/corral/explode", b"{}")
+        assert status == 400 and "Invalid request method and/or path" in r["fault_message"]
+        status, r = put("/corral/migrate", b'{"to": "x:1", "downtime_ms": -5}')
+        assert status == 400 and "downtime_ms" in r["fault_message"]
+        status, r = put("/corral/snapshot", b"not json")
+        assert status == 400 and "not JSON" in r["fault_message"]
+        status, r = raw(b"NONSENSE\r\n\r\n")
+        assert status == 400 and r["fault_message"]
+        status, r = raw(b"GET /corral/status HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200 and r["state"] == "running"
         # a second VM cannot take a socket that is in use
         line = one_clear_line(corral("run", "--image", "probe", "--cmdline", "hello", "--api", str(api)))
         assert "in use" in line

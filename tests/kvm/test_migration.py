@@ -19,7 +19,7 @@ import pytest
 from support.live_probe import LiveProbe, assert_continues, reference_rounds
 from support.results import progress_rounds
 
-from corral.api import call
+from corral.api import ControlClient
 from corral.errors import CorralError
 from corral.migration import MigrationError, listen, migrate, receive
 
@@ -263,13 +263,13 @@ def test_migration_to_another_host(source, second_host, tmp_path):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # the socket file appears at bind(), before listen()
             try:
-                assert call(api, {"op": "status"})["state"] == "running"
+                assert ControlClient(api).status().state == "running"
                 break
             except CorralError:
                 time.sleep(0.05)
-        assert call(api, {"op": "status"})["state"] == "running"
+        assert ControlClient(api).status().state == "running"
         time.sleep(1.0)
-        call(api, {"op": "stop"})
+        ControlClient(api).stop()
         out, _ = proc.communicate(timeout=20)
     finally:
         proc.kill()

@@ -27,7 +27,8 @@ LAYERS: list[set[str]] = [
     {"corral.state", "corral.builder", "corral.host"},
     {"corral.machine"},
     {"corral.migration"},
-    {"corral.api", "corral.firecracker"},
+    {"corral.firecracker"},  # Firecracker's API: models, VMM, routes, HTTP server
+    {"corral.api"},  # the control socket: that API over a running machine, and its client
     {"corral.console"},  # the terminal the CLI runs a guest on
     {"corral.cli"},
     {"corral", "corral.__main__"},

@@ -11,7 +11,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+)
+
+from corral.config import parse_size
+from corral.errors import CorralError
+from corral.migration import MigrationStats
 
 U32 = Annotated[int, Field(ge=0, le=0xFFFF_FFFF)]
 U64 = Annotated[int, Field(ge=0, le=0xFFFF_FFFF_FFFF_FFFF)]
@@ -262,6 +274,75 @@ class SnapshotLoadParams(Body):
     vsock_override: VsockOverride | None = None
     clock_realtime: bool = False
     huge_pages: Literal["Snapshot", "None", "Transparent", "2M"] | None = None
+
+
+# --- corral's own endpoints (/corral/...), beside Firecracker's -------------------------------
+
+
+class CorralSnapshot(Body):
+    """PUT /corral/snapshot: a corral snapshot directory (what `corral restore` reads)."""
+
+    path: Annotated[str, Field(min_length=1, max_length=PATH_MAX)] = Field(
+        description="a new directory to write the snapshot to"
+    )
+
+
+def _size(value: Any) -> int:
+    """Bytes as a number, or a size with a unit ("256M", "1G")."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and len(value) <= 32:
+        try:
+            return parse_size(value)
+        except CorralError as exc:
+            raise ValueError(str(exc)) from None
+    raise ValueError("give a number of bytes (>= 0) or a size such as 256M or 1G")
+
+
+Size = Annotated[
+    int,
+    PlainValidator(_size),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "maxLength": 32}]}),
+]
+
+
+class CorralBalloon(Body):
+    """PATCH /corral/balloon: the balloon's target, in bytes or with a unit (256M, 1G)."""
+
+    target: Size = Field(description="bytes (or 256M, 1G) the guest gives back; 0 takes it all back")
+
+
+class CorralMigrate(Body):
+    """PUT /corral/migrate: live-migrate the VM to `corral receive` at `to`."""
+
+    to: Annotated[str, Field(min_length=1, max_length=300)] = Field(
+        description="HOST:PORT where `corral receive` listens"
+    )
+    downtime_ms: Annotated[int, Field(ge=1, le=60_000)] = 300
+    token: Annotated[str, Field(min_length=16, max_length=4096)] | None = Field(
+        default=None, repr=False, description="the receiver's shared token"
+    )
+    tls_pin: Annotated[str, Field(max_length=200)] | None = Field(
+        default=None, description="SHA-256 of the receiver's TLS certificate"
+    )
+    insecure: bool = Field(default=False, description="send to a receiver that checks no token")
+
+
+class MigrationProgress(Body):
+    """One pre-copy round of a migration in flight."""
+
+    round: int
+    sent: int = Field(description="bytes sent so far")
+    dirty: int = Field(description="bytes the guest dirtied meanwhile (still to send)")
+
+
+class MigrationEvent(BaseModel):
+    """One line of PUT /corral/migrate's streamed reply (JSON lines): a round's progress, then
+    the result, or the fault that ended the migration (the VM then runs on here)."""
+
+    progress: MigrationProgress | None = None
+    result: MigrationStats | None = None
+    fault_message: str | None = None
 
 
 # --- the whole configuration (GET /vm/config, --config-file) ----------------------------------

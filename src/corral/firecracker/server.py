@@ -7,6 +7,14 @@ Content-Length, the connection is closed, and at most `DRAIN_MAX` bytes of it ar
 dropped first (so the client reads the answer instead of a reset). Chunked bodies are refused.
 The number of connections is capped; an idle connection is closed after `IDLE_TIMEOUT`. Every
 failure is answered with a JSON fault message; nothing a client sends ends the server.
+
+A reply may stream (`Reply.stream`: a long verb such as a migration reports as it goes): it is
+sent chunked, one JSON document per line, and the connection closes after it.
+
+The socket is 0600 (backends/unix_socket.py), and each connection's peer is checked besides
+(SO_PEERCRED): only the server's own uid and root are served, so a socket an operator made wider
+(chmod, a shared directory) still lets no other user stop the VM or copy its RAM out. Anyone
+else gets one 403 (sent without waiting: the accept loop never blocks) and is hung up on.
 """
 
 from __future__ import annotations
@@ -16,9 +24,11 @@ import logging
 import os
 import socket
 import socketserver
+import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -33,6 +43,10 @@ MAX_CONNECTIONS = 64
 IDLE_TIMEOUT = 300.0  # seconds a connection may sit idle
 DRAIN_MAX = 4 << 20  # bytes of a refused body read and dropped before closing
 DRAIN_SECONDS = 2.0
+CLOSE_GRACE = 5.0  # seconds close() waits for requests in flight (a migration's last line)
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+Emit = Callable[[Any], None]
 
 
 @dataclass
@@ -44,6 +58,8 @@ class Reply:
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     fatal: bool = False
+    # a streamed 200: called with `emit` once the headers are sent; each emit sends one line
+    stream: Callable[[Emit], None] | None = None
 
 
 Handle = Callable[[str, str, bytes | None], Reply]
@@ -97,15 +113,53 @@ class _Handler(BaseHTTPRequestHandler):
         if body is not None and len(body) < length:
             self.close_connection = True
             return  # the client hung up mid-body
-        try:
-            reply = self.server.api_handle(method, self.path, body)
-        except Exception:  # a bug must cost one request, never the server
-            log.exception("internal error serving %s %s", method, self.path)
-            reply = Reply(500, {"fault_message": "Internal Server Error: see the corral log"})
-        self._send(reply)
+        with self.server.in_flight():
+            try:
+                reply = self.server.api_handle(method, self.path, body)
+            except Exception:  # a bug must cost one request, never the server
+                log.exception("internal error serving %s %s", method, self.path)
+                reply = Reply(500, {"fault_message": "Internal Server Error: see the corral log"})
+            if reply.stream is not None:
+                self._send_stream(reply.stream)
+                return
+            self._send(reply)
         if reply.fatal:
             self.close_connection = True
             self.server.on_fatal()
+
+    def _send_stream(self, stream: Callable[[Emit], None]) -> None:
+        """A 200 whose body is JSON lines, sent chunked as `stream` emits them. A client that
+        goes away costs only its own lines: the verb runs to its end."""
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        gone = False
+
+        def emit(obj: Any) -> None:
+            nonlocal gone
+            if gone:
+                return
+            data = json.dumps(obj).encode() + b"\n"
+            try:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            except OSError:
+                gone = True
+
+        try:
+            stream(emit)
+        except Exception:  # a bug must cost one request, never the server
+            log.exception("internal error streaming %s", self.path)
+            emit({"fault_message": "Internal Server Error: see the corral log"})
+        if not gone:
+            try:
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except OSError:
+                pass
 
     def _send(self, reply: Reply) -> None:
         self.send_response(reply.status)
@@ -158,6 +212,13 @@ def _fault(message: str, status: int = 400) -> Reply:
     return Reply(status, {"fault_message": message})
 
 
+def refusal(uid: int) -> str:
+    """Why a peer with `uid` is not served."""
+    own = os.geteuid()
+    who = "root" if own == 0 else f"uid {own} and root"
+    return f"uid {uid} may not control this VM: only {who} may"
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     block_on_close = False
@@ -172,6 +233,50 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.on_fatal = on_fatal
         self.max_body = max_body
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._busy = 0
+        self._idle = threading.Condition()
+        self._refused: set[int] = set()
+
+    @contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Count a request being answered (close() waits for them)."""
+        with self._idle:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Serve only this process's uid and root (SO_PEERCRED)."""
+        own = os.geteuid()
+        try:
+            _pid, uid, _gid = _UCRED.unpack(
+                request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            )
+        except OSError:
+            return False
+        if uid in (0, own):
+            return True
+        data = json.dumps({"fault_message": refusal(uid)}).encode()
+        head = (
+            f"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        try:
+            request.send(head + data, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        if uid not in self._refused:  # once per uid: a user connecting in a loop floods nothing
+            self._refused.add(uid)
+            log.warning("API socket: refused a connection from uid %d", uid)
+        return False
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -208,13 +313,15 @@ class ApiServer:
         self._thread = threading.Thread(target=self._server.serve_forever, name="corral-fc-api", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Stop serving; requests in flight get up to `grace` seconds to send their answer."""
         self._server.shutdown()
         self._server.server_close()
+        self._server.wait_idle(grace)
         try:
             self.path.unlink()
         except OSError:
             pass
 
 
-__all__ = ["MAX_BODY", "ApiServer", "Reply"]
+__all__ = ["MAX_BODY", "ApiServer", "Emit", "Reply", "refusal"]

@@ -15,6 +15,13 @@ mapping:
   state checksum, memory size) and maps RAM from that file privately and lazily.
 
 Both files can be moved or copied together, as Firecracker's can.
+
+Diff snapshots (Firecracker's semantics): with `track_dirty_pages` the machine logs the pages
+the guest (KVM's dirty log) and the VMM (device writes) dirty; a Full snapshot resets the log, a
+Diff one writes only the pages dirtied since the last snapshot into a sparse memory file of the
+RAM's size (each dirty page is data, even a zero one; everything else a hole). A diff is loaded
+layered on its base: `rebase_memory(base, diff)` copies the diff's data into the base memory
+file (what Firecracker's rebase-snap does), then the diff's state file loads with that memory.
 """
 
 from __future__ import annotations
@@ -26,13 +33,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
 from corral._version import __version__
 from corral.errors import CorralError
 from corral.firecracker.models import FullVmConfiguration
+from corral.machine import Machine
 from corral.state.snapshot import MANIFEST, MEMORY, STATE, Snapshot, read_snapshot
 
 FORMAT = "corral-firecracker-snapshot"
@@ -42,6 +50,70 @@ COPY_CHUNK = 4 << 20
 
 class SnapshotFileError(CorralError):
     """Firecracker-style snapshot files that cannot be written or read."""
+
+
+class DirtyPages:
+    """The pages a machine dirtied since its last snapshot (track_dirty_pages)."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        machine.start_dirty_log()
+        self._pending: set[int] = set()  # read from the log, not yet in a snapshot written
+
+    def take(self) -> set[int]:
+        """Backing offsets of the pages dirtied since the last commit(); call it paused."""
+        self._pending |= self.machine.read_dirty_log(with_vmm_writes=True)
+        if self.machine.memory is not None and self.machine.memory.vmm_dirty is not None:
+            self.machine.memory.vmm_dirty = set()  # its pages are in _pending now
+        return set(self._pending)
+
+    def commit(self) -> None:
+        """A snapshot holding every page take() gave was written: start afresh."""
+        self._pending = set()
+
+
+def create_snapshot_files(
+    machine: Machine,
+    state_path: Path,
+    mem_path: Path,
+    resources: FullVmConfiguration,
+    dirty: DirtyPages | None,
+    diff: bool,
+) -> None:
+    """A Full (or, with `diff`, a Diff) snapshot of `machine` into `state_path` + `mem_path`.
+    The machine is paused for it (and resumed if it ran); a failed write loses no dirty page."""
+    was_paused = machine.paused
+    machine.pause()
+    try:
+        pages = dirty.take() if dirty is not None else None
+        if diff:
+            assert pages is not None
+            write_snapshot_files(lambda d: machine.snapshot(d, pages=pages), state_path, mem_path, resources)
+        else:
+            write_snapshot_files(machine.snapshot, state_path, mem_path, resources)
+        if dirty is not None:
+            dirty.commit()
+    finally:
+        if not was_paused:
+            machine.resume()
+
+
+def rebase_memory(base: Path, diff: Path) -> int:
+    """Layer a Diff snapshot's memory file onto its base's, in place (Firecracker's rebase-snap);
+    returns the bytes copied. The base then holds the guest's RAM as of the diff."""
+    try:
+        with open(diff, "rb") as fi, open(base, "r+b") as fo:
+            size = os.fstat(fi.fileno()).st_size
+            if size != os.fstat(fo.fileno()).st_size:
+                raise SnapshotFileError(
+                    f"{diff} ({size} bytes) is not a diff of {base} "
+                    f"({os.fstat(fo.fileno()).st_size} bytes): their sizes differ"
+                )
+            copied = _copy_data(fi, fo, size)
+            os.fsync(fo.fileno())
+            return copied
+    except OSError as exc:
+        raise SnapshotFileError(f"cannot rebase {base} on {diff}: {exc.strerror}") from None
 
 
 def write_snapshot_files(
@@ -131,25 +203,40 @@ def _move_sparse(src: Path, dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp")
     with open(src, "rb") as fi, open(tmp, "wb") as fo:
         fo.truncate(size)
-        off = 0
-        while off < size:
-            try:
-                data_at = os.lseek(fi.fileno(), off, os.SEEK_DATA)
-            except OSError:
-                break  # only holes remain
-            hole_at = os.lseek(fi.fileno(), data_at, os.SEEK_HOLE)
-            fi.seek(data_at)
-            fo.seek(data_at)
-            left = hole_at - data_at
-            while left:
-                chunk = fi.read(min(left, COPY_CHUNK))
-                if not chunk:
-                    break
-                fo.write(chunk)
-                left -= len(chunk)
-            off = hole_at
+        _copy_data(fi, fo, size)
     os.replace(tmp, dest)
     src.unlink()
 
 
-__all__ = ["FORMAT", "SnapshotFileError", "staged_snapshot", "write_snapshot_files"]
+def _copy_data(fi: BinaryIO, fo: BinaryIO, size: int) -> int:
+    """Copy the data ranges of `fi` (not its holes) to the same offsets of `fo`."""
+    off = copied = 0
+    while off < size:
+        try:
+            data_at = os.lseek(fi.fileno(), off, os.SEEK_DATA)
+        except OSError:
+            break  # only holes remain
+        hole_at = min(os.lseek(fi.fileno(), data_at, os.SEEK_HOLE), size)
+        fi.seek(data_at)
+        fo.seek(data_at)
+        left = hole_at - data_at
+        while left:
+            chunk = fi.read(min(left, COPY_CHUNK))
+            if not chunk:
+                break
+            fo.write(chunk)
+            left -= len(chunk)
+            copied += len(chunk)
+        off = hole_at
+    return copied
+
+
+__all__ = [
+    "FORMAT",
+    "DirtyPages",
+    "SnapshotFileError",
+    "create_snapshot_files",
+    "rebase_memory",
+    "staged_snapshot",
+    "write_snapshot_files",
+]

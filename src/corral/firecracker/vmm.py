@@ -57,7 +57,7 @@ from corral.firecracker.models import (
     SnapshotLoadParams,
     Vsock,
 )
-from corral.firecracker.snapshot import staged_snapshot, write_snapshot_files
+from corral.firecracker.snapshot import DirtyPages, create_snapshot_files, staged_snapshot
 from corral.machine import ExitResult, Machine
 from corral.state.snapshot import Snapshot
 
@@ -141,6 +141,24 @@ class FirecrackerVmm:
         self.exited = threading.Event()
         self.exit_result: ExitResult | None = None
         self._serial_file: Any = None
+        self._dirty: DirtyPages | None = None  # track_dirty_pages: what a Diff snapshot writes
+
+    @classmethod
+    def attached(cls, machine: Machine, instance_id: str = "corral") -> FirecrackerVmm:
+        """The API's view of a machine started elsewhere (`corral run --api`): post-boot from
+        the start, its resources read from its config."""
+        vmm = cls(instance_id)
+        cfg = machine.config
+        vmm.machine_config = MachineConfiguration(vcpu_count=cfg.cpus, mem_size_mib=cfg.memory // MIB)
+        vmm.boot_source = BootSource(
+            kernel_image_path=str(cfg.kernel),
+            boot_args=cfg.cmdline,
+            initrd_path=None if cfg.initrd is None else str(cfg.initrd),
+        )
+        if cfg.balloon:
+            vmm.balloon = Balloon(amount_mib=0, deflate_on_oom=False, stats_polling_interval_s=1)
+        vmm.machine, vmm.started = machine, True
+        return vmm
 
     # -- phases -----------------------------------------------------------------------------------
     @property
@@ -502,6 +520,8 @@ class FirecrackerVmm:
         except CorralError as exc:
             raise FirecrackerError(f"Start microvm error: {exc}") from None
         self._run(machine)
+        if self.machine_config.track_dirty_pages:
+            self._dirty = DirtyPages(machine)
         if self.balloon is not None and self.balloon.amount_mib:
             machine.set_balloon(self.balloon.amount_mib * MIB)
 
@@ -545,10 +565,10 @@ class FirecrackerVmm:
     # -- snapshots --------------------------------------------------------------------------------
     def create_snapshot(self, params: SnapshotCreateParams) -> None:
         machine = self._post_boot()
-        if params.snapshot_type != "Full":
+        if params.snapshot_type == "Diff" and self._dirty is None:
             raise FirecrackerError(
-                "Create snapshot error: corral writes Full snapshots only: "
-                "leave snapshot_type out or give Full"
+                "Create snapshot error: Diff snapshots are not allowed on uVMs with dirty page "
+                "tracking disabled: set track_dirty_pages in /machine-config (or on /snapshot/load)"
             )
         if not self.started:
             # a loaded VM not yet resumed: its vCPUs never ran, and corral saves a clock only
@@ -559,7 +579,9 @@ class FirecrackerVmm:
             )
         state_path, mem_path = Path(params.snapshot_path), Path(params.mem_file_path)
         try:
-            write_snapshot_files(machine.snapshot, state_path, mem_path, self.full_config())
+            create_snapshot_files(
+                machine, state_path, mem_path, self.full_config(), self._dirty, params.snapshot_type == "Diff"
+            )
         except CorralError as exc:
             raise FirecrackerError(f"Create snapshot error: {exc}") from None
 
@@ -574,6 +596,10 @@ class FirecrackerVmm:
         except CorralError as exc:
             raise FatalError(f"Load snapshot error: Failed to restore from snapshot: {exc}") from None
         self.machine = machine
+        tracking = params.track_dirty_pages or params.enable_diff_snapshots
+        self.machine_config = self.machine_config.model_copy(update={"track_dirty_pages": tracking})
+        if tracking:
+            self._dirty = DirtyPages(machine)
         self._watch(machine)
         if params.resume_vm:
             try:

@@ -32,6 +32,7 @@ import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from corral.state.model import CpuModel, MachineState
 FORMAT = "corral-snapshot"
 FORMAT_VERSION = 2  # 2: every state record named (the one state contract)
 MANIFEST, STATE, MEMORY = "manifest.json", "state.json", "memory.bin"
+PAGE = 4096
 MANIFEST_LIMIT = 1 << 20  # bytes: a config and a CPU model
 STATE_LIMIT = 64 << 20  # bytes: vCPU, irqchip and device state (a few KiB per vCPU)
 
@@ -88,8 +90,11 @@ def write_snapshot(
     cpu: CpuModel,
     state: MachineState,
     memory: GuestMemory,
+    *,
+    pages: Collection[int] | None = None,
 ) -> SnapshotStats:
-    """Write a snapshot of a paused machine to `path`, which must not exist yet."""
+    """Write a snapshot of a paused machine to `path`, which must not exist yet. With `pages`
+    (backing offsets) only those pages of RAM are written, each as data: a diff snapshot."""
     dest = Path(path)
     if dest.exists():
         raise SnapshotError(f"{dest} already exists: give a new directory for the snapshot")
@@ -98,7 +103,7 @@ def write_snapshot(
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))  # 0700
     try:
-        written = _write_memory(tmp / MEMORY, memory)
+        written = _write_memory(tmp / MEMORY, memory, pages)
         state_json = state.model_dump_json().encode()
         _write_file(tmp / STATE, state_json)
         manifest = Manifest(
@@ -141,18 +146,34 @@ def _write_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _write_memory(path: Path, memory: GuestMemory) -> int:
+def _write_memory(path: Path, memory: GuestMemory, pages: Collection[int] | None = None) -> int:
     written = 0
     fd = _create(path)
     try:
         os.ftruncate(fd, memory.size)  # holes where nothing is written
-        for off, data in memory.populated():
+        for off, data in memory.populated() if pages is None else _page_runs(memory, pages):
             os.pwrite(fd, data, off)
             written += len(data)
         os.fsync(fd)
     finally:
         os.close(fd)
     return written
+
+
+def _page_runs(
+    memory: GuestMemory, pages: Collection[int], most: int = 256
+) -> Iterator[tuple[int, memoryview]]:
+    """(offset, data) for runs of consecutive pages (at most `most` pages each)."""
+    run_start = run_end = -1
+    for off in sorted(pages):
+        if off == run_end and run_end - run_start < most * PAGE:
+            run_end += PAGE
+            continue
+        if run_start >= 0:
+            yield run_start, memory.offset_view(run_start, run_end - run_start)
+        run_start, run_end = off, off + PAGE
+    if run_start >= 0:
+        yield run_start, memory.offset_view(run_start, run_end - run_start)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -306,9 +306,11 @@ class ApiServer:
         *,
         on_fatal: Callable[[], None] = lambda: None,
         max_body: int = MAX_BODY,
+        what: str = "API socket",
+        flag: str = "--api-sock",
     ) -> None:
         self.path = Path(path)
-        sock = listen_unix(self.path, "API socket", "--api-sock", backlog=MAX_CONNECTIONS)
+        sock = listen_unix(self.path, what, flag, backlog=MAX_CONNECTIONS)
         self._server = _Server(sock, handle, on_fatal, max_body)
         self._thread = threading.Thread(target=self._server.serve_forever, name="corral-fc-api", daemon=True)
         self._thread.start()

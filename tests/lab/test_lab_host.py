@@ -96,7 +96,7 @@ def _corral_options(sc: Scenario, cpus: int) -> str:
 def test_probe_scenarios_under_corral_in_lab(lab, probe_build, name):
     probe = _probe_path(probe_build)
     if name == "idle":  # idle never exits: still running when stopped through --api
-        stop = f'{PYTHON} -c \'import sys; from corral.api import ControlClient; ControlClient(sys.argv[1]).stop()\''
+        stop = f"{PYTHON} -c 'import sys; from corral.api import ControlClient; ControlClient(sys.argv[1]).stop()'"
         run = (
             f"{CORRAL} run --kernel {probe} --cmdline idle --api /tmp/idle.sock > /tmp/idle.out 2>&1 & VM=$!; "
             "for i in $(seq 240); do grep -q 'probe: idle' /tmp/idle.out && break; sleep 0.5; done; sleep 2; "

@@ -30,7 +30,7 @@ def test_counter_survives_snapshot_restore_and_migration(lab, debian_build):
             "&& break; sleep 0.5; done"
         )
 
-    stop = f'{PY} -c \'import sys; from corral.api import ControlClient; ControlClient(sys.argv[1]).stop()\''
+    stop = f"{PY} -c 'import sys; from corral.api import ControlClient; ControlClient(sys.argv[1]).stop()'"
     script = f"""
 ip link set lo up; rm -rf {d}; mkdir -p {d}
 timeout 200 {CORRAL} run --kernel {images["bzimage"]} --initrd {images["initrd"]} --memory 256M {LAB_CPU} --no-reboot \

@@ -15,7 +15,7 @@ PING = "/tmp/.lab/busybox ping"  # the lab agent's busybox: the host may have no
 def test_debian_with_systemd_boots_to_login_from_virtio_blk_and_answers_ping(lab, debian_rootfs):
     fs = need(debian_rootfs)
     d = "/tmp/labsd"
-    stop = f'{PY} -c \'import sys; from corral.api import ControlClient; ControlClient(sys.argv[1]).stop()\''
+    stop = f"{PY} -c 'import sys; from corral.api import ControlClient; ControlClient(sys.argv[1]).stop()'"
     # the base image is the host's (read-only in the lab): the guest writes go to an overlay
     script = f"""
 ip link set lo up; rm -rf {d}; mkdir -p {d}

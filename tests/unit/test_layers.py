@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"corral.vstate"},  # everything that holds a KVM fd
     {"corral.state", "corral.builder", "corral.host"},
     {"corral.machine"},
-    {"corral.migration"},
+    {"corral.migration", "corral.debug"},  # debug: the gdb stub, above the machine
     {"corral.api", "corral.firecracker"},
     {"corral.console"},  # the terminal the CLI runs a guest on
     {"corral.cli"},

@@ -231,7 +231,9 @@ def main(verbose: bool) -> None:
     metavar="tcp:[HOST:]PORT|unix:PATH",
     help="Serve the GDB remote protocol here (gdb: target remote HOST:PORT); HOST defaults to 127.0.0.1.",
 )
-@click.option("--gdb-wait", is_flag=True, help="Hold the guest at its first instruction until gdb continues it.")
+@click.option(
+    "--gdb-wait", is_flag=True, help="Hold the guest at its first instruction until gdb continues it."
+)
 @KVM_OPTION
 @SERVE_API_OPTION
 def run(

@@ -3,10 +3,14 @@ itself cannot be made to send (malformed packets, a raw Ctrl-C, a second debugge
 
 from __future__ import annotations
 
+import os
+import re
+import select
 import socket
 import time
 
 from corral.debug.packets import PacketReader, frame
+from support.cli import corral_popen
 
 
 class RemoteClient:
@@ -43,3 +47,33 @@ class RemoteClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class GdbVm:
+    """`corral run --gdb ...` of the probe, with the address its stub listens on."""
+
+    def __init__(self, cmdline: str, *extra: str, gdb: str = "tcp:127.0.0.1:0") -> None:
+        self.proc = corral_popen(
+            "run", "--image", "probe", "--memory", "256M", "--cmdline", cmdline, "--gdb", gdb, *extra
+        )
+        self.err = b""
+        deadline = time.monotonic() + 60
+        while b"gdb stub on" not in self.err:
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.err.decode()
+            if select.select([self.proc.stderr], [], [], 0.2)[0]:
+                self.err += os.read(self.proc.stderr.fileno(), 4096)
+        where = re.search(rb"gdb stub on (\S+?)(;|\n)", self.err).group(1).decode()
+        self.address: tuple[str, int] | str = where[5:]
+        if where.startswith("tcp:"):
+            host, _, port = where[4:].rpartition(":")
+            self.address = (host, int(port))
+        self.target = where[5:] if where.startswith("unix:") else f"{self.address[0]}:{self.address[1]}"
+
+    def finish(self, timeout: float = 60) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out.decode(errors="replace"), (self.err + err).decode(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -40,9 +40,9 @@ PVM_SW_BREAK = (
     "virtualization"
 )
 PVM_RING3_STEP = (
-    "E.single-stepping ring-3 guest code does not work on this PVM host (/dev/kvm without "
-    "VT-x/AMD-V: the step trap goes to the guest): continue to a breakpoint instead, or use a "
-    "host with hardware virtualization"
+    "corral: single-stepping ring-3 guest code does not work on this PVM host (/dev/kvm without "
+    "VT-x/AMD-V: the step trap goes to the guest); the guest did not move: continue instead, or "
+    "use a host with hardware virtualization\n"
 )
 PVM_HW_WARNING = (
     "corral: on this PVM host, hardware breakpoints and watchpoints catch only ring-0 guest "
@@ -213,7 +213,7 @@ class Session:
 
     def _handle(self, ev: Event) -> None:
         if ev.kind == "nak":
-            if self.last_sent:
+            if self.ack and self.last_sent:  # no-ack mode has no naks: a stray '-' is noise
                 self.conn.sendall(self.last_sent)
             return
         if ev.kind == "bad":
@@ -459,6 +459,7 @@ class Session:
         kind, addr, length = _point(arg)
         if kind == 0:
             if self.pvm:
+                log.warning("gdb: %s", PVM_SW_BREAK[2:])
                 return PVM_SW_BREAK.encode()
             if addr in self.sw_points:
                 return b"OK"
@@ -516,7 +517,11 @@ class Session:
         step_vcpu = (self.g_vcpu if vcpu is None else vcpu) if step else None
         if step_vcpu is not None and self.pvm:
             if self.vcpu(step_vcpu).fd.get_sregs().cs.dpl == 3:
-                return PVM_RING3_STEP.encode()
+                # the reply to a step is a stop: say why on gdb's console, then stop in place
+                log.warning("gdb: %s", PVM_RING3_STEP.strip().removeprefix("corral: "))
+                self.send(b"O" + PVM_RING3_STEP.encode().hex().encode())
+                self.stop = _Stop(step_vcpu, SIGTRAP)
+                return self.stop.packet()
         self._apply_debug(step_vcpu)
         if self.hw_points and self.pvm:
             self.send(b"O" + PVM_HW_WARNING.encode().hex().encode())

@@ -301,14 +301,17 @@ def run(
     )
     if gdb_wait and not gdb:
         raise ConfigError("--gdb-wait needs --gdb (where the debugger connects)")
+    gdb_address = None
+    if gdb:
+        from corral.debug import GdbAddress, GdbStub
+
+        gdb_address = GdbAddress.parse(gdb)
     machine = Machine(config, kvm_path=kvm_path)
     machine.build()
     stub = None
-    if gdb:
-        from corral.debug import GdbStub
-
+    if gdb_address is not None:
         try:
-            stub = GdbStub(machine, gdb, wait=gdb_wait)
+            stub = GdbStub(machine, gdb_address, wait=gdb_wait)
         except CorralError:
             machine.close()
             raise

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from support.cli import corral, one_clear_line
 from support.gdb_remote import GdbVm as Vm
 from support.gdb_remote import RemoteClient
 from support.results import parse_results
@@ -148,6 +150,28 @@ def test_software_breakpoint_watchpoint_and_ring3_step(vms, probe64):
     assert parse_results(console)["released"] == "1"  # no int3 left behind
 
 
+@pytest.mark.skipif(PVM, reason=PVM_REASON)
+def test_continue_from_a_software_breakpoint_runs_the_guests_own_instruction_first(vms, symbols):
+    vm = vms("gdb")
+    c = RemoteClient(vm.address)
+    assert c.ask(b"QStartNoAckMode") == b"OK"
+    counter = b"m%x,8" % symbols["gdb_counter"]
+    assert c.ask(b"Z0,%x,1" % symbols["gdb_tick"]) == b"OK"
+    assert c.ask(b"m%x,1" % symbols["gdb_tick"]) != b"cc"  # gdb sees the guest's byte
+    seen = []
+    for _ in range(3):
+        assert c.ask(b"vCont;c", timeout=30) == b"T05thread:1;swbreak:;"
+        assert int.from_bytes(bytes.fromhex(c.ask(b"p10").decode()), "little") == symbols["gdb_tick"]
+        seen.append(int.from_bytes(bytes.fromhex(c.ask(counter).decode()), "little"))
+    assert seen[1] == seen[0] + 1 and seen[2] == seen[1] + 1  # one call per stop, none skipped
+    assert c.ask(b"vCont;s:1") == b"T05thread:1;"  # a step from the breakpoint moves on
+    assert int.from_bytes(bytes.fromhex(c.ask(b"p10").decode()), "little") != symbols["gdb_tick"]
+    assert c.ask(b"M%x,8:0100000000000000" % symbols["gdb_release"]) == b"OK"
+    assert c.ask(b"D") == b"OK"  # the int3 goes with the debugger
+    status, console, err = vm.finish()
+    assert status == 0 and parse_results(console)["released"] == "1", err
+
+
 @pytest.mark.skipif(not PVM, reason="a host with hardware virtualization supports what PVM refuses")
 def test_on_pvm_software_breakpoints_and_ring3_steps_are_refused_clearly(vms, probe64, symbols):
     vm = vms("gdb")
@@ -231,3 +255,22 @@ def test_malformed_packets_get_errors_a_second_debugger_a_refusal_and_the_vmm_ru
     assert status == 0, err
     assert parse_results(console)["released"] == "1"
     assert "Traceback" not in err
+
+
+def test_bad_gdb_options_are_one_clear_line(tmp_path):
+    busy = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = busy.getsockname()[1]
+        cases = [
+            (["--gdb", "bogus"], "gdb address 'bogus': expected tcp:[HOST:]PORT|unix:PATH"),
+            (["--gdb-wait"], "--gdb-wait needs --gdb"),
+            (
+                ["--gdb", f"tcp:127.0.0.1:{port}"],
+                f"cannot listen for gdb on tcp:127.0.0.1:{port}: Address already in use",
+            ),
+        ]
+        for args, message in cases:
+            line = one_clear_line(corral("run", "--image", "probe", "--cmdline", "hello", *args))
+            assert message in line, line
+    finally:
+        busy.close()

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 4096
 MAX_MEMORY = MAX_PACKET // 2 - 16  # bytes per 'm' reply (hex doubles them)
+STEP_OVER_TIMEOUT = 2.0  # seconds a step over a breakpoint may take
 MAX_XP = 4096  # bytes per `monitor xp`
 SIGINT, SIGTRAP = 2, 5
 # debug-register lengths (DR7 LEN field) and access kinds (RW field) by gdb's Z type
@@ -203,6 +204,12 @@ class Session:
 
     def _classify(self, index: int, exception: int, pc: int, dr6: int) -> _Stop:
         if exception == 3:
+            # swbreak: the PC is the int3's own address (gdb must not wind it back); should a
+            # KVM ever report the address after it, put the vCPU back on the breakpoint
+            regs = self.vcpu(index).fd.get_regs()
+            if regs.rip not in self.sw_points and regs.rip - 1 in self.sw_points:
+                regs.rip -= 1
+                self.vcpu(index).fd.set_regs(regs)
             return _Stop(index, SIGTRAP, "swbreak:;")
         for slot, point in enumerate(self.hw_points):
             if dr6 >> slot & 1:
@@ -522,6 +529,10 @@ class Session:
                 self.send(b"O" + PVM_RING3_STEP.encode().hex().encode())
                 self.stop = _Stop(step_vcpu, SIGTRAP)
                 return self.stop.packet()
+        stepped = [v.index for v in self.vcpus() if self._step_over_breakpoint(v)]
+        if step_vcpu in stepped:  # that step was the one asked for
+            self.stop = _Stop(step_vcpu, SIGTRAP)
+            return self.stop.packet()
         self._apply_debug(step_vcpu)
         if self.hw_points and self.pvm:
             self.send(b"O" + PVM_HW_WARNING.encode().hex().encode())
@@ -530,6 +541,34 @@ class Session:
         self.running = True
         self.machine.resume()
         return None
+
+    def _step_over_breakpoint(self, v: Vcpu) -> bool:
+        """A vCPU parked on one of our int3s runs the guest's own instruction there first: the
+        byte restored, one step of that vCPU alone (the machine stays paused), the int3 back.
+        Returns whether it stepped."""
+        memory = self.machine.memory
+        if not self.sw_points or memory is None or v.thread is None:
+            return False
+        hit = self.sw_points.get(v.fd.get_regs().rip)
+        if hit is None:
+            return False
+        gpa, original = hit
+        memory.write(gpa, bytes((original,)))
+        try:
+            self._apply_debug(v.index)
+            while not self.events.empty():
+                self.events.get_nowait()
+            v.resume()
+            try:
+                self.events.get(timeout=STEP_OVER_TIMEOUT)
+            except queue.Empty:  # halted, or waiting for an interrupt the paused machine holds
+                v.request_pause()
+                v.parked.wait(STEP_OVER_TIMEOUT)
+            else:
+                v.parked.wait(STEP_OVER_TIMEOUT)
+        finally:
+            memory.write(gpa, b"\xcc")
+        return True
 
     def cleanup(self) -> None:
         """Leave the guest as it was before the debugger came: no int3 left in its memory, no

@@ -218,7 +218,11 @@ def test_malformed_packets_get_errors_a_second_debugger_a_refusal_and_the_vmm_ru
     assert c.ask(b"qC") == b"QC1"
     assert b"-" in c.raw
     for packet, reply in [
+        (b"", b""),
         (b"mzz,4", b"E22"),
+        (b"m-10,4", b"E22"),
+        (b"Z5,0,1", b""),
+        (b"Z1,-1,1", b"E22"),
         (b"m0", b"E22"),
         (b"mffffffffffff0000,10", b"E14"),  # not mapped
         (b"M0,4:00", b"E22"),  # length and data disagree

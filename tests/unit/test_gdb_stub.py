@@ -4,7 +4,7 @@ against a real guest with real gdb)."""
 
 import pytest
 
-from corral.debug.session import HwPoint, _point, _thread, debug_registers
+from corral.debug.session import HwPoint, _hex, _point, _thread, debug_registers
 from corral.debug.stub import GdbAddress
 from corral.errors import ConfigError
 
@@ -47,3 +47,10 @@ def test_thread_ids_and_point_packets():
     assert _point(b"0,100220,1;X1,0") == (0, 0x100220, 1)  # conditions are ignored
     with pytest.raises(ValueError):
         _point(b"q")
+
+
+@pytest.mark.parametrize("text", [b"", b"-1", b"0x10", b" 1", b"1" * 17, b"zz", b"+5"])
+def test_numbers_from_gdb_are_plain_bounded_hex(text):
+    with pytest.raises(ValueError):
+        _hex(text)
+    assert _hex(b"ffffffffffffffff") == 2**64 - 1

@@ -90,6 +90,7 @@ class Session:
         self.sw_points: dict[int, tuple[int, int]] = {}  # gva -> (gpa, original byte)
         self.hw_points: list[HwPoint] = []
         self.closed = False
+        self.warned = False
         self.was_paused = was_paused  # detach leaves a machine paused if it was so before
         self.handlers: dict[str, Callable[[bytes], bytes | None]] = {
             "?": lambda _a: self.stop.packet(),
@@ -188,18 +189,16 @@ class Session:
             self.closed = True
             return
         for ev in self.reader.feed(data):
-            if ev.kind == "interrupt":
+            ctrl_c = ev.kind == "packet" and ev.data == b"vCtrlC"
+            if self.running and (ev.kind == "interrupt" or ctrl_c):
+                if ctrl_c:
+                    self.conn.sendall(b"+" if self.ack else b"")
+                    self.send(b"OK")
                 self.halt()
                 self.running = False
                 self.stop = _Stop(self.g_vcpu, SIGINT)
                 self.send(self.stop.packet())
-            elif ev.kind == "packet" and ev.data == b"vCtrlC":
-                self.send(b"OK")
-                self.halt()
-                self.running = False
-                self.stop = _Stop(self.g_vcpu, SIGINT)
-                self.send(self.stop.packet())
-            elif ev.kind == "packet":
+            elif ev.kind in ("packet", "bad", "nak"):
                 pending.append(ev)  # answered once the guest stops
 
     def _classify(self, index: int, exception: int, pc: int, dr6: int) -> _Stop:
@@ -250,6 +249,8 @@ class Session:
     def _dispatch(self, pkt: bytes) -> bytes | None:
         head = pkt[:1].decode("latin-1")
         arg = pkt[1:]
+        if not head:
+            return b""
         if head in self.handlers:
             return self.handlers[head](arg)
         if head in "cCsS":
@@ -282,7 +283,7 @@ class Session:
             if annex != b"target.xml":
                 return b"E00"
             off_s, _, len_s = span.partition(b",")
-            off, length = int(off_s, 16), min(int(len_s, 16), MAX_PACKET - 16)
+            off, length = _hex(off_s), min(_hex(len_s), MAX_PACKET - 16)
             xml = x86.target_xml()
             chunk = xml[off : off + length]
             return (b"l" if off + length >= len(xml) else b"m") + chunk
@@ -358,14 +359,14 @@ class Session:
         return b"OK"
 
     def _read_register(self, arg: bytes) -> bytes:
-        num = int(arg, 16)
+        num = _hex(arg)
         if not 0 <= num < len(x86.REGS):
             return b"E45"
         return self._registers().get(num).hex().encode()
 
     def _write_register(self, arg: bytes) -> bytes:
         num_s, _, value = arg.partition(b"=")
-        num = int(num_s, 16)
+        num = _hex(num_s)
         if not 0 <= num < len(x86.REGS):
             return b"E45"
         rf = self._registers()
@@ -423,7 +424,7 @@ class Session:
 
     def _read_memory(self, arg: bytes) -> bytes:
         addr_s, _, len_s = arg.partition(b",")
-        addr, length = int(addr_s, 16), int(len_s, 16)
+        addr, length = _hex(addr_s), _hex(len_s)
         if length == 0:
             return b""
         data = self.read_virtual(addr, min(length, MAX_MEMORY))
@@ -433,9 +434,9 @@ class Session:
         head, _, hexdata = arg.partition(b":")
         addr_s, _, len_s = head.partition(b",")
         data = bytes.fromhex(hexdata.decode())
-        if len(data) != int(len_s, 16):
+        if len(data) != _hex(len_s):
             return b"E22"
-        return b"OK" if self.write_virtual(int(addr_s, 16), data) else b"E14"
+        return b"OK" if self.write_virtual(_hex(addr_s), data) else b"E14"
 
     def _write_memory_binary(self, arg: bytes) -> bytes:
         head, sep, raw = arg.partition(b":")
@@ -443,9 +444,9 @@ class Session:
         if not sep:
             return b"E22"
         data = unescape(raw)
-        if len(data) != int(len_s, 16):
+        if len(data) != _hex(len_s):
             return b"E22"
-        return b"OK" if not data or self.write_virtual(int(addr_s, 16), data) else b"E14"
+        return b"OK" if not data or self.write_virtual(_hex(addr_s), data) else b"E14"
 
     # -- threads ------------------------------------------------------------------------------
     def _set_thread(self, arg: bytes) -> bytes:
@@ -477,7 +478,7 @@ class Session:
             self.sw_points[addr] = (gpa, memory.read(gpa, 1)[0])
             memory.write(gpa, b"\xcc")
             return b"OK"
-        if kind > 4:
+        if not 1 <= kind <= 4:
             return b""
         if kind != 1 and (length not in _DR_LEN or addr % length):
             return b"E.x86 debug registers watch 1, 2, 4 or 8 aligned bytes"
@@ -534,7 +535,8 @@ class Session:
             self.stop = _Stop(step_vcpu, SIGTRAP)
             return self.stop.packet()
         self._apply_debug(step_vcpu)
-        if self.hw_points and self.pvm:
+        if self.hw_points and self.pvm and not self.warned:
+            self.warned = True  # once per session: gdb prints it on its console
             self.send(b"O" + PVM_HW_WARNING.encode().hex().encode())
         while not self.events.empty():  # exits that raced a Ctrl-C: stale now
             self.events.get_nowait()
@@ -684,7 +686,14 @@ def _thread(text: bytes) -> int:
     """A thread id from gdb: hex, '-1' for all, '0' for any; 'pPID.TID' takes the TID."""
     if text.startswith(b"p"):
         text = text.split(b".", 1)[1] if b"." in text else b"-1"
-    return -1 if text == b"-1" else int(text, 16)
+    return -1 if text == b"-1" else _hex(text)
+
+
+def _hex(text: bytes) -> int:
+    """A number from gdb: plain hex digits, at most 64 bits (no sign, no 0x, no spaces)."""
+    if not text or len(text) > 16 or text.strip(b"0123456789abcdefABCDEF"):
+        raise ValueError(f"{text[:20]!r} is not a hex number")
+    return int(text, 16)
 
 
 def _point(arg: bytes) -> tuple[int, int, int]:
@@ -692,4 +701,4 @@ def _point(arg: bytes) -> tuple[int, int, int]:
     fields = arg.split(b";", 1)[0].split(b",")
     if len(fields) != 3:
         raise ValueError("expected TYPE,ADDR,KIND")
-    return int(fields[0], 16), int(fields[1], 16), int(fields[2], 16)
+    return _hex(fields[0]), _hex(fields[1]), _hex(fields[2])

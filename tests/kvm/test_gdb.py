@@ -23,6 +23,8 @@ from support.gdb_remote import GdbVm as Vm
 from support.gdb_remote import RemoteClient
 from support.results import parse_results
 
+from corral import Machine, MachineConfig
+from corral.debug import GdbStub
 from corral.debug.x86 import G_SIZE
 from corral.host import probe_host
 from corral.images.probe import build_probe
@@ -278,3 +280,44 @@ def test_bad_gdb_options_are_one_clear_line(tmp_path):
             assert message in line, line
     finally:
         busy.close()
+
+
+def test_a_paused_machine_stays_paused_after_detach_and_a_restored_one_is_debugged(tmp_path, symbols):
+    """Through the library: GdbStub on a Machine the caller paused, then on its restored copy."""
+    out = bytearray()
+    m = Machine(MachineConfig.build(kernel=build_probe(), cmdline="gdb", memory="256M"), console=out.extend)
+    stub = GdbStub(m, "tcp:127.0.0.1:0")
+    try:
+        m.start()
+        deadline = time.monotonic() + 30
+        while b"gdb target ready" not in out:
+            assert time.monotonic() < deadline, out.decode()
+            time.sleep(0.05)
+        m.pause()
+        c = RemoteClient(("127.0.0.1", stub.port))
+        counter = b"m%x,8" % symbols["gdb_counter"]
+        held = c.ask(counter)
+        assert c.ask(b"D") == b"OK"
+        time.sleep(0.3)
+        assert m.paused  # the caller's pause outlives the debugger
+        m.snapshot(tmp_path / "snap")
+    finally:
+        stub.close()
+        m.stop()
+        m.close()
+    out2 = bytearray()
+    r = Machine.from_snapshot(tmp_path / "snap", console=out2.extend)
+    stub = GdbStub(r, "tcp:127.0.0.1:0", wait=True)
+    try:
+        r.start()
+        c = RemoteClient(("127.0.0.1", stub.port))
+        assert c.ask(counter) == held  # held at the snapshot's instruction: not one turn since
+        assert c.ask(b"M%x,8:0100000000000000" % symbols["gdb_release"]) == b"OK"
+        assert c.ask(b"D") == b"OK"
+        result = r.wait(30)
+        assert result is not None and (result.kind, result.status) == ("exit", 0)
+        assert parse_results(out2.decode())["released"] == "1"
+    finally:
+        stub.close()
+        r.stop()
+        r.close()

@@ -226,6 +226,14 @@ def main(verbose: bool) -> None:
     metavar=VSOCK.syntax,
     help="A virtio-vsock device; host programs connect to PATH ('CONNECT <port>').",
 )
+@click.option(
+    "--gdb",
+    metavar="tcp:[HOST:]PORT|unix:PATH",
+    help="Serve the GDB remote protocol here (gdb: target remote HOST:PORT); HOST defaults to 127.0.0.1.",
+)
+@click.option(
+    "--gdb-wait", is_flag=True, help="Hold the guest at its first instruction until gdb continues it."
+)
 @KVM_OPTION
 @SERVE_API_OPTION
 def run(
@@ -243,6 +251,8 @@ def run(
     virtio_console: str,
     balloon: bool,
     vsock: str | None,
+    gdb: str | None,
+    gdb_wait: bool,
     kvm_path: str,
     api_path: Path | None,
 ) -> None:
@@ -289,9 +299,30 @@ def run(
         balloon=balloon,
         virtio_console=virtio_console,
     )
+    if gdb_wait and not gdb:
+        raise ConfigError("--gdb-wait needs --gdb (where the debugger connects)")
+    gdb_address = None
+    if gdb:
+        from corral.debug import GdbAddress, GdbStub
+
+        gdb_address = GdbAddress.parse(gdb)
     machine = Machine(config, kvm_path=kvm_path)
     machine.build()
-    _run_foreground(machine, api_path)
+    stub = None
+    if gdb_address is not None:
+        try:
+            stub = GdbStub(machine, gdb_address, wait=gdb_wait)
+        except CorralError:
+            machine.close()
+            raise
+        where = f"tcp:{stub.address.host}:{stub.port}" if stub.address.kind == "tcp" else str(stub.address)
+        wait_note = "; the guest waits for the debugger to continue it" if gdb_wait else ""
+        click.echo(f"corral: gdb stub on {where}{wait_note}", err=True)
+    try:
+        _run_foreground(machine, api_path)
+    finally:
+        if stub is not None:
+            stub.close()
 
 
 def _run_foreground(machine: Machine, api_path: Path | None) -> NoReturn:

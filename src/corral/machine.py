@@ -108,6 +108,9 @@ class Machine:
         self._clock_at_pause: int | None = None
         self._msr_indices: list[int] | None = None
         self.cpu_model: CpuModel | None = None
+        # the next start() parks every vCPU before its first instruction and pauses the
+        # machine (a debugger's --gdb-wait: it attaches, then continues the guest)
+        self.hold_at_start = False
 
     @classmethod
     def from_snapshot(
@@ -209,10 +212,16 @@ class Machine:
             # a restored guest's clock continues from the snapshot, not from when it was taken
             self.vm.set_clock(self._clock_at_pause)
             self._clock_at_pause = None
+        hold, self.hold_at_start = self.hold_at_start, False
+        if hold:
+            for v in self.vcpus:
+                v.request_pause()
         if self.loop is not None:
             self.loop.start()
         for v in self.vcpus:
             v.start()
+        if hold:
+            self.pause()
 
     # -- pause, resume, state -----------------------------------------------------------------
     @contextmanager

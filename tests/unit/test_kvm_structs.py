@@ -59,6 +59,10 @@ RUN_OFFSETS = {
     "RUN_SYSTEM_EVENT_TYPE": "system_event.type",
     "RUN_SYSTEM_EVENT_DATA": "system_event.data",
     "RUN_FAIL_ENTRY_REASON": "fail_entry.hardware_entry_failure_reason",
+    "RUN_DEBUG_EXCEPTION": "debug.arch.exception",
+    "RUN_DEBUG_PC": "debug.arch.pc",
+    "RUN_DEBUG_DR6": "debug.arch.dr6",
+    "RUN_DEBUG_DR7": "debug.arch.dr7",
 }
 
 

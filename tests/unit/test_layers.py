@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"corral.vstate"},  # everything that holds a KVM fd
     {"corral.state", "corral.builder", "corral.host"},
     {"corral.machine"},
-    {"corral.migration"},
+    {"corral.migration", "corral.debug"},  # debug: the gdb stub, above the machine
     {"corral.firecracker"},  # Firecracker's API: models, VMM, routes, HTTP server
     {"corral.api"},  # the control socket: that API over a running machine, and its client
     {"corral.console"},  # the terminal the CLI runs a guest on

@@ -179,10 +179,40 @@ def test_interrupt_and_irq_window_exits_just_continue():
 
 
 def test_an_unhandled_exit_is_a_crash_that_names_it():
-    _, _, _, host = _run_to_stop([plain_exit(K.EXIT_DEBUG)])
+    _, _, _, host = _run_to_stop([plain_exit(K.EXIT_HYPERCALL)])
     kind, status, message = host.stops[0]
     assert (kind, status) == ("crash", 1)
-    assert f"unhandled KVM exit {K.EXIT_NAMES[K.EXIT_DEBUG]}" in message
+    assert f"unhandled KVM exit {K.EXIT_NAMES[K.EXIT_HYPERCALL]}" in message
+
+
+def _debug_exit(exception: int, pc: int, dr6: int, dr7: int):
+    return plain_exit(K.EXIT_DEBUG, struct.pack("<I4xQQQ", exception, pc, dr6, dr7))
+
+
+def test_a_debug_exit_reaches_the_hook_and_parks_the_vcpu_until_resumed():
+    seen = []
+
+    class Hook:
+        def debug_exit(self, vcpu, exception, pc, dr6, dr7):
+            seen.append((vcpu.index, exception, pc, dr6, dr7))
+
+    vcpu, fd, dev, host = _machine([_debug_exit(1, 0x100088, 0xFFFF0FF1, 0x402)])
+    vcpu.debug_hook = Hook()
+    vcpu.start()
+    assert vcpu.parked.wait(WAIT)  # all-stop: it waits for the debugger
+    assert seen == [(0, 1, 0x100088, 0xFFFF0FF1, 0x402)]
+    fd.feed(io_exit(PORT_BASE, 1, True, [5]), HALT)
+    time.sleep(0.05)
+    assert dev.accesses == []
+    vcpu.resume()
+    assert host.stopped.wait(WAIT)
+    assert dev.accesses == [("pio_write", 0, 1, 5)]
+
+
+def test_a_debug_exit_without_a_debugger_runs_on():
+    _, _, dev, host = _run_to_stop([_debug_exit(3, 0x1000, 0, 0), io_exit(PORT_BASE, 1, True, [9]), HALT])
+    assert dev.accesses == [("pio_write", 0, 1, 9)]
+    assert [s[0] for s in host.stops] == ["halt"]
 
 
 def test_kvm_run_failing_is_an_error_stop():
@@ -229,9 +259,10 @@ def test_kick_stops_the_thread_without_a_stop_report():
 
 
 def test_a_vcpu_not_started_counts_as_parked():
-    vcpu, _, _, _ = _machine([])
+    vcpu, fd, _, _ = _machine([])
     vcpu.request_pause()
     assert vcpu.parked.is_set()
+    assert fd.run_buf[S.RUN_IMMEDIATE_EXIT] == 1  # started before a resume: it parks at once
     vcpu.resume()
     assert not vcpu.parked.is_set()
 

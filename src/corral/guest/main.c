@@ -291,6 +291,7 @@ static const struct scenario scenarios[] = {
     {"blk-check", scenario_blk_check},
     {"blk-bench", scenario_blk_bench},
     {"net-bench", scenario_net_bench},
+    {"gdb", scenario_gdb},
 };
 
 static const struct scenario *find_scenario(const char *name)

@@ -96,6 +96,7 @@ int scenario_timer(int argc, char **argv);
 int scenario_blk_check(int argc, char **argv);
 int scenario_blk_bench(int argc, char **argv);
 int scenario_net_bench(int argc, char **argv);
+int scenario_gdb(int argc, char **argv);
 void lapic_enable(void);
 
 /* ring0.c / boot.S */

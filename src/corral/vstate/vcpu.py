@@ -29,6 +29,7 @@ _MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
 _U32 = struct.Struct("<I")
 _INTERNAL = struct.Struct("<II")  # suberror, ndata
 _SYSEVENT = struct.Struct("<II")  # type, ndata
+_DEBUG = struct.Struct("<I4xQQQ")  # kvm_debug_exit_arch: exception, pc, dr6, dr7
 
 _MP_STATE_NAMES = {
     K.MP_STATE_RUNNABLE: "runnable",
@@ -50,6 +51,13 @@ class VcpuHost(Protocol):
     def vcpu_stop(self, kind: str, status: int, message: str) -> None: ...
 
 
+class DebugHook(Protocol):
+    """A debugger's ear on a vCPU: told of every debug exit (breakpoint, watchpoint, single
+    step), on the vCPU's thread, which then parks until the debugger resumes it (all-stop)."""
+
+    def debug_exit(self, vcpu: Vcpu, exception: int, pc: int, dr6: int, dr7: int) -> None: ...
+
+
 class Vcpu:
     def __init__(self, fd: VcpuFd, index: int, pio: PioBus, mmio: MmioBus, host: VcpuHost) -> None:
         self.fd = fd
@@ -66,6 +74,7 @@ class Vcpu:
         self.pause_requested = False
         self.parked = threading.Event()
         self._resume = threading.Event()
+        self.debug_hook: DebugHook | None = None  # set by a debugger (corral.debug)
 
     # -- configuration ----------------------------------------------------------------------
     def configure(self, cpuid: list[S.KvmCpuidEntry2], msrs: dict[int, int]) -> None:
@@ -133,6 +142,9 @@ class Vcpu:
         I/O half done) and stays so until `resume`. A vCPU not yet started counts as parked."""
         self._resume.clear()
         self.pause_requested = True
+        if self.thread is None:
+            # not started yet: if it starts before a resume, it parks before its first instruction
+            self.fd.run_buf[S.RUN_IMMEDIATE_EXIT] = 1
         if self.thread is None or not self.thread.is_alive():
             self.parked.set()
             return
@@ -150,6 +162,11 @@ class Vcpu:
             self.parked.set()
             self._resume.wait()
         self.parked.clear()
+
+    def set_guest_debug(self, control: int, debugregs: list[int] | None = None) -> None:
+        """KVM_SET_GUEST_DEBUG on this (parked) vCPU: K.GUESTDBG_* flags, DR0-3 and DR7 at [0:4]
+        and [7] of `debugregs`; control 0 gives the guest its own debug state back."""
+        self.fd.set_guest_debug(control, debugregs)
 
     def join(self, timeout: float | None = None) -> None:
         if self.thread is not None:
@@ -286,6 +303,15 @@ class Vcpu:
             )
             return False
         if reason in (K.EXIT_INTR, K.EXIT_IRQ_WINDOW_OPEN):
+            return True
+        if reason == K.EXIT_DEBUG:
+            hook = self.debug_hook
+            if hook is not None:  # none: a step or breakpoint that outlived its debugger
+                exception, pc, dr6, dr7 = _DEBUG.unpack_from(run, S.RUN_DEBUG_EXCEPTION)
+                self._resume.clear()
+                self.pause_requested = True  # all-stop: park here until the debugger resumes
+                hook.debug_exit(self, exception, pc, dr6, dr7)
+                self._park()
             return True
         name = K.EXIT_NAMES.get(reason, str(reason))
         self.host.vcpu_stop(

@@ -226,6 +226,11 @@ def main(verbose: bool) -> None:
     metavar=VSOCK.syntax,
     help="A virtio-vsock device; host programs connect to PATH ('CONNECT <port>').",
 )
+@click.option(
+    "--ksm",
+    is_flag=True,
+    help="Let the host's KSM merge guest RAM with identical pages of other VMs (MADV_MERGEABLE).",
+)
 @KVM_OPTION
 @SERVE_API_OPTION
 def run(
@@ -243,6 +248,7 @@ def run(
     virtio_console: str,
     balloon: bool,
     vsock: str | None,
+    ksm: bool,
     kvm_path: str,
     api_path: Path | None,
 ) -> None:
@@ -288,6 +294,7 @@ def run(
         vsock=VsockConfig.parse(vsock) if vsock else None,
         balloon=balloon,
         virtio_console=virtio_console,
+        ksm=ksm,
     )
     machine = Machine(config, kvm_path=kvm_path)
     machine.build()

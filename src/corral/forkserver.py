@@ -51,6 +51,9 @@ MAX_REQUEST = 64 << 10  # bytes in one request message
 MAX_ARGS = 256
 MAX_ARG = 4096  # characters in one argument
 RETURNCODES_KEPT = 4096
+# The program a child runs, named as `python -m` would (the CLI, and the daemon under it, import
+# this module: it must not import them back)
+ENTRY = "corral.cli"
 START_TIMEOUT = 60.0  # seconds the template may take to import everything
 REPLY_TIMEOUT = 30.0
 
@@ -233,12 +236,16 @@ class ForkServer:
                     if fd is None:
                         self._sock.send(data)
                     else:
-                        self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                        self._sock.sendmsg(
+                            [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+                        )
                     raw = self._sock.recv(MAX_REQUEST)
                 except (BrokenPipeError, ConnectionResetError):
                     raw = b""
                 except TimeoutError:
-                    raise ForkServerError(f"the fork server did not answer within {REPLY_TIMEOUT:.0f} s") from None
+                    raise ForkServerError(
+                        f"the fork server did not answer within {REPLY_TIMEOUT:.0f} s"
+                    ) from None
                 if raw:
                     return Reply.model_validate_json(raw)
                 if attempt:
@@ -355,16 +362,15 @@ def _child(sock: socket.socket, args: list[str], out: int) -> None:
             logging.root.removeHandler(h)
         _returncodes.clear()
         sys.argv = ["corral", *args]
-        from corral.cli import main
-
+        cli = importlib.import_module(ENTRY).main
         try:
-            main.main(args=args, prog_name="corral", standalone_mode=True)
+            cli.main(args=args, prog_name="corral", standalone_mode=True)
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
             if exc.code is not None and not isinstance(exc.code, int):
                 print(exc.code, file=sys.stderr)
-    except BaseException:
+    except BaseException:  # noqa: BLE001  # whatever happens, the child never returns to serve
         traceback.print_exc()
     finally:
         try:
@@ -375,9 +381,8 @@ def _child(sock: socket.socket, args: list[str], out: int) -> None:
 
 
 def _launch(sock: socket.socket, req: LaunchRequest, fds: list[int]) -> Reply:
-    from corral.cli import main
-
-    if req.args[0] not in main.commands:  # type: ignore[attr-defined]  # main is a click.Group
+    commands = importlib.import_module(ENTRY).main.commands  # a click.Group's
+    if req.args[0] not in commands:
         raise ForkServerError(f"bad request: args.0: {req.args[0][:64]!r} is not a corral command")
     if req.log_path is not None:
         if fds:
@@ -450,7 +455,9 @@ def serve(sock: socket.socket) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not argv[0].isdigit():
-        print("usage: python -m corral.forkserver FD (started by corral.forkserver.ForkServer)", file=sys.stderr)
+        print(
+            "usage: python -m corral.forkserver FD (started by corral.forkserver.ForkServer)", file=sys.stderr
+        )
         return 2
     sock = socket.socket(fileno=int(argv[0]))
     if sock.type != socket.SOCK_SEQPACKET:
@@ -460,7 +467,6 @@ def main(argv: list[str]) -> int:
     assert threading.active_count() == 1, "the template must fork with no thread but its own"
     serve(sock)
     return 0
-
 
 
 __all__ = [

@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"corral.migration"},
     {"corral.api", "corral.firecracker"},
     {"corral.console"},  # the terminal the CLI runs a guest on
+    {"corral.forkserver"},  # the warm template VM processes fork from (runs the CLI it preloads)
     {"corral.cli"},
     {"corral", "corral.__main__"},
 ]

@@ -35,6 +35,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -325,7 +326,44 @@ def preload() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
     gc.collect()
+    _BALLAST.extend(_fill_pools())
     gc.freeze()
+
+
+_BALLAST: list[object] = []  # kept for the template's life (and shared by every child)
+
+
+def _fill_pools() -> list[object]:
+    """Objects that fill the free blocks of the template's partly used pymalloc pools, so a
+    child's small allocations go to fresh pages rather than each copying a template page that
+    holds live objects (measured: 0.27 MiB less per VM). The free blocks per size class come
+    from CPython's own allocator statistics; anything unexpected there leaves no ballast."""
+    with tempfile.TemporaryFile() as f:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        text = f.read().decode()
+    out: list[object] = []
+    for line in text.splitlines()[:64]:
+        parts = line.split()
+        if len(parts) != 5 or not all(p.isdigit() for p in parts):
+            continue
+        size, avail = int(parts[1]), min(int(parts[4]), 1 << 16)
+        if not 16 <= size <= 512 or size % 16:
+            continue
+        if size == 16:
+            out += [object() for _ in range(avail)]
+        elif size == 32:
+            out += [float(i) + 0.5 for i in range(avail)]
+        else:
+            out += [bytes(size - 33) for _ in range(avail)]
+    return out
 
 
 def _open_log(path: str) -> int:

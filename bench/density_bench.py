@@ -459,10 +459,10 @@ def main() -> int:
             )
         )
     if rates is not None and memory is not None:
-        for how in ("sequential", "concurrent"):
+        for how, said in (("sequential", "one after another"), ("concurrent", "at once")):
             rows.append(
                 (
-                    f"creation, {args.vms} {'one after another' if how == 'sequential' else 'at once'} (VMs/s)",
+                    f"creation, {args.vms} {said} (VMs/s)",
                     f"{rates['corral run'][how]:.1f}",
                     f"{rates['fork server'][how]:.1f}",
                     "-",

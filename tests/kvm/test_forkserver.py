@@ -147,3 +147,47 @@ def test_exited_vms_are_reaped_and_bad_launches_fail_alone(server: ForkServer, t
         log_path=tmp_path / "ok.log",
     )
     wait_for("a good launch after the bad ones", lambda: server.returncode(ok) == 0)
+
+
+def guest_ram_flags(pid: int) -> list[str]:
+    flags, in_ram = [], False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if "-" in line.split(":", 1)[0] or " " in line.split(":", 1)[0]:
+                in_ram = "corral-ram" in line
+            elif in_ram and line.startswith("VmFlags:"):
+                flags.append(line.split(":", 1)[1])
+    return flags
+
+
+def test_corral_run_ksm_through_the_fork_server(server: ForkServer, tmp_path: Path) -> None:
+    """`corral run --ksm` (here forked, as the density bench runs it): guest RAM is mergeable."""
+    pids = {}
+    for ksm in (False, True):
+        pids[ksm] = server.launch(
+            [
+                "run",
+                "--kernel",
+                str(build_probe()),
+                "--cmdline",
+                "halt 4M",
+                "--memory",
+                "128M",
+                "--no-reboot",
+                *(["--ksm"] if ksm else []),
+            ],
+            log_path=tmp_path / f"ksm-{ksm}.log",
+        )
+    try:
+        for ksm, pid in pids.items():
+            log = tmp_path / f"ksm-{ksm}.log"
+            wait_for(
+                "the guest to fill its memory and halt", lambda log=log: "probe: halt" in log.read_text()
+            )
+            assert "ok=1" in log.read_text()
+            flags = guest_ram_flags(pid)
+            assert flags, "no guest RAM mapping found"
+            assert all(("mg" in f.split()) == ksm for f in flags), flags
+    finally:
+        for pid in pids.values():
+            os.kill(pid, signal.SIGKILL)

@@ -191,3 +191,24 @@ def test_corral_run_ksm_through_the_fork_server(server: ForkServer, tmp_path: Pa
     finally:
         for pid in pids.values():
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_microvm_through_the_library_path(server: ForkServer, tmp_path: Path) -> None:
+    """launch_firecracker: the same microVM without the CLI in the child."""
+    log, sock = tmp_path / "lib.log", tmp_path / "lib.sock"
+    pid = server.launch_firecracker(
+        api_sock=sock, instance_id="lib-vm", config_file=vm_config(tmp_path), log_path=log
+    )
+    try:
+        wait_for("the probe's serial output", lambda: "probe: halt" in log.read_text())
+        assert os.getsid(pid) == pid
+        wait_for("the API socket", sock.exists)
+        assert api_get(sock)[1]["id"] == "lib-vm"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    bad = server.launch_firecracker(
+        api_sock=tmp_path / "bad.sock", instance_id="bad id", log_path=tmp_path / "bad.log"
+    )
+    wait_for("the bad microVM to fail", lambda: server.returncode(bad) is not None)
+    assert server.returncode(bad) == 1
+    assert "corral: error: --id 'bad id' is not an instance id" in (tmp_path / "bad.log").read_text()

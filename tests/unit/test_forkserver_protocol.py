@@ -18,6 +18,7 @@ from corral.forkserver import (
     MAX_ARG,
     MAX_ARGS,
     MAX_REQUEST,
+    FirecrackerRequest,
     ForkServer,
     ForkServerError,
     LaunchRequest,
@@ -63,6 +64,21 @@ def test_bad_requests_name_the_problem(data: bytes, names: str) -> None:
     with pytest.raises(ForkServerError, match="bad request") as exc:
         decode_request(data)
     assert names in str(exc.value)
+
+
+def test_a_firecracker_request_is_checked_as_strictly() -> None:
+    good = decode_request(b'{"op": "firecracker", "api_sock": "/run/vm.sock", "log_path": "/tmp/vm.log"}')
+    assert isinstance(good, FirecrackerRequest) and good.instance_id == "anonymous-instance"
+    for bad, names in [
+        (b'{"op": "firecracker"}', "api_sock"),
+        (b'{"op": "firecracker", "api_sock": "/a", "jailer": true}', "jailer"),
+        (b'{"op": "firecracker", "api_sock": "/a", "no_api": "yes"}', "no_api"),
+        (b'{"op": "firecracker", "api_sock": "/a\\u0000b"}', "api_sock: contains a NUL"),
+        (b'{"op": "firecracker", "api_sock": "' + b"x" * (MAX_ARG + 1) + b'"}', "api_sock"),
+    ]:
+        with pytest.raises(ForkServerError, match="bad request") as exc:
+            decode_request(bad)
+        assert names in str(exc.value)
 
 
 def test_a_request_over_the_bound_is_refused_before_it_is_parsed() -> None:

@@ -3,20 +3,23 @@
 idle one costs the host, and how many this host holds.
 
 - launch -> first serial byte: `corral run` (a fresh interpreter per VM), the fork server
-  (corral.forkserver: `corral firecracker --config-file` forked from a warm template, as the
-  daemon creates VMs; timed from the request) and QEMU `-M microvm`; interleaved (run, fork
-  server, QEMU, run, ...) so background load lands on all three; median (min-max).
+  (corral.forkserver: a microVM forked from a warm template, timed from the request) given the
+  CLI's args (`launch(["firecracker", "--api-sock", ..., "--config-file", ...])`, the daemon's
+  Launcher) and through the library (`launch_firecracker`), and QEMU `-M microvm`; interleaved
+  (run, fork server x2, QEMU, run, ...) so background load lands on all; median (min-max).
 - creation rate (VMs/s, request -> every VM's first serial byte): N VMs one after another, and N
-  requested at once, for `corral run` processes and for the fork server.
+  requested at once, for `corral run` processes and both fork-server paths.
 - private VMM memory per idle VM: every mapping but guest RAM, from /proc/PID/smaps, as
   Firecracker's tests/host_tools/memory.py measures its VMM (it too leaves the guest memory
   mapping out): USS (Private_Clean + Private_Dirty: what the VM alone costs) and PSS (shared
   pages split between their sharers), median (min-max) over the N idle VMs of each kind.
-- the most idle 128 MiB probe VMs at once: fork-server VMs (`halt`: the vCPU sleeps in KVM, no
+- the most idle 128 MiB probe VMs at once: fork-server VMs (library path, `halt`: the vCPU sleeps in KVM, no
   host CPU) added until --max, or until the host's memory is 80% used (MemAvailable), each
   asked for its API (`GET /`) at the end.
 - with --ksm (root): VMs whose guest fills SIZE with the same bytes (`halt SIZE`), once with
-  `--ksm` and once without, KSM running fast for a while: what it merged (pages_sharing).
+  `--ksm` and once without, KSM running fast for a while: how much of their guest RAM it merged
+  (/proc/PID/ksm_merging_pages: n VMs filling alike keep one copy of those pages, not n), and
+  the host's pages_sharing change (host-wide: other programs' merging counts there too).
 
 The idle guest is the probe's `halt`, 128 MiB, 1 vCPU. Prints a rich table and writes
 bench/results/density_bench.{json,md}.
@@ -55,6 +58,10 @@ from corral.images.probe import build_probe  # noqa: E402
 MEMORY_MIB = 128
 HOST_LIMIT = 0.80  # stop the ramp when this share of host memory is in use
 FIRST_BYTE_TIMEOUT = 60.0
+FS_CLI = "fork server, CLI"  # ForkServer.launch(["firecracker", ...]): the daemon's Launcher
+FS_LIB = "fork server, library"  # ForkServer.launch_firecracker(...): no click in the child
+QEMU = "QEMU -M microvm"
+COLUMNS = ("corral run", FS_CLI, FS_LIB, QEMU)
 
 
 # --- VMs of each kind: start one, get (pid or Popen, the fd its serial output arrives on) ------
@@ -151,11 +158,25 @@ class Kinds:
             os.close(w)
         return Vm(pid, r)
 
-    def forked_logged(self, extra: list[str] | None = None) -> tuple[Vm, Path, Path]:
-        """A fork-server VM writing to a log file (as the daemon's do): no pipe to keep open."""
+    def forked_lib(self) -> Vm:
+        """The same microVM through the library (launch_firecracker: no CLI in the child)."""
+        args = self.fork_args()
+        r, w = os.pipe()
+        try:
+            pid = self.fs.launch_firecracker(
+                api_sock=args[2], instance_id=args[4], config_file=self.config, output_fd=w
+            )
+        finally:
+            os.close(w)
+        return Vm(pid, r)
+
+    def forked_logged(self) -> tuple[Vm, Path, Path]:
+        """A library-path VM writing to a log file (as the daemon's do): no pipe to keep open."""
         args = self.fork_args()
         log = self.work / f"vm{self.n}.log"
-        pid = self.fs.launch(args, log_path=log)
+        pid = self.fs.launch_firecracker(
+            api_sock=args[2], instance_id=args[4], config_file=self.config, log_path=log
+        )
         return Vm(pid, None), log, Path(args[2])
 
     def close(self) -> None:
@@ -234,9 +255,13 @@ def meminfo() -> dict[str, int]:
 
 
 def measure_launch(kinds: Kinds, runs: int, qemu: bool) -> dict[str, dict[str, float]]:
-    starters: dict[str, Callable[[], Vm]] = {"corral run": kinds.corral_run, "fork server": kinds.forked}
+    starters: dict[str, Callable[[], Vm]] = {
+        "corral run": kinds.corral_run,
+        FS_CLI: kinds.forked,
+        FS_LIB: kinds.forked_lib,
+    }
     if qemu:
-        starters["QEMU -M microvm"] = kinds.qemu
+        starters[QEMU] = kinds.qemu
     times: dict[str, list[float]] = {k: [] for k in starters}
     for _ in range(runs):
         for name, start in starters.items():
@@ -255,7 +280,7 @@ def measure_creation(
     """VMs/s sequential and concurrent for each kind, and the memory of the concurrent set (idle)."""
     rates: dict[str, dict[str, float]] = {}
     memory: dict[str, dict[str, dict[str, float]]] = {}
-    for name, start in (("corral run", kinds.corral_run), ("fork server", kinds.forked)):
+    for name, start in (("corral run", kinds.corral_run), (FS_CLI, kinds.forked), (FS_LIB, kinds.forked_lib)):
         vms: list[Vm] = []
         try:
             t0 = time.perf_counter()
@@ -387,7 +412,8 @@ def measure_ksm(kinds: Kinds, n: int, size: str, settle: float) -> dict[str, obj
                 merged = sum(int(Path(f"/proc/{vm.pid}/ksm_merging_pages").read_text()) for vm, _, _ in vms)
                 result["with ksm" if ksm else "without"] = {
                     "merged_mib": merged * 4096 / 2**20,
-                    "saved_mib": max(0, int((KSM / "pages_sharing").read_text()) - baseline) * 4096 / 2**20,
+                    # host-wide: another program's merging on this host lands here too
+                    "host_sharing_mib": (int((KSM / "pages_sharing").read_text()) - baseline) * 4096 / 2**20,
                 }
             finally:
                 for vm, _, _ in vms:
@@ -448,63 +474,45 @@ def main() -> int:
     host = f"{platform.node()}: {os.cpu_count()} CPUs, {gib:.0f} GiB, kernel {platform.release()}"
     pvm = os.path.isdir("/sys/module/kvm_pvm")
     date = datetime.now(UTC).strftime("%Y-%m-%d")
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[list[str]] = []
+
+    def row(label: str, cells: dict[str, str]) -> None:
+        rows.append([label, *(cells.get(c, "-") for c in COLUMNS)])
+
     if launch is not None:
-        rows.append(
-            (
-                "launch -> first serial byte (ms)",
-                fmt(launch["corral run"]),
-                fmt(launch["fork server"]),
-                fmt(launch["QEMU -M microvm"]) if qemu else "-",
-            )
-        )
+        row("launch -> first serial byte (ms)", {k: fmt(v) for k, v in launch.items()})
     if rates is not None and memory is not None:
         for how, said in (("sequential", "one after another"), ("concurrent", "at once")):
-            rows.append(
-                (
-                    f"creation, {args.vms} {said} (VMs/s)",
-                    f"{rates['corral run'][how]:.1f}",
-                    f"{rates['fork server'][how]:.1f}",
-                    "-",
-                )
-            )
+            row(f"creation, {args.vms} {said} (VMs/s)", {k: f"{v[how]:.1f}" for k, v in rates.items()})
         for key, label in (("uss_mib", "private (USS)"), ("pss_mib", f"PSS, {args.vms} alike")):
-            rows.append(
-                (
-                    f"VMM memory per idle VM, {label} (MiB)",
-                    fmt(memory["corral run"][key], 2),
-                    fmt(memory["fork server"][key], 2),
-                    "-",
-                )
-            )
-    rows.append(
-        (
-            f"idle {MEMORY_MIB} MiB VMs at once (stopped by {ramp['stopped_by']})",
-            "-",
-            f"{ramp['vms']} ({ramp['answering']} answer GET /) at {ramp['vms_per_s']:.1f} VMs/s",
-            "-",
-        )
+            row(f"VMM memory per idle VM, {label} (MiB)", {k: fmt(v[key], 2) for k, v in memory.items()})
+    row(
+        f"idle {MEMORY_MIB} MiB VMs at once (stopped by {ramp['stopped_by']})",
+        {FS_LIB: f"{ramp['vms']} ({ramp['answering']} answer GET /) at {ramp['vms_per_s']:.1f} VMs/s"},
     )
-    rows.append(("  host memory used per VM in the ramp (MiB)", "-", f"{ramp['host_mib_per_vm']:.1f}", "-"))
+    uss = ramp["uss_mib"]
+    row(
+        "  host memory used per VM in the ramp; USS after GET / (MiB)",
+        {FS_LIB: f"{ramp['host_mib_per_vm']:.1f}; " + (fmt(uss, 2) if isinstance(uss, dict) else "-")},
+    )
     if ksm is not None:
         for label in ("without", "with ksm"):
             k = ksm[label]
             assert isinstance(k, dict)
-            rows.append(
-                (
-                    f"KSM, {ksm['vms']} VMs filling {ksm['fill']} alike: {label}",
-                    "-",
-                    f"{k['saved_mib']:.1f} MiB saved ({k['merged_mib']:.1f} MiB merged)",
-                    "-",
-                )
+            row(
+                f"KSM, {ksm['vms']} `corral run` VMs filling {ksm['fill']} alike: {label}",
+                {
+                    FS_CLI: f"{k['merged_mib']:.1f} MiB of guest RAM merged "
+                    f"(host pages_sharing {k['host_sharing_mib']:+.1f} MiB)"
+                },
             )
-    head = ("measure", "corral run", "fork server", "QEMU -M microvm")
+    head = ("measure", *COLUMNS)
     note = (
         f"Measured {date} on {host}; /dev/kvm is {'PVM' if pvm else 'hardware-backed'}; probe `halt`, "
         f"{MEMORY_MIB} MiB, 1 vCPU; median (min-max); the fork server's template started in "
         f"{results['template_start_s']:.2f} s (once)."
     )
-    md = [note, "", "| " + " | ".join(head) + " |", "|---|---:|---:|---:|"]
+    md = [note, "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * len(COLUMNS)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
 
     from rich.console import Console

@@ -26,8 +26,8 @@ What an idle VM's process costs (USS of every mapping but guest RAM, probe `halt
 a fresh interpreter 21.9-26.4 MiB; forked from the template 7.46 MiB; the port table as a dict
 instead of a 64 K list (devices/bus.py) -0.56; `gc.freeze()` -0.17 (more as children collect);
 filling pymalloc's free blocks before the freeze (`_fill_pools`) -0.27; the CLI's command lines
-parsed once in the template (WARM_UP) -0.45: 6.2 MiB; a VM started through the library
-(`launch_firecracker`: no click in the child) -0.6: 5.6 MiB. Tried and not
+parsed once in the template (WARM_UP) -0.45: 6.1-6.2 MiB; a VM started through the library
+(`launch_firecracker`: no click in the child) -0.6: 5.4-5.6 MiB. Tried and not
 kept: MALLOC_ARENA_MAX=1 or 2 (no change: the VM threads barely use malloc arenas), smaller
 thread stacks (a thread touches 8-12 KiB of its stack), gc.disable() while importing (within
 noise). What remains is copy-on-write of template pages the child writes to: refcounts of the

@@ -234,6 +234,11 @@ def main(verbose: bool) -> None:
 @click.option(
     "--gdb-wait", is_flag=True, help="Hold the guest at its first instruction until gdb continues it."
 )
+@click.option(
+    "--ksm",
+    is_flag=True,
+    help="Let the host's KSM merge guest RAM with identical pages of other VMs (MADV_MERGEABLE).",
+)
 @KVM_OPTION
 @SERVE_API_OPTION
 def run(
@@ -253,6 +258,7 @@ def run(
     vsock: str | None,
     gdb: str | None,
     gdb_wait: bool,
+    ksm: bool,
     kvm_path: str,
     api_path: Path | None,
 ) -> None:
@@ -298,6 +304,7 @@ def run(
         vsock=VsockConfig.parse(vsock) if vsock else None,
         balloon=balloon,
         virtio_console=virtio_console,
+        ksm=ksm,
     )
     if gdb_wait and not gdb:
         raise ConfigError("--gdb-wait needs --gdb (where the debugger connects)")

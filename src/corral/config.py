@@ -218,6 +218,9 @@ class MachineConfig(BaseModel):
     vsock: VsockConfig | None = Field(default=None, description="a virtio-vsock device")
     balloon: bool = Field(default=False, description="a virtio-balloon device (with free page reporting)")
     virtio_console: str = Field(default="", description="hvc0 on 'pty' or 'file=PATH'; empty: none")
+    ksm: bool = Field(
+        default=False, description="let KSM merge guest RAM with identical pages (MADV_MERGEABLE)"
+    )
 
     @field_validator("virtio_console")
     @classmethod

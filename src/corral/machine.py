@@ -185,7 +185,7 @@ class Machine:
                     f"{snap.path} was taken on a {snap.manifest.cpu.describe()}; this "
                     f"host has a {self.cpu_model.describe()}: the guest would see its CPU change"
                 )
-            self.memory = GuestMemory(cfg.memory, backing=snap.memory_file if snap else None)
+            self.memory = GuestMemory(cfg.memory, backing=snap.memory_file if snap else None, ksm=cfg.ksm)
             vm.map_memory(self.memory)
             self.board = build_board(vm, self.memory, cfg, self, self._console, self.net_filters)
             if snap is not None:

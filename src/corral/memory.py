@@ -6,6 +6,9 @@ mapped private: pages load lazily on first touch and clones share every page the
 Every guest-physical access from the VMM goes through `GuestMemory`, whose accessors check bounds:
 guest-supplied addresses are hostile input.
 
+With `ksm` (opt-in, `--ksm`) guest RAM is marked MADV_MERGEABLE so the kernel's same-page
+merging can share identical pages between VMs (the host must run KSM: /sys/kernel/mm/ksm/run).
+
 Guest RAM is the guest's secrets: it is left out of the VMM's core dumps (MADV_DONTDUMP) and of
 any child it forks (MADV_DONTFORK). A memory file is opened without following a symlink and must
 be a regular file of exactly the RAM size; the VMM holds it open and `check_backing` looks at its
@@ -51,7 +54,12 @@ class GuestMemory:
     """
 
     def __init__(
-        self, size: int, *, name: str = "corral-ram", backing: str | os.PathLike[str] | None = None
+        self,
+        size: int,
+        *,
+        name: str = "corral-ram",
+        backing: str | os.PathLike[str] | None = None,
+        ksm: bool = False,
     ) -> None:
         if size < layout.MIN_MEMORY or size > layout.MAX_MEMORY or size % mmap.PAGESIZE:
             raise ConfigError(
@@ -59,7 +67,10 @@ class GuestMemory:
                 f"{layout.MIN_MEMORY // layout.MiB} MiB and {layout.MAX_MEMORY // layout.GiB} GiB"
             )
         self.size = size
-        self.private = backing is not None
+        # KSM merges only private anonymous pages: with `ksm` the memfd is mapped private (its
+        # pages stay holes; the guest's are anonymous copies), as a restored VM's file is
+        self.private = backing is not None or ksm
+        self.ksm = ksm
         self.backing = None if backing is None else str(backing)
         if backing is not None:
             self.fd = _open_backing(str(backing))
@@ -87,6 +98,8 @@ class GuestMemory:
         # guest on the old one
         self._map.madvise(mmap.MADV_DONTFORK)
         self._map.madvise(mmap.MADV_DONTDUMP)  # a core dump of the VMM holds no guest secrets
+        if ksm:  # opt-in: merging leaks, through write timing, which pages equal another VM's
+            self._map.madvise(mmap.MADV_MERGEABLE)
         self._view = memoryview(self._map)
         # 16-bit items over the same bytes: `store_u16` writes a ring index with one store
         self._view16 = self._view.cast("H")
@@ -215,6 +228,17 @@ class GuestMemory:
         if self.private:
             return self.size
         return os.fstat(self.fd).st_blocks * 512
+
+    def ksm_merged_bytes(self) -> int:
+        """Guest RAM that KSM has merged with identical pages (this process's, all of which
+        are guest RAM with --ksm); 0 without KSM or when the kernel does not say."""
+        if not self.ksm:
+            return 0
+        try:
+            with open("/proc/self/ksm_merging_pages") as f:
+                return int(f.read().strip() or 0) * mmap.PAGESIZE
+        except (OSError, ValueError):
+            return 0
 
     def offset_view(self, offset: int, length: int) -> memoryview:
         """RAM by backing offset (not guest address): for whole-RAM copies."""

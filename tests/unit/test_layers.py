@@ -30,6 +30,7 @@ LAYERS: list[set[str]] = [
     {"corral.firecracker"},  # Firecracker's API: models, VMM, routes, HTTP server
     {"corral.api"},  # the control socket: that API over a running machine, and its client
     {"corral.console"},  # the terminal the CLI runs a guest on
+    {"corral.forkserver"},  # the warm template VM processes fork from (runs the CLI it preloads)
     {"corral.cli"},
     {"corral", "corral.__main__"},
 ]

@@ -184,3 +184,16 @@ def test_a_memory_file_that_shrinks_after_mapping_is_caught_before_the_guest_run
         os.truncate(snap, 1 * M)
         with pytest.raises(ConfigError, match="is 1048576 bytes, not 16777216: it is truncated"):
             mem.check_backing()
+
+
+def test_ksm_is_opt_in_and_marks_a_private_mapping_mergeable():
+    with GuestMemory(16 * M) as plain:
+        assert "mg" not in vm_flags(plain.slots[0].host_addr)
+        assert plain.ksm_merged_bytes() == 0
+    with GuestMemory(16 * M, ksm=True) as mem:
+        flags = vm_flags(mem.slots[0].host_addr)
+        # KSM merges only private pages: a shared memfd mapping would be marked in vain
+        assert "mg" in flags and "sh" not in flags
+        mem.write(0x1000, b"guest")  # the guest's own writes still land and read back
+        assert mem.read(0x1000, 5) == b"guest"
+        assert mem.ksm_merged_bytes() >= 0

@@ -3,7 +3,8 @@
 The buses are part of the device layer (the PCI root remaps BARs on the MMIO bus); vCPU exit
 handling and the machine sit above and only call `read`/`write`/`register`.
 
-Port lookups are O(1) through a 64 K table (ports are few and the table is built once);
+Port lookups are O(1) through a dict of the ports in use (a few dozen; a 64 K list cost 512 KiB
+per VM, see bench/density_bench.py);
 MMIO lookups bisect a sorted list of ranges. Accesses nobody owns read as all-ones and are
 otherwise ignored, as on a PC bus.
 """
@@ -38,7 +39,7 @@ class PioBus:
     """The 64 KiB x86 I/O port space."""
 
     def __init__(self) -> None:
-        self._table: list[Mapping | None] = [None] * 0x10000
+        self._table: dict[int, Mapping] = {}
         self.mappings: list[Mapping] = []
 
     def register(self, base: int, size: int, device: PioDevice, name: str = "") -> None:
@@ -46,7 +47,7 @@ class PioBus:
             raise BusConflictError(f"port range {base:#x}+{size} is outside the I/O space")
         m = Mapping(base, size, device, name or type(device).__name__)
         for port in range(base, base + size):
-            held = self._table[port]
+            held = self._table.get(port)
             if held is not None:
                 raise BusConflictError(f"port {port:#x}: {m.name} overlaps {held.name}")
         for port in range(base, base + size):
@@ -54,13 +55,13 @@ class PioBus:
         self.mappings.append(m)
 
     def read(self, port: int, size: int) -> int:
-        m = self._table[port]
+        m = self._table.get(port)
         if m is None:
             return (1 << (size * 8)) - 1
         return m.device.pio_read(port - m.base, size)
 
     def write(self, port: int, size: int, value: int) -> None:
-        m = self._table[port]
+        m = self._table.get(port)
         if m is not None:
             m.device.pio_write(port - m.base, size, value)
 

@@ -273,6 +273,23 @@ static int scenario_idle(int argc, char **argv)
     return EXIT_OK;
 }
 
+/* ---- halt [SIZE]: fills SIZE of RAM as mem-touch's first round does (the same bytes in every
+ * VM, for KSM), then halts the vCPU with interrupts off: an idle VM that costs the host no CPU
+ * (the vCPU sleeps in KVM_RUN; idle spins) ---- */
+
+static int scenario_halt(int argc, char **argv)
+{
+    if (argc >= 2) {
+        char *touch[] = {"mem-touch", argv[1]};
+        int rc = scenario_mem_touch(2, touch);
+        if (rc != EXIT_OK)
+            return rc;
+    }
+    kprintf("probe: halt\n");
+    syscall0(SYS_HALT);
+    return EXIT_OK;
+}
+
 /* ---------------------------------------------------------------- dispatch */
 
 struct scenario {
@@ -288,6 +305,7 @@ static const struct scenario scenarios[] = {
     {"mmio-bench", scenario_mmio_bench},
     {"mem-touch", scenario_mem_touch},
     {"idle", scenario_idle},
+    {"halt", scenario_halt},
     {"blk-check", scenario_blk_check},
     {"blk-bench", scenario_blk_bench},
     {"net-bench", scenario_net_bench},

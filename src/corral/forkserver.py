@@ -1,0 +1,675 @@
+"""A warm template process that VMs are forked from, so creating a VM skips Python.
+
+A `corral run` pays ~250 ms of interpreter start-up and imports before the guest's first
+instruction, and each VM process holds its own ~20 MiB copy of the interpreter's heap. A fork
+server pays both once: the template (`python -m corral.forkserver FD`) imports everything a VM
+needs (PRELOAD: the CLI, Firecracker's API, the machine, every device, the pydantic models built
+at import), runs `gc.collect(); gc.freeze()` so no collection in a child ever writes to the
+template's objects (which would copy their pages), starts no thread, and then forks one child per
+request. A child shares every page it leaves alone with the template and its siblings.
+
+Requests come over a SOCK_SEQPACKET socketpair that only the process which started the template
+holds: one message per request (JSON, at most MAX_REQUEST bytes, with at most one fd for the
+child's output), one reply per request. Anything malformed fails that request with a one-line
+error; the server serves on. The template exits when the other end closes.
+
+A child (`launch`) becomes its own session leader, reads /dev/null, writes stdout and stderr to
+the log (or the fd given), gets the signal handlers and mask a fresh interpreter has, closes the
+server's socket, reseeds `random`, drops inherited logging handlers, and runs corral's CLI with
+the args (`["firecracker", "--api-sock", P, "--config-file", C]`), or, for `launch_firecracker`,
+serves one microVM through the library without the CLI. The template reaps children as
+they exit (SIGCHLD) and remembers the last RETURNCODES_KEPT statuses. Children are not tied to the
+template: they run on when it dies (then init reaps them).
+
+What an idle VM's process costs (USS of every mapping but guest RAM, probe `halt`, 128 MiB,
+`corral firecracker --config-file`; bench/density_bench.py; 2026-11-30, a loaded 2-core PVM host):
+a fresh interpreter 21.9-26.4 MiB; forked from the template 7.46 MiB; the port table as a dict
+instead of a 64 K list (devices/bus.py) -0.56; `gc.freeze()` -0.17 (more as children collect);
+filling pymalloc's free blocks before the freeze (`_fill_pools`) -0.27; the CLI's command lines
+parsed once in the template (WARM_UP) -0.45: 6.1-6.2 MiB; a VM started through the library
+(`launch_firecracker`: no click in the child) -0.6: 5.4-5.6 MiB. Tried and not
+kept: MALLOC_ARENA_MAX=1 or 2 (no change: the VM threads barely use malloc arenas), smaller
+thread stacks (a thread touches 8-12 KiB of its stack), gc.disable() while importing (within
+noise). What remains is copy-on-write of template pages the child writes to: refcounts of the
+objects the code it runs touches (Python 3.11 has no immortal objects), libpython's static
+types (~0.5 MiB), and each thread's state. The floor is the CLI and the API server: a child that
+serves the API with no VM costs 4.3 MiB.
+"""
+
+from __future__ import annotations
+
+import array
+import gc
+import importlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+
+from corral.errors import CorralError
+
+MAX_REQUEST = 64 << 10  # bytes in one request message
+MAX_ARGS = 256
+MAX_ARG = 4096  # characters in one argument
+RETURNCODES_KEPT = 4096
+# The program a child runs, named as `python -m` would (the CLI, and the daemon under it, import
+# this module: it must not import them back)
+ENTRY = "corral.cli"
+START_TIMEOUT = 60.0  # seconds the template may take to import everything
+REPLY_TIMEOUT = 30.0
+
+# What a VM process runs: imported once in the template, shared by every child.
+PRELOAD = (
+    "corral.cli",
+    "corral.api",
+    "corral.console",
+    "corral.machine",
+    "corral.builder",
+    "corral.migration",
+    "corral.firecracker.main",
+    "corral.firecracker.routes",
+    "corral.firecracker.server",
+    "corral.firecracker.snapshot",
+    "corral.firecracker.vmm",
+    "corral.state.snapshot",
+    "corral.devices.virtio.blk",
+    "corral.devices.virtio.net",
+    "corral.devices.virtio.vsock",
+    "corral.devices.virtio.console",
+    "corral.devices.virtio.balloon",
+    "corral.devices.virtio.rng",
+    "corral.backends.disk",
+    "corral.backends.tap",
+    "corral.backends.console",
+    "corral.backends.unix_socket",
+    "corral.images.probe",
+    "http.server",
+    "socketserver",
+    "http.client",
+    "email.parser",
+    "email.feedparser",
+    "selectors",
+    "ipaddress",
+    "hmac",
+    "secrets",
+)
+
+
+class ForkServerError(CorralError):
+    """The fork server could not start, or refused or failed a request."""
+
+
+class Launcher(Protocol):
+    """Starts one VM process running corral's CLI with `args`; returns its pid."""
+
+    def launch(self, args: list[str], *, log_path: str | os.PathLike[str]) -> int: ...
+
+
+# --- the wire: one JSON message per request, one per reply ---------------------------------------
+
+Arg = Annotated[str, StringConstraints(min_length=0, max_length=MAX_ARG)]
+
+
+class LaunchRequest(BaseModel):
+    """Fork a child running `corral ARGS...`; its output goes to `log_path`, or to the one fd
+    sent with the message when `log_path` is None."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    op: Literal["launch"]
+    args: Annotated[list[Arg], Field(min_length=1, max_length=MAX_ARGS)]
+    log_path: Annotated[str, StringConstraints(min_length=1, max_length=MAX_ARG)] | None = None
+
+
+Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ARG)]
+
+
+class FirecrackerRequest(BaseModel):
+    """Fork a child serving one microVM as `corral firecracker` does, through the library
+    (corral.firecracker.main.run) rather than the CLI: a child that never runs click costs
+    less (see the figures above). Output as for LaunchRequest; a ConfigError is the child's
+    one `corral: error: ...` line and exit status 1, as the CLI's."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    op: Literal["firecracker"]
+    api_sock: Text
+    instance_id: Text = "anonymous-instance"
+    config_file: Text | None = None
+    no_api: bool = False
+    level: Text | None = None
+    metrics_path: Text | None = None
+    boot_timer: bool = False
+    kvm_path: Text = "/dev/kvm"
+    log_path: Text | None = None
+
+
+class ReturncodeRequest(BaseModel):
+    """The exit status of a child the server reaped (None while it runs, or if unknown)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    op: Literal["returncode"]
+    pid: Annotated[int, Field(gt=0, lt=1 << 22)]
+
+
+AnyRequest = LaunchRequest | FirecrackerRequest | ReturncodeRequest
+REQUEST: TypeAdapter[AnyRequest] = TypeAdapter(Annotated[AnyRequest, Field(discriminator="op")])
+
+
+class Reply(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ok: bool
+    pid: int | None = None
+    returncode: int | None = None
+    error: str | None = None
+
+
+def decode_request(data: bytes, truncated: bool = False) -> AnyRequest:
+    """One request message, checked: a ForkServerError names what is wrong with it."""
+    if truncated or len(data) > MAX_REQUEST:
+        raise ForkServerError(f"request larger than {MAX_REQUEST} bytes")
+    try:
+        req = REQUEST.validate_json(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "request"
+        raise ForkServerError(f"bad request: {where}: {first['msg']}") from None
+    if isinstance(req, LaunchRequest):
+        for i, a in enumerate(req.args):
+            if "\0" in a:
+                raise ForkServerError(f"bad request: args.{i}: contains a NUL character")
+    for name, value in req:
+        if isinstance(value, str) and "\0" in value:
+            raise ForkServerError(f"bad request: {name}: contains a NUL character")
+    return req
+
+
+def encode(model: BaseModel) -> bytes:
+    data = model.model_dump_json(exclude_none=True).encode()
+    if len(data) > MAX_REQUEST:
+        raise ForkServerError(f"request larger than {MAX_REQUEST} bytes: pass fewer or shorter args")
+    return data
+
+
+# --- the client: what the daemon and the bench hold ------------------------------------------------
+
+
+class ForkServer:
+    """A template process and the socket to it. `start()` it, `launch()` VMs, `close()` it (the
+    VMs run on). Thread-safe: requests are serialized. A template that died is restarted by the
+    next launch."""
+
+    def __init__(self, *, env: dict[str, str] | None = None, python: str = sys.executable) -> None:
+        self._env = env
+        self._python = python
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self.ready_seconds = 0.0  # how long the last start took
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def start(self) -> ForkServer:
+        with self._lock:
+            self._start()
+        return self
+
+    def _start(self) -> None:
+        self._stop()
+        t0 = time.monotonic()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ if self._env is None else self._env)
+        src = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+        try:
+            self._proc = subprocess.Popen(
+                [self._python, "-m", "corral.forkserver", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # a Ctrl-C meant for the caller is not the template's
+            )
+        except OSError as exc:
+            ours.close()
+            raise ForkServerError(f"cannot start the fork server ({self._python}): {exc.strerror}") from None
+        finally:
+            theirs.close()
+        self._sock = ours
+        ours.settimeout(START_TIMEOUT)
+        try:
+            hello = ours.recv(MAX_REQUEST)
+        except TimeoutError:
+            hello = b""
+        if not hello:
+            self._stop()
+            raise ForkServerError(
+                f"the fork server did not start within {START_TIMEOUT:.0f} s: see its stderr"
+            )
+        ours.settimeout(REPLY_TIMEOUT)
+        self.ready_seconds = time.monotonic() - t0
+
+    def _call(self, req: BaseModel, fd: int | None = None) -> Reply:
+        data = encode(req)
+        with self._lock:
+            for attempt in (0, 1):
+                if self._sock is None or (self._proc is not None and self._proc.poll() is not None):
+                    self._start()
+                assert self._sock is not None
+                try:
+                    if fd is None:
+                        self._sock.send(data)
+                    else:
+                        self._sock.sendmsg(
+                            [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+                        )
+                    raw = self._sock.recv(MAX_REQUEST)
+                except (BrokenPipeError, ConnectionResetError):
+                    raw = b""
+                except TimeoutError:
+                    raise ForkServerError(
+                        f"the fork server did not answer within {REPLY_TIMEOUT:.0f} s"
+                    ) from None
+                if raw:
+                    return Reply.model_validate_json(raw)
+                if attempt:
+                    break
+                self._stop()  # it died: one fresh template, then give up
+        raise ForkServerError("the fork server died: see its stderr")
+
+    def launch(
+        self, args: list[str], *, log_path: str | os.PathLike[str] | None = None, output_fd: int | None = None
+    ) -> int:
+        """Fork a VM process running `corral ARGS...` with stdout and stderr appended to
+        `log_path` (created 0600), or written to `output_fd` (a pipe, say); returns its pid."""
+        if (log_path is None) == (output_fd is None):
+            raise ForkServerError("give launch either log_path or output_fd")
+        req = LaunchRequest(
+            op="launch", args=list(args), log_path=None if log_path is None else os.fspath(log_path)
+        )
+        reply = self._call(req, output_fd)
+        if not reply.ok or reply.pid is None:
+            raise ForkServerError(f"launch {' '.join(args)[:200]}: {reply.error}")
+        return reply.pid
+
+    def launch_firecracker(
+        self,
+        *,
+        api_sock: str | os.PathLike[str],
+        instance_id: str = "anonymous-instance",
+        config_file: str | os.PathLike[str] | None = None,
+        log_path: str | os.PathLike[str] | None = None,
+        output_fd: int | None = None,
+        no_api: bool = False,
+        level: str | None = None,
+        metrics_path: str | os.PathLike[str] | None = None,
+        boot_timer: bool = False,
+        kvm_path: str = "/dev/kvm",
+    ) -> int:
+        """Fork a process serving one microVM as `corral firecracker --api-sock ... --id ...
+        --config-file ...` would, without running the CLI (less memory per VM); returns its pid.
+        Output goes to `log_path` or `output_fd`, as for `launch`."""
+        if (log_path is None) == (output_fd is None):
+            raise ForkServerError("give launch_firecracker either log_path or output_fd")
+
+        def opt(p: str | os.PathLike[str] | None) -> str | None:
+            return None if p is None else os.fspath(p)
+
+        req = FirecrackerRequest(
+            op="firecracker",
+            api_sock=os.fspath(api_sock),
+            instance_id=instance_id,
+            config_file=opt(config_file),
+            no_api=no_api,
+            level=level,
+            metrics_path=opt(metrics_path),
+            boot_timer=boot_timer,
+            kvm_path=kvm_path,
+            log_path=opt(log_path),
+        )
+        reply = self._call(req, output_fd)
+        if not reply.ok or reply.pid is None:
+            raise ForkServerError(f"launch_firecracker {instance_id}: {reply.error}")
+        return reply.pid
+
+    def returncode(self, pid: int) -> int | None:
+        """A launched child's exit status once the template reaped it (negative: the signal),
+        else None (still running, or reaped by a template that has since been replaced)."""
+        reply = self._call(ReturncodeRequest(op="returncode", pid=pid))
+        if not reply.ok:
+            raise ForkServerError(str(reply.error))
+        return reply.returncode
+
+    def _stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()  # the template exits on EOF
+            self._sock = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    def close(self) -> None:
+        """Stop the template; the VMs it launched run on."""
+        with self._lock:
+            self._stop()
+
+    def __enter__(self) -> ForkServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+if TYPE_CHECKING:
+    _launcher: Launcher = ForkServer()  # the daemon's Launcher
+
+
+# --- the template ------------------------------------------------------------------------------------
+
+_returncodes: OrderedDict[int, int] = OrderedDict()
+_fresh_handlers: dict[int, Any] = {}  # what the template changed, restored in every child
+
+
+def _reap(signum: int = 0, frame: FrameType | None = None) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _returncodes[pid] = os.waitstatus_to_exitcode(status)
+        while len(_returncodes) > RETURNCODES_KEPT:
+            _returncodes.popitem(last=False)
+
+
+def preload() -> None:
+    """Import what a VM runs and freeze it: after this, a child's collections never visit (and
+    so never write to) the template's objects."""
+    for name in PRELOAD:
+        importlib.import_module(name)
+    warm_up()
+    gc.collect()
+    _BALLAST.extend(_fill_pools())
+    gc.freeze()
+
+
+# Command lines parsed once in the template (not run), so what click builds on first use is
+# the template's, shared, and not each child's (measured: 0.45 MiB less per VM)
+WARM_UP = {
+    "firecracker": [
+        "--api-sock",
+        "/nonexistent/api.sock",
+        "--id",
+        "warm-up",
+        "--config-file",
+        "/nonexistent",
+    ],
+    "run": ["--kernel", "/nonexistent", "--cmdline", "halt", "--memory", "128M", "--no-reboot"],
+}
+
+
+def warm_up() -> None:
+    """Parse WARM_UP's command lines with corral's CLI, invoking nothing."""
+    cli = importlib.import_module(ENTRY).main
+    with cli.make_context("corral", [], resilient_parsing=True):
+        pass
+    for name, args in WARM_UP.items():
+        cmd = cli.commands.get(name)
+        if cmd is not None:
+            with cmd.make_context(name, list(args), resilient_parsing=True):
+                pass
+
+
+_BALLAST: list[object] = []  # kept for the template's life (and shared by every child)
+
+
+def _fill_pools() -> list[object]:
+    """Objects that fill the free blocks of the template's partly used pymalloc pools, so a
+    child's small allocations go to fresh pages rather than each copying a template page that
+    holds live objects (measured: 0.27 MiB less per VM). The free blocks per size class come
+    from CPython's own allocator statistics; anything unexpected there leaves no ballast."""
+    with tempfile.TemporaryFile() as f:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        text = f.read().decode()
+    out: list[object] = []
+    for line in text.splitlines()[:64]:
+        parts = line.split()
+        if len(parts) != 5 or not all(p.isdigit() for p in parts):
+            continue
+        size, avail = int(parts[1]), min(int(parts[4]), 1 << 16)
+        if not 16 <= size <= 512 or size % 16:
+            continue
+        if size == 16:
+            out += [object() for _ in range(avail)]
+        elif size == 32:
+            out += [float(i) + 0.5 for i in range(avail)]
+        else:
+            out += [bytes(size - 33) for _ in range(avail)]
+    return out
+
+
+def _open_log(path: str) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise ForkServerError(f"cannot open the log {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ForkServerError(f"the log {path} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _cli(args: list[str]) -> Callable[[], int]:
+    def run() -> int:
+        sys.argv = ["corral", *args]
+        importlib.import_module(ENTRY).main.main(args=args, prog_name="corral", standalone_mode=True)
+        return 0
+
+    return run
+
+
+def _firecracker(req: FirecrackerRequest) -> Callable[[], int]:
+    def run() -> int:
+        from corral.firecracker.main import run as serve_vm
+
+        sys.argv = ["corral", "firecracker", "--api-sock", req.api_sock, "--id", req.instance_id]
+        logging.basicConfig(level=logging.WARNING, format="corral: %(levelname)s: %(message)s")
+        try:
+            return serve_vm(
+                api_sock=Path(req.api_sock),
+                instance_id=req.instance_id,
+                config_file=None if req.config_file is None else Path(req.config_file),
+                no_api=req.no_api,
+                level=req.level,
+                metrics_path=None if req.metrics_path is None else Path(req.metrics_path),
+                boot_timer=req.boot_timer,
+                kvm_path=req.kvm_path,
+            )
+        except CorralError as exc:
+            print(f"corral: error: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _child(sock: socket.socket, body: Callable[[], int], out: int) -> None:
+    """In the forked child: detach from the template, then run `body` (corral's CLI, or a
+    microVM through the library) and exit with its status. Never returns."""
+    code = 1
+    try:
+        os.setsid()
+        for sig, handler in _fresh_handlers.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        sock.close()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(out)
+        random.seed()
+        for h in logging.root.handlers[:]:
+            logging.root.removeHandler(h)
+        _returncodes.clear()
+        try:
+            code = body()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if exc.code is not None and not isinstance(exc.code, int):
+                print(exc.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001  # whatever happens, the child never returns to serve
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code & 0xFF)
+
+
+def _launch(sock: socket.socket, req: LaunchRequest | FirecrackerRequest, fds: list[int]) -> Reply:
+    if isinstance(req, LaunchRequest):
+        commands = importlib.import_module(ENTRY).main.commands  # a click.Group's
+        if req.args[0] not in commands:
+            raise ForkServerError(f"bad request: args.0: {req.args[0][:64]!r} is not a corral command")
+        body = _cli(req.args)
+    else:
+        body = _firecracker(req)
+    if req.log_path is not None:
+        if fds:
+            raise ForkServerError("bad request: give log_path or an fd, not both")
+        out = _open_log(req.log_path)
+    elif len(fds) == 1:
+        out = os.dup(fds[0])
+    else:
+        raise ForkServerError("bad request: give log_path or one fd for the output")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(out)
+        raise ForkServerError(f"fork failed: {exc.strerror}") from None
+    if pid == 0:
+        for fd in fds:
+            os.close(fd)
+        _child(sock, body, out)
+    os.close(out)
+    return Reply(ok=True, pid=pid)
+
+
+def _recv(sock: socket.socket) -> tuple[bytes, list[int], bool]:
+    """One message, the fds that came with it, and whether it was cut (too long)."""
+    data, anc, flags, _ = sock.recvmsg(MAX_REQUEST + 1, socket.CMSG_SPACE(4 * 4))
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    cut = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+    return data, fds, cut
+
+
+def serve(sock: socket.socket) -> None:
+    """Answer requests on `sock` until its other end closes."""
+    _fresh_handlers[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)
+    signal.signal(signal.SIGCHLD, _reap)
+    sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
+    while True:
+        try:
+            data, fds, cut = _recv(sock)
+        except ConnectionResetError:
+            return
+        if not data and not fds and not cut:
+            return  # EOF: whoever started us is gone; the children run on
+        try:
+            if cut and fds:
+                raise ForkServerError("bad request: too many fds (give at most one)")
+            req = decode_request(data, cut)
+            if isinstance(req, ReturncodeRequest):
+                _reap()
+                reply = Reply(ok=True, pid=req.pid, returncode=_returncodes.get(req.pid))
+            else:
+                reply = _launch(sock, req, fds)
+        except ForkServerError as exc:
+            reply = Reply(ok=False, error=str(exc))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            sock.send(reply.model_dump_json(exclude_none=True).encode())
+        except OSError:
+            return
+        _reap()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not argv[0].isdigit():
+        print(
+            "usage: python -m corral.forkserver FD (started by corral.forkserver.ForkServer)", file=sys.stderr
+        )
+        return 2
+    sock = socket.socket(fileno=int(argv[0]))
+    if sock.type != socket.SOCK_SEQPACKET:
+        print("corral.forkserver: FD is not a SOCK_SEQPACKET socket", file=sys.stderr)
+        return 2
+    preload()
+    assert threading.active_count() == 1, "the template must fork with no thread but its own"
+    serve(sock)
+    return 0
+
+
+__all__ = [
+    "MAX_ARG",
+    "MAX_ARGS",
+    "MAX_REQUEST",
+    "PRELOAD",
+    "FirecrackerRequest",
+    "ForkServer",
+    "ForkServerError",
+    "LaunchRequest",
+    "Launcher",
+    "Reply",
+    "ReturncodeRequest",
+    "decode_request",
+    "preload",
+    "serve",
+]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

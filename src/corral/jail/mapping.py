@@ -1,0 +1,100 @@
+"""A VM's config, seen from inside its jail: every host path it names is bound in at a fixed
+place (/vm/kernel, /vm/disk0, ...), sockets go to the jail's run directory, and the command
+line the jailed VMM runs names only those in-jail paths.
+
+This is where the jail decides what a VM may touch: the files its config names (read-only
+where the config says so, or where the VMM only reads them) and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corral.config import MachineConfig, format_size
+from corral.errors import ConfigError
+from corral.jail.rootfs import Bind, Node
+
+RUN_DIR = "/run/corral"  # the jail's one writable directory (host: <chroot-base>/corral/<id>/run)
+
+
+@dataclass
+class Inner:
+    """What runs in the jail: corral's arguments and what they need beyond the interpreter."""
+
+    argv: list[str]
+    binds: list[Bind] = field(default_factory=list)
+    nodes: list[Node] = field(default_factory=list)
+    sockets: dict[Path, str] = field(default_factory=dict)  # operator's path -> name in RUN_DIR
+    create: list[Path] = field(default_factory=list)  # created 0600 for the VM if missing
+    writes: list[tuple[str, Path]] = field(default_factory=list)  # (field, path) the VM writes
+
+
+def _file(inner: Inner, field_name: str, host: Path, inside: str, writable: bool) -> str:
+    if not host.exists() and host not in inner.create:
+        raise ConfigError(f"{field_name}: {host} does not exist: check the path")
+    if host.exists() and not (host.is_file() or host.is_block_device()):
+        raise ConfigError(f"{field_name}: {host} is not a regular file or block device")
+    inner.binds.append(Bind(str(host.resolve()), inside, writable=writable))
+    if writable:
+        inner.writes.append((field_name, host))
+    return inside
+
+
+def _socket(inner: Inner, host: Path, name: str) -> str:
+    inner.sockets[host.absolute()] = name
+    return f"{RUN_DIR}/{name}"
+
+
+def map_run(config: MachineConfig, api_path: Path | None, kvm_path: str, verbose: bool = False) -> Inner:
+    """`corral run` of `config` inside a jail: the in-jail command line and what it needs."""
+    inner = Inner(argv=[])
+    argv = ["-v"] if verbose else []
+    argv += ["run", "--kernel", _file(inner, "kernel", config.kernel, "/vm/kernel", False)]
+    if config.initrd is not None:
+        argv += ["--initrd", _file(inner, "initrd", config.initrd, "/vm/initrd", False)]
+    argv += ["--cmdline", config.cmdline, "--cpus", str(config.cpus), "--memory", format_size(config.memory)]
+    if config.no_reboot:
+        argv.append("--no-reboot")
+    if config.cpu_hide:
+        argv += ["--cpu-hide", ",".join(config.cpu_hide)]
+    for i, d in enumerate(config.disks):
+        writable = not d.read_only and d.overlay is None
+        spec = _file(inner, f"disks[{i}].path", d.path, f"/vm/disk{i}", writable)
+        if d.read_only:
+            spec += ",ro"
+        if d.serial:
+            spec += f",serial={d.serial}"
+        if d.overlay is not None:
+            if not d.overlay.exists():
+                inner.create.append(d.overlay)
+            spec += ",overlay=" + _file(inner, f"disks[{i}].overlay", d.overlay, f"/vm/overlay{i}", True)
+        argv += ["--disk", spec]
+    if config.nets:
+        raise ConfigError(
+            "nets: a jailed VM cannot create or configure taps yet: run it without --jail, "
+            "or without --net"
+        )
+    if config.rng:
+        argv.append("--rng")
+    if config.balloon:
+        argv.append("--balloon")
+    if config.vsock is not None:
+        argv += ["--vsock", f"cid={config.vsock.cid},uds=" + _socket(inner, config.vsock.uds_path, "vsock.sock")]
+    if config.virtio_console == "pty":
+        raise ConfigError("virtio_console: a jail has no pseudo-terminals: give file=PATH")
+    if config.virtio_console:
+        path = Path(config.virtio_console.partition("=")[2])
+        if not path.exists():
+            inner.create.append(path)
+        argv += ["--virtio-console", "file=" + _file(inner, "virtio_console", path, "/vm/console", True)]
+    if api_path is not None:
+        argv += ["--api", _socket(inner, api_path, "api.sock")]
+    argv += ["--kvm", "/dev/kvm"]
+    inner.nodes += [Node(os.path.realpath(kvm_path), "/dev/kvm"), *STANDARD_NODES]
+    inner.argv = argv
+    return inner
+
+
+STANDARD_NODES = (Node("/dev/null", "/dev/null", 0o666), Node("/dev/urandom", "/dev/urandom", 0o666))

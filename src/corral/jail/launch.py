@@ -9,7 +9,8 @@ become symlinks into it); create the VM's cgroups; fork the VMM into a new PID n
 In the child, before it runs anything of the VM's: a new mount, IPC and UTS namespace (mounts
 made private), the given network namespace joined, a tmpfs root filled from the plan
 (corral.jail.rootfs: the interpreter and corral read-only, the VM's files, its device nodes),
-`pivot_root` into it and the old root detached, the root remounted read-only; rlimits; the
+`pivot_root` into it and the old root detached, the root remounted read-only and a chroot into
+its subdirectory (no user namespaces from there); rlimits; the
 supplementary groups dropped, then gid and uid (all three ids); PR_SET_NO_NEW_PRIVS; every fd
 closed but stdin/out/err; a fresh environment; exec of `python -m corral ...`. The VMM is pid 1
 of its namespace: it starts no processes, so there is nothing to reap, and when it exits the
@@ -44,7 +45,7 @@ from corral.jail import debug, linux
 from corral.jail.cgroups import CgroupSet
 from corral.jail.mapping import RUN_DIR, Inner
 from corral.jail.options import RLIMITS, UID_RANGE, JailOptions
-from corral.jail.rootfs import Bind, Plan, build_root, corral_path, interpreter_binds, readable_by
+from corral.jail.rootfs import INNER, Bind, Plan, build_root, corral_path, interpreter_binds, readable_by
 
 log = logging.getLogger("corral.jail")
 
@@ -247,6 +248,8 @@ class Jail:
             linux.umount2(".", linux.MNT_DETACH)  # ...and is detached from it
             os.chdir("/")
             linux.mount(None, "/", None, linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID)
+            os.chroot(INNER)  # see rootfs.build_root: no new user namespaces from in here
+            os.chdir("/")
             step = "rlimits"
             for name, n in self.options.limits().items():
                 resource.setrlimit(RLIMITS[name], (n, n))

@@ -149,9 +149,17 @@ def _ensure(root: str, path: str, is_dir: bool, symlinks: dict[str, str], depth:
     return path
 
 
-def build_root(root: str, plan: Plan, uid: int, gid: int) -> None:
-    """Mount a tmpfs at `root` and fill it from `plan` (binds, remounted read-only where asked)."""
-    linux.mount("corral-jail", root, "tmpfs", linux.MS_NOSUID, "mode=0755,size=1m,nr_inodes=4096")
+INNER = "/jail"  # the VMM's root: a directory of the pivoted-to tmpfs, entered with chroot
+
+
+def build_root(top: str, plan: Plan, uid: int, gid: int) -> None:
+    """Mount a tmpfs at `top` and fill `top`/jail from `plan` (binds, remounted read-only where
+    asked). The VMM's root is that subdirectory, not the mount's root: a process whose root is
+    not its mount namespace's root is "chrooted" to the kernel, which then refuses it new user
+    namespaces (unshare/clone CLONE_NEWUSER: EPERM), the usual first step of a kernel exploit."""
+    linux.mount("corral-jail", top, "tmpfs", linux.MS_NOSUID, "mode=0755,size=1m,nr_inodes=4096")
+    root = top + INNER
+    os.mkdir(root, 0o755)
     mounted: list[str] = []
     for b in plan.binds:
         is_dir = os.path.isdir(b.host)

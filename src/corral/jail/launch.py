@@ -77,14 +77,12 @@ class JailReport:
 
 
 def _uids_in_use() -> set[int]:
+    """The uids of running processes (a /proc/PID directory belongs to its process's uid)."""
     used = set()
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry.name}/status") as f:
-                for line in f:
-                    if line.startswith("Uid:"):
-                        used.update(int(x) for x in line.split()[1:])
-                        break
+            with contextlib.suppress(OSError):
+                used.add(entry.stat().st_uid)
     return used
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import site
 import stat
-import subprocess
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -55,25 +54,17 @@ class Plan:
     symlinks: dict[str, str] = field(default_factory=dict)  # inside path -> target, as on the host
 
 
-def _ldd_dirs(binary: str) -> set[str]:
-    """The directories of the shared libraries `binary` loads, from ldd."""
-    out = subprocess.run(["ldd", binary], capture_output=True, text=True, timeout=10).stdout
-    dirs = set()
-    for line in out.splitlines():
-        path = line.split("=>")[-1].strip().split(" ")[0]
-        if path.startswith("/"):
-            dirs.add(os.path.dirname(path))
-    return dirs
-
-
 @cache
 def interpreter_binds() -> tuple[Bind, ...]:
     """What the Python running corral needs, read-only: its binary (through the venv's symlink
-    chain), stdlib, libpython, the shared-library directories (ctypes, ssl and the extension
-    modules load from the multiarch directory), the venv's site-packages and corral itself."""
+    chain), stdlib, libpython's directory, the multiarch library directory (libc, and what
+    ctypes, ssl and the extension modules load), the venv's site-packages and corral itself.
+    (Not ldd: it costs a process per VM; these directories are where Python's libraries live.)"""
     real = os.path.realpath(sys.executable)
     binds = [Bind(real, real, exec_ok=True)]
-    dirs = _ldd_dirs(real)
+    dirs = set()
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        dirs.add(str(sysconfig.get_config_var("LIBDIR")))
     multiarch = sysconfig.get_config_var("MULTIARCH")
     for d in (f"/lib/{multiarch}", f"/usr/lib/{multiarch}") if multiarch else ():
         if os.path.isdir(d):

@@ -883,12 +883,18 @@ def _run_jailed(options: Any, inner: Any) -> NoReturn:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("--id", "jail_id", default="", help="The jail's name (letters, digits, dashes); default: random.")
+@click.option(
+    "--id", "jail_id", default="", help="The jail's name (letters, digits, dashes); default: random."
+)
 @click.option("--uid", type=int, help="The VMM's uid (default: a free one from 900000 up, per VM).")
 @click.option("--gid", type=int, help="The VMM's gid (default: the uid's number).")
 @click.option("--netns", type=click.Path(path_type=Path), help="Join this network namespace (/run/netns/X).")
 @click.option(
-    "--cgroup", "cgroups", multiple=True, metavar="FILE=VALUE", help="A cgroup limit (repeatable): pids.max=64"
+    "--cgroup",
+    "cgroups",
+    multiple=True,
+    metavar="FILE=VALUE",
+    help="A cgroup limit (repeatable): pids.max=64",
 )
 @click.option(
     "--rlimit", "rlimits", multiple=True, metavar="NAME=N", help="A resource limit (repeatable): nofile=1024"

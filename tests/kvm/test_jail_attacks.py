@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jail needs root")
 
 UID_A, UID_B = 931_001, 931_002  # fixed, so the test can give each VM its files
 
-ATTACKS = r'''
+ATTACKS = r"""
 import ctypes, errno, json, os, resource, socket, stat, time
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
@@ -110,7 +110,7 @@ with open("/debug/report.json.tmp", "w") as f:
     json.dump(out, f)
 os.rename("/debug/report.json.tmp", "/debug/report.json")
 machine.stop("attacks done")
-'''
+"""
 
 
 class Jailed:
@@ -200,7 +200,9 @@ def test_a_taken_over_jailed_vmm_is_refused_everything(two_vms):
     a, b, hook_dir, tmp_path = two_vms
     assert a.finish() == 0, "".join(a.err)
     report = json.loads((hook_dir / "report.json").read_text())
-    attacks = {k: v for k, v in report.items() if isinstance(v, str) and v.split()[0] in ("refused", "ALLOWED")}
+    attacks = {
+        k: v for k, v in report.items() if isinstance(v, str) and v.split()[0] in ("refused", "ALLOWED")
+    }
     assert len(attacks) == 20, report
     allowed = {k: v for k, v in attacks.items() if not v.startswith("refused")}
     assert allowed == {}, f"the jail let these through: {allowed}"

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from corral.errors import ConfigError, HostError
+from corral.errors import ConfigError, FieldError, HostError
 from corral.jail import debug, linux
 from corral.jail.cgroups import CgroupSet
 from corral.jail.mapping import RUN_DIR, Inner
@@ -113,7 +113,9 @@ class Jail:
 
     def __init__(self, options: JailOptions, inner: Inner) -> None:
         if os.geteuid() != 0:
-            raise HostError("the jail needs root (it makes namespaces and mounts, then drops to the VM's uid)")
+            raise HostError(
+                "the jail needs root (it makes namespaces and mounts, then drops to the VM's uid)"
+            )
         self.options = options
         self.inner = inner
         self.id = options.id or "vm-" + secrets.token_hex(4)
@@ -146,7 +148,9 @@ class Jail:
         try:
             self.dir.mkdir(parents=True, mode=0o700)
         except FileExistsError:
-            raise ConfigError(f"--id {self.id}: a jail with this id exists ({self.dir}): give another") from None
+            raise ConfigError(
+                f"--id {self.id}: a jail with this id exists ({self.dir}): give another"
+            ) from None
         os.chmod(self.dir, 0o700)
         (self.dir / "root").mkdir(mode=0o755)
         run = self.dir / "run"
@@ -158,12 +162,14 @@ class Jail:
             os.close(fd)
         for field_name, path in self.inner.writes:
             if not readable_by(str(path), uid, gid, write=True):
-                raise ConfigError(
-                    f"{field_name}: the jail's uid {uid} cannot write {path}: chown {uid} it, or give --uid"
+                raise FieldError(
+                    field_name, f"the jail's uid {uid} cannot write {path}: chown {uid} it, or give --uid"
                 )
         for b in self.inner.binds:
             if not readable_by(b.host, uid, gid, write=False):
-                raise ConfigError(f"the jail's uid {uid} cannot read {b.host}: make it readable, or give --uid")
+                raise ConfigError(
+                    f"the jail's uid {uid} cannot read {b.host}: make it readable, or give --uid"
+                )
         for host, name in self.inner.sockets.items():
             if host.is_symlink() or host.is_socket():
                 host.unlink()  # a stale socket or link of an earlier VM

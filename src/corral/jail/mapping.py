@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.config import MachineConfig, format_size
-from corral.errors import ConfigError
+from corral.errors import FieldError
 from corral.jail.rootfs import Bind, Node
 
 RUN_DIR = "/run/corral"  # the jail's one writable directory (host: <chroot-base>/corral/<id>/run)
@@ -33,9 +33,9 @@ class Inner:
 
 def _file(inner: Inner, field_name: str, host: Path, inside: str, writable: bool) -> str:
     if not host.exists() and host not in inner.create:
-        raise ConfigError(f"{field_name}: {host} does not exist: check the path")
+        raise FieldError(field_name, f"{host} does not exist: check the path")
     if host.exists() and not (host.is_file() or host.is_block_device()):
-        raise ConfigError(f"{field_name}: {host} is not a regular file or block device")
+        raise FieldError(field_name, f"{host} is not a regular file or block device")
     inner.binds.append(Bind(str(host.resolve()), inside, writable=writable))
     if writable:
         inner.writes.append((field_name, host))
@@ -72,18 +72,20 @@ def map_run(config: MachineConfig, api_path: Path | None, kvm_path: str, verbose
             spec += ",overlay=" + _file(inner, f"disks[{i}].overlay", d.overlay, f"/vm/overlay{i}", True)
         argv += ["--disk", spec]
     if config.nets:
-        raise ConfigError(
-            "nets: a jailed VM cannot create or configure taps yet: run it without --jail, "
-            "or without --net"
+        raise FieldError(
+            "nets", "a jailed VM cannot create or configure taps yet: run it without --jail, or without --net"
         )
     if config.rng:
         argv.append("--rng")
     if config.balloon:
         argv.append("--balloon")
     if config.vsock is not None:
-        argv += ["--vsock", f"cid={config.vsock.cid},uds=" + _socket(inner, config.vsock.uds_path, "vsock.sock")]
+        argv += [
+            "--vsock",
+            f"cid={config.vsock.cid},uds=" + _socket(inner, config.vsock.uds_path, "vsock.sock"),
+        ]
     if config.virtio_console == "pty":
-        raise ConfigError("virtio_console: a jail has no pseudo-terminals: give file=PATH")
+        raise FieldError("virtio_console", "a jail has no pseudo-terminals: give file=PATH")
     if config.virtio_console:
         path = Path(config.virtio_console.partition("=")[2])
         if not path.exists():

@@ -129,7 +129,9 @@ def _ensure(root: str, path: str, is_dir: bool, symlinks: dict[str, str], depth:
                 os.symlink(target, jailed)
             symlinks[host] = target
             rest = "/".join(parts[i + 1 :])
-            resolved = os.path.normpath(os.path.join(cur, target, rest) if rest else os.path.join(cur, target))
+            resolved = os.path.normpath(
+                os.path.join(cur, target, rest) if rest else os.path.join(cur, target)
+            )
             return _ensure(root, resolved, is_dir, symlinks, depth + 1)
         if last and not is_dir:
             if not os.path.exists(jailed):

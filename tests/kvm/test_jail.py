@@ -1,0 +1,94 @@
+"""The probe guest in a jail (`corral run --jail`, `corral jail -- run`): it runs as it does
+outside (SMP, its disk written through virtio-blk, an overlay and a console file made for it),
+the cgroup limits asked for are on the VMM while it runs, and nothing of the jail is left on
+the host when it ends."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from support.cli import corral, corral_popen
+from support.disks import PROBE_WRITE, patterned_image, sector
+from support.results import parse_results
+
+from corral.api import ControlClient
+from corral.images.probe import build_probe
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jail needs root")
+
+UID = 931_003
+JAIL_LINE = re.compile(
+    r"corral: jail (\S+): pid (\d+), uid (\d+) gid (\d+), run dir (\S+); (.*); set up in ([\d.]+) ms"
+)
+
+
+def test_run_jail_boots_the_probe_with_two_cpus(tmp_path):
+    r = corral(
+        "run", "--jail", "--kernel", str(build_probe()), "--cmdline", "smp", "--cpus", "2", "--memory", "64M"
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert parse_results(r.stdout)["cpus"] == "2"
+    m = JAIL_LINE.search(r.stderr)
+    assert m, r.stderr
+    assert int(m[3]) >= 900_000 and m[6] == "no cgroup limits"
+    assert float(m[7]) < 2000  # what a VM pays for its jail (README: ~40 ms here)
+    assert not Path(m[5]).parent.exists()  # the jail's directory went with it
+
+
+def test_a_jailed_guest_writes_its_disk_overlay_and_console(tmp_path):
+    disk = patterned_image(tmp_path / "d.img", 4096)
+    base = patterned_image(tmp_path / "base.img", 4096)
+    os.chown(disk, UID, UID)
+    os.chmod(tmp_path, 0o755)
+    r = corral(
+        "jail", "--chroot-base", str(tmp_path / "jails"), "--uid", str(UID), "--",
+        "run", "--kernel", str(build_probe()), "--cmdline", "blk-check", "--memory", "64M",
+        "--disk", f"{disk},serial=probe-serial-1", "--disk", f"{base},overlay={tmp_path / 'd.cow'}",
+        "--virtio-console", f"file={tmp_path / 'hvc0.log'}",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = parse_results(r.stdout)
+    assert res["blk_ok"] == "1" and res["blk_serial"] == "probe-serial-1", r.stdout
+    assert sector(disk, 3).startswith(PROBE_WRITE)  # the write crossed the jail to the host file
+    for made in (tmp_path / "d.cow", tmp_path / "hvc0.log"):  # created for the VM, 0600, its own
+        st = made.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (UID, 0o600)
+    assert list((tmp_path / "jails" / "corral").iterdir()) == []
+
+
+def test_cgroup_limits_hold_the_running_vmm_and_go_with_it(tmp_path):
+    api = tmp_path / "vm.sock"
+    proc = corral_popen(
+        "jail", "--chroot-base", str(tmp_path / "jails"), "--id", f"cg-{os.getpid()}",
+        "--cgroup", "pids.max=64", "--cgroup", "memory.limit_in_bytes=512M", "--",
+        "run", "--kernel", str(build_probe()), "--memory", "64M", "--cmdline", "mem-touch 16M forever",
+        "--api", str(api),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not api.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+            time.sleep(0.05)
+        assert api.is_symlink()  # the operator's path leads into the jail's run directory
+        assert ControlClient(api).status().state == "running"
+        pids = Path(f"/sys/fs/cgroup/pids/corral/cg-{os.getpid()}")
+        memory = Path(f"/sys/fs/cgroup/memory/corral/cg-{os.getpid()}")
+        if not pids.exists():  # a cgroup2 host: both live in one directory
+            pids = memory = Path(f"/sys/fs/cgroup/corral/cg-{os.getpid()}")
+        assert (pids / "pids.max").read_text().strip() == "64"
+        assert int((memory / "memory.limit_in_bytes").read_text()) == 512 << 20
+        members = (pids / "cgroup.procs").read_text().split()
+        threads = len(os.listdir(f"/proc/{members[0]}/task"))
+        assert len(members) == 1 and int((pids / "pids.current").read_text()) == threads >= 2  # every thread
+        ControlClient(api).stop()
+        out, err = proc.communicate(timeout=30)
+        assert b"cgroup v1 pids.max=64; cgroup v1 memory.limit_in_bytes=512M" in err or b"cgroup v2" in err
+        assert not pids.exists() and not memory.exists() and not api.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

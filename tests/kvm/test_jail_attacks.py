@@ -104,7 +104,8 @@ out["pid"] = os.getpid()
 out["no_new_privs"] = libc.prctl(39, 0, 0, 0, 0)
 out["nofile"] = resource.getrlimit(resource.RLIMIT_NOFILE)
 out["env"] = sorted(os.environ)
-out["root"], out["vm"], out["dev"] = sorted(os.listdir("/")), sorted(os.listdir("/vm")), sorted(os.listdir("/dev"))
+for d in ("/", "/vm", "/dev"):
+    out[d.strip("/") or "root"] = sorted(os.listdir(d))
 out["state"] = machine.status().state
 with open("/debug/report.json.tmp", "w") as f:
     json.dump(out, f)

@@ -271,7 +271,7 @@ class Jail:
             os.umask(0o077)
             step = f"exec {argv[0]}"
             os.execve(argv[0], argv, env)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the child never returns into the jailer's code
             with contextlib.suppress(OSError):
                 os.write(err_w, f"{step}: {exc}".encode()[:4000])
             os._exit(127)

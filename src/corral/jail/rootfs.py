@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-import corral
 from corral.jail import linux
 
-RO = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
+PACKAGE = Path(__file__).resolve().parents[1]  # corral itself, wherever it is installed
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ def interpreter_binds() -> tuple[Bind, ...]:
     for sp in site.getsitepackages():
         if os.path.isdir(sp):
             binds.append(Bind(sp, sp, exec_ok=True))
-    pkg = str(Path(corral.__file__).resolve().parent)
+    pkg = str(PACKAGE)
     binds.append(Bind(pkg, pkg))
     seen: set[str] = set()
     unique = []
@@ -94,7 +93,7 @@ def interpreter_binds() -> tuple[Bind, ...]:
 
 def corral_path() -> str:
     """The directory holding the corral package (the jail's PYTHONPATH)."""
-    return str(Path(corral.__file__).resolve().parent.parent)
+    return str(PACKAGE.parent)
 
 
 def readable_by(path: str, uid: int, gid: int, write: bool) -> bool:

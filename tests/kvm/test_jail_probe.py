@@ -85,7 +85,7 @@ def test_cgroup_limits_hold_the_running_vmm_and_go_with_it(tmp_path):
         threads = len(os.listdir(f"/proc/{members[0]}/task"))
         assert len(members) == 1 and int((pids / "pids.current").read_text()) == threads >= 2  # every thread
         ControlClient(api).stop()
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
         assert b"cgroup v1 pids.max=64; cgroup v1 memory.limit_in_bytes=512M" in err or b"cgroup v2" in err
         assert not pids.exists() and not memory.exists() and not api.exists()
     finally:

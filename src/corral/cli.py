@@ -919,9 +919,10 @@ def jail(
     chroot_base: Path,
     command: tuple[str, ...],
 ) -> None:
-    """Run `corral run ...` in a jail: new mount, PID, IPC and UTS namespaces, a minimal read-only
-    root (pivot_root) with only the interpreter, corral and the VM's own files and devices, its
-    own unprivileged uid, rlimits, no_new_privs, cgroup limits. Needs root.
+    """Run `corral run ...` or `corral firecracker ...` in a jail: new mount, PID, IPC and UTS
+    namespaces, a minimal read-only root (pivot_root) with only the interpreter, corral and the
+    VM's own files and devices, its own unprivileged uid, rlimits, no_new_privs, cgroup limits.
+    Needs root.
 
     corral jail --cgroup pids.max=64 -- run --image probe --api /tmp/vm.sock"""
     from corral.jail import JailOptions
@@ -930,8 +931,16 @@ def jail(
         id=jail_id, uid=uid, gid=gid, netns=netns, cgroups=cgroups, rlimits=rlimits, chroot_base=chroot_base
     )
     name, *rest = command
+    if name == "firecracker":
+        from corral.jail import map_firecracker
+
+        with firecracker.make_context("firecracker", rest, parent=ctx) as sub:
+            _run_jailed(ctx.meta[JAIL_OPTIONS], map_firecracker(**sub.params))
     if name != "run":
-        raise ConfigError(f"corral jail runs `corral run`, not {name!r}: corral jail [OPTIONS] -- run ARGS")
+        raise ConfigError(
+            f"corral jail runs `corral run` or `corral firecracker`, not {name!r}: "
+            "corral jail [OPTIONS] -- run ARGS"
+        )
     with run.make_context("run", rest, parent=ctx) as sub:
         run.invoke(sub)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -88,6 +90,49 @@ def test_cgroup_limits_hold_the_running_vmm_and_go_with_it(tmp_path):
         _, err = proc.communicate(timeout=30)
         assert b"cgroup v1 pids.max=64; cgroup v1 memory.limit_in_bytes=512M" in err or b"cgroup v2" in err
         assert not pids.exists() and not memory.exists() and not api.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_firecracker_api_in_a_jail_with_curl(tmp_path):
+    """Firecracker's jailer contract: the API socket is reached from the host, and the paths
+    an API client names are inside the jail, where the operator put the files (its run dir)."""
+    sock = tmp_path / "fc.sock"
+    jail_id = f"fc-{os.getpid()}"
+    base = tmp_path / "jails"
+    proc = corral_popen(
+        "jail", "--chroot-base", str(base), "--id", jail_id, "--", "firecracker", "--api-sock", str(sock)
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+            time.sleep(0.05)
+        run_dir = base / "corral" / jail_id / "run"
+        shutil.copy(build_probe(), run_dir / "probe.elf")  # what Firecracker's docs say: hard-link or copy in
+
+        def put(path: str, body: str) -> str:
+            r = subprocess.run(
+                ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", str(sock),
+                 "-X", "PUT", f"http://localhost{path}", "-H", "Content-Type: application/json", "-d", body],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            return r.stdout
+
+        outside = put("/boot-source", f'{{"kernel_image_path": "{build_probe()}", "boot_args": "hello"}}')
+        assert outside == "400"  # the host's path is not in the jail
+        assert (
+            put("/boot-source", '{"kernel_image_path": "/run/corral/probe.elf", "boot_args": "hello"}')
+            == "204"
+        )
+        assert put("/machine-config", '{"vcpu_count": 1, "mem_size_mib": 64}') == "204"
+        assert put("/actions", '{"action_type": "InstanceStart"}') == "204"
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+        assert parse_results(out.decode())["hello"] == "1"
+        assert not sock.exists() and not (base / "corral" / jail_id).exists()
     finally:
         if proc.poll() is None:
             proc.kill()

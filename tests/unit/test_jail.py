@@ -4,6 +4,7 @@ CLI's one clear line for a jail that cannot be made."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from support.cli import ROOT, corral, one_clear_line
 
 from corral.config import DiskConfig, MachineConfig, NetConfig, VsockConfig
 from corral.errors import ConfigError, FieldError
-from corral.jail import JailOptions, map_run
+from corral.jail import JailOptions, map_firecracker, map_run
 from corral.jail.cgroups import CgroupSet
 from corral.jail.debug import hooks_built_in
 from corral.jail.launch import _take_uid
@@ -225,4 +226,51 @@ def test_a_file_the_vm_uid_cannot_write_is_named(tmp_path):
 
 
 def test_jail_runs_only_run():
-    assert "runs `corral run`" in one_clear_line(corral("jail", "--", "doctor"))
+    assert "runs `corral run` or `corral firecracker`" in one_clear_line(corral("jail", "--", "doctor"))
+
+
+def test_a_firecracker_config_file_maps_into_the_jail(tmp_path):
+    kernel, rootfs, data = (tmp_path / n for n in ("vmlinux", "rootfs.ext4", "data.img"))
+    for f in (kernel, rootfs, data):
+        f.write_bytes(b"\0" * 4096)
+    cfg = tmp_path / "vm.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "boot-source": {"kernel_image_path": str(kernel), "boot_args": "console=ttyS0"},
+                "drives": [
+                    {"drive_id": "root", "is_root_device": True, "path_on_host": str(rootfs)},
+                    {
+                        "drive_id": "data",
+                        "is_root_device": False,
+                        "path_on_host": str(data),
+                        "is_read_only": True,
+                    },
+                ],
+                "vsock": {"guest_cid": 3, "uds_path": str(tmp_path / "v.sock")},
+                "logger": {"log_path": str(tmp_path / "fc.log")},
+            }
+        )
+    )
+    inner = map_firecracker(
+        api_sock=tmp_path / "fc.sock", instance_id="vm1", config_file=cfg, no_api=False, log_path=None,
+        level=None, metrics_path=None, boot_timer=False, kvm_path="/dev/kvm",
+    )  # fmt: skip
+    assert inner.argv == [
+        "firecracker", "--id", "vm1", "--api-sock", "/run/corral/api.sock",
+        "--config-file", "/run/corral/config.json", "--kvm", "/dev/kvm",
+    ]  # fmt: skip
+    mapped = json.loads(inner.run_files["config.json"])
+    assert mapped["boot-source"]["kernel_image_path"] == "/vm/kernel"
+    assert [d["path_on_host"] for d in mapped["drives"]] == ["/vm/drive0", "/vm/drive1"]
+    assert mapped["vsock"]["uds_path"] == "/run/corral/vsock.sock"
+    assert mapped["logger"]["log_path"] == "/vm/logger" and inner.create == [tmp_path / "fc.log"]
+    writable = {b.inside for b in inner.binds if b.writable}
+    assert writable == {"/vm/drive0", "/vm/logger"}
+    cfg.write_text(json.dumps({"boot-source": {"kernel_image_path": str(kernel)}, "network-interfaces": [
+        {"iface_id": "eth0", "host_dev_name": "tap0"}]}))  # fmt: skip
+    with pytest.raises(ConfigError, match="network-interfaces: a jailed VM cannot open taps"):
+        map_firecracker(
+            api_sock=tmp_path / "fc.sock", instance_id="vm1", config_file=cfg, no_api=True, log_path=None,
+            level=None, metrics_path=None, boot_timer=False, kvm_path="/dev/kvm",
+        )  # fmt: skip

@@ -27,7 +27,8 @@ LAYERS: list[set[str]] = [
     {"corral.state", "corral.builder", "corral.host"},
     {"corral.machine"},
     {"corral.migration"},
-    {"corral.api", "corral.firecracker", "corral.jail"},
+    {"corral.api", "corral.firecracker"},
+    {"corral.jail"},  # the jailer: starts `corral run` / `corral firecracker` in a jail
     {"corral.console"},  # the terminal the CLI runs a guest on
     {"corral.cli"},
     {"corral", "corral.__main__"},

@@ -8,7 +8,7 @@ start sequence, in order), debug (the compromised-VMM simulation the attack test
 """
 
 from corral.jail.launch import Jail, JailError, JailReport
-from corral.jail.mapping import Inner, map_run
+from corral.jail.mapping import Inner, map_firecracker, map_run
 from corral.jail.options import JailOptions
 
-__all__ = ["Inner", "Jail", "JailError", "JailOptions", "JailReport", "map_run"]
+__all__ = ["Inner", "Jail", "JailError", "JailOptions", "JailReport", "map_firecracker", "map_run"]

@@ -156,6 +156,9 @@ class Jail:
         run = self.dir / "run"
         run.mkdir(mode=0o700)
         os.chown(run, uid, gid)
+        for name, data in self.inner.run_files.items():
+            (run / name).write_bytes(data)
+            os.chown(run / name, uid, gid)
         for path in self.inner.create:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             os.fchown(fd, uid, gid)

@@ -8,12 +8,14 @@ where the config says so, or where the VMM only reads them) and nothing else.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from corral.config import MachineConfig, format_size
-from corral.errors import FieldError
+from corral.errors import ConfigError, FieldError
 from corral.jail.rootfs import Bind, Node
 
 RUN_DIR = "/run/corral"  # the jail's one writable directory (host: <chroot-base>/corral/<id>/run)
@@ -29,6 +31,7 @@ class Inner:
     sockets: dict[Path, str] = field(default_factory=dict)  # operator's path -> name in RUN_DIR
     create: list[Path] = field(default_factory=list)  # created 0600 for the VM if missing
     writes: list[tuple[str, Path]] = field(default_factory=list)  # (field, path) the VM writes
+    run_files: dict[str, bytes] = field(default_factory=dict)  # written into RUN_DIR before start
 
 
 def _file(inner: Inner, field_name: str, host: Path, inside: str, writable: bool) -> str:
@@ -100,3 +103,70 @@ def map_run(config: MachineConfig, api_path: Path | None, kvm_path: str, verbose
 
 
 STANDARD_NODES = (Node("/dev/null", "/dev/null", 0o666), Node("/dev/urandom", "/dev/urandom", 0o666))
+
+
+def map_firecracker(
+    *,
+    api_sock: Path,
+    instance_id: str,
+    config_file: Path | None,
+    no_api: bool,
+    log_path: Path | None,
+    level: str | None,
+    metrics_path: Path | None,
+    boot_timer: bool,
+    kvm_path: str,
+) -> Inner:
+    """`corral firecracker` inside a jail. As with Firecracker's jailer, paths that arrive later
+    through the API are paths inside the jail: put (hard-link) such files into the jail's run
+    directory (`<chroot-base>/corral/<id>/run`, /run/corral inside). A config file's paths are
+    mapped here like `run`'s (its network interfaces are refused: taps need the host)."""
+    from corral.firecracker.main import read_config_file
+
+    inner = Inner(argv=["firecracker", "--id", instance_id])
+    if no_api:
+        inner.argv.append("--no-api")
+    else:
+        inner.argv += ["--api-sock", _socket(inner, api_sock, "api.sock")]
+    if log_path is not None:
+        inner.argv += ["--log-path", _made(inner, "--log-path", log_path, "/vm/log")]
+    if metrics_path is not None:
+        inner.argv += ["--metrics-path", _made(inner, "--metrics-path", metrics_path, "/vm/metrics")]
+    if level is not None:
+        inner.argv += ["--level", level]
+    if boot_timer:
+        inner.argv.append("--boot-timer")
+    if config_file is not None:
+        read_config_file(config_file)  # its errors, as `corral firecracker` gives them
+        raw: dict[str, Any] = json.loads(config_file.read_bytes())
+        if raw.get("network-interfaces"):
+            raise ConfigError(f"{config_file}: network-interfaces: a jailed VM cannot open taps yet")
+        boot = raw["boot-source"]
+        boot["kernel_image_path"] = _file(
+            inner, "kernel_image_path", Path(boot["kernel_image_path"]), "/vm/kernel", False
+        )
+        if boot.get("initrd_path"):
+            boot["initrd_path"] = _file(inner, "initrd_path", Path(boot["initrd_path"]), "/vm/initrd", False)
+        for i, d in enumerate(raw.get("drives", [])):
+            if d.get("path_on_host"):
+                where = f"drives[{i}].path_on_host"
+                d["path_on_host"] = _file(
+                    inner, where, Path(d["path_on_host"]), f"/vm/drive{i}", not d.get("is_read_only")
+                )
+        if raw.get("vsock"):
+            raw["vsock"]["uds_path"] = _socket(inner, Path(raw["vsock"]["uds_path"]), "vsock.sock")
+        for key, name in (("logger", "log_path"), ("metrics", "metrics_path")):
+            if raw.get(key, {}).get(name):
+                raw[key][name] = _made(inner, f"{key}.{name}", Path(raw[key][name]), f"/vm/{key}")
+        inner.run_files["config.json"] = json.dumps(raw).encode()
+        inner.argv += ["--config-file", f"{RUN_DIR}/config.json"]
+    inner.argv += ["--kvm", "/dev/kvm"]
+    inner.nodes += [Node(os.path.realpath(kvm_path), "/dev/kvm"), *STANDARD_NODES]
+    return inner
+
+
+def _made(inner: Inner, field_name: str, host: Path, inside: str) -> str:
+    """A file the VMM writes (a log): created for it if missing."""
+    if not host.exists():
+        inner.create.append(host)
+    return _file(inner, field_name, host, inside, True)

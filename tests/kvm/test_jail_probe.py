@@ -92,8 +92,8 @@ def test_cgroup_limits_hold_the_running_vmm_and_go_with_it(tmp_path):
         assert not pids.exists() and not memory.exists() and not api.exists()
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.terminate()  # the jailer kills the VMM and cleans up
+            proc.wait(30)
 
 
 def test_firecracker_api_in_a_jail_with_curl(tmp_path):
@@ -135,5 +135,5 @@ def test_firecracker_api_in_a_jail_with_curl(tmp_path):
         assert not sock.exists() and not (base / "corral" / jail_id).exists()
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.terminate()  # the jailer kills the VMM and cleans up
+            proc.wait(30)

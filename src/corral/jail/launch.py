@@ -35,6 +35,7 @@ import secrets
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,13 +287,16 @@ class Jail:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)  # pid 1 of its namespace ignores SIGTERM
 
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        old_term = signal.signal(signal.SIGTERM, kill)
+        main = threading.current_thread() is threading.main_thread()  # (a daemon waits elsewhere)
+        if main:
+            old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            old_term = signal.signal(signal.SIGTERM, kill)
         try:
             _, status = os.waitpid(self.pid, 0)
         finally:
-            signal.signal(signal.SIGINT, old_int)
-            signal.signal(signal.SIGTERM, old_term)
+            if main:
+                signal.signal(signal.SIGINT, old_int)
+                signal.signal(signal.SIGTERM, old_term)
             self.pid = 0
             self._cleanup()
         code = os.waitstatus_to_exitcode(status)

@@ -274,3 +274,27 @@ def test_a_firecracker_config_file_maps_into_the_jail(tmp_path):
             api_sock=tmp_path / "fc.sock", instance_id="vm1", config_file=cfg, no_api=True, log_path=None,
             level=None, metrics_path=None, boot_timer=False, kvm_path="/dev/kvm",
         )  # fmt: skip
+
+
+@root_only
+def test_a_jail_id_in_use_is_refused_and_its_jail_left_alone(tmp_path):
+    live = tmp_path / "corral" / "busy" / "run"
+    live.mkdir(parents=True)
+    (live / "api.sock").write_text("another VM's")
+    line = one_clear_line(
+        corral("jail", "--chroot-base", str(tmp_path), "--id", "busy", "--", "run", "--image", "probe")
+    )
+    assert "--id busy: a jail with this id exists" in line
+    assert (live / "api.sock").read_text() == "another VM's"
+
+
+@root_only
+def test_a_chroot_base_through_a_symlink_is_refused(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "corral").symlink_to(tmp_path / "elsewhere")
+    line = one_clear_line(
+        corral("jail", "--chroot-base", str(tmp_path / "base"), "--", "run", "--image", "probe")
+    )
+    assert "leads through a symbolic link" in line
+    assert list((tmp_path / "elsewhere").iterdir()) == []

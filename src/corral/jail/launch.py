@@ -124,6 +124,7 @@ class Jail:
         self.cgroups = CgroupSet(self.id)
         self.uid_lock: int | None = None
         self.links: list[Path] = []
+        self.made_dir = False
         self.pid = 0
         self.report: JailReport | None = None
 
@@ -136,6 +137,9 @@ class Jail:
         t0 = time.perf_counter()
         try:
             report = self._start(t0)
+        except OSError as exc:  # the host side of the set-up (the child's failures are JailErrors)
+            self._cleanup()
+            raise JailError(f"jail {self.id}: {exc}") from None
         except BaseException:
             self._cleanup()
             raise
@@ -146,8 +150,14 @@ class Jail:
         o = self.options
         uid, self.uid_lock = _take_uid(o.uid)
         gid = o.gid if o.gid is not None else uid
+        jails = self.options.chroot_base / "corral"
+        if os.path.realpath(jails) != str(jails):
+            raise ConfigError(
+                f"--chroot-base: {jails} leads through a symbolic link: give the real directory"
+            )
         try:
             self.dir.mkdir(parents=True, mode=0o700)
+            self.made_dir = True
         except FileExistsError:
             raise ConfigError(
                 f"--id {self.id}: a jail with this id exists ({self.dir}): give another"
@@ -315,8 +325,9 @@ class Jail:
                     link.unlink()
         self.links.clear()
         self.cgroups.remove()
-        if self.dir.is_dir() and not self.dir.is_symlink():
+        if self.made_dir:  # never another VM's jail whose id we were given again
             shutil.rmtree(self.dir, ignore_errors=True)
+            self.made_dir = False
         if self.uid_lock is not None:
             os.close(self.uid_lock)
             self.uid_lock = None

@@ -47,6 +47,7 @@ from corral.jail.cgroups import CgroupSet
 from corral.jail.mapping import RUN_DIR, Inner
 from corral.jail.options import RLIMITS, UID_RANGE, JailOptions
 from corral.jail.rootfs import INNER, Bind, Plan, build_root, corral_path, interpreter_binds, readable_by
+from corral.jail.taps import delete_tap, make_tap, tap_exists
 
 log = logging.getLogger("corral.jail")
 
@@ -125,6 +126,7 @@ class Jail:
         self.uid_lock: int | None = None
         self.links: list[Path] = []
         self.made_dir = False
+        self.made_taps: list[str] = []
         self.pid = 0
         self.report: JailReport | None = None
 
@@ -192,6 +194,7 @@ class Jail:
             host.symlink_to(run / name)
             self.links.append(host)
         self.cgroups.apply(o.cgroups)
+        self.made_taps = [name for name, _ in self.inner.taps if not tap_exists(name, o.netns)]
 
         plan = Plan(binds=[*interpreter_binds(), *self.inner.binds, Bind(str(run), RUN_DIR, writable=True)])
         plan.nodes = list(self.inner.nodes)
@@ -257,6 +260,9 @@ class Jail:
                 linux.setns(fd, linux.CLONE_NEWNET)
                 os.close(fd)
             linux.sethostname(self.id)
+            for name, host_ip in self.inner.taps:
+                step = f"making tap {name}"
+                make_tap(name, uid, gid, host_ip)
             step = "building the root"
             root = str(self.dir / "root")
             build_root(root, plan, uid, gid)
@@ -325,6 +331,9 @@ class Jail:
                     link.unlink()
         self.links.clear()
         self.cgroups.remove()
+        for name in self.made_taps:
+            delete_tap(name, self.options.netns)
+        self.made_taps = []
         if self.made_dir:  # never another VM's jail whose id we were given again
             shutil.rmtree(self.dir, ignore_errors=True)
             self.made_dir = False

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.config import MachineConfig, format_size
-from corral.errors import ConfigError, FieldError
+from corral.errors import FieldError
 from corral.jail.rootfs import Bind, Node
 
 RUN_DIR = "/run/corral"  # the jail's one writable directory (host: <chroot-base>/corral/<id>/run)
@@ -32,6 +32,7 @@ class Inner:
     create: list[Path] = field(default_factory=list)  # created 0600 for the VM if missing
     writes: list[tuple[str, Path]] = field(default_factory=list)  # (field, path) the VM writes
     run_files: dict[str, bytes] = field(default_factory=dict)  # written into RUN_DIR before start
+    taps: list[tuple[str, str]] = field(default_factory=list)  # (name, host address) made for the VM
 
 
 def _file(inner: Inner, field_name: str, host: Path, inside: str, writable: bool) -> str:
@@ -74,10 +75,16 @@ def map_run(config: MachineConfig, api_path: Path | None, kvm_path: str, verbose
                 inner.create.append(d.overlay)
             spec += ",overlay=" + _file(inner, f"disks[{i}].overlay", d.overlay, f"/vm/overlay{i}", True)
         argv += ["--disk", spec]
-    if config.nets:
-        raise FieldError(
-            "nets", "a jailed VM cannot create or configure taps yet: run it without --jail, or without --net"
+    for n in config.nets:  # the jail makes each tap (root, in the VM's netns) and gives it to the VM
+        spec = (
+            f"tap={n.tap}"
+            + (f",mac={n.mac}" if n.mac else "")
+            + (f",host-ip={n.host_ip}" if n.host_ip else "")
         )
+        argv += ["--net", spec]
+        inner.taps.append((n.tap, n.host_ip))
+    if config.nets:
+        inner.nodes.append(TUN)
     if config.rng:
         argv.append("--rng")
     if config.balloon:
@@ -102,6 +109,7 @@ def map_run(config: MachineConfig, api_path: Path | None, kvm_path: str, verbose
     return inner
 
 
+TUN = Node("/dev/net/tun", "/dev/net/tun", 0o666)
 STANDARD_NODES = (Node("/dev/null", "/dev/null", 0o666), Node("/dev/urandom", "/dev/urandom", 0o666))
 
 
@@ -120,7 +128,7 @@ def map_firecracker(
     """`corral firecracker` inside a jail. As with Firecracker's jailer, paths that arrive later
     through the API are paths inside the jail: put (hard-link) such files into the jail's run
     directory (`<chroot-base>/corral/<id>/run`, /run/corral inside). A config file's paths are
-    mapped here like `run`'s (its network interfaces are refused: taps need the host)."""
+    mapped here like `run`'s; its network interfaces' taps are made by the jail."""
     from corral.firecracker.main import read_config_file
 
     inner = Inner(argv=["firecracker", "--id", instance_id])
@@ -139,8 +147,8 @@ def map_firecracker(
     if config_file is not None:
         read_config_file(config_file)  # its errors, as `corral firecracker` gives them
         raw: dict[str, Any] = json.loads(config_file.read_bytes())
-        if raw.get("network-interfaces"):
-            raise ConfigError(f"{config_file}: network-interfaces: a jailed VM cannot open taps yet")
+        for iface in raw.get("network-interfaces", []):  # made by the jail, as for `run --net`
+            inner.taps.append((iface["host_dev_name"], ""))
         boot = raw["boot-source"]
         boot["kernel_image_path"] = _file(
             inner, "kernel_image_path", Path(boot["kernel_image_path"]), "/vm/kernel", False
@@ -162,6 +170,8 @@ def map_firecracker(
         inner.argv += ["--config-file", f"{RUN_DIR}/config.json"]
     inner.argv += ["--kvm", "/dev/kvm"]
     inner.nodes += [Node(os.path.realpath(kvm_path), "/dev/kvm"), *STANDARD_NODES]
+    if inner.taps:
+        inner.nodes.append(TUN)
     return inner
 
 

@@ -310,3 +310,13 @@ def test_a_chroot_base_through_a_symlink_is_refused(tmp_path):
     )
     assert "leads through a symbolic link" in line
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_the_jail_needs_root(monkeypatch, tmp_path):
+    from corral.errors import HostError
+    from corral.jail import Inner, Jail
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(HostError, match="the jail needs root"):
+        Jail(JailOptions(chroot_base=tmp_path), Inner(argv=["run"]))
+    assert list(tmp_path.iterdir()) == []

@@ -239,6 +239,12 @@ def main(verbose: bool) -> None:
     is_flag=True,
     help="Let the host's KSM merge guest RAM with identical pages of other VMs (MADV_MERGEABLE).",
 )
+@click.option(
+    "--jail",
+    is_flag=True,
+    help="Run the VMM in a jail (namespaces, a minimal root, its own uid); `corral jail -- run` sets "
+    "its options.",
+)
 @KVM_OPTION
 @SERVE_API_OPTION
 def run(
@@ -259,6 +265,7 @@ def run(
     gdb: str | None,
     gdb_wait: bool,
     ksm: bool,
+    jail: bool,
     kvm_path: str,
     api_path: Path | None,
 ) -> None:
@@ -313,6 +320,15 @@ def run(
         from corral.debug import GdbAddress, GdbStub
 
         gdb_address = GdbAddress.parse(gdb)
+    jail_options = click.get_current_context().meta.get(JAIL_OPTIONS)
+    if jail or jail_options is not None:
+        from corral.jail import JailOptions, map_run
+
+        if gdb:
+            raise ConfigError("--gdb is not served from inside a jail yet: debug without --jail")
+
+        verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
+        _run_jailed(jail_options or JailOptions(), map_run(config, api_path, kvm_path, verbose))
     machine = Machine(config, kvm_path=kvm_path)
     machine.build()
     stub = None
@@ -345,6 +361,9 @@ def _run_foreground(machine: Machine, api_path: Path | None) -> NoReturn:
         except CorralError:
             machine.close()
             raise
+    from corral.jail.debug import start_debug_hook
+
+    start_debug_hook(machine)  # only with CORRAL_DEBUG_HOOK set, in a build that allows it
     try:
         with TerminalConsole(machine.send_input, lambda: machine.stop("quit from the console")):
             try:
@@ -899,6 +918,83 @@ def openapi() -> None:
     from corral.firecracker.routes import openapi as document
 
     click.echo(json.dumps(document(), indent=2, sort_keys=True))
+
+
+# --- corral jail: a VMM in its own namespaces, root, uid and cgroups ------------------------------------
+
+JAIL_OPTIONS = "corral.jail_options"  # ctx.meta key: the JailOptions `corral jail` hands to `run`
+
+
+def _run_jailed(options: Any, inner: Any) -> NoReturn:
+    from corral.jail import Jail
+
+    jail = Jail(options, inner)
+    report = jail.start()
+    click.echo(f"corral: {report.line()}", err=True)
+    sys.exit(jail.wait())
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option(
+    "--id", "jail_id", default="", help="The jail's name (letters, digits, dashes); default: random."
+)
+@click.option("--uid", type=int, help="The VMM's uid (default: a free one from 900000 up, per VM).")
+@click.option("--gid", type=int, help="The VMM's gid (default: the uid's number).")
+@click.option("--netns", type=click.Path(path_type=Path), help="Join this network namespace (/run/netns/X).")
+@click.option(
+    "--cgroup",
+    "cgroups",
+    multiple=True,
+    metavar="FILE=VALUE",
+    help="A cgroup limit (repeatable): pids.max=64",
+)
+@click.option(
+    "--rlimit", "rlimits", multiple=True, metavar="NAME=N", help="A resource limit (repeatable): nofile=1024"
+)
+@click.option(
+    "--chroot-base",
+    type=click.Path(path_type=Path),
+    default="/srv/jailer",
+    show_default=True,
+    help="Jails live in BASE/corral/ID (root, run/ with the VM's sockets).",
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+@click.pass_context
+def jail(
+    ctx: click.Context,
+    jail_id: str,
+    uid: int | None,
+    gid: int | None,
+    netns: Path | None,
+    cgroups: tuple[str, ...],
+    rlimits: tuple[str, ...],
+    chroot_base: Path,
+    command: tuple[str, ...],
+) -> None:
+    """Run `corral run ...` or `corral firecracker ...` in a jail: new mount, PID, IPC and UTS
+    namespaces, a minimal read-only root (pivot_root) with only the interpreter, corral and the
+    VM's own files and devices, its own unprivileged uid, rlimits, no_new_privs, cgroup limits.
+    Needs root.
+
+    corral jail --cgroup pids.max=64 -- run --image probe --api /tmp/vm.sock"""
+    from corral.jail import JailOptions
+
+    ctx.meta[JAIL_OPTIONS] = JailOptions.parse(
+        id=jail_id, uid=uid, gid=gid, netns=netns, cgroups=cgroups, rlimits=rlimits, chroot_base=chroot_base
+    )
+    name, *rest = command
+    if name == "firecracker":
+        from corral.jail import map_firecracker
+
+        with firecracker.make_context("firecracker", rest, parent=ctx) as sub:
+            _run_jailed(ctx.meta[JAIL_OPTIONS], map_firecracker(**sub.params))
+    if name != "run":
+        raise ConfigError(
+            f"corral jail runs `corral run` or `corral firecracker`, not {name!r}: "
+            "corral jail [OPTIONS] -- run ARGS"
+        )
+    with run.make_context("run", rest, parent=ctx) as sub:
+        run.invoke(sub)
 
 
 if __name__ == "__main__":

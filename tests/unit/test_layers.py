@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"corral.migration", "corral.debug"},  # debug: the gdb stub, above the machine
     {"corral.firecracker"},  # Firecracker's API: models, VMM, routes, HTTP server
     {"corral.api"},  # the control socket: that API over a running machine, and its client
+    {"corral.jail"},  # the jailer: starts `corral run` / `corral firecracker` in a jail
     {"corral.console"},  # the terminal the CLI runs a guest on
     {"corral.forkserver"},  # the warm template VM processes fork from (runs the CLI it preloads)
     {"corral.cli"},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import ipaddress
+import logging
 import os
 import re
 import struct
@@ -22,6 +23,7 @@ TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+IFF_UP = 0x1  # <net/if.h>: the link's administrative state
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 VNET_HDR_LEN = 12
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
@@ -77,16 +79,26 @@ class Tap:
     def _host_setup(self, host_ip: str | None) -> None:
         # imported here, not for a cycle: pyroute2 takes over a second to import, and only a
         # VM with a NIC needs it
+        # (its tc module reads /proc/net/psched on import and warns where there is none, as in the
+        # jail; corral uses no tc)
+        logging.getLogger("pyroute2.netlink.rtnl.tcmsg.common").setLevel(logging.ERROR)
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
         try:
             with IPRoute() as ipr:
                 idx = ipr.link_lookup(ifname=self.name)[0]
-                ipr.link("set", index=idx, state="up")
+                # only what is missing: a tap made for an unprivileged VMM (`ip tuntap add ... user`,
+                # the jail) is already up with its address, and changing either needs CAP_NET_ADMIN
+                if not ipr.get_links(idx)[0]["flags"] & IFF_UP:
+                    ipr.link("set", index=idx, state="up")
                 if host_ip:
                     iface = ipaddress.ip_interface(host_ip)
-                    ipr.addr("replace", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+                    have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
+                    if (str(iface.ip), iface.network.prefixlen) not in have:
+                        ipr.addr(
+                            "replace", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen
+                        )
         except NetlinkError as exc:
             raise HostError(f"cannot set up tap '{self.name}' on the host: {exc}") from None
 

@@ -109,7 +109,7 @@ def run(
     server = None
     if not no_api:
         try:
-            server = ApiServer(api_sock, Router(vmm).handle, on_fatal=fatal.set)
+            server = ApiServer(api_sock, Router(vmm).handle, on_fatal=lambda: (fatal.set(), vmm.wake.set()))
         except ConfigError:
             vmm.stop()
             raise
@@ -118,11 +118,13 @@ def run(
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stopping.set()
+        vmm.wake.set()
 
     previous = signal.signal(signal.SIGTERM, on_signal)
     try:
-        while not (vmm.exited.wait(0.1) or fatal.is_set() or stopping.is_set()):
-            pass
+        while not (vmm.exited.is_set() or fatal.is_set() or stopping.is_set()):
+            vmm.wake.wait()  # no timeout: an idle VM's main thread never wakes
+            vmm.wake.clear()
     except KeyboardInterrupt:
         stopping.set()
     finally:

@@ -139,6 +139,9 @@ class FirecrackerVmm:
         self.machine: Machine | None = None
         self.started = False  # the vCPUs run (a loaded snapshot waits for Resumed)
         self.exited = threading.Event()
+        # Set with `exited`, and by whoever else needs the process's main thread: it sleeps on
+        # this one event instead of polling (an idle VM must cost its host no wake-ups).
+        self.wake = threading.Event()
         self.exit_result: ExitResult | None = None
         self._serial_file: Any = None
         self._dirty: DirtyPages | None = None  # track_dirty_pages: what a Diff snapshot writes
@@ -736,6 +739,7 @@ class FirecrackerVmm:
             machine.close()
             self.exit_result = result
             self.exited.set()
+            self.wake.set()
 
         threading.Thread(target=wait, name="corral-fc-wait", daemon=True).start()
 
@@ -744,6 +748,7 @@ class FirecrackerVmm:
             self.machine.stop("stopped by the host")
         else:
             self.exited.set()
+            self.wake.set()
 
 
 def _mmds_address_ok(text: str) -> bool:

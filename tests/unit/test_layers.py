@@ -28,6 +28,7 @@ LAYERS: list[set[str]] = [
     {"corral.machine"},
     {"corral.migration"},
     {"corral.api", "corral.firecracker"},
+    {"corral.daemon"},  # corral serve: VMs as `corral firecracker` processes
     {"corral.console"},  # the terminal the CLI runs a guest on
     {"corral.cli"},
     {"corral", "corral.__main__"},

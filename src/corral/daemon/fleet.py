@@ -133,9 +133,9 @@ class Fleet:
         d = self.state.vm(vm_id)
         if not d.path.is_dir():
             raise NoSuchVm(vm_id)
-        self.reap()
-        rec = self._record(d)
         pid = d.live_pid()
+        self.reap()  # after the look at the process: one that just ended has its exit.json now
+        rec = self._record(d)
         state, exit_info = self._state(d, pid, rec)
         base = VmInfo(id=vm_id, state=state, pid=pid, exit=exit_info, dir=str(d.path))
         if rec is None:

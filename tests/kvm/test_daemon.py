@@ -124,7 +124,10 @@ def test_create_console_pause_snapshot_clone_metrics(daemon, tmp_path):
     config.write_text(
         json.dumps(
             {
-                "boot-source": {"kernel_image_path": str(build_probe()), "boot_args": "mem-touch 16M forever"},
+                "boot-source": {
+                    "kernel_image_path": str(build_probe()),
+                    "boot_args": "mem-touch 16M forever",
+                },
                 "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
             }
         )
@@ -200,7 +203,9 @@ def test_vms_outlive_the_daemon_and_dead_ones_are_reported(daemon):
     before = daemon.wait_rounds("a", 1)
     daemon.start()
     found = {v["id"]: v for v in daemon.api.call("GET", "/vms")}
-    assert {k: (v["state"], v["pid"]) for k, v in found.items()} == {k: ("running", p) for k, p in pids.items()}
+    assert {k: (v["state"], v["pid"]) for k, v in found.items()} == {
+        k: ("running", p) for k, p in pids.items()
+    }
     assert daemon.wait_rounds("a", before + 1) > before  # the guest ran on through it
 
     daemon.signal(signal.SIGKILL)  # a crash
@@ -252,9 +257,10 @@ def _vm_processes(state: Path) -> list[int]:
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                if str(state).encode() in (p / "cmdline").read_bytes() and b"firecracker" in (
-                    p / "cmdline"
-                ).read_bytes():
+                if (
+                    str(state).encode() in (p / "cmdline").read_bytes()
+                    and b"firecracker" in (p / "cmdline").read_bytes()
+                ):
                     found.append(int(p.name))
             except OSError:
                 pass
@@ -331,4 +337,3 @@ def test_bad_requests_fail_alone(daemon):
     assert reply.startswith(b"HTTP/1.1 400") and b"larger than the limit" in reply
     assert daemon.api.call("GET", "/")["vms"] == 1
     daemon.api.call("DELETE", "/vms/ok")
-

@@ -48,7 +48,7 @@ class IoLimit(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    device: Annotated[str, Field(pattern=DEVICE_RE.pattern)]
+    device: Annotated[str, Field(pattern=f"^{DEVICE_RE.pattern}$")]
     rbps: Annotated[int, Field(ge=1, le=1 << 50)] | None = None
     wbps: Annotated[int, Field(ge=1, le=1 << 50)] | None = None
     riops: Annotated[int, Field(ge=1, le=1 << 40)] | None = None

@@ -854,13 +854,22 @@ def firecracker(
 
 # --- corral serve: the host daemon, and the commands that talk to it -------------------------------
 
-DAEMON_SOCK_OPTION = click.option(
-    "--daemon-sock",
-    default="/run/corral/corral.sock",
-    envvar="CORRAL_DAEMON_SOCK",
-    show_default=True,
-    help="The daemon's socket (corral serve).",
-)
+
+def DAEMON_SOCK_OPTION(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--daemon-sock and --token-file: where the daemon is, and the token TCP needs."""
+    f = click.option(
+        "--token-file",
+        type=click.Path(path_type=Path),
+        envvar="CORRAL_DAEMON_TOKEN_FILE",
+        help="The daemon's bearer token (for a tcp:HOST:PORT daemon).",
+    )(f)
+    return click.option(
+        "--daemon-sock",
+        default="/run/corral/corral.sock",
+        envvar="CORRAL_DAEMON_SOCK",
+        show_default=True,
+        help="The daemon's socket (corral serve), or tcp:HOST:PORT.",
+    )(f)
 
 
 @main.command(error_code=1)
@@ -880,7 +889,7 @@ DAEMON_SOCK_OPTION = click.option(
     show_default=True,
     help="VMs' cgroups go in <the daemon's cgroup>/NAME/ID.",
 )
-@click.option("--no-cgroups", is_flag=True, help="Put VMs in no cgroup (limits are refused).")
+@click.option("--no-cgroups", is_flag=True, help="Put VMs in no cgroup (limits asked for are reported not applied).")
 def serve(
     state_dir: Path,
     api_sock: Path | None,
@@ -906,10 +915,11 @@ def serve(
     )
 
 
-def _daemon(sock: str) -> Any:
+def _daemon(sock: str, token_file: Path | None) -> Any:
+    from corral.daemon.server import read_token
     from corral.daemon.vmapi import HttpClient
 
-    return HttpClient(sock, timeout=600)
+    return HttpClient(sock, timeout=600, token=read_token(token_file) if token_file else None)
 
 
 def _ago(t: float | None) -> str:
@@ -973,6 +983,7 @@ def vm() -> None:
 @click.option("--pids-limit", type=int, help="Tasks the VM process may have.")
 def vm_create(
     daemon_sock: str,
+    token_file: Path | None,
     vm_id: str | None,
     config_file: Any,
     snapshot: Path | None,
@@ -1003,7 +1014,7 @@ def vm_create(
             raise ConfigError(f"--config: not JSON: {exc}") from None
     else:
         body["snapshot"] = str(Path(snapshot or ".").resolve())
-    v = _daemon(daemon_sock).call("POST", "/vms", body)
+    v = _daemon(daemon_sock, token_file).call("POST", "/vms", body)
     click.echo(v["id"])
     for n in v.get("cgroups", {}).get("not_applied", []):
         click.echo(f"corral: not applied: {n}", err=True)
@@ -1011,17 +1022,17 @@ def vm_create(
 
 @vm.command("ls", error_code=1)
 @DAEMON_SOCK_OPTION
-def vm_ls(daemon_sock: str) -> None:
+def vm_ls(daemon_sock: str, token_file: Path | None) -> None:
     """List the daemon's VMs."""
-    _show_vms(_daemon(daemon_sock).call("GET", "/vms"))
+    _show_vms(_daemon(daemon_sock, token_file).call("GET", "/vms"))
 
 
 @vm.command("show", error_code=1)
 @DAEMON_SOCK_OPTION
 @click.argument("vm_id", metavar="ID")
-def vm_show(daemon_sock: str, vm_id: str) -> None:
+def vm_show(daemon_sock: str, token_file: Path | None, vm_id: str) -> None:
     """Show one VM: state, process, limits applied."""
-    _show_vm(_daemon(daemon_sock).call("GET", f"/vms/{_vm_path(vm_id)}"))
+    _show_vm(_daemon(daemon_sock, token_file).call("GET", f"/vms/{_vm_path(vm_id)}"))
 
 
 def _vm_path(vm_id: str) -> str:
@@ -1034,8 +1045,8 @@ def _vm_verb(verb: str, help_text: str) -> None:
     @vm.command(verb, error_code=1, help=help_text)
     @DAEMON_SOCK_OPTION
     @click.argument("vm_id", metavar="ID")
-    def command(daemon_sock: str, vm_id: str) -> None:
-        v = _daemon(daemon_sock).call("POST", f"/vms/{_vm_path(vm_id)}/{verb}")
+    def command(daemon_sock: str, token_file: Path | None, vm_id: str) -> None:
+        v = _daemon(daemon_sock, token_file).call("POST", f"/vms/{_vm_path(vm_id)}/{verb}")
         click.echo(f"{v['id']}: {v['state']}")
 
 
@@ -1048,9 +1059,9 @@ _vm_verb("stop", "Stop a VM's process (it stays listed as stopped until `corral 
 @DAEMON_SOCK_OPTION
 @click.argument("vm_id", metavar="ID")
 @click.argument("directory", type=click.Path(path_type=Path))
-def vm_snapshot(daemon_sock: str, vm_id: str, directory: Path) -> None:
+def vm_snapshot(daemon_sock: str, token_file: Path | None, vm_id: str, directory: Path) -> None:
     """Snapshot a VM into DIRECTORY (new); `corral vm create --snapshot DIRECTORY` clones it."""
-    r = _daemon(daemon_sock).call(
+    r = _daemon(daemon_sock, token_file).call(
         "POST", f"/vms/{_vm_path(vm_id)}/snapshot", {"path": str(directory.resolve())}
     )
     click.echo(r["path"])
@@ -1059,9 +1070,9 @@ def vm_snapshot(daemon_sock: str, vm_id: str, directory: Path) -> None:
 @vm.command("rm", error_code=1)
 @DAEMON_SOCK_OPTION
 @click.argument("vm_ids", metavar="ID...", nargs=-1, required=True)
-def vm_rm(daemon_sock: str, vm_ids: tuple[str, ...]) -> None:
+def vm_rm(daemon_sock: str, token_file: Path | None, vm_ids: tuple[str, ...]) -> None:
     """Stop VMs and remove them: state directory, cgroups, taps."""
-    client = _daemon(daemon_sock)
+    client = _daemon(daemon_sock, token_file)
     for vm_id in vm_ids:
         client.call("DELETE", f"/vms/{_vm_path(vm_id)}")
 
@@ -1070,12 +1081,12 @@ def vm_rm(daemon_sock: str, vm_ids: tuple[str, ...]) -> None:
 @DAEMON_SOCK_OPTION
 @click.argument("vm_id", metavar="ID")
 @click.option("--no-follow", is_flag=True, help="Print what the console holds and end.")
-def console(daemon_sock: str, vm_id: str, no_follow: bool) -> None:
+def console(daemon_sock: str, token_file: Path | None, vm_id: str, no_follow: bool) -> None:
     """Show a daemon VM's serial console as it writes (Ctrl-C ends)."""
     out = sys.stdout.buffer
     path = f"/vms/{_vm_path(vm_id)}/console" + ("?follow=0" if no_follow else "")
     try:
-        for chunk in _daemon(daemon_sock).stream(path):
+        for chunk in _daemon(daemon_sock, token_file).stream(path):
             out.write(chunk)
             out.flush()
     except KeyboardInterrupt:

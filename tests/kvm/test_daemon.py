@@ -332,8 +332,28 @@ def test_bad_requests_fail_alone(daemon):
     s.connect(str(daemon.sock))
     s.sendall(b"POST /vms HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n" + b"{" * 65536)
     s.settimeout(10)
-    reply = s.recv(4096)
+    reply = b""
+    while chunk := s.recv(65536):  # the answer, then the server closes
+        reply += chunk
     s.close()
     assert reply.startswith(b"HTTP/1.1 400") and b"larger than the limit" in reply
     assert daemon.api.call("GET", "/")["vms"] == 1
     daemon.api.call("DELETE", "/vms/ok")
+
+
+def test_rm_removes_the_tap_made_for_a_vm_and_keeps_one_it_was_given(daemon):
+    made, given = f"dmn{os.getpid() % 100000}a", f"dmn{os.getpid() % 100000}b"
+    subprocess.run(["ip", "tuntap", "add", "dev", given, "mode", "tap"], check=True)
+    try:
+        for vm, tap in (("made", made), ("given", given)):
+            config = {
+                "boot-source": {"kernel_image_path": str(build_probe()), "boot_args": "idle"},
+                "network-interfaces": [{"iface_id": "eth0", "host_dev_name": tap}],
+            }
+            v = daemon.api.call("POST", "/vms", {"id": vm, "config": config})
+            assert v["state"] == "running" and Path("/sys/class/net", tap).exists()
+            daemon.api.call("DELETE", f"/vms/{vm}")
+        assert not Path("/sys/class/net", made).exists()  # made for the VM: gone with it
+        assert Path("/sys/class/net", given).exists()  # the operator's own tap: kept
+    finally:
+        subprocess.run(["ip", "link", "del", given], check=False)

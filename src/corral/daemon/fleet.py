@@ -39,6 +39,8 @@ API_TIMEOUT = 5.0  # a VM's API that does not answer a state query in this is `u
 SNAPSHOT_TIMEOUT = 300.0
 MAX_VMS = 4096
 CONSOLE_TAIL = 1 << 20  # the console stream starts at most this far back
+FILE_MAX = 64 << 20  # a console or log larger than this is cut down to its last FILE_KEEP bytes
+FILE_KEEP = 1 << 20
 SNAP_FILE, MEM_FILE = "vm.snap", "vm.mem"
 
 
@@ -74,6 +76,7 @@ class Fleet:
         self.max_vms = max_vms
         self.start_timeout = start_timeout
         self._lock = threading.Lock()
+        self._reap_lock = threading.Lock()
         self._vm_locks: dict[str, threading.Lock] = {}
         self._children: dict[str, int] = {}  # VMs whose process is this daemon's child
         self._creating = 0
@@ -86,6 +89,9 @@ class Fleet:
             lock = self._vm_locks.setdefault(vm_id, threading.Lock())
         with lock:
             if not d.path.is_dir():
+                with self._lock:
+                    if self._vm_locks.get(vm_id) is lock:
+                        del self._vm_locks[vm_id]
                 raise NoSuchVm(vm_id)
             yield d
 
@@ -99,23 +105,25 @@ class Fleet:
             return None
 
     def reap(self) -> None:
-        """Collect the exit status of child VM processes that ended (also keeps no zombies)."""
-        with self._lock:
-            children = list(self._children.items())
-        for vm_id, pid in children:
-            try:
-                done, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done, status = pid, -1
-            if not done:
-                continue
+        """Collect the exit status of child VM processes that ended (also keeps no zombies).
+        One reaper at a time, so a caller that finds a VM gone finds its exit.json written."""
+        with self._reap_lock:
             with self._lock:
-                self._children.pop(vm_id, None)
-            d = self.state.vm(vm_id)
-            if d.path.is_dir() and status != -1:
-                how = _describe_status(status)
-                with contextlib.suppress(OSError):
-                    d.write(d.exit_file, json.dumps({"how": how, "at": time.time()}))
+                children = list(self._children.items())
+            for vm_id, pid in children:
+                try:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done, status = pid, -1
+                if not done:
+                    continue
+                d = self.state.vm(vm_id)
+                if d.path.is_dir() and status != -1:
+                    how = _describe_status(status)
+                    with contextlib.suppress(OSError):
+                        d.write(d.exit_file, json.dumps({"how": how, "at": time.time()}))
+                with self._lock:
+                    self._children.pop(vm_id, None)
 
     # -- queries ----------------------------------------------------------------------------------
     def ids(self) -> list[str]:
@@ -187,11 +195,14 @@ class Fleet:
             self._creating += 1
         try:
             d = self.state.new(vm_id)
-            try:
-                self._create(d, req)
-            except BaseException:
-                self._destroy(d, force=True)
-                raise
+            with self._lock:
+                lock = self._vm_locks.setdefault(vm_id, threading.Lock())
+            with lock:  # a delete of this id waits until the create is done or undone
+                try:
+                    self._create(d, req)
+                except BaseException:
+                    self._destroy(d, force=True)
+                    raise
         finally:
             with self._lock:
                 self._creating -= 1
@@ -249,11 +260,14 @@ class Fleet:
         self._wait_api(d, pid)
         if req.snapshot is not None:
             snap = Path(req.snapshot).absolute()
-            load = {
+            load: dict[str, Any] = {
                 "snapshot_path": str(snap / SNAP_FILE),
                 "mem_backend": {"backend_type": "File", "backend_path": str(snap / MEM_FILE)},
                 "resume_vm": req.resume,
+                "network_overrides": [o.model_dump() for o in req.network_overrides],
             }
+            if req.vsock_override is not None:
+                load["vsock_override"] = req.vsock_override.model_dump()
             try:
                 self._api(d, SNAPSHOT_TIMEOUT).call("PUT", "/snapshot/load", load)
             except ApiError as exc:
@@ -390,6 +404,14 @@ class Fleet:
         if left:
             raise FleetError(f"VM {d.id} removed, but its cgroups could not be: {', '.join(left)}", 500)
 
+    def cap_files(self) -> None:
+        """Keep each VM's console and log within FILE_MAX: a guest that prints without end
+        must not fill the host's disk. The newest FILE_KEEP bytes are kept."""
+        for vm_id in self.ids():
+            d = self.state.vm(vm_id)
+            for path in (d.console, d.log):
+                _cap(path)
+
     # -- console ----------------------------------------------------------------------------------
     def console(self, vm_id: str, follow: bool) -> Iterator[bytes]:
         """The VM's console: the last CONSOLE_TAIL bytes, then (follow) what it writes next,
@@ -411,6 +433,9 @@ def _follow(f: Any, d: VmDir, follow: bool) -> Iterator[bytes]:
             if chunk:
                 yield chunk
                 continue
+            if f.tell() > os.fstat(f.fileno()).st_size:  # cut down to its tail (_cap): go on there
+                f.seek(0)
+                continue
             if not follow or d.live_pid() is None or not d.path.is_dir():
                 if chunk := f.read(65536):  # the last words before it ended
                     yield chunk
@@ -418,6 +443,23 @@ def _follow(f: Any, d: VmDir, follow: bool) -> Iterator[bytes]:
             time.sleep(0.05)
     finally:
         f.close()
+
+
+def _cap(path: Path) -> None:
+    try:
+        if os.stat(path).st_size <= FILE_MAX:
+            return
+        with open(path, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= FILE_MAX:
+                return
+            f.seek(size - FILE_KEEP)
+            keep = f.read(FILE_KEEP)
+            f.truncate(0)  # the VM appends (O_APPEND): its next write lands after what is kept
+            f.seek(0)
+            f.write(b"[corral: earlier output dropped]\n" + keep)
+    except OSError:
+        pass
 
 
 def _describe_status(status: int) -> str:

@@ -12,6 +12,7 @@ learns its exit status (a VM whose parent is not the daemon is reported dead wit
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Protocol
@@ -47,7 +48,15 @@ class SpawnLauncher:
         ]
         env = dict(os.environ) if self.env is None else self.env
         try:
-            return os.posix_spawn(self.python, argv, env, file_actions=actions, setsid=True)
+            return os.posix_spawn(
+                self.python,
+                argv,
+                env,
+                file_actions=actions,
+                setsid=True,
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM),
+                setsigmask=(),
+            )
         except OSError as exc:
             raise LaunchError(f"cannot start {self.python} for a VM: {exc.strerror}") from None
 

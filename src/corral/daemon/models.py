@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from corral.daemon.cgroups import LimitReport, Limits
 from corral.daemon.statedir import VM_ID_RE
-from corral.firecracker.models import FullVmConfiguration
+from corral.firecracker.models import FullVmConfiguration, NetworkOverride, VsockOverride
 
 VmId = Annotated[str, Field(pattern=f"^{VM_ID_RE.pattern}$")]
 HostPath = Annotated[str, Field(min_length=1, max_length=4096)]
@@ -30,12 +30,17 @@ class CreateVm(Strict):
     config: FullVmConfiguration | None = None
     snapshot: HostPath | None = None
     resume: bool = True  # a clone runs at once (else it waits paused)
+    # a clone's host sides, as Firecracker's /snapshot/load takes them (a tap per interface)
+    network_overrides: Annotated[list[NetworkOverride], Field(max_length=64)] = []
+    vsock_override: VsockOverride | None = None
     limits: Limits = Limits()
 
     @model_validator(mode="after")
     def _one_source(self) -> CreateVm:
         if (self.config is None) == (self.snapshot is None):
             raise ValueError("give either `config` (a Firecracker config) or `snapshot` (a directory)")
+        if self.config is not None and (self.network_overrides or self.vsock_override):
+            raise ValueError("`network_overrides` and `vsock_override` are for a clone (`snapshot`)")
         return self
 
 

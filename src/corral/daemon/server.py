@@ -227,7 +227,7 @@ class _DaemonServer(_Server):
             return False
         if uid in (0, os.getuid()):
             return True
-        log.warning("refused a connection from uid %d: only uid %d and root are served", uid, os.getuid())
+        log.warning("refused a connection from uid %d: only the daemon's uid (%d) and root", uid, os.getuid())
         return False
 
 
@@ -344,6 +344,7 @@ def serve(
     try:
         while not stopping.wait(REAP_INTERVAL):
             fleet.reap()
+            fleet.cap_files()
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -36,7 +36,7 @@ DEVICE_RE = re.compile(r"[0-9]{1,6}:[0-9]{1,8}")
 # The controllers a VM's group uses (v1 name where it differs: io is blkio there).
 CONTROLLERS = ("cpu", "memory", "pids", "io")
 V1_NAME = {"cpu": "cpu", "memory": "memory", "pids": "pids", "io": "blkio"}
-RMDIR_TRIES = 50
+RMDIR_TRIES = 250  # x 20 ms: the last threads of a killed VM may take a while to exit
 
 
 class CgroupError(CorralError):

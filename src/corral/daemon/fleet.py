@@ -37,6 +37,7 @@ START_TIMEOUT = 30.0  # seconds for a new VM's API to answer
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 API_TIMEOUT = 5.0  # a VM's API that does not answer a state query in this is `unresponsive`
 SNAPSHOT_TIMEOUT = 300.0
+REAP_WAIT = 2.0  # seconds to wait for a child seen gone to be reapable
 MAX_VMS = 4096
 CONSOLE_TAIL = 1 << 20  # the console stream starts at most this far back
 FILE_MAX = 64 << 20  # a console or log larger than this is cut down to its last FILE_KEEP bytes
@@ -143,6 +144,10 @@ class Fleet:
             raise NoSuchVm(vm_id)
         pid = d.live_pid()
         self.reap()  # after the look at the process: one that just ended has its exit.json now
+        deadline = time.monotonic() + REAP_WAIT
+        while pid is None and vm_id in self._children and time.monotonic() < deadline:
+            time.sleep(0.01)  # a killed leader shows as a zombie before its threads are all gone
+            self.reap()
         rec = self._record(d)
         state, exit_info = self._state(d, pid, rec)
         base = VmInfo(id=vm_id, state=state, pid=pid, exit=exit_info, dir=str(d.path))

@@ -889,7 +889,9 @@ def DAEMON_SOCK_OPTION(f: Callable[..., Any]) -> Callable[..., Any]:
     show_default=True,
     help="VMs' cgroups go in <the daemon's cgroup>/NAME/ID.",
 )
-@click.option("--no-cgroups", is_flag=True, help="Put VMs in no cgroup (limits asked for are reported not applied).")
+@click.option(
+    "--no-cgroups", is_flag=True, help="Put VMs in no cgroup (limits are then reported not applied)."
+)
 def serve(
     state_dir: Path,
     api_sock: Path | None,

@@ -98,11 +98,16 @@ class Daemon:
                     os.kill(int(pid), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        for root in Path("/sys/fs/cgroup").glob(f"*/{self.cgroup_parent}"):
-            for g in root.glob("*"):
+        for parent in self.cgroup_dirs():
+            for g in parent.glob("*"):
                 if g.is_dir():
                     g.rmdir()
-            root.rmdir()
+            if parent.is_dir():
+                parent.rmdir()
+
+    def cgroup_dirs(self) -> list[Path]:
+        """The daemon's cgroup parent in each hierarchy (VMs' groups go inside)."""
+        return [d.parent for _, d in Cgroups(parent=self.cgroup_parent).group("x").dirs]
 
 
 @pytest.fixture
@@ -207,7 +212,7 @@ def test_create_console_pause_snapshot_clone_metrics(daemon, tmp_path):
     r = daemon.cli("vm", "rm", "web-1", "web-2")
     assert r.returncode == 0, r.stderr
     assert not list((daemon.state / "vms").iterdir())
-    assert not any(Path("/sys/fs/cgroup").glob(f"*/{daemon.cgroup_parent}/web-*"))
+    assert not any(list(p.glob("web-*")) for p in daemon.cgroup_dirs())
 
 
 def test_vms_outlive_the_daemon_and_dead_ones_are_reported(daemon):
@@ -318,7 +323,7 @@ def test_create_delete_loop_leaks_nothing(daemon):
     assert _daemon_fds(dpid) <= fds, sorted(os.listdir(f"/proc/{dpid}/fd"))
     assert _daemon_threads(dpid) <= threads + 1
     assert list((daemon.state / "vms").iterdir()) == []
-    assert not any(g.is_dir() for g in Path("/sys/fs/cgroup").glob(f"*/{daemon.cgroup_parent}/*"))
+    assert daemon.cgroup_dirs() and not any(g.is_dir() for p in daemon.cgroup_dirs() for g in p.glob("*"))
     assert _vm_processes(daemon.state) == []
     assert daemon.api.call("GET", "/")["vms"] == 0  # and the daemon serves on
 

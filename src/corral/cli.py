@@ -997,5 +997,248 @@ def jail(
         run.invoke(sub)
 
 
+# --- corral serve: the host daemon, and the commands that talk to it -------------------------------
+
+
+def DAEMON_SOCK_OPTION(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--daemon-sock and --token-file: where the daemon is, and the token TCP needs."""
+    f = click.option(
+        "--token-file",
+        type=click.Path(path_type=Path),
+        envvar="CORRAL_DAEMON_TOKEN_FILE",
+        help="The daemon's bearer token (for a tcp:HOST:PORT daemon).",
+    )(f)
+    return click.option(
+        "--daemon-sock",
+        default="/run/corral/corral.sock",
+        envvar="CORRAL_DAEMON_SOCK",
+        show_default=True,
+        help="The daemon's socket (corral serve), or tcp:HOST:PORT.",
+    )(f)
+
+
+@main.command(error_code=1)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default="/run/corral",
+    show_default=True,
+    help="Where VMs live (STATE/vms/ID/): found again when the daemon restarts.",
+)
+@click.option("--api-sock", type=click.Path(path_type=Path), help="The REST socket [STATE/corral.sock].")
+@click.option("--tcp", metavar="HOST:PORT", help="Serve the API on TCP too (needs --token-file).")
+@click.option("--token-file", type=click.Path(path_type=Path), help="The bearer token TCP clients must send.")
+@click.option(
+    "--cgroup-parent",
+    default="corral",
+    show_default=True,
+    help="VMs' cgroups go in <the daemon's cgroup>/NAME/ID.",
+)
+@click.option(
+    "--no-cgroups", is_flag=True, help="Put VMs in no cgroup (limits are then reported not applied)."
+)
+def serve(
+    state_dir: Path,
+    api_sock: Path | None,
+    tcp: str | None,
+    token_file: Path | None,
+    cgroup_parent: str,
+    no_cgroups: bool,
+) -> None:
+    """The host daemon: create, list, pause, snapshot, stop and remove VMs over REST.
+
+    Each VM runs as its own process and keeps running when the daemon stops.
+    """
+    from corral.daemon.server import serve as run_daemon
+
+    sys.exit(
+        run_daemon(
+            state_dir,
+            api_sock,
+            tcp=tcp,
+            token_file=token_file,
+            cgroup_parent=None if no_cgroups else cgroup_parent,
+        )
+    )
+
+
+def _daemon(sock: str, token_file: Path | None) -> Any:
+    from corral.daemon.server import read_token
+    from corral.daemon.vmapi import HttpClient
+
+    return HttpClient(sock, timeout=600, token=read_token(token_file) if token_file else None)
+
+
+def _ago(t: float | None) -> str:
+    if t is None:
+        return "-"
+    s = max(0, int(time.time() - t))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
+
+
+def _show_vms(vms: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "state", "pid", "vcpus", "memory", "up", "source")
+    for v in vms:
+        table.add_row(
+            v["id"],
+            v["state"],
+            str(v.get("pid") or "-"),
+            str(v.get("vcpus") or "-"),
+            f"{v['mem_mib']} MiB" if v.get("mem_mib") else "-",
+            _ago(v.get("created")),
+            v.get("snapshot") or v.get("source") or "-",
+        )
+    Console().print(table)
+
+
+def _show_vm(v: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("field", "value", show_header=False)
+    for key in ("id", "state", "pid", "vcpus", "mem_mib", "source", "snapshot", "exit", "dir"):
+        if v.get(key) is not None:
+            table.add_row(key, str(v[key]))
+    limits = {k: val for k, val in (v.get("limits") or {}).items() if val not in (None, [])}
+    table.add_row("limits", ", ".join(f"{k}={val}" for k, val in limits.items()) or "none")
+    cg = v.get("cgroups") or {}
+    for a in cg.get("applied", []):
+        table.add_row("applied", f"{a['limit']} = {a['value']} ({a['cgroup']}: {a['file']})")
+    for n in cg.get("not_applied", []):
+        table.add_row("not applied", n)
+    Console().print(table)
+
+
+@main.group(cls=Group)
+def vm() -> None:
+    """VMs of the host daemon (corral serve)."""
+
+
+@vm.command("create", error_code=1)
+@DAEMON_SOCK_OPTION
+@click.option("--id", "vm_id", help="The VM's id (1-64 of A-Z a-z 0-9 -) [a new one].")
+@click.option(
+    "--config", "config_file", type=click.File("rb"), help="A Firecracker config (--config-file's JSON)."
+)
+@click.option("--snapshot", type=click.Path(path_type=Path), help="Clone the snapshot in this directory.")
+@click.option("--paused", is_flag=True, help="A clone waits paused (corral vm resume).")
+@click.option("--cpu-limit", type=float, help="CPU time the VM may use, in CPUs (0.5 = half a core).")
+@click.option("--memory-limit", type=SIZE, help="Memory the VM process may use (e.g. 512M).")
+@click.option("--pids-limit", type=int, help="Tasks the VM process may have.")
+def vm_create(
+    daemon_sock: str,
+    token_file: Path | None,
+    vm_id: str | None,
+    config_file: Any,
+    snapshot: Path | None,
+    paused: bool,
+    cpu_limit: float | None,
+    memory_limit: int | None,
+    pids_limit: int | None,
+) -> None:
+    """Create a VM from a Firecracker config or from a snapshot; print its id."""
+    import json
+
+    if (config_file is None) == (snapshot is None):
+        raise ConfigError("give --config FILE or --snapshot DIR")
+    limits: dict[str, Any] = {}
+    if cpu_limit is not None:
+        limits["cpus"] = cpu_limit
+    if memory_limit is not None:
+        limits["memory_mib"] = max(1, memory_limit >> 20)
+    if pids_limit is not None:
+        limits["pids"] = pids_limit
+    body: dict[str, Any] = {"limits": limits, "resume": not paused}
+    if vm_id is not None:
+        body["id"] = vm_id
+    if config_file is not None:
+        try:
+            body["config"] = json.loads(config_file.read(1 << 20))
+        except ValueError as exc:
+            raise ConfigError(f"--config: not JSON: {exc}") from None
+    else:
+        body["snapshot"] = str(Path(snapshot or ".").resolve())
+    v = _daemon(daemon_sock, token_file).call("POST", "/vms", body)
+    click.echo(v["id"])
+    for n in v.get("cgroups", {}).get("not_applied", []):
+        click.echo(f"corral: not applied: {n}", err=True)
+
+
+@vm.command("ls", error_code=1)
+@DAEMON_SOCK_OPTION
+def vm_ls(daemon_sock: str, token_file: Path | None) -> None:
+    """List the daemon's VMs."""
+    _show_vms(_daemon(daemon_sock, token_file).call("GET", "/vms"))
+
+
+@vm.command("show", error_code=1)
+@DAEMON_SOCK_OPTION
+@click.argument("vm_id", metavar="ID")
+def vm_show(daemon_sock: str, token_file: Path | None, vm_id: str) -> None:
+    """Show one VM: state, process, limits applied."""
+    _show_vm(_daemon(daemon_sock, token_file).call("GET", f"/vms/{_vm_path(vm_id)}"))
+
+
+def _vm_path(vm_id: str) -> str:
+    from corral.daemon.statedir import check_vm_id
+
+    return check_vm_id(vm_id)
+
+
+def _vm_verb(verb: str, help_text: str) -> None:
+    @vm.command(verb, error_code=1, help=help_text)
+    @DAEMON_SOCK_OPTION
+    @click.argument("vm_id", metavar="ID")
+    def command(daemon_sock: str, token_file: Path | None, vm_id: str) -> None:
+        v = _daemon(daemon_sock, token_file).call("POST", f"/vms/{_vm_path(vm_id)}/{verb}")
+        click.echo(f"{v['id']}: {v['state']}")
+
+
+_vm_verb("pause", "Pause a VM.")
+_vm_verb("resume", "Resume a paused VM.")
+_vm_verb("stop", "Stop a VM's process (it stays listed as stopped until `corral vm rm`).")
+
+
+@vm.command("snapshot", error_code=1)
+@DAEMON_SOCK_OPTION
+@click.argument("vm_id", metavar="ID")
+@click.argument("directory", type=click.Path(path_type=Path))
+def vm_snapshot(daemon_sock: str, token_file: Path | None, vm_id: str, directory: Path) -> None:
+    """Snapshot a VM into DIRECTORY (new); `corral vm create --snapshot DIRECTORY` clones it."""
+    r = _daemon(daemon_sock, token_file).call(
+        "POST", f"/vms/{_vm_path(vm_id)}/snapshot", {"path": str(directory.resolve())}
+    )
+    click.echo(r["path"])
+
+
+@vm.command("rm", error_code=1)
+@DAEMON_SOCK_OPTION
+@click.argument("vm_ids", metavar="ID...", nargs=-1, required=True)
+def vm_rm(daemon_sock: str, token_file: Path | None, vm_ids: tuple[str, ...]) -> None:
+    """Stop VMs and remove them: state directory, cgroups, taps."""
+    client = _daemon(daemon_sock, token_file)
+    for vm_id in vm_ids:
+        client.call("DELETE", f"/vms/{_vm_path(vm_id)}")
+
+
+@main.command(error_code=1)
+@DAEMON_SOCK_OPTION
+@click.argument("vm_id", metavar="ID")
+@click.option("--no-follow", is_flag=True, help="Print what the console holds and end.")
+def console(daemon_sock: str, token_file: Path | None, vm_id: str, no_follow: bool) -> None:
+    """Show a daemon VM's serial console as it writes (Ctrl-C ends)."""
+    out = sys.stdout.buffer
+    path = f"/vms/{_vm_path(vm_id)}/console" + ("?follow=0" if no_follow else "")
+    try:
+        for chunk in _daemon(daemon_sock, token_file).stream(path):
+            out.write(chunk)
+            out.flush()
+    except KeyboardInterrupt:
+        pass
+
+
 if __name__ == "__main__":
     main()

@@ -32,6 +32,7 @@ LAYERS: list[set[str]] = [
     {"corral.jail"},  # the jailer: starts `corral run` / `corral firecracker` in a jail
     {"corral.console"},  # the terminal the CLI runs a guest on
     {"corral.forkserver"},  # the warm template VM processes fork from (runs the CLI it preloads)
+    {"corral.daemon"},  # corral serve: VMs as `corral firecracker` processes
     {"corral.cli"},
     {"corral", "corral.__main__"},
 ]

@@ -1,0 +1,511 @@
+"""The daemon's VMs: each a `corral firecracker` process, driven through its own API socket.
+
+The state directory is the truth: a VM is listed because its directory exists, and its state is
+read from its process (alive, the same process by start time) and its API (running, paused).
+A VM whose process has gone is `stopped` when a stop was asked for, else `dead`, with how it
+ended when this daemon was its parent and saw it (exit.json), never dropped from the list.
+
+Operations on one VM are serialized by a per-VM lock; operations on different VMs run at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from corral.daemon.cgroups import CgroupError, Cgroups, LimitReport, VmGroup
+from corral.daemon.launcher import Launcher
+from corral.daemon.models import CreateVm, SnapshotInfo, VmInfo, VmRecord, VmState
+from corral.daemon.statedir import StateDir, VmDir, proc_start_time
+from corral.daemon.vmapi import ApiError, HttpClient
+from corral.errors import CorralError
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 30.0  # seconds for a new VM's API to answer
+STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
+API_TIMEOUT = 5.0  # a VM's API that does not answer a state query in this is `unresponsive`
+SNAPSHOT_TIMEOUT = 300.0
+REAP_WAIT = 2.0  # seconds to wait for a child seen gone to be reapable
+MAX_VMS = 4096
+CONSOLE_TAIL = 1 << 20  # the console stream starts at most this far back
+FILE_MAX = 64 << 20  # a console or log larger than this is cut down to its last FILE_KEEP bytes
+FILE_KEEP = 1 << 20
+SNAP_FILE, MEM_FILE = "vm.snap", "vm.mem"
+
+
+class FleetError(CorralError):
+    """A request the daemon refuses; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NoSuchVm(FleetError):
+    def __init__(self, vm_id: str) -> None:
+        super().__init__(f"no VM with id {vm_id!r}: `corral vm ls` lists them", 404)
+
+
+FC_STATE: dict[str, VmState] = {"Running": "running", "Paused": "paused", "Not started": "not-started"}
+
+
+class Fleet:
+    def __init__(
+        self,
+        state: StateDir,
+        launcher: Launcher,
+        cgroups: Cgroups | None = None,
+        *,
+        max_vms: int = MAX_VMS,
+        start_timeout: float = START_TIMEOUT,
+    ) -> None:
+        self.state = state
+        self.launcher = launcher
+        self.cgroups = cgroups
+        self.max_vms = max_vms
+        self.start_timeout = start_timeout
+        self._lock = threading.Lock()
+        self._reap_lock = threading.Lock()
+        self._vm_locks: dict[str, threading.Lock] = {}
+        self._children: dict[str, int] = {}  # VMs whose process is this daemon's child
+        self._creating = 0
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self, vm_id: str) -> Iterator[VmDir]:
+        d = self.state.vm(vm_id)
+        with self._lock:
+            lock = self._vm_locks.setdefault(vm_id, threading.Lock())
+        with lock:
+            if not d.path.is_dir():
+                with self._lock:
+                    if self._vm_locks.get(vm_id) is lock:
+                        del self._vm_locks[vm_id]
+                raise NoSuchVm(vm_id)
+            yield d
+
+    def _record(self, d: VmDir) -> VmRecord | None:
+        raw = d.read(d.record)
+        if raw is None:
+            return None
+        try:
+            return VmRecord.model_validate_json(raw)
+        except ValidationError:
+            return None
+
+    def reap(self) -> None:
+        """Collect the exit status of child VM processes that ended (also keeps no zombies).
+        One reaper at a time, so a caller that finds a VM gone finds its exit.json written."""
+        with self._reap_lock:
+            with self._lock:
+                children = list(self._children.items())
+            for vm_id, pid in children:
+                try:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done, status = pid, -1
+                if not done:
+                    continue
+                d = self.state.vm(vm_id)
+                if d.path.is_dir() and status != -1:
+                    how = _describe_status(status)
+                    with contextlib.suppress(OSError):
+                        d.write(d.exit_file, json.dumps({"how": how, "at": time.time()}))
+                with self._lock:
+                    self._children.pop(vm_id, None)
+
+    # -- queries ----------------------------------------------------------------------------------
+    def ids(self) -> list[str]:
+        return self.state.ids()
+
+    def list(self) -> list[VmInfo]:
+        self.reap()
+        out = []
+        for vm_id in self.ids():
+            with contextlib.suppress(NoSuchVm):
+                out.append(self.info(vm_id))
+        return out
+
+    def info(self, vm_id: str) -> VmInfo:
+        d = self.state.vm(vm_id)
+        if not d.path.is_dir():
+            raise NoSuchVm(vm_id)
+        pid = d.live_pid()
+        self.reap()  # after the look at the process: one that just ended has its exit.json now
+        deadline = time.monotonic() + REAP_WAIT
+        while pid is None and vm_id in self._children and time.monotonic() < deadline:
+            time.sleep(0.01)  # a killed leader shows as a zombie before its threads are all gone
+            self.reap()
+        rec = self._record(d)
+        state, exit_info = self._state(d, pid, rec)
+        base = VmInfo(id=vm_id, state=state, pid=pid, exit=exit_info, dir=str(d.path))
+        if rec is None:
+            return base
+        return base.model_copy(
+            update={
+                "created": rec.created,
+                "source": rec.source,
+                "snapshot": rec.snapshot,
+                "vcpus": rec.vcpus,
+                "mem_mib": rec.mem_mib,
+                "limits": rec.limits,
+                "cgroups": rec.cgroups,
+            }
+        )
+
+    def _state(self, d: VmDir, pid: int | None, rec: VmRecord | None) -> tuple[VmState, str | None]:
+        if rec is None:
+            if pid is None:
+                return "dead", "its record (vm.json) is missing or unreadable"
+            return "starting", None
+        if pid is None:
+            if d.recorded_pid()[0] is None and time.time() - rec.created < self.start_timeout:
+                return "starting", None
+            ended = d.read(d.exit_file)
+            how = None
+            if ended:
+                with contextlib.suppress(ValueError, AttributeError):
+                    how = str(json.loads(ended).get("how"))
+            how = how or "exit status unknown: the process ended while this daemon was not its parent"
+            return ("stopped" if d.stopped.exists() else "dead"), how
+        if not d.api_sock.exists():
+            return "starting", None
+        try:
+            reply = self._api(d, API_TIMEOUT).call("GET", "/")
+        except ApiError as exc:
+            return "unresponsive", str(exc)
+        return FC_STATE.get(str(reply.get("state")) if isinstance(reply, dict) else "", "unresponsive"), None
+
+    def _api(self, d: VmDir, timeout: float = 30.0) -> HttpClient:
+        return HttpClient(str(d.api_sock), timeout=timeout)
+
+    # -- create -----------------------------------------------------------------------------------
+    def create(self, req: CreateVm) -> VmInfo:
+        vm_id = req.id or f"vm-{secrets.token_hex(4)}"
+        with self._lock:
+            if len(self.ids()) + self._creating >= self.max_vms:
+                raise FleetError(f"this daemon holds {self.max_vms} VMs: remove some first")
+            self._creating += 1
+        try:
+            d = self.state.new(vm_id)
+            with self._lock:
+                lock = self._vm_locks.setdefault(vm_id, threading.Lock())
+            with lock:  # a delete of this id waits until the create is done or undone
+                try:
+                    self._create(d, req)
+                except BaseException:
+                    self._destroy(d, force=True)
+                    raise
+        finally:
+            with self._lock:
+                self._creating -= 1
+        return self.info(vm_id)
+
+    def _create(self, d: VmDir, req: CreateVm) -> None:
+        rec = VmRecord(id=d.id, created=time.time(), source="config", limits=req.limits)
+        args = ["firecracker", "--api-sock", str(d.api_sock), "--id", d.id, "--log-path", str(d.log)]
+        if req.config is not None:
+            if req.config.boot_source is None:
+                raise FleetError("config: boot-source is required: give the kernel_image_path to boot")
+            mc = req.config.machine_config
+            rec.vcpus, rec.mem_mib = (mc.vcpu_count, mc.mem_size_mib) if mc else (1, 128)
+            rec.taps = [
+                i.host_dev_name
+                for i in req.config.network_interfaces
+                if not Path("/sys/class/net", i.host_dev_name).exists()
+            ]
+            d.write(d.config, req.config.model_dump_json(by_alias=True, exclude_none=True, indent=1))
+            args += ["--config-file", str(d.config)]
+        else:
+            assert req.snapshot is not None
+            snap = Path(req.snapshot).absolute()
+            if not (snap / SNAP_FILE).is_file() or not (snap / MEM_FILE).is_file():
+                raise FleetError(
+                    f"snapshot: {snap} holds no {SNAP_FILE} + {MEM_FILE}: give a directory "
+                    "`corral vm snapshot` wrote"
+                )
+            rec.source, rec.snapshot = "snapshot", str(snap)
+            cfg = _json_file(snap / "config.json")
+            mc = cfg.get("machine-config") if isinstance(cfg, dict) else None
+            if isinstance(mc, dict):
+                rec.vcpus, rec.mem_mib = mc.get("vcpu_count"), mc.get("mem_size_mib")
+        group: VmGroup | None = None
+        if self.cgroups is not None:
+            try:
+                group = self.cgroups.create(d.id, req.limits)
+            except CgroupError as exc:
+                raise FleetError(f"limits: {exc}") from None
+            rec.cgroups = group.report
+        elif req.limits != type(req.limits)():
+            rec.cgroups = LimitReport(not_applied=["every limit: this daemon runs with --no-cgroups"])
+        d.write(d.record, rec.model_dump_json())
+        for f in (d.log, d.console):
+            d.write(f, b"")
+        pid = self.launcher.launch(args, log_path=d.console)
+        with self._lock:
+            self._children[d.id] = pid
+        if group is not None:
+            try:
+                self.cgroups.join(group, pid)  # type: ignore[union-attr]
+            except CgroupError as exc:
+                raise FleetError(str(exc)) from None
+        d.write_pid(pid)
+        self._wait_api(d, pid)
+        if req.snapshot is not None:
+            snap = Path(req.snapshot).absolute()
+            load: dict[str, Any] = {
+                "snapshot_path": str(snap / SNAP_FILE),
+                "mem_backend": {"backend_type": "File", "backend_path": str(snap / MEM_FILE)},
+                "resume_vm": req.resume,
+                "network_overrides": [o.model_dump() for o in req.network_overrides],
+            }
+            if req.vsock_override is not None:
+                load["vsock_override"] = req.vsock_override.model_dump()
+            try:
+                self._api(d, SNAPSHOT_TIMEOUT).call("PUT", "/snapshot/load", load)
+            except ApiError as exc:
+                raise FleetError(f"snapshot: the clone cannot load it: {exc}") from None
+
+    def _wait_api(self, d: VmDir, pid: int) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if proc_start_time(pid) is None:
+                self.reap()
+                tail = _tail(d.console, 2000).strip().splitlines()
+                why = tail[-1] if tail else "no output"
+                raise FleetError(f"the VM process ended at start: {why}")
+            if d.api_sock.exists():
+                try:
+                    self._api(d, 2.0).call("GET", "/")
+                    return
+                except ApiError:
+                    pass
+            if time.monotonic() > deadline:
+                raise FleetError(f"the VM's API did not answer within {self.start_timeout:.0f} s")
+            time.sleep(0.02)
+
+    # -- verbs on a running VM --------------------------------------------------------------------
+    def _running(self, d: VmDir) -> HttpClient:
+        if d.live_pid() is None:
+            raise FleetError(f"VM {d.id} is not running: {self.info(d.id).state}")
+        return self._api(d)
+
+    def set_paused(self, vm_id: str, paused: bool) -> VmInfo:
+        with self._locked(vm_id) as d:
+            try:
+                self._running(d).call("PATCH", "/vm", {"state": "Paused" if paused else "Resumed"})
+            except ApiError as exc:
+                raise FleetError(f"VM {vm_id}: {exc}") from None
+        return self.info(vm_id)
+
+    def snapshot(self, vm_id: str, path: str) -> SnapshotInfo:
+        target = Path(path).absolute()
+        with self._locked(vm_id) as d:
+            api = self._running(d)
+            api.timeout = SNAPSHOT_TIMEOUT
+            try:
+                target.mkdir(mode=0o700)
+            except FileExistsError:
+                raise FleetError(f"snapshot: {target} exists: give a new directory") from None
+            except OSError as exc:
+                raise FleetError(f"snapshot: cannot create {target}: {exc.strerror}") from None
+            try:
+                was = api.call("GET", "/").get("state")
+                if was == "Running":
+                    api.call("PATCH", "/vm", {"state": "Paused"})
+                try:
+                    api.call(
+                        "PUT",
+                        "/snapshot/create",
+                        {"snapshot_path": str(target / SNAP_FILE), "mem_file_path": str(target / MEM_FILE)},
+                    )
+                    config = api.call("GET", "/vm/config")
+                    VmDir(target).write(target / "config.json", json.dumps(config, indent=1))
+                finally:
+                    if was == "Running":
+                        api.call("PATCH", "/vm", {"state": "Resumed"})
+            except (ApiError, OSError) as exc:
+                for f in (SNAP_FILE, MEM_FILE, "config.json"):
+                    with contextlib.suppress(OSError):
+                        (target / f).unlink()
+                with contextlib.suppress(OSError):
+                    target.rmdir()
+                raise FleetError(f"snapshot of {vm_id}: {exc}") from None
+        return SnapshotInfo(
+            path=str(target), snapshot_file=str(target / SNAP_FILE), mem_file=str(target / MEM_FILE)
+        )
+
+    def stop(self, vm_id: str) -> VmInfo:
+        with self._locked(vm_id) as d:
+            d.write(d.stopped, b"")
+            self._end_process(d)
+        return self.info(vm_id)
+
+    def remove(self, vm_id: str) -> None:
+        with self._locked(vm_id) as d:
+            self._destroy(d, force=False)
+        with self._lock:
+            self._vm_locks.pop(vm_id, None)
+
+    # -- teardown ---------------------------------------------------------------------------------
+    def _end_process(self, d: VmDir, grace: float = STOP_GRACE) -> None:
+        """SIGTERM the VM process (it stops its guest and exits), SIGKILL it after `grace`."""
+        pid = d.live_pid()
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not self._gone(pid, grace):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._gone(pid, 5.0)
+        self.reap()
+
+    def _gone(self, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while proc_start_time(pid) is not None:
+            self.reap()
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def _destroy(self, d: VmDir, *, force: bool) -> None:
+        """End the VM's process (and any left in its cgroup), remove its cgroup, the taps made
+        for it, and its directory."""
+        rec = self._record(d)
+        self._end_process(d, grace=0.0 if force else 2.0)
+        left: list[str] = []
+        if self.cgroups is not None:
+            group = self.cgroups.group(d.id)
+            for pid in self.cgroups.pids(group):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while self.cgroups.pids(group) and time.monotonic() < deadline:
+                self.reap()
+                time.sleep(0.01)
+            left = self.cgroups.remove(group)
+        for tap in rec.taps if rec else []:
+            _delete_link(tap)
+        with self._lock:
+            child = self._children.pop(d.id, None)
+        if child is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child, os.WNOHANG)
+        self.state.delete(d)
+        if left:
+            raise FleetError(f"VM {d.id} removed, but its cgroups could not be: {', '.join(left)}", 500)
+
+    def cap_files(self) -> None:
+        """Keep each VM's console and log within FILE_MAX: a guest that prints without end
+        must not fill the host's disk. The newest FILE_KEEP bytes are kept."""
+        for vm_id in self.ids():
+            d = self.state.vm(vm_id)
+            for path in (d.console, d.log):
+                _cap(path)
+
+    # -- console ----------------------------------------------------------------------------------
+    def console(self, vm_id: str, follow: bool) -> Iterator[bytes]:
+        """The VM's console: the last CONSOLE_TAIL bytes, then (follow) what it writes next,
+        until its process ends or the VM is removed."""
+        d = self.state.vm(vm_id)
+        try:
+            f = open(d.console, "rb")
+        except FileNotFoundError:
+            raise NoSuchVm(vm_id) from None
+        return _follow(f, d, follow)
+
+
+def _follow(f: Any, d: VmDir, follow: bool) -> Iterator[bytes]:
+    try:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - CONSOLE_TAIL))
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                yield chunk
+                continue
+            if f.tell() > os.fstat(f.fileno()).st_size:  # cut down to its tail (_cap): go on there
+                f.seek(0)
+                continue
+            if not follow or d.live_pid() is None or not d.path.is_dir():
+                if chunk := f.read(65536):  # the last words before it ended
+                    yield chunk
+                return
+            time.sleep(0.05)
+    finally:
+        f.close()
+
+
+def _cap(path: Path) -> None:
+    try:
+        if os.stat(path).st_size <= FILE_MAX:
+            return
+        with open(path, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= FILE_MAX:
+                return
+            f.seek(size - FILE_KEEP)
+            keep = f.read(FILE_KEEP)
+            f.truncate(0)  # the VM appends (O_APPEND): its next write lands after what is kept
+            f.seek(0)
+            f.write(b"[corral: earlier output dropped]\n" + keep)
+    except OSError:
+        pass
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by signal {sig} ({name})"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - n))
+            return f.read(n).decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _json_file(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+
+
+def _delete_link(name: str) -> None:
+    """Remove a tap left behind (persistent) that was made for the VM."""
+    if not Path("/sys/class/net", name).exists():
+        return
+    from pyroute2 import IPRoute
+
+    try:
+        with IPRoute() as ip:
+            ip.link("del", ifname=name)
+    except Exception as exc:  # noqa: BLE001 (pyroute2's errors have no common base; log and go on)
+        log.warning("cannot remove the tap %s: %s", name, exc)
+
+
+__all__ = ["Fleet", "FleetError", "NoSuchVm"]

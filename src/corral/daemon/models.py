@@ -1,0 +1,97 @@
+"""The daemon's request and reply bodies: unknown fields refused, sizes bounded.
+
+A VM is created from a whole Firecracker config (the JSON `corral firecracker --config-file`
+takes) or from a snapshot directory the daemon wrote (a clone), with optional cgroup limits.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from corral.daemon.cgroups import LimitReport, Limits
+from corral.daemon.statedir import VM_ID_RE
+from corral.firecracker.models import FullVmConfiguration, NetworkOverride, VsockOverride
+
+VmId = Annotated[str, Field(pattern=f"^{VM_ID_RE.pattern}$")]
+HostPath = Annotated[str, Field(min_length=1, max_length=4096)]
+VmState = Literal["starting", "not-started", "running", "paused", "unresponsive", "stopped", "dead"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateVm(Strict):
+    """POST /vms. `config` or `snapshot`, not both; `id` chosen by the daemon when not given."""
+
+    id: VmId | None = None
+    config: FullVmConfiguration | None = None
+    snapshot: HostPath | None = None
+    resume: bool = True  # a clone runs at once (else it waits paused)
+    # a clone's host sides, as Firecracker's /snapshot/load takes them (a tap per interface)
+    network_overrides: Annotated[list[NetworkOverride], Field(max_length=64)] = []
+    vsock_override: VsockOverride | None = None
+    limits: Limits = Limits()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CreateVm:
+        if (self.config is None) == (self.snapshot is None):
+            raise ValueError("give either `config` (a Firecracker config) or `snapshot` (a directory)")
+        if self.config is not None and (self.network_overrides or self.vsock_override):
+            raise ValueError("`network_overrides` and `vsock_override` are for a clone (`snapshot`)")
+        return self
+
+
+class VmRecord(Strict):
+    """vm.json: what the daemon knows of a VM beyond its process."""
+
+    id: VmId
+    created: float
+    source: Literal["config", "snapshot"]
+    snapshot: str | None = None
+    limits: Limits = Limits()
+    cgroups: LimitReport = LimitReport()
+    taps: list[str] = []  # taps the VM's config named that did not exist before it: removed with it
+    vcpus: int | None = None
+    mem_mib: int | None = None
+
+
+class VmInfo(Strict):
+    """A VM as `corral vm show` reports it."""
+
+    id: str
+    state: VmState
+    pid: int | None = None
+    created: float | None = None
+    source: str | None = None
+    snapshot: str | None = None
+    vcpus: int | None = None
+    mem_mib: int | None = None
+    exit: str | None = None  # how a stopped or dead VM ended, when known
+    limits: Limits = Limits()
+    cgroups: LimitReport = LimitReport()
+    dir: str = ""
+
+
+class SnapshotVm(Strict):
+    """POST /vms/ID/snapshot: the directory to write (created; must not exist)."""
+
+    path: HostPath
+
+
+class SnapshotInfo(Strict):
+    path: str
+    snapshot_file: str
+    mem_file: str
+
+
+class DaemonInfo(Strict):
+    app: str = "corral"
+    version: str
+    state_dir: str
+    vms: int
+
+
+__all__ = ["CreateVm", "DaemonInfo", "SnapshotInfo", "SnapshotVm", "VmInfo", "VmRecord", "VmState"]

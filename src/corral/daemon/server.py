@@ -177,7 +177,7 @@ class _DaemonHandler(_Handler):
 
     def _send(self, reply: Reply) -> None:
         if isinstance(reply, Stream):
-            self._send_stream(reply)
+            self._send_chunks(reply)
         elif isinstance(reply, Text):
             data = reply.text.encode()
             self.send_response(reply.status)
@@ -189,7 +189,7 @@ class _DaemonHandler(_Handler):
         else:
             super()._send(reply)
 
-    def _send_stream(self, reply: Stream) -> None:
+    def _send_chunks(self, reply: Stream) -> None:
         self.close_connection = True
         try:
             self.send_response(reply.status)

@@ -106,10 +106,15 @@ def run(
             raise ConfigError(f"{config_file}: {exc}") from None
 
     fatal = threading.Event()
+
+    def on_fatal() -> None:
+        fatal.set()
+        vmm.wake.set()
+
     server = None
     if not no_api:
         try:
-            server = ApiServer(api_sock, Router(vmm).handle, on_fatal=lambda: (fatal.set(), vmm.wake.set()))
+            server = ApiServer(api_sock, Router(vmm).handle, on_fatal=on_fatal)
         except ConfigError:
             vmm.stop()
             raise

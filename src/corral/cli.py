@@ -1037,6 +1037,11 @@ def DAEMON_SOCK_OPTION(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option(
     "--no-cgroups", is_flag=True, help="Put VMs in no cgroup (limits are then reported not applied)."
 )
+@click.option(
+    "--spawn",
+    is_flag=True,
+    help="Start each VM as a fresh interpreter instead of forking it from a warm template.",
+)
 def serve(
     state_dir: Path,
     api_sock: Path | None,
@@ -1044,6 +1049,7 @@ def serve(
     token_file: Path | None,
     cgroup_parent: str,
     no_cgroups: bool,
+    spawn: bool,
 ) -> None:
     """The host daemon: create, list, pause, snapshot, stop and remove VMs over REST.
 
@@ -1058,6 +1064,7 @@ def serve(
             tcp=tcp,
             token_file=token_file,
             cgroup_parent=None if no_cgroups else cgroup_parent,
+            spawn=spawn,
         )
     )
 

@@ -78,6 +78,7 @@ class Fleet:
         self.start_timeout = start_timeout
         self._lock = threading.Lock()
         self._reap_lock = threading.Lock()
+        self._gone_since: dict[str, float] = {}  # launched VMs seen gone whose exit is not known yet
         self._vm_locks: dict[str, threading.Lock] = {}
         self._children: dict[str, int] = {}  # VMs whose process is this daemon's child
         self._creating = 0
@@ -112,19 +113,25 @@ class Fleet:
             with self._lock:
                 children = list(self._children.items())
             for vm_id, pid in children:
-                try:
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done, status = pid, -1
-                if not done:
-                    continue
+                code = self.launcher.exit_status(pid)
+                if code is None:
+                    if _running(pid):
+                        continue
+                    # Gone, but its reaper (the fork server) may not have told yet: wait a little
+                    # before saying that how it ended is unknown.
+                    first = self._gone_since.setdefault(vm_id, time.monotonic())
+                    if time.monotonic() - first < REAP_WAIT:
+                        continue
+                    how = None
+                else:
+                    how = _describe_exit(code)
                 d = self.state.vm(vm_id)
-                if d.path.is_dir() and status != -1:
-                    how = _describe_status(status)
+                if d.path.is_dir() and how is not None:
                     with contextlib.suppress(OSError):
                         d.write(d.exit_file, json.dumps({"how": how, "at": time.time()}))
                 with self._lock:
                     self._children.pop(vm_id, None)
+                self._gone_since.pop(vm_id, None)
 
     # -- queries ----------------------------------------------------------------------------------
     def ids(self) -> list[str]:
@@ -260,7 +267,10 @@ class Fleet:
             try:
                 self.cgroups.join(group, pid)  # type: ignore[union-attr]
             except CgroupError as exc:
-                raise FleetError(str(exc)) from None
+                if proc_start_time(pid) is not None:
+                    raise FleetError(str(exc)) from None
+                # It ended before it could be moved (a fork-server child fails in milliseconds):
+                # _wait_api below reports the VM's own reason.
         d.write_pid(pid)
         self._wait_api(d, pid)
         if req.snapshot is not None:
@@ -403,8 +413,7 @@ class Fleet:
         with self._lock:
             child = self._children.pop(d.id, None)
         if child is not None:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(child, os.WNOHANG)
+            self.launcher.exit_status(child)  # reaps it, when the daemon is its parent
         self.state.delete(d)
         if left:
             raise FleetError(f"VM {d.id} removed, but its cgroups could not be: {', '.join(left)}", 500)
@@ -467,15 +476,24 @@ def _cap(path: Path) -> None:
         pass
 
 
-def _describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
+def _describe_exit(code: int) -> str:
+    """`code` as Popen.returncode has it: negative for the signal that ended the process."""
+    if code < 0:
         try:
-            name = signal.Signals(sig).name
+            name = signal.Signals(-code).name
         except ValueError:
-            name = str(sig)
-        return f"killed by signal {sig} ({name})"
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+            name = str(-code)
+        return f"killed by signal {-code} ({name})"
+    return f"exited with status {code}"
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is no zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _tail(path: Path, n: int) -> str:

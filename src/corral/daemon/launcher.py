@@ -1,6 +1,8 @@
 """How the daemon starts a VM process: a small protocol, so the way can change (a fresh
 interpreter today; a fork server that forks a warm, pre-imported template later) while the daemon
-stays the same.
+stays the same. Two ways exist: `SpawnLauncher` (a fresh interpreter per VM) and `ForkLauncher`
+(corral.forkserver: the VM forks from a warm template, skipping start-up and imports and sharing
+the interpreter's pages between VMs; the daemon's default).
 
 A launcher is given the `corral` command line of the VM (`["firecracker", "--api-sock", ...]`,
 without the program name) and the file its stdout and stderr go to, and returns the new
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from corral.errors import CorralError
+from corral.forkserver import ForkServer, ForkServerError
 
 
 class LaunchError(CorralError):
@@ -28,6 +31,15 @@ class Launcher(Protocol):
     def launch(self, args: list[str], *, log_path: Path) -> int:
         """Start `corral ARGS...` in its own session, stdout and stderr appended to `log_path`
         (created 0600), stdin /dev/null; return its pid."""
+        ...
+
+    def exit_status(self, pid: int) -> int | None:
+        """How a process it launched ended, once it has (as `Popen.returncode`: negative for a
+        signal); None while it runs or when that is no longer known."""
+        ...
+
+    def close(self) -> None:
+        """Release what the launcher holds; the VMs it started keep running."""
         ...
 
 
@@ -60,5 +72,42 @@ class SpawnLauncher:
         except OSError as exc:
             raise LaunchError(f"cannot start {self.python} for a VM: {exc.strerror}") from None
 
+    def exit_status(self, pid: int) -> int | None:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None  # not our child (a daemon before this one started it)
+        return os.waitstatus_to_exitcode(status) if done else None
 
-__all__ = ["LaunchError", "Launcher", "SpawnLauncher"]
+    def close(self) -> None:
+        pass
+
+
+class ForkLauncher:
+    """VM processes forked from a warm, pre-imported template (corral.forkserver); the template
+    reaps them and keeps their exit statuses, which `exit_status` asks it for."""
+
+    def __init__(self, server: ForkServer | None = None) -> None:
+        self.server = server or ForkServer()
+        try:
+            self.server.start()
+        except ForkServerError as exc:
+            raise LaunchError(f"cannot start the fork server: {exc}") from None
+
+    def launch(self, args: list[str], *, log_path: Path) -> int:
+        try:
+            return self.server.launch(args, log_path=log_path)
+        except ForkServerError as exc:
+            raise LaunchError(str(exc)) from None
+
+    def exit_status(self, pid: int) -> int | None:
+        try:
+            return self.server.returncode(pid)
+        except ForkServerError:
+            return None
+
+    def close(self) -> None:
+        self.server.close()
+
+
+__all__ = ["ForkLauncher", "LaunchError", "Launcher", "SpawnLauncher"]

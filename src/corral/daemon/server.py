@@ -44,7 +44,7 @@ from corral.backends.unix_socket import listen_unix
 from corral.daemon import metrics
 from corral.daemon.cgroups import Cgroups
 from corral.daemon.fleet import Fleet, FleetError
-from corral.daemon.launcher import Launcher, SpawnLauncher
+from corral.daemon.launcher import ForkLauncher, Launcher, SpawnLauncher
 from corral.daemon.models import CreateVm, DaemonInfo, SnapshotVm
 from corral.daemon.statedir import StateDir, check_vm_id
 from corral.errors import ConfigError, CorralError
@@ -311,13 +311,17 @@ def serve(
     token_file: Path | None = None,
     cgroup_parent: str | None = "corral",
     launcher: Launcher | None = None,
+    spawn: bool = False,
     ready: threading.Event | None = None,
 ) -> int:
-    """Run the daemon until SIGTERM or SIGINT; VMs keep running after it ends."""
+    """Run the daemon until SIGTERM or SIGINT; VMs keep running after it ends. VMs fork from a
+    warm template (corral.forkserver) unless `spawn` asks for a fresh interpreter each."""
     os.umask(0o077)  # every file the daemon and its VMs make is private
     state = StateDir(state_dir)
     cgroups = Cgroups(parent=cgroup_parent) if cgroup_parent else None
-    fleet = Fleet(state, launcher or SpawnLauncher(), cgroups)
+    own_launcher = launcher is None
+    launcher = launcher or (SpawnLauncher() if spawn else ForkLauncher())
+    fleet = Fleet(state, launcher, cgroups)
     address = parse_tcp(tcp) if tcp else None
     if token_file is not None and address is None:
         raise ConfigError("--token-file is for --tcp: the Unix socket checks the peer's uid instead")
@@ -349,6 +353,8 @@ def serve(
         for s, h in old.items():
             signal.signal(s, h)
         server.close()
+        if own_launcher:
+            launcher.close()  # the template goes; the VMs it forked run on
     return 0
 
 

@@ -200,11 +200,14 @@ def test_a_silent_peer_does_not_delay_a_real_source():
     srv = listen("127.0.0.1:0")
     port = srv.getsockname()[1]
     errors: list[Exception] = []
-    t = threading.Thread(
-        target=lambda: errors.append(
-            pytest.raises(MigrationError, receive, srv, token=TOKEN, accept_timeout=8, handshake_timeout=4).value
-        )
-    )
+
+    def run() -> None:
+        try:
+            receive(srv, token=TOKEN, accept_timeout=8, handshake_timeout=4)
+        except MigrationError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
     t.start()
     silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
     try:
@@ -229,11 +232,15 @@ def test_handshakes_in_flight_are_bounded(caplog):
     caplog.set_level(logging.WARNING, logger="corral.migration")
     srv = listen("127.0.0.1:0")
     port = srv.getsockname()[1]
-    t = threading.Thread(
-        target=lambda: pytest.raises(
-            MigrationError, receive, srv, token=TOKEN, accept_timeout=3, handshake_timeout=10
-        )
-    )
+    errors: list[Exception] = []
+
+    def run() -> None:
+        try:
+            receive(srv, token=TOKEN, accept_timeout=3, handshake_timeout=10)
+        except MigrationError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
     t.start()
     peers = []
     try:
@@ -251,4 +258,4 @@ def test_handshakes_in_flight_are_bounded(caplog):
         for s in peers:
             s.close()
         srv.close()
-    assert not t.is_alive()
+    assert not t.is_alive() and "no migration arrived in time" in str(errors[0])

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 MAX_INPUT = 2048
+ARTIFACTS = Path(os.environ.get("CORRAL_FUZZ_ARTIFACTS", "/tmp/corral-fuzz"))  # a failing input, kept
 # the modules atheris instruments for each parser (coverage from corral's own code only;
 # instrumenting everything loaded takes minutes)
 COVERED = {
@@ -91,13 +92,20 @@ def atheris_child(name: str, seconds: float) -> None:
 
     warm()
     atheris.Setup(
-        [sys.argv[0], f"-max_total_time={int(seconds)}", f"-max_len={MAX_INPUT}", "-print_final_stats=1"],
+        [
+            sys.argv[0],
+            f"-max_total_time={int(seconds)}",
+            f"-max_len={MAX_INPUT}",
+            "-print_final_stats=1",
+            f"-artifact_prefix={ARTIFACTS}/{name}-",
+        ],
         TARGETS[name],
     )
     atheris.Fuzz()
 
 
 def atheris_run(name: str, seconds: float) -> tuple[int, str]:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
         [sys.executable, __file__, "--atheris-child", name, "--seconds", str(seconds)],
         capture_output=True,

@@ -82,8 +82,16 @@ def field_error(exc: ValidationError, prefix: str = "") -> FieldError:
     problems = []
     for err in exc.errors():
         where = ".".join(p for p in (prefix, field_path(err["loc"])) if p) or "config"
-        problems.append((where, err["msg"].removeprefix("Value error, ")))
+        problems.append((_printable(where, 100), _printable(err["msg"].removeprefix("Value error, "), 400)))
     return FieldError(*problems[0], *problems[1:])
+
+
+def _printable(text: str, limit: int) -> str:
+    """Text from outside (an unknown field's name, a value quoted back) as one bounded line:
+    escapes for what is not printable, cut at `limit` characters."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class DiskConfig(BaseModel):

@@ -132,10 +132,11 @@ def load_token(path: str | os.PathLike[str]) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(f"cannot read the token file {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # (before fdopen, which refuses a directory with a traceback)
+        os.close(fd)
+        raise ConfigError(f"the token file {path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"the token file {path} is not a regular file")
         if st.st_mode & 0o077:
             raise ConfigError(f"the token file {path} can be read by other users: chmod 600 {path}")
         data = f.read(TOKEN_MAX + 64)
@@ -155,6 +156,13 @@ def server_tls(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ssl
     """The receiver's TLS context from a PEM certificate and key (TLS 1.2 at least)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    for what, path in (("certificate", cert), ("key", key)):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise ConfigError(f"cannot load the TLS {what} {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):  # a FIFO would block the load forever
+            raise ConfigError(f"the TLS {what} {path} is not a regular file")
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:

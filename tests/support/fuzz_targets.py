@@ -68,6 +68,12 @@ class Ops:
         self.pos = len(self.data)
         return out
 
+    def nested(self) -> bytes:
+        """JSON nested deeper than a recursive parser goes (arrays or objects, maybe cut)."""
+        n = self.choice((2000, 20_000, 100_000))
+        opener, closer = (b"[", b"]") if self.int() & 1 else (b'{"a":', b"}")
+        return opener * n + (b"1" + closer * n if self.int() & 1 else b"")
+
     def json_value(self, keys: list[str], depth: int = 0) -> Any:
         """A JSON value whose object keys mostly come from `keys` (the model's own fields)."""
         kind = self.below(9 if depth < 3 else 5)
@@ -396,8 +402,10 @@ def snapshot_target(data: bytes) -> None:
     d = _Host.path("snap")
     d.mkdir()
     try:
-        mode = ops.below(3)
-        if mode == 0:
+        mode = ops.below(4)
+        if mode == 3:
+            manifest = ops.nested()
+        elif mode == 0:
             manifest = mutate(seed["manifest"], ops)
         elif mode == 1:
             obj = json.loads(seed["manifest"])
@@ -493,7 +501,7 @@ def migration_stream_target(data: bytes) -> None:
         kind = ops.below(4)
         if kind == 0:
             body = ops.json_value(["config", "state", "go", "ok", "error", "protocol", "cpu"])
-            raw = json.dumps(body).encode()
+            raw = json.dumps(body).encode() if ops.int() % 4 else ops.nested()[: 1 << 16]
             records += _JSON.pack(b"J", ops.choice((len(raw), ops.int(4)))) + raw
         elif kind == 1:
             length = ops.choice((4096, ops.int(4), 0, 1 << 20))
@@ -608,11 +616,13 @@ def firecracker_target(data: bytes) -> None:
     while ops.more():
         method = ops.choice(["GET", "PUT", "PATCH", "DELETE", "POST"])
         path = ops.choice(_FC_PATHS) if ops.int() % 8 else "/" + ops.text(20)
-        kind = ops.below(3)
+        kind = ops.below(4)
         if kind == 0:
             body: bytes | None = json.dumps(ops.json_value(_FC_KEYS)).encode()
         elif kind == 1:
             body = ops.bytes(100)
+        elif kind == 2:
+            body = ops.nested()[:51200]  # the server's body cap
         else:
             body = None
         reply = router.handle(method, path, body)
@@ -628,7 +638,10 @@ def control_target(data: bytes) -> None:
     from corral.api import _REQUEST, describe_error
 
     ops = Ops(data)
-    if ops.int() & 1:
+    mode = ops.below(3)
+    if mode == 2:
+        line = ops.nested()
+    elif mode == 1:
         line = json.dumps(
             ops.json_value(["op", "path", "target", "address", "token", "downtime_ms"])
         ).encode()

@@ -53,3 +53,54 @@ def test_a_size_that_is_not_one_is_a_config_error(value):
         parse_size(value)
     with pytest.raises(ConfigError, match="^memory: "):
         MachineConfig.build(kernel="k", memory=value)
+
+
+DEEP = b"[" * 100_000
+
+
+def test_a_deeply_nested_manifest_is_a_snapshot_error(tmp_path):
+    """json.loads raises RecursionError (not a ValueError) past its depth: restore showed it
+    as a traceback."""
+    from corral.state.snapshot import MANIFEST, SnapshotError, read_snapshot
+
+    (tmp_path / MANIFEST).write_bytes(DEEP)
+    with pytest.raises(SnapshotError, match="manifest.json is unreadable"):
+        read_snapshot(tmp_path)
+
+
+def test_a_deeply_nested_firecracker_body_is_a_400():
+    from corral.firecracker.routes import Router
+    from corral.firecracker.vmm import FirecrackerVmm
+
+    router = Router(FirecrackerVmm("x"))
+    for method in ("PUT", "PATCH"):
+        reply = router.handle(method, "/mmds", DEEP[:51200])
+        assert reply.status == 400 and "not JSON" in reply.body["fault_message"]
+
+
+def test_a_token_file_that_is_a_directory_is_one_line(tmp_path):
+    from corral.migration import load_token
+
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_token(tmp_path)
+
+
+def test_a_tls_certificate_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    from support.hostile import fifo
+
+    from corral.migration import server_tls
+
+    with fifo(tmp_path / "cert.pem", after=3.0) as cert:
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match="is not a regular file"):
+            server_tls(cert, cert)
+        assert time.monotonic() - start < 2  # the load would block until a writer came
+
+
+def test_a_field_name_from_outside_is_shown_on_one_bounded_line():
+    """An unknown config key holding a newline (from a manifest or a migration hello) split the
+    error into two lines; a huge one made a huge error. Found by atheris."""
+    with pytest.raises(ConfigError) as err:
+        MachineConfig.build(kernel="k", **{"\x0e\nforged: line": None, "y" * 10_000: 1})
+    text = str(err.value)
+    assert "\n" not in text and len(text) < 1000 and "\\n" in text

@@ -38,7 +38,7 @@ def parse_size(text: str | int, *, default_unit: str = "M") -> int:
     unit = unit.upper() or default_unit.upper()
     value = float(number) * _UNITS[unit]
     if value >= 1 << 64:  # (and a float overflowed to infinity)
-        raise ConfigError(f"{text.strip()[:40]!r} is too large a size")
+        raise ConfigError(f"{str(text).strip()[:40]!r} is too large a size")
     return int(value)
 
 

@@ -19,7 +19,7 @@ from support.results import parse_results
 
 SEEDS = [int(s) for s in os.environ.get("CORRAL_CHAOS_SEEDS", "1,2,3,4,5").split(",")]
 N = int(os.environ.get("CORRAL_CHAOS_N", "3000"))
-BOUND_S = 90  # one seed's run, launch included: far beyond its ~5 s, short of a hang
+BOUND_S = 150  # one seed's run, launch included: ~5 s on a quiet machine, ~90 s seen under heavy load
 
 
 def devices(tmp_path) -> list[str]:

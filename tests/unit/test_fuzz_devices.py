@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.fuzz_targets import DEVICES, can_tap
 
-EXAMPLES = int(os.environ.get("CORRAL_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("CORRAL_FUZZ_EXAMPLES", "30"))
 PER_INPUT_S = 5.0  # far above any input's cost here (milliseconds): a hang, not a slow machine
 RSS_GROWTH = 256 << 20
 

@@ -18,7 +18,7 @@ from support.fuzz_targets import PARSERS, warm
 from corral.config import MachineConfig, parse_size
 from corral.errors import ConfigError
 
-EXAMPLES = int(os.environ.get("CORRAL_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("CORRAL_FUZZ_EXAMPLES", "50"))
 warm()
 PER_INPUT_S = 5.0
 

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PKGS := qemu-system-x86 acpica-tools gcc binutils debootstrap
 
-.PHONY: run test bench host-deps clean
+.PHONY: run test bench fuzz host-deps clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,3 +43,9 @@ clean:
 .PHONY: lab
 lab: host-deps $(STAMP)
 	$(BIN)/python -m pytest tests/lab -m lab $(PYTEST_ARGS)
+
+# the fuzz campaign (~10 minutes): every device and parser under hypothesis, the parsers under
+# atheris too (installed here if missing), a table of inputs run per target
+fuzz: $(STAMP)
+	$(BIN)/python -c "import atheris" 2>/dev/null || $(BIN)/pip install -q atheris || echo "atheris did not install: hypothesis only"
+	$(BIN)/python bench/fuzz_campaign.py $(ARGS)

@@ -29,14 +29,17 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 
 
 def parse_size(text: str | int, *, default_unit: str = "M") -> int:
     """'512M', '2G', '1.5G', '4096K' or a plain number of `default_unit`s -> bytes."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
         return text
-    m = _SIZE_RE.match(text)
+    m = _SIZE_RE.match(text) if isinstance(text, str) else None
     if not m:
-        raise ConfigError(f"'{text}' is not a size: write it like 512M, 2G or 4096K")
+        raise ConfigError(f"{str(text)[:40]!r} is not a size: write it like 512M, 2G or 4096K")
     number, unit = m.groups()
     unit = unit.upper() or default_unit.upper()
-    return int(float(number) * _UNITS[unit])
+    value = float(number) * _UNITS[unit]
+    if value >= 1 << 64:  # (and a float overflowed to infinity)
+        raise ConfigError(f"{str(text).strip()[:40]!r} is too large a size")
+    return int(value)
 
 
 def format_size(n: int) -> str:
@@ -79,8 +82,16 @@ def field_error(exc: ValidationError, prefix: str = "") -> FieldError:
     problems = []
     for err in exc.errors():
         where = ".".join(p for p in (prefix, field_path(err["loc"])) if p) or "config"
-        problems.append((where, err["msg"].removeprefix("Value error, ")))
+        problems.append((_printable(where, 100), _printable(err["msg"].removeprefix("Value error, "), 400)))
     return FieldError(*problems[0], *problems[1:])
+
+
+def _printable(text: str, limit: int) -> str:
+    """Text from outside (an unknown field's name, a value quoted back) as one bounded line:
+    escapes for what is not printable, cut at `limit` characters."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class DiskConfig(BaseModel):

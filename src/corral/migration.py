@@ -28,7 +28,9 @@ no token refuses to start unless told `insecure`. The receiver binds loopback un
 host. Everything before the proof is fixed-size and bounded by one deadline
 (HANDSHAKE_TIMEOUT for the whole greeting, however slowly the bytes come), and a peer that
 fails it (a port scan, a bare connect, a wrong token, junk, a slow trickle) is logged in one
-line while `receive` goes on listening. Messages after it are bounded too.
+line while `receive` goes on listening. Handshakes run concurrently (MAX_HANDSHAKES at once, a
+new connection cutting the oldest), so a slow peer never delays a real source. Messages after
+the proof are bounded too.
 
 The peer's hello is the guest's shape (CPUs, memory, command line, which devices), never the
 host's: its disks, NICs, vsock and console are matched against the HostResources the
@@ -49,6 +51,7 @@ import logging
 import os
 import re
 import secrets
+import select
 import socket
 import ssl
 import stat
@@ -75,6 +78,7 @@ _JSON = struct.Struct("<cI")  # b"J", length
 PROTOCOL = 2  # 2: the authenticated handshake
 IO_TIMEOUT = 30.0
 HANDSHAKE_TIMEOUT = 10.0  # the receiver's deadline for a peer to prove itself, all reads together
+MAX_HANDSHAKES = 16  # handshakes the receiver runs at once (each on its own thread)
 HELLO_LIMIT = 1 << 20  # the largest hello (a machine config) and reply
 STATE_LIMIT = 64 << 20  # the largest machine state message
 TOKEN_MIN, TOKEN_MAX = 16, 4096
@@ -128,10 +132,11 @@ def load_token(path: str | os.PathLike[str]) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(f"cannot read the token file {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # (before fdopen, which refuses a directory with a traceback)
+        os.close(fd)
+        raise ConfigError(f"the token file {path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"the token file {path} is not a regular file")
         if st.st_mode & 0o077:
             raise ConfigError(f"the token file {path} can be read by other users: chmod 600 {path}")
         data = f.read(TOKEN_MAX + 64)
@@ -151,6 +156,13 @@ def server_tls(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ssl
     """The receiver's TLS context from a PEM certificate and key (TLS 1.2 at least)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    for what, path in (("certificate", cert), ("key", key)):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise ConfigError(f"cannot load the TLS {what} {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):  # a FIFO would block the load forever
+            raise ConfigError(f"the TLS {what} {path} is not a regular file")
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
@@ -576,21 +588,41 @@ def receive(
             "migrations from anyone who can connect (insecure)"
         )
     grant = host or HostResources()
-    deadline = None if accept_timeout is None else time.monotonic() + accept_timeout
-    while True:
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            raise MigrationError("no migration arrived in time")
-        server.settimeout(left)
+    link, where = _first_proven(server, key, tls, accept_timeout, handshake_timeout)
+    return _receive_machine(link, where, grant, console, kvm_path)
+
+
+class _Handshakes:
+    """The handshakes in flight, each on its own thread, so a slow or silent peer never delays
+    a real source (which proves itself in a few round trips). At most MAX_HANDSHAKES at once:
+    the next connection cuts the oldest, so holding the receiver takes a flood, not a trickle."""
+
+    def __init__(self, key: bytes | None, tls: ssl.SSLContext | None, timeout: float) -> None:
+        self.key, self.tls, self.timeout = key, tls, timeout
+        self.lock = threading.Lock()
+        self.pending: dict[int, socket.socket] = {}  # id -> a dup of the peer's socket, to cut it
+        self.proven: list[tuple[_Link, str]] = []
+        self.closed = False
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self._next = 0
+
+    def start(self, sock: socket.socket, where: str) -> None:
+        with self.lock:
+            if len(self.pending) >= MAX_HANDSHAKES:
+                oldest = min(self.pending)
+                log.warning("migration: %d handshakes in flight, cutting the oldest", MAX_HANDSHAKES)
+                _cut_socket(self.pending.pop(oldest))
+            self._next += 1
+            ident = self._next
+            self.pending[ident] = sock.dup()
+        threading.Thread(
+            target=self._run, args=(ident, sock, where), name="corral-mig-handshake", daemon=True
+        ).start()
+
+    def _run(self, ident: int, sock: socket.socket, where: str) -> None:
         try:
-            sock, peer = server.accept()
-        except TimeoutError:
-            raise MigrationError("no migration arrived in time") from None
-        except OSError as exc:
-            raise MigrationError(f"cannot accept a connection: {exc.strerror or exc}") from None
-        where = f"{peer[0]}:{peer[1]}"
-        try:
-            link = _accept(sock, key, tls, handshake_timeout)
+            link = _accept(sock, self.key, self.tls, self.timeout)
         except (OSError, MigrationError) as exc:
             reason = (
                 exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
@@ -599,8 +631,86 @@ def receive(
                 "migration: refused a connection from %s: %s; still listening", where, _one_line(reason)
             )
             sock.close()
-            continue
-        return _receive_machine(link, where, grant, console, kvm_path)
+            link = None
+        with self.lock:
+            dup = self.pending.pop(ident, None)
+            if link is not None and (self.closed or dup is None):
+                link.close()  # cut meanwhile, or another source came first
+            elif link is not None:
+                self.proven.append((link, where))
+        if dup is not None:
+            dup.close()
+        try:
+            self.wake_w.send(b"!")
+        except OSError:
+            pass
+
+    def take(self) -> tuple[_Link, str] | None:
+        with self.lock:
+            return self.proven.pop(0) if self.proven else None
+
+    def close(self) -> None:
+        """Cut every handshake still in flight and every proven peer not taken."""
+        with self.lock:
+            self.closed = True
+            for dup in self.pending.values():
+                _cut_socket(dup)
+            self.pending.clear()
+            for link, _ in self.proven:
+                link.close()
+            self.proven.clear()
+        self.wake_r.close()
+        self.wake_w.close()
+
+
+def _cut_socket(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # wakes the handshake's thread at once
+    except OSError:
+        pass
+    sock.close()
+
+
+def _first_proven(
+    server: socket.socket,
+    key: bytes | None,
+    tls: ssl.SSLContext | None,
+    accept_timeout: float | None,
+    handshake_timeout: float,
+) -> tuple[_Link, str]:
+    """Accept connections, handshaking with each concurrently, until one peer proves itself."""
+    deadline = None if accept_timeout is None else time.monotonic() + accept_timeout
+    shakes = _Handshakes(key, tls, handshake_timeout)
+    try:
+        while True:
+            proven = shakes.take()
+            if proven is not None:
+                return proven
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise MigrationError("no migration arrived in time")
+            try:
+                ready, _, _ = select.select([server, shakes.wake_r], [], [], left)
+            except (OSError, ValueError) as exc:
+                raise MigrationError(f"cannot accept a connection: {exc}") from None
+            if shakes.wake_r in ready:
+                try:
+                    shakes.wake_r.recv(4096)
+                except BlockingIOError:
+                    pass
+            if server not in ready:
+                continue
+            server.settimeout(0)
+            try:
+                sock, peer = server.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # the peer went away between select and accept
+            except OSError as exc:
+                raise MigrationError(f"cannot accept a connection: {exc.strerror or exc}") from None
+            sock.setblocking(True)
+            shakes.start(sock, f"{peer[0]}:{peer[1]}")
+    finally:
+        shakes.close()
 
 
 def _accept(sock: socket.socket, key: bytes | None, tls: ssl.SSLContext | None, timeout: float) -> _Link:

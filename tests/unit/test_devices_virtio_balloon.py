@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+from support.fakes import FakeLoop
 from support.virtio_driver import Driver
 
 from corral.devices.virtio.balloon import F_PAGE_REPORTING, F_STATS_VQ, VirtioBalloon
@@ -100,5 +101,39 @@ def test_queue_numbers_follow_negotiated_features():
         before = filled(d)
         d.submit(2, [((REGION, 4 * MiB), True)])  # reporting is queue 2 now
         assert d.mem.resident_bytes() <= before - 4 * MiB + 64 * 1024  # (ring pages come and go)
+    finally:
+        d.close()
+
+
+def test_stats_queue_serves_a_queues_worth_per_wake():
+    """A guest that hands each stats buffer straight back while it is read would hold the
+    device loop forever: one wake takes at most a queue's worth, the rest on later turns."""
+    dev = VirtioBalloon()
+    d = Driver(dev, loop=FakeLoop())
+    taken = []
+
+    class Refill:  # stands in for stats_updated: the guest re-posts the buffer at once
+        def set(self) -> None:
+            taken.append(1)
+            if len(taken) < 10 * 64:
+                d.put_avail(2, dev._stats_chain.head, kick=False)
+
+        def clear(self) -> None:
+            pass
+
+    try:
+        d.setup(queue_size=64)
+        dev.stats_updated = Refill()
+        d.fn.loop.held = True
+        d.submit(2, [(d.alloc(struct.pack("<HQ", 4, MiB)), False)])
+        d.fn.loop.callbacks.pop(0)()  # the kick: one turn of the loop
+        assert len(taken) == 64
+        assert len(d.fn.loop.callbacks) == 1  # the rest is rescheduled behind other work
+        turns = 1
+        while d.fn.loop.callbacks:
+            d.fn.loop.callbacks.pop(0)()
+            turns += 1
+        assert len(taken) == 10 * 64 and turns == 10
+        assert not dev.broken
     finally:
         d.close()

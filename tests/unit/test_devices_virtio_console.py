@@ -98,3 +98,36 @@ def test_a_console_file_is_new_0600_never_a_symlink_never_a_fifo(tmp_path):
         finally:
             os.close(reader)
     ConsoleBackend("file=/dev/null").close()  # a character device is fine
+
+
+def test_receive_serves_a_queues_worth_per_wake():
+    """A pty that never runs dry and a guest that refills each buffer as it is filled would
+    hold the device loop forever: one wake fills at most a queue's worth, and the pty stays
+    watched so the loop comes back for the rest."""
+    loop = FakeLoop()
+    backend = ConsoleBackend("pty")
+    dev = VirtioConsole(backend, loop)
+    d = Driver(dev)
+    user = os.open(backend.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        d.setup(queue_size=64)
+        assert dev.rx is not None
+        push, filled = dev.rx.push, []
+
+        def refill(head: int, written: int) -> None:  # the guest re-posts each buffer at once
+            push(head, written)
+            filled.append(written)
+            d.put_avail(0, head, kick=False)
+
+        dev.rx.push = refill  # type: ignore[method-assign]
+        os.write(user, b"x" * 4000)
+        for _ in range(64):
+            d.submit(0, [(d.alloc(8), True)], kick=False)
+        dev._receive()  # one wake of the pty reader
+        assert len(filled) == 64 and sum(filled) == 64 * 8
+        assert backend.fd in loop.readers  # the rest comes on the loop's next turn
+        dev._receive()
+        assert len(filled) == 128
+    finally:
+        os.close(user)
+        d.close()

@@ -14,6 +14,7 @@ import pytest
 from corral._version import __version__
 from corral.errors import ConfigError
 from corral.migration import (
+    MAX_HANDSHAKES,
     PROTOCOL,
     MigrationError,
     _accept,
@@ -173,3 +174,88 @@ def test_credentials_are_checked():
     assert check_pin(pin) == "ab" * 32
     with pytest.raises(ConfigError, match="not a SHA-256"):
         check_pin("abcd")
+
+
+def token_holder_naming_a_disk(port: int) -> dict:
+    """A source with the token whose hello names a host disk: refused by field, no VM built."""
+    link = _Link(socket.create_connection(("127.0.0.1", port)))
+    _handshake_out(link, TOKEN)
+    link.send_json(
+        {
+            "protocol": PROTOCOL,
+            "corral_version": __version__,
+            "cpu": {},
+            "config": {"kernel": "/boot/vmlinuz", "disks": [{"path": "/etc/shadow"}]},
+        }
+    )
+    reply = link.recv()
+    link.close()
+    return reply
+
+
+def test_a_silent_peer_does_not_delay_a_real_source():
+    """Handshakes run concurrently: a peer that connects first and says nothing holds only
+    its own connection; the token holder behind it is answered at once, not after the
+    silent one's deadline."""
+    srv = listen("127.0.0.1:0")
+    port = srv.getsockname()[1]
+    errors: list[Exception] = []
+
+    def run() -> None:
+        try:
+            receive(srv, token=TOKEN, accept_timeout=8, handshake_timeout=4)
+        except MigrationError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        time.sleep(0.2)  # the silent peers are accepted and waited on first
+        t0 = time.monotonic()
+        reply = token_holder_naming_a_disk(port)
+        assert time.monotonic() - t0 < 2, "the real source waited behind a silent peer"
+        assert reply["error"].startswith("disks[0]")
+        t.join(10)
+        assert not t.is_alive() and "disks[0]" in str(errors[0])
+        for s in silent:  # and the receiver cut the silent ones when it was done
+            s.settimeout(2)
+            s.recv(64)  # the greeting
+            assert s.recv(64) == b""
+    finally:
+        for s in silent:
+            s.close()
+        srv.close()
+
+
+def test_handshakes_in_flight_are_bounded(caplog):
+    caplog.set_level(logging.WARNING, logger="corral.migration")
+    srv = listen("127.0.0.1:0")
+    port = srv.getsockname()[1]
+    errors: list[Exception] = []
+
+    def run() -> None:
+        try:
+            receive(srv, token=TOKEN, accept_timeout=3, handshake_timeout=10)
+        except MigrationError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    peers = []
+    try:
+        first = socket.create_connection(("127.0.0.1", port))
+        first.settimeout(3)
+        first.recv(64)  # its greeting: its handshake is in flight
+        peers = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_HANDSHAKES)]
+        t0 = time.monotonic()
+        assert first.recv(64) == b""  # the oldest was cut to make room, long before its deadline
+        assert time.monotonic() - t0 < 2
+        first.close()
+        assert any("handshakes in flight" in r.getMessage() for r in caplog.records)
+    finally:
+        t.join(10)
+        for s in peers:
+            s.close()
+        srv.close()
+    assert not t.is_alive() and "no migration arrived in time" in str(errors[0])

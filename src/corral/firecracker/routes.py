@@ -578,7 +578,7 @@ def parse(model: type[B], body: bytes) -> B:
 def parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # (nesting deeper than the parser goes)
         raise FirecrackerError(deserialize_error(f"the body is not JSON ({exc})")) from None
 
 

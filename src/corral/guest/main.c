@@ -264,6 +264,11 @@ static int scenario_mem_touch(int argc, char **argv)
 
 /* ---- idle: runs forever, writing no memory (an idle guest for migration figures) ---- */
 
+int is_ram_range(u64 start, u64 end)
+{
+    return is_ram(start, end);
+}
+
 static int scenario_idle(int argc, char **argv)
 {
     (void)argc, (void)argv;
@@ -310,6 +315,7 @@ static const struct scenario scenarios[] = {
     {"blk-bench", scenario_blk_bench},
     {"net-bench", scenario_net_bench},
     {"gdb", scenario_gdb},
+    {"chaos", scenario_chaos},
 };
 
 static const struct scenario *find_scenario(const char *name)

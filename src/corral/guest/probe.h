@@ -89,6 +89,10 @@ extern int memmap_count;
 extern u64 boot_rsdp;
 extern u32 boot_kind, boot_magic, boot_info;
 extern char _end[];
+int is_ram_range(u64 start, u64 end);
+
+/* chaos.c */
+int scenario_chaos(int argc, char **argv);
 
 /* smp.c */
 int scenario_smp(int argc, char **argv);

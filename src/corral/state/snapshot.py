@@ -195,7 +195,7 @@ def read_snapshot(
         raise SnapshotError(f"{src} is not a snapshot directory (it does not exist)")
     try:
         raw = json.loads(_read_member(src, MANIFEST, MANIFEST_LIMIT))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # (nesting deeper than the parser goes)
         raise SnapshotError(f"{src / MANIFEST} is unreadable ({exc}): the snapshot is damaged") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise SnapshotError(f"{src} is not a corral snapshot (manifest format is not '{FORMAT}')")

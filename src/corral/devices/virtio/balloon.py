@@ -233,7 +233,9 @@ class VirtioBalloon(VirtioDevice[BalloonState]):
         return 0
 
     def _take_stats(self, q: Virtqueue) -> None:
-        while True:
+        # at most a queue's worth per wake (as serve()): a guest handing buffers straight back
+        # would otherwise hold the loop; the rest waits for the loop's next turn
+        for _ in range(q.size):
             chain = q.pop()
             if chain is None:
                 break
@@ -247,3 +249,5 @@ class VirtioBalloon(VirtioDevice[BalloonState]):
                 stats[STAT_NAMES.get(tag, f"tag{tag}")] = value
             self.stats = stats
             self.stats_updated.set()
+        else:
+            q.deferred = q.has_available()

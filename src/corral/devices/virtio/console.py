@@ -102,7 +102,9 @@ class VirtioConsole(VirtioDevice[NoState]):
             self._watch(False)  # input left unread would spin the loop
             return
         used = False
-        while True:
+        # at most a queue's worth per wake: a host side that never runs dry and a guest that
+        # refills as fast would hold the loop; a pty left unread wakes the loop again
+        for _ in range(rx.size):
             try:
                 chain = rx.pop()
             except VirtqueueError as exc:
@@ -123,5 +125,7 @@ class VirtioConsole(VirtioDevice[NoState]):
                 break
             rx.push(chain.head, rx.write_all(chain, data))
             used = True
+        else:
+            self._watch(True)  # the budget ran out: the reader brings the loop back for the rest
         if used and rx.needs_interrupt():
             irq.signal_queue(RXQ)

@@ -99,3 +99,12 @@ def test_pages_of_a_snapshot_that_failed_go_into_the_next():
     dirty.commit()
     machine.dirtied = {3 * PAGE}
     assert dirty.take() == {3 * PAGE}
+
+
+def test_a_snapshot_file_nested_past_the_json_depth_is_one_line(tmp_path: Path) -> None:
+    from corral.firecracker.snapshot import _read_bundle
+
+    crafted = tmp_path / "vm.snap"
+    crafted.write_text("[" * 200_000)
+    with pytest.raises(SnapshotFileError, match="is not a snapshot written by corral firecracker"):
+        _read_bundle(crafted)

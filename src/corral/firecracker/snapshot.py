@@ -182,7 +182,7 @@ def _read_bundle(path: Path) -> dict[str, Any]:
         raise SnapshotFileError(f"{path} is larger than a corral snapshot file can be")
     try:
         bundle = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # JSON nested past the parser's depth too
         bundle = None
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
         raise SnapshotFileError(f"{path} is not a snapshot written by corral firecracker")

@@ -22,6 +22,7 @@ import click
 from pydantic import ValidationError
 
 from corral.config import (
+    DEBUG_EXIT,
     DISK,
     NET,
     VIRTIO_CONSOLE,
@@ -240,6 +241,12 @@ def main(verbose: bool) -> None:
     help="Let the host's KSM merge guest RAM with identical pages of other VMs (MADV_MERGEABLE).",
 )
 @click.option(
+    "--debug-exit",
+    "debug_exit",
+    metavar=DEBUG_EXIT.syntax,
+    help="Where the exit port is (QEMU's isa-debug-exit iobase; default 0x501, test suites use 0xf4).",
+)
+@click.option(
     "--jail",
     is_flag=True,
     help="Run the VMM in a jail (namespaces, a minimal root, its own uid); `corral jail -- run` sets "
@@ -265,6 +272,7 @@ def run(
     gdb: str | None,
     gdb_wait: bool,
     ksm: bool,
+    debug_exit: str | None,
     jail: bool,
     kvm_path: str,
     api_path: Path | None,
@@ -312,6 +320,7 @@ def run(
         balloon=balloon,
         virtio_console=virtio_console,
         ksm=ksm,
+        **({"debug_exit": debug_exit} if debug_exit else {}),
     )
     if gdb_wait and not gdb:
         raise ConfigError("--gdb-wait needs --gdb (where the debugger connects)")

@@ -61,6 +61,7 @@ NET = OptionSyntax(
 VSOCK = OptionSyntax(
     "vsock", "cid=N,uds=PATH", keys={"cid": VALUE, "uds": VALUE}, one_of=(("cid",), ("uds",))
 )
+DEBUG_EXIT = OptionSyntax("debug_exit", "iobase=PORT", keys={"iobase": VALUE}, one_of=(("iobase",),))
 VIRTIO_CONSOLE = OptionSyntax(
     "virtio_console", "pty|file=PATH", keys={"pty": FLAG, "file": VALUE}, one_of=(("pty", "file"),)
 )
@@ -221,6 +222,25 @@ class MachineConfig(BaseModel):
     ksm: bool = Field(
         default=False, description="let KSM merge guest RAM with identical pages (MADV_MERGEABLE)"
     )
+    debug_exit: int = Field(
+        default=layout.DEBUG_EXIT_PORT,
+        ge=0,
+        le=0xFFFE,
+        description="first of the exit port's two ports (QEMU's isa-debug-exit iobase; tests use 0xf4)",
+    )
+
+    @field_validator("debug_exit", mode="before")
+    @classmethod
+    def _debug_exit(cls, v: object) -> object:
+        """A port number, or DEBUG_EXIT.syntax text ('iobase=0xf4')."""
+        if isinstance(v, str):
+            text = DEBUG_EXIT.parse(v)["iobase"]
+            assert isinstance(text, str)
+            try:
+                return int(text, 0)
+            except ValueError:
+                raise ValueError(f"iobase {text!r} is not a port number: write it like 0xf4") from None
+        return v
 
     @field_validator("virtio_console")
     @classmethod

@@ -19,7 +19,7 @@ from corral.boot.multiboot import find_header, load_multiboot
 from corral.errors import ConfigError, FieldError, KernelFormatError
 from corral.memory import GuestMemory
 
-__all__ = ["PROTOCOLS", "BootInfo", "load_kernel", "load_kernel_file"]
+__all__ = ["PROTOCOLS", "BootInfo", "load_kernel", "load_kernel_file", "read_boot_file"]
 
 PROTOCOLS = ("linux64", "pvh", "multiboot")
 
@@ -99,6 +99,12 @@ def load_kernel_file(
         prefer=prefer,
         name=f"kernel file '{path}'",
     )
+
+
+def read_boot_file(mem: GuestMemory, path: str | Path, kind: str) -> bytes:
+    """The kernel or initrd file (`kind`), checked as the loader checks it (fw_cfg serves it)."""
+    hint = "a path to a bzImage, vmlinux or Multiboot ELF" if kind == "kernel" else "a path to a file"
+    return _read_file(mem, path, kind, hint)
 
 
 def _read_file(mem: GuestMemory, path: str | Path, kind: str, hint: str) -> bytes:

@@ -87,6 +87,8 @@ def map_run(config: MachineConfig, api_path: Path | None, kvm_path: str, verbose
         inner.nodes.append(TUN)
     if config.rng:
         argv.append("--rng")
+    if config.debug_exit != MachineConfig.model_fields["debug_exit"].default:
+        argv += ["--debug-exit", f"iobase={config.debug_exit:#x}"]
     if config.balloon:
         argv.append("--balloon")
     if config.vsock is not None:

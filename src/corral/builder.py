@@ -280,7 +280,12 @@ def load_guest(memory: GuestMemory, config: MachineConfig) -> BootInfo:
     tables = machine_acpi_tables(config.cpus, config.memory)
     tables.write_to(memory)
     return load_kernel_file(
-        memory, config.kernel, cmdline=config.cmdline, initrd=config.initrd, rsdp_addr=tables.rsdp_addr
+        memory,
+        config.kernel,
+        cmdline=config.cmdline,
+        initrd=config.initrd,
+        rsdp_addr=tables.rsdp_addr,
+        modules=[(m.path, m.cmdline) for m in config.modules],
     )
 
 

@@ -24,12 +24,14 @@ from pydantic import ValidationError
 from corral.config import (
     DEBUG_EXIT,
     DISK,
+    MODULE,
     NET,
     VIRTIO_CONSOLE,
     VSOCK,
     DiskConfig,
     HostResources,
     MachineConfig,
+    ModuleConfig,
     NetConfig,
     VsockConfig,
     field_error,
@@ -187,6 +189,14 @@ def main(verbose: bool) -> None:
 )
 @click.option("--initrd", type=click.Path(path_type=Path), help="Initial ramdisk.")
 @click.option("--cmdline", help="Kernel command line (the image's default if omitted).")
+@click.option(
+    "--module",
+    "modules",
+    multiple=True,
+    metavar=MODULE.syntax,
+    help="A Multiboot module after the initrd (repeatable); the guest sees its string as 'PATH ARGS' "
+    "(ARGS without commas).",
+)
 @click.option("--cpus", type=int, default=1, show_default=True, help="Number of vCPUs.")
 @click.option("--memory", default="512M", show_default=True, help="Guest RAM, e.g. 512M or 2G.")
 @click.option("--no-reboot", is_flag=True, help="Stop instead of rebooting when the guest resets.")
@@ -259,6 +269,7 @@ def run(
     image: Image | None,
     initrd: Path | None,
     cmdline: str | None,
+    modules: tuple[str, ...],
     cpus: int,
     memory: str,
     no_reboot: bool,
@@ -309,6 +320,7 @@ def run(
         kernel=kernel,
         initrd=initrd,
         cmdline=cmdline or "",
+        modules=[ModuleConfig.parse(m, i) for i, m in enumerate(modules)],
         cpus=cpus,
         memory=memory,
         no_reboot=no_reboot,

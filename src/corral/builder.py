@@ -30,8 +30,8 @@ from corral.boot.loader import BootInfo, load_kernel_file, read_boot_file
 from corral.config import DiskConfig, MachineConfig, NetConfig, VsockConfig
 from corral.devices.base import Stateful, VmControl
 from corral.devices.bus import BusConflictError, MmioBus, PioBus
-from corral.devices.legacy.acpi_pm import AcpiPm
 from corral.devices.legacy import fw_cfg
+from corral.devices.legacy.acpi_pm import AcpiPm
 from corral.devices.legacy.debug_exit import DebugExit
 from corral.devices.legacy.i8042 import I8042
 from corral.devices.legacy.post import PostSink

@@ -84,7 +84,18 @@ def tiny_kernel(tmp_path_factory):
     (d / "k.S").write_text(TINY_KERNEL)
     subprocess.run(["as", "--32", "-o", str(d / "k.o"), str(d / "k.S")], check=True)
     subprocess.run(
-        ["ld", "-m", "elf_i386", "-N", "-Ttext=0x8000", "-e", "_start", "-o", str(d / "k.elf"), str(d / "k.o")],
+        [
+            "ld",
+            "-m",
+            "elf_i386",
+            "-N",
+            "-Ttext=0x8000",
+            "-e",
+            "_start",
+            "-o",
+            str(d / "k.elf"),
+            str(d / "k.o"),
+        ],
         check=True,
     )
     return d / "k.elf"
@@ -115,4 +126,19 @@ def test_low_multiboot_kernel_with_moved_exit_port_and_module_strings(tiny_kerne
         m.close()
     lines = out.decode(errors="replace").replace("\r", "").splitlines()
     assert (res.kind, res.status) == ("exit", 42), lines  # 0xf4, not 0x501 (7)
-    assert lines[:3] == [f"CMDLINE {tiny_kernel} hello world", f"MODULE {initrd}", f"MODULE {mod} answer=42 x"]
+    assert lines[:3] == [
+        f"CMDLINE {tiny_kernel} hello world",
+        f"MODULE {initrd}",
+        f"MODULE {mod} answer=42 x",
+    ]
+
+
+def test_exit_port_over_another_device_is_one_field_error(tiny_kernel):
+    from corral.errors import FieldError
+
+    m = Machine(MachineConfig.build(kernel=tiny_kernel, debug_exit=0x3F8, memory="64M", no_reboot=True))
+    try:
+        with pytest.raises(FieldError, match=r"debug_exit: iobase 0x3f8 overlaps"):
+            m.start()
+    finally:
+        m.close()

@@ -65,7 +65,9 @@ def load_kernel(
 
     def no_modules(protocol: str) -> None:
         if modules:
-            raise FieldError("modules", f"{name} boots with {protocol}: only a Multiboot kernel takes modules")
+            raise FieldError(
+                "modules", f"{name} boots with {protocol}: only a Multiboot kernel takes modules"
+            )
 
     if is_elf(kernel):
         elf = parse_elf(kernel, name)

@@ -36,14 +36,16 @@ import struct
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
 
 from corral.devices.base import U16, U32, DeviceState
 from corral.devices.legacy._common import ONES
 from corral.errors import CorralError
-from corral.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from corral.memory import GuestMemory
 
 log = logging.getLogger(__name__)
 

@@ -142,3 +142,17 @@ def test_exit_port_over_another_device_is_one_field_error(tiny_kernel):
             m.start()
     finally:
         m.close()
+
+
+def test_cli_debug_exit_and_module_flags(tiny_kernel, tmp_path):
+    from support.cli import corral
+
+    mod = tmp_path / "m"
+    mod.write_bytes(b"m")
+    args = ["run", "--kernel", str(tiny_kernel), "--memory", "64M", "--no-reboot"]
+    ok = corral(*args, "--debug-exit", "iobase=0xf4", "--module", f"{mod},cmdline=k=v")
+    assert ok.returncode == 42, ok.stderr
+    assert f"MODULE {mod} k=v" in ok.stdout
+    bad = corral(*args, "--debug-exit", "iobase=zz")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "--debug-exit" in bad.stderr and "0xf4" in bad.stderr

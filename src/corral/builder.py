@@ -26,10 +26,11 @@ from corral.backends.console import ConsoleBackend
 from corral.backends.disk import open_disk
 from corral.backends.tap import Tap
 from corral.backends.unix_socket import listen_unix
-from corral.boot.loader import BootInfo, load_kernel_file
+from corral.boot.loader import BootInfo, load_kernel_file, read_boot_file
 from corral.config import DiskConfig, MachineConfig, NetConfig, VsockConfig
 from corral.devices.base import Stateful, VmControl
-from corral.devices.bus import MmioBus, PioBus
+from corral.devices.bus import BusConflictError, MmioBus, PioBus
+from corral.devices.legacy import fw_cfg
 from corral.devices.legacy.acpi_pm import AcpiPm
 from corral.devices.legacy.debug_exit import DebugExit
 from corral.devices.legacy.i8042 import I8042
@@ -47,6 +48,7 @@ from corral.devices.virtio.net import FrameFilter, VirtioNet
 from corral.devices.virtio.pci import BAR_SIZE, VirtioPciDevice
 from corral.devices.virtio.rng import VirtioRng
 from corral.devices.virtio.vsock import VirtioVsock
+from corral.errors import FieldError
 from corral.eventloop import EventLoop
 from corral.memory import GuestMemory
 from corral.vstate.doorbells import KvmDoorbells
@@ -145,7 +147,7 @@ def build_board(
         (layout.I8042_CMD_PORT, 1, "i8042", 4),
         (layout.RTC_PORT, 2, "rtc", 0),
         (layout.POST_PORT, 1, "post", 0),
-        (layout.DEBUG_EXIT_PORT, 2, "debug-exit", 0),
+        (config.debug_exit, 2, "debug-exit", 0),
         (layout.BENCH_SINK_PORT, 1, "bench-sink", 0),
         (layout.PM_BASE_PORT, 12, "acpi-pm", 0),
         (layout.RESET_PORT, 1, "reset", 0),
@@ -154,14 +156,46 @@ def build_board(
     ]
     for base, size, name, offset in ports:
         dev = legacy[name]
-        pio.register(base, size, _Window(dev, offset) if offset else dev, name)  # type: ignore[arg-type]
+        try:
+            pio.register(base, size, _Window(dev, offset) if offset else dev, name)  # type: ignore[arg-type]
+        except BusConflictError:
+            if name != "debug-exit":
+                raise
+            raise FieldError(
+                "debug_exit", f"iobase {base:#x} overlaps another device's ports: choose another (0xf4)"
+            ) from None
     board = Board(pio, mmio, pci, serial, legacy)
     try:
         _add_virtio(board, vm, memory, config, net_filters or {})
+        _add_fw_cfg(board, memory, config)
     except BaseException:
         board.close()
         raise
     return board
+
+
+def _add_fw_cfg(board: Board, memory: GuestMemory, config: MachineConfig) -> None:
+    """fw_cfg on every machine: firmware and test kernels read the CPU count, RAM and memory
+    map there; the kernel items are read from their files only if the guest asks for them."""
+    slots = {fn: s for s, fn in enumerate(board.pci.slots) if fn is not None}
+    disks = [slots[fn] for name, fn in board.virtio.items() if name.startswith("virtio-blk")]
+    dev = fw_cfg.machine_fw_cfg(
+        memory,
+        cpus=config.cpus,
+        e820=layout.e820_map(memory.size),
+        # SeaBIOS matches these by prefix, up to the slot (its own paths glob the device name)
+        bootorder=[f"/pci@i0cf8/scsi@{slot:x}/disk@0,0" for slot in disks],
+        serial_port=layout.COM1_PORT,
+    )
+    initrd = config.initrd
+    fw_cfg.add_kernel_items(
+        dev,
+        partial(read_boot_file, memory, config.kernel, "kernel"),
+        None if initrd is None else partial(read_boot_file, memory, initrd, "initrd"),
+        config.cmdline,
+    )
+    board.legacy["fw-cfg"] = dev
+    board.pio.register(fw_cfg.BASE_PORT, fw_cfg.SPAN, dev, "fw-cfg")
 
 
 def _virtio_devices(
@@ -246,7 +280,12 @@ def load_guest(memory: GuestMemory, config: MachineConfig) -> BootInfo:
     tables = machine_acpi_tables(config.cpus, config.memory)
     tables.write_to(memory)
     return load_kernel_file(
-        memory, config.kernel, cmdline=config.cmdline, initrd=config.initrd, rsdp_addr=tables.rsdp_addr
+        memory,
+        config.kernel,
+        cmdline=config.cmdline,
+        initrd=config.initrd,
+        rsdp_addr=tables.rsdp_addr,
+        modules=[(m.path, m.cmdline) for m in config.modules],
     )
 
 

@@ -22,13 +22,16 @@ import click
 from pydantic import ValidationError
 
 from corral.config import (
+    DEBUG_EXIT,
     DISK,
+    MODULE,
     NET,
     VIRTIO_CONSOLE,
     VSOCK,
     DiskConfig,
     HostResources,
     MachineConfig,
+    ModuleConfig,
     NetConfig,
     VsockConfig,
     field_error,
@@ -186,6 +189,14 @@ def main(verbose: bool) -> None:
 )
 @click.option("--initrd", type=click.Path(path_type=Path), help="Initial ramdisk.")
 @click.option("--cmdline", help="Kernel command line (the image's default if omitted).")
+@click.option(
+    "--module",
+    "modules",
+    multiple=True,
+    metavar=MODULE.syntax,
+    help="A Multiboot module after the initrd (repeatable); the guest sees its string as 'PATH ARGS' "
+    "(ARGS without commas).",
+)
 @click.option("--cpus", type=int, default=1, show_default=True, help="Number of vCPUs.")
 @click.option("--memory", default="512M", show_default=True, help="Guest RAM, e.g. 512M or 2G.")
 @click.option("--no-reboot", is_flag=True, help="Stop instead of rebooting when the guest resets.")
@@ -240,6 +251,12 @@ def main(verbose: bool) -> None:
     help="Let the host's KSM merge guest RAM with identical pages of other VMs (MADV_MERGEABLE).",
 )
 @click.option(
+    "--debug-exit",
+    "debug_exit",
+    metavar=DEBUG_EXIT.syntax,
+    help="Where the exit port is (QEMU's isa-debug-exit iobase; default 0x501, test suites use 0xf4).",
+)
+@click.option(
     "--jail",
     is_flag=True,
     help="Run the VMM in a jail (namespaces, a minimal root, its own uid); `corral jail -- run` sets "
@@ -252,6 +269,7 @@ def run(
     image: Image | None,
     initrd: Path | None,
     cmdline: str | None,
+    modules: tuple[str, ...],
     cpus: int,
     memory: str,
     no_reboot: bool,
@@ -265,6 +283,7 @@ def run(
     gdb: str | None,
     gdb_wait: bool,
     ksm: bool,
+    debug_exit: str | None,
     jail: bool,
     kvm_path: str,
     api_path: Path | None,
@@ -301,6 +320,7 @@ def run(
         kernel=kernel,
         initrd=initrd,
         cmdline=cmdline or "",
+        modules=[ModuleConfig.parse(m, i) for i, m in enumerate(modules)],
         cpus=cpus,
         memory=memory,
         no_reboot=no_reboot,
@@ -312,6 +332,7 @@ def run(
         balloon=balloon,
         virtio_console=virtio_console,
         ksm=ksm,
+        **({"debug_exit": debug_exit} if debug_exit else {}),
     )
     if gdb_wait and not gdb:
         raise ConfigError("--gdb-wait needs --gdb (where the debugger connects)")

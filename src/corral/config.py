@@ -64,6 +64,8 @@ NET = OptionSyntax(
 VSOCK = OptionSyntax(
     "vsock", "cid=N,uds=PATH", keys={"cid": VALUE, "uds": VALUE}, one_of=(("cid",), ("uds",))
 )
+MODULE = OptionSyntax("modules", "PATH[,cmdline=ARGS]", positional="path", keys={"cmdline": VALUE})
+DEBUG_EXIT = OptionSyntax("debug_exit", "iobase=PORT", keys={"iobase": VALUE}, one_of=(("iobase",),))
 VIRTIO_CONSOLE = OptionSyntax(
     "virtio_console", "pty|file=PATH", keys={"pty": FLAG, "file": VALUE}, one_of=(("pty", "file"),)
 )
@@ -183,6 +185,34 @@ class NetConfig(BaseModel):
             raise field_error(exc, where) from None
 
 
+class ModuleConfig(BaseModel):
+    """A Multiboot module: a file the boot loader puts in memory, with its own command line."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path = Field(description="the module's file")
+    cmdline: str = Field(
+        default="", max_length=4096, description="its arguments; the guest sees 'PATH ARGS', as GRUB passes"
+    )
+
+    @field_validator("cmdline")
+    @classmethod
+    def _cmdline(cls, v: str) -> str:
+        if "\0" in v:
+            raise ValueError("a module command line cannot hold a NUL character")
+        return v
+
+    @classmethod
+    def parse(cls, spec: str, index: int = 0) -> ModuleConfig:
+        """MODULE.syntax ('PATH[,cmdline=ARGS]') for modules[index]."""
+        where = f"modules[{index}]"
+        o = MODULE.parse(spec, where)
+        try:
+            return cls(path=o["path"], cmdline=o.get("cmdline", ""))
+        except ValidationError as exc:
+            raise field_error(exc, where) from None
+
+
 class VsockConfig(BaseModel):
     """A virtio-vsock device; the host side is Unix sockets (Firecracker's scheme)."""
 
@@ -219,6 +249,9 @@ class MachineConfig(BaseModel):
     kernel: Path = Field(description="kernel image: bzImage, ELF vmlinux with a PVH note, or Multiboot ELF")
     initrd: Path | None = Field(default=None, description="initial ramdisk loaded beside the kernel")
     cmdline: str = Field(default="", description="kernel command line")
+    modules: tuple[ModuleConfig, ...] = Field(
+        default=(), max_length=15, description="Multiboot modules after the initrd, in order"
+    )
     cpus: int = Field(default=1, description="number of vCPUs")
     memory: int = Field(default=512 * layout.MiB, description="guest RAM in bytes")
     no_reboot: bool = Field(default=False, description="stop instead of rebooting when the guest resets")
@@ -232,6 +265,25 @@ class MachineConfig(BaseModel):
     ksm: bool = Field(
         default=False, description="let KSM merge guest RAM with identical pages (MADV_MERGEABLE)"
     )
+    debug_exit: int = Field(
+        default=layout.DEBUG_EXIT_PORT,
+        ge=0,
+        le=0xFFFE,
+        description="first of the exit port's two ports (QEMU's isa-debug-exit iobase; tests use 0xf4)",
+    )
+
+    @field_validator("debug_exit", mode="before")
+    @classmethod
+    def _debug_exit(cls, v: object) -> object:
+        """A port number, or DEBUG_EXIT.syntax text ('iobase=0xf4')."""
+        if isinstance(v, str):
+            text = DEBUG_EXIT.parse(v)["iobase"]
+            assert isinstance(text, str)
+            try:
+                return int(text, 0)
+            except ValueError:
+                raise ValueError(f"iobase {text!r} is not a port number: write it like 0xf4") from None
+        return v
 
     @field_validator("virtio_console")
     @classmethod
@@ -253,6 +305,7 @@ class MachineConfig(BaseModel):
         return HostResources(
             kernel=self.kernel,
             initrd=self.initrd,
+            modules=self.modules,
             disks=self.disks,
             nets=self.nets,
             vsock=self.vsock,
@@ -329,6 +382,7 @@ class HostResources(BaseModel):
 
     kernel: Path | None = Field(default=None, description="what a guest reboot boots; none: stop on reset")
     initrd: Path | None = Field(default=None, description="the initrd a guest reboot loads")
+    modules: tuple[ModuleConfig, ...] = Field(default=(), description="the Multiboot modules a reboot loads")
     disks: tuple[DiskConfig, ...] = Field(default=(), description="one image per incoming disk, in order")
     nets: tuple[NetConfig, ...] = Field(default=(), description="one tap per incoming NIC, in order")
     vsock: VsockConfig | None = Field(default=None, description="the vsock socket, if the guest has vsock")
@@ -364,9 +418,13 @@ class HostResources(BaseModel):
             problems.append(("virtio_console", f"{origin} has no virtio-console: give none"))
         if self.initrd is not None and self.kernel is None:
             problems.append(("initrd", "give the kernel a reboot boots with it"))
+        if self.modules and self.kernel is None:
+            problems.append(("modules", "give the kernel a reboot boots with them"))
         if problems:
             raise FieldError(*problems[0], *problems[1:])
         update: dict[str, object] = {"disks": disks, "nets": nets, "vsock": vsock, "virtio_console": console}
+        # never read a module file the incoming config named: a reboot loads the granted ones
+        update["modules"] = self.modules
         if self.kernel is not None:
             update.update(kernel=self.kernel, initrd=self.initrd)
         else:

@@ -714,3 +714,53 @@ def test_fuzz_mutated_words(which, edits):
         if pos + 4 <= len(image):
             struct.pack_into("<I", image, pos, value)
     _try_load(bytes(image), cmdline="console=ttyS0")
+
+
+# --- Multiboot: kernels below 1 MiB, argv[0], module strings ------------------------------------
+def test_multiboot_low_segments_move_the_info_block_and_command_line(mem):
+    # one segment over the info block (0x8000), one over the command line (0x20000)
+    segs = [(0x8000, b"\xf4" * 0x10, 0x1000), (0x20000, b"\x90" * 0x10, 0x800)]
+    image = make_elf(cls=32, segments=segs, entry=0x8000, pvh_entry=None, mb=mb_header(0x3))
+    info = load_kernel(mem, image, cmdline="low", initrd=b"R" * 0x100)
+    assert info.kernel_range == (0x8000, 0x20800)
+    mbi = info.cpu.gprs["rbx"]
+    assert mbi not in range(0x8000 - 0xFFF, 0x9000) and 0x1000 <= mbi < layout.EBDA_START
+    assert info.cpu.rsp == mbi + 0xFF0
+    cmd = mem.read_u32(mbi + 16)
+    assert not 0x20000 - 4 <= cmd < 0x20800 and mem.read_cstr(cmd, 16) == b"low"
+    assert mem.read(0x8000, 0x10) == b"\xf4" * 0x10 and mem.read(0x20000, 0x10) == b"\x90" * 0x10
+    assert mem.read_cstr(mem.read_u32(mbi + 64), 16) == b"corral"
+
+
+@pytest.mark.parametrize("start,size", [(0x800, 0x100), (0x9F000, 0x1000), (0xE0000, 0x100)])
+def test_multiboot_low_segments_outside_conventional_memory_are_refused(mem, start, size):
+    image = make_elf(cls=32, segments=[(start, b"x", size)], entry=start, pvh_entry=None, mb=mb_header(0x3))
+    with pytest.raises(KernelFormatError, match="below 1 MiB"):
+        load_kernel(mem, image)
+
+
+def test_pvh_still_refuses_low_segments(mem):
+    image = make_elf(segments=[(0x10000, b"x", 0x1000)], pvh_entry=0x10000)
+    with pytest.raises(KernelFormatError, match="below 1 MiB"):
+        load_kernel(mem, image)
+
+
+def test_multiboot_argv0_and_module_strings_from_files(mem, tmp_path):
+    kernel = tmp_path / "kern.elf"
+    kernel.write_bytes(make_elf(cls=32, pvh_entry=None, entry=0x100004, mb=mb_header(0x3)))
+    initrd, m1 = tmp_path / "rd", tmp_path / "m1"
+    initrd.write_bytes(b"R" * 10)
+    m1.write_bytes(b"1" * 0x2000)
+    info = load_kernel_file(mem, kernel, cmdline="a b", initrd=initrd, modules=[(m1, "x=1 y")])
+    mbi = info.cpu.gprs["rbx"]
+    assert mem.read_cstr(mem.read_u32(mbi + 16), 256) == f"{kernel} a b".encode()
+    assert mem.read_u32(mbi + 20) == 2
+    mods = [struct.unpack("<IIII", mem.read(mem.read_u32(mbi + 24) + 16 * i, 16)) for i in range(2)]
+    assert [mem.read_cstr(m[2], 256) for m in mods] == [str(initrd).encode(), f"{m1} x=1 y".encode()]
+    assert mem.read(mods[1][0], 0x2000) == b"1" * 0x2000 and mods[1][1] - mods[1][0] == 0x2000
+    assert mods[1][1] <= mods[0][0] or mods[0][1] <= mods[1][0]  # no overlap
+
+
+def test_modules_are_refused_for_other_protocols(mem):
+    with pytest.raises(ConfigError, match="only a Multiboot kernel takes modules"):
+        load_kernel(mem, make_elf(), modules=[(b"m", "m")])

@@ -105,3 +105,22 @@ def test_virtio_console_is_checked_by_its_syntax(value, needle):
 def test_virtio_console_backends():
     assert MachineConfig.build(kernel="k", virtio_console="pty").virtio_console == "pty"
     assert MachineConfig.build(kernel="k", virtio_console="file=/tmp/c").virtio_console == "file=/tmp/c"
+
+
+def test_debug_exit_iobase_and_modules():
+    from corral.config import HostResources, ModuleConfig
+
+    assert MachineConfig.build(kernel="k").debug_exit == 0x501
+    assert MachineConfig.build(kernel="k", debug_exit="iobase=0xf4").debug_exit == 0xF4
+    for bad in ("iobase=zz", "port=1", "iobase=0x10000"):
+        with pytest.raises(FieldError, match="debug_exit"):
+            MachineConfig.build(kernel="k", debug_exit=bad)
+    m = ModuleConfig.parse("/m.bin,cmdline=a=1 b", 2)
+    assert (str(m.path), m.cmdline) == ("/m.bin", "a=1 b")
+    with pytest.raises(FieldError, match=r"modules\[2\]"):
+        ModuleConfig.parse("/m.bin,args=1", 2)
+    # a snapshot's module paths are never read: a reboot loads the granted ones only
+    incoming = MachineConfig.build(kernel="k", modules=[m])
+    assert HostResources(kernel="k2").apply(incoming).modules == ()
+    with pytest.raises(FieldError, match="modules"):
+        HostResources(modules=[m]).apply(incoming)

@@ -79,13 +79,28 @@ def zero_fill(mem: GuestMemory, gpa: int, length: int) -> None:
         view[off : off + n] = _ZERO_CHUNK[:n]
 
 
-def check_kernel_range(mem: GuestMemory, start: int, size: int, what: str, part: str) -> None:
+LOW_KERNEL_START = 0x1000  # below: the real-mode IVT, the BIOS data area and the boot GDT/IDT
+
+
+def check_kernel_range(
+    mem: GuestMemory, start: int, size: int, what: str, part: str, *, low_ok: bool = False
+) -> None:
     """Check a range the kernel image wants to occupy: above 1 MiB and inside low guest RAM.
+    With `low_ok` (Multiboot: real-mode test kernels) it may also lie in the conventional
+    memory LOW_KERNEL_START..EBDA_START; the boot structures then move out of its way.
 
     A range that would fit a bigger guest is a ConfigError (give more memory); one that can never
     fit (below 1 MiB, over the low structures, in or above the MMIO hole) is a KernelFormatError.
     """
     end = start + size
+    if low_ok and start < layout.HIMEM_START:
+        if start < LOW_KERNEL_START or end > layout.EBDA_START:
+            raise KernelFormatError(
+                f"{what}: {part} at {start:#x}-{end:#x} lies over memory corral keeps below 1 MiB "
+                f"(the first 4 KiB, and the BIOS area from {layout.EBDA_START:#x}); link it within "
+                f"{LOW_KERNEL_START:#x}-{layout.EBDA_START:#x} or at 1 MiB and above"
+            )
+        return
     if start < layout.HIMEM_START:
         raise KernelFormatError(
             f"{what}: {part} at {start:#x}-{end:#x} lies below 1 MiB, over the memory "
@@ -124,8 +139,29 @@ def place_initrd(mem: GuestMemory, initrd: bytes, lowest: int, limit: int) -> tu
     return addr, addr + size
 
 
-def write_cmdline(mem: GuestMemory, cmdline: str, limit: int | None, what: str) -> int:
-    """Write the NUL-terminated command line at layout.CMDLINE; return its address.
+def low_spot(busy: list[tuple[int, int]], size: int, preferred: int, what: str, part: str) -> int:
+    """Where a boot structure of `size` bytes goes: at `preferred` unless that overlaps a
+    [start, end) range in `busy` (the kernel's segments), else the lowest free page-aligned
+    place in LOW_KERNEL_START..EBDA_START."""
+
+    def free(at: int) -> bool:
+        return all(at + size <= s or at >= e for s, e in busy)
+
+    if free(preferred):
+        return preferred
+    for at in range(LOW_KERNEL_START, layout.EBDA_START - size + 1, PAGE):
+        if free(at):
+            return at
+    raise KernelFormatError(
+        f"{what}: the kernel's segments below 1 MiB leave no room for {part} ({size} bytes): "
+        f"leave some of {LOW_KERNEL_START:#x}-{layout.EBDA_START:#x} free"
+    )
+
+
+def write_cmdline(
+    mem: GuestMemory, cmdline: str, limit: int | None, what: str, addr: int = layout.CMDLINE
+) -> int:
+    """Write the NUL-terminated command line at `addr` (layout.CMDLINE); return its address.
 
     `limit` is the longest command line (without the NUL) the kernel accepts, if it says.
     """
@@ -141,5 +177,5 @@ def write_cmdline(mem: GuestMemory, cmdline: str, limit: int | None, what: str) 
         raise ConfigError(
             f"the kernel command line is {len(data)} bytes but {what} accepts at most {limit}: shorten it"
         )
-    mem.write(layout.CMDLINE, data + b"\0")
-    return layout.CMDLINE
+    mem.write(addr, data + b"\0")
+    return addr

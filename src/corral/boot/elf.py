@@ -190,12 +190,15 @@ def _pad(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
 
-def load_segments(mem: GuestMemory, elf: ElfImage, image: bytes, what: str) -> tuple[int, int]:
-    """Copy every PT_LOAD segment to its physical address; return the [start, end) they span."""
+def load_segments(
+    mem: GuestMemory, elf: ElfImage, image: bytes, what: str, *, low_ok: bool = False
+) -> tuple[int, int]:
+    """Copy every PT_LOAD segment to its physical address; return the [start, end) they span.
+    `low_ok`: segments may lie in conventional memory below 1 MiB (see check_kernel_range)."""
     if not elf.segments:
         raise KernelFormatError(f"{what}: the ELF file has no loadable segments")
     for i, seg in enumerate(elf.segments):
-        check_kernel_range(mem, seg.paddr, seg.memsz, what, f"ELF segment {i}")
+        check_kernel_range(mem, seg.paddr, seg.memsz, what, f"ELF segment {i}", low_ok=low_ok)
     for seg in elf.segments:
         mem.write(seg.paddr, memoryview(image)[seg.offset : seg.offset + seg.filesz])
         if seg.memsz > seg.filesz:

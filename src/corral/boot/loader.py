@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypedDict
 
@@ -19,7 +20,7 @@ from corral.boot.multiboot import find_header, load_multiboot
 from corral.errors import ConfigError, FieldError, KernelFormatError
 from corral.memory import GuestMemory
 
-__all__ = ["PROTOCOLS", "BootInfo", "load_kernel", "load_kernel_file"]
+__all__ = ["PROTOCOLS", "BootInfo", "load_kernel", "load_kernel_file", "read_boot_file"]
 
 PROTOCOLS = ("linux64", "pvh", "multiboot")
 
@@ -42,10 +43,15 @@ def load_kernel(
     rsdp_addr: int = 0,
     prefer: str | None = None,
     name: str = "kernel",
+    argv0: str = "",
+    initrd_name: str = "initrd",
+    modules: Sequence[tuple[bytes, str]] = (),
 ) -> BootInfo:
     """Load `kernel` (and `initrd`) into guest memory; return the protocol and boot CPU state.
 
-    `name` describes the kernel in error messages (load_kernel_file passes the path).
+    `name` describes the kernel in error messages (load_kernel_file passes the path). For a
+    Multiboot kernel `argv0` starts its command line, `initrd_name` is the initrd module's
+    string and `modules` are further (data, string) modules; other protocols take no modules.
     """
     if prefer is not None and prefer not in PROTOCOLS:
         raise ConfigError(f"unknown boot protocol {prefer!r}: choose one of {', '.join(PROTOCOLS)}")
@@ -55,24 +61,33 @@ def load_kernel(
     if initrd is not None:
         initrd = bytes(initrd)
     args: _LoadArgs = {"cmdline": cmdline, "initrd": initrd, "rsdp_addr": rsdp_addr, "name": name}
+    mb = {"argv0": argv0, "initrd_name": initrd_name, "modules": modules}
+
+    def no_modules(protocol: str) -> None:
+        if modules:
+            raise FieldError(
+                "modules", f"{name} boots with {protocol}: only a Multiboot kernel takes modules"
+            )
 
     if is_elf(kernel):
         elf = parse_elf(kernel, name)
         pvh = elf.pvh_entry() is not None
         header = find_header(kernel, name) if (prefer == "multiboot" or not pvh) else None
         if header is not None:
-            return load_multiboot(mem, kernel, header, elf=elf, **args)
+            return load_multiboot(mem, kernel, header, elf=elf, **args, **mb)  # type: ignore[arg-type]
         if pvh:
+            no_modules("PVH")
             return load_pvh(mem, kernel, elf, **args)
         raise KernelFormatError(
             f"{name}: an ELF file with neither a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY) nor a "
             f"Multiboot header: build Linux with CONFIG_PVH=y, or boot its bzImage"
         )
     if is_bzimage(kernel):
+        no_modules("the Linux boot protocol")
         return load_bzimage(mem, kernel, **args)
     header = find_header(kernel, name)
     if header is not None:
-        return load_multiboot(mem, kernel, header, **args)
+        return load_multiboot(mem, kernel, header, **args, **mb)  # type: ignore[arg-type]
     raise KernelFormatError(f"{name}: not a bzImage, an ELF with a PVH entry note, or a Multiboot kernel")
 
 
@@ -84,12 +99,18 @@ def load_kernel_file(
     initrd: str | Path | None = None,
     rsdp_addr: int = 0,
     prefer: str | None = None,
+    modules: Sequence[tuple[str | Path, str]] = (),
 ) -> BootInfo:
-    """Read the kernel (and initrd) files and load them; file problems become ConfigError."""
+    """Read the kernel (and initrd) files and load them; file problems become ConfigError.
+    `modules`: (path, arguments) of Multiboot modules; each module's string is "PATH ARGS"."""
     kernel = _read_file(mem, path, "kernel", "a path to a bzImage, vmlinux or Multiboot ELF")
     initrd_data = None
     if initrd is not None:
         initrd_data = _read_file(mem, initrd, "initrd", "a path to an initramfs")
+    mods = [
+        (_read_file(mem, p, f"modules[{i}]", "a path to a file"), " ".join(x for x in (str(p), args) if x))
+        for i, (p, args) in enumerate(modules)
+    ]
     return load_kernel(
         mem,
         kernel,
@@ -98,7 +119,16 @@ def load_kernel_file(
         rsdp_addr=rsdp_addr,
         prefer=prefer,
         name=f"kernel file '{path}'",
+        argv0=str(path),
+        initrd_name=str(initrd) if initrd is not None else "initrd",
+        modules=mods,
     )
+
+
+def read_boot_file(mem: GuestMemory, path: str | Path, kind: str) -> bytes:
+    """The kernel or initrd file (`kind`), checked as the loader checks it (fw_cfg serves it)."""
+    hint = "a path to a bzImage, vmlinux or Multiboot ELF" if kind == "kernel" else "a path to a file"
+    return _read_file(mem, path, kind, hint)
 
 
 def _read_file(mem: GuestMemory, path: str | Path, kind: str, hint: str) -> bytes:

@@ -5,18 +5,24 @@ With header flag 16 the address fields say where the file goes ("a.out kludge");
 file must be an ELF, loaded by its program headers. The kernel is entered in 32-bit protected mode
 with paging off, %eax = 0x2BADB002 and %ebx = the multiboot_info at layout.MULTIBOOT_INFO.
 
-Layout of the info page at MULTIBOOT_INFO:
+Layout of the info block (one page, at MULTIBOOT_INFO unless the kernel lies there):
     +0x000  struct multiboot_info (116 bytes)
-    +0x080  module list (one 16-byte entry: the initrd)
     +0x090  boot loader name "corral"
-    +0x0A0  module string "initrd"
-    +0x100  memory map (24-byte entries, at most MMAP_MAX_BYTES; the boot stack is above)
+    +0x100  memory map (24-byte entries, at most MMAP_MAX_BYTES)
+    +0x800  module list (16-byte entries: the initrd, then the other modules; at most 16)
+    +0xFF0  the boot stack's top (%esp)
+The command line ("KERNEL-PATH ARGS", as GRUB and QEMU pass it) and the module strings follow
+each other at layout.CMDLINE, or elsewhere below 1 MiB if the kernel lies there.
+
+Kernels whose ELF segments (or a.out-kludge image) lie in conventional memory below 1 MiB
+(real-mode test kernels) load: the info block and the command lines move out of their way.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from corral.arch.x86 import layout
 from corral.boot import gdt
@@ -24,12 +30,13 @@ from corral.boot._common import (
     BootInfo,
     check_kernel_range,
     low_ram_end,
+    low_spot,
     place_initrd,
     write_cmdline,
     zero_fill,
 )
 from corral.boot.elf import ElfImage, check_entry, is_elf, load_segments, parse_elf
-from corral.errors import KernelFormatError
+from corral.errors import ConfigError, KernelFormatError
 from corral.memory import GuestMemory
 
 MULTIBOOT_HEADER_MAGIC = 0x1BADB002
@@ -51,14 +58,15 @@ INFO_MMAP = 1 << 6
 INFO_LOADER_NAME = 1 << 9
 
 INFO_SIZE = 116
-MODS_OFFSET = 0x80
 LOADER_NAME_OFFSET = 0x90
-MODULE_STRING_OFFSET = 0xA0
 MMAP_OFFSET = 0x100
 MMAP_MAX_BYTES = 0x700
 MMAP_ENTRY_SIZE = 24
+MODS_OFFSET = 0x800
+MAX_MODULES = 16
+STACK_TOP = 0xFF0
+INFO_BLOCK = 0x1000
 LOADER_NAME = b"corral\0"
-MODULE_STRING = b"initrd\0"
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,14 @@ def load_multiboot(
     initrd: bytes | None = None,
     rsdp_addr: int = 0,  # unused: Multiboot v1 has no RSDP field; the guest scans for it
     name: str = "kernel",
+    argv0: str = "",
+    initrd_name: str = "initrd",
+    modules: Sequence[tuple[bytes, str]] = (),
 ) -> BootInfo:
+    """Load a Multiboot kernel. `argv0` (the kernel's path) starts the command line, as GRUB and
+    QEMU pass it; the initrd is the first module (its string `initrd_name`), then `modules`,
+    each (data, its command-line string). Segments may lie below 1 MiB: the info block, its
+    stack and the command lines move out of their way."""
     what = name
     required = header.flags & 0xFFFF
     if required & FLAG_VIDEO_MODE:
@@ -117,9 +132,13 @@ def load_multiboot(
             f"{what}: the Multiboot header requires features corral does not know "
             f"(flags {unknown:#x}); refusing to boot it, as the specification says"
         )
+    mods = ([(initrd, initrd_name)] if initrd is not None else []) + list(modules)
+    if len(mods) > MAX_MODULES:
+        raise ConfigError(f"{len(mods)} Multiboot modules: corral passes at most {MAX_MODULES}")
 
     if header.flags & FLAG_ADDRESS:
         kernel_range, entry = _load_address_fields(mem, image, header, what)
+        busy = [kernel_range]
     else:
         if elf is None:
             if not is_elf(image):
@@ -130,10 +149,26 @@ def load_multiboot(
             elf = parse_elf(image, what)
         entry = elf.entry
         check_entry(elf, entry, "Multiboot ELF", what)
-        kernel_range = load_segments(mem, elf, image, what)
+        kernel_range = load_segments(mem, elf, image, what, low_ok=True)
+        busy = [(s.paddr, s.paddr + s.memsz) for s in elf.segments]
 
-    cmd_ptr = write_cmdline(mem, cmdline, None, what)
-    base = layout.MULTIBOOT_INFO
+    # the info block (info, module list, strings, memory map, then the stack below its top)
+    base = low_spot(busy, INFO_BLOCK, layout.MULTIBOOT_INFO, what, "the Multiboot information")
+    busy.append((base, base + INFO_BLOCK))
+    full = " ".join(p for p in (argv0, cmdline) if p)
+    strings = [s.encode("utf-8") + b"\0" for _, s in mods]
+    if any(b"\0" in s[:-1] for s in strings):
+        raise ConfigError("a Multiboot module string contains a NUL character: remove it")
+    room = len(full.encode("utf-8")) + 1 + sum(len(s) for s in strings)
+    if room > layout.CMDLINE_MAX:
+        raise ConfigError(
+            f"the command line and module strings are {room} bytes; corral passes at most "
+            f"{layout.CMDLINE_MAX}: shorten them"
+        )
+    cmd_at = low_spot(busy, room, layout.CMDLINE, what, "the command line")
+    cmd_ptr = write_cmdline(mem, full, None, what, cmd_at)
+    string_at = cmd_ptr + len(full.encode("utf-8")) + 1
+
     page = bytearray(MMAP_OFFSET + MMAP_MAX_BYTES)
     flags = INFO_MEMORY | INFO_CMDLINE | INFO_MMAP | INFO_LOADER_NAME
     mem_lower = layout.EBDA_START // 1024
@@ -142,13 +177,20 @@ def load_multiboot(
     struct.pack_into("<I", page, 16, cmd_ptr)
 
     initrd_range = None
-    if initrd is not None:
-        initrd_range = place_initrd(mem, initrd, kernel_range[1], low_ram_end(mem))
-        start, end = initrd_range
+    mod_list = bytearray()
+    limit = low_ram_end(mem)
+    for i, ((data, _), text) in enumerate(zip(mods, strings, strict=True)):
+        start, end = place_initrd(mem, data, kernel_range[1], limit)
+        limit = start
+        if i == 0 and initrd is not None:
+            initrd_range = (start, end)
+        mem.write(string_at, text)
+        mod_list += struct.pack("<IIII", start, end, string_at, 0)
+        string_at += len(text)
+    if mods:
         flags |= INFO_MODS
-        struct.pack_into("<IIII", page, MODS_OFFSET, start, end, base + MODULE_STRING_OFFSET, 0)
-        page[MODULE_STRING_OFFSET : MODULE_STRING_OFFSET + len(MODULE_STRING)] = MODULE_STRING
-        struct.pack_into("<II", page, 20, 1, base + MODS_OFFSET)
+        mem.write(base + MODS_OFFSET, mod_list)
+        struct.pack_into("<II", page, 20, len(mods), base + MODS_OFFSET)
 
     e820 = layout.e820_map(mem.size)
     mmap_len = len(e820) * MMAP_ENTRY_SIZE
@@ -163,6 +205,7 @@ def load_multiboot(
     mem.write(base, page)
 
     cpu = gdt.protected_mode_state(mem, entry, {"rax": MULTIBOOT_BOOTLOADER_MAGIC, "rbx": base})
+    cpu = replace(cpu, rsp=base + STACK_TOP)
     return BootInfo("multiboot", cpu, kernel_range, initrd_range)
 
 
@@ -204,7 +247,7 @@ def _load_address_fields(
         end = load_end
     if end == h.load_addr:
         raise KernelFormatError(f"{what}: the Multiboot header describes an empty image")
-    check_kernel_range(mem, h.load_addr, end - h.load_addr, what, "the Multiboot image")
+    check_kernel_range(mem, h.load_addr, end - h.load_addr, what, "the Multiboot image", low_ok=True)
     if not h.load_addr <= h.entry_addr < end:
         raise KernelFormatError(
             f"{what}: the Multiboot entry_addr {h.entry_addr:#x} is outside the loaded image "

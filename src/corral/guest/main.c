@@ -316,6 +316,7 @@ static const struct scenario scenarios[] = {
     {"net-bench", scenario_net_bench},
     {"gdb", scenario_gdb},
     {"chaos", scenario_chaos},
+    {"fwcfg", scenario_fwcfg},
 };
 
 static const struct scenario *find_scenario(const char *name)
@@ -364,6 +365,7 @@ void __attribute__((noreturn)) kmain(void)
     /* Multiboot loaders (QEMU, GRUB) put the kernel's file name first: skip it. */
     if (boot_kind == BOOT_MULTIBOOT && argc >= 1 && !find_scenario(argv[0]) &&
         (looks_like_path(argv[0]) || (argc >= 2 && find_scenario(argv[1])))) {
+        kprintf("RESULT argv0=%s\n", argv[0]);
         for (int i = 1; i < argc; i++)
             argv[i - 1] = argv[i];
         argc--;

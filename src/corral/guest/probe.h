@@ -103,6 +103,9 @@ int scenario_net_bench(int argc, char **argv);
 int scenario_gdb(int argc, char **argv);
 void lapic_enable(void);
 
+/* fwcfg.c */
+int scenario_fwcfg(int argc, char **argv);
+
 /* ring0.c / boot.S */
 extern volatile u64 timer_ticks;
 extern volatile u32 ap_arrived, ap_next_index;

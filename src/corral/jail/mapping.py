@@ -58,6 +58,9 @@ def map_run(config: MachineConfig, api_path: Path | None, kvm_path: str, verbose
     argv += ["run", "--kernel", _file(inner, "kernel", config.kernel, "/vm/kernel", False)]
     if config.initrd is not None:
         argv += ["--initrd", _file(inner, "initrd", config.initrd, "/vm/initrd", False)]
+    for i, m in enumerate(config.modules):
+        spec = _file(inner, f"modules[{i}].path", m.path, f"/vm/module{i}", False)
+        argv += ["--module", spec + (f",cmdline={m.cmdline}" if m.cmdline else "")]
     argv += ["--cmdline", config.cmdline, "--cpus", str(config.cpus), "--memory", format_size(config.memory)]
     if config.no_reboot:
         argv.append("--no-reboot")
@@ -87,6 +90,8 @@ def map_run(config: MachineConfig, api_path: Path | None, kvm_path: str, verbose
         inner.nodes.append(TUN)
     if config.rng:
         argv.append("--rng")
+    if config.debug_exit != MachineConfig.model_fields["debug_exit"].default:
+        argv += ["--debug-exit", f"iobase={config.debug_exit:#x}"]
     if config.balloon:
         argv.append("--balloon")
     if config.vsock is not None:

@@ -10,7 +10,8 @@ and report machine events through `VmControl`, after releasing their lock.
     i8042           0x60 and 0x64   1 + 1  1     I8042(ctl, irq1)     (offsets 0 and 4)
     CMOS RTC        0x70            2      8     CmosRtc(irq8, clock, mem_size)
     POST / bench    0x80, 0x504     1      -     PostSink()
-    debug exit      0x501           2      -     DebugExit(ctl)
+    debug exit      0x501 (config)  2      -     DebugExit(ctl)
+    fw_cfg          0x510           12     -     FwCfg(memory)        (DMA at 0x514)
     ACPI PM         0x600           12     9     AcpiPm(ctl, sci, clock)
     reset register  0xCF9           1      -     ResetRegister(ctl)
 
@@ -21,6 +22,7 @@ ignore writes. No access raises: guests cannot make a device throw.
 
 from corral.devices.legacy.acpi_pm import AcpiPm, AcpiPmState
 from corral.devices.legacy.debug_exit import DebugExit, DebugExitState
+from corral.devices.legacy.fw_cfg import FwCfg, FwCfgState
 from corral.devices.legacy.i8042 import I8042, I8042State
 from corral.devices.legacy.post import PostSink, PostSinkState
 from corral.devices.legacy.reset import ResetRegister, ResetRegisterState
@@ -34,6 +36,8 @@ __all__ = [
     "CmosRtc",
     "DebugExit",
     "DebugExitState",
+    "FwCfg",
+    "FwCfgState",
     "I8042State",
     "PostSink",
     "PostSinkState",

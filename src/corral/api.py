@@ -34,6 +34,7 @@ from corral.devices.virtio.balloon import BalloonInfo
 from corral.errors import CorralError
 from corral.machine import Machine, MachineStatus
 from corral.migration import MigrationStats, migrate
+from corral.seccomp import enter as enter_seccomp
 from corral.state.snapshot import SnapshotStats
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class ControlServer:
         self._thread.start()
 
     def _serve(self) -> None:
+        enter_seccomp("api", "corral-api")  # the connections' threads inherit it
         while not self._closed:
             try:
                 conn, _ = self._sock.accept()

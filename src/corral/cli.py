@@ -39,6 +39,7 @@ from corral.errors import ConfigError, CorralError, FieldError, HostError
 from corral.host import PVM_EXPLANATION, HostReport, probe_host
 from corral.images.registry import IMAGES, Image, get_image
 from corral.machine import Machine
+from corral.seccomp import enter as enter_seccomp
 from corral.vstate.vm import CAPABILITIES
 
 if TYPE_CHECKING:
@@ -156,6 +157,30 @@ SERVE_API_OPTION = click.option(
     metavar="SOCKET",
     help="Serve a control socket (pause, resume, snapshot, migrate) at this path.",
 )
+
+
+def _seccomp_option(ctx: click.Context, param: click.Parameter, off: bool) -> None:
+    from corral import seccomp
+
+    if off:
+        click.echo(
+            "corral: warning: --no-seccomp: the VMM's threads run without syscall filters "
+            "(for debugging only)",
+            err=True,
+        )
+        seccomp.enable(False)
+        return
+    seccomp.enable()
+    seccomp.prepare()
+
+
+SECCOMP_OPTION = click.option(
+    "--no-seccomp",
+    is_flag=True,
+    expose_value=False,
+    callback=_seccomp_option,
+    help="Run the VMM's threads without seccomp filters (debugging only).",
+)
 VM_OPTION = click.option(
     "--api",
     "vm",
@@ -227,6 +252,7 @@ def main(verbose: bool) -> None:
     help="A virtio-vsock device; host programs connect to PATH ('CONNECT <port>').",
 )
 @KVM_OPTION
+@SECCOMP_OPTION
 @SERVE_API_OPTION
 def run(
     kernel: Path | None,
@@ -307,6 +333,8 @@ def _run_foreground(machine: Machine, api_path: Path | None) -> NoReturn:
         except CorralError:
             machine.close()
             raise
+    # this thread runs the machine from here on (and rebuilds it when the guest reboots)
+    enter_seccomp("vmm", "corral-vmm")
     try:
         with TerminalConsole(machine.send_input, lambda: machine.stop("quit from the console")):
             try:
@@ -394,6 +422,7 @@ def _grant(
 @click.argument("snapshot", type=click.Path(path_type=Path))
 @host_resource_options
 @KVM_OPTION
+@SECCOMP_OPTION
 @SERVE_API_OPTION
 def restore(snapshot: Path, kvm_path: str, api_path: Path | None, **grant: Any) -> None:
     """Resume the guest saved in SNAPSHOT (a directory from `corral snapshot`).
@@ -417,6 +446,7 @@ def restore(snapshot: Path, kvm_path: str, api_path: Path | None, **grant: Any) 
 )
 @host_resource_options
 @KVM_OPTION
+@SECCOMP_OPTION
 def clone(snapshot: Path, count: int, kvm_path: str, **grant: Any) -> None:
     """Start COUNT guests from one snapshot, sharing its unchanged memory; their consoles are
     shown line by line, prefixed with the clone's number. Ctrl-C stops them all. Host
@@ -456,6 +486,7 @@ def clone(snapshot: Path, count: int, kvm_path: str, **grant: Any) -> None:
         stop_all()
         raise
     click.echo(f"corral: {count} clones of {snapshot} running", err=True)
+    enter_seccomp("vmm", "corral-vmm")
     worst = 0
     try:
         for i, m in enumerate(machines):
@@ -491,6 +522,7 @@ def clone(snapshot: Path, count: int, kvm_path: str, **grant: Any) -> None:
 @host_resource_options
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
 @KVM_OPTION
+@SECCOMP_OPTION
 @SERVE_API_OPTION
 def receive(
     address: str,
@@ -795,6 +827,25 @@ def image_path(img: Image, which: str | None) -> None:
             click.echo(paths.initrd)
 
 
+@main.command("seccomp-report")
+def seccomp_report() -> None:
+    """Show the size of each VMM thread's seccomp allow-list, beside Firecracker's."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from corral import seccomp
+
+    table = Table(title="seccomp allow-lists per thread")
+    for col in ("thread", "system calls", "ioctl numbers", "Firecracker", "what it runs"):
+        table.add_column(
+            col, justify="right" if col in ("system calls", "ioctl numbers", "Firecracker") else "left"
+        )
+    for c in seccomp.counts():
+        fc = str(c.firecracker) if c.firecracker is not None else "-"
+        table.add_row(c.kind, str(c.syscalls), str(c.ioctls), fc, c.role)
+    Console().print(table)
+
+
 # --- corral firecracker: Firecracker's API, drop-in ------------------------------------------------
 
 
@@ -820,6 +871,7 @@ def image_path(img: Image, which: str | None) -> None:
 @click.option("--metrics-path", type=click.Path(path_type=Path), help="Write metrics (FlushMetrics) here.")
 @click.option("--boot-timer", is_flag=True, help="Log the time from start to the guest's first serial byte.")
 @KVM_OPTION
+@SECCOMP_OPTION
 def firecracker(
     api_sock: Path,
     instance_id: str,

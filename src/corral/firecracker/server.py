@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.backends.unix_socket import listen_unix
+from corral.seccomp import enter as enter_seccomp
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +206,13 @@ class ApiServer:
         self.path = Path(path)
         sock = listen_unix(self.path, "API socket", "--api-sock", backlog=MAX_CONNECTIONS)
         self._server = _Server(sock, handle, on_fatal, max_body)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="corral-fc-api", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="corral-fc-api", daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        # InstanceStart and snapshot loads build the machine on this thread: the VMM's list
+        enter_seccomp("vmm", "corral-fc-api")
+        self._server.serve_forever()
 
     def close(self) -> None:
         self._server.shutdown()

@@ -160,7 +160,7 @@ SERVE_API_OPTION = click.option(
 
 
 def _seccomp_option(ctx: click.Context, param: click.Parameter, off: bool) -> None:
-    from corral import seccomp
+    from corral.seccomp import enable, prepare
 
     if off:
         click.echo(
@@ -168,10 +168,10 @@ def _seccomp_option(ctx: click.Context, param: click.Parameter, off: bool) -> No
             "(for debugging only)",
             err=True,
         )
-        seccomp.enable(False)
+        enable(False)
         return
-    seccomp.enable()
-    seccomp.prepare()
+    enable()
+    prepare()
 
 
 SECCOMP_OPTION = click.option(
@@ -833,14 +833,14 @@ def seccomp_report() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from corral import seccomp
+    from corral.seccomp import counts
 
     table = Table(title="seccomp allow-lists per thread")
     for col in ("thread", "system calls", "ioctl numbers", "Firecracker", "what it runs"):
         table.add_column(
             col, justify="right" if col in ("system calls", "ioctl numbers", "Firecracker") else "left"
         )
-    for c in seccomp.counts():
+    for c in counts():
         fc = str(c.firecracker) if c.firecracker is not None else "-"
         table.add_row(c.kind, str(c.syscalls), str(c.ioctls), fc, c.role)
     Console().print(table)

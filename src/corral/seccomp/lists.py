@@ -95,8 +95,9 @@ VCPU = Policy(
             "KVM_IRQ_LINE",  # legacy devices' interrupts (UART, RTC) raised from an exit
             "KVM_IRQFD",  # MSI-X vectors the guest programs
             "KVM_SET_GSI_ROUTING",
-            "KVM_GET_REGS",  # the registers of a crash report
+            "KVM_GET_REGS",  # a crash report: the registers, the code at RIP
             "KVM_GET_SREGS",
+            "KVM_TRANSLATE",
             "TUNSETOFFLOAD",  # a Linux guest's virtio-net feature negotiation
         }
     ),
@@ -169,6 +170,7 @@ API = Policy(
         "sendto",
         "connect",  # migration to its destination
         "getsockname",
+        "getpeername",  # TLS asks whether the socket is connected
         "getsockopt",  # SO_PEERCRED: who is calling
         "setsockopt",
         "shutdown",

@@ -58,6 +58,7 @@ class _State:
 _state = _State()
 _lock = threading.Lock()
 _filters: dict[str, sc.SyscallFilter] = {}
+_entered = threading.local()  # .kind: the filter this thread is under (entering it twice adds nothing)
 
 
 def enable(on: bool = True) -> None:
@@ -140,13 +141,14 @@ def enter(kind: str, name: str | None = None) -> None:
     if name is not None:
         libc = C.CDLL(None)
         libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-    if not _state.enabled:
+    if not _state.enabled or getattr(_entered, "kind", None) == kind:
         return
     f = build(kind)
     try:
         f.load()
     except OSError as exc:
         raise SeccompError(f"seccomp: the {kind} filter cannot be loaded: {exc}") from None
+    _entered.kind = kind
     if SELFTEST and os.environ.get("CORRAL_SECCOMP_SELFTEST") == kind:
         _forbidden_call()
 

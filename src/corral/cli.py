@@ -172,6 +172,7 @@ def _seccomp_option(ctx: click.Context, param: click.Parameter, off: bool) -> No
         return
     enable()
     prepare()
+    ctx.call_on_close(lambda: enable(False))  # for this command only (CliRunner in one process)
 
 
 SECCOMP_OPTION = click.option(

@@ -49,7 +49,9 @@ class ControlServer:
         self.machine = machine
         self.path = Path(path)
         self.vmm = FirecrackerVmm.attached(machine, instance_id)
-        self._server = ApiServer(self.path, Router(self.vmm).handle, what="control socket", flag="--api")
+        self._server = ApiServer(
+            self.path, Router(self.vmm).handle, what="control socket", flag="--api", seccomp_kind="api"
+        )
 
     def close(self) -> None:
         self._server.close()

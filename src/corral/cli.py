@@ -42,6 +42,7 @@ from corral.errors import ConfigError, CorralError, FieldError, HostError
 from corral.host import PVM_EXPLANATION, HostReport, probe_host
 from corral.images.registry import IMAGES, Image, get_image
 from corral.machine import Machine
+from corral.seccomp import enter as enter_seccomp
 from corral.vstate.vm import CAPABILITIES
 
 if TYPE_CHECKING:
@@ -159,6 +160,31 @@ SERVE_API_OPTION = click.option(
     metavar="SOCKET",
     help="Serve a control socket (pause, resume, snapshot, migrate) at this path.",
 )
+
+
+def _seccomp_option(ctx: click.Context, param: click.Parameter, off: bool) -> None:
+    from corral.seccomp import enable, prepare
+
+    if off:
+        click.echo(
+            "corral: warning: --no-seccomp: the VMM's threads run without syscall filters "
+            "(for debugging only)",
+            err=True,
+        )
+        enable(False)
+        return
+    enable()
+    prepare()
+    ctx.call_on_close(lambda: enable(False))  # for this command only (CliRunner in one process)
+
+
+SECCOMP_OPTION = click.option(
+    "--no-seccomp",
+    is_flag=True,
+    expose_value=False,
+    callback=_seccomp_option,
+    help="Run the VMM's threads without seccomp filters (debugging only).",
+)
 VM_OPTION = click.option(
     "--api",
     "vm",
@@ -263,6 +289,7 @@ def main(verbose: bool) -> None:
     "its options.",
 )
 @KVM_OPTION
+@SECCOMP_OPTION
 @SERVE_API_OPTION
 def run(
     kernel: Path | None,
@@ -385,6 +412,8 @@ def _run_foreground(machine: Machine, api_path: Path | None) -> NoReturn:
     from corral.jail.debug import start_debug_hook
 
     start_debug_hook(machine)  # only with CORRAL_DEBUG_HOOK set, in a build that allows it
+    # this thread runs the machine from here on (and rebuilds it when the guest reboots)
+    enter_seccomp("vmm", "corral-vmm")
     try:
         with TerminalConsole(machine.send_input, lambda: machine.stop("quit from the console")):
             try:
@@ -472,6 +501,7 @@ def _grant(
 @click.argument("snapshot", type=click.Path(path_type=Path))
 @host_resource_options
 @KVM_OPTION
+@SECCOMP_OPTION
 @SERVE_API_OPTION
 def restore(snapshot: Path, kvm_path: str, api_path: Path | None, **grant: Any) -> None:
     """Resume the guest saved in SNAPSHOT (a directory from `corral snapshot`).
@@ -495,6 +525,7 @@ def restore(snapshot: Path, kvm_path: str, api_path: Path | None, **grant: Any) 
 )
 @host_resource_options
 @KVM_OPTION
+@SECCOMP_OPTION
 def clone(snapshot: Path, count: int, kvm_path: str, **grant: Any) -> None:
     """Start COUNT guests from one snapshot, sharing its unchanged memory; their consoles are
     shown line by line, prefixed with the clone's number. Ctrl-C stops them all. Host
@@ -534,6 +565,7 @@ def clone(snapshot: Path, count: int, kvm_path: str, **grant: Any) -> None:
         stop_all()
         raise
     click.echo(f"corral: {count} clones of {snapshot} running", err=True)
+    enter_seccomp("vmm", "corral-vmm")
     worst = 0
     try:
         for i, m in enumerate(machines):
@@ -569,6 +601,7 @@ def clone(snapshot: Path, count: int, kvm_path: str, **grant: Any) -> None:
 @host_resource_options
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
 @KVM_OPTION
+@SECCOMP_OPTION
 @SERVE_API_OPTION
 def receive(
     address: str,
@@ -873,6 +906,25 @@ def image_path(img: Image, which: str | None) -> None:
             click.echo(paths.initrd)
 
 
+@main.command("seccomp-report")
+def seccomp_report() -> None:
+    """Show the size of each VMM thread's seccomp allow-list, beside Firecracker's."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from corral.seccomp import counts
+
+    table = Table(title="seccomp allow-lists per thread")
+    for col in ("thread", "system calls", "ioctl numbers", "Firecracker", "what it runs"):
+        table.add_column(
+            col, justify="right" if col in ("system calls", "ioctl numbers", "Firecracker") else "left"
+        )
+    for c in counts():
+        fc = str(c.firecracker) if c.firecracker is not None else "-"
+        table.add_row(c.kind, str(c.syscalls), str(c.ioctls), fc, c.role)
+    Console().print(table)
+
+
 # --- corral firecracker: Firecracker's API, drop-in ------------------------------------------------
 
 
@@ -898,6 +950,7 @@ def image_path(img: Image, which: str | None) -> None:
 @click.option("--metrics-path", type=click.Path(path_type=Path), help="Write metrics (FlushMetrics) here.")
 @click.option("--boot-timer", is_flag=True, help="Log the time from start to the guest's first serial byte.")
 @KVM_OPTION
+@SECCOMP_OPTION
 def firecracker(
     api_sock: Path,
     instance_id: str,

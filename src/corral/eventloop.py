@@ -13,6 +13,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from corral.seccomp import enter as enter_seccomp
+
 log = logging.getLogger(__name__)
 
 
@@ -124,6 +126,7 @@ class EventLoop:
                 log.exception("device call failed")
 
     def _run(self) -> None:
+        enter_seccomp("loop", self.name[:15])
         while not self._stopping:
             for key, events in self._sel.select():
                 for ev, callback in list(key.data.items()):

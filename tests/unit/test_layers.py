@@ -18,6 +18,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 LAYERS: list[set[str]] = [
     {"corral._version", "corral.errors"},
     {"corral.kvm"},
+    {"corral.seccomp"},  # per-thread syscall filters: the threads of every layer above enter them
     {"corral.arch"},
     {"corral.options"},  # the one NAME[,key=value] parser
     {"corral.memory", "corral.eventloop", "corral.backends", "corral.images"},

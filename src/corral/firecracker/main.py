@@ -23,6 +23,7 @@ from corral.firecracker.models import FullVmConfiguration, IdError, Metrics, bod
 from corral.firecracker.routes import Router
 from corral.firecracker.server import ApiServer
 from corral.firecracker.vmm import FirecrackerError, FirecrackerVmm
+from corral.seccomp import enter as enter_seccomp
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ def run(
             vmm.stop()
             raise
 
+    enter_seccomp("vmm", "corral-vmm")  # this thread only waits from here on
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.backends.unix_socket import listen_unix
+from corral.seccomp import enter as enter_seccomp
 
 log = logging.getLogger(__name__)
 
@@ -308,19 +309,22 @@ class ApiServer:
         max_body: int = MAX_BODY,
         what: str = "API socket",
         flag: str = "--api-sock",
+        seccomp_kind: str = "vmm",
     ) -> None:
         self.path = Path(path)
         sock = listen_unix(self.path, what, flag, backlog=MAX_CONNECTIONS)
         self._server = _Server(sock, handle, on_fatal, max_body)
+        self._seccomp_kind = seccomp_kind
+        self._thread = threading.Thread(target=self._serve, name="corral-fc-api", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        # The connections' threads inherit this thread's filter. Under `corral firecracker`,
+        # InstanceStart and snapshot loads build the machine on them: the VMM's list.
+        enter_seccomp(self._seccomp_kind, "corral-api")
         # No poll interval: an idle server sleeps in select() until a client comes (close() wakes
         # it by connecting), so a thousand idle VMs cost their host no wake-ups.
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": None},
-            name="corral-fc-api",
-            daemon=True,
-        )
-        self._thread.start()
+        self._server.serve_forever(poll_interval=None)  # type: ignore[arg-type]  # select() blocks
 
     def close(self, grace: float = CLOSE_GRACE) -> None:
         """Stop serving; requests in flight get up to `grace` seconds to send their answer."""

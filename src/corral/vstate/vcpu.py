@@ -16,6 +16,7 @@ from corral.boot.cpu_state import BootCpuState, Segment
 from corral.kvm import constants as K
 from corral.kvm import structs as S
 from corral.kvm.fds import KvmError, VcpuFd
+from corral.seccomp import enter as enter_seccomp
 from corral.vstate.kick import install_kick_handler, kick_thread
 from corral.vstate.kvm_state import VcpuState, cpuid_entries, load_vcpu, savable_msrs, save_vcpu
 
@@ -200,6 +201,7 @@ class Vcpu:
 
     def _thread_main(self) -> None:
         try:
+            enter_seccomp("vcpu", f"corral-vcpu{self.index}")
             self._loop()
         except Exception as exc:
             log.exception("vcpu%d crashed", self.index)

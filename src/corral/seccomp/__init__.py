@@ -1,0 +1,199 @@
+"""seccomp filters per thread: each VMM thread may make only the system calls its job needs.
+
+Linux applies a seccomp filter to the thread that loads it (TSYNC off) and to the threads it
+creates afterwards, so each kind of thread enters its own allow-list as its first act
+(`enter(kind)`): the vCPU threads, the device loop, the control-socket server, and the VMM's
+main thread once the machine is built (it rebuilds the VM on a guest reboot, so its list is the
+widest; threads it creates stack their own, narrower list on top). The lists are data
+(corral.seccomp.lists), with argument filters where the argument is a number: ioctl request
+numbers (KVM_RUN for a vCPU, never KVM_CREATE_VM), socket families, clone flags (threads only,
+never a new process), no PROT_EXEC mappings. Anything else traps: the SIGSYS handler
+(corral.seccomp.trap) writes one line naming the call and ends the process with exit code 148.
+
+Filters are opt-in for the library (`enable()`; an embedding program keeps its threads as they
+are) and on by default in the CLI (`--no-seccomp` turns them off, for debugging). The
+environment variable CORRAL_SECCOMP=log logs instead of trapping (the kernel's audit log names
+each call a thread would have been stopped for), to find what a new code path needs.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import errno
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+
+import pyseccomp as sc
+
+from corral.errors import CorralError
+from corral.seccomp import lists, trap
+from corral.seccomp.trap import EXIT_CODE
+
+log = logging.getLogger(__name__)
+
+KINDS = ("vmm", "api", "loop", "vcpu")
+# Off in normal use. A test sets this in the process it starts (never through the
+# environment alone), and then CORRAL_SECCOMP_SELFTEST=KIND makes that thread kind attempt a
+# forbidden call right after entering its filter, to show the trap works there.
+SELFTEST = False
+
+_PR_SET_NAME = 15
+_CLONE_THREAD = 0x10000
+_PROT_EXEC = 0x4
+
+
+class SeccompError(CorralError):
+    """A seccomp filter could not be built or loaded."""
+
+
+@dataclass
+class _State:
+    enabled: bool = False
+    action: int = sc.TRAP
+
+
+_state = _State()
+_lock = threading.Lock()
+_filters: dict[str, sc.SyscallFilter] = {}
+_entered = threading.local()  # .kind: the filter this thread is under (entering it twice adds nothing)
+
+
+def enable(on: bool = True) -> None:
+    """Turn per-thread filters on (or off) for this process; threads started from now on
+    enter theirs. CORRAL_SECCOMP=log makes them log instead of trap."""
+    if not on:
+        _state.enabled = False
+        return
+    mode = os.environ.get("CORRAL_SECCOMP", "trap")
+    if mode not in ("trap", "log"):
+        raise SeccompError(f"CORRAL_SECCOMP={mode!r}: use 'trap' (the default) or 'log'")
+    _state.action = sc.LOG if mode == "log" else sc.TRAP
+    if _state.action == sc.TRAP:
+        trap.install(syscall_name)
+    _state.enabled = True
+
+
+def enabled() -> bool:
+    return _state.enabled
+
+
+def syscall_name(nr: int) -> str | None:
+    try:
+        return sc.resolve_syscall(sc.Arch.NATIVE, nr).decode()
+    except ValueError:
+        return None
+
+
+def _build(kind: str, action: int) -> sc.SyscallFilter:
+    policy = lists.POLICIES[kind]
+    f = sc.SyscallFilter(action)
+    for name in sorted(policy.syscalls):
+        f.add_rule(sc.ALLOW, name)
+    for request in sorted(policy.ioctl_numbers()):
+        f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
+    for family in sorted(policy.socket_families):
+        f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, family))
+    # memory: never a new executable mapping (code is mapped before the filters)
+    for name in ("mmap", "mprotect"):
+        f.add_rule(sc.ALLOW, name, sc.Arg(2, sc.MASKED_EQ, _PROT_EXEC, 0))
+    if policy.threads:
+        # threads, never a process: clone only with CLONE_THREAD; clone3's flags sit behind a
+        # pointer no filter can read, so it fails with ENOSYS and glibc falls back to clone
+        f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, _CLONE_THREAD, _CLONE_THREAD))
+        f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+        # a new thread's first calls, then its name and its own filter (enter)
+        for name in ("set_robust_list", "rseq", "seccomp"):
+            f.add_rule(sc.ALLOW, name)
+        for option in (lists.PR_SET_NAME, lists.PR_SET_NO_NEW_PRIVS):
+            f.add_rule(sc.ALLOW, "prctl", sc.Arg(0, sc.EQ, option))
+    return f
+
+
+def build(kind: str) -> sc.SyscallFilter:
+    """The filter for thread kind `kind` (cached: a reboot's new threads reuse it)."""
+    if kind not in lists.POLICIES:
+        raise SeccompError(f"no seccomp policy for thread kind {kind!r}: one of {', '.join(KINDS)}")
+    with _lock:
+        f = _filters.get(kind)
+        if f is None:
+            try:
+                f = _filters[kind] = _build(kind, _state.action)
+            except OSError as exc:
+                raise SeccompError(f"seccomp: the {kind} filter cannot be built: {exc}") from None
+        return f
+
+
+def prepare() -> None:
+    """Build every filter now, while the process may still do anything (libseccomp itself
+    allocates and resolves names), and load what a filtered thread would otherwise load
+    lazily: a C extension is mapped executable, which no filter allows."""
+    "localhost".encode("idna")  # socket's host names (a migration's connect): unicodedata
+    for kind in KINDS:
+        build(kind)
+
+
+def enter(kind: str, name: str | None = None) -> None:
+    """Put the calling thread under the `kind` filter (a no-op unless enabled). `name` (at most
+    15 bytes) becomes the thread's name in /proc and ps."""
+    if name is not None:
+        libc = C.CDLL(None)
+        libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    if not _state.enabled or getattr(_entered, "kind", None) == kind:
+        return
+    f = build(kind)
+    try:
+        f.load()
+    except OSError as exc:
+        raise SeccompError(f"seccomp: the {kind} filter cannot be loaded: {exc}") from None
+    _entered.kind = kind
+    if SELFTEST and os.environ.get("CORRAL_SECCOMP_SELFTEST") == kind:
+        _forbidden_call()
+
+
+def _forbidden_call() -> None:
+    """What the self-test makes a filtered thread do: open a packet socket to sniff the host's
+    network, as a compromised VMM would (no thread may)."""
+    log.warning("seccomp self-test: a forbidden socket() from %s", threading.current_thread().name)
+    socket.socket(socket.AF_PACKET, socket.SOCK_RAW).close()
+
+
+# Firecracker's default x86-64 filters, system calls per thread (its docs/seccomp.md and
+# resources/seccomp): a yardstick. It has no device-loop thread (its VMM thread runs devices).
+FIRECRACKER = {"vmm": 50, "api": 31, "vcpu": 27}
+
+
+@dataclass(frozen=True)
+class Count:
+    kind: str
+    role: str
+    syscalls: int  # distinct system calls allowed
+    ioctls: int  # ioctl request numbers allowed
+    firecracker: int | None  # Firecracker's count for the same thread, if it has one
+
+
+def counts() -> list[Count]:
+    """The size of each thread kind's allow-list (`corral seccomp-report`)."""
+    out = []
+    for kind in KINDS:
+        p = lists.POLICIES[kind]
+        out.append(Count(kind, p.role, len(p.all_syscalls()), len(p.ioctl_numbers()), FIRECRACKER.get(kind)))
+    return out
+
+
+__all__ = [
+    "EXIT_CODE",
+    "FIRECRACKER",
+    "KINDS",
+    "Count",
+    "SeccompError",
+    "build",
+    "counts",
+    "enable",
+    "enabled",
+    "enter",
+    "prepare",
+    "syscall_name",
+]

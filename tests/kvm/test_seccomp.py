@@ -46,6 +46,15 @@ def threads(pid: int) -> dict[str, list[str]]:
     return out
 
 
+def threads_once_running(pid: int, *names: str, timeout: float = 20) -> dict[str, list[str]]:
+    """threads(pid), once every thread in `names` has started (the control socket answers
+    from just before the machine starts its vCPUs and loop)."""
+    deadline = time.monotonic() + timeout
+    while not all(n in (seen := threads(pid)) for n in names) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return seen
+
+
 def stop(proc: subprocess.Popen, api: Path) -> tuple[int, str]:
     ControlClient(api).stop()
     _, err = proc.communicate(timeout=30)
@@ -59,8 +68,9 @@ def test_every_thread_is_filtered_and_the_verbs_work(tmp_path):
     try:
         vm = ControlClient(api)
         assert vm.status().state == "running"
-        seen = threads(proc.pid)
-        for name in ("corral-vmm", "corral-api", "corral-vcpu0", "corral-vcpu1", "corral-devices"):
+        names = ("corral-vmm", "corral-api", "corral-vcpu0", "corral-vcpu1", "corral-devices")
+        seen = threads_once_running(proc.pid, *names)
+        for name in names:
             assert name in seen, seen
         assert all(mode == "2" for modes in seen.values() for mode in modes), seen
         # the verbs, served on the API's threads under its filter
@@ -95,7 +105,8 @@ def test_every_thread_is_filtered_and_the_verbs_work(tmp_path):
         assert restored.poll() is None and time.monotonic() < deadline, restored.stderr.read().decode()
         time.sleep(0.05)
     assert ControlClient(api2).status().state == "running"
-    assert all(m == "2" for modes in threads(restored.pid).values() for m in modes)
+    seen = threads_once_running(restored.pid, "corral-vmm", "corral-vcpu0", "corral-vcpu1", "corral-devices")
+    assert all(m == "2" for modes in seen.values() for m in modes), seen
     rc, err = stop(restored, api2)
     assert rc == 0 and "forbidden" not in err, err
 
@@ -156,7 +167,7 @@ def test_no_seccomp_warns_and_filters_nothing(tmp_path):
     api = tmp_path / "vm.sock"
     proc = start_vm(api, "mem-touch 16M forever", "--no-seccomp")
     try:
-        seen = threads(proc.pid)
+        seen = threads_once_running(proc.pid, "corral-vcpu0")
         assert "corral-vcpu0" in seen
         assert all(m == "0" for modes in seen.values() for m in modes), seen
     finally:

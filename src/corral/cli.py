@@ -7,6 +7,7 @@ used by several commands are declared once below; control-socket verbs go throug
 corral.api.ControlClient, and `corral image` asks each image about itself.
 """
 
+# ruff: noqa: E402  (the start-up setting below must precede pydantic's import)
 from __future__ import annotations
 
 import logging
@@ -19,6 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+
+# isort: off
+from corral.startup import no_pydantic_plugins
+
+no_pydantic_plugins()  # before pydantic is imported (below, and by corral.config)
+# isort: on
 from pydantic import ValidationError
 
 from corral.config import (

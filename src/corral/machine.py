@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from corral.boot.loader import BootInfo
 from corral.builder import Board, build_board, create_vcpus, load_guest, restore_vcpus
@@ -57,6 +57,8 @@ class ExitResult:
 
 class MachineStatus(BaseModel):
     """Whether a machine runs, and its size (the reply of the status verb)."""
+
+    model_config = ConfigDict(defer_build=True)  # built on first use, not at launch
 
     state: Literal["running", "paused"]
     cpus: int

@@ -112,6 +112,8 @@ class GuestMemory:
         for i, (gpa, length) in enumerate(layout.ram_ranges(size)):
             self.slots.append(MemorySlot(i, gpa, length, offset, base + offset))
             offset += length
+        # (start, end, backing offset) per slot: `_offset` runs several times per I/O request
+        self._ranges = tuple((s.gpa, s.end, s.offset) for s in self.slots)
 
     def check_backing(self) -> None:
         """Refuse a memory file that no longer has the RAM's size (it was truncated or grown
@@ -129,9 +131,9 @@ class GuestMemory:
     def _offset(self, gpa: int, length: int) -> int:
         if length < 0:
             raise GuestMemoryError(f"negative length {length} at guest address {gpa:#x}")
-        for s in self.slots:
-            if s.gpa <= gpa and gpa + length <= s.end:
-                return s.offset + (gpa - s.gpa)
+        for start, end, offset in self._ranges:
+            if start <= gpa and gpa + length <= end:
+                return offset + (gpa - start)
         raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside guest RAM")
 
     def contains(self, gpa: int, length: int = 1) -> bool:

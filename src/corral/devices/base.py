@@ -87,9 +87,11 @@ class DeviceState(BaseModel):
     """Base for each component's plain state; snapshot and migration serialize these.
 
     Unknown fields are refused (a damaged or foreign snapshot is not half-loaded), and a
-    validation failure is one `StateError` line, not a pydantic report."""
+    validation failure is one `StateError` line, not a pydantic report. The validator is built
+    on first use (`defer_build`): a launch never saves or loads state, so it does not pay for
+    the schemas of every device it might."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     @classmethod
     def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from corral.kvm.structs import KvmCpuidEntry2
 from corral.vstate.kvm_state import VcpuState, VmKvmState
@@ -12,6 +12,8 @@ from corral.vstate.kvm_state import VcpuState, VmKvmState
 
 class CpuModel(BaseModel):
     """Enough of the host CPU to refuse a restore that would show the guest another CPU."""
+
+    model_config = ConfigDict(defer_build=True)  # validators built on first use, not at launch
 
     vendor: str
     signature: int  # CPUID.1:EAX: family, model, stepping
@@ -34,6 +36,8 @@ class CpuModel(BaseModel):
 class MachineState(BaseModel):
     """Everything but RAM: KVM's VM and vCPU state, then every device by name, in the order
     they are loaded back (the PCI bus before the virtio functions on it)."""
+
+    model_config = ConfigDict(defer_build=True)
 
     vm: VmKvmState
     vcpus: list[VcpuState]

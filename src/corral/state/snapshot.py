@@ -36,7 +36,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from corral._version import __version__
 from corral.config import MachineConfig
@@ -57,6 +57,8 @@ class SnapshotError(CorralError):
 
 
 class Manifest(BaseModel):
+    model_config = ConfigDict(defer_build=True)  # validators built on first use, not at launch
+
     format: str
     format_version: int
     corral_version: str
@@ -77,6 +79,8 @@ class Snapshot:
 
 class SnapshotStats(BaseModel):
     """What writing a snapshot did (the reply of the snapshot verb)."""
+
+    model_config = ConfigDict(defer_build=True)
 
     path: Path
     seconds: float

@@ -27,7 +27,7 @@ _S = TypeVar("_S", bound=C.Structure)
 class VcpuState(BaseModel):
     """One vCPU as KVM holds it; each bytes field is the named kernel struct, whole."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)  # built on first save/load
 
     index: int = Field(ge=0, description="the vCPU's id (its APIC id)")
     cpuid: StateBytes = Field(description="kvm_cpuid_entry2[]: the CPUID the guest sees")
@@ -45,7 +45,7 @@ class VcpuState(BaseModel):
 class VmKvmState(BaseModel):
     """The in-kernel platform devices and clock of a VM."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)  # built on first save/load
 
     pic_master: StateBytes = Field(description="kvm_irqchip: the master 8259")
     pic_slave: StateBytes = Field(description="kvm_irqchip: the slave 8259")

@@ -117,19 +117,22 @@ class VirtioBlock(VirtioDevice[NoState]):
         s_addr, s_len = chain.writable[-1]
         status_at = s_addr + s_len - 1
         data_out = chain.writable[:-1] + ([(s_addr, s_len - 1)] if s_len > 1 else [])
-        header = q.read_all(chain, HEADER.size)
-        if len(header) < HEADER.size:
-            mem.write(status_at, bytes([S_IOERR]))
-            return 1
-        rtype, _, sector = HEADER.unpack(header)
-        data_in = _skip(chain.readable, HEADER.size)
+        first = chain.readable[0] if chain.readable else (0, 0)
+        if first[1] >= HEADER.size:  # the usual layout: the header in a buffer of its own
+            rtype, _, sector = HEADER.unpack_from(mem.view(first[0], HEADER.size))
+        else:
+            header = q.read_all(chain, HEADER.size)
+            if len(header) < HEADER.size:
+                mem.view(status_at, 1)[0] = S_IOERR
+                return 1
+            rtype, _, sector = HEADER.unpack(header)
         written = 0
         try:
             if rtype == T_IN:
                 written = self._read(mem, sector, data_out)
                 status = S_OK
             elif rtype == T_OUT:
-                status = self._write(mem, sector, data_in)
+                status = self._write(mem, sector, _skip(chain.readable, HEADER.size))
             elif rtype == T_FLUSH:
                 if not self.read_only:
                     self.image.flush()
@@ -139,6 +142,7 @@ class VirtioBlock(VirtioDevice[NoState]):
                 written = _scatter(mem, data_out, ident)
                 status = S_OK
             elif rtype in (T_DISCARD, T_WRITE_ZEROES):
+                data_in = _skip(chain.readable, HEADER.size)
                 status = self._discard(mem, data_in, zeroes=rtype == T_WRITE_ZEROES)
             else:
                 status = S_UNSUPP
@@ -146,7 +150,7 @@ class VirtioBlock(VirtioDevice[NoState]):
             status = S_IOERR
         except OSError:
             status = S_IOERR
-        mem.write(status_at, bytes([status]))
+        mem.view(status_at, 1)[0] = status
         return written + 1
 
     def _range(self, sector: int, length: int) -> int:

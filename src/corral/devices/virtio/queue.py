@@ -71,7 +71,8 @@ class DescriptorChain:
 
 
 class Virtqueue:
-    """One queue: `pop()` requests, `push()` completions, `needs_interrupt()` after a batch."""
+    """One queue: `pop()` requests (or `pop_into()` all of them), `push()` completions (or
+    `push_many()` a batch with one index publish), `needs_interrupt()` after a batch."""
 
     state_model: ClassVar[type[VirtqueueState]] = VirtqueueState
 
@@ -116,48 +117,84 @@ class Virtqueue:
     def has_available(self) -> bool:
         return self.ready and self._avail_idx() != self.last_avail
 
-    def pop(self) -> DescriptorChain | None:
-        """The next available request, validated; None when the ring is empty. Raises
-        VirtqueueError for a malformed ring (a bogus avail index) or chain (its head is still
-        consumed, so the device can complete it with an error)."""
-        if not self.ready:
-            return None
+    def _pending(self) -> int:
+        """Requests the driver made available that the device has not taken (<= size)."""
         avail_idx = self._avail_idx()
         pending = (avail_idx - self.last_avail) & 0xFFFF
-        if pending == 0:
-            return None
         if pending > self.size:
             raise VirtqueueError(
                 f"queue {self.index}: avail idx {avail_idx} is {pending} ahead "
                 f"of the device, more than the queue size {self.size}"
             )
-        slot = self.avail + 4 + 2 * (self.last_avail % self.size)
-        head = U16.unpack(self.memory.view(slot, 2))[0]
+        return pending
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available request, validated; None when the ring is empty. Raises
+        VirtqueueError for a malformed ring (a bogus avail index) or chain (its head is still
+        consumed, so the device can complete it with an error)."""
+        if not self.ready or not self._pending():
+            return None
+        mem = self.memory
+        try:
+            return self._take(
+                mem.view(self.avail + 4, 2 * self.size), mem.view(self.desc, DESC_SIZE * self.size)
+            )
+        finally:
+            if self.event_idx:
+                self._publish_avail_event()
+
+    def pop_into(self, out: list[DescriptorChain], limit: int) -> None:
+        """Append up to `limit` available requests to `out`, validated, in ring order: every
+        request the driver posted before its kick, taken in one pass (one view of each ring,
+        the avail event published once per pass). With EVENT_IDX the index is read again after
+        that publish, so a request posted meanwhile is taken too, never left without a kick.
+        Raises VirtqueueError as `pop` does; `out` then holds the requests taken before it."""
+        if not self.ready:
+            return
+        while limit > 0:
+            pending = min(self._pending(), limit)
+            if not pending:
+                return
+            ring = self.memory.view(self.avail + 4, 2 * self.size)
+            table = self.memory.view(self.desc, DESC_SIZE * self.size)
+            try:
+                for _ in range(pending):
+                    out.append(self._take(ring, table))
+            finally:
+                if self.event_idx:
+                    self._publish_avail_event()
+            limit -= pending
+
+    def _take(self, ring: memoryview, table: memoryview) -> DescriptorChain:
+        """The request at `last_avail` (known to be available), through views of the available
+        ring's entries and of the descriptor table; the caller publishes the avail event."""
+        head = U16.unpack_from(ring, 2 * (self.last_avail % self.size))[0]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
-        if self.event_idx:
-            self._publish_avail_event()
         if head >= self.size:
             raise VirtqueueError(f"queue {self.index}: head descriptor {head} >= size {self.size}")
         chain = DescriptorChain(head)
-        self._walk(chain, head)
+        self._walk(chain, table, head)
         return chain
 
-    def _walk(self, chain: DescriptorChain, index: int) -> None:
-        """Follow the chain from descriptor `index`, into at most one indirect table. Every
-        buffer descriptor, direct or indirect, counts against the queue size (the spec's bound
-        on a chain), so a loop or an oversized table ends the walk after `size` steps."""
+    def _walk(self, chain: DescriptorChain, table: memoryview, index: int) -> None:
+        """Follow the chain from descriptor `index` of `table` (a view of the whole descriptor
+        table), into at most one indirect table. Every buffer descriptor, direct or indirect,
+        counts against the queue size (the spec's bound on a chain), so a loop or an oversized
+        table ends the walk after `size` steps."""
         mem = self.memory
-        table, count = self.desc, self.size
+        count = self.size
         budget = self.size  # buffer descriptors the whole chain may still use
         in_table = False
         total = 0
+        unpack, contains = DESC.unpack_from, mem.contains
+        readable, writable = chain.readable, chain.writable
         while True:
             if budget == 0:
                 raise VirtqueueError(
                     f"queue {self.index}: descriptor chain longer than the queue size {self.size} (or a loop)"
                 )
             budget -= 1
-            addr, length, flags, nxt = DESC.unpack(mem.view(table + DESC_SIZE * index, DESC_SIZE))
+            addr, length, flags, nxt = unpack(table, DESC_SIZE * index)
             if flags & F_INDIRECT:
                 if in_table or not self.indirect:
                     raise VirtqueueError(f"queue {self.index}: indirect descriptor not allowed here")
@@ -168,13 +205,13 @@ class Virtqueue:
                         f"queue {self.index}: indirect table of {length // DESC_SIZE} descriptors "
                         f"is larger than the queue size {self.size}"
                     )
-                if not mem.contains(addr, length):
+                if not contains(addr, length):
                     raise VirtqueueError(f"queue {self.index}: indirect table outside RAM")
                 budget += 1  # the table's own descriptor is no buffer
-                table, count, index, in_table = addr, length // DESC_SIZE, 0, True
+                table, count, index, in_table = mem.view(addr, length), length // DESC_SIZE, 0, True
                 continue
             if length:
-                if not mem.contains(addr, length):
+                if not contains(addr, length):
                     raise VirtqueueError(
                         f"queue {self.index}: buffer {addr:#x}+{length:#x} is outside guest RAM"
                     )
@@ -182,11 +219,11 @@ class Virtqueue:
                 if total > MAX_CHAIN_BYTES:
                     raise VirtqueueError(f"queue {self.index}: request larger than 4 GiB")
                 if flags & F_WRITE:
-                    chain.writable.append((addr, length))
-                elif chain.writable:
+                    writable.append((addr, length))
+                elif writable:
                     raise VirtqueueError(f"queue {self.index}: readable buffer after a writable one")
                 else:
-                    chain.readable.append((addr, length))
+                    readable.append((addr, length))
             if not flags & F_NEXT:
                 return
             if nxt >= count:
@@ -206,6 +243,20 @@ class Virtqueue:
         # the element is in place before the index that publishes it (x86 keeps stores in order)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         mem.store_u16(self.used + 2, self.used_idx)
+
+    def push_many(self, done: list[tuple[int, int]]) -> None:
+        """Return a batch of (head, written) requests with one used-index publish: the driver
+        sees the whole batch at once, after every element is in place."""
+        if not done:
+            return
+        size, idx = self.size, self.used_idx
+        ring = self.memory.view(self.used + 4, 8 * size)
+        pack = USED_ELEM.pack_into
+        for head, written in done:
+            pack(ring, 8 * (idx % size), head, written)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        self.memory.store_u16(self.used + 2, idx)
 
     def needs_interrupt(self) -> bool:
         """After pushing a batch: must the driver be interrupted? (EVENT_IDX or NO_INTERRUPT)"""

@@ -383,7 +383,10 @@ def run(
             raise ConfigError("--gdb is not served from inside a jail yet: debug without --jail")
 
         verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
-        _run_jailed(jail_options or JailOptions(), map_run(config, api_path, kvm_path, verbose))
+        from corral.seccomp import enabled as seccomp_on
+
+        inner = map_run(config, api_path, kvm_path, verbose, seccomp=seccomp_on())
+        _run_jailed(jail_options or JailOptions(), inner)
     machine = Machine(config, kvm_path=kvm_path)
     machine.build()
     stub = None
@@ -418,9 +421,11 @@ def _run_foreground(machine: Machine, api_path: Path | None) -> NoReturn:
             raise
     from corral.jail.debug import start_debug_hook
 
-    start_debug_hook(machine)  # only with CORRAL_DEBUG_HOOK set, in a build that allows it
     # this thread runs the machine from here on (and rebuilds it when the guest reboots)
     enter_seccomp("vmm", "corral-vmm")
+    # Only with CORRAL_DEBUG_HOOK set, in a build that allows it; after the filter, so the hook
+    # runs as a taken-over VMM thread would: under the VMM's allow-list.
+    start_debug_hook(machine)
     try:
         with TerminalConsole(machine.send_input, lambda: machine.stop("quit from the console")):
             try:
@@ -1068,7 +1073,9 @@ def jail(
         from corral.jail import map_firecracker
 
         with firecracker.make_context("firecracker", rest, parent=ctx) as sub:
-            _run_jailed(ctx.meta[JAIL_OPTIONS], map_firecracker(**sub.params))
+            from corral.seccomp import enabled as seccomp_on
+
+            _run_jailed(ctx.meta[JAIL_OPTIONS], map_firecracker(**sub.params, seccomp=seccomp_on()))
     if name != "run":
         raise ConfigError(
             f"corral jail runs `corral run` or `corral firecracker`, not {name!r}: "

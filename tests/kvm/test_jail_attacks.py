@@ -188,8 +188,10 @@ def two_vms(tmp_path):
             "b_run_api": str(base / "corral" / b_id / "run" / "api.sock"), "host_file": str(secret),
         }))  # fmt: skip
         (hook_dir / "attacks.py").write_text(ATTACKS)
+        # --no-seccomp: this is the jail's test, each attack seen refused by the jail alone (with
+        # the filters on, the first forbidden call ends the VMM: the next test)
         a = Jailed(base, UID_A, ["--cmdline", "mem-touch 16M forever", "--disk", str(disk_a),
-                                 "--api", str(tmp_path / "a.sock")],
+                                 "--api", str(tmp_path / "a.sock"), "--no-seccomp"],
                    env={"CORRAL_DEBUG_HOOK": str(hook_dir / "attacks.py")})  # fmt: skip
         yield a, b, hook_dir, tmp_path
     finally:
@@ -223,6 +225,33 @@ def test_a_taken_over_jailed_vmm_is_refused_everything(two_vms):
     b_vm.stop()
     b.finish()
     assert "PROGRESS round=2" in b.out and "ok=0" not in b.out
+
+
+PTRACE_ATTACK = r"""
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall(101, 16, 1, 0, 0)  # ptrace(PTRACE_ATTACH, pid 1)
+open("/debug/survived", "w").write("the VMM was not stopped")
+"""
+
+
+def test_a_taken_over_vmm_under_seccomp_is_stopped_at_its_first_forbidden_call(tmp_path):
+    """The same hook, with the filters on (the default): the hook runs under the VMM thread's
+    allow-list, so its ptrace ends the VM at once with exit 148 and one line naming the call."""
+    hook_dir = tmp_path / "hook"
+    hook_dir.mkdir(mode=0o700)
+    _owned(hook_dir, UID_A)
+    (hook_dir / "attack.py").write_text(PTRACE_ATTACK)
+    a = Jailed(tmp_path / "jails", UID_A, ["--cmdline", "mem-touch 16M forever"],
+               env={"CORRAL_DEBUG_HOOK": str(hook_dir / "attack.py")})  # fmt: skip
+    try:
+        rc = a.finish()
+    finally:
+        a.kill()
+    err = "".join(a.err)
+    assert rc == 148, err
+    assert "forbidden system call: ptrace (#101)" in err, err
+    assert not (hook_dir / "survived").exists()
 
 
 def _connect_as_nobody(path: Path) -> subprocess.CompletedProcess:

@@ -8,10 +8,11 @@ handle every failure the same way. Nothing here decides policy: see corral.jail.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# By soname: ctypes.util.find_library would run /sbin/ldconfig, a fork in every process that
+# imports the jail (the VMM too), and there is none inside a jail.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 # <linux/sched.h>

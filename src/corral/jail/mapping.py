@@ -51,7 +51,9 @@ def _socket(inner: Inner, host: Path, name: str) -> str:
     return f"{RUN_DIR}/{name}"
 
 
-def map_run(config: MachineConfig, api_path: Path | None, kvm_path: str, verbose: bool = False) -> Inner:
+def map_run(
+    config: MachineConfig, api_path: Path | None, kvm_path: str, verbose: bool = False, seccomp: bool = True
+) -> Inner:
     """`corral run` of `config` inside a jail: the in-jail command line and what it needs."""
     inner = Inner(argv=[])
     argv = ["-v"] if verbose else []
@@ -109,6 +111,8 @@ def map_run(config: MachineConfig, api_path: Path | None, kvm_path: str, verbose
     if api_path is not None:
         argv += ["--api", _socket(inner, api_path, "api.sock")]
     argv += ["--kvm", "/dev/kvm"]
+    if not seccomp:
+        argv.append("--no-seccomp")  # the operator's --no-seccomp reaches the jailed VMM
     inner.nodes += [Node(os.path.realpath(kvm_path), "/dev/kvm"), *STANDARD_NODES]
     inner.argv = argv
     return inner
@@ -129,6 +133,7 @@ def map_firecracker(
     metrics_path: Path | None,
     boot_timer: bool,
     kvm_path: str,
+    seccomp: bool = True,
 ) -> Inner:
     """`corral firecracker` inside a jail. As with Firecracker's jailer, paths that arrive later
     through the API are paths inside the jail: put (hard-link) such files into the jail's run
@@ -174,6 +179,8 @@ def map_firecracker(
         inner.run_files["config.json"] = json.dumps(raw).encode()
         inner.argv += ["--config-file", f"{RUN_DIR}/config.json"]
     inner.argv += ["--kvm", "/dev/kvm"]
+    if not seccomp:
+        inner.argv.append("--no-seccomp")
     inner.nodes += [Node(os.path.realpath(kvm_path), "/dev/kvm"), *STANDARD_NODES]
     if inner.taps:
         inner.nodes.append(TUN)

@@ -19,6 +19,7 @@ each call a thread would have been stopped for), to find what a new code path ne
 from __future__ import annotations
 
 import ctypes as C
+import ctypes.util
 import errno
 import logging
 import os
@@ -26,11 +27,21 @@ import socket
 import threading
 from dataclasses import dataclass
 
-import pyseccomp as sc
-
 from corral.errors import CorralError
 from corral.seccomp import lists, trap
 from corral.seccomp.trap import EXIT_CODE
+
+# pyseccomp looks its libraries up with ctypes.util.find_library, which runs `/sbin/ldconfig -p`:
+# a process start on every launch, and nothing to run inside a jail's minimal root. The sonames
+# are fixed and the dynamic loader finds them by itself, so hand them over for the import.
+_find_library = ctypes.util.find_library
+_SONAMES = {"seccomp": "libseccomp.so.2", "c": "libc.so.6"}
+ctypes.util.find_library = lambda name: _SONAMES.get(name) or _find_library(name)
+try:
+    import pyseccomp as sc
+finally:
+    ctypes.util.find_library = _find_library
+
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ COVERED = {
     "migration-handshake": ["corral.migration"],
     "migration-stream": ["corral.migration"],
     "firecracker-api": ["corral.firecracker.routes", "corral.firecracker.vmm", "corral.firecracker.models"],
-    "control-api": ["corral.api"],
+    "control-api": ["corral.firecracker.routes", "corral.firecracker.models"],
     "kernel-loaders": ["corral.boot"],
     "overlay-file": ["corral.backends.disk"],
     "device-state": ["corral.devices.virtio", "corral.devices.base"],

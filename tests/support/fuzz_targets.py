@@ -632,26 +632,27 @@ def firecracker_target(data: bytes) -> None:
 
 
 def control_target(data: bytes) -> None:
-    """The control socket's request line: a request model or one bounded error line."""
-    from pydantic import ValidationError
-
-    from corral.api import _REQUEST, describe_error
+    """The bodies of corral's own endpoints on the control socket (/corral/snapshot, /balloon,
+    /migrate), read as the router reads them: a request model, or one bounded fault line."""
+    from corral.firecracker import models
+    from corral.firecracker.routes import parse
+    from corral.firecracker.vmm import FirecrackerError
 
     ops = Ops(data)
+    model = ops.choice([models.CorralSnapshot, models.CorralBalloon, models.CorralMigrate])
     mode = ops.below(3)
     if mode == 2:
-        line = ops.nested()
+        body = ops.nested()[:51200]  # the server's body cap
     elif mode == 1:
-        line = json.dumps(
-            ops.json_value(["op", "path", "target", "address", "token", "downtime_ms"])
-        ).encode()
+        keys = ["path", "target", "to", "token", "tls_pin", "downtime_ms", "insecure"]
+        body = json.dumps(ops.json_value(keys)).encode()
     else:
-        line = ops.rest()
+        body = ops.rest()
     try:
-        _REQUEST.validate_json(line)
-    except ValidationError as exc:
-        text = describe_error(exc)
-        assert "\n" not in text and len(text) < 4000
+        parse(model, body)
+    except FirecrackerError as exc:
+        text = str(exc)
+        assert "\n" not in text and len(text) < 4000, text
 
 
 _KERNELS: list[bytes] = []

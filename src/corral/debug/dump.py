@@ -161,7 +161,9 @@ def write_core(path: str | os.PathLike[str], memory: GuestMemory, notes: list[by
     )  # fmt: skip
     phdrs = [PHDR.pack(PT_NOTE, 0, note_off, 0, 0, len(note), 0, 0)]
     for s in slots:
-        phdrs.append(PHDR.pack(PT_LOAD, PF_R | PF_W | PF_X, data_off + s.offset, s.gpa, s.gpa, s.size, s.size, PAGE))
+        phdrs.append(
+            PHDR.pack(PT_LOAD, PF_R | PF_W | PF_X, data_off + s.offset, s.gpa, s.gpa, s.size, s.size, PAGE)
+        )
     size = data_off + memory.size
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
@@ -170,6 +172,8 @@ def write_core(path: str | os.PathLike[str], memory: GuestMemory, notes: list[by
         raise DumpError(f"{path} exists: a dump never overwrites a file; give a new path") from None
     except OSError as exc:
         raise DumpError(f"cannot create the dump {path}: {exc.strerror}") from None
+    except ValueError:  # a NUL in the path
+        raise DumpError("the dump's path has a NUL byte: give a plain file name") from None
     written = 0
     try:
         os.ftruncate(fd, size)  # the whole file a hole; only populated RAM is written

@@ -16,6 +16,7 @@ A trace file is input like any other: the reader checks the header and bounds wh
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import queue
@@ -306,11 +307,10 @@ def sparkline(values: list[int]) -> str:
 
 def plot_png(s: Summary, out: str | os.PathLike[str]) -> None:
     """Exits over time as a PNG (needs matplotlib: `pip install corral[plot]`)."""
-    try:
-        import matplotlib
-
+    try:  # an optional dependency, found at run time (mypy need not know it)
+        matplotlib = importlib.import_module("matplotlib")
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = importlib.import_module("matplotlib.pyplot")
     except ImportError:
         raise TraceError(
             "matplotlib is not installed (pip install 'corral[plot]'): the sparkline shows the same"

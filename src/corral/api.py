@@ -25,9 +25,19 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from corral.debug.dump import DumpStats
+from corral.debug.stats import ExitStats
 from corral.devices.virtio.balloon import BalloonInfo
 from corral.errors import CorralError
-from corral.firecracker.models import CorralBalloon, CorralMigrate, CorralSnapshot, MigrationProgress, Vm
+from corral.firecracker.models import (
+    CorralBalloon,
+    CorralDump,
+    CorralMigrate,
+    CorralSnapshot,
+    CorralStats,
+    MigrationProgress,
+    Vm,
+)
 from corral.firecracker.routes import Router
 from corral.firecracker.server import ApiServer
 from corral.firecracker.vmm import FirecrackerVmm
@@ -113,6 +123,16 @@ class ControlClient:
         return _typed(
             BalloonInfo, self.request("PATCH", "/corral/balloon", _model(CorralBalloon, target=target))
         )
+
+    def dump(self, path: str | os.PathLike[str]) -> DumpStats:
+        """Write an ELF core of the guest to `path` (a new file, on the VM's host)."""
+        return _typed(DumpStats, self.request("PUT", "/corral/dump", CorralDump(path=str(path))))
+
+    def stats(self, enabled: bool | None = None) -> ExitStats:
+        """The VM's exit statistics; with `enabled`, start or stop counting first."""
+        if enabled is None:
+            return _typed(ExitStats, self.request("GET", "/corral/stats"))
+        return _typed(ExitStats, self.request("PATCH", "/corral/stats", CorralStats(enabled=enabled)))
 
     def openapi(self) -> dict[str, Any]:
         """The OpenAPI 3 document of every endpoint this socket serves."""

@@ -11,6 +11,7 @@ corral.api.ControlClient, and `corral image` asks each image about itself.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import threading
@@ -295,6 +296,19 @@ def main(verbose: bool) -> None:
     help="Run the VMM in a jail (namespaces, a minimal root, its own uid); `corral jail -- run` sets "
     "its options.",
 )
+@click.option(
+    "--dump-on-crash",
+    type=click.Path(path_type=Path, file_okay=False),
+    metavar="DIR",
+    help="When the guest crashes (triple fault, KVM internal error), write its ELF core into DIR.",
+)
+@click.option("--stats", is_flag=True, help="Count exits from the start (corral stats shows them).")
+@click.option(
+    "--trace",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE",
+    help="Record every exit into FILE (new), for `corral trace show FILE`.",
+)
 @KVM_OPTION
 @SECCOMP_OPTION
 @SERVE_API_OPTION
@@ -319,6 +333,9 @@ def run(
     ksm: bool,
     debug_exit: str | None,
     jail: bool,
+    dump_on_crash: Path | None,
+    stats: bool,
+    trace: Path | None,
     kvm_path: str,
     api_path: Path | None,
 ) -> None:
@@ -381,14 +398,36 @@ def run(
 
         if gdb:
             raise ConfigError("--gdb is not served from inside a jail yet: debug without --jail")
+        if trace or dump_on_crash or stats:
+            raise ConfigError(
+                "--trace, --stats and --dump-on-crash are not available inside a jail yet: "
+                "debug without --jail"
+            )
 
         verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
         from corral.seccomp import enabled as seccomp_on
 
         inner = map_run(config, api_path, kvm_path, verbose, seccomp=seccomp_on())
         _run_jailed(jail_options or JailOptions(), inner)
+    if dump_on_crash is not None and not dump_on_crash.is_dir():
+        raise ConfigError(f"--dump-on-crash {dump_on_crash}: no such directory; create it first")
+    if trace is not None and trace.exists():
+        raise ConfigError(f"--trace {trace}: the file exists; give a new path")
     machine = Machine(config, kvm_path=kvm_path)
     machine.build()
+    if dump_on_crash is not None:
+        machine.on_crash = _crash_dumper(dump_on_crash)
+    writer = None
+    if trace is not None:
+        from corral.debug.trace import TraceWriter
+
+        try:
+            writer = TraceWriter.for_machine(machine, trace)
+        except CorralError:
+            machine.close()
+            raise
+    elif stats:
+        machine.observe_exits()
     stub = None
     if gdb_address is not None:
         try:
@@ -404,6 +443,27 @@ def run(
     finally:
         if stub is not None:
             stub.close()
+        if writer is not None:
+            writer.close()
+            dropped = f", {writer.dropped} dropped" if writer.dropped else ""
+            click.echo(f"corral: trace {trace}: {writer.records} exits{dropped}", err=True)
+
+
+def _crash_dumper(directory: Path) -> Callable[[Machine, Any], None]:
+    """Machine.on_crash for --dump-on-crash: the core goes to DIR/crash-TIME-PID.core."""
+
+    def dump(machine: Machine, result: Any) -> None:
+        from corral.debug.dump import dump_core
+
+        path = directory / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.core"
+        try:
+            r = dump_core(machine, path)
+        except CorralError as exc:
+            click.echo(f"corral: the guest crashed; no core written: {exc}", err=True)
+            return
+        click.echo(f"corral: the guest crashed; its core is {r.path}", err=True)
+
+    return dump
 
 
 def _run_foreground(machine: Machine, api_path: Path | None) -> NoReturn:
@@ -993,6 +1053,112 @@ def firecracker(
             kvm_path=kvm_path,
         )
     )
+
+
+@main.command(error_code=1)
+@VM_OPTION
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+def dump(vm: ControlClient, file: Path) -> None:
+    """Write an ELF core of a running or paused guest to FILE (new; on the VM's host): gdb opens
+    it with the guest's symbols, `crash` with a Linux guest's vmlinux. The guest runs on."""
+    r = vm.dump(file.resolve())
+    click.echo(
+        f"corral: core {r.path}: {r.vcpus} vCPUs, {r.ram_bytes >> 20} MiB of RAM, "
+        f"{r.bytes_written / (1 << 20):.1f} MiB written (the rest are holes), {r.seconds * 1000:.0f} ms",
+        err=True,
+    )
+
+
+@main.command(error_code=1)
+@VM_OPTION
+@click.option("--on", "switch", flag_value="on", help="Start counting exits.")
+@click.option("--off", "switch", flag_value="off", help="Stop counting exits (the counts stay).")
+def stats(vm: ControlClient, switch: str | None) -> None:
+    """Show a VM's exit statistics per vCPU: by reason, by port and MMIO address, by device,
+    with the time the VMM spent on them."""
+    from rich.console import Console
+    from rich.table import Table
+
+    r = vm.stats(None if switch is None else switch == "on")
+    console = Console()
+    if not r.enabled and not any(v.by_reason for v in r.vcpus):
+        click.echo(
+            "corral: exit statistics are off: `corral stats --api SOCK --on`, or run with --stats",
+            err=True,
+        )
+    for v in r.vcpus:
+        ms = lambda ns: f"{ns / 1e6:.1f}"  # noqa: E731
+        console.print(
+            f"[bold]vcpu{v.vcpu}[/]: {v.exits} exits, {v.halts} halts, "
+            f"{ms(v.run_ns)} ms in KVM_RUN while counted"
+        )
+        for title, column, rows in (
+            ("by reason", "reason", v.by_reason),
+            ("by device", "device", v.by_device),
+            ("of port I/O by port", "port", v.pio_by_port),
+            ("of MMIO by address", "address", v.mmio_by_address),
+        ):
+            if not rows:
+                continue
+            table = Table(title=f"vcpu{v.vcpu} exits {title}", title_justify="left")
+            table.add_column(column)
+            table.add_column("exits", justify="right")
+            table.add_column("VMM ms", justify="right")
+            table.add_column("ns/exit", justify="right")
+            for c in rows:
+                table.add_row(c.key, f"{c.count:,}", ms(c.ns), f"{c.ns // max(c.count, 1):,}")
+            console.print(table)
+
+
+@main.group("trace")
+def trace_group() -> None:
+    """Exit traces (corral run --trace FILE)."""
+
+
+@trace_group.command("show", error_code=1)
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also draw exits over time to this PNG (needs matplotlib).",
+)
+@click.option(
+    "--top", type=click.IntRange(1, 10_000), default=20, show_default=True, help="Addresses listed."
+)
+def trace_show(file: Path, plot: Path | None, top: int) -> None:
+    """Summarize a trace: exits by reason, by device and by address, and exits over time (a
+    text sparkline; with --plot, a PNG drawn by matplotlib)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from corral.debug.trace import plot_png, sparkline, summarize
+
+    s = summarize(file)
+    console = Console()
+    dropped = f", {s.dropped:,} dropped" if s.dropped else ""
+    console.print(
+        f"{file}: {s.records:,} exits on {len(s.vcpus)} vCPU(s) over {s.span_ns / 1e9:.3f} s{dropped}"
+    )
+    for title, table_rows in (
+        ("reason", s.by_reason),
+        ("device", s.by_device),
+        ("address", s.by_address),
+    ):
+        rows = sorted(table_rows.items(), key=lambda kv: (-kv[1][0], kv[0]))
+        table = Table(title=f"exits by {title}", title_justify="left")
+        table.add_column(title)
+        table.add_column("exits", justify="right")
+        table.add_column("VMM ms", justify="right")
+        table.add_column("ns/exit", justify="right")
+        for key, (count, ns) in rows[:top] if title == "address" else rows:
+            table.add_row(key, f"{count:,}", f"{ns / 1e6:.1f}", f"{ns // max(count, 1):,}")
+        console.print(table)
+    peak = max(s.timeline, default=0)
+    console.print(f"exits over time ({s.bucket_ns / 1e6:.1f} ms per column, peak {peak:,}):")
+    console.print(f"|{sparkline(s.timeline)}|")
+    if plot is not None:
+        plot_png(s, plot)
+        console.print(f"plot: {plot}")
 
 
 @main.command()

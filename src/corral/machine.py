@@ -33,6 +33,7 @@ from corral.eventloop import EventLoop
 from corral.memory import GuestMemory
 from corral.state.model import CpuModel, MachineState
 from corral.state.snapshot import Snapshot, SnapshotError, SnapshotStats, read_snapshot, write_snapshot
+from corral.vstate.exits import ExitObserver, ExitRecorder
 from corral.vstate.vcpu import Vcpu
 from corral.vstate.vm import Vm
 
@@ -113,6 +114,13 @@ class Machine:
         # the next start() parks every vCPU before its first instruction and pauses the
         # machine (a debugger's --gdb-wait: it attaches, then continues the guest)
         self.hold_at_start = False
+        # exit statistics (per vCPU index, kept across reboots) and the trace they feed
+        self._observing = False
+        self._recorder_for: Callable[[int], ExitRecorder] | None = None
+        self.exit_observers: dict[int, ExitObserver] = {}
+        # called after a guest crash (triple fault, KVM internal error), vCPUs stopped, before
+        # the machine is torn down: --dump-on-crash writes its core here
+        self.on_crash: Callable[[Machine, ExitResult], None] | None = None
 
     @classmethod
     def from_snapshot(
@@ -220,6 +228,7 @@ class Machine:
                 v.request_pause()
         if self.loop is not None:
             self.loop.start()
+        self._attach_observers()
         for v in self.vcpus:
             v.start()
         if hold:
@@ -286,6 +295,36 @@ class Machine:
     def release_vcpus(self) -> None:
         for v in self.vcpus:
             v.resume()
+
+    # -- exit statistics and tracing --------------------------------------------------------------
+    def observe_exits(self, on: bool = True) -> None:
+        """Count (on) or stop counting every vCPU's exits by reason, port and address, with the
+        time spent handling them (see vstate.exits); the counts so far are kept."""
+        self._observing = on or self._recorder_for is not None
+        self._attach_observers()
+
+    def trace_exits(self, recorder_for: Callable[[int], ExitRecorder] | None) -> None:
+        """Hand every exit of vCPU i to `recorder_for(i)` (a trace; None: stop tracing).
+        Tracing counts the exits too."""
+        self._recorder_for = recorder_for
+        for i, obs in self.exit_observers.items():
+            obs.recorder = recorder_for(i) if recorder_for else None
+        self.observe_exits(self._observing or recorder_for is not None)
+
+    @property
+    def observing_exits(self) -> bool:
+        return self._observing
+
+    def _attach_observers(self) -> None:
+        for v in self.vcpus:
+            if not self._observing:
+                v.observer = None
+                continue
+            obs = self.exit_observers.get(v.index)
+            if obs is None:
+                rec = self._recorder_for(v.index) if self._recorder_for else None
+                obs = self.exit_observers[v.index] = ExitObserver(rec)
+            v.observer = obs
 
     # -- dirty logging (live migration) ---------------------------------------------------------
     def start_dirty_log(self) -> None:
@@ -462,6 +501,8 @@ class Machine:
                 self.start()
                 result = self.wait()
                 interrupted = False
+                if result is not None and result.kind == "crash" and self.on_crash is not None:
+                    self.on_crash(self, result)  # the vCPUs are stopped, the RAM still there
             finally:
                 # an interrupted run (Ctrl-C) shows where each vCPU was, with -v
                 self.close(dump_registers=interrupted and log.isEnabledFor(logging.INFO))

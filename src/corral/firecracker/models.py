@@ -287,6 +287,20 @@ class CorralSnapshot(Body):
     )
 
 
+class CorralDump(Body):
+    """PUT /corral/dump: an ELF core of the guest (gdb, crash), written to a new file."""
+
+    path: Annotated[str, Field(min_length=1, max_length=PATH_MAX)] = Field(
+        description="a new file to write the core to"
+    )
+
+
+class CorralStats(Body):
+    """PATCH /corral/stats: start or stop counting exits (the counts so far are kept)."""
+
+    enabled: bool = Field(description="count every vCPU exit by reason, port and address, timed")
+
+
 def _size(value: Any) -> int:
     """Bytes as a number, or a size with a unit ("256M", "1G")."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:

@@ -12,7 +12,8 @@ answers Firecracker's "Invalid request method and/or path".
 
 corral's endpoints (never a change to Firecracker's): GET /corral/status, PUT /corral/stop,
 PUT /corral/snapshot (a corral snapshot directory), GET|PATCH /corral/balloon, PUT
-/corral/migrate (JSON lines: progress, then the result) and GET /corral/openapi.json.
+/corral/migrate (JSON lines: progress, then the result), GET /corral/openapi.json, PUT
+/corral/dump (an ELF core of the guest) and GET|PATCH /corral/stats (exit statistics).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from corral.debug.dump import DumpStats, dump_core
+from corral.debug.stats import ExitStats, exit_stats
 from corral.devices.virtio.balloon import BalloonInfo
 from corral.errors import CorralError
 from corral.firecracker import models as m
@@ -350,6 +353,19 @@ class Router:
     def _corral_openapi(self, p: Params, body: bytes) -> Reply:
         return Reply(200, openapi())
 
+    def _corral_dump(self, p: Params, body: bytes) -> Reply:
+        req = parse(m.CorralDump, body)
+        return ok(dump_core(self._machine(), req.path))
+
+    def _corral_get_stats(self, p: Params, body: bytes) -> Reply:
+        return ok(exit_stats(self._machine()))
+
+    def _corral_patch_stats(self, p: Params, body: bytes) -> Reply:
+        req = parse(m.CorralStats, body)
+        machine = self._machine()
+        machine.observe_exits(req.enabled)
+        return ok(exit_stats(machine))
+
 
 def _r(
     method: str,
@@ -506,6 +522,32 @@ ROUTES: list[Route] = [
         "This API's OpenAPI 3 document.",
         R._corral_openapi,
         reply=JSON,
+        tag="corral",
+    ),
+    _r(
+        "PUT",
+        "/corral/dump",
+        "Writes an ELF core of the guest (gdb, crash) to a new file; a running VM runs on.",
+        R._corral_dump,
+        m.CorralDump,
+        DumpStats,
+        tag="corral",
+    ),
+    _r(
+        "GET",
+        "/corral/stats",
+        "Exit statistics per vCPU: by reason, port, MMIO address and device, with the time spent.",
+        R._corral_get_stats,
+        reply=ExitStats,
+        tag="corral",
+    ),
+    _r(
+        "PATCH",
+        "/corral/stats",
+        "Starts or stops counting exits, and reports the statistics.",
+        R._corral_patch_stats,
+        m.CorralStats,
+        ExitStats,
         tag="corral",
     ),
 ]

@@ -295,6 +295,21 @@ static int scenario_halt(int argc, char **argv)
     return EXIT_OK;
 }
 
+/* ---- triple-fault: sets crash_marker (a core of the crash shows it), then makes the vCPU
+ * triple-fault (corral run --dump-on-crash) ---- */
+
+volatile u64 crash_marker;
+
+static int scenario_triple_fault(int argc, char **argv)
+{
+    (void)argc, (void)argv;
+    crash_marker = 0xc0de0dead;
+    kprintf("probe: triple fault\n");
+    syscall0(SYS_TRIPLE_FAULT);
+    kprintf("RESULT error=survived-triple-fault\n");
+    return EXIT_FAIL;
+}
+
 /* ---------------------------------------------------------------- dispatch */
 
 struct scenario {
@@ -317,6 +332,7 @@ static const struct scenario scenarios[] = {
     {"gdb", scenario_gdb},
     {"chaos", scenario_chaos},
     {"fwcfg", scenario_fwcfg},
+    {"triple-fault", scenario_triple_fault},
 };
 
 static const struct scenario *find_scenario(const char *name)

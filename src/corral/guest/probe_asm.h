@@ -44,6 +44,7 @@
 
 #define SYS_HALT      0
 #define SYS_FLUSH_TLB 1
+#define SYS_TRIPLE_FAULT 2
 
 #define VEC_TIMER     0x40
 #define VEC_SPURIOUS  0xFF

@@ -10,6 +10,7 @@ import errno
 import logging
 import struct
 import threading
+from time import perf_counter_ns
 from typing import TYPE_CHECKING, Protocol
 
 from corral.boot.cpu_state import BootCpuState, Segment
@@ -17,6 +18,7 @@ from corral.kvm import constants as K
 from corral.kvm import structs as S
 from corral.kvm.fds import KvmError, VcpuFd
 from corral.seccomp import enter as enter_seccomp
+from corral.vstate.exits import FLAG_WRITE, ExitObserver
 from corral.vstate.kick import install_kick_handler, kick_thread
 from corral.vstate.kvm_state import VcpuState, cpuid_entries, load_vcpu, savable_msrs, save_vcpu
 
@@ -76,6 +78,8 @@ class Vcpu:
         self.parked = threading.Event()
         self._resume = threading.Event()
         self.debug_hook: DebugHook | None = None  # set by a debugger (corral.debug)
+        # exit statistics and tracing (vstate.exits): None runs the plain loop
+        self.observer: ExitObserver | None = None
 
     # -- configuration ----------------------------------------------------------------------
     def configure(self, cpuid: list[S.KvmCpuidEntry2], msrs: dict[int, int]) -> None:
@@ -219,16 +223,17 @@ class Vcpu:
         EXIT_IO, EXIT_MMIO = K.EXIT_IO, K.EXIT_MMIO
         exits = 0
         while not self.stopping:
+            if self.observer is not None:  # the one check observing costs when it is off
+                self.exits += exits
+                exits = 0
+                if not self._observed_turn(self.observer):
+                    return
+                continue
             try:
                 run_ioctl()
             except OSError as exc:
-                if exc.errno in (errno.EINTR, errno.EAGAIN):
-                    # KVM completed any pending I/O before returning: state is consistent here
-                    run[S.RUN_IMMEDIATE_EXIT] = 0
-                    if self.pause_requested:
-                        self._park()
+                if self._run_failed(exc):
                     continue
-                self.host.vcpu_stop("error", 1, f"vcpu{self.index}: KVM_RUN failed: {exc.strerror}")
                 return
             exits += 1
             reason = run[8]
@@ -256,6 +261,62 @@ class Vcpu:
                 if not self._slow_exit(_U32.unpack_from(run, 8)[0]):
                     return
         self.exits += exits
+
+    def _run_failed(self, exc: OSError) -> bool:
+        """KVM_RUN returned an error: True for an interruption (kick, pause), after which the
+        loop goes on; False when this vCPU must stop."""
+        if exc.errno in (errno.EINTR, errno.EAGAIN):
+            # KVM completed any pending I/O before returning: state is consistent here
+            self.fd.run_buf[S.RUN_IMMEDIATE_EXIT] = 0
+            if self.pause_requested:
+                self._park()
+            return True
+        self.host.vcpu_stop("error", 1, f"vcpu{self.index}: KVM_RUN failed: {exc.strerror}")
+        return False
+
+    def _observed_turn(self, obs: ExitObserver) -> bool:
+        """One KVM_RUN and its exit, timed, counted and recorded (exit statistics or a trace
+        are on). Returns False when this vCPU must stop."""
+        run = self.fd.run_buf
+        t0 = perf_counter_ns()
+        try:
+            self.fd.run()
+        except OSError as exc:
+            obs.run_ns += perf_counter_ns() - t0
+            return self._run_failed(exc)
+        t1 = perf_counter_ns()
+        obs.run_ns += t1 - t0
+        self.exits += 1
+        reason = _U32.unpack_from(run, 8)[0]
+        addr = length = flags = 0
+        go_on = True
+        if reason == K.EXIT_IO:
+            direction, size, addr, count, off = _IO.unpack_from(run, 32)
+            length, flags = size * count, FLAG_WRITE if direction else 0
+            for _ in range(count):
+                if direction:
+                    self.pio.write(addr, size, int.from_bytes(run[off : off + size], "little"))
+                else:
+                    run[off : off + size] = self.pio.read(addr, size).to_bytes(size, "little")
+                off += size
+        elif reason == K.EXIT_MMIO:
+            addr, data, length, is_write = _MMIO.unpack_from(run, 32)
+            length, flags = min(length, 8), FLAG_WRITE if is_write else 0
+            if is_write:
+                self.mmio.write(addr, length, int.from_bytes(data[:length], "little"))
+            else:
+                run[40 : 40 + length] = self.mmio.read(addr, length).to_bytes(length, "little")
+        else:
+            go_on = self._slow_exit(reason)
+        ns = perf_counter_ns() - t1
+        obs.count(obs.by_reason, reason, ns)
+        if reason == K.EXIT_IO:
+            obs.count(obs.pio, addr, ns)
+        elif reason == K.EXIT_MMIO:
+            obs.count(obs.mmio, addr, ns)
+        if obs.recorder is not None:
+            obs.recorder.record(t1, self.index, reason, addr, length, flags, ns)
+        return go_on
 
     def _slow_exit(self, reason: int) -> bool:
         """Handle a rare exit. Returns False when this vCPU must stop."""

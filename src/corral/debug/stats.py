@@ -1,0 +1,98 @@
+"""Exit statistics of a running machine as typed data (GET /corral/stats, `corral stats`): per
+vCPU the exits by reason, port I/O and MMIO exits by address and by device (the bus mapping
+that address belongs to), halts, and the ns the VMM spent on each, plus the time in KVM_RUN.
+
+The counters are the vCPUs' own (corral.vstate.exits); this module only reads and shapes them.
+Interrupts are injected by KVM's in-kernel irqchip and halts wait there too, so neither reaches
+the VMM as an exit: `halts` counts KVM_EXIT_HLT (only without the in-kernel LAPIC).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel
+
+from corral.kvm import constants as K
+
+if TYPE_CHECKING:
+    from corral.devices.bus import Mapping
+    from corral.machine import Machine
+
+TOP = 32  # addresses listed per vCPU and space (the busiest); devices are always all listed
+
+
+class Counter(BaseModel):
+    """How many exits, and the ns the VMM spent handling them."""
+
+    key: str  # a reason name, "0x3f8", or a device name
+    count: int
+    ns: int
+
+
+class VcpuExitStats(BaseModel):
+    vcpu: int
+    exits: int  # every exit since the vCPU started (counted whether or not stats are on)
+    run_ns: int  # time inside KVM_RUN while stats were on
+    halts: int
+    by_reason: list[Counter]
+    pio_by_port: list[Counter]
+    mmio_by_address: list[Counter]
+    by_device: list[Counter]
+
+
+class ExitStats(BaseModel):
+    """The reply of GET /corral/stats."""
+
+    enabled: bool  # stats are being counted (`corral run --stats`, PATCH /corral/stats)
+    vcpus: list[VcpuExitStats]
+
+
+def device_of(mappings: Sequence[Mapping], addr: int) -> str:
+    for m in mappings:
+        if m.base <= addr < m.end:
+            return m.name or type(m.device).__name__
+    return "unassigned"
+
+
+def reason_name(reason: int) -> str:
+    return K.EXIT_NAMES.get(reason, str(reason))
+
+
+def _counters(table: dict[int, list[int]], key: object) -> list[Counter]:
+    rows = [Counter(key=key(k) if callable(key) else str(k), count=c, ns=ns) for k, (c, ns) in table.items()]
+    return sorted(rows, key=lambda r: (-r.count, r.key))
+
+
+def exit_stats(machine: Machine) -> ExitStats:
+    """The machine's exit statistics now (empty lists for vCPUs never observed)."""
+    board = machine.board
+    pio_maps = list(board.pio.mappings) if board else []
+    mmio_maps = list(board.mmio.mappings) if board else []
+    out = []
+    for v in machine.vcpus:
+        obs = machine.exit_observers.get(v.index)
+        by_reason, pio, mmio, run_ns = obs.snapshot() if obs else ({}, {}, {}, 0)
+        devices: dict[str, list[int]] = {}
+        for table, maps, space in ((pio, pio_maps, "pio"), (mmio, mmio_maps, "mmio")):
+            for addr, (count, ns) in table.items():
+                d = devices.setdefault(f"{device_of(maps, addr)} ({space})", [0, 0])
+                d[0] += count
+                d[1] += ns
+        out.append(
+            VcpuExitStats(
+                vcpu=v.index,
+                exits=v.exits,
+                run_ns=run_ns,
+                halts=by_reason.get(K.EXIT_HLT, [0, 0])[0],
+                by_reason=_counters(by_reason, reason_name),
+                pio_by_port=_counters(pio, lambda p: f"{p:#x}")[:TOP],
+                mmio_by_address=_counters(mmio, lambda a: f"{a:#x}")[:TOP],
+                by_device=[Counter(key=k, count=c, ns=ns) for k, (c, ns) in sorted(devices.items())],
+            )
+        )
+    return ExitStats(enabled=machine.observing_exits, vcpus=out)
+
+
+__all__ = ["Counter", "ExitStats", "VcpuExitStats", "device_of", "exit_stats", "reason_name"]

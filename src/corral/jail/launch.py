@@ -160,6 +160,7 @@ def enter_jail(spec: JailSpec, keep_fd: int) -> None:  # pragma: no cover - runs
     process. A failure raises JailStepError; what ran by then stays in the child's namespaces."""
     step = "joining the VM's cgroups"
     try:
+        os.umask(0o022)  # the root's directories must be walkable by the VM's uid, whatever ours was
         for procs in spec.cgroup_procs:
             with open(procs, "w") as f:
                 f.write("0")  # "0": the writing process itself, whatever its pid namespace

@@ -72,11 +72,17 @@ class Daemon:
         self.state = state
         self.sock = state / "corral.sock"
         self.cgroup_parent = f"corral-jt-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+        self.args, self.env = args, env
+        self.start()
+
+    def start(self) -> None:
+        if self.sock.exists():
+            self.sock.unlink()  # a killed daemon leaves it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "corral", "serve", "--state-dir", str(state)]
-            + ["--cgroup-parent", self.cgroup_parent, *args],
+            [sys.executable, "-m", "corral", "serve", "--state-dir", str(self.state)]
+            + ["--cgroup-parent", self.cgroup_parent, *self.args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env=cli_env(env),
+            env=cli_env(self.env),
         )  # fmt: skip
         deadline = time.monotonic() + 30
         while not self.sock.exists():
@@ -216,6 +222,13 @@ def test_daemon_vms_are_jailed_apart_and_leave_nothing(hooked, tmp_path):
         st = (snap / f).lstat()
         assert st.st_uid == 0 and st.st_nlink == 1 and (snap / f).is_file()
     assert not [p for p in run_b.iterdir() if p.name.startswith(".snapshot-")]  # moved, not copied
+
+    # a daemon killed and started again finds its jailed VMs (and can remove them: below)
+    daemon.proc.kill()
+    daemon.proc.wait(15)
+    daemon.start()
+    again = daemon.api.call("GET", "/vms/vm-a")
+    assert again["state"] == "running" and again["jail"] == jails["vm-a"]
     clone = daemon.api.call("POST", "/vms", {"id": "vm-c", "snapshot": str(snap)})
     assert clone["state"] == "running" and clone["jail"]["uid"] not in (
         jails["vm-a"]["uid"],

@@ -1,16 +1,23 @@
 """corral.daemon.fleet with jails: a jailing fleet needs the fork server's launcher, and a
 jailed VM's snapshot files are taken from its run directory only when they are plain files of
-its own uid (a hostile VM may leave a symlink or a hard link there instead)."""
+its own uid (a hostile VM may leave a symlink or a hard link there instead); `serve` jails by
+default, says so when it cannot (not root), and refuses --spawn with the jail on."""
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
 
 import pytest
 
 from corral.daemon.fleet import Fleet, FleetError, _claim
 from corral.daemon.launcher import SpawnLauncher
+from corral.daemon.server import serve
 from corral.daemon.statedir import StateDir
+from corral.daemon.vmapi import HttpClient
+from corral.errors import ConfigError
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="files of another uid need root")
 UID = 931_777
@@ -60,3 +67,31 @@ def test_what_a_vm_may_leave_instead_is_refused(tmp_path, kind):
         _claim(src, target / "vm.snap", UID)
     assert not (target / "vm.snap").exists()
     assert secret.stat().st_uid == UID and secret.read_text() == "root's\n"
+
+
+def test_as_non_root_the_daemon_warns_and_runs_vms_unjailed(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    ready = threading.Event()
+    seen: list[dict] = []
+
+    def ask_then_stop() -> None:
+        ready.wait(30)
+        try:
+            seen.append(HttpClient(str(tmp_path / "s" / "corral.sock"), timeout=10).call("GET", "/"))
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # serve's own handler: it returns
+
+    t = threading.Thread(target=ask_then_stop)
+    t.start()
+    with caplog.at_level(logging.WARNING):
+        assert serve(tmp_path / "s", cgroup_parent=None, launcher=SpawnLauncher(), ready=ready) == 0
+    t.join(30)
+    assert seen and seen[0]["jail"] is False
+    assert "jailing VMs needs root" in caplog.text
+
+
+@root_only
+def test_spawn_cannot_jail_and_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="--spawn cannot jail VMs.*give --no-jail"):
+        serve(tmp_path / "s", spawn=True)
+    assert not (tmp_path / "s").exists()  # refused before anything was made

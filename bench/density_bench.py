@@ -7,6 +7,9 @@ idle one costs the host, and how many this host holds.
   CLI's args (`launch(["firecracker", "--api-sock", ..., "--config-file", ...])`, the daemon's
   Launcher) and through the library (`launch_firecracker`), and QEMU `-M microvm`; interleaved
   (run, fork server x2, QEMU, run, ...) so background load lands on all; median (min-max).
+  As root, also `fork server, jailed`: the daemon's jailed VMs (corral.jail.Jail.prepare on the
+  host side, the template's child entering the jail, the CLI path), with the jail's set-up time
+  per VM (host side + the child's entering, until the VM's own code runs).
 - creation rate (VMs/s, request -> every VM's first serial byte): N VMs one after another, and N
   requested at once, for `corral run` processes and both fork-server paths.
 - private VMM memory per idle VM: every mapping but guest RAM, from /proc/PID/smaps, as
@@ -60,8 +63,10 @@ HOST_LIMIT = 0.80  # stop the ramp when this share of host memory is in use
 FIRST_BYTE_TIMEOUT = 60.0
 FS_CLI = "fork server, CLI"  # ForkServer.launch(["firecracker", ...]): the daemon's Launcher
 FS_LIB = "fork server, library"  # ForkServer.launch_firecracker(...): no click in the child
+FS_JAIL = "fork server, jailed"  # as FS_CLI, each VM in its own jail (the daemon as root)
 QEMU = "QEMU -M microvm"
-COLUMNS = ("corral run", FS_CLI, FS_LIB, QEMU)
+COLUMNS = ("corral run", FS_CLI, FS_LIB, FS_JAIL, QEMU)
+JAILS = os.geteuid() == 0
 
 
 # --- VMs of each kind: start one, get (pid or Popen, the fd its serial output arrives on) ------
@@ -70,8 +75,10 @@ COLUMNS = ("corral run", FS_CLI, FS_LIB, QEMU)
 class Vm:
     """One VM process and the read end of its console (None once closed)."""
 
-    def __init__(self, pid: int, out: int | None, proc: subprocess.Popen[bytes] | None = None) -> None:
-        self.pid, self.out, self.proc = pid, out, proc
+    def __init__(
+        self, pid: int, out: int | None, proc: subprocess.Popen[bytes] | None = None, jail: object = None
+    ) -> None:
+        self.pid, self.out, self.proc, self.jail = pid, out, proc, jail
 
     def kill(self) -> None:
         try:
@@ -80,6 +87,11 @@ class Vm:
             pass
         if self.proc is not None:
             self.proc.wait()
+        if self.jail is not None:
+            while os.path.exists(f"/proc/{self.pid}"):  # until the template reaped it
+                time.sleep(0.005)
+            self.jail.cleanup()  # type: ignore[attr-defined]
+            self.jail = None
         if self.out is not None:
             os.close(self.out)
             self.out = None
@@ -101,6 +113,7 @@ class Kinds:
         )
         self.fs = ForkServer().start()
         self.n = 0
+        self.jail_setup_ms: list[float] = []
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         self._env = env
 
@@ -157,6 +170,27 @@ class Kinds:
         finally:
             os.close(w)
         return Vm(pid, r)
+
+    def forked_jailed(self) -> Vm:
+        """As `forked`, in a jail of its own (as the daemon's VMs, root only)."""
+        from corral.jail import Jail, JailOptions, map_firecracker
+
+        args = self.fork_args()
+        t0 = time.perf_counter()
+        inner = map_firecracker(
+            api_sock=Path(args[2]), instance_id=args[4], config_file=self.config, no_api=False,
+            log_path=None, level=None, metrics_path=None, boot_timer=False, kvm_path="/dev/kvm",
+        )  # fmt: skip
+        jail = Jail(JailOptions(id=args[4], chroot_base=self.work / "jails"), inner, pdeathsig=False)
+        spec = jail.prepare()
+        host_ms = (time.perf_counter() - t0) * 1e3
+        r, w = os.pipe()
+        try:
+            pid, child_ms = self.fs.launch_jailed(spec.argv, output_fd=w, jail=spec)
+        finally:
+            os.close(w)
+        self.jail_setup_ms.append(host_ms + child_ms)
+        return Vm(pid, r, jail=jail)
 
     def forked_lib(self) -> Vm:
         """The same microVM through the library (launch_firecracker: no CLI in the child)."""
@@ -260,6 +294,8 @@ def measure_launch(kinds: Kinds, runs: int, qemu: bool) -> dict[str, dict[str, f
         FS_CLI: kinds.forked,
         FS_LIB: kinds.forked_lib,
     }
+    if JAILS:
+        starters[FS_JAIL] = kinds.forked_jailed
     if qemu:
         starters[QEMU] = kinds.qemu
     times: dict[str, list[float]] = {k: [] for k in starters}
@@ -280,7 +316,14 @@ def measure_creation(
     """VMs/s sequential and concurrent for each kind, and the memory of the concurrent set (idle)."""
     rates: dict[str, dict[str, float]] = {}
     memory: dict[str, dict[str, dict[str, float]]] = {}
-    for name, start in (("corral run", kinds.corral_run), (FS_CLI, kinds.forked), (FS_LIB, kinds.forked_lib)):
+    kinds_: list[tuple[str, Callable[[], Vm]]] = [
+        ("corral run", kinds.corral_run),
+        (FS_CLI, kinds.forked),
+        (FS_LIB, kinds.forked_lib),
+    ]
+    if JAILS:
+        kinds_.append((FS_JAIL, kinds.forked_jailed))
+    for name, start in kinds_:
         vms: list[Vm] = []
         try:
             t0 = time.perf_counter()
@@ -468,7 +511,8 @@ def main() -> int:
                 ksm = measure_ksm(kinds, args.ksm_vms, args.ksm_fill, args.ksm_settle)
         finally:
             kinds.close()
-    results.update(launch_ms=launch, rates=rates, memory=memory, ramp=ramp, ksm=ksm)
+        jail_ms = stats(kinds.jail_setup_ms) if kinds.jail_setup_ms else None
+    results.update(launch_ms=launch, rates=rates, memory=memory, ramp=ramp, ksm=ksm, jail_setup_ms=jail_ms)
 
     gib = meminfo()["MemTotal"] / 2**30
     host = f"{platform.node()}: {os.cpu_count()} CPUs, {gib:.0f} GiB, kernel {platform.release()}"
@@ -481,6 +525,8 @@ def main() -> int:
 
     if launch is not None:
         row("launch -> first serial byte (ms)", {k: fmt(v) for k, v in launch.items()})
+    if jail_ms is not None:
+        row(f"jail set-up per VM (ms; {len(kinds.jail_setup_ms)} VMs)", {FS_JAIL: fmt(jail_ms)})
     if rates is not None and memory is not None:
         for how, said in (("sequential", "one after another"), ("concurrent", "at once")):
             row(f"creation, {args.vms} {said} (VMs/s)", {k: f"{v[how]:.1f}" for k, v in rates.items()})

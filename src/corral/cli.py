@@ -1296,6 +1296,11 @@ def DAEMON_SOCK_OPTION(f: Callable[..., Any]) -> Callable[..., Any]:
     is_flag=True,
     help="Start each VM as a fresh interpreter instead of forking it from a warm template.",
 )
+@click.option(
+    "--no-jail",
+    is_flag=True,
+    help="Run VMs unjailed (by default, as root, each VM gets its own jail: see `corral jail`).",
+)
 def serve(
     state_dir: Path,
     api_sock: Path | None,
@@ -1304,6 +1309,7 @@ def serve(
     cgroup_parent: str,
     no_cgroups: bool,
     spawn: bool,
+    no_jail: bool,
 ) -> None:
     """The host daemon: create, list, pause, snapshot, stop and remove VMs over REST.
 
@@ -1319,6 +1325,7 @@ def serve(
             token_file=token_file,
             cgroup_parent=None if no_cgroups else cgroup_parent,
             spawn=spawn,
+            jail=not no_jail,
         )
     )
 
@@ -1370,6 +1377,16 @@ def _show_vm(v: dict[str, Any]) -> None:
         table.add_row("applied", f"{a['limit']} = {a['value']} ({a['cgroup']}: {a['file']})")
     for n in cg.get("not_applied", []):
         table.add_row("not applied", n)
+    j = v.get("jail")
+    if j:
+        table.add_row(
+            "jail", f"uid {j['uid']} gid {j['gid']}, root {j['root']}, setup {j.get('setup_ms')} ms"
+        )
+        table.add_row("namespaces", ", ".join(j["namespaces"]))
+        for g in j.get("cgroups", []):
+            table.add_row("jail cgroup", g)
+    else:
+        table.add_row("jail", "none (unjailed)")
     Console().print(table)
 
 

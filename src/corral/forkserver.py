@@ -21,6 +21,17 @@ serves one microVM through the library without the CLI. The template reaps child
 they exit (SIGCHLD) and remembers the last RETURNCODES_KEPT statuses. Children are not tied to the
 template: they run on when it dies (then init reaps them).
 
+Jailed children (a request with `jail`, a corral.jail.JailSpec the daemon made with
+`Jail.prepare`): the template (root, one thread) unshares a new PID namespace for its next child
+only, forks, and returns to its own; the child, pid 1 of that namespace, detaches as above and
+then runs the jailer's own child side (corral.jail.enter_jail: cgroups, mount/IPC/UTS
+namespaces, the minimal root, pivot_root, rlimits, its uid, no_new_privs, fds closed), swaps in
+the jail's environment, and runs the VM in-process: no exec, so it keeps sharing the template's
+pages. Modules imported later are found at the same paths (the jail binds the stdlib, the venv
+and corral read-only). The template waits for the child's set-up (a pipe: EOF when done, the
+failing step's line otherwise), so a jail that cannot be built fails its request with that line;
+the reply says how long it took. No PR_SET_PDEATHSIG: jailed VMs outlive the template as others.
+
 What an idle VM's process costs (USS of every mapping but guest RAM, probe `halt`, 128 MiB,
 `corral firecracker --config-file`; bench/density_bench.py; 2026-11-30, a loaded 2-core PVM host):
 a fresh interpreter 21.9-26.4 MiB; forked from the template 7.46 MiB; the port table as a dict
@@ -39,12 +50,14 @@ serves the API with no VM costs 4.3 MiB.
 from __future__ import annotations
 
 import array
+import contextlib
 import gc
 import importlib
 import json
 import logging
 import os
 import random
+import select
 import signal
 import socket
 import stat
@@ -63,6 +76,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
 from corral.errors import CorralError
+from corral.jail import JailSpec, JailStepError, enter_jail, linux
 
 MAX_REQUEST = 64 << 10  # bytes in one request message
 MAX_ARGS = 256
@@ -73,6 +87,7 @@ RETURNCODES_KEPT = 4096
 ENTRY = "corral.cli"
 START_TIMEOUT = 60.0  # seconds the template may take to import everything
 REPLY_TIMEOUT = 30.0
+JAIL_TIMEOUT = 20.0  # seconds a jailed child may take to enter its jail (inside REPLY_TIMEOUT)
 
 # What a VM process runs: imported once in the template, shared by every child.
 PRELOAD = (
@@ -134,6 +149,7 @@ class LaunchRequest(BaseModel):
     op: Literal["launch"]
     args: Annotated[list[Arg], Field(min_length=1, max_length=MAX_ARGS)]
     log_path: Annotated[str, StringConstraints(min_length=1, max_length=MAX_ARG)] | None = None
+    jail: JailSpec | None = None  # run the child in this jail (the template must be root)
 
 
 Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ARG)]
@@ -156,6 +172,7 @@ class FirecrackerRequest(BaseModel):
     boot_timer: bool = False
     kvm_path: Text = "/dev/kvm"
     log_path: Text | None = None
+    jail: JailSpec | None = None
 
 
 class ReturncodeRequest(BaseModel):
@@ -176,6 +193,7 @@ class Reply(BaseModel):
     pid: int | None = None
     returncode: int | None = None
     error: str | None = None
+    jail_ms: float | None = None  # a jailed child: fork to jail entered, in milliseconds
 
 
 def decode_request(data: bytes, truncated: bool = False) -> AnyRequest:
@@ -294,19 +312,39 @@ class ForkServer:
         raise ForkServerError("the fork server died: see its stderr")
 
     def launch(
-        self, args: list[str], *, log_path: str | os.PathLike[str] | None = None, output_fd: int | None = None
+        self,
+        args: list[str],
+        *,
+        log_path: str | os.PathLike[str] | None = None,
+        output_fd: int | None = None,
+        jail: JailSpec | None = None,
     ) -> int:
         """Fork a VM process running `corral ARGS...` with stdout and stderr appended to
-        `log_path` (created 0600), or written to `output_fd` (a pipe, say); returns its pid."""
+        `log_path` (created 0600), or written to `output_fd` (a pipe, say); returns its pid.
+        With `jail`, the process runs in that jail (see the module docstring)."""
+        return self.launch_jailed(args, log_path=log_path, output_fd=output_fd, jail=jail)[0]
+
+    def launch_jailed(
+        self,
+        args: list[str],
+        *,
+        log_path: str | os.PathLike[str] | None = None,
+        output_fd: int | None = None,
+        jail: JailSpec | None = None,
+    ) -> tuple[int, float]:
+        """As `launch`; also how long the child took to enter its jail (ms; 0 without one)."""
         if (log_path is None) == (output_fd is None):
             raise ForkServerError("give launch either log_path or output_fd")
         req = LaunchRequest(
-            op="launch", args=list(args), log_path=None if log_path is None else os.fspath(log_path)
+            op="launch",
+            args=list(args),
+            log_path=None if log_path is None else os.fspath(log_path),
+            jail=jail,
         )
         reply = self._call(req, output_fd)
         if not reply.ok or reply.pid is None:
             raise ForkServerError(f"launch {' '.join(args)[:200]}: {reply.error}")
-        return reply.pid
+        return reply.pid, reply.jail_ms or 0.0
 
     def launch_firecracker(
         self,
@@ -321,6 +359,7 @@ class ForkServer:
         metrics_path: str | os.PathLike[str] | None = None,
         boot_timer: bool = False,
         kvm_path: str = "/dev/kvm",
+        jail: JailSpec | None = None,
     ) -> int:
         """Fork a process serving one microVM as `corral firecracker --api-sock ... --id ...
         --config-file ...` would, without running the CLI (less memory per VM); returns its pid.
@@ -342,6 +381,7 @@ class ForkServer:
             boot_timer=boot_timer,
             kvm_path=kvm_path,
             log_path=opt(log_path),
+            jail=jail,
         )
         reply = self._call(req, output_fd)
         if not reply.ok or reply.pid is None:
@@ -524,9 +564,31 @@ def _firecracker(req: FirecrackerRequest) -> Callable[[], int]:
     return run
 
 
-def _child(sock: socket.socket, body: Callable[[], int], out: int) -> None:
-    """In the forked child: detach from the template, then run `body` (corral's CLI, or a
-    microVM through the library) and exit with its status. Never returns."""
+def _enter(spec: JailSpec, err_w: int) -> None:
+    """In a jailed child, detached: enter the jail, take its environment, tell the template
+    (EOF on `err_w`: done; a line: the step that failed, and the child ends)."""
+    try:
+        enter_jail(spec, err_w)
+    except JailStepError as exc:
+        with contextlib.suppress(OSError):
+            os.write(err_w, str(exc).encode()[:4000])
+        os._exit(127)
+    os.environ.clear()
+    os.environ.update(spec.env)
+    tempfile.tempdir = None  # the template's /tmp is not in the jail: TMPDIR says where
+    os.close(err_w)
+    from corral.jail.debug import HOOK_ENV, start_debug_hook
+
+    if HOOK_ENV in spec.env:  # the compromised-VMM simulation (a source tree's tests only)
+        start_debug_hook(None)
+
+
+def _child(
+    sock: socket.socket, body: Callable[[], int], out: int, jail: tuple[JailSpec, int] | None = None
+) -> None:
+    """In the forked child: detach from the template, enter the jail if given one, then run
+    `body` (corral's CLI, or a microVM through the library) and exit with its status. Never
+    returns."""
     code = 1
     try:
         os.setsid()
@@ -544,6 +606,8 @@ def _child(sock: socket.socket, body: Callable[[], int], out: int) -> None:
         for h in logging.root.handlers[:]:
             logging.root.removeHandler(h)
         _returncodes.clear()
+        if jail is not None:
+            _enter(*jail)
         try:
             code = body()
         except SystemExit as exc:
@@ -578,6 +642,12 @@ def _launch(sock: socket.socket, req: LaunchRequest | FirecrackerRequest, fds: l
         raise ForkServerError("bad request: give log_path or one fd for the output")
     sys.stdout.flush()
     sys.stderr.flush()
+    if req.jail is not None:
+        try:
+            pid, ms = _fork_jailed(sock, body, out, fds, req.jail)
+        finally:
+            os.close(out)
+        return Reply(ok=True, pid=pid, jail_ms=round(ms, 3))
     try:
         pid = os.fork()
     except OSError as exc:
@@ -589,6 +659,56 @@ def _launch(sock: socket.socket, req: LaunchRequest | FirecrackerRequest, fds: l
         _child(sock, body, out)
     os.close(out)
     return Reply(ok=True, pid=pid)
+
+
+def _fork_jailed(
+    sock: socket.socket, body: Callable[[], int], out: int, fds: list[int], spec: JailSpec
+) -> tuple[int, float]:
+    """Fork a child into a new PID namespace (it is pid 1 there; the template's own namespace is
+    restored at once), let it enter `spec`'s jail, and wait for its word: the pid and the
+    milliseconds it took, or a ForkServerError with the step that failed."""
+    if os.geteuid() != 0:
+        raise ForkServerError("a jailed launch needs a fork server running as root")
+    t0 = time.perf_counter()
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            linux.unshare(linux.CLONE_NEWPID)  # for the next child only
+            pid = os.fork()
+        except OSError as exc:
+            os.close(err_r)
+            os.close(err_w)
+            raise ForkServerError(f"jail {spec.id}: {exc}") from None
+        if pid == 0:  # pragma: no cover - the child never returns
+            os.close(err_r)
+            for fd in fds:
+                os.close(fd)
+            _child(sock, body, out, (spec, err_w))
+    finally:
+        linux.setns(own_pidns, linux.CLONE_NEWPID)  # the template's later children: as before
+        os.close(own_pidns)
+    os.close(err_w)
+    failure = b""
+    deadline = time.monotonic() + JAIL_TIMEOUT
+    try:
+        while len(failure) < 4096:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([err_r], [], [], left)[0]:
+                failure = failure or b"the child did not enter its jail in time"
+                os.kill(pid, signal.SIGKILL)
+                break
+            chunk = os.read(err_r, 4096)
+            if not chunk:
+                break
+            failure += chunk
+    finally:
+        os.close(err_r)
+    if failure:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise ForkServerError(f"jail {spec.id}: {failure.decode(errors='replace')}")
+    return pid, (time.perf_counter() - t0) * 1000
 
 
 def _recv(sock: socket.socket) -> tuple[bytes, list[int], bool]:

@@ -65,6 +65,7 @@ def test_bad_requests_are_refused_and_the_daemon_serves_on(served):
         "version": api.call("GET", "/")["version"],
         "state_dir": str(state.root),
         "vms": 0,
+        "jail": False,  # this fleet (SpawnLauncher) runs VMs unjailed
     }
     assert _fault(api, "GET", "/nope") == (404, "no such path: GET /nope")
     assert _fault(api, "PUT", "/vms")[0] == 404

@@ -3,9 +3,13 @@ and deletes VMs over a REST API on a Unix socket (and TCP with a bearer token, o
 
 Each VM is its own `corral firecracker` process (started through a Launcher, in its own
 session), driven through its per-VM Firecracker API socket, so VMs keep running when the daemon
-is restarted or killed; the daemon finds them again in its state directory.
+is restarted or killed; the daemon finds them again in its state directory. As root, each VM
+runs in a jail of its own (corral.jail: its own uid, namespaces, a minimal read-only root),
+entered inside the fork server's child with no exec, so jailed VMs keep the template's shared
+pages; `--no-jail` turns that off, and a daemon that is not root runs VMs unjailed and says so.
 
-    launcher.py  how a VM process is started (a Protocol; posix_spawn of `python -m corral`)
+    launcher.py  how a VM process is started (a Protocol: the fork server, jailed or not, or
+                 posix_spawn of `python -m corral`)
     cgroups.py   per-VM resource limits on cgroup v2 or v1, whichever the host mounts
     statedir.py  STATE/vms/ID/: config, pid (with its start time), console, log, exit record
     vmapi.py     HTTP/1.1 over a Unix socket: the client of a VM's API and of the daemon

@@ -6,16 +6,28 @@ A VM whose process has gone is `stopped` when a stop was asked for, else `dead`,
 ended when this daemon was its parent and saw it (exit.json), never dropped from the list.
 
 Operations on one VM are serialized by a per-VM lock; operations on different VMs run at once.
+
+Jailed VMs (`jail=True`, `corral serve`'s default as root): the daemon does the jail's host side
+(corral.jail.Jail.prepare: a uid of its own, STATE/jail/corral/ID with root/ and run/, the VM's
+files bound in at fixed paths) and the fork server's child enters the jail and runs the VM. The
+VM's API socket is STATE/jail/corral/ID/run/api.sock, and STATE/vms/ID/api.sock a symlink to it;
+the console is the fd the template opened. Paths the daemon sends to a jailed VM are inside its
+jail: a snapshot is written into its run directory and then moved (checked: a regular file of
+the VM's uid, one link) to the directory asked for; a clone gets the snapshot's files bound in
+read-only. `rm` removes the jail's directory and gives back its uid.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import secrets
+import shutil
 import signal
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -25,11 +37,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from corral.daemon.cgroups import CgroupError, Cgroups, LimitReport, VmGroup
-from corral.daemon.launcher import Launcher
-from corral.daemon.models import CreateVm, SnapshotInfo, VmInfo, VmRecord, VmState
+from corral.daemon.launcher import JailingLauncher, Launcher, LaunchError
+from corral.daemon.models import CreateVm, JailInfo, SnapshotInfo, VmInfo, VmRecord, VmState
 from corral.daemon.statedir import StateDir, VmDir, proc_start_time
 from corral.daemon.vmapi import ApiError, HttpClient
 from corral.errors import CorralError
+from corral.firecracker.snapshot import _copy_data  # a sparse copy (a memory file is mostly holes)
+from corral.jail import Jail, JailOptions, map_firecracker, release_uid
+from corral.jail.mapping import RUN_DIR, map_snapshot_load
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +85,15 @@ class Fleet:
         *,
         max_vms: int = MAX_VMS,
         start_timeout: float = START_TIMEOUT,
+        jail: bool = False,
     ) -> None:
+        if jail and not isinstance(launcher, JailingLauncher):
+            raise FleetError("jailing VMs needs the fork server's launcher (drop --spawn, or give --no-jail)")
         self.state = state
         self.launcher = launcher
+        self.jail = jail
+        self.jail_base = state.root / "jail"  # jails live in STATE/jail/corral/ID
+        self._jails: dict[str, Jail] = {}  # jails this daemon prepared (they hold their uid's lock)
         self.cgroups = cgroups
         self.max_vms = max_vms
         self.start_timeout = start_timeout
@@ -169,6 +190,7 @@ class Fleet:
                 "mem_mib": rec.mem_mib,
                 "limits": rec.limits,
                 "cgroups": rec.cgroups,
+                "jail": rec.jail,
             }
         )
 
@@ -257,10 +279,14 @@ class Fleet:
             rec.cgroups = group.report
         elif req.limits != type(req.limits)():
             rec.cgroups = LimitReport(not_applied=["every limit: this daemon runs with --no-cgroups"])
-        d.write(d.record, rec.model_dump_json())
-        for f in (d.log, d.console):
-            d.write(f, b"")
-        pid = self.launcher.launch(args, log_path=d.console)
+        load_paths: tuple[str, str, str | None] | None = None
+        if self.jail:
+            pid, load_paths = self._launch_jailed(d, req, rec, group)
+        else:
+            d.write(d.record, rec.model_dump_json())
+            for f in (d.log, d.console):
+                d.write(f, b"")
+            pid = self.launcher.launch(args, log_path=d.console)
         with self._lock:
             self._children[d.id] = pid
         if group is not None:
@@ -275,18 +301,72 @@ class Fleet:
         self._wait_api(d, pid)
         if req.snapshot is not None:
             snap = Path(req.snapshot).absolute()
+            snap_file, mem_file = str(snap / SNAP_FILE), str(snap / MEM_FILE)
+            if load_paths is not None:
+                snap_file, mem_file = load_paths[0], load_paths[1]
             load: dict[str, Any] = {
-                "snapshot_path": str(snap / SNAP_FILE),
-                "mem_backend": {"backend_type": "File", "backend_path": str(snap / MEM_FILE)},
+                "snapshot_path": snap_file,
+                "mem_backend": {"backend_type": "File", "backend_path": mem_file},
                 "resume_vm": req.resume,
                 "network_overrides": [o.model_dump() for o in req.network_overrides],
             }
             if req.vsock_override is not None:
                 load["vsock_override"] = req.vsock_override.model_dump()
+                if load_paths is not None and load_paths[2] is not None:
+                    load["vsock_override"]["uds_path"] = load_paths[2]
             try:
                 self._api(d, SNAPSHOT_TIMEOUT).call("PUT", "/snapshot/load", load)
             except ApiError as exc:
                 raise FleetError(f"snapshot: the clone cannot load it: {exc}") from None
+
+    def _launch_jailed(
+        self, d: VmDir, req: CreateVm, rec: VmRecord, group: VmGroup | None
+    ) -> tuple[int, tuple[str, str, str | None] | None]:
+        """The jail's host side here, its child side in the fork server's child; the VM's pid
+        and, for a clone, the in-jail paths its snapshot load names."""
+        t0 = time.perf_counter()
+        inner = map_firecracker(
+            api_sock=d.api_sock,
+            instance_id=d.id,
+            config_file=d.config if req.config is not None else None,
+            no_api=False,
+            log_path=d.log,
+            level=None,
+            metrics_path=None,
+            boot_timer=False,
+            kvm_path="/dev/kvm",
+        )
+        load_paths = None
+        if req.snapshot is not None:
+            snap = Path(req.snapshot).absolute()
+            vsock = None if req.vsock_override is None else Path(req.vsock_override.uds_path)
+            taps = [o.host_dev_name for o in req.network_overrides]
+            load_paths = map_snapshot_load(inner, snap / SNAP_FILE, snap / MEM_FILE, taps, vsock)
+        jail = Jail(JailOptions(id=d.id, chroot_base=self.jail_base), inner, pdeathsig=False)
+        with self._lock:
+            self._jails[d.id] = jail
+        spec = jail.prepare()
+        if group is not None:  # the VM moves itself into its cgroups before anything else
+            spec = spec.model_copy(update={"cgroup_procs": [str(p / "cgroup.procs") for _, p in group.dirs]})
+        rec.jail = JailInfo(
+            uid=spec.uid,
+            gid=spec.gid,
+            dir=str(jail.dir),
+            root=spec.root,
+            namespaces=spec.namespaces,
+            cgroups=[str(p) for _, p in group.dirs] if group is not None else [],
+        )
+        d.write(d.record, rec.model_dump_json())  # before the launch: an `rm` after a crash finds the jail
+        d.write(d.console, b"")
+        host_ms = (time.perf_counter() - t0) * 1000
+        assert isinstance(self.launcher, JailingLauncher)
+        try:
+            pid, child_ms = self.launcher.launch_jailed(spec.argv, log_path=d.console, jail=spec)
+        except LaunchError as exc:
+            raise FleetError(f"the VM's jail: {exc}") from None
+        rec.jail.setup_ms = round(host_ms + child_ms, 3)
+        d.write(d.record, rec.model_dump_json())
+        return pid, load_paths
 
     def _wait_api(self, d: VmDir, pid: int) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -325,6 +405,8 @@ class Fleet:
         with self._locked(vm_id) as d:
             api = self._running(d)
             api.timeout = SNAPSHOT_TIMEOUT
+            rec = self._record(d)
+            jail = rec.jail if rec is not None else None
             try:
                 target.mkdir(mode=0o700)
             except FileExistsError:
@@ -336,17 +418,20 @@ class Fleet:
                 if was == "Running":
                     api.call("PATCH", "/vm", {"state": "Paused"})
                 try:
-                    api.call(
-                        "PUT",
-                        "/snapshot/create",
-                        {"snapshot_path": str(target / SNAP_FILE), "mem_file_path": str(target / MEM_FILE)},
-                    )
+                    if jail is None:
+                        paths = {
+                            "snapshot_path": str(target / SNAP_FILE),
+                            "mem_file_path": str(target / MEM_FILE),
+                        }
+                        api.call("PUT", "/snapshot/create", paths)
+                    else:
+                        _snapshot_jailed(api, jail, target)
                     config = api.call("GET", "/vm/config")
                     VmDir(target).write(target / "config.json", json.dumps(config, indent=1))
                 finally:
                     if was == "Running":
                         api.call("PATCH", "/vm", {"state": "Resumed"})
-            except (ApiError, OSError) as exc:
+            except (ApiError, OSError, FleetError) as exc:
                 for f in (SNAP_FILE, MEM_FILE, "config.json"):
                     with contextlib.suppress(OSError):
                         (target / f).unlink()
@@ -412,6 +497,11 @@ class Fleet:
             _delete_link(tap)
         with self._lock:
             child = self._children.pop(d.id, None)
+            jail = self._jails.pop(d.id, None)
+        if jail is not None:
+            jail.cleanup()  # its links, taps, directory and uid lock
+        elif rec is not None and rec.jail is not None:  # prepared by a daemon before this one
+            _remove_jail(self.jail_base, d.id, rec.jail)
         if child is not None:
             self.launcher.exit_status(child)  # reaps it, when the daemon is its parent
         self.state.delete(d)
@@ -474,6 +564,70 @@ def _cap(path: Path) -> None:
             f.write(b"[corral: earlier output dropped]\n" + keep)
     except OSError:
         pass
+
+
+def _snapshot_jailed(api: HttpClient, jail: JailInfo, target: Path) -> None:
+    """Snapshot a jailed VM into its run directory (the one place it writes), then move the
+    two files to `target`: each must be a regular file of the VM's uid with one link (the VM
+    may have put anything there), is the daemon's afterwards, readable (0644) so that a clone's
+    uid can read it through its bind; `target` is 0700, so no one else reaches it."""
+    tag = secrets.token_hex(4)
+    names = {SNAP_FILE: f".snapshot-{tag}.snap", MEM_FILE: f".snapshot-{tag}.mem"}
+    run = Path(jail.dir) / "run"
+    try:
+        api.call(
+            "PUT",
+            "/snapshot/create",
+            {
+                "snapshot_path": f"{RUN_DIR}/{names[SNAP_FILE]}",
+                "mem_file_path": f"{RUN_DIR}/{names[MEM_FILE]}",
+            },
+        )
+        for final, name in names.items():
+            _claim(run / name, target / final, jail.uid)
+    finally:
+        for name in names.values():
+            with contextlib.suppress(OSError):
+                (run / name).unlink()
+
+
+def _claim(src: Path, dest: Path, uid: int) -> None:
+    """Move `src` (in a VM's run directory) to `dest` as the daemon's own file, 0644, if it is
+    a regular file of `uid` with one link; across file systems, a copy that keeps its holes."""
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid or st.st_nlink != 1:
+            raise FleetError(f"snapshot: the VM left no plain file of its own as {src.name}")
+        try:
+            os.rename(src, dest)
+            moved = os.stat(dest, follow_symlinks=False)
+            if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):  # swapped under us
+                dest.unlink()
+                raise FleetError(f"snapshot: {src.name} changed while it was moved")
+            out = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            out = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with open(fd, "rb", closefd=False) as fi, open(out, "r+b", closefd=False) as fo:
+                fo.truncate(st.st_size)
+                _copy_data(fi, fo, st.st_size)
+        try:
+            os.fchown(out, os.getuid(), os.getgid())
+            os.fchmod(out, 0o644)
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
+
+
+def _remove_jail(base: Path, vm_id: str, jail: JailInfo) -> None:
+    """Undo a jail whose Jail object is gone (the daemon restarted): its directory and uid."""
+    d = base / "corral" / vm_id
+    if str(d) == jail.dir and d.is_dir() and not d.is_symlink():
+        shutil.rmtree(d, ignore_errors=True)
+    release_uid(jail.uid, None)
 
 
 def _describe_exit(code: int) -> str:

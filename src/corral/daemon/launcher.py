@@ -9,6 +9,9 @@ without the program name) and the file its stdout and stderr go to, and returns 
 process's pid. The process must be in a session of its own (setsid), so it outlives the daemon
 and no terminal signal reaches it, and should be the daemon's child when it can be, so the daemon
 learns its exit status (a VM whose parent is not the daemon is reported dead without one).
+
+Jailing (the daemon's default as root) needs a `JailingLauncher`: only `ForkLauncher` is one,
+as the jail is entered inside the fork server's child (corral.forkserver), with no exec.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from corral.errors import CorralError
 from corral.forkserver import ForkServer, ForkServerError
+from corral.jail import JailSpec
 
 
 class LaunchError(CorralError):
@@ -40,6 +44,15 @@ class Launcher(Protocol):
 
     def close(self) -> None:
         """Release what the launcher holds; the VMs it started keep running."""
+        ...
+
+
+@runtime_checkable
+class JailingLauncher(Protocol):
+    def launch_jailed(self, args: list[str], *, log_path: Path, jail: JailSpec) -> tuple[int, float]:
+        """As `Launcher.launch`, the process entering `jail` first (corral.jail.enter_jail);
+        returns its pid and how long entering took (ms). A jail that cannot be entered is a
+        LaunchError naming the step."""
         ...
 
 
@@ -100,6 +113,12 @@ class ForkLauncher:
         except ForkServerError as exc:
             raise LaunchError(str(exc)) from None
 
+    def launch_jailed(self, args: list[str], *, log_path: Path, jail: JailSpec) -> tuple[int, float]:
+        try:
+            return self.server.launch_jailed(args, log_path=log_path, jail=jail)
+        except ForkServerError as exc:
+            raise LaunchError(str(exc)) from None
+
     def exit_status(self, pid: int) -> int | None:
         try:
             return self.server.returncode(pid)
@@ -110,4 +129,4 @@ class ForkLauncher:
         self.server.close()
 
 
-__all__ = ["ForkLauncher", "LaunchError", "Launcher", "SpawnLauncher"]
+__all__ = ["ForkLauncher", "JailingLauncher", "LaunchError", "Launcher", "SpawnLauncher"]

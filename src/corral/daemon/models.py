@@ -44,6 +44,18 @@ class CreateVm(Strict):
         return self
 
 
+class JailInfo(Strict):
+    """The jail a VM runs in (corral.jail): what `vm show` reports and `rm` undoes."""
+
+    uid: int
+    gid: int
+    dir: str  # <state>/jail/corral/ID: root/ (the mount point of its root) and run/ (its sockets)
+    root: str
+    namespaces: list[str]
+    cgroups: list[str] = []  # the cgroups the VM moved itself into before anything else
+    setup_ms: float | None = None  # host side + the child's entering, until the VM's own code
+
+
 class VmRecord(Strict):
     """vm.json: what the daemon knows of a VM beyond its process."""
 
@@ -56,6 +68,7 @@ class VmRecord(Strict):
     taps: list[str] = []  # taps the VM's config named that did not exist before it: removed with it
     vcpus: int | None = None
     mem_mib: int | None = None
+    jail: JailInfo | None = None  # None: the VM runs unjailed (--no-jail, or a daemon not root)
 
 
 class VmInfo(Strict):
@@ -72,6 +85,7 @@ class VmInfo(Strict):
     exit: str | None = None  # how a stopped or dead VM ended, when known
     limits: Limits = Limits()
     cgroups: LimitReport = LimitReport()
+    jail: JailInfo | None = None
     dir: str = ""
 
 
@@ -92,6 +106,16 @@ class DaemonInfo(Strict):
     version: str
     state_dir: str
     vms: int
+    jail: bool = False  # whether new VMs are jailed
 
 
-__all__ = ["CreateVm", "DaemonInfo", "SnapshotInfo", "SnapshotVm", "VmInfo", "VmRecord", "VmState"]
+__all__ = [
+    "CreateVm",
+    "DaemonInfo",
+    "JailInfo",
+    "SnapshotInfo",
+    "SnapshotVm",
+    "VmInfo",
+    "VmRecord",
+    "VmState",
+]

@@ -103,7 +103,9 @@ class DaemonApi:
     def _route(self, method: str, parts: list[str], query: dict[str, list[str]], body: bytes | None) -> Reply:
         fleet = self.fleet
         if parts == [] and method == "GET":
-            info = DaemonInfo(version=__version__, state_dir=str(fleet.state.root), vms=len(fleet.ids()))
+            info = DaemonInfo(
+                version=__version__, state_dir=str(fleet.state.root), vms=len(fleet.ids()), jail=fleet.jail
+            )
             return _json(info)
         if parts == ["metrics"] and method == "GET":
             vms = [(i, fleet.state.vm(i.id)) for i in fleet.list()]
@@ -312,16 +314,26 @@ def serve(
     cgroup_parent: str | None = "corral",
     launcher: Launcher | None = None,
     spawn: bool = False,
+    jail: bool = True,
     ready: threading.Event | None = None,
 ) -> int:
     """Run the daemon until SIGTERM or SIGINT; VMs keep running after it ends. VMs fork from a
-    warm template (corral.forkserver) unless `spawn` asks for a fresh interpreter each."""
+    warm template (corral.forkserver) unless `spawn` asks for a fresh interpreter each, and
+    each runs in a jail of its own (corral.jail) when the daemon is root, unless `jail` is off."""
+    if jail and os.geteuid() != 0:
+        log.warning("corral serve: jailing VMs needs root: this daemon runs them unjailed (--no-jail)")
+        jail = False
+    if jail and spawn:
+        raise ConfigError(
+            "--spawn cannot jail VMs (the jail is entered in the fork server's child): "
+            "drop --spawn, or give --no-jail"
+        )
     os.umask(0o077)  # every file the daemon and its VMs make is private
     state = StateDir(state_dir)
     cgroups = Cgroups(parent=cgroup_parent) if cgroup_parent else None
     own_launcher = launcher is None
     launcher = launcher or (SpawnLauncher() if spawn else ForkLauncher())
-    fleet = Fleet(state, launcher, cgroups)
+    fleet = Fleet(state, launcher, cgroups, jail=jail)
     address = parse_tcp(tcp) if tcp else None
     if token_file is not None and address is None:
         raise ConfigError("--token-file is for --tcp: the Unix socket checks the peer's uid instead")
@@ -332,8 +344,9 @@ def serve(
     for vm in found:
         by_state[vm.state] = by_state.get(vm.state, 0) + 1
     log.warning(
-        "corral serve: %s, %d VM(s) found%s",
+        "corral serve: %s, %s, %d VM(s) found%s",
         server.path,
+        "VMs jailed" if jail else "VMs not jailed",
         len(found),
         "".join(f", {n} {s}" for s, n in sorted(by_state.items())),
     )

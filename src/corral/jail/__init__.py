@@ -7,8 +7,20 @@ cgroups (v1 or v2, per controller), linux (the calls Python 3.11's os lacks), la
 start sequence, in order), debug (the compromised-VMM simulation the attack tests use).
 """
 
-from corral.jail.launch import Jail, JailError, JailReport
+from corral.jail.launch import Jail, JailError, JailReport, JailSpec, JailStepError, enter_jail, release_uid
 from corral.jail.mapping import Inner, map_firecracker, map_run
 from corral.jail.options import JailOptions
 
-__all__ = ["Inner", "Jail", "JailError", "JailOptions", "JailReport", "map_firecracker", "map_run"]
+__all__ = [
+    "Inner",
+    "Jail",
+    "JailError",
+    "JailOptions",
+    "JailReport",
+    "JailSpec",
+    "JailStepError",
+    "enter_jail",
+    "map_firecracker",
+    "map_run",
+    "release_uid",
+]

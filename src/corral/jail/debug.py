@@ -44,8 +44,10 @@ def hook_for_jail() -> Path | None:
     return Path(path).absolute()
 
 
-def start_debug_hook(machine: Machine) -> threading.Thread | None:
-    """Run the hook file named by CORRAL_DEBUG_HOOK on a thread, if this build allows it."""
+def start_debug_hook(machine: Machine | None) -> threading.Thread | None:
+    """Run the hook file named by CORRAL_DEBUG_HOOK on a thread, if this build allows it.
+    `machine` is None in a daemon's VM (the fork server starts the hook as the jailed child
+    begins, before `corral firecracker` has a machine)."""
     path = os.environ.get(HOOK_ENV)
     if not path:
         return None

@@ -187,6 +187,26 @@ def map_firecracker(
     return inner
 
 
+SNAPSHOT_DIR = "/vm/snapshot"
+
+
+def map_snapshot_load(
+    inner: Inner, snapshot_file: Path, mem_file: Path, taps: list[str], vsock_uds: Path | None
+) -> tuple[str, str, str | None]:
+    """What a `/snapshot/load` into a jailed `corral firecracker` needs (the daemon's clones):
+    the snapshot and memory files read-only at SNAPSHOT_DIR, the taps of its network overrides
+    made by the jail, its vsock socket in the run directory. Returns the in-jail snapshot,
+    memory and vsock paths to send in the request."""
+    snap = _file(inner, "snapshot_path", snapshot_file, f"{SNAPSHOT_DIR}/vm.snap", False)
+    mem = _file(inner, "mem_backend.backend_path", mem_file, f"{SNAPSHOT_DIR}/vm.mem", False)
+    for name in taps:
+        inner.taps.append((name, ""))
+    if taps and TUN not in inner.nodes:
+        inner.nodes.append(TUN)
+    uds = None if vsock_uds is None else _socket(inner, vsock_uds, "vsock.sock")
+    return snap, mem, uds
+
+
 def _made(inner: Inner, field_name: str, host: Path, inside: str) -> str:
     """A file the VMM writes (a log): created for it if missing."""
     if not host.exists():

@@ -154,7 +154,7 @@ class FirecrackerVmm:
         cfg = machine.config
         vmm.machine_config = MachineConfiguration(vcpu_count=cfg.cpus, mem_size_mib=cfg.memory // MIB)
         vmm.boot_source = BootSource(
-            kernel_image_path=str(cfg.kernel),
+            kernel_image_path=str(cfg.kernel or ""),
             boot_args=cfg.cmdline,
             initrd_path=None if cfg.initrd is None else str(cfg.initrd),
         )

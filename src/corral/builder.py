@@ -302,7 +302,8 @@ def load_guest(memory: GuestMemory, config: MachineConfig) -> BootInfo | None:
     if config.firmware is not None:
         firmware.load_shadow(memory, firmware.read_firmware(config.firmware))
         return None
-    assert config.kernel is not None  # the config's validation holds it
+    if config.kernel is None:
+        raise FieldError("kernel", "give a kernel to boot, or a firmware (seabios) to boot from a disk")
     tables = machine_acpi_tables(config.cpus, config.memory)
     tables.write_to(memory)
     return load_kernel_file(

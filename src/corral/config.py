@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from corral.arch.x86 import layout
 from corral.arch.x86.cpuid import HIDEABLE
@@ -254,8 +254,8 @@ class MachineConfig(BaseModel):
     )
     kernel: Path | None = Field(
         default=None,
-        validate_default=True,
-        description="kernel image: bzImage, ELF vmlinux with a PVH note, or Multiboot ELF",
+        description="kernel image: bzImage, ELF vmlinux with a PVH note, or Multiboot ELF (a fresh boot "
+        "needs it or a firmware; a restored guest may have none)",
     )
     initrd: Path | None = Field(default=None, description="initial ramdisk loaded beside the kernel")
     cmdline: str = Field(default="", description="kernel command line")
@@ -305,13 +305,6 @@ class MachineConfig(BaseModel):
     def _firmware(cls, v: str | None) -> str | None:
         if v is not None and (not v or "\0" in v):
             raise ValueError("give `seabios` or the path of a BIOS image")
-        return v
-
-    @field_validator("kernel")
-    @classmethod
-    def _kernel(cls, v: Path | None, info: ValidationInfo) -> Path | None:
-        if v is None and info.data.get("firmware") is None:
-            raise ValueError("give a kernel to boot, or a firmware (seabios) to boot from a disk")
         return v
 
     def for_clone(self, index: int) -> MachineConfig:

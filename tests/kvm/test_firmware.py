@@ -1,0 +1,158 @@
+"""Firmware boot on real /dev/kvm: Debian's SeaBIOS starts at the reset vector, prints its banner
+on the serial line (sercon, from fw_cfg), finds a virtio-blk disk and boots its MBR, a boot
+sector built here. The boot sector prints a line on COM1, then reads the i440FX's PAM0 register
+through 0xCF8/0xCFC and leaves through the exit port (0xf4) with it: 0x10 is what SeaBIOS writes
+when it found the host bridge it looks for and locked its F segment again.
+
+SeaBIOS's POST runs in real and protected mode, which KVM emulates on a PVM host: one boot takes
+about 10 s here."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from support.cli import corral, one_clear_line
+
+from corral.boot import firmware
+from corral.config import DiskConfig, MachineConfig
+from corral.machine import Machine
+
+SEABIOS = next((Path(p) for p in firmware.KNOWN["seabios"] if os.path.exists(p)), None)
+pytestmark = pytest.mark.skipif(SEABIOS is None, reason="Debian's seabios package is not installed")
+
+MESSAGE = "corral-mbr: hello from the boot sector"
+PAM0_LOCKED = 0x10  # SeaBIOS's make_bios_readonly: 0xF0000-0xFFFFF read from RAM, not written
+
+BOOT_SECTOR = rf"""
+    .code16
+    .text
+    .globl _start
+_start:
+    xor %ax, %ax
+    mov %ax, %ds
+    cld
+    sti                     # let a timer tick pass: SeaBIOS flushes its buffered sercon output
+    hlt
+    hlt
+    cli
+    mov $0x3f8, %dx
+    mov $(0x7c00 + msg - _start), %si
+1:  lodsb
+    test %al, %al
+    jz 2f
+    outb %al, %dx
+    jmp 1b
+2:  mov $0x80000058, %eax   # 00:00.0, dword 0x58: PAM0 is its byte 1
+    mov $0xcf8, %dx
+    outl %eax, %dx
+    mov $0xcfd, %dx
+    inb %dx, %al
+    outb %al, $0xf4
+3:  hlt
+    jmp 3b
+msg: .asciz "{MESSAGE}\r\n"
+    .org 510
+    .byte 0x55, 0xaa
+"""
+
+
+@pytest.fixture(scope="module")
+def mbr_disk(tmp_path_factory) -> Path:
+    """A 1 MiB raw disk whose first sector is BOOT_SECTOR."""
+    if not (shutil.which("as") and shutil.which("objcopy")):
+        pytest.skip("binutils (as, objcopy) are not installed")
+    d = tmp_path_factory.mktemp("mbr")
+    (d / "mbr.S").write_text(BOOT_SECTOR)
+    subprocess.run(["as", "--32", "-o", str(d / "mbr.o"), str(d / "mbr.S")], check=True)
+    subprocess.run(
+        ["objcopy", "-O", "binary", "-j", ".text", str(d / "mbr.o"), str(d / "mbr.bin")], check=True
+    )
+    sector = (d / "mbr.bin").read_bytes()
+    assert len(sector) == 512 and sector.endswith(b"\x55\xaa")
+    disk = d / "disk.img"
+    disk.write_bytes(sector.ljust(1 << 20, b"\0"))
+    return disk
+
+
+def test_seabios_boots_an_mbr_from_virtio_blk(mbr_disk):
+    r = corral(
+        "run",
+        "--firmware",
+        "seabios",
+        "--disk",
+        str(mbr_disk),
+        "--debug-exit",
+        "iobase=0xf4",
+        "--memory",
+        "128M",
+        timeout=120,
+    )
+    out = r.stdout.replace("\r", "")
+    assert "SeaBIOS (version" in out, (r.stdout, r.stderr)
+    banner = out.index("SeaBIOS (version")
+    booting = out.index("Booting from Hard Disk", banner)
+    assert out.index(MESSAGE + "\n", booting) > booting, out
+    assert r.returncode == PAM0_LOCKED, (out, r.stderr)
+
+
+def test_firmware_machine_from_the_library_and_its_config(mbr_disk):
+    """The same boot through `Machine`, with the image given as a path: no kernel at all."""
+    out = bytearray()
+    cfg = MachineConfig.build(
+        firmware=str(SEABIOS),
+        disks=[DiskConfig.parse(f"{mbr_disk},ro")],
+        debug_exit=0xF4,
+        memory="64M",
+        no_reboot=True,
+    )
+    assert cfg.kernel is None and cfg.host_resources().firmware == str(SEABIOS)
+    m = Machine(cfg, console=out.extend)
+    try:
+        m.start()
+        res = m.wait(90)
+    finally:
+        m.close()
+    text = out.decode(errors="replace")
+    assert res is not None, text
+    assert (res.kind, res.status) == ("exit", PAM0_LOCKED), text
+    assert MESSAGE in text
+
+
+@pytest.mark.parametrize(
+    "make,expect",
+    [
+        (lambda d: d / "missing.bin", "does not exist"),
+        (lambda d: d, "is not a regular file"),
+        (lambda d: _write(d / "small.bin", 1000), "is 1000 bytes"),
+        (lambda d: _link(d / "link.bin", SEABIOS), "is a symbolic link"),
+        (lambda d: _fifo(d / "fifo.bin"), "is not a regular file"),
+    ],
+    ids=["missing", "directory", "odd-size", "symlink", "fifo"],
+)
+def test_bad_firmware_file_is_one_clear_line(tmp_path, make, expect):
+    path = make(tmp_path)
+    line = one_clear_line(corral("run", "--firmware", str(path), "--memory", "64M", timeout=60))
+    assert "--firmware" in line and expect in line, line
+
+
+def test_firmware_not_installed_and_no_kernel_are_one_clear_line():
+    line = one_clear_line(corral("run", "--firmware", "", "--memory", "64M", timeout=60))
+    assert "--firmware" in line, line
+
+
+def _write(path: Path, size: int) -> Path:
+    path.write_bytes(b"\0" * size)
+    return path
+
+
+def _link(path: Path, target: Path | None) -> Path:
+    assert target is not None
+    path.symlink_to(target)
+    return path
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path

@@ -198,16 +198,38 @@ def _add_fw_cfg(board: Board, memory: GuestMemory, config: MachineConfig) -> Non
     map there; the kernel items are read from their files only if the guest asks for them."""
     slots = {fn: s for s, fn in enumerate(board.pci.slots) if fn is not None}
     disks = [slots[fn] for name, fn in board.virtio.items() if name.startswith("virtio-blk")]
+    # SeaBIOS matches these by prefix, up to the slot (its own paths glob the device name)
+    bootorder = [f"/pci@i0cf8/scsi@{slot:x}/disk@0,0" for slot in disks]
+    linux = None
+    if config.firmware is not None and config.kernel is not None:
+        linux = _linux_boot(memory, config)
+        bootorder.insert(0, f"/rom@{firmware.LINUXBOOT_NAME}")  # the kernel before any disk
     dev = fw_cfg.machine_fw_cfg(
         memory,
         cpus=config.cpus,
         e820=layout.e820_map(memory.size),
-        # SeaBIOS matches these by prefix, up to the slot (its own paths glob the device name)
-        bootorder=[f"/pci@i0cf8/scsi@{slot:x}/disk@0,0" for slot in disks],
+        bootorder=bootorder,
         serial_port=layout.COM1_PORT,
     )
     initrd = config.initrd
-    if config.kernel is not None:
+    if linux is not None:
+        dev.add_file(firmware.LINUXBOOT_NAME, linux.rom)
+        for key, value in [
+            (fw_cfg.SETUP_ADDR, le32(linux.setup_addr)),
+            (fw_cfg.SETUP_SIZE, le32(len(linux.setup))),
+            (fw_cfg.SETUP_DATA, linux.setup),
+            (fw_cfg.KERNEL_ADDR, le32(linux.kernel_addr)),
+            (fw_cfg.KERNEL_SIZE, le32(len(linux.kernel))),
+            (fw_cfg.KERNEL_DATA, linux.kernel),
+            (fw_cfg.CMDLINE_ADDR, le32(linux.cmdline_addr)),
+            (fw_cfg.CMDLINE_SIZE, le32(len(linux.cmdline))),
+            (fw_cfg.CMDLINE_DATA, linux.cmdline),
+            (fw_cfg.INITRD_ADDR, le32(linux.initrd_addr)),
+            (fw_cfg.INITRD_SIZE, le32(len(linux.initrd))),
+            (fw_cfg.INITRD_DATA, linux.initrd),
+        ]:
+            dev.add(key, value)
+    elif config.kernel is not None:
         fw_cfg.add_kernel_items(
             dev,
             partial(read_boot_file, memory, config.kernel, "kernel"),
@@ -216,6 +238,19 @@ def _add_fw_cfg(board: Board, memory: GuestMemory, config: MachineConfig) -> Non
         )
     board.legacy["fw-cfg"] = dev
     board.pio.register(fw_cfg.BASE_PORT, fw_cfg.SPAN, dev, "fw-cfg")
+
+
+def le32(value: int) -> bytes:
+    return fw_cfg.le(value, 4)
+
+
+def _linux_boot(memory: GuestMemory, config: MachineConfig) -> firmware.LinuxBoot:
+    """The kernel (a bzImage) and initrd a firmware boots, read now: the operator asked for
+    them, and a file that cannot boot this way is one line before the guest starts."""
+    assert config.kernel is not None
+    kernel = read_boot_file(memory, config.kernel, "kernel")
+    initrd = None if config.initrd is None else read_boot_file(memory, config.initrd, "initrd")
+    return firmware.linux_boot(kernel, initrd, config.cmdline, memory.size, f"kernel file '{config.kernel}'")
 
 
 def _virtio_devices(

@@ -97,6 +97,93 @@ def test_seabios_boots_an_mbr_from_virtio_blk(mbr_disk):
     assert r.returncode == PAM0_LOCKED, (out, r.stderr)
 
 
+# A bzImage in miniature: a header (protocol 2.12, LOADED_HIGH) and real-mode setup code that
+# prints the command line (at 0x20000, where the loader put it) and the start of its
+# protected-mode part (at 1 MiB), then exits with type_of_loader as the loader filled it in.
+TINY_BZIMAGE = r"""
+    .code16
+    .text
+    .org 0x1f1
+    .byte 1                 # setup_sects
+    .org 0x1fe
+    .word 0xaa55
+    .org 0x200
+    jmp start
+    .org 0x202
+    .ascii "HdrS"
+    .word 0x020c
+    .org 0x211
+    .byte 0x01              # loadflags: LOADED_HIGH
+    .org 0x22c
+    .long 0x37ffffff        # initrd_addr_max
+    .org 0x238
+    .long 255               # cmdline_size
+    .org 0x280
+start:
+    sti                     # a timer tick: SeaBIOS flushes its buffered sercon output
+    hlt
+    hlt
+    cli
+    mov $0x3f8, %dx
+    mov $msg, %si           # ds is the setup's segment (0x1000)
+    call puts
+    mov $0x2000, %ax
+    mov %ax, %ds
+    xor %si, %si
+    call puts
+    mov $0xffff, %ax        # 0xffff:0x10 is 1 MiB (SeaBIOS leaves A20 on)
+    mov %ax, %ds
+    mov $0x10, %si
+    call puts
+    mov $0x1000, %ax
+    mov %ax, %ds
+    mov (0x210), %al
+    outb %al, $0xf4
+1:  hlt
+    jmp 1b
+puts:
+    lodsb
+    test %al, %al
+    jz 2f
+    outb %al, %dx
+    jmp puts
+2:  ret
+msg: .asciz "LINUXBOOT cmdline="
+    .org 0x400
+    .asciz "|PROT-OK\r\n"
+    .org 0x600
+"""
+
+
+def test_seabios_boots_a_kernel_from_fw_cfg(tmp_path):
+    """--kernel with --firmware: SeaBIOS runs QEMU's linuxboot option ROM (from fw_cfg), which
+    loads the setup, the kernel and the command line where fw_cfg says and enters the setup."""
+    if not any(os.path.exists(p) for p in firmware.LINUXBOOT_ROMS):
+        pytest.skip("QEMU's linuxboot_dma.bin is not installed")
+    (tmp_path / "k.S").write_text(TINY_BZIMAGE)
+    subprocess.run(["as", "--32", "-o", str(tmp_path / "k.o"), str(tmp_path / "k.S")], check=True)
+    kernel = tmp_path / "bzImage"
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(tmp_path / "k.o"), str(kernel)], check=True)
+    r = corral(
+        "run",
+        "--firmware",
+        "seabios",
+        "--kernel",
+        str(kernel),
+        "--cmdline",
+        "console=ttyS0 hello",
+        "--debug-exit",
+        "iobase=0xf4",
+        "--memory",
+        "128M",
+        timeout=120,
+    )
+    out = r.stdout.replace("\r", "")
+    assert "SeaBIOS (version" in out and "Booting from ROM" in out, (out, r.stderr)
+    assert "LINUXBOOT cmdline=console=ttyS0 hello|PROT-OK\n" in out, out
+    assert r.returncode == firmware.LOADER_TYPE, (out, r.stderr)
+
+
 def test_firmware_machine_from_the_library_and_its_config(mbr_disk):
     """The same boot through `Machine`, with the image given as a path: no kernel at all."""
     out = bytearray()

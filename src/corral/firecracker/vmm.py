@@ -636,7 +636,9 @@ class FirecrackerVmm:
         self, config: MachineConfig, fc: FullVmConfiguration, params: SnapshotLoadParams
     ) -> MachineConfig:
         if config.firmware is not None:  # never map a firmware file a snapshot names
-            raise CorralError("the snapshot booted through firmware: restore it with `corral restore --firmware`")
+            raise CorralError(
+                "the snapshot booted through firmware: restore it with `corral restore --firmware`"
+            )
         ids = [n.iface_id for n in fc.network_interfaces]
         nets = list(config.nets)
         for o in params.network_overrides:

@@ -10,13 +10,15 @@ about 10 s here."""
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from support.cli import corral, one_clear_line
 
 from corral.boot import firmware
-from corral.config import DiskConfig, MachineConfig
+from corral.config import DiskConfig, HostResources, MachineConfig
+from corral.errors import FieldError
 from corral.machine import Machine
 
 SEABIOS = next((Path(p) for p in firmware.KNOWN["seabios"] if os.path.exists(p)), None)
@@ -243,3 +245,69 @@ def _link(path: Path, target: Path | None) -> Path:
 def _fifo(path: Path) -> Path:
     os.mkfifo(path)
     return path
+
+
+# Prints A, waits about 5 s of timer ticks, prints B and exits with 42: a snapshot taken in the
+# wait must carry on to B under a restored machine (the ROM mapped again from the grant).
+WAITING_SECTOR = r"""
+    .code16
+    .text
+_start:
+    xor %ax, %ax
+    mov %ax, %ds
+    sti
+    hlt
+    hlt
+    mov $0x3f8, %dx
+    mov $'A', %al
+    outb %al, %dx
+    mov $100, %cx
+1:  hlt
+    loop 1b
+    mov $'B', %al
+    outb %al, %dx
+    mov $42, %al
+    outb %al, $0xf4
+2:  hlt
+    jmp 2b
+    .org 510
+    .byte 0x55, 0xaa
+"""
+
+
+def test_a_firmware_guest_snapshot_restores_with_its_firmware_granted(tmp_path):
+    (tmp_path / "w.S").write_text(WAITING_SECTOR)
+    subprocess.run(["as", "--32", "-o", str(tmp_path / "w.o"), str(tmp_path / "w.S")], check=True)
+    subprocess.run(
+        ["objcopy", "-O", "binary", "-j", ".text", str(tmp_path / "w.o"), str(tmp_path / "w.bin")], check=True
+    )
+    disk = tmp_path / "disk.img"
+    disk.write_bytes((tmp_path / "w.bin").read_bytes().ljust(1 << 20, b"\0"))
+    disks = (DiskConfig(path=disk, read_only=True),)
+    out = bytearray()
+    cfg = MachineConfig.build(firmware="seabios", disks=disks, debug_exit=0xF4, memory="64M", no_reboot=True)
+    m = Machine(cfg, console=out.extend)
+    try:
+        m.start()
+        deadline = time.monotonic() + 60
+        while b"A" not in out.rpartition(b"Booting")[2]:
+            assert time.monotonic() < deadline, out.decode(errors="replace")
+            time.sleep(0.05)
+        m.pause()
+        assert b"B" not in out.rpartition(b"Booting")[2]  # paused in the wait
+        m.snapshot(tmp_path / "snap")
+    finally:
+        m.close()
+    with pytest.raises(FieldError, match="^firmware: the snapshot booted through firmware"):
+        Machine.from_snapshot(tmp_path / "snap", host=HostResources(disks=disks))
+    out2 = bytearray()
+    r = Machine.from_snapshot(
+        tmp_path / "snap", console=out2.extend, host=HostResources(firmware="seabios", disks=disks)
+    )
+    try:
+        r.start()
+        res = r.wait(60)
+    finally:
+        r.close()
+    assert res is not None and (res.kind, res.status) == ("exit", 42), bytes(out2)
+    assert bytes(out2) == b"B"

@@ -26,6 +26,7 @@ from corral.backends.console import ConsoleBackend
 from corral.backends.disk import open_disk
 from corral.backends.tap import Tap
 from corral.backends.unix_socket import listen_unix
+from corral.boot import firmware
 from corral.boot.loader import BootInfo, load_kernel_file, read_boot_file
 from corral.config import DiskConfig, MachineConfig, NetConfig, VsockConfig
 from corral.devices.base import Stateful, VmControl
@@ -39,6 +40,7 @@ from corral.devices.legacy.reset import ResetRegister
 from corral.devices.legacy.rtc import CmosRtc
 from corral.devices.legacy.uart import Serial16550
 from corral.devices.pci.config import CMD_MEMORY, COMMAND, INTERRUPT_LINE
+from corral.devices.pci.i440fx import I440fxHostBridge
 from corral.devices.pci.root import ConfigPorts, Ecam, PciRoot
 from corral.devices.virtio.balloon import VirtioBalloon
 from corral.devices.virtio.base import VirtioDevice
@@ -101,6 +103,17 @@ class Board:
             self.loop = None
 
 
+class _RomWrites:
+    """The firmware ROM on the MMIO bus: KVM serves its reads; a write is dropped, as a ROM
+    drops it."""
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
 class _Window:
     """Presents one port of a multi-port device registered at a single address."""
 
@@ -128,7 +141,13 @@ def build_board(
     `net_filters`: by index into config.nets, the frame filter (MMDS) that interface runs."""
     pio, mmio = PioBus(), MmioBus()
     serial = Serial16550(vm.irq_line(layout.COM1_IRQ), console)
-    pci = PciRoot(mmio)
+    rom = None
+    if config.firmware is not None:
+        rom = firmware.read_firmware(config.firmware)
+        base = firmware.rom_base(rom)
+        vm.map_rom(base, rom)
+        mmio.register(base, len(rom), _RomWrites(), "firmware-rom")
+    pci = PciRoot(mmio, I440fxHostBridge() if rom is not None else None)
     mmio.register(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, Ecam(pci), "pci-ecam")
     legacy: dict[str, Stateful] = {
         "com1": serial,
@@ -179,23 +198,59 @@ def _add_fw_cfg(board: Board, memory: GuestMemory, config: MachineConfig) -> Non
     map there; the kernel items are read from their files only if the guest asks for them."""
     slots = {fn: s for s, fn in enumerate(board.pci.slots) if fn is not None}
     disks = [slots[fn] for name, fn in board.virtio.items() if name.startswith("virtio-blk")]
+    # SeaBIOS matches these by prefix, up to the slot (its own paths glob the device name)
+    bootorder = [f"/pci@i0cf8/scsi@{slot:x}/disk@0,0" for slot in disks]
+    linux = None
+    if config.firmware is not None and config.kernel is not None:
+        linux = _linux_boot(memory, config)
+        bootorder.insert(0, f"/rom@{firmware.LINUXBOOT_NAME}")  # the kernel before any disk
     dev = fw_cfg.machine_fw_cfg(
         memory,
         cpus=config.cpus,
         e820=layout.e820_map(memory.size),
-        # SeaBIOS matches these by prefix, up to the slot (its own paths glob the device name)
-        bootorder=[f"/pci@i0cf8/scsi@{slot:x}/disk@0,0" for slot in disks],
+        bootorder=bootorder,
         serial_port=layout.COM1_PORT,
     )
     initrd = config.initrd
-    fw_cfg.add_kernel_items(
-        dev,
-        partial(read_boot_file, memory, config.kernel, "kernel"),
-        None if initrd is None else partial(read_boot_file, memory, initrd, "initrd"),
-        config.cmdline,
-    )
+    if linux is not None:
+        dev.add_file(firmware.LINUXBOOT_NAME, linux.rom)
+        for key, value in [
+            (fw_cfg.SETUP_ADDR, le32(linux.setup_addr)),
+            (fw_cfg.SETUP_SIZE, le32(len(linux.setup))),
+            (fw_cfg.SETUP_DATA, linux.setup),
+            (fw_cfg.KERNEL_ADDR, le32(linux.kernel_addr)),
+            (fw_cfg.KERNEL_SIZE, le32(len(linux.kernel))),
+            (fw_cfg.KERNEL_DATA, linux.kernel),
+            (fw_cfg.CMDLINE_ADDR, le32(linux.cmdline_addr)),
+            (fw_cfg.CMDLINE_SIZE, le32(len(linux.cmdline))),
+            (fw_cfg.CMDLINE_DATA, linux.cmdline),
+            (fw_cfg.INITRD_ADDR, le32(linux.initrd_addr)),
+            (fw_cfg.INITRD_SIZE, le32(len(linux.initrd))),
+            (fw_cfg.INITRD_DATA, linux.initrd),
+        ]:
+            dev.add(key, value)
+    elif config.kernel is not None:
+        fw_cfg.add_kernel_items(
+            dev,
+            partial(read_boot_file, memory, config.kernel, "kernel"),
+            None if initrd is None else partial(read_boot_file, memory, initrd, "initrd"),
+            config.cmdline,
+        )
     board.legacy["fw-cfg"] = dev
     board.pio.register(fw_cfg.BASE_PORT, fw_cfg.SPAN, dev, "fw-cfg")
+
+
+def le32(value: int) -> bytes:
+    return fw_cfg.le(value, 4)
+
+
+def _linux_boot(memory: GuestMemory, config: MachineConfig) -> firmware.LinuxBoot:
+    """The kernel (a bzImage) and initrd a firmware boots, read now: the operator asked for
+    them, and a file that cannot boot this way is one line before the guest starts."""
+    assert config.kernel is not None
+    kernel = read_boot_file(memory, config.kernel, "kernel")
+    initrd = None if config.initrd is None else read_boot_file(memory, config.initrd, "initrd")
+    return firmware.linux_boot(kernel, initrd, config.cmdline, memory.size, f"kernel file '{config.kernel}'")
 
 
 def _virtio_devices(
@@ -275,8 +330,15 @@ def _add_virtio(
         bar += BAR_SIZE
 
 
-def load_guest(memory: GuestMemory, config: MachineConfig) -> BootInfo:
-    """ACPI tables and the kernel (with its initrd and command line) in guest memory."""
+def load_guest(memory: GuestMemory, config: MachineConfig) -> BootInfo | None:
+    """ACPI tables and the kernel (with its initrd and command line) in guest memory; with a
+    firmware, only the ROM's tail in the BIOS area (None: the vCPU starts at the reset vector,
+    and the firmware reads the kernel, if any, from fw_cfg)."""
+    if config.firmware is not None:
+        firmware.load_shadow(memory, firmware.read_firmware(config.firmware))
+        return None
+    if config.kernel is None:
+        raise FieldError("kernel", "give a kernel to boot, or a firmware (seabios) to boot from a disk")
     tables = machine_acpi_tables(config.cpus, config.memory)
     tables.write_to(memory)
     return load_kernel_file(
@@ -289,13 +351,16 @@ def load_guest(memory: GuestMemory, config: MachineConfig) -> BootInfo:
     )
 
 
-def create_vcpus(vm: Vm, board: Board, host: VcpuHost, config: MachineConfig, boot: BootInfo) -> list[Vcpu]:
-    """Fresh vCPUs: the boot CPU at the kernel entry, the APs waiting in KVM for INIT/SIPI."""
+def create_vcpus(
+    vm: Vm, board: Board, host: VcpuHost, config: MachineConfig, boot: BootInfo | None
+) -> list[Vcpu]:
+    """Fresh vCPUs: the boot CPU at the kernel entry (or, for firmware, `boot` None, at the
+    reset vector where KVM leaves a new vCPU), the APs waiting in KVM for INIT/SIPI."""
     msrs = boot_msrs(set(vm.msr_indices))
 
     def setup(vcpu: Vcpu) -> None:
         vcpu.configure(vcpu_cpuid(vm.supported_cpuid, vcpu.index, config.cpus, config.cpu_hide), msrs)
-        if vcpu.index == 0:
+        if vcpu.index == 0 and boot is not None:
             vcpu.set_boot_state(boot.cpu)
 
     return _vcpus(vm, board, host, config.cpus, setup)

@@ -219,6 +219,12 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--kernel", type=click.Path(path_type=Path), help="bzImage, PVH vmlinux or Multiboot ELF.")
 @click.option(
+    "--firmware",
+    metavar="seabios|PATH",
+    help="Boot through a BIOS (Debian's SeaBIOS, or an image file) from the first --disk, instead of "
+    "loading the kernel directly.",
+)
+@click.option(
     "--image", "image", type=IMAGE, metavar="NAME", help="A named image (corral image list): probe, ..."
 )
 @click.option("--initrd", type=click.Path(path_type=Path), help="Initial ramdisk.")
@@ -314,6 +320,7 @@ def main(verbose: bool) -> None:
 @SERVE_API_OPTION
 def run(
     kernel: Path | None,
+    firmware: str | None,
     image: Image | None,
     initrd: Path | None,
     cmdline: str | None,
@@ -353,14 +360,13 @@ def run(
 
     if kernel and image:
         raise ConfigError("give either --kernel or --image, not both")
-    if kernel is None and image is None:
+    if kernel is None and image is None and firmware is None:
         if is_pvm_host():
             click.echo(f"corral: {PVM_EXPLANATION}.\ncorral: booting the probe guest instead.", err=True)
             image = get_image("probe")
         else:
             image = get_image("debian")
-    if kernel is None:
-        assert image is not None
+    if kernel is None and image is not None:
         if image.needs_hardware_virt and is_pvm_host():
             raise HostError(f"image '{image.name}' needs hardware virtualization: {PVM_EXPLANATION}")
         kernel, img_initrd = image.resolve()
@@ -368,6 +374,7 @@ def run(
         if cmdline is None:
             cmdline = image.default_cmdline
     config = MachineConfig.build(
+        firmware=firmware,
         kernel=kernel,
         initrd=initrd,
         cmdline=cmdline or "",
@@ -512,6 +519,11 @@ def host_resource_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(
         [
             click.option(
+                "--firmware",
+                metavar="seabios|PATH",
+                help="The BIOS image of a guest that booted through firmware (its ROM and reboots).",
+            ),
+            click.option(
                 "--kernel",
                 type=click.Path(path_type=Path),
                 help="The kernel a guest reboot boots (without it the guest stops on a reset).",
@@ -549,6 +561,7 @@ def host_resource_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _grant(
+    firmware: str | None,
     kernel: Path | None,
     initrd: Path | None,
     disks: tuple[str, ...],
@@ -558,6 +571,7 @@ def _grant(
 ) -> HostResources:
     try:
         return HostResources(
+            firmware=firmware,
             kernel=kernel,
             initrd=initrd,
             disks=tuple(DiskConfig.parse(d, i) for i, d in enumerate(disks)),

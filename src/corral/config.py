@@ -246,7 +246,17 @@ class MachineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kernel: Path = Field(description="kernel image: bzImage, ELF vmlinux with a PVH note, or Multiboot ELF")
+    firmware: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="boot through this BIOS image ('seabios' or a path) instead of loading the kernel "
+        "directly; with a kernel, the firmware boots it from fw_cfg",
+    )
+    kernel: Path | None = Field(
+        default=None,
+        description="kernel image: bzImage, ELF vmlinux with a PVH note, or Multiboot ELF (a fresh boot "
+        "needs it or a firmware; a restored guest may have none)",
+    )
     initrd: Path | None = Field(default=None, description="initial ramdisk loaded beside the kernel")
     cmdline: str = Field(default="", description="kernel command line")
     modules: tuple[ModuleConfig, ...] = Field(
@@ -290,6 +300,13 @@ class MachineConfig(BaseModel):
     def _virtio_console(cls, v: str) -> str:
         return _check_console_spec(v)
 
+    @field_validator("firmware")
+    @classmethod
+    def _firmware(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "\0" in v):
+            raise ValueError("give `seabios` or the path of a BIOS image")
+        return v
+
     def for_clone(self, index: int) -> MachineConfig:
         """The config of clone `index` of a snapshot: host resources that cannot be shared get
         their own names (tap devices, the vsock socket) and the vsock CID its own number."""
@@ -303,6 +320,7 @@ class MachineConfig(BaseModel):
         """The host resources this config names, as a grant: for an operator (or a test) who
         built this config and gives the same resources again to a snapshot of it."""
         return HostResources(
+            firmware=self.firmware,
             kernel=self.kernel,
             initrd=self.initrd,
             modules=self.modules,
@@ -380,6 +398,11 @@ class HostResources(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    firmware: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="the BIOS image ('seabios' or a path) of a guest that booted from one",
+    )
     kernel: Path | None = Field(default=None, description="what a guest reboot boots; none: stop on reset")
     initrd: Path | None = Field(default=None, description="the initrd a guest reboot loads")
     modules: tuple[ModuleConfig, ...] = Field(default=(), description="the Multiboot modules a reboot loads")
@@ -416,6 +439,12 @@ class HostResources(BaseModel):
                 problems.append(("virtio_console", f"{origin} has a virtio-console: give where it goes"))
         elif console and not incoming.virtio_console:
             problems.append(("virtio_console", f"{origin} has no virtio-console: give none"))
+        if incoming.firmware is not None and self.firmware is None:
+            problems.append(
+                ("firmware", f"{origin} booted through firmware: give its image (seabios or a path)")
+            )
+        elif incoming.firmware is None and self.firmware is not None:
+            problems.append(("firmware", f"{origin} did not boot through firmware: give none"))
         if self.initrd is not None and self.kernel is None:
             problems.append(("initrd", "give the kernel a reboot boots with it"))
         if self.modules and self.kernel is None:
@@ -425,10 +454,13 @@ class HostResources(BaseModel):
         update: dict[str, object] = {"disks": disks, "nets": nets, "vsock": vsock, "virtio_console": console}
         # never read a module file the incoming config named: a reboot loads the granted ones
         update["modules"] = self.modules
+        update["firmware"] = self.firmware  # never map a firmware file the incoming config named
         if self.kernel is not None:
             update.update(kernel=self.kernel, initrd=self.initrd)
         else:
-            update["no_reboot"] = True  # never boot a kernel the incoming config named
+            update["kernel"] = update["initrd"] = None  # never read a file the incoming config named
+            # a firmware guest reboots into its (granted) firmware; any other stops on a reset
+            update["no_reboot"] = incoming.no_reboot if self.firmware is not None else True
         return incoming.model_copy(update=update)
 
 

@@ -98,3 +98,16 @@ def test_a_config_granted_its_own_resources_is_itself():
         virtio_console="file=/log",
     )
     assert cfg.host_resources().apply(cfg) == cfg
+
+
+def test_firmware_comes_from_the_grant_and_an_ungranted_kernel_is_dropped():
+    fw_incoming = MachineConfig.build(firmware="/evil/bios.bin", disks=[DiskConfig(path="/x")])
+    out = HostResources(firmware="seabios", disks=(DiskConfig(path="/srv/d.img"),)).apply(fw_incoming)
+    assert (out.firmware, out.kernel, out.no_reboot) == ("seabios", None, False)  # reboots into the BIOS
+    with pytest.raises(FieldError, match="^firmware: the snapshot booted through firmware: give its image"):
+        HostResources(disks=(DiskConfig(path="/srv/d.img"),)).apply(fw_incoming)
+    with pytest.raises(FieldError, match="^firmware: the source did not boot through firmware"):
+        HostResources(firmware="seabios").apply(incoming(), origin="the source")
+    # fw_cfg serves the kernel item from config.kernel: a file the manifest named is never kept
+    out = HostResources().apply(incoming(initrd="/etc/shadow"))
+    assert (out.kernel, out.initrd, out.no_reboot) == (None, None, True)

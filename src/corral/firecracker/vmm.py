@@ -154,7 +154,7 @@ class FirecrackerVmm:
         cfg = machine.config
         vmm.machine_config = MachineConfiguration(vcpu_count=cfg.cpus, mem_size_mib=cfg.memory // MIB)
         vmm.boot_source = BootSource(
-            kernel_image_path=str(cfg.kernel),
+            kernel_image_path=str(cfg.kernel or ""),
             boot_args=cfg.cmdline,
             initrd_path=None if cfg.initrd is None else str(cfg.initrd),
         )
@@ -635,6 +635,10 @@ class FirecrackerVmm:
     def _apply_overrides(
         self, config: MachineConfig, fc: FullVmConfiguration, params: SnapshotLoadParams
     ) -> MachineConfig:
+        if config.firmware is not None:  # never map a firmware file a snapshot names
+            raise CorralError(
+                "the snapshot booted through firmware: restore it with `corral restore --firmware`"
+            )
         ids = [n.iface_id for n in fc.network_interfaces]
         nets = list(config.nets)
         for o in params.network_overrides:

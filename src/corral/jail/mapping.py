@@ -57,6 +57,8 @@ def map_run(
     """`corral run` of `config` inside a jail: the in-jail command line and what it needs."""
     inner = Inner(argv=[])
     argv = ["-v"] if verbose else []
+    if config.firmware is not None or config.kernel is None:
+        raise FieldError("firmware", "firmware boot in a jail is not supported yet: run it without --jail")
     argv += ["run", "--kernel", _file(inner, "kernel", config.kernel, "/vm/kernel", False)]
     if config.initrd is not None:
         argv += ["--initrd", _file(inner, "initrd", config.initrd, "/vm/initrd", False)]

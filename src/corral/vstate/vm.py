@@ -9,6 +9,8 @@ refuses a host that lacks a required entry.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 from dataclasses import dataclass
 
 from corral.arch.x86 import layout
@@ -21,6 +23,7 @@ from corral.vstate.irq import KvmIrqLine
 from corral.vstate.kvm_state import VmKvmState, load_vm, save_vm, set_clock
 
 PAGE = 4096
+ROM_SLOT = 16  # KVM slot of a firmware ROM; RAM uses 0 and 1
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class Vm:
         self.kvm = kvm
         self.fd = fd
         self.memory: GuestMemory | None = None
+        self._rom: mmap.mmap | None = None
         self.supported_cpuid = kvm.supported_cpuid()
         self._msr_indices = kvm.msr_index_list()
 
@@ -114,6 +118,19 @@ class Vm:
         """Give the guest `memory`, one KVM slot per RAM range."""
         self.memory = memory
         self._set_slots(0)
+
+    def map_rom(self, gpa: int, image: bytes) -> None:
+        """Map `image` read-only at `gpa` (firmware at the top of 4 GiB): the guest reads and
+        executes it from KVM directly; its writes become MMIO exits (ignore them on the bus)."""
+        if not self.kvm.check_extension(K.CAP_READONLY_MEM):
+            raise HostError("this host's KVM lacks KVM_CAP_READONLY_MEM, which a firmware ROM needs")
+        if self._rom is not None or not image or len(image) % PAGE or gpa % PAGE:
+            raise ValueError("one page-aligned ROM per VM")
+        rom = mmap.mmap(-1, len(image), mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        rom[:] = image
+        host_addr = ctypes.addressof(ctypes.c_char.from_buffer(rom))
+        self.fd.set_user_memory_region(ROM_SLOT, gpa, len(image), host_addr, K.MEM_READONLY)
+        self._rom = rom
 
     def _set_slots(self, flags: int) -> None:
         assert self.memory is not None
@@ -166,6 +183,8 @@ class Vm:
     def close(self) -> None:
         self.fd.close()
         self.kvm.close()
+        # the mapping goes only after the VM that used it (ctypes holds an export: let it go)
+        self._rom = None
 
 
 __all__ = ["CAPABILITIES", "Capability", "Vm", "max_vcpus", "missing_capabilities"]

@@ -99,12 +99,14 @@ class PciRoot:
 
     state_model: ClassVar[type[PciBusState]] = PciBusState
 
-    def __init__(self, mmio: MmioBus) -> None:
+    def __init__(self, mmio: MmioBus, host_bridge: PciFunction | None = None) -> None:
+        """`host_bridge`: the function at 00:00.0 (default: the generic one; firmware boots
+        get an i440FX, devices/pci/i440fx.py)."""
         self.mmio = mmio
         self.slots: list[PciFunction | None] = [None] * SLOTS
         self._mapped: dict[tuple[int, int], int] = {}  # (slot, bar) -> base on the MMIO bus
         self._lock = threading.Lock()
-        self.add(HostBridge(), slot=0)
+        self.add(host_bridge or HostBridge(), slot=0)
 
     def add(self, fn: PciFunction, slot: int | None = None) -> int:
         if slot is None:

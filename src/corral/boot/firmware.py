@@ -1,0 +1,194 @@
+"""Firmware boot: a PC BIOS image (SeaBIOS) instead of corral's direct kernel boot.
+
+Why: disk images made by installers, boot loaders and old systems start from the BIOS, not
+from a kernel handed over by the VMM. The PC does it this way, and so does QEMU:
+
+* the image is mapped read-only so that it ends at 4 GiB (the CPU's reset vector, 0xFFFFFFF0,
+  is its last 16 bytes); the vCPU starts there, in real mode with CS base 0xFFFF0000 and IP
+  0xFFF0, which is the state KVM gives a new vCPU;
+* its last 128 KiB also appear at 0xE0000-0xFFFFF (the "isa-bios" alias). On a real chipset
+  the PAM registers decide whether that range reads the ROM or shadow RAM; corral keeps it RAM
+  and copies the ROM's tail there at power-on, so the guest reads the same bytes, and SeaBIOS,
+  which copies itself from the 4 GiB alias into shadow RAM and then locks it through the i440FX
+  PAM registers, finds RAM to write (see devices/pci/i440fx.py);
+* everything else SeaBIOS learns from fw_cfg (RAM, CPUs, e820, boot order, sercon port) and the
+  CMOS memory-size registers.
+
+The image is a file from the operator (`--firmware PATH`) or `seabios`, Debian's build; it is
+opened like a kernel (no symlink followed, no FIFO, a regular file) and its size is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.arch.x86 import layout
+from corral.errors import FieldError
+from corral.memory import GuestMemory
+
+# what `--firmware NAME` means: the first file of each list that exists
+KNOWN: dict[str, tuple[str, ...]] = {
+    "seabios": ("/usr/share/seabios/bios-256k.bin", "/usr/share/qemu/bios-256k.bin"),
+}
+ISA_BIOS_SIZE = 128 * layout.KiB  # the ROM's tail seen below 1 MiB
+ISA_BIOS_END = 0x10_0000
+MIN_SIZE = 64 * layout.KiB
+# the ROM ends at 4 GiB and must stay clear of KVM's real-mode TSS and identity map below it
+MAX_SIZE = 256 * layout.KiB
+ROM_ALIGN = 64 * layout.KiB
+HINT = "give `seabios` or a BIOS image (64 KiB to 256 KiB, a multiple of 64 KiB)"
+
+
+def resolve(spec: str) -> Path:
+    """The image file `spec` names: a known firmware's file on this host, or a path."""
+    if spec in KNOWN:
+        for candidate in KNOWN[spec]:
+            if os.path.exists(candidate):
+                return Path(candidate)
+        raise FieldError(
+            "firmware",
+            f"{spec}: none of {', '.join(KNOWN[spec])} exists: install Debian's `{spec}` package, "
+            f"or give the image's path",
+        )
+    return Path(spec)
+
+
+def read_firmware(spec: str) -> bytes:
+    """The BIOS image `spec` names, checked: a regular file (not followed through a symlink,
+    never a FIFO or a device) of a size a PC can map below 4 GiB."""
+    return _read_checked(resolve(spec), "firmware", MIN_SIZE, MAX_SIZE, ROM_ALIGN, "firmware")
+
+
+def _read_checked(path: Path, field: str, low: int, high: int, align: int, what: str) -> bytes:
+    label = f"{what} file '{path}'"
+    hint = HINT if field == "firmware" else f"it must be {low} to {high} bytes, a multiple of {align}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FieldError(field, f"{label} does not exist: {hint}") from None
+    except OSError as exc:
+        why = "is a symbolic link" if os.path.islink(path) else f"cannot be read ({exc.strerror})"
+        raise FieldError(field, f"{label} {why}: {hint}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FieldError(field, f"{label} is not a regular file: {hint}")
+        if not low <= st.st_size <= high or st.st_size % align:
+            raise FieldError(field, f"{label} is {st.st_size} bytes: {hint}")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(high + 1)
+    except OSError as exc:
+        raise FieldError(field, f"{label} cannot be read ({exc.strerror}): {hint}") from None
+    finally:
+        os.close(fd)
+    if len(data) != st.st_size:
+        raise FieldError(field, f"{label} changed while it was read: {hint}")
+    return data
+
+
+def rom_base(image: bytes) -> int:
+    """Where the image starts: it ends at 4 GiB."""
+    return layout.MMIO_HOLE_END - len(image)
+
+
+def load_shadow(memory: GuestMemory, image: bytes) -> None:
+    """Power-on contents of 0xE0000-0xFFFFF: the image's last 128 KiB (or all of a smaller
+    one, ending at 1 MiB), as the isa-bios alias shows them before the BIOS unlocks PAM."""
+    tail = image[-ISA_BIOS_SIZE:]
+    memory.write(ISA_BIOS_END - len(tail), tail)
+
+
+# --- a kernel booted by the firmware (QEMU's -kernel with a BIOS) --------------------------------
+# SeaBIOS runs the option ROMs fw_cfg lists under genroms/; QEMU's linuxboot_dma.bin reads the
+# kernel's real-mode setup, its protected-mode part, the command line and the initrd from fw_cfg
+# into the addresses fw_cfg gives and enters the setup code in real mode, as a boot loader would.
+LINUXBOOT_ROMS = ("/usr/share/qemu/linuxboot_dma.bin", "/usr/share/seabios/linuxboot_dma.bin")
+LINUXBOOT_NAME = "genroms/linuxboot_dma.bin"
+OPTION_ROM_MAX = 64 * layout.KiB
+REAL_ADDR, CMDLINE_ADDR, PROT_ADDR = 0x10000, 0x20000, 0x100000  # QEMU's, for protocol >= 2.02
+LOADER_TYPE = 0xB0  # type_of_loader QEMU writes
+ACPI_RESERVE = 128 * layout.KiB  # QEMU keeps the initrd below this much at the top of low RAM
+
+
+@dataclass(frozen=True)
+class LinuxBoot:
+    """What fw_cfg serves the linuxboot option ROM: each part and where it goes."""
+
+    rom: bytes
+    setup: bytes  # the real-mode part with its header filled in, as a boot loader fills it
+    kernel: bytes  # the protected-mode part
+    cmdline: bytes  # NUL-terminated
+    initrd: bytes
+    setup_addr: int = REAL_ADDR
+    kernel_addr: int = PROT_ADDR
+    cmdline_addr: int = CMDLINE_ADDR
+    initrd_addr: int = 0
+
+
+def linuxboot_rom() -> bytes:
+    """QEMU's linuxboot_dma.bin from this host, checked like a firmware file."""
+    for candidate in LINUXBOOT_ROMS:
+        if os.path.exists(candidate):
+            return _read_checked(
+                Path(candidate), "kernel", 512, OPTION_ROM_MAX, 512, "the linuxboot option ROM"
+            )
+    raise FieldError(
+        "kernel",
+        f"booting a kernel through the firmware needs QEMU's linuxboot_dma.bin ({LINUXBOOT_ROMS[0]}): "
+        "install Debian's qemu-system-data package, or boot the kernel without --firmware",
+    )
+
+
+def linux_boot(kernel: bytes, initrd: bytes | None, cmdline: str, mem_size: int, name: str) -> LinuxBoot:
+    """A bzImage split and its header filled in as QEMU does for firmware boot; other kernels
+    (PVH, Multiboot) are refused with one line."""
+    hint = "with --firmware, give a bzImage (or boot this kernel without --firmware)"
+    if len(kernel) < 0x240 or kernel[0x202:0x206] != b"HdrS":
+        raise FieldError("kernel", f"{name} is not a bzImage: {hint}")
+    version = int.from_bytes(kernel[0x206:0x208], "little")
+    if version < 0x202 or not kernel[0x211] & 1:
+        raise FieldError("kernel", f"{name} uses boot protocol {version:#x} without LOADED_HIGH: {hint}")
+    setup_len = ((kernel[0x1F1] or 4) + 1) * 512
+    if setup_len >= len(kernel) or setup_len > CMDLINE_ADDR - REAL_ADDR:
+        raise FieldError("kernel", f"{name}: its setup_sects ({kernel[0x1F1]}) do not fit the file: {hint}")
+    cmd = cmdline.encode() + b"\0"
+    cmd_max = int.from_bytes(kernel[0x238:0x23C], "little") if version >= 0x206 else 255
+    if len(cmd) - 1 > cmd_max or len(cmd) > layout.CMDLINE_MAX:
+        raise FieldError("cmdline", f"{len(cmd) - 1} bytes is longer than {name} takes ({cmd_max})")
+    setup = bytearray(kernel[:setup_len])
+    prot = kernel[setup_len:]
+    below_4g = min(mem_size, layout.MMIO_HOLE_START)
+    if PROT_ADDR + len(prot) > below_4g:
+        raise FieldError("kernel", f"{name} does not fit in the guest's memory: give it more memory")
+    setup[0x210] = LOADER_TYPE
+    setup[0x211] |= 0x80  # CAN_USE_HEAP
+    setup[0x224:0x226] = (CMDLINE_ADDR - REAL_ADDR - 0x200).to_bytes(2, "little")  # heap_end_ptr
+    setup[0x228:0x22C] = CMDLINE_ADDR.to_bytes(4, "little")  # cmd_line_ptr
+    rd = initrd or b""
+    initrd_addr = 0
+    if rd:
+        rd_max = int.from_bytes(kernel[0x22C:0x230], "little") if version >= 0x203 else 0x37FF_FFFF
+        top = min(rd_max, below_4g - ACPI_RESERVE - 1)
+        initrd_addr = (top - len(rd)) & ~0xFFF
+        if initrd_addr < PROT_ADDR + len(prot):
+            raise FieldError(
+                "initrd", f"the initrd ({len(rd)} bytes) does not fit below {top:#x}: give more memory"
+            )
+        setup[0x218:0x21C] = initrd_addr.to_bytes(4, "little")
+        setup[0x21C:0x220] = len(rd).to_bytes(4, "little")
+    return LinuxBoot(linuxboot_rom(), bytes(setup), prot, cmd, rd, initrd_addr=initrd_addr)
+
+
+__all__ = [
+    "KNOWN",
+    "LINUXBOOT_NAME",
+    "LinuxBoot",
+    "linux_boot",
+    "load_shadow",
+    "read_firmware",
+    "resolve",
+    "rom_base",
+]

@@ -133,6 +133,24 @@ class Daemon:
                 parent.rmdir()
 
 
+def _seccomp_modes(pid: int, timeout: float = 10) -> dict[str, str]:
+    """Thread name -> its Seccomp mode, once the VMM's main thread has entered its filter."""
+    deadline = time.monotonic() + timeout
+    while True:
+        modes = {}
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+                status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            except OSError:
+                continue
+            mode = next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Seccomp:"))
+            modes[f"{name}#{tid}" if name in modes else name] = mode
+        if "corral-vmm" in modes or time.monotonic() > deadline:
+            return modes
+        time.sleep(0.05)
+
+
 def _status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
@@ -183,7 +201,13 @@ def test_daemon_vms_are_jailed_apart_and_leave_nothing(hooked, tmp_path):
             assert _ns(v["pid"], kind) != _ns("self", kind) and _ns(v["pid"], kind) != _ns(
                 daemon.proc.pid, kind
             )
-        print(f"{v['id']}: uid {uid}, Seccomp {st.get('Seccomp')}, set up in {v['jail']['setup_ms']} ms")
+        # and under seccomp, every thread (vm-a's debug hook thread, started before the filters
+        # for the jail's own attack test, aside)
+        filtered = _seccomp_modes(v["pid"])
+        if v is b:
+            assert set(filtered.values()) == {"2"}, filtered
+        assert all(filtered[t] == "2" for t in filtered if t.startswith("corral-")), filtered
+        assert {"corral-vmm", "corral-vcpu0", "corral-api"} <= set(filtered), filtered
         assert {"mnt", "pid", "ipc", "uts"} <= set(v["jail"]["namespaces"])
         assert 0 < v["jail"]["setup_ms"] < 10_000
         assert v["jail"]["cgroups"], "the VM joined its cgroups"

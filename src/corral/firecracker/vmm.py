@@ -59,6 +59,7 @@ from corral.firecracker.models import (
 )
 from corral.firecracker.snapshot import DirtyPages, create_snapshot_files, staged_snapshot
 from corral.machine import ExitResult, Machine
+from corral.seccomp import enter as enter_seccomp
 from corral.state.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -739,6 +740,8 @@ class FirecrackerVmm:
 
     def _watch(self, machine: Machine) -> None:
         def wait() -> None:
+            # Started before the main thread filters itself (a --config-file boot): filter here.
+            enter_seccomp("vmm", "corral-fc-wait")
             result = machine.wait()
             machine.close()
             self.exit_result = result

@@ -458,10 +458,11 @@ def run(
 
 def _crash_dumper(directory: Path) -> Callable[[Machine, Any], None]:
     """Machine.on_crash for --dump-on-crash: the core goes to DIR/crash-TIME-PID.core."""
+    # Imported now, not at the crash: by then the thread is under its seccomp filter, which
+    # lets no new code be mapped (an extension module's dlopen).
+    from corral.debug.dump import dump_core
 
     def dump(machine: Machine, result: Any) -> None:
-        from corral.debug.dump import dump_core
-
         path = directory / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.core"
         try:
             r = dump_core(machine, path)

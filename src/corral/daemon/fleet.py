@@ -383,7 +383,10 @@ class Fleet:
                 except ApiError:
                     pass
             if time.monotonic() > deadline:
-                raise FleetError(f"the VM's API did not answer within {self.start_timeout:.0f} s")
+                tail = _tail(d.console, 2000).strip().splitlines()
+                last = f" (its last output: {tail[-1][:300]})" if tail else " (no output)"
+                sock = "" if d.api_sock.exists() else "; its API socket was never made"
+                raise FleetError(f"the VM's API did not answer within {self.start_timeout:.0f} s{sock}{last}")
             time.sleep(0.02)
 
     # -- verbs on a running VM --------------------------------------------------------------------

@@ -328,47 +328,54 @@ def serve(
             "--spawn cannot jail VMs (the jail is entered in the fork server's child): "
             "drop --spawn, or give --no-jail"
         )
-    os.umask(0o077)  # every file the daemon and its VMs make is private
-    state = StateDir(state_dir)
-    cgroups = Cgroups(parent=cgroup_parent) if cgroup_parent else None
-    own_launcher = launcher is None
-    launcher = launcher or (SpawnLauncher() if spawn else ForkLauncher())
-    fleet = Fleet(state, launcher, cgroups, jail=jail)
-    address = parse_tcp(tcp) if tcp else None
-    if token_file is not None and address is None:
-        raise ConfigError("--token-file is for --tcp: the Unix socket checks the peer's uid instead")
-    token = read_token(token_file) if token_file is not None else None
-    server = DaemonServer(DaemonApi(fleet), api_sock or state.root / "corral.sock", tcp=address, token=token)
-    found = fleet.list()
-    by_state: dict[str, int] = {}
-    for vm in found:
-        by_state[vm.state] = by_state.get(vm.state, 0) + 1
-    log.warning(
-        "corral serve: %s, %s, %d VM(s) found%s",
-        server.path,
-        "VMs jailed" if jail else "VMs not jailed",
-        len(found),
-        "".join(f", {n} {s}" for s, n in sorted(by_state.items())),
-    )
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    if ready is not None:
-        ready.set()
+    # Every file the daemon and its VMs make is private; the caller's mask comes back after
+    # (a process that embeds the daemon, the tests, keeps its own).
+    old_mask = os.umask(0o077)
     try:
-        while not stopping.wait(REAP_INTERVAL):
-            fleet.reap()
-            fleet.cap_files()
+        state = StateDir(state_dir)
+        cgroups = Cgroups(parent=cgroup_parent) if cgroup_parent else None
+        own_launcher = launcher is None
+        launcher = launcher or (SpawnLauncher() if spawn else ForkLauncher())
+        fleet = Fleet(state, launcher, cgroups, jail=jail)
+        address = parse_tcp(tcp) if tcp else None
+        if token_file is not None and address is None:
+            raise ConfigError("--token-file is for --tcp: the Unix socket checks the peer's uid instead")
+        token = read_token(token_file) if token_file is not None else None
+        server = DaemonServer(
+            DaemonApi(fleet), api_sock or state.root / "corral.sock", tcp=address, token=token
+        )
+        found = fleet.list()
+        by_state: dict[str, int] = {}
+        for vm in found:
+            by_state[vm.state] = by_state.get(vm.state, 0) + 1
+        log.warning(
+            "corral serve: %s, %s, %d VM(s) found%s",
+            server.path,
+            "VMs jailed" if jail else "VMs not jailed",
+            len(found),
+            "".join(f", {n} {s}" for s, n in sorted(by_state.items())),
+        )
+        stopping = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            stopping.set()
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        if ready is not None:
+            ready.set()
+        try:
+            while not stopping.wait(REAP_INTERVAL):
+                fleet.reap()
+                fleet.cap_files()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            server.close()
+            if own_launcher:
+                launcher.close()  # the template goes; the VMs it forked run on
+        return 0
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        server.close()
-        if own_launcher:
-            launcher.close()  # the template goes; the VMs it forked run on
-    return 0
+        os.umask(old_mask)
 
 
 __all__ = ["DaemonApi", "DaemonServer", "Stream", "Text", "parse_tcp", "read_token", "serve"]

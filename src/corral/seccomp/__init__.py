@@ -156,7 +156,10 @@ def enter(kind: str, name: str | None = None) -> None:
         return
     f = build(kind)
     try:
-        f.load()
+        # One load at a time: libseccomp compiles the program from the shared, cached filter
+        # context on each load and promises no thread safety for one context.
+        with _lock:
+            f.load()
     except OSError as exc:
         raise SeccompError(f"seccomp: the {kind} filter cannot be loaded: {exc}") from None
     _entered.kind = kind

@@ -495,3 +495,26 @@ def test_external_firecracker_client(client_python, tmp_path):
         assert "mem-touch range" not in b.output
     finally:
         b.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes a tap (CAP_NET_ADMIN)")
+def test_a_nic_is_made_on_the_filtered_api_thread(tmp_path):
+    """InstanceStart builds the machine, its tap included, on the API's seccomp-filtered thread,
+    which may map no new code: what making a tap imports (pyroute2) must be there already."""
+    name = f"crlfc{os.getpid() % 100000}"
+    a = Firecracker(tmp_path / "a.sock")
+    try:
+        a.ok("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64})
+        a.ok(
+            "PUT",
+            "/boot-source",
+            {"kernel_image_path": str(build_probe()), "boot_args": "mem-touch 8M forever"},
+        )
+        a.ok("PUT", "/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": name})
+        a.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+        a.wait_rounds(2)
+        assert a.ok("GET", "/")["state"] == "Running"
+    finally:
+        a.close()
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
+    assert "forbidden system call" not in a.proc.stderr.read().decode()

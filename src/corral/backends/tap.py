@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import struct
+from typing import Any
 
 from corral.errors import ConfigError, HostError
 
@@ -35,6 +36,20 @@ def check_tap_name(name: str) -> str:
             f"'{name}' cannot name a network interface: use 1 to 15 letters, digits, '-', '_' or '.'"
         )
     return name
+
+
+def preload() -> tuple[Any, Any]:
+    """pyroute2's IPRoute and NetlinkError, imported on first use: pyroute2 takes over a second
+    to import and only a VM with a NIC needs it. A process whose NICs may be made later on a
+    seccomp-filtered thread (`corral firecracker`: the API builds the machine) calls this before
+    its filters, as a filtered thread cannot map an extension module's code. (pyroute2's tc
+    module reads /proc/net/psched on import and warns where there is none, as in the jail;
+    corral uses no tc.)"""
+    logging.getLogger("pyroute2.netlink.rtnl.tcmsg.common").setLevel(logging.ERROR)
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return IPRoute, NetlinkError
 
 
 class Tap:
@@ -77,13 +92,7 @@ class Tap:
             raise
 
     def _host_setup(self, host_ip: str | None) -> None:
-        # imported here, not for a cycle: pyroute2 takes over a second to import, and only a
-        # VM with a NIC needs it
-        # (its tc module reads /proc/net/psched on import and warns where there is none, as in the
-        # jail; corral uses no tc)
-        logging.getLogger("pyroute2.netlink.rtnl.tcmsg.common").setLevel(logging.ERROR)
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
+        IPRoute, NetlinkError = preload()
 
         try:
             with IPRoute() as ipr:

@@ -17,12 +17,14 @@ from types import FrameType
 
 from pydantic import ValidationError
 
+from corral.backends.tap import preload as tap_preload
 from corral.errors import ConfigError, CorralError
 from corral.firecracker.logs import configure_logging
 from corral.firecracker.models import FullVmConfiguration, IdError, Metrics, body_error, check_instance_id
 from corral.firecracker.routes import Router
 from corral.firecracker.server import ApiServer
 from corral.firecracker.vmm import FirecrackerError, FirecrackerVmm
+from corral.seccomp import enabled as seccomp_enabled
 from corral.seccomp import enter as enter_seccomp
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,10 @@ def run(
         except FirecrackerError as exc:
             raise ConfigError(f"{config_file}: {exc}") from None
 
+    if seccomp_enabled():
+        # InstanceStart and snapshot loads build the machine on the API's filtered thread, which
+        # cannot map an extension module's code: import now what making a tap imports
+        tap_preload()
     fatal = threading.Event()
 
     def on_fatal() -> None:

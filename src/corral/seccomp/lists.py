@@ -111,6 +111,7 @@ LOOP = Policy(
         "epoll_wait",
         "epoll_ctl",
         "read",  # doorbells, taps, sockets
+        "getrandom",  # virtio-rng's bytes and MMDS tokens (os.urandom; a Linux guest asks at boot)
         "readv",
         "writev",
         "pread64",
@@ -254,6 +255,7 @@ VMM = Policy(
         "pselect6",  # the terminal console's input thread
         "rt_sigaction",  # the kick handler; SIGTERM under Firecracker's API
         "wait4",
+        "socketpair",  # pyroute2's IPRoute, when a tap is made after start (Firecracker's API)
     },
     ioctls=VCPU.ioctls | LOOP.ioctls | API.ioctls | BUILD_IOCTLS,
     socket_families=frozenset({socket.AF_UNIX, socket.AF_INET, socket.AF_INET6, socket.AF_NETLINK}),

@@ -18,101 +18,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from support.cli import cli_env, corral
+from support.cli import cli_env
+from support.daemon import Daemon
 from support.results import progress_rounds
 
 from corral.daemon.cgroups import Cgroups
-from corral.daemon.vmapi import ApiError, HttpClient
+from corral.daemon.vmapi import ApiError
 from corral.images.probe import build_probe
 
 SLOW = bool(os.environ.get("CORRAL_SLOW_TESTS"))
 
 
-class Daemon:
-    """A `corral serve` process on a state directory of the test's own, with a cgroup parent of
-    its own (other test runs share the host)."""
-
-    def __init__(self, state: Path, cgroup_parent: str) -> None:
-        self.state = state
-        self.sock = state / "corral.sock"
-        self.cgroup_parent = cgroup_parent
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        if self.sock.exists():
-            self.sock.unlink()  # a killed daemon leaves it; the new one would replace it anyway
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "corral", "serve", "--state-dir", str(self.state)]
-            + ["--cgroup-parent", self.cgroup_parent],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=cli_env(),
-        )
-        deadline = time.monotonic() + 30
-        while not self.sock.exists():
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "the daemon socket never appeared"
-            time.sleep(0.05)
-        self.api = HttpClient(str(self.sock), timeout=120)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        assert self.proc.wait(15) in (0, -sig)
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return corral(*args, env={"CORRAL_DAEMON_SOCK": str(self.sock)})
-
-    def create(self, vm_id: str, cmdline: str = "mem-touch 16M forever", **extra: object) -> dict:
-        config = {
-            "boot-source": {"kernel_image_path": str(build_probe()), "boot_args": cmdline},
-            "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
-        }
-        return self.api.call("POST", "/vms", {"id": vm_id, "config": config, **extra})
-
-    def console(self, vm_id: str) -> str:
-        return (self.state / "vms" / vm_id / "console").read_bytes().decode(errors="replace")
-
-    def wait_rounds(self, vm_id: str, n: int, timeout: float = 60) -> int:
-        deadline = time.monotonic() + timeout
-        while max(progress_rounds(self.console(vm_id)), default=0) < n:
-            assert time.monotonic() < deadline, self.console(vm_id)[-2000:]
-            time.sleep(0.05)
-        return max(progress_rounds(self.console(vm_id)))
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                for v in self.api.call("GET", "/vms"):
-                    self.api.call("DELETE", f"/vms/{v['id']}")
-            finally:
-                self.proc.terminate()
-                self.proc.wait(15)
-        # whatever a failed test left: no VM process outlives the test
-        for d in (self.state / "vms").glob("*"):
-            pid = (d / "pid").read_text().split()[0] if (d / "pid").exists() else None
-            if pid:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for parent in self.cgroup_dirs():
-            for g in parent.glob("*"):
-                if g.is_dir():
-                    g.rmdir()
-            if parent.is_dir():
-                parent.rmdir()
-
-    def cgroup_dirs(self) -> list[Path]:
-        """The daemon's cgroup parent in each hierarchy (VMs' groups go inside)."""
-        return [d.parent for _, d in Cgroups(parent=self.cgroup_parent).group("x").dirs]
-
-
 @pytest.fixture
 def daemon(tmp_path):
-    d = Daemon(tmp_path / "state", f"corral-test-{os.getpid()}-{time.monotonic_ns() % 10**6}")
+    d = Daemon(tmp_path / "state")
     yield d
     d.close()
 

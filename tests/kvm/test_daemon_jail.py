@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from support.cli import cli_env, corral
+from support.cli import corral
+from support.daemon import Daemon
 from support.results import progress_rounds
 
-from corral.daemon.cgroups import Cgroups
-from corral.daemon.vmapi import HttpClient
-from corral.images.probe import build_probe
 from corral.jail.launch import UID_LOCKS
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jail needs root")
@@ -65,72 +60,6 @@ if me == "vm-a":
         json.dump(out, f)
     os.rename("/debug/report.json.tmp", "/debug/report.json")
 """
-
-
-class Daemon:
-    def __init__(self, state: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.state = state
-        self.sock = state / "corral.sock"
-        self.cgroup_parent = f"corral-jt-{os.getpid()}-{time.monotonic_ns() % 10**6}"
-        self.args, self.env = args, env
-        self.start()
-
-    def start(self) -> None:
-        if self.sock.exists():
-            self.sock.unlink()  # a killed daemon leaves it
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "corral", "serve", "--state-dir", str(self.state)]
-            + ["--cgroup-parent", self.cgroup_parent, *self.args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env=cli_env(self.env),
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not self.sock.exists():
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "the daemon socket never appeared"
-            time.sleep(0.05)
-        self.api = HttpClient(str(self.sock), timeout=120)
-
-    def create(self, vm_id: str, **extra: object) -> dict:
-        config = {
-            "boot-source": {"kernel_image_path": str(build_probe()), "boot_args": "mem-touch 16M forever"},
-            "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
-        }
-        return self.api.call("POST", "/vms", {"id": vm_id, "config": config, **extra})
-
-    def console(self, vm_id: str) -> str:
-        return (self.state / "vms" / vm_id / "console").read_bytes().decode(errors="replace")
-
-    def wait_rounds(self, vm_id: str, n: int, timeout: float = 60) -> int:
-        deadline = time.monotonic() + timeout
-        while max(progress_rounds(self.console(vm_id)), default=0) < n:
-            assert time.monotonic() < deadline, self.console(vm_id)[-2000:]
-            time.sleep(0.05)
-        return max(progress_rounds(self.console(vm_id)))
-
-    def cgroup_dirs(self) -> list[Path]:
-        return [d.parent for _, d in Cgroups(parent=self.cgroup_parent).group("x").dirs]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                for v in self.api.call("GET", "/vms"):
-                    self.api.call("DELETE", f"/vms/{v['id']}")
-            finally:
-                self.proc.terminate()
-                self.proc.wait(15)
-        for d in (self.state / "vms").glob("*"):  # whatever a failed test left
-            if (d / "pid").exists():
-                try:
-                    os.kill(int((d / "pid").read_text().split()[0]), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for parent in self.cgroup_dirs():
-            for g in parent.glob("*"):
-                if g.is_dir():
-                    g.rmdir()
-            if parent.is_dir():
-                parent.rmdir()
 
 
 def _seccomp_modes(pid: int, timeout: float = 10) -> dict[str, str]:

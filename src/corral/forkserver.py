@@ -111,6 +111,8 @@ PRELOAD = (
     "corral.devices.virtio.rng",
     "corral.backends.disk",
     "corral.backends.tap",
+    "pyroute2",  # what a tap's host side imports (and `corral firecracker` under seccomp, first)
+    "pyroute2.netlink.exceptions",
     "corral.backends.console",
     "corral.backends.unix_socket",
     "corral.images.probe",

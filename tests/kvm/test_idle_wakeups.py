@@ -36,6 +36,7 @@ def test_an_idle_vm_sleeps_in_every_thread(tmp_path: Path) -> None:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for("the probe to halt", lambda: "probe: halt" in log.read_text())
+        wait_for("the API socket", sock.exists)
         assert api_get(sock)[0] == 200
         time.sleep(0.5)  # let the last request's thread finish
         before = context_switches(proc.pid)

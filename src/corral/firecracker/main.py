@@ -100,6 +100,10 @@ def run(
             vmm.put_metrics(Metrics(metrics_path=str(metrics_path)))
         except FirecrackerError as exc:
             raise ConfigError(str(exc)) from None
+    if seccomp_enabled():
+        # InstanceStart and snapshot loads build the machine on the API's filtered thread, which
+        # cannot map an extension module's code: import now what making a tap imports
+        tap_preload()
     if config_file is not None:
         cfg = read_config_file(config_file)
         try:
@@ -108,10 +112,6 @@ def run(
         except FirecrackerError as exc:
             raise ConfigError(f"{config_file}: {exc}") from None
 
-    if seccomp_enabled():
-        # InstanceStart and snapshot loads build the machine on the API's filtered thread, which
-        # cannot map an extension module's code: import now what making a tap imports
-        tap_preload()
     fatal = threading.Event()
 
     def on_fatal() -> None:

@@ -82,6 +82,9 @@ class Daemon:
             finally:
                 self.proc.terminate()
                 self.proc.wait(15)
+                # the daemon's log, shown by pytest when the test failed (an internal error's
+                # traceback is there)
+                print((self.proc.stderr.read() if self.proc.stderr else b"").decode(errors="replace")[-8000:])
         # whatever a failed test left: no VM process outlives the test
         for d in (self.state / "vms").glob("*"):
             pid = (d / "pid").read_text().split()[0] if (d / "pid").exists() else None

@@ -17,21 +17,9 @@ from support.cli import corral, one_clear_line, start_vm
 from support.live_probe import LiveProbe
 
 from corral.debug.dump import DumpError, dump_core
-from corral.images.probe import build_probe
 
 pytestmark = pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def probe64() -> Path:
-    return build_probe().parent / "probe64.elf"
-
-
-@pytest.fixture(scope="module")
-def symbols(probe64) -> dict[str, int]:
-    out = subprocess.run(["nm", str(probe64)], capture_output=True, text=True, check=True).stdout
-    return {name: int(addr, 16) for addr, _kind, name in (line.split() for line in out.splitlines())}
 
 
 def gdb_core(probe64: Path, core: Path, *commands: str) -> str:

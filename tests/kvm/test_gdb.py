@@ -34,17 +34,6 @@ PVM_REASON = "this host's /dev/kvm is PVM: int3, ring-3 steps and ring-3 debug r
 pytestmark = pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
 
 
-@pytest.fixture(scope="module")
-def probe64() -> Path:
-    return build_probe().parent / "probe64.elf"
-
-
-@pytest.fixture(scope="module")
-def symbols(probe64) -> dict[str, int]:
-    out = subprocess.run(["nm", str(probe64)], capture_output=True, text=True, check=True).stdout
-    return {name: int(addr, 16) for addr, _kind, name in (line.split() for line in out.splitlines())}
-
-
 @pytest.fixture
 def vms():
     started: list[Vm] = []

@@ -18,6 +18,7 @@ SMRAM (0x72).
 from __future__ import annotations
 
 from corral.devices.pci.config import PciConfig
+from corral.devices.pci.root import HostBridge
 
 VENDOR_INTEL, DEVICE_I440FX = 0x8086, 0x1237
 SUBSYS_VENDOR_QEMU, SUBSYS_ID_QEMU = 0x1AF4, 0x1100  # what QEMU's machines carry
@@ -28,8 +29,8 @@ PAM_COUNT = 7
 PAM_MASK = (0x30,) + (0x33,) * 6  # PAM0 has only its high nibble (0xF0000)
 
 
-class I440fxHostBridge:
-    """00:00.0 as an i440FX with writable PAM registers; no BARs."""
+class I440fxHostBridge(HostBridge):
+    """00:00.0 as an i440FX with writable PAM registers; no BARs (HostBridge's)."""
 
     def __init__(self) -> None:
         self.config = PciConfig(
@@ -46,18 +47,6 @@ class I440fxHostBridge:
     def pam(self) -> bytes:
         """PAM0..PAM6 as the guest last wrote them."""
         return bytes(self.config.data[PAM0 : PAM0 + PAM_COUNT])
-
-    def bar_read(self, index: int, offset: int, size: int) -> int:
-        return (1 << (8 * size)) - 1
-
-    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
-        pass
-
-    def bars_moved(self, addresses: list[int | None]) -> None:
-        pass
-
-    def config_written(self, offset: int, size: int) -> None:
-        pass
 
 
 __all__ = ["DEVICE_I440FX", "PAM0", "I440fxHostBridge"]

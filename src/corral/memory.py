@@ -20,15 +20,14 @@ failed KVM_RUN on a vCPU (see state/snapshot.py).
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from corral.arch.x86 import layout
 from corral.errors import ConfigError, GuestMemoryError
+from corral.files import Refused, open_checked
 
 
 @dataclass(frozen=True)
@@ -271,14 +270,10 @@ def _open_backing(path: str) -> int:
     """A snapshot's memory file, read-only: never through a symlink, never a FIFO or device
     (O_NONBLOCK: a FIFO cannot hang the open)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ConfigError(
-                f"guest memory file {path} is a symbolic link: a snapshot's memory must be its own file"
-            ) from None
-        raise ConfigError(f"cannot open guest memory file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ConfigError(f"guest memory file {path} is not a regular file: the snapshot is damaged")
-    return fd
+        return open_checked(path)
+    except Refused as exc:
+        hint = {
+            "symlink": "a snapshot's memory must be its own file",
+            "kind": "the snapshot is damaged",
+        }.get(exc.kind, "check the snapshot")
+        raise ConfigError(f"guest memory file {exc}: {hint}") from None

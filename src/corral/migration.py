@@ -66,6 +66,7 @@ from pydantic import BaseModel, Field
 from corral._version import __version__
 from corral.config import HostResources, MachineConfig
 from corral.errors import ConfigError, CorralError
+from corral.files import Refused, open_checked
 from corral.machine import Machine
 from corral.state.model import CpuModel, MachineState
 
@@ -129,13 +130,10 @@ def check_token(token: bytes | str) -> bytes:
 def load_token(path: str | os.PathLike[str]) -> bytes:
     """The token in the file at `path`, which only its owner may read (as ssh's keys)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ConfigError(f"cannot read the token file {path}: {exc.strerror}") from None
+        fd = open_checked(path)
+    except Refused as exc:
+        raise ConfigError(f"cannot read the token file: {exc}") from None
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):  # (before fdopen, which refuses a directory with a traceback)
-        os.close(fd)
-        raise ConfigError(f"the token file {path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
         if st.st_mode & 0o077:
             raise ConfigError(f"the token file {path} can be read by other users: chmod 600 {path}")

@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 # Bottom first. A module may import from its own unit (package or module) or from a lower layer.
 LAYERS: list[set[str]] = [
-    {"corral._version", "corral.errors", "corral.startup"},
+    {"corral._version", "corral.errors", "corral.startup", "corral.files"},
     {"corral.kvm"},
     {"corral.seccomp"},  # per-thread syscall filters: the threads of every layer above enter them
     {"corral.arch"},
@@ -144,7 +144,7 @@ def test_no_import_cycles():
 # what each package may import from corral at run time (TYPE_CHECKING imports are types only)
 ALLOWED = {
     "devices": ("corral.devices", "corral.errors", "corral.arch"),
-    "backends": ("corral.backends", "corral.errors"),
+    "backends": ("corral.backends", "corral.errors", "corral.files"),
 }
 LAZY_OK = {("backends/tap.py", "pyroute2")}  # a second to import; only a NIC needs it
 

@@ -12,13 +12,13 @@ without a reader is refused instead of hanging the VMM.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import termios
 import tty
 
 from corral.errors import ConfigError
+from corral.files import Refused, open_checked
 
 
 class ConsoleBackend:
@@ -48,17 +48,11 @@ class ConsoleBackend:
 
 
 def _open_log(path: str, field: str) -> int:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ConfigError(
-                f"{field}: console file {path} is a symbolic link: give the file itself"
-            ) from None
-        raise ConfigError(f"{field}: cannot open console file {path}: {exc.strerror}") from None
-    mode = os.fstat(fd).st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
-        os.close(fd)
-        raise ConfigError(f"{field}: console file {path} is not a regular file: give a file to append to")
-    return fd
+        return open_checked(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, kinds=_LOG_KINDS)
+    except Refused as exc:
+        hint = "give the file itself" if exc.kind == "symlink" else "give a file to append to"
+        raise ConfigError(f"{field}: console file {exc}: {hint}") from None
+
+
+_LOG_KINDS = frozenset({stat.S_IFREG, stat.S_IFCHR})  # a file, or a terminal or /dev/null

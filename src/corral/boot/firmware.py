@@ -21,12 +21,12 @@ opened like a kernel (no symlink followed, no FIFO, a regular file) and its size
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from corral.arch.x86 import layout
 from corral.errors import FieldError
+from corral.files import Refused, open_checked
 from corral.memory import GuestMemory
 
 # what `--firmware NAME` means: the first file of each list that exists
@@ -66,16 +66,11 @@ def _read_checked(path: Path, field: str, low: int, high: int, align: int, what:
     label = f"{what} file '{path}'"
     hint = HINT if field == "firmware" else f"it must be {low} to {high} bytes, a multiple of {align}"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise FieldError(field, f"{label} does not exist: {hint}") from None
-    except OSError as exc:
-        why = "is a symbolic link" if os.path.islink(path) else f"cannot be read ({exc.strerror})"
-        raise FieldError(field, f"{label} {why}: {hint}") from None
+        fd = open_checked(path)
+    except Refused as exc:
+        raise FieldError(field, f"{what} file {exc}: {hint}") from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FieldError(field, f"{label} is not a regular file: {hint}")
         if not low <= st.st_size <= high or st.st_size % align:
             raise FieldError(field, f"{label} is {st.st_size} bytes: {hint}")
         with open(fd, "rb", closefd=False) as f:

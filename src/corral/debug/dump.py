@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from corral.errors import CorralError
+from corral.files import Refused, create_new
 from corral.kvm import structs as S
 from corral.kvm.fds import KvmError
 
@@ -165,15 +166,10 @@ def write_core(path: str | os.PathLike[str], memory: GuestMemory, notes: list[by
             PHDR.pack(PT_LOAD, PF_R | PF_W | PF_X, data_off + s.offset, s.gpa, s.gpa, s.size, s.size, PAGE)
         )
     size = data_off + memory.size
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise DumpError(f"{path} exists: a dump never overwrites a file; give a new path") from None
-    except OSError as exc:
-        raise DumpError(f"cannot create the dump {path}: {exc.strerror}") from None
-    except ValueError:  # a NUL in the path
-        raise DumpError("the dump's path has a NUL byte: give a plain file name") from None
+        fd = create_new(path, "dump")
+    except Refused as exc:
+        raise DumpError(str(exc)) from None
     written = 0
     try:
         os.ftruncate(fd, size)  # the whole file a hole; only populated RAM is written

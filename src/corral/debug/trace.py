@@ -20,7 +20,6 @@ import importlib
 import json
 import os
 import queue
-import stat
 import struct
 import threading
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from time import perf_counter_ns, time_ns
 from typing import TYPE_CHECKING, Any
 
 from corral.errors import CorralError
+from corral.files import Refused, create_new, open_checked
 from corral.kvm import constants as K
 
 if TYPE_CHECKING:
@@ -105,15 +105,10 @@ class TraceWriter:
         self, path: str | os.PathLike[str], devices: dict[str, Any], max_bytes: int = MAX_BYTES
     ) -> None:
         self.path = str(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            self._fd = os.open(self.path, flags, 0o600)
-        except FileExistsError:
-            raise TraceError(f"{path} exists: a trace never overwrites a file; give a new path") from None
-        except OSError as exc:
-            raise TraceError(f"cannot create the trace {path}: {exc.strerror}") from None
-        except ValueError:  # a NUL in the path
-            raise TraceError("the trace's path has a NUL byte: give a plain file name") from None
+            self._fd = create_new(self.path, "trace")
+        except Refused as exc:
+            raise TraceError(str(exc)) from None
         self.t0 = perf_counter_ns()
         meta = json.dumps({"start_unix_ns": time_ns(), "devices": devices}).encode()
         os.write(self._fd, HEADER.pack(MAGIC, VERSION, RECORD.size, len(meta), 0) + meta)
@@ -230,15 +225,9 @@ def records(path: str | os.PathLike[str]) -> Iterator[tuple[int, int, int, int, 
 
 def _open(path: str | os.PathLike[str]) -> Any:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise TraceError(f"cannot open the trace {path}: {exc.strerror}") from None
-    except ValueError:
-        raise TraceError("the trace's path has a NUL byte: give a plain file name") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise TraceError(f"{path} is not a regular file: not a corral trace")
-    return os.fdopen(fd, "rb")
+        return os.fdopen(open_checked(path), "rb")
+    except Refused as exc:
+        raise TraceError(f"cannot open the trace: {exc}") from None
 
 
 def _devices(meta: dict[str, Any]) -> dict[str, list[tuple[int, int, str]]]:

@@ -24,12 +24,10 @@ while VMs restored from it run, or restore from a copy.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import shutil
-import stat
 import tempfile
 import time
 from collections.abc import Collection, Iterator
@@ -41,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from corral._version import __version__
 from corral.config import MachineConfig
 from corral.errors import CorralError
+from corral.files import Refused, open_checked
 from corral.memory import GuestMemory
 from corral.state.model import CpuModel, MachineState
 
@@ -246,23 +245,18 @@ def read_snapshot(
 
 def _open_member(src: Path, name: str) -> int:
     """One of a snapshot's files, read-only: its own regular file, never a symlink to another."""
-    path = src / name
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise SnapshotError(
-            f"{src} has no {name}: it is not a corral snapshot, or it is incomplete"
-        ) from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        return open_checked(src / name)
+    except Refused as exc:
+        if exc.kind == "missing":
             raise SnapshotError(
-                f"{path} is a symbolic link: a snapshot's files must be its own (copy the file in)"
+                f"{src} has no {name}: it is not a corral snapshot, or it is incomplete"
             ) from None
-        raise SnapshotError(f"{path} is unreadable: {exc.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise SnapshotError(f"{path} is not a regular file: the snapshot is damaged")
-    return fd
+        hint = {
+            "symlink": "a snapshot's files must be its own (copy the file in)",
+            "kind": "the snapshot is damaged",
+        }.get(exc.kind, "the snapshot is unreadable")
+        raise SnapshotError(f"{exc}: {hint}") from None
 
 
 def _read_member(src: Path, name: str, limit: int) -> bytes:

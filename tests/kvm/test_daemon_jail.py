@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from support.cli import corral
 from support.daemon import Daemon
+from support.jail_hooks import PRELUDE
 from support.results import progress_rounds
 
 from corral.jail.launch import UID_LOCKS
@@ -23,29 +24,10 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jail needs root")
 
 # Run inside every VM of the daemon (the hook env is the daemon's); only vm-a attacks. The VM's
 # hostname is its id (the jail's UTS namespace). Runs beside `corral firecracker`, from the start.
-ATTACKS = r"""
-import errno, json, os, socket, time
+_BODY = r"""
 me = socket.gethostname()
 if me == "vm-a":
     P = json.load(open("/debug/params.json"))
-    out = {}
-
-    def attempt(name, fn):
-        try:
-            fn()
-            out[name] = "ALLOWED"
-        except OSError as e:
-            out[name] = "refused " + errno.errorcode.get(e.errno, str(e.errno))
-
-    def connect(path):
-        def go():
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect(path)
-            finally:
-                s.close()
-        return go
-
     time.sleep(0.5)
     attempt("open /etc/shadow", lambda: open("/etc/shadow", "rb"))
     attempt("open a root-only host file", lambda: open(P["host_file"], "rb"))
@@ -56,10 +38,9 @@ if me == "vm-a":
     attempt("write the root", lambda: open("/owned", "w"))
     out["uid"], out["pid"] = os.getuid(), os.getpid()
     out["root"] = sorted(os.listdir("/"))
-    with open("/debug/report.json.tmp", "w") as f:
-        json.dump(out, f)
-    os.rename("/debug/report.json.tmp", "/debug/report.json")
+    report(out)
 """
+ATTACKS = PRELUDE + _BODY
 
 
 def _seccomp_modes(pid: int, timeout: float = 10) -> dict[str, str]:

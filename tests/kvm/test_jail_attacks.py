@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from support.cli import cli_env
 from support.disks import patterned_image
+from support.jail_hooks import PRELUDE
 
 import corral
 from corral.api import ControlClient
@@ -26,50 +27,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jail needs root")
 
 UID_A, UID_B = 931_001, 931_002  # fixed, so the test can give each VM its files
 
-ATTACKS = r"""
-import ctypes, errno, json, os, resource, socket, stat, time
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
+_BODY = r"""
 P = json.load(open("/debug/params.json"))
-out = {}
-
-def attempt(name, fn):
-    try:
-        fn()
-        out[name] = "ALLOWED"
-    except OSError as e:
-        out[name] = "refused " + errno.errorcode.get(e.errno, str(e.errno))
-
-def c(ret):
-    if ret < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-def in_child(fn):  # single-threaded, as an exploit's payload would be: fork, try, report
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            fn()
-            os.write(w, b"ok")
-        except OSError as e:
-            os.write(w, str(e.errno).encode())
-        os._exit(0)
-    os.close(w)
-    res = os.read(r, 64)
-    os.close(r)
-    os.waitpid(pid, 0)
-    if res != b"ok":
-        raise OSError(int(res), "in the child")
-
-def connect(path):
-    def go():
-        s = socket.socket(socket.AF_UNIX)
-        try:
-            s.connect(path)
-        finally:
-            s.close()
-    return go
 
 def finit():
     fd = os.open("/vm/kernel", os.O_RDONLY)
@@ -109,11 +68,10 @@ out["env"] = sorted(os.environ)
 for d in ("/", "/vm", "/dev"):
     out[d.strip("/") or "root"] = sorted(os.listdir(d))
 out["state"] = machine.status().state
-with open("/debug/report.json.tmp", "w") as f:
-    json.dump(out, f)
-os.rename("/debug/report.json.tmp", "/debug/report.json")
+report(out)
 machine.stop("attacks done")
 """
+ATTACKS = PRELUDE + _BODY
 
 
 class Jailed:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import struct
 from pathlib import Path
 
 from corral.errors import ConfigError
@@ -55,3 +56,22 @@ def listen_unix(path: str | os.PathLike[str], what: str, field: str, backlog: in
         raise
     s.listen(backlog)
     return s
+
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_uid(conn: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix connection (SO_PEERCRED, as the kernel
+    recorded it at connect: the peer cannot forge it), or None if the kernel cannot say."""
+    try:
+        _pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except OSError:
+        return None
+    return uid
+
+
+def peer_allowed(conn: socket.socket) -> bool:
+    """Whether the peer is this process's own uid or root: the only users a VM's sockets serve
+    (the socket's 0600 mode says the same; this holds even if an operator widened it)."""
+    return peer_uid(conn) in (0, os.geteuid())

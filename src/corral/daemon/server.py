@@ -28,7 +28,6 @@ import os
 import signal
 import socket
 import stat
-import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from urllib.parse import parse_qs
 from pydantic import BaseModel, ValidationError
 
 from corral._version import __version__
-from corral.backends.unix_socket import listen_unix
+from corral.backends.unix_socket import listen_unix, peer_allowed, peer_uid
 from corral.daemon import metrics
 from corral.daemon.cgroups import Cgroups
 from corral.daemon.fleet import Fleet, FleetError
@@ -56,7 +55,6 @@ log = logging.getLogger(__name__)
 MAX_BODY = 1 << 20  # a create request (a whole config) fits many times over
 REAP_INTERVAL = 1.0
 TOKEN_MIN = 16
-_UCRED = struct.Struct("3i")
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -221,15 +219,13 @@ class _DaemonServer(_Server):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if not self.unix:
             return True
-        try:
-            _pid, uid, _gid = _UCRED.unpack(
-                request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-            )
-        except OSError:
-            return False
-        if uid in (0, os.getuid()):
+        if peer_allowed(request):
             return True
-        log.warning("refused a connection from uid %d: only the daemon's uid (%d) and root", uid, os.getuid())
+        log.warning(
+            "refused a connection from uid %s: only the daemon's uid (%d) and root",
+            peer_uid(request),
+            os.geteuid(),
+        )
         return False
 
 

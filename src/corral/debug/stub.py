@@ -23,12 +23,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import struct
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from corral.backends.unix_socket import listen_unix
+from corral.backends.unix_socket import listen_unix, peer_allowed
 from corral.debug.packets import PacketReader, frame
 from corral.debug.session import Session
 from corral.errors import ConfigError, CorralError
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUSY = "E.another debugger is attached to this VM: detach it first (one debugger at a time)"
-_UCRED = struct.Struct("3i")
 
 
 class GdbError(CorralError):
@@ -141,7 +139,7 @@ class GdbStub:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            if self.address.kind == "unix" and not _peer_allowed(conn):
+            if self.address.kind == "unix" and not peer_allowed(conn):
                 conn.close()
                 continue
             with self._lock:
@@ -171,15 +169,6 @@ class GdbStub:
             session.cleanup()
             with self._lock:
                 self._session = None
-
-
-def _peer_allowed(conn: socket.socket) -> bool:
-    """Unix connections from the VMM's own uid and root only (the socket is 0600 too)."""
-    try:
-        _pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    except OSError:
-        return False
-    return uid in (0, os.geteuid())
 
 
 def _refuse(conn: socket.socket) -> None:

@@ -24,7 +24,6 @@ import logging
 import os
 import socket
 import socketserver
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +33,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from corral.backends.unix_socket import listen_unix
+from corral.backends.unix_socket import listen_unix, peer_allowed, peer_uid
 from corral.seccomp import enter as enter_seccomp
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,6 @@ IDLE_TIMEOUT = 300.0  # seconds a connection may sit idle
 DRAIN_MAX = 4 << 20  # bytes of a refused body read and dropped before closing
 DRAIN_SECONDS = 2.0
 CLOSE_GRACE = 5.0  # seconds close() waits for requests in flight (a migration's last line)
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Emit = Callable[[Any], None]
 
@@ -256,14 +254,10 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Serve only this process's uid and root (SO_PEERCRED)."""
-        own = os.geteuid()
-        try:
-            _pid, uid, _gid = _UCRED.unpack(
-                request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-            )
-        except OSError:
+        uid = peer_uid(request)
+        if uid is None:
             return False
-        if uid in (0, own):
+        if peer_allowed(request):
             return True
         data = json.dumps({"fault_message": refusal(uid)}).encode()
         head = (

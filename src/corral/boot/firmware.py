@@ -101,6 +101,23 @@ def load_shadow(memory: GuestMemory, image: bytes) -> None:
     memory.write(ISA_BIOS_END - len(tail), tail)
 
 
+# --- boot order ---------------------------------------------------------------------------------
+# `bootorder` (fw_cfg) lists OpenFirmware device paths, one a line, as QEMU writes them. A
+# virtio-blk disk is /pci@i0cf8/scsi@SLOT[,FUNCTION]/disk@0,0 (QEMU names the function by its
+# PCI class, SCSI storage, and the disk "disk@0,0"). SeaBIOS matches its own glob,
+# /pci@i0cf8/*@SLOT[,FUNCTION], as a prefix that must end at a '/' (slot 1 never matches 0x10);
+# OVMF reads the "scsi" and "disk" node names literally. Numbers are hex, function 0 omitted.
+PCI_ROOT_PATH = "/pci@i0cf8"
+
+
+def virtio_blk_boot_path(slot: int, function: int = 0) -> str:
+    """The bootorder line of a virtio-blk disk at 00:slot.function."""
+    if not (0 <= slot < 32 and 0 <= function < 8):
+        raise ValueError(f"PCI 00:{slot:x}.{function:x} is not a device address")
+    fn = f",{function:x}" if function else ""
+    return f"{PCI_ROOT_PATH}/scsi@{slot:x}{fn}/disk@0,0"
+
+
 # --- a kernel booted by the firmware (QEMU's -kernel with a BIOS) --------------------------------
 # SeaBIOS runs the option ROMs fw_cfg lists under genroms/; QEMU's linuxboot_dma.bin reads the
 # kernel's real-mode setup, its protected-mode part, the command line and the initrd from fw_cfg
@@ -191,4 +208,5 @@ __all__ = [
     "read_firmware",
     "resolve",
     "rom_base",
+    "virtio_blk_boot_path",
 ]

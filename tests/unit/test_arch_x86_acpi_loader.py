@@ -85,7 +85,7 @@ def test_the_script_allocates_links_and_checksums_as_qemus_does(n):
     r = tables[b"RSD "][1]
     assert r[:8] == b"RSD PTR " and sum(r[:20]) & 0xFF == 0 and sum(r) & 0xFF == 0
     assert struct.unpack_from("<I", r, 16)[0] == 0  # no RSDT: a zero pointer stays zero
-    for sig, (addr, data) in tables.items():
+    for sig, (_, data) in tables.items():
         if sig not in (b"RSD ", b"FACS"):
             assert sum(data) & 0xFF == 0, sig
     assert tables[b"FACS"][0] % 64 == 0

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from corral.devices.bus import MmioBus
 from corral.devices.pci.i440fx import PAM0, PAM_SEGMENTS, SHADOW_END, SHADOW_START, I440fxHostBridge
 from corral.devices.pci.root import ConfigPorts, PciRoot
@@ -58,7 +60,7 @@ class Shadow:
 def test_pam_segments_cover_the_shadow_area_in_qemus_layout():
     spans = sorted((gpa, gpa + size) for gpa, size, _, _ in PAM_SEGMENTS)
     assert spans[0][0] == SHADOW_START and spans[-1][1] == SHADOW_END
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
     fields = {gpa: (reg, shift) for gpa, _, reg, shift in PAM_SEGMENTS}
     assert fields[0xF0000] == (0x59, 4)
     assert fields[0xC0000] == (0x5A, 0) and fields[0xC4000] == (0x5A, 4)

@@ -152,24 +152,11 @@ def anchor(structures: list[bytes], table_addr: int = 0) -> bytes:
     """The 2.1 entry point for `structures` laid end to end at `table_addr`."""
     length = sum(len(s) for s in structures)
     largest = max(len(s) for s in structures)
-    ep = bytearray(
-        struct.pack(
-            "<4sBBBBHB5s5sBHIHB",
-            b"_SM_",
-            0,
-            ANCHOR_SIZE,
-            *VERSION,
-            largest,
-            0,
-            b"",
-            b"_DMI_",
-            0,
-            length,
-            table_addr,
-            len(structures),
-            (VERSION[0] << 4) | VERSION[1],
-        )  # fmt: skip
+    head = struct.pack("<4sBBBBHB5s", b"_SM_", 0, ANCHOR_SIZE, *VERSION, largest, 0, b"")
+    dmi = struct.pack(
+        "<5sBHIHB", b"_DMI_", 0, length, table_addr, len(structures), (VERSION[0] << 4) | VERSION[1]
     )
+    ep = bytearray(head + dmi)
     ep[21] = (-sum(ep[16:31])) & 0xFF  # the intermediate (_DMI_) checksum
     ep[4] = (-sum(ep)) & 0xFF
     return bytes(ep)

@@ -9,10 +9,11 @@ from a kernel handed over by the VMM. The PC does it this way, and so does QEMU:
 * its last 128 KiB also appear at 0xE0000-0xFFFFF (the "isa-bios" alias). On a real chipset
   the PAM registers decide whether that range reads the ROM or shadow RAM; corral keeps it RAM
   and copies the ROM's tail there at power-on, so the guest reads the same bytes, and SeaBIOS,
-  which copies itself from the 4 GiB alias into shadow RAM and then locks it through the i440FX
-  PAM registers, finds RAM to write (see devices/pci/i440fx.py);
-* everything else SeaBIOS learns from fw_cfg (RAM, CPUs, e820, boot order, sercon port) and the
-  CMOS memory-size registers.
+  which unlocks it through the i440FX PAM registers, copies itself there from the 4 GiB alias
+  and locks it again, finds RAM that takes writes only while PAM allows them
+  (devices/pci/i440fx.py: each segment a KVM slot, read-only while locked);
+* everything else SeaBIOS learns from fw_cfg (RAM, CPUs, e820, boot order, sercon port, corral's
+  ACPI tables with their loader script and its SMBIOS tables) and the CMOS memory-size registers.
 
 The image is a file from the operator (`--firmware PATH`) or `seabios`, Debian's build; it is
 opened like a kernel (no symlink followed, no FIFO, a regular file) and its size is bounded.

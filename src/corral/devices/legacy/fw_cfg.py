@@ -25,6 +25,10 @@ count, then per file u32 size, u16 select, u16 reserved, char name[56], sorted b
 numbered from 0x20 in that order. An item's data may be given as a callable: it is called once,
 on the guest's first access (the kernel for firmware-driven boot is read only if firmware asks).
 
+A firmware machine also gets `etc/acpi/tables`, `etc/acpi/rsdp` and `etc/table-loader` (corral's
+ACPI tables and QEMU's linker/loader script for them, arch/x86/acpi_loader.py) and
+`etc/smbios/smbios-tables` + `etc/smbios/smbios-anchor` (arch/x86/smbios.py): add_firmware_tables.
+
 State: the items are built from the machine config again on restore; only the selector, the
 offset into the item and the latched DMA high half are guest state.
 """

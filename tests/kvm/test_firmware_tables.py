@@ -64,7 +64,7 @@ out:
 
 @pytest.fixture(scope="module")
 def booted(tmp_path_factory) -> tuple[int, bytes, str]:
-    """(exit status, guest memory below 1 MiB... and the high tables, console text)."""
+    """One boot: (exit status, all of guest RAM after it, console text)."""
     if not (shutil.which("as") and shutil.which("objcopy")):
         pytest.skip("binutils (as, objcopy) are not installed")
     d = tmp_path_factory.mktemp("fwtables")

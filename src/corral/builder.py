@@ -40,7 +40,7 @@ from corral.devices.legacy.reset import ResetRegister
 from corral.devices.legacy.rtc import CmosRtc
 from corral.devices.legacy.uart import Serial16550
 from corral.devices.pci.config import CMD_MEMORY, COMMAND, INTERRUPT_LINE
-from corral.devices.pci.i440fx import I440fxHostBridge
+from corral.devices.pci.i440fx import PAM_SEGMENTS, SHADOW_END, SHADOW_START, I440fxHostBridge
 from corral.devices.pci.root import ConfigPorts, Ecam, PciRoot
 from corral.devices.virtio.balloon import VirtioBalloon
 from corral.devices.virtio.base import VirtioDevice
@@ -114,6 +114,20 @@ class _RomWrites:
         pass
 
 
+class _ShadowWrites:
+    """The BIOS shadow area where PAM made it read-only: writes exit here and are dropped; a
+    read lands here only while a segment's slot is being remapped, and reads the RAM."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.memory.read(SHADOW_START + offset, size), "little")
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
 class _Window:
     """Presents one port of a multi-port device registered at a single address."""
 
@@ -147,7 +161,10 @@ def build_board(
         base = firmware.rom_base(rom)
         vm.map_rom(base, rom)
         mmio.register(base, len(rom), _RomWrites(), "firmware-rom")
-    pci = PciRoot(mmio, I440fxHostBridge() if rom is not None else None)
+        # each PAM segment its own slot, read-only until the BIOS unlocks it (i440fx.py)
+        vm.split_memory([(gpa, size) for gpa, size, _, _ in PAM_SEGMENTS])
+        mmio.register(SHADOW_START, SHADOW_END - SHADOW_START, _ShadowWrites(memory), "bios-shadow")
+    pci = PciRoot(mmio, I440fxHostBridge(vm) if rom is not None else None)
     mmio.register(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, Ecam(pci), "pci-ecam")
     legacy: dict[str, Stateful] = {
         "com1": serial,
@@ -198,8 +215,7 @@ def _add_fw_cfg(board: Board, memory: GuestMemory, config: MachineConfig) -> Non
     map there; the kernel items are read from their files only if the guest asks for them."""
     slots = {fn: s for s, fn in enumerate(board.pci.slots) if fn is not None}
     disks = [slots[fn] for name, fn in board.virtio.items() if name.startswith("virtio-blk")]
-    # SeaBIOS matches these by prefix, up to the slot (its own paths glob the device name)
-    bootorder = [f"/pci@i0cf8/scsi@{slot:x}/disk@0,0" for slot in disks]
+    bootorder = [firmware.virtio_blk_boot_path(slot) for slot in disks]
     linux = None
     if config.firmware is not None and config.kernel is not None:
         linux = _linux_boot(memory, config)
@@ -211,6 +227,8 @@ def _add_fw_cfg(board: Board, memory: GuestMemory, config: MachineConfig) -> Non
         bootorder=bootorder,
         serial_port=layout.COM1_PORT,
     )
+    if config.firmware is not None:
+        fw_cfg.add_firmware_tables(dev, cpus=config.cpus, mem_size=memory.size)
     initrd = config.initrd
     if linux is not None:
         dev.add_file(firmware.LINUXBOOT_NAME, linux.rom)

@@ -762,6 +762,63 @@ def device_state_target(data: bytes) -> None:
         d.close()
 
 
+# -- fw_cfg and the firmware's ACPI table loader -------------------------------------------------
+
+
+def fw_cfg_target(data: bytes) -> None:
+    """fw_cfg as a firmware machine has it (every item, the ACPI/SMBIOS files and the table
+    loader included): port writes and reads, and DMA descriptors whose addresses, lengths and
+    controls come from the input (inside RAM, past it, or straddling its end)."""
+    from corral.arch.x86 import layout
+    from corral.devices.legacy import fw_cfg as F
+    from corral.memory import GuestMemory
+
+    if not _MEM:
+        _MEM.append(GuestMemory(32 * MiB))
+    mem = _MEM[0]
+    ops = Ops(data)
+    dev = F.machine_fw_cfg(mem, cpus=1 + ops.below(8), e820=layout.e820_map(mem.size), bootorder=["/x"])
+    F.add_firmware_tables(dev, cpus=1 + ops.below(8), mem_size=mem.size)
+    F.add_kernel_items(dev, lambda: b"k" * 4096, None, "console=ttyS0")
+    desc = 0x10000
+    while ops.more():
+        op = ops.below(4)
+        if op == 0:
+            dev.pio_write(F.SELECTOR_OFFSET, 2, ops.choice([F.FILE_DIR, *dev.files().values(), ops.int(2)]))
+        elif op == 1:
+            off, size = ops.below(F.SPAN + 2), ops.choice((1, 2, 4))
+            assert 0 <= dev.pio_read(off, size) < 1 << (8 * size)
+        elif op == 2:
+            dev.pio_write(ops.below(F.SPAN + 2), ops.choice((1, 2, 4, 8)), ops.int(8))
+        else:
+            control = ops.choice([F.DMA_READ, F.DMA_SKIP, F.DMA_WRITE, F.DMA_SELECT | F.DMA_READ, ops.int(4)])
+            control |= ops.int(2) << 16
+            length = ops.choice([ops.int(2), 0xFFFF_FFFF, mem.size])
+            target = ops.choice([0x20000 + ops.int(2), mem.size - ops.int(2), ops.int(8)])
+            mem.write(desc, struct.pack(">IIQ", control, length, target))
+            addr = ops.choice([desc, mem.size - 8, ops.int(8)])
+            dev.pio_write(F.DMA_OFFSET, 4, int.from_bytes((addr >> 32).to_bytes(4, "big"), "little"))
+            dev.pio_write(
+                F.DMA_OFFSET + 4, 4, int.from_bytes((addr & 0xFFFF_FFFF).to_bytes(4, "big"), "little")
+            )
+    state = dev.save_state()
+    assert type(state).model_validate_json(state.model_dump_json()) == state
+
+
+def table_loader_target(data: bytes) -> None:
+    """A table-loader script (corral's own with bytes changed, or raw) run as a firmware runs
+    it over corral's files: it patches them or fails with one TableLoaderError line."""
+    from corral.arch.x86 import acpi_loader as L
+
+    fw = L.firmware_acpi(2, 64 * MiB)
+    ops = Ops(data)
+    blob = ops.rest() if ops.below(3) == 0 else mutate(fw.loader, ops)
+    try:
+        L.run(L.decode(blob), fw.files(), lambda name, size, align, zone: 0xF0000 if zone == 2 else 0x100000)
+    except L.TableLoaderError as exc:
+        one_line(exc)
+
+
 def warm() -> None:
     """Build the seeds up front (the loaders' are made by the loader tests' own builders,
     which hypothesis must not see being defined inside a running example)."""
@@ -781,10 +838,12 @@ PARSERS: dict[str, Target] = {
     "kernel-loaders": loader_target,
     "overlay-file": overlay_target,
     "device-state": device_state_target,
+    "acpi-table-loader": table_loader_target,
 }
 DEVICES: dict[str, Target] = {
     **{f"legacy-{k}": legacy_target(k) for k in LEGACY},
     "pci-config": pci_target,
+    "legacy-fw-cfg": fw_cfg_target,
     **{f"virtio-{k}": virtio_target(k) for k in VIRTIO_KINDS},
 }
 TARGETS: dict[str, Target] = {**DEVICES, **PARSERS}

@@ -293,6 +293,12 @@ def test_iasl_decompiles_every_table_cleanly(tmp_path, n):
     assert start64 == 7 * layout.GiB  # 6 GiB of RAM: 3 GiB below the hole, 3 GiB from 4 GiB
     assert re.search(rf"0x{start64:016X}, // Range Minimum", pci0)
     assert "Method (_OSC, 4" in pci0
+    # fw_cfg as QEMU describes it, for Linux's qemu_fw_cfg driver
+    fwcf = dsl[dsl.index("Device (FWCF)") :]
+    fwcf = fwcf[: fwcf.index("Device (", 1)]
+    assert 'Name (_HID, "QEMU0002")' in fwcf and "Name (_STA, 0x0B)" in fwcf
+    assert re.search(r"IO \(Decode16,\s+0x0510,\s+// Range Minimum\s+0x0510,", fwcf)
+    assert re.search(r"0x0C,\s+// Length", fwcf)
     # the ECAM window is a reserved motherboard resource too
     assert re.search(r"Memory32Fixed \(ReadWrite,\s+0xE0000000,", dsl)
 

@@ -4,6 +4,7 @@ what the BIOS area holds at power-on."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,31 @@ def test_a_long_cmdline_a_big_initrd_and_a_missing_rom_are_one_line(
     monkeypatch.setattr(firmware, "LINUXBOOT_ROMS", ("/nonexistent/linuxboot_dma.bin",))
     with pytest.raises(FieldError, match="^kernel: booting a kernel through the firmware needs"):
         firmware.linux_boot(bzimage(), None, "", 64 << 20, "k")
+
+
+def _seabios_glob_prefix(glob: str, path: str) -> bool:
+    """SeaBIOS's bootorder match: `glob` ('*' spans one node name) is a prefix of `path`
+    ending where a path node ends."""
+    pattern = "".join("[^/@]*" if c == "*" else re.escape(c) for c in glob)
+    return re.match(pattern + "(/|$)", path) is not None
+
+
+@pytest.mark.parametrize(
+    "slot,fn,path", [(1, 0, "/pci@i0cf8/scsi@1/disk@0,0"), (0x1A, 3, "/pci@i0cf8/scsi@1a,3/disk@0,0")]
+)
+def test_virtio_blk_boot_paths_are_qemus_and_seabios_finds_its_slot(slot, fn, path):
+    assert firmware.virtio_blk_boot_path(slot, fn) == path
+    mine = f"/pci@i0cf8/*@{slot:x}" + (f",{fn:x}" if fn else "")  # SeaBIOS's own path for the disk
+    assert _seabios_glob_prefix(mine, path)
+    for other in range(32):  # no other device's path matches (slot 1 against "1a" included)
+        if other != slot:
+            assert not _seabios_glob_prefix(f"/pci@i0cf8/*@{other:x}", path)
+    # OVMF takes the node names literally: PCI root, "scsi" at the slot, "disk"
+    nodes = path.split("/")[1:]
+    assert [n.split("@")[0] for n in nodes] == ["pci", "scsi", "disk"]
+
+
+@pytest.mark.parametrize("slot,fn", [(-1, 0), (32, 0), (1, 8)])
+def test_a_boot_path_for_no_device_address_is_refused(slot, fn):
+    with pytest.raises(ValueError):
+        firmware.virtio_blk_boot_path(slot, fn)

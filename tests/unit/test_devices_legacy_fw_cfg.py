@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from corral.arch.x86 import layout
+from corral.arch.x86 import acpi_loader, layout
 from corral.devices.legacy import fw_cfg as F
 from corral.memory import GuestMemory
 
@@ -24,6 +24,7 @@ def mem():
 def dev(mem):
     d = F.machine_fw_cfg(mem, cpus=3, e820=E820, bootorder=["/pci@i0cf8/scsi@1/disk@0,0"])
     F.add_kernel_items(d, lambda: KERNEL, lambda: b"INITRD" * 100, "console=ttyS0 hello")
+    F.add_firmware_tables(d, cpus=3, mem_size=mem.size)  # the fuzz below reads them too
     return d
 
 
@@ -92,8 +93,21 @@ def test_dma_port_reads_its_signature(dev):
 
 def test_directory_lists_the_files_sorted_with_sizes(dev):
     files = directory(dev)
-    assert list(files) == sorted(files) == ["bootorder", "etc/e820", "etc/sercon-port"]
-    assert [k for k, _ in files.values()] == [0x20, 0x21, 0x22]
+    assert (
+        list(files)
+        == sorted(files)
+        == [
+            "bootorder",
+            "etc/acpi/rsdp",
+            "etc/acpi/tables",
+            "etc/e820",
+            "etc/sercon-port",
+            "etc/smbios/smbios-anchor",
+            "etc/smbios/smbios-tables",
+            "etc/table-loader",
+        ]
+    )
+    assert [k for k, _ in files.values()] == list(range(0x20, 0x28))
     assert files["etc/e820"][1] == 20 * len(E820)
     assert dev.files() == {n: k for n, (k, _) in files.items()}
 
@@ -107,6 +121,34 @@ def test_e820_bootorder_and_sercon_contents(dev):
     assert read_ports(dev, key, size) == b"/pci@i0cf8/scsi@1/disk@0,0\0"
     key, size = files["etc/sercon-port"]
     assert int.from_bytes(read_ports(dev, key, size), "little") == 0x3F8
+
+
+def test_firmware_tables_read_over_dma_run_as_a_firmware_runs_them(dev, mem):
+    """What SeaBIOS does with them: the loader script and its files read through DMA, run,
+    and the RSDP it leaves points at an XSDT whose tables all check out; the SMBIOS anchor
+    counts the structures file."""
+    files = directory(dev)
+    got = {}
+    for name, (key, size) in files.items():
+        assert dma(dev, mem, (key << 16) | F.DMA_SELECT | F.DMA_READ, size, 0x40000) == 0
+        got[name] = mem.read(0x40000, size)
+    cmds = acpi_loader.decode(got["etc/table-loader"])
+    high = iter([0x100000])
+    loaded = acpi_loader.run(cmds, got, lambda n, size, align, zone: 0xF0000 if zone == 2 else next(high))
+    rsdp = loaded["etc/acpi/rsdp"].data
+    tables = loaded["etc/acpi/tables"]
+    assert rsdp[:8] == b"RSD PTR " and sum(rsdp) & 0xFF == 0
+    xsdt_at = struct.unpack_from("<Q", rsdp, 24)[0] - tables.addr
+    xsdt = tables.data[xsdt_at : xsdt_at + struct.unpack_from("<I", tables.data, xsdt_at + 4)[0]]
+    assert xsdt[:4] == b"XSDT" and sum(xsdt) & 0xFF == 0
+    for (ptr,) in struct.iter_unpack("<Q", xsdt[36:]):
+        at = ptr - tables.addr
+        length = struct.unpack_from("<I", tables.data, at + 4)[0]
+        assert sum(tables.data[at : at + length]) & 0xFF == 0
+    anchor = got["etc/smbios/smbios-anchor"]
+    assert anchor[:4] == b"_SM_" and struct.unpack_from("<H", anchor, 22)[0] == len(
+        got["etc/smbios/smbios-tables"]
+    )
 
 
 def test_kernel_items_split_a_bzimage_and_are_read_lazily(mem):

@@ -9,10 +9,11 @@ from a kernel handed over by the VMM. The PC does it this way, and so does QEMU:
 * its last 128 KiB also appear at 0xE0000-0xFFFFF (the "isa-bios" alias). On a real chipset
   the PAM registers decide whether that range reads the ROM or shadow RAM; corral keeps it RAM
   and copies the ROM's tail there at power-on, so the guest reads the same bytes, and SeaBIOS,
-  which copies itself from the 4 GiB alias into shadow RAM and then locks it through the i440FX
-  PAM registers, finds RAM to write (see devices/pci/i440fx.py);
-* everything else SeaBIOS learns from fw_cfg (RAM, CPUs, e820, boot order, sercon port) and the
-  CMOS memory-size registers.
+  which unlocks it through the i440FX PAM registers, copies itself there from the 4 GiB alias
+  and locks it again, finds RAM that takes writes only while PAM allows them
+  (devices/pci/i440fx.py: each segment a KVM slot, read-only while locked);
+* everything else SeaBIOS learns from fw_cfg (RAM, CPUs, e820, boot order, sercon port, corral's
+  ACPI tables with their loader script and its SMBIOS tables) and the CMOS memory-size registers.
 
 The image is a file from the operator (`--firmware PATH`) or `seabios`, Debian's build; it is
 opened like a kernel (no symlink followed, no FIFO, a regular file) and its size is bounded.
@@ -94,6 +95,23 @@ def load_shadow(memory: GuestMemory, image: bytes) -> None:
     one, ending at 1 MiB), as the isa-bios alias shows them before the BIOS unlocks PAM."""
     tail = image[-ISA_BIOS_SIZE:]
     memory.write(ISA_BIOS_END - len(tail), tail)
+
+
+# --- boot order ---------------------------------------------------------------------------------
+# `bootorder` (fw_cfg) lists OpenFirmware device paths, one a line, as QEMU writes them. A
+# virtio-blk disk is /pci@i0cf8/scsi@SLOT[,FUNCTION]/disk@0,0 (QEMU names the function by its
+# PCI class, SCSI storage, and the disk "disk@0,0"). SeaBIOS matches its own glob,
+# /pci@i0cf8/*@SLOT[,FUNCTION], as a prefix that must end at a '/' (slot 1 never matches 0x10);
+# OVMF reads the "scsi" and "disk" node names literally. Numbers are hex, function 0 omitted.
+PCI_ROOT_PATH = "/pci@i0cf8"
+
+
+def virtio_blk_boot_path(slot: int, function: int = 0) -> str:
+    """The bootorder line of a virtio-blk disk at 00:slot.function."""
+    if not (0 <= slot < 32 and 0 <= function < 8):
+        raise ValueError(f"PCI 00:{slot:x}.{function:x} is not a device address")
+    fn = f",{function:x}" if function else ""
+    return f"{PCI_ROOT_PATH}/scsi@{slot:x}{fn}/disk@0,0"
 
 
 # --- a kernel booted by the firmware (QEMU's -kernel with a BIOS) --------------------------------
@@ -186,4 +204,5 @@ __all__ = [
     "read_firmware",
     "resolve",
     "rom_base",
+    "virtio_blk_boot_path",
 ]

@@ -10,6 +10,7 @@ refuses a host that lacks a required entry.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
 from dataclasses import dataclass
 
@@ -18,12 +19,13 @@ from corral.errors import HostError
 from corral.kvm import Kvm, VcpuFd, VmFd
 from corral.kvm import constants as K
 from corral.kvm.structs import KVM_PIT_SPEAKER_DUMMY
-from corral.memory import GuestMemory
+from corral.memory import GuestMemory, MemorySlot
 from corral.vstate.irq import KvmIrqLine
 from corral.vstate.kvm_state import VmKvmState, load_vm, save_vm, set_clock
 
 PAGE = 4096
 ROM_SLOT = 16  # KVM slot of a firmware ROM; RAM uses 0 and 1
+SPLIT_SLOT = 17  # the first KVM slot of RAM pieces split off for write protection (split_memory)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class Vm:
         self.kvm = kvm
         self.fd = fd
         self.memory: GuestMemory | None = None
+        self._pieces: list[MemorySlot] = []  # the KVM slots RAM is mapped with
+        self._readonly: set[int] = set()  # KVM slots mapped read-only (set_readonly)
+        self._flags = 0  # what every RAM slot carries now (dirty logging)
         self._rom: mmap.mmap | None = None
         self.supported_cpuid = kvm.supported_cpuid()
         self._msr_indices = kvm.msr_index_list()
@@ -117,7 +122,51 @@ class Vm:
     def map_memory(self, memory: GuestMemory) -> None:
         """Give the guest `memory`, one KVM slot per RAM range."""
         self.memory = memory
+        self._pieces = list(memory.slots)
         self._set_slots(0)
+
+    def split_memory(self, ranges: list[tuple[int, int]]) -> None:
+        """Give each (gpa, size) range of RAM its own KVM slot, so that `set_readonly` can
+        protect it alone (the BIOS shadow area under the chipset's PAM registers). Before any
+        vCPU runs: the slots a range cuts are remapped, leaving a moment with no RAM there."""
+        assert self.memory is not None
+        cuts = sorted(ranges)
+        pieces: list[MemorySlot] = []
+        next_slot = SPLIT_SLOT
+        for s in self._pieces:
+            inside = [(g, n) for g, n in cuts if s.gpa <= g and g + n <= s.end]
+            if not inside:
+                pieces.append(s)
+                continue
+            self.fd.set_user_memory_region(s.slot, s.gpa, 0, s.host_addr, 0)  # delete it
+            edges = sorted({s.gpa, s.end, *(g for g, _ in inside), *(g + n for g, n in inside)})
+            for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
+                slot = s.slot if i == 0 else next_slot
+                next_slot += i > 0
+                piece = MemorySlot(slot, lo, hi - lo, s.offset + lo - s.gpa, s.host_addr + lo - s.gpa)
+                pieces.append(piece)
+                self._map(piece)
+        self._pieces = pieces
+
+    def set_readonly(self, gpa: int, readonly: bool) -> None:
+        """Map the piece split off at `gpa` read-only (guest writes exit as MMIO, to be dropped
+        there) or writable again. KVM cannot change that flag in place: the slot is deleted and
+        added back, so another vCPU touching the piece just then sees an MMIO exit."""
+        piece = next((p for p in self._pieces if p.gpa == gpa and p.slot >= SPLIT_SLOT), None)
+        if piece is None:
+            raise ValueError(f"no RAM piece split off at {gpa:#x}")
+        if (piece.slot in self._readonly) == readonly:
+            return
+        self.fd.set_user_memory_region(piece.slot, piece.gpa, 0, piece.host_addr, 0)
+        if readonly:
+            self._readonly.add(piece.slot)
+        else:
+            self._readonly.discard(piece.slot)
+        self._map(piece)
+
+    def readonly_ranges(self) -> list[tuple[int, int]]:
+        """(gpa, size) of each RAM piece mapped read-only now."""
+        return [(p.gpa, p.size) for p in self._pieces if p.slot in self._readonly]
 
     def map_rom(self, gpa: int, image: bytes) -> None:
         """Map `image` read-only at `gpa` (firmware at the top of 4 GiB): the guest reads and
@@ -132,10 +181,15 @@ class Vm:
         self.fd.set_user_memory_region(ROM_SLOT, gpa, len(image), host_addr, K.MEM_READONLY)
         self._rom = rom
 
+    def _map(self, s: MemorySlot) -> None:
+        flags = self._flags | (K.MEM_READONLY if s.slot in self._readonly else 0)
+        self.fd.set_user_memory_region(s.slot, s.gpa, s.size, s.host_addr, flags)
+
     def _set_slots(self, flags: int) -> None:
         assert self.memory is not None
-        for s in self.memory.slots:
-            self.fd.set_user_memory_region(s.slot, s.gpa, s.size, s.host_addr, flags)
+        self._flags = flags
+        for s in self._pieces:
+            self._map(s)
 
     def start_dirty_log(self) -> None:
         """Log guest writes to RAM from now on (read with `read_dirty_log`)."""
@@ -149,7 +203,7 @@ class Vm:
         the last read (KVM clears the log as it hands it over)."""
         assert self.memory is not None
         out: set[int] = set()
-        for s in self.memory.slots:
+        for s in self._pieces:
             words = memoryview(self.fd.get_dirty_log(s.slot, s.size // PAGE)).cast("Q")
             for w, word in enumerate(words):
                 while word:

@@ -22,9 +22,11 @@ Choices:
   takes id num_cpus, which no CPU uses. ISA IRQ0 -> GSI 2 (bus-default polarity/trigger, i.e.
   edge/high) and the SCI, IRQ 9 -> GSI 9 level/active-high; LINT1 is NMI on every CPU.
 * DSDT: \\_S5 = {S5_SLP_TYP, S5_SLP_TYP, 0, 0}; one ACPI0007 processor device per vCPU
-  (_UID = the MADT processor UID); COM1 and the RTC with their ports and IRQs; and a PNP0C02
-  device reserving the other ports corral decodes (debug exit, PM block, reset). The i8042 is
-  left out of the DSDT on purpose (see dsdt_objects); the FADT's 8042 flag announces it.
+  (_UID = the MADT processor UID); COM1 and the RTC with their ports and IRQs; fw_cfg as QEMU
+  describes it (FWCF, _HID "QEMU0002", _STA 0x0B, its 12 ports), which Linux's qemu_fw_cfg
+  driver binds to; and a PNP0C02 device reserving the other ports corral decodes (debug exit,
+  PM block, reset). The i8042 is left out of the DSDT on purpose (see dsdt_objects); the
+  FADT's 8042 flag announces it.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ CMOS_CENTURY = 0x32
 # (port, length) ranges the PNP0C02 device reserves: debug exit (0x501-0x502), the probe's
 # benchmark sink, the PM1/PM timer block. The reset register 0xCF9 lies inside 0xCF8-0xCFF, which
 # the PCI host bridge claims.
+FW_CFG_STA = 0x0B  # present, enabled, not shown in a UI: what QEMU gives FWCF
 MOTHERBOARD_PORTS = [(layout.DEBUG_EXIT_PORT, 2), (layout.BENCH_SINK_PORT, 1), (layout.PM_BASE_PORT, 12)]
 
 
@@ -153,6 +156,7 @@ def dsdt_objects(num_cpus: int, extra_devices: list[bytes] | None = None) -> lis
             "COM1", "PNP0501", 0, aml.io_port(layout.COM1_PORT, 8), aml.irq_no_flags(layout.COM1_IRQ)
         ),
         _isa_device("RTC_", "PNP0B00", 0, aml.io_port(layout.RTC_PORT, 2), aml.irq_no_flags(layout.RTC_IRQ)),
+        fw_cfg_device(),
         # No PNP0303 for the i8042: Linux warns ("PS/2 appears to have AUX port disabled") when
         # the DSDT lists a keyboard but no PS/2 mouse, and ours has no mouse port. Without one,
         # the FADT's 8042 boot flag makes Linux probe 0x60/0x64, IRQ 1, directly (info lines).
@@ -169,6 +173,16 @@ def dsdt_objects(num_cpus: int, extra_devices: list[bytes] | None = None) -> lis
     slp_typ = layout.S5_SLP_TYP  # {SLP_TYPa, SLP_TYPb, reserved, reserved}
     s5 = aml.name("_S5_", aml.package(*(aml.integer(v) for v in (slp_typ, slp_typ, 0, 0))))
     return [s5, aml.scope("\\_SB_", *cpus, *isa, *(extra_devices or []))]
+
+
+def fw_cfg_device() -> bytes:
+    """\\_SB.FWCF: fw_cfg's ports, under the _HID QEMU gives them (a string: not an EISA id)."""
+    return aml.device(
+        "FWCF",
+        aml.name("_HID", aml.string("QEMU0002")),
+        aml.name("_STA", aml.integer(FW_CFG_STA)),
+        aml.name("_CRS", aml.resource_template(aml.io_port(layout.FW_CFG_PORT, layout.FW_CFG_PORTS))),
+    )
 
 
 def mcfg() -> bytes:
@@ -288,6 +302,13 @@ def build_acpi_tables(
     return out
 
 
-def machine_acpi_tables(num_cpus: int, mem_size: int) -> AcpiTables:
-    """The tables of a corral machine: the base set plus PCI (MCFG and the host bridge)."""
-    return build_acpi_tables(num_cpus, extra_tables=[mcfg()], extra_devices=[pci_host_bridge(mem_size)])
+def machine_acpi_tables(num_cpus: int, mem_size: int, *, base: int = layout.ACPI_START) -> AcpiTables:
+    """The tables of a corral machine: the base set plus PCI (MCFG and the host bridge), laid out
+    from `base` in a region as large as the BIOS area (base 0: offsets, for the table loader)."""
+    return build_acpi_tables(
+        num_cpus,
+        base=base,
+        limit=base + layout.ACPI_END - layout.ACPI_START,
+        extra_tables=[mcfg()],
+        extra_devices=[pci_host_bridge(mem_size)],
+    )

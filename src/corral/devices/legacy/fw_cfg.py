@@ -25,6 +25,10 @@ count, then per file u32 size, u16 select, u16 reserved, char name[56], sorted b
 numbered from 0x20 in that order. An item's data may be given as a callable: it is called once,
 on the guest's first access (the kernel for firmware-driven boot is read only if firmware asks).
 
+A firmware machine also gets `etc/acpi/tables`, `etc/acpi/rsdp` and `etc/table-loader` (corral's
+ACPI tables and QEMU's linker/loader script for them, arch/x86/acpi_loader.py) and
+`etc/smbios/smbios-tables` + `etc/smbios/smbios-anchor` (arch/x86/smbios.py): add_firmware_tables.
+
 State: the items are built from the machine config again on restore; only the selector, the
 offset into the item and the latched DMA high half are guest state.
 """
@@ -40,6 +44,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
 
+from corral.arch.x86 import layout, smbios
+from corral.arch.x86.acpi_loader import firmware_acpi
 from corral.devices.base import U16, U32, DeviceState
 from corral.devices.legacy._common import ONES
 from corral.errors import CorralError
@@ -49,8 +55,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BASE_PORT = 0x510
-SPAN = 12  # 0x510-0x51B: selector, data, (2 unused), DMA address
+BASE_PORT = layout.FW_CFG_PORT
+SPAN = layout.FW_CFG_PORTS  # 0x510-0x51B: selector, data, (2 unused), DMA address
 SELECTOR_OFFSET = 0
 DATA_OFFSET = 1
 DMA_OFFSET = 4
@@ -351,3 +357,13 @@ def machine_fw_cfg(
     fw.add_file("bootorder", order.encode() + b"\0" if order else b"")
     fw.add_file("etc/sercon-port", le(serial_port, 2))
     return fw
+
+
+def add_firmware_tables(fw: FwCfg, *, cpus: int, mem_size: int) -> None:
+    """corral's ACPI tables with their linker/loader script (arch/x86/acpi_loader.py) and its
+    SMBIOS tables (arch/x86/smbios.py), for a firmware to install instead of its own."""
+    for name, data in {
+        **firmware_acpi(cpus, mem_size).files(),
+        **smbios.firmware_smbios(cpus, mem_size),
+    }.items():
+        fw.add_file(name, data)

@@ -19,7 +19,7 @@ def test_seabios_boots_syslinux_and_debian_from_an_mbr_disk(lab, debian_rootfs):
     fs = need(debian_rootfs)
     scratch = Path.home() / ".cache" / "corral" / "lab-scratch"  # where the lab sees host files
     disk = scratch / f"bios-disk-{os.getpid()}.img"
-    append = "console=ttyS0 root=/dev/vda2 rw quiet panic=-1"
+    append = "console=ttyS0 root=/dev/vda2 rw panic=-1"
     build_bios_disk(disk, Path(fs["kernel"]), Path(fs["initrd"]), append, root=Path(fs["image"]))
     d = "/tmp/labbios"
     script = f"""

@@ -366,6 +366,14 @@ def run(
             image = get_image("probe")
         else:
             image = get_image("debian")
+    if image is not None and image.boots_from_disk:
+        # a disk image boots through the BIOS, shared read-only: the cache copy stays as verified
+        if image.needs_hardware_virt and is_pvm_host():
+            raise HostError(f"image '{image.name}' needs hardware virtualization: {PVM_EXPLANATION}")
+        disk_path, _ = image.resolve()
+        disks = (f"{disk_path},ro", *disks)
+        firmware = firmware or "seabios"
+        image = None
     if kernel is None and image is not None:
         if image.needs_hardware_virt and is_pvm_host():
             raise HostError(f"image '{image.name}' needs hardware virtualization: {PVM_EXPLANATION}")
@@ -927,7 +935,7 @@ def image() -> None:
 
 
 def _print_paths(img: Image) -> None:
-    kernel, initrd = img.resolve()
+    kernel, initrd = img.resolve()  # (for a disk image: its disk)
     click.echo(kernel)
     if initrd is not None:
         click.echo(initrd)

@@ -26,13 +26,15 @@ class ImageStatus:
 
 @dataclass(frozen=True)
 class ImagePaths:
-    kernel: Path
+    kernel: Path  # the file booted: a kernel, or a disk image's disk (Image.boots_from_disk)
     initrd: Path | None = None
     vmlinux: Path | None = None  # the PVH ELF kernel beside a bzImage, where the image has one
 
 
 class Image(ABC):
     """A named guest: what it is, and how to get it ready."""
+
+    boots_from_disk = False  # a disk for --firmware (resolve() gives it as the "kernel"), not a kernel
 
     def __init__(self, name: str, description: str, default_cmdline: str, needs_hardware_virt: bool) -> None:
         self.name = name
@@ -121,6 +123,57 @@ class DebianImage(Image):
         return d / self.kernel, d / "initrd.img"
 
 
+class DebianDiskImage(Image):
+    """The `debian` kernel and initramfs on a BIOS-bootable MBR disk (SYSLINUX on a FAT
+    partition, bootdisk.py): what `--firmware seabios` boots. `resolve()` gives (disk, None)."""
+
+    boots_from_disk = True
+    entry = "debian-disk"
+
+    def _dir(self) -> Path:
+        from corral.images import cache
+
+        return cache.image_dir(self.entry)
+
+    def status(self) -> ImageStatus:
+        from corral.images import cache
+
+        cached = cache.read_manifest(self._dir()) is not None
+        return ImageStatus(cached=cached, size=cache.entry_size(self._dir()) if cached else 0)
+
+    def fetch(self, force: bool = False) -> bool:
+        from corral.images import bootdisk
+
+        if self.status().cached and not force:
+            self.paths()  # verified
+            return True
+        if force:
+            _debian().fetch(force=True)
+        bootdisk.tools_dir()
+        self.build()
+        return False
+
+    def build(self) -> None:
+        from corral.images import bootdisk, cache
+
+        d = _debian().ensure()
+        with cache.atomic_dir(self._dir()) as tmp:
+            bootdisk.build_bios_disk(tmp / "disk.img", d / "vmlinuz", d / "initrd.img", DEBIAN_CMDLINE)
+            cache.write_manifest(tmp, self.entry, {"from": "debian", "loader": "syslinux"})
+
+    def paths(self) -> ImagePaths:
+        from corral.images import cache
+
+        if cache.read_manifest(self._dir()) is None:
+            raise ConfigError(f"image '{self.name}' is not fetched: run `corral image fetch {self.name}`")
+        cache.verify(self._dir(), self.name)
+        return ImagePaths(self._dir() / "disk.img")
+
+    def resolve(self) -> tuple[Path, Path | None]:
+        self.fetch()
+        return self.paths().kernel, None
+
+
 IMAGES: dict[str, Image] = {
     img.name: img
     for img in (
@@ -129,6 +182,12 @@ IMAGES: dict[str, Image] = {
             "debian", "Debian's cloud kernel (bzImage) + busybox initramfs with virtio/vsock", "vmlinuz"
         ),
         DebianImage("debian-pvh", "the same Debian cloud kernel as a PVH vmlinux (ELF)", "vmlinux"),
+        DebianDiskImage(
+            "debian-disk",
+            "the debian image on an MBR disk with SYSLINUX, for --firmware seabios",
+            DEBIAN_CMDLINE,
+            needs_hardware_virt=True,
+        ),
     )
 }
 

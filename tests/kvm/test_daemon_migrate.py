@@ -1,0 +1,189 @@
+"""Two real daemons on this host (two state directories, two sockets) and a probe VM that moves
+between them: `corral vm migrate ID --to DAEMON` (Unix socket) and POST /vms/ID/migrate over
+TCP with the target's bearer token. The probe's mem-touch guest keeps writing and checking
+memory, so a restarted guest (round numbers from 1) or a lost page (a checksum unlike an
+undisturbed run's) shows. Failures (no daemon there, a wrong token, the id taken there) leave
+the VM running where it was, with one line saying why.
+
+Also the daemon's clone (POST /vms/ID/clone: a snapshot kept with the clone) and its gdb stub
+(POST /vms/ID/gdb), attached with real gdb to the clone, a restored VM."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from support.daemon import Daemon
+from support.results import parse_results, progress_rounds
+
+from corral.daemon.vmapi import ApiError, HttpClient
+from corral.images.probe import build_probe
+
+CMD = "mem-touch 16M forever"
+TOKEN = "b-daemon-token-0123456789abcdef"
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    started: list[Daemon] = []
+
+    def start(name: str, *args: str) -> Daemon:
+        d = Daemon(tmp_path / name, *args)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.close()
+
+
+def _rounds(d: Daemon, vm: str) -> dict[int, tuple[str, bool]]:
+    return progress_rounds(d.console(vm))
+
+
+def _reference(n: int) -> dict[int, tuple[str, bool]]:
+    from support.live_probe import reference_rounds
+
+    return reference_rounds(CMD, n)
+
+
+def _assert_continued(target: Daemon, vm: str, before: int) -> None:
+    """The guest runs on at the target: from where it was (no round 1 again), past `before`,
+    every round read back ok with an undisturbed run's checksum."""
+    last = target.wait_rounds(vm, before + 2)
+    rounds = _rounds(target, vm)
+    assert min(rounds) >= before, sorted(rounds)[:5]  # it carried on: no fresh boot
+    assert all(ok for _, ok in rounds.values())
+    ref = _reference(last)
+    assert all(ref[r][0] == rounds[r][0] for r in rounds if r in ref)
+
+
+def test_a_vm_migrates_to_another_daemon_and_runs_on_there(daemons):
+    a, b = daemons("a"), daemons("b")
+    a.create("mover", CMD)
+    before = a.wait_rounds("mover", 2)
+    r = a.cli("vm", "migrate", "mover", "--to", str(b.sock))
+    assert r.returncode == 0, r.stderr
+    assert re.match(r"mover -> \S+ as mover: running; \d+ rounds, [0-9.]+ MiB, downtime \d+ ms", r.stdout)
+    # gone from the source (directory, process), running at the target with its own process
+    assert [v["id"] for v in a.api.call("GET", "/vms")] == []
+    assert not (a.state / "vms" / "mover").exists()
+    there = b.api.call("GET", "/vms/mover")
+    assert there["state"] == "running" and there["source"] == "migration", there
+    assert there["mem_mib"] == 128 and there["vcpus"] == 1
+    _assert_continued(b, "mover", before)
+    # and back again, under a new id
+    b.api.call("POST", "/vms/mover/migrate", {"to": str(a.sock), "id": "home"})
+    assert a.api.call("GET", "/vms/home")["state"] == "running"
+    assert b.api.call("GET", "/vms") == []
+    _assert_continued(a, "home", before)
+
+
+def test_failed_migrations_leave_the_vm_running_where_it_was(daemons, tmp_path):
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
+    a = daemons("a")
+    b = daemons("b", "--tcp", "127.0.0.1:0", "--token-file", str(token))
+    port = _tcp_port(b)
+    a.create("stay", CMD)
+    b.create("stay", "hello")  # the id is taken there
+    a.wait_rounds("stay", 2)
+
+    def refused(body: dict, why: str) -> None:
+        with pytest.raises(ApiError) as e:
+            a.api.call("POST", "/vms/stay/migrate", body)
+        msg = str(e.value)
+        assert why in msg and "\n" not in msg, msg
+        assert a.api.call("GET", "/vms/stay")["state"] == "running"
+        at = max(_rounds(a, "stay"))
+        a.wait_rounds("stay", at + 1)  # it runs on
+
+    refused({"to": str(tmp_path / "nobody.sock")}, "cannot reach")
+    refused({"to": f"tcp:127.0.0.1:{port}", "token": "x" * 16 + "-wrong"}, "bearer token")
+    refused({"to": f"tcp:127.0.0.1:{port}", "token": TOKEN}, "exists")
+    assert [v["id"] for v in b.api.call("GET", "/vms")] == ["stay"]  # nothing left behind there
+    r = a.cli("vm", "migrate", "stay", "--to", str(tmp_path / "nobody.sock"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "runs on here" in r.stderr, r.stderr
+
+    # over TCP with the right token, under a free id: it arrives
+    before = max(_rounds(a, "stay"))
+    out = a.api.call("POST", "/vms/stay/migrate", {"to": f"tcp:127.0.0.1:{port}", "token": TOKEN, "id": "moved"})
+    assert out["target"]["state"] == "running" and out["stats"]["bytes_sent"] >= 16 << 20
+    assert a.api.call("GET", "/vms") == []
+    _assert_continued(b, "moved", before)
+
+
+def _tcp_port(d: Daemon) -> int:
+    """The port a `--tcp 127.0.0.1:0` daemon listens on (its socket in /proc/net/tcp)."""
+    assert d.proc is not None
+    inodes = set()
+    fd_dir = Path(f"/proc/{d.proc.pid}/fd")
+    for fd in fd_dir.iterdir():
+        link = str(fd.readlink()) if fd.is_symlink() else ""
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[3] == "0A" and f[9] in inodes:  # LISTEN
+            return int(f[1].split(":")[1], 16)
+    raise AssertionError("the daemon listens on no TCP port")
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
+def test_a_clone_through_the_daemon_is_debugged_with_gdb(daemons, probe64, symbols):
+    a = daemons("a")
+    a.create("orig", "gdb")
+    deadline = time.monotonic() + 60
+    while "gdb target ready" not in a.console("orig"):
+        assert time.monotonic() < deadline, a.console("orig")
+        time.sleep(0.05)
+    r = a.cli("vm", "clone", "orig", "--id", "twin")
+    assert r.returncode == 0 and r.stdout.strip() == "twin", r.stderr
+    twin = a.api.call("GET", "/vms/twin")
+    assert twin["state"] == "running" and twin["source"] == "snapshot"
+    assert Path(twin["snapshot"]).parent == a.state / "vms" / "twin"  # kept with the clone
+    r = a.cli("vm", "gdb", "twin", "tcp:127.0.0.1:0")
+    assert r.returncode == 0, r.stderr
+    where = r.stdout.strip()
+    assert re.fullmatch(r"tcp:127\.0\.0\.1:\d+", where) and a.api.call("GET", "/vms/twin")["gdb"] == where
+    with pytest.raises(ApiError, match="already serves"):
+        a.api.call("POST", "/vms/twin/gdb", {"address": "tcp:127.0.0.1:0"})
+    out = subprocess.run(
+        ["gdb", "-batch", "-nx", "-ex", f"target remote {where[4:]}"]
+        + ["-ex", "print (long)gdb_counter > 0", "-ex", "set var *(long *)&gdb_value = 99"]
+        + ["-ex", "set var *(long *)&gdb_release = 1", "-ex", "detach", str(probe64)],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert "$1 = 1" in out.stdout, out.stdout + out.stderr
+    deadline = time.monotonic() + 30
+    while "RESULT" not in a.console("twin"):
+        assert time.monotonic() < deadline, a.console("twin")[-2000:]
+        time.sleep(0.05)
+    assert parse_results(a.console("twin")) == {"gdb_value": "99", "released": "1"}
+    assert "RESULT" not in a.console("orig")  # the original turns on, untouched
+    assert a.api.call("GET", "/vms/orig")["state"] == "running"
+
+
+def test_bad_migrate_clone_and_gdb_requests_are_one_line(daemons):
+    a = daemons("a")
+    for path, body, why in [
+        ("/vms/none/migrate", {"to": "/x"}, "no VM with id"),
+        ("/vms/none/clone", {}, "no VM with id"),
+        ("/vms/none/gdb", {"address": "tcp:127.0.0.1:0"}, "no VM with id"),
+        ("/incoming", {"id": "bad id"}, "id"),
+        ("/incoming", {"timeout_s": -1}, "timeout_s"),
+        ("/incoming", {"surprise": 1}, "surprise"),
+    ]:
+        with pytest.raises(ApiError) as e:
+            a.api.call("POST", path, body)
+        assert why in str(e.value) and "\n" not in str(e.value), (path, str(e.value))
+    a.create("g", "hello 1")  # not running long: a gdb address that cannot be parsed is refused
+    with pytest.raises(ApiError, match="gdb address|TCP only|not running"):
+        a.api.call("POST", "/vms/g/gdb", {"address": "udp:1234"})
+    assert HttpClient(str(a.sock)).call("GET", "/")["app"] == "corral"  # serving on
+    assert build_probe().exists()

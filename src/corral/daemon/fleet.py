@@ -563,7 +563,7 @@ class Fleet:
                 )
                 inc = IncomingInfo.model_validate(reply)
             except (ApiError, ValidationError) as exc:
-                raise FleetError(f"migrate {vm_id}: the daemon at {req.to}: {_one_line(exc)}") from None
+                raise FleetError(f"migrate {vm_id} to {req.to}: {_one_line(exc)}; it runs on here") from None
             try:
                 stats = _send_guest(api, _reachable(inc.address, req.to), inc.token, req.downtime_ms)
             except FleetError as exc:

@@ -50,12 +50,14 @@ class RemoteClient:
 
 
 class GdbVm:
-    """`corral run --gdb ...` of the probe, with the address its stub listens on."""
+    """`corral run --gdb ...` of the probe (or `corral COMMAND... --gdb ...`: `command`), with
+    the address its stub listens on."""
 
-    def __init__(self, cmdline: str, *extra: str, gdb: str = "tcp:127.0.0.1:0") -> None:
-        self.proc = corral_popen(
-            "run", "--image", "probe", "--memory", "256M", "--cmdline", cmdline, "--gdb", gdb, *extra
-        )
+    def __init__(
+        self, cmdline: str, *extra: str, gdb: str = "tcp:127.0.0.1:0", command: tuple[str, ...] = ()
+    ) -> None:
+        run = command or ("run", "--image", "probe", "--memory", "256M", "--cmdline", cmdline)
+        self.proc = corral_popen(*run, "--gdb", gdb, *extra)
         self.err = b""
         deadline = time.monotonic() + 60
         while b"gdb stub on" not in self.err:

@@ -462,12 +462,9 @@ def run(
             raise
     elif stats:
         machine.observe_exits()
-    stub = _serve_gdb(machine, gdb_address, gdb_wait)
     try:
-        _run_foreground(machine, api_path)
+        _run_foreground(machine, api_path, _serve_gdb(machine, gdb_address, gdb_wait))
     finally:
-        if stub is not None:
-            stub.close()
         if writer is not None:
             writer.close()
             dropped = f", {writer.dropped} dropped" if writer.dropped else ""
@@ -492,9 +489,9 @@ def _crash_dumper(directory: Path) -> Callable[[Machine, Any], None]:
     return dump
 
 
-def _run_foreground(machine: Machine, api_path: Path | None) -> NoReturn:
+def _run_foreground(machine: Machine, api_path: Path | None, gdb: Any = None) -> NoReturn:
     """Run a built machine with its console on this terminal (and its control socket, if
-    asked) until it stops; exit with its status."""
+    asked) until it stops; exit with its status. `gdb` (its GdbStub) is closed on the way out."""
     click.get_current_context().meta[ERROR_CODE] = 2  # a failure from here on is the run's
     server = None
     if api_path is not None:
@@ -523,6 +520,8 @@ def _run_foreground(machine: Machine, api_path: Path | None) -> NoReturn:
     finally:
         if server is not None:
             server.close()
+        if gdb is not None:
+            gdb.close()
     if result.kind in ("crash", "error", "stopped"):
         click.echo(f"\ncorral: {result.message}", err=True)
     sys.exit(result.status & 0xFF)
@@ -620,12 +619,7 @@ def restore(
     gdb_address = _gdb_address(gdb, gdb_wait)
     machine = Machine.from_snapshot(snapshot, kvm_path=kvm_path, host=_grant(**grant))
     machine.build()
-    stub = _serve_gdb(machine, gdb_address, gdb_wait)
-    try:
-        _run_foreground(machine, api_path)
-    finally:
-        if stub is not None:
-            stub.close()
+    _run_foreground(machine, api_path, _serve_gdb(machine, gdb_address, gdb_wait))
 
 
 @main.command()

@@ -13,12 +13,11 @@ from __future__ import annotations
 import re
 import shutil
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from support.daemon import Daemon
+from support.gdb_remote import gdb_batch, wait_for
 from support.results import parse_results, progress_rounds
 
 from corral.daemon.vmapi import ApiError
@@ -151,10 +150,7 @@ def _free_port() -> int:
 def test_a_clone_through_the_daemon_is_debugged_with_gdb(pair, probe64):
     a, _ = pair
     a.create("orig", "gdb")
-    deadline = time.monotonic() + 60
-    while "gdb target ready" not in a.console("orig"):
-        assert time.monotonic() < deadline, a.console("orig")
-        time.sleep(0.05)
+    wait_for(lambda: a.console("orig"), "gdb target ready", 60)
     r = a.cli("vm", "clone", "orig", "--id", "twin")
     assert r.returncode == 0 and r.stdout.strip() == "twin", r.stderr
     twin = a.api.call("GET", "/vms/twin")
@@ -166,17 +162,16 @@ def test_a_clone_through_the_daemon_is_debugged_with_gdb(pair, probe64):
     assert re.fullmatch(r"tcp:127\.0\.0\.1:\d+", where) and a.api.call("GET", "/vms/twin")["gdb"] == where
     with pytest.raises(ApiError, match="already serves"):
         a.api.call("POST", "/vms/twin/gdb", {"address": "tcp:127.0.0.1:0"})
-    out = subprocess.run(
-        ["gdb", "-batch", "-nx", "-ex", f"target remote {where[4:]}"]
-        + ["-ex", "print (long)gdb_counter > 0", "-ex", "set var *(long *)&gdb_value = 99"]
-        + ["-ex", "set var *(long *)&gdb_release = 1", "-ex", "detach", str(probe64)],
-        capture_output=True, text=True, timeout=90,
-    )  # fmt: skip
-    assert "$1 = 1" in out.stdout, out.stdout + out.stderr
-    deadline = time.monotonic() + 30
-    while "released" not in parse_results(a.console("twin")):
-        assert time.monotonic() < deadline, a.console("twin")[-2000:]
-        time.sleep(0.05)
+    out = gdb_batch(
+        where[4:],
+        probe64,
+        "print (long)gdb_counter > 0",
+        "set var *(long *)&gdb_value = 99",
+        "set var *(long *)&gdb_release = 1",
+        "detach",
+    )
+    assert "$1 = 1" in out, out
+    wait_for(lambda: a.console("twin"), "released=1\r\n")
     assert parse_results(a.console("twin")) == {"gdb_value": "99", "released": "1"}
     assert "gdb_value" not in a.console("orig")  # the original turns on, untouched
     assert a.api.call("GET", "/vms/orig")["state"] == "running"

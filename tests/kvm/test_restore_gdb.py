@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import time
 
 import pytest
-from support.gdb_remote import GdbVm
+from support.gdb_remote import GdbVm, gdb_batch, wait_for
 from support.results import parse_results
 
 from corral import Machine, MachineConfig
@@ -23,10 +21,7 @@ def test_a_restored_guest_is_held_for_gdb_which_reads_changes_and_releases_it(tm
     m = Machine(MachineConfig.build(kernel=build_probe(), cmdline="gdb", memory="256M"), console=out.extend)
     try:
         m.start()
-        deadline = time.monotonic() + 30
-        while b"gdb target ready" not in out:
-            assert time.monotonic() < deadline, out.decode()
-            time.sleep(0.05)
+        wait_for(lambda: out, b"gdb target ready")
         m.pause()
         held = m.memory.read(symbols["gdb_counter"], 8)  # the probe maps its data 1:1
         m.snapshot(tmp_path / "snap")
@@ -36,14 +31,16 @@ def test_a_restored_guest_is_held_for_gdb_which_reads_changes_and_releases_it(tm
     vm = GdbVm("", "--gdb-wait", command=("restore", str(tmp_path / "snap")))
     try:
         assert re.search(rb"gdb stub on tcp:127\.0\.0\.1:\d+; the guest waits", vm.err), vm.err
-        r = subprocess.run(
-            ["gdb", "-batch", "-nx", "-ex", f"target remote {vm.target}"]
-            + ["-ex", "print/x *(unsigned long *)&gdb_counter", "-ex", "set var *(long *)&gdb_value = 5"]
-            + ["-ex", "set var *(long *)&gdb_release = 1", "-ex", "detach", str(probe64)],
-            capture_output=True, text=True, timeout=90,
-        )  # fmt: skip
+        out = gdb_batch(
+            vm.target,
+            probe64,
+            "print/x *(unsigned long *)&gdb_counter",
+            "set var *(long *)&gdb_value = 5",
+            "set var *(long *)&gdb_release = 1",
+            "detach",
+        )
         # held at the snapshot's instruction: not one turn since
-        assert f"$1 = {int.from_bytes(held, 'little'):#x}" in r.stdout, r.stdout + r.stderr
+        assert f"$1 = {int.from_bytes(held, 'little'):#x}" in out, out
         code, stdout, err = vm.finish(60)
         assert code == 0, err
         assert parse_results(stdout) == {"gdb_value": "5", "released": "1"}

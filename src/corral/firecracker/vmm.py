@@ -78,6 +78,7 @@ MMDS_MAX = 51200  # bytes of MMDS data, Firecracker's default limit
 
 PRE_BOOT_ONLY = "The requested operation is not supported after starting the microVM."
 POST_BOOT_ONLY = "The requested operation is not supported before starting the microVM."
+WAITS_FOR_MIGRATION = "The requested operation is not supported while the microVM waits for a migration."
 LOAD_NOT_ALLOWED = (
     "Load snapshot error: Loading a microVM snapshot not allowed after configuring boot-specific resources."
 )
@@ -177,6 +178,8 @@ class FirecrackerVmm:
     def _pre_boot(self) -> None:
         if self.booted:
             raise FirecrackerError(PRE_BOOT_ONLY)
+        if self.receiving:  # the guest, its devices and size come with the migration
+            raise FirecrackerError(WAITS_FOR_MIGRATION)
 
     def _post_boot(self) -> Machine:
         if self.machine is None:
@@ -669,13 +672,13 @@ class FirecrackerVmm:
         """Listen for one live migration and return HOST:PORT; the guest runs once it has
         arrived. A migration that fails or does not come within the timeout ends the process
         (as a failed snapshot load does); the source then runs on."""
+        if self.receiving:
+            raise FirecrackerError("Receive error: this microVM already waits for a migration")
         self._pre_boot()
         if self.boot_path:
             raise FirecrackerError(
                 "Receive error: boot resources are configured: receive into a fresh microVM"
             )
-        if self.receiving:
-            raise FirecrackerError("Receive error: this microVM already waits for a migration")
         try:
             server = listen(req.listen)
         except CorralError as exc:

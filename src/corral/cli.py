@@ -1404,7 +1404,7 @@ def _show_vm(v: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table("field", "value", show_header=False)
-    for key in ("id", "state", "pid", "vcpus", "mem_mib", "source", "snapshot", "exit", "dir"):
+    for key in ("id", "state", "pid", "vcpus", "mem_mib", "source", "snapshot", "exit", "gdb", "dir"):
         if v.get(key) is not None:
             table.add_row(key, str(v[key]))
     limits = {k: val for k, val in (v.get("limits") or {}).items() if val not in (None, [])}

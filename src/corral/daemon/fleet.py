@@ -15,6 +15,14 @@ the console is the fd the template opened. Paths the daemon sends to a jailed VM
 jail: a snapshot is written into its run directory and then moved (checked: a regular file of
 the VM's uid, one link) to the directory asked for; a clone gets the snapshot's files bound in
 read-only. `rm` removes the jail's directory and gives back its uid.
+
+Migration between daemons (`migrate`, on the source; `incoming`, on the target): the target
+starts a VM process that waits for the guest (PUT /corral/receive, with a fresh token made for
+this one migration and host resources its own client named), the source VM migrates itself there
+(PUT /corral/migrate), and only once the target lists it running is the source removed. Until
+the hand-over a failure leaves the source running and removes the waiting VM. A clone (`clone`)
+is a snapshot kept in the clone's own directory (its memory stays mapped from there) and a
+create from it.
 """
 
 from __future__ import annotations

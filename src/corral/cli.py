@@ -216,6 +216,46 @@ def main(verbose: bool) -> None:
 # Option names are MachineConfig's field names, so a FieldError finds the flag the user typed.
 
 
+def GDB_OPTIONS(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--gdb and --gdb-wait (run, restore)."""
+    f = click.option(
+        "--gdb-wait", is_flag=True, help="Hold the guest at its first instruction until gdb continues it."
+    )(f)
+    return click.option(
+        "--gdb",
+        metavar="tcp:[HOST:]PORT|unix:PATH",
+        help="Serve the GDB remote protocol here (gdb: target remote HOST:PORT); HOST defaults to 127.0.0.1.",
+    )(f)
+
+
+def _gdb_address(gdb: str | None, gdb_wait: bool) -> Any:
+    """The checked --gdb address (None without --gdb)."""
+    if gdb_wait and not gdb:
+        raise ConfigError("--gdb-wait needs --gdb (where the debugger connects)")
+    if not gdb:
+        return None
+    from corral.debug import GdbAddress
+
+    return GdbAddress.parse(gdb)
+
+
+def _serve_gdb(machine: Machine, address: Any, wait: bool) -> Any:
+    """A GdbStub for a built machine, announced on stderr (None without an address); the
+    machine is closed if the stub cannot start."""
+    if address is None:
+        return None
+    from corral.debug import GdbStub
+
+    try:
+        stub = GdbStub(machine, address, wait=wait)
+    except CorralError:
+        machine.close()
+        raise
+    wait_note = "; the guest waits for the debugger to continue it" if wait else ""
+    click.echo(f"corral: gdb stub on {stub.where}{wait_note}", err=True)
+    return stub
+
+
 @main.command()
 @click.option("--kernel", type=click.Path(path_type=Path), help="bzImage, PVH vmlinux or Multiboot ELF.")
 @click.option(
@@ -277,14 +317,7 @@ def main(verbose: bool) -> None:
     metavar=VSOCK.syntax,
     help="A virtio-vsock device; host programs connect to PATH ('CONNECT <port>').",
 )
-@click.option(
-    "--gdb",
-    metavar="tcp:[HOST:]PORT|unix:PATH",
-    help="Serve the GDB remote protocol here (gdb: target remote HOST:PORT); HOST defaults to 127.0.0.1.",
-)
-@click.option(
-    "--gdb-wait", is_flag=True, help="Hold the guest at its first instruction until gdb continues it."
-)
+@GDB_OPTIONS
 @click.option(
     "--ksm",
     is_flag=True,
@@ -400,13 +433,7 @@ def run(
         ksm=ksm,
         **({"debug_exit": debug_exit} if debug_exit else {}),
     )
-    if gdb_wait and not gdb:
-        raise ConfigError("--gdb-wait needs --gdb (where the debugger connects)")
-    gdb_address = None
-    if gdb:
-        from corral.debug import GdbAddress, GdbStub
-
-        gdb_address = GdbAddress.parse(gdb)
+    gdb_address = _gdb_address(gdb, gdb_wait)
     jail_options = click.get_current_context().meta.get(JAIL_OPTIONS)
     if jail or jail_options is not None:
         from corral.jail import JailOptions, map_run
@@ -443,21 +470,9 @@ def run(
             raise
     elif stats:
         machine.observe_exits()
-    stub = None
-    if gdb_address is not None:
-        try:
-            stub = GdbStub(machine, gdb_address, wait=gdb_wait)
-        except CorralError:
-            machine.close()
-            raise
-        where = f"tcp:{stub.address.host}:{stub.port}" if stub.address.kind == "tcp" else str(stub.address)
-        wait_note = "; the guest waits for the debugger to continue it" if gdb_wait else ""
-        click.echo(f"corral: gdb stub on {where}{wait_note}", err=True)
     try:
-        _run_foreground(machine, api_path)
+        _run_foreground(machine, api_path, _serve_gdb(machine, gdb_address, gdb_wait))
     finally:
-        if stub is not None:
-            stub.close()
         if writer is not None:
             writer.close()
             dropped = f", {writer.dropped} dropped" if writer.dropped else ""
@@ -482,9 +497,9 @@ def _crash_dumper(directory: Path) -> Callable[[Machine, Any], None]:
     return dump
 
 
-def _run_foreground(machine: Machine, api_path: Path | None) -> NoReturn:
+def _run_foreground(machine: Machine, api_path: Path | None, gdb: Any = None) -> NoReturn:
     """Run a built machine with its console on this terminal (and its control socket, if
-    asked) until it stops; exit with its status."""
+    asked) until it stops; exit with its status. `gdb` (its GdbStub) is closed on the way out."""
     click.get_current_context().meta[ERROR_CODE] = 2  # a failure from here on is the run's
     server = None
     if api_path is not None:
@@ -513,6 +528,8 @@ def _run_foreground(machine: Machine, api_path: Path | None) -> NoReturn:
     finally:
         if server is not None:
             server.close()
+        if gdb is not None:
+            gdb.close()
     if result.kind in ("crash", "error", "stopped"):
         click.echo(f"\ncorral: {result.message}", err=True)
     sys.exit(result.status & 0xFF)
@@ -595,17 +612,22 @@ def _grant(
 @main.command()
 @click.argument("snapshot", type=click.Path(path_type=Path))
 @host_resource_options
+@GDB_OPTIONS
 @KVM_OPTION
 @SECCOMP_OPTION
 @SERVE_API_OPTION
-def restore(snapshot: Path, kvm_path: str, api_path: Path | None, **grant: Any) -> None:
+def restore(
+    snapshot: Path, gdb: str | None, gdb_wait: bool, kvm_path: str, api_path: Path | None, **grant: Any
+) -> None:
     """Resume the guest saved in SNAPSHOT (a directory from `corral snapshot`).
 
     Give the host side of its devices as `run` takes them (--disk, --net, --vsock, ...): the
-    snapshot's own paths and taps are not trusted."""
+    snapshot's own paths and taps are not trusted. With --gdb a debugger can attach (with
+    --gdb-wait the guest waits at the snapshot's instruction until it continues)."""
+    gdb_address = _gdb_address(gdb, gdb_wait)
     machine = Machine.from_snapshot(snapshot, kvm_path=kvm_path, host=_grant(**grant))
     machine.build()
-    _run_foreground(machine, api_path)
+    _run_foreground(machine, api_path, _serve_gdb(machine, gdb_address, gdb_wait))
 
 
 @main.command()
@@ -1390,7 +1412,7 @@ def _show_vm(v: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table("field", "value", show_header=False)
-    for key in ("id", "state", "pid", "vcpus", "mem_mib", "source", "snapshot", "exit", "dir"):
+    for key in ("id", "state", "pid", "vcpus", "mem_mib", "source", "snapshot", "exit", "gdb", "dir"):
         if v.get(key) is not None:
             table.add_row(key, str(v[key]))
     limits = {k: val for k, val in (v.get("limits") or {}).items() if val not in (None, [])}
@@ -1429,6 +1451,7 @@ def vm() -> None:
 @click.option("--cpu-limit", type=float, help="CPU time the VM may use, in CPUs (0.5 = half a core).")
 @click.option("--memory-limit", type=SIZE, help="Memory the VM process may use (e.g. 512M).")
 @click.option("--pids-limit", type=int, help="Tasks the VM process may have.")
+@click.option("--gdb", metavar="tcp:[HOST:]PORT|unix:PATH", help="Serve the GDB remote protocol for it here.")
 def vm_create(
     daemon_sock: str,
     token_file: Path | None,
@@ -1439,6 +1462,7 @@ def vm_create(
     cpu_limit: float | None,
     memory_limit: int | None,
     pids_limit: int | None,
+    gdb: str | None,
 ) -> None:
     """Create a VM from a Firecracker config or from a snapshot; print its id."""
     import json
@@ -1455,6 +1479,8 @@ def vm_create(
     body: dict[str, Any] = {"limits": limits, "resume": not paused}
     if vm_id is not None:
         body["id"] = vm_id
+    if gdb is not None:
+        body["gdb"] = gdb
     if config_file is not None:
         try:
             body["config"] = json.loads(config_file.read(1 << 20))
@@ -1523,6 +1549,84 @@ def vm_rm(daemon_sock: str, token_file: Path | None, vm_ids: tuple[str, ...]) ->
     client = _daemon(daemon_sock, token_file)
     for vm_id in vm_ids:
         client.call("DELETE", f"/vms/{_vm_path(vm_id)}")
+
+
+@vm.command("migrate", error_code=1)
+@DAEMON_SOCK_OPTION
+@click.argument("vm_id", metavar="ID")
+@click.option("--to", "to", required=True, metavar="SOCKET|tcp:HOST:PORT", help="The target host's daemon.")
+@click.option(
+    "--to-token-file",
+    type=click.Path(path_type=Path),
+    help="The target daemon's bearer token (for a tcp:HOST:PORT daemon).",
+)
+@click.option("--id", "new_id", help="The VM's id on the target [the same].")
+@click.option("--downtime-ms", type=click.IntRange(1, 60_000), default=300, show_default=True)
+@click.option(
+    "--disk",
+    "disks",
+    multiple=True,
+    metavar=DISK.syntax,
+    help="The target host's image for the guest's next disk, in its order (repeatable).",
+)
+@click.option(
+    "--net", "nets", multiple=True, metavar=NET.syntax, help="The target host's tap for the guest's next NIC."
+)
+def vm_migrate(
+    daemon_sock: str,
+    token_file: Path | None,
+    vm_id: str,
+    to: str,
+    to_token_file: Path | None,
+    new_id: str | None,
+    downtime_ms: int,
+    disks: tuple[str, ...],
+    nets: tuple[str, ...],
+) -> None:
+    """Live-migrate a VM to another host's daemon; it runs there and is removed here. On a
+    failure it runs on here."""
+    import json
+
+    from corral.daemon.server import read_token
+
+    host = _grant(None, None, None, disks, nets, None, "")
+    body: dict[str, Any] = {"to": to, "downtime_ms": downtime_ms, "host": json.loads(host.model_dump_json())}
+    if to_token_file is not None:
+        body["token"] = read_token(to_token_file)
+    if new_id is not None:
+        body["id"] = _vm_path(new_id)
+    r = _daemon(daemon_sock, token_file).call("POST", f"/vms/{_vm_path(vm_id)}/migrate", body)
+    st = r["stats"]
+    click.echo(
+        f"{vm_id} -> {r['to']} as {r['id']}: {r['target']['state']}; {st['rounds']} rounds, "
+        f"{st['bytes_sent'] / (1 << 20):.1f} MiB, downtime {st['downtime_seconds'] * 1000:.0f} ms"
+    )
+
+
+@vm.command("clone", error_code=1)
+@DAEMON_SOCK_OPTION
+@click.argument("vm_id", metavar="ID")
+@click.option("--id", "new_id", help="The clone's id [a new one].")
+@click.option("--paused", is_flag=True, help="The clone waits paused (corral vm resume).")
+def vm_clone(daemon_sock: str, token_file: Path | None, vm_id: str, new_id: str | None, paused: bool) -> None:
+    """Clone a running VM into a new one (a snapshot, kept with the clone); print its id."""
+    body: dict[str, Any] = {"resume": not paused}
+    if new_id is not None:
+        body["id"] = _vm_path(new_id)
+    click.echo(_daemon(daemon_sock, token_file).call("POST", f"/vms/{_vm_path(vm_id)}/clone", body)["id"])
+
+
+@vm.command("gdb", error_code=1)
+@DAEMON_SOCK_OPTION
+@click.argument("vm_id", metavar="ID")
+@click.argument("address", metavar="tcp:[HOST:]PORT|unix:PATH")
+def vm_gdb(daemon_sock: str, token_file: Path | None, vm_id: str, address: str) -> None:
+    """Start a VM's gdb stub (gdb: target remote HOST:PORT); print where it listens."""
+    click.echo(
+        _daemon(daemon_sock, token_file).call("POST", f"/vms/{_vm_path(vm_id)}/gdb", {"address": address})[
+            "gdb"
+        ]
+    )
 
 
 @main.command(error_code=1)

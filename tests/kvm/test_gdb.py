@@ -13,14 +13,13 @@ from __future__ import annotations
 import re
 import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from support.cli import corral, one_clear_line
 from support.gdb_remote import GdbVm as Vm
-from support.gdb_remote import RemoteClient
+from support.gdb_remote import RemoteClient, gdb_batch, wait_for
 from support.results import parse_results
 
 from corral import Machine, MachineConfig
@@ -49,11 +48,7 @@ def vms():
 
 
 def gdb(vm: Vm, probe64: Path, *commands: str, timeout: float = 90) -> str:
-    args = ["gdb", "-batch", "-nx", "-ex", f"target remote {vm.target}"]
-    for c in commands:
-        args += ["-ex", c]
-    r = subprocess.run([*args, str(probe64)], capture_output=True, text=True, timeout=timeout)
-    return r.stdout + r.stderr
+    return gdb_batch(vm.target, probe64, *commands, timeout=timeout)
 
 
 def test_gdb_reads_registers_and_a_variable_changes_it_and_detach_lets_the_guest_finish(
@@ -278,10 +273,7 @@ def test_a_paused_machine_stays_paused_after_detach_and_a_restored_one_is_debugg
     stub = GdbStub(m, "tcp:127.0.0.1:0")
     try:
         m.start()
-        deadline = time.monotonic() + 30
-        while b"gdb target ready" not in out:
-            assert time.monotonic() < deadline, out.decode()
-            time.sleep(0.05)
+        wait_for(lambda: out, b"gdb target ready")
         m.pause()
         c = RemoteClient(("127.0.0.1", stub.port))
         counter = b"m%x,8" % symbols["gdb_counter"]

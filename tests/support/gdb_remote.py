@@ -7,7 +7,10 @@ import os
 import re
 import select
 import socket
+import subprocess
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from corral.debug.packets import PacketReader, frame
 from support.cli import corral_popen
@@ -50,12 +53,14 @@ class RemoteClient:
 
 
 class GdbVm:
-    """`corral run --gdb ...` of the probe, with the address its stub listens on."""
+    """`corral run --gdb ...` of the probe (or `corral COMMAND... --gdb ...`: `command`), with
+    the address its stub listens on."""
 
-    def __init__(self, cmdline: str, *extra: str, gdb: str = "tcp:127.0.0.1:0") -> None:
-        self.proc = corral_popen(
-            "run", "--image", "probe", "--memory", "256M", "--cmdline", cmdline, "--gdb", gdb, *extra
-        )
+    def __init__(
+        self, cmdline: str, *extra: str, gdb: str = "tcp:127.0.0.1:0", command: tuple[str, ...] = ()
+    ) -> None:
+        run = command or ("run", "--image", "probe", "--memory", "256M", "--cmdline", cmdline)
+        self.proc = corral_popen(*run, "--gdb", gdb, *extra)
         self.err = b""
         deadline = time.monotonic() + 60
         while b"gdb stub on" not in self.err:
@@ -77,3 +82,20 @@ class GdbVm:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def wait_for(read: Callable[[], bytes | str], text: bytes | str, timeout: float = 30) -> None:
+    """Wait until `read()` (a console so far) holds `text`."""
+    deadline = time.monotonic() + timeout
+    while text not in read():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"{text!r} never came: {read()[-2000:]!r}"
+        time.sleep(0.05)
+
+
+def gdb_batch(target: str, elf: Path, *commands: str, timeout: float = 90) -> str:
+    """Real gdb in batch mode: `target remote TARGET`, then each command; its whole output."""
+    args = ["gdb", "-batch", "-nx", "-ex", f"target remote {target}"]
+    for c in commands:
+        args += ["-ex", c]
+    r = subprocess.run([*args, str(elf)], capture_output=True, text=True, timeout=timeout)
+    return r.stdout + r.stderr

@@ -15,6 +15,14 @@ the console is the fd the template opened. Paths the daemon sends to a jailed VM
 jail: a snapshot is written into its run directory and then moved (checked: a regular file of
 the VM's uid, one link) to the directory asked for; a clone gets the snapshot's files bound in
 read-only. `rm` removes the jail's directory and gives back its uid.
+
+Migration between daemons (`migrate`, on the source; `incoming`, on the target): the target
+starts a VM process that waits for the guest (PUT /corral/receive, with a fresh token made for
+this one migration and host resources its own client named), the source VM migrates itself there
+(PUT /corral/migrate), and only once the target lists it running is the source removed. Until
+the hand-over a failure leaves the source running and removes the waiting VM. A clone (`clone`)
+is a snapshot kept in the clone's own directory (its memory stays mapped from there) and a
+create from it.
 """
 
 from __future__ import annotations
@@ -30,21 +38,35 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from corral.config import HostResources
 from corral.daemon.cgroups import CgroupError, Cgroups, LimitReport, VmGroup
 from corral.daemon.launcher import JailingLauncher, Launcher, LaunchError
-from corral.daemon.models import CreateVm, JailInfo, SnapshotInfo, VmInfo, VmRecord, VmState
+from corral.daemon.models import (
+    CloneVm,
+    CreateVm,
+    Incoming,
+    IncomingInfo,
+    JailInfo,
+    MigrateResult,
+    MigrateVm,
+    SnapshotInfo,
+    VmInfo,
+    VmRecord,
+    VmState,
+)
 from corral.daemon.statedir import StateDir, VmDir, proc_start_time
 from corral.daemon.vmapi import ApiError, HttpClient
 from corral.errors import CorralError
 from corral.firecracker.snapshot import _copy_data  # a sparse copy (a memory file is mostly holes)
 from corral.jail import Jail, JailOptions, map_firecracker, release_uid
 from corral.jail.mapping import RUN_DIR, map_snapshot_load
+from corral.migration import MigrationStats
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +80,9 @@ CONSOLE_TAIL = 1 << 20  # the console stream starts at most this far back
 FILE_MAX = 64 << 20  # a console or log larger than this is cut down to its last FILE_KEEP bytes
 FILE_KEEP = 1 << 20
 SNAP_FILE, MEM_FILE = "vm.snap", "vm.mem"
+MIGRATE_TIMEOUT = 600.0  # seconds a migration's stream may be silent (its last copy is one message)
+ARRIVE_TIMEOUT = 30.0  # seconds for the target to report a migrated VM running
+T = TypeVar("T")
 
 
 class FleetError(CorralError):
@@ -103,6 +128,7 @@ class Fleet:
         self._vm_locks: dict[str, threading.Lock] = {}
         self._children: dict[str, int] = {}  # VMs whose process is this daemon's child
         self._creating = 0
+        self.migration_host = "127.0.0.1"  # where a VM waiting for a migration listens
 
     # -- bookkeeping ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -191,6 +217,7 @@ class Fleet:
                 "limits": rec.limits,
                 "cgroups": rec.cgroups,
                 "jail": rec.jail,
+                "gdb": rec.gdb,
             }
         )
 
@@ -222,7 +249,13 @@ class Fleet:
 
     # -- create -----------------------------------------------------------------------------------
     def create(self, req: CreateVm) -> VmInfo:
-        vm_id = req.id or f"vm-{secrets.token_hex(4)}"
+        vm_id, _ = self._new(req.id, lambda d: self._create(d, req))
+        return self.info(vm_id)
+
+    def _new(self, vm_id: str | None, make: Callable[[VmDir], T]) -> tuple[str, T]:
+        """A new VM directory and what `make` does with it, under the VM's lock; undone (the
+        process ended, the directory removed) when `make` fails."""
+        vm_id = vm_id or f"vm-{secrets.token_hex(4)}"
         with self._lock:
             if len(self.ids()) + self._creating >= self.max_vms:
                 raise FleetError(f"this daemon holds {self.max_vms} VMs: remove some first")
@@ -233,16 +266,18 @@ class Fleet:
                 lock = self._vm_locks.setdefault(vm_id, threading.Lock())
             with lock:  # a delete of this id waits until the create is done or undone
                 try:
-                    self._create(d, req)
+                    out = make(d)
                 except BaseException:
                     self._destroy(d, force=True)
                     raise
         finally:
             with self._lock:
                 self._creating -= 1
-        return self.info(vm_id)
+        return vm_id, out
 
-    def _create(self, d: VmDir, req: CreateVm) -> None:
+    def _create(self, d: VmDir, req: CreateVm, incoming: tuple[Incoming, str] | None = None) -> str | None:
+        """Launch the VM; with `incoming` (the request and a fresh token), one that waits for a
+        live migration: returns the HOST:PORT it listens on."""
         rec = VmRecord(id=d.id, created=time.time(), source="config", limits=req.limits)
         args = ["firecracker", "--api-sock", str(d.api_sock), "--id", d.id, "--log-path", str(d.log)]
         if req.config is not None:
@@ -257,6 +292,11 @@ class Fleet:
             ]
             d.write(d.config, req.config.model_dump_json(by_alias=True, exclude_none=True, indent=1))
             args += ["--config-file", str(d.config)]
+        elif incoming is not None:
+            rec.source = "migration"
+            rec.vcpus, rec.mem_mib = incoming[0].vcpus, incoming[0].mem_mib
+            if self.jail:
+                _check_jailed_grant(incoming[0].host)
         else:
             assert req.snapshot is not None
             snap = Path(req.snapshot).absolute()
@@ -318,6 +358,20 @@ class Fleet:
                 self._api(d, SNAPSHOT_TIMEOUT).call("PUT", "/snapshot/load", load)
             except ApiError as exc:
                 raise FleetError(f"snapshot: the clone cannot load it: {exc}") from None
+        if req.gdb is not None:
+            self._start_gdb(d, rec, req.gdb)
+        if incoming is None:
+            return None
+        ask = {
+            "listen": f"{self.migration_host}:0",
+            "token": incoming[1],
+            "timeout_s": incoming[0].timeout_s,
+            "host": json.loads(incoming[0].host.model_dump_json(exclude_defaults=True)),
+        }
+        try:
+            return str(self._api(d).call("PUT", "/corral/receive", ask)["address"])
+        except (ApiError, KeyError, TypeError) as exc:
+            raise FleetError(f"the receiving VM: {exc}") from None
 
     def _launch_jailed(
         self, d: VmDir, req: CreateVm, rec: VmRecord, group: VmGroup | None
@@ -445,6 +499,92 @@ class Fleet:
             path=str(target), snapshot_file=str(target / SNAP_FILE), mem_file=str(target / MEM_FILE)
         )
 
+    def clone(self, vm_id: str, req: CloneVm) -> VmInfo:
+        """A new VM from a snapshot of `vm_id` (which runs on), kept in the new VM's directory:
+        its memory stays mapped from there, and `rm` removes it with the clone."""
+
+        def make(d: VmDir) -> None:
+            snap = self.snapshot(vm_id, str(d.path / "clone-of"))
+            create = CreateVm(
+                id=d.id,
+                snapshot=snap.path,
+                resume=req.resume,
+                network_overrides=req.network_overrides,
+                vsock_override=req.vsock_override,
+                limits=req.limits,
+            )
+            self._create(d, create)
+
+        new_id, _ = self._new(req.id, make)
+        return self.info(new_id)
+
+    def gdb(self, vm_id: str, address: str) -> VmInfo:
+        with self._locked(vm_id) as d:
+            self._running(d)
+            rec = self._record(d)
+            if rec is None:
+                raise FleetError(f"VM {vm_id} has no record (vm.json): remove it")
+            self._start_gdb(d, rec, address)
+        return self.info(vm_id)
+
+    def _start_gdb(self, d: VmDir, rec: VmRecord, address: str) -> None:
+        if rec.jail is not None and not address.startswith("tcp:"):
+            raise FleetError("gdb: a jailed VM serves gdb on TCP only: give tcp:[HOST:]PORT")
+        try:
+            rec.gdb = str(self._api(d).call("PUT", "/corral/gdb", {"address": address})["address"])
+        except (ApiError, KeyError, TypeError) as exc:
+            raise FleetError(f"VM {d.id}: {exc}") from None
+        d.write(d.record, rec.model_dump_json())
+
+    # -- live migration between daemons -----------------------------------------------------------
+    def incoming(self, req: Incoming) -> IncomingInfo:
+        """A VM that waits for one live migration, with a fresh token for it (the target's half
+        of a daemon-to-daemon migration)."""
+        token = secrets.token_hex(32)
+        shell = CreateVm.model_construct(
+            id=req.id, config=None, snapshot=None, resume=True, network_overrides=[],
+            vsock_override=None, limits=req.limits, gdb=None,
+        )  # fmt: skip
+        vm_id, address = self._new(req.id, lambda d: self._create(d, shell, (req, token)))
+        assert address is not None
+        return IncomingInfo(vm=self.info(vm_id), address=address, token=token)
+
+    def migrate(self, vm_id: str, req: MigrateVm) -> MigrateResult:
+        """Live-migrate `vm_id` to the daemon at `req.to`: it makes a VM that waits for the
+        guest, this VM streams it there, and, once it runs there, this VM is removed. Until the
+        guest is handed over any failure leaves it running here, and the waiting VM is removed."""
+        target_id = req.id or vm_id
+        target = HttpClient(req.to, timeout=60.0, token=req.token)
+        with self._locked(vm_id) as d:
+            api = self._running(d)
+            rec = self._record(d)
+            ask = Incoming(
+                id=target_id,
+                host=req.host,
+                limits=req.limits,
+                vcpus=rec.vcpus if rec else None,
+                mem_mib=rec.mem_mib if rec else None,
+            )
+            try:
+                reply = target.call(
+                    "POST", "/incoming", json.loads(ask.model_dump_json(exclude_defaults=True))
+                )
+                inc = IncomingInfo.model_validate(reply)
+            except (ApiError, ValidationError) as exc:
+                raise FleetError(f"migrate {vm_id} to {req.to}: {_one_line(exc)}; it runs on here") from None
+            try:
+                stats = _send_guest(api, _reachable(inc.address, req.to), inc.token, req.downtime_ms)
+            except FleetError as exc:
+                with contextlib.suppress(ApiError):
+                    target.call("DELETE", f"/vms/{target_id}")
+                raise FleetError(f"migrate {vm_id} to {req.to}: {exc}; it runs on here") from None
+            d.write(d.stopped, b"")  # the guest runs there now; this process ends by itself
+            arrived = _arrived(target, target_id)
+            self._destroy(d, force=False)
+        with self._lock:
+            self._vm_locks.pop(vm_id, None)
+        return MigrateResult(id=target_id, to=req.to, stats=stats, target=arrived)
+
     def stop(self, vm_id: str) -> VmInfo:
         with self._locked(vm_id) as d:
             d.write(d.stopped, b"")
@@ -567,6 +707,67 @@ def _cap(path: Path) -> None:
             f.write(b"[corral: earlier output dropped]\n" + keep)
     except OSError:
         pass
+
+
+def _send_guest(api: HttpClient, address: str, token: str, downtime_ms: int) -> MigrationStats:
+    """Have the VM behind `api` migrate itself to `address` (PUT /corral/migrate)."""
+    body = {"to": address, "token": token, "downtime_ms": downtime_ms}
+    result = None
+    try:
+        for line in api.lines("PUT", "/corral/migrate", body, timeout=MIGRATE_TIMEOUT):
+            if not isinstance(line, dict):
+                continue
+            if "fault_message" in line:
+                raise FleetError(_one_line(line["fault_message"]))
+            if "result" in line:
+                result = MigrationStats.model_validate(line["result"])
+    except (ApiError, ValidationError) as exc:
+        raise FleetError(_one_line(exc)) from None
+    if result is None:
+        raise FleetError("the VM ended the migration's reply without a result")
+    return result
+
+
+def _reachable(address: str, to: str) -> str:
+    """Where the source sends the guest: the port the target's VM listens on, at the host the
+    target daemon was reached at (its VM may listen on a wildcard address)."""
+    host, _, port = address.rpartition(":")
+    if to.startswith("tcp:"):
+        host = to[4:].rpartition(":")[0].strip("[]")
+    return f"{host}:{port}"
+
+
+def _arrived(target: HttpClient, vm_id: str) -> VmInfo:
+    """The migrated VM as the target reports it, once it runs (or a FleetError saying how not)."""
+    deadline = time.monotonic() + ARRIVE_TIMEOUT
+    while True:
+        try:
+            info = VmInfo.model_validate(target.call("GET", f"/vms/{vm_id}"))
+        except (ApiError, ValidationError) as exc:
+            raise FleetError(
+                f"the guest was handed over, but the target does not answer: {_one_line(exc)}"
+            ) from None
+        if info.state == "running":
+            return info
+        if info.state in ("dead", "stopped") or time.monotonic() > deadline:
+            raise FleetError(
+                f"the guest was handed over, but the target reports it {info.state}: {info.exit}"
+            )
+        time.sleep(0.05)
+
+
+def _check_jailed_grant(host: HostResources) -> None:
+    """A jailed VM sees only what its jail binds in: host files for a migrated guest are not
+    bound yet, so such a grant is refused before anything starts."""
+    if host.disks or host.nets or host.vsock is not None or host.kernel or host.initrd or host.firmware:
+        raise FleetError(
+            "host: this daemon jails its VMs, and a migrated guest's disks, taps, vsock and kernel "
+            "are not bound into a jail yet: migrate to a daemon run with --no-jail"
+        )
+
+
+def _one_line(exc: object) -> str:
+    return " ".join(str(exc).split())[:1000]
 
 
 def _snapshot_jailed(api: HttpClient, jail: JailInfo, target: Path) -> None:

@@ -10,12 +10,16 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from corral.config import HostResources
 from corral.daemon.cgroups import LimitReport, Limits
 from corral.daemon.statedir import VM_ID_RE
 from corral.firecracker.models import FullVmConfiguration, NetworkOverride, VsockOverride
+from corral.migration import MigrationStats
 
 VmId = Annotated[str, Field(pattern=f"^{VM_ID_RE.pattern}$")]
 HostPath = Annotated[str, Field(min_length=1, max_length=4096)]
+Token = Annotated[str, Field(min_length=16, max_length=4096)]
+GdbWhere = Annotated[str, Field(min_length=5, max_length=4096)]  # tcp:[HOST:]PORT or unix:PATH
 VmState = Literal["starting", "not-started", "running", "paused", "unresponsive", "stopped", "dead"]
 
 
@@ -34,6 +38,7 @@ class CreateVm(Strict):
     network_overrides: Annotated[list[NetworkOverride], Field(max_length=64)] = []
     vsock_override: VsockOverride | None = None
     limits: Limits = Limits()
+    gdb: GdbWhere | None = None  # serve the GDB remote protocol here once the VM runs
 
     @model_validator(mode="after")
     def _one_source(self) -> CreateVm:
@@ -61,7 +66,7 @@ class VmRecord(Strict):
 
     id: VmId
     created: float
-    source: Literal["config", "snapshot"]
+    source: Literal["config", "snapshot", "migration"]
     snapshot: str | None = None
     limits: Limits = Limits()
     cgroups: LimitReport = LimitReport()
@@ -69,6 +74,7 @@ class VmRecord(Strict):
     vcpus: int | None = None
     mem_mib: int | None = None
     jail: JailInfo | None = None  # None: the VM runs unjailed (--no-jail, or a daemon not root)
+    gdb: str | None = None  # where its gdb stub listens (as seen by the host)
 
 
 class VmInfo(Strict):
@@ -86,6 +92,7 @@ class VmInfo(Strict):
     limits: Limits = Limits()
     cgroups: LimitReport = LimitReport()
     jail: JailInfo | None = None
+    gdb: str | None = None
     dir: str = ""
 
 
@@ -101,6 +108,61 @@ class SnapshotInfo(Strict):
     mem_file: str
 
 
+class Incoming(Strict):
+    """POST /incoming: a VM that waits for a live migration (what a source daemon asks of the
+    target's). The guest's shape comes with the migration; its host side (disks, taps) is
+    `host`, named by this daemon's client, never by the source's stream."""
+
+    id: VmId | None = None
+    host: HostResources = HostResources()
+    limits: Limits = Limits()
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    vcpus: Annotated[int, Field(ge=1, le=1024)] | None = None  # for `vm ls` until it arrives
+    mem_mib: Annotated[int, Field(ge=1, le=1 << 30)] | None = None
+
+
+class IncomingInfo(Strict):
+    """The reply to POST /incoming: the waiting VM, and what the source must send to."""
+
+    vm: VmInfo
+    address: str  # HOST:PORT the VM listens on (a wildcard host: use the daemon's own)
+    token: str  # a fresh migration token for this one migration
+
+
+class MigrateVm(Strict):
+    """POST /vms/ID/migrate: live-migrate the VM to another daemon."""
+
+    to: HostPath  # the target daemon: its Unix socket, or tcp:HOST:PORT
+    token: Token | None = Field(default=None, repr=False)  # the target daemon's bearer token (TCP)
+    id: VmId | None = None  # the VM's id there (default: the same)
+    host: HostResources = HostResources()  # the target host's disks and taps for the guest
+    limits: Limits = Limits()  # the VM's limits there
+    downtime_ms: Annotated[int, Field(ge=1, le=60_000)] = 300
+
+
+class MigrateResult(Strict):
+    id: str  # the VM's id on the target
+    to: str
+    stats: MigrationStats
+    target: VmInfo  # the VM as the target reports it (running)
+
+
+class CloneVm(Strict):
+    """POST /vms/ID/clone: a new VM from a snapshot of this one (which runs on)."""
+
+    id: VmId | None = None
+    resume: bool = True
+    network_overrides: Annotated[list[NetworkOverride], Field(max_length=64)] = []
+    vsock_override: VsockOverride | None = None
+    limits: Limits = Limits()
+
+
+class GdbVm(Strict):
+    """POST /vms/ID/gdb: start the VM's gdb stub."""
+
+    address: GdbWhere
+
+
 class DaemonInfo(Strict):
     app: str = "corral"
     version: str
@@ -110,9 +172,15 @@ class DaemonInfo(Strict):
 
 
 __all__ = [
+    "CloneVm",
     "CreateVm",
     "DaemonInfo",
+    "GdbVm",
+    "Incoming",
+    "IncomingInfo",
     "JailInfo",
+    "MigrateResult",
+    "MigrateVm",
     "SnapshotInfo",
     "SnapshotVm",
     "VmInfo",

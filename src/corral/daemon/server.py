@@ -6,6 +6,12 @@
     GET    /vms/ID               one VM
     POST   /vms/ID/pause|resume|stop
     POST   /vms/ID/snapshot      {"path": DIR}: the snapshot directory a clone is created from
+    POST   /vms/ID/clone         a new VM from a snapshot of this one (kept with the clone) -> 201
+    POST   /vms/ID/migrate       MigrateVm: live-migrate to another daemon ({"to": SOCKET or
+                                 tcp:HOST:PORT, "token": its bearer token}); removed here after
+    POST   /vms/ID/gdb           {"address": tcp:[HOST:]PORT|unix:PATH}: start its gdb stub
+    POST   /incoming             a VM that waits for a migration (what /vms/ID/migrate asks of
+                                 the target): its address and a fresh token -> 201
     DELETE /vms/ID               stop it and remove its directory, cgroups and taps -> 204
     GET    /vms/ID/console       the serial console as a chunked stream (?follow=0: what is there)
     GET    /metrics              Prometheus text for every VM
@@ -44,7 +50,7 @@ from corral.daemon import metrics
 from corral.daemon.cgroups import Cgroups
 from corral.daemon.fleet import Fleet, FleetError
 from corral.daemon.launcher import ForkLauncher, Launcher, SpawnLauncher
-from corral.daemon.models import CreateVm, DaemonInfo, SnapshotVm
+from corral.daemon.models import CloneVm, CreateVm, DaemonInfo, GdbVm, Incoming, MigrateVm, SnapshotVm
 from corral.daemon.statedir import StateDir, check_vm_id
 from corral.errors import ConfigError, CorralError
 from corral.firecracker.models import body_error
@@ -108,6 +114,8 @@ class DaemonApi:
         if parts == ["metrics"] and method == "GET":
             vms = [(i, fleet.state.vm(i.id)) for i in fleet.list()]
             return Text(200, text=metrics.render(vms, fleet.cgroups), content_type=metrics.CONTENT_TYPE)
+        if parts == ["incoming"] and method == "POST":
+            return _json(fleet.incoming(parse(Incoming, body)), 201)
         if parts[:1] != ["vms"]:
             return fault(f"no such path: {method} /{'/'.join(parts)}", 404)
         if len(parts) == 1:
@@ -135,6 +143,12 @@ class DaemonApi:
                 return _json(fleet.stop(vm_id))
             if verb[0] == "snapshot":
                 return _json(fleet.snapshot(vm_id, parse(SnapshotVm, body).path))
+            if verb[0] == "migrate":
+                return _json(fleet.migrate(vm_id, parse(MigrateVm, body)))
+            if verb[0] == "clone":
+                return _json(fleet.clone(vm_id, parse(CloneVm, body or b"{}")), 201)
+            if verb[0] == "gdb":
+                return _json(fleet.gdb(vm_id, parse(GdbVm, body).address))
         return _bad_method(method, parts)
 
 
@@ -334,6 +348,8 @@ def serve(
         launcher = launcher or (SpawnLauncher() if spawn else ForkLauncher())
         fleet = Fleet(state, launcher, cgroups, jail=jail)
         address = parse_tcp(tcp) if tcp else None
+        if address is not None:  # VMs migrated here listen where the daemon's clients reach it
+            fleet.migration_host = address[0]
         if token_file is not None and address is None:
             raise ConfigError("--token-file is for --tcp: the Unix socket checks the peer's uid instead")
         token = read_token(token_file) if token_file is not None else None

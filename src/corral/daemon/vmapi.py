@@ -13,6 +13,7 @@ from typing import Any
 from corral.errors import CorralError
 
 REPLY_MAX = 16 << 20
+LINE_MAX = 1 << 20  # one line of a JSON-lines reply
 
 
 class ApiError(CorralError):
@@ -94,6 +95,30 @@ class HttpClient:
         finally:
             conn.close()
 
+    def lines(
+        self, method: str, path: str, body: Any = None, *, timeout: float | None = None
+    ) -> Iterator[Any]:
+        """A request whose 200 reply is JSON lines (a migration's progress): each line's JSON
+        as it comes; `timeout` bounds each wait for the next line."""
+        conn = self._connect(timeout)
+        try:
+            self._send(conn, method, path, body)
+            r = conn.getresponse()
+            if r.status >= 300:
+                raise _fault(r, method, path)
+            while line := r.readline(LINE_MAX + 1):
+                if len(line) > LINE_MAX:
+                    raise ApiError(f"{self.where}: a line of the reply to {method} {path} is too long")
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except ValueError:
+                        raise ApiError(f"{self.where} answered {method} {path} with bad JSON") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise ApiError(f"the reply from {self.where} broke: {exc}") from None
+        finally:
+            conn.close()
+
     def stream(self, path: str) -> Iterator[bytes]:
         """GET `path` and yield the reply body as it arrives (a chunked stream), until it ends."""
         conn = self._connect(None)
@@ -102,18 +127,23 @@ class HttpClient:
             self._send(conn, "GET", path, None)
             r = conn.getresponse()
             if r.status >= 300:
-                raw = r.read(REPLY_MAX)
-                try:
-                    msg = json.loads(raw).get("fault_message")
-                except (ValueError, AttributeError):
-                    msg = None
-                raise ApiError(str(msg or f"GET {path}: HTTP {r.status}"), r.status)
+                raise _fault(r, "GET", path)
             while chunk := r.read1(65536):
                 yield chunk
         except (OSError, http.client.HTTPException) as exc:
             raise ApiError(f"the stream from {self.where} broke: {exc}") from None
         finally:
             conn.close()
+
+
+def _fault(r: http.client.HTTPResponse, method: str, path: str) -> ApiError:
+    """The ApiError for a reply of status >= 300: its fault message, or the status."""
+    raw = r.read(REPLY_MAX)
+    try:
+        msg = json.loads(raw).get("fault_message")
+    except (ValueError, AttributeError):
+        msg = None
+    return ApiError(str(msg or f"{method} {path}: HTTP {r.status}"), r.status)
 
 
 __all__ = ["ApiError", "HttpClient"]

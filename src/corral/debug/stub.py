@@ -104,6 +104,11 @@ class GdbStub:
         return int(self._sock.getsockname()[1]) if self.address.kind == "tcp" else 0
 
     @property
+    def where(self) -> str:
+        """The address listened on, as --gdb takes it (tcp:HOST:PORT with the port chosen)."""
+        return f"tcp:{self.address.host}:{self.port}" if self.address.kind == "tcp" else str(self.address)
+
+    @property
     def attached(self) -> bool:
         return self._session is not None
 

@@ -21,7 +21,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from corral.config import parse_size
+from corral.config import HostResources, parse_size
 from corral.errors import CorralError
 from corral.migration import MigrationStats
 
@@ -357,6 +357,45 @@ class MigrationEvent(BaseModel):
     progress: MigrationProgress | None = None
     result: MigrationStats | None = None
     fault_message: str | None = None
+
+
+class CorralReceive(Body):
+    """PUT /corral/receive (pre-boot): wait for one live migration (`corral migrate`, or a
+    daemon's /vms/ID/migrate) on `listen`; the VM runs when it has arrived."""
+
+    listen: Annotated[str, Field(min_length=1, max_length=300)] = Field(
+        default="127.0.0.1:0", description="[HOST:]PORT to listen on (port 0: one the host picks)"
+    )
+    token: Annotated[str, Field(min_length=16, max_length=4096)] = Field(
+        repr=False, description="the shared token the source must prove"
+    )
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=60.0, description="give up (and end the process) when no source has proven itself by then"
+    )
+    host: HostResources = Field(
+        default_factory=HostResources,
+        description="the host side of the guest's devices (disks, taps, vsock): never the source's",
+    )
+
+
+class ReceiveInfo(Body):
+    """The reply to PUT /corral/receive: where the source sends the guest."""
+
+    address: str = Field(description="HOST:PORT listened on")
+
+
+class CorralGdb(Body):
+    """PUT /corral/gdb: serve the GDB remote protocol for this VM (one stub per VM)."""
+
+    address: Annotated[str, Field(min_length=5, max_length=PATH_MAX)] = Field(
+        description="tcp:[HOST:]PORT (HOST defaults to 127.0.0.1; port 0: one the host picks) or unix:PATH"
+    )
+
+
+class GdbInfo(Body):
+    """Where the VM's gdb stub listens (`target remote` it)."""
+
+    address: str = Field(description="tcp:HOST:PORT or unix:PATH")
 
 
 # --- the whole configuration (GET /vm/config, --config-file) ----------------------------------

@@ -13,7 +13,8 @@ answers Firecracker's "Invalid request method and/or path".
 corral's endpoints (never a change to Firecracker's): GET /corral/status, PUT /corral/stop,
 PUT /corral/snapshot (a corral snapshot directory), GET|PATCH /corral/balloon, PUT
 /corral/migrate (JSON lines: progress, then the result), GET /corral/openapi.json, PUT
-/corral/dump (an ELF core of the guest) and GET|PATCH /corral/stats (exit statistics).
+/corral/dump (an ELF core of the guest), GET|PATCH /corral/stats (exit statistics), PUT
+/corral/receive (wait for a live migration, into a fresh VM) and PUT /corral/gdb (a gdb stub).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from corral.debug import GdbAddress, GdbStub
 from corral.debug.dump import DumpStats, dump_core
 from corral.debug.stats import ExitStats, exit_stats
 from corral.devices.virtio.balloon import BalloonInfo
@@ -366,6 +368,21 @@ class Router:
         machine.observe_exits(req.enabled)
         return ok(exit_stats(machine))
 
+    def _corral_receive(self, p: Params, body: bytes) -> Reply:
+        return ok(m.ReceiveInfo(address=self.vmm.receive(parse(m.CorralReceive, body))))
+
+    def _corral_gdb(self, p: Params, body: bytes) -> Reply:
+        req = parse(m.CorralGdb, body)
+        machine = self._machine()
+        if self.vmm.gdb is not None:
+            raise FirecrackerError(f"a gdb stub already serves this VM on {self.vmm.gdb.where}")
+        try:
+            stub = GdbStub(machine, GdbAddress.parse(req.address))
+        except CorralError as exc:
+            raise FirecrackerError(f"gdb: {exc}") from None
+        self.vmm.gdb = stub
+        return ok(m.GdbInfo(address=stub.where))
+
 
 def _r(
     method: str,
@@ -548,6 +565,25 @@ ROUTES: list[Route] = [
         R._corral_patch_stats,
         m.CorralStats,
         ExitStats,
+        tag="corral",
+    ),
+    _r(
+        "PUT",
+        "/corral/receive",
+        "Waits for one live migration on a TCP port (pre-boot, into a fresh VM); the guest runs "
+        "once it has arrived, and a failed migration ends the process.",
+        R._corral_receive,
+        m.CorralReceive,
+        m.ReceiveInfo,
+        tag="corral",
+    ),
+    _r(
+        "PUT",
+        "/corral/gdb",
+        "Starts a GDB remote-protocol stub for the VM (gdb: target remote ADDRESS).",
+        R._corral_gdb,
+        m.CorralGdb,
+        m.GdbInfo,
         tag="corral",
     ),
 ]

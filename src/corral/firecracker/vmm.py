@@ -40,6 +40,7 @@ from corral.firecracker.models import (
     BalloonStatsUpdate,
     BalloonUpdate,
     BootSource,
+    CorralReceive,
     Drive,
     EntropyDevice,
     FullVmConfiguration,
@@ -59,6 +60,7 @@ from corral.firecracker.models import (
 )
 from corral.firecracker.snapshot import DirtyPages, create_snapshot_files, staged_snapshot
 from corral.machine import ExitResult, Machine
+from corral.migration import listen, receive
 from corral.seccomp import enter as enter_seccomp
 from corral.state.snapshot import Snapshot
 
@@ -76,6 +78,7 @@ MMDS_MAX = 51200  # bytes of MMDS data, Firecracker's default limit
 
 PRE_BOOT_ONLY = "The requested operation is not supported after starting the microVM."
 POST_BOOT_ONLY = "The requested operation is not supported before starting the microVM."
+WAITS_FOR_MIGRATION = "The requested operation is not supported while the microVM waits for a migration."
 LOAD_NOT_ALLOWED = (
     "Load snapshot error: Loading a microVM snapshot not allowed after configuring boot-specific resources."
 )
@@ -123,6 +126,7 @@ class FirecrackerVmm:
     ) -> None:
         self.instance_id = instance_id
         self._make_machine = machine_factory or _default_machine(kvm_path)
+        self.kvm_path = kvm_path
         self.boot_timer = boot_timer
         self.machine_config = MachineConfiguration(vcpu_count=1, mem_size_mib=128)
         self.boot_source: BootSource | None = None
@@ -146,6 +150,8 @@ class FirecrackerVmm:
         self.exit_result: ExitResult | None = None
         self._serial_file: Any = None
         self._dirty: DirtyPages | None = None  # track_dirty_pages: what a Diff snapshot writes
+        self.receiving = False  # PUT /corral/receive: a migration is awaited
+        self.gdb: Any = None  # the GdbStub PUT /corral/gdb started (closed when the guest stops)
 
     @classmethod
     def attached(cls, machine: Machine, instance_id: str = "corral") -> FirecrackerVmm:
@@ -172,6 +178,8 @@ class FirecrackerVmm:
     def _pre_boot(self) -> None:
         if self.booted:
             raise FirecrackerError(PRE_BOOT_ONLY)
+        if self.receiving:  # the guest, its devices and size come with the migration
+            raise FirecrackerError(WAITS_FOR_MIGRATION)
 
     def _post_boot(self) -> Machine:
         if self.machine is None:
@@ -659,6 +667,60 @@ class FirecrackerVmm:
             vsock = vsock.model_copy(update={"uds_path": Path(params.vsock_override.uds_path)})
         return config.model_copy(update={"nets": tuple(nets), "vsock": vsock})
 
+    # -- an incoming live migration (PUT /corral/receive) ------------------------------------------
+    def receive(self, req: CorralReceive) -> str:
+        """Listen for one live migration and return HOST:PORT; the guest runs once it has
+        arrived. A migration that fails or does not come within the timeout ends the process
+        (as a failed snapshot load does); the source then runs on."""
+        if self.receiving:
+            raise FirecrackerError("Receive error: this microVM already waits for a migration")
+        self._pre_boot()
+        if self.boot_path:
+            raise FirecrackerError(
+                "Receive error: boot resources are configured: receive into a fresh microVM"
+            )
+        try:
+            server = listen(req.listen)
+        except CorralError as exc:
+            raise FirecrackerError(f"Receive error: {exc}") from None
+        self.receiving = True
+        host, port = server.getsockname()[:2]
+        console = self._console()
+        threading.Thread(
+            target=self._receive, args=(server, req, console), name="corral-fc-recv", daemon=True
+        ).start()
+        return f"{host}:{port}"
+
+    def _receive(self, server: Any, req: CorralReceive, console: Callable[[bytes], None] | None) -> None:
+        try:
+            machine = receive(
+                server,
+                token=req.token,
+                host=req.host,
+                console=console,
+                kvm_path=self.kvm_path,
+                accept_timeout=req.timeout_s,
+            )
+            cfg = machine.config
+            self.machine_config = MachineConfiguration(vcpu_count=cfg.cpus, mem_size_mib=cfg.memory // MIB)
+            if cfg.balloon:
+                self.balloon = Balloon(amount_mib=0, deflate_on_oom=False, stats_polling_interval_s=1)
+            try:
+                machine.start()
+            except CorralError:
+                machine.close()
+                raise
+            self.machine, self.started = machine, True
+            self._watch(machine)
+            log.info("the migration arrived; the microVM runs")
+        except CorralError as exc:
+            log.error("Receive error: %s", exc)
+            self.exit_result = ExitResult("error", 1, f"the incoming migration failed: {exc}")
+            self.exited.set()
+            self.wake.set()
+        finally:
+            server.close()
+
     # -- the machine ------------------------------------------------------------------------------
     def corral_config(self) -> MachineConfig:
         """The corral MachineConfig these resources describe."""
@@ -743,6 +805,8 @@ class FirecrackerVmm:
             # Started before the main thread filters itself (a --config-file boot): filter here.
             enter_seccomp("vmm", "corral-fc-wait")
             result = machine.wait()
+            if self.gdb is not None:
+                self.gdb.close()
             machine.close()
             self.exit_result = result
             self.exited.set()

@@ -258,7 +258,9 @@ VMM = Policy(
         "wait4",
         "socketpair",  # pyroute2's IPRoute, when a tap is made after start (Firecracker's API)
     },
-    ioctls=VCPU.ioctls | LOOP.ioctls | API.ioctls | BUILD_IOCTLS,
+    # a gdb stub started through the API (PUT /corral/gdb) runs on a thread under this filter:
+    # it translates addresses and sets breakpoints and steps
+    ioctls=VCPU.ioctls | LOOP.ioctls | API.ioctls | BUILD_IOCTLS | {"KVM_TRANSLATE", "KVM_SET_GUEST_DEBUG"},
     socket_families=frozenset({socket.AF_UNIX, socket.AF_INET, socket.AF_INET6, socket.AF_NETLINK}),
     threads=True,
 )

@@ -140,6 +140,8 @@ class Parsed(click.ParamType):
 
 
 SIZE = Parsed("size", parse_size)
+
+
 def _image(name: str) -> Image:
     from corral.images.registry import get_image  # only when an image is named: not on a --kernel launch
 

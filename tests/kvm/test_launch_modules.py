@@ -56,7 +56,8 @@ def _launch(kernel, env) -> tuple[int, set[str]]:
         env=cli_env(env),
     )
     assert "RESULT hello=1" in r.stdout, (r.stdout, r.stderr[-2000:])
-    lines = dict(line.split(" ", 1) for line in r.stderr.splitlines() if line.startswith(("EXIT ", "MODULES ")))
+    marked = [line for line in r.stderr.splitlines() if line.startswith(("EXIT ", "MODULES "))]
+    lines = dict(line.split(" ", 1) for line in marked)
     return int(lines["EXIT"]), set(lines["MODULES"].split())
 
 

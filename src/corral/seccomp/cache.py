@@ -56,9 +56,11 @@ def load(program: bytes) -> None:
         raise OSError(22, f"not a seccomp program ({len(program)} bytes)")
     buf = C.create_string_buffer(program, len(program))
     prog = _SockFprog(len(program) // INSN, C.addressof(buf))
-    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, C.c_ulong(1), C.c_ulong(0), C.c_ulong(0), C.c_ulong(0)) != 0:
+    zero = C.c_ulong(0)
+    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, C.c_ulong(1), zero, zero, zero) != 0:
         raise OSError(C.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-    if _libc.syscall(C.c_long(_SYS_SECCOMP), C.c_long(_SECCOMP_SET_MODE_FILTER), C.c_long(0), C.byref(prog)) != 0:
+    mode = C.c_ulong(_SECCOMP_SET_MODE_FILTER)
+    if _libc.syscall(C.c_long(_SYS_SECCOMP), mode, zero, C.byref(prog)) != 0:
         err = C.get_errno()
         raise OSError(err, os.strerror(err))
 

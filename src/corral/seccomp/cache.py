@@ -20,6 +20,7 @@ compiles every launch, as before.
 from __future__ import annotations
 
 import ctypes as C
+import errno
 import hashlib
 import logging
 import os
@@ -40,6 +41,8 @@ _NAME_RE = re.compile(rb"[a-z0-9_]{0,40}")
 _SYS_SECCOMP = 317  # x86-64, the only architecture corral runs on
 _SECCOMP_SET_MODE_FILTER = 1
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
 
 
 class _SockFprog(C.Structure):
@@ -60,9 +63,14 @@ def load(program: bytes) -> None:
     if _libc.prctl(_PR_SET_NO_NEW_PRIVS, C.c_ulong(1), zero, zero, zero) != 0:
         raise OSError(C.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
     mode = C.c_ulong(_SECCOMP_SET_MODE_FILTER)
-    if _libc.syscall(C.c_long(_SYS_SECCOMP), mode, zero, C.byref(prog)) != 0:
+    if _libc.syscall(C.c_long(_SYS_SECCOMP), mode, zero, C.byref(prog)) == 0:
+        return
+    err = C.get_errno()
+    if err == errno.ENOSYS:  # no seccomp(2) (valgrind, say): the older prctl, as libseccomp falls back
+        if _libc.prctl(_PR_SET_SECCOMP, C.c_ulong(_SECCOMP_MODE_FILTER), C.byref(prog), zero, zero) == 0:
+            return
         err = C.get_errno()
-        raise OSError(err, os.strerror(err))
+    raise OSError(err, os.strerror(err))
 
 
 def key(*parts: object) -> str:

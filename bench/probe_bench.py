@@ -7,11 +7,20 @@ second for `pio-bench N` and `mmio-bench N` (timed between the probe's `BENCH st
 Markdown table under bench/results/.
 
     python bench/probe_bench.py [--runs 5] [--exits 200000] [--qemu-accel kvm]
+
+`--launch N` measures only the launch, interleaved round by round (corral, then QEMU -M
+microvm, and with `--before DIR` the corral of another checkout too), N rounds, median (min-max)
+of each: background load lands on every side alike. Each corral tree's sources are compiled to
+bytecode first, as an installed wheel's are: with PYTHONDONTWRITEBYTECODE set, a source tree
+would otherwise compile every module on every launch.
+
+    python bench/probe_bench.py --launch 7 [--before /tmp/main]
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import platform
@@ -47,6 +56,12 @@ def corral_cmd(kernel: Path, cmdline: str, cpus: int, memory: str) -> list[str]:
         memory,
         "--no-reboot",
     ]
+
+
+def corral_tree_cmd(tree: Path, kernel: Path, cmdline: str, memory: str) -> list[str]:
+    """`corral run` from the checkout at `tree` (this interpreter and its dependencies)."""
+    boot = f"import sys; sys.path.insert(0, {str(tree / 'src')!r}); from corral.cli import main; main()"
+    return [sys.executable, "-c", boot, *corral_cmd(kernel, cmdline, 1, memory)[1:]]
 
 
 def qemu_cmd(kernel: Path, cmdline: str, cpus: int, memory: str, accel: str, machine: str) -> list[str]:
@@ -107,9 +122,52 @@ def bench_exits(cmd: list[str], n: int, runs: int) -> float:
     return statistics.median(rates)
 
 
+def spread(values: list[float]) -> str:
+    """median (min-max), in ms"""
+    ms = [v * 1e3 for v in values]
+    return f"{statistics.median(ms):,.1f} ({min(ms):,.1f}-{max(ms):,.1f})"
+
+
+def launch_rounds(kernel: Path, rounds: int, memory: str, accel: str, before: Path | None) -> str:
+    """Launch -> first serial byte and -> exit (`hello`), interleaved, as a Markdown table."""
+    vmms = {"corral": corral_tree_cmd(ROOT, kernel, "hello", memory)}
+    if before is not None:
+        vmms[f"corral at {before.name}"] = corral_tree_cmd(before, kernel, "hello", memory)
+    vmms["QEMU -M microvm"] = qemu_cmd(kernel, "hello", 1, memory, accel, "microvm")
+    for tree in [ROOT] + ([before] if before is not None else []):
+        compileall.compile_dir(tree / "src" / "corral", quiet=1)
+    firsts: dict[str, list[float]] = {k: [] for k in vmms}
+    totals: dict[str, list[float]] = {k: [] for k in vmms}
+    for _ in range(1 + rounds):  # a first round that warms the page cache, not counted
+        for name, cmd in vmms.items():
+            r = timed_run(cmd)
+            if not any(line.startswith("RESULT hello=1") for _, line in r["lines"]):
+                raise RuntimeError(f"{name}: hello failed: {r['lines'][-5:]} {r['stderr'][-500:]}")
+            firsts[name].append(r["first_byte"])
+            totals[name].append(r["total"])
+    for d in (firsts, totals):
+        for k in d:
+            del d[k][0]
+    qemu = statistics.median(firsts["QEMU -M microvm"])
+    load = os.getloadavg()
+    md = [
+        f"{rounds} rounds, interleaved; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end",
+        "",
+        "| VMM | launch -> first serial byte (ms) | launch -> exit, `hello` (ms) "
+        "| first byte / QEMU microvm |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in vmms:
+        ratio = statistics.median(firsts[name]) / qemu
+        md.append(f"| {name} | {spread(firsts[name])} | {spread(totals[name])} | {ratio:.2f}x |")
+    return "\n".join(md)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--launch", type=int, metavar="N", help="only the launch: N interleaved rounds")
+    ap.add_argument("--before", type=Path, help="with --launch: another corral checkout to launch too")
     ap.add_argument("--exits", type=int, default=200_000)
     ap.add_argument("--qemu-accel", default="kvm")
     ap.add_argument("--qemu-machine", default="pc,microvm", help="comma-separated QEMU machine types")
@@ -118,6 +176,12 @@ def main() -> int:
     args = ap.parse_args()
 
     kernel = build_probe()
+    if args.launch:
+        table = launch_rounds(kernel, args.launch, args.memory, args.qemu_accel, args.before)
+        print(table)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "launch_bench.md").write_text(table + "\n")
+        return 0
     machines = [m.strip() for m in args.qemu_machine.split(",") if m.strip()]
     vmms = {"corral": lambda c: corral_cmd(kernel, c, 1, args.memory)}
     for mach in machines:

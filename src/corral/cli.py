@@ -48,13 +48,13 @@ from corral.config import (
 from corral.console import TerminalConsole
 from corral.errors import ConfigError, CorralError, FieldError, HostError
 from corral.host import PVM_EXPLANATION, HostReport, probe_host
-from corral.images.registry import IMAGES, Image, get_image
 from corral.machine import Machine
 from corral.seccomp import enter as enter_seccomp
 from corral.vstate.vm import CAPABILITIES
 
 if TYPE_CHECKING:
     from corral.api import ControlClient, MigrationProgress
+    from corral.images.registry import Image
 
 # Start-up: `corral run` pays only for what it runs. The control socket (corral.api) and
 # migration are imported by the commands that use them.
@@ -140,7 +140,15 @@ class Parsed(click.ParamType):
 
 
 SIZE = Parsed("size", parse_size)
-IMAGE = Parsed("image", get_image)
+
+
+def _image(name: str) -> Image:
+    from corral.images.registry import get_image  # only when an image is named: not on a --kernel launch
+
+    return get_image(name)
+
+
+IMAGE = Parsed("image", _image)
 
 
 def _client(path: str) -> ControlClient:
@@ -396,9 +404,9 @@ def run(
     if kernel is None and image is None and firmware is None:
         if is_pvm_host():
             click.echo(f"corral: {PVM_EXPLANATION}.\ncorral: booting the probe guest instead.", err=True)
-            image = get_image("probe")
+            image = _image("probe")
         else:
-            image = get_image("debian")
+            image = _image("debian")
     if image is not None and image.boots_from_disk:
         # a disk image boots through the BIOS, shared read-only: the cache copy stays as verified
         if image.needs_hardware_virt and is_pvm_host():
@@ -968,6 +976,8 @@ def image_list() -> None:
     """Show the images, whether they are cached, and their size."""
     from rich.console import Console
     from rich.table import Table
+
+    from corral.images.registry import IMAGES
 
     table = Table("name", "description", "cached", "size")
     for name, img in sorted(IMAGES.items()):

@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 # Bottom first. A module may import from its own unit (package or module) or from a lower layer.
 LAYERS: list[set[str]] = [
-    {"corral._version", "corral.errors", "corral.startup", "corral.files"},
+    {"corral._version", "corral.errors", "corral.startup", "corral.files", "corral.cachedir"},
     {"corral.kvm"},
     {"corral.seccomp"},  # per-thread syscall filters: the threads of every layer above enter them
     {"corral.arch"},

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from corral.cachedir import cache_root as cache_root  # (where it lived before)
 from corral.errors import ConfigError
 
 MANIFEST = "manifest.json"
@@ -32,14 +33,6 @@ _TMP_MARK = ".tmp-"
 
 # What the error message calls each file.
 FILE_LABELS = {"vmlinuz": "kernel", "vmlinux": "kernel", "initrd.img": "initramfs"}
-
-
-def cache_root() -> Path:
-    if env := os.environ.get("CORRAL_CACHE"):
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "corral"
 
 
 def debs_dir() -> Path:

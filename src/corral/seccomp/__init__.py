@@ -19,28 +19,39 @@ each call a thread would have been stopped for), to find what a new code path ne
 from __future__ import annotations
 
 import ctypes as C
-import ctypes.util
 import errno
 import logging
 import os
 import socket
 import threading
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 from corral.errors import CorralError
-from corral.seccomp import lists, trap
+from corral.seccomp import cache, lists, trap
 from corral.seccomp.trap import EXIT_CODE
 
-# pyseccomp looks its libraries up with ctypes.util.find_library, which runs `/sbin/ldconfig -p`:
-# a process start on every launch, and nothing to run inside a jail's minimal root. The sonames
-# are fixed and the dynamic loader finds them by itself, so hand them over for the import.
-_find_library = ctypes.util.find_library
-_SONAMES = {"seccomp": "libseccomp.so.2", "c": "libc.so.6"}
-ctypes.util.find_library = lambda name: _SONAMES.get(name) or _find_library(name)
-try:
-    import pyseccomp as sc
-finally:
-    ctypes.util.find_library = _find_library
+# The kernel's SECCOMP_RET_* actions (libseccomp's SCMP_ACT_* have the same values).
+TRAP = 0x0003_0000
+LOG = 0x7FFC_0000
+
+
+def _libseccomp() -> ModuleType:
+    """pyseccomp, imported only to compile a filter the cache (corral.seccomp.cache) lacks."""
+    import ctypes.util
+
+    # pyseccomp looks its libraries up with ctypes.util.find_library, which runs
+    # `/sbin/ldconfig -p`: a process start, and nothing to run inside a jail's minimal root.
+    # The sonames are fixed and the dynamic loader finds them by itself, so hand them over.
+    find_library = ctypes.util.find_library
+    sonames = {"seccomp": "libseccomp.so.2", "c": "libc.so.6"}
+    ctypes.util.find_library = lambda name: sonames.get(name) or find_library(name)
+    try:
+        import pyseccomp
+    finally:
+        ctypes.util.find_library = find_library
+    return pyseccomp
 
 
 log = logging.getLogger(__name__)
@@ -63,12 +74,12 @@ class SeccompError(CorralError):
 @dataclass
 class _State:
     enabled: bool = False
-    action: int = sc.TRAP
+    action: int = TRAP
 
 
 _state = _State()
 _lock = threading.Lock()
-_filters: dict[str, sc.SyscallFilter] = {}
+_filters: dict[str, bytes] = {}  # kind -> its BPF program
 _entered = threading.local()  # .kind: the filter this thread is under (entering it twice adds nothing)
 
 
@@ -81,9 +92,10 @@ def enable(on: bool = True) -> None:
     mode = os.environ.get("CORRAL_SECCOMP", "trap")
     if mode not in ("trap", "log"):
         raise SeccompError(f"CORRAL_SECCOMP={mode!r}: use 'trap' (the default) or 'log'")
-    _state.action = sc.LOG if mode == "log" else sc.TRAP
-    if _state.action == sc.TRAP:
-        trap.install(syscall_name)
+    _state.action = LOG if mode == "log" else TRAP
+    if _state.action == TRAP:
+        names = cache.syscall_names(trap.MAX_NR, syscall_name)
+        trap.install(names.__getitem__)
     _state.enabled = True
 
 
@@ -92,13 +104,17 @@ def enabled() -> bool:
 
 
 def syscall_name(nr: int) -> str | None:
+    sc = _libseccomp()
     try:
-        return sc.resolve_syscall(sc.Arch.NATIVE, nr).decode()
+        name: bytes = sc.resolve_syscall(sc.Arch.NATIVE, nr)
     except ValueError:
         return None
+    return name.decode()
 
 
-def _build(kind: str, action: int) -> sc.SyscallFilter:
+def _build(kind: str, action: int) -> Any:
+    """The libseccomp filter (pyseccomp.SyscallFilter) for `kind`: the list and the rules around it."""
+    sc = _libseccomp()
     policy = lists.POLICIES[kind]
     f = sc.SyscallFilter(action)
     for name in sorted(policy.syscalls):
@@ -123,18 +139,43 @@ def _build(kind: str, action: int) -> sc.SyscallFilter:
     return f
 
 
-def build(kind: str) -> sc.SyscallFilter:
-    """The filter for thread kind `kind` (cached: a reboot's new threads reuse it)."""
+def compile_bpf(kind: str, action: int) -> bytes:
+    """`kind`'s filter compiled by libseccomp: the BPF program its load would install."""
+    f = _build(kind, action)
+    fd = os.memfd_create(f"corral-seccomp-{kind}", os.MFD_CLOEXEC)
+    try:
+        with open(fd, "w+b", closefd=False) as out:
+            f.export_bpf(out)
+        return os.pread(fd, cache.MAX_INSNS * cache.INSN + 1, 0)
+    finally:
+        os.close(fd)
+
+
+def _key(kind: str, action: int) -> str:
+    """What `kind`'s program depends on: its list, the action, the architecture, and the rules
+    `_build` adds (by this module's source text)."""
+    p = lists.POLICIES[kind]
+    with open(__file__, "rb") as src:
+        rules = src.read()
+    lists_ = (sorted(p.syscalls), sorted(p.ioctl_numbers()), sorted(p.socket_families), p.threads)
+    return cache.key(kind, action, os.uname().machine, lists_, rules)
+
+
+def build(kind: str) -> bytes:
+    """The BPF program for thread kind `kind`: from this process's, then the disk's cache
+    (corral.seccomp.cache), else compiled by libseccomp. A reboot's new threads reuse it."""
     if kind not in lists.POLICIES:
         raise SeccompError(f"no seccomp policy for thread kind {kind!r}: one of {', '.join(KINDS)}")
     with _lock:
-        f = _filters.get(kind)
-        if f is None:
+        program = _filters.get(kind)
+        if program is None:
+            action = _state.action
             try:
-                f = _filters[kind] = _build(kind, _state.action)
+                program = cache.program(f"{kind}-{_key(kind, action)}", lambda: compile_bpf(kind, action))
             except OSError as exc:
                 raise SeccompError(f"seccomp: the {kind} filter cannot be built: {exc}") from None
-        return f
+            _filters[kind] = program
+        return program
 
 
 def prepare() -> None:
@@ -154,12 +195,9 @@ def enter(kind: str, name: str | None = None) -> None:
         libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
     if not _state.enabled or getattr(_entered, "kind", None) == kind:
         return
-    f = build(kind)
+    program = build(kind)
     try:
-        # One load at a time: libseccomp compiles the program from the shared, cached filter
-        # context on each load and promises no thread safety for one context.
-        with _lock:
-            f.load()
+        cache.load(program)
     except OSError as exc:
         raise SeccompError(f"seccomp: the {kind} filter cannot be loaded: {exc}") from None
     _entered.kind = kind
@@ -204,6 +242,7 @@ __all__ = [
     "Count",
     "SeccompError",
     "build",
+    "compile_bpf",
     "counts",
     "enable",
     "enabled",

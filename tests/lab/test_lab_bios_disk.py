@@ -19,20 +19,20 @@ def test_seabios_boots_syslinux_and_debian_from_an_mbr_disk(lab, debian_rootfs):
     fs = need(debian_rootfs)
     scratch = Path.home() / ".cache" / "corral" / "lab-scratch"  # where the lab sees host files
     disk = scratch / f"bios-disk-{os.getpid()}.img"
-    append = "console=ttyS0 root=/dev/vda2 rw panic=-1"
+    append = "console=ttyS0 root=/dev/vda2 rw quiet panic=-1"  # quiet: each console byte is an exit
     build_bios_disk(disk, Path(fs["kernel"]), Path(fs["initrd"]), append, root=Path(fs["image"]))
     d = "/tmp/labbios"
     script = f"""
 rm -rf {d}; mkdir -p {d}
-timeout 600 {CORRAL} run --firmware seabios --disk {disk},overlay={d}/disk.cow --memory 512M {LAB_CPU} \
+timeout 840 {CORRAL} run --firmware seabios --disk {disk},overlay={d}/disk.cow --memory 512M {LAB_CPU} \
   </dev/null > {d}/out 2>&1 &
 VM=$!
-for i in $(seq 1150); do grep -q 'login:' {d}/out 2>/dev/null && break; kill -0 $VM || break; sleep 0.5; done
+for i in $(seq 1650); do grep -q 'login:' {d}/out 2>/dev/null && break; kill -0 $VM || break; sleep 0.5; done
 kill $VM; wait $VM
 echo ---GUEST; cat {d}/out
 """
     try:
-        out = lab.run(script, timeout=660).output.replace("\r", "")
+        out = lab.run(script, timeout=900).output.replace("\r", "")
     finally:
         disk.unlink(missing_ok=True)
     guest = out.split("---GUEST", 1)[-1]

@@ -38,8 +38,14 @@ a fresh interpreter 21.9-26.4 MiB; forked from the template 7.46 MiB; the port t
 instead of a 64 K list (devices/bus.py) -0.56; `gc.freeze()` -0.17 (more as children collect);
 filling pymalloc's free blocks before the freeze (`_fill_pools`) -0.27; the CLI's command lines
 parsed once in the template (WARM_UP) -0.45: 6.1-6.2 MiB; a VM started through the library
-(`launch_firecracker`: no click in the child) -0.6: 5.4-5.6 MiB. Tried and not
-kept: MALLOC_ARENA_MAX=1 or 2 (no change: the VM threads barely use malloc arenas), smaller
+(`launch_firecracker`: no click in the child) -0.6: 5.4-5.6 MiB. Re-measured 2026-11-30 (a
+later main, library path, 4 VMs): 9.8 MiB, of which building the machine was 7 MiB: the
+devices' state models and CpuModel are pydantic models with `defer_build`, so every child built
+their validators on first use (~4 MiB of writes). Building them in the template
+(`_build_deferred_models`): 6.0 MiB; one warm-up microVM run in the template before the fork
+(`_warm_vm`: the probe's `halt` when its build is cached, its API asked, then stopped and its
+threads joined; +0.2 s of template start): 5.5-5.6 MiB (a child serving only the API: 3.0).
+Tried and not kept: MALLOC_ARENA_MAX=1 or 2 (no change: the VM threads barely use malloc arenas), smaller
 thread stacks (a thread touches 8-12 KiB of its stack), gc.disable() while importing (within
 noise). What remains is copy-on-write of template pages the child writes to: refcounts of the
 objects the code it runs touches (Python 3.11 has no immortal objects), libpython's static
@@ -87,6 +93,7 @@ RETURNCODES_KEPT = 4096
 ENTRY = "corral.cli"
 START_TIMEOUT = 60.0  # seconds the template may take to import everything
 REPLY_TIMEOUT = 30.0
+WARM_VM_TIMEOUT = 10.0  # seconds the template's warm-up VM may run
 JAIL_TIMEOUT = 20.0  # seconds a jailed child may take to enter its jail (inside REPLY_TIMEOUT)
 
 # What a VM process runs: imported once in the template, shared by every child.
@@ -472,7 +479,10 @@ WARM_UP = {
 
 
 def warm_up() -> None:
-    """Parse WARM_UP's command lines with corral's CLI, invoking nothing."""
+    """Build the deferred pydantic models, run the warm-up microVM, and parse WARM_UP's command
+    lines with corral's CLI, invoking nothing."""
+    _build_deferred_models()
+    _warm_vm()
     cli = importlib.import_module(ENTRY).main
     with cli.make_context("corral", [], resilient_parsing=True):
         pass
@@ -481,6 +491,98 @@ def warm_up() -> None:
         if cmd is not None:
             with cmd.make_context(name, list(args), resilient_parsing=True):
                 pass
+
+
+def _build_deferred_models() -> int:
+    """Build the validators of corral's pydantic models that defer them to first use
+    (`defer_build`: a `corral run` should not pay for state it never saves): every VM uses
+    some (the devices' state models, CpuModel), and building them in each child wrote to
+    ~4 MiB of the template's pages there. Returns how many were built."""
+    from pydantic import BaseModel
+
+    seen: set[type] = set()
+    todo: list[type[BaseModel]] = list(BaseModel.__subclasses__())
+    built = 0
+    while todo and len(seen) < 10_000:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        todo.extend(cls.__subclasses__())
+        if (
+            not cls.__module__.startswith("corral.")
+            or (cls.__pydantic_complete__
+            and not cls.model_config.get("defer_build"))
+        ):
+            continue
+        if cls.__pydantic_generic_metadata__["parameters"]:
+            continue  # a generic model: its parametrizations are built when made
+        with contextlib.suppress(Exception):
+            cls.model_rebuild(force=True)
+            built += 1
+    return built
+
+
+def _warm_vm() -> bool:
+    """Run one microVM (the probe's `halt`, when its build is cached) in the template, through
+    what a child runs (a config file, FirecrackerVmm, the machine, its threads, the API server
+    asked WARM_API), and end it before the fork: what a VM's first run creates and specializes is then the
+    template's, shared (measured: 0.5 MiB less per VM). Its threads are joined: the template
+    forks with none. Best effort: without /dev/kvm or a cached probe, nothing runs."""
+    from corral.firecracker.main import apply_config, read_config_file
+    from corral.firecracker.routes import Router
+    from corral.firecracker.server import ApiServer
+    from corral.firecracker.vmm import FirecrackerVmm
+    from corral.images.probe import OUTPUT_NAME, probe_cache_dir, source_digest
+
+    kernel = probe_cache_dir() / source_digest() / OUTPUT_NAME
+    if not kernel.is_file() or not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    config = {
+        "boot-source": {"kernel_image_path": str(kernel), "boot_args": "halt"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 32},
+    }
+    ran = False
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, sock = Path(tmp, "vm.json"), Path(tmp, "api.sock")
+        cfg.write_text(json.dumps(config))
+        vmm = FirecrackerVmm("warm-up")
+        server = None
+        try:
+            apply_config(vmm, read_config_file(cfg))
+            vmm.instance_start()
+            server = ApiServer(sock, Router(vmm).handle)
+            ran = all(_warm_get(sock, path) for path in WARM_API)
+        except CorralError:
+            pass
+        finally:
+            if server is not None:
+                server.close()
+            vmm.stop()
+            vmm.exited.wait(WARM_VM_TIMEOUT)
+    for t in threading.enumerate():
+        if t is not threading.main_thread():
+            t.join(WARM_VM_TIMEOUT)
+    return ran
+
+
+# What the warm-up VM is asked through its API: what clients and the daemon's scrapes ask
+WARM_API = ("/", "/vm/config", "/machine-config", "/corral/stats")
+
+
+def _warm_get(sock: Path, path: str) -> bool:
+    """GET `path` on the API socket; True for a 200."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(WARM_VM_TIMEOUT)
+        try:
+            s.connect(str(sock))
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while len(data) < 1 << 20 and (chunk := s.recv(65536)):
+                data += chunk
+        except OSError:
+            return False
+    return data.startswith(b"HTTP/1.1 200")
 
 
 _BALLAST: list[object] = []  # kept for the template's life (and shared by every child)

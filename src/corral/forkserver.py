@@ -94,7 +94,7 @@ ENTRY = "corral.cli"
 START_TIMEOUT = 60.0  # seconds the template may take to import everything
 REPLY_TIMEOUT = 30.0
 WARM_VM_TIMEOUT = 10.0  # seconds the template's warm-up VM may run
-JAIL_TIMEOUT = 20.0  # seconds a jailed child may take to enter its jail (inside REPLY_TIMEOUT)
+JAIL_TIMEOUT = 20.0  # seconds a jailed child may take to enter its jail
 
 # What a VM process runs: imported once in the template, shared by every child.
 PRELOAD = (
@@ -202,7 +202,8 @@ class Reply(BaseModel):
     pid: int | None = None
     returncode: int | None = None
     error: str | None = None
-    jail_ms: float | None = None  # a jailed child: fork to jail entered, in milliseconds
+    jail_ms: float | None = None  # a jailed child: request to jail entered, in milliseconds
+    jail_fd: bool = False  # the reply carries the read end of the jailed child's set-up pipe
 
 
 def decode_request(data: bytes, truncated: bool = False) -> AnyRequest:
@@ -233,6 +234,35 @@ def encode(model: BaseModel) -> bytes:
 
 
 # --- the client: what the daemon and the bench hold ------------------------------------------------
+
+
+def _await_jail(pid: int, fds: list[int], jail_id: str) -> None:
+    """Wait, outside the server's lock, for a jailed child to enter its jail: EOF on its set-up
+    pipe (the one fd the reply carried) is done; a line is the step that failed (the child
+    ends); no word within JAIL_TIMEOUT kills it. A ForkServerError names what went wrong."""
+    if len(fds) != 1:
+        for f in fds:
+            os.close(f)
+        raise ForkServerError(f"jail {jail_id}: the fork server sent {len(fds)} fds, not the set-up pipe")
+    err_r = fds[0]
+    failure = b""
+    deadline = time.monotonic() + JAIL_TIMEOUT
+    try:
+        while len(failure) < 4096:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([err_r], [], [], left)[0]:
+                failure = failure or b"the child did not enter its jail in time"
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)  # the template, its parent, reaps it
+                break
+            chunk = os.read(err_r, 4096)
+            if not chunk:
+                break
+            failure += chunk
+    finally:
+        os.close(err_r)
+    if failure:
+        raise ForkServerError(f"jail {jail_id}: {failure.decode(errors='replace')}")
 
 
 class ForkServer:
@@ -293,6 +323,13 @@ class ForkServer:
         self.ready_seconds = time.monotonic() - t0
 
     def _call(self, req: BaseModel, fd: int | None = None) -> Reply:
+        reply, got = self._call_fds(req, fd)
+        for f in got:
+            os.close(f)
+        return reply
+
+    def _call_fds(self, req: BaseModel, fd: int | None = None) -> tuple[Reply, list[int]]:
+        """One request and its reply, with the fds that came with the reply (the caller's)."""
         data = encode(req)
         with self._lock:
             for attempt in (0, 1):
@@ -306,15 +343,22 @@ class ForkServer:
                         self._sock.sendmsg(
                             [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
                         )
-                    raw = self._sock.recv(MAX_REQUEST)
+                    raw, got, _ = _recv(self._sock, cloexec=True)
                 except (BrokenPipeError, ConnectionResetError):
-                    raw = b""
+                    raw, got = b"", []
                 except TimeoutError:
                     raise ForkServerError(
                         f"the fork server did not answer within {REPLY_TIMEOUT:.0f} s"
                     ) from None
                 if raw:
-                    return Reply.model_validate_json(raw)
+                    try:
+                        return Reply.model_validate_json(raw), got
+                    except ValidationError:
+                        for f in got:
+                            os.close(f)
+                        raise ForkServerError("the fork server sent a bad reply") from None
+                for f in got:
+                    os.close(f)
                 if attempt:
                     break
                 self._stop()  # it died: one fresh template, then give up
@@ -350,9 +394,17 @@ class ForkServer:
             log_path=None if log_path is None else os.fspath(log_path),
             jail=jail,
         )
-        reply = self._call(req, output_fd)
+        t0 = time.perf_counter()
+        reply, fds = self._call_fds(req, output_fd)
         if not reply.ok or reply.pid is None:
+            for f in fds:
+                os.close(f)
             raise ForkServerError(f"launch {' '.join(args)[:200]}: {reply.error}")
+        if reply.jail_fd and jail is not None:
+            _await_jail(reply.pid, fds, jail.id)
+            return reply.pid, (time.perf_counter() - t0) * 1000
+        for f in fds:
+            os.close(f)
         return reply.pid, reply.jail_ms or 0.0
 
     def launch_firecracker(
@@ -392,9 +444,16 @@ class ForkServer:
             log_path=opt(log_path),
             jail=jail,
         )
-        reply = self._call(req, output_fd)
+        reply, fds = self._call_fds(req, output_fd)
         if not reply.ok or reply.pid is None:
+            for f in fds:
+                os.close(f)
             raise ForkServerError(f"launch_firecracker {instance_id}: {reply.error}")
+        if reply.jail_fd and jail is not None:
+            _await_jail(reply.pid, fds, jail.id)
+        else:
+            for f in fds:
+                os.close(f)
         return reply.pid
 
     def returncode(self, pid: int) -> int | None:
@@ -509,10 +568,8 @@ def _build_deferred_models() -> int:
             continue
         seen.add(cls)
         todo.extend(cls.__subclasses__())
-        if (
-            not cls.__module__.startswith("corral.")
-            or (cls.__pydantic_complete__
-            and not cls.model_config.get("defer_build"))
+        if not cls.__module__.startswith("corral.") or (
+            cls.__pydantic_complete__ and not cls.model_config.get("defer_build")
         ):
             continue
         if cls.__pydantic_generic_metadata__["parameters"]:
@@ -748,10 +805,11 @@ def _launch(sock: socket.socket, req: LaunchRequest | FirecrackerRequest, fds: l
     sys.stderr.flush()
     if req.jail is not None:
         try:
-            pid, ms = _fork_jailed(sock, body, out, fds, req.jail)
+            pid, err_r = _fork_jailed(sock, body, out, fds, req.jail)
         finally:
             os.close(out)
-        return Reply(ok=True, pid=pid, jail_ms=round(ms, 3))
+        fds.append(err_r)  # sent with the reply, then closed here with the request's
+        return Reply(ok=True, pid=pid, jail_fd=True)
     try:
         pid = os.fork()
     except OSError as exc:
@@ -767,13 +825,14 @@ def _launch(sock: socket.socket, req: LaunchRequest | FirecrackerRequest, fds: l
 
 def _fork_jailed(
     sock: socket.socket, body: Callable[[], int], out: int, fds: list[int], spec: JailSpec
-) -> tuple[int, float]:
+) -> tuple[int, int]:
     """Fork a child into a new PID namespace (it is pid 1 there; the template's own namespace is
-    restored at once), let it enter `spec`'s jail, and wait for its word: the pid and the
-    milliseconds it took, or a ForkServerError with the step that failed."""
+    restored at once) to enter `spec`'s jail; returns its pid and the read end of its set-up
+    pipe, which goes to the client with the reply: the client waits for the child's word
+    (_await_jail), so the template serves the next request meanwhile and jails are entered
+    side by side."""
     if os.geteuid() != 0:
         raise ForkServerError("a jailed launch needs a fork server running as root")
-    t0 = time.perf_counter()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -793,31 +852,13 @@ def _fork_jailed(
         linux.setns(own_pidns, linux.CLONE_NEWPID)  # the template's later children: as before
         os.close(own_pidns)
     os.close(err_w)
-    failure = b""
-    deadline = time.monotonic() + JAIL_TIMEOUT
-    try:
-        while len(failure) < 4096:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([err_r], [], [], left)[0]:
-                failure = failure or b"the child did not enter its jail in time"
-                os.kill(pid, signal.SIGKILL)
-                break
-            chunk = os.read(err_r, 4096)
-            if not chunk:
-                break
-            failure += chunk
-    finally:
-        os.close(err_r)
-    if failure:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        raise ForkServerError(f"jail {spec.id}: {failure.decode(errors='replace')}")
-    return pid, (time.perf_counter() - t0) * 1000
+    return pid, err_r
 
 
-def _recv(sock: socket.socket) -> tuple[bytes, list[int], bool]:
+def _recv(sock: socket.socket, cloexec: bool = False) -> tuple[bytes, list[int], bool]:
     """One message, the fds that came with it, and whether it was cut (too long)."""
-    data, anc, flags, _ = sock.recvmsg(MAX_REQUEST + 1, socket.CMSG_SPACE(4 * 4))
+    flags_in = socket.MSG_CMSG_CLOEXEC if cloexec else 0
+    data, anc, flags, _ = sock.recvmsg(MAX_REQUEST + 1, socket.CMSG_SPACE(4 * 4), flags_in)
     fds: list[int] = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -851,13 +892,17 @@ def serve(sock: socket.socket) -> None:
                 reply = _launch(sock, req, fds)
         except ForkServerError as exc:
             reply = Reply(ok=False, error=str(exc))
+        try:  # the request's fds, and a jailed child's set-up pipe, are closed once replied
+            data = reply.model_dump_json(exclude_none=True).encode()
+            if reply.jail_fd:
+                sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds[-1:]))])
+            else:
+                sock.send(data)
+        except OSError:
+            return
         finally:
             for fd in fds:
                 os.close(fd)
-        try:
-            sock.send(reply.model_dump_json(exclude_none=True).encode())
-        except OSError:
-            return
         _reap()
 
 

@@ -47,7 +47,10 @@ HELP: dict[str, tuple[str, str]] = {
     "corral_vm_cpu_throttled_periods_total": ("counter", "CFS periods the VM was throttled in."),
     "corral_vm_cpu_throttled_seconds_total": ("counter", "Time the VM was throttled by its CPU limit."),
     "corral_vm_balloon": ("gauge", "The balloon's guest statistics, by name."),
-    "corral_vm_exits_total": ("counter", "KVM exits the VMM handled, per vCPU (always counted)."),
+    "corral_vm_exits_total": (
+        "counter",
+        "KVM exits per vCPU (always counted; without exit_stats, up to the VMM's last slow exit).",
+    ),
     "corral_vm_vcpu_seconds_total": ("counter", "CPU time of each vCPU thread."),
     "corral_vm_device_io_total": (
         "counter",

@@ -11,7 +11,8 @@ idle one costs the host, and how many this host holds.
   host side, the template's child entering the jail, the CLI path), with the jail's set-up time
   per VM (host side + the child's entering, until the VM's own code runs).
 - creation rate (VMs/s, request -> every VM's first serial byte): N VMs one after another, and N
-  requested at once, for `corral run` processes and both fork-server paths.
+  requested at once (from N threads, as a daemon's clients would), for `corral run` processes
+  and the fork-server paths.
 - private VMM memory per idle VM: every mapping but guest RAM, from /proc/PID/smaps, as
   Firecracker's tests/host_tools/memory.py measures its VMM (it too leaves the guest memory
   mapping out): USS (Private_Clean + Private_Dirty: what the VM alone costs) and PSS (shared
@@ -44,8 +45,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -113,6 +116,7 @@ class Kinds:
         )
         self.fs = ForkServer().start()
         self.n = 0
+        self._lock = threading.Lock()  # VMs are started from several threads at once
         self.jail_setup_ms: list[float] = []
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         self._env = env
@@ -151,14 +155,16 @@ class Kinds:
         )
 
     def fork_args(self) -> list[str]:
-        self.n += 1
-        sock = self.work / f"vm{self.n}.sock"
+        with self._lock:
+            self.n += 1
+            n = self.n
+        sock = self.work / f"vm{n}.sock"
         return [
             "firecracker",
             "--api-sock",
             str(sock),
             "--id",
-            f"vm{self.n}",
+            f"vm{n}",
             "--config-file",
             str(self.config),
         ]
@@ -336,7 +342,8 @@ def measure_creation(
                 vm.kill()
             vms = []
             t0 = time.perf_counter()
-            vms = [start() for _ in range(n)]
+            with ThreadPoolExecutor(n) as pool:  # n requests at once, as a daemon's clients make
+                vms = list(pool.map(lambda _, s=start: s(), range(n)))
             firsts = first_bytes(vms, t0)
             conc = n / max(firsts)
             rates[name] = {"sequential": seq, "concurrent": conc}

@@ -1462,6 +1462,8 @@ def vm() -> None:
 @click.option("--memory-limit", type=SIZE, help="Memory the VM process may use (e.g. 512M).")
 @click.option("--pids-limit", type=int, help="Tasks the VM process may have.")
 @click.option("--gdb", metavar="tcp:[HOST:]PORT|unix:PATH", help="Serve the GDB remote protocol for it here.")
+@click.option("--ksm", is_flag=True, help="Let KSM merge its guest RAM with other VMs' (a --config VM).")
+@click.option("--exit-stats", is_flag=True, help="Count exits by reason from boot, for the metrics.")
 def vm_create(
     daemon_sock: str,
     token_file: Path | None,
@@ -1473,6 +1475,8 @@ def vm_create(
     memory_limit: int | None,
     pids_limit: int | None,
     gdb: str | None,
+    ksm: bool,
+    exit_stats: bool,
 ) -> None:
     """Create a VM from a Firecracker config or from a snapshot; print its id."""
     import json
@@ -1487,6 +1491,10 @@ def vm_create(
     if pids_limit is not None:
         limits["pids"] = pids_limit
     body: dict[str, Any] = {"limits": limits, "resume": not paused}
+    if ksm:
+        body["ksm"] = True
+    if exit_stats:
+        body["exit_stats"] = True
     if vm_id is not None:
         body["id"] = vm_id
     if gdb is not None:

@@ -38,8 +38,14 @@ a fresh interpreter 21.9-26.4 MiB; forked from the template 7.46 MiB; the port t
 instead of a 64 K list (devices/bus.py) -0.56; `gc.freeze()` -0.17 (more as children collect);
 filling pymalloc's free blocks before the freeze (`_fill_pools`) -0.27; the CLI's command lines
 parsed once in the template (WARM_UP) -0.45: 6.1-6.2 MiB; a VM started through the library
-(`launch_firecracker`: no click in the child) -0.6: 5.4-5.6 MiB. Tried and not
-kept: MALLOC_ARENA_MAX=1 or 2 (no change: the VM threads barely use malloc arenas), smaller
+(`launch_firecracker`: no click in the child) -0.6: 5.4-5.6 MiB. Re-measured 2026-11-30 (a
+later main, library path, 4 VMs): 9.8 MiB, of which building the machine was 7 MiB: the
+devices' state models and CpuModel are pydantic models with `defer_build`, so every child built
+their validators on first use (~4 MiB of writes). Building them in the template
+(`_build_deferred_models`): 6.0 MiB; one warm-up microVM run in the template before the fork
+(`_warm_vm`: the probe's `halt` when its build is cached, its API asked, then stopped and its
+threads joined; +0.2 s of template start): 5.5-5.6 MiB (a child serving only the API: 3.0).
+Tried and not kept: MALLOC_ARENA_MAX=1 or 2 (no change: the VM threads barely use malloc arenas), smaller
 thread stacks (a thread touches 8-12 KiB of its stack), gc.disable() while importing (within
 noise). What remains is copy-on-write of template pages the child writes to: refcounts of the
 objects the code it runs touches (Python 3.11 has no immortal objects), libpython's static
@@ -87,7 +93,8 @@ RETURNCODES_KEPT = 4096
 ENTRY = "corral.cli"
 START_TIMEOUT = 60.0  # seconds the template may take to import everything
 REPLY_TIMEOUT = 30.0
-JAIL_TIMEOUT = 20.0  # seconds a jailed child may take to enter its jail (inside REPLY_TIMEOUT)
+WARM_VM_TIMEOUT = 10.0  # seconds the template's warm-up VM may run
+JAIL_TIMEOUT = 20.0  # seconds a jailed child may take to enter its jail
 
 # What a VM process runs: imported once in the template, shared by every child.
 PRELOAD = (
@@ -195,7 +202,8 @@ class Reply(BaseModel):
     pid: int | None = None
     returncode: int | None = None
     error: str | None = None
-    jail_ms: float | None = None  # a jailed child: fork to jail entered, in milliseconds
+    jail_ms: float | None = None  # a jailed child: request to jail entered, in milliseconds
+    jail_fd: bool = False  # the reply carries the read end of the jailed child's set-up pipe
 
 
 def decode_request(data: bytes, truncated: bool = False) -> AnyRequest:
@@ -226,6 +234,35 @@ def encode(model: BaseModel) -> bytes:
 
 
 # --- the client: what the daemon and the bench hold ------------------------------------------------
+
+
+def _await_jail(pid: int, fds: list[int], jail_id: str) -> None:
+    """Wait, outside the server's lock, for a jailed child to enter its jail: EOF on its set-up
+    pipe (the one fd the reply carried) is done; a line is the step that failed (the child
+    ends); no word within JAIL_TIMEOUT kills it. A ForkServerError names what went wrong."""
+    if len(fds) != 1:
+        for f in fds:
+            os.close(f)
+        raise ForkServerError(f"jail {jail_id}: the fork server sent {len(fds)} fds, not the set-up pipe")
+    err_r = fds[0]
+    failure = b""
+    deadline = time.monotonic() + JAIL_TIMEOUT
+    try:
+        while len(failure) < 4096:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([err_r], [], [], left)[0]:
+                failure = failure or b"the child did not enter its jail in time"
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)  # the template, its parent, reaps it
+                break
+            chunk = os.read(err_r, 4096)
+            if not chunk:
+                break
+            failure += chunk
+    finally:
+        os.close(err_r)
+    if failure:
+        raise ForkServerError(f"jail {jail_id}: {failure.decode(errors='replace')}")
 
 
 class ForkServer:
@@ -286,6 +323,13 @@ class ForkServer:
         self.ready_seconds = time.monotonic() - t0
 
     def _call(self, req: BaseModel, fd: int | None = None) -> Reply:
+        reply, got = self._call_fds(req, fd)
+        for f in got:
+            os.close(f)
+        return reply
+
+    def _call_fds(self, req: BaseModel, fd: int | None = None) -> tuple[Reply, list[int]]:
+        """One request and its reply, with the fds that came with the reply (the caller's)."""
         data = encode(req)
         with self._lock:
             for attempt in (0, 1):
@@ -299,15 +343,22 @@ class ForkServer:
                         self._sock.sendmsg(
                             [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
                         )
-                    raw = self._sock.recv(MAX_REQUEST)
+                    raw, got, _ = _recv(self._sock, cloexec=True)
                 except (BrokenPipeError, ConnectionResetError):
-                    raw = b""
+                    raw, got = b"", []
                 except TimeoutError:
                     raise ForkServerError(
                         f"the fork server did not answer within {REPLY_TIMEOUT:.0f} s"
                     ) from None
                 if raw:
-                    return Reply.model_validate_json(raw)
+                    try:
+                        return Reply.model_validate_json(raw), got
+                    except ValidationError:
+                        for f in got:
+                            os.close(f)
+                        raise ForkServerError("the fork server sent a bad reply") from None
+                for f in got:
+                    os.close(f)
                 if attempt:
                     break
                 self._stop()  # it died: one fresh template, then give up
@@ -343,9 +394,17 @@ class ForkServer:
             log_path=None if log_path is None else os.fspath(log_path),
             jail=jail,
         )
-        reply = self._call(req, output_fd)
+        t0 = time.perf_counter()
+        reply, fds = self._call_fds(req, output_fd)
         if not reply.ok or reply.pid is None:
+            for f in fds:
+                os.close(f)
             raise ForkServerError(f"launch {' '.join(args)[:200]}: {reply.error}")
+        if reply.jail_fd and jail is not None:
+            _await_jail(reply.pid, fds, jail.id)
+            return reply.pid, (time.perf_counter() - t0) * 1000
+        for f in fds:
+            os.close(f)
         return reply.pid, reply.jail_ms or 0.0
 
     def launch_firecracker(
@@ -385,9 +444,16 @@ class ForkServer:
             log_path=opt(log_path),
             jail=jail,
         )
-        reply = self._call(req, output_fd)
+        reply, fds = self._call_fds(req, output_fd)
         if not reply.ok or reply.pid is None:
+            for f in fds:
+                os.close(f)
             raise ForkServerError(f"launch_firecracker {instance_id}: {reply.error}")
+        if reply.jail_fd and jail is not None:
+            _await_jail(reply.pid, fds, jail.id)
+        else:
+            for f in fds:
+                os.close(f)
         return reply.pid
 
     def returncode(self, pid: int) -> int | None:
@@ -472,7 +538,10 @@ WARM_UP = {
 
 
 def warm_up() -> None:
-    """Parse WARM_UP's command lines with corral's CLI, invoking nothing."""
+    """Build the deferred pydantic models, run the warm-up microVM, and parse WARM_UP's command
+    lines with corral's CLI, invoking nothing."""
+    _build_deferred_models()
+    _warm_vm()
     cli = importlib.import_module(ENTRY).main
     with cli.make_context("corral", [], resilient_parsing=True):
         pass
@@ -481,6 +550,96 @@ def warm_up() -> None:
         if cmd is not None:
             with cmd.make_context(name, list(args), resilient_parsing=True):
                 pass
+
+
+def _build_deferred_models() -> int:
+    """Build the validators of corral's pydantic models that defer them to first use
+    (`defer_build`: a `corral run` should not pay for state it never saves): every VM uses
+    some (the devices' state models, CpuModel), and building them in each child wrote to
+    ~4 MiB of the template's pages there. Returns how many were built."""
+    from pydantic import BaseModel
+
+    seen: set[type] = set()
+    todo: list[type[BaseModel]] = list(BaseModel.__subclasses__())
+    built = 0
+    while todo and len(seen) < 10_000:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        todo.extend(cls.__subclasses__())
+        if not cls.__module__.startswith("corral.") or (
+            cls.__pydantic_complete__ and not cls.model_config.get("defer_build")
+        ):
+            continue
+        if cls.__pydantic_generic_metadata__["parameters"]:
+            continue  # a generic model: its parametrizations are built when made
+        with contextlib.suppress(Exception):
+            cls.model_rebuild(force=True)
+            built += 1
+    return built
+
+
+def _warm_vm() -> bool:
+    """Run one microVM (the probe's `halt`, when its build is cached) in the template, through
+    what a child runs (a config file, FirecrackerVmm, the machine, its threads, the API server
+    asked WARM_API), and end it before the fork: what a VM's first run creates and specializes is then the
+    template's, shared (measured: 0.5 MiB less per VM). Its threads are joined: the template
+    forks with none. Best effort: without /dev/kvm or a cached probe, nothing runs."""
+    from corral.firecracker.main import apply_config, read_config_file
+    from corral.firecracker.routes import Router
+    from corral.firecracker.server import ApiServer
+    from corral.firecracker.vmm import FirecrackerVmm
+    from corral.images.probe import OUTPUT_NAME, probe_cache_dir, source_digest
+
+    kernel = probe_cache_dir() / source_digest() / OUTPUT_NAME
+    if not kernel.is_file() or not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    config = {
+        "boot-source": {"kernel_image_path": str(kernel), "boot_args": "halt"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 32},
+    }
+    ran = False
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, sock = Path(tmp, "vm.json"), Path(tmp, "api.sock")
+        cfg.write_text(json.dumps(config))
+        vmm = FirecrackerVmm("warm-up")
+        server = None
+        try:
+            apply_config(vmm, read_config_file(cfg))
+            vmm.instance_start()
+            server = ApiServer(sock, Router(vmm).handle)
+            ran = all(_warm_get(sock, path) for path in WARM_API)
+        except CorralError:
+            pass
+        finally:
+            if server is not None:
+                server.close()
+            vmm.stop()
+            vmm.exited.wait(WARM_VM_TIMEOUT)
+    for t in threading.enumerate():
+        if t is not threading.main_thread():
+            t.join(WARM_VM_TIMEOUT)
+    return ran
+
+
+# What the warm-up VM is asked through its API: what clients and the daemon's scrapes ask
+WARM_API = ("/", "/vm/config", "/machine-config", "/corral/stats")
+
+
+def _warm_get(sock: Path, path: str) -> bool:
+    """GET `path` on the API socket; True for a 200."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(WARM_VM_TIMEOUT)
+        try:
+            s.connect(str(sock))
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while len(data) < 1 << 20 and (chunk := s.recv(65536)):
+                data += chunk
+        except OSError:
+            return False
+    return data.startswith(b"HTTP/1.1 200")
 
 
 _BALLAST: list[object] = []  # kept for the template's life (and shared by every child)
@@ -646,10 +805,11 @@ def _launch(sock: socket.socket, req: LaunchRequest | FirecrackerRequest, fds: l
     sys.stderr.flush()
     if req.jail is not None:
         try:
-            pid, ms = _fork_jailed(sock, body, out, fds, req.jail)
+            pid, err_r = _fork_jailed(sock, body, out, fds, req.jail)
         finally:
             os.close(out)
-        return Reply(ok=True, pid=pid, jail_ms=round(ms, 3))
+        fds.append(err_r)  # sent with the reply, then closed here with the request's
+        return Reply(ok=True, pid=pid, jail_fd=True)
     try:
         pid = os.fork()
     except OSError as exc:
@@ -665,13 +825,14 @@ def _launch(sock: socket.socket, req: LaunchRequest | FirecrackerRequest, fds: l
 
 def _fork_jailed(
     sock: socket.socket, body: Callable[[], int], out: int, fds: list[int], spec: JailSpec
-) -> tuple[int, float]:
+) -> tuple[int, int]:
     """Fork a child into a new PID namespace (it is pid 1 there; the template's own namespace is
-    restored at once), let it enter `spec`'s jail, and wait for its word: the pid and the
-    milliseconds it took, or a ForkServerError with the step that failed."""
+    restored at once) to enter `spec`'s jail; returns its pid and the read end of its set-up
+    pipe, which goes to the client with the reply: the client waits for the child's word
+    (_await_jail), so the template serves the next request meanwhile and jails are entered
+    side by side."""
     if os.geteuid() != 0:
         raise ForkServerError("a jailed launch needs a fork server running as root")
-    t0 = time.perf_counter()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -691,31 +852,13 @@ def _fork_jailed(
         linux.setns(own_pidns, linux.CLONE_NEWPID)  # the template's later children: as before
         os.close(own_pidns)
     os.close(err_w)
-    failure = b""
-    deadline = time.monotonic() + JAIL_TIMEOUT
-    try:
-        while len(failure) < 4096:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([err_r], [], [], left)[0]:
-                failure = failure or b"the child did not enter its jail in time"
-                os.kill(pid, signal.SIGKILL)
-                break
-            chunk = os.read(err_r, 4096)
-            if not chunk:
-                break
-            failure += chunk
-    finally:
-        os.close(err_r)
-    if failure:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        raise ForkServerError(f"jail {spec.id}: {failure.decode(errors='replace')}")
-    return pid, (time.perf_counter() - t0) * 1000
+    return pid, err_r
 
 
-def _recv(sock: socket.socket) -> tuple[bytes, list[int], bool]:
+def _recv(sock: socket.socket, cloexec: bool = False) -> tuple[bytes, list[int], bool]:
     """One message, the fds that came with it, and whether it was cut (too long)."""
-    data, anc, flags, _ = sock.recvmsg(MAX_REQUEST + 1, socket.CMSG_SPACE(4 * 4))
+    flags_in = socket.MSG_CMSG_CLOEXEC if cloexec else 0
+    data, anc, flags, _ = sock.recvmsg(MAX_REQUEST + 1, socket.CMSG_SPACE(4 * 4), flags_in)
     fds: list[int] = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -749,13 +892,17 @@ def serve(sock: socket.socket) -> None:
                 reply = _launch(sock, req, fds)
         except ForkServerError as exc:
             reply = Reply(ok=False, error=str(exc))
+        try:  # the request's fds, and a jailed child's set-up pipe, are closed once replied
+            data = reply.model_dump_json(exclude_none=True).encode()
+            if reply.jail_fd:
+                sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds[-1:]))])
+            else:
+                sock.send(data)
+        except OSError:
+            return
         finally:
             for fd in fds:
                 os.close(fd)
-        try:
-            sock.send(reply.model_dump_json(exclude_none=True).encode())
-        except OSError:
-            return
         _reap()
 
 

@@ -290,7 +290,9 @@ class Fleet:
                 for i in req.config.network_interfaces
                 if not Path("/sys/class/net", i.host_dev_name).exists()
             ]
-            d.write(d.config, req.config.model_dump_json(by_alias=True, exclude_none=True, indent=1))
+            config = req.vm_config()
+            assert config is not None
+            d.write(d.config, config.model_dump_json(by_alias=True, exclude_none=True, indent=1))
             args += ["--config-file", str(d.config)]
         elif incoming is not None:
             rec.source = "migration"

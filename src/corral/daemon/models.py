@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from corral.config import HostResources
 from corral.daemon.cgroups import LimitReport, Limits
 from corral.daemon.statedir import VM_ID_RE
-from corral.firecracker.models import FullVmConfiguration, NetworkOverride, VsockOverride
+from corral.firecracker.models import CorralOptions, FullVmConfiguration, NetworkOverride, VsockOverride
 from corral.migration import MigrationStats
 
 VmId = Annotated[str, Field(pattern=f"^{VM_ID_RE.pattern}$")]
@@ -39,6 +39,10 @@ class CreateVm(Strict):
     vsock_override: VsockOverride | None = None
     limits: Limits = Limits()
     gdb: GdbWhere | None = None  # serve the GDB remote protocol here once the VM runs
+    # corral's options for a VM from a config (they set the config's `corral` key; a clone has
+    # what its snapshot's VM had)
+    ksm: bool = False  # KSM may merge its guest RAM with other VMs' (the saving is in /metrics)
+    exit_stats: bool = False  # count exits by reason, port and address from boot (in /metrics)
 
     @model_validator(mode="after")
     def _one_source(self) -> CreateVm:
@@ -46,7 +50,21 @@ class CreateVm(Strict):
             raise ValueError("give either `config` (a Firecracker config) or `snapshot` (a directory)")
         if self.config is not None and (self.network_overrides or self.vsock_override):
             raise ValueError("`network_overrides` and `vsock_override` are for a clone (`snapshot`)")
+        if self.snapshot is not None and (self.ksm or self.exit_stats):
+            raise ValueError(
+                "`ksm` and `exit_stats` are for a VM from a `config` (a clone keeps its snapshot's)"
+            )
         return self
+
+    def vm_config(self) -> FullVmConfiguration | None:
+        """The config the VM boots from: `config`, with `ksm` and `exit_stats` in its `corral` key."""
+        if self.config is None or not (self.ksm or self.exit_stats):
+            return self.config
+        opts = self.config.corral or CorralOptions()
+        opts = opts.model_copy(
+            update={"ksm": opts.ksm or self.ksm, "exit_stats": opts.exit_stats or self.exit_stats}
+        )
+        return self.config.model_copy(update={"corral": opts})
 
 
 class JailInfo(Strict):

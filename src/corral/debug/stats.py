@@ -5,6 +5,12 @@ that address belongs to), halts, and the ns the VMM spent on each, plus the time
 The counters are the vCPUs' own (corral.vstate.exits); this module only reads and shapes them.
 Interrupts are injected by KVM's in-kernel irqchip and halts wait there too, so neither reaches
 the VMM as an exit: `halts` counts KVM_EXIT_HLT (only without the in-kernel LAPIC).
+
+Always there, whether or not exits are being counted (none costs anything on the exit path; the
+devices pay a few integer adds per request): every vCPU's exit total, each device's I/O
+counters (virtio-blk requests and bytes, virtio-net frames and bytes), and guest memory with
+what KSM merged of it (the VM's exit total moves on the exits the VMM handles slowly, and on
+every exit while exits are counted). The daemon's /metrics is built from this.
 """
 
 from __future__ import annotations
@@ -42,11 +48,26 @@ class VcpuExitStats(BaseModel):
     by_device: list[Counter]
 
 
+class DeviceCounters(BaseModel):
+    """A device's I/O counters, always kept (virtio-blk: requests, bytes; virtio-net: frames)."""
+
+    device: str  # the board's name: virtio-blk0, virtio-net0, ...
+    counters: dict[str, int]
+
+
+class MemoryStats(BaseModel):
+    guest_bytes: int
+    ksm: bool  # guest RAM is offered to KSM (MADV_MERGEABLE)
+    ksm_merged_bytes: int  # what KSM has merged of it (the host memory it saves, at most)
+
+
 class ExitStats(BaseModel):
     """The reply of GET /corral/stats."""
 
     enabled: bool  # stats are being counted (`corral run --stats`, PATCH /corral/stats)
     vcpus: list[VcpuExitStats]
+    devices: list[DeviceCounters] = []
+    memory: MemoryStats | None = None
 
 
 def device_of(mappings: Sequence[Mapping], addr: int) -> str:
@@ -63,6 +84,15 @@ def reason_name(reason: int) -> str:
 def _counters(table: dict[int, list[int]], key: object) -> list[Counter]:
     rows = [Counter(key=key(k) if callable(key) else str(k), count=c, ns=ns) for k, (c, ns) in table.items()]
     return sorted(rows, key=lambda r: (-r.count, r.key))
+
+
+def device_counters(machine: Machine) -> list[DeviceCounters]:
+    out = []
+    for name, pci in sorted(machine.virtio.items()):
+        counters = getattr(pci.device, "io_counters", None)
+        if callable(counters):
+            out.append(DeviceCounters(device=name, counters=counters()))
+    return out
 
 
 def exit_stats(machine: Machine) -> ExitStats:
@@ -92,7 +122,23 @@ def exit_stats(machine: Machine) -> ExitStats:
                 by_device=[Counter(key=k, count=c, ns=ns) for k, (c, ns) in sorted(devices.items())],
             )
         )
-    return ExitStats(enabled=machine.observing_exits, vcpus=out)
+    mem = machine.memory
+    memory = None
+    if mem is not None:
+        memory = MemoryStats(guest_bytes=mem.size, ksm=mem.ksm, ksm_merged_bytes=mem.ksm_merged_bytes())
+    return ExitStats(
+        enabled=machine.observing_exits, vcpus=out, devices=device_counters(machine), memory=memory
+    )
 
 
-__all__ = ["Counter", "ExitStats", "VcpuExitStats", "device_of", "exit_stats", "reason_name"]
+__all__ = [
+    "Counter",
+    "DeviceCounters",
+    "ExitStats",
+    "MemoryStats",
+    "VcpuExitStats",
+    "device_counters",
+    "device_of",
+    "exit_stats",
+    "reason_name",
+]

@@ -55,6 +55,8 @@ def apply_config(vmm: FirecrackerVmm, cfg: FullVmConfiguration) -> None:
         vmm.put_balloon(cfg.balloon)
     if cfg.mmds_config is not None:
         vmm.put_mmds_config(cfg.mmds_config)
+    if cfg.corral is not None:
+        vmm.corral_options = cfg.corral
 
 
 def read_config_file(path: Path) -> FullVmConfiguration:

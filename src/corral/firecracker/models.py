@@ -301,6 +301,21 @@ class CorralStats(Body):
     enabled: bool = Field(description="count every vCPU exit by reason, port and address, timed")
 
 
+class CorralOptions(Body):
+    """The `corral` key of a full config (`--config-file`, the daemon's create body): corral's
+    own options, beside Firecracker's keys and never changing them. Firecracker has no such key,
+    so a config without it is Firecracker's exactly."""
+
+    ksm: bool = Field(
+        default=False,
+        description="offer guest RAM to the host's KSM (MADV_MERGEABLE): identical pages of "
+        "VMs are merged; what was merged shows in GET /corral/stats",
+    )
+    exit_stats: bool = Field(
+        default=False, description="count exits by reason, port and address from boot on (GET /corral/stats)"
+    )
+
+
 def _size(value: Any) -> int:
     """Bytes as a number, or a size with a unit ("256M", "1G")."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -418,6 +433,7 @@ class FullVmConfiguration(BaseModel):
     )
     vsock: Vsock | None = None
     entropy: EntropyDevice | None = None
+    corral: CorralOptions | None = None  # corral's extension (see CorralOptions)
 
 
 def dump(model: BaseModel) -> dict[str, Any]:

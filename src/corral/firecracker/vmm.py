@@ -40,6 +40,7 @@ from corral.firecracker.models import (
     BalloonStatsUpdate,
     BalloonUpdate,
     BootSource,
+    CorralOptions,
     CorralReceive,
     Drive,
     EntropyDevice,
@@ -139,6 +140,7 @@ class FirecrackerVmm:
         self.mmds_data: Any = None
         self.logger: Logger | None = None
         self.metrics: Metrics | None = None
+        self.corral_options = CorralOptions()  # the config's `corral` key: KSM, exit stats
         self.serial: SerialDevice | None = None
         self.boot_path = False  # a boot resource was configured: no snapshot load any more
         self.machine: Machine | None = None
@@ -209,6 +211,7 @@ class FirecrackerVmm:
             network_interfaces=list(self.nets.values()),
             vsock=self.vsock,
             entropy=self.entropy,
+            corral=None if self.corral_options == CorralOptions() else self.corral_options,
         )
 
     # -- machine configuration --------------------------------------------------------------------
@@ -531,6 +534,8 @@ class FirecrackerVmm:
             machine.build()
         except CorralError as exc:
             raise FirecrackerError(f"Start microvm error: {exc}") from None
+        if self.corral_options.exit_stats:
+            machine.observe_exits(True)  # from the first instruction
         self._run(machine)
         if self.machine_config.track_dirty_pages:
             self._dirty = DirtyPages(machine)
@@ -637,6 +642,7 @@ class FirecrackerVmm:
         if fc.vsock is not None and params.vsock_override is not None:
             self.vsock = fc.vsock.model_copy(update={"uds_path": params.vsock_override.uds_path})
         self.entropy, self.balloon, self.mmds_config = fc.entropy, fc.balloon, fc.mmds_config
+        self.corral_options = fc.corral or CorralOptions()  # what the snapshot's VM had
         if fc.machine_config is not None:
             self.machine_config = fc.machine_config.model_copy(update={"smt": False, "cpu_template": None})
         return machine
@@ -761,6 +767,7 @@ class FirecrackerVmm:
             else None,
             rng=self.entropy is not None,
             balloon=self.balloon is not None,
+            ksm=self.corral_options.ksm,
         )
 
     def _console(self) -> Callable[[bytes], None] | None:

@@ -77,6 +77,7 @@ class VirtioBlock(VirtioDevice[NoState]):
         self.memory: GuestMemory | None = None
         self.interrupt: VirtioInterrupt | None = None
         self.requests = 0
+        self.read_bytes = self.write_bytes = self.errors = 0
 
     def device_features(self) -> int:
         f = F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES
@@ -150,8 +151,19 @@ class VirtioBlock(VirtioDevice[NoState]):
             status = S_IOERR
         except OSError:
             status = S_IOERR
+        if status != S_OK:
+            self.errors += 1
         mem.view(status_at, 1)[0] = status
         return written + 1
+
+    def io_counters(self) -> dict[str, int]:
+        """Requests served, bytes read and written, and failed requests (GET /corral/stats)."""
+        return {
+            "requests": self.requests,
+            "read_bytes": self.read_bytes,
+            "write_bytes": self.write_bytes,
+            "errors": self.errors,
+        }
 
     def _range(self, sector: int, length: int) -> int:
         """Byte offset of `length` bytes at `sector`, or _IoError if outside the disk."""
@@ -166,6 +178,7 @@ class VirtioBlock(VirtioDevice[NoState]):
         done = self.image.readv(views, offset)
         if done != total:
             raise _IoError
+        self.read_bytes += done
         return done
 
     def _write(self, mem: GuestMemory, sector: int, bufs: list[tuple[int, int]]) -> int:
@@ -176,6 +189,7 @@ class VirtioBlock(VirtioDevice[NoState]):
         views = [mem.view(a, n) for a, n in bufs]
         if self.image.writev(views, offset) != total:
             raise _IoError
+        self.write_bytes += total
         return S_OK
 
     def _discard(self, mem: GuestMemory, bufs: list[tuple[int, int]], *, zeroes: bool) -> int:

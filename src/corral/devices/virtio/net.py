@@ -92,6 +92,10 @@ class VirtioNet(VirtioDevice[NoState]):
             "rx_dropped": 0,
         }
 
+    def io_counters(self) -> dict[str, int]:
+        """Frames and bytes each way, and frames dropped (GET /corral/stats)."""
+        return dict(self.stats)
+
     def device_features(self) -> int:
         return (
             F_MAC

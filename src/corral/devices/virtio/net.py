@@ -332,8 +332,8 @@ class _RxBuffers:
         if self.used == len(self.chains):
             if self.error is not None:
                 return None
-            try:
-                self.rx.pop_into(self.chains, self.step)
+            try:  # no more than a pass can fill (mergeable frames may need more: then 1 at a time)
+                self.rx.pop_into(self.chains, max(1, min(self.step, RX_BATCH - len(self.chains))))
             except VirtqueueError as exc:
                 self.error = exc
             self.step = min(2 * self.step, RX_BATCH)

@@ -2,8 +2,12 @@
 
 Frames cross between the guest and the tap with their 12-byte virtio-net header unchanged (the
 tap speaks the same header), so checksum offload and TSO work in both directions with no
-per-packet work in Python beyond copying. The tap's fd sits on the VM's event loop while the
-guest has receive buffers; when it runs out, the fd is parked until the guest refills the queue
+per-packet work in Python beyond moving bytes: a transmitted frame leaves with one `writev`
+straight from guest RAM, a received one is read with one `readv` straight into the guest's
+buffer. Both directions work in batches: every frame the tap has ready (up to RX_BATCH per
+wake-up, so a flood cannot hold the loop) or the driver posted, completed with one used-index
+store and at most one interrupt. The tap's fd sits on the VM's event loop while the guest has
+receive buffers; when it runs out, the fd is parked until the guest refills the queue
 (otherwise a level-triggered epoll would spin), and a frame that did not fit waits in
 `_pending` rather than being dropped.
 

@@ -88,6 +88,7 @@ def host_line(rounds: int, cpus: str | None) -> str:
     return (
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {platform.node() or 'this host'} ({os.cpu_count()} CPUs, "
         f"kernel {platform.release()}, /dev/kvm {'PVM' if pvm else 'hardware'}{load}); corral and QEMU "
-        f"interleaved, {rounds} pairs, {'both pinned to CPUs ' + cpus if cpus else 'no pinning'}: "
+        f"interleaved round by round, {rounds} rounds, "
+        f"{'every VMM pinned to CPUs ' + cpus if cpus else 'no pinning'}: "
         "median (min-max)."
     )

@@ -3,10 +3,11 @@
 
 Measures, per VMM: launch -> first serial byte, launch -> exit (probe `hello`), and exits per
 second for `pio-bench N` and `mmio-bench N` (timed between the probe's `BENCH start` and
-`BENCH end` lines as they reach the host). Prints a table with ratios and writes JSON and a
-Markdown table under bench/results/.
+`BENCH end` lines as they reach the host), the VMMs in alternation round by round (corral, QEMU
+pc, QEMU microvm, corral...) with the same CPU pinning, each run capped in time. Prints median
+(min-max) with ratios and writes JSON and a Markdown table under bench/results/.
 
-    python bench/probe_bench.py [--runs 5] [--exits 200000] [--qemu-accel kvm]
+    python bench/probe_bench.py [--runs 5] [--exits 200000] [--qemu-accel kvm] [--cpus 0-1]
 
 `--launch N` measures only the launch, interleaved round by round (corral, then QEMU -M
 microvm, and with `--before DIR` the corral of another checkout too), N rounds, median (min-max)
@@ -23,22 +24,21 @@ import argparse
 import compileall
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from support.qemu_probe import qemu_probe_cmd  # noqa: E402
 
 from corral.images.probe import build_probe  # noqa: E402
+from interleave import RunFailed, host_line, interleave, pin, ratio, spread  # noqa: E402
 
 
 def corral_cmd(kernel: Path, cmdline: str, cpus: int, memory: str) -> list[str]:
@@ -83,7 +83,8 @@ def timed_run(cmd: list[str], timeout: float = 300.0) -> dict:
     while True:
         if time.perf_counter() > deadline:
             p.kill()
-            raise RuntimeError(f"timed out: {' '.join(cmd)}")
+            p.wait()
+            raise RunFailed(f"{os.path.basename(cmd[0])} ran past its {timeout:.0f} s cap and was stopped")
         chunk = os.read(fd, 65536)
         now = time.perf_counter()
         if not chunk:
@@ -100,32 +101,27 @@ def timed_run(cmd: list[str], timeout: float = 300.0) -> dict:
     return {"first_byte": first, "total": total, "rc": rc, "lines": lines, "stderr": err}
 
 
-def bench_launch(cmd: list[str], runs: int) -> dict:
-    firsts, totals = [], []
-    for _ in range(runs):
-        r = timed_run(cmd)
-        if not any(line.startswith("RESULT hello=1") for _, line in r["lines"]):
-            raise RuntimeError(f"hello failed: {r['lines'][-5:]} {r['stderr'][-500:]}")
-        firsts.append(r["first_byte"])
-        totals.append(r["total"])
-    return {"first_byte_ms": statistics.median(firsts) * 1e3, "exit_ms": statistics.median(totals) * 1e3}
+def launch(cmd: list[str]) -> dict[str, float]:
+    r = timed_run(cmd)
+    if not any(line.startswith("RESULT hello=1") for _, line in r["lines"]):
+        raise RunFailed(f"hello failed: {r['lines'][-3:]} {r['stderr'][-300:]}")
+    return {"first_byte_ms": r["first_byte"] * 1e3, "exit_ms": r["total"] * 1e3}
 
 
-def bench_exits(cmd: list[str], n: int, runs: int) -> float:
-    rates = []
-    for _ in range(runs):
-        r = timed_run(cmd)
-        marks = {line: t for t, line in r["lines"] if line in ("BENCH start", "BENCH end")}
-        if len(marks) != 2:
-            raise RuntimeError(f"no BENCH markers: {r['lines'][-5:]} {r['stderr'][-500:]}")
-        rates.append(n / (marks["BENCH end"] - marks["BENCH start"]))
-    return statistics.median(rates)
+def exits_per_s(cmd: list[str], n: int) -> float:
+    r = timed_run(cmd)
+    marks = {line: t for t, line in r["lines"] if line in ("BENCH start", "BENCH end")}
+    if len(marks) != 2:
+        raise RunFailed(f"no BENCH markers: {r['lines'][-3:]} {r['stderr'][-300:]}")
+    return n / (marks["BENCH end"] - marks["BENCH start"])
 
 
-def spread(values: list[float]) -> str:
-    """median (min-max), in ms"""
-    ms = [v * 1e3 for v in values]
-    return f"{statistics.median(ms):,.1f} ({min(ms):,.1f}-{max(ms):,.1f})"
+ROWS = [
+    ("launch -> first serial byte (ms, lower is better)", "first_byte_ms", False),
+    ("launch -> exit, `hello` (ms, lower is better)", "exit_ms", False),
+    ("port-I/O exits per second (higher is better)", "pio_exits_per_s", True),
+    ("MMIO exits per second (higher is better)", "mmio_exits_per_s", True),
+]
 
 
 def launch_rounds(kernel: Path, rounds: int, memory: str, accel: str, before: Path | None) -> str:
@@ -148,30 +144,33 @@ def launch_rounds(kernel: Path, rounds: int, memory: str, accel: str, before: Pa
     for d in (firsts, totals):
         for k in d:
             del d[k][0]
-    qemu = statistics.median(firsts["QEMU -M microvm"])
+    qemu = firsts["QEMU -M microvm"]
     load = os.getloadavg()
     md = [
         f"{rounds} rounds, interleaved; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end",
         "",
         "| VMM | launch -> first serial byte (ms) | launch -> exit, `hello` (ms) "
-        "| first byte / QEMU microvm |",
+        "| first byte vs QEMU microvm (> 1: corral faster) |",
         "|---|---:|---:|---:|",
     ]
     for name in vmms:
-        ratio = statistics.median(firsts[name]) / qemu
-        md.append(f"| {name} | {spread(firsts[name])} | {spread(totals[name])} | {ratio:.2f}x |")
+        ms = "{:,.1f}"
+        first, total = [v * 1e3 for v in firsts[name]], [v * 1e3 for v in totals[name]]
+        vs = ratio(firsts[name], qemu, higher_is_better=False)
+        md.append(f"| {name} | {spread(first, ms)} | {spread(total, ms)} | {vs} |")
     return "\n".join(md)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=5, help="rounds (corral, then each QEMU machine)")
     ap.add_argument("--launch", type=int, metavar="N", help="only the launch: N interleaved rounds")
     ap.add_argument("--before", type=Path, help="with --launch: another corral checkout to launch too")
     ap.add_argument("--exits", type=int, default=200_000)
     ap.add_argument("--qemu-accel", default="kvm")
     ap.add_argument("--qemu-machine", default="pc,microvm", help="comma-separated QEMU machine types")
     ap.add_argument("--memory", default="256M")
+    ap.add_argument("--cpus", default=None, help="pin every VMM to these CPUs (taskset -c), e.g. 0-1")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
 
@@ -183,45 +182,25 @@ def main() -> int:
         (args.out / "launch_bench.md").write_text(table + "\n")
         return 0
     machines = [m.strip() for m in args.qemu_machine.split(",") if m.strip()]
-    vmms = {"corral": lambda c: corral_cmd(kernel, c, 1, args.memory)}
+    vmms = {"corral": lambda c: pin(corral_cmd(kernel, c, 1, args.memory), args.cpus)}
     for mach in machines:
         vmms[f"QEMU -M {mach}"] = (
-            lambda m: lambda c: qemu_cmd(kernel, c, 1, args.memory, args.qemu_accel, m)
+            lambda m: lambda c: pin(qemu_cmd(kernel, c, 1, args.memory, args.qemu_accel, m), args.cpus)
         )(mach)
-    results: dict[str, dict] = {}
-    for name, mk in vmms.items():
-        print(f"[{name}] launch x{args.runs} ...", file=sys.stderr, flush=True)
-        r = bench_launch(mk("hello"), args.runs)
-        print(f"[{name}] pio-bench {args.exits} ...", file=sys.stderr, flush=True)
-        r["pio_exits_per_s"] = bench_exits(mk(f"pio-bench {args.exits}"), args.exits, max(1, args.runs // 2))
-        print(f"[{name}] mmio-bench {args.exits} ...", file=sys.stderr, flush=True)
-        r["mmio_exits_per_s"] = bench_exits(
-            mk(f"mmio-bench {args.exits}"), args.exits, max(1, args.runs // 2)
-        )
-        results[name] = r
 
-    corral = results["corral"]
-    qemus = [k for k in results if k != "corral"]
-    rows = [
-        ("launch -> first serial byte (ms, lower is better)", "first_byte_ms", False),
-        ("launch -> exit, `hello` (ms, lower is better)", "exit_ms", False),
-        ("port-I/O exits per second (higher is better)", "pio_exits_per_s", True),
-        ("MMIO exits per second (higher is better)", "mmio_exits_per_s", True),
-    ]
-    host = f"{platform.node()}: {os.cpu_count()} CPUs, kernel {platform.release()}"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        host += f", {model}"
-    except (OSError, StopIteration):
-        pass
-    pvm = os.path.isdir("/sys/module/kvm_pvm")
-    date = datetime.now(UTC).strftime("%Y-%m-%d")
-    kvm_kind = "PVM (no hardware virtualization)" if pvm else "hardware-backed"
+    def side(mk):
+        def measure() -> dict[str, float]:
+            r = launch(mk("hello"))
+            r["pio_exits_per_s"] = exits_per_s(mk(f"pio-bench {args.exits}"), args.exits)
+            r["mmio_exits_per_s"] = exits_per_s(mk(f"mmio-bench {args.exits}"), args.exits)
+            return r
+
+        return measure
+
+    runs = interleave(args.runs, {name: side(mk) for name, mk in vmms.items()})
+    qemus = [k for k in runs if k != "corral"]
     md = [
-        f"Measured {date} on {host}; /dev/kvm is {kvm_kind}; "
-        f"QEMU {args.qemu_accel}, same probe binary; median of {args.runs} launches, {args.exits} exits per "
-        f"exit benchmark. Ratio > 1: corral is better.",
+        host_line(args.runs, args.cpus) + f" {args.exits:,} exits per exit run; ratio > 1: corral is better.",
         "",
         "| metric | corral | "
         + " | ".join(qemus)
@@ -230,30 +209,16 @@ def main() -> int:
         + " |",
         "|---|" + "---:|" * (1 + 2 * len(qemus)),
     ]
-    for label, key, higher in rows:
-        fmt = (lambda v: f"{v:,.0f}") if higher else (lambda v: f"{v:,.1f}")
-        vals = [fmt(corral[key])] + [fmt(results[q][key]) for q in qemus]
-        ratios = [
-            f"{(corral[key] / results[q][key]) if higher else (results[q][key] / corral[key]):.2f}x"
-            for q in qemus
-        ]
-        md.append(f"| {label} | " + " | ".join(vals + ratios) + " |")
+    for label, key, higher in ROWS:
+        fmt = "{:,.0f}" if higher else "{:,.1f}"
+        col = {name: [r[key] for r in rs] for name, rs in runs.items()}
+        cells = [spread(col[n], fmt) for n in ["corral", *qemus]]
+        cells += [ratio(col["corral"], col[q], higher) for q in qemus]
+        md.append(f"| {label} | " + " | ".join(cells) + " |")
     table = "\n".join(md)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "probe_bench.json").write_text(
-        json.dumps(
-            {
-                "date": date,
-                "host": host,
-                "pvm": pvm,
-                "runs": args.runs,
-                "exits": args.exits,
-                "results": results,
-            },
-            indent=2,
-        )
-    )
+    (args.out / "probe_bench.json").write_text(json.dumps({"runs": runs, "exits": args.exits}, indent=2))
     (args.out / "probe_bench.md").write_text(table + "\n")
     return 0
 

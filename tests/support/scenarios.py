@@ -298,6 +298,15 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario("no-disk", "blk-check", cpus=(1,), status=1, checks=(says("no virtio-blk"),), runners=HOST),
         Scenario(
+            "blk-bench-write",
+            "blk-bench rand4k 2000 write 1",  # writes at queue depth 1 (the bench's write rows)
+            cpus=(1,),
+            disk=Disk(8192),
+            timeout=120,
+            expect={"blk_ops": "2000", "blk_errors": "0"},
+            runners=HOST,
+        ),
+        Scenario(
             "net-bench",
             "net-bench 5000",
             cpus=(1,),

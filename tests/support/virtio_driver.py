@@ -157,6 +157,21 @@ class Driver:
             self.seen_used[q] = (self.seen_used[q] + 1) & 0xFFFF
         return out
 
+    def count_used_publishes(self, q: int) -> list[int]:
+        """From now on record every store of queue q's used index (the driver sees new
+        completions at each): a list the caller reads after the device ran."""
+        _, _, used = self.rings(q)
+        seen: list[int] = []
+        store = self.mem.store_u16
+
+        def counting(gpa: int, value: int) -> None:
+            if gpa == used + 2:
+                seen.append(value)
+            store(gpa, value)
+
+        self.mem.store_u16 = counting  # type: ignore[method-assign]
+        return seen
+
     def close(self) -> None:
         self.device.close()
         self.mem.close()

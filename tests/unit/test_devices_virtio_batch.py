@@ -29,21 +29,6 @@ def drv(tmp_path):
     d.close()
 
 
-def _count_used_publishes(d: Driver) -> list[int]:
-    """Record every store of the used ring's index (the driver sees completions at each)."""
-    _, _, used = d.rings(0)
-    seen: list[int] = []
-    store = d.mem.store_u16
-
-    def counting(gpa: int, value: int) -> None:
-        if gpa == used + 2:
-            seen.append(value)
-        store(gpa, value)
-
-    d.mem.store_u16 = counting  # type: ignore[method-assign]
-    return seen
-
-
 def _post_reads(d: Driver, n: int) -> list[tuple[int, int, int]]:
     """n 4 KiB reads of sectors 8*i, posted without a kick: (head, buffer, status address)."""
     posted = []
@@ -60,7 +45,7 @@ def test_n_requests_then_one_kick_give_n_completions_one_publish_one_interrupt(d
     drv.setup(features=None if event_idx else ~F_EVENT_IDX, queue_size=128)
     assert bool(drv.features & F_EVENT_IDX) == event_idx
     posted = _post_reads(drv, QD)
-    publishes = _count_used_publishes(drv)
+    publishes = drv.count_used_publishes(0)
     raised = drv.irq.raised
     drv.kick(0)
     done = drv.used(0)

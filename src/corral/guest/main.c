@@ -329,6 +329,7 @@ static const struct scenario scenarios[] = {
     {"blk-check", scenario_blk_check},
     {"blk-bench", scenario_blk_bench},
     {"net-bench", scenario_net_bench},
+    {"net-rx-bench", scenario_net_rx_bench},
     {"gdb", scenario_gdb},
     {"chaos", scenario_chaos},
     {"fwcfg", scenario_fwcfg},

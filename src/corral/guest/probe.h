@@ -100,6 +100,7 @@ int scenario_timer(int argc, char **argv);
 int scenario_blk_check(int argc, char **argv);
 int scenario_blk_bench(int argc, char **argv);
 int scenario_net_bench(int argc, char **argv);
+int scenario_net_rx_bench(int argc, char **argv);
 int scenario_gdb(int argc, char **argv);
 void lapic_enable(void);
 

@@ -1,5 +1,5 @@
 /* Ring-3 polling drivers for modern virtio-pci devices (virtio 1.x), for benchmarks: a block
- * device (one request queue) and a network device (its transmit queue).
+ * device (one request queue) and a network device (its transmit or its receive queue).
  *
  * PCI bus 0 is scanned through ports 0xCF8/0xCFC; the device's common, notify and device
  * configuration blocks are found through its vendor capabilities and used in place (the probe
@@ -239,18 +239,22 @@ static u64 rng_next(void)
     return rng_state;
 }
 
-/* blk-bench rand4k|seq1m COUNT: COUNT reads, `depth` in flight, timed with the TSC. */
+/* blk-bench rand4k|seq1m COUNT [read|write] [DEPTH]: COUNT requests, DEPTH in flight (default
+ * 32 for rand4k, 8 for seq1m), timed with the TSC. Writes write whatever the buffers hold. */
 int scenario_blk_bench(int argc, char **argv)
 {
-    u64 n;
-    if (argc < 3 || parse_u64(argv[2], &n) || (!str_eq(argv[1], "rand4k") && !str_eq(argv[1], "seq1m"))) {
-        kprintf("probe: usage: blk-bench rand4k|seq1m COUNT\n");
+    u64 n, qd = 0;
+    if (argc < 3 || parse_u64(argv[2], &n) || (!str_eq(argv[1], "rand4k") && !str_eq(argv[1], "seq1m"))
+        || (argc > 3 && !str_eq(argv[3], "read") && !str_eq(argv[3], "write"))
+        || (argc > 4 && (parse_u64(argv[4], &qd) || qd == 0))) {
+        kprintf("probe: usage: blk-bench rand4k|seq1m COUNT [read|write] [DEPTH]\n");
         kprintf("RESULT error=usage\n");
         return EXIT_USAGE;
     }
     int seq = str_eq(argv[1], "seq1m");
+    u32 type = argc > 3 && str_eq(argv[3], "write") ? T_OUT : T_IN;
     u32 len = seq ? (1u << 20) : 4096;
-    int depth = seq ? 8 : 32;
+    int depth = qd ? (int)(qd < QSIZE ? qd : QSIZE) : seq ? 8 : 32;
     if (blk_setup())
         return EXIT_FAIL;
     if (depth > qsize / 3)
@@ -267,7 +271,7 @@ int scenario_blk_bench(int argc, char **argv)
     for (int i = 0; i < depth && issued < n; i++, issued++) {
         u64 sector = seq ? pos : (rng_next() % (sectors / span)) * span;
         pos = (pos + span) % (sectors - sectors % span);
-        blk_post(i, T_IN, sector, BUF_BASE + (u64)i * len, len);
+        blk_post(i, type, sector, BUF_BASE + (u64)i * len, len);
     }
     blk_kick();
     int unkicked = 0;
@@ -284,7 +288,7 @@ int scenario_blk_bench(int argc, char **argv)
         if (issued < n) {
             u64 sector = seq ? pos : (rng_next() % (sectors / span)) * span;
             pos = (pos + span) % (sectors - sectors % span);
-            blk_post(slot, T_IN, sector, BUF_BASE + (u64)slot * len, len);
+            blk_post(slot, type, sector, BUF_BASE + (u64)slot * len, len);
             issued++;
             unkicked = 1;
         }
@@ -350,4 +354,89 @@ int scenario_net_bench(int argc, char **argv)
     kprintf("BENCH end\n");
     kprintf("RESULT net_tx_frames=%lu tsc=%lu tsc_hz=%lu\n", done, t1 - t0, tsc_hz);
     return EXIT_OK;
+}
+
+/* net-rx-bench COUNT [SECONDS]: receive COUNT frames on the receive queue (the host floods the
+ * tap), every buffer posted again as soon as it is reaped, timed with the TSC from the first
+ * frame to the last. The available index is published with each buffer; the doorbell rings only
+ * when the used ring is empty (the device may be waiting for buffers) or half a ring went by
+ * without one. Frames carry a 32-bit sequence number after the 14-byte Ethernet header (the
+ * host's flooder writes it): one that goes backwards (reordered, repeated, stale) or a frame
+ * shorter than the minimum counts as an error; gaps are frames the host dropped. Gives up after
+ * SECONDS (default 30) and reports what arrived. */
+#define RX_BUF 2048
+int scenario_net_rx_bench(int argc, char **argv)
+{
+    u64 n, limit_s = 30;
+    if (argc < 2 || parse_u64(argv[1], &n) || n == 0 || (argc > 2 && parse_u64(argv[2], &limit_s))) {
+        kprintf("probe: usage: net-rx-bench COUNT [SECONDS]\n");
+        kprintf("RESULT error=usage\n");
+        return EXIT_USAGE;
+    }
+    if (virtio_setup(VIRTIO_NET_MODERN, "virtio-net", 0))
+        return EXIT_FAIL;
+    u8 *bufs = (u8 *)BUF_BASE;
+    for (u16 i = 0; i < qsize; i++) {
+        ring_desc[i] = (struct desc){(u64)(bufs + (u64)i * RX_BUF), RX_BUF, DESC_WRITE, 0};
+        ring_avail.ring[avail_idx % qsize] = i;
+        avail_idx++;
+    }
+    tsc_calibrate();
+    blk_kick();
+    kprintf("BENCH start\n");
+    u64 got = 0, errors = 0, other = 0, bytes = 0, t0 = 0, t1 = 0, kicks = 1;
+    u64 deadline = rdtsc() + limit_s * tsc_hz;
+    u32 last_seq = 0;
+    int unkicked = 0, timed_out = 0;
+    while (got < n) {
+        u16 idx = *(volatile u16 *)&ring_used.idx;
+        if (idx == used_seen) {
+            if (unkicked) {
+                blk_kick();
+                unkicked = 0;
+                kicks++;
+            }
+            if (rdtsc() > deadline) {
+                timed_out = 1;
+                break;
+            }
+            cpu_relax();
+            continue;
+        }
+        if ((u16)(idx - used_seen) > qsize) {
+            kprintf("RESULT error=used_index\n");
+            return EXIT_FAIL;
+        }
+        __asm__ volatile("" ::: "memory");
+        u32 id = ring_used.ring[used_seen % qsize].id, len = ring_used.ring[used_seen % qsize].len;
+        used_seen++;
+        volatile u8 *frame = bufs + (u64)(id % qsize) * RX_BUF + NET_HDR;
+        if (len >= NET_HDR + 14 && (frame[12] != 0x88 || frame[13] != 0xb5)) {
+            other++;                                /* the host's own traffic: not the flood */
+        } else {
+            if (!got)
+                t0 = rdtsc();
+            got++;
+            bytes += len;
+            u32 seq = *(volatile u32 *)(frame + 14);
+            if (id >= qsize || len < NET_HDR + FRAME || len > RX_BUF || (got > 1 && seq <= last_seq))
+                errors++;
+            last_seq = seq;
+        }
+        ring_avail.ring[avail_idx % qsize] = (u16)(id % qsize);
+        avail_idx++;
+        __asm__ volatile("" ::: "memory");
+        ring_avail.idx = avail_idx;                 /* the buffer is the device's again */
+        if (++unkicked >= qsize / 2) {
+            blk_kick();
+            unkicked = 0;
+            kicks++;
+        }
+    }
+    t1 = rdtsc();
+    kprintf("BENCH end\n");
+    kprintf("RESULT net_rx_frames=%lu net_rx_bytes=%lu net_rx_errors=%lu net_rx_other=%lu "
+            "net_rx_kicks=%lu net_rx_timeout=%d tsc=%lu tsc_hz=%lu\n", got, bytes, errors, other,
+            kicks, timed_out, got ? t1 - t0 : 0, tsc_hz);
+    return errors || timed_out ? EXIT_FAIL : EXIT_OK;
 }

@@ -2,8 +2,12 @@
 
 Frames cross between the guest and the tap with their 12-byte virtio-net header unchanged (the
 tap speaks the same header), so checksum offload and TSO work in both directions with no
-per-packet work in Python beyond copying. The tap's fd sits on the VM's event loop while the
-guest has receive buffers; when it runs out, the fd is parked until the guest refills the queue
+per-packet work in Python beyond moving bytes: a transmitted frame leaves with one `writev`
+straight from guest RAM, a received one is read with one `readv` straight into the guest's
+buffer. Both directions work in batches: every frame the tap has ready (up to RX_BATCH per
+wake-up, so a flood cannot hold the loop) or the driver posted, completed with one used-index
+store and at most one interrupt. The tap's fd sits on the VM's event loop while the guest has
+receive buffers; when it runs out, the fd is parked until the guest refills the queue
 (otherwise a level-triggered epoll would spin), and a frame that did not fit waits in
 `_pending` rather than being dropped.
 
@@ -40,6 +44,8 @@ RXQ, TXQ = 0, 1
 VNET_HDR_LEN = 12  # virtio 1.x header, num_buffers included
 MAX_FRAME = VNET_HDR_LEN + 65535 + 14 + 4  # the largest GSO frame a tap hands over (+ VLAN)
 _NUM_BUFFERS = struct.Struct("<H")
+_ONE_BUFFER = _NUM_BUFFERS.pack(1)
+RX_BATCH = 64  # frames per wake-up at most: a peer flooding the tap cannot hold the loop
 
 
 class NetBackend(Protocol):
@@ -82,6 +88,7 @@ class VirtioNet(VirtioDevice[NoState]):
         self.mergeable = False
         self._reading = False
         self._buf = bytearray(MAX_FRAME)
+        self._bounce = memoryview(self._buf)
         self._pending: bytes | None = None
         self.stats = {
             "rx_frames": 0,
@@ -197,52 +204,101 @@ class VirtioNet(VirtioDevice[NoState]):
         self._receive()
 
     def _receive(self) -> None:
+        """Deliver every frame the tap has ready, up to RX_BATCH, as far as receive buffers
+        allow, then publish them with one used-index store and at most one interrupt. A frame
+        that finds no buffer waits in `_pending` and the tap is parked until the guest kicks the
+        receive queue. Frames go straight from the tap into guest RAM (one `readv` per frame)
+        when the next buffer holds them; a larger one spills into a bounce buffer and is copied
+        over the buffers after it (mergeable) or dropped (a driver without them posted too little)."""
         rx, interrupt = self.rx, self.interrupt
         if rx is None or interrupt is None or self.broken:
             self._stop_reading()  # a tap left readable and unread would spin the loop
             return
-        delivered = False
-        try:
-            while True:
-                frame = self._pending
-                if frame is None and self.filter is not None:
-                    own = self.filter.next_frame()
-                    frame = None if own is None else bytes(VNET_HDR_LEN) + own
+        bufs = _RxBuffers(rx)
+        done: list[tuple[int, int]] = []
+        parked = False
+        for _ in range(RX_BATCH):
+            frame = self._pending
+            if frame is None and self.filter is not None:
+                own = self.filter.next_frame()
+                frame = None if own is None else bytes(VNET_HDR_LEN) + own
+            if frame is None:
+                chain = bufs.next()
+                if chain is not None and chain.writable_len >= VNET_HDR_LEN:
+                    got = self._read_into(rx, chain, done)
+                    if got is True:
+                        continue  # delivered in place
+                    bufs.unget(1)
+                    frame = got if isinstance(got, bytes) else None  # too large: copied below
+                else:
+                    if chain is not None:
+                        bufs.unget(1)
+                    frame = self._read_frame()  # held in `_pending` if there is no buffer
                 if frame is None:
-                    try:
-                        n = os.readv(self.tap.fd, [self._buf])
-                    except BlockingIOError:
-                        break
-                    except OSError as exc:
-                        log.warning("tap %s: read failed: %s", self.tap.name, exc.strerror)
-                        break
-                    frame = bytes(memoryview(self._buf)[:n])
-                if not self._deliver(rx, frame):
-                    self._pending = frame
-                    self._stop_reading()  # until the guest adds buffers
-                    break
-                self._pending = None
-                delivered = True
-                self._start_reading()
-        except VirtqueueError as exc:
-            self.fail(str(exc))
+                    break  # the tap is drained
+            if not self._place(rx, bufs, frame, done):
+                self._pending = frame
+                parked = True  # until the guest adds buffers
+                break
+            self._pending = None
+        bufs.finish()
+        rx.push_many(done)
+        if bufs.error is not None and parked:
+            self.fail(str(bufs.error))
             self._stop_reading()
             interrupt.signal_config()
             return
-        if self._pending is None:
+        if parked:
+            self._stop_reading()
+        else:
             self._start_reading()
-        if delivered and rx.needs_interrupt():
+        if done and rx.needs_interrupt():
             interrupt.signal_queue(RXQ)
 
-    def _deliver(self, rx: Virtqueue, frame: bytes) -> bool:
-        """Write one frame into the receive queue; False (nothing consumed) if it lacks room."""
+    def _read_frame(self) -> bytes | None:
+        """The tap's next frame through the bounce buffer; None when it has none."""
+        try:
+            n = os.readv(self.tap.fd, [self._buf])
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            log.warning("tap %s: read failed: %s", self.tap.name, exc.strerror)
+            return None
+        return bytes(self._bounce[:n])
+
+    def _read_into(self, rx: Virtqueue, chain: DescriptorChain, done: list[tuple[int, int]]) -> bool | bytes:
+        """Read the tap's next frame straight into `chain` (at least a header long): True when it
+        fit and is in `done`; the whole frame as bytes when it did not (the chain is not used);
+        False when the tap has no frame."""
+        mem = rx.memory
+        iov = [mem.view(addr, length) for addr, length in chain.writable]
+        room = chain.writable_len
+        iov.append(self._bounce)  # what does not fit spills here
+        try:
+            n = os.readv(self.tap.fd, iov)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            log.warning("tap %s: read failed: %s", self.tap.name, exc.strerror)
+            return False
+        if n > room:
+            head = b"".join(bytes(v) for v in iov[:-1])
+            return head + bytes(self._bounce[: n - room])
+        rx.write_all(chain, _ONE_BUFFER, skip=10)  # num_buffers
+        done.append((chain.head, n))
+        self.stats["rx_frames"] += 1
+        self.stats["rx_bytes"] += n - VNET_HDR_LEN
+        return True
+
+    def _place(self, rx: Virtqueue, bufs: _RxBuffers, frame: bytes, done: list[tuple[int, int]]) -> bool:
+        """Copy one frame into the next buffers (several with mergeable buffers); False (nothing
+        consumed) when they run out first."""
         chains: list[DescriptorChain] = []
         room = 0
         while room < len(frame):
-            chain = rx.pop()
+            chain = bufs.next()
             if chain is None:
-                for _ in chains:
-                    rx.undo_pop()
+                bufs.unget(len(chains))
                 return False
             chains.append(chain)
             room += chain.writable_len
@@ -250,8 +306,7 @@ class VirtioNet(VirtioDevice[NoState]):
                 break
         if room < len(frame) or chains[0].writable_len < VNET_HDR_LEN:
             # a driver without mergeable buffers posted buffers too small for this frame
-            for c in chains:
-                rx.push(c.head, 0)
+            done.extend((c.head, 0) for c in chains)
             self.stats["rx_dropped"] += 1
             return True
         pos = 0
@@ -259,8 +314,46 @@ class VirtioNet(VirtioDevice[NoState]):
             n = rx.write_all(c, frame[pos : pos + c.writable_len])
             if c is chains[0]:
                 rx.write_all(c, _NUM_BUFFERS.pack(len(chains)), skip=10)
-            rx.push(c.head, n)
+            done.append((c.head, n))
             pos += n
         self.stats["rx_frames"] += 1
         self.stats["rx_bytes"] += len(frame) - VNET_HDR_LEN
         return True
+
+
+class _RxBuffers:
+    """The receive chains of one pass, taken from the ring in growing steps (1, 2, 4... up to
+    RX_BATCH: a wake-up for one frame validates one chain, a flood takes the ring in a few
+    passes) and handed out in ring order; `finish` puts back those not used. A malformed ring
+    stops the supply (`error`); it only breaks the device when a frame needed a buffer past it,
+    as a device taking buffers one at a time would find."""
+
+    def __init__(self, rx: Virtqueue) -> None:
+        self.rx = rx
+        self.start = rx.last_avail
+        self.chains: list[DescriptorChain] = []
+        self.used = 0
+        self.step = 1
+        self.error: VirtqueueError | None = None
+
+    def next(self) -> DescriptorChain | None:
+        if self.used == len(self.chains):
+            if self.error is not None:
+                return None
+            try:  # no more than a pass can fill (mergeable frames may need more: then 1 at a time)
+                self.rx.pop_into(self.chains, max(1, min(self.step, RX_BATCH - len(self.chains))))
+            except VirtqueueError as exc:
+                self.error = exc
+            self.step = min(2 * self.step, RX_BATCH)
+            if self.used == len(self.chains):
+                return None
+        self.used += 1
+        return self.chains[self.used - 1]
+
+    def unget(self, count: int) -> None:
+        self.used -= count
+
+    def finish(self) -> None:
+        """Put back every request taken past the used ones (a malformed one included)."""
+        taken = (self.rx.last_avail - self.start) & 0xFFFF
+        self.rx.undo_pop(taken - self.used)

@@ -230,9 +230,11 @@ class Virtqueue:
                 raise VirtqueueError(f"queue {self.index}: next descriptor {nxt} >= {count}")
             index = nxt
 
-    def undo_pop(self) -> None:
-        """Put the last popped request back (the device could not take it yet)."""
-        self.last_avail = (self.last_avail - 1) & 0xFFFF
+    def undo_pop(self, count: int = 1) -> None:
+        """Put the last `count` popped requests back (the device could not take them yet). The
+        avail event stays where the pops published it: the driver still kicks for what it adds
+        after them, which is what a device that ran out of buffers waits for."""
+        self.last_avail = (self.last_avail - count) & 0xFFFF
 
     # -- device -> driver ------------------------------------------------------------------------
     def push(self, head: int, written: int) -> None:

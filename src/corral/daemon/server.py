@@ -54,7 +54,7 @@ from corral.daemon.models import CloneVm, CreateVm, DaemonInfo, GdbVm, Incoming,
 from corral.daemon.statedir import StateDir, check_vm_id
 from corral.errors import ConfigError, CorralError
 from corral.firecracker.models import body_error
-from corral.firecracker.server import MAX_CONNECTIONS, Reply, _Handler, _Server
+from corral.firecracker.server import MAX_CONNECTIONS, HttpServer, Reply, RequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def parse(model: type[M], body: bytes | None) -> M:
 # --- HTTP: firecracker/server.py's, with text and streamed replies and the peer checks ---------
 
 
-class _DaemonHandler(_Handler):
+class _DaemonHandler(RequestHandler):
     server: _DaemonServer
 
     def version_string(self) -> str:
@@ -223,7 +223,7 @@ class _DaemonHandler(_Handler):
                 close()
 
 
-class _DaemonServer(_Server):
+class _DaemonServer(HttpServer):
     def __init__(self, sock: socket.socket, api: DaemonApi, token: str | None, max_body: int) -> None:
         super().__init__(sock, api.handle, lambda: None, max_body)
         self.RequestHandlerClass = _DaemonHandler

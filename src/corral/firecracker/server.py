@@ -64,10 +64,13 @@ class Reply:
 Handle = Callable[[str, str, bytes | None], Reply]
 
 
-class _Handler(BaseHTTPRequestHandler):
+class RequestHandler(BaseHTTPRequestHandler):
+    """One connection's HTTP/1.1 requests, each answered by the server's `handle`; the daemon's
+    server subclasses it (and HttpServer) for its own socket."""
+
     protocol_version = "HTTP/1.1"
     timeout = IDLE_TIMEOUT
-    server: _Server
+    server: HttpServer
 
     def version_string(self) -> str:
         return "Firecracker API"  # the Server header Firecracker sends
@@ -218,14 +221,16 @@ def refusal(uid: int) -> str:
     return f"uid {uid} may not control this VM: only {who} may"
 
 
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class HttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """A thread per connection on an already-bound socket, bounded in connections and body size."""
+
     daemon_threads = True
     block_on_close = False
 
     def __init__(
         self, sock: socket.socket, handle: Handle, on_fatal: Callable[[], None], max_body: int
     ) -> None:
-        super().__init__(sock.getsockname(), _Handler, bind_and_activate=False)
+        super().__init__(sock.getsockname(), RequestHandler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
         self.api_handle = handle
@@ -307,7 +312,7 @@ class ApiServer:
     ) -> None:
         self.path = Path(path)
         sock = listen_unix(self.path, what, flag, backlog=MAX_CONNECTIONS)
-        self._server = _Server(sock, handle, on_fatal, max_body)
+        self._server = HttpServer(sock, handle, on_fatal, max_body)
         self._seccomp_kind = seccomp_kind
         self._thread = threading.Thread(target=self._serve, name="corral-fc-api", daemon=True)
         self._thread.start()

@@ -43,6 +43,8 @@ def test_nolapic_timer_guest_sleeps_on_pit_interrupts(lab, debian_build, cpus):
     assert events and "pit" in events.group(1).split(), res.output  # the PIT is the clock event device
     t0, irq0 = _sample(res.output, "BEFORE")
     t1, irq1 = _sample(res.output, "AFTER")
-    assert 1.0 <= t1 - t0 < 10.0, res.output  # the sleep ended, and on time
+    # The sleep ended, not early. A hang is the 300 s timeout; the generous upper bound is the
+    # lab's: a busy 2-core host once stretched 2 vCPUs' `sleep 1` to 12 s of guest uptime.
+    assert 1.0 <= t1 - t0 < 60.0, res.output
     assert irq1 > irq0, res.output  # ... woken by the PIT on IOAPIC pin 2
     assert res.status == 0, res.output

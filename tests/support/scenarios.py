@@ -208,6 +208,15 @@ SCENARIOS: dict[str, Scenario] = {
             qemu={"checks": (timer_near_1khz,)},
         ),
         Scenario(
+            "timer-pit",
+            "timer pit",
+            every_boot=True,
+            # PIT channel 0 on IRQ 0, through the MADT's override to IOAPIC pin 2: periodic
+            # ticks, then one-shots that each come once (Linux's `nolapic_timer` clock event)
+            # (a count, not a rate: TCG on a loaded host coalesces ticks, as PVM does)
+            expect={"timer_ticks": positive, "irq0_gsi": "2", "oneshots": "10", "late_ticks": "0"},
+        ),
+        Scenario(
             "pio-bench",
             "pio-bench 20000",
             every_boot=True,

@@ -9,6 +9,7 @@ import pytest
 from support.kvm_fakes import FakeVmFd, RealModeVm, lapic_u32, route_tuple, set_lapic_u32
 
 from corral.vstate.irq import FIRST_MSI_GSI, IrqRouter, pc_routes
+from corral.vstate.vm import Vm
 
 PIC_MASTER, PIC_SLAVE, IOAPIC = 0, 1, 2
 
@@ -149,6 +150,20 @@ def test_kvm_routes_gsi_0_to_ioapic_pin_2_and_pic_pin_0_after_commit(real_vm):
     assert ioapic_irr == 1 << 2
     assert pic_irr == 1 << 0
     router.close()
+
+
+@pytest.mark.kvm
+def test_a_new_vm_routes_gsi_0_to_ioapic_pin_2_without_any_msi_vector():
+    # KVM's default table puts GSI 0 on IOAPIC pin 0, where no guest that read our MADT looks
+    # for the PIT: Vm.create must write the PC routes itself (nolapic_timer guests hung).
+    vm = Vm.create("/dev/kvm", 1)
+    try:
+        vm.fd.irq_line(0, 1)
+        ioapic_irr = struct.unpack_from("<I", bytes(vm.fd.get_irqchip(IOAPIC).chip), IOAPIC_IRR)[0]
+        assert ioapic_irr == 1 << 2
+        assert bytes(vm.fd.get_irqchip(PIC_MASTER).chip)[PIC_IRR] == 1 << 0
+    finally:
+        vm.close()
 
 
 @pytest.mark.kvm

@@ -80,6 +80,7 @@ int pit_done(void);
 int pit_wait(u16 count);
 void tsc_calibrate(void);
 void tsc_delay_us(u64 us);
+int timer_pit(void);
 
 /* main.c */
 #define MAX_MEMMAP 64
@@ -103,6 +104,9 @@ int scenario_net_bench(int argc, char **argv);
 int scenario_net_rx_bench(int argc, char **argv);
 int scenario_gdb(int argc, char **argv);
 void lapic_enable(void);
+void lapic_quiet(void);
+u32 lapic_id(void);
+int madt_isa_irq(int irq, u32 *gsi, u64 *ioapic);
 
 /* fwcfg.c */
 int scenario_fwcfg(int argc, char **argv);

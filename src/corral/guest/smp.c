@@ -63,8 +63,8 @@ static u64 find_rsdp(void)
     return r;
 }
 
-/* Finds the MADT; returns the number of enabled CPUs and fills ids[] with their APIC IDs. */
-static int madt_cpus(u64 rsdp, u32 *ids, int max)
+/* The MADT under the RSDP (XSDT, else RSDT), or 0. */
+static u64 find_madt(u64 rsdp)
 {
     u8 rev = *(volatile u8 *)(rsdp + 15);
     u64 root = 0;
@@ -76,7 +76,7 @@ static int madt_cpus(u64 rsdp, u32 *ids, int max)
         root = *(volatile u32 *)(rsdp + 16);
     }
     if (!root)
-        return -1;
+        return 0;
     u32 rlen = *(volatile u32 *)(root + 4);
     u64 madt = 0;
     for (u64 p = root + 36; p + esize <= root + rlen; p += esize) {
@@ -86,6 +86,13 @@ static int madt_cpus(u64 rsdp, u32 *ids, int max)
             break;
         }
     }
+    return madt;
+}
+
+/* Finds the MADT; returns the number of enabled CPUs and fills ids[] with their APIC IDs. */
+static int madt_cpus(u64 rsdp, u32 *ids, int max)
+{
+    u64 madt = find_madt(rsdp);
     if (!madt)
         return -1;
     u32 len = *(volatile u32 *)(madt + 4);
@@ -106,6 +113,36 @@ static int madt_cpus(u64 rsdp, u32 *ids, int max)
         p += elen;
     }
     return n;
+}
+
+/* What the MADT says about ISA IRQ `irq`: the GSI its interrupt source override names (the
+ * IRQ itself without one) and the first IOAPIC's address. -1 without an RSDP, MADT or IOAPIC. */
+int madt_isa_irq(int irq, u32 *gsi, u64 *ioapic)
+{
+    u64 rsdp = find_rsdp();
+    u64 madt = rsdp ? find_madt(rsdp) : 0;
+    if (!madt)
+        return -1;
+    u32 len = *(volatile u32 *)(madt + 4);
+    *gsi = (u32)irq;
+    *ioapic = 0;
+    for (u64 p = madt + 44; p + 2 <= madt + len;) {
+        u8 type = *(volatile u8 *)p, elen = *(volatile u8 *)(p + 1);
+        if (elen < 2)
+            break;
+        if (type == 1 && elen >= 12 && !*ioapic)
+            *ioapic = *(volatile u32 *)(p + 4);
+        else if (type == 2 && elen >= 10 && *(volatile u8 *)(p + 2) == 0 &&
+                 *(volatile u8 *)(p + 3) == irq)
+            *gsi = *(volatile u32 *)(p + 4);
+        p += elen;
+    }
+    return *ioapic ? 0 : -1;
+}
+
+u32 lapic_id(void)
+{
+    return lapic_read(LAPIC_ID) >> 24;
 }
 
 /* ---------------------------------------------------------------- SMP */
@@ -165,18 +202,30 @@ int scenario_smp(int argc, char **argv)
 
 /* ---------------------------------------------------------------- LAPIC timer */
 
+/* The LAPIC on, and the legacy paths around it off: both 8259s and LINT0 masked, so only the
+ * LAPIC timer or an IOAPIC pin can interrupt. */
+void lapic_quiet(void)
+{
+    outb(0x21, 0xFF);
+    outb(0xA1, 0xFF);
+    lapic_enable();
+    lapic_write(LAPIC_LVT_LINT0, LVT_MASKED);
+}
+
 #define CAL_COUNT 11932                 /* 10 ms of PIT */
 #define WINDOW_COUNT 59659              /* 50 ms of PIT; the window is two of these */
 #define TARGET_HZ 1000
 
 int scenario_timer(int argc, char **argv)
 {
-    (void)argc, (void)argv;
-    /* Nothing but the LAPIC timer may interrupt: mask both 8259s and LINT0. */
-    outb(0x21, 0xFF);
-    outb(0xA1, 0xFF);
-    lapic_enable();
-    lapic_write(LAPIC_LVT_LINT0, LVT_MASKED);
+    if (argc > 1 && str_eq(argv[1], "pit"))
+        return timer_pit();
+    if (argc > 1) {
+        kprintf("probe: timer: unknown variant '%s' (none for the LAPIC timer, or pit)\n", argv[1]);
+        kprintf("RESULT error=usage\n");
+        return EXIT_USAGE;
+    }
+    lapic_quiet();
 
     /* Measure the LAPIC timer's count rate (divide by 16) against the PIT. */
     lapic_write(LAPIC_TIMER_DIV, 0x3);

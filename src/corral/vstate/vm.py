@@ -20,7 +20,7 @@ from corral.kvm import Kvm, VcpuFd, VmFd
 from corral.kvm import constants as K
 from corral.kvm.structs import KVM_PIT_SPEAKER_DUMMY
 from corral.memory import GuestMemory, MemorySlot
-from corral.vstate.irq import KvmIrqLine
+from corral.vstate.irq import KvmIrqLine, pc_routes
 from corral.vstate.kvm_state import VmKvmState, load_vm, save_vm, set_clock
 
 PAGE = 4096
@@ -46,7 +46,7 @@ CAPABILITIES: tuple[Capability, ...] = (
     Capability(K.CAP_MP_STATE, "MP_STATE", "SMP bring-up state (INIT/SIPI) and snapshots", False),
     Capability(K.CAP_IOEVENTFD, "IOEVENTFD", "virtio doorbells off the vCPU exit path", False),
     Capability(K.CAP_IRQFD, "IRQFD", "device interrupts without a vCPU exit", False),
-    Capability(K.CAP_IRQ_ROUTING, "IRQ_ROUTING", "MSI-X routing for PCI devices", False),
+    Capability(K.CAP_IRQ_ROUTING, "IRQ_ROUTING", "IRQ 0 on IOAPIC pin 2, MSI-X routes", True),
     Capability(K.CAP_COALESCED_MMIO, "COALESCED_MMIO", "batched writes to chatty registers", False),
     Capability(K.CAP_SET_GUEST_DEBUG, "SET_GUEST_DEBUG", "gdb breakpoints and single-step", False),
     Capability(K.CAP_XSAVE, "XSAVE", "FPU/AVX state in snapshots", False),
@@ -106,6 +106,10 @@ class Vm:
             fd.set_tss_addr(layout.KVM_TSS_ADDR)
             fd.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
             fd.create_irqchip()
+            # KVM's default table puts GSI 0 on IOAPIC pin 0; the MADT promises pin 2 (as on
+            # every PC). Without this a machine with no MSI-X device (whose IrqRouter rewrites
+            # the table) got PIT interrupts on a pin no guest unmasks: `nolapic_timer` hung.
+            fd.set_gsi_routing(pc_routes())
             fd.create_pit2(KVM_PIT_SPEAKER_DUMMY)
             return cls(kvm, fd)
         except BaseException:

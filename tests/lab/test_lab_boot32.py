@@ -8,7 +8,6 @@ to power off; corral stops on the reset with --no-reboot): the banner proves use
 
 from __future__ import annotations
 
-import pytest
 from support.lab_boot32 import BANNER
 from support.lab_debian import LAB_CPU, need
 from support.labhost import CORRAL

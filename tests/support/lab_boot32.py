@@ -27,7 +27,16 @@ SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 KERNEL_META = "linux-image-686"
 INIT_SOURCE = Path(__file__).with_name("boot32_init.c")
-CFLAGS = ["-m32", "-static", "-nostdlib", "-ffreestanding", "-fno-pic", "-no-pie", "-O2", "-fno-stack-protector"]
+CFLAGS = [
+    "-m32",
+    "-static",
+    "-nostdlib",
+    "-ffreestanding",
+    "-fno-pic",
+    "-no-pie",
+    "-O2",
+    "-fno-stack-protector",
+]
 CFLAGS += ["-fcf-protection=none", "-Wl,--build-id=none", "-Wl,-e,_start"]
 BANNER = "BOOT32-INIT: userspace runs, pointer size 4, machine i686"
 
@@ -90,7 +99,9 @@ def _apt(state: Path, tool: str, *args: str, cwd: Path | None = None) -> str:
         "APT::Sandbox::User": "root",
     }
     cmd = [exe] + [x for k, v in opts.items() for x in ("-o", f"{k}={v}")] + list(args)
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"})
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=cwd, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}
+    )
     if res.returncode != 0:
         last = ((res.stdout + res.stderr).strip().splitlines() or ["?"])[-1]
         raise ConfigError(f"{tool} {args[0]} (i386, {MIRROR}) failed: {last}")

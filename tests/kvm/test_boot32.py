@@ -13,11 +13,10 @@ It prints the command line and the initrd's text on COM1 and leaves through the 
 0x80 | a bit per failed check. Ring 0 is emulated on a PVM host: the kernel is a few hundred
 instructions."""
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from support.asm import assemble_flat
 from support.cli import corral
 
 from corral.boot import bzimage
@@ -142,13 +141,8 @@ pend:
 
 @pytest.fixture(scope="module")
 def tiny_bzimage32(tmp_path_factory) -> Path:
-    if not (shutil.which("as") and shutil.which("objcopy")):
-        pytest.skip("binutils (as, objcopy) are not installed")
     d = tmp_path_factory.mktemp("boot32")
-    (d / "k.S").write_text(TINY_BZIMAGE32)
-    subprocess.run(["as", "--32", "-o", str(d / "k.o"), str(d / "k.S")], check=True)
-    kernel = d / "bzImage32"
-    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(d / "k.o"), str(kernel)], check=True)
+    kernel = assemble_flat(TINY_BZIMAGE32, d, "bzImage32")
     assert bzimage.entry_protocol(kernel.read_bytes()) == "linux32"
     (d / "initrd").write_bytes(INITRD_TEXT.encode() + b"\0")
     return kernel

@@ -5,6 +5,9 @@ Every image here is synthetic, built with struct from the format specifications.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import os
 import struct
 
@@ -247,6 +250,53 @@ def test_bzimage_basic(mem):
 def test_bzimage_entry_protocol_from_the_header(version, xloadflags, prefer, protocol):
     image = make_bzimage(version=version, xloadflags=xloadflags)
     assert bzimage.entry_protocol(image, prefer) == protocol
+
+
+def _with_payload(image: bytes, payload: bytes, at: int = 0x40) -> bytes:
+    """`image` with `payload` at `at` in its protected-mode part and the header pointing at it."""
+    out = bytearray(image)
+    setup = (out[0x1F1] + 1) * 512
+    out[setup + at : setup + at + len(payload)] = payload
+    struct.pack_into("<II", out, 0x248, at, len(payload))
+    return bytes(out)
+
+
+ELF32_HEAD = b"\x7fELF\x01\x01\x01" + bytes(57)
+ELF64_HEAD = b"\x7fELF\x02\x01\x01" + bytes(57)
+
+
+@pytest.mark.parametrize(
+    "compress",
+    [
+        lambda d: gzip.compress(d),
+        lambda d: lzma.compress(d, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32),
+        lambda d: bz2.compress(d),
+        lambda d: lzma.compress(d, format=lzma.FORMAT_ALONE),
+    ],
+    ids=["gzip", "xz", "bzip2", "lzma"],
+)
+def test_bzimage_payload_elf_class(compress):
+    base = make_bzimage(payload=bytes(0x3000))
+    assert bzimage.payload_elf_class(_with_payload(base, compress(ELF32_HEAD))) == 32
+    assert bzimage.payload_elf_class(_with_payload(base, compress(ELF64_HEAD))) == 64
+    assert bzimage.payload_elf_class(_with_payload(base, compress(b"not an ELF" * 8))) is None
+    assert bzimage.payload_elf_class(_with_payload(base, compress(ELF32_HEAD)[:4])) is None  # damaged
+    assert bzimage.payload_elf_class(_with_payload(base, b"\x02\x21\x4c\x18" + bytes(60))) is None  # lz4
+    # an lzma header that asks for a 4 GiB dictionary is not honoured
+    assert bzimage.payload_elf_class(_with_payload(base, b"\x5d\x00\x00\x00\xff" + bytes(59))) is None
+    old = bytearray(_with_payload(base, compress(ELF32_HEAD)))
+    struct.pack_into("<H", old, 0x206, 0x0207)  # no payload fields before 2.08
+    assert bzimage.payload_elf_class(bytes(old)) is None
+
+
+def test_bzimage_64bit_header_over_a_32bit_kernel_is_refused(mem):
+    image = _with_payload(make_bzimage(payload=bytes(0x3000)), gzip.compress(ELF32_HEAD))
+    with pytest.raises(KernelFormatError, match="32-bit ELF: the image is damaged"):
+        load_kernel(mem, image)
+    # the 32-bit entry is right for it; and a pre-3.8 x86-64 kernel (no XLF_KERNEL_64) takes it too
+    assert load_kernel(mem, image, prefer="linux32").protocol == "linux32"
+    old64 = _with_payload(make_bzimage(payload=bytes(0x3000), xloadflags=0), gzip.compress(ELF64_HEAD))
+    assert load_kernel(mem, old64).protocol == "linux32"
 
 
 def test_bzimage_without_64bit_entry_cannot_be_forced_to_it(mem):

@@ -19,6 +19,10 @@ advertised from 2.12. CPUID is the machine's either way: a 686 kernel runs on a 
 
 from __future__ import annotations
 
+import bz2
+import lzma
+import zlib
+
 from corral.arch.x86 import layout
 from corral.boot import gdt
 from corral.boot._common import (
@@ -58,6 +62,8 @@ OFF_KERNEL_ALIGNMENT = 0x230
 OFF_RELOCATABLE = 0x234
 OFF_XLOADFLAGS = 0x236
 OFF_CMDLINE_SIZE = 0x238
+OFF_PAYLOAD_OFFSET = 0x248  # 2.08+: the compressed vmlinux, from the protected-mode code
+OFF_PAYLOAD_LENGTH = 0x24C
 OFF_PREF_ADDRESS = 0x258
 OFF_INIT_SIZE = 0x260
 SETUP_HEADER_MIN_END = 0x264  # through init_size
@@ -90,10 +96,42 @@ def is_bzimage(image: bytes) -> bool:
     return image[OFF_MAGIC : OFF_MAGIC + 4] == HDRS_MAGIC
 
 
+ELF_HEAD = 5  # "\x7fELF" and EI_CLASS
+ELFCLASS_BITS = {1: 32, 2: 64}
+PEEK_INPUT = 1 << 20  # compressed bytes read for the ELF header: a few hundred suffice
+PEEK_MEMLIMIT = 64 << 20  # the kernel's xz dictionary is 32 MiB; a hostile header wants more
+
+
+def payload_elf_class(image: bytes) -> int | None:
+    """32 or 64: the class of the vmlinux ELF inside the payload, for the compressions Python
+    reads (gzip, xz, bzip2, lzma); None when it cannot tell (lz4, lzo, zstd; protocol before
+    2.08; a damaged payload). Only the first bytes are decompressed."""
+    try:
+        if u16(image, OFF_VERSION, "") < 0x0208:
+            return None
+        start = (u8(image, OFF_SETUP_SECTS, "") or 4) * 512 + 512 + u32(image, OFF_PAYLOAD_OFFSET, "")
+        data = image[start : start + min(u32(image, OFF_PAYLOAD_LENGTH, ""), PEEK_INPUT)]
+        if data[:2] == b"\x1f\x8b":
+            head = zlib.decompressobj(wbits=31).decompress(data, ELF_HEAD)
+        elif data[:6] == b"\xfd7zXZ\x00":
+            head = lzma.LZMADecompressor(lzma.FORMAT_XZ, PEEK_MEMLIMIT).decompress(data, ELF_HEAD)
+        elif data[:3] == b"BZh":
+            head = bz2.BZ2Decompressor().decompress(data, ELF_HEAD)
+        elif data[:3] == b"\x5d\x00\x00":
+            head = lzma.LZMADecompressor(lzma.FORMAT_ALONE, PEEK_MEMLIMIT).decompress(data, ELF_HEAD)
+        else:
+            return None
+    except (KernelFormatError, zlib.error, lzma.LZMAError, OSError, EOFError, ValueError, MemoryError):
+        return None
+    return ELFCLASS_BITS.get(head[4]) if head[:4] == b"\x7fELF" and len(head) == ELF_HEAD else None
+
+
 def entry_protocol(image: bytes, prefer: str | None = None, name: str = "kernel") -> str:
     """The entry to use: "linux64" when the setup header advertises the 64-bit entry
     (XLF_KERNEL_64, protocol 2.12+), else "linux32"; `prefer="linux32"` enters a 64-bit kernel
-    at its 32-bit entry. The minimum version is checked here, so callers trust the fields."""
+    at its 32-bit entry (so does a pre-3.8 x86-64 kernel, which advertised none). A header that
+    claims the 64-bit entry for a 32-bit vmlinux (payload_elf_class) is refused. The minimum
+    version is checked here, so callers trust the fields."""
     what = name
     version = u16(image, OFF_VERSION, what)
     has_64 = version >= MIN_VERSION and bool(u16(image, OFF_XLOADFLAGS, what) & XLF_KERNEL_64)
@@ -103,6 +141,11 @@ def entry_protocol(image: bytes, prefer: str | None = None, name: str = "kernel"
             f"before 2.12): boot it with the 32-bit protocol (linux32)"
         )
     protocol = "linux64" if has_64 and prefer != "linux32" else "linux32"
+    if protocol == "linux64" and payload_elf_class(image) == 32:
+        raise KernelFormatError(
+            f"{what}: the header advertises a 64-bit entry but the kernel inside is a 32-bit ELF: "
+            f"the image is damaged"
+        )
     if version < MIN_VERSION_32:
         raise KernelFormatError(
             f"{what}: Linux boot protocol {version >> 8}.{version & 0xFF:02d} is too old: corral "

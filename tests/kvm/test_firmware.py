@@ -8,12 +8,11 @@ SeaBIOS's POST runs in real and protected mode, which KVM emulates on a PVM host
 about 10 s here."""
 
 import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from support.asm import assemble_flat
 from support.cli import corral, one_clear_line
 
 from corral.boot import firmware
@@ -63,15 +62,8 @@ msg: .asciz "{MESSAGE}\r\n"
 @pytest.fixture(scope="module")
 def mbr_disk(tmp_path_factory) -> Path:
     """A 1 MiB raw disk whose first sector is BOOT_SECTOR."""
-    if not (shutil.which("as") and shutil.which("objcopy")):
-        pytest.skip("binutils (as, objcopy) are not installed")
     d = tmp_path_factory.mktemp("mbr")
-    (d / "mbr.S").write_text(BOOT_SECTOR)
-    subprocess.run(["as", "--32", "-o", str(d / "mbr.o"), str(d / "mbr.S")], check=True)
-    subprocess.run(
-        ["objcopy", "-O", "binary", "-j", ".text", str(d / "mbr.o"), str(d / "mbr.bin")], check=True
-    )
-    sector = (d / "mbr.bin").read_bytes()
+    sector = assemble_flat(BOOT_SECTOR, d, "mbr.bin").read_bytes()
     assert len(sector) == 512 and sector.endswith(b"\x55\xaa")
     disk = d / "disk.img"
     disk.write_bytes(sector.ljust(1 << 20, b"\0"))
@@ -162,10 +154,7 @@ def test_seabios_boots_a_kernel_from_fw_cfg(tmp_path):
     loads the setup, the kernel and the command line where fw_cfg says and enters the setup."""
     if not any(os.path.exists(p) for p in firmware.LINUXBOOT_ROMS):
         pytest.skip("QEMU's linuxboot_dma.bin is not installed")
-    (tmp_path / "k.S").write_text(TINY_BZIMAGE)
-    subprocess.run(["as", "--32", "-o", str(tmp_path / "k.o"), str(tmp_path / "k.S")], check=True)
-    kernel = tmp_path / "bzImage"
-    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(tmp_path / "k.o"), str(kernel)], check=True)
+    kernel = assemble_flat(TINY_BZIMAGE, tmp_path, "bzImage")
     r = corral(
         "run",
         "--firmware",
@@ -276,13 +265,8 @@ _start:
 
 
 def test_a_firmware_guest_snapshot_restores_with_its_firmware_granted(tmp_path):
-    (tmp_path / "w.S").write_text(WAITING_SECTOR)
-    subprocess.run(["as", "--32", "-o", str(tmp_path / "w.o"), str(tmp_path / "w.S")], check=True)
-    subprocess.run(
-        ["objcopy", "-O", "binary", "-j", ".text", str(tmp_path / "w.o"), str(tmp_path / "w.bin")], check=True
-    )
     disk = tmp_path / "disk.img"
-    disk.write_bytes((tmp_path / "w.bin").read_bytes().ljust(1 << 20, b"\0"))
+    disk.write_bytes(assemble_flat(WAITING_SECTOR, tmp_path, "w.bin").read_bytes().ljust(1 << 20, b"\0"))
     disks = (DiskConfig(path=disk, read_only=True),)
     out = bytearray()
     cfg = MachineConfig.build(firmware="seabios", disks=disks, debug_exit=0xF4, memory="64M", no_reboot=True)

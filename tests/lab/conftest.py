@@ -87,7 +87,22 @@ def debian_rootfs():
 
 
 @pytest.fixture(scope="session")
-def lab(request, probe_build, debian_build, debian_rootfs):
+def boot32_build():
+    """Debian's 686 kernel and a 32-bit init (tests/support/lab_boot32.py), built on the host
+    before the lab boots. Returns ({"kernel", "initrd"}, None) or (None, reason)."""
+    from support.lab_boot32 import ensure_boot32_images
+
+    from corral.errors import ConfigError, HostError
+    from corral.images.cache import cache_root
+
+    try:
+        return ensure_boot32_images(cache_root() / "lab"), None
+    except (ConfigError, HostError) as exc:
+        return None, f"the 32-bit guest cannot be built here: {exc}"
+
+
+@pytest.fixture(scope="session")
+def lab(request, probe_build, debian_build, debian_rootfs, boot32_build):
     """The booted lab host, shared by every lab test of the session."""
     from support.labhost import ensure_lab_images
 

@@ -5,6 +5,9 @@ Every image here is synthetic, built with struct from the format specifications.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import os
 import struct
 
@@ -14,7 +17,7 @@ from hypothesis import strategies as st
 from support.hostile import fifo
 
 from corral.arch.x86 import layout
-from corral.boot import load_kernel, load_kernel_file
+from corral.boot import bzimage, gdt, load_kernel, load_kernel_file
 from corral.boot.elf import XEN_HVM_START_MAGIC
 from corral.errors import ConfigError, CorralError, KernelFormatError
 from corral.memory import GuestMemory
@@ -231,6 +234,121 @@ def test_bzimage_basic(mem):
     assert mem.read_u64(layout.PML4) == layout.PDPT | 3
 
 
+# --- bzImage, the 32-bit boot protocol (i386/686 kernels) ---------------------------------------
+@pytest.mark.parametrize(
+    ("version", "xloadflags", "prefer", "protocol"),
+    [
+        (0x020F, 0x01 | 0x02, None, "linux64"),
+        (0x020F, 0x01 | 0x02, "linux64", "linux64"),
+        (0x020F, 0x01 | 0x02, "linux32", "linux32"),  # an x86-64 kernel's startup_32
+        (0x020F, 0x00, None, "linux32"),  # a 686 kernel: no XLF_KERNEL_64
+        (0x020F, 0x02, None, "linux32"),  # XLF_CAN_BE_LOADED_ABOVE_4G alone is not the 64-bit entry
+        (0x020B, 0x01, None, "linux32"),  # before 2.12 xloadflags is not a field: no 64-bit entry
+        (0x020A, 0x00, None, "linux32"),  # 2.10 is enough for the 32-bit entry
+    ],
+)
+def test_bzimage_entry_protocol_from_the_header(version, xloadflags, prefer, protocol):
+    image = make_bzimage(version=version, xloadflags=xloadflags)
+    assert bzimage.entry_protocol(image, prefer) == protocol
+
+
+def _with_payload(image: bytes, payload: bytes, at: int = 0x40) -> bytes:
+    """`image` with `payload` at `at` in its protected-mode part and the header pointing at it."""
+    out = bytearray(image)
+    setup = (out[0x1F1] + 1) * 512
+    out[setup + at : setup + at + len(payload)] = payload
+    struct.pack_into("<II", out, 0x248, at, len(payload))
+    return bytes(out)
+
+
+ELF32_HEAD = b"\x7fELF\x01\x01\x01" + bytes(57)
+ELF64_HEAD = b"\x7fELF\x02\x01\x01" + bytes(57)
+
+
+@pytest.mark.parametrize(
+    "compress",
+    [
+        lambda d: gzip.compress(d),
+        lambda d: lzma.compress(d, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32),
+        lambda d: bz2.compress(d),
+        lambda d: lzma.compress(d, format=lzma.FORMAT_ALONE),
+    ],
+    ids=["gzip", "xz", "bzip2", "lzma"],
+)
+def test_bzimage_payload_elf_class(compress):
+    base = make_bzimage(payload=bytes(0x3000))
+    assert bzimage.payload_elf_class(_with_payload(base, compress(ELF32_HEAD))) == 32
+    assert bzimage.payload_elf_class(_with_payload(base, compress(ELF64_HEAD))) == 64
+    assert bzimage.payload_elf_class(_with_payload(base, compress(b"not an ELF" * 8))) is None
+    assert bzimage.payload_elf_class(_with_payload(base, compress(ELF32_HEAD)[:4])) is None  # damaged
+    assert bzimage.payload_elf_class(_with_payload(base, b"\x02\x21\x4c\x18" + bytes(60))) is None  # lz4
+    # an lzma header that asks for a 4 GiB dictionary is not honoured
+    assert bzimage.payload_elf_class(_with_payload(base, b"\x5d\x00\x00\x00\xff" + bytes(59))) is None
+    old = bytearray(_with_payload(base, compress(ELF32_HEAD)))
+    struct.pack_into("<H", old, 0x206, 0x0207)  # no payload fields before 2.08
+    assert bzimage.payload_elf_class(bytes(old)) is None
+
+
+def test_bzimage_64bit_header_over_a_32bit_kernel_is_refused(mem):
+    image = _with_payload(make_bzimage(payload=bytes(0x3000)), gzip.compress(ELF32_HEAD))
+    with pytest.raises(KernelFormatError, match="32-bit ELF: the image is damaged"):
+        load_kernel(mem, image)
+    # the 32-bit entry is right for it; and a pre-3.8 x86-64 kernel (no XLF_KERNEL_64) takes it too
+    assert load_kernel(mem, image, prefer="linux32").protocol == "linux32"
+    old64 = _with_payload(make_bzimage(payload=bytes(0x3000), xloadflags=0), gzip.compress(ELF64_HEAD))
+    assert load_kernel(mem, old64).protocol == "linux32"
+
+
+def test_bzimage_without_64bit_entry_cannot_be_forced_to_it(mem):
+    with pytest.raises(KernelFormatError, match=r"no 64-bit entry point.*linux32"):
+        load_kernel(mem, make_bzimage(xloadflags=0), prefer="linux64")
+
+
+def test_bzimage_32bit_protocol_cpu_state_and_zero_page(mem):
+    payload = bytes(range(256)) * 48
+    image = make_bzimage(payload=payload, xloadflags=0, pref=16 * MiB)
+    info = load_kernel(mem, image, cmdline="console=ttyS0", initrd=b"r" * 5000, rsdp_addr=0xE0000)
+    assert info.protocol == "linux32"
+    assert mem.read(16 * MiB, len(payload)) == payload
+    cpu = info.cpu
+    # boot.rst, 32-bit boot protocol: enter at the 32-bit entry (the load address) in protected
+    # mode, paging off, flat 4 GiB __BOOT_CS/__BOOT_DS, interrupts off, %esi = boot_params and
+    # %ebp/%edi/%ebx zero
+    assert cpu.rip == 16 * MiB
+    assert cpu.gprs == {"rsi": layout.ZERO_PAGE}
+    assert cpu.cr0 & 1 == 1 and cpu.cr0 & 0x80000000 == 0 and cpu.cr4 == 0 and cpu.efer == 0
+    assert cpu.rflags & (1 << 9) == 0
+    for seg, selector, typ in ((cpu.cs, 0x10, 0xB), (cpu.ds, 0x18, 0x3)):
+        assert (seg.selector, seg.base, seg.limit, seg.type) == (selector, 0, 0xFFFFFFFF, typ)
+        assert (seg.db, seg.l, seg.g, seg.s, seg.dpl, seg.present) == (1, 0, 1, 1, 0, 1)
+    # the descriptors in the GDT are the ones the segment caches say
+    for selector, seg in ((0x10, cpu.cs), (0x18, cpu.ds)):
+        desc = mem.read_u64(cpu.gdt_base + selector)
+        assert gdt.segment_from_descriptor(selector, desc) == seg
+    zp = layout.ZERO_PAGE
+    assert mem.read_u32(zp + 0x214) == 16 * MiB  # code32_start: where the kernel went
+    assert mem.read(zp + 0x210, 1) == b"\xff" and mem.read(zp + 0x211, 1)[0] == 0x81
+    assert mem.read(layout.CMDLINE, 14) == b"console=ttyS0\0"
+    start, end = info.initrd_range
+    assert mem.read_u32(zp + 0x218) == start and mem.read_u32(zp + 0x21C) == 5000 == end - start
+    assert end <= 0x80000000 and start >= info.kernel_range[1]
+    assert mem.read(zp + 0x1E8, 1)[0] == len(e820_raw(MEM))
+    assert mem.read_u64(zp + 0x070) == 0xE0000
+
+
+def test_bzimage_32bit_relocated_kernel_enters_where_it_was_loaded(mem):
+    # the preferred address does not fit 64 MiB: 1 MiB rounded up to kernel_alignment
+    info = load_kernel(mem, make_bzimage(xloadflags=0, pref=MEM, kernel_alignment=4 * MiB))
+    assert info.protocol == "linux32" and info.cpu.rip == 4 * MiB == info.kernel_range[0]
+    assert mem.read_u32(layout.ZERO_PAGE + 0x214) == 4 * MiB
+
+
+def test_bzimage_32bit_initrd_below_initrd_addr_max():
+    with GuestMemory(256 * MiB) as mem:
+        info = load_kernel(mem, make_bzimage(xloadflags=0, initrd_addr_max=0x37FFFFF), initrd=b"x" * 0x3000)
+    assert info.initrd_range == (0x3800000 - 0x3000, 0x3800000)  # as high as initrd_addr_max allows
+
+
 def test_bzimage_old_protocol_has_no_rsdp_field(mem):
     load_kernel(mem, make_bzimage(version=0x020C), rsdp_addr=0xE0000)
     assert mem.read_u64(layout.ZERO_PAGE + 0x070) == 0
@@ -325,7 +443,7 @@ def test_bzimage_cmdline_limits(mem):
     [
         (make_bzimage()[:0x210], "too short"),
         (make_bzimage(version=0x0206), "too old"),
-        (make_bzimage(xloadflags=0), "64-bit entry"),
+        (make_bzimage(version=0x0209, xloadflags=0), "needs 2.10 or later"),
         (make_bzimage(loadflags=0), "zImage"),
         (make_bzimage(header_end=0x240), "setup header ends"),
         (make_bzimage(setup_sects=200)[:0x1000], "truncated"),
@@ -643,6 +761,7 @@ def fuzz_mem() -> GuestMemory:
 
 VALID_IMAGES = [
     make_bzimage(payload=b"\x90" * 0x400, init_size=0x1000),
+    make_bzimage(payload=b"\x90" * 0x400, init_size=0x1000, xloadflags=0, version=0x020A),
     make_elf(segments=[(0x100000, b"\x90" * 0x40, 0x100)]),
     make_elf(cls=32, desc_size=4, note_in="shdr", segments=[(0x100000, b"\x90" * 0x40, 0x100)]),
     make_elf(

@@ -27,7 +27,7 @@ class BootInfo:
     up to load address + max(init_size, payload size)).
     """
 
-    protocol: str  # "linux64" | "pvh" | "multiboot"
+    protocol: str  # "linux64" | "linux32" | "pvh" | "multiboot"
     cpu: BootCpuState
     kernel_range: tuple[int, int]
     initrd_range: tuple[int, int] | None

@@ -1,6 +1,7 @@
 """Kernel format detection and the entry points the VMM calls.
 
-bzImage ("HdrS" at 0x202) boots with the Linux 64-bit protocol; an ELF with a PVH note boots
+bzImage ("HdrS" at 0x202) boots with the Linux 64-bit protocol, or the 32-bit one when the
+kernel has no 64-bit entry (an i386/686 kernel) or `prefer="linux32"`; an ELF with a PVH note boots
 with PVH; otherwise a Multiboot header boots with Multiboot (v1). An ELF that has both a PVH note
 and a Multiboot header boots with PVH unless `prefer="multiboot"`.
 """
@@ -22,7 +23,7 @@ from corral.memory import GuestMemory
 
 __all__ = ["PROTOCOLS", "BootInfo", "load_kernel", "load_kernel_file", "read_boot_file"]
 
-PROTOCOLS = ("linux64", "pvh", "multiboot")
+PROTOCOLS = ("linux64", "pvh", "multiboot", "linux32")
 
 
 class _LoadArgs(TypedDict):
@@ -84,7 +85,7 @@ def load_kernel(
         )
     if is_bzimage(kernel):
         no_modules("the Linux boot protocol")
-        return load_bzimage(mem, kernel, **args)
+        return load_bzimage(mem, kernel, **args, prefer=prefer if prefer in ("linux64", "linux32") else None)
     header = find_header(kernel, name)
     if header is not None:
         return load_multiboot(mem, kernel, header, **args, **mb)  # type: ignore[arg-type]

@@ -224,7 +224,7 @@ class VirtioNet(VirtioDevice[NoState]):
                 frame = None if own is None else bytes(VNET_HDR_LEN) + own
             if frame is None:
                 chain = bufs.next()
-                if chain is not None and chain.writable_len >= VNET_HDR_LEN:
+                if chain is not None and chain.writable_len >= VNET_HDR_LEN and _disjoint(chain.writable):
                     got = self._read_into(rx, chain, done)
                     if got is True:
                         continue  # delivered in place
@@ -319,6 +319,20 @@ class VirtioNet(VirtioDevice[NoState]):
         self.stats["rx_frames"] += 1
         self.stats["rx_bytes"] += len(frame) - VNET_HDR_LEN
         return True
+
+
+def _disjoint(segments: list[tuple[int, int]]) -> bool:
+    """Whether no two (addr, length) buffers overlap. A frame read straight into buffers that
+    alias each other could not be read back whole if it has to wait, so such a chain takes the
+    bounce path, as one a guest shares with itself deserves."""
+    if len(segments) == 1:
+        return True
+    end = -1
+    for addr, length in sorted(segments):
+        if addr < end:
+            return False
+        end = addr + length
+    return True
 
 
 class _RxBuffers:

@@ -25,15 +25,4 @@ def test_probe_scenario(sc: Scenario, cpus: int, tmp_path):
             frames = rx_packets(tap)
     else:
         run = run_probe(sc.cmdline, cpus, timeout=sc.timeout, **memory, **devices)
-    sc.verify(
-        Outcome(
-            run.status,
-            run.results,
-            run.progress,
-            run.output,
-            cpus,
-            disk,
-            frames,
-            note=f"({run.result.kind}: {run.result.message})",
-        )
-    )
+    sc.verify(Outcome.of(run, cpus, disk, frames, note=f"({run.result.kind}: {run.result.message})"))

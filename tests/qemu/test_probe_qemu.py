@@ -64,18 +64,7 @@ def test_probe_scenario(sc: Scenario, cpus: int, boot: str, kernels, tmp_path):
             frames = rx_packets(tap)
     else:
         run = run_qemu_probe(sc.cmdline, cpus, **opts)
-    sc.verify(
-        Outcome(
-            run.status,
-            run.results,
-            run.progress,
-            run.output,
-            cpus,
-            disk,
-            frames,
-            note=f"(QEMU exit code {run.returncode})",
-        )
-    )
+    sc.verify(Outcome.of(run, cpus, disk, frames, note=f"(QEMU exit code {run.returncode})"))
     if sc.every_boot:
         assert run.results.get("boot") == boot, run.output
         assert f"probe: boot={boot}" in run.output

@@ -54,6 +54,11 @@ class Outcome:
     tap_frames: int | None = None  # frames the host's tap received
     note: str = ""  # the runner's own word on how the run ended
 
+    @classmethod
+    def of(cls, run, cpus: int, disk: Path | None, frames: int | None, note: str) -> Outcome:
+        """From a runner's result: anything with status, results, progress and output."""
+        return cls(run.status, run.results, run.progress, run.output, cpus, disk, frames, note)
+
 
 class Predicate:
     """A RESULT value check with a name for failure messages."""

@@ -2,9 +2,12 @@
 vCPU the exits by reason, port I/O and MMIO exits by address and by device (the bus mapping
 that address belongs to), halts, and the ns the VMM spent on each, plus the time in KVM_RUN.
 
-The counters are the vCPUs' own (corral.vstate.exits); this module only reads and shapes them.
-Interrupts are injected by KVM's in-kernel irqchip and halts wait there too, so neither reaches
-the VMM as an exit: `halts` counts KVM_EXIT_HLT (only without the in-kernel LAPIC).
+The exit counters are the vCPUs' own (corral.vstate.exits); this module only reads and shapes
+them. Interrupts are injected by KVM's in-kernel irqchip and halts wait there too, so neither
+reaches the VMM as an exit: those come from KVM's own per-vCPU counters (corral.vstate.kvm_stats:
+halt_exits, irq_injections, ...), counted since the vCPU was created, whether or not exit
+statistics are on. Where that fd is not read (PVM, or a KVM before 5.14) `kvm_stats` says why and
+`halts` falls back to the KVM_EXIT_HLT exits the VMM saw.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from corral.errors import HostError
+from corral.host import pvm_loaded
 from corral.kvm import constants as K
+from corral.vstate import kvm_stats
 
 if TYPE_CHECKING:
     from corral.devices.bus import Mapping
@@ -35,7 +41,9 @@ class VcpuExitStats(BaseModel):
     vcpu: int
     exits: int  # every exit since the vCPU started (counted whether or not stats are on)
     run_ns: int  # time inside KVM_RUN while stats were on
-    halts: int
+    halts: int  # HLTs: KVM's halt_exits, or the KVM_EXIT_HLT exits where KVM's counters are not read
+    interrupts: int | None  # interrupts KVM injected (irq_injections); None without KVM's counters
+    kvm: dict[str, int]  # every scalar counter of KVM's statistics fd for this vCPU (empty: see kvm_stats)
     by_reason: list[Counter]
     pio_by_port: list[Counter]
     mmio_by_address: list[Counter]
@@ -46,6 +54,7 @@ class ExitStats(BaseModel):
     """The reply of GET /corral/stats."""
 
     enabled: bool  # stats are being counted (`corral run --stats`, PATCH /corral/stats)
+    kvm_stats: str  # "read" (KVM's own counters are in each vCPU's `kvm`), or one line saying why not
     vcpus: list[VcpuExitStats]
 
 
@@ -68,11 +77,18 @@ def _counters(table: dict[int, list[int]], key: object) -> list[Counter]:
 def exit_stats(machine: Machine) -> ExitStats:
     """The machine's exit statistics now (empty lists for vCPUs never observed)."""
     board = machine.board
+    why_not = kvm_stats.refusal(pvm_loaded())
     pio_maps = list(board.pio.mappings) if board else []
     mmio_maps = list(board.mmio.mappings) if board else []
     out = []
     for v in machine.vcpus:
         obs = machine.exit_observers.get(v.index)
+        kvm: dict[str, int] = {}
+        if why_not is None:
+            try:
+                kvm = kvm_stats.read_vcpu_stats(v.fd)
+            except HostError as exc:  # KvmError: no stats fd on this KVM; StatsFormatError
+                why_not = str(exc)
         by_reason, pio, mmio, run_ns = obs.snapshot() if obs else ({}, {}, {}, 0)
         devices: dict[str, list[int]] = {}
         for table, maps, space in ((pio, pio_maps, "pio"), (mmio, mmio_maps, "mmio")):
@@ -85,14 +101,16 @@ def exit_stats(machine: Machine) -> ExitStats:
                 vcpu=v.index,
                 exits=v.exits,
                 run_ns=run_ns,
-                halts=by_reason.get(K.EXIT_HLT, [0, 0])[0],
+                halts=kvm.get("halt_exits", by_reason.get(K.EXIT_HLT, [0, 0])[0]),
+                interrupts=kvm.get("irq_injections"),
+                kvm=kvm,
                 by_reason=_counters(by_reason, reason_name),
                 pio_by_port=_counters(pio, lambda p: f"{p:#x}")[:TOP],
                 mmio_by_address=_counters(mmio, lambda a: f"{a:#x}")[:TOP],
                 by_device=[Counter(key=k, count=c, ns=ns) for k, (c, ns) in sorted(devices.items())],
             )
         )
-    return ExitStats(enabled=machine.observing_exits, vcpus=out)
+    return ExitStats(enabled=machine.observing_exits, kvm_stats=why_not or "read", vcpus=out)
 
 
 __all__ = ["Counter", "ExitStats", "VcpuExitStats", "device_of", "exit_stats", "reason_name"]

@@ -152,6 +152,7 @@ STATE_IOCTLS = frozenset(
         "KVM_GET_XSAVE",
         "KVM_GET_XCRS",
         "KVM_KVMCLOCK_CTRL",  # pause tells a kvmclock guest
+        "KVM_GET_STATS_FD",  # corral stats: KVM's own per-vCPU counters (halts, interrupts)
         "KVM_GET_IRQCHIP",
         "KVM_GET_PIT2",
         "KVM_GET_CLOCK",

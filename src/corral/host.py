@@ -43,15 +43,10 @@ class HostReport:
         return self.error is None and not self.missing_required
 
 
-def pvm_loaded() -> bool:
-    """This host's KVM is PVM (kvm_pvm: no hardware virtualization); cheap, opens no KVM fd."""
-    return os.path.isdir("/sys/module/kvm_pvm")
-
-
 def probe_host(kvm_path: str = "/dev/kvm") -> HostReport:
     rep = HostReport(kvm_path=kvm_path)
     flags = _cpu_flags()
-    if pvm_loaded():
+    if os.path.isdir("/sys/module/kvm_pvm"):
         rep.virtualization = "pvm"
     elif "vmx" in flags:
         rep.virtualization = "vmx"

@@ -6,8 +6,8 @@ The exit counters are the vCPUs' own (corral.vstate.exits); this module only rea
 them. Interrupts are injected by KVM's in-kernel irqchip and halts wait there too, so neither
 reaches the VMM as an exit: those come from KVM's own per-vCPU counters (corral.vstate.kvm_stats:
 halt_exits, irq_injections, ...), counted since the vCPU was created, whether or not exit
-statistics are on. Where that fd is not read (PVM, or a KVM before 5.14) `kvm_stats` says why and
-`halts` falls back to the KVM_EXIT_HLT exits the VMM saw.
+statistics are on. Where KVM has no such fd (before Linux 5.14) `kvm_stats` says so and `halts`
+falls back to the KVM_EXIT_HLT exits the VMM saw.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from corral.errors import HostError
-from corral.host import pvm_loaded
 from corral.kvm import constants as K
-from corral.vstate import kvm_stats
 
 if TYPE_CHECKING:
     from corral.devices.bus import Mapping
     from corral.machine import Machine
 
+NO_STATS_FD = "this KVM has no statistics fd (KVM_GET_STATS_FD, Linux 5.14): halts are HLT exits only"
 TOP = 32  # addresses listed per vCPU and space (the busiest); devices are always all listed
 
 
@@ -42,7 +41,7 @@ class VcpuExitStats(BaseModel):
     exits: int  # every exit since the vCPU started (counted whether or not stats are on)
     run_ns: int  # time inside KVM_RUN while stats were on
     halts: int  # HLTs: KVM's halt_exits, or the KVM_EXIT_HLT exits where KVM's counters are not read
-    interrupts: int | None  # interrupts KVM injected (irq_injections); None without KVM's counters
+    interrupts: int | None = None  # interrupts KVM injected (irq_injections); None without KVM's counters
     kvm: dict[str, int]  # every scalar counter of KVM's statistics fd for this vCPU (empty: see kvm_stats)
     by_reason: list[Counter]
     pio_by_port: list[Counter]
@@ -77,18 +76,20 @@ def _counters(table: dict[int, list[int]], key: object) -> list[Counter]:
 def exit_stats(machine: Machine) -> ExitStats:
     """The machine's exit statistics now (empty lists for vCPUs never observed)."""
     board = machine.board
-    why_not = kvm_stats.refusal(pvm_loaded())
+    why_not: str | None = None
     pio_maps = list(board.pio.mappings) if board else []
     mmio_maps = list(board.mmio.mappings) if board else []
     out = []
     for v in machine.vcpus:
         obs = machine.exit_observers.get(v.index)
         kvm: dict[str, int] = {}
-        if why_not is None:
+        if v.kvm_stats is None:
+            why_not = NO_STATS_FD
+        else:
             try:
-                kvm = kvm_stats.read_vcpu_stats(v.fd)
-            except HostError as exc:  # KvmError: no stats fd on this KVM; StatsFormatError
-                why_not = str(exc)
+                kvm = v.kvm_stats.read()
+            except (HostError, OSError) as exc:  # StatsFormatError; a vCPU closed under us
+                why_not = f"KVM's statistics fd of vCPU {v.index} cannot be read: {exc}"
         by_reason, pio, mmio, run_ns = obs.snapshot() if obs else ({}, {}, {}, 0)
         devices: dict[str, list[int]] = {}
         for table, maps, space in ((pio, pio_maps, "pio"), (mmio, mmio_maps, "mmio")):

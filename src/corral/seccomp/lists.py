@@ -152,7 +152,6 @@ STATE_IOCTLS = frozenset(
         "KVM_GET_XSAVE",
         "KVM_GET_XCRS",
         "KVM_KVMCLOCK_CTRL",  # pause tells a kvmclock guest
-        "KVM_GET_STATS_FD",  # corral stats: KVM's own per-vCPU counters (halts, interrupts)
         "KVM_GET_IRQCHIP",
         "KVM_GET_PIT2",
         "KVM_GET_CLOCK",
@@ -180,6 +179,7 @@ API = Policy(
         "newfstatat",
         "lseek",
         "pwrite64",
+        "pread64",  # KVM's per-vCPU statistics fds (corral stats)
         "ftruncate",
         "fsync",
         "mkdir",
@@ -206,6 +206,7 @@ BUILD_IOCTLS = frozenset(
         "KVM_GET_VCPU_MMAP_SIZE",
         "KVM_GET_SUPPORTED_CPUID",
         "KVM_CREATE_VCPU",
+        "KVM_GET_STATS_FD",  # each vCPU's counters (halts, interrupts), read by corral stats
         "KVM_SET_TSS_ADDR",
         "KVM_SET_IDENTITY_MAP_ADDR",
         "KVM_CREATE_IRQCHIP",

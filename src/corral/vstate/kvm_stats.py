@@ -5,12 +5,14 @@ the VMM never sees either as an exit; KVM counts them (halt_exits, halt_wakeup, 
 ...) and publishes them through this fd: a header, descriptors (name, type, size, offset), then
 the values as u64s (Documentation/virt/kvm/api.rst, "KVM_GET_STATS_FD").
 
-The fd is read from offset 0 in one pass each time (its llseek is a no-op, so no seek back), and
-every size in the header is bounded before it is used: a kernel that lies cannot make us allocate
-or loop without end.
-
-PVM (kvm_pvm, the project's CI hosts): reading a vCPU's stats fd there once left the reader in D
-state spinning a CPU, so `refusal()` names that host and corral never opens the fd on it.
+The fd is opened once, with the vCPU, before it first runs, and kept: KVM_GET_STATS_FD is a vCPU
+ioctl, so it takes the vCPU's mutex, which KVM_RUN holds for as long as the guest runs. Asked from
+another thread while the guest runs, it waits (killable, so in D state) until the vCPU next leaves
+KVM_RUN, which an idle guest halted in KVM may not do for seconds; on PVM, where the vCPU's thread
+stays on its CPU, the waiter spins on that mutex (seen: a reader in D state spinning a CPU).
+Reading the fd takes no lock: pread at explicit offsets (its llseek is a no-op) from any thread.
+Every size in the header is bounded before it is used: a kernel that lies cannot make us
+allocate or loop without end.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import struct
 
 from corral.errors import HostError
-from corral.kvm.fds import VcpuFd
+from corral.kvm.fds import KvmError, VcpuFd
 
 HEADER = struct.Struct("<IIIIII")  # flags, name_size, num_desc, id_offset, desc_offset, data_offset
 DESC = struct.Struct("<IhHII")  # flags, exponent, size, offset, bucket_size; then the name
@@ -29,11 +31,6 @@ MAX_NAME = 256
 MAX_DESCS = 1024
 MAX_BYTES = 1 << 20  # the whole fd: x86 KVM 6.x has ~40 vCPU stats, a few KiB with histograms
 
-PVM_REFUSAL = (
-    "KVM's statistics fd is not read on a PVM host (kvm_pvm): reading it once hung the reader "
-    "in the kernel; halts and injected interrupts are counted only on VT-x/AMD-V hosts"
-)
-
 
 class StatsFormatError(HostError):
     """KVM's statistics fd did not hold what its header promised."""
@@ -42,15 +39,10 @@ class StatsFormatError(HostError):
         super().__init__(f"KVM_GET_STATS_FD: {what}")
 
 
-def refusal(is_pvm: bool) -> str | None:
-    """Why this host's stats fd is not read (one line), or None when it is."""
-    return PVM_REFUSAL if is_pvm else None
-
-
-def _read(fd: int, size: int) -> bytes:
+def _pread(fd: int, size: int, offset: int) -> bytes:
     out = bytearray()
     while len(out) < size:
-        chunk = os.read(fd, size - len(out))
+        chunk = os.pread(fd, size - len(out), offset + len(out))
         if not chunk:
             break
         out += chunk
@@ -87,27 +79,44 @@ def parse(blob: bytes, header: tuple[int, ...]) -> dict[str, int]:
     return values
 
 
-def read_vcpu_stats(vcpu_fd: VcpuFd) -> dict[str, int]:
-    """Every scalar counter KVM keeps for this vCPU, by KVM's name (halt_exits, irq_injections,
-    halt_wakeup, exits, ...). Raises KvmError when KVM has no stats fd (before Linux 5.14)."""
-    fd = vcpu_fd.stats_fd()
-    try:
-        blob = _read(fd, HEADER.size)
+class VcpuStats:
+    """One vCPU's statistics fd: `open` it while the vCPU is not running, `read` it from any
+    thread, `close` it with the vCPU."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def open(cls, vcpu_fd: VcpuFd) -> VcpuStats | None:
+        """The vCPU's stats fd, or None where KVM has none (before Linux 5.14)."""
+        try:
+            return cls(vcpu_fd.stats_fd())
+        except KvmError:
+            return None
+
+    def read(self) -> dict[str, int]:
+        """Every scalar counter KVM keeps for this vCPU, by KVM's name (halt_exits,
+        irq_injections, halt_wakeup, exits, ...), counted since the vCPU was created."""
+        fd = self.fd
+        blob = _pread(fd, HEADER.size, 0)
         if len(blob) != HEADER.size:
             raise StatsFormatError(f"a {len(blob)}-byte header")
         header = HEADER.unpack(blob)
         _flags, name_size, num_desc, _id, _desc_offset, data_offset = header
         if name_size > MAX_NAME or num_desc > MAX_DESCS or not HEADER.size <= data_offset <= MAX_BYTES:
             raise StatsFormatError(f"{num_desc} descriptors, {name_size}-byte names, data at {data_offset}")
-        blob += _read(fd, data_offset - HEADER.size)
+        blob = _pread(fd, data_offset, 0)
         end = max(
             (data_offset + off + 8 * size for _n, _f, size, off in descriptors(blob, header)), default=0
         )
         if end > MAX_BYTES:
             raise StatsFormatError(f"{end} bytes of statistics")
-        return parse(blob + _read(fd, end - len(blob)), header)
-    finally:
-        os.close(fd)
+        return parse(_pread(fd, end, 0), header)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
-__all__ = ["PVM_REFUSAL", "StatsFormatError", "descriptors", "parse", "read_vcpu_stats", "refusal"]
+__all__ = ["StatsFormatError", "VcpuStats", "descriptors", "parse"]

@@ -1,0 +1,79 @@
+"""Debugging Debian's unmodified kernel in the lab (real SVM KVM, where int3 reaches the VMM):
+gdb against the running guest, a dump read back with gdb, KVM's halt and interrupt counters.
+
+One boot answers all three (a Debian boot costs a minute of TCG): the driver in
+tests/support/gdb_remote.py runs inside the lab with the host's gdb and returns what it saw.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from support.lab_debian import BANNER, BASE_CMDLINE, LAB_CPU, need
+from support.labhost import CORRAL, PYTHON, REPO
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def session(lab, debian_build):
+    images = need(debian_build)
+    res = lab.run(
+        f"{PYTHON} -m support.gdb_remote {CORRAL} {images['bzimage']} {images['initrd']} "
+        f"'{BASE_CMDLINE}' '{LAB_CPU}'",
+        cwd=str(REPO / "tests"),
+        timeout=600,
+    )
+    m = re.search(r"^DEBUGLAB_JSON (.*)$", res.output, re.M)
+    assert m, res.output
+    out = json.loads(m.group(1))
+    assert "error" not in out, f"{out['error']}\n--- console ---\n{out['console']}\n{out}"
+    assert BANNER in out["console"], out["console"]
+    return out
+
+
+def test_gdb_reads_linux_banner_and_breaks_on_the_uname_syscall(session):
+    live = session["gdb_live"]
+    syms = session["symbols"]
+    # linux_banner at its /proc/kallsyms address (KASLR moved it), read through the page tables
+    assert re.search(rf"{syms['linux_banner']}.*\"Linux version 6\.", live), live
+    entry = int(syms["__x64_sys_newuname"], 16)
+    assert f"Breakpoint 1 at {entry:#x}" in live, live
+    # the guest ran uname only once gdb continued: the int3 stopped it at the syscall's entry
+    assert f"STOPPED_AT {entry:#x}" in live, live
+    assert "Breakpoint 1," in live, live
+    # removed and detached: uname finished and printed the release; the guest went on
+    release = re.search(r"Linux version (\S+)", live).group(1)
+    assert re.search(rf"^{re.escape(release)}\s*$", session["console_after_uname"], re.M), session
+    assert "GUEST_BYE" in session["console"], session["console"]
+    assert session["status"] == 0, session["console"]
+
+
+def test_dump_of_the_running_guest_shows_its_uts_name(session):
+    assert session["dump_status"] == 0, session["dump"]
+    core = session["gdb_core"]
+    # linux_banner and init_uts_ns read from the core's physical memory by System.map-style
+    # arithmetic (kallsyms address - _text + the physical start of "Kernel code")
+    release = re.search(r"\"Linux version (\S+)", core).group(1)
+    strings = re.findall(r'^0x[0-9a-f]+:\s+"(.*)"$', core, re.M)
+    # banner, then sysname, nodename (set by the guest's /init at run time), release, version,
+    # machine
+    assert strings[1:4] == ["Linux", "corral", release], core
+    assert strings[5] == "x86_64", core
+    assert release in session["console_after_uname"], session["console_after_uname"]
+
+
+def test_stats_count_halts_and_injected_interrupts(session):
+    first, second = session["stats"]
+    assert first["kvm_stats"] == "read", first
+    v0, v1 = first["vcpus"][0], second["vcpus"][0]
+    # with the in-kernel irqchip these never reach the VMM as exits: KVM counts them
+    assert v0["kvm"]["halt_exits"] > 0 and v0["interrupts"] > 0, v0
+    assert v0["halts"] == v0["kvm"]["halt_exits"], v0
+    # an idle guest waits in HLT and is woken by its timer: both keep counting
+    assert v1["halts"] > v0["halts"] and v1["interrupts"] > v0["interrupts"], (v0, v1)
+    assert re.search(r"vcpu0: \d+ exits, \d+ halts, \d+ interrupts injected", session["stats_cli"]), session[
+        "stats_cli"
+    ]

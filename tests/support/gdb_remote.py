@@ -173,21 +173,22 @@ def debian_debug_session(corral: str, kernel: str, initrd: str, cmdline: str, cp
     work = tempfile.mkdtemp(prefix="corral-debuglab-")
     api = os.path.join(work, "vm.sock")
     argv = [corral, "run", "--kernel", kernel, "--initrd", initrd, "--memory", "512M", *cpu.split()]
-    argv += ["--no-reboot", "--gdb", "tcp:127.0.0.1:0", "--api", api]
+    # a Unix socket: the lab's loopback interface is down (no TCP to 127.0.0.1 in there)
+    argv += ["--no-reboot", "--gdb", f"unix:{work}/gdb.sock", "--api", api]
     argv += ["--cmdline", f'{cmdline} -- sh -c "{GUEST_SCRIPT}"']
     vm = ConsoleVm(argv, work)
     out: dict[str, object] = {}
     try:
-        port = int(vm.wait_for(r"gdb stub on tcp:127\.0\.0\.1:(\d+)", 60).group(1))
+        target = vm.wait_for(r"gdb stub on unix:(\S+?)[;\s]", 60).group(1)
         vm.wait_for(r"GUEST_READY", 300)
         text = vm.text()
         syms = {name: int(addr, 16) for addr, name in re.findall(r"^([0-9a-f]{16}) \w (\w+)\s*$", text, re.M)}
         code = re.search(r"^\s*([0-9a-f]+)-[0-9a-f]+ : Kernel code", text, re.M)
         out["symbols"] = {k: hex(v) for k, v in syms.items()}
-        target = f"127.0.0.1:{port}"
         sysaddr = syms["__x64_sys_newuname"]
         out["gdb_live"] = _gdb(
             "set remotetimeout 60",
+            "set architecture i386:x86-64",
             f"target remote {target}",
             f"x/s {syms['linux_banner']:#x}",
             f"break *{sysaddr:#x}",

@@ -1,5 +1,6 @@
 """KVM's binary statistics fd, parsed from bytes laid out as Documentation/virt/kvm/api.rst says
-(header, id string, descriptors, data), and refused when its header or descriptors lie."""
+(header, id string, descriptors, data), read at explicit offsets (again and again: the fd stays
+open with its vCPU), and refused when its header or descriptors lie."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import struct
 import pytest
 
 from corral.errors import HostError
-from corral.vstate import kvm_stats
-from corral.vstate.kvm_stats import DESC, HEADER, PVM_REFUSAL, StatsFormatError, read_vcpu_stats, refusal
+from corral.kvm.fds import KvmError
+from corral.vstate.kvm_stats import DESC, HEADER, MAX_DESCS, StatsFormatError, VcpuStats
 
 NAME_SIZE = 48
 CUMULATIVE, PEAK, LOG_HIST = 0, 2, 4
@@ -30,7 +31,8 @@ def blob(stats: list[tuple[str, int, list[int]]], *, num_desc: int | None = None
 
 
 class FakeVcpuFd:
-    """A VcpuFd whose stats fd is a memfd holding `data` (read the way KVM's is: from 0, once)."""
+    """A VcpuFd whose stats fd is a memfd holding `data`, its file position left at the end (as a
+    read() would leave KVM's: only pread reads it again)."""
 
     def __init__(self, data: bytes) -> None:
         self.data = data
@@ -39,17 +41,17 @@ class FakeVcpuFd:
     def stats_fd(self) -> int:
         fd = os.memfd_create("stats")
         os.write(fd, self.data)
-        os.lseek(fd, 0, os.SEEK_SET)
         self.opened.append(fd)
         return fd
 
 
-def closed(fd: int) -> bool:
+def read(data: bytes) -> dict[str, int]:
+    stats = VcpuStats.open(FakeVcpuFd(data))  # type: ignore[arg-type]
+    assert stats is not None
     try:
-        os.fstat(fd)
-    except OSError:
-        return True
-    return False
+        return stats.read()
+    finally:
+        stats.close()
 
 
 def test_scalar_counters_are_read_and_histograms_skipped():
@@ -63,9 +65,13 @@ def test_scalar_counters_are_read_and_histograms_skipped():
             ]
         )
     )
-    got = read_vcpu_stats(fake)  # type: ignore[arg-type]
-    assert got == {"halt_exits": 41, "irq_injections": 1 << 40, "halt_poll_success_ns": 7}
-    assert all(closed(fd) for fd in fake.opened)
+    stats = VcpuStats.open(fake)  # type: ignore[arg-type]
+    assert stats is not None
+    want = {"halt_exits": 41, "irq_injections": 1 << 40, "halt_poll_success_ns": 7}
+    assert stats.read() == want and stats.read() == want  # read again: same fd, same answer
+    stats.close()
+    with pytest.raises(OSError):
+        os.fstat(fake.opened[0])
 
 
 @pytest.mark.parametrize(
@@ -79,11 +85,9 @@ def test_scalar_counters_are_read_and_histograms_skipped():
     ],
 )
 def test_a_lying_stats_fd_is_one_clear_error(data, words):
-    fake = FakeVcpuFd(data)
     with pytest.raises(StatsFormatError, match=words) as exc:
-        read_vcpu_stats(fake)  # type: ignore[arg-type]
+        read(data)
     assert isinstance(exc.value, HostError) and "\n" not in str(exc.value)
-    assert all(closed(fd) for fd in fake.opened)
 
 
 def test_a_huge_value_offset_is_refused_before_reading():
@@ -91,10 +95,13 @@ def test_a_huge_value_offset_is_refused_before_reading():
     at = HEADER.size + NAME_SIZE
     struct.pack_into("<I", data, at + 8, 1 << 31)  # the descriptor's offset into the data block
     with pytest.raises(StatsFormatError, match="bytes of statistics"):
-        read_vcpu_stats(FakeVcpuFd(bytes(data)))  # type: ignore[arg-type]
+        read(bytes(data))
 
 
-def test_pvm_is_refused_in_one_line():
-    assert refusal(True) == PVM_REFUSAL and "\n" not in PVM_REFUSAL and "PVM" in PVM_REFUSAL
-    assert refusal(False) is None
-    assert kvm_stats.MAX_DESCS < 1 << 16
+def test_a_kvm_without_stats_fds_gives_none():
+    class Old:
+        def stats_fd(self) -> int:
+            raise KvmError(0xAE_CE, 25)  # ENOTTY: before Linux 5.14
+
+    assert VcpuStats.open(Old()) is None  # type: ignore[arg-type]
+    assert MAX_DESCS < 1 << 16

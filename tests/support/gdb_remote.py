@@ -179,7 +179,7 @@ def debian_debug_session(corral: str, kernel: str, initrd: str, cmdline: str, cp
     vm = ConsoleVm(argv, work)
     out: dict[str, object] = {}
     try:
-        target = vm.wait_for(r"gdb stub on unix:(\S+?)[;\s]", 60).group(1)
+        target = vm.wait_for(r"gdb stub on unix:(\S+?)[;\s]", 300).group(1)
         vm.wait_for(r"GUEST_READY", 300)
         text = vm.text()
         syms = {name: int(addr, 16) for addr, name in re.findall(r"^([0-9a-f]{16}) \w (\w+)\s*$", text, re.M)}

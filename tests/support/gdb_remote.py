@@ -162,7 +162,7 @@ def _gdb(*commands: str, timeout: float = 180) -> str:
 
 def debian_debug_session(corral: str, kernel: str, initrd: str, cmdline: str, cpu: str) -> dict[str, object]:
     """Boot Debian's kernel under `corral run --gdb --api` and, while its shell waits on the
-    console: read linux_banner with gdb, break on the uname syscall, make the guest run uname,
+    console: read linux_banner with gdb, break (hbreak) on the uname syscall, make the guest run uname,
     see the hit, remove it, go on; then `corral dump` the running guest and read its uts name
     from the core with gdb; then `corral stats` twice. Everything seen, as a dict."""
     import subprocess
@@ -191,7 +191,10 @@ def debian_debug_session(corral: str, kernel: str, initrd: str, cmdline: str, cp
             "set architecture i386:x86-64",
             f"target remote {target}",
             f"x/s {syms['linux_banner']:#x}",
-            f"break *{sysaddr:#x}",
+            # a hardware breakpoint: the lab's SVM is QEMU TCG's, which checks an INT3 against the
+            # INTn intercept only, never KVM's #BP intercept, so a software breakpoint's int3
+            # would reach the guest kernel (an oops) instead of corral
+            f"hbreak *{sysaddr:#x}",
             f"shell echo go > {vm.fifo}",  # the guest's `read a` returns and it runs uname
             "continue",
             'printf "STOPPED_AT %#lx\\n", $pc',

@@ -1,14 +1,12 @@
 """Debugging Debian's unmodified kernel in the lab (real SVM KVM): gdb against the running guest,
 a dump read back with gdb, KVM's halt and interrupt counters.
 
-The breakpoint is a hardware one: the lab's SVM is QEMU TCG's, which checks an INT3 against the
-INTn (SWINT) intercept only and never against the #BP exception intercept that KVM sets for
-KVM_GUESTDBG_USE_SW_BP, so a software breakpoint's int3 reaches the guest kernel (seen: "int3:
-0000 [#1]" in __x64_sys_newuname, then a panic) and never corral. On VT-x/AMD-V hardware int3
-exits to the VMM; here and on PVM only debug registers do.
-
-One boot answers all three (a Debian boot costs a minute of TCG): the driver in
-tests/support/gdb_remote.py runs inside the lab with the host's gdb and returns what it saw.
+No breakpoint on a syscall here: the lab's SVM is QEMU TCG's, and neither kind reaches KVM through
+it. TCG checks an INT3 against the INTn (SWINT) intercept only, never against the #BP exception
+intercept that KVM sets for KVM_GUESTDBG_USE_SW_BP, so a software breakpoint's int3 reaches the
+guest kernel (seen: "int3: 0000 [#1]" in __x64_sys_newuname, then a panic); a hardware breakpoint
+(hbreak) on the same entry never fired (uname ran through it). The probe tests on PVM cover
+hardware breakpoints in ring-0 code; software ones need VT-x/AMD-V hardware.
 """
 
 from __future__ import annotations
@@ -40,17 +38,15 @@ def session(lab, debian_build):
     return out
 
 
-def test_gdb_reads_linux_banner_and_stops_on_the_uname_syscall(session):
+def test_gdb_stops_the_guest_and_reads_linux_banner(session):
     live = session["gdb_live"]
     syms = session["symbols"]
     # linux_banner at its /proc/kallsyms address (KASLR moved it), read through the page tables
-    assert re.search(rf"{syms['linux_banner']}.*\"Linux version 6\.", live), live
-    entry = int(syms["__x64_sys_newuname"], 16)
-    assert f"Hardware assisted breakpoint 1 at {entry:#x}" in live, live
-    # the guest ran uname only once gdb continued: the breakpoint stopped it at the syscall's entry
-    assert f"STOPPED_AT {entry:#x}" in live, live
-    assert "Breakpoint 1," in live, live
-    # removed and detached: uname finished and printed the release; the guest went on
+    assert re.search(rf"{syms['linux_banner']}:\s+\"Linux version 6\.", live), live
+    # stopped in the kernel (the guest idles there waiting for its console)
+    pc = int(re.search(r"STOPPED_AT (0x[0-9a-f]+)", live).group(1), 16)
+    assert pc >= 0xFFFFFFFF80000000, live
+    # detached: the guest runs on, reads its console and runs uname
     release = re.search(r"Linux version (\S+)", live).group(1)
     assert re.search(rf"^{re.escape(release)}\s*$", session["console_after_uname"], re.M), session
     assert "GUEST_BYE" in session["console"], session["console"]

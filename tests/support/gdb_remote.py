@@ -162,9 +162,9 @@ def _gdb(*commands: str, timeout: float = 180) -> str:
 
 def debian_debug_session(corral: str, kernel: str, initrd: str, cmdline: str, cpu: str) -> dict[str, object]:
     """Boot Debian's kernel under `corral run --gdb --api` and, while its shell waits on the
-    console: read linux_banner with gdb, break (hbreak) on the uname syscall, make the guest run uname,
-    see the hit, remove it, go on; then `corral dump` the running guest and read its uts name
-    from the core with gdb; then `corral stats` twice. Everything seen, as a dict."""
+    console: stop it with gdb, read linux_banner, detach, make the guest run uname; then `corral
+    dump` the running guest and read its uts name from the core with gdb; then `corral stats`
+    twice. Everything seen, as a dict."""
     import subprocess
     import tempfile
 
@@ -185,22 +185,15 @@ def debian_debug_session(corral: str, kernel: str, initrd: str, cmdline: str, cp
         syms = {name: int(addr, 16) for addr, name in re.findall(r"^([0-9a-f]{16}) \w (\w+)\s*$", text, re.M)}
         code = re.search(r"^\s*([0-9a-f]+)-[0-9a-f]+ : Kernel code", text, re.M)
         out["symbols"] = {k: hex(v) for k, v in syms.items()}
-        sysaddr = syms["__x64_sys_newuname"]
         out["gdb_live"] = _gdb(
             "set remotetimeout 60",
             "set architecture i386:x86-64",
-            f"target remote {target}",
+            f"target remote {target}",  # stops every vCPU
             f"x/s {syms['linux_banner']:#x}",
-            # a hardware breakpoint: the lab's SVM is QEMU TCG's, which checks an INT3 against the
-            # INTn intercept only, never KVM's #BP intercept, so a software breakpoint's int3
-            # would reach the guest kernel (an oops) instead of corral
-            f"hbreak *{sysaddr:#x}",
-            f"shell echo go > {vm.fifo}",  # the guest's `read a` returns and it runs uname
-            "continue",
             'printf "STOPPED_AT %#lx\\n", $pc',
-            "delete",
             "detach",
         )
+        vm.type_line("go")  # the guest's `read a` returns: it runs on after the detach
         vm.wait_for(r"UNAME_DONE", 120)
         out["console_after_uname"] = vm.text()
         # a dump of the running guest; its kernel symbols are read by physical address

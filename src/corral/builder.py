@@ -56,6 +56,7 @@ from corral.memory import GuestMemory
 from corral.vstate.doorbells import KvmDoorbells
 from corral.vstate.irq import IrqRouter
 from corral.vstate.kvm_state import VcpuState
+from corral.vstate.kvm_stats import VcpuStats
 from corral.vstate.vcpu import Vcpu, VcpuHost
 from corral.vstate.vm import Vm
 
@@ -394,6 +395,7 @@ def _vcpus(vm: Vm, board: Board, host: VcpuHost, count: int, setup: Callable[[Vc
     try:
         for i in range(count):
             vcpus.append(Vcpu(vm.create_vcpu(i), i, board.pio, board.mmio, host))
+            vcpus[-1].kvm_stats = VcpuStats.open(vcpus[-1].fd)  # now: KVM_RUN will hold its mutex
             setup(vcpus[-1])
     except BaseException:
         for v in vcpus:

@@ -1141,10 +1141,13 @@ def stats(vm: ControlClient, switch: str | None) -> None:
             "corral: exit statistics are off: `corral stats --api SOCK --on`, or run with --stats",
             err=True,
         )
+    if r.kvm_stats != "read":
+        click.echo(f"corral: halts and injected interrupts: {r.kvm_stats}", err=True)
     for v in r.vcpus:
         ms = lambda ns: f"{ns / 1e6:.1f}"  # noqa: E731
+        irqs = "" if v.interrupts is None else f"{v.interrupts} interrupts injected, "
         console.print(
-            f"[bold]vcpu{v.vcpu}[/]: {v.exits} exits, {v.halts} halts, "
+            f"[bold]vcpu{v.vcpu}[/]: {v.exits} exits, {v.halts} halts, {irqs}"
             f"{ms(v.run_ns)} ms in KVM_RUN while counted"
         )
         for title, column, rows in (

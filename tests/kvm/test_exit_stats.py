@@ -7,6 +7,7 @@ known number of exits to a known port and address, which must appear exactly in 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -70,6 +71,41 @@ def test_stats_count_every_bench_exit_by_port_address_and_device(tmp_path):
     assert {c.key: c.count for c in v.by_device}["unassigned (mmio)"] == N
 
 
+def test_halts_and_injected_interrupts_come_from_kvm_while_the_guest_runs():
+    # the timer scenario counts LAPIC timer interrupts that KVM injects (never a VMM exit)
+    m, out = run_observed("timer")
+    try:
+        (v,) = exit_stats(m).vcpus
+    finally:
+        m.close()
+    ticks = int(re.search(r"timer_ticks=(\d+)", out).group(1))
+    assert ticks > 0 and v.interrupts is not None and v.interrupts >= ticks, (ticks, v.kvm)
+    assert v.halts == v.kvm["halt_exits"] == 0  # it never halted
+
+    # a halted vCPU sleeps inside KVM_RUN, holding its mutex: its counters are read all the same,
+    # at once (the fd was opened before it ran; asking KVM for one now would wait for the guest)
+    m = Machine(
+        MachineConfig.build(kernel=build_probe(), cmdline="halt", memory="64M"), console=bytearray().extend
+    )
+    m.build()
+    m.observe_exits()
+    m.start()
+    try:
+        deadline = time.monotonic() + 30
+        while exit_stats(m).vcpus[0].halts == 0:
+            assert time.monotonic() < deadline, "the probe never halted"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        s = exit_stats(m)
+        assert time.monotonic() - t0 < 0.5
+        assert s.kvm_stats == "read" and s.vcpus[0].halts == s.vcpus[0].kvm["halt_exits"] == 1
+        assert "HLT" not in {c.key for c in s.vcpus[0].by_reason}  # the VMM saw no HLT exit
+    finally:
+        m.stop("done")
+        m.wait(10)
+        m.close()
+
+
 def test_a_trace_holds_every_bench_exit_in_time_order_per_vcpu(tmp_path):
     path = tmp_path / "pio.trace"
     m, _ = run_observed(f"pio-bench {N}", trace=path)
@@ -125,15 +161,24 @@ def test_stats_over_the_control_socket_with_curl_and_the_cli(tmp_path):
 
         off = curl("http://localhost/corral/stats")
         assert off["enabled"] is False and off["vcpus"][0]["by_reason"] == []
+        # KVM's own counters come whether or not exit statistics are on (the API thread reads
+        # the fds the builder opened: its seccomp filter allows that)
+        assert (
+            off["kvm_stats"] == "read" and {"halt_exits", "irq_injections"} <= off["vcpus"][0]["kvm"].keys()
+        )
         on = curl("-X", "PATCH", "http://localhost/corral/stats", "-d", '{"enabled": true}')
         assert on["enabled"] is True
         time.sleep(1.0)  # mem-touch prints a line per round: console exits
         got = curl("http://localhost/corral/stats")
         com1 = {c["key"]: c["count"] for c in got["vcpus"][0]["by_device"]}
         assert com1["com1 (pio)"] > 0
+        assert got["vcpus"][0]["kvm"]["exits"] > off["vcpus"][0]["kvm"]["exits"]  # live counters
         shown = corral("stats", "--api", str(api), "--off")
         assert shown.returncode == 0, shown.stderr
         assert "exits by reason" in shown.stdout and "0x3f8" in shown.stdout
+        assert re.search(r"vcpu0: [\d,]+ exits, \d+ halts, \d+ interrupts injected", shown.stdout), (
+            shown.stdout
+        )
         after = curl("http://localhost/corral/stats")
         assert after["enabled"] is False
         counted = after["vcpus"][0]["by_reason"][0]["count"]

@@ -99,3 +99,159 @@ def gdb_batch(target: str, elf: Path, *commands: str, timeout: float = 90) -> st
         args += ["-ex", c]
     r = subprocess.run([*args, str(elf)], capture_output=True, text=True, timeout=timeout)
     return r.stdout + r.stderr
+
+
+# --- Debian's kernel under corral in the lab: gdb, a dump, KVM's counters -------------------------
+# Run inside the lab (`python -m support.gdb_remote ...` from tests/, see tests/lab/test_lab_debug.py)
+# with the host's gdb: one boot of the Debian guest answers every question, and the outputs come
+# back as one JSON line for the test to judge.
+
+# What the guest prints before it waits on its console: the kallsyms lines of the symbols we need
+# and where the kernel image lies in physical memory (to read symbols from the core).
+GUEST_SYMBOLS = ("linux_banner", "init_uts_ns", "__x64_sys_newuname", "_text")
+GUEST_SCRIPT = (
+    "grep -w " + " ".join(f"-e {s}" for s in GUEST_SYMBOLS) + " /proc/kallsyms; grep Kernel /proc/iomem; "
+    "echo GUEST_READY; read a; uname -r; echo UNAME_DONE; read b; echo GUEST_BYE"
+)
+UTS_FIELD = 65  # struct new_utsname: six char[65] fields (sysname, nodename, release, ...)
+
+
+class ConsoleVm:
+    """`corral run` with its serial console on a FIFO (lines go to the guest) and its output
+    gathered by a thread; `wait_for` waits for a pattern in it."""
+
+    def __init__(self, argv: list[str], workdir: str) -> None:
+        import subprocess
+        import threading
+
+        fifo = os.path.join(workdir, "console.in")
+        os.mkfifo(fifo)
+        self.fifo = fifo
+        rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        self._wfd = os.open(fifo, os.O_WRONLY)  # held open: the guest never sees end-of-file
+        os.set_blocking(rfd, True)
+        self.proc = subprocess.Popen(argv, stdin=rfd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        os.close(rfd)
+        self.output = bytearray()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        while data := os.read(self.proc.stdout.fileno(), 65536):
+            with self._lock:
+                self.output += data
+
+    def text(self) -> str:
+        with self._lock:
+            return bytes(self.output).decode(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.search(pattern, self.text())
+            if m:
+                return m
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise TimeoutError(f"{pattern!r} not seen in corral's output:\n{self.text()[-3000:]}")
+            time.sleep(0.1)
+
+    def type_line(self, line: str) -> None:
+        os.write(self._wfd, line.encode() + b"\n")
+
+    def finish(self, timeout: float) -> int:
+        """corral's exit status; killed (-9) if it outlives `timeout`."""
+        import subprocess
+
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            os.close(self._wfd)
+
+
+def _gdb(*commands: str, timeout: float = 180) -> str:
+    import subprocess
+
+    argv = ["gdb", "-nx", "-batch", "-ex", "set pagination off", "-ex", "set confirm off"]
+    for c in commands:
+        argv += ["-ex", c]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return res.stdout + res.stderr
+
+
+def debian_debug_session(corral: str, kernel: str, initrd: str, cmdline: str, cpu: str) -> dict[str, object]:
+    """Boot Debian's kernel under `corral run --gdb --api` and, while its shell waits on the
+    console: stop it with gdb, read linux_banner, detach, make the guest run uname; then `corral
+    dump` the running guest and read its uts name from the core with gdb; then `corral stats`
+    twice. Everything seen, as a dict."""
+    import subprocess
+    import tempfile
+
+    from corral.api import ControlClient
+
+    work = tempfile.mkdtemp(prefix="corral-debuglab-")
+    api = os.path.join(work, "vm.sock")
+    argv = [corral, "run", "--kernel", kernel, "--initrd", initrd, "--memory", "512M", *cpu.split()]
+    # a Unix socket: the lab's loopback interface is down (no TCP to 127.0.0.1 in there)
+    argv += ["--no-reboot", "--gdb", f"unix:{work}/gdb.sock", "--api", api]
+    argv += ["--cmdline", f'{cmdline} -- sh -c "{GUEST_SCRIPT}"']
+    vm = ConsoleVm(argv, work)
+    out: dict[str, object] = {}
+    try:
+        target = vm.wait_for(r"gdb stub on unix:(\S+?)[;\s]", 300).group(1)
+        vm.wait_for(r"GUEST_READY", 300)
+        text = vm.text()
+        syms = {name: int(addr, 16) for addr, name in re.findall(r"^([0-9a-f]{16}) \w (\w+)\s*$", text, re.M)}
+        code = re.search(r"^\s*([0-9a-f]+)-[0-9a-f]+ : Kernel code", text, re.M)
+        out["symbols"] = {k: hex(v) for k, v in syms.items()}
+        out["gdb_live"] = _gdb(
+            "set remotetimeout 60",
+            "set architecture i386:x86-64",
+            f"target remote {target}",  # stops every vCPU
+            f"x/s {syms['linux_banner']:#x}",
+            'printf "STOPPED_AT %#lx\\n", $pc',
+            "detach",
+        )
+        vm.type_line("go")  # the guest's `read a` returns: it runs on after the detach
+        vm.wait_for(r"UNAME_DONE", 120)
+        out["console_after_uname"] = vm.text()
+        # a dump of the running guest; its kernel symbols are read by physical address
+        core = os.path.join(work, "guest.core")
+        dump = subprocess.run(
+            [corral, "dump", "--api", api, core], capture_output=True, text=True, timeout=120
+        )
+        out["dump"] = dump.stderr + dump.stdout
+        out["dump_status"] = dump.returncode
+        if code is not None and dump.returncode == 0:
+            phys = lambda sym: int(code.group(1), 16) + syms[sym] - syms["_text"]  # noqa: E731
+            uts = phys("init_uts_ns")
+            out["gdb_core"] = _gdb(
+                "set architecture i386:x86-64",
+                f"core-file {core}",
+                f"x/s {phys('linux_banner'):#x}",
+                *(f"x/s {uts + i * UTS_FIELD:#x}" for i in range(5)),
+            )
+        # KVM's own counters: the guest sat in `read b` (halted, woken by timer interrupts)
+        first = ControlClient(api).stats()
+        time.sleep(2)
+        second = ControlClient(api).stats()
+        out["stats"] = [first.model_dump(), second.model_dump()]
+        cli = subprocess.run([corral, "stats", "--api", api], capture_output=True, text=True, timeout=60)
+        out["stats_cli"] = cli.stdout + cli.stderr
+        vm.type_line("bye")
+        out["status"] = vm.finish(120)
+    except Exception as exc:  # noqa: BLE001 - the test shows it with the console
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        vm.finish(1)
+    out["console"] = vm.text()
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print("DEBUGLAB_JSON " + json.dumps(debian_debug_session(*sys.argv[1:6])))

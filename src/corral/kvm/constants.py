@@ -103,6 +103,7 @@ KVM_SET_XSAVE = _iow(0xA5, S.KvmXsave)
 KVM_GET_XCRS = _ior(0xA6, S.KvmXcrs)
 KVM_SET_XCRS = _iow(0xA7, S.KvmXcrs)
 KVM_KVMCLOCK_CTRL = _io(0xAD)
+KVM_GET_STATS_FD = _io(0xCE)  # a vCPU or VM fd: a read-only fd of binary statistics
 
 KVM_API_VERSION = 12
 
@@ -149,6 +150,7 @@ CAP_SPLIT_IRQCHIP = 121
 CAP_X2APIC_API = 129
 CAP_X86_DISABLE_EXITS = 143
 CAP_SET_GUEST_DEBUG2 = 195  # the GUESTDBG_* flags this KVM accepts
+CAP_BINARY_STATS_FD = 203
 
 # exit reasons
 EXIT_UNKNOWN = 0

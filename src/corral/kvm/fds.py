@@ -339,6 +339,11 @@ class VcpuFd(_Fd):
             raise
         return True
 
+    def stats_fd(self) -> int:
+        """A new read-only fd of this vCPU's binary statistics (KVM_GET_STATS_FD); the caller
+        closes it."""
+        return self._ioctl(K.KVM_GET_STATS_FD, what="the vCPU's statistics")
+
     def set_guest_debug(self, control: int, debugregs: list[int] | None = None) -> None:
         g = S.KvmGuestDebug(control=control)
         for i, v in enumerate(debugregs or []):

@@ -180,6 +180,7 @@ API = Policy(
         "newfstatat",
         "lseek",
         "pwrite64",
+        "pread64",  # KVM's per-vCPU statistics fds (corral stats)
         "ftruncate",
         "fsync",
         "mkdir",
@@ -206,6 +207,7 @@ BUILD_IOCTLS = frozenset(
         "KVM_GET_VCPU_MMAP_SIZE",
         "KVM_GET_SUPPORTED_CPUID",
         "KVM_CREATE_VCPU",
+        "KVM_GET_STATS_FD",  # each vCPU's counters (halts, interrupts), read by corral stats
         "KVM_SET_TSS_ADDR",
         "KVM_SET_IDENTITY_MAP_ADDR",
         "KVM_CREATE_IRQCHIP",

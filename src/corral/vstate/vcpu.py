@@ -21,6 +21,7 @@ from corral.seccomp import enter as enter_seccomp
 from corral.vstate.exits import FLAG_WRITE, ExitObserver
 from corral.vstate.kick import install_kick_handler, kick_thread
 from corral.vstate.kvm_state import VcpuState, cpuid_entries, load_vcpu, savable_msrs, save_vcpu
+from corral.vstate.kvm_stats import VcpuStats
 
 if TYPE_CHECKING:
     from corral.devices.bus import MmioBus, PioBus
@@ -80,6 +81,8 @@ class Vcpu:
         self.debug_hook: DebugHook | None = None  # set by a debugger (corral.debug)
         # exit statistics and tracing (vstate.exits): None runs the plain loop
         self.observer: ExitObserver | None = None
+        # KVM's own counters (halts, injected interrupts): opened by the builder before it runs
+        self.kvm_stats: VcpuStats | None = None
 
     # -- configuration ----------------------------------------------------------------------
     def configure(self, cpuid: list[S.KvmCpuidEntry2], msrs: dict[int, int]) -> None:
@@ -178,6 +181,8 @@ class Vcpu:
             self.thread.join(timeout)
 
     def close(self) -> None:
+        if self.kvm_stats is not None:
+            self.kvm_stats.close()
         self.fd.close()
 
     # -- state ------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ def test_metrics_show_device_io_exits_and_vcpu_time_that_move(daemon, tmp_path):
     assert _samples(second, "corral_vm_kvm_run_seconds_total", "busy")['vcpu="0"'] > 0
     # without exit_stats: the exit total only (off costs nothing), and no KSM
     assert 'vcpu="0"' in _samples(second, "corral_vm_exits_total", "io")
+    assert 'vcpu="0"' in _samples(second, "corral_vm_halts_total", "io")  # KVM's own, always there
     assert _samples(second, "corral_vm_exit_stats_enabled", "io") == {"": 0.0}
     assert _samples(second, "corral_vm_exits_by_reason_total", "io") == {}
     assert _samples(second, "corral_vm_ksm_enabled", "busy") == {"": 1.0}

@@ -28,7 +28,8 @@ def _reply(enabled: bool) -> dict[str, Any]:
                 "vcpu": 0,
                 "exits": 11,
                 "run_ns": 3_000_000_000,
-                "halts": 0,
+                "halts": 4,
+                "interrupts": 9,
                 "by_reason": [counter],
                 "pio_by_port": [{"key": "0x3f8", "count": 5, "ns": 1}],
                 "mmio_by_address": [],
@@ -48,6 +49,8 @@ def test_a_reply_with_exit_stats_gives_every_family():
         got[("corral_vm_exit_handling_seconds_total", (("reason", "IO"), ("vcpu", "0"), ("vm", "a")))] == 2.0
     )
     assert got[("corral_vm_kvm_run_seconds_total", (("vcpu", "0"), ("vm", "a")))] == 3.0
+    assert got[("corral_vm_halts_total", (("vcpu", "0"), ("vm", "a")))] == 4
+    assert got[("corral_vm_interrupts_injected_total", (("vcpu", "0"), ("vm", "a")))] == 9
     assert got[("corral_vm_pio_exits_total", (("port", "0x3f8"), ("vcpu", "0"), ("vm", "a")))] == 5
     assert got[("corral_vm_device_exits_total", (("device", "com1 (pio)"), ("vcpu", "0"), ("vm", "a")))] == 5
     key = (("counter", "read_bytes"), ("device", "virtio-blk0"), ("vm", "a"))

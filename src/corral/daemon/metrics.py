@@ -52,6 +52,11 @@ HELP: dict[str, tuple[str, str]] = {
         "KVM exits per vCPU (always counted; without exit_stats, up to the VMM's last slow exit).",
     ),
     "corral_vm_vcpu_seconds_total": ("counter", "CPU time of each vCPU thread."),
+    "corral_vm_halts_total": ("counter", "HLTs of each vCPU (KVM's halt_exits: always counted)."),
+    "corral_vm_interrupts_injected_total": (
+        "counter",
+        "Interrupts KVM injected into each vCPU (irq_injections; absent where KVM has no stats fd).",
+    ),
     "corral_vm_device_io_total": (
         "counter",
         "Device I/O: virtio-blk requests and bytes, virtio-net frames and bytes.",
@@ -211,6 +216,10 @@ def _vm_stats(put: Any, vm: str, stats: object) -> None:
         cpu = str(_int(v.get("vcpu")))
         if (n := _int(v.get("exits"))) is not None:
             put("corral_vm_exits_total", n, vm=vm, vcpu=cpu)
+        if (n := _int(v.get("halts"))) is not None:
+            put("corral_vm_halts_total", n, vm=vm, vcpu=cpu)
+        if (n := _int(v.get("interrupts"))) is not None:
+            put("corral_vm_interrupts_injected_total", n, vm=vm, vcpu=cpu)
         if not enabled:
             continue
         if (ns := _int(v.get("run_ns"))) is not None:

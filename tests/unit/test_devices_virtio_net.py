@@ -172,13 +172,13 @@ def test_a_burst_of_frames_is_received_with_one_publish_and_one_interrupt(net, e
     bufs = _post_rx(d, 32)
     payloads = _send_burst(sock, 16)
     publishes = d.count_used_publishes(0)
-    raised = d.irq.raised
+    raised, before = d.irq.raised, dev.stats["rx_frames"]  # (a stray host frame may be counted)
     loop.readers[dev.tap.fd]()
     done = d.used(0)
     got = [f for f in _frames_in(d, bufs, done) if b"corral-burst-" in f]
     assert [f.endswith(p) for f, p in zip(got, payloads, strict=True)] == [True] * 16
     assert len(publishes) == 1 and d.irq.raised - raised == 1
-    assert dev.stats["rx_frames"] == len(done)
+    assert dev.stats["rx_frames"] - before == len(done)
 
 
 def test_a_driver_that_asks_for_no_interrupt_gets_none(net):

@@ -42,8 +42,10 @@ from corral.devices.legacy.post import PostSink
 from corral.devices.legacy.reset import ResetRegister
 from corral.devices.legacy.rtc import CmosRtc
 from corral.devices.legacy.uart import Serial16550
+from corral.devices.pci import piix
 from corral.devices.pci.config import CMD_MEMORY, COMMAND, INTERRUPT_LINE
 from corral.devices.pci.i440fx import PAM_SEGMENTS, SHADOW_END, SHADOW_START, I440fxHostBridge
+from corral.devices.pci.piix import PiixIsaBridge, PiixPm
 from corral.devices.pci.root import ConfigPorts, Ecam, PciRoot
 from corral.devices.virtio.balloon import VirtioBalloon
 from corral.devices.virtio.base import VirtioDevice
@@ -202,6 +204,9 @@ def build_board(
             vm.split_memory([(gpa, size) for gpa, size, _, _ in PAM_SEGMENTS])
             mmio.register(SHADOW_START, SHADOW_END - SHADOW_START, _ShadowWrites(memory), "bios-shadow")
         pci = PciRoot(mmio, I440fxHostBridge(vm) if rom is not None else None)
+        if flash is not None or firmware.is_ovmf(config.firmware):
+            pci.add(PiixIsaBridge(), slot=piix.SLOT)  # OVMF's serial console and ACPI timer
+            pci.add_function(PiixPm(), piix.SLOT, piix.PM_FUNCTION)
         mmio.register(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, Ecam(pci), "pci-ecam")
         legacy: dict[str, Stateful] = {
             "com1": serial,

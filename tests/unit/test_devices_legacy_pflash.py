@@ -198,3 +198,25 @@ def test_read_ovmf_lays_the_pair_below_4g():
     assert o.vars_base >= 0xFF00_0000 and o.vars_path == Path("/tmp/x.fd")
     assert firmware.read_ovmf("ovmf").vars_path is None
     assert firmware.rom_image("ovmf") == o.code
+
+
+# -- the PIIX functions OVMF looks for -------------------------------------------------------
+def test_piix_functions_answer_at_00_01_0_and_00_01_3():
+    from corral.arch.x86 import layout
+    from corral.devices.bus import MmioBus
+    from corral.devices.pci import piix
+    from corral.devices.pci.root import PciRoot
+
+    pci = PciRoot(MmioBus())
+    pci.add(piix.PiixIsaBridge(), slot=piix.SLOT)
+    pci.add_function(piix.PiixPm(), piix.SLOT, piix.PM_FUNCTION)
+    assert pci.config_read(0, 1, 0, 0, 4) == 0x7000_8086 and pci.config_read(0, 1, 0, 0x0E, 1) & 0x80
+    assert pci.config_read(0, 1, 3, 0, 4) == 0x7113_8086
+    assert pci.config_read(0, 1, 2, 0, 4) == 0xFFFF_FFFF  # no function 2
+    pci.config_write(0, 1, 3, piix.PMBA, 4, 0xB001)  # what OVMF would program: not taken
+    assert pci.config_read(0, 1, 3, piix.PMBA, 4) == layout.PM_BASE_PORT | 1
+    assert pci.config_read(0, 1, 3, piix.PMREGMISC, 1) & 1
+    with pytest.raises(ValueError):
+        pci.add_function(piix.PiixPm(), piix.SLOT, piix.PM_FUNCTION)
+    with pytest.raises(ValueError):
+        pci.add_function(piix.PiixPm(), 5, 1)  # no function 0 there

@@ -250,7 +250,8 @@ class MachineConfig(BaseModel):
     firmware: str | None = Field(
         default=None,
         max_length=4096,
-        description="boot through this BIOS image ('seabios' or a path) instead of loading the kernel "
+        description="boot through this firmware ('seabios', 'ovmf[,vars=PATH]' or a BIOS image's path) "
+        "instead of loading the kernel "
         "directly; with a kernel, the firmware boots it from fw_cfg",
     )
     kernel: Path | None = Field(

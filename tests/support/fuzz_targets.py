@@ -819,6 +819,41 @@ def table_loader_target(data: bytes) -> None:
         one_line(exc)
 
 
+def pflash_target(data: bytes) -> None:
+    """A flash bank driven by command and data writes at any offset and width (inside the bank,
+    straddling its end, past it): the bank stays its size, a read answers within its width, the
+    mapped view flips only between array and not, and the store sees only in-bank ranges."""
+    from corral.devices.legacy import pflash as P
+
+    ops = Ops(data)
+    size = P.BLOCK * (1 + ops.below(4))
+    stored: list[tuple[int, int]] = []
+    modes: list[bool] = [True]
+
+    def on_mode(array: bool) -> None:
+        assert array != modes[-1]
+        modes.append(array)
+
+    dev = P.Pflash(
+        bytearray(size),
+        readonly=ops.below(4) == 0,
+        store=lambda o, d: stored.append((o, len(d))),
+        on_mode=on_mode,
+    )
+    cmds = [P.READ_ARRAY, P.READ_STATUS, P.CLEAR_STATUS, P.READ_ID, P.CFI_QUERY, P.BLOCK_ERASE, P.CONFIRM]
+    cmds += [P.PROGRAM, P.PROGRAM_ALT, P.LOCK_SETUP]
+    while ops.more():
+        off = ops.choice([ops.below(size), size - 1 - ops.below(4), size + ops.below(16), ops.int(4)])
+        width = ops.choice((1, 2, 4, 8))
+        if ops.below(3) == 0:
+            assert 0 <= dev.mmio_read(off, width) < 1 << (8 * width)
+        else:
+            dev.mmio_write(off, width, ops.choice([*cmds, ops.int(width)]))
+        assert len(dev.data) == size and modes[-1] == (dev.mode == P.ARRAY)
+    assert all(0 <= o and o + n <= size for o, n in stored)
+    assert not (dev.readonly and stored)
+
+
 def warm() -> None:
     """Build the seeds up front (the loaders' are made by the loader tests' own builders,
     which hypothesis must not see being defined inside a running example)."""
@@ -844,6 +879,7 @@ DEVICES: dict[str, Target] = {
     **{f"legacy-{k}": legacy_target(k) for k in LEGACY},
     "pci-config": pci_target,
     "legacy-fw-cfg": fw_cfg_target,
+    "legacy-pflash": pflash_target,
     **{f"virtio-{k}": virtio_target(k) for k in VIRTIO_KINDS},
 }
 TARGETS: dict[str, Target] = {**DEVICES, **PARSERS}

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.arch.x86 import layout
+from corral.config import OVMF
 from corral.errors import FieldError
 from corral.files import Refused, open_checked
 from corral.memory import GuestMemory
@@ -195,14 +196,88 @@ def linux_boot(kernel: bytes, initrd: bytes | None, cmdline: str, mem_size: int,
     return LinuxBoot(linuxboot_rom(), bytes(setup), prot, cmd, rd, initrd_addr=initrd_addr)
 
 
+# --- OVMF (UEFI): a CFI flash pair instead of one ROM ------------------------------------------
+# As QEMU maps OVMF's split build: the code bank (OVMF_CODE, read-only) ends at 4 GiB, the
+# variables bank (a copy of OVMF_VARS, writable) lies right below it, and OVMF finds its variable
+# store at the start of the pair (devices/legacy/pflash.py). Its code's last 128 KiB also show at
+# 0xE0000 as SeaBIOS's do. Debian's `ovmf` package has the 4 MiB pair.
+OVMF_FILES: tuple[tuple[str, str], ...] = (
+    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    ("/usr/share/qemu/OVMF_CODE_4M.fd", "/usr/share/qemu/OVMF_VARS_4M.fd"),
+)
+FLASH_BLOCK = 4 * layout.KiB
+OVMF_CODE_MAX = 8 * layout.MiB - 64 * layout.KiB
+OVMF_VARS_MAX = 1 * layout.MiB
+FLASH_PAIR_MAX = 8 * layout.MiB  # the pair stays above the LAPIC page (0xFEE00000)
+
+
+@dataclass(frozen=True)
+class Ovmf:
+    """OVMF's two banks and where each starts: `vars_path` None keeps the variables in memory
+    only (a fresh copy of the template each boot)."""
+
+    code: bytes
+    vars_template: bytes
+    vars_path: Path | None
+
+    @property
+    def code_base(self) -> int:
+        return layout.MMIO_HOLE_END - len(self.code)
+
+    @property
+    def vars_base(self) -> int:
+        return self.code_base - len(self.vars_template)
+
+
+def is_ovmf(spec: str | None) -> bool:
+    """Whether `--firmware spec` asks for OVMF (`ovmf` or `ovmf,vars=PATH`)."""
+    return spec is not None and (spec == "ovmf" or spec.startswith("ovmf,"))
+
+
+def read_ovmf(spec: str) -> Ovmf:
+    """OVMF's code and variables template from this host, checked like a firmware file, with
+    the variables file `spec` names (`ovmf,vars=PATH`)."""
+    vars_text = OVMF.parse(spec)["vars"] if "," in spec else None
+    for code_path, vars_path in OVMF_FILES:
+        if os.path.exists(code_path) and os.path.exists(vars_path):
+            break
+    else:
+        raise FieldError(
+            "firmware",
+            f"ovmf: none of {', '.join(c for c, _ in OVMF_FILES)} exists: install Debian's `ovmf` "
+            "package, or give a BIOS image's path",
+        )
+    code = _read_checked(
+        Path(code_path), "firmware", 64 * layout.KiB, OVMF_CODE_MAX, FLASH_BLOCK, "OVMF code"
+    )
+    template = _read_checked(
+        Path(vars_path), "firmware", FLASH_BLOCK, OVMF_VARS_MAX, FLASH_BLOCK, "OVMF vars"
+    )
+    if len(code) + len(template) > FLASH_PAIR_MAX:
+        raise FieldError(
+            "firmware", f"OVMF's code and variables are more than {FLASH_PAIR_MAX} bytes together"
+        )
+    return Ovmf(code, template, Path(vars_text) if isinstance(vars_text, str) else None)
+
+
+def rom_image(spec: str) -> bytes:
+    """The image whose tail shows at 0xE0000: the BIOS, or OVMF's code bank."""
+    return read_ovmf(spec).code if is_ovmf(spec) else read_firmware(spec)
+
+
 __all__ = [
     "KNOWN",
     "LINUXBOOT_NAME",
+    "OVMF_FILES",
     "LinuxBoot",
+    "Ovmf",
+    "is_ovmf",
     "linux_boot",
     "load_shadow",
     "read_firmware",
+    "read_ovmf",
     "resolve",
     "rom_base",
+    "rom_image",
     "virtio_blk_boot_path",
 ]

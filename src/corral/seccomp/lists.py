@@ -99,7 +99,7 @@ VCPU = Policy(
             "KVM_GET_SREGS",
             "KVM_TRANSLATE",
             "TUNSETOFFLOAD",  # a Linux guest's virtio-net feature negotiation
-            "KVM_SET_USER_MEMORY_REGION",  # the i440FX's PAM registers (un)protect the BIOS area
+            "KVM_SET_USER_MEMORY_REGION",  # PAM (un)protects the BIOS area; pflash maps its array
         }
     ),
 )

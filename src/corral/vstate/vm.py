@@ -24,6 +24,7 @@ from corral.vstate.irq import KvmIrqLine, pc_routes
 from corral.vstate.kvm_state import VmKvmState, load_vm, save_vm, set_clock
 
 PAGE = 4096
+FLASH_SLOT = 15  # KVM slot of a flash bank's array view (OVMF's variables), mapped and unmapped
 ROM_SLOT = 16  # KVM slot of a firmware ROM; RAM uses 0 and 1
 SPLIT_SLOT = 17  # the first KVM slot of RAM pieces split off for write protection (split_memory)
 
@@ -83,6 +84,7 @@ class Vm:
         self._readonly: set[int] = set()  # KVM slots mapped read-only (set_readonly)
         self._flags = 0  # what every RAM slot carries now (dirty logging)
         self._rom: mmap.mmap | None = None
+        self._flash: mmap.mmap | None = None
         self.supported_cpuid = kvm.supported_cpuid()
         self._msr_indices = kvm.msr_index_list()
 
@@ -185,6 +187,20 @@ class Vm:
         self.fd.set_user_memory_region(ROM_SLOT, gpa, len(image), host_addr, K.MEM_READONLY)
         self._rom = rom
 
+    def map_flash(self, gpa: int, bank: mmap.mmap, mapped: bool) -> None:
+        """Show `bank` read-only at `gpa` (a flash bank reading as an array: KVM serves reads,
+        writes exit as MMIO), or take it away so that reads exit too (a flash command is in
+        progress). Called from a vCPU thread on the bank's writes, as PAM's remapping is."""
+        # checked at build time only: the vCPU threads' seccomp filter allows no KVM-fd ioctl
+        if self._flash is None and not self.kvm.check_extension(K.CAP_READONLY_MEM):
+            raise HostError("this host's KVM lacks KVM_CAP_READONLY_MEM, which a flash bank needs")
+        if not len(bank) or len(bank) % PAGE or gpa % PAGE:
+            raise ValueError("a flash bank is whole pages, page-aligned")
+        host_addr = ctypes.addressof(ctypes.c_char.from_buffer(bank))
+        size = len(bank) if mapped else 0
+        self._flash = bank  # kept until the VM is closed, as the ROM is
+        self.fd.set_user_memory_region(FLASH_SLOT, gpa, size, host_addr, K.MEM_READONLY)
+
     def _map(self, s: MemorySlot) -> None:
         flags = self._flags | (K.MEM_READONLY if s.slot in self._readonly else 0)
         self.fd.set_user_memory_region(s.slot, s.gpa, s.size, s.host_addr, flags)
@@ -243,6 +259,7 @@ class Vm:
         self.kvm.close()
         # the mapping goes only after the VM that used it (ctypes holds an export: let it go)
         self._rom = None
+        self._flash = None
 
 
 __all__ = ["CAPABILITIES", "Capability", "Vm", "max_vcpus", "missing_capabilities"]

@@ -222,6 +222,8 @@ class FwCfg:
     # -- the item machinery (lock held) ------------------------------------------------------------
     def _select(self, selector: int) -> None:
         self._selector, self._offset = selector, 0
+        if selector & (ARCH_LOCAL | KEY_MASK) not in self._items:  # what a firmware wants and lacks
+            log.debug("fw_cfg: unknown selector %#x (reads zeros)", selector)
 
     def _current(self) -> _Item | None:
         key = self._selector & (ARCH_LOCAL | KEY_MASK)

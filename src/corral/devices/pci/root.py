@@ -106,6 +106,8 @@ class PciRoot:
         self.slots: list[PciFunction | None] = [None] * SLOTS
         self._mapped: dict[tuple[int, int], int] = {}  # (slot, bar) -> base on the MMIO bus
         self._lock = threading.Lock()
+        # functions 1-7 of a multi-function device: BAR-less chipset pieces only (piix.py)
+        self.functions: dict[tuple[int, int], PciFunction] = {}
         self.add(host_bridge or HostBridge(), slot=0)
 
     def add(self, fn: PciFunction, slot: int | None = None) -> int:
@@ -119,6 +121,15 @@ class PciRoot:
         self._remap(slot)
         return slot
 
+    def add_function(self, fn: PciFunction, slot: int, func: int) -> None:
+        """`fn` as function `func` (1-7) of the device in `slot`, whose function 0 says it is
+        multi-function. It must have no BARs: they are never mapped."""
+        if not 1 <= func < 8 or self.slots[slot] is None or (slot, func) in self.functions:
+            raise ValueError(f"PCI 00:{slot:02x}.{func} cannot be added")
+        if any(b is not None for b in fn.config.bars):
+            raise ValueError("a function other than 0 cannot have BARs here")
+        self.functions[(slot, func)] = fn
+
     # -- configuration access ------------------------------------------------------------------
     def config_read(self, bus: int, slot: int, func: int, offset: int, size: int) -> int:
         fn = self._function(bus, slot, func)
@@ -130,14 +141,14 @@ class PciRoot:
         fn = self._function(bus, slot, func)
         if fn is None:
             return
-        if fn.config.write(offset, size, value):
+        if fn.config.write(offset, size, value) and func == 0:
             self._remap(slot)
         fn.config_written(offset, size)
 
     def _function(self, bus: int, slot: int, func: int) -> PciFunction | None:
-        if bus != 0 or func != 0 or not 0 <= slot < SLOTS:
+        if bus != 0 or not 0 <= slot < SLOTS:
             return None
-        return self.slots[slot]
+        return self.slots[slot] if func == 0 else self.functions.get((slot, func))
 
     # -- BAR placement -----------------------------------------------------------------------------
     # -- state -------------------------------------------------------------------------------------

@@ -107,6 +107,9 @@ class MigrationStats(BaseModel):
     final_bytes: int = 0
     throttle: float = 0.0  # the share of time the guest's vCPUs were held back
     round_bytes: list[int] = Field(default_factory=list)
+    # where the downtime went, in ms: pause, final pages, state, destination (its load of the
+    # state and the round trip), go
+    downtime_ms: dict[str, float] = Field(default_factory=dict)
 
 
 Progress = Callable[[int, int, int], None]  # round, bytes sent so far, bytes still dirty
@@ -403,6 +406,7 @@ def migrate(
                 }
             )
             link.expect("ok")
+            machine.prepare_state_models()  # not in the downtime
             machine.start_dirty_log()
             # round 0: everything that is not zero (the destination's RAM starts zeroed)
             for off, data in mem.populated(MAX_FRAME):
@@ -428,20 +432,32 @@ def migrate(
                 if stats.rounds >= 2 and round_bytes and pending >= 0.8 * round_bytes:
                     throttle.increase()  # not converging: slow the guest down
             # stop and copy
-            down = time.perf_counter()
+            down = lap = time.perf_counter()
+
+            def phase(name: str) -> None:
+                nonlocal lap
+                now = time.perf_counter()
+                stats.downtime_ms[name] = (now - lap) * 1000
+                lap = now
+
             throttle.stop()
             machine.pause()
+            phase("pause")
             final = dirty | machine.read_dirty_log(with_vmm_writes=True)
             sent0 = link.sent
             for off, n in _runs(final):
                 link.send_pages(off, mem.offset_view(off, n))
             stats.final_bytes = link.sent - sent0
+            phase("final pages")
             _cut(link, cut_at, "state")
             link.send_json({"state": json.loads(machine.save_state().model_dump_json())})
+            phase("state")
             link.expect("ready")
+            phase("destination")
             _cut(link, cut_at, "go")
             link.send_json({"go": True})
             committed = True  # from here on the destination owns the guest
+            phase("go")
             stats.downtime_seconds = time.perf_counter() - down
             stats.throttle = throttle.fraction
     except (OSError, MigrationError, CorralError) as exc:
@@ -773,6 +789,7 @@ def _receive_machine(
             link.send_json({"error": reason})
             raise MigrationError(f"refused the migration from {where}: {reason}") from None
         link.send_json({"ok": True})
+        machine.prepare_state_models()  # while the first pages are on their way
         mem = machine.memory
         assert mem is not None
         msg = link.recv(mem.offset_view, limit=STATE_LIMIT)

@@ -11,10 +11,13 @@ emulated ring 0 on a PVM host: the guest is a few dozen instructions.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 
 import pytest
 from support.asm import assemble_flat
+from support.cli import corral, corral_popen, one_clear_line
 
 from corral.arch.x86 import layout
 from corral.arch.x86.acpi import machine_acpi_tables
@@ -122,3 +125,45 @@ def test_wake_without_a_waking_vector_fails_and_the_guest_sleeps_on(tmp_path):
         assert m.wait(0.3) is None
     finally:
         m.close()
+
+
+def test_wake_from_the_command_line_and_the_api(tmp_path):
+    """`corral run --api`, the guest sleeps (`corral status` says so), curl's PUT /corral/wake
+    on a running guest is refused with one line, `corral wake` wakes it, and it exits 0x42."""
+    kernel = assemble_flat(s3_kernel(facs_addr(1), VECTOR), tmp_path, "s3.elf")
+    api = tmp_path / "vm.sock"
+    proc = corral_popen("run", "--kernel", str(kernel), "--memory", "32M", "--api", str(api))
+    try:
+        deadline = time.monotonic() + 30
+        while not (api.exists() and corral("status", "--api", str(api)).stdout.startswith("suspended")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+            time.sleep(0.1)
+        assert corral("wake", "--api", str(api)).returncode == 0
+        assert proc.wait(30) == WOKE_OK
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_wake_refused_when_the_guest_is_awake(tmp_path):
+    kernel = assemble_flat(s3_kernel(facs_addr(1), VECTOR).replace("out %ax, %dx", "jmp 2f"), tmp_path, "k")
+    api = tmp_path / "vm.sock"
+    proc = corral_popen("run", "--kernel", str(kernel), "--memory", "32M", "--api", str(api))
+    try:
+        deadline = time.monotonic() + 30
+        while not api.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        line = one_clear_line(corral("wake", "--api", str(api)))
+        assert "not suspended" in line
+        r = subprocess.run(
+            ["curl", "-s", "--unix-socket", str(api), "-X", "PUT", "http://localhost/corral/wake"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert "not suspended to RAM" in json.loads(r.stdout)["fault_message"]
+        assert corral("status", "--api", str(api)).stdout.startswith("running")
+    finally:
+        proc.kill()
+        proc.wait()

@@ -265,16 +265,10 @@ class Machine:
                 raise VmStateError("the machine is not built: nothing to pause")
             for v in self.vcpus:
                 v.request_pause()
-            deadline = time.monotonic() + timeout
-            for v in self.vcpus:
-                while not v.parked.wait(0.05):
-                    if v.thread is None or not v.thread.is_alive() or self._stopped.is_set():
-                        break  # a stopped vCPU is as still as a parked one
-                    if time.monotonic() > deadline:
-                        self.release_vcpus()
-                        raise VmStateError(
-                            f"vcpu{v.index} did not pause within {timeout:g} s; the guest runs on"
-                        )
+            late = self._wait_parked(timeout)
+            if late is not None:
+                self.release_vcpus()
+                raise VmStateError(f"vcpu{late.index} did not pause within {timeout:g} s; the guest runs on")
             if self.loop is not None and not self.loop.pause(timeout):
                 # a failed pause leaves the guest as it was: running, devices and all
                 self.loop.resume()
@@ -286,6 +280,17 @@ class Machine:
             for v in self.vcpus:
                 v.notify_paused()
             self.paused = True
+
+    def _wait_parked(self, timeout: float) -> Vcpu | None:
+        """Wait until every vCPU asked to park has; the first still running after `timeout`."""
+        deadline = time.monotonic() + timeout
+        for v in self.vcpus:
+            while not v.parked.wait(0.05):
+                if v.thread is None or not v.thread.is_alive() or self._stopped.is_set():
+                    break  # a stopped vCPU is as still as a parked one
+                if time.monotonic() > deadline:
+                    return v
+        return None
 
     def resume(self) -> None:
         with self._state_lock:
@@ -311,13 +316,9 @@ class Machine:
             if not self.suspended:
                 raise VmStateError("the guest is not suspended to RAM: nothing to wake")
             assert self.vm is not None and self.memory is not None and self.board is not None
-            deadline = time.monotonic() + timeout
-            for v in self.vcpus:
-                while not v.parked.wait(0.05):
-                    if v.thread is None or not v.thread.is_alive() or self._stopped.is_set():
-                        break
-                    if time.monotonic() > deadline:
-                        raise VmStateError(f"vcpu{v.index} did not stop for the suspend within {timeout:g} s")
+            late = self._wait_parked(timeout)
+            if late is not None:
+                raise VmStateError(f"vcpu{late.index} did not stop for the suspend within {timeout:g} s")
             try:
                 vector = acpi.waking_vector(self.memory.read(acpi.find_facs(self.memory.read), 64))
             except acpi.WakingVectorError as exc:

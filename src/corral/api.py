@@ -110,6 +110,10 @@ class ControlClient:
     def stop(self) -> None:
         self.request("PUT", "/corral/stop")
 
+    def wake(self) -> None:
+        """Wake a guest suspended to RAM (ACPI S3)."""
+        self.request("PUT", "/corral/wake")
+
     def status(self) -> MachineStatus:
         return _typed(MachineStatus, self.request("GET", "/corral/status"))
 

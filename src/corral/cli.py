@@ -821,6 +821,13 @@ def resume(vm: ControlClient) -> None:
 
 @main.command(error_code=1)
 @VM_OPTION
+def wake(vm: ControlClient) -> None:
+    """Wake a guest suspended to RAM (ACPI S3, `echo mem > /sys/power/state` in Linux)."""
+    vm.wake()
+
+
+@main.command(error_code=1)
+@VM_OPTION
 def stop(vm: ControlClient) -> None:
     """Stop a VM (as if its power were cut)."""
     vm.stop()

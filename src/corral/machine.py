@@ -22,9 +22,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 from pydantic_core import SchemaValidator
 
+from corral.arch.x86 import acpi
+from corral.arch.x86.msr import wake_msrs
 from corral.boot.loader import BootInfo
 from corral.builder import Board, build_board, create_vcpus, load_guest, restore_vcpus
 from corral.config import HostResources, MachineConfig
+from corral.devices.legacy.acpi_pm import AcpiPm
 from corral.devices.legacy.uart import Serial16550
 from corral.devices.virtio.balloon import BalloonInfo, VirtioBalloon
 from corral.devices.virtio.net import FrameFilter
@@ -62,7 +65,7 @@ class MachineStatus(BaseModel):
 
     model_config = ConfigDict(defer_build=True)  # built on first use, not at launch
 
-    state: Literal["running", "paused"]
+    state: Literal["running", "paused", "suspended"]
     cpus: int
     memory: int  # bytes of guest RAM
 
@@ -109,6 +112,7 @@ class Machine:
         self._stop_requested = False  # sticky across reboots: stop() must end run()
         self._state_lock = threading.RLock()  # pause, resume, snapshot, migration: one at a time
         self.paused = False
+        self.suspended = False  # ACPI S3: the guest's vCPUs are held until wake()
         self._clock_at_pause: int | None = None
         self._msr_indices: list[int] | None = None
         self.cpu_model: CpuModel | None = None
@@ -168,6 +172,16 @@ class Machine:
 
     def request_reset(self) -> None:
         self._finish(ExitResult("reset", 0, "guest requested reset"))
+
+    def request_suspend(self) -> None:
+        """The guest entered ACPI S3 (from its vCPU thread): every vCPU parks until wake().
+        The devices and the clock run on, as a sleeping PC's RTC does."""
+        with self._result_lock:
+            if self._result is not None:
+                return
+            self.suspended = True
+        self.hold_vcpus()
+        log.info("guest suspended to RAM (ACPI S3); `corral wake` resumes it")
 
     def vcpu_stop(self, kind: str, status: int, message: str) -> None:
         self._finish(ExitResult(kind, status, message))
@@ -252,16 +266,10 @@ class Machine:
                 raise VmStateError("the machine is not built: nothing to pause")
             for v in self.vcpus:
                 v.request_pause()
-            deadline = time.monotonic() + timeout
-            for v in self.vcpus:
-                while not v.parked.wait(0.05):
-                    if v.thread is None or not v.thread.is_alive() or self._stopped.is_set():
-                        break  # a stopped vCPU is as still as a parked one
-                    if time.monotonic() > deadline:
-                        self.release_vcpus()
-                        raise VmStateError(
-                            f"vcpu{v.index} did not pause within {timeout:g} s; the guest runs on"
-                        )
+            late = self._wait_parked(timeout)
+            if late is not None:
+                self.release_vcpus()
+                raise VmStateError(f"vcpu{late.index} did not pause within {timeout:g} s; the guest runs on")
             if self.loop is not None and not self.loop.pause(timeout):
                 # a failed pause leaves the guest as it was: running, devices and all
                 self.loop.resume()
@@ -274,6 +282,17 @@ class Machine:
                 v.notify_paused()
             self.paused = True
 
+    def _wait_parked(self, timeout: float) -> Vcpu | None:
+        """Wait until every vCPU asked to park has; the first still running after `timeout`."""
+        deadline = time.monotonic() + timeout
+        for v in self.vcpus:
+            while not v.parked.wait(0.05):
+                if v.thread is None or not v.thread.is_alive() or self._stopped.is_set():
+                    break  # a stopped vCPU is as still as a parked one
+                if time.monotonic() > deadline:
+                    return v
+        return None
+
     def resume(self) -> None:
         with self._state_lock:
             if not self.paused:
@@ -284,8 +303,37 @@ class Machine:
                 self._clock_at_pause = None
             if self.loop is not None:
                 self.loop.resume()
-            self.release_vcpus()
+            if not self.suspended:  # a suspended guest sleeps on until wake()
+                self.release_vcpus()
             self.paused = False
+
+    def wake(self, timeout: float = 10.0) -> None:
+        """Wake a guest suspended to RAM (ACPI S3), as a PC resumes: WAK_STS set in PM1_STS,
+        every CPU reset with RAM kept, vCPU 0 entering the FACS waking vector (real mode CS:IP
+        from FIRMWARE_WAKING_VECTOR, or flat 32-bit protected mode at X_FIRMWARE_WAKING_VECTOR),
+        the other vCPUs waiting for the OS's INIT/SIPI. A paused machine wakes when resumed.
+        VmStateError when it is not suspended or its FACS gives no vector (it stays suspended)."""
+        with self._state_lock:
+            if not self.suspended:
+                raise VmStateError("the guest is not suspended to RAM: nothing to wake")
+            assert self.vm is not None and self.memory is not None and self.board is not None
+            late = self._wait_parked(timeout)
+            if late is not None:
+                raise VmStateError(f"vcpu{late.index} did not stop for the suspend within {timeout:g} s")
+            try:
+                vector = acpi.waking_vector(self.memory.read(acpi.find_facs(self.memory.read), 64))
+            except acpi.WakingVectorError as exc:
+                raise VmStateError(f"cannot wake the guest: {exc}; it stays suspended (stop it)") from None
+            supported = set(self.vm.msr_indices)
+            for v in self.vcpus:
+                bsp = v.index == 0
+                v.reset_for_wake(wake_msrs(supported, bsp), vector.address if bsp else None, vector.protected)
+            pm = self.board.legacy["acpi-pm"]
+            assert isinstance(pm, AcpiPm)
+            pm.wake()
+            self.suspended = False
+            if not self.paused:
+                self.release_vcpus()
 
     def hold_vcpus(self) -> None:
         """Ask every vCPU to park, without waiting and without stopping the clock or the devices
@@ -375,7 +423,9 @@ class Machine:
 
     def status(self) -> MachineStatus:
         return MachineStatus(
-            state="paused" if self.paused else "running", cpus=self.config.cpus, memory=self.config.memory
+            state="suspended" if self.suspended else "paused" if self.paused else "running",
+            cpus=self.config.cpus,
+            memory=self.config.memory,
         )
 
     # -- the state walk -------------------------------------------------------------------------
@@ -499,6 +549,7 @@ class Machine:
         if self.memory is not None:
             self.memory.close()
             self.memory = None
+        self.suspended = False  # a reboot starts awake
 
     def run(self) -> ExitResult:
         """Boot, wait for the guest to stop, reboot on reset unless no_reboot, tear down."""

@@ -70,6 +70,9 @@ class FakeVmControl:
     def request_reset(self) -> None:
         self.calls.append(("reset",))
 
+    def request_suspend(self) -> None:
+        self.calls.append(("suspend",))
+
     def __getattr__(self, name: str):
         if self.__dict__.get("strict"):
             raise AssertionError(f"device used VmControl.{name}")

@@ -16,6 +16,7 @@ import pytest
 
 from corral.arch.x86 import acpi, aml, layout
 from corral.arch.x86.acpi import build_acpi_tables, machine_acpi_tables
+from corral.errors import GuestMemoryError
 
 IASL = shutil.which("iasl")
 needs_iasl = pytest.mark.skipif(IASL is None, reason="iasl (acpica-tools) not installed")
@@ -236,12 +237,71 @@ def test_extra_tables_join_the_xsdt_and_extra_devices_the_dsdt():
     assert pci in dsdt and sum(dsdt) & 0xFF == 0
 
 
-def test_dsdt_s5_package_is_encoded_as_linux_reads_it():
+def test_dsdt_sleep_packages_are_encoded_as_linux_reads_them():
     dsdt = by_signature(build_acpi_tables(1))[b"DSDT"][1]
-    v = layout.S5_SLP_TYP
-    # Name(_S5_, Package(){v, v, 0, 0}) first at the root: NameOp, name, PackageOp, PkgLength 8,
-    # NumElements 4, two ByteConsts, two Zeros
-    assert dsdt[36:].startswith(b"\x08_S5_\x12\x08\x04" + aml.integer(v) * 2 + b"\x00\x00")
+    v3, v5 = layout.S3_SLP_TYP, layout.S5_SLP_TYP
+    # Name(_S3_, Package(){v3, v3, 0, 0}) then Name(_S5_, ...) first at the root: NameOp, name,
+    # PackageOp, PkgLength, NumElements 4, two integers, two Zeros
+    s3 = aml.integer(v3) * 2 + b"\x00\x00"
+    s5 = aml.integer(v5) * 2 + b"\x00\x00"
+    expect = b"\x08_S3_\x12" + bytes([len(s3) + 2, 4]) + s3 + b"\x08_S5_\x12" + bytes([len(s5) + 2, 4]) + s5
+    assert dsdt[36:].startswith(expect)
+    assert v3 != v5
+
+
+def _tables_in_memory(tables: acpi.AcpiTables, size: int = 0x100000) -> tuple[bytearray, object]:
+    mem = bytearray(size)
+    for addr, data in tables.blobs:
+        mem[addr : addr + len(data)] = data
+
+    def read(gpa: int, n: int) -> bytes:
+        if gpa < 0 or gpa + n > len(mem):
+            raise GuestMemoryError(f"{gpa:#x}+{n:#x} outside RAM")
+        return bytes(mem[gpa : gpa + n])
+
+    return mem, read
+
+
+def test_find_facs_walks_rsdp_xsdt_fadt_as_an_os_does():
+    t = machine_acpi_tables(2, 64 * layout.MiB)
+    mem, read = _tables_in_memory(t)
+    facs_addr = by_signature(t)[b"FACS"][0]
+    assert acpi.find_facs(read) == facs_addr  # type: ignore[arg-type]
+    with pytest.raises(acpi.WakingVectorError, match="no waking vector"):
+        acpi.waking_vector(bytes(mem[facs_addr : facs_addr + 64]))
+    # Linux writes the 32-bit vector (real mode); the X vector, when set, wins (protected mode)
+    struct.pack_into("<I", mem, facs_addr + 12, 0x9A010)
+    assert acpi.waking_vector(bytes(mem[facs_addr : facs_addr + 64])) == acpi.WakingVector(0x9A010, False)
+    struct.pack_into("<Q", mem, facs_addr + 24, 0x100000)
+    assert acpi.waking_vector(bytes(mem[facs_addr : facs_addr + 64])) == acpi.WakingVector(0x100000, True)
+    struct.pack_into("<Q", mem, facs_addr + 24, 1 << 32)
+    with pytest.raises(acpi.WakingVectorError, match="above 4 GiB"):
+        acpi.waking_vector(bytes(mem[facs_addr : facs_addr + 64]))
+    struct.pack_into("<QI", mem, facs_addr + 24, 0, 0)
+    struct.pack_into("<I", mem, facs_addr + 12, 0x100000)
+    with pytest.raises(acpi.WakingVectorError, match="above 1 MiB"):
+        acpi.waking_vector(bytes(mem[facs_addr : facs_addr + 64]))
+
+
+def test_find_facs_refuses_hostile_pointers_with_one_error():
+    t = machine_acpi_tables(1, 64 * layout.MiB)
+    mem, read = _tables_in_memory(t)
+    rsdp = t.rsdp_addr
+    fadt_addr = by_signature(t)[b"FACP"][0]
+    struct.pack_into("<Q", mem, fadt_addr + 132, 0xFFFF_FFFF_0000)  # X_FIRMWARE_CTRL off RAM
+    with pytest.raises(acpi.WakingVectorError, match="outside RAM"):
+        acpi.find_facs(read)  # type: ignore[arg-type]
+    struct.pack_into("<Q", mem, rsdp + 24, 0x1000)  # the XSDT pointer at zeros
+    with pytest.raises(acpi.WakingVectorError, match="no valid XSDT"):
+        acpi.find_facs(read)  # type: ignore[arg-type]
+    xsdt_addr = by_signature(t)[b"XSDT"][0]
+    struct.pack_into("<Q", mem, rsdp + 24, xsdt_addr)
+    struct.pack_into("<I", mem, xsdt_addr + 4, 0xFFFF_FFFF)  # a huge length: bounded
+    with pytest.raises(acpi.WakingVectorError, match="no valid XSDT"):
+        acpi.find_facs(read)  # type: ignore[arg-type]
+    mem[rsdp : rsdp + 8] = bytes(8)
+    with pytest.raises(acpi.WakingVectorError, match="no RSDP"):
+        acpi.find_facs(read)  # type: ignore[arg-type]
 
 
 # -- iasl -----------------------------------------------------------------------------------
@@ -271,6 +331,7 @@ def test_iasl_decompiles_every_table_cleanly(tmp_path, n):
 
     dsl = (tmp_path / "DSDT.dsl").read_text()
     assert "Name (_S5, Package (0x04)" in dsl
+    assert re.search(r"Name \(_S3, Package \(0x04\)[^{]*\{\s+One,\s+One,\s+Zero,\s+Zero", dsl)
     assert dsl.count('"ACPI0007"') == n
     com1 = dsl[dsl.index("Device (COM1)") :]
     com1 = com1[: com1.index("Device (", 1)]

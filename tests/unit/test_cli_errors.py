@@ -147,5 +147,5 @@ def test_kvm_and_api_options_are_declared_once():
     serve = [by_command[c]["api_path"] for c in ("run", "restore", "receive")]
     assert len({p.help for p in serve}) == 1
     verbs = [params["vm"] for params in by_command.values() if "vm" in params]
-    # pause resume stop status snapshot balloon migrate dump stats
-    assert len(verbs) == 9 and all(p.required and p.opts == ["--api"] for p in verbs)
+    # pause resume wake stop status snapshot balloon migrate dump stats
+    assert len(verbs) == 10 and all(p.required and p.opts == ["--api"] for p in verbs)

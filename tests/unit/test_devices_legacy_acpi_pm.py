@@ -42,7 +42,21 @@ def test_s5_by_dword_write_at_pm1_en(pm):
     assert pm.ctl.calls == [("poweroff",)]
 
 
-@pytest.mark.parametrize("typ", [t for t in range(8) if t != layout.S5_SLP_TYP])
+def test_s3_suspends_and_wake_sets_wak_sts(pm):
+    pm.pio_write(PM1_STS, 2, 0x8000)
+    pm.pio_write(PM1_CNT, 2, layout.S3_SLP_TYP << 10)
+    assert pm.ctl.calls == []
+    pm.pio_write(PM1_CNT + 1, 1, (layout.S3_SLP_TYP << 2) | 0x20)  # SLP_EN by a byte write
+    assert pm.ctl.calls == [("suspend",)]
+    assert not pm.pio_read(PM1_STS, 2) & 0x8000  # asleep: WAK_STS stays clear until the wake
+    assert (pm.pio_read(PM1_CNT, 2) >> 10) & 7 == layout.S3_SLP_TYP
+    pm.wake()
+    assert pm.pio_read(PM1_STS, 2) & 0x8000
+    assert not pm.sci.high  # WAK_STS is no SCI event
+    assert pm.save_state().sts & 0x8000  # a snapshot taken after the wake keeps it
+
+
+@pytest.mark.parametrize("typ", [t for t in range(8) if t not in (layout.S5_SLP_TYP, layout.S3_SLP_TYP)])
 def test_other_sleep_types_wake_at_once(pm, typ):
     pm.pio_write(PM1_CNT, 2, (typ << 10) | 0x2000)
     assert pm.ctl.calls == []

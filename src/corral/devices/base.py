@@ -61,6 +61,9 @@ class VmControl(Protocol):
     def request_reset(self) -> None:
         """Reboot the machine (i8042 pulse, ACPI reset register, triple fault)."""
 
+    def request_suspend(self) -> None:
+        """Suspend to RAM (ACPI S3): stop the vCPUs until the host wakes the machine."""
+
 
 # integers as wide as the registers they hold
 U8 = Annotated[int, Field(ge=0, le=0xFF)]

@@ -14,7 +14,8 @@ corral's endpoints (never a change to Firecracker's): GET /corral/status, PUT /c
 PUT /corral/snapshot (a corral snapshot directory), GET|PATCH /corral/balloon, PUT
 /corral/migrate (JSON lines: progress, then the result), GET /corral/openapi.json, PUT
 /corral/dump (an ELF core of the guest), GET|PATCH /corral/stats (exit statistics), PUT
-/corral/receive (wait for a live migration, into a fresh VM) and PUT /corral/gdb (a gdb stub).
+/corral/receive (wait for a live migration, into a fresh VM), PUT /corral/gdb (a gdb stub) and
+PUT /corral/wake (wake a guest suspended to RAM, ACPI S3).
 """
 
 from __future__ import annotations
@@ -305,6 +306,10 @@ class Router:
         self._machine().stop(STOPPED_HERE)
         return no_content()
 
+    def _corral_wake(self, p: Params, body: bytes) -> Reply:
+        self._machine().wake()
+        return no_content()
+
     def _corral_snapshot(self, p: Params, body: bytes) -> Reply:
         req = parse(m.CorralSnapshot, body)
         machine = self._machine()
@@ -491,12 +496,19 @@ ROUTES: list[Route] = [
     _r(
         "GET",
         "/corral/status",
-        "Whether the VM runs or is paused, and its size.",
+        "Whether the VM runs, is paused or is suspended to RAM, and its size.",
         R._corral_status,
         reply=MachineStatus,
         tag="corral",
     ),
     _r("PUT", "/corral/stop", "Stops the VM (as if its power were cut).", R._corral_stop, tag="corral"),
+    _r(
+        "PUT",
+        "/corral/wake",
+        "Wakes a guest suspended to RAM (ACPI S3): vCPU 0 enters its FACS waking vector.",
+        R._corral_wake,
+        tag="corral",
+    ),
     _r(
         "PUT",
         "/corral/snapshot",

@@ -161,6 +161,17 @@ STATE_IOCTLS = frozenset(
         "KVM_SET_USER_MEMORY_REGION",  # dirty logging on and off
     }
 )
+# wake from ACPI S3 (PUT /corral/wake) resets the parked vCPUs to the waking vector
+WAKE_IOCTLS = frozenset(
+    {
+        "KVM_SET_REGS",
+        "KVM_SET_SREGS",
+        "KVM_SET_MSRS",
+        "KVM_SET_LAPIC",
+        "KVM_SET_MP_STATE",
+        "KVM_SET_VCPU_EVENTS",
+    }
+)
 API = Policy(
     role="the control socket: pause, snapshot, migrate, balloon",
     syscalls=PYTHON
@@ -189,7 +200,7 @@ API = Policy(
         "getrandom",  # migration nonces
         "tgkill",  # pause kicks the vCPUs
     },
-    ioctls=STATE_IOCTLS | {"TCGETS", "FIONBIO"},
+    ioctls=STATE_IOCTLS | WAKE_IOCTLS | {"TCGETS", "FIONBIO"},
     socket_families=frozenset({socket.AF_UNIX, socket.AF_INET, socket.AF_INET6}),
     threads=True,  # a thread per connection, migration's throttle
 )

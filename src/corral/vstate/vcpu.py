@@ -127,6 +127,55 @@ class Vcpu:
             setattr(regs, name, value)
         self.fd.set_regs(regs)
 
+    def reset_for_wake(self, msrs: dict[int, int], vector: int | None, protected: bool = False) -> None:
+        """Put this parked vCPU where a PC leaves it on an ACPI S3 resume (RAM kept, CPU reset):
+        the LAPIC reset (virtual wire, as firmware leaves it), no pending events, `msrs` set
+        (arch.x86.msr.wake_msrs). With `vector`, the CPU runs from there: real mode with
+        CS = vector >> 4 and IP = vector & 0xF (FIRMWARE_WAKING_VECTOR), or with `protected`
+        flat 32-bit protected mode, paging off (X_FIRMWARE_WAKING_VECTOR). Without, it waits
+        for INIT/SIPI, as an AP does until the OS starts it again."""
+        self.fd.set_msrs(msrs)
+        lapic = self.fd.get_lapic()
+        raw = bytearray(lapic.regs)
+        ident = raw[LAPIC_ID : LAPIC_ID + 4]
+        version = raw[LAPIC_VERSION : LAPIC_VERSION + 4]
+        raw[:] = bytes(len(raw))
+        raw[LAPIC_ID : LAPIC_ID + 4] = ident
+        raw[LAPIC_VERSION : LAPIC_VERSION + 4] = version
+        for off, value in _LAPIC_RESET.items():
+            raw[off : off + 4] = value.to_bytes(4, "little")
+        lapic.regs[:] = raw
+        self.fd.set_lapic(lapic)
+        self._set_lint()
+        self.fd.set_vcpu_events(S.KvmVcpuEvents())  # nothing injected or pending
+        if vector is None:
+            self.fd.set_mp_state(K.MP_STATE_UNINITIALIZED)
+            return
+        sregs = self.fd.get_sregs()
+        if protected:
+            code, data = _FLAT_CODE32, _FLAT_DATA32
+            cs_seg, ip = code, vector
+            sregs.cr0 = CR0_PE | CR0_RESET
+        else:
+            data = _REAL_DATA
+            cs_seg = Segment(vector >> 4 << 4, 0xFFFF, vector >> 4, 0xB, g=0)
+            ip = vector & 0xF
+            sregs.cr0 = CR0_RESET
+        _apply_segment(sregs.cs, cs_seg)
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            _apply_segment(getattr(sregs, name), data)
+        _apply_segment(sregs.tr, _RESET_TR)
+        _apply_segment(sregs.ldt, _RESET_LDT)
+        sregs.gdt.base, sregs.gdt.limit = 0, 0xFFFF
+        sregs.idt.base, sregs.idt.limit = 0, 0xFFFF
+        sregs.cr2 = sregs.cr3 = sregs.cr4 = sregs.efer = 0
+        sregs.interrupt_bitmap[:] = [0] * len(sregs.interrupt_bitmap)
+        self.fd.set_sregs(sregs)
+        regs = S.KvmRegs()
+        regs.rip, regs.rflags = ip, 0x2
+        self.fd.set_regs(regs)
+        self.fd.set_mp_state(K.MP_STATE_RUNNABLE)
+
     # -- running ----------------------------------------------------------------------------
     def start(self) -> None:
         install_kick_handler()
@@ -446,6 +495,22 @@ class Vcpu:
         except KvmError:
             pass
         return words
+
+
+# what an ACPI S3 resume (a CPU reset) leaves
+CR0_RESET = 0x6000_0010  # CD, NW, ET
+CR0_PE = 1
+_REAL_DATA = Segment(0, 0xFFFF, 0, 0x3, g=0)
+_FLAT_CODE32 = Segment(0, 0xFFFF_FFFF, 0x10, 0xB, db=1)
+_FLAT_DATA32 = Segment(0, 0xFFFF_FFFF, 0x18, 0x3, db=1)
+_RESET_TR = Segment(0, 0xFFFF, 0, 0xB, s=0, g=0)  # busy 32-bit TSS
+_RESET_LDT = Segment(0, 0xFFFF, 0, 0x2, s=0, g=0)
+LAPIC_ID, LAPIC_VERSION = 0x20, 0x30
+# LAPIC registers at reset (SDM 11.4.7.1) other than 0: DFR all ones, the spurious vector
+# register 0xFF (software-disabled), every LVT masked
+_LAPIC_RESET = {0xE0: 0xFFFF_FFFF, 0xF0: 0xFF} | {
+    off: 0x1_0000 for off in range(0x2F0, 0x380, 0x10) if off != 0x300 and off != 0x310
+}
 
 
 def _apply_segment(dst: S.KvmSegment, seg: Segment) -> None:

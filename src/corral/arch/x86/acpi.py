@@ -21,7 +21,9 @@ Choices:
 * MADT: xAPIC entries (APIC id = ACPI processor UID = vCPU index), so 1 to 254 vCPUs; the IOAPIC
   takes id num_cpus, which no CPU uses. ISA IRQ0 -> GSI 2 (bus-default polarity/trigger, i.e.
   edge/high) and the SCI, IRQ 9 -> GSI 9 level/active-high; LINT1 is NMI on every CPU.
-* DSDT: \\_S5 = {S5_SLP_TYP, S5_SLP_TYP, 0, 0}; one ACPI0007 processor device per vCPU
+* DSDT: \\_S3 = {S3_SLP_TYP, ...} (suspend to RAM: the machine stops its vCPUs until the host
+  wakes it, then vCPU 0 enters the FACS waking vector, see `waking_vector`) and
+  \\_S5 = {S5_SLP_TYP, S5_SLP_TYP, 0, 0}; one ACPI0007 processor device per vCPU
   (_UID = the MADT processor UID); COM1 and the RTC with their ports and IRQs; fw_cfg as QEMU
   describes it (FWCF, _HID "QEMU0002", _STA 0x0B, its 12 ports), which Linux's qemu_fw_cfg
   driver binds to; and a PNP0C02 device reserving the other ports corral decodes (debug exit,
@@ -32,9 +34,11 @@ Choices:
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from corral.arch.x86 import aml, layout
+from corral.errors import GuestMemoryError
 
 OEM_ID = b"CORRAL"
 OEM_TABLE_ID = b"CORRALVM"
@@ -115,8 +119,84 @@ def fadt(dsdt_addr: int, facs_addr: int) -> bytes:
 
 
 def facs() -> bytes:
-    # No checksum; version 2; the waking vector stays 0 (no S3).
+    # No checksum; version 2; the waking vectors start 0 (the OS sets one before it enters S3).
+    # Flags 0: no 64BIT_WAKE_SUPPORTED_F, so an X_FIRMWARE_WAKING_VECTOR is entered in 32-bit
+    # protected mode, never 64-bit.
     return struct.pack("<4sIIIIIQB3sI24s", b"FACS", 64, 0, 0, 0, 0, 0, 2, b"", 0, b"")
+
+
+# FACS fields (ACPI 6.x table 5.13)
+FACS_WAKING_VECTOR = 12  # 32-bit FIRMWARE_WAKING_VECTOR: real mode, CS = v >> 4, IP = v & 0xF
+FACS_X_WAKING_VECTOR = 24  # 64-bit X_FIRMWARE_WAKING_VECTOR (version >= 1): protected mode
+FACS_VERSION = 32
+RSDP_SCAN = (0xE0000, 0x100000)  # where the RSDP lies (corral's tables, SeaBIOS's F segment)
+MAX_XSDT_ENTRIES = 64
+
+
+class WakingVectorError(ValueError):
+    """The guest's memory holds no usable FACS waking vector."""
+
+
+@dataclass(frozen=True)
+class WakingVector:
+    """Where a waking CPU enters: `protected` False is real mode at `address` (CS:IP split as
+    ACPI says), True is flat 32-bit protected mode, paging off, at `address`."""
+
+    address: int
+    protected: bool
+
+
+def find_facs(read: Callable[[int, int], bytes]) -> int:
+    """The FACS's guest-physical address, found as an OS finds it: the RSDP in the BIOS area,
+    its XSDT, the FADT there, X_FIRMWARE_CTRL (or FIRMWARE_CTRL). `read(gpa, n)` reads guest
+    memory and raises GuestMemoryError outside RAM. Guest memory is the guest's: every pointer is
+    checked and every walk bounded; anything that does not fit raises WakingVectorError."""
+    lo, hi = RSDP_SCAN
+    try:
+        area = read(lo, hi - lo)
+        rsdp_off = next((o for o in range(0, len(area), 16) if area[o : o + 8] == b"RSD PTR "), -1)
+        if rsdp_off < 0:
+            raise WakingVectorError(f"no RSDP in {lo:#x}-{hi:#x}")
+        rsdp_data = area[rsdp_off : rsdp_off + 36]
+        if len(rsdp_data) < 36 or rsdp_data[15] < 2:
+            raise WakingVectorError("the RSDP has no XSDT (revision < 2)")
+        (xsdt_addr,) = struct.unpack_from("<Q", rsdp_data, 24)
+        sig, length = struct.unpack("<4sI", read(xsdt_addr, 8))
+        if sig != b"XSDT" or not HEADER.size <= length <= HEADER.size + 8 * MAX_XSDT_ENTRIES:
+            raise WakingVectorError(f"no valid XSDT at {xsdt_addr:#x}")
+        entries = read(xsdt_addr + HEADER.size, length - HEADER.size)
+        for (ptr,) in struct.iter_unpack("<Q", entries[: len(entries) // 8 * 8]):
+            if read(ptr, 4) != b"FACP":
+                continue
+            fadt_data = read(ptr, 140)
+            (x_ctrl,) = struct.unpack_from("<Q", fadt_data, 132)
+            (ctrl,) = struct.unpack_from("<I", fadt_data, 36)
+            addr = x_ctrl or ctrl
+            if read(addr, 4) != b"FACS":
+                raise WakingVectorError(f"the FADT's FACS pointer {addr:#x} holds no FACS")
+            return addr
+    except WakingVectorError:
+        raise
+    except (GuestMemoryError, ValueError, struct.error) as exc:
+        raise WakingVectorError(f"the guest's ACPI tables point outside RAM ({exc})") from None
+    raise WakingVectorError("the XSDT lists no FADT")
+
+
+def waking_vector(facs_data: bytes) -> WakingVector:
+    """The vector a FACS (its first 64 bytes) gives: X_FIRMWARE_WAKING_VECTOR when the OS set
+    it (FACS version >= 1; entered in 32-bit protected mode, as we offer no 64-bit wake), else
+    FIRMWARE_WAKING_VECTOR in real mode. WakingVectorError when both are 0 or out of reach."""
+    (vector,) = struct.unpack_from("<I", facs_data, FACS_WAKING_VECTOR)
+    (x_vector,) = struct.unpack_from("<Q", facs_data, FACS_X_WAKING_VECTOR)
+    if facs_data[FACS_VERSION] >= 1 and x_vector:
+        if x_vector >= 1 << 32:
+            raise WakingVectorError(f"X_FIRMWARE_WAKING_VECTOR {x_vector:#x} is above 4 GiB")
+        return WakingVector(x_vector, True)
+    if not vector:
+        raise WakingVectorError("the guest set no waking vector in its FACS")
+    if vector >= 1 << 20:
+        raise WakingVectorError(f"FIRMWARE_WAKING_VECTOR {vector:#x} is above 1 MiB (real mode)")
+    return WakingVector(vector, False)
 
 
 def madt(num_cpus: int) -> bytes:
@@ -145,7 +225,7 @@ def _isa_device(name: str, hid: str, uid: int, *resources: bytes) -> bytes:
 
 
 def dsdt_objects(num_cpus: int, extra_devices: list[bytes] | None = None) -> list[bytes]:
-    """The DSDT's AML: sleep state S5, then under \\_SB the CPUs, the ISA devices on the legacy
+    """The DSDT's AML: sleep states S3 and S5, then under \\_SB the CPUs, the ISA devices on the legacy
     bus and `extra_devices` (AML Device objects, e.g. a PCI host bridge)."""
     cpus = [
         aml.device(f"C{i:03X}", aml.name("_HID", aml.string("ACPI0007")), aml.name("_UID", aml.integer(i)))
@@ -170,9 +250,12 @@ def dsdt_objects(num_cpus: int, extra_devices: list[bytes] | None = None) -> lis
             aml.memory32_fixed(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE),
         ),
     ]
-    slp_typ = layout.S5_SLP_TYP  # {SLP_TYPa, SLP_TYPb, reserved, reserved}
-    s5 = aml.name("_S5_", aml.package(*(aml.integer(v) for v in (slp_typ, slp_typ, 0, 0))))
-    return [s5, aml.scope("\\_SB_", *cpus, *isa, *(extra_devices or []))]
+    # {SLP_TYPa, SLP_TYPb, reserved, reserved}
+    s3, s5 = (
+        aml.name(name, aml.package(*(aml.integer(v) for v in (typ, typ, 0, 0))))
+        for name, typ in (("_S3_", layout.S3_SLP_TYP), ("_S5_", layout.S5_SLP_TYP))
+    )
+    return [s3, s5, aml.scope("\\_SB_", *cpus, *isa, *(extra_devices or []))]
 
 
 def fw_cfg_device() -> bytes:

@@ -60,6 +60,7 @@ PCI_CONFIG_DATA_PORT = 0xCFC
 RESET_PORT = 0xCF9  # ACPI reset register (FADT RESET_REG), value 0x06 resets
 SCI_IRQ = 9
 S5_SLP_TYP = 5  # SLP_TYP the DSDT's \_S5 package advertises
+S3_SLP_TYP = 1  # SLP_TYP of \_S3 (suspend to RAM), QEMU's value
 
 # --- limits ---------------------------------------------------------------------------------
 MIN_MEMORY = 16 * MiB

@@ -39,3 +39,21 @@ def boot_msrs(supported: set[int]) -> dict[int, int]:
         MSR_IA32_CR_PAT: PAT_POWER_ON,
     }
     return {k: v for k, v in wanted.items() if k in supported or k == MSR_MTRR_DEF_TYPE}
+
+
+# kvm paravirtual MSRs a guest enables (kvmclock, steal time, async PF, PV EOI): a reset turns
+# them off, and the guest's resume path turns them on again
+MSR_KVM_SYSTEM_TIME, MSR_KVM_SYSTEM_TIME_NEW = 0x12, 0x4B56_4D01
+MSR_KVM_ASYNC_PF_EN, MSR_KVM_STEAL_TIME, MSR_KVM_PV_EOI_EN = 0x4B56_4D02, 0x4B56_4D03, 0x4B56_4D04
+APICBASE_DEFAULT = 0xFEE0_0000 | 1 << 11  # the xAPIC enabled at its reset address
+APICBASE_BSP = 1 << 8
+
+
+def wake_msrs(supported: set[int], bsp: bool) -> dict[int, int]:
+    """MSRs as a CPU has them after the reset an ACPI S3 resume starts with: boot_msrs, the
+    xAPIC back in xAPIC mode at its address, and the kvm paravirtual MSRs off."""
+    pv = (MSR_KVM_SYSTEM_TIME, MSR_KVM_SYSTEM_TIME_NEW, MSR_KVM_ASYNC_PF_EN, MSR_KVM_STEAL_TIME)
+    out = {MSR_IA32_APICBASE: APICBASE_DEFAULT | (APICBASE_BSP if bsp else 0)}
+    out.update({m: 0 for m in (*pv, MSR_KVM_PV_EOI_EN) if m in supported})
+    out.update(boot_msrs(supported))
+    return out

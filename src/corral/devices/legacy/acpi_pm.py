@@ -13,10 +13,12 @@ operation (a 4-byte write at offset 2 sets PM1_EN and PM1_CNT together; a byte w
 sets SLP_TYP and SLP_EN, which is how some code enters a sleep state).
 
 * SCI_EN always reads 1: the machine is always in ACPI mode (the FADT has no SMI_CMD).
-* Writing SLP_EN with SLP_TYP == layout.S5_SLP_TYP calls `ctl.request_poweroff()`. Other sleep
-  types are not supported (the DSDT advertises only S5): the request does nothing except set
-  WAK_STS at once, so a guest that tries (and spins until WAK_STS) wakes immediately.
-  SLP_EN and GBL_RLS read 0.
+* Writing SLP_EN with SLP_TYP == layout.S5_SLP_TYP calls `ctl.request_poweroff()`; with
+  layout.S3_SLP_TYP it clears WAK_STS and calls `ctl.request_suspend()` (the machine stops its
+  vCPUs until the host wakes it, and `wake()` then sets WAK_STS, as the hardware does on a
+  resume). Other sleep types are not supported (the DSDT advertises only S3 and S5): the
+  request does nothing except set WAK_STS at once, so a guest that tries (and spins until
+  WAK_STS) wakes immediately. SLP_EN and GBL_RLS read 0.
 * `press_power_button()` (from the host) sets PWRBTN_STS; with PWRBTN_EN set the SCI is raised,
   and ACPI guests shut down cleanly.
 * The SCI (`sci`, optional) is a level: high while (PM1_STS & PM1_EN) has a PWRBTN, SLPBTN,
@@ -110,7 +112,7 @@ class AcpiPm:
         return value
 
     def pio_write(self, offset: int, size: int, value: int) -> None:
-        poweroff = False
+        poweroff = suspend = False
         with self._lock:
             clear, en, cnt, cnt_written = 0, self._en, self._cnt, False
             for i in range(size):
@@ -128,14 +130,20 @@ class AcpiPm:
             self._en = en & EN_MASK
             if cnt_written:
                 if cnt & SLP_EN:
-                    if (cnt >> SLP_TYP_SHIFT) & SLP_TYP_MASK == layout.S5_SLP_TYP:
+                    slp_typ = (cnt >> SLP_TYP_SHIFT) & SLP_TYP_MASK
+                    if slp_typ == layout.S5_SLP_TYP:
                         poweroff = True
+                    elif slp_typ == layout.S3_SLP_TYP:
+                        suspend = True
+                        self._sts &= ~WAK_STS
                     else:
                         self._sts |= WAK_STS  # unsupported sleep state: wake at once
                 self._cnt = (cnt & CNT_STORED) | SCI_EN
             self._update_sci()
         if poweroff:
             self._ctl.request_poweroff()
+        elif suspend:
+            self._ctl.request_suspend()
 
     # -- host side ----------------------------------------------------------------------------
     def timer(self) -> int:
@@ -147,6 +155,12 @@ class AcpiPm:
         """Signal a power-button press (the guest's ACPI code decides what to do)."""
         with self._lock:
             self._sts |= PWRBTN_STS
+            self._update_sci()
+
+    def wake(self) -> None:
+        """The machine resumes from S3: set WAK_STS (the OS's resume path reads and clears it)."""
+        with self._lock:
+            self._sts |= WAK_STS
             self._update_sci()
 
     def _update_sci(self, force: bool = False) -> None:

@@ -126,15 +126,21 @@ def test_a_rebooting_guest_is_rebuilt_under_the_vmm_filter(tmp_path):
     kernel.write_bytes(
         multiboot_kernel(b"\xb0\xfe\xe6\x64\xf4\xeb\xfd")
     )  # out 0x64, 0xfe (i8042 reset); hlt; jmp
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "corral", "-v", "run", "--kernel", str(kernel), "--memory", "32M"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
-    )  # fmt: skip
-    time.sleep(4)
-    assert proc.poll() is None, proc.stderr.read().decode()
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
-    text = err.decode()
+    # -v logs every reboot: to a file, so the VMM never waits on a pipe nobody reads yet
+    with open(tmp_path / "err", "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "corral", "-v", "run", "--kernel", str(kernel), "--memory", "32M"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=cli_env(),
+        )  # fmt: skip
+    try:
+        time.sleep(4)
+        assert proc.poll() is None, (tmp_path / "err").read_text()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    text = (tmp_path / "err").read_text()
     assert "forbidden system call" not in text, text
     assert "rebooting (2)" in text, text
     assert proc.returncode == 130, text

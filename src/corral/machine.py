@@ -98,7 +98,7 @@ class Machine:
         # incoming migration: build() stops before the vCPUs; RAM arrives, then load_incoming()
         self._incoming = incoming
         self.kvm_path = kvm_path
-        self._console = console or _stdout_console
+        self._console = console or self._stdout_console
         self._stopped = threading.Event()
         self._result: ExitResult | None = None
         self._result_lock = threading.Lock()
@@ -576,16 +576,21 @@ class Machine:
                 continue
             return ExitResult(result.kind, result.status, result.message, self.reboots)
 
+    def _stdout_console(self, data: bytes) -> None:
+        """The serial console's default: this process's stdout. A closed one (a reader that
+        went away: `corral run | head`) stops the VM with one line instead of a crash."""
+        try:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        except (OSError, ValueError, AttributeError) as exc:  # EPIPE, closed, or no stdout at all
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "closed"
+            self.vcpu_stop("error", 1, f"the console's output (stdout) failed: {why}: the VM was stopped")
+
     def __enter__(self) -> Machine:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _stdout_console(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
 
 
 __all__ = ["ExitResult", "Machine", "MachineStatus", "VmStateError"]

@@ -190,3 +190,22 @@ def test_seccomp_report_counts_each_list_beside_firecracker():
         assert str(c.syscalls) in row
         if c.firecracker is not None:
             assert str(c.firecracker) in row
+
+
+def test_a_closed_stdout_stops_the_vm_with_one_line_not_the_filter(tmp_path):
+    """The console's reader went away (`corral run | head`): the vCPU writing the guest's
+    output gets EPIPE; the VM stops with a line saying so, not a traceback that dies on the
+    filter (linecache's newfstatat) with 148."""
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "corral", "run", "--image", "probe", "--cmdline", "smp"],
+            stdin=subprocess.DEVNULL, stdout=w_fd, stderr=subprocess.PIPE, env=cli_env(), timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(w_fd)
+    err = r.stderr.decode()
+    assert "forbidden system call" not in err, err
+    assert r.returncode == 1, err
+    assert "the console's output (stdout) failed: Broken pipe: the VM was stopped" in err, err

@@ -14,16 +14,31 @@ Filters are opt-in for the library (`enable()`; an embedding program keeps its t
 are) and on by default in the CLI (`--no-seccomp` turns them off, for debugging). The
 environment variable CORRAL_SECCOMP=log logs instead of trapping (the kernel's audit log names
 each call a thread would have been stopped for), to find what a new code path needs.
+
+What Python does behind a filtered thread's back, and how it is kept inside the lists:
+- A traceback (an exception logged, an uncaught one) reads source lines through `linecache`,
+  which stats and opens the files: a filtered thread would die on `newfstatat` instead of
+  showing the real error. `enter` makes linecache serve filtered threads only what it already
+  holds (`_quiet_linecache`); `prepare` loads corral's own sources into it, so tracebacks
+  through corral keep their lines.
+- A C extension imported lazily is dlopen()ed: an executable mapping, which no filter allows
+  (the trap names `mmap`). `prepare` imports those that a filtered thread's lazy paths reach
+  (`LAZY_EXTENSIONS`); code that imports inside a function on a filtered thread must import
+  its C extensions before the filter, as `_crash_dumper` in corral.cli does.
 """
 
 from __future__ import annotations
 
 import ctypes as C
 import errno
+import importlib
+import linecache
 import logging
 import os
 import socket
+import sys
 import threading
+import traceback
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -178,13 +193,82 @@ def build(kind: str) -> bytes:
         return program
 
 
+# C extensions that code on a filtered thread imports on first use (found with
+# CORRAL_SECCOMP=log over the kvm tests): imported by prepare(), before any filter.
+LAZY_EXTENSIONS = (
+    "unicodedata",  # socket's host names ("localhost".encode("idna")): a migration's connect
+)
+
+
 def prepare() -> None:
     """Build every filter now, while the process may still do anything (libseccomp itself
     allocates and resolves names), and load what a filtered thread would otherwise load
-    lazily: a C extension is mapped executable, which no filter allows."""
-    "localhost".encode("idna")  # socket's host names (a migration's connect): unicodedata
+    lazily: a C extension is mapped executable, which no filter allows; source lines for
+    tracebacks are files to open."""
+    for name in LAZY_EXTENSIONS:
+        importlib.import_module(name)
+    "localhost".encode("idna")  # the idna codec itself (a pure-Python module) too
     for kind in KINDS:
         build(kind)
+    _quiet_linecache()
+    _cache_sources("corral")
+
+
+def _filtered() -> bool:
+    return getattr(_entered, "kind", None) is not None
+
+
+def _quiet_linecache() -> None:
+    """Make linecache serve a filtered thread only what it already holds: no stat (checkcache),
+    no open (updatecache, a lazy entry's loader). A traceback printed there then shows the
+    error, with the lines cached before the filter and without the others, instead of ending
+    the VMM on `newfstatat`. Other threads keep linecache as it was. Idempotent."""
+    if getattr(linecache.updatecache, "_corral_quiet", False):
+        return
+    check, update = linecache.checkcache, linecache.updatecache
+
+    def checkcache(filename: str | None = None) -> None:
+        if not _filtered():
+            check(filename)
+
+    def updatecache(filename: str, module_globals: Any = None) -> list[str]:
+        return [] if _filtered() else update(filename, module_globals)
+
+    updatecache._corral_quiet = True  # type: ignore[attr-defined]
+    linecache.checkcache = checkcache
+    linecache.updatecache = updatecache  # getlines looks it up in the module at each call
+    # A thread's uncaught exception: the default hook is C, which opens the source files
+    # itself; this one prints the same through the traceback module, hence linecache.
+    if threading.excepthook is threading.__excepthook__:
+        threading.excepthook = _excepthook
+
+
+def _excepthook(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else threading.get_ident()
+    text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+    if sys.stderr is not None:
+        sys.stderr.write(f"Exception in thread {name}:\n{text}")
+        sys.stderr.flush()
+
+
+# corral's own sources kept for tracebacks on filtered threads: a bound on what prepare reads
+MAX_SOURCE_BYTES = 8 << 20
+
+
+def _cache_sources(package: str) -> None:
+    """Load the source of `package`'s imported modules into linecache (up to
+    MAX_SOURCE_BYTES in all), so a filtered thread's traceback through them shows its lines."""
+    total = 0
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not (name == package or name.startswith(package + ".")) or not path or not path.endswith(".py"):
+            continue
+        lines = linecache.getlines(path)
+        total += sum(map(len, lines))
+        if total > MAX_SOURCE_BYTES:
+            return
 
 
 def enter(kind: str, name: str | None = None) -> None:
@@ -196,6 +280,7 @@ def enter(kind: str, name: str | None = None) -> None:
     if not _state.enabled or getattr(_entered, "kind", None) == kind:
         return
     program = build(kind)
+    _quiet_linecache()
     try:
         cache.load(program)
     except OSError as exc:
@@ -239,6 +324,7 @@ __all__ = [
     "EXIT_CODE",
     "FIRECRACKER",
     "KINDS",
+    "LAZY_EXTENSIONS",
     "Count",
     "SeccompError",
     "build",

@@ -209,3 +209,24 @@ def test_a_closed_stdout_stops_the_vm_with_one_line_not_the_filter(tmp_path):
     assert "forbidden system call" not in err, err
     assert r.returncode == 1, err
     assert "the console's output (stdout) failed: Broken pipe: the VM was stopped" in err, err
+
+
+def test_the_gdb_stub_and_its_session_run_filtered(tmp_path):
+    api, gdb = tmp_path / "vm.sock", tmp_path / "gdb.sock"
+    proc = start_vm(api, "mem-touch 16M forever", "--gdb", f"unix:{gdb}")
+    try:
+        seen = threads_once_running(proc.pid, "corral-gdb")
+        assert seen.get("corral-gdb") == ["2"], seen
+        with socket.socket(socket.AF_UNIX) as s:  # a debugger: its session gets a thread too
+            s.settimeout(10)
+            s.connect(str(gdb))
+            s.sendall(b"$?#3f")
+            assert s.recv(64).startswith(b"+$"), "no answer from the stub"
+            seen = threads(proc.pid)
+            assert seen.get("corral-gdb") == ["2", "2"], seen
+            s.sendall(b"+$D#44")  # detach: the guest runs on
+            s.recv(64)
+        assert ControlClient(api).status().state == "running"
+    finally:
+        rc, err = stop(proc, api) if proc.poll() is None else (proc.returncode, proc.stderr.read().decode())
+    assert "forbidden" not in err and rc == 0, err

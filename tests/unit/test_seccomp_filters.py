@@ -179,3 +179,14 @@ def test_an_uncaught_exception_on_a_filtered_thread_is_printed_not_trapped():
     r = in_thread("vcpu", 'raise RuntimeError("THE REAL ERROR")')
     assert r.returncode == 0, r.stderr
     assert "RuntimeError: THE REAL ERROR" in r.stderr and "forbidden" not in r.stderr, r.stderr
+
+
+def test_the_gdb_stub_makes_no_sockets_and_its_list_sits_inside_the_vmms():
+    """It serves a socket made before its filter; under `corral firecracker` (PUT /corral/gdb)
+    it starts under the VMM's filter and stacks its own: the VMM's must hold all of it."""
+    r = in_thread("gdb", "socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()")
+    assert_trapped(r, "socket")
+    gdb, vmm = lists.POLICIES["gdb"], lists.POLICIES["vmm"]
+    assert gdb.all_syscalls() <= vmm.all_syscalls()
+    assert gdb.ioctl_numbers() <= vmm.ioctl_numbers()
+    assert K.KVM_RUN not in gdb.ioctl_numbers() and K.KVM_CREATE_VM not in gdb.ioctl_numbers()

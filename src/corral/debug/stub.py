@@ -32,6 +32,7 @@ from corral.debug.packets import PacketReader, frame
 from corral.debug.session import Session
 from corral.errors import ConfigError, CorralError
 from corral.host import probe_host
+from corral.seccomp import enter as enter_seccomp
 
 if TYPE_CHECKING:
     from corral.machine import Machine
@@ -139,6 +140,7 @@ class GdbStub:
 
     # -- connections -----------------------------------------------------------------------------
     def _accept_loop(self) -> None:
+        enter_seccomp("gdb", "corral-gdb")  # its threads (a session, a refusal) inherit it
         while not self._closing:
             try:
                 conn, _ = self._sock.accept()
@@ -167,6 +169,7 @@ class GdbStub:
         session = self._session
         assert session is not None
         try:
+            enter_seccomp("gdb", "corral-gdb")  # named, and linecache kept quiet on it
             session.run()
         except Exception:
             log.exception("gdb session failed")

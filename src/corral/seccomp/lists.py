@@ -172,9 +172,26 @@ WAKE_IOCTLS = frozenset(
         "KVM_SET_VCPU_EVENTS",
     }
 )
+# writing a snapshot (corral.state.snapshot): the API's verb, and gdb's `monitor snapshot`;
+# getrandom: tempfile's names for the directory it fills before renaming it into place
+SNAPSHOT_FILES = frozenset(
+    {
+        "openat",
+        "newfstatat",
+        "lseek",
+        "pwrite64",
+        "ftruncate",
+        "fsync",
+        "mkdir",
+        "rename",
+        "geteuid",
+        "getrandom",
+    }
+)
 API = Policy(
     role="the control socket: pause, snapshot, migrate, balloon",
     syscalls=PYTHON
+    | SNAPSHOT_FILES
     | {
         "read",
         "accept4",
@@ -187,22 +204,47 @@ API = Policy(
         "getsockopt",  # SO_PEERCRED: who is calling
         "setsockopt",
         "shutdown",
-        "openat",  # the snapshot's files
-        "newfstatat",
-        "lseek",
-        "pwrite64",
         "pread64",  # KVM's per-vCPU statistics fds (corral stats)
-        "ftruncate",
-        "fsync",
-        "mkdir",
-        "rename",
-        "geteuid",
         "getrandom",  # migration nonces
         "tgkill",  # pause kicks the vCPUs
     },
     ioctls=STATE_IOCTLS | WAKE_IOCTLS | {"TCGETS", "FIONBIO"},
     socket_families=frozenset({socket.AF_UNIX, socket.AF_INET, socket.AF_INET6}),
     threads=True,  # a thread per connection, migration's throttle
+)
+
+# -- the gdb stub: one debugger's packets on a socket it already listens on ----------------
+# (corral.debug.stub: its accept loop and each session's thread). It pauses and resumes the
+# machine as the API does, reads and sets registers, translates addresses, sets breakpoints,
+# and `monitor snapshot` writes one.
+GDB = Policy(
+    role="the gdb stub: a debugger's packets, registers, breakpoints",
+    syscalls=PYTHON
+    | SNAPSHOT_FILES
+    | {
+        "accept4",
+        "getsockopt",  # SO_PEERCRED: who connects to a unix-socket stub
+        "recvfrom",
+        "sendto",
+        "pselect6",  # select.select: waiting for gdb's Ctrl-C while the guest runs
+        "getsockname",  # the stub's own address (its port)
+        "poll",  # the second debugger's socket timeout
+        "shutdown",
+        "tgkill",  # pause kicks the vCPUs
+    },
+    ioctls=STATE_IOCTLS  # pause, resume and `monitor snapshot`, as the API's
+    | {
+        "KVM_SET_REGS",
+        "KVM_SET_SREGS",
+        "KVM_GET_FPU",
+        "KVM_SET_FPU",
+        "KVM_SET_DEBUGREGS",
+        "KVM_TRANSLATE",  # guest-virtual memory
+        "KVM_SET_GUEST_DEBUG",  # breakpoints and steps
+        "FIONBIO",  # socket timeouts
+        "TCGETS",  # open() asks isatty (the snapshot's files)
+    },
+    threads=True,  # a thread per debugger (a second one is refused on its own)
 )
 
 # -- the VMM thread: runs the machine, rebuilds it when the guest reboots ---------------------
@@ -253,6 +295,7 @@ VMM = Policy(
     syscalls=VCPU.syscalls
     | LOOP.syscalls
     | API.syscalls
+    | GDB.syscalls
     | {
         "memfd_create",  # guest RAM
         "epoll_create1",  # the device loop
@@ -271,11 +314,11 @@ VMM = Policy(
         "wait4",
         "socketpair",  # pyroute2's IPRoute, when a tap is made after start (Firecracker's API)
     },
-    # a gdb stub started through the API (PUT /corral/gdb) runs on a thread under this filter:
-    # it translates addresses and sets breakpoints and steps
-    ioctls=VCPU.ioctls | LOOP.ioctls | API.ioctls | BUILD_IOCTLS | {"KVM_TRANSLATE", "KVM_SET_GUEST_DEBUG"},
+    # a gdb stub started through the API (PUT /corral/gdb) starts under this filter and stacks
+    # its own on it: this one holds the stub's
+    ioctls=VCPU.ioctls | LOOP.ioctls | API.ioctls | GDB.ioctls | BUILD_IOCTLS,
     socket_families=frozenset({socket.AF_UNIX, socket.AF_INET, socket.AF_INET6, socket.AF_NETLINK}),
     threads=True,
 )
 
-POLICIES: dict[str, Policy] = {"vmm": VMM, "api": API, "loop": LOOP, "vcpu": VCPU}
+POLICIES: dict[str, Policy] = {"vmm": VMM, "api": API, "loop": LOOP, "vcpu": VCPU, "gdb": GDB}

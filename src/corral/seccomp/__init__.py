@@ -4,8 +4,8 @@ Linux applies a seccomp filter to the thread that loads it (TSYNC off) and to th
 creates afterwards, so each kind of thread enters its own allow-list as its first act
 (`enter(kind)`): the vCPU threads, the device loop, the control-socket server, the gdb stub's
 threads, and the VMM's main thread once the machine is built (it rebuilds the VM on a guest
-reboot, so its list is the widest; threads it creates stack their own, narrower list on top). The lists are data
-(corral.seccomp.lists), with argument filters where the argument is a number: ioctl request
+reboot, so its list is the widest; threads it creates stack their own, narrower list on top).
+The lists are data (corral.seccomp.lists), with argument filters where the argument is a number: ioctl request
 numbers (KVM_RUN for a vCPU, never KVM_CREATE_VM), socket families, clone flags (threads only,
 never a new process), no PROT_EXEC mappings. Anything else traps: the SIGSYS handler
 (corral.seccomp.trap) writes one line naming the call and ends the process with exit code 148.

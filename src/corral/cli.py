@@ -778,6 +778,11 @@ def receive(
             f"corral: warning: --insecure: anyone who can connect to {where} can send a guest here", err=True
         )
     deadline = None if timeout is None else time.monotonic() + timeout
+    if api_path is not None:
+        import corral.api  # noqa: F401  (its C extensions cannot be mapped under the filter)
+    # from here this thread waits, builds the machine it is sent and runs it: the VMM's filter
+    # (each handshake's thread stacks a narrower one: corral.migration)
+    enter_seccomp("vmm", "corral-vmm")
     try:
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -68,6 +68,7 @@ from corral.config import HostResources, MachineConfig
 from corral.errors import ConfigError, CorralError
 from corral.files import Refused, open_checked
 from corral.machine import Machine
+from corral.seccomp import enter as enter_seccomp
 from corral.state.model import CpuModel, MachineState
 
 log = logging.getLogger(__name__)
@@ -636,8 +637,9 @@ class _Handshakes:
 
     def _run(self, ident: int, sock: socket.socket, where: str) -> None:
         try:
+            enter_seccomp("incoming", "corral-mig-in")  # the peer's bytes, parsed under a filter
             link = _accept(sock, self.key, self.tls, self.timeout)
-        except (OSError, MigrationError) as exc:
+        except (OSError, CorralError) as exc:  # MigrationError; SeccompError: no filter, no handshake
             reason = (
                 exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
             )

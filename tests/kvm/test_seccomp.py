@@ -235,3 +235,28 @@ def test_the_gdb_stub_and_its_session_run_filtered(tmp_path):
     finally:
         rc, err = stop(proc, api) if proc.poll() is None else (proc.returncode, proc.stderr.read().decode())
     assert "forbidden" not in err and rc == 0, err
+
+
+def test_a_receiver_waits_and_handshakes_under_filters(tmp_path):
+    """`corral receive` faces the network before any guest exists: its waiting thread is under
+    the VMM's filter, and each connection's handshake under a narrower one of its own."""
+    token = tmp_path / "token"
+    token.write_text("0" * 64)
+    token.chmod(0o600)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral", "receive", "--listen", "127.0.0.1:0", "--token-file", str(token),
+         "--timeout", "30"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=cli_env(),
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline().decode()
+        assert "waiting for a migration on" in line, line
+        port = int(line.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10):  # a silent peer
+            seen = threads_once_running(proc.pid, "corral-vmm", "corral-mig-in")
+            assert seen.get("corral-vmm") == ["2"] and seen.get("corral-mig-in") == ["2"], seen
+        assert proc.poll() is None  # still listening
+    finally:
+        proc.kill()
+        out = proc.communicate(timeout=10)[0].decode()
+    assert "forbidden" not in out, out

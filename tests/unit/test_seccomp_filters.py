@@ -181,12 +181,20 @@ def test_an_uncaught_exception_on_a_filtered_thread_is_printed_not_trapped():
     assert "RuntimeError: THE REAL ERROR" in r.stderr and "forbidden" not in r.stderr, r.stderr
 
 
-def test_the_gdb_stub_makes_no_sockets_and_its_list_sits_inside_the_vmms():
-    """It serves a socket made before its filter; under `corral firecracker` (PUT /corral/gdb)
-    it starts under the VMM's filter and stacks its own: the VMM's must hold all of it."""
-    r = in_thread("gdb", "socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()")
+@pytest.mark.parametrize("kind", ["gdb", "incoming"])
+def test_stacked_kinds_make_no_sockets_and_sit_inside_the_vmms_list(kind):
+    """The gdb stub and a migration's handshakes serve sockets made before their filter, and
+    may start under the VMM's (`corral firecracker`'s PUT /corral/gdb, `corral receive`) and
+    stack their own on it: the VMM's must hold all of theirs."""
+    r = in_thread(kind, "socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()")
     assert_trapped(r, "socket")
-    gdb, vmm = lists.POLICIES["gdb"], lists.POLICIES["vmm"]
-    assert gdb.all_syscalls() <= vmm.all_syscalls()
-    assert gdb.ioctl_numbers() <= vmm.ioctl_numbers()
-    assert K.KVM_RUN not in gdb.ioctl_numbers() and K.KVM_CREATE_VM not in gdb.ioctl_numbers()
+    policy, vmm = lists.POLICIES[kind], lists.POLICIES["vmm"]
+    assert policy.all_syscalls() <= vmm.all_syscalls()
+    assert policy.ioctl_numbers() <= vmm.ioctl_numbers()
+    assert K.KVM_RUN not in policy.ioctl_numbers() and K.KVM_CREATE_VM not in policy.ioctl_numbers()
+
+
+def test_a_handshake_opens_no_files_and_touches_no_vm():
+    r = in_thread("incoming", 'open("/etc/hostname").close()')
+    assert_trapped(r, "openat")
+    assert not any(n.startswith("KVM_") for n in lists.POLICIES["incoming"].ioctls)

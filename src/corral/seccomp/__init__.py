@@ -3,7 +3,7 @@
 Linux applies a seccomp filter to the thread that loads it (TSYNC off) and to the threads it
 creates afterwards, so each kind of thread enters its own allow-list as its first act
 (`enter(kind)`): the vCPU threads, the device loop, the control-socket server, the gdb stub's
-threads, and the VMM's main thread once the machine is built (it rebuilds the VM on a guest
+threads, an incoming migration's handshakes, and the VMM's main thread once the machine is built (it rebuilds the VM on a guest
 reboot, so its list is the widest; threads it creates stack their own, narrower list on top).
 The lists are data (corral.seccomp.lists), with argument filters where the argument is a number: ioctl request
 numbers (KVM_RUN for a vCPU, never KVM_CREATE_VM), socket families, clone flags (threads only,
@@ -71,7 +71,7 @@ def _libseccomp() -> ModuleType:
 
 log = logging.getLogger(__name__)
 
-KINDS = ("vmm", "api", "loop", "vcpu", "gdb")
+KINDS = ("vmm", "api", "loop", "vcpu", "gdb", "incoming")
 # Off in normal use. A test sets this in the process it starts (never through the
 # environment alone), and then CORRAL_SECCOMP_SELFTEST=KIND makes that thread kind attempt a
 # forbidden call right after entering its filter, to show the trap works there.

@@ -247,6 +247,27 @@ GDB = Policy(
     threads=True,  # a thread per debugger (a second one is refused on its own)
 )
 
+# -- a migration's handshake: TLS and the token, with a peer not yet trusted -----------------
+# (corral.migration's handshake threads, one per connection). It only talks on the socket it
+# was handed; a proven link goes back to the receiving thread, which builds the machine.
+INCOMING = Policy(
+    role="a migration's handshake: TLS and the token, an untrusted peer",
+    syscalls=PYTHON
+    | {
+        "read",  # OpenSSL's socket reads (its writes are write, which every list has)
+        "recvfrom",
+        "sendto",
+        "poll",  # socket timeouts: the handshake's deadline
+        "getrandom",  # nonces, TLS
+        "setsockopt",  # TCP_NODELAY before TLS
+        "getsockopt",
+        "getpeername",  # TLS asks whether the socket is connected
+        "getsockname",
+        "shutdown",
+    },
+    ioctls=frozenset({"FIONBIO"}),
+)
+
 # -- the VMM thread: runs the machine, rebuilds it when the guest reboots ---------------------
 # Its threads (vCPUs, the loop, on a reboot or a Firecracker InstanceStart) are created under
 # its filter and keep it beneath their own, so it holds theirs too.
@@ -296,6 +317,7 @@ VMM = Policy(
     | LOOP.syscalls
     | API.syscalls
     | GDB.syscalls
+    | INCOMING.syscalls
     | {
         "memfd_create",  # guest RAM
         "epoll_create1",  # the device loop
@@ -313,6 +335,7 @@ VMM = Policy(
         "rt_sigaction",  # the kick handler; SIGTERM under Firecracker's API
         "wait4",
         "socketpair",  # pyroute2's IPRoute, when a tap is made after start (Firecracker's API)
+        "fchmod",  # the control socket (0600) that `corral receive --api` opens once the guest arrives
     },
     # a gdb stub started through the API (PUT /corral/gdb) starts under this filter and stacks
     # its own on it: this one holds the stub's
@@ -321,4 +344,11 @@ VMM = Policy(
     threads=True,
 )
 
-POLICIES: dict[str, Policy] = {"vmm": VMM, "api": API, "loop": LOOP, "vcpu": VCPU, "gdb": GDB}
+POLICIES: dict[str, Policy] = {
+    "vmm": VMM,
+    "api": API,
+    "loop": LOOP,
+    "vcpu": VCPU,
+    "gdb": GDB,
+    "incoming": INCOMING,
+}

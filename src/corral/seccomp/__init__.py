@@ -3,12 +3,14 @@
 Linux applies a seccomp filter to the thread that loads it (TSYNC off) and to the threads it
 creates afterwards, so each kind of thread enters its own allow-list as its first act
 (`enter(kind)`): the vCPU threads, the device loop, the control-socket server, the gdb stub's
-threads, an incoming migration's handshakes, and the VMM's main thread once the machine is built (it rebuilds the VM on a guest
-reboot, so its list is the widest; threads it creates stack their own, narrower list on top).
-The lists are data (corral.seccomp.lists), with argument filters where the argument is a number: ioctl request
-numbers (KVM_RUN for a vCPU, never KVM_CREATE_VM), socket families, clone flags (threads only,
-never a new process), no PROT_EXEC mappings. Anything else traps: the SIGSYS handler
-(corral.seccomp.trap) writes one line naming the call and ends the process with exit code 148.
+threads, an incoming migration's handshakes, and the VMM's main thread once the machine is
+built or, for `corral receive`, once it listens (it rebuilds the VM on a guest reboot, so its
+list is the widest; threads it creates stack their own, narrower list on top). The lists are
+data (corral.seccomp.lists), with argument filters where the argument is a number: ioctl
+request numbers (KVM_RUN for a vCPU, never KVM_CREATE_VM), socket families, clone flags
+(threads only, never a new process), no PROT_EXEC mappings. Anything else traps: the SIGSYS
+handler (corral.seccomp.trap) writes one line naming the call and ends the process with exit
+code 148.
 
 Filters are opt-in for the library (`enable()`; an embedding program keeps its threads as they
 are) and on by default in the CLI (`--no-seccomp` turns them off, for debugging). The

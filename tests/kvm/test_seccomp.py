@@ -133,7 +133,10 @@ def test_a_rebooting_guest_is_rebuilt_under_the_vmm_filter(tmp_path):
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=cli_env(),
         )  # fmt: skip
     try:
-        time.sleep(4)
+        deadline = time.monotonic() + 60  # two rebuilds: seconds here, more on a loaded host
+        while "rebooting (2)" not in (tmp_path / "err").read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "err").read_text()
+            time.sleep(0.2)
         assert proc.poll() is None, (tmp_path / "err").read_text()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)

@@ -94,9 +94,10 @@ def _field_problem(ctx: click.Context, path: str, reason: str) -> str:
 
 def describe(exc: CorralError, ctx: click.Context) -> str:
     """The one-line message for a library error, as this command's user should read it."""
-    from corral.api import NoControlSocket
-
-    if isinstance(exc, NoControlSocket):
+    # never imported here: this runs after a failure, maybe on a thread under its seccomp filter,
+    # which cannot map a C extension; if corral.api is not loaded the error cannot be its own
+    api = sys.modules.get("corral.api")
+    if api is not None and isinstance(exc, api.NoControlSocket):
         return f"{exc}: start the VM with --api {exc.path}"
     if isinstance(exc, FieldError):
         return "; ".join(_field_problem(ctx, f, r) for f, r in exc.problems)

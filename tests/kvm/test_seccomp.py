@@ -120,6 +120,14 @@ def test_the_cli_runs_smp_and_disk_scenarios_under_the_filters(tmp_path):
     assert "forbidden" not in r.stderr and "RESULT" in r.stdout, r.stdout + r.stderr
 
 
+def _default_sigint() -> None:
+    """The VMM's SIGINT as a terminal's user has it, whatever the test runner inherited (a
+    non-interactive shell's background job ignores SIGINT, and an ignored signal stays ignored
+    across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_a_rebooting_guest_is_rebuilt_under_the_vmm_filter(tmp_path):
     """The VMM thread builds the machine again on every reset, inside its filter."""
     kernel = tmp_path / "k.bin"
@@ -131,6 +139,7 @@ def test_a_rebooting_guest_is_rebuilt_under_the_vmm_filter(tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "corral", "-v", "run", "--kernel", str(kernel), "--memory", "32M"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=cli_env(),
+            preexec_fn=_default_sigint,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 60  # two rebuilds: seconds here, more on a loaded host
@@ -139,7 +148,12 @@ def test_a_rebooting_guest_is_rebuilt_under_the_vmm_filter(tmp_path):
             time.sleep(0.2)
         assert proc.poll() is None, (tmp_path / "err").read_text()
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            sig = [ln for ln in status.splitlines() if ln.startswith(("State", "Sig", "Shd"))]
+            pytest.fail(f"SIGINT did not stop the VMM: {sig}\n{(tmp_path / 'err').read_text()[-3000:]}")
     finally:
         proc.kill()
         proc.wait()

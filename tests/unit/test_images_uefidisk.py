@@ -182,7 +182,7 @@ def disk(tools, tmp_path_factory):
 
 
 def test_the_disk_has_a_valid_gpt_with_an_esp_and_a_root(disk):
-    out, parts, _kernel, root = disk
+    out, parts, _kernel, _root = disk
     with open(out, "rb") as f:
         _guid, found = parse_gpt(f)
     assert found == parts
@@ -246,7 +246,43 @@ def test_hostile_inputs_are_refused_with_one_line(tools, tmp_path):
 def test_the_cli_knows_debian_uefi_and_refuses_bad_names(tmp_path):
     env = {"CORRAL_CACHE": str(tmp_path / "cache")}
     r = corral("image", "path", "debian-uefi", env=env)
-    assert one_clear_line(r) == "corral: error: image 'debian-uefi' is not fetched: run `corral image fetch debian-uefi`"
+    assert (
+        one_clear_line(r)
+        == "corral: error: image 'debian-uefi' is not fetched: run `corral image fetch debian-uefi`"
+    )
     r = corral("image", "fetch", "debian-uefi/../x", env=env)
     assert "no image named 'debian-uefi/../x'" in one_clear_line(r)
     assert not (tmp_path / "cache").exists()
+
+
+def test_corral_image_build_debian_uefi_caches_a_verified_disk(tools, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from corral.cli import main
+    from corral.images import cache, debian_image
+    from corral.images.registry import DebianUefiImage, get_image
+
+    monkeypatch.setenv("CORRAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(DebianUefiImage, "_tools", lambda self, force: tools)  # no network
+    with cache.atomic_dir(debian_image.entry_dir()) as tmp:  # a stand-in for the debian image
+        (tmp / "vmlinuz").write_bytes(os.urandom(MIB))
+        (tmp / "vmlinux").write_bytes(b"\x7fELF")
+        (tmp / "initrd.img").write_bytes(os.urandom(MIB))
+        cache.write_manifest(tmp, "debian")
+    img = get_image("debian-uefi")
+    assert img.boots_from_disk and img.firmware == "ovmf" and get_image("debian-disk").firmware == "seabios"
+    res = CliRunner().invoke(main, ["image", "build", "debian-uefi"])
+    assert res.exit_code == 0, res.output
+    path = Path(res.output.strip())
+    assert path == tmp_path / "cache" / "images" / "debian-uefi" / "disk.img"
+    with open(path, "rb") as f:
+        assert [p.type for p in parse_gpt(f)[1]] == [ESP_TYPE]
+    assert cache.read_manifest(path.parent)["meta"] == {"from": "debian", "loader": "grub-efi"}
+    with open(path, "r+b") as f:  # damage it: the checksum catches it
+        f.seek(MIB + 4096)
+        f.write(b"x")
+    res = CliRunner().invoke(main, ["image", "path", "debian-uefi"])
+    assert (
+        res.exit_code == 1
+        and "corrupt (checksum mismatch): run `corral image fetch debian-uefi --force`" in res.output
+    )

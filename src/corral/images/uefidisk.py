@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import struct
+import subprocess
 import uuid
 import zlib
 from dataclasses import dataclass

@@ -14,8 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
-from support.lab_debian import LAB_CPU, need
-from support.labhost import CORRAL
+from support.lab_debian import boot_disk_to_login, need
 
 from corral.images.uefidisk import build_uefi_disk
 
@@ -28,19 +27,6 @@ def test_ovmf_boots_grub_efi_and_debian_from_a_gpt_disk(lab, debian_rootfs):
     append = "console=ttyS0 root=/dev/vda2 rw quiet panic=-1"  # quiet: each console byte is an exit
     build_uefi_disk(disk, Path(fs["kernel"]), Path(fs["initrd"]), append, root=Path(fs["image"]))
     d = "/tmp/labuefi"  # the lab's tmpfs: the host's files are read-only there
-    script = f"""
-rm -rf {d}; mkdir -p {d}
-timeout 840 {CORRAL} run --firmware ovmf,vars={d}/vars.fd --disk {disk},overlay={d}/disk.cow \
-  --memory 512M {LAB_CPU} </dev/null > {d}/out 2>&1 &
-VM=$!
-for i in $(seq 1650); do grep -q 'login:' {d}/out 2>/dev/null && break; kill -0 $VM || break; sleep 0.5; done
-kill $VM; wait $VM
-echo ---GUEST; cat {d}/out
-"""
-    try:
-        out = lab.run(script, timeout=900).output.replace("\r", "")
-    finally:
-        disk.unlink(missing_ok=True)
-    guest = out.split("---GUEST", 1)[-1]
+    out, guest = boot_disk_to_login(lab, disk, f"ovmf,vars={d}/vars.fd", d)
     assert "GNU GRUB" in guest and "Debian GNU/Linux (corral)" in guest, out  # GRUB EFI's menu
     assert "corral-guest login:" in guest, out  # the kernel off the ESP mounted vda2, systemd ran

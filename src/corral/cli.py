@@ -410,12 +410,12 @@ def run(
         else:
             image = _image("debian")
     if image is not None and image.boots_from_disk:
-        # a disk image boots through the BIOS, shared read-only: the cache copy stays as verified
+        # a disk image boots through its firmware, shared read-only: the cache copy stays as verified
         if image.needs_hardware_virt and is_pvm_host():
             raise HostError(f"image '{image.name}' needs hardware virtualization: {PVM_EXPLANATION}")
         disk_path, _ = image.resolve()
         disks = (f"{disk_path},ro", *disks)
-        firmware = firmware or "seabios"
+        firmware = firmware or image.firmware
         image = None
     if kernel is None and image is not None:
         if image.needs_hardware_virt and is_pvm_host():

@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from support.lab_debian import LAB_CPU, need
-from support.labhost import CORRAL
+from support.lab_debian import boot_disk_to_login, need
 
 from corral.images.bootdisk import build_bios_disk
 
@@ -21,20 +20,6 @@ def test_seabios_boots_syslinux_and_debian_from_an_mbr_disk(lab, debian_rootfs):
     disk = scratch / f"bios-disk-{os.getpid()}.img"
     append = "console=ttyS0 root=/dev/vda2 rw quiet panic=-1"  # quiet: each console byte is an exit
     build_bios_disk(disk, Path(fs["kernel"]), Path(fs["initrd"]), append, root=Path(fs["image"]))
-    d = "/tmp/labbios"
-    script = f"""
-rm -rf {d}; mkdir -p {d}
-timeout 840 {CORRAL} run --firmware seabios --disk {disk},overlay={d}/disk.cow --memory 512M {LAB_CPU} \
-  </dev/null > {d}/out 2>&1 &
-VM=$!
-for i in $(seq 1650); do grep -q 'login:' {d}/out 2>/dev/null && break; kill -0 $VM || break; sleep 0.5; done
-kill $VM; wait $VM
-echo ---GUEST; cat {d}/out
-"""
-    try:
-        out = lab.run(script, timeout=900).output.replace("\r", "")
-    finally:
-        disk.unlink(missing_ok=True)
-    guest = out.split("---GUEST", 1)[-1]
+    out, guest = boot_disk_to_login(lab, disk, "seabios", "/tmp/labbios")
     assert "SeaBIOS" in guest and "SYSLINUX" in guest, out  # the BIOS, then the disk's loader
     assert "corral-guest login:" in guest, out  # the kernel off the disk mounted vda2, systemd ran

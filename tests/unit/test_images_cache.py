@@ -172,7 +172,8 @@ def test_cli_unknown_image(sub, cache_dir):
     res = _run("image", *sub, "nosuch")
     assert res.exit_code == 2
     assert res.output.strip() == (
-        "corral: error: no image named 'nosuch': choose one of debian, debian-disk, debian-pvh, probe"
+        "corral: error: no image named 'nosuch': "
+        "choose one of debian, debian-disk, debian-pvh, debian-uefi, probe"
     )
 
 

@@ -35,6 +35,7 @@ class Image(ABC):
     """A named guest: what it is, and how to get it ready."""
 
     boots_from_disk = False  # a disk for --firmware (resolve() gives it as the "kernel"), not a kernel
+    firmware: str | None = None  # what boots the disk, when boots_from_disk
 
     def __init__(self, name: str, description: str, default_cmdline: str, needs_hardware_virt: bool) -> None:
         self.name = name
@@ -125,15 +126,27 @@ class DebianImage(Image):
 
 class DebianDiskImage(Image):
     """The `debian` kernel and initramfs on a BIOS-bootable MBR disk (SYSLINUX on a FAT
-    partition, bootdisk.py): what `--firmware seabios` boots. `resolve()` gives (disk, None)."""
+    partition, bootdisk.py): what `--firmware seabios` boots. `resolve()` gives (disk, None).
+    Subclasses change the loader and the firmware; the cache entry works the same."""
 
     boots_from_disk = True
-    entry = "debian-disk"
+    firmware = "seabios"
+    loader = "syslinux"
 
     def _dir(self) -> Path:
         from corral.images import cache
 
-        return cache.image_dir(self.entry)
+        return cache.image_dir(self.name)
+
+    def _tools(self, force: bool) -> Path:
+        from corral.images import bootdisk
+
+        return bootdisk.tools_dir(force=force)
+
+    def _write(self, out: Path, kernel: Path, initrd: Path, tools: Path) -> None:
+        from corral.images import bootdisk
+
+        bootdisk.build_bios_disk(out, kernel, initrd, DEBIAN_CMDLINE, tools=tools)
 
     def status(self) -> ImageStatus:
         from corral.images import cache
@@ -142,24 +155,23 @@ class DebianDiskImage(Image):
         return ImageStatus(cached=cached, size=cache.entry_size(self._dir()) if cached else 0)
 
     def fetch(self, force: bool = False) -> bool:
-        from corral.images import bootdisk
-
         if self.status().cached and not force:
             self.paths()  # verified
             return True
         if force:
             _debian().fetch(force=True)
-        bootdisk.tools_dir()
+        self._tools(force)
         self.build()
         return False
 
     def build(self) -> None:
-        from corral.images import bootdisk, cache
+        from corral.images import cache
 
         d = _debian().ensure()
+        tools = self._tools(False)
         with cache.atomic_dir(self._dir()) as tmp:
-            bootdisk.build_bios_disk(tmp / "disk.img", d / "vmlinuz", d / "initrd.img", DEBIAN_CMDLINE)
-            cache.write_manifest(tmp, self.entry, {"from": "debian", "loader": "syslinux"})
+            self._write(tmp / "disk.img", d / "vmlinuz", d / "initrd.img", tools)
+            cache.write_manifest(tmp, self.name, {"from": "debian", "loader": self.loader})
 
     def paths(self) -> ImagePaths:
         from corral.images import cache
@@ -174,6 +186,24 @@ class DebianDiskImage(Image):
         return self.paths().kernel, None
 
 
+class DebianUefiImage(DebianDiskImage):
+    """The `debian` kernel and initramfs on a GPT disk whose EFI System Partition holds GRUB EFI
+    (uefidisk.py): what `--firmware ovmf` boots."""
+
+    firmware = "ovmf"
+    loader = "grub-efi"
+
+    def _tools(self, force: bool) -> Path:
+        from corral.images import bootdisk, uefidisk
+
+        return bootdisk.tools_dir(toolset=uefidisk.GRUB_TOOLS, force=force)
+
+    def _write(self, out: Path, kernel: Path, initrd: Path, tools: Path) -> None:
+        from corral.images import uefidisk
+
+        uefidisk.build_uefi_disk(out, kernel, initrd, DEBIAN_CMDLINE, tools=tools)
+
+
 IMAGES: dict[str, Image] = {
     img.name: img
     for img in (
@@ -185,6 +215,12 @@ IMAGES: dict[str, Image] = {
         DebianDiskImage(
             "debian-disk",
             "the debian image on an MBR disk with SYSLINUX, for --firmware seabios",
+            DEBIAN_CMDLINE,
+            needs_hardware_virt=True,
+        ),
+        DebianUefiImage(
+            "debian-uefi",
+            "the debian image on a GPT disk with GRUB EFI on its ESP, for --firmware ovmf",
             DEBIAN_CMDLINE,
             needs_hardware_virt=True,
         ),

@@ -31,21 +31,27 @@ from support.labhost import CORRAL, PYTHON, REPO
 pytestmark = pytest.mark.lab
 
 
-@pytest.fixture(scope="module")
-def session(lab, debian_build):
+def _lab_session(host, debian_build, tag: str, mode: str = "", kinds: str = "") -> dict:
+    """One Debian guest under corral --gdb in the lab (support/gdb_remote.py's session for
+    `mode`), judged here from the JSON line it prints after `tag`."""
     images = need(debian_build)
-    res = lab.run(
-        f"{PYTHON} -m support.gdb_remote {CORRAL} {images['bzimage']} {images['initrd']} "
-        f"'{BASE_CMDLINE}' '{LAB_CPU}'",
+    res = host.run(
+        f"{PYTHON} -m support.gdb_remote {mode} {CORRAL} {images['bzimage']} {images['initrd']} "
+        f"'{BASE_CMDLINE}' '{LAB_CPU}' {kinds}",
         cwd=str(REPO / "tests"),
         timeout=600,
     )
-    m = re.search(r"^DEBUGLAB_JSON (.*)$", res.output, re.M)
+    m = re.search(rf"^{tag} (.*)$", res.output, re.M)
     assert m, res.output
     out = json.loads(m.group(1))
     assert "error" not in out, f"{out['error']}\n--- console ---\n{out['console']}\n{out}"
     assert BANNER in out["console"], out["console"]
     return out
+
+
+@pytest.fixture(scope="module")
+def session(lab, debian_build):
+    return _lab_session(lab, debian_build, "DEBUGLAB_JSON")
 
 
 def test_gdb_stops_the_guest_and_reads_linux_banner(session):
@@ -93,18 +99,7 @@ def test_stats_count_halts_and_injected_interrupts(session):
 
 @pytest.fixture(scope="module")
 def break_session(lab_new, debian_build):
-    images = need(debian_build)
-    res = lab_new.run(
-        f"{PYTHON} -m support.gdb_remote --breakpoints {CORRAL} {images['bzimage']} {images['initrd']} "
-        f"'{BASE_CMDLINE}' '{LAB_CPU}' hbreak",
-        cwd=str(REPO / "tests"),
-        timeout=600,
-    )
-    m = re.search(r"^BREAKLAB_JSON (.*)$", res.output, re.M)
-    assert m, res.output
-    out = json.loads(m.group(1))
-    assert "error" not in out, f"{out['error']}\n--- console ---\n{out['console']}\n{out}"
-    return out
+    return _lab_session(lab_new, debian_build, "BREAKLAB_JSON", "--breakpoints", "hbreak")
 
 
 def test_hbreak_on_a_syscall_entry_stops_the_guest_there(break_session):

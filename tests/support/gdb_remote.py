@@ -182,6 +182,27 @@ def _gdb(*commands: str, timeout: float = 180) -> str:
     return res.stdout + res.stderr
 
 
+def _guest_session(
+    argv: list[str], workdir: str, steps: Callable[[ConsoleVm, str, dict[str, object]], None]
+) -> dict[str, object]:
+    """Run `corral run --gdb unix:...` (argv) on a guest that prints GUEST_READY and then waits on
+    its console; once it is ready, steps(vm, gdb target, out) does the session's work; then the
+    guest is told `bye` and ends. `out` gets the guest's exit status (or the error) and console."""
+    vm = ConsoleVm(argv, workdir)
+    out: dict[str, object] = {}
+    try:
+        target = vm.wait_for(r"gdb stub on unix:(\S+?)[;\s]", 300).group(1)
+        vm.wait_for(r"GUEST_READY", 300)
+        steps(vm, target, out)
+        vm.type_line("bye")
+        out["status"] = vm.finish(120)
+    except Exception as exc:  # noqa: BLE001 - the test shows it with the console
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        vm.finish(1)
+    out["console"] = vm.text()
+    return out
+
+
 def debian_debug_session(corral: str, kernel: str, initrd: str, cmdline: str, cpu: str) -> dict[str, object]:
     """Boot Debian's kernel under `corral run --gdb --api` and, while its shell waits on the
     console: stop it with gdb, read linux_banner, detach, make the guest run uname; then `corral
@@ -198,11 +219,8 @@ def debian_debug_session(corral: str, kernel: str, initrd: str, cmdline: str, cp
     # a Unix socket: the lab's loopback interface is down (no TCP to 127.0.0.1 in there)
     argv += ["--no-reboot", "--gdb", f"unix:{work}/gdb.sock", "--api", api]
     argv += ["--cmdline", f'{cmdline} -- sh -c "{GUEST_SCRIPT}"']
-    vm = ConsoleVm(argv, work)
-    out: dict[str, object] = {}
-    try:
-        target = vm.wait_for(r"gdb stub on unix:(\S+?)[;\s]", 300).group(1)
-        vm.wait_for(r"GUEST_READY", 300)
+
+    def steps(vm: ConsoleVm, target: str, out: dict[str, object]) -> None:
         text = vm.text()
         syms = {name: int(addr, 16) for addr, name in re.findall(r"^([0-9a-f]{16}) \w (\w+)\s*$", text, re.M)}
         code = re.search(r"^\s*([0-9a-f]+)-[0-9a-f]+ : Kernel code", text, re.M)
@@ -241,13 +259,8 @@ def debian_debug_session(corral: str, kernel: str, initrd: str, cmdline: str, cp
         out["stats"] = [first.model_dump(), second.model_dump()]
         cli = subprocess.run([corral, "stats", "--api", api], capture_output=True, text=True, timeout=60)
         out["stats_cli"] = cli.stdout + cli.stderr
-        vm.type_line("bye")
-        out["status"] = vm.finish(120)
-    except Exception as exc:  # noqa: BLE001 - the test shows it with the console
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        vm.finish(1)
-    out["console"] = vm.text()
-    return out
+
+    return _guest_session(argv, work, steps)
 
 
 # A breakpoint round: gdb stops the guest, sets a breakpoint of this kind on the syscall entry, lets
@@ -280,12 +293,10 @@ def debian_break_session(
     argv = [corral, "run", "--kernel", kernel, "--initrd", initrd, "--memory", "512M", *cpu.split()]
     argv += ["--no-reboot", "--gdb", f"unix:{work}/gdb.sock"]
     argv += ["--cmdline", f'{cmdline} -- sh -c "{_break_guest_script(len(order))}"']
-    vm = ConsoleVm(argv, work)
-    rounds: list[dict[str, str]] = []
-    out: dict[str, object] = {"rounds": rounds}
-    try:
-        target = vm.wait_for(r"gdb stub on unix:(\S+?)[;\s]", 300).group(1)
-        vm.wait_for(r"GUEST_READY", 300)
+
+    def steps(vm: ConsoleVm, target: str, out: dict[str, object]) -> None:
+        rounds: list[dict[str, str]] = []
+        out["rounds"] = rounds
         m = re.search(rf"^([0-9a-f]{{16}}) \w {BREAK_SYMBOL}\s*$", vm.text(), re.M)
         if m is None:
             raise RuntimeError(f"{BREAK_SYMBOL} not in the guest's /proc/kallsyms")
@@ -314,13 +325,8 @@ def debian_break_session(
             rounds.append({"kind": kind, "gdb": text})
             vm.wait_for(rf"UNAME_DONE{n}", 120)
             rounds[-1]["console_after"] = vm.text()
-        vm.type_line("bye")
-        out["status"] = vm.finish(120)
-    except Exception as exc:  # noqa: BLE001 - the test shows it with the console
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        vm.finish(1)
-    out["console"] = vm.text()
-    return out
+
+    return _guest_session(argv, work, steps)
 
 
 if __name__ == "__main__":

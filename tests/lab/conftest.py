@@ -20,6 +20,7 @@ import pytest
 from support.labhost import LabHost
 
 LAB_KEY = pytest.StashKey[LabHost]()
+LAB_NEW_KEY = pytest.StashKey[LabHost]()
 
 
 def _lab_requested(config: pytest.Config) -> bool:
@@ -126,13 +127,47 @@ def lab(request, probe_build, debian_build, debian_rootfs, boot32_build):
         host.cleanup()
 
 
+@pytest.fixture(scope="session")
+def lab_new(request, debian_build):
+    """A second lab host on a newer QEMU (bookworm-backports', fetched into corral's cache by
+    tests/support/lab_qemu.py), for what bookworm's QEMU 7.2 cannot emulate: hardware breakpoints
+    in a nested guest. Boots only in sessions that run such a test; the others keep `lab`."""
+    from support.lab_qemu import ensure_lab_qemu
+    from support.labhost import ensure_lab_images, lab_cache_dir
+
+    from corral.errors import ConfigError, HostError
+
+    try:
+        kernel, initrd = ensure_lab_images()
+        qemu = ensure_lab_qemu(lab_cache_dir())
+    except (ConfigError, HostError) as exc:  # no Debian archive or apt here
+        pytest.skip(f"the lab on a newer QEMU cannot be set up on this host: {exc}")
+    host = LabHost(
+        qemu=str(qemu.binary),
+        qemu_data=qemu.datadir,
+        kernel=kernel,
+        initrd=initrd,
+        extra_append=os.environ.get("CORRAL_LAB_APPEND", ""),
+    )
+    t0 = time.monotonic()
+    host.start()
+    request.config.stash[LAB_NEW_KEY] = host
+    sys.stderr.write(f"\n[lab_new] QEMU {qemu.version} up in {time.monotonic() - t0:.1f} s\n")
+    try:
+        yield host
+    finally:
+        host.close()
+        host.cleanup()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if not report.failed or "lab" not in item.keywords:
         return
-    host = item.config.stash.get(LAB_KEY, None)
+    key = LAB_NEW_KEY if "lab_new" in getattr(item, "fixturenames", ()) else LAB_KEY
+    host = item.config.stash.get(key, None)
     if host is None:
         return
     try:

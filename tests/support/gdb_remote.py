@@ -182,6 +182,27 @@ def _gdb(*commands: str, timeout: float = 180) -> str:
     return res.stdout + res.stderr
 
 
+def _guest_session(
+    argv: list[str], workdir: str, steps: Callable[[ConsoleVm, str, dict[str, object]], None]
+) -> dict[str, object]:
+    """Run `corral run --gdb unix:...` (argv) on a guest that prints GUEST_READY and then waits on
+    its console; once it is ready, steps(vm, gdb target, out) does the session's work; then the
+    guest is told `bye` and ends. `out` gets the guest's exit status (or the error) and console."""
+    vm = ConsoleVm(argv, workdir)
+    out: dict[str, object] = {}
+    try:
+        target = vm.wait_for(r"gdb stub on unix:(\S+?)[;\s]", 300).group(1)
+        vm.wait_for(r"GUEST_READY", 300)
+        steps(vm, target, out)
+        vm.type_line("bye")
+        out["status"] = vm.finish(120)
+    except Exception as exc:  # noqa: BLE001 - the test shows it with the console
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        vm.finish(1)
+    out["console"] = vm.text()
+    return out
+
+
 def debian_debug_session(corral: str, kernel: str, initrd: str, cmdline: str, cpu: str) -> dict[str, object]:
     """Boot Debian's kernel under `corral run --gdb --api` and, while its shell waits on the
     console: stop it with gdb, read linux_banner, detach, make the guest run uname; then `corral
@@ -198,11 +219,8 @@ def debian_debug_session(corral: str, kernel: str, initrd: str, cmdline: str, cp
     # a Unix socket: the lab's loopback interface is down (no TCP to 127.0.0.1 in there)
     argv += ["--no-reboot", "--gdb", f"unix:{work}/gdb.sock", "--api", api]
     argv += ["--cmdline", f'{cmdline} -- sh -c "{GUEST_SCRIPT}"']
-    vm = ConsoleVm(argv, work)
-    out: dict[str, object] = {}
-    try:
-        target = vm.wait_for(r"gdb stub on unix:(\S+?)[;\s]", 300).group(1)
-        vm.wait_for(r"GUEST_READY", 300)
+
+    def steps(vm: ConsoleVm, target: str, out: dict[str, object]) -> None:
         text = vm.text()
         syms = {name: int(addr, 16) for addr, name in re.findall(r"^([0-9a-f]{16}) \w (\w+)\s*$", text, re.M)}
         code = re.search(r"^\s*([0-9a-f]+)-[0-9a-f]+ : Kernel code", text, re.M)
@@ -241,17 +259,81 @@ def debian_debug_session(corral: str, kernel: str, initrd: str, cmdline: str, cp
         out["stats"] = [first.model_dump(), second.model_dump()]
         cli = subprocess.run([corral, "stats", "--api", api], capture_output=True, text=True, timeout=60)
         out["stats_cli"] = cli.stdout + cli.stderr
-        vm.type_line("bye")
-        out["status"] = vm.finish(120)
-    except Exception as exc:  # noqa: BLE001 - the test shows it with the console
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        vm.finish(1)
-    out["console"] = vm.text()
-    return out
+
+    return _guest_session(argv, work, steps)
+
+
+# A breakpoint round: gdb stops the guest, sets a breakpoint of this kind on the syscall entry, lets
+# the guest's shell read a line (typed through the console FIFO by gdb itself, so it comes only once
+# the breakpoint is in place) and continues: the guest's `uname` enters the kernel there.
+BREAK_SYMBOL = "__x64_sys_newuname"
+BREAK_KINDS = ("hbreak", "break")
+
+
+def _break_guest_script(rounds: int) -> str:
+    script = f"grep -w -e {BREAK_SYMBOL} /proc/kallsyms; echo GUEST_READY; "
+    for n in range(1, rounds + 1):
+        script += f"read a; uname -r; echo UNAME_DONE{n}; "
+    return script + "read b; echo GUEST_BYE"
+
+
+def debian_break_session(
+    corral: str, kernel: str, initrd: str, cmdline: str, cpu: str, kinds: str = ",".join(BREAK_KINDS)
+) -> dict[str, object]:
+    """Boot Debian's kernel under `corral run --gdb` and, for each breakpoint kind in `kinds`
+    (gdb's `hbreak`, `break`), one round: break on the entry of uname's syscall at its
+    /proc/kallsyms address, continue, let the guest run `uname`, print the pc where it stopped,
+    delete the breakpoint and detach; the guest's uname must then finish. Everything seen, as a
+    dict ({"rounds": [{"kind", "gdb", "console_after"}], "address", "console", "status"})."""
+    import subprocess
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="corral-breaklab-")
+    order = [k for k in kinds.split(",") if k]
+    argv = [corral, "run", "--kernel", kernel, "--initrd", initrd, "--memory", "512M", *cpu.split()]
+    argv += ["--no-reboot", "--gdb", f"unix:{work}/gdb.sock"]
+    argv += ["--cmdline", f'{cmdline} -- sh -c "{_break_guest_script(len(order))}"']
+
+    def steps(vm: ConsoleVm, target: str, out: dict[str, object]) -> None:
+        rounds: list[dict[str, str]] = []
+        out["rounds"] = rounds
+        m = re.search(rf"^([0-9a-f]{{16}}) \w {BREAK_SYMBOL}\s*$", vm.text(), re.M)
+        if m is None:
+            raise RuntimeError(f"{BREAK_SYMBOL} not in the guest's /proc/kallsyms")
+        addr = int(m.group(1), 16)
+        out["address"] = hex(addr)
+        for n, kind in enumerate(order, 1):
+            commands = (
+                "set remotetimeout 60",
+                "set architecture i386:x86-64",
+                f"target remote {target}",
+                f"{kind} *{addr:#x}",
+                f"shell echo go{n} > {vm.fifo}",
+                "continue",
+                'printf "HIT_AT %#lx\\n", $pc',
+                "delete",
+                "detach",
+            )
+            try:
+                text = _gdb(*commands, timeout=120)
+            except subprocess.TimeoutExpired as exc:  # the breakpoint never fired: gdb still waits
+                seen = [
+                    x.decode(errors="replace") if isinstance(x, bytes) else x or ""
+                    for x in (exc.stdout, exc.stderr)
+                ]
+                text = "".join(seen) + "\nGDB_TIMED_OUT"
+            rounds.append({"kind": kind, "gdb": text})
+            vm.wait_for(rf"UNAME_DONE{n}", 120)
+            rounds[-1]["console_after"] = vm.text()
+
+    return _guest_session(argv, work, steps)
 
 
 if __name__ == "__main__":
     import json
     import sys
 
-    print("DEBUGLAB_JSON " + json.dumps(debian_debug_session(*sys.argv[1:6])))
+    if sys.argv[1] == "--breakpoints":
+        print("BREAKLAB_JSON " + json.dumps(debian_break_session(*sys.argv[2:8])))
+    else:
+        print("DEBUGLAB_JSON " + json.dumps(debian_debug_session(*sys.argv[1:6])))

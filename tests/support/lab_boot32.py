@@ -78,8 +78,12 @@ def _build_init(out: Path) -> None:
         raise HostError(f"gcc -m32 cannot build the 32-bit init ({last}): `apt-get install gcc-multilib`")
 
 
-def _apt(state: Path, tool: str, *args: str, cwd: Path | None = None) -> str:
-    """apt-get/apt-cache with a private i386 state: the host's own apt is left alone."""
+def _apt(
+    state: Path, tool: str, *args: str, cwd: Path | None = None, arch: str = "i386", suite: str = SUITE
+) -> str:
+    """apt-get/apt-cache with a private state (one architecture, one suite, main only): the
+    host's own apt is left alone. apt still checks the archive's signature with the host's keys
+    and every downloaded package against the signed checksums."""
     exe = shutil.which(tool)
     if exe is None:
         raise HostError(f"{tool} not found: the 32-bit lab guest needs a Debian-based host")
@@ -87,10 +91,10 @@ def _apt(state: Path, tool: str, *args: str, cwd: Path | None = None) -> str:
         (state / sub).mkdir(parents=True, exist_ok=True)
     (state / "status").touch()
     sources = state / "sources.list"
-    sources.write_text(f"deb [arch=i386] {MIRROR} {SUITE} main\n")
+    sources.write_text(f"deb [arch={arch}] {MIRROR} {suite} main\n")
     opts = {
-        "APT::Architecture": "i386",
-        "APT::Architectures::": "i386",
+        "APT::Architecture": arch,
+        "APT::Architectures::": arch,
         "Dir::State::Lists": state / "lists",
         "Dir::State::status": state / "status",
         "Dir::Cache": state / "cache",
@@ -104,7 +108,7 @@ def _apt(state: Path, tool: str, *args: str, cwd: Path | None = None) -> str:
     )
     if res.returncode != 0:
         last = ((res.stdout + res.stderr).strip().splitlines() or ["?"])[-1]
-        raise ConfigError(f"{tool} {args[0]} (i386, {MIRROR}) failed: {last}")
+        raise ConfigError(f"{tool} {args[0]} ({arch}, {MIRROR} {suite}) failed: {last}")
     return res.stdout
 
 

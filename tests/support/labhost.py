@@ -324,6 +324,7 @@ class LabHost:
         tcg_thread: str | None = None,
         boot_timeout: float = 240.0,
         qemu: str = "qemu-system-x86_64",
+        qemu_data: Path | None = None,
         kernel: Path | None = None,
         initrd: Path | None = None,
         extra_append: str = "",
@@ -339,6 +340,8 @@ class LabHost:
         self.tcg_thread = tcg_thread or ("multi" if (os.cpu_count() or 1) >= 4 else "single")
         self.boot_timeout = boot_timeout
         self.qemu = qemu
+        # another QEMU's data directory (-L), for one run from corral's cache (support/lab_qemu.py)
+        self.qemu_data = qemu_data
         self.kernel = kernel
         self.initrd = initrd
         self.extra_append = extra_append
@@ -425,7 +428,7 @@ class LabHost:
             "virtserialport,bus=vser.0,chardev=ctl,name=lab.ctl",
             "-virtfs",
             "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
-        ]
+        ] + (["-L", str(self.qemu_data)] if self.qemu_data else [])
 
     def start(self) -> None:
         if self.kernel is None or self.initrd is None:

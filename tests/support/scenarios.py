@@ -242,22 +242,17 @@ SCENARIOS: dict[str, Scenario] = {
             checks=(bench_markers,),
         ),
         # the same loops on every vCPU at once (the APs released together with the BSP)
-        Scenario(
-            "pio-bench-all",
-            "pio-bench 5000 all",
-            cpus=(1, 2, 4),
-            expect={"cpus": "{cpus}", "per_cpu": "5000"},
-            checks=(bench_markers, exits_on_every_cpu),
-            runners=HOST,
-        ),
-        Scenario(
-            "mmio-bench-all",
-            "mmio-bench 5000 all",
-            cpus=(1, 2, 4),
-            expect={"cpus": "{cpus}", "per_cpu": "5000"},
-            checks=(bench_markers, exits_on_every_cpu),
-            runners=HOST,
-        ),
+        *[
+            Scenario(
+                f"{kind}-bench-all",
+                f"{kind}-bench 5000 all",
+                cpus=(1, 2, 4),
+                expect={"cpus": "{cpus}", "per_cpu": "5000"},
+                checks=(bench_markers, exits_on_every_cpu),
+                runners=HOST,
+            )
+            for kind in ("pio", "mmio")
+        ],
         Scenario(
             "mem-touch",
             "mem-touch 64M",

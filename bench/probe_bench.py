@@ -16,6 +16,11 @@ bytecode first, as an installed wheel's are: with PYTHONDONTWRITEBYTECODE set, a
 would otherwise compile every module on every launch.
 
     python bench/probe_bench.py --launch 7 [--before /tmp/main]
+
+`--smp 1,2,4` measures only exits per second with 1, 2 and 4 vCPUs, every vCPU running the
+probe's loop at once (`pio-bench N all`: N exits each), corral and QEMU -M microvm interleaved.
+
+    python bench/probe_bench.py --smp 1,2,4 --exits 20000 --cpus 0-1
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from interleave import RunFailed, host_line, interleave, pin, ratio, spread  # n
 
 
 def corral_cmd(kernel: Path, cmdline: str, cpus: int, memory: str) -> list[str]:
+    """`corral run` of `kernel`: the `corral` beside this interpreter."""
     exe = shutil.which("corral") or str(Path(sys.executable).with_name("corral"))
     return [
         exe,
@@ -108,12 +114,60 @@ def launch(cmd: list[str]) -> dict[str, float]:
     return {"first_byte_ms": r["first_byte"] * 1e3, "exit_ms": r["total"] * 1e3}
 
 
-def exits_per_s(cmd: list[str], n: int) -> float:
-    r = timed_run(cmd)
+def exits_per_s(cmd: list[str], n: int | None = None, timeout: float = 300.0) -> float:
+    """Exits per second between the BENCH markers as they reach the host: `n` exits, or (None)
+    the total the probe reports (`RESULT pio_exits=...`, every vCPU's with `all`)."""
+    r = timed_run(cmd, timeout)
     marks = {line: t for t, line in r["lines"] if line in ("BENCH start", "BENCH end")}
     if len(marks) != 2:
         raise RunFailed(f"no BENCH markers: {r['lines'][-3:]} {r['stderr'][-300:]}")
+    if n is None:
+        res = {
+            k: v
+            for _, line in r["lines"]
+            if line.startswith("RESULT ")
+            for k, _, v in (w.partition("=") for w in line.split()[1:])
+        }
+        total = res.get("pio_exits", res.get("mmio_exits"))
+        if total is None:
+            raise RunFailed(f"no exit count: {r['lines'][-3:]}")
+        n = int(total)
     return n / (marks["BENCH end"] - marks["BENCH start"])
+
+
+def smp_rounds(kernel: Path, counts: list[int], args: argparse.Namespace) -> str:
+    """Exits per second with every vCPU looping at once (`pio-bench N all`), for each vCPU count,
+    corral and QEMU -M microvm interleaved round by round under the same pinning and cap."""
+    vmms = {
+        "corral": lambda c, n: corral_cmd(kernel, c, n, args.memory),
+        "QEMU -M microvm": lambda c, n: qemu_cmd(kernel, c, n, args.memory, args.qemu_accel, "microvm"),
+    }
+
+    def side(mk):
+        def measure() -> dict[str, float]:
+            r = {}
+            for n in counts:
+                for kind in ("pio", "mmio"):
+                    cmd = pin(mk(f"{kind}-bench {args.exits} all", n), args.cpus)
+                    r[f"{kind}{n}"] = exits_per_s(cmd, None, args.timeout)
+            return r
+
+        return measure
+
+    runs = interleave(args.runs, {name: side(mk) for name, mk in vmms.items()})
+    md = [
+        host_line(args.runs, args.cpus)
+        + f" {args.exits:,} exits per vCPU per run, every vCPU at once; ratio > 1: corral is better.",
+        "",
+        "| exits per second (higher is better) | vCPUs | corral | QEMU -M microvm | corral vs QEMU |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for kind, label in (("pio", "port I/O"), ("mmio", "MMIO")):
+        for n in counts:
+            c = [r[f"{kind}{n}"] for r in runs["corral"]]
+            q = [r[f"{kind}{n}"] for r in runs["QEMU -M microvm"]]
+            md.append(f"| {label} | {n} | {spread(c)} | {spread(q)} | {ratio(c, q)} |")
+    return "\n".join(md)
 
 
 ROWS = [
@@ -171,6 +225,8 @@ def main() -> int:
     ap.add_argument("--qemu-machine", default="pc,microvm", help="comma-separated QEMU machine types")
     ap.add_argument("--memory", default="256M")
     ap.add_argument("--cpus", default=None, help="pin every VMM to these CPUs (taskset -c), e.g. 0-1")
+    ap.add_argument("--smp", metavar="1,2,4", help="only exits per second with these vCPU counts")
+    ap.add_argument("--timeout", type=float, default=300.0, help="cap per run, seconds")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
 
@@ -180,6 +236,12 @@ def main() -> int:
         print(table)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "launch_bench.md").write_text(table + "\n")
+        return 0
+    if args.smp:
+        table = smp_rounds(kernel, [int(n) for n in args.smp.split(",")], args)
+        print(table)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "smp_exits_bench.md").write_text(table + "\n")
         return 0
     machines = [m.strip() for m in args.qemu_machine.split(",") if m.strip()]
     vmms = {"corral": lambda c: pin(corral_cmd(kernel, c, 1, args.memory), args.cpus)}

@@ -93,6 +93,12 @@ def bench_markers(o: Outcome) -> None:
     assert re.search(r"^RESULT .*tsc=\d+", o.output, re.M), o.output
 
 
+def exits_on_every_cpu(o: Outcome) -> None:
+    """`pio-bench N all`: every vCPU made its N exits, and the total counts them all."""
+    total = o.results.get("pio_exits", o.results.get("mmio_exits"))
+    assert total == str(int(o.results["per_cpu"]) * o.cpus), o.output
+
+
 def checksum_is_64_bits(o: Outcome) -> None:
     assert re.fullmatch(r"0x[0-9a-f]{16}", o.results["checksum"]), o.output
 
@@ -235,6 +241,18 @@ SCENARIOS: dict[str, Scenario] = {
             expect={"mmio_exits": "20000", "tsc": positive},
             checks=(bench_markers,),
         ),
+        # the same loops on every vCPU at once (the APs released together with the BSP)
+        *[
+            Scenario(
+                f"{kind}-bench-all",
+                f"{kind}-bench 5000 all",
+                cpus=(1, 2, 4),
+                expect={"cpus": "{cpus}", "per_cpu": "5000"},
+                checks=(bench_markers, exits_on_every_cpu),
+                runners=HOST,
+            )
+            for kind in ("pio", "mmio")
+        ],
         Scenario(
             "mem-touch",
             "mem-touch 64M",
@@ -278,6 +296,7 @@ SCENARIOS: dict[str, Scenario] = {
         _bad_cmdline("bad-cmdline-empty", ""),
         _bad_cmdline("bad-cmdline-no-count", "pio-bench"),
         _bad_cmdline("bad-cmdline-bad-count", "pio-bench x"),
+        _bad_cmdline("bad-cmdline-bad-cpus", "mmio-bench 10 some"),
         _bad_cmdline("bad-cmdline-bad-size", "mem-touch 1Q"),
         _bad_cmdline("bad-cmdline-bad-rounds", "mem-touch 1M sometimes"),
         Scenario(

@@ -218,6 +218,7 @@ ap_long64:
         movw %ax, %ss
         movl $1, %eax
         lock xaddl %eax, ap_next_index  /* eax = this AP's index */
+        movl %eax, %ebx
         cmpl $MAX_AP_STACKS, %eax
         jb 1f
         movl $(MAX_AP_STACKS - 1), %eax /* more APs than stacks: share the last one */
@@ -227,6 +228,26 @@ ap_long64:
         addq %rax, %rsp
         lidt idt_ptr
         lock incl ap_arrived
+        /* an exit bench on every vCPU: the first MAX_BENCH_CPUS-1 APs load the TSS the BSP
+         * prepared for them (ring-0 stack, I/O bitmap) and drop to ring 3 in ap_bench_main */
+        cmpl $0, ap_bench
+        je 2f
+        cmpl $(MAX_BENCH_CPUS - 1), %ebx
+        jae 2f
+        movl %ebx, %eax
+        shll $4, %eax
+        addl $SEL_AP_TSS, %eax
+        ltr %ax
+        leaq 1(%rbx), %rax
+        shlq $AP_USTACK_SHIFT, %rax
+        addq $ap_ustacks, %rax
+        movl %ebx, %edi                 /* ap_bench_main(index) */
+        pushq $SEL_UDATA
+        pushq %rax
+        pushq $(RFLAGS_IOPL3 | RFLAGS_IF | 0x2)
+        pushq $SEL_UCODE
+        pushq $ap_bench_main
+        iretq
 2:      cli
         hlt
         jmp 2b
@@ -284,6 +305,9 @@ gdt_tss:
         .quad 0, 0                      /* 0x28 TSS (16 bytes), filled by ring0_init */
         .quad 0x00CF9A000000FFFF        /* 0x38 code, 32-bit */
         .quad 0x00CF92000000FFFF        /* 0x40 data, 32-bit */
+        .globl gdt_ap_tss
+gdt_ap_tss:
+        .fill 2 * (MAX_BENCH_CPUS - 1), 8, 0 /* 0x48... the APs' TSSes, filled by ap_tss_init */
 gdt_end:
         .align 8
         .word 0, 0, 0
@@ -315,9 +339,11 @@ pd0:
 /* ---------------------------------------------------------------- stacks */
         .bss
         .align 4096
-        .globl ap_stacks, kstack_top, ustack_top
+        .globl ap_stacks, ap_ustacks, kstack_top, ustack_top
 ap_stacks:
         .skip MAX_AP_STACKS << AP_STACK_SHIFT
+ap_ustacks:
+        .skip (MAX_BENCH_CPUS - 1) << AP_USTACK_SHIFT
 kstack:
         .skip KSTACK_SIZE
 kstack_top:

@@ -99,35 +99,44 @@ static int need_count(int argc, char **argv, u64 *n)
 }
 
 /* The exit benchmarks: COUNT exits of one kind, timed with the TSC between the BENCH markers.
- * Inlined with a constant `exit_once`, so each loop is as tight as if written out by hand. */
-static inline __attribute__((always_inline)) int
-run_exit_bench(int argc, char **argv, const char *what, void (*exit_once)(u64 i))
+ * `pio-bench N all` runs the loop on every vCPU at once (up to MAX_BENCH_CPUS): each does N,
+ * the APs started first and released together with the BSP (exits counts them all). */
+static int run_exit_bench(int argc, char **argv, const char *what, int kind)
 {
     u64 n;
     if (need_count(argc, argv, &n))
         return EXIT_USAGE;
+    int all = argc > 2 && str_eq(argv[2], "all");
+    if (argc > 2 && !all) {
+        kprintf("probe: usage: %s COUNT [all]\n", argv[0]);
+        kprintf("RESULT error=usage\n");
+        return EXIT_USAGE;
+    }
     tsc_calibrate();
+    int cpus = all ? bench_start_aps(kind, n) : 1;
+    if (cpus < 1)
+        return EXIT_FAIL;
     kprintf("BENCH start\n");
     u64 t0 = rdtsc();
-    for (u64 i = 0; i < n; i++)
-        exit_once(i);
+    if (cpus > 1)
+        bench_go_and_wait();
+    else
+        exit_loop(kind, n);
     u64 t1 = rdtsc();
     kprintf("BENCH end\n");
-    kprintf("RESULT %s=%lu tsc=%lu tsc_hz=%lu\n", what, n, t1 - t0, tsc_hz);
+    kprintf("RESULT %s=%lu per_cpu=%lu cpus=%d tsc=%lu tsc_hz=%lu\n", what, n * (u64)cpus, n, cpus,
+            t1 - t0, tsc_hz);
     return EXIT_OK;
 }
 
-static inline void pio_bench_exit(u64 i) { outb(PIO_BENCH_PORT, (u8)i); }
-static inline void mmio_bench_exit(u64 i) { mmio_write32(MMIO_BENCH_ADDR, (u32)i); }
-
 static int scenario_pio_bench(int argc, char **argv)
 {
-    return run_exit_bench(argc, argv, "pio_exits", pio_bench_exit);
+    return run_exit_bench(argc, argv, "pio_exits", BENCH_PIO);
 }
 
 static int scenario_mmio_bench(int argc, char **argv)
 {
-    return run_exit_bench(argc, argv, "mmio_exits", mmio_bench_exit);
+    return run_exit_bench(argc, argv, "mmio_exits", BENCH_MMIO);
 }
 
 /* ---- mem-touch ---- */

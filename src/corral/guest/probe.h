@@ -41,6 +41,18 @@ static inline u64 rdtsc(void)
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
+/* The exit benchmarks' loop: N exits of one kind (BENCH_PIO or BENCH_MMIO), on any vCPU. */
+#define BENCH_PIO  1
+#define BENCH_MMIO 2
+static inline void exit_loop(int kind, u64 n)
+{
+    if (kind == BENCH_PIO)
+        for (u64 i = 0; i < n; i++)
+            outb(PIO_BENCH_PORT, (u8)i);
+    else
+        for (u64 i = 0; i < n; i++)
+            mmio_write32(MMIO_BENCH_ADDR, (u32)i);
+}
 /* Ring 3 -> ring 0 service request: `ud2` followed by the marker SERVICE_MARKER, number in
  * rax.  (A software interrupt such as int $0x80 is not usable from ring 3 under PVM, where it
  * turns into #UD; a real #UD is delivered to our IDT everywhere.) */
@@ -107,13 +119,17 @@ void lapic_enable(void);
 void lapic_quiet(void);
 u32 lapic_id(void);
 int madt_isa_irq(int irq, u32 *gsi, u64 *ioapic);
+int bench_start_aps(int kind, u64 n);
+void bench_go_and_wait(void);
+void __attribute__((noreturn)) ap_bench_main(u64 index);
 
 /* fwcfg.c */
 int scenario_fwcfg(int argc, char **argv);
 
 /* ring0.c / boot.S */
 extern volatile u64 timer_ticks;
-extern volatile u32 ap_arrived, ap_next_index;
+extern volatile u32 ap_arrived, ap_next_index, ap_bench;
+void ap_tss_init(void);
 extern char tramp_start[], tramp_end[];
 extern u64 pml4[], pdpt[];
 

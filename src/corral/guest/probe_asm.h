@@ -18,6 +18,7 @@
 #define SEL_TSS     0x28
 #define SEL_CODE32  0x38
 #define SEL_DATA32  0x40
+#define SEL_AP_TSS  0x48                /* the APs' TSSes, 16 bytes each (exit benches) */
 
 #define CR0_PE      0x00000001
 #define CR0_NW      0x20000000
@@ -40,7 +41,9 @@
 #define KSTACK_SIZE 16384
 #define USTACK_SIZE 32768
 #define MAX_AP_STACKS 64
-#define AP_STACK_SHIFT 10               /* 1 KiB per AP: it only counts itself in and halts */
+#define AP_STACK_SHIFT 12               /* 4 KiB per AP: its ring-0 stack (exceptions, halt) */
+#define MAX_BENCH_CPUS 8                /* vCPUs an exit bench runs on: the BSP and 7 APs */
+#define AP_USTACK_SHIFT 12              /* 4 KiB ring-3 stack per benchmarking AP */
 
 #define SYS_HALT      0
 #define SYS_FLUSH_TLB 1

@@ -32,11 +32,13 @@ struct frame {
 
 static struct idt_entry idt[256] __attribute__((aligned(16)));
 static struct tss64 tss __attribute__((aligned(16)));
+static struct tss64 ap_tss[MAX_BENCH_CPUS - 1] __attribute__((aligned(16)));
 struct desc_ptr idt_ptr;
 volatile u64 timer_ticks;
-volatile u32 ap_arrived, ap_next_index;
+volatile u32 ap_arrived, ap_next_index, ap_bench;
 
-extern u64 gdt_tss[2];
+extern u64 gdt_tss[2], gdt_ap_tss[2 * (MAX_BENCH_CPUS - 1)];
+extern char ap_stacks[];
 extern u64 isr_table[32];
 extern char kstack_top[];
 void timer_isr(void), spurious_isr(void);
@@ -53,6 +55,8 @@ static void set_gate(int vec, void (*fn)(void), int dpl)
     e->off_hi = (u32)(a >> 32);
 }
 
+static void tss_fill(struct tss64 *t, u64 rsp0, u64 *desc);
+
 void ring0_init(void)
 {
     /* Mask both 8259s: ring 3 may run with interrupts on (PVM forces IF=1 there), and a
@@ -67,14 +71,28 @@ void ring0_init(void)
     idt_ptr.base = (u64)idt;
     __asm__ volatile("lidt %0" : : "m"(idt_ptr));
 
-    tss.rsp[0] = (u64)kstack_top;
-    tss.iopb = __builtin_offsetof(struct tss64, iomap);
-    tss.iomap[8192] = 0xFF;
-    u64 base = (u64)&tss, limit = sizeof(tss) - 1;
-    gdt_tss[0] = (limit & 0xffff) | ((base & 0xffffff) << 16) | (0x89UL << 40) |
-                 ((limit >> 16 & 0xf) << 48) | ((base >> 24 & 0xff) << 56);
-    gdt_tss[1] = base >> 32;
+    tss_fill(&tss, (u64)kstack_top, gdt_tss);
     __asm__ volatile("ltr %w0" : : "r"(SEL_TSS));
+}
+
+/* A TSS with ring-0 stack `rsp0` and every port allowed, and its GDT descriptor in `desc`. */
+static void tss_fill(struct tss64 *t, u64 rsp0, u64 *desc)
+{
+    t->rsp[0] = rsp0;
+    t->iopb = __builtin_offsetof(struct tss64, iomap);
+    t->iomap[8192] = 0xFF;
+    u64 base = (u64)t, limit = sizeof(*t) - 1;
+    desc[0] = (limit & 0xffff) | ((base & 0xffffff) << 16) | (0x89UL << 40) |
+              ((limit >> 16 & 0xf) << 48) | ((base >> 24 & 0xff) << 56);
+    desc[1] = base >> 32;
+}
+
+/* The APs' TSSes for an exit bench on every vCPU (SEL_AP_TSS + 16 * index; the kernel stack is
+ * the AP's own in ap_stacks). Plain memory writes: the BSP calls it from ring 3 before SIPI. */
+void ap_tss_init(void)
+{
+    for (int i = 0; i < MAX_BENCH_CPUS - 1; i++)
+        tss_fill(&ap_tss[i], (u64)ap_stacks + ((u64)(i + 1) << AP_STACK_SHIFT), &gdt_ap_tss[2 * i]);
 }
 
 static const char *const names[32] = {

@@ -156,21 +156,21 @@ static int icr_send(u32 apic_id, u32 cmd)
     return 0;
 }
 
-int scenario_smp(int argc, char **argv)
+/* Starts every AP the MADT lists (INIT, 10 ms, SIPI, 200 us, SIPI) and waits up to ~2 s for
+ * them to count in (ap_arrived). Returns the MADT's CPU count; -1 without an RSDP, -2 without a
+ * MADT (both said on the console). */
+static int start_aps(void)
 {
-    (void)argc, (void)argv;
     static u32 ids[MAX_CPUS];
     u64 rsdp = find_rsdp();
     if (!rsdp) {
         kprintf("probe: smp: no ACPI RSDP found\n");
-        kprintf("RESULT cpus=1 madt_cpus=0 error=no-rsdp\n");
-        return EXIT_FAIL;
+        return -1;
     }
     int expected = madt_cpus(rsdp, ids, MAX_CPUS);
     if (expected < 1) {
         kprintf("probe: smp: no MADT (or no enabled CPU in it) under RSDP 0x%lx\n", rsdp);
-        kprintf("RESULT cpus=1 madt_cpus=0 error=no-madt\n");
-        return EXIT_FAIL;
+        return -2;
     }
     lapic_enable();
     u32 bsp = lapic_read(LAPIC_ID) >> 24;
@@ -195,9 +195,75 @@ int scenario_smp(int argc, char **argv)
         while ((int)ap_arrived < expected - 1 && (i64)(rdtsc() - deadline) < 0)
             cpu_relax();
     }
+    return expected;
+}
+
+int scenario_smp(int argc, char **argv)
+{
+    (void)argc, (void)argv;
+    int expected = start_aps();
+    if (expected < 1) {
+        kprintf("RESULT cpus=1 madt_cpus=0 error=%s\n", expected == -1 ? "no-rsdp" : "no-madt");
+        return EXIT_FAIL;
+    }
     int cpus = 1 + (int)ap_arrived;
     kprintf("RESULT cpus=%d madt_cpus=%d\n", cpus, expected);
     return cpus == expected ? EXIT_OK : EXIT_FAIL;
+}
+
+/* ---------------------------------------------------------------- exit benches on every vCPU */
+
+static volatile u32 bench_ready, bench_go, bench_done;
+static int bench_kind;
+static u64 bench_n;
+
+/* Starts the APs into ring 3, each waiting at the line in ap_bench_main. Returns the vCPUs that
+ * will run the bench (the BSP included, at most MAX_BENCH_CPUS), or 0 when an AP did not come. */
+int bench_start_aps(int kind, u64 n)
+{
+    bench_kind = kind;
+    bench_n = n;
+    ap_tss_init();
+    ap_bench = 1;
+    __asm__ volatile("" ::: "memory");
+    int expected = start_aps();
+    if (expected < 1) {
+        kprintf("RESULT error=%s\n", expected == -1 ? "no-rsdp" : "no-madt");
+        return 0;
+    }
+    int want = expected < MAX_BENCH_CPUS ? expected - 1 : MAX_BENCH_CPUS - 1;
+    u64 deadline = rdtsc() + 2 * tsc_hz;
+    while ((int)bench_ready < want && (i64)(rdtsc() - deadline) < 0)
+        cpu_relax();
+    if ((int)bench_ready < want) {
+        kprintf("probe: bench: %u of %d APs ready in ring 3 after 2 s\n", bench_ready, want);
+        kprintf("RESULT error=ap-not-ready\n");
+        return 0;
+    }
+    return 1 + want;
+}
+
+/* Releases the APs, runs the BSP's share, waits for every AP's share. */
+void bench_go_and_wait(void)
+{
+    u32 aps = bench_ready;
+    __atomic_store_n(&bench_go, 1, __ATOMIC_RELEASE);
+    exit_loop(bench_kind, bench_n);
+    while (__atomic_load_n(&bench_done, __ATOMIC_ACQUIRE) < aps)
+        cpu_relax();
+}
+
+/* An AP in ring 3 (from ap_long64): count in, wait for the start, run the loop, halt. */
+void ap_bench_main(u64 index)
+{
+    (void)index;
+    __atomic_add_fetch(&bench_ready, 1, __ATOMIC_RELEASE);
+    while (!__atomic_load_n(&bench_go, __ATOMIC_ACQUIRE))
+        cpu_relax();
+    exit_loop(bench_kind, bench_n);
+    __atomic_add_fetch(&bench_done, 1, __ATOMIC_RELEASE);
+    for (;;)
+        syscall0(SYS_HALT);
 }
 
 /* ---------------------------------------------------------------- LAPIC timer */

@@ -247,6 +247,10 @@ class GuestMemory:
             raise GuestMemoryError(f"RAM offset {offset:#x}+{length:#x} is outside {self.size:#x}")
         return self._view[offset : offset + length]
 
+    @property
+    def closed(self) -> bool:
+        return self._map.closed
+
     def close(self) -> None:
         if self._map.closed:
             return

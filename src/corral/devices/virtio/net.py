@@ -25,6 +25,7 @@ import struct
 from typing import TYPE_CHECKING, Protocol
 
 from corral.devices.base import NoState
+from corral.devices.virtio import fastpath
 from corral.devices.virtio.base import VIRTIO_ID_NET, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import VirtqueueError
 
@@ -168,10 +169,26 @@ class VirtioNet(VirtioDevice[NoState]):
     def _transmit(self) -> None:
         if self.tx is None or self.interrupt is None:
             return
+        if self.filter is None and fastpath.usable(self.tx.memory):
+            self._transmit_compiled(self.tx, self.interrupt)
+            return
         self.serve(self.tx, self.interrupt, self._send_one)
         if self._filtered:
             self._filtered = False
             self._receive()
+
+    def _transmit_compiled(self, tx: Virtqueue, interrupt: VirtioInterrupt) -> None:
+        """`serve` with `_send_one`, done in C (fastpath.py): the same frames, counters,
+        completions and interrupt."""
+        done = fastpath.net_tx(tx, self.tap.fd)
+        self.stats["tx_frames"] += done.served
+        self.stats["tx_bytes"] += done.bytes_out
+        self.stats["tx_dropped"] += done.failed
+        if done.error:
+            self.fail(done.error)
+            interrupt.signal_config()
+        elif tx.needs_interrupt():
+            interrupt.signal_queue(tx.index)
 
     def _send_one(self, chain: DescriptorChain) -> int:
         assert self.tx is not None

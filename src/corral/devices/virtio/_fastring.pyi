@@ -47,3 +47,19 @@ def blk_rw(
     sectors: int,
     /,
 ) -> tuple[int, int, int, int, int, int, str | None, int, int]: ...
+def net_rx(
+    regions: bytes,
+    desc: int,
+    avail: int,
+    used: int,
+    size: int,
+    index: int,
+    indirect: bool,
+    event_idx: bool,
+    last_avail: int,
+    used_idx: int,
+    budget: int,
+    fd: int,
+    bounce: memoryview,
+    /,
+) -> tuple[int, int, int, int, int, int]: ...

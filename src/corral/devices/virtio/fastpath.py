@@ -3,7 +3,8 @@
 Python alone spends a few microseconds on every request (a chain walked and checked, a
 DescriptorChain built, one syscall, a used-ring store): more than a guest's whole request costs
 under QEMU. `_fastring.c` does that work in C: `take` walks chains for `Virtqueue.pop_into`
-(every device), `net_tx` is virtio-net's whole transmit drain and `blk_rw` virtio-blk's reads
+(every device), `net_tx` is virtio-net's whole transmit drain, `net_rx` its receive of frames that fit
+the guest's next buffer, and `blk_rw` virtio-blk's reads
 and writes on a raw image, both with the GIL released around their syscalls.
 
 The Python code stays the reference. The C walker applies queue.py's rules in the same order
@@ -119,3 +120,27 @@ def blk_rw(q: _Queue, fd: int, *, read_only: bool, sectors: int) -> Drained:
     )  # fmt: skip
     _settle(q, last, used, deferred)
     return Drained(count, rd, wr, errors, error or "", bool(stopped))
+
+
+RX_DRAINED, RX_NO_CHAIN, RX_PYTHON, RX_SPILL = 0, 1, 2, 3  # why net_rx stopped (_fastring.c)
+
+
+class Received(NamedTuple):
+    """What the compiled receive did: frames delivered and their bytes (without headers), why
+    it stopped (RX_*), and for RX_SPILL the frame's length (its chain is still in the ring)."""
+
+    frames: int
+    bytes: int
+    status: int
+    spilled: int
+
+
+def net_rx(q: _Queue, fd: int, bounce: memoryview, budget: int) -> Received:
+    """virtio-net's receive, the common case: up to `budget` frames read from `fd` straight
+    into the guest's next chains (one readv each), completed with one used-index store."""
+    last, used, frames, nbytes, status, spilled = _ring.net_rx(
+        q.regions, q.desc, q.avail, q.used, q.size, q.index, q.indirect, q.event_idx,
+        q.last_avail, q.used_idx, budget, fd, bounce,
+    )  # fmt: skip
+    q.last_avail, q.used_idx = last, used
+    return Received(frames, nbytes, status, spilled)

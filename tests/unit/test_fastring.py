@@ -9,6 +9,7 @@ import itertools
 import os
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -148,6 +149,39 @@ def test_off_during_migration_and_after_close():
     mem.vmm_dirty = None
     mem.close()
     assert not fastpath.usable(mem)
+
+
+def test_tracking_starts_and_memory_goes_only_between_compiled_calls():
+    mem = GuestMemory(16 * MiB)
+    mem.direct_access.acquire()  # as a compiled drain holds it
+    started = threading.Thread(target=mem.track_vmm_writes)
+    closed = threading.Thread(target=mem.close)
+    started.start()
+    started.join(0.2)
+    assert started.is_alive() and mem.vmm_dirty is None  # waits for the drain
+    mem.direct_access.release()
+    started.join(5)
+    assert mem.vmm_dirty == set()
+    mem.direct_access.acquire()
+    closed.start()
+    closed.join(0.2)
+    assert closed.is_alive() and not mem.closed
+    mem.direct_access.release()
+    closed.join(5)
+    assert mem.closed
+
+
+def test_a_tracked_memory_is_served_by_python_which_records_the_pages(tmp_path):
+    d = Driver(VirtioBlock(open_disk(str(blk_image_file(tmp_path / "disk.img")))))
+    try:
+        d.setup(queue_size=64)
+        d.mem.track_vmm_writes()
+        buf = d.alloc(4096)
+        d.submit(0, [(d.alloc(HEADER.pack(T_IN, 0, 8)), False), (buf, True), (d.alloc(1), True)])
+        assert d.used(0)[0][1] == 4097
+        assert (buf[0] >> 12) in d.mem.vmm_dirty  # the page the read landed in is recorded
+    finally:
+        d.close()
 
 
 # -- virtio-net transmit -----------------------------------------------------------------------

@@ -108,10 +108,10 @@ class VirtioBlock(VirtioDevice[NoState]):
         if q is None or interrupt is None:
             return
         fd: int = getattr(self.image, "direct_fd", -1)  # a raw image (backends/disk.py)
-        if fd >= 0 and fastpath.usable(q.memory):
-            # reads and writes in C (fastpath.py); it stops at the first request of another
-            # kind, and `serve` takes it from there
-            done = fastpath.blk_rw(q, fd, read_only=self.read_only, sectors=self.sectors)
+        # reads and writes in C when it may run (fastpath.py); it stops at the first request of
+        # another kind, and `serve` takes it from there
+        done = fastpath.blk_rw(q, fd, read_only=self.read_only, sectors=self.sectors) if fd >= 0 else None
+        if done is not None:
             self.requests += done.served
             self.read_bytes += done.bytes_in
             self.write_bytes += done.bytes_out

@@ -60,6 +60,7 @@ def usable(memory: GuestMemory) -> bool:
 
 
 class _Queue(Protocol):  # what the calls below use of a Virtqueue (queue.py imports this module)
+    memory: GuestMemory
     regions: bytes
     desc: int
     avail: int
@@ -75,7 +76,8 @@ class _Queue(Protocol):  # what the calls below use of a Virtqueue (queue.py imp
 
 def take(q: _Queue, count: int) -> tuple[list[tuple[int, list[tuple[int, int]], list[tuple[int, int]]]], str]:
     """Pop `count` available chains as (head, readable, writable); the message of the rule
-    the next one broke ("" if none). The queue's last_avail moves past every chain looked at."""
+    the next one broke ("" if none). The queue's last_avail moves past every chain looked at.
+    It only reads guest RAM (the caller checked `usable`): no lock against tracking."""
     chains, q.last_avail, error = _ring.take(
         q.regions, q.desc, q.avail, q.used, q.size, q.index, q.indirect, q.last_avail, count
     )
@@ -101,23 +103,30 @@ def _settle(q: _Queue, last_avail: int, used_idx: int, deferred: int) -> None:
         q.deferred = bool(deferred)
 
 
-def net_tx(q: _Queue, fd: int) -> Drained:
-    """virtio-net's transmit drain (no frame filter): every frame written to `fd`."""
-    last, used, frames, out, dropped, error, deferred = _ring.net_tx(
-        q.regions, q.desc, q.avail, q.used, q.size, q.index, q.indirect, q.event_idx,
-        q.last_avail, q.used_idx, q.size, fd,
-    )  # fmt: skip
+def net_tx(q: _Queue, fd: int) -> Drained | None:
+    """virtio-net's transmit drain (no frame filter): every frame written to `fd`; None when
+    the compiled path may not serve now (the Python path then does)."""
+    with q.memory.direct_access:
+        if not usable(q.memory):
+            return None
+        last, used, frames, out, dropped, error, deferred = _ring.net_tx(
+            q.regions, q.desc, q.avail, q.used, q.size, q.index, q.indirect, q.event_idx,
+            q.last_avail, q.used_idx, q.size, fd,
+        )  # fmt: skip
     _settle(q, last, used, deferred)
     return Drained(frames, 0, out, dropped, error or "", False)
 
 
-def blk_rw(q: _Queue, fd: int, *, read_only: bool, sectors: int) -> Drained:
+def blk_rw(q: _Queue, fd: int, *, read_only: bool, sectors: int) -> Drained | None:
     """virtio-blk's reads and writes on a raw image `fd` of `sectors` sectors, up to the
-    first request of another kind."""
-    last, used, count, rd, wr, errors, error, deferred, stopped = _ring.blk_rw(
-        q.regions, q.desc, q.avail, q.used, q.size, q.index, q.indirect, q.event_idx,
-        q.last_avail, q.used_idx, q.size, fd, read_only, sectors,
-    )  # fmt: skip
+    first request of another kind; None as for `net_tx`."""
+    with q.memory.direct_access:
+        if not usable(q.memory):
+            return None
+        last, used, count, rd, wr, errors, error, deferred, stopped = _ring.blk_rw(
+            q.regions, q.desc, q.avail, q.used, q.size, q.index, q.indirect, q.event_idx,
+            q.last_avail, q.used_idx, q.size, fd, read_only, sectors,
+        )  # fmt: skip
     _settle(q, last, used, deferred)
     return Drained(count, rd, wr, errors, error or "", bool(stopped))
 
@@ -135,12 +144,16 @@ class Received(NamedTuple):
     spilled: int
 
 
-def net_rx(q: _Queue, fd: int, bounce: memoryview, budget: int) -> Received:
+def net_rx(q: _Queue, fd: int, bounce: memoryview, budget: int) -> Received | None:
     """virtio-net's receive, the common case: up to `budget` frames read from `fd` straight
-    into the guest's next chains (one readv each), completed with one used-index store."""
-    last, used, frames, nbytes, status, spilled = _ring.net_rx(
-        q.regions, q.desc, q.avail, q.used, q.size, q.index, q.indirect, q.event_idx,
-        q.last_avail, q.used_idx, budget, fd, bounce,
-    )  # fmt: skip
+    into the guest's next chains (one readv each), completed with one used-index store; None
+    as for `net_tx`."""
+    with q.memory.direct_access:
+        if not usable(q.memory):
+            return None
+        last, used, frames, nbytes, status, spilled = _ring.net_rx(
+            q.regions, q.desc, q.avail, q.used, q.size, q.index, q.indirect, q.event_idx,
+            q.last_avail, q.used_idx, budget, fd, bounce,
+        )  # fmt: skip
     q.last_avail, q.used_idx = last, used
     return Received(frames, nbytes, status, spilled)

@@ -169,18 +169,19 @@ class VirtioNet(VirtioDevice[NoState]):
     def _transmit(self) -> None:
         if self.tx is None or self.interrupt is None:
             return
-        if self.filter is None and fastpath.usable(self.tx.memory):
-            self._transmit_compiled(self.tx, self.interrupt)
+        if self.filter is None and self._transmit_compiled(self.tx, self.interrupt):
             return
         self.serve(self.tx, self.interrupt, self._send_one)
         if self._filtered:
             self._filtered = False
             self._receive()
 
-    def _transmit_compiled(self, tx: Virtqueue, interrupt: VirtioInterrupt) -> None:
+    def _transmit_compiled(self, tx: Virtqueue, interrupt: VirtioInterrupt) -> bool:
         """`serve` with `_send_one`, done in C (fastpath.py): the same frames, counters,
-        completions and interrupt."""
+        completions and interrupt. False when it could not run (memory tracked or closed)."""
         done = fastpath.net_tx(tx, self.tap.fd)
+        if done is None:
+            return False
         self.stats["tx_frames"] += done.served
         self.stats["tx_bytes"] += done.bytes_out
         self.stats["tx_dropped"] += done.failed
@@ -189,6 +190,7 @@ class VirtioNet(VirtioDevice[NoState]):
             interrupt.signal_config()
         elif tx.needs_interrupt():
             interrupt.signal_queue(tx.index)
+        return True
 
     def _send_one(self, chain: DescriptorChain) -> int:
         assert self.tx is not None
@@ -232,7 +234,7 @@ class VirtioNet(VirtioDevice[NoState]):
             self._stop_reading()  # a tap left readable and unread would spin the loop
             return
         batch = fast = 0
-        if self.filter is None and self._pending is None and fastpath.usable(rx.memory):
+        if self.filter is None and self._pending is None:
             batch, fast = self._receive_compiled(rx)
         bufs = _RxBuffers(rx)
         done: list[tuple[int, int]] = []
@@ -281,6 +283,8 @@ class VirtioNet(VirtioDevice[NoState]):
         included: it waits in `_pending`, read from its chain and the bounce buffer) and those
         it delivered; the Python loop serves the rest of the batch."""
         got = fastpath.net_rx(rx, self.tap.fd, self._bounce, RX_BATCH)
+        if got is None:
+            return 0, 0
         self.stats["rx_frames"] += got.frames
         self.stats["rx_bytes"] += got.bytes
         if got.status == fastpath.RX_DRAINED:

@@ -37,7 +37,7 @@ bench: host-deps $(STAMP)
 	$(BIN)/python bench/probe_bench.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) build src/corral/guest/build
+	rm -rf $(VENV) build src/corral/guest/build src/corral/devices/virtio/_fastring.*.so
 
 # The lab: a QEMU TCG VM with emulated AMD SVM in which corral runs on a real /dev/kvm (tests/lab).
 .PHONY: lab

@@ -8,7 +8,7 @@ APT_PKGS := qemu-system-x86 acpica-tools gcc binutils debootstrap
 
 .PHONY: run test bench fuzz host-deps clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/corral/devices/virtio/_fastring.c  # the extension builds in place
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

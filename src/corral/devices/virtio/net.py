@@ -6,7 +6,8 @@ per-packet work in Python beyond moving bytes: a transmitted frame leaves with o
 straight from guest RAM, a received one is read with one `readv` straight into the guest's
 buffer. Both directions work in batches: every frame the tap has ready (up to RX_BATCH per
 wake-up, so a flood cannot hold the loop) or the driver posted, completed with one used-index
-store and at most one interrupt. The tap's fd sits on the VM's event loop while the guest has
+store and at most one interrupt (transmit without a filter, and receive of frames that fit the
+next chain, run in C when the compiled path is there: fastpath.py). The tap's fd sits on the VM's event loop while the guest has
 receive buffers; when it runs out, the fd is parked until the guest refills the queue
 (otherwise a level-triggered epoll would spin), and a frame that did not fit waits in
 `_pending` rather than being dropped.

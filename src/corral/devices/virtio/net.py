@@ -7,10 +7,10 @@ straight from guest RAM, a received one is read with one `readv` straight into t
 buffer. Both directions work in batches: every frame the tap has ready (up to RX_BATCH per
 wake-up, so a flood cannot hold the loop) or the driver posted, completed with one used-index
 store and at most one interrupt (transmit without a filter, and receive of frames that fit the
-next chain, run in C when the compiled path is there: fastpath.py). The tap's fd sits on the VM's event loop while the guest has
-receive buffers; when it runs out, the fd is parked until the guest refills the queue
-(otherwise a level-triggered epoll would spin), and a frame that did not fit waits in
-`_pending` rather than being dropped.
+next chain, run in C when the compiled path is there: fastpath.py). The tap's fd sits on the
+VM's event loop while the guest has receive buffers; when it runs out, the fd is parked until
+the guest refills the queue (otherwise a level-triggered epoll would spin), and a frame that
+did not fit waits in `_pending` rather than being dropped.
 
 A frame filter handed in at construction (devices/mmds: MmdsStack, for an interface MMDS is
 served on) sees each transmitted frame first and may keep it from the tap; the frames it has for

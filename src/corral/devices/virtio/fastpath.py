@@ -77,7 +77,8 @@ class _Queue(Protocol):  # what the calls below use of a Virtqueue (queue.py imp
 def take(q: _Queue, count: int) -> tuple[list[tuple[int, list[tuple[int, int]], list[tuple[int, int]]]], str]:
     """Pop `count` available chains as (head, readable, writable); the message of the rule
     the next one broke ("" if none). The queue's last_avail moves past every chain looked at.
-    It only reads guest RAM (the caller checked `usable`): no lock against tracking."""
+    It only reads guest RAM and keeps the GIL (so the memory cannot close meanwhile): no lock
+    against tracking; the caller checked `usable`."""
     chains, q.last_avail, error = _ring.take(
         q.regions, q.desc, q.avail, q.used, q.size, q.index, q.indirect, q.last_avail, count
     )

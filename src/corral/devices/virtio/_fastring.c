@@ -11,8 +11,8 @@
  *                with one writev straight from guest RAM, the used ring filled and its index
  *                published once per pass, the avail event published (EVENT_IDX); runs without
  *                the GIL
- *   blk_rw(...)  virtio-blk reads and writes: preadv/pwritev straight between a file and guest
- *                RAM, without the GIL; stops before the first request of another kind
+ *   blk_rw(...)  virtio-blk reads, writes and flushes: preadv/pwritev straight between a file
+ *                and guest RAM, fsync, without the GIL; stops before a request of another kind
  *
  * Guest RAM is given as packed (gpa, size, host address) triples, one per memory slot; every
  * guest address is translated through them with overflow-safe bounds checks. Guest memory is
@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #define F_NEXT 1
 #define F_WRITE 2
@@ -416,12 +417,13 @@ static int net_frame(const queue_t *q, const chain_t *c, io_t *io, uint32_t *wri
 
 #define T_IN 0
 #define T_OUT 1
+#define T_FLUSH 4
 #define SECTOR 512
 #define S_OK 0
 #define S_IOERR 1
 
-/* VirtioBlock._handle for reads and writes whose header fills a buffer of its own (what every
- * driver sends); anything else is NOT_MINE. */
+/* VirtioBlock._handle for reads, writes and flushes whose header fills a buffer of its own
+ * (what every driver sends); anything else is NOT_MINE. */
 static int blk_request(const queue_t *q, const chain_t *c, io_t *io, uint32_t *written) {
     if (!c->nwrite || !c->nread || c->bufs[0].len < 16)
         return NOT_MINE;
@@ -431,7 +433,7 @@ static int blk_request(const queue_t *q, const chain_t *c, io_t *io, uint32_t *w
     uint64_t sector;
     memcpy(&rtype, hdr, 4);
     memcpy(&sector, hdr + 8, 8);
-    if (rtype != T_IN && rtype != T_OUT)
+    if (rtype != T_IN && rtype != T_OUT && rtype != T_FLUSH)
         return NOT_MINE;
     io->count++;
     /* the status byte is the last writable byte; data buffers are what precedes it */
@@ -442,6 +444,11 @@ static int blk_request(const queue_t *q, const chain_t *c, io_t *io, uint32_t *w
     unsigned ndata;
     uint8_t status = S_IOERR;
     uint64_t done = 0;
+    if (rtype == T_FLUSH) { /* a read-only disk has nothing to flush */
+        if (io->read_only || fsync(io->fd) == 0)
+            status = S_OK;
+        goto out;
+    }
     if (rtype == T_IN) {
         data = c->bufs + c->nread;
         ndata = c->nwrite - 1;
@@ -503,8 +510,8 @@ PyDoc_STRVAR(net_tx_doc,
 PyDoc_STRVAR(blk_rw_doc,
              "blk_rw(regions, desc, avail, used, size, index, indirect, event_idx, last_avail,\n"
              "used_idx, budget, fd, read_only, sectors) -> (last_avail, used_idx, requests,\n"
-             "read_bytes, write_bytes, errors, error, deferred, stopped): VirtioBlock's reads\n"
-             "and writes on a raw image; `stopped` when another kind of request is next.");
+             "read_bytes, write_bytes, errors, error, deferred, stopped): VirtioBlock's reads,\n"
+             "writes and flushes on a raw image; `stopped` when another kind of request is next.");
 
 static PyObject *run_drain(PyObject *args, int blk) {
     Py_buffer regions;

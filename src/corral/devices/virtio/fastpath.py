@@ -4,8 +4,8 @@ Python alone spends a few microseconds on every request (a chain walked and chec
 DescriptorChain built, one syscall, a used-ring store): more than a guest's whole request costs
 under QEMU. `_fastring.c` does that work in C: `take` walks chains for `Virtqueue.pop_into`
 (every device), `net_tx` is virtio-net's whole transmit drain, `net_rx` its receive of frames that fit
-the guest's next buffer, and `blk_rw` virtio-blk's reads
-and writes on a raw image, both with the GIL released around their syscalls.
+the guest's next buffer, and `blk_rw` virtio-blk's reads,
+writes and flushes on a raw image, both with the GIL released around their syscalls.
 
 The Python code stays the reference. The C walker applies queue.py's rules in the same order
 with the same messages, and the same hypothesis tests drive both (tests/unit/test_fastring.py),
@@ -14,8 +14,8 @@ so they cannot disagree. The fast path is off, and the Python path runs, when:
 - `CORRAL_NO_FASTPATH=1` is set in the environment (read at import),
 - the VMM tracks its own writes to guest RAM (live migration: `GuestMemory.vmm_dirty`),
 - the memory is closed.
-Frames the MMDS filter must see, overlays and the rarer block requests (flush, discard, get-id,
-a header split across buffers) stay in Python.
+Frames the MMDS filter must see, overlays and the rarer block requests (discard, write-zeroes,
+get-id, a header split across buffers) stay in Python.
 """
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ def net_tx(q: _Queue, fd: int) -> Drained | None:
 
 
 def blk_rw(q: _Queue, fd: int, *, read_only: bool, sectors: int) -> Drained | None:
-    """virtio-blk's reads and writes on a raw image `fd` of `sectors` sectors, up to the
-    first request of another kind; None as for `net_tx`."""
+    """virtio-blk's reads, writes and flushes on a raw image `fd` of `sectors` sectors, up to
+    the first request of another kind; None as for `net_tx`."""
     with q.memory.direct_access:
         if not usable(q.memory):
             return None

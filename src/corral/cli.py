@@ -954,6 +954,10 @@ def doctor(kvm_path: str) -> None:
     out.print(f"[bold]KVM[/bold]: {kvm_path}, API version {rep.api_version}")
     out.print(f"[bold]virtualization[/bold]: {virt}")
     out.print(f"[bold]vCPUs[/bold]: up to {rep.max_vcpus} ({rep.recommended_vcpus} recommended)")
+    from corral.boot import firmware  # where --firmware seabios / ovmf take their files from
+
+    for name in ("seabios", "ovmf"):
+        out.print(f"[bold]firmware {name}[/bold]: {firmware.source(name)}")
     table = Table("capability", "present", "used for")
     for c in CAPABILITIES:
         value = rep.capabilities.get(c.name, 0)

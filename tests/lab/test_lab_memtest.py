@@ -1,15 +1,21 @@
-"""SeaBIOS -> memtest86+ (Debian bookworm's package, pinned by SHA-256) runs a whole pass over
-the guest's memory, in the lab (real SVM KVM).
+"""SeaBIOS -> memtest86+ (Debian bookworm's package, pinned by SHA-256) tests the guest's
+memory, in the lab (real SVM KVM).
 
 memtest86+x64.bin speaks the Linux boot protocol, so SeaBIOS starts it as QEMU's
 `-bios bios-256k.bin -kernel memtest86+x64.bin` does: corral serves the image's setup and body
 through fw_cfg, SeaBIOS runs QEMU's linuxboot option ROM from fw_cfg's genroms/, which loads
 them and enters the setup code in real mode. memtest86+ then switches to long mode itself, reads
-the memory map from the BIOS (e820), and tests the RAM above its own image with its default
-test list. Its console is on the serial line (`console=ttyS0,115200`): the test replays that
-VT100 stream onto an 80x25 screen (tests/support/lab_memtest.py) and reads the status block:
-the pass counter reaches 1 with no errors. 64 MiB keeps a pass inside the lab's speed
-(nested SVM under TCG).
+the memory map from the BIOS (e820), and runs its default test list over the RAM. Its console
+is on the serial line (`console=ttyS0,115200`): the test replays that VT100 stream onto an
+80x25 screen (tests/support/lab_memtest.py) and reads the status block.
+
+Why not a whole pass: its last test, #10 (bit fade), writes a pattern, sleeps 80 s, checks it,
+and again with the inverse: about 3 minutes that exercise nothing new in the VMM. Measured
+2026-11-30 in the lab with 32 MiB: tests #0-#9 finish about 5 minutes after launch, the whole
+pass (Pass: 1, Errors: 0) about 8 minutes (that run passed with the watcher waiting for the pass
+count). So the test waits for test #10 to start, which memtest86+ reaches only after #0-#9 ran to
+their end, and asserts no errors and the pass bar past its middle. `until=""` below waits for
+the whole pass instead.
 """
 
 from __future__ import annotations
@@ -17,16 +23,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from support.lab_debian import LAB_CPU, need
-from support.lab_memtest import Screen, passes
+from support.lab_memtest import Screen, current_test, pass_percent, passes
 from support.labhost import CORRAL, PYTHON
 
 WATCHER = Path(__file__).parent.parent / "support" / "lab_memtest.py"
-CMDLINE = "console=ttyS0,115200 nosmp"  # one vCPU: no SMP start-up to wait through
-MEMORY = "64M"
+CMDLINE = "console=ttyS0,115200 nosmp nobench"  # one vCPU; no bandwidth benchmark before the tests
+MEMORY = "32M"
 LIMIT_S = 480
+UNTIL = "#10"  # the bit fade test: #0-#9 are done
 
 
-def test_seabios_boots_memtest86_through_a_whole_pass(lab, memtest_build):
+def test_seabios_boots_memtest86_and_it_runs_its_tests(lab, memtest_build, until: str = UNTIL):
     binary = need(memtest_build)
     d = "/tmp/labmemtest"
     script = f"""
@@ -34,15 +41,21 @@ rm -rf {d}; mkdir -p {d}
 timeout {LIMIT_S + 60} {CORRAL} run --firmware seabios --kernel {binary} --cmdline '{CMDLINE}' \
   --memory {MEMORY} {LAB_CPU} --no-reboot </dev/null > {d}/out 2>&1 &
 VM=$!
-{PYTHON} {WATCHER} {d}/out $VM {LIMIT_S}; echo "watcher: $?"
+{PYTHON} {WATCHER} {d}/out $VM {LIMIT_S} "{until}"; echo "watcher: $?"
 kill $VM; wait $VM
 echo ---GUEST; cat {d}/out
 """
     out = lab.run(script, timeout=LIMIT_S + 120).output
-    guest = out.split("---GUEST", 1)[-1]
+    timeline, _, guest = out.partition("---GUEST")
+    print(timeline)  # when each test started (pytest -rP shows it)
     screen = Screen().feed(guest)
     shown = f"{out[:3000]}\n--- final screen:\n{screen.text()}"
     assert "Booting from ROM" in guest, shown  # SeaBIOS ran the linuxboot option ROM
     assert "Memtest86+" in screen.text(), shown  # memtest86+ drew its screen on the serial line
-    assert passes(screen) >= 1, shown  # a whole pass over the test list finished
+    assert "watcher: 0" in out, shown  # it got there inside the time limit
+    if until:
+        assert current_test(screen).startswith(until + " "), shown
+        assert pass_percent(screen) >= 50, shown  # the bar counts the tests behind it
+    else:
+        assert passes(screen) >= 1, shown  # a whole pass over the test list finished
     assert screen.field("Errors:") == "0", shown

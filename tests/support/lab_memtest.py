@@ -99,28 +99,49 @@ def passes(screen: Screen) -> int:
     return int(value) if value.isdigit() else -1
 
 
-def watch(out: Path, pid: int, limit: float, poll: float = 2.0) -> int:
-    """Inside the lab: replay `out` (the VMM's console) until memtest86+ counts a pass, the
-    VMM `pid` ends or `limit` seconds pass; print the final screen and return the pass count."""
+def pass_percent(screen: Screen) -> int:
+    """How far the pass is (the "Pass NN%" bar), -1 before it is drawn."""
+    m = re.search(r"Pass\s+(\d+)%", screen.text())
+    return int(m.group(1)) if m else -1
+
+
+def current_test(screen: Screen) -> str:
+    """The test memtest86+ runs now, as its status block names it ("#7 [Block move]")."""
+    m = re.search(r"Test (#\d+ \[[^\]]*\])", screen.text())
+    return m.group(1) if m else ""
+
+
+def watch(out: Path, pid: int, limit: float, until: str = "", poll: float = 2.0) -> bool:
+    """Inside the lab: replay `out` (the VMM's console) until memtest86+ counts a pass (or
+    starts the test `until` names, e.g. "#10"), the VMM `pid` ends or `limit` seconds pass.
+    Prints when each test starts (seconds since the watch began); True when it got there."""
     import os
     import time
 
-    deadline = time.monotonic() + limit
-    count = -1
-    while time.monotonic() < deadline:
+    t0 = time.monotonic()
+    count, shown = -1, ""
+    while time.monotonic() - t0 < limit:
         text = out.read_bytes().decode("latin-1") if out.exists() else ""
-        count = passes(Screen().feed(text))
+        screen = Screen().feed(text)
+        count, test = passes(screen), current_test(screen)
+        if test != shown:
+            print(f"memtest t={time.monotonic() - t0:.0f}s {test}", flush=True)
+            shown = test
         if count >= 1:
-            break
+            print(f"memtest t={time.monotonic() - t0:.0f}s pass {count} complete", flush=True)
+            return True
+        if until and test.startswith(until + " "):
+            return True
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             break
         time.sleep(poll)
-    return count
+    return False
 
 
-if __name__ == "__main__":  # python lab_memtest.py OUT PID LIMIT_S (run inside the lab)
+if __name__ == "__main__":  # python lab_memtest.py OUT PID LIMIT_S [UNTIL_TEST] (inside the lab)
     import sys
 
-    sys.exit(0 if watch(Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])) >= 1 else 1)
+    until = sys.argv[4] if len(sys.argv) > 4 else ""
+    sys.exit(0 if watch(Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), until) else 1)

@@ -22,6 +22,7 @@ import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal
 from urllib.parse import quote
 
 from corral.errors import ConfigError
@@ -33,7 +34,12 @@ MAX_MEMBER = 32 << 20  # the largest file we take out of one
 MAX_ENTRIES = 20_000  # tar entries looked at before giving up
 AR_MAGIC = b"!<arch>\n"
 AR_HEADER = 60
-DATA_MODES = {"data.tar.xz": "r|xz", "data.tar.gz": "r|gz", "data.tar.bz2": "r|bz2", "data.tar": "r|"}
+DATA_MODES: dict[str, Literal["r|xz", "r|gz", "r|bz2", "r|"]] = {
+    "data.tar.xz": "r|xz",
+    "data.tar.gz": "r|gz",
+    "data.tar.bz2": "r|bz2",
+    "data.tar": "r|",
+}
 
 
 @dataclass(frozen=True)

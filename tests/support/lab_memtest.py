@@ -115,14 +115,22 @@ def watch(out: Path, pid: int, limit: float, until: str = "", poll: float = 2.0)
     """Inside the lab: replay `out` (the VMM's console) until memtest86+ counts a pass (or
     starts the test `until` names, e.g. "#10"), the VMM `pid` ends or `limit` seconds pass.
     Prints when each test starts (seconds since the watch began); True when it got there."""
+    import contextlib
     import os
     import time
 
     t0 = time.monotonic()
-    count, shown = -1, ""
+    count, shown, screen, held, offset = -1, "", Screen(), "", 0
     while time.monotonic() - t0 < limit:
-        text = out.read_bytes().decode("latin-1") if out.exists() else ""
-        screen = Screen().feed(text)
+        with contextlib.suppress(FileNotFoundError), open(out, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+            offset += len(chunk)
+            text = held + chunk.decode("latin-1")
+            cut = text.rfind("\x1b")  # an escape sequence the VMM has not finished writing
+            cut = cut if cut >= 0 and _CSI.match(text, cut) is None and len(text) - cut < 16 else len(text)
+            screen.feed(text[:cut])
+            held = text[cut:]
         count, test = passes(screen), current_test(screen)
         if test != shown:
             print(f"memtest t={time.monotonic() - t0:.0f}s {test}", flush=True)

@@ -957,6 +957,10 @@ def doctor(kvm_path: str) -> None:
     from corral.devices.virtio import fastpath
 
     out.print(f"[bold]virtqueue data path[/bold]: {fastpath.describe()}")
+    from corral.boot import firmware  # where --firmware seabios / ovmf take their files from
+
+    for name in ("seabios", "ovmf"):
+        out.print(f"[bold]firmware {name}[/bold]: {firmware.source(name)}")
     table = Table("capability", "present", "used for")
     for c in CAPABILITIES:
         value = rep.capabilities.get(c.name, 0)

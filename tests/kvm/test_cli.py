@@ -118,5 +118,6 @@ def test_doctor_reports_the_host():
     r = corral("doctor")
     assert r.returncode == 0, r.stderr
     assert "API version 12" in r.stdout and "IRQCHIP" in r.stdout
+    assert "firmware seabios: " in r.stdout and "firmware ovmf: " in r.stdout  # installed, or Debian's
     if os.path.isdir("/sys/module/kvm_pvm"):
         assert "PVM" in r.stdout and "stock Linux kernel cannot boot" in " ".join(r.stdout.split())

@@ -175,3 +175,17 @@ def pytest_runtest_makereport(item, call):
     except Exception as exc:  # noqa: BLE001 - never let the log hide the real failure
         log = f"(cannot read the lab's serial log: {exc})"
     report.sections.append(("lab serial log", log))
+
+
+@pytest.fixture(scope="session")
+def memtest_build():
+    """memtest86+x64.bin from Debian's pinned memtest86+ package (tests/support/lab_memtest.py),
+    fetched on the host. Returns (path, None) or (None, reason)."""
+    from support.lab_memtest import ensure_memtest
+
+    from corral.errors import ConfigError, HostError
+
+    try:
+        return ensure_memtest(), None
+    except (ConfigError, HostError) as exc:
+        return None, f"memtest86+ cannot be fetched here: {exc}"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from corral.boot import firmware
-from corral.errors import FieldError
+from corral.errors import ConfigError, FieldError
+from corral.images import firmware_deb
 from corral.memory import GuestMemory
 
 KiB = 1024
@@ -53,9 +54,15 @@ def test_a_symlink_a_fifo_a_directory_and_a_missing_file_are_refused(tmp_path: P
         firmware.read_firmware(str(tmp_path))
 
 
+def _offline(*args, **kwargs):
+    raise ConfigError("offline")
+
+
 def test_seabios_names_the_installed_image_or_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path):
     monkeypatch.setitem(firmware.KNOWN, "seabios", (str(tmp_path / "a.bin"), str(tmp_path / "b.bin")))
-    with pytest.raises(FieldError, match="install Debian's `seabios` package"):
+    monkeypatch.setenv("CORRAL_CACHE", str(tmp_path / "cache"))  # nothing cached, and no archive:
+    monkeypatch.setattr(firmware_deb, "fetch_debs", _offline)
+    with pytest.raises(FieldError, match=r"cannot be had \(offline\): install Debian's `seabios` package"):
         firmware.resolve("seabios")
     (tmp_path / "b.bin").write_bytes(image(64 * KiB))
     assert firmware.resolve("seabios") == tmp_path / "b.bin"

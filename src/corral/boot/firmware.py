@@ -17,6 +17,9 @@ from a kernel handed over by the VMM. The PC does it this way, and so does QEMU:
 
 The image is a file from the operator (`--firmware PATH`) or `seabios`, Debian's build; it is
 opened like a kernel (no symlink followed, no FIFO, a regular file) and its size is bounded.
+`seabios` and `ovmf` are the host's installed files when it has them; otherwise the files come
+out of Debian's package, pinned by version and SHA-256 (corral.images.firmware_deb), fetched
+into corral's cache on first use.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from corral.arch.x86 import layout
 from corral.config import OVMF
-from corral.errors import FieldError
+from corral.errors import ConfigError, FieldError
 from corral.files import Refused, open_checked
 from corral.memory import GuestMemory
 
@@ -44,18 +47,48 @@ ROM_ALIGN = 64 * layout.KiB
 HINT = "give `seabios` or a BIOS image (64 KiB to 256 KiB, a multiple of 64 KiB)"
 
 
+def from_debian(name: str, index: int = 0) -> Path:
+    """File `index` of those corral takes from Debian's pinned `name` package (seabios, ovmf),
+    from corral's cache (fetched the first time); FieldError naming both ways out when it cannot
+    be had. (Imported here: a launch with installed firmware never loads the package reader.)"""
+    from corral.images import firmware_deb
+
+    pin = firmware_deb.PACKAGES[name]
+    try:
+        return firmware_deb.extracted(pin, pin.files[index][0])
+    except ConfigError as exc:
+        raise FieldError(
+            "firmware",
+            f"{name} is not installed here and Debian's {pin.spec} cannot be had ({exc}): install "
+            f"Debian's `{name}` package, or give the image's path",
+        ) from None
+
+
 def resolve(spec: str) -> Path:
-    """The image file `spec` names: a known firmware's file on this host, or a path."""
+    """The image file `spec` names: a known firmware's file on this host (else Debian's, from
+    corral's cache), or a path."""
     if spec in KNOWN:
         for candidate in KNOWN[spec]:
             if os.path.exists(candidate):
                 return Path(candidate)
-        raise FieldError(
-            "firmware",
-            f"{spec}: none of {', '.join(KNOWN[spec])} exists: install Debian's `{spec}` package, "
-            f"or give the image's path",
-        )
+        return from_debian(spec)
     return Path(spec)
+
+
+def source(name: str) -> str:
+    """Where `--firmware name` (seabios, ovmf) takes its files from now: for `corral doctor`."""
+    if name in KNOWN:
+        found = next((c for c in KNOWN[name] if os.path.exists(c)), None)
+    else:
+        found = next((c for c, v in OVMF_FILES if os.path.exists(c) and os.path.exists(v)), None)
+    if found is not None:
+        return f"{found} (installed)"
+    from corral.images import cache, firmware_deb
+
+    pin = firmware_deb.PACKAGES[name]
+    entry = cache.image_dir(pin.entry)
+    where = "cached in" if cache.read_manifest(entry) is not None else "fetched on first use into"
+    return f"Debian's {pin.spec} ({where} {cache.display_path(entry)})"
 
 
 def read_firmware(spec: str) -> bytes:
@@ -241,12 +274,8 @@ def read_ovmf(spec: str) -> Ovmf:
     for code_path, vars_path in OVMF_FILES:
         if os.path.exists(code_path) and os.path.exists(vars_path):
             break
-    else:
-        raise FieldError(
-            "firmware",
-            f"ovmf: none of {', '.join(c for c, _ in OVMF_FILES)} exists: install Debian's `ovmf` "
-            "package, or give a BIOS image's path",
-        )
+    else:  # not installed: Debian's pinned package, from corral's cache
+        code_path, vars_path = str(from_debian("ovmf", 0)), str(from_debian("ovmf", 1))
     code = _read_checked(
         Path(code_path), "firmware", 64 * layout.KiB, OVMF_CODE_MAX, FLASH_BLOCK, "OVMF code"
     )
@@ -271,6 +300,7 @@ __all__ = [
     "OVMF_FILES",
     "LinuxBoot",
     "Ovmf",
+    "from_debian",
     "is_ovmf",
     "linux_boot",
     "load_shadow",
@@ -279,5 +309,6 @@ __all__ = [
     "resolve",
     "rom_base",
     "rom_image",
+    "source",
     "virtio_blk_boot_path",
 ]

@@ -19,7 +19,6 @@ import os
 import platform
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -75,7 +74,9 @@ def main() -> int:
     ap.add_argument("--cpus", help="pin every process to these CPUs (taskset -c)")
     args = ap.parse_args()
     kernel = Path(build_probe())
-    trees = {"B (this)": ROOT} if args.before is None else {"A (before)": args.before.resolve(), "B (this)": ROOT}
+    trees = (
+        {"B (this)": ROOT} if args.before is None else {"A (before)": args.before.resolve(), "B (this)": ROOT}
+    )
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:

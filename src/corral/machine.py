@@ -25,7 +25,7 @@ from pydantic_core import SchemaValidator
 from corral.arch.x86 import acpi
 from corral.arch.x86.msr import wake_msrs
 from corral.boot.loader import BootInfo
-from corral.builder import Board, build_board, create_vcpus, load_guest, restore_vcpus
+from corral.builder import Board, blank_vcpus, build_board, create_vcpus, load_guest, restore_vcpus
 from corral.config import HostResources, MachineConfig
 from corral.devices.legacy.acpi_pm import AcpiPm
 from corral.devices.legacy.uart import Serial16550
@@ -111,7 +111,7 @@ class Machine:
         # by index into config.nets: a frame filter (MMDS) that interface runs; read by build()
         self.net_filters: Mapping[int, FrameFilter] = net_filters or {}
         self._restore = restore_from  # consumed by the first build; a reboot boots afresh
-        # incoming migration: build() stops before the vCPUs; RAM arrives, then load_incoming()
+        # incoming migration: build() creates blank vCPUs; RAM arrives, then load_incoming()
         self._incoming = incoming
         self.kvm_path = kvm_path
         self._console = console or self._stdout_console
@@ -231,7 +231,9 @@ class Machine:
             self.board = build_board(vm, self.memory, cfg, self, self._console, self.net_filters)
             if snap is not None:
                 self._restore_state(snap.state)
-            elif not self._incoming:
+            elif self._incoming:
+                self.vcpus = blank_vcpus(vm, self.board, self, cfg.cpus)
+            else:
                 self.boot = load_guest(self.memory, cfg)
                 self.vcpus = create_vcpus(vm, self.board, self, cfg, self.boot)
         except BaseException:
@@ -452,14 +454,17 @@ class Machine:
                 raise VmStateError("the machine is not built: it has no state")
             if not self.paused and any(v.thread is not None and v.thread.is_alive() for v in self.vcpus):
                 raise VmStateError("pause the machine before saving its state")
-            if self._msr_indices is None:
-                self._msr_indices = self.vcpus[0].savable_msrs(self.vm.msr_indices)
+            # the first save reads every MSR KVM lists, skipping those refused; later ones only
+            # what the first read (one ioctl each, not a probe and a read: not in the downtime)
             vm_state = self.vm.save_state()
             if self._clock_at_pause is not None:
                 vm_state.clock = self._clock_at_pause
+            vcpus = [v.save_state(self._msr_indices or self.vm.msr_indices) for v in self.vcpus]
+            if self._msr_indices is None and vcpus:
+                self._msr_indices = list(vcpus[0].msrs)
             return MachineState(
                 vm=vm_state,
-                vcpus=[v.save_state(self._msr_indices) for v in self.vcpus],
+                vcpus=vcpus,
                 devices={
                     name: dev.save_state().model_dump(mode="json")
                     for name, dev in self.board.components().items()
@@ -480,16 +485,21 @@ class Machine:
                 model.model_rebuild(force=True)
 
     def load_incoming(self, state: MachineState) -> None:
-        """Finish an incoming machine (built with incoming=True, RAM already filled): create
-        its vCPUs from `state` and load every component. start() then runs the guest."""
-        if not self._incoming or self.vm is None or self.vcpus:
+        """Finish an incoming machine (built with incoming=True, RAM already filled): load its
+        vCPUs (created blank by build()) and every component from `state`. start() then runs
+        the guest."""
+        if not self._incoming or self.vm is None or len(self.vcpus) != self.config.cpus:
             raise VmStateError("load_incoming() needs a machine built with incoming=True")
         if len(state.vcpus) != self.config.cpus:
             raise SnapshotError(f"the state has {len(state.vcpus)} vCPUs, the config {self.config.cpus}")
+        try:
+            self._restore_state(state, blank_vcpus=True)
+        except BaseException:
+            self.close()  # half loaded: never to run
+            raise
         self._incoming = False
-        self._restore_state(state)
 
-    def _restore_state(self, state: MachineState) -> None:
+    def _restore_state(self, state: MachineState, *, blank_vcpus: bool = False) -> None:
         assert self.vm is not None and self.board is not None
         comps = self.board.components()
         if set(state.devices) != set(comps):
@@ -497,7 +507,11 @@ class Machine:
                 f"the saved devices ({', '.join(state.devices)}) do not match this "
                 f"machine's ({', '.join(comps)})"
             )
-        self.vcpus = restore_vcpus(self.vm, self.board, self, state.vcpus)
+        if blank_vcpus:  # an incoming machine's, created before its state arrived
+            for v in self.vcpus:
+                v.load_state(state.vcpus[v.index])
+        else:
+            self.vcpus = restore_vcpus(self.vm, self.board, self, state.vcpus)
         self.vm.load_state(state.vm)
         for name, data in state.devices.items():
             dev = comps[name]

@@ -58,16 +58,22 @@ def _raw(obj: C.Structure) -> bytes:
     return bytes(memoryview(obj).cast("B"))
 
 
-def savable_msrs(fd: VcpuFd, candidates: list[int]) -> list[int]:
-    """The MSRs among `candidates` that this vCPU lets us read (KVM's index list names some a
-    given CPU model lacks); KVM_GET_MSRS stops at the first it refuses."""
-    good: list[int] = []
+def readable_msrs(fd: VcpuFd, candidates: list[int]) -> dict[int, int]:
+    """The values of the MSRs among `candidates` that this vCPU lets us read (KVM's index list
+    names some a given CPU model lacks): KVM_GET_MSRS stops at the first it refuses, so the
+    read goes on after it. One ioctl when none is refused."""
+    out: dict[int, int] = {}
     rest = list(candidates)
     while rest:
-        n = len(fd.get_msrs(rest))
-        good.extend(rest[:n])
-        rest = rest[n + 1 :]
-    return good
+        got = fd.get_msrs(rest)
+        out.update(got)
+        rest = rest[len(got) + 1 :]
+    return out
+
+
+def savable_msrs(fd: VcpuFd, candidates: list[int]) -> list[int]:
+    """The MSRs among `candidates` that this vCPU lets us read."""
+    return list(readable_msrs(fd, candidates))
 
 
 def save_vcpu(fd: VcpuFd, index: int, cpuid: list[S.KvmCpuidEntry2], msr_indices: list[int]) -> VcpuState:
@@ -82,7 +88,7 @@ def save_vcpu(fd: VcpuFd, index: int, cpuid: list[S.KvmCpuidEntry2], msr_indices
         events=_raw(fd.get_vcpu_events()),
         debugregs=_raw(fd.get_debugregs()),
         mp_state=fd.get_mp_state(),
-        msrs=fd.get_msrs(msr_indices),
+        msrs=readable_msrs(fd, msr_indices),
     )
 
 

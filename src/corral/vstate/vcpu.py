@@ -20,7 +20,7 @@ from corral.kvm.fds import KvmError, VcpuFd
 from corral.seccomp import enter as enter_seccomp
 from corral.vstate.exits import FLAG_WRITE, ExitObserver
 from corral.vstate.kick import install_kick_handler, kick_thread
-from corral.vstate.kvm_state import VcpuState, cpuid_entries, load_vcpu, savable_msrs, save_vcpu
+from corral.vstate.kvm_state import VcpuState, cpuid_entries, load_vcpu, save_vcpu
 from corral.vstate.kvm_stats import VcpuStats
 
 if TYPE_CHECKING:
@@ -236,16 +236,14 @@ class Vcpu:
 
     # -- state ------------------------------------------------------------------------------
     def save_state(self, msr_indices: list[int]) -> VcpuState:
-        """KVM's state of this (parked or never started) vCPU; `msr_indices` from savable_msrs."""
+        """KVM's state of this (parked or never started) vCPU, with the MSRs among `msr_indices`
+        that KVM lets it read."""
         return save_vcpu(self.fd, self.index, self.cpuid, msr_indices)
 
     def load_state(self, state: VcpuState) -> None:
         """Put `state` into this freshly created vCPU (one that has never run)."""
         self.cpuid = cpuid_entries(state)
         load_vcpu(self.fd, state)
-
-    def savable_msrs(self, candidates: list[int]) -> list[int]:
-        return savable_msrs(self.fd, candidates)
 
     def notify_paused(self) -> None:
         """Tell a kvmclock guest it was paused on purpose (its watchdogs should not fire)."""

@@ -232,7 +232,7 @@ class Machine:
             if snap is not None:
                 self._restore_state(snap.state)
             elif self._incoming:
-                self.vcpus = blank_vcpus(vm, self.board, self, cfg.cpus)
+                self.vcpus = blank_vcpus(vm, self.board, self, cfg)
             else:
                 self.boot = load_guest(self.memory, cfg)
                 self.vcpus = create_vcpus(vm, self.board, self, cfg, self.boot)

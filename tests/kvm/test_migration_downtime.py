@@ -1,8 +1,8 @@
 """What keeps a migration's stop-and-copy short, on the real /dev/kvm: nothing is built there
 (every pydantic state model, nested ones too, is ready before the pause, on both sides), the
-state is serialised once, and the destination's vCPUs exist before the state arrives: loading
-the state into them gives the machine the source had, and a load that fails leaves a machine
-that can never run."""
+state is serialised once, and the destination's vCPUs exist before the state arrives, with the
+CPUID the source most likely gave them: loading the state into them gives the machine the source
+had (its CPUID too, when it differs), and a load that fails leaves a machine that never runs."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import textwrap
 
 import pytest
 
+from corral.arch.x86.cpuid import vcpu_cpuid
 from corral.config import MachineConfig
 from corral.images.probe import build_probe
 from corral.machine import Machine, VmStateError, state_models
 from corral.migration import state_message
 from corral.state.model import MachineState
 from corral.state.snapshot import SnapshotError
-from corral.vstate.kvm_state import VcpuState, VmKvmState
+from corral.vstate.kvm_state import VcpuState, VmKvmState, cpuid_bytes
 
 pytestmark = pytest.mark.kvm
 
@@ -153,5 +154,34 @@ def test_an_incoming_machine_refuses_a_state_for_other_devices(saved):
         with pytest.raises(SnapshotError, match="do not match"):
             dst.load_incoming(bad)
         assert dst.vm is None
+    finally:
+        dst.close()
+
+
+def test_the_preset_cpuid_stays_when_the_state_carries_it_and_goes_when_not(saved):
+    dst = Machine(config(), console=lambda _: None, incoming=True)
+    try:
+        dst.build()
+        assert dst.vm is not None
+        # vCPU 1's state from a source that hid a feature this host has
+        mine = cpuid_bytes(dst.vcpus[1].cpuid)
+        hidden = (vcpu_cpuid(dst.vm.supported_cpuid, 1, 2, (f,)) for f in ("tsc-deadline", "x2apic", "xsave"))
+        other = next(cpuid_bytes(c) for c in hidden if cpuid_bytes(c) != mine)
+        state = saved.model_copy(deep=True)
+        state.vcpus[1].cpuid = other
+        assert state.vcpus[0].cpuid == cpuid_bytes(dst.vcpus[0].cpuid)
+        calls: dict[int, int] = {0: 0, 1: 0}
+        for v in dst.vcpus:
+            real = v.fd.set_cpuid2
+
+            def counted(entries, i=v.index, real=real):
+                calls[i] += 1
+                real(entries)
+
+            v.fd.set_cpuid2 = counted  # type: ignore[method-assign]
+        dst.load_incoming(state)
+        assert calls == {0: 0, 1: 1}  # the preset kept, the other replaced
+        assert [cpuid_bytes(v.cpuid) for v in dst.vcpus] == [s.cpuid for s in state.vcpus]
+        assert [s.cpuid for s in dst.save_state().vcpus] == [s.cpuid for s in state.vcpus]
     finally:
         dst.close()

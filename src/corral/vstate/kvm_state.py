@@ -79,7 +79,7 @@ def savable_msrs(fd: VcpuFd, candidates: list[int]) -> list[int]:
 def save_vcpu(fd: VcpuFd, index: int, cpuid: list[S.KvmCpuidEntry2], msr_indices: list[int]) -> VcpuState:
     return VcpuState(
         index=index,
-        cpuid=b"".join(_raw(e) for e in cpuid),
+        cpuid=cpuid_bytes(cpuid),
         regs=_raw(fd.get_regs()),
         sregs=_raw(fd.get_sregs()),
         xsave=_raw(fd.get_xsave()),
@@ -90,6 +90,11 @@ def save_vcpu(fd: VcpuFd, index: int, cpuid: list[S.KvmCpuidEntry2], msr_indices
         mp_state=fd.get_mp_state(),
         msrs=readable_msrs(fd, msr_indices),
     )
+
+
+def cpuid_bytes(entries: list[S.KvmCpuidEntry2]) -> bytes:
+    """A CPUID table as VcpuState.cpuid carries it."""
+    return b"".join(_raw(e) for e in entries)
 
 
 def cpuid_entries(state: VcpuState) -> list[S.KvmCpuidEntry2]:
@@ -103,9 +108,11 @@ def _struct(cls: type[_S], raw: bytes, what: str) -> _S:
     return cls.from_buffer_copy(raw)
 
 
-def load_vcpu(fd: VcpuFd, state: VcpuState) -> None:
-    """Put `state` into a freshly created vCPU (one that has never run)."""
-    fd.set_cpuid2(cpuid_entries(state))
+def load_vcpu(fd: VcpuFd, state: VcpuState, *, cpuid_set: bool = False) -> None:
+    """Put `state` into a freshly created vCPU (one that has never run); `cpuid_set`: its
+    CPUID already is the state's (set before the state came: not set again)."""
+    if not cpuid_set:
+        fd.set_cpuid2(cpuid_entries(state))
     fd.set_mp_state(state.mp_state)
     fd.set_regs(_struct(S.KvmRegs, state.regs, "regs"))
     fd.set_sregs(_struct(S.KvmSregs, state.sregs, "sregs"))
@@ -157,6 +164,7 @@ def set_clock(vm: VmFd, ns: int) -> None:
 __all__ = [
     "VcpuState",
     "VmKvmState",
+    "cpuid_bytes",
     "cpuid_entries",
     "load_vcpu",
     "load_vm",

@@ -43,6 +43,15 @@ def saved() -> MachineState:
         m.close()
 
 
+@pytest.fixture
+def dst():
+    """An incoming 2-vCPU machine, built (its vCPUs created), waiting for its state."""
+    m = Machine(config(), console=lambda _: None, incoming=True)
+    m.build()
+    yield m
+    m.close()
+
+
 def test_state_models_reach_the_models_inside_the_state():
     found = state_models([MachineState])
     assert found[0] is MachineState
@@ -115,73 +124,53 @@ def _comparable(state: MachineState) -> dict:
     return out
 
 
-def test_state_loaded_into_the_blank_vcpus_is_the_sources(saved):
-    dst = Machine(config(), console=lambda _: None, incoming=True)
-    try:
-        dst.build()
-        assert len(dst.vcpus) == 2 and all(v.thread is None for v in dst.vcpus)  # before the state
-        with pytest.raises(VmStateError, match="once its state has arrived"):
-            dst.start()
-        dst.load_incoming(MachineState.model_validate(json.loads(state_message(saved))["state"]))
-        again = dst.save_state()
-        assert _comparable(again) == _comparable(saved)
-        assert [v.index for v in again.vcpus] == [0, 1]
-    finally:
-        dst.close()
+def test_state_loaded_into_the_blank_vcpus_is_the_sources(saved, dst):
+    assert len(dst.vcpus) == 2 and all(v.thread is None for v in dst.vcpus)  # before the state
+    with pytest.raises(VmStateError, match="once its state has arrived"):
+        dst.start()
+    dst.load_incoming(MachineState.model_validate(json.loads(state_message(saved))["state"]))
+    again = dst.save_state()
+    assert _comparable(again) == _comparable(saved)
+    assert [v.index for v in again.vcpus] == [0, 1]
 
 
-def test_a_state_that_does_not_load_leaves_a_machine_that_never_runs(saved):
-    dst = Machine(config(), console=lambda _: None, incoming=True)
-    try:
-        dst.build()
-        bad = saved.model_copy(deep=True)
-        bad.vcpus[1].sregs = bad.vcpus[1].sregs[:-8]  # vCPU 0 loads, then vCPU 1 fails
-        with pytest.raises(ValueError, match="sregs"):
-            dst.load_incoming(bad)
-        assert dst.vm is None and dst.vcpus == []  # closed, not half loaded
-        with pytest.raises(VmStateError):
-            dst.load_incoming(saved)
-    finally:
-        dst.close()
+def test_a_state_that_does_not_load_leaves_a_machine_that_never_runs(saved, dst):
+    bad = saved.model_copy(deep=True)
+    bad.vcpus[1].sregs = bad.vcpus[1].sregs[:-8]  # vCPU 0 loads, then vCPU 1 fails
+    with pytest.raises(ValueError, match="sregs"):
+        dst.load_incoming(bad)
+    assert dst.vm is None and dst.vcpus == []  # closed, not half loaded
+    with pytest.raises(VmStateError):
+        dst.load_incoming(saved)
 
 
-def test_an_incoming_machine_refuses_a_state_for_other_devices(saved):
-    dst = Machine(config(), console=lambda _: None, incoming=True)
-    try:
-        dst.build()
-        bad = saved.model_copy(deep=True)
-        bad.devices.pop("com1")
-        with pytest.raises(SnapshotError, match="do not match"):
-            dst.load_incoming(bad)
-        assert dst.vm is None
-    finally:
-        dst.close()
+def test_an_incoming_machine_refuses_a_state_for_other_devices(saved, dst):
+    bad = saved.model_copy(deep=True)
+    bad.devices.pop("com1")
+    with pytest.raises(SnapshotError, match="do not match"):
+        dst.load_incoming(bad)
+    assert dst.vm is None
 
 
-def test_the_preset_cpuid_stays_when_the_state_carries_it_and_goes_when_not(saved):
-    dst = Machine(config(), console=lambda _: None, incoming=True)
-    try:
-        dst.build()
-        assert dst.vm is not None
-        # vCPU 1's state from a source that hid a feature this host has
-        mine = cpuid_bytes(dst.vcpus[1].cpuid)
-        hidden = (vcpu_cpuid(dst.vm.supported_cpuid, 1, 2, (f,)) for f in ("tsc-deadline", "x2apic", "xsave"))
-        other = next(cpuid_bytes(c) for c in hidden if cpuid_bytes(c) != mine)
-        state = saved.model_copy(deep=True)
-        state.vcpus[1].cpuid = other
-        assert state.vcpus[0].cpuid == cpuid_bytes(dst.vcpus[0].cpuid)
-        calls: dict[int, int] = {0: 0, 1: 0}
-        for v in dst.vcpus:
-            real = v.fd.set_cpuid2
+def test_the_preset_cpuid_stays_when_the_state_carries_it_and_goes_when_not(saved, dst):
+    assert dst.vm is not None
+    # vCPU 1's state from a source that hid a feature this host has
+    mine = cpuid_bytes(dst.vcpus[1].cpuid)
+    hidden = (vcpu_cpuid(dst.vm.supported_cpuid, 1, 2, (f,)) for f in ("tsc-deadline", "x2apic", "xsave"))
+    other = next(cpuid_bytes(c) for c in hidden if cpuid_bytes(c) != mine)
+    state = saved.model_copy(deep=True)
+    state.vcpus[1].cpuid = other
+    assert state.vcpus[0].cpuid == cpuid_bytes(dst.vcpus[0].cpuid)
+    calls: dict[int, int] = {0: 0, 1: 0}
+    for v in dst.vcpus:
+        real = v.fd.set_cpuid2
 
-            def counted(entries, i=v.index, real=real):
-                calls[i] += 1
-                real(entries)
+        def counted(entries, i=v.index, real=real):
+            calls[i] += 1
+            real(entries)
 
-            v.fd.set_cpuid2 = counted  # type: ignore[method-assign]
-        dst.load_incoming(state)
-        assert calls == {0: 0, 1: 1}  # the preset kept, the other replaced
-        assert [cpuid_bytes(v.cpuid) for v in dst.vcpus] == [s.cpuid for s in state.vcpus]
-        assert [s.cpuid for s in dst.save_state().vcpus] == [s.cpuid for s in state.vcpus]
-    finally:
-        dst.close()
+        v.fd.set_cpuid2 = counted  # type: ignore[method-assign]
+    dst.load_incoming(state)
+    assert calls == {0: 0, 1: 1}  # the preset kept, the other replaced
+    assert [cpuid_bytes(v.cpuid) for v in dst.vcpus] == [s.cpuid for s in state.vcpus]
+    assert [s.cpuid for s in dst.save_state().vcpus] == [s.cpuid for s in state.vcpus]

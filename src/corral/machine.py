@@ -14,10 +14,10 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 from pydantic_core import SchemaValidator
@@ -25,7 +25,7 @@ from pydantic_core import SchemaValidator
 from corral.arch.x86 import acpi
 from corral.arch.x86.msr import wake_msrs
 from corral.boot.loader import BootInfo
-from corral.builder import Board, build_board, create_vcpus, load_guest, restore_vcpus
+from corral.builder import Board, blank_vcpus, build_board, create_vcpus, load_guest, restore_vcpus
 from corral.config import HostResources, MachineConfig
 from corral.devices.legacy.acpi_pm import AcpiPm
 from corral.devices.legacy.uart import Serial16550
@@ -70,6 +70,22 @@ class MachineStatus(BaseModel):
     memory: int  # bytes of guest RAM
 
 
+def state_models(roots: Iterable[type[BaseModel]]) -> list[type[BaseModel]]:
+    """`roots` and every pydantic model their fields hold, however nested (list[VcpuState],
+    dict[str, X], X | None...), each once."""
+    seen: list[type[BaseModel]] = []
+    todo: list[object] = list(roots)
+    while todo and len(seen) < 1000:
+        t = todo.pop()
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            if t not in seen:
+                seen.append(t)
+                todo += [f.annotation for f in t.model_fields.values()]
+        else:
+            todo += get_args(t)
+    return seen
+
+
 class VmStateError(CorralError):
     """Pause, resume or a state operation cannot happen now (not built, not paused, ...)."""
 
@@ -95,7 +111,7 @@ class Machine:
         # by index into config.nets: a frame filter (MMDS) that interface runs; read by build()
         self.net_filters: Mapping[int, FrameFilter] = net_filters or {}
         self._restore = restore_from  # consumed by the first build; a reboot boots afresh
-        # incoming migration: build() stops before the vCPUs; RAM arrives, then load_incoming()
+        # incoming migration: build() creates blank vCPUs; RAM arrives, then load_incoming()
         self._incoming = incoming
         self.kvm_path = kvm_path
         self._console = console or self._stdout_console
@@ -215,7 +231,9 @@ class Machine:
             self.board = build_board(vm, self.memory, cfg, self, self._console, self.net_filters)
             if snap is not None:
                 self._restore_state(snap.state)
-            elif not self._incoming:
+            elif self._incoming:
+                self.vcpus = blank_vcpus(vm, self.board, self, cfg)
+            else:
                 self.boot = load_guest(self.memory, cfg)
                 self.vcpus = create_vcpus(vm, self.board, self, cfg, self.boot)
         except BaseException:
@@ -436,14 +454,17 @@ class Machine:
                 raise VmStateError("the machine is not built: it has no state")
             if not self.paused and any(v.thread is not None and v.thread.is_alive() for v in self.vcpus):
                 raise VmStateError("pause the machine before saving its state")
-            if self._msr_indices is None:
-                self._msr_indices = self.vcpus[0].savable_msrs(self.vm.msr_indices)
+            # the first save reads every MSR KVM lists, skipping those refused; later ones only
+            # what the first read (one ioctl each, not a probe and a read: not in the downtime)
             vm_state = self.vm.save_state()
             if self._clock_at_pause is not None:
                 vm_state.clock = self._clock_at_pause
+            vcpus = [v.save_state(self._msr_indices or self.vm.msr_indices) for v in self.vcpus]
+            if self._msr_indices is None and vcpus:
+                self._msr_indices = list(vcpus[0].msrs)
             return MachineState(
                 vm=vm_state,
-                vcpus=[v.save_state(self._msr_indices) for v in self.vcpus],
+                vcpus=vcpus,
                 devices={
                     name: dev.save_state().model_dump(mode="json")
                     for name, dev in self.board.components().items()
@@ -453,25 +474,32 @@ class Machine:
     def prepare_state_models(self) -> None:
         """Build the validators and serializers of the machine's state models now (they are
         deferred to first use, so a launch does not pay for them): ~10 ms, which a migration
-        pays before its stop-and-copy instead of in the guest's downtime."""
-        models: list[type[BaseModel]] = [MachineState]
+        pays before its stop-and-copy instead of in the guest's downtime. The models inside them
+        too (VcpuState, VmKvmState): each is built on its own first use, and those two alone
+        were ~3 ms of the first save_state()."""
+        roots: list[type[BaseModel]] = [MachineState]
         if self.board is not None:
-            models += [dev.state_model for dev in self.board.components().values()]
-        for model in models:
+            roots += [dev.state_model for dev in self.board.components().values()]
+        for model in state_models(roots):
             if not isinstance(model.__pydantic_validator__, SchemaValidator):
                 model.model_rebuild(force=True)
 
     def load_incoming(self, state: MachineState) -> None:
-        """Finish an incoming machine (built with incoming=True, RAM already filled): create
-        its vCPUs from `state` and load every component. start() then runs the guest."""
-        if not self._incoming or self.vm is None or self.vcpus:
+        """Finish an incoming machine (built with incoming=True, RAM already filled): load its
+        vCPUs (created blank by build()) and every component from `state`. start() then runs
+        the guest."""
+        if not self._incoming or self.vm is None or len(self.vcpus) != self.config.cpus:
             raise VmStateError("load_incoming() needs a machine built with incoming=True")
         if len(state.vcpus) != self.config.cpus:
             raise SnapshotError(f"the state has {len(state.vcpus)} vCPUs, the config {self.config.cpus}")
+        try:
+            self._restore_state(state, blank_vcpus=True)
+        except BaseException:
+            self.close()  # half loaded: never to run
+            raise
         self._incoming = False
-        self._restore_state(state)
 
-    def _restore_state(self, state: MachineState) -> None:
+    def _restore_state(self, state: MachineState, *, blank_vcpus: bool = False) -> None:
         assert self.vm is not None and self.board is not None
         comps = self.board.components()
         if set(state.devices) != set(comps):
@@ -479,7 +507,11 @@ class Machine:
                 f"the saved devices ({', '.join(state.devices)}) do not match this "
                 f"machine's ({', '.join(comps)})"
             )
-        self.vcpus = restore_vcpus(self.vm, self.board, self, state.vcpus)
+        if blank_vcpus:  # an incoming machine's, created before its state arrived
+            for v in self.vcpus:
+                v.load_state(state.vcpus[v.index])
+        else:
+            self.vcpus = restore_vcpus(self.vm, self.board, self, state.vcpus)
         self.vm.load_state(state.vm)
         for name, data in state.devices.items():
             dev = comps[name]

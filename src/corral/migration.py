@@ -216,7 +216,10 @@ class _Link:
         self.sock.sendall(data)
 
     def send_json(self, obj: object) -> None:
-        data = json.dumps(obj).encode()
+        self.send_json_bytes(json.dumps(obj).encode())
+
+    def send_json_bytes(self, data: bytes) -> None:
+        """A message already serialised (a JSON object)."""
         self.sock.sendall(_JSON.pack(b"J", len(data)) + data)
         self.sent += _JSON.size + len(data)
 
@@ -451,7 +454,7 @@ def migrate(
             stats.final_bytes = link.sent - sent0
             phase("final pages")
             _cut(link, cut_at, "state")
-            link.send_json({"state": json.loads(machine.save_state().model_dump_json())})
+            link.send_json_bytes(state_message(machine.save_state()))
             phase("state")
             link.expect("ready")
             phase("destination")
@@ -483,6 +486,12 @@ def migrate(
     stats.total_seconds = time.perf_counter() - t0
     machine.stop(f"migrated to {host}:{port}")
     return stats
+
+
+def state_message(state: MachineState) -> bytes:
+    """The `{"state": ...}` message, serialised once by pydantic (in the downtime: a
+    json.loads and json.dumps round trip of it cost ~0.3 ms more)."""
+    return b'{"state":' + state.model_dump_json().encode() + b"}"
 
 
 def _tls_client(sock: socket.socket, pin: str) -> ssl.SSLSocket:

@@ -15,6 +15,7 @@ from corral.vstate.kvm_state import (
     cpuid_entries,
     load_vcpu,
     load_vm,
+    readable_msrs,
     savable_msrs,
     save_vcpu,
     save_vm,
@@ -48,6 +49,14 @@ class _MsrFd:
 def test_savable_msrs_skips_exactly_the_refused_ones(refused):
     fd = _MsrFd(refused)
     assert savable_msrs(fd, [1, 2, 3, 4, 5]) == [i for i in [1, 2, 3, 4, 5] if i not in refused]
+
+
+@pytest.mark.parametrize("refused", [[], [1], [5], [3, 4], [1, 3, 5]])
+def test_readable_msrs_reads_past_the_refused_ones_in_as_few_reads(refused):
+    fd = _MsrFd(refused)
+    assert readable_msrs(fd, [1, 2, 3, 4, 5]) == {i: 0 for i in [1, 2, 3, 4, 5] if i not in refused}
+    # one read when none is refused (the probe and the read of a save are one ioctl)
+    assert len(fd.asked) == 1 + sum(1 for i in refused if i != 5)
 
 
 def test_cpuid_entries_round_trip_through_the_state_bytes():
@@ -170,6 +179,19 @@ def test_savable_msrs_on_a_real_vcpu_are_all_readable(vms):
     assert MSR_BOGUS not in good
     assert MSR_SYSENTER_CS in good
     assert list(fd.get_msrs(good)) == good
+
+
+@pytest.mark.kvm
+def test_readable_msrs_on_a_real_vcpu_are_what_savable_msrs_then_get_msrs_read(vms):
+    real = vms()
+    fd, _ = _configured_vcpu(real)
+    _dress(fd)
+    candidates = real.kvm.msr_index_list()
+    candidates[1:1] = [MSR_BOGUS]  # refused early: the read must go on past it
+    values = readable_msrs(fd, candidates)
+    assert list(values) == savable_msrs(fd, candidates) and MSR_BOGUS not in values
+    assert values[MSR_SYSENTER_CS] == 0x10 and values[MSR_KERNEL_GS_BASE] == 0xFFFF_8880_0000_1000
+    assert save_vcpu(fd, 0, [], candidates).msrs.keys() == values.keys()
 
 
 @pytest.mark.kvm

@@ -58,22 +58,28 @@ def _raw(obj: C.Structure) -> bytes:
     return bytes(memoryview(obj).cast("B"))
 
 
-def savable_msrs(fd: VcpuFd, candidates: list[int]) -> list[int]:
-    """The MSRs among `candidates` that this vCPU lets us read (KVM's index list names some a
-    given CPU model lacks); KVM_GET_MSRS stops at the first it refuses."""
-    good: list[int] = []
+def readable_msrs(fd: VcpuFd, candidates: list[int]) -> dict[int, int]:
+    """The values of the MSRs among `candidates` that this vCPU lets us read (KVM's index list
+    names some a given CPU model lacks): KVM_GET_MSRS stops at the first it refuses, so the
+    read goes on after it. One ioctl when none is refused."""
+    out: dict[int, int] = {}
     rest = list(candidates)
     while rest:
-        n = len(fd.get_msrs(rest))
-        good.extend(rest[:n])
-        rest = rest[n + 1 :]
-    return good
+        got = fd.get_msrs(rest)
+        out.update(got)
+        rest = rest[len(got) + 1 :]
+    return out
+
+
+def savable_msrs(fd: VcpuFd, candidates: list[int]) -> list[int]:
+    """The MSRs among `candidates` that this vCPU lets us read."""
+    return list(readable_msrs(fd, candidates))
 
 
 def save_vcpu(fd: VcpuFd, index: int, cpuid: list[S.KvmCpuidEntry2], msr_indices: list[int]) -> VcpuState:
     return VcpuState(
         index=index,
-        cpuid=b"".join(_raw(e) for e in cpuid),
+        cpuid=cpuid_bytes(cpuid),
         regs=_raw(fd.get_regs()),
         sregs=_raw(fd.get_sregs()),
         xsave=_raw(fd.get_xsave()),
@@ -82,8 +88,13 @@ def save_vcpu(fd: VcpuFd, index: int, cpuid: list[S.KvmCpuidEntry2], msr_indices
         events=_raw(fd.get_vcpu_events()),
         debugregs=_raw(fd.get_debugregs()),
         mp_state=fd.get_mp_state(),
-        msrs=fd.get_msrs(msr_indices),
+        msrs=readable_msrs(fd, msr_indices),
     )
+
+
+def cpuid_bytes(entries: list[S.KvmCpuidEntry2]) -> bytes:
+    """A CPUID table as VcpuState.cpuid carries it."""
+    return b"".join(_raw(e) for e in entries)
 
 
 def cpuid_entries(state: VcpuState) -> list[S.KvmCpuidEntry2]:
@@ -97,9 +108,11 @@ def _struct(cls: type[_S], raw: bytes, what: str) -> _S:
     return cls.from_buffer_copy(raw)
 
 
-def load_vcpu(fd: VcpuFd, state: VcpuState) -> None:
-    """Put `state` into a freshly created vCPU (one that has never run)."""
-    fd.set_cpuid2(cpuid_entries(state))
+def load_vcpu(fd: VcpuFd, state: VcpuState, *, cpuid_set: bool = False) -> None:
+    """Put `state` into a freshly created vCPU (one that has never run); `cpuid_set`: its
+    CPUID already is the state's (set before the state came: not set again)."""
+    if not cpuid_set:
+        fd.set_cpuid2(cpuid_entries(state))
     fd.set_mp_state(state.mp_state)
     fd.set_regs(_struct(S.KvmRegs, state.regs, "regs"))
     fd.set_sregs(_struct(S.KvmSregs, state.sregs, "sregs"))
@@ -151,6 +164,7 @@ def set_clock(vm: VmFd, ns: int) -> None:
 __all__ = [
     "VcpuState",
     "VmKvmState",
+    "cpuid_bytes",
     "cpuid_entries",
     "load_vcpu",
     "load_vm",

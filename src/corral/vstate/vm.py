@@ -24,6 +24,35 @@ from corral.vstate.irq import KvmIrqLine, pc_routes
 from corral.vstate.kvm_state import VmKvmState, load_vm, save_vm, set_clock
 
 PAGE = 4096
+_BLOCK = 4096  # bitmap bytes compared with zeros at once: 32768 pages, 128 MiB of RAM
+_ZEROS = bytes(_BLOCK)
+_DIRTY = bytes([0] + [1] * 255)  # a bitmap byte -> 1 where it marks a dirty page, 0 where not
+_BITS = tuple(tuple(n for n in range(8) if byte >> n & 1) for byte in range(256))
+
+
+def dirty_pages(bitmap: bytes | bytearray) -> list[int]:
+    """The numbers of the bits set in a KVM dirty bitmap (bit n of byte i: page 8 * i + n; the
+    same as bit n of 64-bit word w being page 64 * w + n, little-endian), in order. Clean
+    stretches are skipped in C (a compare with zeros per block, then translate() and find()
+    within a dirty block), not word by word in Python: the final read of a migration's
+    stop-and-copy covers every guest page (an idle 8 GiB guest's 256 KiB of bitmap took
+    ~1.2 ms to walk word by word)."""
+    out: list[int] = []
+    for base in range(0, len(bitmap), _BLOCK):
+        block = bitmap[base : base + _BLOCK]
+        if block == _ZEROS[: len(block)]:
+            continue
+        flags = block.translate(_DIRTY)
+        first = flags.find(1)
+        while first != -1:
+            last = flags.find(0, first)
+            if last == -1:
+                last = len(flags)
+            out.extend(8 * (base + i) + n for i in range(first, last) for n in _BITS[block[i]])
+            first = flags.find(1, last)
+    return out
+
+
 FLASH_SLOT = 15  # KVM slot of a flash bank's array view (OVMF's variables), mapped and unmapped
 ROM_SLOT = 16  # KVM slot of a firmware ROM; RAM uses 0 and 1
 SPLIT_SLOT = 17  # the first KVM slot of RAM pieces split off for write protection (split_memory)
@@ -224,12 +253,9 @@ class Vm:
         assert self.memory is not None
         out: set[int] = set()
         for s in self._pieces:
-            words = memoryview(self.fd.get_dirty_log(s.slot, s.size // PAGE)).cast("Q")
-            for w, word in enumerate(words):
-                while word:
-                    bit = (word & -word).bit_length() - 1
-                    out.add(s.offset + (w * 64 + bit) * PAGE)
-                    word &= word - 1
+            out.update(
+                s.offset + page * PAGE for page in dirty_pages(self.fd.get_dirty_log(s.slot, s.size // PAGE))
+            )
         return out
 
     # -- interrupts, vCPUs ------------------------------------------------------------------
@@ -262,4 +288,4 @@ class Vm:
         self._flash = None
 
 
-__all__ = ["CAPABILITIES", "Capability", "Vm", "max_vcpus", "missing_capabilities"]
+__all__ = ["CAPABILITIES", "Capability", "Vm", "dirty_pages", "max_vcpus", "missing_capabilities"]

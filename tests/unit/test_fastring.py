@@ -31,6 +31,12 @@ from corral.memory import GuestMemory
 pytestmark = pytest.mark.skipif(not fastpath.BUILT, reason=f"the compiled path is {fastpath.WHY_NOT}")
 
 MiB = 1 << 20
+# more examples for a long run (a sanitizer build, say): CORRAL_FUZZ_EXAMPLES raises every count
+EXAMPLES = int(os.environ.get("CORRAL_FUZZ_EXAMPLES", "0"))
+
+
+def examples(n: int) -> int:
+    return max(n, EXAMPLES)
 
 
 @contextmanager
@@ -77,7 +83,7 @@ def _pop(q: Virtqueue, limit: int) -> tuple[list[tuple], str | None, int]:
     return [(c.head, c.readable, c.writable) for c in out], error, q.last_avail
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     size=st.sampled_from([1, 2, 4, 16, 32]),
     table=st.lists(descriptor, min_size=32, max_size=32),
@@ -249,7 +255,7 @@ def _transmit(frames: list[tuple[int, int, str]], on: bool, event_idx: bool) -> 
         d.close()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(frames=st.lists(frame_spec, max_size=21), event_idx=st.booleans())
 def test_compiled_transmit_sends_what_python_sends(frames, event_idx):
     assert _transmit(frames, False, event_idx) == _transmit(frames, True, event_idx)
@@ -319,7 +325,7 @@ def _receive(
         d.close()
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(80), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     chains=st.lists(rx_chain, max_size=12),
     frames=st.lists(st.sampled_from([0, 1, 40, 60, 300, 1500, 5000]), max_size=80),
@@ -396,7 +402,7 @@ def _blk(
         d.close()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     requests=st.lists(request_spec, max_size=16),
     read_only=st.booleans(),
@@ -444,3 +450,30 @@ def test_a_short_read_fails_the_request_in_both_paths(tmp_path):
     python = _blk(tmp_path, reqs, False, False, True, shrink=True)
     assert python[2]["errors"] == 1 and python[1][1] == b"\x01" and python[1][3] == b"\0"
     assert _blk(tmp_path, reqs, True, False, True, shrink=True) == python
+
+
+# -- found in review (issue 16): each failed before its fix ------------------------------------
+def test_a_receive_chain_of_many_buffers_goes_to_python_not_a_quadratic_check():
+    """A queue as large as the spec allows (a restored one may be) and a receive chain of one
+    writable byte pair per descriptor: the C aliasing check was pairwise, ~5e8 compares with
+    the GIL-free loop thread stuck, per wake. Past 64 buffers Python (which sorts) decides."""
+    import time
+
+    size = 32768
+    mem = GuestMemory(64 * MiB)
+    wire = _Wire()
+    try:
+        desc, avail, used, bufs = 0x100000, 0x200000, 0x300000, 0x400000
+        mem.write(desc, b"".join(struct.pack("<QIHH", bufs + 2 * i, 2, 3, i + 1) for i in range(size - 1)))
+        mem.write(desc + 16 * (size - 1), struct.pack("<QIHH", bufs + 2 * (size - 1), 2, 2, 0))
+        mem.write(avail, struct.pack("<HHH", 0, 1, 0))
+        q = Virtqueue(mem, 0, size, desc, avail, used, event_idx=False, indirect=False)
+        wire.host.send(bytes(12) + bytes(60))
+        start = time.monotonic()
+        got = fastpath.net_rx(q, wire.fd, memoryview(bytearray(65550)), 1)
+        took = time.monotonic() - start
+        assert got is not None and got.status == fastpath.RX_PYTHON and got.frames == 0
+        assert q.last_avail == 0 and took < 0.25, took  # the chain is left, found long at once
+    finally:
+        wire.close()
+        mem.close()

@@ -312,12 +312,13 @@ static PyObject *fr_take(PyObject *self, PyObject *args) {
             break;
         PyObject *r = buf_list(bufs, c.nread);
         PyObject *w = r ? buf_list(bufs + c.nread, c.nwrite) : NULL;
-        PyObject *t = w ? Py_BuildValue("(INN)", c.head, r, w) : NULL;
-        if (!t) {
-            Py_XDECREF(r);
-            Py_XDECREF(w);
+        /* "O", not "N": Py_BuildValue consumes an N argument even when it fails, so the
+         * references are dropped here once, whatever happened */
+        PyObject *t = w ? Py_BuildValue("(IOO)", c.head, r, w) : NULL;
+        Py_XDECREF(r);
+        Py_XDECREF(w);
+        if (!t)
             goto fail;
-        }
         int rc = PyList_Append(out, t);
         Py_DECREF(t);
         if (rc < 0)
@@ -572,11 +573,17 @@ static PyObject *fr_blk_rw(PyObject *self, PyObject *args) { return run_drain(ar
 /* -- virtio-net receive ------------------------------------------------------------------- */
 #define RX_DRAINED 0  /* the tap has no frame */
 #define RX_NO_CHAIN 1 /* the guest has no (more) receive buffers, or budget is spent */
-#define RX_PYTHON 2   /* the next chain is one Python serves (bad, short, aliasing): left */
+#define RX_PYTHON 2   /* the next chain is one Python serves (bad, short, aliasing, long): left */
 #define RX_SPILL 3    /* a frame larger than the next chain: in it and the bounce buffer */
 
-/* Whether no two buffers of the chain's writable part overlap (net.py _disjoint). */
+/* Whether no two buffers of the chain's writable part overlap (net.py _disjoint), for chains
+ * of at most MAX_RX_BUFS buffers (the pairwise check is quadratic); a longer one is no common
+ * case (Linux posts 1, or up to MAX_SKB_FRAGS + 2 without mergeable buffers) and goes to
+ * Python, which sorts. */
+#define MAX_RX_BUFS 64
 static int disjoint(const buf_t *b, unsigned n) {
+    if (n > MAX_RX_BUFS)
+        return 0;
     for (unsigned i = 0; i < n; i++)
         for (unsigned j = i + 1; j < n; j++)
             if (b[i].addr < b[j].addr + b[j].len && b[j].addr < b[i].addr + b[i].len)

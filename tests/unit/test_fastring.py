@@ -477,3 +477,27 @@ def test_a_receive_chain_of_many_buffers_goes_to_python_not_a_quadratic_check():
     finally:
         wire.close()
         mem.close()
+
+
+def test_a_pop_after_the_memory_closed_fails_the_queue_not_the_vmm():
+    """`pop_into` checks `usable` and then calls `take`; the GIL may pass in between to a thread
+    that closes (unmaps) the memory (teardown after the loop did not stop in time). take then
+    read unmapped RAM: SIGSEGV. Now it checks under the memory's lock (in a child: the crash)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import struct
+from corral.devices.virtio import fastpath
+from corral.devices.virtio.queue import Virtqueue
+from corral.memory import GuestMemory
+mem = GuestMemory({16 * MiB})
+mem.write(0x20000, struct.pack("<HHH", 0, 1, 0))
+q = Virtqueue(mem, 0, 8, 0x10000, 0x20000, 0x30000, event_idx=False, indirect=False)
+assert fastpath.usable(mem)
+mem.close()  # as another thread does right after the check
+print(fastpath.take(q, 1), q.last_avail)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "([], 'queue 0: guest memory is closed (the VM is going away)') 0"

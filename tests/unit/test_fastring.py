@@ -216,6 +216,18 @@ class _Wire:
         self.host.close()
 
 
+def _start_at(d: Driver, qi: int, q: Virtqueue | None, start: int) -> None:
+    """Both sides of queue `qi` at ring index `start` (near 0xFFFF: the indices wrap mid-run)."""
+    assert q is not None
+    q.last_avail = q.used_idx = q._signalled_used = start
+    d.avail_idx[qi] = d.seen_used[qi] = start
+    _, avail, used = d.rings(qi)
+    d.mem.write(avail + 2, struct.pack("<H", start))
+    d.mem.write(used + 2, struct.pack("<H", start))
+
+
+START = st.sampled_from([0, 0xFFFF - 2, 0xFFF0])  # ring indices that wrap during the run
+
 frame_spec = st.tuples(
     st.integers(0, 200),  # bytes
     st.integers(1, 3),  # split over this many buffers
@@ -223,12 +235,13 @@ frame_spec = st.tuples(
 )
 
 
-def _transmit(frames: list[tuple[int, int, str]], on: bool, event_idx: bool) -> tuple:
+def _transmit(frames: list[tuple[int, int, str]], on: bool, event_idx: bool, start: int = 0) -> tuple:
     wire = _Wire()
     dev = VirtioNet(wire, bytes(6), FakeLoop())
     d = Driver(dev)
     try:
         d.setup(features=None if event_idx else ~F_EVENT_IDX & (1 << 64) - 1, queue_size=64)
+        _start_at(d, 1, dev.tx, start)
         for i, (n, parts, kind) in enumerate(frames):
             data = bytes((i + j) & 0xFF for j in range(n))
             cut = [len(data) * k // parts for k in range(parts + 1)]
@@ -256,9 +269,9 @@ def _transmit(frames: list[tuple[int, int, str]], on: bool, event_idx: bool) -> 
 
 
 @settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(frames=st.lists(frame_spec, max_size=21), event_idx=st.booleans())
-def test_compiled_transmit_sends_what_python_sends(frames, event_idx):
-    assert _transmit(frames, False, event_idx) == _transmit(frames, True, event_idx)
+@given(frames=st.lists(frame_spec, max_size=21), event_idx=st.booleans(), start=START)
+def test_compiled_transmit_sends_what_python_sends(frames, event_idx, start):
+    assert _transmit(frames, False, event_idx, start) == _transmit(frames, True, event_idx, start)
 
 
 def test_compiled_transmit_writes_each_frame_once_from_guest_ram():
@@ -357,7 +370,13 @@ request_spec = st.tuples(
 
 
 def _blk(
-    tmp_path, requests: list[tuple], on: bool, read_only: bool, event_idx: bool, shrink: bool = False
+    tmp_path,
+    requests: list[tuple],
+    on: bool,
+    read_only: bool,
+    event_idx: bool,
+    shrink: bool = False,
+    start: int = 0,
 ) -> tuple:
     path = blk_image_file(tmp_path / f"disk-{on}.img")
     d = Driver(VirtioBlock(open_disk(str(path), read_only=read_only)))
@@ -365,6 +384,7 @@ def _blk(
         os.truncate(path, path.stat().st_size // 2)
     try:
         d.setup(features=None if event_idx else ~F_EVENT_IDX & (1 << 64) - 1, queue_size=64)
+        _start_at(d, 0, d.device.queue, start)
         bufs = []
         for i, (rtype, sector, n, layout) in enumerate(requests):
             hdr = HEADER.pack(rtype, 0, sector)
@@ -408,13 +428,14 @@ def _blk(
     read_only=st.booleans(),
     event_idx=st.booleans(),
     shrink=st.booleans(),
+    start=START,
 )
 def test_compiled_reads_and_writes_agree_with_python(
-    tmp_path_factory, requests, read_only, event_idx, shrink
+    tmp_path_factory, requests, read_only, event_idx, shrink, start
 ):
     tmp = tmp_path_factory.mktemp("blk")
-    python = _blk(tmp, requests, False, read_only, event_idx, shrink)
-    assert python == _blk(tmp, requests, True, read_only, event_idx, shrink)
+    python = _blk(tmp, requests, False, read_only, event_idx, shrink, start)
+    assert python == _blk(tmp, requests, True, read_only, event_idx, shrink, start)
 
 
 def test_compiled_blk_reads_and_writes_the_file(tmp_path):

@@ -524,3 +524,42 @@ print(fastpath.take(q, 1), q.last_avail)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "([], 'queue 0: guest memory is closed (the VM is going away)') 0"
+
+
+def test_a_spilled_frame_is_whole_in_the_bounce_buffer_when_the_guest_changes_its_chain(monkeypatch):
+    """A frame larger than the next receive chain: net.py walked that chain a second time to
+    read its part back, and the guest (another vCPU) may change the chain between the two
+    walks: an IndexError in the device (the avail index taken back) or another buffer's bytes
+    in the frame. Now C puts the frame together in the bounce buffer and Python takes it there."""
+    wire = _Wire()
+    loop = FakeLoop()
+    dev = VirtioNet(wire, bytes(6), loop)
+    d = Driver(dev)
+    try:
+        d.setup(features=(1 << 64) - 1 & ~F_MRG_RXBUF, queue_size=32)
+        first = d.alloc(64)
+        d.submit(0, [(first, True)], head=0, kick=False)
+        frame = bytes(10) + b"\1\0" + bytes(i & 0xFF for i in range(300))
+        wire.host.send(frame)
+        real = fastpath.net_rx
+        _, avail, _ = d.rings(0)
+
+        def guest_changes_its_mind(*args: object) -> fastpath.Received | None:
+            got = real(*args)  # type: ignore[arg-type]
+            # right after the C call, as a vCPU may: the chain taken back (avail idx), its
+            # buffer scribbled over, and a chain of room enough posted in its place
+            d.mem.write(first[0], b"\xee" * 64)
+            d.mem.write(avail + 2, struct.pack("<H", 0))
+            d.avail_idx[0] = 0
+            d.submit(0, [(d.alloc(2048), True)], head=5, kick=False)
+            return got
+
+        monkeypatch.setattr(fastpath, "net_rx", guest_changes_its_mind)
+        with compiled(True):
+            loop.readers[dev.tap.fd]()
+        used = d.used(0)
+        assert used == [(5, len(frame))]  # the frame, whole, in the chain posted in its place
+        (addr,) = struct.unpack_from("<Q", d.mem.read(d.rings(0)[0] + 16 * 5, 8))
+        assert d.mem.read(addr, len(frame)) == frame
+    finally:
+        d.close()

@@ -574,7 +574,7 @@ static PyObject *fr_blk_rw(PyObject *self, PyObject *args) { return run_drain(ar
 #define RX_DRAINED 0  /* the tap has no frame */
 #define RX_NO_CHAIN 1 /* the guest has no (more) receive buffers, or budget is spent */
 #define RX_PYTHON 2   /* the next chain is one Python serves (bad, short, aliasing, long): left */
-#define RX_SPILL 3    /* a frame larger than the next chain: in it and the bounce buffer */
+#define RX_SPILL 3    /* a frame larger than the next chain: whole in the bounce buffer */
 
 /* Whether no two buffers of the chain's writable part overlap (net.py _disjoint), for chains
  * of at most MAX_RX_BUFS buffers (the pairwise check is quadratic); a longer one is no common
@@ -596,8 +596,8 @@ PyDoc_STRVAR(net_rx_doc,
              "used_idx, budget, fd, bounce) -> (last_avail, used_idx, frames, bytes, status,\n"
              "spilled): VirtioNet._receive's common case, frames read straight into the guest's\n"
              "chains (one readv each, num_buffers 1), at most `budget`; `status` says why it\n"
-             "stopped; RX_SPILL leaves the chain in the ring and `spilled` bytes read, the\n"
-             "part past the chain's room at the start of `bounce`.");
+             "stopped; RX_SPILL leaves the chain in the ring and the frame, `spilled` bytes,\n"
+             "whole at the start of `bounce`.");
 
 static PyObject *fr_net_rx(PyObject *self, PyObject *args) {
     Py_buffer regions, bounce;
@@ -653,8 +653,11 @@ static PyObject *fr_net_rx(PyObject *self, PyObject *args) {
         }
         const buf_t *w = bufs + c.nread;
         fill_iov(&q, w, c.nwrite, iov);
-        iov[c.nwrite].iov_base = bounce.buf; /* what does not fit spills here */
-        iov[c.nwrite].iov_len = (size_t)bounce.len;
+        /* what does not fit spills into the bounce buffer past the chain's share, so that a
+         * spilled frame can be put together there whole (no tap frame is longer than it) */
+        size_t room = c.write_len < (uint64_t)bounce.len ? (size_t)c.write_len : (size_t)bounce.len;
+        iov[c.nwrite].iov_base = (uint8_t *)bounce.buf + room;
+        iov[c.nwrite].iov_len = (size_t)bounce.len - room;
         ssize_t got;
         do
             got = readv(fd, iov, (int)c.nwrite + 1);
@@ -665,6 +668,10 @@ static PyObject *fr_net_rx(PyObject *self, PyObject *args) {
             break;
         }
         if ((uint64_t)got > c.write_len) {
+            /* the chain's part copied in front of the rest: Python takes the frame from the
+             * bounce buffer and never walks this chain again (the guest may change it now) */
+            for (unsigned i = 0, at = 0; i < c.nwrite; at += w[i].len, i++)
+                memcpy((uint8_t *)bounce.buf + at, iov[i].iov_base, w[i].len);
             last_avail = before;
             spilled = got;
             status = RX_SPILL;

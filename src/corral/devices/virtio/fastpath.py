@@ -141,7 +141,8 @@ RX_DRAINED, RX_NO_CHAIN, RX_PYTHON, RX_SPILL = 0, 1, 2, 3  # why net_rx stopped 
 
 class Received(NamedTuple):
     """What the compiled receive did: frames delivered and their bytes (without headers), why
-    it stopped (RX_*), and for RX_SPILL the frame's length (its chain is still in the ring)."""
+    it stopped (RX_*), and for RX_SPILL the frame's length: the frame is whole at the start of
+    the bounce buffer, its chain still in the ring."""
 
     frames: int
     bytes: int

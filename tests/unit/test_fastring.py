@@ -563,3 +563,25 @@ def test_a_spilled_frame_is_whole_in_the_bounce_buffer_when_the_guest_changes_it
         assert d.mem.read(addr, len(frame)) == frame
     finally:
         d.close()
+
+
+def test_a_read_shorter_than_the_header_counts_no_negative_bytes():
+    """A read of fewer bytes than the virtio-net header (no tap sends one; a socket does): C
+    counted 2**64 - 7 received bytes where Python counted -7. Neither: it carries no payload."""
+    results = []
+    for on in (False, True):
+        wire = _Wire()
+        loop = FakeLoop()
+        dev = VirtioNet(wire, bytes(6), loop)
+        d = Driver(dev)
+        try:
+            d.setup(queue_size=32)
+            d.submit(0, [(d.alloc(2048), True)], kick=False)
+            wire.host.send(b"\1\2\3\4\5")
+            with compiled(on):
+                loop.readers[dev.tap.fd]()
+            results.append((d.used(0), dev.stats))
+        finally:
+            d.close()
+    assert results[0] == results[1]
+    assert results[1][0] == [(0, 5)] and results[1][1]["rx_bytes"] == 0

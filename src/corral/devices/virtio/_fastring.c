@@ -685,7 +685,7 @@ static PyObject *fr_net_rx(PyObject *self, PyObject *args) {
                     ((uint8_t *)iov[i].iov_base)[at - base] = at == 10 ? 1 : 0;
         push_used(&q, &used_idx, c.head, (uint32_t)got);
         frames++;
-        bytes += (uint64_t)got - VNET_HDR_LEN;
+        bytes += (uint64_t)got > VNET_HDR_LEN ? (uint64_t)got - VNET_HDR_LEN : 0; /* as net.py */
         status = RX_NO_CHAIN;
     }
     if (frames)

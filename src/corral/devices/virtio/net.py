@@ -327,7 +327,7 @@ class VirtioNet(VirtioDevice[NoState]):
         rx.write_all(chain, _ONE_BUFFER, skip=10)  # num_buffers
         done.append((chain.head, n))
         self.stats["rx_frames"] += 1
-        self.stats["rx_bytes"] += n - VNET_HDR_LEN
+        self.stats["rx_bytes"] += max(n - VNET_HDR_LEN, 0)  # a read shorter than a header: none
         return True
 
     def _place(self, rx: Virtqueue, bufs: _RxBuffers, frame: bytes, done: list[tuple[int, int]]) -> bool:
@@ -357,7 +357,7 @@ class VirtioNet(VirtioDevice[NoState]):
             done.append((c.head, n))
             pos += n
         self.stats["rx_frames"] += 1
-        self.stats["rx_bytes"] += len(frame) - VNET_HDR_LEN
+        self.stats["rx_bytes"] += max(len(frame) - VNET_HDR_LEN, 0)
         return True
 
 

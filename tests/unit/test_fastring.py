@@ -585,3 +585,14 @@ def test_a_read_shorter_than_the_header_counts_no_negative_bytes():
             d.close()
     assert results[0] == results[1]
     assert results[1][0] == [(0, 5)] and results[1][1]["rx_bytes"] == 0
+
+
+def test_the_c_calls_refuse_unaligned_rings(ram):
+    """queue.py refuses them when a queue is set up; the C module, which loads and stores ring
+    indices whole (atomically), refuses them too rather than trust every caller."""
+    regions = fastpath.regions(ram)
+    for desc, avail, used in ((DESC + 8, AVAIL, USED), (DESC, AVAIL + 1, USED), (DESC, AVAIL, USED + 2)):
+        with pytest.raises(ValueError, match="not aligned"):
+            fastpath._ring.take(regions, desc, avail, used, 8, 0, False, 0, 0)
+        with pytest.raises(ValueError, match="not aligned"):
+            fastpath._ring.net_tx(regions, desc, avail, used, 8, 0, False, False, 0, 0, 8, -1)

@@ -261,6 +261,10 @@ static int parse_queue(queue_t *q, Py_buffer *regions, unsigned long long desc,
         PyErr_SetString(PyExc_ValueError, "queue size is not a power of two up to 32768");
         return -1;
     }
+    if (desc % 16 || avail % 2 || used % 4) { /* ring indices are loaded and stored whole */
+        PyErr_SetString(PyExc_ValueError, "rings not aligned (descriptors 16, avail 2, used 4)");
+        return -1;
+    }
     if (parse_ram(regions, &q->ram) < 0)
         return -1;
     q->desc = desc;

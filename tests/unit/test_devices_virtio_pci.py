@@ -310,3 +310,22 @@ def test_state_of_a_device_with_a_bad_queue_layout_is_refused(blk_image):
             d.fn.load_state(bad)
     finally:
         d.close()
+
+
+@pytest.mark.parametrize("size", [32768, 96])
+def test_state_with_a_queue_larger_than_the_device_offers_is_refused(blk_image, size):
+    """A snapshot or migration stream is hostile: it may not give a queue more entries than the
+    device offers (nor a size that is no power of two), as a guest's queue_size write may not."""
+    from corral.devices.virtio.pci import VirtioPciState
+
+    d = Driver(VirtioBlock(open_disk(str(blk_image))))
+    try:
+        d.setup()
+        state = d.fn.save_state().model_dump()
+        state["queues"][0]["size"] = size
+        bad = VirtioPciState.model_validate(state)
+        with pytest.raises(StateError, match=f"queue 0 has {size} entries"):
+            d.fn.load_state(bad)
+        assert d.fn.queues[0].size != size  # nothing changed
+    finally:
+        d.close()

@@ -428,6 +428,13 @@ class VirtioPciDevice:
             or len(state.active) not in (0, len(self.queues))
         ):
             raise StateError("virtio state is for a device with a different queue layout")
+        for i, (regs, most) in enumerate(zip(state.queues, self.device.queue_sizes, strict=True)):
+            # what a guest's own queue_size write may set, and no more: a larger queue would
+            # make every later bound (chain length, iovec count) the stream's choice
+            if regs.size > most or regs.size & (regs.size - 1):
+                raise StateError(
+                    f"virtio state: queue {i} has {regs.size} entries (this device offers {most})"
+                )
         # the device's own state first: it is refused before anything changed
         own = self.device.state_model.model_validate(state.device)
         with self._lock:

@@ -261,10 +261,6 @@ static int parse_queue(queue_t *q, Py_buffer *regions, unsigned long long desc,
         PyErr_SetString(PyExc_ValueError, "queue size is not a power of two up to 32768");
         return -1;
     }
-    if (desc % 16 || avail % 2 || used % 4) { /* ring indices are loaded and stored whole */
-        PyErr_SetString(PyExc_ValueError, "rings not aligned (descriptors 16, avail 2, used 4)");
-        return -1;
-    }
     if (parse_ram(regions, &q->ram) < 0)
         return -1;
     q->desc = desc;
@@ -316,13 +312,12 @@ static PyObject *fr_take(PyObject *self, PyObject *args) {
             break;
         PyObject *r = buf_list(bufs, c.nread);
         PyObject *w = r ? buf_list(bufs + c.nread, c.nwrite) : NULL;
-        /* "O", not "N": Py_BuildValue consumes an N argument even when it fails, so the
-         * references are dropped here once, whatever happened */
-        PyObject *t = w ? Py_BuildValue("(IOO)", c.head, r, w) : NULL;
-        Py_XDECREF(r);
-        Py_XDECREF(w);
-        if (!t)
+        PyObject *t = w ? Py_BuildValue("(INN)", c.head, r, w) : NULL;
+        if (!t) {
+            Py_XDECREF(r);
+            Py_XDECREF(w);
             goto fail;
+        }
         int rc = PyList_Append(out, t);
         Py_DECREF(t);
         if (rc < 0)
@@ -577,17 +572,11 @@ static PyObject *fr_blk_rw(PyObject *self, PyObject *args) { return run_drain(ar
 /* -- virtio-net receive ------------------------------------------------------------------- */
 #define RX_DRAINED 0  /* the tap has no frame */
 #define RX_NO_CHAIN 1 /* the guest has no (more) receive buffers, or budget is spent */
-#define RX_PYTHON 2   /* the next chain is one Python serves (bad, short, aliasing, long): left */
-#define RX_SPILL 3    /* a frame larger than the next chain: whole in the bounce buffer */
+#define RX_PYTHON 2   /* the next chain is one Python serves (bad, short, aliasing): left */
+#define RX_SPILL 3    /* a frame larger than the next chain: in it and the bounce buffer */
 
-/* Whether no two buffers of the chain's writable part overlap (net.py _disjoint), for chains
- * of at most MAX_RX_BUFS buffers (the pairwise check is quadratic); a longer one is no common
- * case (Linux posts 1, or up to MAX_SKB_FRAGS + 2 without mergeable buffers) and goes to
- * Python, which sorts. */
-#define MAX_RX_BUFS 64
+/* Whether no two buffers of the chain's writable part overlap (net.py _disjoint). */
 static int disjoint(const buf_t *b, unsigned n) {
-    if (n > MAX_RX_BUFS)
-        return 0;
     for (unsigned i = 0; i < n; i++)
         for (unsigned j = i + 1; j < n; j++)
             if (b[i].addr < b[j].addr + b[j].len && b[j].addr < b[i].addr + b[i].len)
@@ -600,8 +589,8 @@ PyDoc_STRVAR(net_rx_doc,
              "used_idx, budget, fd, bounce) -> (last_avail, used_idx, frames, bytes, status,\n"
              "spilled): VirtioNet._receive's common case, frames read straight into the guest's\n"
              "chains (one readv each, num_buffers 1), at most `budget`; `status` says why it\n"
-             "stopped; RX_SPILL leaves the chain in the ring and the frame, `spilled` bytes,\n"
-             "whole at the start of `bounce`.");
+             "stopped; RX_SPILL leaves the chain in the ring and `spilled` bytes read, the\n"
+             "part past the chain's room at the start of `bounce`.");
 
 static PyObject *fr_net_rx(PyObject *self, PyObject *args) {
     Py_buffer regions, bounce;
@@ -657,11 +646,8 @@ static PyObject *fr_net_rx(PyObject *self, PyObject *args) {
         }
         const buf_t *w = bufs + c.nread;
         fill_iov(&q, w, c.nwrite, iov);
-        /* what does not fit spills into the bounce buffer past the chain's share, so that a
-         * spilled frame can be put together there whole (no tap frame is longer than it) */
-        size_t room = c.write_len < (uint64_t)bounce.len ? (size_t)c.write_len : (size_t)bounce.len;
-        iov[c.nwrite].iov_base = (uint8_t *)bounce.buf + room;
-        iov[c.nwrite].iov_len = (size_t)bounce.len - room;
+        iov[c.nwrite].iov_base = bounce.buf; /* what does not fit spills here */
+        iov[c.nwrite].iov_len = (size_t)bounce.len;
         ssize_t got;
         do
             got = readv(fd, iov, (int)c.nwrite + 1);
@@ -672,10 +658,6 @@ static PyObject *fr_net_rx(PyObject *self, PyObject *args) {
             break;
         }
         if ((uint64_t)got > c.write_len) {
-            /* the chain's part copied in front of the rest: Python takes the frame from the
-             * bounce buffer and never walks this chain again (the guest may change it now) */
-            for (unsigned i = 0, at = 0; i < c.nwrite; at += w[i].len, i++)
-                memcpy((uint8_t *)bounce.buf + at, iov[i].iov_base, w[i].len);
             last_avail = before;
             spilled = got;
             status = RX_SPILL;
@@ -689,7 +671,7 @@ static PyObject *fr_net_rx(PyObject *self, PyObject *args) {
                     ((uint8_t *)iov[i].iov_base)[at - base] = at == 10 ? 1 : 0;
         push_used(&q, &used_idx, c.head, (uint32_t)got);
         frames++;
-        bytes += (uint64_t)got > VNET_HDR_LEN ? (uint64_t)got - VNET_HDR_LEN : 0; /* as net.py */
+        bytes += (uint64_t)got - VNET_HDR_LEN;
         status = RX_NO_CHAIN;
     }
     if (frames)

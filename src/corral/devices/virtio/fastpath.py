@@ -77,15 +77,11 @@ class _Queue(Protocol):  # what the calls below use of a Virtqueue (queue.py imp
 def take(q: _Queue, count: int) -> tuple[list[tuple[int, list[tuple[int, int]], list[tuple[int, int]]]], str]:
     """Pop `count` available chains as (head, readable, writable); the message of the rule
     the next one broke ("" if none). The queue's last_avail moves past every chain looked at.
-    It only reads guest RAM, so tracking may start meanwhile, but the memory must stay mapped:
-    the caller's `usable` is no promise (the GIL can pass to a thread closing the memory in
-    between), so the lock is held and a closed memory fails the pop."""
-    with q.memory.direct_access:
-        if q.memory.closed:
-            return [], f"queue {q.index}: guest memory is closed (the VM is going away)"
-        chains, q.last_avail, error = _ring.take(
-            q.regions, q.desc, q.avail, q.used, q.size, q.index, q.indirect, q.last_avail, count
-        )
+    It only reads guest RAM and keeps the GIL (so the memory cannot close meanwhile): no lock
+    against tracking; the caller checked `usable`."""
+    chains, q.last_avail, error = _ring.take(
+        q.regions, q.desc, q.avail, q.used, q.size, q.index, q.indirect, q.last_avail, count
+    )
     return chains, error or ""
 
 
@@ -141,8 +137,7 @@ RX_DRAINED, RX_NO_CHAIN, RX_PYTHON, RX_SPILL = 0, 1, 2, 3  # why net_rx stopped 
 
 class Received(NamedTuple):
     """What the compiled receive did: frames delivered and their bytes (without headers), why
-    it stopped (RX_*), and for RX_SPILL the frame's length: the frame is whole at the start of
-    the bounce buffer, its chain still in the ring."""
+    it stopped (RX_*), and for RX_SPILL the frame's length (its chain is still in the ring)."""
 
     frames: int
     bytes: int

@@ -290,9 +290,14 @@ class VirtioNet(VirtioDevice[NoState]):
         self.stats["rx_bytes"] += got.bytes
         if got.status == fastpath.RX_DRAINED:
             return RX_BATCH, got.frames  # the tap is empty: nothing left for the loop
-        if got.status == fastpath.RX_SPILL:  # whole in the bounce buffer; its chain is still next
-            self._pending = bytes(self._bounce[: got.spilled])  # (never walked again: the guest
-            return got.frames, got.frames  # may have changed it since)
+        if got.status == fastpath.RX_SPILL:  # the chain is still next in the ring, as it was read
+            chains: list[DescriptorChain] = []
+            rx.pop_into(chains, 1)
+            rx.undo_pop(1)
+            room = chains[0].writable_len
+            head = b"".join(bytes(rx.memory.view(a, n)) for a, n in chains[0].writable)
+            self._pending = head + bytes(self._bounce[: got.spilled - room])
+            return got.frames, got.frames
         return got.frames, got.frames
 
     def _read_frame(self) -> bytes | None:
@@ -327,7 +332,7 @@ class VirtioNet(VirtioDevice[NoState]):
         rx.write_all(chain, _ONE_BUFFER, skip=10)  # num_buffers
         done.append((chain.head, n))
         self.stats["rx_frames"] += 1
-        self.stats["rx_bytes"] += max(n - VNET_HDR_LEN, 0)  # a read shorter than a header: none
+        self.stats["rx_bytes"] += n - VNET_HDR_LEN
         return True
 
     def _place(self, rx: Virtqueue, bufs: _RxBuffers, frame: bytes, done: list[tuple[int, int]]) -> bool:
@@ -357,7 +362,7 @@ class VirtioNet(VirtioDevice[NoState]):
             done.append((c.head, n))
             pos += n
         self.stats["rx_frames"] += 1
-        self.stats["rx_bytes"] += max(len(frame) - VNET_HDR_LEN, 0)
+        self.stats["rx_bytes"] += len(frame) - VNET_HDR_LEN
         return True
 
 

@@ -954,9 +954,6 @@ def doctor(kvm_path: str) -> None:
     out.print(f"[bold]KVM[/bold]: {kvm_path}, API version {rep.api_version}")
     out.print(f"[bold]virtualization[/bold]: {virt}")
     out.print(f"[bold]vCPUs[/bold]: up to {rep.max_vcpus} ({rep.recommended_vcpus} recommended)")
-    from corral.devices.virtio import fastpath
-
-    out.print(f"[bold]virtqueue data path[/bold]: {fastpath.describe()}")
     from corral.boot import firmware  # where --firmware seabios / ovmf take their files from
 
     for name in ("seabios", "ovmf"):

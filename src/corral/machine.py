@@ -398,7 +398,7 @@ class Machine:
         """Track the pages the guest writes (KVM's log) and those the VMM writes (device DMA)."""
         assert self.vm is not None and self.memory is not None
         self.vm.start_dirty_log()
-        self.memory.track_vmm_writes()
+        self.memory.vmm_dirty = set()
 
     def read_dirty_log(self, *, with_vmm_writes: bool = False) -> set[int]:
         """Backing offsets of the pages written since the last read; the VMM's own writes since

@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -106,11 +105,6 @@ class GuestMemory:
         # during migration: the backing offsets of pages the VMM itself may have written (device
         # DMA); KVM's dirty log sees only the guest's own writes
         self.vmm_dirty: set[int] | None = None
-        # held while compiled code (devices/virtio/fastpath.py) reads and writes RAM by host
-        # address, past these accessors: tracking starts and the mapping goes only between
-        # such calls, so none writes a page unrecorded or touches an unmapped one
-        self.direct_access = threading.Lock()
-        self._closed = False
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         self.slots: list[MemorySlot] = []
         offset = 0
@@ -253,21 +247,9 @@ class GuestMemory:
             raise GuestMemoryError(f"RAM offset {offset:#x}+{length:#x} is outside {self.size:#x}")
         return self._view[offset : offset + length]
 
-    def track_vmm_writes(self) -> None:
-        """Record the pages the VMM itself writes from now on (live migration: `vmm_dirty`),
-        once no compiled drain is in flight."""
-        with self.direct_access:
-            self.vmm_dirty = set()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def close(self) -> None:
-        with self.direct_access:
-            if self._closed:
-                return
-            self._closed = True
+        if self._map.closed:
+            return
         self._view16.release()
         self._view.release()
         try:

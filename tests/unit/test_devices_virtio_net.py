@@ -16,7 +16,6 @@ from support.virtio_driver import Driver
 
 from corral.backends.tap import Tap
 from corral.config import NetConfig
-from corral.devices.virtio import fastpath
 from corral.devices.virtio.base import F_EVENT_IDX
 from corral.devices.virtio.net import F_MRG_RXBUF, RX_BATCH, VirtioNet
 from corral.errors import ConfigError, HostError
@@ -164,12 +163,9 @@ def _frames_in(d: Driver, bufs, done) -> list[bytes]:
 
 
 @pytest.mark.parametrize("event_idx", [True, False])
-def test_a_burst_of_frames_is_received_with_one_publish_and_one_interrupt(net, event_idx, monkeypatch):
+def test_a_burst_of_frames_is_received_with_one_publish_and_one_interrupt(net, event_idx):
     """N frames waiting on the tap and buffers for them: one wake-up delivers all N, in order,
-    straight into the guest's buffers, behind one used-index store and one interrupt. (Stores
-    are counted through GuestMemory.store_u16, which only the Python path calls: the compiled
-    one is held to the Python path by test_fastring.py.)"""
-    monkeypatch.setattr(fastpath, "ENABLED", False)
+    straight into the guest's buffers, behind one used-index store and one interrupt."""
     d, loop, sock, dev = net
     d.setup(features=None if event_idx else ~F_EVENT_IDX & (1 << 64) - 1, queue_size=128)
     assert bool(d.features & F_EVENT_IDX) == event_idx

@@ -8,9 +8,6 @@ the queue and not nested, writable buffers may not precede readable ones, and ev
 lie in RAM. So one chain costs at most `size` steps however the guest builds it. A chain that
 breaks a rule raises `VirtqueueError`; the device answers that request with an error or, where
 the spec wants it, marks itself NEEDS_RESET. The VMM never fails.
-
-This file is the reference; `fastpath` (C, optional) walks chains by the same rules with the
-same messages when it is built and on, and the same hypothesis tests hold both to them.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from typing import TYPE_CHECKING, Annotated, ClassVar
 from pydantic import Field
 
 from corral.devices.base import U64, DeviceState
-from corral.devices.virtio import fastpath
 
 if TYPE_CHECKING:
     from corral.memory import GuestMemory
@@ -113,7 +109,6 @@ class Virtqueue:
         ):
             if addr % align or not memory.contains(addr, length):
                 raise VirtqueueError(f"queue {index}: {what} at {addr:#x} is not aligned RAM")
-        self.regions = fastpath.regions(memory)  # guest RAM as the compiled path takes it
 
     # -- driver -> device ------------------------------------------------------------------------
     def _avail_idx(self) -> int:
@@ -156,20 +151,10 @@ class Virtqueue:
         Raises VirtqueueError as `pop` does; `out` then holds the requests taken before it."""
         if not self.ready:
             return
-        fast = fastpath.usable(self.memory)
         while limit > 0:
             pending = min(self._pending(), limit)
             if not pending:
                 return
-            if fast:
-                chains, error = fastpath.take(self, pending)
-                out.extend([DescriptorChain(head, r, w) for head, r, w in chains])
-                if self.event_idx:
-                    self._publish_avail_event()
-                if error:
-                    raise VirtqueueError(error)
-                limit -= pending
-                continue
             ring = self.memory.view(self.avail + 4, 2 * self.size)
             table = self.memory.view(self.desc, DESC_SIZE * self.size)
             try:

@@ -89,7 +89,7 @@ def test_failed_migrations_leave_the_vm_running_where_it_was(pair, tmp_path):
     a, b = pair
     port = b.port
     a.create("stay", CMD)
-    b.create("stay", "hello")  # the id is taken there
+    b.create("stay", "halt")  # the id is taken there (halt: stays up, costs no CPU)
     a.wait_rounds("stay", 2)
 
     def refused(body: dict, why: str) -> None:

@@ -79,7 +79,7 @@ def ratio(a: list[float], b: list[float], higher_is_better: bool = True) -> str:
     return f"{(ma / mb if higher_is_better else mb / ma):.2f}x"
 
 
-def host_line(rounds: int, cpus: str | None) -> str:
+def host_line(rounds: int, cpus: str | None, what: str = "corral and QEMU interleaved round by round") -> str:
     pvm = os.path.isdir("/sys/module/kvm_pvm")
     try:
         load = f", load average {os.getloadavg()[0]:.1f} at the start"
@@ -87,8 +87,8 @@ def host_line(rounds: int, cpus: str | None) -> str:
         load = ""
     return (
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {platform.node() or 'this host'} ({os.cpu_count()} CPUs, "
-        f"kernel {platform.release()}, /dev/kvm {'PVM' if pvm else 'hardware'}{load}); corral and QEMU "
-        f"interleaved round by round, {rounds} rounds, "
+        f"kernel {platform.release()}, /dev/kvm {'PVM' if pvm else 'hardware'}{load}); {what}, "
+        f"{rounds} rounds, "
         f"{'every VMM pinned to CPUs ' + cpus if cpus else 'no pinning'}: "
         "median (min-max)."
     )

@@ -112,6 +112,8 @@ int scenario_smp(int argc, char **argv);
 int scenario_timer(int argc, char **argv);
 int scenario_blk_check(int argc, char **argv);
 int scenario_blk_bench(int argc, char **argv);
+int scenario_blk_evidx(int argc, char **argv);
+int scenario_net_evidx(int argc, char **argv);
 int scenario_net_bench(int argc, char **argv);
 int scenario_net_rx_bench(int argc, char **argv);
 int scenario_gdb(int argc, char **argv);
@@ -122,6 +124,34 @@ int madt_isa_irq(int irq, u32 *gsi, u64 *ioapic);
 int bench_start_aps(int kind, u64 n);
 void bench_go_and_wait(void);
 void __attribute__((noreturn)) ap_bench_main(u64 index);
+
+/* virtio.c: modern virtio-pci devices from ring 3, polled (rings of at most QSIZE entries) */
+#define QSIZE 128
+#define DESC_NEXT 1
+#define DESC_WRITE 2
+#define BUF_BASE (32ul << 20)   /* request buffers: 32 MiB up (needs 64 MiB of RAM) */
+struct vq_desc { u64 addr; u32 len; u16 flags, next; };
+struct vq_used_elem { u32 id, len; };
+struct vq {
+    struct vq_desc desc[QSIZE] __attribute__((aligned(4096)));
+    struct { u16 flags, idx, ring[QSIZE], used_event; } avail __attribute__((aligned(4096)));
+    struct { u16 flags, idx; struct vq_used_elem ring[QSIZE]; u16 avail_event; } used
+        __attribute__((aligned(4096)));
+    u64 notify;
+    u16 size, avail_idx, used_seen;
+};
+int virtio_open(u16 pci_id, const char *name, u32 features);
+void virtio_queue(struct vq *vq, u16 index);
+void virtio_go(void);
+u64 virtio_devcfg(void);
+void vq_post(struct vq *vq, u16 head);
+void vq_kick(struct vq *vq);
+int vq_has_used(struct vq *vq);
+u32 vq_next(struct vq *vq, u32 *len);
+
+/* vsock.c */
+int scenario_vsock_tx_bench(int argc, char **argv);
+int scenario_vsock_rx_bench(int argc, char **argv);
 
 /* fwcfg.c */
 int scenario_fwcfg(int argc, char **argv);

@@ -33,12 +33,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pydantic import Field
-
 from corral.devices.base import DeviceState
 from corral.devices.virtio.base import VIRTIO_ID_VSOCK, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import VirtqueueError
 from corral.errors import ConfigError
+from corral.lazymodel import Field
 
 if TYPE_CHECKING:
     from corral.devices.virtio.queue import DescriptorChain, Virtqueue
@@ -431,14 +430,7 @@ class VirtioVsock(VirtioDevice[VsockState]):
             self._send(conn, OP_CREDIT_UPDATE)
         elif op == OP_SHUTDOWN:
             conn.guest_shut |= flags
-            if flags & SHUTDOWN_SEND and not conn.to_host:
-                try:
-                    conn.sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-            if conn.guest_shut == SHUTDOWN_RCV | SHUTDOWN_SEND or conn.host_eof:
-                self._send(conn, OP_RST)
-                self._drop(key)
+            self._after_guest_shutdown(conn)
         elif op == OP_RST:
             self._drop(key)
         elif op == OP_CREDIT_UPDATE:
@@ -454,12 +446,25 @@ class VirtioVsock(VirtioDevice[VsockState]):
             return
         self.loop.remove_writer(conn.sock.fileno())
         self._flush_to_host(conn)
-        if key in self.conns and not conn.to_host and conn.guest_shut & SHUTDOWN_SEND:
+        if key in self.conns and conn.guest_shut:
+            self._after_guest_shutdown(conn)
+        self._pump()
+
+    def _after_guest_shutdown(self, conn: _Conn) -> None:
+        """Once every byte the guest sent before its SHUTDOWN is in the host socket: pass a SEND
+        shutdown on, and end a stream neither side will use again with the RST that completes a
+        clean disconnect. Never before: those bytes were sent within credit (a Linux guest's
+        close() sends its last write and a full SHUTDOWN together) and must reach the host."""
+        if conn.to_host:
+            return  # _host_writable calls again once the host has taken them
+        if conn.guest_shut & SHUTDOWN_SEND:
             try:
                 conn.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-        self._pump()
+        if conn.guest_shut == SHUTDOWN_RCV | SHUTDOWN_SEND or conn.host_eof:
+            self._send(conn, OP_RST)
+            self._drop((conn.host_port, conn.guest_port))
 
     def _accept_from_guest(self, host_port: int, guest_port: int, buf_alloc: int, fwd_cnt: int) -> None:
         refuse = (self.guest_cid, HOST_CID, guest_port, host_port)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -105,6 +106,12 @@ class GuestMemory:
         # during migration: the backing offsets of pages the VMM itself may have written (device
         # DMA); KVM's dirty log sees only the guest's own writes
         self.vmm_dirty: set[int] | None = None
+        # held while compiled code (devices/virtio/fastpath.py) reads and writes RAM by host
+        # address, past these accessors: tracking starts and the mapping goes only between
+        # such calls, so none writes a page unrecorded or touches an unmapped one
+        self.direct_access = threading.Lock()
+        self._fence = threading.Lock()  # `fence` only: never held, never contended
+        self._closed = False
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         self.slots: list[MemorySlot] = []
         offset = 0
@@ -165,6 +172,18 @@ class GuestMemory:
         if self.vmm_dirty is not None:
             self.vmm_dirty.add(off >> 12)
         self._view16[off >> 1] = value
+
+    def fence(self) -> None:
+        """A full memory barrier between publishing a ring index and reading the driver's.
+        x86 lets a load pass an earlier store: the device would read a stale avail idx (or
+        used_event) while the driver, after its own barrier, reads the device's stale avail
+        event (or used idx); then neither side kicks, and the queue stalls for good (the
+        virtio spec's 2.7.10 and Linux's virtio_mb pair with this). Python has no fence of
+        its own: taking and releasing a lock is a locked read-modify-write on x86 (glibc's
+        semaphore under CPython's Lock), which orders every earlier store before every later
+        load."""
+        self._fence.acquire()
+        self._fence.release()
 
     def read_u32(self, gpa: int) -> int:
         return int.from_bytes(self.view(gpa, 4), "little")
@@ -247,9 +266,21 @@ class GuestMemory:
             raise GuestMemoryError(f"RAM offset {offset:#x}+{length:#x} is outside {self.size:#x}")
         return self._view[offset : offset + length]
 
+    def track_vmm_writes(self) -> None:
+        """Record the pages the VMM itself writes from now on (live migration: `vmm_dirty`),
+        once no compiled drain is in flight."""
+        with self.direct_access:
+            self.vmm_dirty = set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
-        if self._map.closed:
-            return
+        with self.direct_access:
+            if self._closed:
+                return
+            self._closed = True
         self._view16.release()
         self._view.release()
         try:

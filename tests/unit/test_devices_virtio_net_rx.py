@@ -7,7 +7,6 @@ from a real socket pair standing in for the tap (one datagram per frame, as a ta
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 
@@ -101,12 +100,21 @@ def _reference(q: Virtqueue, frames: list[bytes], mergeable: bool) -> tuple[bool
     return False, delivered, dropped, None
 
 
-# mostly sane (so batches of several frames happen), sometimes hostile
+# mostly sane (so batches of several frames happen), sometimes hostile. Buffers and indirect
+# tables never share RAM: a frame the device reads into a buffer that is also a table rewrites
+# the table, which the one-at-a-time reference cannot model (the outcome then hangs on the
+# frame's bytes)
 descriptor = st.tuples(
     st.sampled_from([BUFS] * 4 + [BUFS + 0x10000, BUFS + 0x20000] * 2 + [16 * MiB - 8, 1 << 40, TABLE]),
     st.sampled_from([0, 8, 12, 64, 256, 2048, 2048, 9100, 9100]),
     st.sampled_from([2] * 8 + [3, 3, 0, 1, 4, 6, 7]),  # WRITE; NEXT, readable, INDIRECT
     st.integers(0, 2 * SIZE),  # next: in range or not
+).map(
+    lambda d: (
+        d
+        if bool(d[2] & 4) == (d[0] == TABLE) or d[0] > 16 * MiB - 16
+        else (TABLE if d[2] & 4 else BUFS, *d[1:])
+    )
 )
 head = st.sampled_from(list(range(SIZE)) * 4 + [SIZE, SIZE + 3])
 
@@ -135,7 +143,7 @@ head = st.sampled_from(list(range(SIZE)) * 4 + [SIZE, SIZE + 3])
 def test_batched_receive_agrees_with_one_buffer_at_a_time(
     table, indirect, heads, bogus_idx, sizes, mergeable, event_idx
 ):
-    frames = [bytes(VNET_HDR_LEN) + os.urandom(n) for n in sizes]
+    frames = [bytes(VNET_HDR_LEN) + bytes((7 * i + k) & 0xFF for k in range(n)) for i, n in enumerate(sizes)]
     avail_idx = len(heads) if bogus_idx is None else bogus_idx
     mem, ref_mem = GuestMemory(16 * MiB), GuestMemory(16 * MiB)
     ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

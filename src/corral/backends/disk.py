@@ -102,6 +102,12 @@ class RawImage:
         self.read_only = read_only
         self.size = image_size(fd)
 
+    @property
+    def direct_fd(self) -> int:
+        """The fd whose byte offsets are the disk's (-1 once closed): virtio-blk's compiled
+        path reads and writes it directly. An overlay has none."""
+        return self.fd
+
     def readv(self, views: list[memoryview], offset: int) -> int:
         return os.preadv(self.fd, views, offset) if views else 0
 

@@ -6,10 +6,11 @@ per-packet work in Python beyond moving bytes: a transmitted frame leaves with o
 straight from guest RAM, a received one is read with one `readv` straight into the guest's
 buffer. Both directions work in batches: every frame the tap has ready (up to RX_BATCH per
 wake-up, so a flood cannot hold the loop) or the driver posted, completed with one used-index
-store and at most one interrupt. The tap's fd sits on the VM's event loop while the guest has
-receive buffers; when it runs out, the fd is parked until the guest refills the queue
-(otherwise a level-triggered epoll would spin), and a frame that did not fit waits in
-`_pending` rather than being dropped.
+store and at most one interrupt (transmit without a filter, and receive of frames that fit the
+next chain, run in C when the compiled path is there: fastpath.py). The tap's fd sits on the
+VM's event loop while the guest has receive buffers; when it runs out, the fd is parked until
+the guest refills the queue (otherwise a level-triggered epoll would spin), and a frame that
+did not fit waits in `_pending` rather than being dropped.
 
 A frame filter handed in at construction (devices/mmds: MmdsStack, for an interface MMDS is
 served on) sees each transmitted frame first and may keep it from the tap; the frames it has for
@@ -25,6 +26,7 @@ import struct
 from typing import TYPE_CHECKING, Protocol
 
 from corral.devices.base import NoState
+from corral.devices.virtio import fastpath
 from corral.devices.virtio.base import VIRTIO_ID_NET, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import VirtqueueError
 
@@ -168,10 +170,28 @@ class VirtioNet(VirtioDevice[NoState]):
     def _transmit(self) -> None:
         if self.tx is None or self.interrupt is None:
             return
+        if self.filter is None and self._transmit_compiled(self.tx, self.interrupt):
+            return
         self.serve(self.tx, self.interrupt, self._send_one)
         if self._filtered:
             self._filtered = False
             self._receive()
+
+    def _transmit_compiled(self, tx: Virtqueue, interrupt: VirtioInterrupt) -> bool:
+        """`serve` with `_send_one`, done in C (fastpath.py): the same frames, counters,
+        completions and interrupt. False when it could not run (memory tracked or closed)."""
+        done = fastpath.net_tx(tx, self.tap.fd)
+        if done is None:
+            return False
+        self.stats["tx_frames"] += done.served
+        self.stats["tx_bytes"] += done.bytes_out
+        self.stats["tx_dropped"] += done.failed
+        if done.error:
+            self.fail(done.error)
+            interrupt.signal_config()
+        elif tx.needs_interrupt():
+            interrupt.signal_queue(tx.index)
+        return True
 
     def _send_one(self, chain: DescriptorChain) -> int:
         assert self.tx is not None
@@ -214,10 +234,13 @@ class VirtioNet(VirtioDevice[NoState]):
         if rx is None or interrupt is None or self.broken:
             self._stop_reading()  # a tap left readable and unread would spin the loop
             return
+        batch = fast = 0
+        if self.filter is None and self._pending is None:
+            batch, fast = self._receive_compiled(rx)
         bufs = _RxBuffers(rx)
         done: list[tuple[int, int]] = []
         parked = False
-        for _ in range(RX_BATCH):
+        for _ in range(batch, RX_BATCH):
             frame = self._pending
             if frame is None and self.filter is not None:
                 own = self.filter.next_frame()
@@ -252,8 +275,25 @@ class VirtioNet(VirtioDevice[NoState]):
             self._stop_reading()
         else:
             self._start_reading()
-        if done and rx.needs_interrupt():
+        if (done or fast) and rx.needs_interrupt():
             interrupt.signal_queue(RXQ)
+
+    def _receive_compiled(self, rx: Virtqueue) -> tuple[int, int]:
+        """The common case of `_receive` in C (fastpath.py): frames that fit the next chain,
+        read straight into it. Returns the frames of the batch it used up (a spilled one
+        included: it waits in `_pending`, read from its chain and the bounce buffer) and those
+        it delivered; the Python loop serves the rest of the batch."""
+        got = fastpath.net_rx(rx, self.tap.fd, self._bounce, RX_BATCH)
+        if got is None:
+            return 0, 0
+        self.stats["rx_frames"] += got.frames
+        self.stats["rx_bytes"] += got.bytes
+        if got.status == fastpath.RX_DRAINED:
+            return RX_BATCH, got.frames  # the tap is empty: nothing left for the loop
+        if got.status == fastpath.RX_SPILL:  # whole in the bounce buffer; its chain is still next
+            self._pending = bytes(self._bounce[: got.spilled])  # (never walked again: the guest
+            return got.frames, got.frames  # may have changed it since)
+        return got.frames, got.frames
 
     def _read_frame(self) -> bytes | None:
         """The tap's next frame through the bounce buffer; None when it has none."""
@@ -287,7 +327,7 @@ class VirtioNet(VirtioDevice[NoState]):
         rx.write_all(chain, _ONE_BUFFER, skip=10)  # num_buffers
         done.append((chain.head, n))
         self.stats["rx_frames"] += 1
-        self.stats["rx_bytes"] += n - VNET_HDR_LEN
+        self.stats["rx_bytes"] += max(n - VNET_HDR_LEN, 0)  # a read shorter than a header: none
         return True
 
     def _place(self, rx: Virtqueue, bufs: _RxBuffers, frame: bytes, done: list[tuple[int, int]]) -> bool:
@@ -317,7 +357,7 @@ class VirtioNet(VirtioDevice[NoState]):
             done.append((c.head, n))
             pos += n
         self.stats["rx_frames"] += 1
-        self.stats["rx_bytes"] += len(frame) - VNET_HDR_LEN
+        self.stats["rx_bytes"] += max(len(frame) - VNET_HDR_LEN, 0)
         return True
 
 

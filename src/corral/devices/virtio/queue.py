@@ -8,6 +8,9 @@ the queue and not nested, writable buffers may not precede readable ones, and ev
 lie in RAM. So one chain costs at most `size` steps however the guest builds it. A chain that
 breaks a rule raises `VirtqueueError`; the device answers that request with an error or, where
 the spec wants it, marks itself NEEDS_RESET. The VMM never fails.
+
+This file is the reference; `fastpath` (C, optional) walks chains by the same rules with the
+same messages when it is built and on, and the same hypothesis tests hold both to them.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, ClassVar
 
-from pydantic import Field
-
 from corral.devices.base import U64, DeviceState
+from corral.devices.virtio import fastpath
+from corral.lazymodel import Field
 
 if TYPE_CHECKING:
     from corral.memory import GuestMemory
@@ -109,6 +112,7 @@ class Virtqueue:
         ):
             if addr % align or not memory.contains(addr, length):
                 raise VirtqueueError(f"queue {index}: {what} at {addr:#x} is not aligned RAM")
+        self.regions = fastpath.regions(memory)  # guest RAM as the compiled path takes it
 
     # -- driver -> device ------------------------------------------------------------------------
     def _avail_idx(self) -> int:
@@ -151,10 +155,20 @@ class Virtqueue:
         Raises VirtqueueError as `pop` does; `out` then holds the requests taken before it."""
         if not self.ready:
             return
+        fast = fastpath.usable(self.memory)
         while limit > 0:
             pending = min(self._pending(), limit)
             if not pending:
                 return
+            if fast:
+                chains, error = fastpath.take(self, pending)
+                out.extend([DescriptorChain(head, r, w) for head, r, w in chains])
+                if self.event_idx:
+                    self._publish_avail_event()
+                if error:
+                    raise VirtqueueError(error)
+                limit -= pending
+                continue
             ring = self.memory.view(self.avail + 4, 2 * self.size)
             table = self.memory.view(self.desc, DESC_SIZE * self.size)
             try:
@@ -263,6 +277,7 @@ class Virtqueue:
     def needs_interrupt(self) -> bool:
         """After pushing a batch: must the driver be interrupted? (EVENT_IDX or NO_INTERRUPT)"""
         mem = self.memory
+        mem.fence()  # the used idx just published, before used_event is read
         old, new = self._signalled_used, self.used_idx
         if self.event_idx:
             used_event = U16.unpack(mem.view(self.avail + 4 + 2 * self.size, 2))[0]
@@ -275,7 +290,9 @@ class Virtqueue:
         return fire
 
     def _publish_avail_event(self) -> None:
+        """Where the driver must kick next; fenced, for the caller reads the avail idx next."""
         self.memory.store_u16(self.used + 4 + 8 * self.size, self.last_avail)
+        self.memory.fence()
 
     # -- buffer helpers -------------------------------------------------------------------------
     def read_all(self, chain: DescriptorChain, limit: int | None = None) -> bytes:

@@ -10,6 +10,7 @@ the command channel) as an extra section.
 
 from __future__ import annotations
 
+import compileall
 import os
 import shutil
 import sys
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.labhost import LabHost
+from support.labhost import REPO, LabHost
 
 LAB_KEY = pytest.StashKey[LabHost]()
 LAB_NEW_KEY = pytest.StashKey[LabHost]()
@@ -103,7 +104,17 @@ def boot32_build():
 
 
 @pytest.fixture(scope="session")
-def lab(request, probe_build, debian_build, debian_rootfs, boot32_build):
+def compiled_checkout():
+    """corral's bytecode, written on the host before a lab boots. The lab mounts the checkout
+    read-only and runs with PYTHONDONTWRITEBYTECODE, so without it every corral command there
+    compiles ~120 modules from source under TCG: 20-40 s for a `corral balloon` client, past
+    the lab tests' 30 s timeouts. (Whether earlier tests had left the bytecode behind decided
+    test_lab_devices' outcome.)"""
+    compileall.compile_dir(REPO / "src" / "corral", quiet=1)
+
+
+@pytest.fixture(scope="session")
+def lab(request, compiled_checkout, probe_build, debian_build, debian_rootfs, boot32_build):
     """The booted lab host, shared by every lab test of the session."""
     from support.labhost import ensure_lab_images
 
@@ -128,7 +139,7 @@ def lab(request, probe_build, debian_build, debian_rootfs, boot32_build):
 
 
 @pytest.fixture(scope="session")
-def lab_new(request, debian_build):
+def lab_new(request, compiled_checkout, debian_build):
     """A second lab host on a newer QEMU (bookworm-backports', fetched into corral's cache by
     tests/support/lab_qemu.py), for what bookworm's QEMU 7.2 cannot emulate: hardware breakpoints
     in a nested guest. Boots only in sessions that run such a test; the others keep `lab`."""

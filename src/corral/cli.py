@@ -27,7 +27,6 @@ from corral.startup import no_pydantic_plugins
 
 no_pydantic_plugins()  # before pydantic is imported (below, and by corral.config)
 # isort: on
-from pydantic import ValidationError
 
 from corral.config import (
     DEBUG_EXIT,
@@ -48,6 +47,7 @@ from corral.config import (
 from corral.console import TerminalConsole
 from corral.errors import ConfigError, CorralError, FieldError, HostError
 from corral.host import PVM_EXPLANATION, HostReport, probe_host
+from corral.lazymodel import validation_error
 from corral.machine import Machine
 from corral.seccomp import enter as enter_seccomp
 from corral.vstate.vm import CAPABILITIES
@@ -615,7 +615,7 @@ def _grant(
             vsock=VsockConfig.parse(vsock) if vsock else None,
             virtio_console=virtio_console,
         )
-    except ValidationError as exc:
+    except validation_error() as exc:
         raise field_error(exc) from None
 
 
@@ -954,6 +954,9 @@ def doctor(kvm_path: str) -> None:
     out.print(f"[bold]KVM[/bold]: {kvm_path}, API version {rep.api_version}")
     out.print(f"[bold]virtualization[/bold]: {virt}")
     out.print(f"[bold]vCPUs[/bold]: up to {rep.max_vcpus} ({rep.recommended_vcpus} recommended)")
+    from corral.devices.virtio import fastpath
+
+    out.print(f"[bold]virtqueue data path[/bold]: {fastpath.describe()}")
     from corral.boot import firmware  # where --firmware seabios / ovmf take their files from
 
     for name in ("seabios", "ovmf"):

@@ -12,15 +12,17 @@ import ipaddress
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import TYPE_CHECKING, TypeVar
 
 from corral.arch.x86 import layout
 from corral.arch.x86.cpuid import HIDEABLE
 from corral.backends.tap import check_tap_name, format_mac, parse_mac
 from corral.errors import ConfigError, FieldError
+from corral.lazymodel import BaseModel, ConfigDict, Field, field_validator, quick_init, validation_error
 from corral.options import FLAG, OPTIONAL, VALUE, OptionSyntax
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 MAX_CPUS = 254  # xAPIC ids in the MADT; the IOAPIC takes the next id
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -97,6 +99,7 @@ def _printable(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+@quick_init
 class DiskConfig(BaseModel):
     """A virtio-blk disk backed by a raw image file."""
 
@@ -123,10 +126,11 @@ class DiskConfig(BaseModel):
                 serial=o.get("serial", ""),
                 overlay=o.get("overlay"),
             )
-        except ValidationError as exc:
+        except validation_error() as exc:
             raise field_error(exc, where) from None
 
 
+@quick_init
 class NetConfig(BaseModel):
     """A virtio-net NIC whose host end is a tap device."""
 
@@ -182,10 +186,11 @@ class NetConfig(BaseModel):
         o = NET.parse(spec, where)
         try:
             return cls(tap=o["tap"] or f"corral{index}", mac=o.get("mac", ""), host_ip=o.get("host-ip", ""))
-        except ValidationError as exc:
+        except validation_error() as exc:
             raise field_error(exc, where) from None
 
 
+@quick_init
 class ModuleConfig(BaseModel):
     """A Multiboot module: a file the boot loader puts in memory, with its own command line."""
 
@@ -210,10 +215,11 @@ class ModuleConfig(BaseModel):
         o = MODULE.parse(spec, where)
         try:
             return cls(path=o["path"], cmdline=o.get("cmdline", ""))
-        except ValidationError as exc:
+        except validation_error() as exc:
             raise field_error(exc, where) from None
 
 
+@quick_init
 class VsockConfig(BaseModel):
     """A virtio-vsock device; the host side is Unix sockets (Firecracker's scheme)."""
 
@@ -228,7 +234,7 @@ class VsockConfig(BaseModel):
         o = VSOCK.parse(spec)
         try:
             return cls(cid=o["cid"], uds_path=o["uds"])
-        except ValidationError as exc:
+        except validation_error() as exc:
             raise field_error(exc, VSOCK.field) from None
 
 
@@ -242,6 +248,7 @@ def _check_console_spec(v: str) -> str:
     return v
 
 
+@quick_init
 class MachineConfig(BaseModel):
     """Everything needed to build a machine. Paths are checked when the machine is built."""
 
@@ -384,10 +391,11 @@ class MachineConfig(BaseModel):
         """Validate `fields`; a FieldError names each bad field (`cpus`, `disks[0].serial`)."""
         try:
             return cls(**fields)
-        except ValidationError as exc:
+        except validation_error() as exc:
             raise field_error(exc) from None
 
 
+@quick_init
 class HostResources(BaseModel):
     """What a machine may use on this host when the rest of its config comes from elsewhere.
 

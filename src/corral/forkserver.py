@@ -3,10 +3,10 @@
 A `corral run` pays ~250 ms of interpreter start-up and imports before the guest's first
 instruction, and each VM process holds its own ~20 MiB copy of the interpreter's heap. A fork
 server pays both once: the template (`python -m corral.forkserver FD`) imports everything a VM
-needs (PRELOAD: the CLI, Firecracker's API, the machine, every device, the pydantic models built
-at import), runs `gc.collect(); gc.freeze()` so no collection in a child ever writes to the
-template's objects (which would copy their pages), starts no thread, and then forks one child per
-request. A child shares every page it leaves alone with the template and its siblings.
+needs (PRELOAD: the CLI, Firecracker's API, the machine, every device, every pydantic model
+built, corral.lazymodel's too), runs `gc.collect(); gc.freeze()` so no collection in a child ever
+writes to the template's objects (which would copy their pages), starts no thread, and then
+forks one child per request. A child shares every page it leaves alone with the template and its siblings.
 
 Requests come over a SOCK_SEQPACKET socketpair that only the process which started the template
 holds: one message per request (JSON, at most MAX_REQUEST bytes, with at most one fd for the
@@ -558,6 +558,10 @@ def _build_deferred_models() -> int:
     some (the devices' state models, CpuModel), and building them in each child wrote to
     ~4 MiB of the template's pages there. Returns how many were built."""
     from pydantic import BaseModel
+
+    from corral.lazymodel import build_all
+
+    build_all()  # corral's models are pydantic classes from their first use on: now
 
     seen: set[type] = set()
     todo: list[type[BaseModel]] = list(BaseModel.__subclasses__())

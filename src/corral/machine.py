@@ -19,9 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict
-from pydantic_core import SchemaValidator
-
 from corral.arch.x86 import acpi
 from corral.arch.x86.msr import wake_msrs
 from corral.boot.loader import BootInfo
@@ -34,6 +31,7 @@ from corral.devices.virtio.net import FrameFilter
 from corral.devices.virtio.pci import VirtioPciDevice
 from corral.errors import CorralError
 from corral.eventloop import EventLoop
+from corral.lazymodel import BaseModel, ConfigDict, real
 from corral.memory import GuestMemory
 from corral.state.model import CpuModel, MachineState
 from corral.state.snapshot import Snapshot, SnapshotError, SnapshotStats, read_snapshot, write_snapshot
@@ -72,15 +70,18 @@ class MachineStatus(BaseModel):
 
 def state_models(roots: Iterable[type[BaseModel]]) -> list[type[BaseModel]]:
     """`roots` and every pydantic model their fields hold, however nested (list[VcpuState],
-    dict[str, X], X | None...), each once."""
+    dict[str, X], X | None...), each once (lazy models as declared, walked as built)."""
+    import pydantic
+
     seen: list[type[BaseModel]] = []
     todo: list[object] = list(roots)
     while todo and len(seen) < 1000:
         t = todo.pop()
-        if isinstance(t, type) and issubclass(t, BaseModel):
+        built = real(t)
+        if isinstance(built, type) and issubclass(built, pydantic.BaseModel):
             if t not in seen:
-                seen.append(t)
-                todo += [f.annotation for f in t.model_fields.values()]
+                seen.append(t)  # type: ignore[arg-type]
+                todo += [f.annotation for f in built.model_fields.values()]
         else:
             todo += get_args(t)
     return seen
@@ -398,7 +399,7 @@ class Machine:
         """Track the pages the guest writes (KVM's log) and those the VMM writes (device DMA)."""
         assert self.vm is not None and self.memory is not None
         self.vm.start_dirty_log()
-        self.memory.vmm_dirty = set()
+        self.memory.track_vmm_writes()
 
     def read_dirty_log(self, *, with_vmm_writes: bool = False) -> set[int]:
         """Backing offsets of the pages written since the last read; the VMM's own writes since
@@ -480,6 +481,8 @@ class Machine:
         roots: list[type[BaseModel]] = [MachineState]
         if self.board is not None:
             roots += [dev.state_model for dev in self.board.components().values()]
+        from pydantic_core import SchemaValidator
+
         for model in state_models(roots):
             if not isinstance(model.__pydantic_validator__, SchemaValidator):
                 model.model_rebuild(force=True)

@@ -25,7 +25,9 @@ def test_the_cli_loads_neither_the_plugin_scan_nor_rich_nor_pyroute2() -> None:
 
 def test_a_library_import_keeps_pydantics_plugin_loader() -> None:
     out = _run(
-        "import sys, corral.machine\nprint(getattr(sys.modules['pydantic.plugin._loader'], '__file__', None))"
+        "import sys, corral.machine\n"
+        "corral.machine.MachineConfig.model_validate({})\n"  # (a first validator: pydantic is in now)
+        "print(getattr(sys.modules['pydantic.plugin._loader'], '__file__', None))"
     )
     assert out.endswith("_loader.py")
 
@@ -35,7 +37,8 @@ def test_the_users_own_plugin_setting_is_left_alone() -> None:
         [
             sys.executable,
             "-c",
-            "import sys, corral.cli\nprint(hasattr(sys.modules['pydantic.plugin._loader'], '__file__'))",
+            "import sys, corral.cli\ncorral.cli.MachineConfig.model_validate({})\n"
+            "print(hasattr(sys.modules['pydantic.plugin._loader'], '__file__'))",
         ],
         capture_output=True,
         text=True,

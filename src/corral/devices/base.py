@@ -15,11 +15,13 @@ bounds integers to their register widths; data that does not fit raises one `Sta
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Any, Protocol, Self, TypeVar, runtime_checkable
-
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, Self, TypeVar, runtime_checkable
 
 from corral.errors import CorralError
+from corral.lazymodel import BaseModel, ConfigDict, Field, lazy_metadata, quick_init
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 def _bytes_in(value: object) -> bytes:
@@ -30,13 +32,19 @@ def _bytes_in(value: object) -> bytes:
     raise ValueError("expected bytes or a base64 string")
 
 
+def _bytes_codec() -> tuple[object, ...]:
+    from pydantic import PlainSerializer, PlainValidator
+
+    return (
+        PlainValidator(_bytes_in),
+        PlainSerializer(lambda b: base64.b64encode(b).decode(), return_type=str, when_used="json"),
+    )
+
+
 # Raw bytes in a state model: bytes in Python, base64 in JSON, and either accepted on the way
-# in (pydantic's Base64Bytes would also base64-decode bytes handed over from Python).
-StateBytes = Annotated[
-    bytes,
-    PlainValidator(_bytes_in),
-    PlainSerializer(lambda b: base64.b64encode(b).decode(), return_type=str, when_used="json"),
-]
+# in (pydantic's Base64Bytes would also base64-decode bytes handed over from Python). Its
+# validator is pydantic's, made when a state model is first built (corral.lazymodel).
+StateBytes = Annotated[bytes, lazy_metadata(_bytes_codec)]
 
 
 class IrqLine(Protocol):
@@ -86,18 +94,22 @@ def _describe(model: type[BaseModel], exc: ValidationError) -> str:
     )
 
 
+@quick_init  # devices start from their model's defaults at every launch: no pydantic for that
 class DeviceState(BaseModel):
     """Base for each component's plain state; snapshot and migration serialize these.
 
     Unknown fields are refused (a damaged or foreign snapshot is not half-loaded), and a
-    validation failure is one `StateError` line, not a pydantic report. The validator is built
-    on first use (`defer_build`): a launch never saves or loads state, so it does not pay for
-    the schemas of every device it might."""
+    validation failure is one `StateError` line, not a pydantic report. Each state model is a
+    lazy model (corral.lazymodel): its class becomes pydantic's on first use and its validator
+    is built on first validation (`defer_build`): a launch never saves or loads state, so it
+    neither imports pydantic for them nor pays for the schemas of every device it might."""
 
     model_config = ConfigDict(extra="forbid", defer_build=True)
 
     @classmethod
     def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
+        from pydantic import ValidationError
+
         try:
             return super().model_validate(obj, *args, **kwargs)
         except ValidationError as exc:
@@ -105,6 +117,8 @@ class DeviceState(BaseModel):
 
     @classmethod
     def model_validate_json(cls, json_data: str | bytes | bytearray, *args: Any, **kwargs: Any) -> Self:
+        from pydantic import ValidationError
+
         try:
             return super().model_validate_json(json_data, *args, **kwargs)
         except ValidationError as exc:

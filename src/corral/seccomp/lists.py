@@ -222,6 +222,7 @@ GDB = Policy(
     syscalls=PYTHON
     | SNAPSHOT_FILES
     | {
+        "read",  # `monitor snapshot` validates state models: pydantic loads its parts on first use
         "accept4",
         "getsockopt",  # SO_PEERCRED: who connects to a unix-socket stub
         "recvfrom",

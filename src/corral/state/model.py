@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import struct
 
-from pydantic import BaseModel, ConfigDict
-
 from corral.kvm.structs import KvmCpuidEntry2
+from corral.lazymodel import BaseModel, ConfigDict, quick_init
 from corral.vstate.kvm_state import VcpuState, VmKvmState
 
 
+@quick_init  # made at every launch (compared at restore): no pydantic for that
 class CpuModel(BaseModel):
     """Enough of the host CPU to refuse a restore that would show the guest another CPU."""
 

@@ -34,12 +34,11 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
 from corral._version import __version__
 from corral.config import MachineConfig
 from corral.errors import CorralError
 from corral.files import Refused, open_checked
+from corral.lazymodel import BaseModel, ConfigDict
 from corral.memory import GuestMemory
 from corral.state.model import CpuModel, MachineState
 
@@ -208,6 +207,8 @@ def read_snapshot(
             f"{raw.get('format_version')}); this is corral {__version__} (format "
             f"{FORMAT_VERSION}): restore it with the corral that wrote it"
         )
+    from pydantic import ValidationError  # (loading a snapshot: pydantic is needed now anyway)
+
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:

@@ -12,11 +12,10 @@ import ctypes as C
 import logging
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from corral.devices.base import StateBytes
 from corral.kvm import KvmError, VcpuFd, VmFd
 from corral.kvm import structs as S
+from corral.lazymodel import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,10 @@ import time
 from collections.abc import Callable
 from typing import ClassVar
 
-from pydantic import Field
-
 from corral.arch.x86 import layout
 from corral.devices.base import U32, DeviceState, IrqLine, VmControl
 from corral.devices.legacy._common import Word
+from corral.lazymodel import Field
 
 PM_TIMER_HZ = 3_579_545
 TIMER_MASK = 0xFFFFFF

@@ -42,13 +42,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from pydantic import Field
-
 from corral.arch.x86 import layout, smbios
 from corral.arch.x86.acpi_loader import firmware_acpi
 from corral.devices.base import U16, U32, DeviceState
 from corral.devices.legacy._common import ONES
 from corral.errors import CorralError
+from corral.lazymodel import Field
 
 if TYPE_CHECKING:
     from corral.memory import GuestMemory

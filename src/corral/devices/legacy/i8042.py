@@ -34,10 +34,9 @@ import threading
 from collections import deque
 from typing import ClassVar
 
-from pydantic import Field
-
 from corral.devices.base import DeviceState, IrqLine, VmControl
 from corral.devices.legacy._common import Byte, read_bytewise, write_bytewise
+from corral.lazymodel import Field
 
 DATA = 0
 CMD = 4

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field
-
 from corral.devices.base import U32, DeviceState
 from corral.devices.legacy._common import ONES
+from corral.lazymodel import Field
 
 
 class PostSinkState(DeviceState):

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field
-
 from corral.devices.base import DeviceState, VmControl
 from corral.devices.legacy._common import ONES, Byte
+from corral.lazymodel import Field
 
 RCR_SYS_RST = 0x02
 RCR_RST_CPU = 0x04

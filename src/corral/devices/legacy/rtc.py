@@ -39,11 +39,10 @@ import time
 from collections.abc import Callable
 from typing import ClassVar
 
-from pydantic import Field
-
 from corral.arch.x86 import layout
 from corral.devices.base import DeviceState, IrqLine
 from corral.devices.legacy._common import Byte, Word
+from corral.lazymodel import Field
 
 CMOS_SIZE = 128
 REG_SEC, REG_MIN, REG_HOUR, REG_DOW = 0x00, 0x02, 0x04, 0x06

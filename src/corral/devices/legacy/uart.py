@@ -50,10 +50,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import ClassVar
 
-from pydantic import Field
-
 from corral.devices.base import DeviceState, IrqLine
 from corral.devices.legacy._common import Byte, read_bytewise, write_bytewise
+from corral.lazymodel import Field
 
 # IER
 IER_ERBFI = 0x01  # received data available

@@ -15,11 +15,10 @@ import logging
 import threading
 from typing import Annotated, ClassVar, Protocol, runtime_checkable
 
-from pydantic import Field
-
 from corral.devices.base import U32, DeviceState, StateBytes, StateError
 from corral.devices.bus import BusConflictError, MmioBus
 from corral.devices.pci.config import PciConfig
+from corral.lazymodel import Field
 
 log = logging.getLogger(__name__)
 

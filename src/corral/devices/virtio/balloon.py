@@ -20,12 +20,11 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, Field
-
 from corral.devices.base import U32, DeviceState
 from corral.devices.virtio.base import VIRTIO_ID_BALLOON, VirtioDevice, VirtioInterrupt
 from corral.devices.virtio.queue import VirtqueueError
 from corral.errors import GuestMemoryError
+from corral.lazymodel import BaseModel, Field
 
 if TYPE_CHECKING:
     from corral.devices.virtio.queue import DescriptorChain, Virtqueue

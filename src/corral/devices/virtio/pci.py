@@ -17,8 +17,6 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from pydantic import Field
-
 from corral.devices.base import U8, U16, U32, U64, DeviceState, IrqLine, StateBytes, StateError
 from corral.devices.pci.config import CAP_ID_MSIX, CAP_ID_VENDOR, Bar, PciConfig
 from corral.devices.virtio.base import (
@@ -31,6 +29,7 @@ from corral.devices.virtio.base import (
     VirtioDevice,
 )
 from corral.devices.virtio.queue import QueueSize, Virtqueue, VirtqueueError, VirtqueueState
+from corral.lazymodel import Field
 
 if TYPE_CHECKING:
     from corral.eventloop import EventLoop

@@ -7,6 +7,7 @@ import os
 import select
 import socket
 import struct
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -273,6 +274,30 @@ def test_frame_waits_for_buffers_instead_of_being_lost(net):
     ((_head, n),) = d.used(0)
     assert payload in d.mem.read(buf[0], n)
     assert dev.tap.fd in loop.readers
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_a_tap_whose_reads_fail_is_parked_not_spun_on(net, compiled, monkeypatch, caplog):
+    """An interface deleted under the VM leaves a tap fd that polls readable for ever and fails
+    every read (EBADFD): left on the loop it would spin it at 100%. It is parked, each failed
+    read counted, and logged once; the guest's kicks try it again."""
+    if compiled and not fastpath.BUILT:
+        pytest.skip("the compiled path is not built")
+    monkeypatch.setattr(fastpath, "ENABLED", compiled)
+    d, loop, _, dev = net
+    d.setup()
+    d.submit(0, [(d.alloc(2048), True)])
+    assert dev.tap.fd in loop.readers
+    subprocess.run(["ip", "link", "del", dev.tap.name], check=True)
+    pump(loop, dev)  # readable: the read fails
+    assert dev.tap.fd not in loop.readers  # parked
+    assert dev.stats["rx_errors"] == 1 and not dev.broken
+    assert select.select([dev.tap.fd], [], [], 0)[0]  # (and still readable: it would have spun)
+    d.submit(0, [(d.alloc(2048), True)])  # the guest's kicks try it again: it fails again
+    d.submit(1, [(d.alloc(64), False)])
+    assert dev.tap.fd not in loop.readers and dev.stats["rx_errors"] == 3
+    warned = [r for r in caplog.records if "read failed" in r.getMessage()]
+    assert len(warned) == 1, warned  # once per run of failures, not once per kick
 
 
 def test_hostile_tx_chains_never_break_the_device(net):

@@ -585,6 +585,7 @@ static PyObject *fr_blk_rw(PyObject *self, PyObject *args) { return run_drain(ar
 #define RX_NO_CHAIN 1 /* the guest has no (more) receive buffers, or budget is spent */
 #define RX_PYTHON 2   /* the next chain is one Python serves (bad, short, aliasing, long): left */
 #define RX_SPILL 3    /* a frame larger than the next chain: whole in the bounce buffer */
+#define RX_FAILED 4   /* the tap's read failed (not EAGAIN): its errno is returned */
 
 /* Whether no two buffers of the chain's writable part overlap (net.py _disjoint), for chains
  * of at most MAX_RX_BUFS buffers (the pairwise check is quadratic); a longer one is no common
@@ -604,10 +605,10 @@ static int disjoint(const buf_t *b, unsigned n) {
 PyDoc_STRVAR(net_rx_doc,
              "net_rx(regions, desc, avail, used, size, index, indirect, event_idx, last_avail,\n"
              "used_idx, budget, fd, bounce) -> (last_avail, used_idx, frames, bytes, status,\n"
-             "spilled): VirtioNet._receive's common case, frames read straight into the guest's\n"
+             "spilled, errno): VirtioNet._receive's common case, frames read straight into the guest's\n"
              "chains (one readv each, num_buffers 1), at most `budget`; `status` says why it\n"
              "stopped; RX_SPILL leaves the chain in the ring and the frame, `spilled` bytes,\n"
-             "whole at the start of `bounce`.");
+             "whole at the start of `bounce`; RX_FAILED returns the failed read's errno.");
 
 static PyObject *fr_net_rx(PyObject *self, PyObject *args) {
     Py_buffer regions, bounce;
@@ -637,7 +638,7 @@ static PyObject *fr_net_rx(PyObject *self, PyObject *args) {
     }
     unsigned long long frames = 0, bytes = 0;
     long long spilled = 0;
-    int status = RX_NO_CHAIN;
+    int status = RX_NO_CHAIN, read_errno = 0;
     chain_t c = {.bufs = bufs};
     Py_BEGIN_ALLOW_THREADS;
     if (queue_setup(&q, err) < 0)
@@ -674,9 +675,11 @@ static PyObject *fr_net_rx(PyObject *self, PyObject *args) {
         do
             got = readv(fd, iov, (int)c.nwrite + 1);
         while (got < 0 && errno == EINTR);
-        if (got < 0) { /* EAGAIN: drained; another error: Python's path logs it next time */
+        if (got < 0) { /* EAGAIN: drained; another error (a tap whose interface is gone
+                        * fails every read and polls readable for ever): Python parks the tap */
             last_avail = before;
-            status = RX_DRAINED;
+            read_errno = errno;
+            status = read_errno == EAGAIN ? RX_DRAINED : RX_FAILED;
             break;
         }
         if ((uint64_t)got > c.write_len) {
@@ -708,7 +711,7 @@ static PyObject *fr_net_rx(PyObject *self, PyObject *args) {
     PyMem_Free(bufs);
     PyMem_Free(iov);
     PyBuffer_Release(&bounce);
-    return Py_BuildValue("(IIKKiL)", last_avail, used_idx, frames, bytes, status, spilled);
+    return Py_BuildValue("(IIKKiLi)", last_avail, used_idx, frames, bytes, status, spilled, read_errno);
 }
 
 static PyMethodDef methods[] = {

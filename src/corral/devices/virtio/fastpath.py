@@ -89,6 +89,22 @@ def take(q: _Queue, count: int) -> tuple[list[tuple[int, list[tuple[int, int]], 
     return chains, error or ""
 
 
+def _queue_args(q: _Queue) -> tuple[bytes, int, int, int, int, int, bool, bool, int, int]:
+    """The queue as the drains take it, in their arguments' order (_fastring.c)."""
+    return (
+        q.regions,
+        q.desc,
+        q.avail,
+        q.used,
+        q.size,
+        q.index,
+        q.indirect,
+        q.event_idx,
+        q.last_avail,
+        q.used_idx,
+    )
+
+
 class Drained(NamedTuple):
     """What a compiled drain did: requests served (frames sent), bytes in and out, requests
     dropped or failed, the rule a chain broke ("" if none), and whether it stopped at a request
@@ -114,10 +130,7 @@ def net_tx(q: _Queue, fd: int) -> Drained | None:
     with q.memory.direct_access:
         if not usable(q.memory):
             return None
-        last, used, frames, out, dropped, error, deferred = _ring.net_tx(
-            q.regions, q.desc, q.avail, q.used, q.size, q.index, q.indirect, q.event_idx,
-            q.last_avail, q.used_idx, q.size, fd,
-        )  # fmt: skip
+        last, used, frames, out, dropped, error, deferred = _ring.net_tx(*_queue_args(q), q.size, fd)
     _settle(q, last, used, deferred)
     return Drained(frames, 0, out, dropped, error or "", False)
 
@@ -129,25 +142,25 @@ def blk_rw(q: _Queue, fd: int, *, read_only: bool, sectors: int) -> Drained | No
         if not usable(q.memory):
             return None
         last, used, count, rd, wr, errors, error, deferred, stopped = _ring.blk_rw(
-            q.regions, q.desc, q.avail, q.used, q.size, q.index, q.indirect, q.event_idx,
-            q.last_avail, q.used_idx, q.size, fd, read_only, sectors,
-        )  # fmt: skip
+            *_queue_args(q), q.size, fd, read_only, sectors
+        )
     _settle(q, last, used, deferred)
     return Drained(count, rd, wr, errors, error or "", bool(stopped))
 
 
-RX_DRAINED, RX_NO_CHAIN, RX_PYTHON, RX_SPILL = 0, 1, 2, 3  # why net_rx stopped (_fastring.c)
+RX_DRAINED, RX_NO_CHAIN, RX_PYTHON, RX_SPILL, RX_FAILED = 0, 1, 2, 3, 4  # why net_rx stopped (_fastring.c)
 
 
 class Received(NamedTuple):
     """What the compiled receive did: frames delivered and their bytes (without headers), why
-    it stopped (RX_*), and for RX_SPILL the frame's length: the frame is whole at the start of
-    the bounce buffer, its chain still in the ring."""
+    it stopped (RX_*), for RX_SPILL the frame's length (the frame is whole at the start of the
+    bounce buffer, its chain still in the ring), and for RX_FAILED the failed read's errno."""
 
     frames: int
     bytes: int
     status: int
     spilled: int
+    errno: int
 
 
 def net_rx(q: _Queue, fd: int, bounce: memoryview, budget: int) -> Received | None:
@@ -157,9 +170,6 @@ def net_rx(q: _Queue, fd: int, bounce: memoryview, budget: int) -> Received | No
     with q.memory.direct_access:
         if not usable(q.memory):
             return None
-        last, used, frames, nbytes, status, spilled = _ring.net_rx(
-            q.regions, q.desc, q.avail, q.used, q.size, q.index, q.indirect, q.event_idx,
-            q.last_avail, q.used_idx, budget, fd, bounce,
-        )  # fmt: skip
+        last, used, frames, nbytes, status, spilled, err = _ring.net_rx(*_queue_args(q), budget, fd, bounce)
     q.last_avail, q.used_idx = last, used
-    return Received(frames, nbytes, status, spilled)
+    return Received(frames, nbytes, status, spilled, err)

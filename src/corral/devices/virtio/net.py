@@ -10,7 +10,10 @@ store and at most one interrupt (transmit without a filter, and receive of frame
 next chain, run in C when the compiled path is there: fastpath.py). The tap's fd sits on the
 VM's event loop while the guest has receive buffers; when it runs out, the fd is parked until
 the guest refills the queue (otherwise a level-triggered epoll would spin), and a frame that
-did not fit waits in `_pending` rather than being dropped.
+did not fit waits in `_pending` rather than being dropped. A tap whose reads fail (its interface
+deleted under the VM: every read fails and the fd polls readable for ever) is parked the same
+way and tried again on the guest's next kick: each failure is counted (`rx_errors`) and logged
+once until a read succeeds.
 
 A frame filter handed in at construction (devices/mmds: MmdsStack, for an interface MMDS is
 served on) sees each transmitted frame first and may keep it from the tap; the frames it has for
@@ -92,6 +95,8 @@ class VirtioNet(VirtioDevice[NoState]):
         self._buf = bytearray(MAX_FRAME)
         self._bounce = memoryview(self._buf)
         self._pending: bytes | None = None
+        self._read_failed = False  # this pass's tap read failed: park the tap
+        self._read_failing = False  # logged; cleared by the next read that succeeds
         self.stats = {
             "rx_frames": 0,
             "tx_frames": 0,
@@ -99,6 +104,7 @@ class VirtioNet(VirtioDevice[NoState]):
             "tx_bytes": 0,
             "tx_dropped": 0,
             "rx_dropped": 0,
+            "rx_errors": 0,
         }
 
     def io_counters(self) -> dict[str, int]:
@@ -163,6 +169,8 @@ class VirtioNet(VirtioDevice[NoState]):
     def queue_notify(self, index: int) -> None:
         if index == TXQ:
             self._transmit()
+            if self._read_failing and not self._reading:
+                self._receive()  # a parked failing tap is tried again on the guest's kicks
         elif index == RXQ:
             self._receive()  # new buffers: deliver what waited, listen again
 
@@ -235,6 +243,7 @@ class VirtioNet(VirtioDevice[NoState]):
             self._stop_reading()  # a tap left readable and unread would spin the loop
             return
         batch = fast = 0
+        self._read_failed = False
         if self.filter is None and self._pending is None:
             batch, fast = self._receive_compiled(rx)
         bufs = _RxBuffers(rx)
@@ -271,7 +280,7 @@ class VirtioNet(VirtioDevice[NoState]):
             self._stop_reading()
             interrupt.signal_config()
             return
-        if parked:
+        if parked or self._read_failed:
             self._stop_reading()
         else:
             self._start_reading()
@@ -288,6 +297,11 @@ class VirtioNet(VirtioDevice[NoState]):
             return 0, 0
         self.stats["rx_frames"] += got.frames
         self.stats["rx_bytes"] += got.bytes
+        if got.frames:
+            self._read_failing = False
+        if got.status == fastpath.RX_FAILED:
+            self._tap_failed(got.errno)
+            return RX_BATCH, got.frames  # parked: the Python loop would only fail again
         if got.status == fastpath.RX_DRAINED:
             return RX_BATCH, got.frames  # the tap is empty: nothing left for the loop
         if got.status == fastpath.RX_SPILL:  # whole in the bounce buffer; its chain is still next
@@ -302,8 +316,9 @@ class VirtioNet(VirtioDevice[NoState]):
         except BlockingIOError:
             return None
         except OSError as exc:
-            log.warning("tap %s: read failed: %s", self.tap.name, exc.strerror)
+            self._tap_failed(exc.errno or errno.EIO)
             return None
+        self._read_failing = False
         return bytes(self._bounce[:n])
 
     def _read_into(self, rx: Virtqueue, chain: DescriptorChain, done: list[tuple[int, int]]) -> bool | bytes:
@@ -319,8 +334,9 @@ class VirtioNet(VirtioDevice[NoState]):
         except BlockingIOError:
             return False
         except OSError as exc:
-            log.warning("tap %s: read failed: %s", self.tap.name, exc.strerror)
+            self._tap_failed(exc.errno or errno.EIO)
             return False
+        self._read_failing = False
         if n > room:
             head = b"".join(bytes(v) for v in iov[:-1])
             return head + bytes(self._bounce[: n - room])
@@ -329,6 +345,20 @@ class VirtioNet(VirtioDevice[NoState]):
         self.stats["rx_frames"] += 1
         self.stats["rx_bytes"] += max(n - VNET_HDR_LEN, 0)  # a read shorter than a header: none
         return True
+
+    def _tap_failed(self, err: int) -> None:
+        """A tap read failed with `err` (not EAGAIN): park the tap for this pass, count it, and
+        say so once per run of failures (the guest's kicks retry it: a log line each would let a
+        guest flood the host's log)."""
+        self._read_failed = True
+        self.stats["rx_errors"] += 1
+        if not self._read_failing:
+            self._read_failing = True
+            log.warning(
+                "tap %s: read failed: %s (parked until the guest's next kick)",
+                self.tap.name,
+                os.strerror(err),
+            )
 
     def _place(self, rx: Virtqueue, bufs: _RxBuffers, frame: bytes, done: list[tuple[int, int]]) -> bool:
         """Copy one frame into the next buffers (several with mergeable buffers); False (nothing

@@ -137,3 +137,20 @@ def test_stats_queue_serves_a_queues_worth_per_wake():
         assert not dev.broken
     finally:
         d.close()
+
+
+def test_a_stats_buffer_replaced_by_a_newer_one_comes_back_with_an_interrupt():
+    """A driver that posts a second stats buffer gets the first back: in the used ring and
+    with an interrupt, or it would wait on that buffer unseen."""
+    dev = VirtioBalloon()
+    d = Driver(dev)
+    try:
+        d.setup()
+        first = d.submit(2, [(d.alloc(struct.pack("<HQ", 4, MiB)), False)])
+        assert d.used(2) == [] and dev.stats == {"free_memory": MiB}  # kept: nothing to say yet
+        raised = d.irq.raised
+        d.submit(2, [(d.alloc(struct.pack("<HQ", 4, 2 * MiB)), False)])
+        assert d.used(2) == [(first, 0)] and dev.stats == {"free_memory": 2 * MiB}
+        assert d.irq.raised == raised + 1
+    finally:
+        d.close()

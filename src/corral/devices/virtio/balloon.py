@@ -190,7 +190,8 @@ class VirtioBalloon(VirtioDevice[BalloonState]):
             return
         if name == "stats":
             try:
-                self._take_stats(q)
+                if self._take_stats(q) and q.needs_interrupt():
+                    irq.signal_queue(index)  # the driver is waiting on the buffer it replaced
             except VirtqueueError as exc:
                 self.fail(str(exc))
                 irq.signal_config()
@@ -231,15 +232,18 @@ class VirtioBalloon(VirtioDevice[BalloonState]):
                 self.counters["bad_pfns"] += 1
         return 0
 
-    def _take_stats(self, q: Virtqueue) -> None:
-        # at most a queue's worth per wake (as serve()): a guest handing buffers straight back
-        # would otherwise hold the loop; the rest waits for the loop's next turn
+    def _take_stats(self, q: Virtqueue) -> bool:
+        """Keep the driver's newest stats buffer; True when an older one went back to it.
+        At most a queue's worth per wake (as serve()): a guest handing buffers straight back
+        would otherwise hold the loop; the rest waits for the loop's next turn."""
+        returned = False
         for _ in range(q.size):
             chain = q.pop()
             if chain is None:
                 break
             if self._stats_chain is not None:  # a driver sending two: return the old
                 q.push(self._stats_chain.head, 0)
+                returned = True
             self._stats_chain = chain
             data = q.read_all(chain, STAT.size * 64)
             stats = {}
@@ -250,3 +254,4 @@ class VirtioBalloon(VirtioDevice[BalloonState]):
             self.stats_updated.set()
         else:
             q.deferred = q.has_available()
+        return returned

@@ -93,9 +93,18 @@ class Board:
         return comps
 
     def close(self) -> None:
-        """Release the devices' host resources (after the vCPUs have stopped)."""
-        if self.loop is not None:
-            self.loop.stop()
+        """Release the devices' host resources (after the vCPUs have stopped). When the device
+        loop does not stop (a device call stuck in the host), nothing is closed: a file closed
+        under that call would have its number reused by the next open, and the stuck call's I/O
+        would land in that file when it returns."""
+        if self.loop is not None and not self.loop.stop():
+            log.warning(
+                "the device loop did not stop within %.0f s (a device call is stuck in the host): "
+                "its devices' files are left open",
+                self.loop.stop_wait,
+            )
+            self.loop = None
+            return
         if self.doorbells is not None:
             self.doorbells.close()
             self.doorbells = None

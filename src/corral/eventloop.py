@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 
 class EventLoop:
+    stop_wait = 5.0  # seconds `stop` waits for the thread: a callback may be stuck in the host
+
     def __init__(self, name: str = "corral-devices") -> None:
         self.name = name
         self._sel = selectors.EpollSelector()
@@ -98,18 +100,26 @@ class EventLoop:
             self._paused.set()
             self._paused = None
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop the thread; False when it did not end within `stop_wait` (a callback stuck in a
+        host call): it is left to end on its own once the call returns."""
         self.resume()
         self._stopping = True
-        if self._thread is not None:
-            os.eventfd_write(self._wake, 1)
-            self._thread.join(5.0)
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return True
+        os.eventfd_write(self._wake, 1)
+        thread.join(self.stop_wait)
+        return not thread.is_alive()
 
-    def close(self) -> None:
-        self.stop()
+    def close(self) -> bool:
+        """Stop and release the loop's fds; False, with them left open, when the thread did not
+        stop (it would wake on an fd closed under it, or on another file given its number)."""
+        if not self.stop():
+            return False
         self._sel.close()
         os.close(self._wake)
+        return True
 
     def _drain_calls(self) -> None:
         try:

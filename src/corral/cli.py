@@ -957,6 +957,8 @@ def doctor(kvm_path: str) -> None:
     from corral.devices.virtio import fastpath
 
     out.print(f"[bold]virtqueue data path[/bold]: {fastpath.describe()}")
+    kernel = ", ".join(f"{name} {'present' if there else 'absent'}" for name, there in rep.vhost.items())
+    out.print(f"[bold]kernel vhost[/bold]: {kernel} (not used: corral serves virtio-net and vsock itself)")
     from corral.boot import firmware  # where --firmware seabios / ovmf take their files from
 
     for name in ("seabios", "ovmf"):

@@ -33,6 +33,7 @@ class HostReport:
     max_vcpus: int = 0
     recommended_vcpus: int = 0
     missing_required: list[str] = field(default_factory=list)
+    vhost: dict[str, bool] = field(default_factory=dict)  # "vhost-net", "vhost-vsock": present
 
     @property
     def is_pvm(self) -> bool:
@@ -43,8 +44,18 @@ class HostReport:
         return self.error is None and not self.missing_required
 
 
+VHOST = ("vhost-net", "vhost-vsock")
+
+
+def vhost_present(name: str) -> bool:
+    """Whether the kernel offers `name` (vhost-net, vhost-vsock): its device node, or its module
+    loaded. corral serves virtio-net and virtio-vsock itself either way (issue 16: the kernel's
+    data path would be the faster one where it is there)."""
+    return os.path.exists(f"/dev/{name}") or os.path.isdir(f"/sys/module/{name.replace('-', '_')}")
+
+
 def probe_host(kvm_path: str = "/dev/kvm") -> HostReport:
-    rep = HostReport(kvm_path=kvm_path)
+    rep = HostReport(kvm_path=kvm_path, vhost={name: vhost_present(name) for name in VHOST})
     flags = _cpu_flags()
     if os.path.isdir("/sys/module/kvm_pvm"):
         rep.virtualization = "pvm"

@@ -26,6 +26,15 @@ host-deps:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
+	@# what only some tests use (they skip without it): installed when apt can, never fatal
+	@optional=""; \
+	command -v dmidecode >/dev/null || test -x /usr/sbin/dmidecode || optional="$$optional dmidecode"; \
+	command -v cpio >/dev/null || optional="$$optional cpio"; \
+	if [ -n "$$optional" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$optional >/dev/null 2>&1 \
+	    || echo "could not install$$optional: the tests that use them skip"; \
+	fi
 
 run: $(STAMP)
 	$(BIN)/corral run $(ARGS)

@@ -6,10 +6,12 @@ in one run).
   bytes sent, for an idle guest (`idle`) and one rewriting memory (`mem-touch SIZE forever`);
 * snapshot to a file/directory: time and size on disk (QEMU: `migrate` to `exec:cat > FILE`);
 * restore-to-running latency for 256 MiB, 2 GiB and 8 GiB guests: corral's
-  `Machine.from_snapshot()` + `start()` (in a child process, timed inside it); QEMU: from
-  `migrate-incoming` (QEMU started with `-incoming defer`) until `query-status` says running
-  (process start-up excluded on both sides). corral maps the guest's RAM from the snapshot
-  file, which is sparse, so an 8 GiB guest fits a host with less free memory.
+  `Machine.from_snapshot()` + `start()` (in a child process, timed inside it), cold (the KVM VM
+  and its RAM slots made in the restore) and into a `WarmVm` (made before the clock starts);
+  QEMU: from `migrate-incoming` (QEMU started with `-incoming defer`, so its VM and RAM are
+  there before) until `query-status` says running (process start-up excluded on both sides).
+  corral maps the guest's RAM from the snapshot file, which is sparse, so an 8 GiB guest fits a
+  host with less free memory.
 
 corral and QEMU alternate run by run (bench/interleave.py: corral, QEMU, corral, ...), the whole
 bench (every VMM it starts) pinned to `--cpus`; every run is capped (`--timeout` seconds, and a
@@ -217,12 +219,16 @@ def qemu_snapshot(kernel: Path, cmdline: str, memory: str, tmp: Path) -> tuple[d
         stop(src)
 
 
-def restore_here(snap: Path) -> float:
-    """corral's restore to running, in this process (`--restore-one`): ms."""
-    from corral.machine import Machine
+def restore_here(snap: Path, warm: bool = False) -> float:
+    """corral's restore to running, in this process (`--restore-one`): ms. `warm`: into a
+    WarmVm made before the clock starts (its VM and RAM slots there, as QEMU's are when it is
+    started with -incoming defer before its restore is timed)."""
+    from corral.machine import Machine, WarmVm
+    from corral.state.snapshot import read_snapshot
 
+    prepared = WarmVm(read_snapshot(snap).manifest.config.memory) if warm else None
     t0 = time.perf_counter()
-    m = Machine.from_snapshot(snap, console=lambda b: None)
+    m = Machine.from_snapshot(snap, console=lambda b: None, warm=prepared)
     m.start()
     ms = (time.perf_counter() - t0) * 1000
     m.stop()
@@ -231,14 +237,16 @@ def restore_here(snap: Path) -> float:
     return ms
 
 
-def corral_restore(snap: Path) -> float:
+def corral_restore(snap: Path) -> dict[str, float]:
     """restore_here in a child process, so the cap can stop it: its second restore, timed (the
-    first pays the imports and the page cache, as the first of many in a service would)."""
+    first pays the imports and the page cache, as the first of many in a service would), and a
+    third into a WarmVm."""
     out = capped([sys.executable, __file__, "--restore-one", str(snap)], CAP_S)
     try:
-        return float(out.split()[-1])
-    except (IndexError, ValueError):
-        raise RunFailed(f"corral's restore printed no time: {out[-300:]!r}") from None
+        cold, warm = (float(w) for w in out.split()[-2:])
+    except ValueError:
+        raise RunFailed(f"corral's restore printed no times: {out[-300:]!r}") from None
+    return {"ms": cold, "warm_ms": warm}
 
 
 def qemu_restore(kernel: Path, cmdline: str, memory: str, state: Path, tmp: Path) -> float:
@@ -289,7 +297,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.restore_one:
         restore_here(args.restore_one)  # untimed: the imports a long-lived process has done
-        print(f"{restore_here(args.restore_one):.3f}")
+        print(f"{restore_here(args.restore_one):.3f} {restore_here(args.restore_one, warm=True):.3f}")
         return 0
     CAP_S = args.timeout
     if args.cpus:
@@ -298,8 +306,8 @@ def main() -> int:
     kernel = build_probe()
     rows: list[str] = []
 
-    def row(label: str, runs: dict[str, list[dict[str, float]]], key: str, fmt: str) -> None:
-        c, q = [r[key] for r in runs["corral"]], [r[key] for r in runs["QEMU"]]
+    def row(label: str, runs: dict[str, list[dict[str, float]]], key: str, fmt: str, ckey: str = "") -> None:
+        c, q = [r[ckey or key] for r in runs["corral"]], [r[key] for r in runs["QEMU"]]
         rows.append(
             f"| {label} | {spread(c, fmt)} | {spread(q, fmt)} | {ratio(c, q, higher_is_better=False)} |"
         )
@@ -346,11 +354,18 @@ def main() -> int:
                 runs = interleave(
                     args.runs,
                     {
-                        "corral": lambda s=csnap: {"ms": corral_restore(s)},
+                        "corral": lambda s=csnap: corral_restore(s),
                         "QEMU": lambda m=memory, q=qstate: {"ms": qemu_restore(kernel, cmd, m, q, tmp)},
                     },
                 )
                 row(f"restore to running, {memory} guest (ms)", runs, "ms", "{:,.1f}")
+                row(
+                    f"restore to running, {memory} guest, into a WarmVm (ms)",
+                    runs,
+                    "ms",
+                    "{:,.1f}",
+                    "warm_ms",
+                )
     qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True)
     md = [
         host_line(args.runs, args.cpus)

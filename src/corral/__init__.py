@@ -13,12 +13,13 @@ from corral._version import __version__ as __version__
 if TYPE_CHECKING:
     from corral.config import MachineConfig
     from corral.errors import ConfigError, CorralError, HostError, KernelFormatError
-    from corral.machine import ExitResult, Machine
+    from corral.machine import ExitResult, Machine, WarmVm
 
 _EXPORTS = {
     "MachineConfig": "corral.config",
     "Machine": "corral.machine",
     "ExitResult": "corral.machine",
+    "WarmVm": "corral.machine",
     "ConfigError": "corral.errors",
     "CorralError": "corral.errors",
     "HostError": "corral.errors",
@@ -32,6 +33,7 @@ __all__ = [
     "KernelFormatError",
     "Machine",
     "MachineConfig",
+    "WarmVm",
 ]
 assert sorted(__all__) == sorted(_EXPORTS)
 

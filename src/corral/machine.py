@@ -91,6 +91,50 @@ class VmStateError(CorralError):
     """Pause, resume or a state operation cannot happen now (not built, not paused, ...)."""
 
 
+class WarmVm:
+    """A KVM VM with its RAM slots registered, made before a restore is asked for, so that the
+    restore skips what costs it most: creating the VM and registering its RAM with KVM (on a
+    PVM host each slot waits out a kernel grace period of several milliseconds). A pool of
+    these, one per memory size, is what a service restoring guests on demand keeps ready.
+    `Machine.from_snapshot(..., warm=)` takes it over: the snapshot's memory file is mapped
+    over the registered RAM (GuestMemory.adopt_backing). Each serves one restore; close() one
+    never used."""
+
+    def __init__(self, memory: int, cpus: int = 1, *, kvm_path: str = "/dev/kvm") -> None:
+        self.kvm_path, self.cpus = kvm_path, cpus
+        self.vm: Vm | None = Vm.create(kvm_path, cpus)
+        self.memory: GuestMemory | None = None
+        try:
+            self.memory = GuestMemory(memory)
+            self.vm.map_memory(self.memory)
+        except BaseException:
+            self.close()
+            raise
+
+    def take(self, config: MachineConfig, kvm_path: str) -> tuple[Vm, GuestMemory]:
+        """The VM and its RAM for a machine of `config`; refused (one line) when they do not
+        fit it. Once taken, they are the machine's."""
+        if self.vm is None or self.memory is None:
+            raise VmStateError("this prepared VM has served a restore already")
+        if kvm_path != self.kvm_path:
+            raise VmStateError(f"the prepared VM is on {self.kvm_path}, not {kvm_path}")
+        if config.memory != self.memory.size or config.cpus > self.cpus:
+            raise VmStateError(
+                f"the prepared VM has {self.memory.size >> 20} MiB for up to {self.cpus} vCPUs; "
+                f"the guest needs {config.memory >> 20} MiB and {config.cpus}"
+            )
+        vm, memory, self.vm, self.memory = self.vm, self.memory, None, None
+        return vm, memory
+
+    def close(self) -> None:
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+
 class Machine:
     """One virtual machine.
 
@@ -107,8 +151,12 @@ class Machine:
         restore_from: Snapshot | None = None,
         incoming: bool = False,
         net_filters: Mapping[int, FrameFilter] | None = None,
+        warm: WarmVm | None = None,
     ) -> None:
         self.config = config
+        if warm is not None and restore_from is None:
+            raise ValueError("a WarmVm serves a restore (Machine.from_snapshot)")
+        self._warm = warm  # the first build's VM and RAM, made before
         # by index into config.nets: a frame filter (MMDS) that interface runs; read by build()
         self.net_filters: Mapping[int, FrameFilter] = net_filters or {}
         self._restore = restore_from  # consumed by the first build; a reboot boots afresh
@@ -153,6 +201,7 @@ class Machine:
         kvm_path: str = "/dev/kvm",
         clone_index: int | None = None,
         host: HostResources | None = None,
+        warm: WarmVm | None = None,
     ) -> Machine:
         """A machine that resumes where the snapshot at `path` was taken; start() or run()
         continues the guest. RAM is mapped from the snapshot lazily, so this is fast whatever
@@ -160,12 +209,13 @@ class Machine:
         The manifest is not trusted with the host: its disks, NICs, vsock and console are
         taken from `host` (HostResources: the caller's grant; none for a snapshot without
         them), and one the caller did not grant is refused (FieldError naming the field).
-        `clone_index` gives a clone its own host resources and vsock CID (MachineConfig.for_clone)."""
+        `clone_index` gives a clone its own host resources and vsock CID (MachineConfig.for_clone).
+        `warm`: a WarmVm of the guest's memory size to restore into (the first build uses it)."""
         snap = read_snapshot(path)
         config = (host or HostResources()).apply(snap.manifest.config, "the snapshot")
         if clone_index is not None:
             config = config.for_clone(clone_index)
-        return cls(config, console=console, kvm_path=kvm_path, restore_from=snap)
+        return cls(config, console=console, kvm_path=kvm_path, restore_from=snap, warm=warm)
 
     # -- the board's parts, for callers that look inside ----------------------------------------
     @property
@@ -219,16 +269,25 @@ class Machine:
         started."""
         cfg = self.config
         snap, self._restore = self._restore, None
+        warm, self._warm = self._warm, None
         try:
-            self.vm = vm = Vm.create(self.kvm_path, cfg.cpus)
+            if warm is not None and snap is not None:  # made before: VM and RAM slots there
+                vm, memory = warm.take(cfg, self.kvm_path)
+                self.vm, self.memory = vm, memory
+            else:
+                self.vm = vm = Vm.create(self.kvm_path, cfg.cpus)
             self.cpu_model = CpuModel.from_cpuid(vm.supported_cpuid)
             if snap is not None and snap.manifest.cpu != self.cpu_model:
                 raise SnapshotError(
                     f"{snap.path} was taken on a {snap.manifest.cpu.describe()}; this "
                     f"host has a {self.cpu_model.describe()}: the guest would see its CPU change"
                 )
-            self.memory = GuestMemory(cfg.memory, backing=snap.memory_file if snap else None, ksm=cfg.ksm)
-            vm.map_memory(self.memory)
+            if self.memory is not None:
+                assert snap is not None
+                self.memory.adopt_backing(snap.memory_file, ksm=cfg.ksm)  # over the slots' RAM
+            else:
+                self.memory = GuestMemory(cfg.memory, backing=snap.memory_file if snap else None, ksm=cfg.ksm)
+                vm.map_memory(self.memory)
             self.board = build_board(vm, self.memory, cfg, self, self._console, self.net_filters)
             if snap is not None:
                 self._restore_state(snap.state)

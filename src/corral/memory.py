@@ -93,13 +93,7 @@ class GuestMemory:
         except OSError as exc:
             os.close(self.fd)
             raise ConfigError(f"cannot allocate {size} bytes of guest memory: {exc.strerror}") from exc
-        # a child the VMM forks (subprocess) must not share guest RAM: for a private mapping
-        # (restored VM) fork would make the VMM's next write copy the page, leaving KVM and the
-        # guest on the old one
-        self._map.madvise(mmap.MADV_DONTFORK)
-        self._map.madvise(mmap.MADV_DONTDUMP)  # a core dump of the VMM holds no guest secrets
-        if ksm:  # opt-in: merging leaks, through write timing, which pages equal another VM's
-            self._map.madvise(mmap.MADV_MERGEABLE)
+        self._advise()
         self._view = memoryview(self._map)
         # 16-bit items over the same bytes: `store_u16` writes a ring index with one store
         self._view16 = self._view.cast("H")
@@ -112,7 +106,7 @@ class GuestMemory:
         self.direct_access = threading.Lock()
         self._fence = threading.Lock()  # `fence` only: never held, never contended
         self._closed = False
-        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self._base = base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         self.slots: list[MemorySlot] = []
         offset = 0
         for i, (gpa, length) in enumerate(layout.ram_ranges(size)):
@@ -121,17 +115,40 @@ class GuestMemory:
         # (start, end, backing offset) per slot: `_offset` runs several times per I/O request
         self._ranges = tuple((s.gpa, s.end, s.offset) for s in self.slots)
 
+    def _advise(self) -> None:
+        # a child the VMM forks (subprocess) must not share guest RAM: for a private mapping
+        # (restored VM) fork would make the VMM's next write copy the page, leaving KVM and the
+        # guest on the old one
+        self._map.madvise(mmap.MADV_DONTFORK)
+        self._map.madvise(mmap.MADV_DONTDUMP)  # a core dump of the VMM holds no guest secrets
+        if self.ksm:  # opt-in: merging leaks, through write timing, which pages equal another VM's
+            self._map.madvise(mmap.MADV_MERGEABLE)
+
     def check_backing(self) -> None:
         """Refuse a memory file that no longer has the RAM's size (it was truncated or grown
         since it was checked): touching a mapped page past its end kills the VMM with SIGBUS."""
-        if self.backing is None:
-            return
-        now = os.fstat(self.fd).st_size
-        if now != self.size:
-            raise ConfigError(
-                f"guest memory file {self.backing} is {now} bytes, not {self.size}: it is "
-                "truncated or from another machine"
-            )
+        if self.backing is not None:
+            _check_size(self.fd, self.size, self.backing)
+
+    def adopt_backing(self, backing: str | os.PathLike[str], *, ksm: bool = False) -> None:
+        """Become the memory file `backing` (a snapshot's), mapped private at this RAM's own host
+        addresses, as `GuestMemory(size, backing=...)` maps it elsewhere. A VM whose KVM slots
+        already point here (machine.WarmVm: registered before the restore was asked for) runs
+        it without registering them again. Only for fresh RAM no guest has run on."""
+        if self.backing is not None or self.private or self._closed:
+            raise ValueError("only fresh, unbacked guest memory can adopt a memory file")
+        path = str(backing)
+        fd = _open_backing(path)
+        try:
+            _check_size(fd, self.size, path)
+            with self.direct_access:  # (no compiled call runs on fresh RAM: held for the rule)
+                _map_fixed_private(self._base, self.size, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(self.fd)  # the placeholder memfd: the mapping over it is gone
+        self.fd, self.backing, self.private, self.ksm = fd, path, True, ksm
+        self._advise()  # a new mapping: its advice again
 
     # -- checked access ---------------------------------------------------------------------
     def _offset(self, gpa: int, length: int) -> int:
@@ -295,6 +312,43 @@ class GuestMemory:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_size(fd: int, size: int, path: str) -> None:
+    now = os.fstat(fd).st_size
+    if now != size:
+        raise ConfigError(
+            f"guest memory file {path} is {now} bytes, not {size}: it is truncated or from another machine"
+        )
+
+
+_libc_mmap = None
+
+
+def _map_fixed_private(addr: int, size: int, fd: int) -> None:
+    """mmap(2) `fd` private, read-write, over [addr, addr + size): MAP_FIXED replaces what was
+    mapped there in one step (Python's mmap cannot place a mapping). The mmap object that owned
+    the range unmaps it, the file's pages now, when it closes."""
+    global _libc_mmap
+    if _libc_mmap is None:
+        f = ctypes.CDLL(None, use_errno=True).mmap
+        f.restype = ctypes.c_void_p
+        f.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        _libc_mmap = f
+    got = _libc_mmap(addr, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
+    if got != addr:  # MAP_FAILED; with MAP_FIXED nothing else can come back
+        err = ctypes.get_errno()
+        raise ConfigError(f"cannot map the guest memory file: {os.strerror(err)}")
+
+
+_MAP_FIXED = 0x10  # <sys/mman.h> (x86-64); the mmap module does not export it
 
 
 def _open_backing(path: str) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from corral.config import MachineConfig
 from corral.images.probe import build_probe
-from corral.machine import Machine
+from corral.machine import Machine, WarmVm
 from support.results import progress_rounds
 
 
@@ -33,8 +33,8 @@ class LiveProbe:
         return probe
 
     @classmethod
-    def restore(cls, snapshot: str | Path) -> LiveProbe:
-        probe = cls(Machine.from_snapshot(snapshot))
+    def restore(cls, snapshot: str | Path, warm: WarmVm | None = None) -> LiveProbe:
+        probe = cls(Machine.from_snapshot(snapshot, warm=warm))
         probe.machine.start()
         return probe
 

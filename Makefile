@@ -8,7 +8,7 @@ APT_PKGS := qemu-system-x86 acpica-tools gcc binutils debootstrap
 
 .PHONY: run test bench fuzz host-deps clean
 
-$(STAMP): pyproject.toml setup.py src/corral/devices/virtio/_fastring.c  # the extension builds in place
+$(STAMP): pyproject.toml setup.py src/corral/devices/virtio/_fastring.c src/corral/vstate/_exitloop.c  # the extensions build in place
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -46,7 +46,7 @@ bench: host-deps $(STAMP)
 	$(BIN)/python bench/probe_bench.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) build src/corral/guest/build src/corral/devices/virtio/_fastring.*.so
+	rm -rf $(VENV) build src/corral/guest/build src/corral/devices/virtio/_fastring.*.so src/corral/vstate/_exitloop.*.so
 
 # The lab: a QEMU TCG VM with emulated AMD SVM in which corral runs on a real /dev/kvm (tests/lab).
 .PHONY: lab

@@ -957,6 +957,9 @@ def doctor(kvm_path: str) -> None:
     from corral.devices.virtio import fastpath
 
     out.print(f"[bold]virtqueue data path[/bold]: {fastpath.describe()}")
+    from corral.vstate.vcpu import describe_exit_loop
+
+    out.print(f"[bold]vCPU exit loop[/bold]: {describe_exit_loop()}")
     kernel = ", ".join(f"{name} {'present' if there else 'absent'}" for name, there in rep.vhost.items())
     out.print(f"[bold]kernel vhost[/bold]: {kernel} (not used: corral serves virtio-net and vsock itself)")
     from corral.boot import firmware  # where --firmware seabios / ovmf take their files from

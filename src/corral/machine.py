@@ -445,13 +445,13 @@ class Machine:
     def _attach_observers(self) -> None:
         for v in self.vcpus:
             if not self._observing:
-                v.observer = None
+                v.set_observer(None)
                 continue
             obs = self.exit_observers.get(v.index)
             if obs is None:
                 rec = self._recorder_for(v.index) if self._recorder_for else None
                 obs = self.exit_observers[v.index] = ExitObserver(rec)
-            v.observer = obs
+            v.set_observer(obs)
 
     # -- dirty logging (live migration) ---------------------------------------------------------
     def start_dirty_log(self) -> None:

@@ -119,6 +119,7 @@ def test_doctor_reports_the_host():
     assert r.returncode == 0, r.stderr
     assert "API version 12" in r.stdout and "IRQCHIP" in r.stdout
     assert "firmware seabios: " in r.stdout and "firmware ovmf: " in r.stdout  # installed, or Debian's
+    assert "vCPU exit loop: " in r.stdout
     for name, module in (("vhost-net", "vhost_net"), ("vhost-vsock", "vhost_vsock")):
         there = os.path.exists(f"/dev/{name}") or os.path.isdir(f"/sys/module/{module}")
         assert f"{name} {'present' if there else 'absent'}" in r.stdout, r.stdout

@@ -401,6 +401,31 @@ def test_real_pause_parks_a_running_guest_and_resume_lets_it_go_on(real_vm):
 
 
 @pytest.mark.kvm
+def test_a_pause_between_the_threads_creation_and_its_start_holds_the_guest(real_vm):
+    """`start` makes the thread, then starts it: a pause in between (a debugger attaching as
+    the machine starts: test_gdb_fuzz hung on it 1 run in ~10) must still hold the guest
+    before its first instruction, not report it parked while it runs."""
+    import threading
+
+    code = bytes([0xE6, 0x80, 0xEB, 0xFC])  # 1: out 0x80, al; jmp 1b
+    vcpu, dev, host = _real(real_vm, code)
+    vcpu.thread = threading.Thread(target=vcpu._thread_main, name="vcpu0", daemon=True)
+    vcpu.request_pause()  # the window: a thread, not yet alive
+    vcpu.thread.start()
+    assert vcpu.parked.wait(WAIT)
+    time.sleep(0.2)
+    assert dev.accesses == []  # held: not one out ran
+    vcpu.resume()
+    deadline = time.monotonic() + WAIT
+    while not dev.accesses and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert dev.accesses
+    vcpu.kick()
+    vcpu.join(WAIT)
+    assert host.stops == []
+
+
+@pytest.mark.kvm
 def test_real_guest_fault_without_an_idt_is_a_crash_with_registers(real_vm):
     vcpu, _, host = _real(real_vm, bytes([0xCC]))  # int3
     s = vcpu.fd.get_sregs()

@@ -247,10 +247,11 @@ class Vcpu:
         I/O half done) and stays so until `resume`. A vCPU not yet started counts as parked."""
         self._resume.clear()
         self.pause_requested = True
-        if self.thread is None:
-            # not started yet: if it starts before a resume, it parks before its first instruction
-            self.fd.run_buf[S.RUN_IMMEDIATE_EXIT] = 1
         if self.thread is None or not self.thread.is_alive():
+            # not running (yet): if it starts before a resume, it parks before its first
+            # instruction. (A thread made but not yet started counts too: `start` is two steps,
+            # and a debugger attaching between them once left the guest running "paused".)
+            self.fd.run_buf[S.RUN_IMMEDIATE_EXIT] = 1
             self.parked.set()
             return
         self._interrupt()

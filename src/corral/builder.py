@@ -13,22 +13,19 @@ memory, the device event loop and `VmControl`; only this module and vstate/ know
 
 from __future__ import annotations
 
+import importlib
 import logging
 import mmap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 from corral.arch.x86 import layout
 from corral.arch.x86.acpi import machine_acpi_tables
 from corral.arch.x86.cpuid import vcpu_cpuid
 from corral.arch.x86.msr import boot_msrs
-from corral.backends.console import ConsoleBackend
-from corral.backends.disk import open_disk
-from corral.backends.flash import VarsFile, open_vars
 from corral.backends.tap import Tap
-from corral.backends.unix_socket import listen_unix
-from corral.boot import firmware
 from corral.boot.loader import BootInfo, load_kernel_file, read_boot_file
 from corral.config import DiskConfig, MachineConfig, NetConfig, VsockConfig
 from corral.devices.base import Stateful, VmControl
@@ -37,33 +34,65 @@ from corral.devices.legacy import fw_cfg
 from corral.devices.legacy.acpi_pm import AcpiPm
 from corral.devices.legacy.debug_exit import DebugExit
 from corral.devices.legacy.i8042 import I8042
-from corral.devices.legacy.pflash import Pflash
 from corral.devices.legacy.post import PostSink
 from corral.devices.legacy.reset import ResetRegister
 from corral.devices.legacy.rtc import CmosRtc
 from corral.devices.legacy.uart import Serial16550
-from corral.devices.pci import piix
 from corral.devices.pci.config import CMD_MEMORY, COMMAND, INTERRUPT_LINE
-from corral.devices.pci.i440fx import PAM_SEGMENTS, SHADOW_END, SHADOW_START, I440fxHostBridge
-from corral.devices.pci.piix import PiixIsaBridge, PiixPm
 from corral.devices.pci.root import ConfigPorts, Ecam, PciRoot
-from corral.devices.virtio.balloon import VirtioBalloon
-from corral.devices.virtio.base import VirtioDevice
-from corral.devices.virtio.blk import VirtioBlock
-from corral.devices.virtio.console import VirtioConsole
-from corral.devices.virtio.net import FrameFilter, VirtioNet
-from corral.devices.virtio.pci import BAR_SIZE, VirtioPciDevice
-from corral.devices.virtio.rng import VirtioRng
-from corral.devices.virtio.vsock import VirtioVsock
 from corral.errors import FieldError
-from corral.eventloop import EventLoop
 from corral.memory import GuestMemory
-from corral.vstate.doorbells import KvmDoorbells
 from corral.vstate.irq import IrqRouter
 from corral.vstate.kvm_state import VcpuState
 from corral.vstate.kvm_stats import VcpuStats
 from corral.vstate.vcpu import Vcpu, VcpuHost
 from corral.vstate.vm import Vm
+
+if TYPE_CHECKING:
+    from corral.backends.flash import VarsFile
+    from corral.boot import firmware
+    from corral.devices.virtio.base import VirtioDevice
+    from corral.devices.virtio.blk import VirtioBlock
+    from corral.devices.virtio.console import VirtioConsole
+    from corral.devices.virtio.net import FrameFilter, VirtioNet
+    from corral.devices.virtio.pci import VirtioPciDevice
+    from corral.devices.virtio.vsock import VirtioVsock
+    from corral.eventloop import EventLoop
+    from corral.vstate.doorbells import KvmDoorbells
+
+# What only some machines use is imported when one does: a machine without virtio devices or
+# firmware (the probe, a microVM's first boot) starts ~15 ms sooner. A thread that may build a
+# machine under its seccomp filter, which maps no new code (a C extension), calls preload()
+# before it enters the filter; tests/unit/test_builder_lazy.py holds this list to the imports
+# made inside functions here and in fw_cfg (a firmware's tables).
+LAZY_MODULES = (
+    "corral.arch.x86.acpi_loader",
+    "corral.arch.x86.smbios",
+    "corral.backends.console",
+    "corral.backends.disk",
+    "corral.backends.flash",
+    "corral.backends.unix_socket",
+    "corral.boot.firmware",
+    "corral.devices.legacy.pflash",
+    "corral.devices.pci.i440fx",
+    "corral.devices.pci.piix",
+    "corral.devices.virtio.balloon",
+    "corral.devices.virtio.blk",
+    "corral.devices.virtio.console",
+    "corral.devices.virtio.net",
+    "corral.devices.virtio.pci",
+    "corral.devices.virtio.rng",
+    "corral.devices.virtio.vsock",
+    "corral.eventloop",
+    "corral.vstate.doorbells",
+)
+
+
+def preload() -> None:
+    """Import every module a machine's assembly may import on first use."""
+    for name in LAZY_MODULES:
+        importlib.import_module(name)
+
 
 log = logging.getLogger(__name__)
 
@@ -137,19 +166,22 @@ class _ShadowWrites:
     """The BIOS shadow area where PAM made it read-only: writes exit here and are dropped; a
     read lands here only while a segment's slot is being remapped, and reads the RAM."""
 
-    def __init__(self, memory: GuestMemory) -> None:
-        self.memory = memory
+    def __init__(self, memory: GuestMemory, start: int) -> None:
+        self.memory, self.start = memory, start
 
     def mmio_read(self, offset: int, size: int) -> int:
-        return int.from_bytes(self.memory.read(SHADOW_START + offset, size), "little")
+        return int.from_bytes(self.memory.read(self.start + offset, size), "little")
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
         pass
 
 
-def _add_ovmf(vm: Vm, mmio: MmioBus, ovmf: firmware.Ovmf) -> tuple[bytes, VarsFile | None]:
+def _add_ovmf(vm: Vm, mmio: MmioBus, ovmf: firmware.Ovmf) -> VarsFile | None:
     """OVMF's flash pair: the code bank a ROM, the variables bank a Pflash over an anonymous
     mapping KVM shows read-only while it reads as an array, written through to the vars file."""
+    from corral.backends.flash import open_vars
+    from corral.devices.legacy.pflash import Pflash
+
     vm.map_rom(ovmf.code_base, ovmf.code)
     mmio.register(ovmf.code_base, len(ovmf.code), Pflash(memoryview(ovmf.code), readonly=True), "ovmf-code")
     vars_file = open_vars(ovmf.vars_path, ovmf.vars_template) if ovmf.vars_path is not None else None
@@ -168,7 +200,39 @@ def _add_ovmf(vm: Vm, mmio: MmioBus, ovmf: firmware.Ovmf) -> tuple[bytes, VarsFi
         if vars_file is not None:
             vars_file.close()
         raise
-    return ovmf.code, vars_file
+    return vars_file
+
+
+def _firmware_board(vm: Vm, mmio: MmioBus, memory: GuestMemory, spec: str) -> tuple[PciRoot, VarsFile | None]:
+    """A firmware's ROM (and OVMF's flash pair), the BIOS shadow area, and the PCI root with the
+    i440FX host bridge (and OVMF's PIIX functions). On failure the vars file is closed again."""
+    from corral.boot import firmware
+    from corral.devices.pci import piix
+    from corral.devices.pci.i440fx import PAM_SEGMENTS, SHADOW_END, SHADOW_START, I440fxHostBridge
+
+    flash: VarsFile | None = None
+    ovmf = firmware.is_ovmf(spec)
+    if ovmf:
+        flash = _add_ovmf(vm, mmio, firmware.read_ovmf(spec))
+    else:
+        rom = firmware.read_firmware(spec)
+        base = firmware.rom_base(rom)
+        vm.map_rom(base, rom)
+        mmio.register(base, len(rom), _RomWrites(), "firmware-rom")
+    try:
+        # each PAM segment its own slot, read-only until the BIOS unlocks it (i440fx.py)
+        vm.split_memory([(gpa, size) for gpa, size, _, _ in PAM_SEGMENTS])
+        shadow = _ShadowWrites(memory, SHADOW_START)
+        mmio.register(SHADOW_START, SHADOW_END - SHADOW_START, shadow, "bios-shadow")
+        pci = PciRoot(mmio, I440fxHostBridge(vm))
+        if ovmf:
+            pci.add(piix.PiixIsaBridge(), slot=piix.SLOT)  # OVMF's serial console and ACPI timer
+            pci.add_function(piix.PiixPm(), piix.SLOT, piix.PM_FUNCTION)
+    except BaseException:
+        if flash is not None:
+            flash.close()
+        raise
+    return pci, flash
 
 
 class _Window:
@@ -198,25 +262,12 @@ def build_board(
     `net_filters`: by index into config.nets, the frame filter (MMDS) that interface runs."""
     pio, mmio = PioBus(), MmioBus()
     serial = Serial16550(vm.irq_line(layout.COM1_IRQ), console)
-    rom = None
-    flash: VarsFile | None = None
-    if firmware.is_ovmf(config.firmware):
-        assert config.firmware is not None
-        rom, flash = _add_ovmf(vm, mmio, firmware.read_ovmf(config.firmware))
-    elif config.firmware is not None:
-        rom = firmware.read_firmware(config.firmware)
-        base = firmware.rom_base(rom)
-        vm.map_rom(base, rom)
-        mmio.register(base, len(rom), _RomWrites(), "firmware-rom")
+    pci, flash = (
+        (PciRoot(mmio, None), None)
+        if config.firmware is None
+        else _firmware_board(vm, mmio, memory, config.firmware)
+    )
     try:
-        if rom is not None:
-            # each PAM segment its own slot, read-only until the BIOS unlocks it (i440fx.py)
-            vm.split_memory([(gpa, size) for gpa, size, _, _ in PAM_SEGMENTS])
-            mmio.register(SHADOW_START, SHADOW_END - SHADOW_START, _ShadowWrites(memory), "bios-shadow")
-        pci = PciRoot(mmio, I440fxHostBridge(vm) if rom is not None else None)
-        if flash is not None or firmware.is_ovmf(config.firmware):
-            pci.add(PiixIsaBridge(), slot=piix.SLOT)  # OVMF's serial console and ACPI timer
-            pci.add_function(PiixPm(), piix.SLOT, piix.PM_FUNCTION)
         mmio.register(layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, Ecam(pci), "pci-ecam")
         legacy: dict[str, Stateful] = {
             "com1": serial,
@@ -271,7 +322,11 @@ def _add_fw_cfg(board: Board, memory: GuestMemory, config: MachineConfig) -> Non
     map there; the kernel items are read from their files only if the guest asks for them."""
     slots = {fn: s for s, fn in enumerate(board.pci.slots) if fn is not None}
     disks = [slots[fn] for name, fn in board.virtio.items() if name.startswith("virtio-blk")]
-    bootorder = [firmware.virtio_blk_boot_path(slot) for slot in disks]
+    bootorder: list[str] = []
+    if disks or config.firmware is not None:  # the boot order names them as firmware does
+        from corral.boot import firmware
+
+        bootorder = [firmware.virtio_blk_boot_path(slot) for slot in disks]
     linux = None
     if config.firmware is not None and config.kernel is not None:
         linux = _linux_boot(memory, config)
@@ -321,6 +376,8 @@ def le32(value: int) -> bytes:
 def _linux_boot(memory: GuestMemory, config: MachineConfig) -> firmware.LinuxBoot:
     """The kernel (a bzImage) and initrd a firmware boots, read now: the operator asked for
     them, and a file that cannot boot this way is one line before the guest starts."""
+    from corral.boot import firmware
+
     assert config.kernel is not None
     kernel = read_boot_file(memory, config.kernel, "kernel")
     initrd = None if config.initrd is None else read_boot_file(memory, config.initrd, "initrd")
@@ -337,9 +394,9 @@ def _virtio_devices(
         (f"virtio-blk{i}", partial(_blk, d, f"disks[{i}]")) for i, d in enumerate(config.disks)
     ]
     if config.rng:
-        wanted.append(("virtio-rng", VirtioRng))
+        wanted.append(("virtio-rng", _rng))
     if config.balloon:
-        wanted.append(("virtio-balloon", VirtioBalloon))
+        wanted.append(("virtio-balloon", _balloon))
     if config.virtio_console:
         wanted.append(("virtio-console", partial(_console, config.virtio_console, loop)))
     if config.vsock is not None:
@@ -349,7 +406,22 @@ def _virtio_devices(
     return wanted
 
 
+def _rng() -> VirtioDevice:
+    from corral.devices.virtio.rng import VirtioRng
+
+    return VirtioRng()
+
+
+def _balloon() -> VirtioDevice:
+    from corral.devices.virtio.balloon import VirtioBalloon
+
+    return VirtioBalloon()
+
+
 def _blk(d: DiskConfig, field: str) -> VirtioBlock:
+    from corral.backends.disk import open_disk
+    from corral.devices.virtio.blk import VirtioBlock
+
     image = open_disk(
         str(d.path), read_only=d.read_only, overlay=str(d.overlay) if d.overlay else None, field=field
     )
@@ -361,6 +433,9 @@ def _blk(d: DiskConfig, field: str) -> VirtioBlock:
 
 
 def _console(spec: str, loop: Callable[[], EventLoop]) -> VirtioConsole:
+    from corral.backends.console import ConsoleBackend
+    from corral.devices.virtio.console import VirtioConsole
+
     backend = ConsoleBackend(spec)
     if spec == "pty":
         log.warning("hvc0 (virtio-console) is on %s", backend.path)
@@ -368,10 +443,15 @@ def _console(spec: str, loop: Callable[[], EventLoop]) -> VirtioConsole:
 
 
 def _vsock(v: VsockConfig, loop: Callable[[], EventLoop]) -> VirtioVsock:
+    from corral.backends.unix_socket import listen_unix
+    from corral.devices.virtio.vsock import VirtioVsock
+
     return VirtioVsock(v.cid, listen_unix(v.uds_path, "vsock socket", "vsock.uds_path"), loop())
 
 
 def _net(n: NetConfig, loop: Callable[[], EventLoop], frame_filter: FrameFilter | None) -> VirtioNet:
+    from corral.devices.virtio.net import VirtioNet
+
     return VirtioNet(Tap(n.tap, host_ip=n.host_ip or None), n.guest_mac(), loop(), frame_filter)
 
 
@@ -385,6 +465,10 @@ def _add_virtio(
     wanted = _virtio_devices(config, loop, net_filters)
     if not wanted:
         return
+    from corral.devices.virtio.pci import BAR_SIZE, VirtioPciDevice
+    from corral.eventloop import EventLoop
+    from corral.vstate.doorbells import KvmDoorbells
+
     board.loop = EventLoop("corral-devices")
     board.doorbells = KvmDoorbells(vm.fd, board.loop)
     board.irq_router = IrqRouter(vm.fd)
@@ -409,6 +493,8 @@ def load_guest(memory: GuestMemory, config: MachineConfig) -> BootInfo | None:
     firmware, only the ROM's tail in the BIOS area (None: the vCPU starts at the reset vector,
     and the firmware reads the kernel, if any, from fw_cfg)."""
     if config.firmware is not None:
+        from corral.boot import firmware
+
         firmware.load_shadow(memory, firmware.rom_image(config.firmware))
         return None
     if config.kernel is None:

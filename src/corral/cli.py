@@ -46,14 +46,15 @@ from corral.config import (
 )
 from corral.console import TerminalConsole
 from corral.errors import ConfigError, CorralError, FieldError, HostError
-from corral.host import PVM_EXPLANATION, HostReport, probe_host
 from corral.lazymodel import validation_error
 from corral.machine import Machine
+from corral.machine import preload as preload_machine
 from corral.seccomp import enter as enter_seccomp
 from corral.vstate.vm import CAPABILITIES
 
 if TYPE_CHECKING:
     from corral.api import ControlClient, MigrationProgress
+    from corral.host import HostReport
     from corral.images.registry import Image
 
 # Start-up: `corral run` pays only for what it runs. The control socket (corral.api) and
@@ -395,9 +396,11 @@ def run(
     """
     host: HostReport | None = None
 
-    def is_pvm_host() -> bool:
+    def is_pvm_host() -> bool:  # asked only when no kernel is given (the probe or an image)
         nonlocal host
         if host is None:
+            from corral.host import probe_host
+
             host = probe_host(kvm_path)
         return host.is_pvm
 
@@ -405,21 +408,21 @@ def run(
         raise ConfigError("give either --kernel or --image, not both")
     if kernel is None and image is None and firmware is None:
         if is_pvm_host():
-            click.echo(f"corral: {PVM_EXPLANATION}.\ncorral: booting the probe guest instead.", err=True)
+            click.echo(f"corral: {_pvm_explanation()}.\ncorral: booting the probe guest instead.", err=True)
             image = _image("probe")
         else:
             image = _image("debian")
     if image is not None and image.boots_from_disk:
         # a disk image boots through its firmware, shared read-only: the cache copy stays as verified
         if image.needs_hardware_virt and is_pvm_host():
-            raise HostError(f"image '{image.name}' needs hardware virtualization: {PVM_EXPLANATION}")
+            raise HostError(f"image '{image.name}' needs hardware virtualization: {_pvm_explanation()}")
         disk_path, _ = image.resolve()
         disks = (f"{disk_path},ro", *disks)
         firmware = firmware or image.firmware
         image = None
     if kernel is None and image is not None:
         if image.needs_hardware_virt and is_pvm_host():
-            raise HostError(f"image '{image.name}' needs hardware virtualization: {PVM_EXPLANATION}")
+            raise HostError(f"image '{image.name}' needs hardware virtualization: {_pvm_explanation()}")
         kernel, img_initrd = image.resolve()
         initrd = initrd or img_initrd
         if cmdline is None:
@@ -781,6 +784,7 @@ def receive(
     deadline = None if timeout is None else time.monotonic() + timeout
     if api_path is not None:
         import corral.api  # noqa: F401  (its C extensions cannot be mapped under the filter)
+    preload_machine()  # the machine is built under the filter: whatever devices it was sent
     # from here this thread waits, builds the machine it is sent and runs it: the VMM's filter
     # (each handshake's thread stacks a narrower one: corral.migration)
     enter_seccomp("vmm", "corral-vmm")
@@ -935,10 +939,18 @@ def migrate(
 # --- the host ------------------------------------------------------------------------------------------
 
 
+def _pvm_explanation() -> str:
+    from corral.host import PVM_EXPLANATION
+
+    return PVM_EXPLANATION
+
+
 @main.command()
 @KVM_OPTION
 def doctor(kvm_path: str) -> None:
     """Report what this host offers corral."""
+    from corral.host import PVM_EXPLANATION, probe_host
+
     rep = probe_host(kvm_path)
     from rich.console import Console  # rich only where a table is shown: it costs start-up
     from rich.table import Table

@@ -17,29 +17,40 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from corral.arch.x86 import acpi
 from corral.arch.x86.msr import wake_msrs
 from corral.boot.loader import BootInfo
 from corral.builder import Board, blank_vcpus, build_board, create_vcpus, load_guest, restore_vcpus
+from corral.builder import preload as preload_builder
 from corral.config import HostResources, MachineConfig
 from corral.devices.legacy.acpi_pm import AcpiPm
 from corral.devices.legacy.uart import Serial16550
-from corral.devices.virtio.balloon import BalloonInfo, VirtioBalloon
-from corral.devices.virtio.net import FrameFilter
-from corral.devices.virtio.pci import VirtioPciDevice
 from corral.errors import CorralError
-from corral.eventloop import EventLoop
 from corral.lazymodel import BaseModel, ConfigDict, real
 from corral.memory import GuestMemory
-from corral.state.model import CpuModel, MachineState
-from corral.state.snapshot import Snapshot, SnapshotError, SnapshotStats, read_snapshot, write_snapshot
+from corral.state.model import CpuModel, MachineState, SnapshotError
 from corral.vstate.exits import ExitObserver, ExitRecorder
 from corral.vstate.vcpu import Vcpu
 from corral.vstate.vm import Vm
 
+if TYPE_CHECKING:
+    from corral.devices.virtio.balloon import BalloonInfo, VirtioBalloon
+    from corral.devices.virtio.net import FrameFilter
+    from corral.devices.virtio.pci import VirtioPciDevice
+    from corral.eventloop import EventLoop
+    from corral.state.snapshot import Snapshot, SnapshotStats
+
 log = logging.getLogger(__name__)
+
+
+def preload() -> None:
+    """Import what building, restoring or snapshotting a machine imports on first use: a thread
+    that may do those under its seccomp filter, which maps no new code, calls this before it."""
+    preload_builder()
+    import corral.state.snapshot  # noqa: F401
+
 
 PAGE = 4096
 
@@ -211,6 +222,8 @@ class Machine:
         them), and one the caller did not grant is refused (FieldError naming the field).
         `clone_index` gives a clone its own host resources and vsock CID (MachineConfig.for_clone).
         `warm`: a WarmVm of the guest's memory size to restore into (the first build uses it)."""
+        from corral.state.snapshot import read_snapshot
+
         snap = read_snapshot(path)
         config = (host or HostResources()).apply(snap.manifest.config, "the snapshot")
         if clone_index is not None:
@@ -480,6 +493,8 @@ class Machine:
         fn = self.virtio.get("virtio-balloon")
         if fn is None:
             raise VmStateError("this VM has no balloon: give it one (balloon=True in its config)")
+        from corral.devices.virtio.balloon import VirtioBalloon  # imported: the builder made one
+
         assert isinstance(fn.device, VirtioBalloon)
         return fn.device
 
@@ -586,6 +601,8 @@ class Machine:
         """Write the machine to `path` (a new directory). A running machine is paused for the
         copy and resumed afterwards; a paused one stays paused. With `pages` (backing offsets,
         from the dirty log) only those pages of RAM are written: a diff snapshot."""
+        from corral.state.snapshot import write_snapshot
+
         with self._state_lock:
             was_paused = self.paused
             self.pause()

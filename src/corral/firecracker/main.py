@@ -24,6 +24,7 @@ from corral.firecracker.models import FullVmConfiguration, IdError, Metrics, bod
 from corral.firecracker.routes import Router
 from corral.firecracker.server import ApiServer
 from corral.firecracker.vmm import FirecrackerError, FirecrackerVmm
+from corral.machine import preload as preload_machine
 from corral.seccomp import enabled as seccomp_enabled
 from corral.seccomp import enter as enter_seccomp
 
@@ -104,7 +105,8 @@ def run(
             raise ConfigError(str(exc)) from None
     if seccomp_enabled():
         # InstanceStart and snapshot loads build the machine on the API's filtered thread, which
-        # cannot map an extension module's code: import now what making a tap imports
+        # cannot map an extension module's code: import now what making one (a tap) imports
+        preload_machine()
         tap_preload()
     if config_file is not None:
         cfg = read_config_file(config_file)

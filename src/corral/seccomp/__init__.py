@@ -37,7 +37,6 @@ import importlib
 import linecache
 import logging
 import os
-import socket
 import sys
 import threading
 import traceback
@@ -283,18 +282,23 @@ def enter(kind: str, name: str | None = None) -> None:
         return
     program = build(kind)
     _quiet_linecache()
+    selftest = SELFTEST and os.environ.get("CORRAL_SECCOMP_SELFTEST") == kind
+    if selftest:
+        import socket  # noqa: F401  (before the filter, under which no extension can be mapped)
     try:
         cache.load(program)
     except OSError as exc:
         raise SeccompError(f"seccomp: the {kind} filter cannot be loaded: {exc}") from None
     _entered.kind = kind
-    if SELFTEST and os.environ.get("CORRAL_SECCOMP_SELFTEST") == kind:
+    if selftest:
         _forbidden_call()
 
 
 def _forbidden_call() -> None:
     """What the self-test makes a filtered thread do: open a packet socket to sniff the host's
     network, as a compromised VMM would (no thread may)."""
+    import socket  # imported by enter(), before the filter
+
     log.warning("seccomp self-test: a forbidden socket() from %s", threading.current_thread().name)
     socket.socket(socket.AF_PACKET, socket.SOCK_RAW).close()
 

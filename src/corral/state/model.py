@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import struct
 
+from corral.errors import CorralError
 from corral.kvm.structs import KvmCpuidEntry2
 from corral.lazymodel import BaseModel, ConfigDict, quick_init
 from corral.vstate.kvm_state import VcpuState, VmKvmState
+
+
+class SnapshotError(CorralError):
+    """A snapshot, or a migrated state, that cannot be written or loaded."""
 
 
 @quick_init  # made at every launch (compared at restore): no pydantic for that

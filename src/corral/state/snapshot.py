@@ -36,11 +36,10 @@ from pathlib import Path
 
 from corral._version import __version__
 from corral.config import MachineConfig
-from corral.errors import CorralError
 from corral.files import Refused, open_checked
 from corral.lazymodel import BaseModel, ConfigDict
 from corral.memory import GuestMemory
-from corral.state.model import CpuModel, MachineState
+from corral.state.model import CpuModel, MachineState, SnapshotError
 
 FORMAT = "corral-snapshot"
 FORMAT_VERSION = 2  # 2: every state record named (the one state contract)
@@ -48,10 +47,6 @@ MANIFEST, STATE, MEMORY = "manifest.json", "state.json", "memory.bin"
 PAGE = 4096
 MANIFEST_LIMIT = 1 << 20  # bytes: a config and a CPU model
 STATE_LIMIT = 64 << 20  # bytes: vCPU, irqchip and device state (a few KiB per vCPU)
-
-
-class SnapshotError(CorralError):
-    """A snapshot cannot be written or loaded."""
 
 
 class Manifest(BaseModel):

@@ -42,8 +42,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from corral.arch.x86 import layout, smbios
-from corral.arch.x86.acpi_loader import firmware_acpi
+from corral.arch.x86 import layout
 from corral.devices.base import U16, U32, DeviceState
 from corral.devices.legacy._common import ONES
 from corral.errors import CorralError
@@ -362,7 +361,11 @@ def machine_fw_cfg(
 
 def add_firmware_tables(fw: FwCfg, *, cpus: int, mem_size: int) -> None:
     """corral's ACPI tables with their linker/loader script (arch/x86/acpi_loader.py) and its
-    SMBIOS tables (arch/x86/smbios.py), for a firmware to install instead of its own."""
+    SMBIOS tables (arch/x86/smbios.py), for a firmware to install instead of its own.
+    Imported here, for a firmware's machine only (listed in corral.builder.LAZY_MODULES)."""
+    from corral.arch.x86 import smbios
+    from corral.arch.x86.acpi_loader import firmware_acpi
+
     for name, data in {
         **firmware_acpi(cpus, mem_size).files(),
         **smbios.firmware_smbios(cpus, mem_size),

@@ -300,7 +300,11 @@ class Machine:
                 self.memory.adopt_backing(snap.memory_file, ksm=cfg.ksm)  # over the slots' RAM
             else:
                 self.memory = GuestMemory(cfg.memory, backing=snap.memory_file if snap else None, ksm=cfg.ksm)
-                vm.map_memory(self.memory)
+                # a fresh boot makes its board, kernel and vCPUs while KVM registers the RAM
+                # (not a firmware's board, which splits the slots; not a restore, whose MSRs
+                # may point into RAM)
+                fresh = snap is None and not self._incoming and cfg.firmware is None
+                vm.map_memory(self.memory, background=fresh)
             self.board = build_board(vm, self.memory, cfg, self, self._console, self.net_filters)
             if snap is not None:
                 self._restore_state(snap.state)
@@ -309,6 +313,7 @@ class Machine:
             else:
                 self.boot = load_guest(self.memory, cfg)
                 self.vcpus = create_vcpus(vm, self.board, self, cfg, self.boot)
+            vm.wait_mapped()
         except BaseException:
             self.close()
             raise

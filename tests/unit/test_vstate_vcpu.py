@@ -426,6 +426,24 @@ def test_a_pause_between_the_threads_creation_and_its_start_holds_the_guest(real
 
 
 @pytest.mark.kvm
+def test_a_stop_between_the_threads_creation_and_its_start_joins_it(real_vm):
+    """A Ctrl-C in `start` ends Thread.start's wait for the new thread while the thread goes
+    on starting: the machine's close kicks and joins it then (it once raised "cannot join
+    thread before it is started", and the VMM exited 1 instead of 130)."""
+    import threading
+
+    code = bytes([0xE6, 0x80, 0xEB, 0xFC])  # 1: out 0x80, al; jmp 1b
+    vcpu, dev, host = _real(real_vm, code)
+    vcpu.thread = threading.Thread(target=vcpu._thread_main, name="vcpu0", daemon=True)
+    vcpu.kick()  # the window: a thread, not yet started
+    threading.Timer(0.1, vcpu.thread.start).start()
+    vcpu.join(WAIT)
+    assert vcpu.thread.ident is not None and not vcpu.thread.is_alive()
+    assert dev.accesses == []  # stopped before its first instruction
+    assert host.stops == []
+
+
+@pytest.mark.kvm
 def test_real_guest_fault_without_an_idt_is_a_crash_with_registers(real_vm):
     vcpu, _, host = _real(real_vm, bytes([0xCC]))  # int3
     s = vcpu.fd.get_sregs()

@@ -16,6 +16,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Protocol
 
@@ -275,8 +276,19 @@ class Vcpu:
         self.fd.set_guest_debug(control, debugregs)
 
     def join(self, timeout: float | None = None) -> None:
-        if self.thread is not None:
-            self.thread.join(timeout)
+        t = self.thread
+        if t is None:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                return
+            except RuntimeError:
+                # a Ctrl-C in start() ended its wait for the new thread, which starts now
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                time.sleep(0.001)
 
     def close(self) -> None:
         if self.kvm_stats is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import mmap
+import threading
 from dataclasses import dataclass
 
 from corral.arch.x86 import layout
@@ -114,6 +115,7 @@ class Vm:
         self._flags = 0  # what every RAM slot carries now (dirty logging)
         self._rom: mmap.mmap | None = None
         self._flash: mmap.mmap | None = None
+        self._mapping: tuple[threading.Event, list[Exception]] | None = None  # map_memory's
         self.supported_cpuid = kvm.supported_cpuid()
         self._msr_indices = kvm.msr_index_list()
 
@@ -154,11 +156,43 @@ class Vm:
         return self._msr_indices
 
     # -- memory -----------------------------------------------------------------------------
-    def map_memory(self, memory: GuestMemory) -> None:
-        """Give the guest `memory`, one KVM slot per RAM range."""
+    def map_memory(self, memory: GuestMemory, *, background: bool = False) -> None:
+        """Give the guest `memory`, one KVM slot per RAM range. With `background` the slots are
+        registered on a helper thread while the caller goes on: on PVM a slot's
+        KVM_SET_USER_MEMORY_REGION sleeps 4-12 ms (~0.1 ms of CPU), at every launch. Call
+        wait_mapped() before a vCPU runs or anything else changes the slots."""
         self.memory = memory
         self._pieces = list(memory.slots)
-        self._set_slots(0)
+        if not background:
+            self._set_slots(0)
+            return
+        failed: list[Exception] = []
+        done = threading.Event()
+
+        def register() -> None:
+            try:
+                self._set_slots(0)
+            except Exception as exc:  # noqa: BLE001  (raised on the caller's thread by wait_mapped)
+                failed.append(exc)
+            finally:
+                done.set()
+
+        # Waited for with an event, never Thread.join: a Ctrl-C landing in join() marks a
+        # running thread stopped (Python 3.11), and one still running when the interpreter
+        # finalizes ends in pthread_exit, whose unwinder (libgcc_s) cannot be loaded under a
+        # seccomp filter (a reboot's rebuild is under one). Not a daemon, so exit waits for it.
+        threading.Thread(target=register, name="corral-memslots").start()
+        self._mapping = (done, failed)
+
+    def wait_mapped(self) -> None:
+        """Wait for a background map_memory(); raise what it failed with."""
+        if self._mapping is None:
+            return
+        done, failed = self._mapping
+        done.wait()  # a KeyboardInterrupt here leaves it for close() to wait for
+        self._mapping = None
+        if failed:
+            raise failed[0]
 
     def split_memory(self, ranges: list[tuple[int, int]]) -> None:
         """Give each (gpa, size) range of RAM its own KVM slot, so that `set_readonly` can
@@ -281,6 +315,9 @@ class Vm:
         load_vm(self.fd, state)
 
     def close(self) -> None:
+        if self._mapping is not None:
+            self._mapping[0].wait()  # its ioctls use the fd
+            self._mapping = None
         self.fd.close()
         self.kvm.close()
         # the mapping goes only after the VM that used it (ctypes holds an export: let it go)

@@ -11,6 +11,7 @@ import sys
 
 from support.cli import cli_env
 
+from corral.builder import LAZY_MODULES
 from corral.images.probe import build_probe
 
 LAUNCH = """
@@ -49,6 +50,10 @@ NOT_ON_THE_LAUNCH_PATH = [
     "pydantic_core",
     "annotated_types",
     "typing_inspection",
+    # what only some machines have: virtio devices, a firmware, a snapshot (corral.builder)
+    *LAZY_MODULES,
+    "corral.state.snapshot",
+    "socket",  # sockets: --api, vsock, migration (seccomp's lists name families by number)
 ]
 
 

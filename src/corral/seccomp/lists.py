@@ -68,9 +68,14 @@ class Policy:
     ioctls: frozenset[str] = frozenset()  # names: KVM_* (corral.kvm.constants) or OTHER_IOCTLS
     socket_families: frozenset[int] = frozenset()
     threads: bool = False  # may start threads: clone with CLONE_THREAD, prctl, seccomp
+    # the ioctl the thread makes most (KVM_RUN, once per exit): the filter tests it first
+    hot_ioctl: str | None = None
 
     def ioctl_numbers(self) -> set[int]:
-        return {OTHER_IOCTLS[n] if n in OTHER_IOCTLS else int(getattr(K, n)) for n in self.ioctls}
+        return {_ioctl_number(n) for n in self.ioctls}
+
+    def hot_ioctl_number(self) -> int | None:
+        return None if self.hot_ioctl is None else _ioctl_number(self.hot_ioctl)
 
     def all_syscalls(self) -> set[str]:
         """Every call this kind may make, argument-filtered ones included."""
@@ -82,6 +87,10 @@ class Policy:
         if self.threads:
             out |= THREAD_START | {"clone"}
         return out
+
+
+def _ioctl_number(name: str) -> int:
+    return OTHER_IOCTLS[name] if name in OTHER_IOCTLS else int(getattr(K, name))
 
 
 # -- vCPU threads: KVM_RUN and the exits they emulate ----------------------------------------
@@ -104,6 +113,7 @@ VCPU = Policy(
             "KVM_SET_USER_MEMORY_REGION",  # PAM (un)protects the BIOS area; pflash maps its array
         }
     ),
+    hot_ioctl="KVM_RUN",
 )
 
 # -- the device loop: virtqueues, disks, taps, vsock and console sockets ----------------------

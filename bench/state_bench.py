@@ -134,6 +134,9 @@ def corral_migrate(kernel: Path, cmdline: str, memory: str, tmp: Path) -> dict:
         wait_for(dapi, dst)
         return {
             "downtime_ms": r.downtime_seconds * 1000,
+            # QEMU's own count ends when the source has sent its last byte; corral's goes on
+            # through the destination's load of the state and `go`
+            "sent_ms": sum(r.downtime_ms.get(k, 0.0) for k in ("pause", "final pages", "state")),
             "total_ms": r.total_seconds * 1000,
             "mib": r.bytes_sent / (1 << 20),
         }
@@ -328,6 +331,13 @@ def main() -> int:
                     },
                 )
                 row(f"migration, {label} (512 MiB): downtime (ms)", runs, "downtime_ms", "{:,.1f}")
+                row(
+                    f"migration, {label}: downtime to the source's last byte, as QEMU counts (ms)",
+                    runs,
+                    "downtime_ms",
+                    "{:,.1f}",
+                    ckey="sent_ms",
+                )
                 row(f"migration, {label}: total time (ms)", runs, "total_ms", "{:,.0f}")
                 row(f"migration, {label}: sent (MiB)", runs, "mib", "{:,.1f}")
         cmd = "mem-touch 64M forever"

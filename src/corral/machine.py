@@ -28,7 +28,7 @@ from corral.config import HostResources, MachineConfig
 from corral.devices.legacy.acpi_pm import AcpiPm
 from corral.devices.legacy.uart import Serial16550
 from corral.errors import CorralError
-from corral.lazymodel import BaseModel, ConfigDict, real
+from corral.lazymodel import BaseModel, ConfigDict, prepare_quick, real
 from corral.memory import GuestMemory
 from corral.state.model import CpuModel, MachineState, SnapshotError
 from corral.vstate.exits import ExitObserver, ExitRecorder
@@ -565,6 +565,7 @@ class Machine:
         for model in state_models(roots):
             if not isinstance(model.__pydantic_validator__, SchemaValidator):
                 model.model_rebuild(force=True)
+            prepare_quick(model)  # the first save's instances are quick ones (~0.4 ms in all)
 
     def load_incoming(self, state: MachineState) -> None:
         """Finish an incoming machine (built with incoming=True, RAM already filled): load its

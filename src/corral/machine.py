@@ -102,6 +102,16 @@ class VmStateError(CorralError):
     """Pause, resume or a state operation cannot happen now (not built, not paused, ...)."""
 
 
+def _close_vm_and_memory(owner: WarmVm | Machine) -> None:
+    """The end of a teardown: the VM (its fd, and with it KVM's use of the RAM), then the RAM."""
+    if owner.vm is not None:
+        owner.vm.close()
+        owner.vm = None
+    if owner.memory is not None:
+        owner.memory.close()
+        owner.memory = None
+
+
 class WarmVm:
     """A KVM VM with its RAM slots registered, made before a restore is asked for, so that the
     restore skips what costs it most: creating the VM and registering its RAM with KVM (on a
@@ -138,12 +148,7 @@ class WarmVm:
         return vm, memory
 
     def close(self) -> None:
-        if self.vm is not None:
-            self.vm.close()
-            self.vm = None
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
+        _close_vm_and_memory(self)
 
 
 class Machine:
@@ -660,12 +665,7 @@ class Machine:
         if self.board is not None:
             self.board.close()
             self.board = None
-        if self.vm is not None:
-            self.vm.close()
-            self.vm = None
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
+        _close_vm_and_memory(self)
         self.suspended = False  # a reboot starts awake
 
     def run(self) -> ExitResult:

@@ -11,10 +11,9 @@ otherwise ignored, as on a PC bus.
 
 from __future__ import annotations
 
-import bisect
 import threading
-from dataclasses import dataclass
-from typing import Any
+from bisect import bisect_left, bisect_right
+from typing import Any, NamedTuple
 
 from corral.devices.base import MmioDevice, PioDevice
 
@@ -23,16 +22,14 @@ class BusConflictError(ValueError):
     """Two devices were placed on overlapping addresses (a VMM bug, not a guest error)."""
 
 
-@dataclass(frozen=True)
-class Mapping:
+class Mapping(NamedTuple):
+    """One device's range on a bus: a tuple with `end` stored, as every MMIO exit reads it."""
+
     base: int
     size: int
     device: Any
     name: str
-
-    @property
-    def end(self) -> int:
-        return self.base + self.size
+    end: int
 
 
 class PioBus:
@@ -45,7 +42,7 @@ class PioBus:
     def register(self, base: int, size: int, device: PioDevice, name: str = "") -> None:
         if base < 0 or size <= 0 or base + size > 0x10000:
             raise BusConflictError(f"port range {base:#x}+{size} is outside the I/O space")
-        m = Mapping(base, size, device, name or type(device).__name__)
+        m = Mapping(base, size, device, name or type(device).__name__, base + size)
         for port in range(base, base + size):
             held = self._table.get(port)
             if held is not None:
@@ -75,10 +72,10 @@ class MmioBus:
         self._lock = threading.Lock()
 
     def register(self, base: int, size: int, device: MmioDevice, name: str = "") -> None:
-        m = Mapping(base, size, device, name or type(device).__name__)
+        m = Mapping(base, size, device, name or type(device).__name__, base + size)
         with self._lock:
             starts, maps = self._index[0][:], self._index[1][:]
-            i = bisect.bisect_right(starts, base)
+            i = bisect_right(starts, base)
             if i > 0 and maps[i - 1].end > base:
                 raise BusConflictError(f"MMIO {base:#x}: {m.name} overlaps {maps[i - 1].name}")
             if i < len(maps) and maps[i].base < m.end:
@@ -91,7 +88,7 @@ class MmioBus:
         """Remove the mapping that starts at `base` (a PCI BAR the guest moved)."""
         with self._lock:
             starts, maps = self._index[0][:], self._index[1][:]
-            i = bisect.bisect_left(starts, base)
+            i = bisect_left(starts, base)
             if i == len(starts) or starts[i] != base:
                 raise KeyError(f"no MMIO mapping starts at {base:#x}")
             del starts[i], maps[i]
@@ -101,22 +98,20 @@ class MmioBus:
     def mappings(self) -> list[Mapping]:
         return list(self._index[1])
 
-    def _find(self, addr: int) -> Mapping | None:
-        starts, maps = self._index
-        i = bisect.bisect_right(starts, addr) - 1
-        if i >= 0:
-            m = maps[i]
-            if addr < m.end:
-                return m
-        return None
-
+    # read and write find the mapping themselves: a call less on every MMIO exit
     def read(self, addr: int, size: int) -> int:
-        m = self._find(addr)
-        if m is None or addr + size > m.end:
-            return (1 << (size * 8)) - 1
-        return m.device.mmio_read(addr - m.base, size)
+        starts, maps = self._index
+        i = bisect_right(starts, addr) - 1
+        if i >= 0:
+            base, _, device, _, end = maps[i]
+            if addr < end and addr + size <= end:
+                return device.mmio_read(addr - base, size)
+        return (1 << (size * 8)) - 1
 
     def write(self, addr: int, size: int, value: int) -> None:
-        m = self._find(addr)
-        if m is not None and addr + size <= m.end:
-            m.device.mmio_write(addr - m.base, size, value)
+        starts, maps = self._index
+        i = bisect_right(starts, addr) - 1
+        if i >= 0:
+            base, _, device, _, end = maps[i]
+            if addr < end and addr + size <= end:
+                device.mmio_write(addr - base, size, value)

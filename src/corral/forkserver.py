@@ -516,6 +516,9 @@ def preload() -> None:
     so never write to) the template's objects."""
     for name in PRELOAD:
         importlib.import_module(name)
+    # what a machine imports only when it has the part (corral.builder.LAZY_MODULES): in the
+    # template, shared, not in each child that has one
+    importlib.import_module("corral.machine").preload()
     warm_up()
     gc.collect()
     _BALLAST.extend(_fill_pools())

@@ -54,3 +54,9 @@ def test_preload_imports_every_one() -> None:
     """(That a launch imports none of them is tests/kvm/test_launch_modules.py's, on a real one.)"""
     preloaded = _modules_after("from corral.machine import preload\npreload()")
     assert set(builder.LAZY_MODULES) | {"corral.state.snapshot"} <= preloaded
+
+
+def test_the_fork_servers_template_imports_them_for_its_children() -> None:
+    """A child that imported them itself would hold its own copy (memory per VM, corral serve)."""
+    template = _modules_after("from corral import forkserver\nforkserver.preload()")
+    assert set(builder.LAZY_MODULES) | {"corral.state.snapshot"} <= template

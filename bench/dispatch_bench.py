@@ -145,7 +145,7 @@ def alone_compiled(kind: str, exits: int) -> dict[str, float]:
         _run_page(page, kind)
         stamps = array("q", bytes(16 * exits))
         n, reason, err = _exitloop.run(
-            null, page, v.pio.read, v.pio.write, v.mmio.read, v.mmio.write,
+            null, page, v.pio.ports, v.mmio,
             exits, FIOCLEX, K.EXIT_IO, K.EXIT_MMIO, memoryview(stamps),
         )  # fmt: skip
         if n != exits or reason != -1:

@@ -64,3 +64,23 @@ def test_any_port_access_is_safe(port, size, value):
     bus.register(0x3F8, 8, Rec())
     bus.write(port, size, value)
     assert 0 <= bus.read(port, size) < (1 << (size * 8))
+
+
+def test_a_port_reaches_its_device_at_its_offset_and_a_missing_method_fails_when_used():
+    """PioBus.ports binds each port's methods at registration (what the compiled vCPU loop
+    reads); a device without pio_read fails a read as it did when looked up per access."""
+
+    class WriteOnly:
+        def __init__(self) -> None:
+            self.log: list[tuple[int, int, int]] = []
+
+        def pio_write(self, offset: int, size: int, value: int) -> None:
+            self.log.append((offset, size, value))
+
+    bus, dev = PioBus(), WriteOnly()
+    bus.register(0x500, 8, dev)
+    bus.write(0x505, 2, 0xBEEF)
+    assert dev.log == [(5, 2, 0xBEEF)] and bus.ports[0x505][0] == 5
+    with pytest.raises(AttributeError, match="pio_read"):
+        bus.read(0x505, 1)
+    assert bus.read(0x508, 1) == 0xFF  # past its ports: nobody's

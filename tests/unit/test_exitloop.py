@@ -77,7 +77,7 @@ def compiled_loop(exit, reads: list[int], budget: int = 1):
     error = None
     try:
         got = _exitloop.run(
-            null, memoryview(page), pio.read, pio.write, mmio.read, mmio.write,
+            null, memoryview(page), pio.ports, mmio,
             budget, FIOCLEX, K.EXIT_IO, K.EXIT_MMIO, None,
         )  # fmt: skip
         assert got == (budget, BUDGET_SPENT, 0)
@@ -125,9 +125,7 @@ def test_an_exit_it_does_not_serve_goes_back_with_its_reason():
     plain_exit(K.EXIT_SHUTDOWN)(memoryview(page))
     null = os.open("/dev/null", os.O_RDONLY)
     try:
-        got = _exitloop.run(
-            null, memoryview(page), None, None, None, None, 100, FIOCLEX, K.EXIT_IO, K.EXIT_MMIO, None
-        )
+        got = _exitloop.run(null, memoryview(page), {}, None, 100, FIOCLEX, K.EXIT_IO, K.EXIT_MMIO, None)
     finally:
         os.close(null)
     assert got == (1, K.EXIT_SHUTDOWN, 0)
@@ -135,9 +133,7 @@ def test_an_exit_it_does_not_serve_goes_back_with_its_reason():
 
 def test_a_failed_kvm_run_goes_back_with_its_errno_and_no_exit_counted():
     page = bytearray(S.RUN_SIZE)
-    got = _exitloop.run(
-        -1, memoryview(page), None, None, None, None, 100, FIOCLEX, K.EXIT_IO, K.EXIT_MMIO, None
-    )
+    got = _exitloop.run(-1, memoryview(page), {}, None, 100, FIOCLEX, K.EXIT_IO, K.EXIT_MMIO, None)
     assert got == (0, RUN_FAILED, errno.EBADF)
 
 
@@ -150,7 +146,7 @@ def test_the_budget_bounds_a_call_and_stamps_time_each_run():
     null = os.open("/dev/null", os.O_RDONLY)
     try:
         got = _exitloop.run(
-            null, memoryview(page), pio.read, pio.write, mmio.read, mmio.write,
+            null, memoryview(page), pio.ports, mmio,
             7, FIOCLEX, K.EXIT_IO, K.EXIT_MMIO, memoryview(stamps),
         )  # fmt: skip
     finally:
@@ -166,9 +162,7 @@ def test_io_outside_the_run_page_is_refused_not_read():
     null = os.open("/dev/null", os.O_RDONLY)
     try:
         with pytest.raises(RuntimeError, match="outside the run page"):
-            _exitloop.run(
-                null, memoryview(page), None, None, None, None, 1, FIOCLEX, K.EXIT_IO, K.EXIT_MMIO, None
-            )
+            _exitloop.run(null, memoryview(page), {}, None, 1, FIOCLEX, K.EXIT_IO, K.EXIT_MMIO, None)
     finally:
         os.close(null)
 
@@ -188,9 +182,7 @@ def test_a_device_exception_propagates_from_the_compiled_loop():
             _exitloop.run(
                 null,
                 memoryview(page),
-                pio.read,
-                pio.write,
-                None,
+                pio.ports,
                 None,
                 1,
                 FIOCLEX,
@@ -198,5 +190,41 @@ def test_a_device_exception_propagates_from_the_compiled_loop():
                 K.EXIT_MMIO,
                 None,
             )
+    finally:
+        os.close(null)
+
+
+def test_a_mapping_moved_by_a_device_call_is_seen_at_the_next_exit():
+    """The compiled loop reads the buses' tables afresh at each exit: a guest moving a BAR
+    (the device's write unregisters it and registers it elsewhere) is seen at once, as by the
+    Python loop, and a port registered by a device call is reached at the next exit."""
+
+    class Moves(RecordingDevice):
+        def mmio_write(self, offset, size, value):
+            super().mmio_write(offset, size, value)
+            mmio.unregister(MMIO_BASE)
+            mmio.register(MMIO_BASE + 0x10000, 0x1000, self)
+
+        def pio_write(self, offset, size, value):
+            super().pio_write(offset, size, value)
+            if 0x80 not in pio.ports:
+                pio.register(0x80, 1, self)
+
+    dev = Moves()
+    pio, mmio = PioBus(), MmioBus()
+    mmio.register(MMIO_BASE, 0x1000, dev)
+    null = os.open("/dev/null", os.O_RDONLY)
+    try:
+        page = bytearray(S.RUN_SIZE)
+        mmio_exit(MMIO_BASE + 8, 4, True, 7)(memoryview(page))
+        got = _exitloop.run(null, memoryview(page), pio.ports, mmio, 3, FIOCLEX, K.EXIT_IO, K.EXIT_MMIO, None)
+        assert got == (3, BUDGET_SPENT, 0)
+        assert dev.accesses == [("mmio_write", 8, 4, 7)]  # then nobody's: the mapping moved
+        pio.register(0x70, 1, dev)
+        io_exit(0x70, 1, True, [5])(memoryview(page))
+        _exitloop.run(null, memoryview(page), pio.ports, mmio, 1, FIOCLEX, K.EXIT_IO, K.EXIT_MMIO, None)
+        io_exit(0x80, 1, True, [6])(memoryview(page))
+        _exitloop.run(null, memoryview(page), pio.ports, mmio, 1, FIOCLEX, K.EXIT_IO, K.EXIT_MMIO, None)
+        assert dev.accesses[1:] == [("pio_write", 0, 1, 5), ("pio_write", 0, 1, 6)]
     finally:
         os.close(null)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left, bisect_right
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from corral.devices.base import MmioDevice, PioDevice
@@ -32,12 +33,28 @@ class Mapping(NamedTuple):
     end: int
 
 
+def _method(device: object, name: str) -> Callable[..., Any]:
+    """device.name, bound now; one the device lacks raises its AttributeError when called, as
+    looking it up at the access did."""
+    found = getattr(device, name, None)
+    if found is not None:
+        return found
+
+    def missing(*args: int) -> Any:
+        return getattr(device, name)(*args)
+
+    return missing
+
+
 class PioBus:
     """The 64 KiB x86 I/O port space."""
 
     def __init__(self) -> None:
         self._table: dict[int, Mapping] = {}
         self.mappings: list[Mapping] = []
+        # per port: (offset in its device, the device's pio_read, its pio_write), what an exit
+        # needs and nothing else; the compiled vCPU loop (vstate/_exitloop.c) reads it too
+        self.ports: dict[int, tuple[int, Callable[[int, int], int], Callable[[int, int, int], None]]] = {}
 
     def register(self, base: int, size: int, device: PioDevice, name: str = "") -> None:
         if base < 0 or size <= 0 or base + size > 0x10000:
@@ -49,32 +66,34 @@ class PioBus:
                 raise BusConflictError(f"port {port:#x}: {m.name} overlaps {held.name}")
         for port in range(base, base + size):
             self._table[port] = m
+            self.ports[port] = (port - base, _method(device, "pio_read"), _method(device, "pio_write"))
         self.mappings.append(m)
 
     def read(self, port: int, size: int) -> int:
-        m = self._table.get(port)
-        if m is None:
+        e = self.ports.get(port)
+        if e is None:
             return (1 << (size * 8)) - 1
-        return m.device.pio_read(port - m.base, size)
+        return e[1](e[0], size)
 
     def write(self, port: int, size: int, value: int) -> None:
-        m = self._table.get(port)
-        if m is not None:
-            m.device.pio_write(port - m.base, size, value)
+        e = self.ports.get(port)
+        if e is not None:
+            e[2](e[0], size, value)
 
 
 class MmioBus:
     """Guest-physical MMIO ranges (everything that is not RAM)."""
 
     def __init__(self) -> None:
-        # (starts, mappings) replaced as one tuple, so lock-free readers see a consistent pair
-        self._index: tuple[list[int], list[Mapping]] = ([], [])
+        # (starts, mappings) replaced as one tuple, never changed in place, so lock-free readers
+        # (read and write below, the compiled vCPU loop in vstate/_exitloop.c) see a consistent pair
+        self.index: tuple[list[int], list[Mapping]] = ([], [])
         self._lock = threading.Lock()
 
     def register(self, base: int, size: int, device: MmioDevice, name: str = "") -> None:
         m = Mapping(base, size, device, name or type(device).__name__, base + size)
         with self._lock:
-            starts, maps = self._index[0][:], self._index[1][:]
+            starts, maps = self.index[0][:], self.index[1][:]
             i = bisect_right(starts, base)
             if i > 0 and maps[i - 1].end > base:
                 raise BusConflictError(f"MMIO {base:#x}: {m.name} overlaps {maps[i - 1].name}")
@@ -82,25 +101,25 @@ class MmioBus:
                 raise BusConflictError(f"MMIO {base:#x}: {m.name} overlaps {maps[i].name}")
             starts.insert(i, base)
             maps.insert(i, m)
-            self._index = (starts, maps)
+            self.index = (starts, maps)
 
     def unregister(self, base: int) -> None:
         """Remove the mapping that starts at `base` (a PCI BAR the guest moved)."""
         with self._lock:
-            starts, maps = self._index[0][:], self._index[1][:]
+            starts, maps = self.index[0][:], self.index[1][:]
             i = bisect_left(starts, base)
             if i == len(starts) or starts[i] != base:
                 raise KeyError(f"no MMIO mapping starts at {base:#x}")
             del starts[i], maps[i]
-            self._index = (starts, maps)
+            self.index = (starts, maps)
 
     @property
     def mappings(self) -> list[Mapping]:
-        return list(self._index[1])
+        return list(self.index[1])
 
     # read and write find the mapping themselves: a call less on every MMIO exit
     def read(self, addr: int, size: int) -> int:
-        starts, maps = self._index
+        starts, maps = self.index
         i = bisect_right(starts, addr) - 1
         if i >= 0:
             base, _, device, _, end = maps[i]
@@ -109,7 +128,7 @@ class MmioBus:
         return (1 << (size * 8)) - 1
 
     def write(self, addr: int, size: int, value: int) -> None:
-        starts, maps = self._index
+        starts, maps = self.index
         i = bisect_right(starts, addr) - 1
         if i >= 0:
             base, _, device, _, end = maps[i]

@@ -4,11 +4,15 @@
  * and on an I/O exit call the bus's read or write for every item (string I/O repeats it
  * `count` times), on an MMIO exit call the MMIO bus's; every other exit goes back to Python.
  * What this saves is the interpreter's work around those calls on every exit (the loop, the
- * ioctl wrapper, unpacking the run page, building and slicing bytes): the buses and devices
- * stay Python. The GIL is released around KVM_RUN only, as fcntl.ioctl releases it.
+ * ioctl wrapper, unpacking the run page, building and slicing bytes): the devices stay
+ * Python. It does what the buses' read and write do, from the buses' own tables, a Python
+ * call less per exit: port I/O from `PioBus.ports` (port -> (offset, pio_read, pio_write)),
+ * MMIO from `MmioBus.index` ((starts, mappings), read afresh at each exit: a guest moving a
+ * BAR replaces it); an access nobody owns reads all ones and drops writes. The GIL is released
+ * around KVM_RUN only, as fcntl.ioctl releases it.
  *
- * run(fd, run_page, pio_read, pio_write, mmio_read, mmio_write, budget, kvm_run, exit_io,
- *     exit_mmio, stamps) -> (exits, reason, errno)
+ * run(fd, run_page, pio_ports, mmio_bus, budget, kvm_run, exit_io, exit_mmio, stamps)
+ *     -> (exits, reason, errno)
  *   reason >= 0: a KVM exit reason Python handles (the run page holds it);
  *   BUDGET (-1): `budget` exits served, Python looks at its flags and calls again;
  *   FAILED (-2): KVM_RUN failed with `errno` (EINTR: a kick), Python decides.
@@ -47,18 +51,23 @@ static void store_le(uint8_t *p, uint64_t v, unsigned n) {
         p[i] = (uint8_t)(v >> (8 * i));
 }
 
-/* f(a, b) or f(a, b, c) with ints; NULL with an exception set on failure */
-static PyObject *call_ints(PyObject *f, uint64_t a, uint64_t b, int with_c, uint64_t c) {
-    PyObject *args[3] = {PyLong_FromUnsignedLongLong(a), PyLong_FromUnsignedLongLong(b),
+/* f(a, b[, c]) with ints, or, with `name`, f.name(a, b[, c]) (no bound method made); NULL with
+ * an exception set on failure */
+static PyObject *call_ints(PyObject *name, PyObject *f, uint64_t a, uint64_t b, int with_c, uint64_t c) {
+    PyObject *args[4] = {f, PyLong_FromUnsignedLongLong(a), PyLong_FromUnsignedLongLong(b),
                          with_c ? PyLong_FromUnsignedLongLong(c) : NULL};
+    size_t n = with_c ? 3 : 2;
     PyObject *r = NULL;
-    if (args[0] && args[1] && (!with_c || args[2]))
-        r = PyObject_Vectorcall(f, args, with_c ? 3 : 2, NULL);
-    Py_XDECREF(args[0]);
+    if (args[1] && args[2] && (!with_c || args[3]))
+        r = name != NULL ? PyObject_VectorcallMethod(name, args, n + 1, NULL)
+                         : PyObject_Vectorcall(f, args + 1, n | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     Py_XDECREF(args[1]);
     Py_XDECREF(args[2]);
+    Py_XDECREF(args[3]);
     return r;
 }
+
+static PyObject *s_index, *s_mmio_read, *s_mmio_write; /* interned names, made at import */
 
 /* what a bus read returned, as `n` bytes: Python's int.to_bytes(n, "little") rules (a negative
  * value or one that does not fit raises OverflowError), so both loops fail alike */
@@ -95,13 +104,58 @@ static int read_result(PyObject *r, unsigned n, uint64_t *out) {
     return 0;
 }
 
+/* MmioBus.read/write's lookup: the mapping holding [addr, addr + n), as a new reference to
+ * the bus's index (which keeps the mapping alive) and the mapping borrowed from it; *mapping
+ * NULL where nobody owns the access. -1 with an exception set where the index is not the
+ * bus's shape. */
+static int mmio_find(PyObject *bus, uint64_t addr, uint32_t n, PyObject **index, PyObject **mapping,
+                     uint64_t *offset) {
+    *mapping = NULL;
+    *index = PyObject_GetAttr(bus, s_index);
+    if (*index == NULL)
+        return -1;
+    PyObject *starts, *maps;
+    if (!PyTuple_CheckExact(*index) || PyTuple_GET_SIZE(*index) != 2 ||
+        !PyList_CheckExact(starts = PyTuple_GET_ITEM(*index, 0)) ||
+        !PyList_CheckExact(maps = PyTuple_GET_ITEM(*index, 1)) || PyList_GET_SIZE(starts) != PyList_GET_SIZE(maps))
+        goto shape;
+    Py_ssize_t lo = 0, hi = PyList_GET_SIZE(starts); /* bisect_right(starts, addr) */
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        uint64_t start = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(starts, mid));
+        if (start == (uint64_t)-1 && PyErr_Occurred())
+            return -1;
+        if (addr < start)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    if (lo == 0)
+        return 0;
+    PyObject *m = PyList_GET_ITEM(maps, lo - 1);
+    if (!PyTuple_Check(m) || PyTuple_GET_SIZE(m) != 5)
+        goto shape;
+    uint64_t base = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(m, 0));
+    uint64_t end = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(m, 4));
+    if (PyErr_Occurred())
+        return -1;
+    if (addr < end && n <= end - addr) {
+        *mapping = m;
+        *offset = addr - base;
+    }
+    return 0;
+shape:
+    PyErr_SetString(PyExc_TypeError, "MmioBus.index holds (starts, mappings) lists");
+    return -1;
+}
+
 static inline uint64_t now_ns(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
-PyDoc_STRVAR(run_doc, "run(fd, run_page, pio_read, pio_write, mmio_read, mmio_write, budget, kvm_run,\n"
+PyDoc_STRVAR(run_doc, "run(fd, run_page, pio_ports, mmio_bus, budget, kvm_run,\n"
                       "exit_io, exit_mmio, stamps) -> (exits, reason, errno): Vcpu._loop's fast path\n"
                       "(see the module's source).");
 
@@ -109,11 +163,11 @@ static PyObject *el_run(PyObject *self, PyObject *args) {
     (void)self;
     int fd;
     Py_buffer page, stamp_buf = {0};
-    PyObject *pio_read, *pio_write, *mmio_read, *mmio_write, *stamps;
+    PyObject *pio_ports, *mmio_bus, *stamps;
     unsigned long budget, kvm_run;
     unsigned exit_io, exit_mmio;
-    if (!PyArg_ParseTuple(args, "iw*OOOOkkIIO", &fd, &page, &pio_read, &pio_write, &mmio_read, &mmio_write,
-                          &budget, &kvm_run, &exit_io, &exit_mmio, &stamps))
+    if (!PyArg_ParseTuple(args, "iw*O!OkkIIO", &fd, &page, &PyDict_Type, &pio_ports, &mmio_bus, &budget, &kvm_run,
+                          &exit_io, &exit_mmio, &stamps))
         return NULL;
     uint64_t *stamp = NULL;
     size_t room = 0; /* pairs of stamps left */
@@ -167,19 +221,45 @@ static PyObject *el_run(PyObject *self, PyObject *args) {
                              size, (unsigned long long)off);
                 goto fail;
             }
+            PyObject *entry, *key = PyLong_FromUnsignedLong(port);
+            if (key == NULL)
+                goto fail;
+            entry = PyDict_GetItemWithError(pio_ports, key); /* borrowed */
+            Py_DECREF(key);
+            if (entry == NULL && PyErr_Occurred())
+                goto fail;
+            uint64_t offset = 0;
+            if (entry != NULL) {
+                if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3) {
+                    PyErr_SetString(PyExc_TypeError, "PioBus.ports holds (offset, read, write) tuples");
+                    goto fail;
+                }
+                offset = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(entry, 0));
+                if (offset == (uint64_t)-1 && PyErr_Occurred())
+                    goto fail;
+                Py_INCREF(entry); /* a device call may change the table */
+            }
             for (uint32_t i = 0; i < count; i++, off += size) {
-                if (out) {
-                    PyObject *r = call_ints(pio_write, port, size, 1, load_le(run + off, size));
-                    if (r == NULL)
+                if (entry == NULL) { /* nobody's port: reads all ones, writes dropped */
+                    if (!out)
+                        store_le(run + off, ~(uint64_t)0, size);
+                } else if (out) {
+                    PyObject *r = call_ints(NULL, PyTuple_GET_ITEM(entry, 2), offset, size, 1, load_le(run + off, size));
+                    if (r == NULL) {
+                        Py_DECREF(entry);
                         goto fail;
+                    }
                     Py_DECREF(r);
                 } else {
                     uint64_t v;
-                    if (read_result(call_ints(pio_read, port, size, 0, 0), size, &v) < 0)
+                    if (read_result(call_ints(NULL, PyTuple_GET_ITEM(entry, 1), offset, size, 0, 0), size, &v) < 0) {
+                        Py_DECREF(entry);
                         goto fail;
+                    }
                     store_le(run + off, v, size);
                 }
             }
+            Py_XDECREF(entry);
         } else if (why == exit_mmio) {
             uint64_t addr;
             uint32_t n;
@@ -187,14 +267,30 @@ static PyObject *el_run(PyObject *self, PyObject *args) {
             memcpy(&n, run + 48, 4);
             if (n > 8)
                 n = 8;
+            PyObject *index, *m;
+            uint64_t offset = 0;
+            if (mmio_find(mmio_bus, addr, n, &index, &m, &offset) < 0) {
+                Py_XDECREF(index);
+                goto fail;
+            }
+            if (m == NULL) { /* nobody's: reads all ones, writes dropped */
+                if (!run[52])
+                    store_le(run + 40, ~(uint64_t)0, n);
+                Py_DECREF(index);
+                continue;
+            }
+            PyObject *device = PyTuple_GET_ITEM(m, 2);
             if (run[52]) {
-                PyObject *r = call_ints(mmio_write, addr, n, 1, load_le(run + 40, n));
+                PyObject *r = call_ints(s_mmio_write, device, offset, n, 1, load_le(run + 40, n));
+                Py_DECREF(index);
                 if (r == NULL)
                     goto fail;
                 Py_DECREF(r);
             } else {
                 uint64_t v;
-                if (read_result(call_ints(mmio_read, addr, n, 0, 0), n, &v) < 0)
+                int bad = read_result(call_ints(s_mmio_read, device, offset, n, 0, 0), n, &v);
+                Py_DECREF(index);
+                if (bad < 0)
                     goto fail;
                 store_le(run + 40, v, n);
             }
@@ -227,4 +323,11 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__exitloop(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__exitloop(void) {
+    s_index = PyUnicode_InternFromString("index");
+    s_mmio_read = PyUnicode_InternFromString("mmio_read");
+    s_mmio_write = PyUnicode_InternFromString("mmio_write");
+    if (!s_index || !s_mmio_read || !s_mmio_write)
+        return NULL;
+    return PyModule_Create(&module);
+}

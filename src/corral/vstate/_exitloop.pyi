@@ -1,13 +1,13 @@
 # corral's compiled vCPU loop (_exitloop.c): see Vcpu._loop in vcpu.py.
 from collections.abc import Callable
 
+from corral.devices.bus import MmioBus
+
 def run(
     fd: int,
     run_page: memoryview,
-    pio_read: Callable[[int, int], int],
-    pio_write: Callable[[int, int, int], None],
-    mmio_read: Callable[[int, int], int],
-    mmio_write: Callable[[int, int, int], None],
+    pio_ports: dict[int, tuple[int, Callable[[int, int], int], Callable[[int, int, int], None]]],
+    mmio_bus: MmioBus,
     budget: int,
     kvm_run: int,
     exit_io: int,

@@ -3,7 +3,8 @@
 The exit path is the hot path of every emulated device access: it reads the kvm_run page
 through precompiled structs and a memoryview, and calls the bus directly. Where the optional
 extension `_exitloop` (C, built by `pip install`) is there, it runs KVM_RUN and the port-I/O
-and MMIO dispatch in C, calling the same bus methods, and hands every other exit back: the
+and MMIO dispatch in C (the MMIO bus's methods; port I/O from the port bus's own table,
+PioBus.ports, as its methods do), and hands every other exit back: the
 Python loop below stays the reference (CORRAL_NO_FASTPATH=1 runs it, and the exit statistics
 always do). It saves the interpreter's work around each exit, which matters most where KVM_RUN
 is cheap (VT-x/AMD-V: a round trip of 1-2 us, against ~27 us on a PVM host).
@@ -350,7 +351,7 @@ class Vcpu:
             if compiled is not None:
                 stamps = self.exit_stamps
                 n, reason, err = compiled(
-                    fd.fd, run, pio_read, pio_write, mmio_read, mmio_write,
+                    fd.fd, run, self.pio.ports, self.mmio,
                     EXIT_LOOP_BUDGET, K.KVM_RUN, EXIT_IO, EXIT_MMIO, stamps,
                 )  # fmt: skip
                 exits += n

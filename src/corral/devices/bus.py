@@ -117,20 +117,24 @@ class MmioBus:
     def mappings(self) -> list[Mapping]:
         return list(self.index[1])
 
-    # read and write find the mapping themselves: a call less on every MMIO exit
-    def read(self, addr: int, size: int) -> int:
+    def _find(self, addr: int, size: int) -> Mapping | None:
+        """The mapping that holds [addr, addr + size), or None (nobody's, or straddling an end).
+        The compiled vCPU loop does the same lookup itself (vstate/_exitloop.c, mmio_find)."""
         starts, maps = self.index
         i = bisect_right(starts, addr) - 1
         if i >= 0:
-            base, _, device, _, end = maps[i]
-            if addr < end and addr + size <= end:
-                return device.mmio_read(addr - base, size)
-        return (1 << (size * 8)) - 1
+            m = maps[i]
+            if addr < m.end and addr + size <= m.end:
+                return m
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        m = self._find(addr, size)
+        if m is None:
+            return (1 << (size * 8)) - 1
+        return m.device.mmio_read(addr - m.base, size)
 
     def write(self, addr: int, size: int, value: int) -> None:
-        starts, maps = self.index
-        i = bisect_right(starts, addr) - 1
-        if i >= 0:
-            base, _, device, _, end = maps[i]
-            if addr < end and addr + size <= end:
-                device.mmio_write(addr - base, size, value)
+        m = self._find(addr, size)
+        if m is not None:
+            m.device.mmio_write(addr - m.base, size, value)

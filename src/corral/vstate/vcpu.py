@@ -3,8 +3,8 @@
 The exit path is the hot path of every emulated device access: it reads the kvm_run page
 through precompiled structs and a memoryview, and calls the bus directly. Where the optional
 extension `_exitloop` (C, built by `pip install`) is there, it runs KVM_RUN and the port-I/O
-and MMIO dispatch in C (the MMIO bus's methods; port I/O from the port bus's own table,
-PioBus.ports, as its methods do), and hands every other exit back: the
+and MMIO dispatch in C (from the buses' own tables, PioBus.ports and MMIO's index, as their
+read and write do), and hands every other exit back: the
 Python loop below stays the reference (CORRAL_NO_FASTPATH=1 runs it, and the exit statistics
 always do). It saves the interpreter's work around each exit, which matters most where KVM_RUN
 is cheap (VT-x/AMD-V: a round trip of 1-2 us, against ~27 us on a PVM host).

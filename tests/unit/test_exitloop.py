@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from support.kvm_fakes import FakeVcpuFd, RecordingDevice, RecordingHost, io_exit, mmio_exit, plain_exit
 
 from corral.devices.bus import MmioBus, PioBus
+from corral.devices.legacy.post import PostSink
 from corral.kvm import constants as K
 from corral.kvm import structs as S
 from corral.vstate import vcpu as vcpu_mod
@@ -42,9 +43,19 @@ class Reads(RecordingDevice):
         return value
 
 
+class Sink(PostSink):
+    """A sink neither loop may call: its ports are served from the bus's table."""
+
+    def pio_read(self, offset: int, size: int) -> int:
+        raise AssertionError("a sink was called")
+
+    pio_write = pio_read  # type: ignore[assignment]
+
+
 def _buses(dev: RecordingDevice) -> tuple[PioBus, MmioBus]:
     pio, mmio = PioBus(), MmioBus()
     pio.register(PORT_BASE, 8, dev)
+    pio.register(PORT_BASE + 8, 2, Sink())
     mmio.register(MMIO_BASE, 0x1000, dev)
     return pio, mmio
 
@@ -98,7 +109,7 @@ def exits(draw):
     kind = draw(st.sampled_from(["io_out", "io_in", "mmio_write", "mmio_read"]))
     if kind.startswith("io"):
         n, count = draw(size), draw(st.integers(1, 6))
-        port = draw(st.integers(PORT_BASE - 2, PORT_BASE + 9))  # some nobody owns
+        port = draw(st.integers(PORT_BASE - 2, PORT_BASE + 11))  # some a sink's, some nobody's
         at = draw(st.integers(64, 2048))
         values = [draw(value) & ((1 << 8 * n) - 1) for _ in range(count)]
         return io_exit(port, n, kind == "io_out", values, count, at), count

@@ -134,7 +134,10 @@ S = TypeVar("S", bound=DeviceState)
 
 @runtime_checkable
 class PioDevice(Protocol):
-    """A device on the port-I/O bus. `offset` is relative to the device's base port."""
+    """A device on the port-I/O bus. `offset` is relative to the device's base port.
+
+    A device may set a class attribute `pio_sink = True`: it keeps nothing, reads all ones and
+    drops writes, and the bus then serves its ports without calling it (devices/bus.py)."""
 
     def pio_read(self, offset: int, size: int) -> int: ...
 

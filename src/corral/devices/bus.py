@@ -33,6 +33,11 @@ class Mapping(NamedTuple):
     end: int
 
 
+# a port's entry in PioBus.ports: (offset in its device, the device's pio_read, its pio_write),
+# or None for a sink's port
+PortEntry = tuple[int, Callable[[int, int], int], Callable[[int, int, int], None]] | None
+
+
 def _method(device: object, name: str) -> Callable[..., Any]:
     """device.name, bound now; one the device lacks raises its AttributeError when called, as
     looking it up at the access did."""
@@ -53,8 +58,10 @@ class PioBus:
         self._table: dict[int, Mapping] = {}
         self.mappings: list[Mapping] = []
         # per port: (offset in its device, the device's pio_read, its pio_write), what an exit
-        # needs and nothing else; the compiled vCPU loop (vstate/_exitloop.c) reads it too
-        self.ports: dict[int, tuple[int, Callable[[int, int], int], Callable[[int, int, int], None]]] = {}
+        # needs and nothing else, or None for a sink's port (a device with `pio_sink` set keeps
+        # nothing: reads all ones, writes dropped, served here without a call); the compiled
+        # vCPU loop (vstate/_exitloop.c) reads it too
+        self.ports: dict[int, PortEntry] = {}
 
     def register(self, base: int, size: int, device: PioDevice, name: str = "") -> None:
         if base < 0 or size <= 0 or base + size > 0x10000:
@@ -64,9 +71,11 @@ class PioBus:
             held = self._table.get(port)
             if held is not None:
                 raise BusConflictError(f"port {port:#x}: {m.name} overlaps {held.name}")
+        sink = getattr(device, "pio_sink", False) is True
         for port in range(base, base + size):
             self._table[port] = m
-            self.ports[port] = (port - base, _method(device, "pio_read"), _method(device, "pio_write"))
+            read, write = _method(device, "pio_read"), _method(device, "pio_write")
+            self.ports[port] = None if sink else (port - base, read, write)
         self.mappings.append(m)
 
     def read(self, port: int, size: int) -> int:

@@ -8,7 +8,8 @@
  * Python. It does what the buses' read and write do, from the buses' own tables, a Python
  * call less per exit: port I/O from `PioBus.ports` (port -> (offset, pio_read, pio_write)),
  * MMIO from `MmioBus.index` ((starts, mappings), read afresh at each exit: a guest moving a
- * BAR replaces it); an access nobody owns reads all ones and drops writes. The GIL is released
+ * BAR replaces it); an access nobody owns, or a sink's port (None in `ports`), reads all ones
+ * and drops writes without a call. The GIL is released
  * around KVM_RUN only, as fcntl.ioctl releases it.
  *
  * run(fd, run_page, pio_ports, mmio_bus, budget, kvm_run, exit_io, exit_mmio, stamps)
@@ -228,6 +229,8 @@ static PyObject *el_run(PyObject *self, PyObject *args) {
             Py_DECREF(key);
             if (entry == NULL && PyErr_Occurred())
                 goto fail;
+            if (entry == Py_None) /* a sink's port: served as nobody's */
+                entry = NULL;
             uint64_t offset = 0;
             if (entry != NULL) {
                 if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3) {

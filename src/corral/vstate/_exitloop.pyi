@@ -1,12 +1,11 @@
 # corral's compiled vCPU loop (_exitloop.c): see Vcpu._loop in vcpu.py.
-from collections.abc import Callable
 
-from corral.devices.bus import MmioBus
+from corral.devices.bus import MmioBus, PortEntry
 
 def run(
     fd: int,
     run_page: memoryview,
-    pio_ports: dict[int, tuple[int, Callable[[int, int], int], Callable[[int, int, int], None]]],
+    pio_ports: dict[int, PortEntry],
     mmio_bus: MmioBus,
     budget: int,
     kvm_run: int,

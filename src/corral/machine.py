@@ -674,8 +674,11 @@ class Machine:
             if self._stop_requested:
                 return ExitResult("stopped", 0, "stopped by the host", self.reboots)
             with self._result_lock:
-                self._result = None
-                self._stopped.clear()
+                if not any(v.thread is not None for v in self.vcpus):
+                    # (one started before run(), as a migration's destination starts it at
+                    # once, keeps what it may already have reported)
+                    self._result = None
+                    self._stopped.clear()
             interrupted = True
             try:
                 self.start()

@@ -15,7 +15,8 @@
     state {MachineState}             ->      creates vCPUs, loads every component
                                      <-      {ready}
     {go}                             ->      starts the guest
-    source stops ("migrated")
+                                     <-      {running} (or {error}: it did not start)
+    source stops ("migrated"); its downtime runs from its pause to the {running}
 
 Trust. Whoever reaches the port is a stranger until proven otherwise: both sides hold a shared
 token (at least 16 bytes, from a file only its owner reads) and each proves it with an HMAC
@@ -78,7 +79,7 @@ PAGE = 4096
 MAX_FRAME = 1 << 20  # pages are sent in runs of at most 1 MiB
 _PAGES = struct.Struct("<cQI")  # b"P", backing offset, length
 _JSON = struct.Struct("<cI")  # b"J", length
-PROTOCOL = 2  # 2: the authenticated handshake
+PROTOCOL = 3  # 2: the authenticated handshake; 3: the destination says when the guest runs
 IO_TIMEOUT = 30.0
 HANDSHAKE_TIMEOUT = 10.0  # the receiver's deadline for a peer to prove itself, all reads together
 MAX_HANDSHAKES = 16  # handshakes the receiver runs at once (each on its own thread)
@@ -110,7 +111,7 @@ class MigrationStats(BaseModel):
     throttle: float = 0.0  # the share of time the guest's vCPUs were held back
     round_bytes: list[int] = Field(default_factory=list)
     # where the downtime went, in ms: pause, final pages, state, destination (its load of the
-    # state and the round trip), go
+    # state and the round trip), go, start (the destination's start of the guest and its word)
     downtime_ms: dict[str, float] = Field(default_factory=dict)
 
 
@@ -489,6 +490,8 @@ def migrate(
             link.send_json({"go": True})
             committed = True  # from here on the destination owns the guest
             phase("go")
+            not_started = _destination_started(link, host, port)
+            phase("start")
             stats.downtime_seconds = time.perf_counter() - down
             stats.throttle = throttle.fraction
     except (OSError, MigrationError, CorralError) as exc:
@@ -512,7 +515,29 @@ def migrate(
     stats.bytes_sent = link.sent
     stats.total_seconds = time.perf_counter() - t0
     machine.stop(f"migrated to {host}:{port}")
+    if not_started is not None:
+        # the destination owns the guest and did not start it: resuming it here could run it
+        # against disks the destination's start may already have written
+        raise MigrationError(f"{not_started}; the guest is stopped on both hosts")
     return stats
+
+
+def _destination_started(link: _Link, host: str, port: int) -> str | None:
+    """The destination's word after `go`: None once it runs the guest, else why not. A word
+    that does not come (a link cut after the hand-over) is logged: the guest is the
+    destination's then, running or not."""
+    try:
+        reply = link.recv(limit=HELLO_LIMIT)
+    except (OSError, MigrationError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        log.warning(
+            "migration to %s:%d: no word from the destination after the hand-over: %s", host, port, reason
+        )
+        return None
+    if reply.get("running") is True:
+        return None
+    why = str(reply.get("error", "it sent something else"))[:2000]
+    return f"the destination at {host}:{port} took the guest but could not start it: {why}"
 
 
 def state_message(state: MachineState) -> bytes:
@@ -623,8 +648,8 @@ def receive(
     accept_timeout: float | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> Machine:
-    """Accept one incoming migration on `server` and return the machine, loaded and handed
-    over: call start() (or run()) at once.
+    """Accept one incoming migration on `server` and return the machine, handed over and
+    started (its vCPUs run as the source hears of it); run() or wait() on it from there.
 
     A peer must prove `token` (without one, `insecure` must say so) within
     `handshake_timeout`; one that does not is logged and the next connection accepted, until
@@ -845,6 +870,15 @@ def _receive_machine(
         go = link.recv(limit=HELLO_LIMIT)
         if not go.get("go"):
             raise MigrationError("the source did not hand the guest over")
+        # the guest's pause ends here, not when the caller gets to start it (a CLI sets up its
+        # API socket and filters first); the source counts its downtime to this word
+        try:
+            machine.start()
+        except CorralError as exc:
+            reason = _one_line(exc)
+            _send_quietly(link, {"error": reason})
+            raise MigrationError(f"the guest from {where} did not start: {reason}") from None
+        _send_quietly(link, {"running": True})
         return machine
     except BaseException as exc:
         if machine is not None:
@@ -854,6 +888,14 @@ def _receive_machine(
         raise
     finally:
         link.close()
+
+
+def _send_quietly(link: _Link, msg: dict[str, object]) -> None:
+    """A last word to the source after the hand-over: one it does not hear changes nothing."""
+    try:
+        link.send_json(msg)
+    except OSError:
+        pass
 
 
 def _one_line(exc: object) -> str:

@@ -21,6 +21,7 @@ from support.results import progress_rounds
 
 from corral.api import ControlClient
 from corral.errors import CorralError
+from corral.machine import Machine, VmStateError
 from corral.migration import MigrationError, listen, migrate, receive
 
 CMD = "mem-touch 32M forever"
@@ -85,6 +86,9 @@ def test_migration_moves_the_running_guest(source):
     dest = Destination()
     try:
         stats = migrate(source.machine, dest.address, token=TOKEN)
+        # the downtime runs to the destination's word that the guest runs there
+        assert set(stats.downtime_ms) == {"pause", "final pages", "state", "destination", "go", "start"}
+        assert stats.downtime_seconds * 1000 >= sum(stats.downtime_ms.values()) * 0.99
         dest.join()
         assert dest.error is None and dest.probe is not None
         result = source.machine.wait(5)
@@ -177,6 +181,31 @@ def test_cut_connection_leaves_the_source_running(source, phase):
             again.probe.wait_rounds(source.last_round() + 1)
         finally:
             again.close()
+    finally:
+        dest.close()
+
+
+def test_a_guest_the_destination_cannot_start_is_reported_not_resumed(source, monkeypatch):
+    """The destination took the guest (`go`) but its start failed: the source hears why and
+    does not resume its copy (the destination's start may already have written its disks)."""
+    started = Machine.start
+
+    def fails_on_the_destination(self):
+        if self is not source.machine:
+            raise VmStateError("no vCPU could start (a test's failure)")
+        started(self)
+
+    monkeypatch.setattr(Machine, "start", fails_on_the_destination)
+    dest = Destination()
+    try:
+        with pytest.raises(
+            MigrationError, match=r"could not start it: .*a test's failure.*stopped on both hosts"
+        ):
+            migrate(source.machine, dest.address, token=TOKEN)
+        dest.join()
+        assert dest.probe is None and "did not start" in str(dest.error)
+        result = source.machine.wait(5)
+        assert result is not None and result.kind == "stopped"
     finally:
         dest.close()
 

@@ -1,9 +1,12 @@
 import calendar
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from support.fakes import FakeClock
 
 from corral.arch.x86 import layout
+from corral.devices.legacy import rtc as rtc_mod
 from corral.devices.legacy.rtc import CmosRtc, RtcState
 
 # 2024-02-29 13:45:07 UTC, a Thursday
@@ -152,3 +155,19 @@ def test_state_round_trip(rtc, clock):
     assert rd(other, 0x00) == 33  # still frozen with the written seconds
     wr(other, 0x0B, 0x06)
     assert (rd(other, 0x04), rd(other, 0x00)) == (5, 33)
+
+
+@given(
+    y=st.integers(1, 9999),
+    m=st.integers(1, 12),
+    rest=st.lists(st.integers(-5, 80), min_size=4, max_size=4),
+)
+def test_dates_agree_with_the_calendar_module(y, m, rest):
+    """The RTC's own date arithmetic (it no longer imports calendar) gives calendar's days in a
+    month, seconds since the epoch and weekday, clamping as before."""
+    assert rtc_mod._days_in(y, m) == calendar.monthrange(y, m)[1]
+    d, h, mi, s = rest
+    day = min(max(d, 1), calendar.monthrange(y, m)[1])
+    clamp = lambda v, hi: min(max(v, 0), hi)  # noqa: E731
+    expected = calendar.timegm((y, m, day, clamp(h, 23), clamp(mi, 59), clamp(s, 59), 0, 0, 0))
+    assert rtc_mod._epoch_of([y, m, d, h, mi, s]) == expected

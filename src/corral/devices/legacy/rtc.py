@@ -32,11 +32,11 @@ byte.
 
 from __future__ import annotations
 
-import calendar
 import math
 import threading
 import time
 from collections.abc import Callable
+from datetime import date
 from typing import ClassVar
 
 from corral.arch.x86 import layout
@@ -113,13 +113,23 @@ def _fields_of(t: int) -> list[int]:
     return [tm.tm_year, tm.tm_mon, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec]
 
 
+_MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_EPOCH_ORDINAL = 719163  # date(1970, 1, 1).toordinal()
+
+
+def _days_in(year: int, month: int) -> int:
+    """Days in `month` of `year` (Gregorian; what calendar.monthrange gives, without importing
+    calendar and the locale machinery it pulls in on every launch)."""
+    leap = month == 2 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    return _MONTH_DAYS[month - 1] + leap
+
+
 def _epoch_of(f: list[int]) -> int:
     year = _clamp(f[_Y], MIN_YEAR, MAX_YEAR)
     month = _clamp(f[_MO], 1, 12)
-    day = _clamp(f[_D], 1, calendar.monthrange(year, month)[1])
-    return calendar.timegm(
-        (year, month, day, _clamp(f[_H], 0, 23), _clamp(f[_MI], 0, 59), _clamp(f[_S], 0, 59), 0, 0, 0)
-    )
+    day = _clamp(f[_D], 1, _days_in(year, month))
+    days = date(year, month, day).toordinal() - _EPOCH_ORDINAL
+    return days * 86400 + _clamp(f[_H], 0, 23) * 3600 + _clamp(f[_MI], 0, 59) * 60 + _clamp(f[_S], 0, 59)
 
 
 class CmosRtc:
@@ -222,8 +232,8 @@ class CmosRtc:
             v = h
         elif idx == REG_DOW:
             y, m, d = _clamp(f[_Y], MIN_YEAR, MAX_YEAR), _clamp(f[_MO], 1, 12), f[_D]
-            d = _clamp(d, 1, calendar.monthrange(y, m)[1])
-            v = (calendar.weekday(y, m, d) + 1) % 7 + 1  # Monday=0 -> 2, Sunday=6 -> 1
+            d = _clamp(d, 1, _days_in(y, m))
+            v = (date(y, m, d).weekday() + 1) % 7 + 1  # Monday=0 -> 2, Sunday=6 -> 1
         elif idx == REG_DOM:
             v = f[_D]
         elif idx == REG_MONTH:

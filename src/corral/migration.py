@@ -281,7 +281,7 @@ class _Link:
     def expect(self, key: str) -> dict:
         msg = self.recv()
         if "error" in msg:
-            raise MigrationError(f"the destination refused: {str(msg['error'])[:2000]}")
+            raise MigrationError(f"the destination refused: {_one_line(msg['error'])}")
         if key not in msg:
             raise MigrationError(f"the destination answered {sorted(msg)[:10]} instead of '{key}'")
         return msg
@@ -536,7 +536,7 @@ def _destination_started(link: _Link, host: str, port: int) -> str | None:
         return None
     if reply.get("running") is True:
         return None
-    why = str(reply.get("error", "it sent something else"))[:2000]
+    why = _one_line(reply.get("error", "it sent something else"))  # the peer's words: one bounded line
     return f"the destination at {host}:{port} took the guest but could not start it: {why}"
 
 

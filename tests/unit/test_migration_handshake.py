@@ -259,3 +259,38 @@ def test_handshakes_in_flight_are_bounded(caplog):
             s.close()
         srv.close()
     assert not t.is_alive() and "no migration arrived in time" in str(errors[0])
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ({"running": True}, None),
+        ({"error": "no vCPU\nstarted " * 5000}, "could not start it: no vCPU started no vCPU"),
+        ({"running": "yes"}, "could not start it: it sent something else"),
+        ([1, 2], "malformed"),
+        (None, None),  # the destination hangs up without a word
+    ],
+)
+def test_the_destinations_word_after_the_hand_over(reply, expected, caplog):
+    """After `go` the source reads one word from a destination it cannot trust: running, or
+    why not as one bounded line; no word (a cut link) is logged, not raised."""
+    from corral.migration import _destination_started
+
+    a, b = tcp_pair()
+    peer = _Link(a, timeout=5)
+    if reply is None:
+        peer.close()
+    elif isinstance(reply, dict):
+        peer.send_json(reply)
+    else:
+        peer.send_json_bytes(b"[1, 2]")
+    with caplog.at_level(logging.WARNING, logger="corral.migration"):
+        got = _destination_started(_Link(b, timeout=5), "10.0.0.2", 7000)
+    peer.close()
+    if expected is None:
+        assert got is None
+        assert ("no word from the destination" in caplog.text) == (reply is None)
+    elif expected == "malformed":
+        assert got is None and "malformed" in caplog.text
+    else:
+        assert got is not None and expected in got and "\n" not in got and len(got) < 1200

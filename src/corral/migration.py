@@ -496,13 +496,16 @@ def migrate(
             stats.throttle = throttle.fraction
     except (OSError, MigrationError, CorralError) as exc:
         throttle.stop()
-        _abort(machine, was_paused)
         link.close()
         if committed:
+            # the destination owns the guest: resuming this copy too would run it twice
+            machine.stop_dirty_log()
+            machine.stop(f"migrated to {host}:{port}")
             raise MigrationError(
-                f"the connection failed after the hand-over was sent ({exc}); "
+                f"the connection failed after the hand-over was sent ({_one_line(exc)}); "
                 "the guest now runs at the destination"
             ) from None
+        _abort(machine, was_paused)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
         raise MigrationError(f"migration to {host}:{port} failed: {reason}; the guest runs on here") from None
     except BaseException:

@@ -210,6 +210,28 @@ def test_a_guest_the_destination_cannot_start_is_reported_not_resumed(source, mo
         dest.close()
 
 
+def test_a_failure_after_the_hand_over_never_resumes_the_source(source, monkeypatch):
+    """Once `go` is sent the destination owns the guest: a failure after it (here an error
+    while the source reads the destination's word) stops the source's copy, never resumes it."""
+    import corral.migration as migration_mod
+
+    def broken(*args):
+        raise OSError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(migration_mod, "_destination_started", broken)
+    dest = Destination()
+    try:
+        with pytest.raises(MigrationError, match="after the hand-over was sent .*runs at the destination"):
+            migrate(source.machine, dest.address, token=TOKEN)
+        result = source.machine.wait(5)
+        assert result is not None and result.kind == "stopped" and "migrated" in result.message
+        dest.join()
+        assert dest.error is None and dest.probe is not None
+        dest.probe.wait_rounds(source.last_round() + 2)  # the guest runs on at the destination
+    finally:
+        dest.close()
+
+
 def _receiver(address: str, token: str, *extra: str, netns: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "corral", "receive", "--listen", address, "--token-file", token]
     cmd += ["--timeout", "60", *extra]

@@ -323,12 +323,16 @@ class Machine:
             self.close()
             raise
 
+    @property
+    def _vcpus_started(self) -> bool:
+        return any(v.thread is not None for v in self.vcpus)
+
     def start(self) -> None:
         if self.vm is None:
             self.build()
         if self._incoming:
             raise VmStateError("an incoming machine starts once its state has arrived")
-        if any(v.thread is not None for v in self.vcpus):
+        if self._vcpus_started:
             return  # already running
         if self._result is not None:
             return  # stopped while it was being built
@@ -674,7 +678,7 @@ class Machine:
             if self._stop_requested:
                 return ExitResult("stopped", 0, "stopped by the host", self.reboots)
             with self._result_lock:
-                if not any(v.thread is not None for v in self.vcpus):
+                if not self._vcpus_started:
                     # (one started before run(), as a migration's destination starts it at
                     # once, keeps what it may already have reported)
                     self._result = None

@@ -502,12 +502,13 @@ def migrate(
             machine.stop_dirty_log()
             machine.stop(f"migrated to {host}:{port}")
             raise MigrationError(
-                f"the connection failed after the hand-over was sent ({_one_line(exc)}); "
+                f"the connection failed after the hand-over was sent ({_reason(exc)}); "
                 "the guest now runs at the destination"
             ) from None
         _abort(machine, was_paused)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-        raise MigrationError(f"migration to {host}:{port} failed: {reason}; the guest runs on here") from None
+        raise MigrationError(
+            f"migration to {host}:{port} failed: {_reason(exc)}; the guest runs on here"
+        ) from None
     except BaseException:
         throttle.stop()
         _abort(machine, was_paused)
@@ -532,9 +533,11 @@ def _destination_started(link: _Link, host: str, port: int) -> str | None:
     try:
         reply = link.recv(limit=HELLO_LIMIT)
     except (OSError, MigrationError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         log.warning(
-            "migration to %s:%d: no word from the destination after the hand-over: %s", host, port, reason
+            "migration to %s:%d: no word from the destination after the hand-over: %s",
+            host,
+            port,
+            _reason(exc),
         )
         return None
     if reply.get("running") is True:
@@ -704,12 +707,7 @@ class _Handshakes:
             enter_seccomp("incoming", "corral-mig-in")  # the peer's bytes, parsed under a filter
             link = _accept(sock, self.key, self.tls, self.timeout)
         except (OSError, CorralError) as exc:  # MigrationError; SeccompError: no filter, no handshake
-            reason = (
-                exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-            )
-            log.warning(
-                "migration: refused a connection from %s: %s; still listening", where, _one_line(reason)
-            )
+            log.warning("migration: refused a connection from %s: %s; still listening", where, _reason(exc))
             sock.close()
             link = None
         with self.lock:
@@ -905,6 +903,13 @@ def _one_line(exc: object) -> str:
     """An error as one bounded line (pydantic's reports span several)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:1000]
+
+
+def _reason(exc: BaseException) -> str:
+    """Why an operation failed, in one bounded line: an OSError by its strerror alone."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return _one_line(exc)
 
 
 __all__ = [

@@ -72,9 +72,9 @@ class PioBus:
             if held is not None:
                 raise BusConflictError(f"port {port:#x}: {m.name} overlaps {held.name}")
         sink = getattr(device, "pio_sink", False) is True
+        read, write = _method(device, "pio_read"), _method(device, "pio_write")
         for port in range(base, base + size):
             self._table[port] = m
-            read, write = _method(device, "pio_read"), _method(device, "pio_write")
             self.ports[port] = None if sink else (port - base, read, write)
         self.mappings.append(m)
 

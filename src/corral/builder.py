@@ -64,7 +64,8 @@ if TYPE_CHECKING:
 # firmware (the probe, a microVM's first boot) starts ~15 ms sooner. A thread that may build a
 # machine under its seccomp filter, which maps no new code (a C extension), calls preload()
 # before it enters the filter; tests/unit/test_builder_lazy.py holds this list to the imports
-# made inside functions here and in fw_cfg (a firmware's tables).
+# made inside functions here, in fw_cfg (a firmware's tables) and in the kernel loader (bzImage
+# and Multiboot, loaded when the kernel is one).
 LAZY_MODULES = (
     "corral.arch.x86.acpi_loader",
     "corral.arch.x86.smbios",
@@ -72,7 +73,9 @@ LAZY_MODULES = (
     "corral.backends.disk",
     "corral.backends.flash",
     "corral.backends.unix_socket",
+    "corral.boot.bzimage",
     "corral.boot.firmware",
+    "corral.boot.multiboot",
     "corral.devices.legacy.pflash",
     "corral.devices.pci.i440fx",
     "corral.devices.pci.piix",

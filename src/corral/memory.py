@@ -24,15 +24,14 @@ import mmap
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from corral.arch.x86 import layout
 from corral.errors import ConfigError, GuestMemoryError
 from corral.files import Refused, open_checked
 
 
-@dataclass(frozen=True)
-class MemorySlot:
+class MemorySlot(NamedTuple):
     """One contiguous range of guest RAM backed by `size` bytes of the memfd at `offset`."""
 
     slot: int

@@ -11,7 +11,7 @@ flag instead.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from corral.errors import FieldError
 
@@ -22,8 +22,7 @@ OPTIONAL = "optional"  # `tap` or `tap=NAME`: the value may be left out (parses 
 Parsed = dict[str, "str | bool"]
 
 
-@dataclass(frozen=True)
-class OptionSyntax:
+class OptionSyntax(NamedTuple):
     """The keys of one `NAME[,key=value]` option and the SYNTAX line shown in help and errors."""
 
     field: str  # the config field it fills: "disks"

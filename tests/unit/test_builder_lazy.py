@@ -11,8 +11,12 @@ from pathlib import Path
 from corral import builder
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-# the board's modules whose functions import what only some machines use
-SCANNED = [SRC / "corral" / "builder.py", SRC / "corral" / "devices" / "legacy" / "fw_cfg.py"]
+# the modules whose functions import what only some machines use
+SCANNED = [
+    SRC / "corral" / "builder.py",
+    SRC / "corral" / "devices" / "legacy" / "fw_cfg.py",
+    SRC / "corral" / "boot" / "loader.py",
+]
 
 
 def _function_imports(path: Path) -> set[str]:

@@ -7,7 +7,7 @@ end of the file raises KernelFormatError, never IndexError or struct.error.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from corral.arch.x86 import layout
 from corral.boot.cpu_state import BootCpuState
@@ -18,8 +18,7 @@ PAGE = 0x1000
 _ZERO_CHUNK = bytes(1 << 20)
 
 
-@dataclass(frozen=True)
-class BootInfo:
+class BootInfo(NamedTuple):
     """What a loader did: the protocol, the boot CPU state, and where the images went.
 
     `kernel_range` and `initrd_range` are half-open guest-physical [start, end) ranges;

@@ -5,11 +5,12 @@ The vCPU layer turns this into KVM_SET_REGS/KVM_SET_SREGS; loaders never talk to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     base: int
     limit: int
     selector: int
@@ -22,8 +23,7 @@ class Segment:
     g: int = 1
 
 
-@dataclass(frozen=True)
-class BootCpuState:
+class BootCpuState(NamedTuple):
     """Registers of the boot CPU at the kernel's entry point.
 
     `gprs` holds general registers by lower-case name ("rsi", "rbx", "rax", ...); anything not
@@ -45,4 +45,4 @@ class BootCpuState:
     idt_limit: int
     rsp: int = 0
     rflags: int = 0x2
-    gprs: dict[str, int] = field(default_factory=dict)
+    gprs: Mapping[str, int] = MappingProxyType({})

@@ -8,7 +8,7 @@ A kernel with a XEN_ELFNOTE_PHYS32_ENTRY note ("Xen", type 18) is entered at tha
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from corral.arch.x86 import layout
 from corral.boot import gdt
@@ -45,23 +45,20 @@ HVM_MODLIST_ENTRY_SIZE = 32
 HVM_MEMMAP_ENTRY_SIZE = 24
 
 
-@dataclass(frozen=True)
-class ElfSegment:
+class ElfSegment(NamedTuple):
     paddr: int
     offset: int
     filesz: int
     memsz: int
 
 
-@dataclass(frozen=True)
-class ElfNote:
+class ElfNote(NamedTuple):
     name: bytes
     type: int
     desc: bytes
 
 
-@dataclass(frozen=True)
-class ElfImage:
+class ElfImage(NamedTuple):
     elf_class: int  # 32 or 64
     entry: int
     segments: tuple[ElfSegment, ...]  # PT_LOAD with memsz > 0

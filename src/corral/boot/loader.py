@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from corral.boot._common import BootInfo
-from corral.boot.bzimage import is_bzimage, load_bzimage
 from corral.boot.elf import is_elf, load_pvh, parse_elf
-from corral.boot.multiboot import find_header, load_multiboot
 from corral.errors import ConfigError, FieldError, KernelFormatError
 from corral.memory import GuestMemory
 
@@ -73,9 +71,13 @@ def load_kernel(
     if is_elf(kernel):
         elf = parse_elf(kernel, name)
         pvh = elf.pvh_entry() is not None
-        header = find_header(kernel, name) if (prefer == "multiboot" or not pvh) else None
-        if header is not None:
-            return load_multiboot(mem, kernel, header, elf=elf, **args, **mb)  # type: ignore[arg-type]
+        if prefer == "multiboot" or not pvh:
+            # each other protocol's module is imported once its format is seen: a launch loads one
+            from corral.boot.multiboot import find_header, load_multiboot
+
+            header = find_header(kernel, name)
+            if header is not None:
+                return load_multiboot(mem, kernel, header, elf=elf, **args, **mb)  # type: ignore[arg-type]
         if pvh:
             no_modules("PVH")
             return load_pvh(mem, kernel, elf, **args)
@@ -83,6 +85,9 @@ def load_kernel(
             f"{name}: an ELF file with neither a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY) nor a "
             f"Multiboot header: build Linux with CONFIG_PVH=y, or boot its bzImage"
         )
+    from corral.boot.bzimage import is_bzimage, load_bzimage
+    from corral.boot.multiboot import find_header, load_multiboot
+
     if is_bzimage(kernel):
         no_modules("the Linux boot protocol")
         return load_bzimage(mem, kernel, **args, prefer=prefer if prefer in ("linux64", "linux32") else None)

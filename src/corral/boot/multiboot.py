@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from corral.arch.x86 import layout
 from corral.boot import gdt
@@ -69,8 +69,7 @@ INFO_BLOCK = 0x1000
 LOADER_NAME = b"corral\0"
 
 
-@dataclass(frozen=True)
-class MultibootHeader:
+class MultibootHeader(NamedTuple):
     offset: int  # file offset of the magic
     flags: int
     header_addr: int = 0
@@ -205,7 +204,7 @@ def load_multiboot(
     mem.write(base, page)
 
     cpu = gdt.protected_mode_state(mem, entry, {"rax": MULTIBOOT_BOOTLOADER_MAGIC, "rbx": base})
-    cpu = replace(cpu, rsp=base + STACK_TOP)
+    cpu = cpu._replace(rsp=base + STACK_TOP)
     return BootInfo("multiboot", cpu, kernel_range, initrd_range)
 
 

@@ -42,7 +42,7 @@ import threading
 import traceback
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from corral.errors import CorralError
 from corral.seccomp import cache, lists, trap
@@ -323,8 +323,7 @@ def _forbidden_call() -> None:
 FIRECRACKER = {"vmm": 50, "api": 31, "vcpu": 27}
 
 
-@dataclass(frozen=True)
-class Count:
+class Count(NamedTuple):
     kind: str
     role: str
     syscalls: int  # distinct system calls allowed

@@ -13,7 +13,7 @@ discard, flush, a guest connecting to a host vsock listener) are in with their r
 from __future__ import annotations
 
 import termios
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from corral.kvm import constants as K
 
@@ -59,8 +59,7 @@ OTHER_IOCTLS = {
 PR_SET_NAME, PR_SET_NO_NEW_PRIVS = 15, 38
 
 
-@dataclass(frozen=True)
-class Policy:
+class Policy(NamedTuple):
     """One thread kind's allow-list: plain calls, ioctls by request, socket families."""
 
     role: str

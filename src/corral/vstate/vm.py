@@ -13,7 +13,7 @@ import ctypes
 import itertools
 import mmap
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from corral.arch.x86 import layout
 from corral.errors import HostError
@@ -59,8 +59,7 @@ ROM_SLOT = 16  # KVM slot of a firmware ROM; RAM uses 0 and 1
 SPLIT_SLOT = 17  # the first KVM slot of RAM pieces split off for write protection (split_memory)
 
 
-@dataclass(frozen=True)
-class Capability:
+class Capability(NamedTuple):
     cap: int
     name: str  # KVM_CAP_<name>
     use: str  # what corral uses it for

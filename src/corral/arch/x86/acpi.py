@@ -36,6 +36,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from corral.arch.x86 import aml, layout
 from corral.errors import GuestMemoryError
@@ -137,8 +138,7 @@ class WakingVectorError(ValueError):
     """The guest's memory holds no usable FACS waking vector."""
 
 
-@dataclass(frozen=True)
-class WakingVector:
+class WakingVector(NamedTuple):
     """Where a waking CPU enters: `protected` False is real mode at `address` (CS:IP split as
     ACPI says), True is flat 32-bit protected mode, paging off, at `address`."""
 

@@ -8,7 +8,7 @@ Extended space (0x100-0xFFF) reads as zero unless a capability lives there; reac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 CONFIG_SIZE = 4096
 CONVENTIONAL_SIZE = 256
@@ -26,11 +26,10 @@ BAR_IO, BAR_MEM64, BAR_PREFETCH = 0x1, 0x4, 0x8
 CAP_ID_VENDOR, CAP_ID_MSIX = 0x09, 0x11
 
 
-@dataclass(frozen=True)
-class Bar:
+class Bar(NamedTuple):
     """A base address register: `size` bytes (a power of two) of memory or I/O space."""
 
-    index: int
+    number: int  # 0-5: BAR0-BAR5
     size: int
     mem64: bool = False
     prefetchable: bool = False
@@ -81,7 +80,7 @@ class PciConfig:
         self.wmask[offset : offset + size] = mask.to_bytes(size, "little")
 
     def add_bar(self, bar: Bar) -> None:
-        i = bar.index
+        i = bar.number
         if not 0 <= i < 6 or (bar.mem64 and i == 5) or self.bars[i] is not None:
             raise ValueError(f"BAR {i} is not free")
         if bar.size & (bar.size - 1) or bar.size < (4 if bar.io else 16):

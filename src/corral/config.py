@@ -7,7 +7,6 @@ an embedder never typed one; the CLI maps fields back to the flags the user gave
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import re
 from collections.abc import Callable
@@ -174,7 +173,11 @@ class NetConfig(BaseModel):
     def guest_mac(self) -> bytes:
         if self.mac:
             return parse_mac(self.mac)
-        # stable per tap name, locally administered, unicast
+        # stable per tap name, locally administered, unicast. hashlib (OpenSSL) is imported here,
+        # off the launch of a machine without a network; a builder under a seccomp filter has
+        # it already (corral.machine.preload imports the snapshot module, which uses it).
+        import hashlib
+
         return bytes([0x52, 0x54, 0x00]) + hashlib.sha256(self.tap.encode()).digest()[:3]
 
     @classmethod

@@ -43,6 +43,7 @@ NOT_ON_THE_LAUNCH_PATH = [
     "asyncio",
     "pyseccomp",  # compiling a filter: the cache holds them after the first launch
     "ctypes.util",
+    "hashlib",  # OpenSSL's: a tap's default MAC, snapshots, migration (the seccomp cache needs none)
     "subprocess",
     # config and state models are lazy models: a launch validates its config on the quick path
     # and builds its devices' states from their defaults, never a pydantic class (corral.lazymodel)

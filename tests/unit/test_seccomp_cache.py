@@ -53,6 +53,9 @@ def test_a_second_launch_loads_the_cached_filters_without_libseccomp(tmp_path):
     assert all(oct((tmp_path / "seccomp" / n).stat().st_mode & 0o777) == "0o600" for n in files)
 
 
+KEY = cache.key("vcpu", 1, ["read", "write"], b"the rules' source")
+
+
 @pytest.fixture
 def root(tmp_path, monkeypatch):
     monkeypatch.setenv("CORRAL_CACHE", str(tmp_path))
@@ -62,37 +65,54 @@ def root(tmp_path, monkeypatch):
 def test_the_cached_program_is_libseccomps(root):
     fresh = seccomp.compile_bpf("vcpu", seccomp.TRAP)
     assert len(fresh) % cache.INSN == 0 and 0 < len(fresh) // cache.INSN <= cache.MAX_INSNS
-    assert cache.program("vcpu-k", lambda: fresh) == fresh
-    assert cache.program("vcpu-k", lambda: b"never called") == fresh  # read back, not compiled
+    assert cache.program("vcpu", KEY, lambda: fresh) == fresh
+    assert cache.program("vcpu", KEY, lambda: b"never called") == fresh  # read back, not compiled
     # the key follows the list: another action is another program
     assert seccomp.compile_bpf("vcpu", seccomp.LOG) != fresh
 
 
 def test_a_damaged_file_is_compiled_again(root):
     good = seccomp.compile_bpf("loop", seccomp.TRAP)
-    cache.program("loop-k", lambda: good)
-    path = root / "seccomp" / "loop-k.bpf"
+    cache.program("loop", KEY, lambda: good)
+    path = root / "seccomp" / cache.file_name("loop", KEY)
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF  # one bit of a jump offset: a weaker filter if it were loaded
     path.write_bytes(bytes(data))
-    assert cache.read(path) is None
-    assert cache.program("loop-k", lambda: good) == good
-    assert cache.read(path) == good  # written anew
+    assert cache.read(path, KEY) is None
+    assert cache.program("loop", KEY, lambda: good) == good
+    assert cache.read(path, KEY) == good  # written anew
     path.write_bytes(path.read_bytes()[:20])  # truncated
-    assert cache.read(path) is None
+    assert cache.read(path, KEY) is None
+
+
+def test_another_keys_program_is_not_loaded(root):
+    """The whole key is stored and compared: a program made for another list, action or
+    version is compiled again, even where the file names' CRC-32 tags collide."""
+    good = seccomp.compile_bpf("vcpu", seccomp.TRAP)
+    other = cache.key("vcpu", 1, ["read"], b"the rules' source")
+    assert other != KEY
+    cache.program("vcpu", KEY, lambda: good)
+    path = root / "seccomp" / cache.file_name("vcpu", KEY)
+    assert cache.read(path, KEY) == good
+    assert cache.read(path, other) is None
+    # a collision of the name: another key's file where this key looks
+    path.rename(root / "seccomp" / cache.file_name("vcpu", other))
+    fresh = seccomp.compile_bpf("vcpu", seccomp.LOG)
+    assert cache.program("vcpu", other, lambda: fresh) == fresh
+    assert cache.read(root / "seccomp" / cache.file_name("vcpu", other), other) == fresh
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 def test_a_file_another_user_owns_is_not_loaded(root):
     good = seccomp.compile_bpf("vcpu", seccomp.TRAP)
-    cache.program("vcpu-k", lambda: good)
-    path = root / "seccomp" / "vcpu-k.bpf"
-    assert cache.read(path) == good
+    cache.program("vcpu", KEY, lambda: good)
+    path = root / "seccomp" / cache.file_name("vcpu", KEY)
+    assert cache.read(path, KEY) == good
     os.chown(path, 65534, 65534)
-    assert cache.read(path) is None
+    assert cache.read(path, KEY) is None
     os.chown(path, 0, 0)
     path.chmod(0o620)  # group-writable
-    assert cache.read(path) is None
+    assert cache.read(path, KEY) is None
 
 
 def test_a_directory_others_may_write_is_not_used(root):
@@ -101,8 +121,8 @@ def test_a_directory_others_may_write_is_not_used(root):
     (root / "seccomp").chmod(0o777)
     assert cache.directory() is None
     calls = []
-    assert cache.program("vcpu-k", lambda: calls.append(1) or b"\0" * 8) == b"\0" * 8
-    assert calls == [1] and not (root / "seccomp" / "vcpu-k.bpf").exists()
+    assert cache.program("vcpu", KEY, lambda: calls.append(1) or b"\0" * 8) == b"\0" * 8
+    assert calls == [1] and not (root / "seccomp" / cache.file_name("vcpu", KEY)).exists()
 
 
 def test_load_refuses_what_is_no_program():

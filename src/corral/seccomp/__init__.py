@@ -176,7 +176,7 @@ def compile_bpf(kind: str, action: int) -> bytes:
         os.close(fd)
 
 
-def _key(kind: str, action: int) -> str:
+def _key(kind: str, action: int) -> bytes:
     """What `kind`'s program depends on: its list, the action, the architecture, and the rules
     `_build` adds (by this module's source text)."""
     p = lists.POLICIES[kind]
@@ -202,7 +202,7 @@ def build(kind: str) -> bytes:
         if program is None:
             action = _state.action
             try:
-                program = cache.program(f"{kind}-{_key(kind, action)}", lambda: compile_bpf(kind, action))
+                program = cache.program(kind, _key(kind, action), lambda: compile_bpf(kind, action))
             except OSError as exc:
                 raise SeccompError(f"seccomp: the {kind} filter cannot be built: {exc}") from None
             _filters[kind] = program

@@ -142,6 +142,11 @@ class Parsed(click.ParamType):
 
 
 SIZE = Parsed("size", parse_size)
+# path types made once and shared: each click.Path looks up its translated name (gettext, with
+# a stat per locale directory), ~70 µs apiece, and the commands take some thirty paths
+PATH = click.Path(path_type=Path)
+FILE = click.Path(path_type=Path, dir_okay=False)
+DIRECTORY = click.Path(path_type=Path, file_okay=False)
 
 
 def _image(name: str) -> Image:
@@ -174,7 +179,7 @@ KVM_OPTION = click.option(
 SERVE_API_OPTION = click.option(
     "--api",
     "api_path",
-    type=click.Path(path_type=Path),
+    type=PATH,
     metavar="SOCKET",
     help="Serve a control socket (pause, resume, snapshot, migrate) at this path.",
 )
@@ -267,7 +272,7 @@ def _serve_gdb(machine: Machine, address: Any, wait: bool) -> Any:
 
 
 @main.command()
-@click.option("--kernel", type=click.Path(path_type=Path), help="bzImage, PVH vmlinux or Multiboot ELF.")
+@click.option("--kernel", type=PATH, help="bzImage, PVH vmlinux or Multiboot ELF.")
 @click.option(
     "--firmware",
     metavar="seabios|ovmf[,vars=PATH]|PATH",
@@ -278,7 +283,7 @@ def _serve_gdb(machine: Machine, address: Any, wait: bool) -> Any:
 @click.option(
     "--image", "image", type=IMAGE, metavar="NAME", help="A named image (corral image list): probe, ..."
 )
-@click.option("--initrd", type=click.Path(path_type=Path), help="Initial ramdisk.")
+@click.option("--initrd", type=PATH, help="Initial ramdisk.")
 @click.option("--cmdline", help="Kernel command line (the image's default if omitted).")
 @click.option(
     "--module",
@@ -348,14 +353,14 @@ def _serve_gdb(machine: Machine, address: Any, wait: bool) -> Any:
 )
 @click.option(
     "--dump-on-crash",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=DIRECTORY,
     metavar="DIR",
     help="When the guest crashes (triple fault, KVM internal error), write its ELF core into DIR.",
 )
 @click.option("--stats", is_flag=True, help="Count exits from the start (corral stats shows them).")
 @click.option(
     "--trace",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=FILE,
     metavar="FILE",
     help="Record every exit into FILE (new), for `corral trace show FILE`.",
 )
@@ -564,12 +569,10 @@ def host_resource_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--kernel",
-                type=click.Path(path_type=Path),
+                type=PATH,
                 help="The kernel a guest reboot boots (without it the guest stops on a reset).",
             ),
-            click.option(
-                "--initrd", type=click.Path(path_type=Path), help="The initrd a guest reboot loads."
-            ),
+            click.option("--initrd", type=PATH, help="The initrd a guest reboot loads."),
             click.option(
                 "--disk",
                 "disks",
@@ -623,7 +626,7 @@ def _grant(
 
 
 @main.command()
-@click.argument("snapshot", type=click.Path(path_type=Path))
+@click.argument("snapshot", type=PATH)
 @host_resource_options
 @GDB_OPTIONS
 @KVM_OPTION
@@ -644,7 +647,7 @@ def restore(
 
 
 @main.command()
-@click.argument("snapshot", type=click.Path(path_type=Path))
+@click.argument("snapshot", type=PATH)
 @click.option(
     "-n",
     "--count",
@@ -720,14 +723,12 @@ def clone(snapshot: Path, count: int, kvm_path: str, **grant: Any) -> None:
 )
 @click.option(
     "--token-file",
-    type=click.Path(path_type=Path),
+    type=PATH,
     help="A file (mode 600) holding the shared token the source must prove (openssl rand -hex 32).",
 )
 @click.option("--insecure", is_flag=True, help="Accept a migration from anyone who can connect (no token).")
-@click.option(
-    "--tls-cert", type=click.Path(path_type=Path), help="TLS certificate (PEM); the source pins its SHA-256."
-)
-@click.option("--tls-key", type=click.Path(path_type=Path), help="The TLS certificate's private key (PEM).")
+@click.option("--tls-cert", type=PATH, help="TLS certificate (PEM); the source pins its SHA-256.")
+@click.option("--tls-key", type=PATH, help="The TLS certificate's private key (PEM).")
 @host_resource_options
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
 @KVM_OPTION
@@ -853,7 +854,7 @@ def status(vm: ControlClient) -> None:
 
 @main.command(error_code=1)
 @VM_OPTION
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", type=PATH)
 def snapshot(vm: ControlClient, directory: Path) -> None:
     """Save a running VM to DIRECTORY (new); it keeps running (a paused one stays paused)."""
     r = vm.snapshot(directory.resolve())
@@ -895,7 +896,7 @@ def balloon(vm: ControlClient, size: int | None) -> None:
 )
 @click.option(
     "--token-file",
-    type=click.Path(path_type=Path),
+    type=PATH,
     help="A file (mode 600) holding the token the receiver was started with.",
 )
 @click.option("--insecure", is_flag=True, help="Send the guest to a receiver that checks no token.")
@@ -1096,7 +1097,7 @@ def seccomp_report() -> None:
 @main.command("firecracker", error_code=1)
 @click.option(
     "--api-sock",
-    type=click.Path(path_type=Path),
+    type=PATH,
     default="/run/firecracker.socket",
     show_default=True,
     help="Serve Firecracker's API (HTTP on a Unix socket) here.",
@@ -1106,13 +1107,13 @@ def seccomp_report() -> None:
 )
 @click.option(
     "--config-file",
-    type=click.Path(path_type=Path),
+    type=PATH,
     help="Firecracker's JSON config (boot-source, drives, machine-config, ...): boot it at once.",
 )
 @click.option("--no-api", is_flag=True, help="Serve no API (needs --config-file).")
-@click.option("--log-path", type=click.Path(path_type=Path), help="Append the log to this file.")
+@click.option("--log-path", type=PATH, help="Append the log to this file.")
 @click.option("--level", help="Log level: Error, Warning, Info, Debug, Trace or Off.")
-@click.option("--metrics-path", type=click.Path(path_type=Path), help="Write metrics (FlushMetrics) here.")
+@click.option("--metrics-path", type=PATH, help="Write metrics (FlushMetrics) here.")
 @click.option("--boot-timer", is_flag=True, help="Log the time from start to the guest's first serial byte.")
 @KVM_OPTION
 @SECCOMP_OPTION
@@ -1150,7 +1151,7 @@ def firecracker(
 
 @main.command(error_code=1)
 @VM_OPTION
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("file", type=FILE)
 def dump(vm: ControlClient, file: Path) -> None:
     """Write an ELF core of a running or paused guest to FILE (new; on the VM's host): gdb opens
     it with the guest's symbols, `crash` with a Linux guest's vmlinux. The guest runs on."""
@@ -1212,10 +1213,10 @@ def trace_group() -> None:
 
 
 @trace_group.command("show", error_code=1)
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("file", type=FILE)
 @click.option(
     "--plot",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=FILE,
     help="Also draw exits over time to this PNG (needs matplotlib).",
 )
 @click.option(
@@ -1288,7 +1289,7 @@ def _run_jailed(options: Any, inner: Any) -> NoReturn:
 )
 @click.option("--uid", type=int, help="The VMM's uid (default: a free one from 900000 up, per VM).")
 @click.option("--gid", type=int, help="The VMM's gid (default: the uid's number).")
-@click.option("--netns", type=click.Path(path_type=Path), help="Join this network namespace (/run/netns/X).")
+@click.option("--netns", type=PATH, help="Join this network namespace (/run/netns/X).")
 @click.option(
     "--cgroup",
     "cgroups",
@@ -1301,7 +1302,7 @@ def _run_jailed(options: Any, inner: Any) -> NoReturn:
 )
 @click.option(
     "--chroot-base",
-    type=click.Path(path_type=Path),
+    type=PATH,
     default="/srv/jailer",
     show_default=True,
     help="Jails live in BASE/corral/ID (root, run/ with the VM's sockets).",
@@ -1354,7 +1355,7 @@ def DAEMON_SOCK_OPTION(f: Callable[..., Any]) -> Callable[..., Any]:
     """--daemon-sock and --token-file: where the daemon is, and the token TCP needs."""
     f = click.option(
         "--token-file",
-        type=click.Path(path_type=Path),
+        type=PATH,
         envvar="CORRAL_DAEMON_TOKEN_FILE",
         help="The daemon's bearer token (for a tcp:HOST:PORT daemon).",
     )(f)
@@ -1370,14 +1371,14 @@ def DAEMON_SOCK_OPTION(f: Callable[..., Any]) -> Callable[..., Any]:
 @main.command(error_code=1)
 @click.option(
     "--state-dir",
-    type=click.Path(path_type=Path),
+    type=PATH,
     default="/run/corral",
     show_default=True,
     help="Where VMs live (STATE/vms/ID/): found again when the daemon restarts.",
 )
-@click.option("--api-sock", type=click.Path(path_type=Path), help="The REST socket [STATE/corral.sock].")
+@click.option("--api-sock", type=PATH, help="The REST socket [STATE/corral.sock].")
 @click.option("--tcp", metavar="HOST:PORT", help="Serve the API on TCP too (needs --token-file).")
-@click.option("--token-file", type=click.Path(path_type=Path), help="The bearer token TCP clients must send.")
+@click.option("--token-file", type=PATH, help="The bearer token TCP clients must send.")
 @click.option(
     "--cgroup-parent",
     default="corral",
@@ -1497,7 +1498,7 @@ def vm() -> None:
 @click.option(
     "--config", "config_file", type=click.File("rb"), help="A Firecracker config (--config-file's JSON)."
 )
-@click.option("--snapshot", type=click.Path(path_type=Path), help="Clone the snapshot in this directory.")
+@click.option("--snapshot", type=PATH, help="Clone the snapshot in this directory.")
 @click.option("--paused", is_flag=True, help="A clone waits paused (corral vm resume).")
 @click.option("--cpu-limit", type=float, help="CPU time the VM may use, in CPUs (0.5 = half a core).")
 @click.option("--memory-limit", type=SIZE, help="Memory the VM process may use (e.g. 512M).")
@@ -1591,7 +1592,7 @@ _vm_verb("stop", "Stop a VM's process (it stays listed as stopped until `corral 
 @vm.command("snapshot", error_code=1)
 @DAEMON_SOCK_OPTION
 @click.argument("vm_id", metavar="ID")
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", type=PATH)
 def vm_snapshot(daemon_sock: str, token_file: Path | None, vm_id: str, directory: Path) -> None:
     """Snapshot a VM into DIRECTORY (new); `corral vm create --snapshot DIRECTORY` clones it."""
     r = _daemon(daemon_sock, token_file).call(
@@ -1616,7 +1617,7 @@ def vm_rm(daemon_sock: str, token_file: Path | None, vm_ids: tuple[str, ...]) ->
 @click.option("--to", "to", required=True, metavar="SOCKET|tcp:HOST:PORT", help="The target host's daemon.")
 @click.option(
     "--to-token-file",
-    type=click.Path(path_type=Path),
+    type=PATH,
     help="The target daemon's bearer token (for a tcp:HOST:PORT daemon).",
 )
 @click.option("--id", "new_id", help="The VM's id on the target [the same].")

@@ -259,6 +259,24 @@ class GuestMemory:
         # MADV_REMOVE frees a shared memfd's pages; a private mapping drops its own copies
         self._map.madvise(mmap.MADV_DONTNEED if self.private else mmap.MADV_REMOVE, off, end - start)
 
+    def zero(self, gpa: int, length: int) -> None:
+        """Make [gpa, gpa+length) read as zeros (a kernel's BSS). A memfd's whole pages are
+        freed rather than written (MADV_REMOVE): on fresh RAM nothing is touched or allocated,
+        which saves a probe's launch ~1 ms and its RSS the BSS. A private (snapshot) mapping
+        would read its file back, so there every byte is written."""
+        view = self.view(gpa, length)  # the range check, and the pages marked written
+        lo = (gpa + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)
+        hi = (gpa + length) & ~(mmap.PAGESIZE - 1)
+        if not self.private and hi > lo:
+            self._map.madvise(mmap.MADV_REMOVE, self._offset(lo, hi - lo), hi - lo)
+            written = [view[: lo - gpa], view[hi - gpa :]]  # the partial pages at either end
+        else:
+            written = [view]
+        for part in written:
+            for off in range(0, len(part), len(_ZEROS)):
+                n = min(len(_ZEROS), len(part) - off)
+                part[off : off + n] = _ZEROS[:n]
+
     def resident_bytes(self) -> int:
         """Host memory backing guest RAM now (memfd pages; for a restored VM, an estimate)."""
         if self.private:
@@ -347,6 +365,7 @@ def _map_fixed_private(addr: int, size: int, fd: int) -> None:
         raise ConfigError(f"cannot map the guest memory file: {os.strerror(err)}")
 
 
+_ZEROS = bytes(1 << 20)
 _MAP_FIXED = 0x10  # <sys/mman.h> (x86-64); the mmap module does not export it
 
 

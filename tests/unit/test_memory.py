@@ -197,3 +197,33 @@ def test_ksm_is_opt_in_and_marks_a_private_mapping_mergeable():
         mem.write(0x1000, b"guest")  # the guest's own writes still land and read back
         assert mem.read(0x1000, 5) == b"guest"
         assert mem.ksm_merged_bytes() >= 0
+
+
+@pytest.fixture(scope="module")
+def filled_snapshot(tmp_path_factory):
+    path = tmp_path_factory.mktemp("zero") / "memory.bin"
+    path.write_bytes(b"\xa5" * (16 * M))
+    return path
+
+
+@given(gpa=st.integers(0, 3 * 4096 + 7), length=st.integers(0, 5 * 4096 + 9), backed=st.booleans())
+def test_zero_clears_exactly_its_range(filled_snapshot, gpa, length, backed):
+    """Whole memfd pages are freed, the partial ones written; a snapshot's private mapping,
+    which would read its file back where freed, is written throughout."""
+    with GuestMemory(16 * M, backing=filled_snapshot if backed else None) as mem:
+        if not backed:
+            mem.write(0, b"\xa5" * (10 * 4096))
+        mem.zero(gpa, length)
+        got = mem.read(0, 10 * 4096)
+        assert got[gpa : gpa + length] == bytes(length)
+        assert got[:gpa] == b"\xa5" * gpa and got[gpa + length :] == b"\xa5" * (10 * 4096 - gpa - length)
+
+
+def test_zero_touches_no_whole_page_of_fresh_ram():
+    """A kernel's BSS on fresh RAM stays unallocated: zeroing it frees, never writes."""
+    with GuestMemory(64 * M) as mem:
+        before = mem.resident_bytes()
+        mem.zero(M + 100, 32 * M)
+        assert mem.resident_bytes() - before <= 2 * 4096  # the two partial pages at the ends
+        with pytest.raises(GuestMemoryError):
+            mem.zero(60 * M, 8 * M)

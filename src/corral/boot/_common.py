@@ -15,7 +15,6 @@ from corral.errors import ConfigError, FieldError, KernelFormatError
 from corral.memory import GuestMemory
 
 PAGE = 0x1000
-_ZERO_CHUNK = bytes(1 << 20)
 
 
 class BootInfo(NamedTuple):
@@ -69,13 +68,6 @@ def align_down(value: int, align: int) -> int:
 def low_ram_end(mem: GuestMemory) -> int:
     """End of the RAM below the 32-bit MMIO hole (the only RAM 32-bit entry points can reach)."""
     return min(mem.size, layout.MMIO_HOLE_START)
-
-
-def zero_fill(mem: GuestMemory, gpa: int, length: int) -> None:
-    view = mem.view(gpa, length)
-    for off in range(0, length, len(_ZERO_CHUNK)):
-        n = min(len(_ZERO_CHUNK), length - off)
-        view[off : off + n] = _ZERO_CHUNK[:n]
 
 
 LOW_KERNEL_START = 0x1000  # below: the real-mode IVT, the BIOS data area and the boot GDT/IDT

@@ -19,7 +19,6 @@ from corral.boot._common import (
     place_initrd,
     unpack,
     write_cmdline,
-    zero_fill,
 )
 from corral.errors import KernelFormatError
 from corral.memory import GuestMemory
@@ -199,7 +198,7 @@ def load_segments(
     for seg in elf.segments:
         mem.write(seg.paddr, memoryview(image)[seg.offset : seg.offset + seg.filesz])
         if seg.memsz > seg.filesz:
-            zero_fill(mem, seg.paddr + seg.filesz, seg.memsz - seg.filesz)
+            mem.zero(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
     start = min(s.paddr for s in elf.segments)
     end = max(s.paddr + s.memsz for s in elf.segments)
     return start, end

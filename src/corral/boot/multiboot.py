@@ -33,7 +33,6 @@ from corral.boot._common import (
     low_spot,
     place_initrd,
     write_cmdline,
-    zero_fill,
 )
 from corral.boot.elf import ElfImage, check_entry, is_elf, load_segments, parse_elf
 from corral.errors import ConfigError, KernelFormatError
@@ -254,5 +253,5 @@ def _load_address_fields(
         )
     mem.write(h.load_addr, memoryview(image)[file_start : file_start + load_size])
     if end > load_end:
-        zero_fill(mem, load_end, end - load_end)
+        mem.zero(load_end, end - load_end)
     return (h.load_addr, end), h.entry_addr

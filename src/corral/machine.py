@@ -16,8 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
 from corral.arch.x86 import acpi
 from corral.arch.x86.msr import wake_msrs
@@ -55,8 +54,7 @@ def preload() -> None:
 PAGE = 4096
 
 
-@dataclass(frozen=True)
-class ExitResult:
+class ExitResult(NamedTuple):
     """How a machine stopped.
 
     kind: "exit" (exit port), "poweroff", "reset" (with no_reboot), "crash" (triple fault, KVM

@@ -40,7 +40,6 @@ import os
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -87,10 +86,11 @@ class SeccompError(CorralError):
     """A seccomp filter could not be built or loaded."""
 
 
-@dataclass
 class _State:
-    enabled: bool = False
-    action: int = TRAP
+    """Whether filters are on, and what a forbidden call does (set by enable())."""
+
+    enabled = False
+    action = TRAP
 
 
 _state = _State()
@@ -224,6 +224,7 @@ def prepare() -> None:
     for name in LAZY_EXTENSIONS:
         importlib.import_module(name)
     "localhost".encode("idna")  # the idna codec itself (a pure-Python module) too
+    importlib.import_module("ast")  # traceback's, to mark the failing expression in a line
     for kind in KINDS:
         build(kind)
     _quiet_linecache()

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from corral.arch.x86 import aml, layout
@@ -326,10 +325,9 @@ def rsdp(xsdt_addr: int) -> bytes:
     return bytes(r)
 
 
-@dataclass
-class AcpiTables:
+class AcpiTables(NamedTuple):
     rsdp_addr: int
-    blobs: list[tuple[int, bytes]] = field(default_factory=list)
+    blobs: list[tuple[int, bytes]]  # (guest address, table), filled in by build_acpi_tables
 
     def write_to(self, mem) -> None:  # mem: GuestMemory (anything with .write(gpa, data))
         for addr, data in self.blobs:
@@ -360,7 +358,7 @@ def build_acpi_tables(
     """
     if base % 16:
         raise ValueError(f"the RSDP must be 16-byte aligned, not at {base:#x}")
-    out = AcpiTables(rsdp_addr=base)
+    out = AcpiTables(rsdp_addr=base, blobs=[])
     cursor = base + 64  # the RSDP takes 36 bytes; keep FACS 64-byte aligned
 
     def place(data: bytes, align: int = 16) -> int:

@@ -39,7 +39,6 @@ import logging
 import struct
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from corral.arch.x86 import layout
@@ -105,10 +104,12 @@ _ZEROS = bytes(_CHUNK)
 Data = bytes | bytearray | Callable[[], bytes]
 
 
-@dataclass
 class _Item:
-    data: Data
-    writable: bool = False
+    __slots__ = ("data", "writable")
+
+    def __init__(self, data: Data, writable: bool = False) -> None:
+        self.data = data
+        self.writable = writable
 
     def resolve(self, key: int) -> bytes | bytearray:
         """The item's bytes, fetched on first use; a fetch that fails leaves it empty."""

@@ -36,7 +36,10 @@ host-deps:
 	    || echo "could not install$$optional: the tests that use them skip"; \
 	fi
 
+# The sources' bytecode first, as a wheel's install writes it: an editable install under
+# PYTHONDONTWRITEBYTECODE would otherwise compile cli.py and the rest again at every launch.
 run: $(STAMP)
+	$(BIN)/python -m compileall -q src/corral
 	$(BIN)/corral run $(ARGS)
 
 test: host-deps $(STAMP)

@@ -86,11 +86,12 @@ def load_kernel(
             f"Multiboot header: build Linux with CONFIG_PVH=y, or boot its bzImage"
         )
     from corral.boot.bzimage import is_bzimage, load_bzimage
-    from corral.boot.multiboot import find_header, load_multiboot
 
     if is_bzimage(kernel):
         no_modules("the Linux boot protocol")
         return load_bzimage(mem, kernel, **args, prefer=prefer if prefer in ("linux64", "linux32") else None)
+    from corral.boot.multiboot import find_header, load_multiboot
+
     header = find_header(kernel, name)
     if header is not None:
         return load_multiboot(mem, kernel, header, **args, **mb)  # type: ignore[arg-type]
